@@ -1,0 +1,107 @@
+/* The sparse attention operation: one parameter struct read by the CPU and the
+ * CUDA kernels alike, and their entry points. No Python objects here: the
+ * binding validates, fills the struct, and turns a status into an exception. */
+#ifndef SA_ATTENTION_H
+#define SA_ATTENTION_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum { SA_F32 = 0, SA_F64 = 1, SA_F16 = 2, SA_BF16 = 3 } sa_dtype;
+
+typedef enum {
+    SA_OK = 0,
+    SA_ERR_VALUE = 1,       /* bad argument that validation could not see earlier */
+    SA_ERR_MEMORY = 2,
+    SA_ERR_DEVICE = 3,      /* a CUDA call failed */
+    SA_ERR_UNSUPPORTED = 4  /* dtype / size the kernel does not cover */
+} sa_status;
+
+/* Strides are in elements. "Row tensors" ([B, heads, N, D]) have the last
+ * dimension contiguous; the strides given are those of B, heads and N. */
+typedef struct {
+    int64_t batch, heads, num_tokens, head_dim;
+    int64_t height, width;  /* the grid, for the relative position bias */
+    sa_dtype dtype;         /* of q, k, v, out and their gradients, and of the bias table */
+
+    const void *q, *k, *v;  /* batch x heads x tokens x head_dim */
+    int64_t q_stride[3], k_stride[3], v_stride[3];
+    void *out;              /* batch x heads x tokens x head_dim */
+    int64_t out_stride[3];
+    /* log-sum-exp per row, batch x heads x tokens, contiguous, accumulation type
+     * (double for SA_F64, float otherwise); -inf for rows with no key. */
+    void *lse;
+
+    /* CSR layout and its transpose (CSC), on the device of q */
+    const int64_t *row_ptr;  /* tokens + 1 */
+    const int32_t *col_idx;  /* nnz */
+    const int64_t *col_ptr;  /* tokens + 1, backward only */
+    const int32_t *row_idx;  /* nnz, backward only */
+    int64_t nnz;
+
+    double scale;
+    /* relative position bias: heads x (2M+1) x (2M+1), contiguous, dtype as q; NULL for none */
+    const void *bias_table;
+    int64_t max_relative;   /* M */
+    /* key mask: batch x tokens, nonzero where a key may be attended; NULL for none */
+    const uint8_t *key_mask;
+    int64_t key_mask_stride[2];
+    /* heads x 1, nonzero where a head runs; NULL means all. A pruned head's
+     * output and gradients are zero and its rows are never visited. */
+    const uint8_t *head_active;
+
+    double dropout_p;
+    uint64_t dropout_seed;
+
+    /* optional statistics per row: batch x heads x tokens x 2, accumulation type:
+     * (sum_j p_ij^2, -sum_j p_ij log p_ij) */
+    void *row_stats;
+
+    /* backward */
+    const void *grad_out;
+    int64_t grad_out_stride[3];
+    void *grad_q, *grad_k, *grad_v;  /* contiguous batch x heads x tokens x head_dim */
+    void *delta;        /* workspace: batch x heads x tokens, accumulation type */
+    void *grad_scores;  /* optional: batch x heads x nnz, accumulation type, for the bias gradient */
+
+    void *stream;       /* cudaStream_t for CUDA; unused on the CPU */
+} sa_attention_params;
+
+/* The bias gradient: grad_table[h, t] = sum over b and over the CSR positions p of
+ * bucket t (bucket_perm[bucket_ptr[t] .. bucket_ptr[t+1]]) of grad_scores[b, h, p],
+ * always summed in that order, so the result does not depend on threads. */
+typedef struct {
+    int64_t batch, heads, nnz, num_buckets;
+    sa_dtype dtype;               /* accumulation type of grad_scores and grad_table */
+    const void *grad_scores;      /* batch x heads x nnz */
+    const int64_t *bucket_perm;   /* nnz */
+    const int64_t *bucket_ptr;    /* num_buckets + 1 */
+    void *grad_table;             /* heads x num_buckets */
+    void *stream;
+} sa_bias_grad_params;
+
+int sa_cpu_forward(const sa_attention_params *p, char *err, size_t err_len);
+int sa_cpu_backward(const sa_attention_params *p, char *err, size_t err_len);
+int sa_cpu_bias_grad(const sa_bias_grad_params *p, char *err, size_t err_len);
+
+/* Thread count of the CPU kernels (>= 1). */
+void sa_cpu_set_num_threads(int n);
+int sa_cpu_get_num_threads(void);
+
+#ifdef SA_WITH_CUDA
+int sa_cuda_forward(const sa_attention_params *p, char *err, size_t err_len);
+int sa_cuda_backward(const sa_attention_params *p, char *err, size_t err_len);
+int sa_cuda_bias_grad(const sa_bias_grad_params *p, char *err, size_t err_len);
+/* Number of visible devices, or -1 with a message when the runtime cannot say. */
+int sa_cuda_device_count(char *err, size_t err_len);
+#endif
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SA_ATTENTION_H */

@@ -1,0 +1,124 @@
+/* CPU forward and backward of sparse scaled dot-product attention.
+ *
+ * Forward: one pass over each row's keys with a streaming softmax (running
+ * maximum, sum, sum of squares and shifted sum for the statistics), so memory
+ * is O(B * heads * N * D + nnz). Backward recomputes the probabilities from the
+ * saved log-sum-exp: dQ row by row over the CSR layout, dK and dV column by
+ * column over its transpose, so no two threads write the same output. */
+#include "attention.h"
+
+#include <math.h>
+#include <stdio.h>
+
+#include "dropout_hash.h"
+#include "threads.h"
+
+/* Per-thread accumulators live on the stack; larger heads are refused. */
+#define SA_CPU_MAX_DIM 1024
+
+static inline int key_allowed(const sa_attention_params *p, int64_t b, int64_t j)
+{
+    return p->key_mask == NULL ||
+           p->key_mask[b * p->key_mask_stride[0] + j * p->key_mask_stride[1]] != 0;
+}
+
+static inline int head_runs(const sa_attention_params *p, int64_t h)
+{
+    return p->head_active == NULL || p->head_active[h] != 0;
+}
+
+#define SA_T float
+#define SA_FN(name) name##_f32
+#define SA_EXP expf
+#define SA_LOG logf
+#include "attention_cpu_body.h"
+#undef SA_T
+#undef SA_FN
+#undef SA_EXP
+#undef SA_LOG
+
+#define SA_T double
+#define SA_FN(name) name##_f64
+#define SA_EXP exp
+#define SA_LOG log
+#include "attention_cpu_body.h"
+#undef SA_T
+#undef SA_FN
+#undef SA_EXP
+#undef SA_LOG
+
+static int num_threads_setting = 0; /* 0: the cores this process may use */
+
+void sa_cpu_set_num_threads(int n) { num_threads_setting = n < 0 ? 0 : n; }
+
+int sa_cpu_get_num_threads(void)
+{
+    return num_threads_setting > 0 ? num_threads_setting : sa_default_num_threads();
+}
+
+/* Enough rows per chunk to amortise the atomic, few enough to balance. */
+static int64_t grain_for(int64_t items)
+{
+    int64_t per_thread = items / (8 * (int64_t)sa_cpu_get_num_threads());
+    return per_thread < 1 ? 1 : (per_thread > 64 ? 64 : per_thread);
+}
+
+static int check_cpu_params(const sa_attention_params *p, char *err, size_t len)
+{
+    if (p->dtype != SA_F32 && p->dtype != SA_F64) {
+        snprintf(err, len, "query: the CPU kernels take float32 or float64");
+        return SA_ERR_UNSUPPORTED;
+    }
+    if (p->head_dim > SA_CPU_MAX_DIM) {
+        snprintf(err, len, "query: head dimension %lld exceeds the CPU kernels' limit of %d",
+                 (long long)p->head_dim, SA_CPU_MAX_DIM);
+        return SA_ERR_UNSUPPORTED;
+    }
+    return SA_OK;
+}
+
+static int run(sa_range_fn fn, int64_t items, void *ctx, char *err, size_t len)
+{
+    if (sa_parallel_for(items, grain_for(items), sa_cpu_get_num_threads(), fn, ctx) != 0) {
+        snprintf(err, len, "could not run the CPU kernel");
+        return SA_ERR_MEMORY;
+    }
+    return SA_OK;
+}
+
+int sa_cpu_forward(const sa_attention_params *p, char *err, size_t len)
+{
+    int status = check_cpu_params(p, err, len);
+    if (status != SA_OK) return status;
+    int64_t rows = p->batch * p->heads * p->num_tokens;
+    void *ctx = (void *)p;
+    return run(p->dtype == SA_F32 ? forward_rows_f32 : forward_rows_f64, rows, ctx, err, len);
+}
+
+int sa_cpu_backward(const sa_attention_params *p, char *err, size_t len)
+{
+    int status = check_cpu_params(p, err, len);
+    if (status != SA_OK) return status;
+    int64_t rows = p->batch * p->heads * p->num_tokens;
+    void *ctx = (void *)p;
+    int f32 = p->dtype == SA_F32;
+    status = run(f32 ? delta_rows_f32 : delta_rows_f64, rows, ctx, err, len);
+    if (status == SA_OK)
+        status = run(f32 ? grad_query_rows_f32 : grad_query_rows_f64, rows, ctx, err, len);
+    if (status == SA_OK)
+        status = run(f32 ? grad_key_value_columns_f32 : grad_key_value_columns_f64, rows, ctx,
+                     err, len);
+    return status;
+}
+
+int sa_cpu_bias_grad(const sa_bias_grad_params *p, char *err, size_t len)
+{
+    if (p->dtype != SA_F32 && p->dtype != SA_F64) {
+        snprintf(err, len, "grad_scores: expected float32 or float64");
+        return SA_ERR_UNSUPPORTED;
+    }
+    int64_t items = p->heads * p->num_buckets;
+    void *ctx = (void *)p;
+    return run(p->dtype == SA_F32 ? bias_grad_buckets_f32 : bias_grad_buckets_f64, items, ctx,
+               err, len);
+}

@@ -1,0 +1,342 @@
+/* Layout builders. Each pattern enumerates one row's keys in ascending order in
+ * O(H + degree) time, so a whole layout costs O(N * H + nnz), never O(N^2) unless
+ * the pattern itself is dense. */
+#include "layout.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    const sa_layout_spec *spec;
+    int64_t num_tokens;
+    int64_t radius;           /* kernel_size / 2 */
+    int64_t random_keys;      /* RANDOM: K keys per row, i itself included */
+    int64_t *globals;         /* LONGFORMER: sorted global tokens */
+    unsigned char *is_global; /* LONGFORMER: N flags */
+    int32_t *window;          /* LONGFORMER: scratch for one window */
+    uint64_t *bitmap;         /* RANDOM: N bits of scratch, kept zero between rows */
+} row_builder;
+
+static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+int sa_layout_validate(const sa_layout_spec *s, char *err, size_t n)
+{
+    if (s->pattern < 0 || s->pattern >= SA_PATTERN_COUNT) {
+        snprintf(err, n, "pattern: unknown pattern id %d", s->pattern);
+        return -1;
+    }
+    if (s->height < 1) {
+        snprintf(err, n, "height: expected >= 1, got %lld", (long long)s->height);
+        return -1;
+    }
+    if (s->width < 1) {
+        snprintf(err, n, "width: expected >= 1, got %lld", (long long)s->width);
+        return -1;
+    }
+    if (s->height > INT32_MAX / s->width) {
+        snprintf(err, n,
+                 "height, width: %lld x %lld tokens do not fit 32-bit token indices "
+                 "(at most %d tokens)",
+                 (long long)s->height, (long long)s->width, INT32_MAX);
+        return -1;
+    }
+    if (s->kernel_size < 1) {
+        snprintf(err, n, "kernel_size: expected >= 1, got %lld", (long long)s->kernel_size);
+        return -1;
+    }
+    if (s->block_size < 1) {
+        snprintf(err, n, "block_size: expected >= 1, got %lld", (long long)s->block_size);
+        return -1;
+    }
+    if (s->stride < 1) {
+        snprintf(err, n, "stride: expected >= 1, got %lld", (long long)s->stride);
+        return -1;
+    }
+    if (s->num_global_tokens < 0) {
+        snprintf(err, n, "num_global_tokens: expected >= 0, got %lld",
+                 (long long)s->num_global_tokens);
+        return -1;
+    }
+    int64_t num_tokens = s->height * s->width;
+    if (s->pattern == SA_PATTERN_LONGFORMER && s->num_global_tokens > num_tokens) {
+        snprintf(err, n, "num_global_tokens: expected at most the %lld tokens, got %lld",
+                 (long long)num_tokens, (long long)s->num_global_tokens);
+        return -1;
+    }
+    if (!(s->attention_ratio > 0.0 && s->attention_ratio <= 1.0)) {
+        snprintf(err, n, "attention_ratio: expected a value in (0, 1], got %g",
+                 s->attention_ratio);
+        return -1;
+    }
+    return 0;
+}
+
+/* SplitMix64 (Steele, Lea, Flood 2014): the RANDOM pattern's documented generator. */
+static uint64_t splitmix64_next(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+/* Uniform integer in [0, bound) by the multiply-shift map (bias below 2^-32 here). */
+static uint64_t uniform_below(uint64_t *state, uint64_t bound)
+{
+    return (uint64_t)(((unsigned __int128)splitmix64_next(state) * bound) >> 64);
+}
+
+static int64_t emit_range(int32_t *out, int64_t count, int64_t first, int64_t last)
+{
+    for (int64_t t = first; t <= last; t++) {
+        if (out) out[count] = (int32_t)t;
+        count++;
+    }
+    return count;
+}
+
+static int64_t row_dense(const row_builder *b, int64_t i, int32_t *out)
+{
+    (void)i;
+    return emit_range(out, 0, 0, b->num_tokens - 1);
+}
+
+static int64_t row_axial(const row_builder *b, int64_t i, int32_t *out)
+{
+    int64_t w = b->spec->width, h = b->spec->height;
+    int64_t yi = i / w, xi = i % w, count = 0;
+    for (int64_t y = 0; y < h; y++) {
+        if (y == yi) {
+            count = emit_range(out, count, y * w, y * w + w - 1);
+        } else {
+            count = emit_range(out, count, y * w + xi, y * w + xi);
+        }
+    }
+    return count;
+}
+
+static int64_t row_block(const row_builder *b, int64_t i, int32_t *out)
+{
+    int64_t w = b->spec->width, h = b->spec->height, bs = b->spec->block_size;
+    int64_t y0 = (i / w) / bs * bs, x0 = (i % w) / bs * bs, count = 0;
+    for (int64_t y = y0; y < min64(h, y0 + bs); y++) {
+        count = emit_range(out, count, y * w + x0, y * w + min64(w, x0 + bs) - 1);
+    }
+    return count;
+}
+
+/* Keys of the clipped window around i, ascending. */
+static int64_t window_keys(const row_builder *b, int64_t i, int32_t *out)
+{
+    int64_t w = b->spec->width, h = b->spec->height, r = b->radius;
+    int64_t yi = i / w, xi = i % w, count = 0;
+    int64_t x_lo = max64(0, xi - r), x_hi = min64(w - 1, xi + r);
+    for (int64_t y = max64(0, yi - r); y <= min64(h - 1, yi + r); y++) {
+        count = emit_range(out, count, y * w + x_lo, y * w + x_hi);
+    }
+    return count;
+}
+
+static int64_t row_longformer(const row_builder *b, int64_t i, int32_t *out)
+{
+    if (b->is_global[i]) {
+        return row_dense(b, i, out);
+    }
+    int64_t n_window = window_keys(b, i, b->window);
+    int64_t n_global = b->spec->num_global_tokens;
+    int64_t a = 0, g = 0, count = 0;
+    while (a < n_window || g < n_global) {
+        int64_t next;
+        if (g >= n_global || (a < n_window && b->window[a] < b->globals[g])) {
+            next = b->window[a++];
+        } else if (a >= n_window || b->globals[g] < b->window[a]) {
+            next = b->globals[g++];
+        } else { /* the same token in both lists */
+            next = b->window[a++];
+            g++;
+        }
+        if (out) out[count] = (int32_t)next;
+        count++;
+    }
+    return count;
+}
+
+static int64_t row_strided(const row_builder *b, int64_t i, int32_t *out)
+{
+    int64_t w = b->spec->width, h = b->spec->height, r = b->radius, s = b->spec->stride;
+    int64_t yi = i / w, xi = i % w, count = 0;
+    int64_t x_lo = max64(0, xi - r), x_hi = min64(w - 1, xi + r);
+    int64_t x_phase = xi % s; /* columns x with (xi - x) % s == 0 */
+    for (int64_t y = 0; y < h; y++) {
+        int64_t dy = yi - y;
+        int in_band = dy >= -r && dy <= r;
+        int on_stride = dy % s == 0;
+        int64_t row = y * w;
+        if (in_band && on_stride) {
+            for (int64_t x = x_phase; x < x_lo; x += s) count = emit_range(out, count, row + x, row + x);
+            count = emit_range(out, count, row + x_lo, row + x_hi);
+            int64_t x = x_hi + 1 + ((x_phase - (x_hi + 1)) % s + s) % s;
+            for (; x < w; x += s) count = emit_range(out, count, row + x, row + x);
+        } else if (in_band) {
+            count = emit_range(out, count, row + x_lo, row + x_hi);
+        } else if (on_stride) {
+            for (int64_t x = x_phase; x < w; x += s) count = emit_range(out, count, row + x, row + x);
+        }
+    }
+    return count;
+}
+
+/* Row i keeps itself and K-1 distinct others drawn by Floyd's algorithm from the
+ * N-1 other tokens, with a SplitMix64 stream seeded from (seed, i). */
+static int64_t row_random(const row_builder *b, int64_t i, int32_t *out)
+{
+    int64_t n = b->num_tokens, draws = b->random_keys - 1;
+    if (out == NULL) {
+        return b->random_keys;
+    }
+    uint64_t state = b->spec->seed ^ (0xD1B54A32D192ED03ULL * (uint64_t)(i + 1));
+    uint64_t *bits = b->bitmap;
+    int64_t pool = n - 1;
+    bits[i >> 6] |= 1ULL << (i & 63);
+    for (int64_t t = pool - draws; t < pool; t++) {
+        int64_t pick = (int64_t)uniform_below(&state, (uint64_t)t + 1);
+        int64_t token = pick < i ? pick : pick + 1;
+        if (bits[token >> 6] & (1ULL << (token & 63))) {
+            token = t < i ? t : t + 1;
+        }
+        bits[token >> 6] |= 1ULL << (token & 63);
+    }
+    int64_t count = 0;
+    for (int64_t word = 0; word < (n + 63) / 64; word++) {
+        uint64_t v = bits[word];
+        while (v) {
+            int bit = __builtin_ctzll(v);
+            out[count++] = (int32_t)(word * 64 + bit);
+            v &= v - 1;
+        }
+        bits[word] = 0;
+    }
+    return count;
+}
+
+typedef int64_t (*row_fn)(const row_builder *, int64_t, int32_t *);
+
+static row_fn pick_row_fn(int pattern)
+{
+    switch (pattern) {
+    case SA_PATTERN_AXIAL: return row_axial;
+    case SA_PATTERN_BLOCK: return row_block;
+    case SA_PATTERN_LONGFORMER: return row_longformer;
+    case SA_PATTERN_STRIDED: return row_strided;
+    case SA_PATTERN_RANDOM: return row_random;
+    default: return row_dense;
+    }
+}
+
+static void builder_free(row_builder *b)
+{
+    free(b->globals);
+    free(b->is_global);
+    free(b->window);
+    free(b->bitmap);
+}
+
+static int builder_init(row_builder *b, const sa_layout_spec *spec, char *err, size_t n)
+{
+    memset(b, 0, sizeof(*b));
+    b->spec = spec;
+    b->num_tokens = spec->height * spec->width;
+    b->radius = spec->kernel_size / 2;
+    double k = round(spec->attention_ratio * (double)b->num_tokens);
+    b->random_keys = (int64_t)k < 1 ? 1 : min64((int64_t)k, b->num_tokens);
+    if (spec->pattern == SA_PATTERN_LONGFORMER) {
+        int64_t g = spec->num_global_tokens;
+        int64_t side = min64(2 * b->radius + 1, max64(spec->height, spec->width));
+        b->globals = malloc(sizeof(int64_t) * (size_t)(g > 0 ? g : 1));
+        b->is_global = calloc((size_t)b->num_tokens, 1);
+        b->window = malloc(sizeof(int32_t) * (size_t)(side * side));
+        if (!b->globals || !b->is_global || !b->window) goto oom;
+        for (int64_t t = 0; t < g; t++) {
+            /* floor((t + 0.5) * N / g) in integers */
+            b->globals[t] = ((2 * t + 1) * b->num_tokens) / (2 * g);
+            b->is_global[b->globals[t]] = 1;
+        }
+    }
+    if (spec->pattern == SA_PATTERN_RANDOM) {
+        b->bitmap = calloc((size_t)(b->num_tokens + 63) / 64, sizeof(uint64_t));
+        if (!b->bitmap) goto oom;
+    }
+    return 0;
+oom:
+    builder_free(b);
+    snprintf(err, n, "out of memory while preparing the layout builder");
+    return -1;
+}
+
+int sa_layout_count(const sa_layout_spec *spec, int64_t *row_ptr, char *err, size_t n)
+{
+    row_builder b;
+    if (builder_init(&b, spec, err, n) < 0) return -1;
+    row_fn fn = pick_row_fn(spec->pattern);
+    int32_t *scratch = NULL;
+    if (spec->pattern != SA_PATTERN_RANDOM) {
+        scratch = malloc(sizeof(int32_t) * (size_t)b.num_tokens);
+        if (!scratch) {
+            builder_free(&b);
+            snprintf(err, n, "out of memory while counting the layout");
+            return -1;
+        }
+    }
+    row_ptr[0] = 0;
+    for (int64_t i = 0; i < b.num_tokens; i++) {
+        int64_t degree = fn(&b, i, scratch);
+        if (row_ptr[i] > INT64_MAX / 8 - degree) {
+            free(scratch);
+            builder_free(&b);
+            snprintf(err, n, "the layout's nnz exceeds what a 64-bit offset can address");
+            return -1;
+        }
+        row_ptr[i + 1] = row_ptr[i] + degree;
+    }
+    free(scratch);
+    builder_free(&b);
+    return 0;
+}
+
+int sa_layout_fill(const sa_layout_spec *spec, const int64_t *row_ptr, int32_t *col_idx,
+                   char *err, size_t n)
+{
+    row_builder b;
+    if (builder_init(&b, spec, err, n) < 0) return -1;
+    row_fn fn = pick_row_fn(spec->pattern);
+    for (int64_t i = 0; i < b.num_tokens; i++) {
+        fn(&b, i, col_idx + row_ptr[i]);
+    }
+    builder_free(&b);
+    return 0;
+}
+
+int sa_layout_transpose(int64_t num_tokens, const int64_t *row_ptr, const int32_t *col_idx,
+                        int64_t *col_ptr, int32_t *row_idx)
+{
+    int64_t *cursor = calloc((size_t)num_tokens + 1, sizeof(int64_t));
+    if (!cursor) return -1;
+    memset(col_ptr, 0, sizeof(int64_t) * (size_t)(num_tokens + 1));
+    for (int64_t p = 0; p < row_ptr[num_tokens]; p++) {
+        col_ptr[col_idx[p] + 1]++;
+    }
+    for (int64_t j = 0; j < num_tokens; j++) {
+        col_ptr[j + 1] += col_ptr[j];
+        cursor[j] = col_ptr[j];
+    }
+    for (int64_t i = 0; i < num_tokens; i++) {
+        for (int64_t p = row_ptr[i]; p < row_ptr[i + 1]; p++) {
+            row_idx[cursor[col_idx[p]]++] = (int32_t)i;
+        }
+    }
+    free(cursor);
+    return 0;
+}

@@ -1,0 +1,47 @@
+/* Sparsity layouts over an H x W grid of tokens, as CSR plus its transpose.
+ * Pure C: no Python objects here. Token t = y * W + x. */
+#ifndef SA_LAYOUT_H
+#define SA_LAYOUT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef enum {
+    SA_PATTERN_DENSE = 0,
+    SA_PATTERN_AXIAL = 1,
+    SA_PATTERN_BLOCK = 2,
+    SA_PATTERN_LONGFORMER = 3,
+    SA_PATTERN_STRIDED = 4,
+    SA_PATTERN_RANDOM = 5,
+    SA_PATTERN_COUNT = 6
+} sa_pattern;
+
+typedef struct {
+    int pattern;
+    int64_t height, width;
+    int64_t kernel_size;       /* LONGFORMER, STRIDED: window side */
+    int64_t block_size;        /* BLOCK */
+    int64_t stride;            /* STRIDED */
+    int64_t num_global_tokens; /* LONGFORMER */
+    double attention_ratio;    /* RANDOM */
+    uint64_t seed;             /* RANDOM */
+} sa_layout_spec;
+
+/* 0 when every knob is in range; otherwise -1 and a message naming the knob. */
+int sa_layout_validate(const sa_layout_spec *spec, char *err, size_t err_len);
+
+/* Fills row_ptr[0..N] with the CSR row offsets. Returns 0, or -1 with a message
+ * when nnz would not fit the index types or memory could not be had. */
+int sa_layout_count(const sa_layout_spec *spec, int64_t *row_ptr, char *err, size_t err_len);
+
+/* Writes the column indices of every row (ascending) given row_ptr from
+ * sa_layout_count. Returns 0 or -1 with a message. */
+int sa_layout_fill(const sa_layout_spec *spec, const int64_t *row_ptr, int32_t *col_idx,
+                   char *err, size_t err_len);
+
+/* CSC of the same pattern: col_ptr[0..N], row_idx[nnz] (rows ascending per column).
+ * Returns 0, or -1 when scratch memory could not be had. */
+int sa_layout_transpose(int64_t num_tokens, const int64_t *row_ptr, const int32_t *col_idx,
+                        int64_t *col_ptr, int32_t *row_idx);
+
+#endif /* SA_LAYOUT_H */

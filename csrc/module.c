@@ -1,0 +1,727 @@
+/* sparse_attention._C: the Python bindings.
+ *
+ * Each entry point takes every tensor through the DLPack bridge, checks it
+ * against what the kernel needs (raising with the argument's name, the value
+ * seen and the value expected), fills one sa_attention_params, releases the GIL
+ * and runs the CPU or CUDA kernel. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#define PY_ARRAY_UNIQUE_SYMBOL sparse_attention_ARRAY_API
+#include <numpy/arrayobject.h>
+
+#include <math.h>
+#include <string.h>
+
+#include "attention.h"
+#include "dlpack_bridge.h"
+#include "layout.h"
+
+#define MAX_VIEWS 24
+#define ERR_LEN 512
+
+/* The views one call holds; all released together on every path. */
+typedef struct {
+    sa_view views[MAX_VIEWS];
+    int count;
+    long long stream;
+} view_set;
+
+static sa_view *take(view_set *set, PyObject *obj, const char *name, int writable)
+{
+    if (obj == NULL || obj == Py_None) return NULL;
+    sa_view *v = &set->views[set->count];
+    if (sa_view_acquire(obj, name, writable, set->stream, v) < 0) return NULL;
+    set->count++;
+    return v;
+}
+
+static void release_all(view_set *set)
+{
+    for (int i = set->count - 1; i >= 0; i--) sa_view_release(&set->views[i]);
+    set->count = 0;
+}
+
+static int raise_status(int status, const char *err)
+{
+    PyObject *type = PyExc_RuntimeError;
+    if (status == SA_ERR_VALUE) type = PyExc_ValueError;
+    else if (status == SA_ERR_MEMORY) type = PyExc_MemoryError;
+    else if (status == SA_ERR_UNSUPPORTED) type = PyExc_TypeError;
+    PyErr_SetString(type, err[0] ? err : "sparse attention kernel failed");
+    return -1;
+}
+
+/* Byte range [lo, hi) a view can touch, for overlap checks. */
+static void byte_span(const sa_view *v, uintptr_t *lo, uintptr_t *hi)
+{
+    int64_t first = 0, last = 0;
+    for (int d = 0; d < v->ndim; d++) {
+        if (v->shape[d] == 0) {
+            *lo = *hi = (uintptr_t)v->data;
+            return;
+        }
+        int64_t reach = (v->shape[d] - 1) * v->strides[d];
+        if (reach < 0) first += reach; else last += reach;
+    }
+    int element = v->dtype.bits / 8;
+    *lo = (uintptr_t)(v->data + first * element);
+    *hi = (uintptr_t)(v->data + (last + 1) * element);
+}
+
+static int expect_disjoint(const sa_view *out, const sa_view *in)
+{
+    if (in == NULL || out == NULL) return 0;
+    uintptr_t a0, a1, b0, b1;
+    byte_span(out, &a0, &a1);
+    byte_span(in, &b0, &b1);
+    if (a0 < a1 && b0 < b1 && a0 < b1 && b0 < a1) {
+        PyErr_Format(PyExc_ValueError, "%s: output buffer overlaps input %s", out->name,
+                     in->name);
+        return -1;
+    }
+    return 0;
+}
+
+static int float_bits(int cuda) { return SA_DT_F32 | SA_DT_F64 | (cuda ? (SA_DT_F16 | SA_DT_BF16) : 0); }
+
+static sa_dtype dtype_of(const sa_view *v)
+{
+    switch (sa_view_dtype_bit(v)) {
+    case SA_DT_F64: return SA_F64;
+    case SA_DT_F16: return SA_F16;
+    case SA_DT_BF16: return SA_BF16;
+    default: return SA_F32;
+    }
+}
+
+static int accum_bit(sa_dtype dt) { return dt == SA_F64 ? SA_DT_F64 : SA_DT_F32; }
+
+static int expect_same_dtype(const sa_view *v, const sa_view *ref)
+{
+    if (sa_view_dtype_bit(v) == sa_view_dtype_bit(ref)) return 0;
+    PyErr_Format(PyExc_TypeError, "%s: expected dtype %s (the dtype of %s), got %s", v->name,
+                 sa_dtype_bit_name(sa_view_dtype_bit(ref)), ref->name,
+                 sa_dtype_bit_name(sa_view_dtype_bit(v)));
+    return -1;
+}
+
+/* q, k, v and other row tensors: [B, heads, N, D], last dimension contiguous. */
+static int check_row_tensor(const sa_view *v, const sa_view *q)
+{
+    if (sa_view_expect_same_device(v, q) < 0 || expect_same_dtype(v, q) < 0) return -1;
+    if (sa_view_expect_shape(v, q->shape, 4) < 0) return -1;
+    if (v->shape[3] > 1 && v->strides[3] != 1) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: the last dimension must be contiguous (stride 1), got stride %lld",
+                     v->name, (long long)v->strides[3]);
+        return -1;
+    }
+    for (int d = 0; d < 3; d++) {
+        if (v->strides[d] < 0) {
+            PyErr_Format(PyExc_ValueError, "%s: negative stride %lld in dimension %d", v->name,
+                         (long long)v->strides[d], d);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int check_buffer(const sa_view *v, const sa_view *q, int dtype_bit, const int64_t *shape,
+                        int ndim)
+{
+    if (sa_view_expect_same_device(v, q) < 0 || sa_view_expect_dtype(v, dtype_bit) < 0 ||
+        sa_view_expect_shape(v, shape, ndim) < 0 || sa_view_expect_contiguous(v) < 0)
+        return -1;
+    return 0;
+}
+
+static int is_cuda(const sa_view *v) { return v->device.device_type == kDLCUDA; }
+
+static int check_device(const sa_view *q)
+{
+    if (q->device.device_type == kDLCPU) return 0;
+    if (is_cuda(q)) {
+#ifdef SA_WITH_CUDA
+        return 0;
+#else
+        PyErr_SetString(PyExc_RuntimeError,
+                        "query: tensor is on a CUDA device but this build of sparse_attention "
+                        "has no CUDA kernels (rebuild with nvcc available, or "
+                        "SPARSE_ATTENTION_CUDA=1 to require them)");
+        return -1;
+#endif
+    }
+    PyErr_Format(PyExc_ValueError,
+                 "query: DLPack device type %d is not supported (expected CPU or CUDA)",
+                 (int)q->device.device_type);
+    return -1;
+}
+
+/* The layout: row_ptr int64 [N + 1], col_idx int32 [nnz]; on the CPU the
+ * contents are checked too (a corrupted layout must not index out of range). */
+static int check_layout(const sa_view *ptr, const sa_view *idx, const sa_view *q, int64_t n)
+{
+    int64_t ptr_shape[1] = {n + 1}, idx_shape[1] = {-1};
+    if (check_buffer(ptr, q, SA_DT_I64, ptr_shape, 1) < 0 ||
+        check_buffer(idx, q, SA_DT_I32, idx_shape, 1) < 0)
+        return -1;
+    if (is_cuda(q)) return 0; /* device copies come from layouts checked on the host */
+    const int64_t *rp = (const int64_t *)ptr->data;
+    const int32_t *ci = (const int32_t *)idx->data;
+    int64_t nnz = idx->shape[0];
+    if (rp[0] != 0 || rp[n] != nnz) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: expected offsets from 0 to %lld (the length of %s), got %lld to %lld",
+                     ptr->name, (long long)nnz, idx->name, (long long)rp[0], (long long)rp[n]);
+        return -1;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        if (rp[i + 1] < rp[i]) {
+            PyErr_Format(PyExc_ValueError, "%s: offsets decrease at row %lld", ptr->name,
+                         (long long)i);
+            return -1;
+        }
+    }
+    for (int64_t e = 0; e < nnz; e++) {
+        if (ci[e] < 0 || ci[e] >= n) {
+            PyErr_Format(PyExc_ValueError,
+                         "%s: index %lld at position %lld is outside [0, %lld) tokens",
+                         idx->name, (long long)ci[e], (long long)e, (long long)n);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+typedef struct {
+    PyObject *bias, *key_mask, *head_active;
+    long long height, width;
+    double scale, dropout_p;
+    unsigned long long dropout_seed;
+} common_options;
+
+/* Checks and fills what forward and backward share. */
+static int fill_common(view_set *set, sa_attention_params *p, const common_options *o,
+                       const sa_view *q, const sa_view *k, const sa_view *v)
+{
+    if (sa_view_expect_ndim(q, 4) < 0 || sa_view_expect_dtype(q, float_bits(is_cuda(q))) < 0 ||
+        check_device(q) < 0 || check_row_tensor(q, q) < 0 || check_row_tensor(k, q) < 0 ||
+        check_row_tensor(v, q) < 0)
+        return -1;
+    p->batch = q->shape[0];
+    p->heads = q->shape[1];
+    p->num_tokens = q->shape[2];
+    p->head_dim = q->shape[3];
+    p->dtype = dtype_of(q);
+    if (o->height < 1 || o->width < 1 || o->height * o->width != p->num_tokens) {
+        PyErr_Format(PyExc_ValueError,
+                     "height, width: %lld x %lld does not match the %lld tokens of query",
+                     o->height, o->width, (long long)p->num_tokens);
+        return -1;
+    }
+    if (p->num_tokens > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "query: %lld tokens exceed 32-bit token indices",
+                     (long long)p->num_tokens);
+        return -1;
+    }
+    p->height = o->height;
+    p->width = o->width;
+    if (!isfinite(o->scale)) {
+        PyErr_Format(PyExc_ValueError, "scale: expected a finite number, got %g", o->scale);
+        return -1;
+    }
+    p->scale = o->scale;
+    if (!(o->dropout_p >= 0.0 && o->dropout_p < 1.0)) {
+        PyErr_Format(PyExc_ValueError, "dropout_p: expected a value in [0, 1), got %g",
+                     o->dropout_p);
+        return -1;
+    }
+    p->dropout_p = o->dropout_p;
+    p->dropout_seed = o->dropout_seed;
+    for (int d = 0; d < 3; d++) {
+        p->q_stride[d] = q->strides[d];
+        p->k_stride[d] = k->strides[d];
+        p->v_stride[d] = v->strides[d];
+    }
+
+    sa_view *bias = take(set, o->bias, "rel_pos_bias", 0);
+    if (o->bias != Py_None && bias == NULL) return -1;
+    if (bias) {
+        int64_t shape[3] = {p->heads, -1, -1};
+        if (check_buffer(bias, q, sa_view_dtype_bit(q), shape, 3) < 0) return -1;
+        if (bias->shape[1] != bias->shape[2] || bias->shape[1] % 2 != 1) {
+            PyErr_Format(PyExc_ValueError,
+                         "rel_pos_bias: expected shape [heads, 2M+1, 2M+1], got [%lld, %lld, %lld]",
+                         (long long)bias->shape[0], (long long)bias->shape[1],
+                         (long long)bias->shape[2]);
+            return -1;
+        }
+        p->bias_table = bias->data;
+        p->max_relative = (bias->shape[1] - 1) / 2;
+    }
+    sa_view *mask = take(set, o->key_mask, "key_mask", 0);
+    if (o->key_mask != Py_None && mask == NULL) return -1;
+    if (mask) {
+        int64_t shape[2] = {p->batch, p->num_tokens};
+        if (sa_view_expect_same_device(mask, q) < 0 || sa_view_expect_dtype(mask, SA_DT_BOOL) < 0 ||
+            sa_view_expect_shape(mask, shape, 2) < 0)
+            return -1;
+        p->key_mask = (const uint8_t *)mask->data;
+        p->key_mask_stride[0] = mask->strides[0];
+        p->key_mask_stride[1] = mask->strides[1];
+    }
+    sa_view *heads = take(set, o->head_active, "head_active", 0);
+    if (o->head_active != Py_None && heads == NULL) return -1;
+    if (heads) {
+        int64_t shape[1] = {p->heads};
+        if (check_buffer(heads, q, SA_DT_BOOL, shape, 1) < 0) return -1;
+        p->head_active = (const uint8_t *)heads->data;
+    }
+    return 0;
+}
+
+static int run_kernel(int cuda, int backward, sa_attention_params *p)
+{
+    char err[ERR_LEN] = "";
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef SA_WITH_CUDA
+    if (cuda)
+        status = backward ? sa_cuda_backward(p, err, sizeof(err)) : sa_cuda_forward(p, err, sizeof(err));
+    else
+#endif
+        status = backward ? sa_cpu_backward(p, err, sizeof(err)) : sa_cpu_forward(p, err, sizeof(err));
+    Py_END_ALLOW_THREADS
+    (void)cuda;
+    return status == SA_OK ? 0 : raise_status(status, err);
+}
+
+static char *forward_kwlist[] = {"query", "key", "value", "out", "lse", "row_ptr", "col_idx",
+                                 "height", "width", "scale", "rel_pos_bias", "key_mask",
+                                 "head_active", "dropout_p", "dropout_seed", "row_stats",
+                                 "stream", NULL};
+
+static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    PyObject *q_obj, *k_obj, *v_obj, *out_obj, *lse_obj, *ptr_obj, *idx_obj;
+    PyObject *stats_obj = Py_None;
+    common_options o = {Py_None, Py_None, Py_None, 0, 0, 0.0, 0.0, 0};
+    long long stream = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOO$LLd|OOOdKOL", forward_kwlist,
+                                     &q_obj, &k_obj, &v_obj, &out_obj, &lse_obj, &ptr_obj,
+                                     &idx_obj, &o.height, &o.width, &o.scale, &o.bias,
+                                     &o.key_mask, &o.head_active, &o.dropout_p,
+                                     &o.dropout_seed, &stats_obj, &stream))
+        return NULL;
+    view_set set = {.count = 0, .stream = stream};
+    sa_attention_params p;
+    memset(&p, 0, sizeof(p));
+    sa_view *q = take(&set, q_obj, "query", 0), *k = q ? take(&set, k_obj, "key", 0) : NULL;
+    sa_view *v = k ? take(&set, v_obj, "value", 0) : NULL;
+    if (!v || fill_common(&set, &p, &o, q, k, v) < 0) goto fail;
+    sa_view *out = take(&set, out_obj, "out", 1);
+    if (!out) goto fail;
+    if (check_buffer(out, q, sa_view_dtype_bit(q), q->shape, 4) < 0 ||
+        expect_disjoint(out, q) < 0 || expect_disjoint(out, k) < 0 || expect_disjoint(out, v) < 0)
+        goto fail;
+    int64_t rows[3] = {p.batch, p.heads, p.num_tokens};
+    sa_view *lse = take(&set, lse_obj, "lse", 1);
+    if (!lse || check_buffer(lse, q, accum_bit(p.dtype), rows, 3) < 0) goto fail;
+    sa_view *ptr = take(&set, ptr_obj, "row_ptr", 0);
+    sa_view *idx = ptr ? take(&set, idx_obj, "col_idx", 0) : NULL;
+    if (!idx || check_layout(ptr, idx, q, p.num_tokens) < 0) goto fail;
+    if (stats_obj != Py_None) {
+        int64_t stats_shape[4] = {p.batch, p.heads, p.num_tokens, 2};
+        sa_view *stats = take(&set, stats_obj, "row_stats", 1);
+        if (!stats || check_buffer(stats, q, accum_bit(p.dtype), stats_shape, 4) < 0) goto fail;
+        p.row_stats = stats->data;
+    }
+    p.q = q->data;
+    p.k = k->data;
+    p.v = v->data;
+    p.out = out->data;
+    for (int d = 0; d < 3; d++) p.out_stride[d] = out->strides[d];
+    p.lse = lse->data;
+    p.row_ptr = (const int64_t *)ptr->data;
+    p.col_idx = (const int32_t *)idx->data;
+    p.nnz = idx->shape[0];
+    p.stream = (void *)(intptr_t)(stream < 0 ? 0 : stream);
+    if (run_kernel(is_cuda(q), 0, &p) < 0) goto fail;
+    release_all(&set);
+    Py_RETURN_NONE;
+fail:
+    release_all(&set);
+    return NULL;
+}
+
+static char *backward_kwlist[] = {"query", "key", "value", "out", "grad_out", "lse", "delta",
+                                  "grad_query", "grad_key", "grad_value", "row_ptr", "col_idx",
+                                  "col_ptr", "row_idx", "height", "width", "scale",
+                                  "rel_pos_bias", "key_mask", "head_active", "dropout_p",
+                                  "dropout_seed", "grad_scores", "stream", NULL};
+
+static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    PyObject *q_obj, *k_obj, *v_obj, *out_obj, *go_obj, *lse_obj, *delta_obj, *gq_obj, *gk_obj,
+        *gv_obj, *ptr_obj, *idx_obj, *cptr_obj, *ridx_obj;
+    PyObject *gs_obj = Py_None;
+    common_options o = {Py_None, Py_None, Py_None, 0, 0, 0.0, 0.0, 0};
+    long long stream = -1;
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kwargs, "OOOOOOOOOOOOOO$LLd|OOOdKOL", backward_kwlist, &q_obj, &k_obj, &v_obj,
+            &out_obj, &go_obj, &lse_obj, &delta_obj, &gq_obj, &gk_obj, &gv_obj, &ptr_obj,
+            &idx_obj, &cptr_obj, &ridx_obj, &o.height, &o.width, &o.scale, &o.bias, &o.key_mask,
+            &o.head_active, &o.dropout_p, &o.dropout_seed, &gs_obj, &stream))
+        return NULL;
+    view_set set = {.count = 0, .stream = stream};
+    sa_attention_params p;
+    memset(&p, 0, sizeof(p));
+    sa_view *q = take(&set, q_obj, "query", 0), *k = q ? take(&set, k_obj, "key", 0) : NULL;
+    sa_view *v = k ? take(&set, v_obj, "value", 0) : NULL;
+    if (!v || fill_common(&set, &p, &o, q, k, v) < 0) goto fail;
+    sa_view *out = take(&set, out_obj, "out", 0);
+    sa_view *go = out ? take(&set, go_obj, "grad_out", 0) : NULL;
+    if (!go || check_row_tensor(out, q) < 0 || check_row_tensor(go, q) < 0) goto fail;
+    int64_t rows[3] = {p.batch, p.heads, p.num_tokens};
+    sa_view *lse = take(&set, lse_obj, "lse", 0);
+    if (!lse || check_buffer(lse, q, accum_bit(p.dtype), rows, 3) < 0) goto fail;
+    sa_view *delta = take(&set, delta_obj, "delta", 1);
+    if (!delta || check_buffer(delta, q, accum_bit(p.dtype), rows, 3) < 0) goto fail;
+    sa_view *grads[3];
+    PyObject *grad_objs[3] = {gq_obj, gk_obj, gv_obj};
+    const char *grad_names[3] = {"grad_query", "grad_key", "grad_value"};
+    for (int g = 0; g < 3; g++) {
+        grads[g] = take(&set, grad_objs[g], grad_names[g], 1);
+        if (!grads[g] || check_buffer(grads[g], q, sa_view_dtype_bit(q), q->shape, 4) < 0) goto fail;
+        const sa_view *inputs[5] = {q, k, v, out, go};
+        for (int s = 0; s < 5; s++)
+            if (expect_disjoint(grads[g], inputs[s]) < 0) goto fail;
+        for (int s = 0; s < g; s++)
+            if (expect_disjoint(grads[g], grads[s]) < 0) goto fail;
+    }
+    sa_view *ptr = take(&set, ptr_obj, "row_ptr", 0);
+    sa_view *idx = ptr ? take(&set, idx_obj, "col_idx", 0) : NULL;
+    if (!idx || check_layout(ptr, idx, q, p.num_tokens) < 0) goto fail;
+    sa_view *cptr = take(&set, cptr_obj, "col_ptr", 0);
+    sa_view *ridx = cptr ? take(&set, ridx_obj, "row_idx", 0) : NULL;
+    if (!ridx || check_layout(cptr, ridx, q, p.num_tokens) < 0) goto fail;
+    if (ridx->shape[0] != idx->shape[0]) {
+        PyErr_Format(PyExc_ValueError, "row_idx: expected %lld entries (as col_idx), got %lld",
+                     (long long)idx->shape[0], (long long)ridx->shape[0]);
+        goto fail;
+    }
+    if (gs_obj != Py_None) {
+        int64_t gs_shape[3] = {p.batch, p.heads, idx->shape[0]};
+        sa_view *gs = take(&set, gs_obj, "grad_scores", 1);
+        if (!gs || check_buffer(gs, q, accum_bit(p.dtype), gs_shape, 3) < 0) goto fail;
+        p.grad_scores = gs->data;
+    }
+    p.q = q->data;
+    p.k = k->data;
+    p.v = v->data;
+    p.out = out->data;
+    p.grad_out = go->data;
+    for (int d = 0; d < 3; d++) {
+        p.out_stride[d] = out->strides[d];
+        p.grad_out_stride[d] = go->strides[d];
+    }
+    p.lse = lse->data;
+    p.delta = delta->data;
+    p.grad_q = grads[0]->data;
+    p.grad_k = grads[1]->data;
+    p.grad_v = grads[2]->data;
+    p.row_ptr = (const int64_t *)ptr->data;
+    p.col_idx = (const int32_t *)idx->data;
+    p.col_ptr = (const int64_t *)cptr->data;
+    p.row_idx = (const int32_t *)ridx->data;
+    p.nnz = idx->shape[0];
+    p.stream = (void *)(intptr_t)(stream < 0 ? 0 : stream);
+    if (run_kernel(is_cuda(q), 1, &p) < 0) goto fail;
+    release_all(&set);
+    Py_RETURN_NONE;
+fail:
+    release_all(&set);
+    return NULL;
+}
+
+static char *bias_grad_kwlist[] = {"grad_scores", "bucket_perm", "bucket_ptr", "grad_table",
+                                   "stream", NULL};
+
+static PyObject *bias_grad(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    PyObject *gs_obj, *perm_obj, *bptr_obj, *table_obj;
+    long long stream = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$L", bias_grad_kwlist, &gs_obj,
+                                     &perm_obj, &bptr_obj, &table_obj, &stream))
+        return NULL;
+    view_set set = {.count = 0, .stream = stream};
+    sa_view *gs = take(&set, gs_obj, "grad_scores", 0);
+    sa_view *perm = gs ? take(&set, perm_obj, "bucket_perm", 0) : NULL;
+    sa_view *bptr = perm ? take(&set, bptr_obj, "bucket_ptr", 0) : NULL;
+    sa_view *table = bptr ? take(&set, table_obj, "grad_table", 1) : NULL;
+    if (!table) goto fail;
+    int64_t any3[3] = {-1, -1, -1};
+    if (check_buffer(gs, gs, SA_DT_F32 | SA_DT_F64, any3, 3) < 0) goto fail;
+    int64_t perm_shape[1] = {gs->shape[2]}, any1[1] = {-1};
+    if (check_buffer(perm, gs, SA_DT_I64, perm_shape, 1) < 0 ||
+        check_buffer(bptr, gs, SA_DT_I64, any1, 1) < 0)
+        goto fail;
+    int64_t buckets = bptr->shape[0] - 1;
+    int64_t table_shape[2] = {gs->shape[1], buckets};
+    if (buckets < 1 || check_buffer(table, gs, sa_view_dtype_bit(gs), table_shape, 2) < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "bucket_ptr: expected at least 2 entries");
+        goto fail;
+    }
+    if (!is_cuda(gs)) {
+        const int64_t *bp = (const int64_t *)bptr->data, *pm = (const int64_t *)perm->data;
+        if (bp[0] != 0 || bp[buckets] != gs->shape[2]) {
+            PyErr_SetString(PyExc_ValueError, "bucket_ptr: expected offsets from 0 to nnz");
+            goto fail;
+        }
+        for (int64_t t = 0; t < buckets; t++) {
+            if (bp[t + 1] < bp[t]) {
+                PyErr_SetString(PyExc_ValueError, "bucket_ptr: offsets decrease");
+                goto fail;
+            }
+        }
+        for (int64_t e = 0; e < gs->shape[2]; e++) {
+            if (pm[e] < 0 || pm[e] >= gs->shape[2]) {
+                PyErr_SetString(PyExc_ValueError, "bucket_perm: entry outside [0, nnz)");
+                goto fail;
+            }
+        }
+    } else if (check_device(gs) < 0) {
+        goto fail;
+    }
+    sa_bias_grad_params p = {gs->shape[0], gs->shape[1], gs->shape[2], buckets,
+                             dtype_of(gs), gs->data, (const int64_t *)perm->data,
+                             (const int64_t *)bptr->data, table->data,
+                             (void *)(intptr_t)(stream < 0 ? 0 : stream)};
+    char err[ERR_LEN] = "";
+    int status;
+    int cuda = is_cuda(gs);
+    Py_BEGIN_ALLOW_THREADS
+#ifdef SA_WITH_CUDA
+    if (cuda) status = sa_cuda_bias_grad(&p, err, sizeof(err));
+    else
+#endif
+        status = sa_cpu_bias_grad(&p, err, sizeof(err));
+    Py_END_ALLOW_THREADS
+    (void)cuda;
+    if (status != SA_OK) {
+        raise_status(status, err);
+        goto fail;
+    }
+    release_all(&set);
+    Py_RETURN_NONE;
+fail:
+    release_all(&set);
+    return NULL;
+}
+
+static PyObject *new_array(int64_t length, int typenum)
+{
+    npy_intp dims[1] = {(npy_intp)length};
+    return PyArray_SimpleNew(1, dims, typenum);
+}
+
+static char *layout_kwlist[] = {"pattern", "height", "width", "kernel_size", "block_size",
+                                "stride", "num_global_tokens", "attention_ratio", "seed", NULL};
+
+static PyObject *build_layout(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    sa_layout_spec spec;
+    memset(&spec, 0, sizeof(spec));
+    long long height, width, kernel_size, block_size, stride, num_global;
+    unsigned long long seed;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iLLLLLLdK", layout_kwlist, &spec.pattern,
+                                     &height, &width, &kernel_size, &block_size, &stride,
+                                     &num_global, &spec.attention_ratio, &seed))
+        return NULL;
+    spec.height = height;
+    spec.width = width;
+    spec.kernel_size = kernel_size;
+    spec.block_size = block_size;
+    spec.stride = stride;
+    spec.num_global_tokens = num_global;
+    spec.seed = seed;
+    char err[ERR_LEN] = "";
+    if (sa_layout_validate(&spec, err, sizeof(err)) < 0) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    int64_t n = spec.height * spec.width;
+    PyObject *row_ptr = new_array(n + 1, NPY_INT64), *col_idx = NULL, *col_ptr = NULL,
+             *row_idx = NULL;
+    if (!row_ptr) return NULL;
+    int64_t *rp = PyArray_DATA((PyArrayObject *)row_ptr);
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = sa_layout_count(&spec, rp, err, sizeof(err));
+    Py_END_ALLOW_THREADS
+    if (status < 0) {
+        PyErr_SetString(PyExc_ValueError, err);
+        goto fail;
+    }
+    col_idx = new_array(rp[n], NPY_INT32);
+    col_ptr = new_array(n + 1, NPY_INT64);
+    row_idx = new_array(rp[n], NPY_INT32);
+    if (!col_idx || !col_ptr || !row_idx) goto fail;
+    int32_t *ci = PyArray_DATA((PyArrayObject *)col_idx);
+    Py_BEGIN_ALLOW_THREADS
+    status = sa_layout_fill(&spec, rp, ci, err, sizeof(err));
+    if (status == 0)
+        status = sa_layout_transpose(n, rp, ci, PyArray_DATA((PyArrayObject *)col_ptr),
+                                     PyArray_DATA((PyArrayObject *)row_idx));
+    Py_END_ALLOW_THREADS
+    if (status < 0) {
+        PyErr_SetString(PyExc_MemoryError, err[0] ? err : "out of memory while building a layout");
+        goto fail;
+    }
+    return Py_BuildValue("(NNNN)", row_ptr, col_idx, col_ptr, row_idx);
+fail:
+    Py_XDECREF(row_ptr);
+    Py_XDECREF(col_idx);
+    Py_XDECREF(col_ptr);
+    Py_XDECREF(row_idx);
+    return NULL;
+}
+
+static PyObject *set_num_threads(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 0 || n > 256) {
+        PyErr_Format(PyExc_ValueError, "num_threads: expected 0 (all cores) to 256, got %ld", n);
+        return NULL;
+    }
+    sa_cpu_set_num_threads((int)n);
+    Py_RETURN_NONE;
+}
+
+static PyObject *get_num_threads(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyLong_FromLong(sa_cpu_get_num_threads());
+}
+
+static PyObject *cuda_device_count(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+#ifdef SA_WITH_CUDA
+    char err[ERR_LEN] = "";
+    int count = sa_cuda_device_count(err, sizeof(err));
+    return PyLong_FromLong(count < 0 ? 0 : count);
+#else
+    return PyLong_FromLong(0);
+#endif
+}
+
+/* Sizes and offsets of our DLPack declarations, checked by the tests. */
+static PyObject *dlpack_abi(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return Py_BuildValue(
+        "{s:n,s:n,s:n,s:n,s:n,s:n,s:n,s:n,s:n,s:n,s:n,s:n,s:n,s:n,s:n,s:n,s:n,s:n}",
+        "DLDevice", (Py_ssize_t)sizeof(DLDevice), "DLDataType", (Py_ssize_t)sizeof(DLDataType),
+        "DLTensor", (Py_ssize_t)sizeof(DLTensor), "DLManagedTensor",
+        (Py_ssize_t)sizeof(DLManagedTensor), "DLManagedTensorVersioned",
+        (Py_ssize_t)sizeof(DLManagedTensorVersioned), "DLTensor.device",
+        (Py_ssize_t)offsetof(DLTensor, device), "DLTensor.ndim",
+        (Py_ssize_t)offsetof(DLTensor, ndim), "DLTensor.dtype",
+        (Py_ssize_t)offsetof(DLTensor, dtype), "DLTensor.shape",
+        (Py_ssize_t)offsetof(DLTensor, shape), "DLTensor.strides",
+        (Py_ssize_t)offsetof(DLTensor, strides), "DLTensor.byte_offset",
+        (Py_ssize_t)offsetof(DLTensor, byte_offset), "DLManagedTensor.manager_ctx",
+        (Py_ssize_t)offsetof(DLManagedTensor, manager_ctx), "DLManagedTensor.deleter",
+        (Py_ssize_t)offsetof(DLManagedTensor, deleter), "DLManagedTensorVersioned.manager_ctx",
+        (Py_ssize_t)offsetof(DLManagedTensorVersioned, manager_ctx),
+        "DLManagedTensorVersioned.deleter", (Py_ssize_t)offsetof(DLManagedTensorVersioned, deleter),
+        "DLManagedTensorVersioned.flags", (Py_ssize_t)offsetof(DLManagedTensorVersioned, flags),
+        "DLManagedTensorVersioned.dl_tensor",
+        (Py_ssize_t)offsetof(DLManagedTensorVersioned, dl_tensor), "DLDataType.lanes",
+        (Py_ssize_t)offsetof(DLDataType, lanes));
+}
+
+/* Reads a tensor through the bridge and reports what it saw: for the tests of
+ * the bridge itself (pointer identity, strides, read-only flag, versions). */
+static PyObject *inspect_tensor(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    static char *kwlist[] = {"tensor", "writable", NULL};
+    PyObject *obj;
+    int writable = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|p", kwlist, &obj, &writable)) return NULL;
+    sa_view v;
+    if (sa_view_acquire(obj, "tensor", writable, -1, &v) < 0) return NULL;
+    PyObject *shape = PyTuple_New(v.ndim), *strides = PyTuple_New(v.ndim);
+    if (!shape || !strides) {
+        Py_XDECREF(shape);
+        Py_XDECREF(strides);
+        sa_view_release(&v);
+        return NULL;
+    }
+    for (int d = 0; d < v.ndim; d++) {
+        PyTuple_SET_ITEM(shape, d, PyLong_FromLongLong(v.shape[d]));
+        PyTuple_SET_ITEM(strides, d, PyLong_FromLongLong(v.strides[d]));
+    }
+    PyObject *result = Py_BuildValue(
+        "{s:K,s:i,s:i,s:N,s:N,s:i,s:i,s:i,s:i}", "data", (unsigned long long)(uintptr_t)v.data,
+        "device_type", (int)v.device.device_type, "device_id", (int)v.device.device_id, "shape",
+        shape, "strides", strides, "dtype_code", (int)v.dtype.code, "dtype_bits",
+        (int)v.dtype.bits, "versioned", v.versioned, "read_only", v.read_only);
+    sa_view_release(&v);
+    return result;
+}
+
+static PyMethodDef module_methods[] = {
+    {"attention_forward", (PyCFunction)(void (*)(void))attention_forward,
+     METH_VARARGS | METH_KEYWORDS, "Forward kernel; writes out, lse and optional row_stats in place."},
+    {"attention_backward", (PyCFunction)(void (*)(void))attention_backward,
+     METH_VARARGS | METH_KEYWORDS, "Backward kernel; writes grad_query, grad_key, grad_value in place."},
+    {"bias_grad", (PyCFunction)(void (*)(void))bias_grad, METH_VARARGS | METH_KEYWORDS,
+     "Reduces per-pair score gradients into the relative position bias gradient."},
+    {"build_layout", (PyCFunction)(void (*)(void))build_layout, METH_VARARGS | METH_KEYWORDS,
+     "Builds a layout; returns (row_ptr, col_idx, col_ptr, row_idx) NumPy arrays."},
+    {"set_num_threads", set_num_threads, METH_O, "Sets the CPU kernels' thread count (0: all cores)."},
+    {"get_num_threads", get_num_threads, METH_NOARGS, "The CPU kernels' thread count."},
+    {"cuda_device_count", cuda_device_count, METH_NOARGS,
+     "Visible CUDA devices (0 without CUDA support or driver)."},
+    {"dlpack_abi", dlpack_abi, METH_NOARGS, "Sizes and offsets of the DLPack structs."},
+    {"inspect_tensor", (PyCFunction)(void (*)(void))inspect_tensor, METH_VARARGS | METH_KEYWORDS,
+     "What the DLPack bridge sees of a tensor."},
+    {NULL, NULL, 0, NULL}};
+
+static int module_exec(PyObject *module)
+{
+    if (PyArray_ImportNumPyAPI() < 0) return -1;
+#ifdef SA_WITH_CUDA
+    int with_cuda = 1;
+#else
+    int with_cuda = 0;
+#endif
+    if (PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) < 0) return -1;
+    if (PyModule_AddStringConstant(module, "COMPILER", __VERSION__) < 0) return -1;
+    if (PyModule_AddIntConstant(module, "CPU_MAX_HEAD_DIM", 1024) < 0) return -1;
+    return 0;
+}
+
+static PyModuleDef_Slot module_slots[] = {{Py_mod_exec, module_exec}, {0, NULL}};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "_C",
+    "Native kernels of sparse_attention: layouts, CPU and CUDA attention, DLPack bridge.", 0,
+    module_methods, module_slots, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModuleDef_Init(&module_def); }

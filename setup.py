@@ -1,0 +1,102 @@
+"""Build of sparse_attention._C: C11 sources from csrc/, and CUDA C from cuda/
+when nvcc is found.
+
+SPARSE_ATTENTION_CUDA=0 builds without CUDA, =1 makes a missing nvcc an error;
+unset, CUDA is built when nvcc is found. The CUDA runtime is linked statically
+(libcudart_static), so the extension imports and runs its CPU path on machines
+with no GPU and no driver: the runtime looks for the driver only when a CUDA
+kernel is first called.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import numpy
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+C_SOURCES = ["csrc/module.c", "csrc/dlpack_bridge.c", "csrc/layout.c", "csrc/attention_cpu.c",
+             "csrc/threads.c"]
+CUDA_SOURCES = ["cuda/attention_cuda.cu"]
+CUDA_ARCHS = os.environ.get("SPARSE_ATTENTION_CUDA_ARCHS", "80;90")
+
+
+def find_nvcc():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [os.path.join(home, "bin", "nvcc")] if home else []
+    candidates.append(shutil.which("nvcc"))
+    candidates.append("/usr/local/cuda/bin/nvcc")
+    for path in candidates:
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            return os.path.realpath(path)
+    return None
+
+
+def cuda_wanted():
+    setting = os.environ.get("SPARSE_ATTENTION_CUDA", "").strip()
+    nvcc = find_nvcc()
+    if setting == "0":
+        return None
+    if setting == "1" and nvcc is None:
+        sys.exit("SPARSE_ATTENTION_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
+    return nvcc
+
+
+def gencode_flags():
+    flags = []
+    archs = [a.strip() for a in CUDA_ARCHS.split(";") if a.strip()]
+    for arch in archs:
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    # PTX of the newest target, so later GPUs can JIT it
+    flags += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+    return flags
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        nvcc = cuda_wanted()
+        ext = self.extensions[0]
+        if nvcc:
+            cuda_home = os.path.dirname(os.path.dirname(nvcc))
+            objects = []
+            build_dir = os.path.join(self.build_temp, "cuda")
+            os.makedirs(build_dir, exist_ok=True)
+            for source in CUDA_SOURCES:
+                obj = os.path.join(build_dir, os.path.basename(source) + ".o")
+                cmd = [nvcc, "-c", source, "-o", obj, "-O3", "-std=c++17", "--use_fast_math",
+                       "-Xcompiler", "-fPIC", "-Icsrc", "-DSA_WITH_CUDA",
+                       "--expt-relaxed-constexpr"] + gencode_flags()
+                print(" ".join(cmd))
+                subprocess.check_call(cmd, cwd=HERE)
+                objects.append(obj)
+            ext.extra_objects = objects
+            ext.define_macros.append(("SA_WITH_CUDA", "1"))
+            libdir = os.path.join(cuda_home, "lib64")
+            if not os.path.isdir(libdir):
+                libdir = os.path.join(cuda_home, "lib")
+            ext.library_dirs.append(libdir)
+            ext.libraries += ["cudart_static", "dl", "rt", "pthread", "stdc++"]
+        super().build_extensions()
+
+
+extra_compile_args = ["-std=c11", "-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
+                      "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers",
+                      "-Wno-cast-function-type"]
+if os.environ.get("SPARSE_ATTENTION_SANITIZE"):
+    extra_compile_args += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1",
+                           "-DSA_NO_CLONES"]
+
+extension = Extension(
+    "sparse_attention._C",
+    sources=C_SOURCES,
+    include_dirs=[numpy.get_include(), "csrc"],
+    extra_compile_args=extra_compile_args,
+    extra_link_args=["-pthread"] + (["-fsanitize=address,undefined"]
+                                    if os.environ.get("SPARSE_ATTENTION_SANITIZE") else []),
+    define_macros=[("NPY_TARGET_VERSION", "NPY_1_22_API_VERSION")],
+)
+
+setup(ext_modules=[extension], cmdclass={"build_ext": BuildExt})

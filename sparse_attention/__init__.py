@@ -1,0 +1,1 @@
+from .patterns import SparsityPattern, Layout, build_layout

@@ -1,0 +1,13 @@
+"""Loads the compiled extension, with an error that says how to get it."""
+
+try:
+    from . import _C  # noqa: F401
+except ImportError as error:  # pragma: no cover - exercised only on broken installs
+    raise ImportError(
+        "sparse_attention._C, the compiled extension, could not be imported "
+        f"({error}). Install the package with `pip install .` from the source tree "
+        "(a C compiler and NumPy >= 2 headers are needed), or build it in place with "
+        "`python setup.py build_ext --inplace`."
+    ) from error
+
+C = _C

@@ -1,0 +1,275 @@
+"""Sparsity patterns and layouts.
+
+A layout is the set of (query i, key j) token pairs that may attend, for an
+H x W grid whose token t = y * W + x (the order of ``x.flatten(2)``). It is
+stored as CSR (``indptr``, ``indices``) and its transpose, built in C in
+O(nnz) memory; an N x N matrix exists only if you ask for ``to_dense()``.
+
+For query i = (yi, xi), key j = (yj, xj) and r = kernel_size // 2:
+
+========== =================================================================
+DENSE      every pair
+AXIAL      yi == yj or xi == xj
+BLOCK      same block_size x block_size tile
+LONGFORMER clipped (2r+1)^2 window, or i or j a global token; the g global
+           tokens are floor((k + 0.5) * N / g), k = 0 .. g-1
+STRIDED    clipped window, or (yi - yj) % stride == 0 and (xi - xj) % stride == 0
+RANDOM     i itself and K - 1 other keys, K = max(1, round(attention_ratio * N))
+========== =================================================================
+
+RANDOM's generator, so that anyone can rebuild a layout: row i runs SplitMix64
+from the state ``seed ^ (0xD1B54A32D192ED03 * (i + 1))`` (64-bit wrap-around);
+a draw below ``n`` is ``(next() * n) >> 64``. Floyd's algorithm picks K - 1
+distinct values from the N - 1 other tokens (pool value v stands for token v if
+v < i, else v + 1): for t = N-1-(K-1) .. N-2, draw v below t + 1, take token(v)
+unless already taken, else token(t). The row is sorted ascending. C's round()
+(half away from zero) gives K. The same seed gives the same layout everywhere.
+
+``attention_ratio`` shapes RANDOM only; the other patterns accept and ignore it.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import threading
+
+import numpy as np
+
+from ._native import C
+
+
+class SparsityPattern(enum.Enum):
+    """The sparsity patterns; see the module docstring for their definitions."""
+
+    DENSE = "dense"
+    AXIAL = "axial"
+    BLOCK = "block"
+    LONGFORMER = "longformer"
+    STRIDED = "strided"
+    RANDOM = "random"
+
+    @classmethod
+    def parse(cls, value, argument="sparsity_pattern") -> "SparsityPattern":
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            for member in cls:
+                if value.lower() in (member.value, member.name.lower()):
+                    return member
+        names = ", ".join(m.name for m in cls)
+        raise ValueError(f"{argument}: unknown sparsity pattern {value!r}; expected one of {names}")
+
+
+_PATTERN_IDS = {
+    SparsityPattern.DENSE: 0,
+    SparsityPattern.AXIAL: 1,
+    SparsityPattern.BLOCK: 2,
+    SparsityPattern.LONGFORMER: 3,
+    SparsityPattern.STRIDED: 4,
+    SparsityPattern.RANDOM: 5,
+}
+
+# The knobs each pattern depends on; the others do not enter its cache key.
+_RELEVANT = {
+    SparsityPattern.DENSE: (),
+    SparsityPattern.AXIAL: (),
+    SparsityPattern.BLOCK: ("block_size",),
+    SparsityPattern.LONGFORMER: ("kernel_size", "num_global_tokens"),
+    SparsityPattern.STRIDED: ("kernel_size", "stride"),
+    SparsityPattern.RANDOM: ("attention_ratio", "seed"),
+}
+
+
+def _as_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+class Layout:
+    """An immutable sparsity layout over an H x W grid (CSR plus transpose).
+
+    Attributes: ``pattern``, ``height``, ``width``, ``num_tokens``, ``nnz``,
+    ``density``, ``indptr`` (int64, N+1), ``indices`` (int32, nnz, ascending per
+    row), ``col_ptr`` / ``row_indices`` (the transpose), ``params`` (the knobs).
+    """
+
+    def __init__(self, pattern, height, width, indptr, indices, col_ptr, row_indices, params=None):
+        self.pattern = SparsityPattern.parse(pattern, "pattern")
+        self.height = _as_int(height, "height")
+        self.width = _as_int(width, "width")
+        self.num_tokens = self.height * self.width
+        self.params = dict(params or {})
+        arrays = {}
+        for name, array, dtype in (("indptr", indptr, np.int64), ("indices", indices, np.int32),
+                                   ("col_ptr", col_ptr, np.int64),
+                                   ("row_indices", row_indices, np.int32)):
+            array = np.ascontiguousarray(array, dtype=dtype)
+            array.setflags(write=False)
+            arrays[name] = array
+        self.indptr = arrays["indptr"]
+        self.indices = arrays["indices"]
+        self.col_ptr = arrays["col_ptr"]
+        self.row_indices = arrays["row_indices"]
+        self._validate()
+        self.nnz = int(self.indices.shape[0])
+        self.density = self.nnz / float(self.num_tokens) ** 2
+        self._lock = threading.Lock()
+        self._device_cache = {}
+        self._buckets = {}
+
+    def _validate(self):
+        n = self.num_tokens
+        for ptr_name, idx_name in (("indptr", "indices"), ("col_ptr", "row_indices")):
+            ptr, idx = getattr(self, ptr_name), getattr(self, idx_name)
+            if ptr.shape != (n + 1,):
+                raise ValueError(f"{ptr_name}: expected shape ({n + 1},) for a {self.height} x "
+                                 f"{self.width} grid, got {ptr.shape}")
+            if ptr[0] != 0 or ptr[-1] != idx.shape[0] or np.any(np.diff(ptr) < 0):
+                raise ValueError(f"{ptr_name}: expected non-decreasing offsets from 0 to "
+                                 f"{idx.shape[0]} (the length of {idx_name})")
+            if idx.size and (idx.min() < 0 or idx.max() >= n):
+                raise ValueError(f"{idx_name}: token indices must lie in [0, {n}), got "
+                                 f"[{idx.min()}, {idx.max()}]")
+        if self.indices.shape != self.row_indices.shape:
+            raise ValueError("row_indices: expected as many entries as indices, got "
+                             f"{self.row_indices.shape[0]} and {self.indices.shape[0]}")
+
+    def __repr__(self):
+        knobs = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        return (f"Layout({self.pattern.name}, {self.height}x{self.width}, nnz={self.nnz}, "
+                f"density={self.density:.4f}{', ' + knobs if knobs else ''})")
+
+    def neighbors(self, i: int) -> np.ndarray:
+        """The keys query token ``i`` may attend, ascending."""
+        i = _as_int(i, "i")
+        if not 0 <= i < self.num_tokens:
+            raise IndexError(f"i: token {i} outside [0, {self.num_tokens})")
+        return self.indices[self.indptr[i]:self.indptr[i + 1]]
+
+    def degrees(self) -> np.ndarray:
+        """Number of keys of every query row."""
+        return np.diff(self.indptr)
+
+    def row_ids(self) -> np.ndarray:
+        """The query row of each CSR entry (int64, nnz)."""
+        with self._lock:
+            if "row_ids" not in self._buckets:
+                ids = np.repeat(np.arange(self.num_tokens, dtype=np.int64), self.degrees())
+                ids.setflags(write=False)
+                self._buckets["row_ids"] = ids
+            return self._buckets["row_ids"]
+
+    def to_dense(self) -> np.ndarray:
+        """The N x N boolean mask. O(N^2) memory: for tests and pictures only."""
+        dense = np.zeros((self.num_tokens, self.num_tokens), dtype=bool)
+        dense[self.row_ids(), self.indices] = True
+        return dense
+
+    def bias_buckets(self, max_relative: int):
+        """For the relative position bias with clamp M: (bucket, perm, ptr).
+
+        bucket[p] is the flat index into the (2M+1) x (2M+1) table of CSR entry
+        p; perm lists the entries grouped by bucket (stable) and ptr the offsets
+        of each bucket in perm. The backward kernel sums per bucket in this order.
+        """
+        m = _as_int(max_relative, "max_relative")
+        with self._lock:
+            cached = self._buckets.get(m)
+        if cached is not None:
+            return cached
+        rows = self.row_ids()
+        cols = self.indices.astype(np.int64)
+        dy = np.clip(rows // self.width - cols // self.width, -m, m) + m
+        dx = np.clip(rows % self.width - cols % self.width, -m, m) + m
+        bucket = dy * (2 * m + 1) + dx
+        perm = np.argsort(bucket, kind="stable").astype(np.int64)
+        ptr = np.zeros((2 * m + 1) ** 2 + 1, dtype=np.int64)
+        np.cumsum(np.bincount(bucket, minlength=(2 * m + 1) ** 2), out=ptr[1:])
+        for array in (bucket, perm, ptr):
+            array.setflags(write=False)
+        result = (bucket, perm, ptr)
+        with self._lock:
+            self._buckets[m] = result
+        return result
+
+    def torch_tensors(self, device, max_relative=None):
+        """The layout as torch tensors on ``device``, copied there once and cached."""
+        import torch
+
+        device = torch.device(device)
+        key = (str(device), max_relative)
+        with self._lock:
+            cached = self._device_cache.get(key)
+        if cached is not None:
+            return cached
+        tensors = {
+            "row_ptr": torch.from_numpy(self.indptr.copy()).to(device),
+            "col_idx": torch.from_numpy(self.indices.copy()).to(device),
+            "col_ptr": torch.from_numpy(self.col_ptr.copy()).to(device),
+            "row_idx": torch.from_numpy(self.row_indices.copy()).to(device),
+            "row_ids": torch.from_numpy(self.row_ids().copy()).to(device),
+        }
+        if max_relative is not None:
+            bucket, perm, ptr = self.bias_buckets(max_relative)
+            tensors["bucket"] = torch.from_numpy(bucket.copy()).to(device)
+            tensors["bucket_perm"] = torch.from_numpy(perm.copy()).to(device)
+            tensors["bucket_ptr"] = torch.from_numpy(ptr.copy()).to(device)
+        with self._lock:
+            self._device_cache[key] = tensors
+        return tensors
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_layout(pattern, height, width, knobs):
+    params = dict(knobs)
+    full = dict(kernel_size=7, block_size=8, stride=7, num_global_tokens=1, attention_ratio=0.5,
+                seed=0)
+    full.update(params)
+    arrays = C.build_layout(_PATTERN_IDS[pattern], height, width, full["kernel_size"],
+                            full["block_size"], full["stride"], full["num_global_tokens"],
+                            float(full["attention_ratio"]), full["seed"])
+    return Layout(pattern, height, width, *arrays, params=params)
+
+
+def build_layout(pattern, height, width, *, kernel_size=7, block_size=8, stride=None,
+                 num_global_tokens=1, attention_ratio=0.5, seed=0) -> Layout:
+    """Build (or fetch from the cache) the layout of ``pattern`` on a height x width grid.
+
+    ``stride`` defaults to ``kernel_size``. Bad knobs raise ValueError naming the
+    knob and its value. Layouts are cached per (pattern, size, relevant knobs).
+    """
+    pattern = SparsityPattern.parse(pattern, "pattern")
+    height = _as_int(height, "height")
+    width = _as_int(width, "width")
+    kernel_size = _as_int(kernel_size, "kernel_size")
+    block_size = _as_int(block_size, "block_size")
+    stride = kernel_size if stride is None else _as_int(stride, "stride")
+    num_global_tokens = _as_int(num_global_tokens, "num_global_tokens")
+    seed = _as_int(seed, "seed")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed: expected an integer in [0, 2**64), got {seed}")
+    if isinstance(attention_ratio, bool) or not isinstance(attention_ratio, (int, float, np.floating)):
+        raise TypeError(f"attention_ratio: expected a float, got {type(attention_ratio).__name__}")
+    attention_ratio = float(attention_ratio)
+    if not 0.0 < attention_ratio <= 1.0:
+        raise ValueError(f"attention_ratio: expected a value in (0, 1], got {attention_ratio}")
+    values = dict(kernel_size=kernel_size, block_size=block_size, stride=stride,
+                  num_global_tokens=num_global_tokens, attention_ratio=attention_ratio, seed=seed)
+    # validated in C for every knob, so that a bad knob is reported even where irrelevant
+    C.build_layout(_PATTERN_IDS[SparsityPattern.DENSE], 1, 1, kernel_size, block_size, stride,
+                   num_global_tokens if pattern is not SparsityPattern.LONGFORMER else 0,
+                   attention_ratio, seed)
+    if height < 1:
+        raise ValueError(f"height: expected >= 1, got {height}")
+    if width < 1:
+        raise ValueError(f"width: expected >= 1, got {width}")
+    knobs = tuple((name, values[name]) for name in _RELEVANT[pattern])
+    return _cached_layout(pattern, height, width, knobs)
+
+
+def global_tokens(num_tokens: int, num_global_tokens: int) -> np.ndarray:
+    """The LONGFORMER global tokens floor((k + 0.5) * N / g), k = 0 .. g-1."""
+    k = np.arange(num_global_tokens, dtype=np.int64)
+    return ((2 * k + 1) * num_tokens) // (2 * max(num_global_tokens, 1))
