@@ -308,9 +308,9 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
     (void)self;
     PyObject *q_obj, *k_obj, *v_obj, *out_obj, *lse_obj, *ptr_obj, *idx_obj;
     PyObject *stats_obj = Py_None;
-    common_options o = {Py_None, Py_None, Py_None, 0, 0, 0.0, 0.0, 0};
+    common_options o = {Py_None, Py_None, Py_None, 0, 0, NAN, 0.0, 0};
     long long stream = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOO$LLd|OOOdKOL", forward_kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOO|$LLdOOOdKOL", forward_kwlist,
                                      &q_obj, &k_obj, &v_obj, &out_obj, &lse_obj, &ptr_obj,
                                      &idx_obj, &o.height, &o.width, &o.scale, &o.bias,
                                      &o.key_mask, &o.head_active, &o.dropout_p,
@@ -369,10 +369,10 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
     PyObject *q_obj, *k_obj, *v_obj, *out_obj, *go_obj, *lse_obj, *delta_obj, *gq_obj, *gk_obj,
         *gv_obj, *ptr_obj, *idx_obj, *cptr_obj, *ridx_obj;
     PyObject *gs_obj = Py_None;
-    common_options o = {Py_None, Py_None, Py_None, 0, 0, 0.0, 0.0, 0};
+    common_options o = {Py_None, Py_None, Py_None, 0, 0, NAN, 0.0, 0};
     long long stream = -1;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "OOOOOOOOOOOOOO$LLd|OOOdKOL", backward_kwlist, &q_obj, &k_obj, &v_obj,
+            args, kwargs, "OOOOOOOOOOOOOO|$LLdOOOdKOL", backward_kwlist, &q_obj, &k_obj, &v_obj,
             &out_obj, &go_obj, &lse_obj, &delta_obj, &gq_obj, &gk_obj, &gv_obj, &ptr_obj,
             &idx_obj, &cptr_obj, &ridx_obj, &o.height, &o.width, &o.scale, &o.bias, &o.key_mask,
             &o.head_active, &o.dropout_p, &o.dropout_seed, &gs_obj, &stream))

@@ -1,1 +1,21 @@
-from .patterns import SparsityPattern, Layout, build_layout
+"""sparse_attention: sparse attention for computer-vision feature maps.
+
+C kernels on the CPU, CUDA kernels on NVIDIA GPUs, tensors exchanged with
+PyTorch and NumPy through DLPack without copies.
+"""
+
+from .functional import get_num_threads, set_num_threads, sparse_scaled_dot_product_attention
+from .patterns import Layout, SparsityPattern, build_layout
+
+__version__ = "0.1.0"
+
+__all__ = ["Layout", "SparsityPattern", "build_layout", "sparse_scaled_dot_product_attention",
+           "set_num_threads", "get_num_threads", "__version__"]
+
+try:  # the module needs torch; the op and layouts do not
+    from .module import AttentionStats, EnhancedSparseAttention  # noqa: F401
+
+    __all__ += ["EnhancedSparseAttention", "AttentionStats"]
+except ImportError as _error:  # pragma: no cover - NumPy-only installs
+    if "torch" not in str(_error):
+        raise

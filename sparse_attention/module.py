@@ -1,0 +1,2 @@
+class AttentionStats: pass
+class EnhancedSparseAttention: pass
