@@ -35,6 +35,17 @@ def find_nvcc():
     return None
 
 
+def find_cuda_home(nvcc):
+    """The toolkit root holding the CUDA libraries (nvcc may be a wrapper elsewhere)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                  os.path.dirname(os.path.dirname(nvcc)), "/usr/local/cuda"]
+    for home in candidates:
+        if home and any(os.path.exists(os.path.join(home, sub, "libcudart_static.a"))
+                        for sub in ("lib64", "lib")):
+            return home
+    sys.exit(f"nvcc found at {nvcc}, but no libcudart_static.a beside it; set CUDA_HOME")
+
+
 def cuda_wanted():
     setting = os.environ.get("SPARSE_ATTENTION_CUDA", "").strip()
     nvcc = find_nvcc()
@@ -60,7 +71,7 @@ class BuildExt(build_ext):
         nvcc = cuda_wanted()
         ext = self.extensions[0]
         if nvcc:
-            cuda_home = os.path.dirname(os.path.dirname(nvcc))
+            cuda_home = find_cuda_home(nvcc)
             objects = []
             build_dir = os.path.join(self.build_temp, "cuda")
             os.makedirs(build_dir, exist_ok=True)

@@ -69,6 +69,7 @@ typedef struct {
     void *grad_scores;  /* optional: batch x heads x nnz, accumulation type, for the bias gradient */
 
     void *stream;       /* cudaStream_t for CUDA; unused on the CPU */
+    int device_id;      /* CUDA device of every tensor */
 } sa_attention_params;
 
 /* The bias gradient: grad_table[h, t] = sum over b and over the CSR positions p of
@@ -82,6 +83,7 @@ typedef struct {
     const int64_t *bucket_ptr;    /* num_buckets + 1 */
     void *grad_table;             /* heads x num_buckets */
     void *stream;
+    int device_id;
 } sa_bias_grad_params;
 
 int sa_cpu_forward(const sa_attention_params *p, char *err, size_t err_len);

@@ -349,6 +349,7 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
     p.col_idx = (const int32_t *)idx->data;
     p.nnz = idx->shape[0];
     p.stream = (void *)(intptr_t)(stream < 0 ? 0 : stream);
+    p.device_id = q->device.device_id;
     if (run_kernel(is_cuda(q), 0, &p) < 0) goto fail;
     release_all(&set);
     Py_RETURN_NONE;
@@ -440,6 +441,7 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
     p.row_idx = (const int32_t *)ridx->data;
     p.nnz = idx->shape[0];
     p.stream = (void *)(intptr_t)(stream < 0 ? 0 : stream);
+    p.device_id = q->device.device_id;
     if (run_kernel(is_cuda(q), 1, &p) < 0) goto fail;
     release_all(&set);
     Py_RETURN_NONE;
@@ -502,7 +504,8 @@ static PyObject *bias_grad(PyObject *self, PyObject *args, PyObject *kwargs)
     sa_bias_grad_params p = {gs->shape[0], gs->shape[1], gs->shape[2], buckets,
                              dtype_of(gs), gs->data, (const int64_t *)perm->data,
                              (const int64_t *)bptr->data, table->data,
-                             (void *)(intptr_t)(stream < 0 ? 0 : stream)};
+                             (void *)(intptr_t)(stream < 0 ? 0 : stream),
+                             gs->device.device_id};
     char err[ERR_LEN] = "";
     int status;
     int cuda = is_cuda(gs);

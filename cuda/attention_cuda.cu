@@ -1,0 +1,474 @@
+// CUDA kernels of sparse scaled dot-product attention, the same semantics as
+// csrc/attention_cpu_body.h (which they are tested against).
+//
+// Layout of this file: helpers, forward kernel, backward kernels, bias-gradient
+// kernel, launchers, the extern "C" entry points of csrc/attention.h.
+//
+// One warp per query row (forward, dQ) or per key column (dK, dV): lane l owns
+// head-dim elements l, l + 32, ... so every load of a row is coalesced, and dot
+// products finish with a butterfly of shuffles. Keys are visited in the layout's
+// order with a streaming softmax; indices are fetched 32 at a time, one per
+// lane, and broadcast. Accumulation is in float (double for double inputs).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math_constants.h>
+
+#include <cstdio>
+
+#include "attention.h"
+#include "dropout_hash.h"
+
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kWarpsPerBlock = 4;
+
+template <typename T> struct Accum { using type = float; };
+template <> struct Accum<double> { using type = double; };
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_acc(float x);
+template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
+    return __float2bfloat16(x);
+}
+template <typename T> __device__ __forceinline__ T from_acc(double x);
+template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
+
+__device__ __forceinline__ float exp_acc(float x) { return __expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return __logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
+
+template <typename A> __device__ __forceinline__ A warp_sum(A x) {
+#pragma unroll
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+    return x;
+}
+
+// Element (b, h, i, d) of a row tensor; d is the lane's slot.
+template <typename T>
+__device__ __forceinline__ const T *row_of(const void *base, const int64_t *stride, int64_t b,
+                                           int64_t h, int64_t i) {
+    return static_cast<const T *>(base) + b * stride[0] + h * stride[1] + i * stride[2];
+}
+
+// Loads the lane's VEC elements of a row (zeros past head_dim).
+template <typename T, int VEC, typename A>
+__device__ __forceinline__ void load_row(const T *row, int lane, int64_t dim, A (&x)[VEC]) {
+#pragma unroll
+    for (int e = 0; e < VEC; e++) {
+        int64_t d = e * kWarp + lane;
+        x[e] = d < dim ? to_acc(row[d]) : A(0);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ typename Accum<T>::type bias_at(const sa_attention_params &p, int64_t h,
+                                                          int64_t i, int64_t j) {
+    using A = typename Accum<T>::type;
+    if (p.bias_table == nullptr) return A(0);
+    int64_t m = p.max_relative, side = 2 * m + 1;
+    int64_t dy = i / p.width - j / p.width, dx = i % p.width - j % p.width;
+    dy = dy < -m ? -m : (dy > m ? m : dy);
+    dx = dx < -m ? -m : (dx > m ? m : dx);
+    return to_acc(static_cast<const T *>(p.bias_table)[(h * side + dy + m) * side + dx + m]);
+}
+
+__device__ __forceinline__ bool key_allowed(const sa_attention_params &p, int64_t b, int64_t j) {
+    return p.key_mask == nullptr || p.key_mask[b * p.key_mask_stride[0] + j * p.key_mask_stride[1]] != 0;
+}
+
+__device__ __forceinline__ bool head_runs(const sa_attention_params &p, int64_t h) {
+    return p.head_active == nullptr || p.head_active[h] != 0;
+}
+
+// ---- forward ---------------------------------------------------------------
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kWarp * kWarpsPerBlock)
+forward_kernel(const sa_attention_params p) {
+    using A = typename Accum<T>::type;
+    const int lane = threadIdx.x % kWarp;
+    const int64_t item = (int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp;
+    const int64_t n = p.num_tokens, dim = p.head_dim;
+    if (item >= p.batch * p.heads * n) return;
+    const int64_t i = item % n, bh = item / n, h = bh % p.heads, b = bh / p.heads;
+    const A scale = A(p.scale);
+    const uint32_t threshold = sa_dropout_threshold(p.dropout_p);
+    const A keep_scale = p.dropout_p > 0 ? A(1.0 / (1.0 - p.dropout_p)) : A(1);
+
+    A q[VEC], acc[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; e++) acc[e] = A(0);
+    A run_max = -CUDART_INF_F, run_sum = 0, run_sq = 0, run_shifted = 0;
+    if (head_runs(p, h)) {
+        load_row<T, VEC>(row_of<T>(p.q, p.q_stride, b, h, i), lane, dim, q);
+        const uint32_t query_key = sa_dropout_query_key(sa_dropout_row_key(p.dropout_seed, b, h), i);
+        const int64_t begin = p.row_ptr[i], end = p.row_ptr[i + 1];
+        for (int64_t base = begin; base < end; base += kWarp) {
+            const int64_t mine = base + lane;
+            const int32_t my_key = mine < end ? p.col_idx[mine] : 0;
+            const int count = end - base < kWarp ? int(end - base) : kWarp;
+            for (int c = 0; c < count; c++) {
+                const int32_t j = __shfl_sync(0xffffffffu, my_key, c);
+                if (!key_allowed(p, b, j)) continue;
+                A k[VEC], v[VEC];
+                load_row<T, VEC>(row_of<T>(p.k, p.k_stride, b, h, j), lane, dim, k);
+                load_row<T, VEC>(row_of<T>(p.v, p.v_stride, b, h, j), lane, dim, v);
+                A partial = 0;
+#pragma unroll
+                for (int e = 0; e < VEC; e++) partial += q[e] * k[e];
+                const A s = scale * warp_sum(partial) + bias_at<T>(p, h, i, j);
+                if (s > run_max) {
+                    if (run_sum > 0) {
+                        const A r = exp_acc(run_max - s);
+                        run_shifted = r * (run_shifted + run_sum * (run_max - s));
+                        run_sum *= r;
+                        run_sq *= r * r;
+#pragma unroll
+                        for (int e = 0; e < VEC; e++) acc[e] *= r;
+                    }
+                    run_max = s;
+                }
+                const A ex = exp_acc(s - run_max);
+                run_sum += ex;
+                run_sq += ex * ex;
+                run_shifted += ex * (s - run_max);
+                A weight = ex * keep_scale;
+                if (threshold > 0 && !sa_dropout_keep(query_key, j, threshold)) weight = 0;
+#pragma unroll
+                for (int e = 0; e < VEC; e++) acc[e] += weight * v[e];
+            }
+        }
+    }
+    T *out = static_cast<T *>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
+    A *lse = static_cast<A *>(p.lse) + item;
+    A *stats = p.row_stats ? static_cast<A *>(p.row_stats) + 2 * item : nullptr;
+    const A inv = run_sum > 0 ? A(1) / run_sum : A(0);
+#pragma unroll
+    for (int e = 0; e < VEC; e++) {
+        int64_t d = e * kWarp + lane;
+        if (d < dim) out[d] = from_acc<T>(acc[e] * inv);
+    }
+    if (lane == 0) {
+        *lse = run_sum > 0 ? run_max + log_acc(run_sum) : -CUDART_INF_F;
+        if (stats) {
+            stats[0] = run_sum > 0 ? run_sq * inv * inv : A(0);
+            stats[1] = run_sum > 0 ? log_acc(run_sum) - run_shifted * inv : A(0);
+        }
+    }
+}
+
+// ---- backward --------------------------------------------------------------
+
+// delta_i = <dO_i, O_i>
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kWarp * kWarpsPerBlock)
+delta_kernel(const sa_attention_params p) {
+    using A = typename Accum<T>::type;
+    const int lane = threadIdx.x % kWarp;
+    const int64_t item = (int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp;
+    const int64_t n = p.num_tokens;
+    if (item >= p.batch * p.heads * n) return;
+    const int64_t i = item % n, bh = item / n, h = bh % p.heads, b = bh / p.heads;
+    A go[VEC], o[VEC];
+    load_row<T, VEC>(row_of<T>(p.grad_out, p.grad_out_stride, b, h, i), lane, p.head_dim, go);
+    load_row<T, VEC>(row_of<T>(p.out, p.out_stride, b, h, i), lane, p.head_dim, o);
+    A partial = 0;
+#pragma unroll
+    for (int e = 0; e < VEC; e++) partial += go[e] * o[e];
+    partial = warp_sum(partial);
+    if (lane == 0) static_cast<A *>(p.delta)[item] = partial;
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kWarp * kWarpsPerBlock)
+grad_query_kernel(const sa_attention_params p) {
+    using A = typename Accum<T>::type;
+    const int lane = threadIdx.x % kWarp;
+    const int64_t item = (int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp;
+    const int64_t n = p.num_tokens, dim = p.head_dim;
+    if (item >= p.batch * p.heads * n) return;
+    const int64_t i = item % n, bh = item / n, h = bh % p.heads, b = bh / p.heads;
+    const A scale = A(p.scale);
+    const uint32_t threshold = sa_dropout_threshold(p.dropout_p);
+    const A keep_scale = p.dropout_p > 0 ? A(1.0 / (1.0 - p.dropout_p)) : A(1);
+    const A lse = static_cast<const A *>(p.lse)[item];
+    A *grad_scores = p.grad_scores ? static_cast<A *>(p.grad_scores) + bh * p.nnz : nullptr;
+    const int64_t begin = p.row_ptr[i], end = p.row_ptr[i + 1];
+    A acc[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; e++) acc[e] = A(0);
+    if (!head_runs(p, h) || lse == -CUDART_INF_F) {
+        if (grad_scores)
+            for (int64_t pos = begin + lane; pos < end; pos += kWarp) grad_scores[pos] = A(0);
+    } else {
+        A q[VEC], go[VEC];
+        load_row<T, VEC>(row_of<T>(p.q, p.q_stride, b, h, i), lane, dim, q);
+        load_row<T, VEC>(row_of<T>(p.grad_out, p.grad_out_stride, b, h, i), lane, dim, go);
+        const A delta = static_cast<const A *>(p.delta)[item];
+        const uint32_t query_key = sa_dropout_query_key(sa_dropout_row_key(p.dropout_seed, b, h), i);
+        for (int64_t base = begin; base < end; base += kWarp) {
+            const int64_t mine = base + lane;
+            const int32_t my_key = mine < end ? p.col_idx[mine] : 0;
+            const int count = end - base < kWarp ? int(end - base) : kWarp;
+            A my_ds = 0;
+            for (int c = 0; c < count; c++) {
+                const int32_t j = __shfl_sync(0xffffffffu, my_key, c);
+                A ds = 0;
+                if (key_allowed(p, b, j)) {
+                    A k[VEC], v[VEC];
+                    load_row<T, VEC>(row_of<T>(p.k, p.k_stride, b, h, j), lane, dim, k);
+                    load_row<T, VEC>(row_of<T>(p.v, p.v_stride, b, h, j), lane, dim, v);
+                    A qk = 0, gv = 0;
+#pragma unroll
+                    for (int e = 0; e < VEC; e++) {
+                        qk += q[e] * k[e];
+                        gv += go[e] * v[e];
+                    }
+                    qk = warp_sum(qk);
+                    gv = warp_sum(gv);
+                    const A prob = exp_acc(scale * qk + bias_at<T>(p, h, i, j) - lse);
+                    A kept = keep_scale;
+                    if (threshold > 0 && !sa_dropout_keep(query_key, j, threshold)) kept = 0;
+                    ds = prob * (kept * gv - delta);
+#pragma unroll
+                    for (int e = 0; e < VEC; e++) acc[e] += ds * k[e];
+                }
+                if (lane == c) my_ds = ds;
+            }
+            if (grad_scores && mine < end) grad_scores[mine] = my_ds;
+        }
+    }
+    T *grad_q = static_cast<T *>(p.grad_q) + item * dim;
+#pragma unroll
+    for (int e = 0; e < VEC; e++) {
+        int64_t d = e * kWarp + lane;
+        if (d < dim) grad_q[d] = from_acc<T>(acc[e] * scale);
+    }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kWarp * kWarpsPerBlock)
+grad_key_value_kernel(const sa_attention_params p) {
+    using A = typename Accum<T>::type;
+    const int lane = threadIdx.x % kWarp;
+    const int64_t item = (int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp;
+    const int64_t n = p.num_tokens, dim = p.head_dim;
+    if (item >= p.batch * p.heads * n) return;
+    const int64_t j = item % n, bh = item / n, h = bh % p.heads, b = bh / p.heads;
+    const A scale = A(p.scale);
+    const uint32_t threshold = sa_dropout_threshold(p.dropout_p);
+    const A keep_scale = p.dropout_p > 0 ? A(1.0 / (1.0 - p.dropout_p)) : A(1);
+    A acc_k[VEC], acc_v[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; e++) acc_k[e] = acc_v[e] = A(0);
+    if (head_runs(p, h) && key_allowed(p, b, j)) {
+        A k[VEC], v[VEC];
+        load_row<T, VEC>(row_of<T>(p.k, p.k_stride, b, h, j), lane, dim, k);
+        load_row<T, VEC>(row_of<T>(p.v, p.v_stride, b, h, j), lane, dim, v);
+        const uint32_t row_key = sa_dropout_row_key(p.dropout_seed, b, h);
+        const A *lse_row = static_cast<const A *>(p.lse) + bh * n;
+        const A *delta_row = static_cast<const A *>(p.delta) + bh * n;
+        const int64_t begin = p.col_ptr[j], end = p.col_ptr[j + 1];
+        for (int64_t base = begin; base < end; base += kWarp) {
+            const int64_t mine = base + lane;
+            const int32_t my_query = mine < end ? p.row_idx[mine] : 0;
+            const int count = end - base < kWarp ? int(end - base) : kWarp;
+            for (int c = 0; c < count; c++) {
+                const int32_t i = __shfl_sync(0xffffffffu, my_query, c);
+                const A lse = lse_row[i];
+                if (lse == -CUDART_INF_F) continue;
+                A q[VEC], go[VEC];
+                load_row<T, VEC>(row_of<T>(p.q, p.q_stride, b, h, i), lane, dim, q);
+                load_row<T, VEC>(row_of<T>(p.grad_out, p.grad_out_stride, b, h, i), lane, dim, go);
+                A qk = 0, gv = 0;
+#pragma unroll
+                for (int e = 0; e < VEC; e++) {
+                    qk += q[e] * k[e];
+                    gv += go[e] * v[e];
+                }
+                qk = warp_sum(qk);
+                gv = warp_sum(gv);
+                const A prob = exp_acc(scale * qk + bias_at<T>(p, h, i, j) - lse);
+                A kept = keep_scale;
+                if (threshold > 0 && !sa_dropout_keep(sa_dropout_query_key(row_key, i), j, threshold))
+                    kept = 0;
+                const A ds = prob * (kept * gv - delta_row[i]);
+                const A dropped_prob = prob * kept;
+#pragma unroll
+                for (int e = 0; e < VEC; e++) {
+                    acc_k[e] += ds * q[e];
+                    acc_v[e] += dropped_prob * go[e];
+                }
+            }
+        }
+    }
+    T *grad_k = static_cast<T *>(p.grad_k) + item * dim;
+    T *grad_v = static_cast<T *>(p.grad_v) + item * dim;
+#pragma unroll
+    for (int e = 0; e < VEC; e++) {
+        int64_t d = e * kWarp + lane;
+        if (d < dim) {
+            grad_k[d] = from_acc<T>(acc_k[e] * scale);
+            grad_v[d] = from_acc<T>(acc_v[e]);
+        }
+    }
+}
+
+// One block per (h, bucket); a fixed tree, so the sum is the same run after run.
+template <typename A>
+__global__ void bias_grad_kernel(const sa_bias_grad_params p) {
+    constexpr int kThreads = 128;
+    __shared__ A partial[kThreads];
+    const int64_t h = blockIdx.x / p.num_buckets, t = blockIdx.x % p.num_buckets;
+    const int64_t begin = p.bucket_ptr[t], count = p.bucket_ptr[t + 1] - begin;
+    const A *scores = static_cast<const A *>(p.grad_scores);
+    A sum = 0;
+    for (int64_t b = 0; b < p.batch; b++) {
+        const A *row = scores + (b * p.heads + h) * p.nnz;
+        for (int64_t q = threadIdx.x; q < count; q += kThreads) sum += row[p.bucket_perm[begin + q]];
+    }
+    partial[threadIdx.x] = sum;
+    __syncthreads();
+    for (int width = kThreads / 2; width > 0; width /= 2) {
+        if (threadIdx.x < width) partial[threadIdx.x] += partial[threadIdx.x + width];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) static_cast<A *>(p.grad_table)[blockIdx.x] = partial[0];
+}
+
+// ---- launchers -------------------------------------------------------------
+
+int report(cudaError_t status, const char *what, char *err, size_t len) {
+    if (status == cudaSuccess) return SA_OK;
+    snprintf(err, len, "CUDA error in %s: %s (%s)", what, cudaGetErrorString(status),
+             cudaGetErrorName(status));
+    return SA_ERR_DEVICE;
+}
+
+// Makes the tensors' device current for the call and restores the caller's.
+struct DeviceGuard {
+    int previous = -1;
+    cudaError_t status = cudaSuccess;
+    explicit DeviceGuard(int device) {
+        status = cudaGetDevice(&previous);
+        if (status == cudaSuccess && previous != device) status = cudaSetDevice(device);
+    }
+    ~DeviceGuard() {
+        if (previous >= 0) cudaSetDevice(previous);
+    }
+};
+
+enum class Pass { Forward, Delta, GradQuery, GradKeyValue };
+
+template <typename T, int VEC>
+cudaError_t launch_pass(Pass pass, const sa_attention_params &p) {
+    const int64_t rows = p.batch * p.heads * p.num_tokens;
+    if (rows == 0) return cudaSuccess;
+    const int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+    if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+    const dim3 grid((unsigned)blocks), block(kWarp * kWarpsPerBlock);
+    cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+    switch (pass) {
+    case Pass::Forward: forward_kernel<T, VEC><<<grid, block, 0, stream>>>(p); break;
+    case Pass::Delta: delta_kernel<T, VEC><<<grid, block, 0, stream>>>(p); break;
+    case Pass::GradQuery: grad_query_kernel<T, VEC><<<grid, block, 0, stream>>>(p); break;
+    case Pass::GradKeyValue: grad_key_value_kernel<T, VEC><<<grid, block, 0, stream>>>(p); break;
+    }
+    return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t dispatch_dim(Pass pass, const sa_attention_params &p) {
+    if (p.head_dim <= 32) return launch_pass<T, 1>(pass, p);
+    if (p.head_dim <= 64) return launch_pass<T, 2>(pass, p);
+    if (p.head_dim <= 128) return launch_pass<T, 4>(pass, p);
+    return launch_pass<T, 8>(pass, p);
+}
+
+cudaError_t dispatch(Pass pass, const sa_attention_params &p) {
+    switch (p.dtype) {
+    case SA_F32: return dispatch_dim<float>(pass, p);
+    case SA_F64: return dispatch_dim<double>(pass, p);
+    case SA_F16: return dispatch_dim<__half>(pass, p);
+    case SA_BF16: return dispatch_dim<__nv_bfloat16>(pass, p);
+    }
+    return cudaErrorInvalidValue;
+}
+
+int check_params(const sa_attention_params *p, char *err, size_t len) {
+    if (p->head_dim > 256) {
+        snprintf(err, len, "query: head dimension %lld exceeds the CUDA kernels' limit of 256",
+                 (long long)p->head_dim);
+        return SA_ERR_UNSUPPORTED;
+    }
+    return SA_OK;
+}
+
+const char *pass_name(Pass pass) {
+    switch (pass) {
+    case Pass::Forward: return "the forward kernel";
+    case Pass::Delta: return "the delta kernel";
+    case Pass::GradQuery: return "the dQ kernel";
+    case Pass::GradKeyValue: return "the dK/dV kernel";
+    }
+    return "a kernel";
+}
+
+}  // namespace
+
+extern "C" int sa_cuda_forward(const sa_attention_params *p, char *err, size_t len) {
+    int status = check_params(p, err, len);
+    if (status != SA_OK) return status;
+    DeviceGuard guard(p->device_id);
+    if (guard.status != cudaSuccess) return report(guard.status, "cudaSetDevice", err, len);
+    return report(dispatch(Pass::Forward, *p), pass_name(Pass::Forward), err, len);
+}
+
+extern "C" int sa_cuda_backward(const sa_attention_params *p, char *err, size_t len) {
+    int status = check_params(p, err, len);
+    if (status != SA_OK) return status;
+    DeviceGuard guard(p->device_id);
+    if (guard.status != cudaSuccess) return report(guard.status, "cudaSetDevice", err, len);
+    for (Pass pass : {Pass::Delta, Pass::GradQuery, Pass::GradKeyValue}) {
+        status = report(dispatch(pass, *p), pass_name(pass), err, len);
+        if (status != SA_OK) return status;
+    }
+    return SA_OK;
+}
+
+extern "C" int sa_cuda_bias_grad(const sa_bias_grad_params *p, char *err, size_t len) {
+    DeviceGuard guard(p->device_id);
+    if (guard.status != cudaSuccess) return report(guard.status, "cudaSetDevice", err, len);
+    const int64_t blocks = p->heads * p->num_buckets;
+    if (blocks == 0) return SA_OK;
+    if (blocks > 0x7fffffff) {
+        snprintf(err, len, "rel_pos_bias: %lld table entries exceed one launch", (long long)blocks);
+        return SA_ERR_UNSUPPORTED;
+    }
+    cudaStream_t stream = static_cast<cudaStream_t>(p->stream);
+    if (p->dtype == SA_F64)
+        bias_grad_kernel<double><<<(unsigned)blocks, 128, 0, stream>>>(*p);
+    else
+        bias_grad_kernel<float><<<(unsigned)blocks, 128, 0, stream>>>(*p);
+    return report(cudaGetLastError(), "the bias-gradient kernel", err, len);
+}
+
+extern "C" int sa_cuda_device_count(char *err, size_t len) {
+    int count = 0;
+    cudaError_t status = cudaGetDeviceCount(&count);
+    if (status != cudaSuccess) {
+        report(status, "cudaGetDeviceCount", err, len);
+        return -1;
+    }
+    return count;
+}
