@@ -77,12 +77,17 @@ class BuildExt(build_ext):
             os.makedirs(build_dir, exist_ok=True)
             for source in CUDA_SOURCES:
                 obj = os.path.join(build_dir, os.path.basename(source) + ".o")
+                objects.append(obj)
+                inputs = [source] + [os.path.join("csrc", h) for h in os.listdir("csrc")
+                                     if h.endswith(".h")]
+                if os.path.exists(obj) and all(os.path.getmtime(obj) > os.path.getmtime(f)
+                                               for f in inputs):
+                    continue
                 cmd = [nvcc, "-c", source, "-o", obj, "-O3", "-std=c++17", "--use_fast_math",
                        "-Xcompiler", "-fPIC", "-Icsrc", "-DSA_WITH_CUDA",
                        "--expt-relaxed-constexpr"] + gencode_flags()
                 print(" ".join(cmd))
                 subprocess.check_call(cmd, cwd=HERE)
-                objects.append(obj)
             ext.extra_objects = objects
             ext.define_macros.append(("SA_WITH_CUDA", "1"))
             libdir = os.path.join(cuda_home, "lib64")

@@ -60,12 +60,6 @@ int sa_layout_validate(const sa_layout_spec *s, char *err, size_t n)
                  (long long)s->num_global_tokens);
         return -1;
     }
-    int64_t num_tokens = s->height * s->width;
-    if (s->pattern == SA_PATTERN_LONGFORMER && s->num_global_tokens > num_tokens) {
-        snprintf(err, n, "num_global_tokens: expected at most the %lld tokens, got %lld",
-                 (long long)num_tokens, (long long)s->num_global_tokens);
-        return -1;
-    }
     if (!(s->attention_ratio > 0.0 && s->attention_ratio <= 1.0)) {
         snprintf(err, n, "attention_ratio: expected a value in (0, 1], got %g",
                  s->attention_ratio);
@@ -146,7 +140,7 @@ static int64_t row_longformer(const row_builder *b, int64_t i, int32_t *out)
         return row_dense(b, i, out);
     }
     int64_t n_window = window_keys(b, i, b->window);
-    int64_t n_global = b->spec->num_global_tokens;
+    int64_t n_global = min64(b->spec->num_global_tokens, b->num_tokens);
     int64_t a = 0, g = 0, count = 0;
     while (a < n_window || g < n_global) {
         int64_t next;
@@ -253,7 +247,8 @@ static int builder_init(row_builder *b, const sa_layout_spec *spec, char *err, s
     double k = round(spec->attention_ratio * (double)b->num_tokens);
     b->random_keys = (int64_t)k < 1 ? 1 : min64((int64_t)k, b->num_tokens);
     if (spec->pattern == SA_PATTERN_LONGFORMER) {
-        int64_t g = spec->num_global_tokens;
+        /* a map smaller than g tokens makes every token global */
+        int64_t g = min64(spec->num_global_tokens, b->num_tokens);
         int64_t side = min64(2 * b->radius + 1, max64(spec->height, spec->width));
         b->globals = malloc(sizeof(int64_t) * (size_t)(g > 0 ? g : 1));
         b->is_global = calloc((size_t)b->num_tokens, 1);

@@ -12,7 +12,7 @@ DENSE      every pair
 AXIAL      yi == yj or xi == xj
 BLOCK      same block_size x block_size tile
 LONGFORMER clipped (2r+1)^2 window, or i or j a global token; the g global
-           tokens are floor((k + 0.5) * N / g), k = 0 .. g-1
+           tokens are floor((k + 0.5) * N / g), k = 0 .. g-1 (g is capped at N)
 STRIDED    clipped window, or (yi - yj) % stride == 0 and (xi - xj) % stride == 0
 RANDOM     i itself and K - 1 other keys, K = max(1, round(attention_ratio * N))
 ========== =================================================================
@@ -271,5 +271,6 @@ def build_layout(pattern, height, width, *, kernel_size=7, block_size=8, stride=
 
 def global_tokens(num_tokens: int, num_global_tokens: int) -> np.ndarray:
     """The LONGFORMER global tokens floor((k + 0.5) * N / g), k = 0 .. g-1."""
-    k = np.arange(num_global_tokens, dtype=np.int64)
-    return ((2 * k + 1) * num_tokens) // (2 * max(num_global_tokens, 1))
+    g = min(num_global_tokens, num_tokens)
+    k = np.arange(g, dtype=np.int64)
+    return ((2 * k + 1) * num_tokens) // (2 * max(g, 1))

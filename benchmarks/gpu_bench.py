@@ -1,0 +1,160 @@
+"""GPU benchmark: our CUDA op against dense SDPA and FlexAttention (same mask).
+
+bf16, B=1, 8 heads, D=64, at 64x64 and 128x128 tokens; forward and
+forward+backward; median of repeats timed with CUDA events. Writes
+gpu_bench.md and gpu_bench.json into --out.
+
+    python benchmarks/gpu_bench.py --out results/
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from sparse_attention import build_layout  # noqa: E402
+from sparse_attention import sparse_scaled_dot_product_attention as sparse_attention  # noqa: E402
+from sparse_attention.patterns import global_tokens  # noqa: E402
+
+PATTERNS = ["axial", "block", "longformer", "strided", "random"]
+
+
+def time_cuda(fn, repeats, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def mask_mod_for(pattern, layout, device):
+    """FlexAttention mask_mod equal to the layout (tested against it below)."""
+    w = layout.width
+    if pattern == "axial":
+        return lambda b, h, qi, kj: (qi // w == kj // w) | (qi % w == kj % w)
+    if pattern == "block":
+        bs = layout.params["block_size"]
+        return lambda b, h, qi, kj: ((qi // w) // bs == (kj // w) // bs) & ((qi % w) // bs == (kj % w) // bs)
+    if pattern in ("longformer", "strided"):
+        r = layout.params["kernel_size"] // 2
+
+        def window(qi, kj):
+            return ((qi // w - kj // w).abs() <= r) & ((qi % w - kj % w).abs() <= r)
+
+        if pattern == "strided":
+            s = layout.params["stride"]
+            return lambda b, h, qi, kj: window(qi, kj) | (((qi // w - kj // w) % s == 0) & ((qi % w - kj % w) % s == 0))
+        is_global = torch.zeros(layout.num_tokens, dtype=torch.bool, device=device)
+        is_global[torch.from_numpy(global_tokens(layout.num_tokens, layout.params["num_global_tokens"]))] = True
+        return lambda b, h, qi, kj: window(qi, kj) | is_global[qi] | is_global[kj]
+    dense = torch.from_numpy(layout.to_dense()).to(device)
+    return lambda b, h, qi, kj: dense[qi, kj]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--sides", default="64,128")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--flex-patterns", default="axial,longformer,block",
+                        help="patterns to run FlexAttention on (each costs a compile)")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name(device)
+    print(f"device: {name}, torch {torch.__version__}", flush=True)
+    flex = None
+    if not args.no_flex:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            flex = torch.compile(flex_attention, dynamic=False)
+        except Exception as error:  # noqa: BLE001 - record why the peer is missing
+            print(f"FlexAttention unavailable: {error}")
+    rows, raw = [], []
+    batch, heads, dim, dtype = 1, 8, 64, torch.bfloat16
+    for side in (int(s) for s in args.sides.split(",")):
+        n = side * side
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(batch, heads, n, dim, device=device, dtype=dtype, generator=gen)
+                   .requires_grad_(True) for _ in range(3))
+        grad = torch.randn_like(q)
+
+        def fwd_bwd(fn):
+            def run():
+                out = fn()
+                torch.autograd.backward(out, grad)
+            return run
+
+        with torch.no_grad():
+            sdpa_fwd = time_cuda(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
+        sdpa_fb = time_cuda(fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v)), args.repeats)
+        print(f"{side}x{side} dense SDPA: fwd {sdpa_fwd:.3f} ms, fwd+bwd {sdpa_fb:.3f} ms", flush=True)
+        for pattern in PATTERNS:
+            t0 = time.time()
+            layout = build_layout(pattern, side, side, attention_ratio=0.1 if pattern == "random" else 0.5)
+            with torch.no_grad():
+                ours_fwd = time_cuda(lambda: sparse_attention(q, k, v, layout), args.repeats)
+            ours_fb = time_cuda(fwd_bwd(lambda: sparse_attention(q, k, v, layout)), args.repeats)
+            flex_fwd = flex_fb = None
+            flex_note = ""
+            if flex is not None and pattern in args.flex_patterns.split(","):
+                try:
+                    block_mask = create_block_mask(mask_mod_for(pattern, layout, device), None, None,
+                                                   n, n, device=device)
+                    check = flex(q[:, :1, :512].float(), k[:, :1].float(), v[:, :1].float(),
+                                 block_mask=create_block_mask(mask_mod_for(pattern, layout, device),
+                                                              None, None, 512, n, device=device))
+                    ours = sparse_attention(q[:, :1].float(), k[:, :1].float(), v[:, :1].float(), layout)[:, :, :512]
+                    flex_note = f"max |flex - ours| {((check - ours).abs().max().item()):.1e}"
+                    with torch.no_grad():
+                        flex_fwd = time_cuda(lambda: flex(q, k, v, block_mask=block_mask), args.repeats)
+                    flex_fb = time_cuda(fwd_bwd(lambda: flex(q, k, v, block_mask=block_mask)), args.repeats)
+                except Exception as error:  # noqa: BLE001
+                    flex_note = f"failed: {type(error).__name__}: {str(error)[:120]}"
+            record = dict(side=side, tokens=n, pattern=pattern, density=layout.density,
+                          nnz=layout.nnz, sdpa_fwd_ms=sdpa_fwd, sdpa_fwd_bwd_ms=sdpa_fb,
+                          ours_fwd_ms=ours_fwd, ours_fwd_bwd_ms=ours_fb, flex_fwd_ms=flex_fwd,
+                          flex_fwd_bwd_ms=flex_fb, flex_note=flex_note, device=name)
+            raw.append(record)
+            print(f"  {pattern:10s} density {layout.density:.4f}: ours fwd {ours_fwd:.3f} ms "
+                  f"({sdpa_fwd / ours_fwd:.1f}x SDPA), fwd+bwd {ours_fb:.3f} ms "
+                  f"({sdpa_fb / ours_fb:.1f}x); flex fwd {flex_fwd} fwd+bwd {flex_fb} {flex_note} "
+                  f"[{time.time() - t0:.0f}s]", flush=True)
+
+    def fmt(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    lines = [f"GPU: {name}; bf16, B=1, 8 heads, D=64; median of {args.repeats}, CUDA events.", "",
+             "| tokens | pattern | density | SDPA fwd ms | ours fwd ms | flex fwd ms | SDPA/ours fwd | "
+             "SDPA f+b ms | ours f+b ms | flex f+b ms | SDPA/ours f+b |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in raw:
+        lines.append(f"| {r['side']}x{r['side']} | {r['pattern']} | {r['density']:.4f} | "
+                     f"{fmt(r['sdpa_fwd_ms'])} | {fmt(r['ours_fwd_ms'])} | {fmt(r['flex_fwd_ms'])} | "
+                     f"{r['sdpa_fwd_ms'] / r['ours_fwd_ms']:.2f}x | {fmt(r['sdpa_fwd_bwd_ms'])} | "
+                     f"{fmt(r['ours_fwd_bwd_ms'])} | {fmt(r['flex_fwd_bwd_ms'])} | "
+                     f"{r['sdpa_fwd_bwd_ms'] / r['ours_fwd_bwd_ms']:.2f}x |")
+    with open(os.path.join(args.out, "gpu_bench.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    with open(os.path.join(args.out, "gpu_bench.json"), "w") as fh:
+        json.dump(raw, fh, indent=1)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

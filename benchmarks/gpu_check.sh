@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The prepared GPU check: build with CUDA, run the CUDA tests, run the GPU
+# benchmark; everything lands in $OUT (default benchmarks/gpu_results).
+# Needs an NVIDIA GPU, nvcc and a CUDA build of torch; downloads nothing.
+# Budget: about 8 minutes on an H100/H200.
+set -u
+OUT=${OUT:-benchmarks/gpu_results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+start=$(date +%s)
+stamp() { echo "[gpu_check +$(( $(date +%s) - start ))s] $*"; }
+
+{ nvidia-smi; $PY -c "import torch; print('torch', torch.__version__, torch.version.cuda)"; nvcc --version | tail -2; } > "$OUT/environment.txt" 2>&1
+stamp "building (sm_90 only, to save time)"
+SPARSE_ATTENTION_CUDA=1 SPARSE_ATTENTION_CUDA_ARCHS="${SPARSE_ATTENTION_CUDA_ARCHS:-90}" \
+  $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { stamp "build failed"; tail -30 "$OUT/build.log"; exit 1; }
+$PY -c "import sparse_attention._C as C; print('WITH_CUDA', C.WITH_CUDA, 'devices', C.cuda_device_count())"
+
+stamp "CUDA tests"
+timeout 240 $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25 | tee "$OUT/cuda_tests.log"
+stamp "benchmark"
+timeout ${BENCH_TIMEOUT:-300} $PY benchmarks/gpu_bench.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+stamp "done"

@@ -1,0 +1,45 @@
+"""The oracle: dense, masked, float64 attention in plain PyTorch.
+
+Builds the N x N matrices the kernels never build, from the layout's dense mask
+and the definitions of DESIGN.md. Only for tests."""
+
+import torch
+
+from sparse_attention._torch_impl import dropout_keep_mask
+
+
+def dense_bias(table, height, width):
+    """[heads, N, N] bias from a [heads, 2M+1, 2M+1] table."""
+    m = (table.shape[-1] - 1) // 2
+    ys = torch.arange(height * width) // width
+    xs = torch.arange(height * width) % width
+    dy = (ys[:, None] - ys[None, :]).clamp(-m, m) + m
+    dx = (xs[:, None] - xs[None, :]).clamp(-m, m) + m
+    return table[:, dy, dx]
+
+
+def reference_attention(q, k, v, layout, *, scale=None, bias=None, key_mask=None, dropout_p=0.0,
+                        dropout_seed=0, head_active=None):
+    """Returns (out, lse, probabilities) in float64."""
+    q, k, v = (x.to(torch.float64) for x in (q, k, v))
+    batch, heads, n, dim = q.shape
+    scale = dim ** -0.5 if scale is None else scale
+    scores = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    if bias is not None:
+        scores = scores + dense_bias(bias.to(torch.float64), layout.height, layout.width)[None]
+    allowed = torch.from_numpy(layout.to_dense())[None, None].expand(batch, heads, n, n)
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :]
+    if head_active is not None:
+        allowed = allowed & head_active.view(1, heads, 1, 1)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    probs = torch.where(allowed, probs, torch.zeros_like(probs))
+    mixed = probs
+    if dropout_p > 0:
+        rows = torch.arange(n).repeat_interleave(n)
+        cols = torch.arange(n).repeat(n)
+        keep = dropout_keep_mask(dropout_seed, batch, heads, rows, cols, dropout_p).view(batch, heads, n, n)
+        mixed = torch.where(keep, probs / (1 - dropout_p), torch.zeros_like(probs))
+    return mixed @ v, lse, probs

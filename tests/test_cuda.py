@@ -1,0 +1,162 @@
+"""CUDA kernels against the float64 reference and the CPU kernels. Skipped
+without a GPU (see conftest.py) or without a CUDA build."""
+
+import pytest
+import torch
+
+from reference import reference_attention
+from sparse_attention import build_layout
+from sparse_attention import sparse_scaled_dot_product_attention as attention
+from sparse_attention._native import C
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not C.WITH_CUDA, reason="sparse_attention was built without CUDA kernels"),
+]
+
+# max abs error allowed against the float64 reference, inputs of unit scale
+TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.float16: 1.5e-2, torch.bfloat16: 6e-2}
+PATTERNS = ["dense", "axial", "block", "longformer", "strided", "random"]
+SIZES = [(1, 1), (1, 17), (9, 1), (7, 13), (33, 35)]
+
+
+def inputs(batch, heads, n, dim, dtype, bias_side=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, n, dim, generator=gen, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(heads, bias_side, bias_side, generator=gen, dtype=torch.float64) if bias_side else None
+    return q, k, v, bias
+
+
+def grads_of(fn, tensors, grad_out):
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_forward_backward_against_reference(pattern, size, dtype):
+    layout = build_layout(pattern, *size, kernel_size=5, block_size=4, num_global_tokens=2,
+                          attention_ratio=0.3)
+    n = layout.num_tokens
+    q, k, v, bias = inputs(2, 3, n, 40, dtype, bias_side=7)
+    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(2)) > 0.25
+    grad_out = torch.randn(2, 3, n, 40, dtype=torch.float64)
+    dev = [t.to("cuda", dtype) for t in (q, k, v, bias)]
+
+    def ours(q, k, v, b):
+        return attention(q, k, v, layout, rel_pos_bias=b, key_mask=key_mask.cuda(), backend="native")
+
+    out, grads = grads_of(ours, dev, grad_out.to("cuda", dtype))
+    rounded = [t.to(dtype).double() for t in (q, k, v, bias)]
+
+    def ref(q, k, v, b):
+        return reference_attention(q, k, v, layout, bias=b, key_mask=key_mask)[0]
+
+    ref_out, ref_grads = grads_of(ref, rounded, grad_out.to(dtype).double())
+    tol = TOL[dtype]
+    assert (out.double().cpu() - ref_out).abs().max() < tol
+    scale = max(1.0, max(g.abs().max().item() for g in ref_grads))
+    for g, rg in zip(grads, ref_grads):
+        g = g.double().cpu()
+        assert torch.isfinite(g).all(), "NaN or Inf in a gradient"
+        assert (g - rg).abs().max() < 4 * tol * scale
+
+
+@pytest.mark.parametrize("dim", [1, 31, 64, 100, 128, 256])
+def test_head_dims_and_cpu_agreement(dim):
+    layout = build_layout("longformer", 11, 9, kernel_size=3)
+    q, k, v, bias = inputs(1, 2, 99, dim, torch.float32, bias_side=5)
+    args = dict(rel_pos_bias=None, dropout_p=0.3, dropout_seed=17)
+    cpu = [t.float() for t in (q, k, v)]
+    expected = attention(*cpu, layout, **args)
+    got = attention(*(t.cuda() for t in cpu), layout, **args)
+    torch.testing.assert_close(got.cpu(), expected, atol=2e-5, rtol=2e-4)
+
+
+def test_dropout_mask_is_the_cpu_mask_in_backward_too():
+    layout = build_layout("random", 8, 8, attention_ratio=0.5, seed=3)
+    q, k, v, bias = inputs(2, 2, 64, 16, torch.float64, bias_side=5)
+    grad_out = torch.randn(2, 2, 64, 16, dtype=torch.float64)
+
+    def fn(q, k, v, b):
+        return attention(q, k, v, layout, rel_pos_bias=b, dropout_p=0.4, dropout_seed=123)
+
+    cpu_out, cpu_grads = grads_of(fn, (q, k, v, bias), grad_out)
+    gpu_out, gpu_grads = grads_of(fn, [t.cuda() for t in (q, k, v, bias)], grad_out.cuda())
+    torch.testing.assert_close(gpu_out.cpu(), cpu_out)
+    for a, b in zip(gpu_grads, cpu_grads):
+        torch.testing.assert_close(a.cpu(), b)
+
+
+def test_gradcheck_float64_on_gpu():
+    layout = build_layout("strided", 3, 5, kernel_size=3, stride=2)
+    q, k, v, bias = inputs(1, 2, 15, 8, torch.float64, bias_side=3)
+    leaves = tuple(t.cuda().requires_grad_(True) for t in (q, k, v, bias))
+    key_mask = torch.ones(1, 15, dtype=torch.bool, device="cuda")
+    key_mask[0, 3] = False
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, b: attention(q, k, v, layout, rel_pos_bias=b, key_mask=key_mask,
+                                     dropout_p=0.2, dropout_seed=1), leaves, eps=1e-6, atol=1e-6)
+
+
+def test_statistics_and_pruned_heads_match_cpu():
+    layout = build_layout("axial", 10, 12)
+    q, k, v, bias = inputs(2, 4, 120, 32, torch.float32, bias_side=9)
+    active = torch.tensor([True, False, True, True])
+    cpu = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(),
+                    head_active=active, return_lse=True, return_stats=True)
+    gpu = attention(q.float().cuda(), k.float().cuda(), v.float().cuda(), layout,
+                    rel_pos_bias=bias.float().cuda(), head_active=active.cuda(), return_lse=True,
+                    return_stats=True)
+    for a, b in zip(gpu, cpu):
+        torch.testing.assert_close(a.cpu(), b, atol=1e-4, rtol=1e-4)
+    assert (gpu[0][:, 1] == 0).all()
+
+
+def test_bias_gradient_is_deterministic():
+    layout = build_layout("dense", 16, 16)
+    q, k, v, bias = inputs(2, 4, 256, 32, torch.float32, bias_side=15)
+    grads = []
+    for _ in range(3):
+        b = bias.float().cuda().requires_grad_(True)
+        out = attention(q.float().cuda(), k.float().cuda(), v.float().cuda(), layout, rel_pos_bias=b)
+        out.sum().backward()
+        grads.append(b.grad)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+
+
+def test_runs_on_a_side_stream_and_strided_views():
+    layout = build_layout("block", 16, 16, block_size=8)
+    fused = torch.randn(2, 256, 3, 4, 32, device="cuda")
+    q, k, v = (fused[:, :, i].permute(0, 2, 1, 3) for i in range(3))
+    expected = attention(q.contiguous(), k.contiguous(), v.contiguous(), layout)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        out = attention(q, k, v, layout)
+    stream.synchronize()
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+def test_fully_masked_rows_give_zero_and_finite_grads():
+    layout = build_layout("block", 4, 4, block_size=2)
+    q, k, v, bias = inputs(1, 2, 16, 8, torch.float32, bias_side=3)
+    key_mask = torch.ones(1, 16, dtype=torch.bool)
+    key_mask[0, [0, 1, 4, 5]] = False
+    leaves = [t.float().cuda().requires_grad_(True) for t in (q, k, v, bias)]
+    out = attention(*leaves[:3], layout, rel_pos_bias=leaves[3], key_mask=key_mask.cuda())
+    out.sum().backward()
+    assert (out[0, :, [0, 1, 4, 5]] == 0).all()
+    for leaf in leaves:
+        assert torch.isfinite(leaf.grad).all()
+
+
+def test_cuda_errors_are_exceptions():
+    layout = build_layout("axial", 4, 4)
+    q = torch.randn(1, 1, 16, 300, device="cuda")
+    with pytest.raises(TypeError, match="256"):
+        attention(q, q, q, layout, backend="native")
+    with pytest.raises(ValueError, match="device"):
+        attention(q, q.cpu(), q, layout)

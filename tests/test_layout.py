@@ -1,0 +1,169 @@
+"""Every pattern against its definition in DESIGN.md, computed independently."""
+
+import numpy as np
+import pytest
+
+from conftest import PATTERNS, SIZES
+from sparse_attention import SparsityPattern, build_layout
+from sparse_attention.patterns import global_tokens
+
+MASK64 = (1 << 64) - 1
+
+
+def definition_mask(pattern, height, width, kernel_size=7, block_size=8, stride=None,
+                    num_global_tokens=1):
+    n = height * width
+    r = kernel_size // 2
+    s = kernel_size if stride is None else stride
+    glob = set(global_tokens(n, num_global_tokens).tolist()) if num_global_tokens else set()
+    mask = np.zeros((n, n), dtype=bool)
+    for i in range(n):
+        yi, xi = divmod(i, width)
+        for j in range(n):
+            yj, xj = divmod(j, width)
+            window = abs(yi - yj) <= r and abs(xi - xj) <= r
+            if pattern == "dense":
+                ok = True
+            elif pattern == "axial":
+                ok = yi == yj or xi == xj
+            elif pattern == "block":
+                ok = yi // block_size == yj // block_size and xi // block_size == xj // block_size
+            elif pattern == "longformer":
+                ok = window or i in glob or j in glob
+            elif pattern == "strided":
+                ok = window or ((yi - yj) % s == 0 and (xi - xj) % s == 0)
+            mask[i, j] = ok
+    return mask
+
+
+def documented_random_rows(height, width, ratio, seed):
+    """RANDOM rebuilt from the docstring of sparse_attention.patterns alone."""
+    n = height * width
+    k = max(1, min(n, int(np.floor(ratio * n + 0.5))))
+    rows = []
+    for i in range(n):
+        state = (seed ^ ((0xD1B54A32D192ED03 * (i + 1)) & MASK64)) & MASK64
+
+        def next_value():
+            nonlocal state
+            state = (state + 0x9E3779B97F4A7C15) & MASK64
+            z = state
+            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+            return z ^ (z >> 31)
+
+        def token(v):
+            return v if v < i else v + 1
+
+        chosen = {i}
+        for t in range(n - 1 - (k - 1), n - 1):
+            v = (next_value() * (t + 1)) >> 64
+            chosen.add(token(t) if token(v) in chosen else token(v))
+        rows.append(sorted(chosen))
+    return rows
+
+
+@pytest.mark.parametrize("pattern", [p for p in PATTERNS if p != "random"])
+@pytest.mark.parametrize("size", SIZES + [(9, 10)])
+def test_structured_pattern_matches_definition(pattern, size):
+    layout = build_layout(pattern, *size, kernel_size=3, block_size=4, num_global_tokens=2)
+    expected = definition_mask(pattern, *size, kernel_size=3, block_size=4, num_global_tokens=2)
+    assert layout.nnz == expected.sum()
+    np.testing.assert_array_equal(layout.to_dense(), expected)
+
+
+@pytest.mark.parametrize("kernel_size,stride", [(3, 2), (5, 4), (7, 7), (1, 3)])
+def test_strided_knobs(kernel_size, stride):
+    layout = build_layout("strided", 11, 9, kernel_size=kernel_size, stride=stride)
+    np.testing.assert_array_equal(layout.to_dense(),
+                                  definition_mask("strided", 11, 9, kernel_size, stride=stride))
+
+
+def test_default_knobs_follow_design():
+    layout = build_layout("longformer", 12, 12)
+    np.testing.assert_array_equal(layout.to_dense(), definition_mask("longformer", 12, 12))
+    assert build_layout("strided", 12, 12).params["stride"] == 7
+    np.testing.assert_array_equal(build_layout("block", 12, 12).to_dense(),
+                                  definition_mask("block", 12, 12, block_size=8))
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("ratio", [0.05, 0.5, 1.0])
+def test_random_matches_documented_generator(size, ratio):
+    layout = build_layout("random", *size, attention_ratio=ratio, seed=1234)
+    expected = documented_random_rows(*size, ratio, 1234)
+    for i, row in enumerate(expected):
+        np.testing.assert_array_equal(layout.neighbors(i), row)
+
+
+def test_random_properties_and_seed():
+    a = build_layout("random", 20, 20, attention_ratio=0.3, seed=7)
+    k = round(0.3 * 400)
+    assert (a.degrees() == k).all()
+    for i in range(a.num_tokens):
+        row = a.neighbors(i)
+        assert i in row and (np.diff(row) > 0).all()
+    b = build_layout("random", 20, 20, attention_ratio=0.3, seed=8)
+    assert not np.array_equal(a.indices, b.indices)
+    # keys spread over the whole map: each column is chosen about k times
+    counts = np.bincount(a.indices, minlength=400)
+    assert counts.min() > 0.4 * k and counts.max() < 1.8 * k
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_transpose_and_invariants(pattern):
+    layout = build_layout(pattern, 7, 13, kernel_size=5, block_size=3, num_global_tokens=3)
+    dense = layout.to_dense()
+    assert dense.diagonal().all(), "every row contains its own token"
+    for j in range(layout.num_tokens):
+        rows = layout.row_indices[layout.col_ptr[j]:layout.col_ptr[j + 1]]
+        np.testing.assert_array_equal(rows, np.nonzero(dense[:, j])[0])
+    assert layout.density == pytest.approx(dense.mean())
+
+
+def test_cache_returns_same_object_and_arrays_are_read_only():
+    a = build_layout("axial", 10, 10, attention_ratio=0.2)
+    b = build_layout(SparsityPattern.AXIAL, 10, 10, attention_ratio=0.9)  # ratio irrelevant
+    assert a is b
+    with pytest.raises(ValueError):
+        a.indices[0] = 5
+
+
+@pytest.mark.parametrize("knob,value,message", [
+    ("kernel_size", 0, "kernel_size"), ("block_size", 0, "block_size"),
+    ("attention_ratio", 0.0, "attention_ratio"), ("attention_ratio", 1.5, "attention_ratio"),
+    ("num_global_tokens", -1, "num_global_tokens"), ("stride", 0, "stride"),
+])
+def test_bad_knobs_name_themselves(knob, value, message):
+    with pytest.raises(ValueError, match=message):
+        build_layout("longformer", 8, 8, **{knob: value})
+
+
+@pytest.mark.parametrize("height,width,name", [(0, 4, "height"), (4, -1, "width")])
+def test_bad_sizes(height, width, name):
+    with pytest.raises(ValueError, match=name):
+        build_layout("axial", height, width)
+
+
+def test_too_many_tokens_for_32_bit_indices():
+    with pytest.raises(ValueError, match="32-bit"):
+        build_layout("axial", 65536, 65536)
+
+
+def test_unknown_pattern_and_wrong_types():
+    with pytest.raises(ValueError, match="unknown sparsity pattern"):
+        build_layout("diagonal", 4, 4)
+    with pytest.raises(TypeError, match="height"):
+        build_layout("axial", 4.0, 4)
+
+
+def test_more_global_tokens_than_tokens_makes_all_global():
+    layout = build_layout("longformer", 2, 2, kernel_size=1, num_global_tokens=5)
+    assert layout.density == 1.0
+
+
+def test_neighbors_bounds():
+    layout = build_layout("block", 4, 4, block_size=2)
+    np.testing.assert_array_equal(layout.neighbors(5), [0, 1, 4, 5])
+    with pytest.raises(IndexError):
+        layout.neighbors(16)

@@ -1,0 +1,263 @@
+"""The op on the CPU: C kernels and the PyTorch path against the float64 reference."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PATTERNS, SIZES
+from reference import reference_attention
+from sparse_attention import build_layout, set_num_threads, get_num_threads
+from sparse_attention import sparse_scaled_dot_product_attention as attention
+
+TOL = {torch.float64: dict(atol=1e-10, rtol=1e-9), torch.float32: dict(atol=3e-5, rtol=3e-4)}
+
+
+def make_layout(pattern, size):
+    return build_layout(pattern, *size, kernel_size=3, block_size=4, num_global_tokens=2,
+                        attention_ratio=0.4, seed=3)
+
+
+def make_inputs(batch, heads, n, dim, dtype, seed=0, bias_side=None):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, n, dim, generator=gen, dtype=torch.float64).to(dtype)
+               for _ in range(3))
+    bias = None
+    if bias_side is not None:
+        bias = torch.randn(heads, bias_side, bias_side, generator=gen, dtype=torch.float64).to(dtype)
+    return q, k, v, bias
+
+
+def run_with_grads(fn, tensors, grad_out):
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    wanted = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(out, wanted, grad_out)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_native_matches_reference(pattern, size, with_bias, with_mask, dtype):
+    layout = make_layout(pattern, size)
+    n = layout.num_tokens
+    q, k, v, bias = make_inputs(2, 3, n, 8, dtype, bias_side=5 if with_bias else None)
+    key_mask = (torch.rand(2, n, generator=torch.Generator().manual_seed(1)) > 0.3) if with_mask else None
+    grad_out = torch.randn(2, 3, n, 8, dtype=torch.float64).to(dtype)
+
+    def ours(q, k, v, bias):
+        return attention(q, k, v, layout, rel_pos_bias=bias, key_mask=key_mask, backend="native")
+
+    def ref(q, k, v, bias):
+        return reference_attention(q, k, v, layout, bias=bias, key_mask=key_mask)[0]
+
+    out, grads = run_with_grads(ours, (q, k, v, bias), grad_out)
+    ref_out, ref_grads = run_with_grads(ref, (q.double(), k.double(), v.double(),
+                                              None if bias is None else bias.double()),
+                                        grad_out.double())
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref_out, **TOL[dtype])
+    for g, rg in zip(grads, ref_grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g.double(), rg, **TOL[dtype])
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_torch_path_matches_native(pattern):
+    layout = make_layout(pattern, (7, 13))
+    q, k, v, bias = make_inputs(2, 2, layout.num_tokens, 16, torch.float64, bias_side=7)
+    key_mask = torch.rand(2, layout.num_tokens) > 0.2
+    grad_out = torch.randn_like(q)
+    results = []
+    for backend in ("native", "torch"):
+        def fn(q, k, v, bias):
+            return attention(q, k, v, layout, rel_pos_bias=bias, key_mask=key_mask,
+                             dropout_p=0.25, dropout_seed=11, backend=backend)
+        results.append(run_with_grads(fn, (q, k, v, bias), grad_out))
+    (out_a, grads_a), (out_b, grads_b) = results
+    torch.testing.assert_close(out_a, out_b, **TOL[torch.float64])
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("pattern", ["axial", "longformer", "random"])
+def test_dropout_matches_reference(pattern):
+    layout = make_layout(pattern, (6, 7))
+    q, k, v, bias = make_inputs(2, 2, layout.num_tokens, 8, torch.float64, bias_side=3)
+    grad_out = torch.randn_like(q)
+
+    def ours(q, k, v, bias):
+        return attention(q, k, v, layout, rel_pos_bias=bias, dropout_p=0.3, dropout_seed=99)
+
+    def ref(q, k, v, bias):
+        return reference_attention(q, k, v, layout, bias=bias, dropout_p=0.3, dropout_seed=99)[0]
+
+    out, grads = run_with_grads(ours, (q, k, v, bias), grad_out)
+    ref_out, ref_grads = run_with_grads(ref, (q, k, v, bias), grad_out)
+    torch.testing.assert_close(out, ref_out, **TOL[torch.float64])
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, **TOL[torch.float64])
+
+
+def test_dropout_seed_behaviour():
+    layout = make_layout("dense", (5, 5))
+    q, k, v, _ = make_inputs(1, 2, 25, 8, torch.float32)
+    a = attention(q, k, v, layout, dropout_p=0.5, dropout_seed=1)
+    b = attention(q, k, v, layout, dropout_p=0.5, dropout_seed=1)
+    c = attention(q, k, v, layout, dropout_p=0.5, dropout_seed=2)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    plain = attention(q, k, v, layout)
+    assert torch.equal(attention(q, k, v, layout, dropout_p=0.0, dropout_seed=5), plain)
+    torch.manual_seed(0)
+    d = attention(q, k, v, layout, dropout_p=0.5)
+    torch.manual_seed(0)
+    e = attention(q, k, v, layout, dropout_p=0.5)
+    assert torch.equal(d, e), "the drawn seed follows torch.manual_seed"
+
+
+def test_dropout_preserves_expectation_and_rate():
+    layout = make_layout("dense", (6, 6))
+    q, k, v, _ = make_inputs(1, 1, 36, 8, torch.float64)
+    plain = attention(q, k, v, layout)
+    runs = torch.stack([attention(q, k, v, layout, dropout_p=0.3, dropout_seed=s) for s in range(400)])
+    # the mean over seeds converges to the undropped output
+    err = (runs.mean(0) - plain).abs().mean() / plain.abs().mean()
+    assert err < 0.05
+    from sparse_attention._torch_impl import dropout_keep_mask
+    rows = torch.arange(200).repeat_interleave(200)
+    cols = torch.arange(200).repeat(200)
+    keep = dropout_keep_mask(5, 2, 2, rows, cols, 0.3)
+    assert abs(keep.double().mean().item() - 0.7) < 0.01
+
+
+def test_row_with_every_key_masked():
+    layout = build_layout("block", 4, 4, block_size=2)
+    q, k, v, bias = make_inputs(2, 2, 16, 4, torch.float64, bias_side=3)
+    key_mask = torch.ones(2, 16, dtype=torch.bool)
+    key_mask[0, [0, 1, 4, 5]] = False  # the whole top-left block, for batch 0
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, bias)]
+    out, lse = attention(*leaves[:3], layout, rel_pos_bias=leaves[3], key_mask=key_mask,
+                         return_lse=True)
+    assert (out[0, :, [0, 1, 4, 5]] == 0).all()
+    assert torch.isinf(lse[0, :, [0, 1, 4, 5]]).all() and (lse[0, :, [0, 1, 4, 5]] < 0).all()
+    out.sum().backward()
+    for leaf in leaves:
+        assert torch.isfinite(leaf.grad).all()
+    assert (leaves[0].grad[0, :, [0, 1, 4, 5]] == 0).all()
+    ref_out, ref_lse, _ = reference_attention(q, k, v, layout, bias=bias, key_mask=key_mask)
+    torch.testing.assert_close(out.detach(), ref_out)
+
+
+@pytest.mark.parametrize("with_dropout", [False, True])
+@pytest.mark.parametrize("pattern", ["axial", "longformer", "strided", "random", "block"])
+def test_gradcheck_native(pattern, with_dropout):
+    layout = make_layout(pattern, (3, 5))
+    q, k, v, bias = make_inputs(1, 2, 15, 4, torch.float64, bias_side=3)
+    key_mask = torch.ones(1, 15, dtype=torch.bool)
+    key_mask[0, 7] = False
+    leaves = tuple(t.clone().requires_grad_(True) for t in (q, k, v, bias))
+
+    def fn(q, k, v, bias):
+        return attention(q, k, v, layout, rel_pos_bias=bias, key_mask=key_mask,
+                         dropout_p=0.2 if with_dropout else 0.0, dropout_seed=4)
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6)
+
+
+def test_gradcheck_torch_path():
+    layout = make_layout("longformer", (3, 4))
+    q, k, v, bias = make_inputs(1, 2, 12, 4, torch.float64, bias_side=3)
+    leaves = tuple(t.clone().requires_grad_(True) for t in (q, k, v, bias))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, b: attention(q, k, v, layout, rel_pos_bias=b, backend="torch"), leaves)
+
+
+def test_numpy_path_equals_torch_path():
+    layout = make_layout("strided", (7, 13))
+    q, k, v, bias = make_inputs(2, 2, layout.num_tokens, 8, torch.float32, bias_side=5)
+    key_mask = torch.rand(2, layout.num_tokens) > 0.3
+    expected, expected_lse = attention(q, k, v, layout, rel_pos_bias=bias, key_mask=key_mask,
+                                       return_lse=True)
+    out, lse = attention(q.numpy(), k.numpy(), v.numpy(), layout, rel_pos_bias=bias.numpy(),
+                         key_mask=key_mask.numpy(), return_lse=True)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, expected.numpy())
+    np.testing.assert_array_equal(lse, expected_lse.numpy())
+
+
+def test_lse_and_stats_match_reference():
+    layout = make_layout("longformer", (7, 13))
+    q, k, v, bias = make_inputs(2, 3, layout.num_tokens, 8, torch.float64, bias_side=5)
+    out, lse, stats = attention(q, k, v, layout, rel_pos_bias=bias, return_lse=True,
+                                return_stats=True)
+    _, ref_lse, probs = reference_attention(q, k, v, layout, bias=bias)
+    torch.testing.assert_close(lse, ref_lse)
+    torch.testing.assert_close(stats[..., 0], (probs ** 2).sum(-1))
+    plogp = torch.where(probs > 0, probs * probs.clamp_min(1e-300).log(), torch.zeros_like(probs))
+    torch.testing.assert_close(stats[..., 1], -plogp.sum(-1))
+    torch_stats = attention(q, k, v, layout, rel_pos_bias=bias, return_stats=True, backend="torch")[1]
+    torch.testing.assert_close(torch_stats, stats)
+
+
+def test_pruned_heads_are_zero_and_others_unchanged():
+    layout = make_layout("axial", (5, 6))
+    q, k, v, _ = make_inputs(2, 4, 30, 8, torch.float64)
+    active = torch.tensor([True, False, True, False])
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = attention(*leaves, layout, head_active=active)
+    full = attention(q, k, v, layout)
+    assert (out[:, ~active] == 0).all()
+    torch.testing.assert_close(out[:, active], full[:, active])
+    out.sum().backward()
+    for leaf in leaves:
+        assert (leaf.grad[:, ~active] == 0).all()
+    torch_out = attention(q, k, v, layout, head_active=active, backend="torch")
+    torch.testing.assert_close(torch_out, out.detach())
+
+
+def test_strided_views_of_fused_projection():
+    layout = make_layout("block", (6, 6))
+    batch, n, heads, dim = 2, 36, 3, 8
+    fused = torch.randn(batch, n, 3, heads, dim, dtype=torch.float64)
+    q, k, v = (fused[:, :, idx].permute(0, 2, 1, 3) for idx in range(3))
+    assert not q.is_contiguous()
+    out = attention(q, k, v, layout)
+    expected = attention(q.contiguous(), k.contiguous(), v.contiguous(), layout)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_threads_are_deterministic():
+    layout = make_layout("random", (12, 12))
+    q, k, v, bias = make_inputs(2, 4, 144, 16, torch.float32, bias_side=9)
+    previous = get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3, 1):
+            set_num_threads(threads)
+            leaves = [t.clone().requires_grad_(True) for t in (q, k, v, bias)]
+            out = attention(*leaves[:3], layout, rel_pos_bias=leaves[3], dropout_p=0.1, dropout_seed=3)
+            out.backward(torch.ones_like(out))
+            results.append([out.detach()] + [leaf.grad for leaf in leaves])
+    finally:
+        set_num_threads(previous)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_empty_batch_and_single_token():
+    layout = build_layout("axial", 1, 1)
+    q, k, v, _ = make_inputs(0, 2, 1, 4, torch.float32)
+    assert attention(q, k, v, layout).shape == (0, 2, 1, 4)
+    q, k, v, _ = make_inputs(1, 1, 1, 4, torch.float64)
+    torch.testing.assert_close(attention(q, k, v, layout), v)  # one key: out = v
+
+
+def test_scale_argument():
+    layout = make_layout("axial", (4, 4))
+    q, k, v, _ = make_inputs(1, 1, 16, 8, torch.float64)
+    out = attention(q, k, v, layout, scale=0.3)
+    torch.testing.assert_close(out, reference_attention(q, k, v, layout, scale=0.3)[0])
