@@ -70,6 +70,13 @@ typedef struct {
 
     void *stream;       /* cudaStream_t for CUDA; unused on the CPU */
     int device_id;      /* CUDA device of every tensor */
+
+    /* CUDA only. Rows (columns) with more than long_threshold keys (queries),
+     * listed in long_rows (long_cols), are handled by a whole block each so
+     * that one global token does not serialise a warp; NULL lists mean none. */
+    const int32_t *long_rows, *long_cols;
+    int64_t num_long_rows, num_long_cols, long_threshold;
+    int reference_kernel; /* CUDA: run the simple warp-per-row reference kernels */
 } sa_attention_params;
 
 /* The bias gradient: grad_table[h, t] = sum over b and over the CSR positions p of

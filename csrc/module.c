@@ -282,6 +282,19 @@ static int fill_common(view_set *set, sa_attention_params *p, const common_optio
     return 0;
 }
 
+/* The CUDA kernels' long-row and long-column lists (int32 token ids). */
+static int take_long_list(view_set *set, PyObject *obj, const char *name, const sa_view *q,
+                          const int32_t **list, int64_t *count)
+{
+    if (obj == Py_None) return 0;
+    sa_view *v = take(set, obj, name, 0);
+    int64_t any[1] = {-1};
+    if (!v || check_buffer(v, q, SA_DT_I32, any, 1) < 0) return -1;
+    *list = (const int32_t *)v->data;
+    *count = v->shape[0];
+    return 0;
+}
+
 static int run_kernel(int cuda, int backward, sa_attention_params *p)
 {
     char err[ERR_LEN] = "";
@@ -301,20 +314,23 @@ static int run_kernel(int cuda, int backward, sa_attention_params *p)
 static char *forward_kwlist[] = {"query", "key", "value", "out", "lse", "row_ptr", "col_idx",
                                  "height", "width", "scale", "rel_pos_bias", "key_mask",
                                  "head_active", "dropout_p", "dropout_seed", "row_stats",
-                                 "stream", NULL};
+                                 "stream", "long_rows", "long_threshold", "reference_kernel",
+                                 NULL};
 
 static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     (void)self;
     PyObject *q_obj, *k_obj, *v_obj, *out_obj, *lse_obj, *ptr_obj, *idx_obj;
-    PyObject *stats_obj = Py_None;
+    PyObject *stats_obj = Py_None, *long_rows_obj = Py_None;
     common_options o = {Py_None, Py_None, Py_None, 0, 0, NAN, 0.0, 0};
-    long long stream = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOO|$LLdOOOdKOL", forward_kwlist,
+    long long stream = -1, long_threshold = INT64_MAX;
+    int reference_kernel = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOO|$LLdOOOdKOLOLp", forward_kwlist,
                                      &q_obj, &k_obj, &v_obj, &out_obj, &lse_obj, &ptr_obj,
                                      &idx_obj, &o.height, &o.width, &o.scale, &o.bias,
                                      &o.key_mask, &o.head_active, &o.dropout_p,
-                                     &o.dropout_seed, &stats_obj, &stream))
+                                     &o.dropout_seed, &stats_obj, &stream, &long_rows_obj,
+                                     &long_threshold, &reference_kernel))
         return NULL;
     view_set set = {.count = 0, .stream = stream};
     sa_attention_params p;
@@ -339,6 +355,10 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
         if (!stats || check_buffer(stats, q, accum_bit(p.dtype), stats_shape, 4) < 0) goto fail;
         p.row_stats = stats->data;
     }
+    if (take_long_list(&set, long_rows_obj, "long_rows", q, &p.long_rows, &p.num_long_rows) < 0)
+        goto fail;
+    p.long_threshold = p.long_rows ? long_threshold : INT64_MAX;
+    p.reference_kernel = reference_kernel;
     p.q = q->data;
     p.k = k->data;
     p.v = v->data;
@@ -362,21 +382,24 @@ static char *backward_kwlist[] = {"query", "key", "value", "out", "grad_out", "l
                                   "grad_query", "grad_key", "grad_value", "row_ptr", "col_idx",
                                   "col_ptr", "row_idx", "height", "width", "scale",
                                   "rel_pos_bias", "key_mask", "head_active", "dropout_p",
-                                  "dropout_seed", "grad_scores", "stream", NULL};
+                                  "dropout_seed", "grad_scores", "stream", "long_rows",
+                                  "long_cols", "long_threshold", "reference_kernel", NULL};
 
 static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     (void)self;
     PyObject *q_obj, *k_obj, *v_obj, *out_obj, *go_obj, *lse_obj, *delta_obj, *gq_obj, *gk_obj,
         *gv_obj, *ptr_obj, *idx_obj, *cptr_obj, *ridx_obj;
-    PyObject *gs_obj = Py_None;
+    PyObject *gs_obj = Py_None, *long_rows_obj = Py_None, *long_cols_obj = Py_None;
     common_options o = {Py_None, Py_None, Py_None, 0, 0, NAN, 0.0, 0};
-    long long stream = -1;
+    long long stream = -1, long_threshold = INT64_MAX;
+    int reference_kernel = 0;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "OOOOOOOOOOOOOO|$LLdOOOdKOL", backward_kwlist, &q_obj, &k_obj, &v_obj,
-            &out_obj, &go_obj, &lse_obj, &delta_obj, &gq_obj, &gk_obj, &gv_obj, &ptr_obj,
+            args, kwargs, "OOOOOOOOOOOOOO|$LLdOOOdKOLOOLp", backward_kwlist, &q_obj, &k_obj,
+            &v_obj, &out_obj, &go_obj, &lse_obj, &delta_obj, &gq_obj, &gk_obj, &gv_obj, &ptr_obj,
             &idx_obj, &cptr_obj, &ridx_obj, &o.height, &o.width, &o.scale, &o.bias, &o.key_mask,
-            &o.head_active, &o.dropout_p, &o.dropout_seed, &gs_obj, &stream))
+            &o.head_active, &o.dropout_p, &o.dropout_seed, &gs_obj, &stream, &long_rows_obj,
+            &long_cols_obj, &long_threshold, &reference_kernel))
         return NULL;
     view_set set = {.count = 0, .stream = stream};
     sa_attention_params p;
@@ -421,6 +444,15 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
         if (!gs || check_buffer(gs, q, accum_bit(p.dtype), gs_shape, 3) < 0) goto fail;
         p.grad_scores = gs->data;
     }
+    if (take_long_list(&set, long_rows_obj, "long_rows", q, &p.long_rows, &p.num_long_rows) < 0 ||
+        take_long_list(&set, long_cols_obj, "long_cols", q, &p.long_cols, &p.num_long_cols) < 0)
+        goto fail;
+    if ((p.long_rows == NULL) != (p.long_cols == NULL)) {
+        PyErr_SetString(PyExc_ValueError, "long_rows, long_cols: give both or neither");
+        goto fail;
+    }
+    p.long_threshold = p.long_rows ? long_threshold : INT64_MAX;
+    p.reference_kernel = reference_kernel;
     p.q = q->data;
     p.k = k->data;
     p.v = v->data;

@@ -346,6 +346,375 @@ __global__ void bias_grad_kernel(const sa_bias_grad_params p) {
     if (threadIdx.x == 0) static_cast<A *>(p.grad_table)[blockIdx.x] = partial[0];
 }
 
+
+// ---- fast kernels ------------------------------------------------------------
+//
+// Lane-parallel over keys: each lane scores a different key of the row (its
+// whole dot product, the query row read from shared memory as a broadcast), so
+// a chunk of 32 keys needs one max and one sum reduction instead of a
+// reduction per key. Values are then accumulated key by key with coalesced row
+// loads, the lane owning head-dim elements lane, lane + 32, ...
+//
+// WARPS warps share one row: each takes every WARPS-th chunk of 32 keys and
+// the partial results are merged in shared memory. The row kernels run with
+// WARPS = 1 and skip rows longer than long_threshold; those (the global
+// tokens of LONGFORMER, every row of DENSE) go to a launch with WARPS = 8.
+
+constexpr int kLongWarps = 8;
+
+template <typename A> __device__ __forceinline__ A warp_max(A x) {
+#pragma unroll
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+        A other = __shfl_xor_sync(0xffffffffu, x, offset);
+        x = other > x ? other : x;
+    }
+    return x;
+}
+
+// <row, vec> with vec in shared memory; 16-byte loads when the rows allow.
+template <typename T, typename A>
+__device__ __forceinline__ A dot_shared(const T *row, const A *vec, int64_t dim, bool aligned) {
+    A sum = 0;
+    if (aligned) {
+        constexpr int kPer = 16 / sizeof(T);
+        for (int64_t d = 0; d < dim; d += kPer) {
+            const uint4 raw = *reinterpret_cast<const uint4 *>(row + d);
+            const T *vals = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+            for (int t = 0; t < kPer; t++) sum += to_acc(vals[t]) * vec[d + t];
+        }
+    } else {
+        for (int64_t d = 0; d < dim; d++) sum += to_acc(row[d]) * vec[d];
+    }
+    return sum;
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ void stage_row(A *dst, const T *row, int lane, int64_t dim) {
+    for (int64_t d = lane; d < dim; d += kWarp) dst[d] = to_acc(row[d]);
+    __syncwarp();
+}
+
+// Which (b, h, row) this warp works on, and its rank among the row's warps.
+template <int WARPS>
+__device__ __forceinline__ bool locate(const sa_attention_params &p, const int32_t *list,
+                                       int64_t list_len, int64_t &b, int64_t &h, int64_t &row,
+                                       int &rank) {
+    const int warp = threadIdx.x / kWarp;
+    int64_t item;
+    if (WARPS == 1) {
+        item = (int64_t)blockIdx.x * kWarpsPerBlock + warp;
+        rank = 0;
+        if (item >= p.batch * p.heads * p.num_tokens) return false;
+        row = item % p.num_tokens;
+    } else {
+        item = blockIdx.x;  // one block per (b, h, listed row)
+        rank = warp;
+        row = list[item % list_len];
+        item = item / list_len * p.num_tokens + row;
+    }
+    const int64_t bh = item / p.num_tokens;
+    h = bh % p.heads;
+    b = bh / p.heads;
+    return true;
+}
+
+template <typename T, int VEC, int WARPS>
+__global__ void __launch_bounds__(kWarp * (WARPS == 1 ? kWarpsPerBlock : WARPS))
+forward_fast_kernel(const sa_attention_params p, bool aligned) {
+    using A = typename Accum<T>::type;
+    constexpr int kDim = VEC * kWarp;
+    // the warps of a long row share its staged rows
+    constexpr int kBlockWarps = WARPS == 1 ? kWarpsPerBlock : 1;
+    __shared__ A q_shared[kBlockWarps][kDim];
+    __shared__ A merge[WARPS == 1 ? 1 : WARPS][kDim + 4];
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+    int64_t b, h, i;
+    int rank;
+    if (!locate<WARPS>(p, p.long_rows, p.num_long_rows, b, h, i, rank)) return;
+    const int64_t begin = p.row_ptr[i], end = p.row_ptr[i + 1], dim = p.head_dim;
+    if (WARPS == 1 && end - begin > p.long_threshold) return;  // the long-row launch owns it
+    const int64_t item = (b * p.heads + h) * p.num_tokens + i;
+    const A scale = A(p.scale);
+    const uint32_t threshold = sa_dropout_threshold(p.dropout_p);
+    const A keep_scale = p.dropout_p > 0 ? A(1.0 / (1.0 - p.dropout_p)) : A(1);
+    const bool want_stats = p.row_stats != nullptr;
+
+    A acc[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; e++) acc[e] = A(0);
+    A run_max = -CUDART_INF_F, run_sum = 0, run_sq = 0, run_shifted = 0;
+    if (head_runs(p, h)) {
+        A *q = q_shared[WARPS == 1 ? warp : 0];
+        stage_row(q, row_of<T>(p.q, p.q_stride, b, h, i), lane, dim);
+        const uint32_t query_key = sa_dropout_query_key(sa_dropout_row_key(p.dropout_seed, b, h), i);
+        for (int64_t base = begin + (int64_t)rank * kWarp; base < end; base += (int64_t)kWarp * WARPS) {
+            const int64_t pos = base + lane;
+            const bool valid = pos < end;
+            const int32_t j = valid ? p.col_idx[pos] : 0;
+            const bool allowed = valid && key_allowed(p, b, j);
+            A s = -CUDART_INF_F;
+            if (allowed)
+                s = scale * dot_shared(row_of<T>(p.k, p.k_stride, b, h, j), q, dim, aligned) +
+                    bias_at<T>(p, h, i, j);
+            const A chunk_max = warp_max(s);
+            if (chunk_max == -CUDART_INF_F) continue;
+            const A new_max = chunk_max > run_max ? chunk_max : run_max;
+            const A rescale = run_sum > 0 ? exp_acc(run_max - new_max) : A(0);
+            const A ex = allowed ? exp_acc(s - new_max) : A(0);
+            if (want_stats) {
+                const A chunk_sq = warp_sum(ex * ex), chunk_shift = warp_sum(ex * (s - new_max));
+                run_shifted = run_sum > 0 ? rescale * (run_shifted + run_sum * (run_max - new_max)) + chunk_shift
+                                          : chunk_shift;
+                run_sq = run_sq * rescale * rescale + chunk_sq;
+            }
+            run_sum = run_sum * rescale + warp_sum(ex);
+            run_max = new_max;
+#pragma unroll
+            for (int e = 0; e < VEC; e++) acc[e] *= rescale;
+            A weight = ex * keep_scale;
+            if (threshold > 0 && allowed && !sa_dropout_keep(query_key, j, threshold)) weight = 0;
+            const int count = end - base < kWarp ? int(end - base) : kWarp;
+#pragma unroll 4
+            for (int c = 0; c < count; c++) {
+                const A wc = __shfl_sync(0xffffffffu, weight, c);
+                const int32_t jc = __shfl_sync(0xffffffffu, j, c);
+                const T *v = row_of<T>(p.v, p.v_stride, b, h, jc);
+#pragma unroll
+                for (int e = 0; e < VEC; e++) {
+                    const int64_t d = e * kWarp + lane;
+                    if (d < dim) acc[e] += wc * to_acc(v[d]);
+                }
+            }
+        }
+    }
+    if (WARPS > 1) {
+        // merge the warps' partial softmax states against the common maximum
+        if (lane == 0) {
+            merge[warp][kDim] = run_max;
+            merge[warp][kDim + 1] = run_sum;
+        }
+        __syncthreads();
+        A global_max = -CUDART_INF_F;
+        for (int w = 0; w < WARPS; w++)
+            if (merge[w][kDim + 1] > 0 && merge[w][kDim] > global_max) global_max = merge[w][kDim];
+        const A factor = run_sum > 0 ? exp_acc(run_max - global_max) : A(0);
+        __syncthreads();
+#pragma unroll
+        for (int e = 0; e < VEC; e++) merge[warp][e * kWarp + lane] = acc[e] * factor;
+        if (lane == 0) {
+            merge[warp][kDim] = run_sum * factor;
+            merge[warp][kDim + 1] = run_sq * factor * factor;
+            merge[warp][kDim + 2] = run_sum > 0 ? factor * (run_shifted + run_sum * (run_max - global_max)) : A(0);
+        }
+        __syncthreads();
+        if (warp != 0) return;
+        run_max = global_max;
+        run_sum = run_sq = run_shifted = 0;
+#pragma unroll
+        for (int e = 0; e < VEC; e++) acc[e] = 0;
+        for (int w = 0; w < WARPS; w++) {
+            run_sum += merge[w][kDim];
+            run_sq += merge[w][kDim + 1];
+            run_shifted += merge[w][kDim + 2];
+#pragma unroll
+            for (int e = 0; e < VEC; e++) acc[e] += merge[w][e * kWarp + lane];
+        }
+    }
+    T *out = static_cast<T *>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
+    const A inv = run_sum > 0 ? A(1) / run_sum : A(0);
+#pragma unroll
+    for (int e = 0; e < VEC; e++) {
+        const int64_t d = e * kWarp + lane;
+        if (d < dim) out[d] = from_acc<T>(acc[e] * inv);
+    }
+    if (lane == 0) {
+        static_cast<A *>(p.lse)[item] = run_sum > 0 ? run_max + log_acc(run_sum) : -CUDART_INF_F;
+        if (want_stats) {
+            A *stats = static_cast<A *>(p.row_stats) + 2 * item;
+            stats[0] = run_sum > 0 ? run_sq * inv * inv : A(0);
+            stats[1] = run_sum > 0 ? log_acc(run_sum) - run_shifted * inv : A(0);
+        }
+    }
+}
+
+template <typename T, int VEC, int WARPS>
+__global__ void __launch_bounds__(kWarp * (WARPS == 1 ? kWarpsPerBlock : WARPS))
+grad_query_fast_kernel(const sa_attention_params p, bool aligned) {
+    using A = typename Accum<T>::type;
+    constexpr int kDim = VEC * kWarp;
+    // the warps of a long row share its staged rows
+    constexpr int kBlockWarps = WARPS == 1 ? kWarpsPerBlock : 1;
+    __shared__ A q_shared[kBlockWarps][kDim];
+    __shared__ A go_shared[kBlockWarps][kDim];
+    __shared__ A merge[WARPS == 1 ? 1 : WARPS][kDim];
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+    int64_t b, h, i;
+    int rank;
+    if (!locate<WARPS>(p, p.long_rows, p.num_long_rows, b, h, i, rank)) return;
+    const int64_t begin = p.row_ptr[i], end = p.row_ptr[i + 1], dim = p.head_dim;
+    if (WARPS == 1 && end - begin > p.long_threshold) return;
+    const int64_t bh = b * p.heads + h, item = bh * p.num_tokens + i;
+    const A scale = A(p.scale);
+    const uint32_t threshold = sa_dropout_threshold(p.dropout_p);
+    const A keep_scale = p.dropout_p > 0 ? A(1.0 / (1.0 - p.dropout_p)) : A(1);
+    const A lse = static_cast<const A *>(p.lse)[item];
+    A *grad_scores = p.grad_scores ? static_cast<A *>(p.grad_scores) + bh * p.nnz : nullptr;
+    const bool live = head_runs(p, h) && lse != -CUDART_INF_F;
+    A acc[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; e++) acc[e] = A(0);
+    A *q = q_shared[WARPS == 1 ? warp : 0], *go = go_shared[WARPS == 1 ? warp : 0];
+    A delta = 0;
+    uint32_t query_key = 0;
+    if (live) {
+        stage_row(q, row_of<T>(p.q, p.q_stride, b, h, i), lane, dim);
+        stage_row(go, row_of<T>(p.grad_out, p.grad_out_stride, b, h, i), lane, dim);
+        delta = static_cast<const A *>(p.delta)[item];
+        query_key = sa_dropout_query_key(sa_dropout_row_key(p.dropout_seed, b, h), i);
+    }
+    for (int64_t base = begin + (int64_t)rank * kWarp; base < end; base += (int64_t)kWarp * WARPS) {
+        const int64_t pos = base + lane;
+        const bool valid = pos < end;
+        const int32_t j = valid ? p.col_idx[pos] : 0;
+        A ds = 0;
+        if (live && valid && key_allowed(p, b, j)) {
+            const A qk = dot_shared(row_of<T>(p.k, p.k_stride, b, h, j), q, dim, aligned);
+            const A gv = dot_shared(row_of<T>(p.v, p.v_stride, b, h, j), go, dim, aligned);
+            const A prob = exp_acc(scale * qk + bias_at<T>(p, h, i, j) - lse);
+            A kept = keep_scale;
+            if (threshold > 0 && !sa_dropout_keep(query_key, j, threshold)) kept = 0;
+            ds = prob * (kept * gv - delta);
+        }
+        if (grad_scores && valid) grad_scores[pos] = ds;
+        if (!live) continue;
+        const int count = end - base < kWarp ? int(end - base) : kWarp;
+#pragma unroll 4
+        for (int c = 0; c < count; c++) {
+            const A dsc = __shfl_sync(0xffffffffu, ds, c);
+            const int32_t jc = __shfl_sync(0xffffffffu, j, c);
+            const T *k = row_of<T>(p.k, p.k_stride, b, h, jc);
+#pragma unroll
+            for (int e = 0; e < VEC; e++) {
+                const int64_t d = e * kWarp + lane;
+                if (d < dim) acc[e] += dsc * to_acc(k[d]);
+            }
+        }
+    }
+    if (WARPS > 1) {
+#pragma unroll
+        for (int e = 0; e < VEC; e++) merge[warp][e * kWarp + lane] = acc[e];
+        __syncthreads();
+        if (warp != 0) return;
+#pragma unroll
+        for (int e = 0; e < VEC; e++) {
+            acc[e] = 0;
+            for (int w = 0; w < WARPS; w++) acc[e] += merge[w][e * kWarp + lane];
+        }
+    }
+    T *grad_q = static_cast<T *>(p.grad_q) + item * dim;
+#pragma unroll
+    for (int e = 0; e < VEC; e++) {
+        const int64_t d = e * kWarp + lane;
+        if (d < dim) grad_q[d] = from_acc<T>(acc[e] * scale);
+    }
+}
+
+template <typename T, int VEC, int WARPS>
+__global__ void __launch_bounds__(kWarp * (WARPS == 1 ? kWarpsPerBlock : WARPS))
+grad_key_value_fast_kernel(const sa_attention_params p, bool aligned) {
+    using A = typename Accum<T>::type;
+    constexpr int kDim = VEC * kWarp;
+    // the warps of a long row share its staged rows
+    constexpr int kBlockWarps = WARPS == 1 ? kWarpsPerBlock : 1;
+    __shared__ A k_shared[kBlockWarps][kDim];
+    __shared__ A v_shared[kBlockWarps][kDim];
+    __shared__ A merge[WARPS == 1 ? 1 : WARPS][2][kDim];
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+    int64_t b, h, j;
+    int rank;
+    if (!locate<WARPS>(p, p.long_cols, p.num_long_cols, b, h, j, rank)) return;
+    const int64_t begin = p.col_ptr[j], end = p.col_ptr[j + 1], dim = p.head_dim;
+    if (WARPS == 1 && end - begin > p.long_threshold) return;
+    const int64_t bh = b * p.heads + h, item = bh * p.num_tokens + j;
+    const A scale = A(p.scale);
+    const uint32_t threshold = sa_dropout_threshold(p.dropout_p);
+    const A keep_scale = p.dropout_p > 0 ? A(1.0 / (1.0 - p.dropout_p)) : A(1);
+    const bool live = head_runs(p, h) && key_allowed(p, b, j);
+    A acc_k[VEC], acc_v[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; e++) acc_k[e] = acc_v[e] = A(0);
+    if (live) {
+        A *k = k_shared[WARPS == 1 ? warp : 0], *v = v_shared[WARPS == 1 ? warp : 0];
+        stage_row(k, row_of<T>(p.k, p.k_stride, b, h, j), lane, dim);
+        stage_row(v, row_of<T>(p.v, p.v_stride, b, h, j), lane, dim);
+        const uint32_t row_key = sa_dropout_row_key(p.dropout_seed, b, h);
+        const A *lse_row = static_cast<const A *>(p.lse) + bh * p.num_tokens;
+        const A *delta_row = static_cast<const A *>(p.delta) + bh * p.num_tokens;
+        for (int64_t base = begin + (int64_t)rank * kWarp; base < end; base += (int64_t)kWarp * WARPS) {
+            const int64_t pos = base + lane;
+            const bool valid = pos < end;
+            const int32_t i = valid ? p.row_idx[pos] : 0;
+            A ds = 0, dropped_prob = 0;
+            const A lse = valid ? lse_row[i] : A(0);
+            if (valid && lse != -CUDART_INF_F) {
+                const A qk = dot_shared(row_of<T>(p.q, p.q_stride, b, h, i), k, dim, aligned);
+                const A gv = dot_shared(row_of<T>(p.grad_out, p.grad_out_stride, b, h, i), v, dim, aligned);
+                const A prob = exp_acc(scale * qk + bias_at<T>(p, h, i, j) - lse);
+                A kept = keep_scale;
+                if (threshold > 0 && !sa_dropout_keep(sa_dropout_query_key(row_key, i), j, threshold))
+                    kept = 0;
+                ds = prob * (kept * gv - delta_row[i]);
+                dropped_prob = prob * kept;
+            }
+            const int count = end - base < kWarp ? int(end - base) : kWarp;
+#pragma unroll 2
+            for (int c = 0; c < count; c++) {
+                const A dsc = __shfl_sync(0xffffffffu, ds, c);
+                const A pc = __shfl_sync(0xffffffffu, dropped_prob, c);
+                const int32_t ic = __shfl_sync(0xffffffffu, i, c);
+                const T *q = row_of<T>(p.q, p.q_stride, b, h, ic);
+                const T *go = row_of<T>(p.grad_out, p.grad_out_stride, b, h, ic);
+#pragma unroll
+                for (int e = 0; e < VEC; e++) {
+                    const int64_t d = e * kWarp + lane;
+                    if (d < dim) {
+                        acc_k[e] += dsc * to_acc(q[d]);
+                        acc_v[e] += pc * to_acc(go[d]);
+                    }
+                }
+            }
+        }
+    }
+    if (WARPS > 1) {
+#pragma unroll
+        for (int e = 0; e < VEC; e++) {
+            merge[warp][0][e * kWarp + lane] = acc_k[e];
+            merge[warp][1][e * kWarp + lane] = acc_v[e];
+        }
+        __syncthreads();
+        if (warp != 0) return;
+#pragma unroll
+        for (int e = 0; e < VEC; e++) {
+            acc_k[e] = acc_v[e] = 0;
+            for (int w = 0; w < WARPS; w++) {
+                acc_k[e] += merge[w][0][e * kWarp + lane];
+                acc_v[e] += merge[w][1][e * kWarp + lane];
+            }
+        }
+    }
+    T *grad_k = static_cast<T *>(p.grad_k) + item * dim;
+    T *grad_v = static_cast<T *>(p.grad_v) + item * dim;
+#pragma unroll
+    for (int e = 0; e < VEC; e++) {
+        const int64_t d = e * kWarp + lane;
+        if (d < dim) {
+            grad_k[d] = from_acc<T>(acc_k[e] * scale);
+            grad_v[d] = from_acc<T>(acc_v[e]);
+        }
+    }
+}
+
 // ---- launchers -------------------------------------------------------------
 
 int report(cudaError_t status, const char *what, char *err, size_t len) {
@@ -370,6 +739,36 @@ struct DeviceGuard {
 
 enum class Pass { Forward, Delta, GradQuery, GradKeyValue };
 
+// 16-byte loads need every row start, and the head dim, on 16-byte boundaries.
+template <typename T>
+bool rows_aligned(const sa_attention_params &p, Pass pass) {
+    const int64_t per = 16 / sizeof(T);
+    if (p.head_dim % per) return false;
+    const void *ptrs[4] = {p.q, p.k, p.v, p.grad_out};
+    const int64_t *strides[4] = {p.q_stride, p.k_stride, p.v_stride, p.grad_out_stride};
+    const int count = pass == Pass::Forward ? 3 : 4;
+    for (int t = 0; t < count; t++) {
+        if (reinterpret_cast<uintptr_t>(ptrs[t]) % 16) return false;
+        for (int d = 0; d < 3; d++)
+            if (strides[t][d] % per) return false;
+    }
+    return true;
+}
+
+template <typename T, int VEC, int WARPS>
+void launch_fast(Pass pass, const sa_attention_params &p, dim3 grid, bool aligned) {
+    cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+    const dim3 block(kWarp * (WARPS == 1 ? kWarpsPerBlock : WARPS));
+    switch (pass) {
+    case Pass::Forward: forward_fast_kernel<T, VEC, WARPS><<<grid, block, 0, stream>>>(p, aligned); break;
+    case Pass::GradQuery: grad_query_fast_kernel<T, VEC, WARPS><<<grid, block, 0, stream>>>(p, aligned); break;
+    case Pass::GradKeyValue:
+        grad_key_value_fast_kernel<T, VEC, WARPS><<<grid, block, 0, stream>>>(p, aligned);
+        break;
+    case Pass::Delta: break;
+    }
+}
+
 template <typename T, int VEC>
 cudaError_t launch_pass(Pass pass, const sa_attention_params &p) {
     const int64_t rows = p.batch * p.heads * p.num_tokens;
@@ -378,6 +777,20 @@ cudaError_t launch_pass(Pass pass, const sa_attention_params &p) {
     if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
     const dim3 grid((unsigned)blocks), block(kWarp * kWarpsPerBlock);
     cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+    if (!p.reference_kernel && pass != Pass::Delta) {
+        const bool aligned = rows_aligned<T>(p, pass);
+        launch_fast<T, VEC, 1>(pass, p, grid, aligned);
+        cudaError_t status = cudaGetLastError();
+        if (status != cudaSuccess) return status;
+        const int64_t listed = pass == Pass::GradKeyValue ? p.num_long_cols : p.num_long_rows;
+        const bool has_list = (pass == Pass::GradKeyValue ? p.long_cols : p.long_rows) != nullptr;
+        if (has_list && listed > 0) {
+            const int64_t long_blocks = p.batch * p.heads * listed;
+            if (long_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+            launch_fast<T, VEC, kLongWarps>(pass, p, dim3((unsigned)long_blocks), aligned);
+        }
+        return cudaGetLastError();
+    }
     switch (pass) {
     case Pass::Forward: forward_kernel<T, VEC><<<grid, block, 0, stream>>>(p); break;
     case Pass::Delta: delta_kernel<T, VEC><<<grid, block, 0, stream>>>(p); break;

@@ -44,10 +44,24 @@ def _bytes(x):
     return x.detach() if x is not None else None
 
 
+# Tests set this to check the fast CUDA kernels against the simple ones.
+use_reference_cuda_kernels = False
+
+
+def _cuda_extras(device, long_rows, long_cols):
+    if device.type != "cuda":
+        return {}
+    from .patterns import LONG_ROW_THRESHOLD
+
+    return dict(long_rows=long_rows, long_threshold=LONG_ROW_THRESHOLD,
+                reference_kernel=use_reference_cuda_kernels)
+
+
 @torch.library.custom_op("sparse_attention::forward", mutates_args=())
 def _forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, row_ptr: torch.Tensor,
              col_idx: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor,
              bucket_perm: Optional[torch.Tensor], bucket_ptr: Optional[torch.Tensor],
+             long_rows: Optional[torch.Tensor], long_cols: Optional[torch.Tensor],
              height: int, width: int, scale: float,
              bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor],
              head_active: Optional[torch.Tensor], dropout_p: float, seed: int,
@@ -62,13 +76,14 @@ def _forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, row_pt
                         height=height, width=width, scale=scale, rel_pos_bias=_bytes(bias),
                         key_mask=key_mask, head_active=head_active, dropout_p=dropout_p,
                         dropout_seed=seed, row_stats=stats if want_stats else None,
-                        stream=_stream_of(query.device))
+                        stream=_stream_of(query.device),
+                        **_cuda_extras(query.device, long_rows, long_cols))
     return out, lse, stats
 
 
 @_forward.register_fake
 def _forward_fake(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr,
-                  height, width, scale, bias, key_mask,
+                  long_rows, long_cols, height, width, scale, bias, key_mask,
                   head_active, dropout_p, seed, want_stats):
     batch, heads, num_tokens, _ = query.shape
     accum = _accum_dtype(query.dtype)
@@ -81,7 +96,8 @@ def _forward_fake(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_
 def _backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               out: torch.Tensor, lse: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
               col_ptr: torch.Tensor, row_idx: torch.Tensor, bucket_perm: Optional[torch.Tensor],
-              bucket_ptr: Optional[torch.Tensor], height: int, width: int, scale: float,
+              bucket_ptr: Optional[torch.Tensor], long_rows: Optional[torch.Tensor],
+              long_cols: Optional[torch.Tensor], height: int, width: int, scale: float,
               bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor],
               head_active: Optional[torch.Tensor], dropout_p: float,
               seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,7 +117,7 @@ def _backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, va
                          col_idx, col_ptr, row_idx, height=height, width=width, scale=scale,
                          rel_pos_bias=_bytes(bias), key_mask=key_mask, head_active=head_active,
                          dropout_p=dropout_p, dropout_seed=seed, grad_scores=grad_scores,
-                         stream=stream)
+                         stream=stream, **_cuda_extras(device, long_rows, long_cols))
     if bias is not None:
         grad_table = torch.empty(heads, bucket_ptr.shape[0] - 1, dtype=accum, device=device)
         C.bias_grad(grad_scores, bucket_perm, bucket_ptr, grad_table, stream=stream)
@@ -113,29 +129,30 @@ def _backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, va
 
 @_backward.register_fake
 def _backward_fake(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx,
-                   bucket_perm, bucket_ptr, height, width, scale, bias, key_mask, head_active,
+                   bucket_perm, bucket_ptr, long_rows, long_cols, height, width, scale, bias, key_mask, head_active,
                    dropout_p, seed):
     grad_bias = bias.new_empty(bias.shape) if bias is not None else query.new_empty((0,))
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), grad_bias
 
 
 def _setup_context(ctx, inputs, output):
-    (query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr, height, width,
-     scale, bias, key_mask, head_active, dropout_p, seed, _) = inputs
+    (query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr, long_rows,
+     long_cols, height, width, scale, bias, key_mask, head_active, dropout_p, seed, _) = inputs
     out, lse, _stats = output
     ctx.save_for_backward(query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx,
-                          bucket_perm, bucket_ptr, bias, key_mask, head_active)
+                          bucket_perm, bucket_ptr, long_rows, long_cols, bias, key_mask, head_active)
     ctx.args = (height, width, scale, dropout_p, seed)
 
 
 def _backward_rule(ctx, grad_out, _grad_lse, _grad_stats):
     (query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr,
-     bias, key_mask, head_active) = ctx.saved_tensors
+     long_rows, long_cols, bias, key_mask, head_active) = ctx.saved_tensors
     height, width, scale, dropout_p, seed = ctx.args
     grad_q, grad_k, grad_v, grad_bias = _backward(
         grad_out, query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx, bucket_perm,
-        bucket_ptr, height, width, scale, bias, key_mask, head_active, dropout_p, seed)
-    return (grad_q, grad_k, grad_v) + (None,) * 9 + (
+        bucket_ptr, long_rows, long_cols, height, width, scale, bias, key_mask, head_active,
+        dropout_p, seed)
+    return (grad_q, grad_k, grad_v) + (None,) * 11 + (
         grad_bias if bias is not None else None,) + (None,) * 5
 
 _forward.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -193,6 +210,7 @@ def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropo
     # The transpose and the bias buckets ride along as inputs: only backward reads them.
     out, lse, stats = _forward(query, key, value, tensors["row_ptr"], tensors["col_idx"],
                                tensors["col_ptr"], tensors["row_idx"], tensors.get("bucket_perm"),
-                               tensors.get("bucket_ptr"), layout.height, layout.width, scale,
+                               tensors.get("bucket_ptr"), tensors.get("long_rows"),
+                               tensors.get("long_cols"), layout.height, layout.width, scale,
                                table, key_mask, head_active, dropout_p, seed, want_stats)
     return out, lse, (stats if want_stats else None)

@@ -81,6 +81,10 @@ _RELEVANT = {
 }
 
 
+# Rows with more keys than this are split over the warps of a block on CUDA.
+LONG_ROW_THRESHOLD = 1024
+
+
 def _as_int(value, name):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
@@ -211,6 +215,12 @@ class Layout:
             "row_idx": torch.from_numpy(self.row_indices.copy()).to(device),
             "row_ids": torch.from_numpy(self.row_ids().copy()).to(device),
         }
+        if device.type == "cuda":
+            # rows / columns the CUDA kernels give a whole block (see cuda/attention_cuda.cu)
+            long_rows = np.nonzero(self.degrees() > LONG_ROW_THRESHOLD)[0].astype(np.int32)
+            long_cols = np.nonzero(np.diff(self.col_ptr) > LONG_ROW_THRESHOLD)[0].astype(np.int32)
+            tensors["long_rows"] = torch.from_numpy(long_rows).to(device)
+            tensors["long_cols"] = torch.from_numpy(long_cols).to(device)
         if max_relative is not None:
             bucket, perm, ptr = self.bias_buckets(max_relative)
             tensors["bucket"] = torch.from_numpy(bucket.copy()).to(device)
