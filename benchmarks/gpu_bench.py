@@ -81,13 +81,13 @@ def main():
     flex = None
     if not args.no_flex:
         try:
-            import torch._dynamo
+            from torch import _dynamo
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
             # one compile per (mask, shape, grad mode); the default limit of 8
             # would silently fall back to the unfused, N x N implementation
-            torch._dynamo.config.recompile_limit = 256
-            torch._dynamo.config.cache_size_limit = 256
+            _dynamo.config.recompile_limit = 256
+            _dynamo.config.cache_size_limit = 256
             flex = torch.compile(flex_attention, dynamic=False)
         except Exception as error:  # noqa: BLE001 - record why the peer is missing
             print(f"FlexAttention unavailable: {error}")

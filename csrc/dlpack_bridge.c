@@ -342,7 +342,7 @@ int sa_view_expect_contiguous(const sa_view *view)
 {
     int64_t step = 1;
     for (int d = view->ndim - 1; d >= 0; d--) {
-        if (view->shape[d] != 1 && view->strides[d] != step) {
+        if (view->shape[d] > 1 && view->strides[d] != step) {
             PyErr_Format(PyExc_ValueError,
                          "%s: expected a contiguous (row-major) buffer; dimension %d has stride "
                          "%lld, expected %lld",

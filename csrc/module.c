@@ -357,7 +357,7 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
     }
     if (take_long_list(&set, long_rows_obj, "long_rows", q, &p.long_rows, &p.num_long_rows) < 0)
         goto fail;
-    p.long_threshold = p.long_rows ? long_threshold : INT64_MAX;
+    p.long_threshold = long_rows_obj != Py_None ? long_threshold : INT64_MAX;
     p.reference_kernel = reference_kernel;
     p.q = q->data;
     p.k = k->data;
@@ -447,11 +447,11 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
     if (take_long_list(&set, long_rows_obj, "long_rows", q, &p.long_rows, &p.num_long_rows) < 0 ||
         take_long_list(&set, long_cols_obj, "long_cols", q, &p.long_cols, &p.num_long_cols) < 0)
         goto fail;
-    if ((p.long_rows == NULL) != (p.long_cols == NULL)) {
+    if ((long_rows_obj == Py_None) != (long_cols_obj == Py_None)) {
         PyErr_SetString(PyExc_ValueError, "long_rows, long_cols: give both or neither");
         goto fail;
     }
-    p.long_threshold = p.long_rows ? long_threshold : INT64_MAX;
+    p.long_threshold = long_rows_obj != Py_None ? long_threshold : INT64_MAX;
     p.reference_kernel = reference_kernel;
     p.q = q->data;
     p.k = k->data;

@@ -463,7 +463,9 @@ forward_fast_kernel(const sa_attention_params p, bool aligned) {
             const A rescale = run_sum > 0 ? exp_acc(run_max - new_max) : A(0);
             const A ex = allowed ? exp_acc(s - new_max) : A(0);
             if (want_stats) {
-                const A chunk_sq = warp_sum(ex * ex), chunk_shift = warp_sum(ex * (s - new_max));
+                // disallowed lanes hold s = -inf: keep 0 * inf out of the sums
+                const A chunk_sq = warp_sum(ex * ex);
+                const A chunk_shift = warp_sum(allowed ? ex * (s - new_max) : A(0));
                 run_shifted = run_sum > 0 ? rescale * (run_shifted + run_sum * (run_max - new_max)) + chunk_shift
                                           : chunk_shift;
                 run_sq = run_sq * rescale * rescale + chunk_sq;
@@ -783,8 +785,7 @@ cudaError_t launch_pass(Pass pass, const sa_attention_params &p) {
         cudaError_t status = cudaGetLastError();
         if (status != cudaSuccess) return status;
         const int64_t listed = pass == Pass::GradKeyValue ? p.num_long_cols : p.num_long_rows;
-        const bool has_list = (pass == Pass::GradKeyValue ? p.long_cols : p.long_rows) != nullptr;
-        if (has_list && listed > 0) {
+        if (listed > 0) {
             const int64_t long_blocks = p.batch * p.heads * listed;
             if (long_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
             launch_fast<T, VEC, kLongWarps>(pass, p, dim3((unsigned)long_blocks), aligned);

@@ -48,13 +48,16 @@ def _bytes(x):
 use_reference_cuda_kernels = False
 
 
-def _cuda_extras(device, long_rows, long_cols):
+def _cuda_extras(device, long_rows, long_cols, backward=False):
     if device.type != "cuda":
         return {}
     from .patterns import LONG_ROW_THRESHOLD
 
-    return dict(long_rows=long_rows, long_threshold=LONG_ROW_THRESHOLD,
-                reference_kernel=use_reference_cuda_kernels)
+    extras = dict(long_rows=long_rows, long_threshold=LONG_ROW_THRESHOLD,
+                  reference_kernel=use_reference_cuda_kernels)
+    if backward:
+        extras["long_cols"] = long_cols
+    return extras
 
 
 @torch.library.custom_op("sparse_attention::forward", mutates_args=())
@@ -117,7 +120,7 @@ def _backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, va
                          col_idx, col_ptr, row_idx, height=height, width=width, scale=scale,
                          rel_pos_bias=_bytes(bias), key_mask=key_mask, head_active=head_active,
                          dropout_p=dropout_p, dropout_seed=seed, grad_scores=grad_scores,
-                         stream=stream, **_cuda_extras(device, long_rows, long_cols))
+                         stream=stream, **_cuda_extras(device, long_rows, long_cols, backward=True))
     if bias is not None:
         grad_table = torch.empty(heads, bucket_ptr.shape[0] - 1, dtype=accum, device=device)
         C.bias_grad(grad_scores, bucket_perm, bucket_ptr, grad_table, stream=stream)

@@ -219,8 +219,9 @@ class Layout:
             # rows / columns the CUDA kernels give a whole block (see cuda/attention_cuda.cu)
             long_rows = np.nonzero(self.degrees() > LONG_ROW_THRESHOLD)[0].astype(np.int32)
             long_cols = np.nonzero(np.diff(self.col_ptr) > LONG_ROW_THRESHOLD)[0].astype(np.int32)
-            tensors["long_rows"] = torch.from_numpy(long_rows).to(device)
-            tensors["long_cols"] = torch.from_numpy(long_cols).to(device)
+            if long_rows.size or long_cols.size:
+                tensors["long_rows"] = torch.from_numpy(long_rows).to(device)
+                tensors["long_cols"] = torch.from_numpy(long_cols).to(device)
         if max_relative is not None:
             bucket, perm, ptr = self.bias_buckets(max_relative)
             tensors["bucket"] = torch.from_numpy(bucket.copy()).to(device)
