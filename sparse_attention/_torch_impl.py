@@ -54,13 +54,18 @@ def dropout_keep_mask(seed: int, batch: int, heads: int, rows: torch.Tensor, col
     return mix32(query_keys ^ (cols.to(torch.int64) & _MASK32)) >= threshold
 
 
+@torch.compiler.disable
+def _layout_tensors(layout, device, max_relative):
+    return layout.torch_tensors(device, max_relative)
+
+
 def sparse_attention_torch(query, key, value, layout, *, scale, rel_pos_bias=None, key_mask=None,
                            head_active=None, dropout_p=0.0, dropout_seed=0, want_stats=False):
     """Returns (out, lse, row_stats or None); differentiable in query, key, value, bias."""
     batch, heads, num_tokens, _ = query.shape
     device = query.device
     max_relative = None if rel_pos_bias is None else (rel_pos_bias.shape[-1] - 1) // 2
-    tensors = layout.torch_tensors(device, max_relative)
+    tensors = _layout_tensors(layout, device, max_relative)
     rows, cols = tensors["row_ids"], tensors["col_idx"].long()
     compute_dtype = query.dtype if query.dtype == torch.float64 else torch.float32
     q = query.to(compute_dtype)

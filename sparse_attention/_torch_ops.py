@@ -67,7 +67,7 @@ def _forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, row_pt
              long_rows: Optional[torch.Tensor], long_cols: Optional[torch.Tensor],
              height: int, width: int, scale: float,
              bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor],
-             head_active: Optional[torch.Tensor], dropout_p: float, seed: int,
+             head_active: Optional[torch.Tensor], dropout_p: float, seed: torch.Tensor,
              want_stats: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, heads, num_tokens, _ = query.shape
     accum = _accum_dtype(query.dtype)
@@ -78,7 +78,7 @@ def _forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, row_pt
     C.attention_forward(query.detach(), key.detach(), value.detach(), out, lse, row_ptr, col_idx,
                         height=height, width=width, scale=scale, rel_pos_bias=_bytes(bias),
                         key_mask=key_mask, head_active=head_active, dropout_p=dropout_p,
-                        dropout_seed=seed, row_stats=stats if want_stats else None,
+                        dropout_seed=int(seed.item()), row_stats=stats if want_stats else None,
                         stream=_stream_of(query.device),
                         **_cuda_extras(query.device, long_rows, long_cols))
     return out, lse, stats
@@ -103,7 +103,7 @@ def _backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, va
               long_cols: Optional[torch.Tensor], height: int, width: int, scale: float,
               bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor],
               head_active: Optional[torch.Tensor], dropout_p: float,
-              seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, heads, num_tokens, _ = query.shape
     accum = _accum_dtype(query.dtype)
     device = query.device
@@ -119,7 +119,7 @@ def _backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, va
                          grad_out.detach(), lse.detach(), delta, grads[0], grads[1], grads[2], row_ptr,
                          col_idx, col_ptr, row_idx, height=height, width=width, scale=scale,
                          rel_pos_bias=_bytes(bias), key_mask=key_mask, head_active=head_active,
-                         dropout_p=dropout_p, dropout_seed=seed, grad_scores=grad_scores,
+                         dropout_p=dropout_p, dropout_seed=int(seed.item()), grad_scores=grad_scores,
                          stream=stream, **_cuda_extras(device, long_rows, long_cols, backward=True))
     if bias is not None:
         grad_table = torch.empty(heads, bucket_ptr.shape[0] - 1, dtype=accum, device=device)
@@ -143,14 +143,15 @@ def _setup_context(ctx, inputs, output):
      long_cols, height, width, scale, bias, key_mask, head_active, dropout_p, seed, _) = inputs
     out, lse, _stats = output
     ctx.save_for_backward(query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx,
-                          bucket_perm, bucket_ptr, long_rows, long_cols, bias, key_mask, head_active)
-    ctx.args = (height, width, scale, dropout_p, seed)
+                          bucket_perm, bucket_ptr, long_rows, long_cols, bias, key_mask, head_active,
+                          seed)
+    ctx.args = (height, width, scale, dropout_p)
 
 
 def _backward_rule(ctx, grad_out, _grad_lse, _grad_stats):
     (query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr,
-     long_rows, long_cols, bias, key_mask, head_active) = ctx.saved_tensors
-    height, width, scale, dropout_p, seed = ctx.args
+     long_rows, long_cols, bias, key_mask, head_active, seed) = ctx.saved_tensors
+    height, width, scale, dropout_p = ctx.args
     grad_q, grad_k, grad_v, grad_bias = _backward(
         grad_out, query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx, bucket_perm,
         bucket_ptr, long_rows, long_cols, height, width, scale, bias, key_mask, head_active,
@@ -159,6 +160,12 @@ def _backward_rule(ctx, grad_out, _grad_lse, _grad_stats):
         grad_bias if bias is not None else None,) + (None,) * 5
 
 _forward.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+@torch.compiler.disable
+def _layout_tensors(layout, device, max_relative):
+    """The layout's device tensors (NumPy work, kept out of torch.compile's graphs)."""
+    return layout.torch_tensors(device, max_relative)
 
 
 def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropout_seed,
@@ -192,10 +199,13 @@ def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropo
         head_active = head_active.to(device).contiguous()
 
     if dropout_p > 0 and dropout_seed is None:
-        dropout_seed = int(torch.randint(0, 2**62, (1,)).item())
-    seed = int(dropout_seed or 0)
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"dropout_seed: expected an integer in [0, 2**63), got {seed}")
+        # a tensor, so that torch.compile keeps it in the graph (no .item() here)
+        seed_tensor = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    else:
+        seed = int(dropout_seed or 0)
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"dropout_seed: expected an integer in [0, 2**63), got {seed}")
+        seed_tensor = torch.full((1,), seed, dtype=torch.int64)
 
     reason = native_supports(device, query.dtype)
     if backend == "native" and reason is not None:
@@ -203,9 +213,10 @@ def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropo
     if backend == "torch" or reason is not None:
         return sparse_attention_torch(query, key, value, layout, scale=scale, rel_pos_bias=bias,
                                       key_mask=key_mask, head_active=head_active,
-                                      dropout_p=dropout_p, dropout_seed=seed, want_stats=want_stats)
+                                      dropout_p=dropout_p, dropout_seed=int(seed_tensor.item()),
+                                      want_stats=want_stats)
 
-    tensors = layout.torch_tensors(device, max_relative)
+    tensors = _layout_tensors(layout, device, max_relative)
     table = None
     if bias is not None:
         table = bias if bias.dtype == query.dtype else bias.to(query.dtype)
@@ -215,5 +226,5 @@ def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropo
                                tensors["col_ptr"], tensors["row_idx"], tensors.get("bucket_perm"),
                                tensors.get("bucket_ptr"), tensors.get("long_rows"),
                                tensors.get("long_cols"), layout.height, layout.width, scale,
-                               table, key_mask, head_active, dropout_p, seed, want_stats)
+                               table, key_mask, head_active, dropout_p, seed_tensor, want_stats)
     return out, lse, (stats if want_stats else None)

@@ -153,6 +153,7 @@ class EnhancedSparseAttention(nn.Module):
             self.importance_steps += 1
         return grad
 
+    @torch.compiler.disable
     def _record_stats(self, row_stats, layout: Layout, key_mask, head_active):
         # row_stats: [B, heads, N, 2] = (sum_j p_ij^2, entropy of row i), from the
         # kernel's own pass; only these O(B * heads * N) numbers are reduced here.
@@ -233,6 +234,7 @@ class EnhancedSparseAttention(nn.Module):
 
     # -- forward -------------------------------------------------------------
 
+    @torch.compiler.disable
     def layout_for(self, height: int, width: int) -> Layout:
         """The (cached) layout of this module's pattern for an H x W map."""
         return build_layout(self.sparsity_pattern, height, width, **self.layout_knobs)
@@ -264,8 +266,9 @@ class EnhancedSparseAttention(nn.Module):
         return q, k, v
 
     def _head_active(self, device):
-        active = self.head_mask & (self.head_importance.detach() != 0)
-        return None if bool(active.all()) else active.to(device)
+        # always a tensor: deciding "all active" would need a host sync (and a
+        # graph break under torch.compile); the kernels read it once per row
+        return (self.head_mask & (self.head_importance.detach() != 0)).to(device)
 
     def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: [B, in_channels, H, W] -> [B, out_channels, H, W].

@@ -1,0 +1,252 @@
+"""EnhancedSparseAttention: data flow, paths, positions, stats, heads, errors."""
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from reference import reference_attention
+from sparse_attention import EnhancedSparseAttention, SparsityPattern, build_layout
+
+PATTERNS = [SparsityPattern.RANDOM, SparsityPattern.STRIDED, SparsityPattern.BLOCK,
+            SparsityPattern.AXIAL, SparsityPattern.LONGFORMER]
+
+
+def make(pattern=SparsityPattern.AXIAL, **kw):
+    args = dict(in_channels=16, out_channels=16, num_heads=4, sparsity_pattern=pattern,
+                max_relative_positions=4, kernel_size=3, block_size=4)
+    args.update(kw)
+    torch.manual_seed(0)
+    return EnhancedSparseAttention(**args)
+
+
+def test_module_matches_a_hand_written_forward():
+    """The data flow of DESIGN.md, recomputed from the parameters with the dense reference."""
+    module = make(SparsityPattern.LONGFORMER, in_channels=12, out_channels=16).double().eval()
+    with torch.no_grad():
+        module.rel_pos_bias.normal_()
+        module.head_importance.copy_(torch.tensor([1.0, 0.5, 2.0, 1.5]))
+    x = torch.randn(2, 12, 5, 7, dtype=torch.float64)
+    layout = build_layout("longformer", 5, 7, kernel_size=3)
+    pos = torch.nn.functional.interpolate(module.pos_embedding, size=(5, 7), mode="bilinear",
+                                          align_corners=False)
+    tokens = (x + pos).flatten(2).transpose(1, 2)
+    qkv = tokens @ module.qkv.weight.T + module.qkv.bias
+    q, k, v = qkv.view(2, 35, 3, 4, 4).permute(2, 0, 3, 1, 4)
+    attended = reference_attention(q, k, v, layout, bias=module.rel_pos_bias)[0]
+    merged = (attended * module.head_importance.view(1, 4, 1, 1)).transpose(1, 2).reshape(2, 35, 16)
+    out = merged @ module.proj.weight.T + module.proj.bias
+    out = out + x.flatten(2).transpose(1, 2) @ module.residual.weight.T + module.residual.bias
+    out = torch.nn.functional.layer_norm(out, (16,), module.norm.weight, module.norm.bias)
+    expected = out.transpose(1, 2).reshape(2, 16, 5, 7)
+    torch.testing.assert_close(module(x), expected)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_native_and_torch_paths_agree_with_one_state_dict(pattern):
+    native = make(pattern, dropout=0.3)
+    torch_path = make(pattern, dropout=0.3, use_cuda_kernel=False)
+    torch_path.load_state_dict(native.state_dict())
+    x = torch.randn(2, 16, 6, 9)
+    outs = []
+    for module in (native, torch_path):
+        torch.manual_seed(3)  # the same dropout seed is drawn on both paths
+        xi = x.clone().requires_grad_(True)
+        y = module(xi)
+        y.square().sum().backward()
+        outs.append((y.detach(), xi.grad, module.rel_pos_bias.grad, module.qkv.weight.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("shape", [(0, 16, 4, 4), (1, 16, 1, 1), (1, 16, 1, 13), (3, 16, 7, 1),
+                                   (2, 16, 7, 13), (1, 16, 40, 40)])
+def test_any_input_size_and_batch(shape):
+    module = make(SparsityPattern.LONGFORMER)
+    y = module(torch.randn(*shape))
+    assert y.shape == shape and torch.isfinite(y).all()
+
+
+def test_in_out_channels_differ_and_without_skip():
+    module = make(in_channels=8, out_channels=24, num_heads=3)
+    assert module(torch.randn(2, 8, 5, 5)).shape == (2, 24, 5, 5)
+    plain = make(in_channels=8, out_channels=24, num_heads=3, skip_connection=False)
+    assert plain.residual is None
+    assert plain(torch.randn(2, 8, 5, 5)).shape == (2, 24, 5, 5)
+
+
+def test_dropout_only_in_training():
+    module = make(dropout=0.5)
+    x = torch.randn(2, 16, 6, 6)
+    module.eval()
+    assert torch.equal(module(x), module(x))
+    module.train()
+    assert not torch.equal(module(x), module(x))
+
+
+def test_state_dict_round_trip_and_dtype_move(tmp_path):
+    module = make(SparsityPattern.STRIDED).eval()
+    with torch.no_grad():
+        module.rel_pos_bias.normal_()
+    x = torch.randn(1, 16, 9, 9)
+    path = tmp_path / "m.pt"
+    torch.save(module.state_dict(), path)
+    other = make(SparsityPattern.STRIDED).eval()
+    other.load_state_dict(torch.load(path))
+    torch.testing.assert_close(other(x), module(x))
+    as_double = other.to(torch.float64)
+    y = as_double(x.double())
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y.float(), module(x), atol=1e-5, rtol=1e-4)
+
+
+def test_relative_bias_and_positions_learn_through_the_kernel():
+    module = make(SparsityPattern.BLOCK)
+    module(torch.randn(2, 16, 8, 8)).sum().backward()
+    assert module.rel_pos_bias.grad.abs().sum() > 0
+    assert module.pos_embedding.grad.abs().sum() > 0
+    plain = make(use_relative_pos=False, use_learnable_pos=False)
+    assert plain.rel_pos_bias is None and plain.pos_embedding is None
+    plain(torch.randn(1, 16, 4, 4))
+
+
+def test_key_mask_argument():
+    module = make(SparsityPattern.AXIAL).eval()
+    x = torch.randn(2, 16, 4, 4)
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[:, 5] = False
+    assert not torch.allclose(module(x, key_mask=mask), module(x))
+
+
+def test_statistics_follow_their_definitions():
+    module = make(SparsityPattern.LONGFORMER, num_heads=2, out_channels=8, in_channels=8).double()
+    module.eval()
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    module.reset_stats()
+    module(x)
+    stats = module.get_attention_stats()
+    layout = module.layout_for(5, 6)
+    q, k, v = module._project(x)
+    _, _, probs = reference_attention(q, k, v, layout, bias=module.rel_pos_bias)
+    allowed = torch.from_numpy(layout.to_dense()).expand_as(probs)
+    values = probs[allowed]
+    assert stats.mean == pytest.approx(values.mean().item(), rel=1e-9)
+    assert stats.std == pytest.approx(values.std(unbiased=False).item(), rel=1e-6)
+    assert stats.sparsity == pytest.approx(1 - layout.density)
+    plogp = torch.where(probs > 0, probs * probs.clamp_min(1e-300).log(), torch.zeros_like(probs))
+    row_entropy = -plogp.sum(-1)
+    assert stats.entropy == pytest.approx(row_entropy.mean().item(), rel=1e-9)
+    np.testing.assert_allclose(stats.entropy_per_head, row_entropy.mean((0, 2)).detach().numpy(), rtol=1e-9)
+    assert stats.pattern_type == "LONGFORMER" and stats.num_forward_passes == 1
+    module(x)
+    assert module.get_attention_stats().num_forward_passes == 2
+    assert module.get_attention_stats().entropy == pytest.approx(stats.entropy)
+    module.reset_stats()
+    assert module.get_attention_stats().num_forward_passes == 0
+
+
+def test_head_importance_is_gradient_based():
+    module = make(SparsityPattern.AXIAL)
+    with pytest.raises(RuntimeError, match="no gradient"):
+        module.analyze_head_importance()
+    x = torch.randn(4, 16, 6, 6)
+    target = torch.randn(4, 16, 6, 6)
+    for _ in range(3):
+        module.zero_grad()
+        loss = (module(x) - target).square().mean()
+        loss.backward()
+    scores = module.analyze_head_importance(normalize=False)
+    assert set(scores) == {0, 1, 2, 3}
+    assert all(s > 0 for s in scores.values())
+    assert len(set(round(s, 12) for s in scores.values())) == 4, "scores differ per head"
+    normalized = module.analyze_head_importance()
+    assert math.isclose(sum(v * v for v in normalized.values()), 1.0, rel_tol=1e-9)
+
+
+def test_pruned_heads_are_skipped():
+    module = make(SparsityPattern.AXIAL).eval()
+    x = torch.randn(2, 16, 5, 5)
+    before = module(x)
+    module.prune_heads([1, 3])
+    assert module.active_heads == [0, 2]
+    after = module(x)
+    with torch.no_grad():
+        module.head_mask.fill_(True)
+        module.head_importance[[1, 3]] = 0.0  # the seed README's way: zero gates
+    torch.testing.assert_close(module(x), after)
+    assert module.active_heads == [0, 2]
+    assert not torch.allclose(before, after)
+    with pytest.raises(ValueError, match="heads"):
+        module.prune_heads([4])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(out_channels=10, num_heads=4), "divisible"),
+    (dict(in_channels=0), "in_channels"),
+    (dict(sparsity_pattern="zigzag"), "sparsity_pattern"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(kernel_size=0, sparsity_pattern="longformer"), "kernel_size"),
+    (dict(attention_ratio=0.0), "attention_ratio"),
+    (dict(max_relative_positions=-1), "max_relative_positions"),
+])
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make(**kwargs)
+
+
+def test_bad_inputs_name_the_argument():
+    module = make()
+    with pytest.raises(ValueError, match="x: expected 4 dimensions"):
+        module(torch.randn(16, 4, 4))
+    with pytest.raises(ValueError, match="x: expected 16 channels"):
+        module(torch.randn(1, 8, 4, 4))
+    with pytest.raises(TypeError, match="x: expected a floating-point"):
+        module(torch.ones(1, 16, 4, 4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
+        module(np.zeros((1, 16, 4, 4)))
+    with pytest.raises(ValueError, match="key_mask"):
+        module(torch.randn(1, 16, 4, 4), key_mask=torch.ones(1, 15, dtype=torch.bool))
+
+
+def test_torch_compile_runs_and_matches():
+    module = make(SparsityPattern.LONGFORMER).eval()
+    compiled = torch.compile(module)
+    x = torch.randn(2, 16, 6, 6)
+    torch.testing.assert_close(compiled(x), module(x), atol=1e-5, rtol=1e-5)
+    explanation = torch._dynamo.explain(module)(x)
+    assert explanation.graph_break_count <= 3  # layout lookup and statistics, not per op
+
+
+def test_visualization_renders_a_png():
+    import matplotlib
+    matplotlib.use("Agg")
+    from sparse_attention.utils import draw_patterns, visualize_attention_patterns
+
+    module = make(SparsityPattern.LONGFORMER)
+    x = torch.randn(2, 16, 9, 11)
+    module(x)
+    fig = visualize_attention_patterns(module, x, heads=[0, 2])
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    data = buffer.getvalue()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert len(fig.axes) >= 9  # 3 query points x (layout + 2 heads), plus colour bars
+    assert "LONGFORMER" in fig._suptitle.get_text()
+    fig = draw_patterns(10, 10)
+    assert len(fig.axes) == 5
+    with pytest.raises(ValueError, match="query_points"):
+        visualize_attention_patterns(module, x, query_points=[(20, 0)])
+
+
+def test_attention_weights_are_the_softmax_rows():
+    module = make(SparsityPattern.STRIDED).double().eval()
+    x = torch.randn(1, 16, 7, 8, dtype=torch.float64)
+    rows = module.attention_weights(x, [0, 27])
+    layout = module.layout_for(7, 8)
+    q, k, v = module._project(x)
+    _, _, probs = reference_attention(q, k, v, layout, bias=module.rel_pos_bias)
+    for token, (keys, weights) in zip([0, 27], rows):
+        torch.testing.assert_close(weights, probs[:, :, token, keys])
+        torch.testing.assert_close(weights.sum(-1), torch.ones(1, 4, dtype=torch.float64))
