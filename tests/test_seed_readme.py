@@ -125,7 +125,7 @@ def test_monitoring_and_visualization(capsys):
 
     train_step(model, x)
     printed = capsys.readouterr().out
-    assert "Mean attention: 0.0" in printed and "Sparsity: 0.9" in printed
+    assert "Mean attention: 0.032" in printed and "Sparsity: 0.879" in printed  # 31 of 256 keys
     assert fig.axes
 
 
