@@ -109,6 +109,8 @@ extension = Extension(
     "sparse_attention._C",
     sources=C_SOURCES,
     include_dirs=[numpy.get_include(), "csrc"],
+    depends=sorted(os.path.join("csrc", name) for name in os.listdir(os.path.join(HERE, "csrc"))
+                   if name.endswith(".h")),
     extra_compile_args=extra_compile_args,
     extra_link_args=["-pthread"] + (["-fsanitize=address,undefined"]
                                     if os.environ.get("SPARSE_ATTENTION_SANITIZE") else []),

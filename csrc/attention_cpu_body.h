@@ -11,7 +11,8 @@
 
 /* Multiversioned for the vector units this CPU has (AVX-512, AVX2, baseline). */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SA_NO_CLONES)
-#define SA_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#define SA_VECTOR_CLONES \
+    __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define SA_VECTOR_CLONES
 #endif
@@ -60,7 +61,7 @@ static void SA_FN(forward_rows)(void *ctx, int64_t begin, int64_t end)
     const SA_T keep_scale = p->dropout_p > 0 ? (SA_T)(1.0 / (1.0 - p->dropout_p)) : 1;
     const uint32_t threshold = sa_dropout_threshold(p->dropout_p);
     SA_T acc[SA_CPU_MAX_DIM];
-    SA_T scores[SA_CHUNK];
+    SA_T scores[SA_CHUNK], weights[SA_CHUNK];
     int32_t keys[SA_CHUNK];
 
     for (int64_t item = begin; item < end; item++) {
@@ -99,16 +100,22 @@ static void SA_FN(forward_rows)(void *ctx, int64_t begin, int64_t end)
                     }
                     run_max = chunk_max;
                 }
+                SA_T chunk_sum = 0, chunk_sq = 0, chunk_shifted = 0;
+#pragma omp simd reduction(+ : chunk_sum, chunk_sq, chunk_shifted)
                 for (int c = 0; c < count; c++) {
-                    SA_T e = SA_EXP(scores[c] - run_max);
-                    run_sum += e;
-                    run_sq += e * e;
-                    run_shifted += e * (scores[c] - run_max);
-                    SA_T weight = e * keep_scale;
-                    if (threshold > 0 && !sa_dropout_keep(query_key, keys[c], threshold)) weight = 0;
-                    if (weight != 0) {
-                        SA_FN(axpy)(acc, weight, ROW((const SA_T *)p->v, p->v_stride, b, h, keys[c]), dim);
-                    }
+                    const SA_T shifted = scores[c] - run_max;
+                    const SA_T e = SA_EXP(shifted);
+                    weights[c] = e * keep_scale;
+                    chunk_sum += e;
+                    chunk_sq += e * e;
+                    chunk_shifted += e * shifted;
+                }
+                run_sum += chunk_sum;
+                run_sq += chunk_sq;
+                run_shifted += chunk_shifted;
+                for (int c = 0; c < count; c++) {
+                    if (threshold > 0 && !sa_dropout_keep(query_key, keys[c], threshold)) continue;
+                    SA_FN(axpy)(acc, weights[c], ROW((const SA_T *)p->v, p->v_stride, b, h, keys[c]), dim);
                 }
             }
         }
@@ -144,31 +151,22 @@ static void SA_FN(delta_rows)(void *ctx, int64_t begin, int64_t end)
     }
 }
 
-/* dS_ij = P_ij (dP_ij - delta_i), with dP_ij = <dO_i, V_j> (scaled by dropout). */
-static inline SA_T SA_FN(score_grad)(const sa_attention_params *p, int64_t b, int64_t h,
-                                     int64_t i, int64_t j, const SA_T *q, const SA_T *k,
-                                     const SA_T *grad_out_row, SA_T lse, SA_T delta,
-                                     uint32_t query_key, uint32_t threshold, SA_T keep_scale,
-                                     SA_T *dropped_prob)
-{
-    const int64_t dim = p->head_dim;
-    SA_T s = (SA_T)p->scale * SA_FN(dot)(q, k, dim) + SA_FN(bias_at)(p, h, i, j);
-    SA_T prob = SA_EXP(s - lse);
-    SA_T kept = keep_scale;
-    if (threshold > 0 && !sa_dropout_keep(query_key, j, threshold)) kept = 0;
-    SA_T dp = kept * SA_FN(dot)(grad_out_row, ROW((const SA_T *)p->v, p->v_stride, b, h, j), dim);
-    *dropped_prob = prob * kept;
-    return prob * (dp - delta);
-}
+/* dS_ij = P_ij (dP_ij - delta_i), with dP_ij = <dO_i, V_j> scaled by the dropout
+ * mask. The pairs of one row (or column) go in chunks: the two dot products
+ * per pair first, then probabilities and dS for the whole chunk in one
+ * vectorised loop, then the accumulations. */
 
 SA_VECTOR_CLONES
 static void SA_FN(grad_query_rows)(void *ctx, int64_t begin, int64_t end)
 {
     const sa_attention_params *p = ctx;
     const int64_t n = p->num_tokens, dim = p->head_dim;
+    const SA_T scale = (SA_T)p->scale;
     const SA_T keep_scale = p->dropout_p > 0 ? (SA_T)(1.0 / (1.0 - p->dropout_p)) : 1;
     const uint32_t threshold = sa_dropout_threshold(p->dropout_p);
     SA_T acc[SA_CPU_MAX_DIM];
+    SA_T scores[SA_CHUNK], grad_probs[SA_CHUNK], score_grads[SA_CHUNK];
+    int32_t keys[SA_CHUNK];
 
     for (int64_t item = begin; item < end; item++) {
         const int64_t i = item % n, bh = item / n, h = bh % p->heads, b = bh / p->heads;
@@ -180,25 +178,41 @@ static void SA_FN(grad_query_rows)(void *ctx, int64_t begin, int64_t end)
             if (grad_scores) {
                 for (int64_t pos = p->row_ptr[i]; pos < p->row_ptr[i + 1]; pos++) grad_scores[pos] = 0;
             }
-        } else {
-            const SA_T *q = ROW((const SA_T *)p->q, p->q_stride, b, h, i);
-            const SA_T *grad_out_row = ROW((const SA_T *)p->grad_out, p->grad_out_stride, b, h, i);
-            const SA_T delta = ((const SA_T *)p->delta)[item];
-            const uint32_t query_key =
-                sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), i);
-            for (int64_t pos = p->row_ptr[i]; pos < p->row_ptr[i + 1]; pos++) {
-                const int32_t j = p->col_idx[pos];
-                SA_T ds = 0, unused;
-                if (key_allowed(p, b, j)) {
-                    const SA_T *k = ROW((const SA_T *)p->k, p->k_stride, b, h, j);
-                    ds = SA_FN(score_grad)(p, b, h, i, j, q, k, grad_out_row, lse, delta,
-                                           query_key, threshold, keep_scale, &unused);
-                    SA_FN(axpy)(acc, ds, k, dim);
-                }
-                if (grad_scores) grad_scores[pos] = ds;
-            }
+            for (int64_t d = 0; d < dim; d++) grad_q[d] = 0;
+            continue;
         }
-        const SA_T scale = (SA_T)p->scale;
+        const SA_T *q = ROW((const SA_T *)p->q, p->q_stride, b, h, i);
+        const SA_T *grad_out_row = ROW((const SA_T *)p->grad_out, p->grad_out_stride, b, h, i);
+        const SA_T delta = ((const SA_T *)p->delta)[item];
+        const uint32_t query_key = sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), i);
+        for (int64_t pos = p->row_ptr[i]; pos < p->row_ptr[i + 1]; pos += SA_CHUNK) {
+            const int64_t stop = pos + SA_CHUNK < p->row_ptr[i + 1] ? pos + SA_CHUNK : p->row_ptr[i + 1];
+            const int count = (int)(stop - pos);
+            for (int c = 0; c < count; c++) {
+                const int32_t j = p->col_idx[pos + c];
+                keys[c] = j;
+                if (!key_allowed(p, b, j)) {
+                    scores[c] = -INFINITY;
+                    grad_probs[c] = 0;
+                    continue;
+                }
+                SA_T kept = keep_scale;
+                if (threshold > 0 && !sa_dropout_keep(query_key, j, threshold)) kept = 0;
+                scores[c] = scale * SA_FN(dot)(q, ROW((const SA_T *)p->k, p->k_stride, b, h, j), dim) +
+                            SA_FN(bias_at)(p, h, i, j) - lse;
+                grad_probs[c] = kept * SA_FN(dot)(grad_out_row, ROW((const SA_T *)p->v, p->v_stride, b, h, j), dim);
+            }
+#pragma omp simd
+            for (int c = 0; c < count; c++) {
+                const SA_T prob = scores[c] == -INFINITY ? 0 : SA_EXP(scores[c]);
+                score_grads[c] = prob * (grad_probs[c] - delta);
+            }
+            for (int c = 0; c < count; c++) {
+                if (score_grads[c] != 0)
+                    SA_FN(axpy)(acc, score_grads[c], ROW((const SA_T *)p->k, p->k_stride, b, h, keys[c]), dim);
+            }
+            if (grad_scores) memcpy(grad_scores + pos, score_grads, sizeof(SA_T) * (size_t)count);
+        }
         for (int64_t d = 0; d < dim; d++) grad_q[d] = acc[d] * scale;
     }
 }
@@ -208,35 +222,60 @@ static void SA_FN(grad_key_value_columns)(void *ctx, int64_t begin, int64_t end)
 {
     const sa_attention_params *p = ctx;
     const int64_t n = p->num_tokens, dim = p->head_dim;
+    const SA_T scale = (SA_T)p->scale;
     const SA_T keep_scale = p->dropout_p > 0 ? (SA_T)(1.0 / (1.0 - p->dropout_p)) : 1;
     const uint32_t threshold = sa_dropout_threshold(p->dropout_p);
     SA_T acc_k[SA_CPU_MAX_DIM], acc_v[SA_CPU_MAX_DIM];
+    SA_T scores[SA_CHUNK], grad_probs[SA_CHUNK], kept[SA_CHUNK], deltas[SA_CHUNK];
+    SA_T score_grads[SA_CHUNK], dropped_probs[SA_CHUNK];
+    int32_t queries[SA_CHUNK];
 
     for (int64_t item = begin; item < end; item++) {
         const int64_t j = item % n, bh = item / n, h = bh % p->heads, b = bh / p->heads;
         for (int64_t d = 0; d < dim; d++) acc_k[d] = acc_v[d] = 0;
         if (head_runs(p, h) && key_allowed(p, b, j)) {
             const SA_T *k = ROW((const SA_T *)p->k, p->k_stride, b, h, j);
+            const SA_T *v = ROW((const SA_T *)p->v, p->v_stride, b, h, j);
             const uint32_t row_key = sa_dropout_row_key(p->dropout_seed, b, h);
-            for (int64_t pos = p->col_ptr[j]; pos < p->col_ptr[j + 1]; pos++) {
-                const int32_t i = p->row_idx[pos];
-                const int64_t query_item = bh * n + i;
-                const SA_T lse = ((const SA_T *)p->lse)[query_item];
-                if (lse == -INFINITY) continue;
-                const SA_T *q = ROW((const SA_T *)p->q, p->q_stride, b, h, i);
-                const SA_T *grad_out_row = ROW((const SA_T *)p->grad_out, p->grad_out_stride, b, h, i);
-                SA_T dropped_prob;
-                SA_T ds = SA_FN(score_grad)(p, b, h, i, j, q, k, grad_out_row, lse,
-                                            ((const SA_T *)p->delta)[query_item],
-                                            sa_dropout_query_key(row_key, i), threshold,
-                                            keep_scale, &dropped_prob);
-                SA_FN(axpy)(acc_k, ds, q, dim);
-                if (dropped_prob != 0) SA_FN(axpy)(acc_v, dropped_prob, grad_out_row, dim);
+            const SA_T *lse_row = (const SA_T *)p->lse + bh * n;
+            const SA_T *delta_row = (const SA_T *)p->delta + bh * n;
+            for (int64_t pos = p->col_ptr[j]; pos < p->col_ptr[j + 1]; pos += SA_CHUNK) {
+                const int64_t stop = pos + SA_CHUNK < p->col_ptr[j + 1] ? pos + SA_CHUNK : p->col_ptr[j + 1];
+                const int count = (int)(stop - pos);
+                for (int c = 0; c < count; c++) {
+                    const int32_t i = p->row_idx[pos + c];
+                    queries[c] = i;
+                    const SA_T lse = lse_row[i];
+                    deltas[c] = delta_row[i];
+                    if (lse == -INFINITY) {
+                        scores[c] = -INFINITY;
+                        grad_probs[c] = kept[c] = 0;
+                        continue;
+                    }
+                    kept[c] = keep_scale;
+                    if (threshold > 0 && !sa_dropout_keep(sa_dropout_query_key(row_key, i), j, threshold))
+                        kept[c] = 0;
+                    scores[c] = scale * SA_FN(dot)(ROW((const SA_T *)p->q, p->q_stride, b, h, i), k, dim) +
+                                SA_FN(bias_at)(p, h, i, j) - lse;
+                    grad_probs[c] = kept[c] * SA_FN(dot)(ROW((const SA_T *)p->grad_out, p->grad_out_stride, b, h, i), v, dim);
+                }
+#pragma omp simd
+                for (int c = 0; c < count; c++) {
+                    const SA_T prob = scores[c] == -INFINITY ? 0 : SA_EXP(scores[c]);
+                    score_grads[c] = prob * (grad_probs[c] - deltas[c]);
+                    dropped_probs[c] = prob * kept[c];
+                }
+                for (int c = 0; c < count; c++) {
+                    const int32_t i = queries[c];
+                    if (score_grads[c] != 0)
+                        SA_FN(axpy)(acc_k, score_grads[c], ROW((const SA_T *)p->q, p->q_stride, b, h, i), dim);
+                    if (dropped_probs[c] != 0)
+                        SA_FN(axpy)(acc_v, dropped_probs[c], ROW((const SA_T *)p->grad_out, p->grad_out_stride, b, h, i), dim);
+                }
             }
         }
         SA_T *grad_k = (SA_T *)p->grad_k + item * dim;
         SA_T *grad_v = (SA_T *)p->grad_v + item * dim;
-        const SA_T scale = (SA_T)p->scale;
         for (int64_t d = 0; d < dim; d++) {
             grad_k[d] = acc_k[d] * scale;
             grad_v[d] = acc_v[d];
