@@ -340,6 +340,8 @@ int sa_view_expect_shape(const sa_view *view, const int64_t *shape, int ndim)
 
 int sa_view_expect_contiguous(const sa_view *view)
 {
+    for (int d = 0; d < view->ndim; d++)
+        if (view->shape[d] == 0) return 0; /* nothing is addressed */
     int64_t step = 1;
     for (int d = view->ndim - 1; d >= 0; d--) {
         if (view->shape[d] > 1 && view->strides[d] != step) {

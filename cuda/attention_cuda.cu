@@ -109,6 +109,7 @@ forward_kernel(const sa_attention_params p) {
 #pragma unroll
     for (int e = 0; e < VEC; e++) acc[e] = A(0);
     A run_max = -CUDART_INF_F, run_sum = 0, run_sq = 0, run_shifted = 0;
+    bool saw_nan = false;  // a NaN score makes the row NaN, as in PyTorch
     if (head_runs(p, h)) {
         load_row<T, VEC>(row_of<T>(p.q, p.q_stride, b, h, i), lane, dim, q);
         const uint32_t query_key = sa_dropout_query_key(sa_dropout_row_key(p.dropout_seed, b, h), i);
@@ -127,6 +128,7 @@ forward_kernel(const sa_attention_params p) {
 #pragma unroll
                 for (int e = 0; e < VEC; e++) partial += q[e] * k[e];
                 const A s = scale * warp_sum(partial) + bias_at<T>(p, h, i, j);
+                saw_nan |= s != s;
                 if (s > run_max) {
                     if (run_sum > 0) {
                         const A r = exp_acc(run_max - s);
@@ -152,17 +154,19 @@ forward_kernel(const sa_attention_params p) {
     T *out = static_cast<T *>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
     A *lse = static_cast<A *>(p.lse) + item;
     A *stats = p.row_stats ? static_cast<A *>(p.row_stats) + 2 * item : nullptr;
-    const A inv = run_sum > 0 ? A(1) / run_sum : A(0);
+    if (saw_nan) run_sum = run_max = run_sq = run_shifted = A(NAN);
+    const A inv = run_sum > 0 || saw_nan ? A(1) / run_sum : A(0);
 #pragma unroll
     for (int e = 0; e < VEC; e++) {
         int64_t d = e * kWarp + lane;
         if (d < dim) out[d] = from_acc<T>(acc[e] * inv);
     }
     if (lane == 0) {
-        *lse = run_sum > 0 ? run_max + log_acc(run_sum) : -CUDART_INF_F;
+        const bool live = run_sum > 0 || saw_nan;
+        *lse = live ? run_max + log_acc(run_sum) : -CUDART_INF_F;
         if (stats) {
-            stats[0] = run_sum > 0 ? run_sq * inv * inv : A(0);
-            stats[1] = run_sum > 0 ? log_acc(run_sum) - run_shifted * inv : A(0);
+            stats[0] = live ? run_sq * inv * inv : A(0);
+            stats[1] = live ? log_acc(run_sum) - run_shifted * inv : A(0);
         }
     }
 }
@@ -444,6 +448,7 @@ forward_fast_kernel(const sa_attention_params p, bool aligned) {
 #pragma unroll
     for (int e = 0; e < VEC; e++) acc[e] = A(0);
     A run_max = -CUDART_INF_F, run_sum = 0, run_sq = 0, run_shifted = 0;
+    bool saw_nan = false;  // a NaN score makes the row NaN, as in PyTorch
     if (head_runs(p, h)) {
         A *q = q_shared[WARPS == 1 ? warp : 0];
         stage_row(q, row_of<T>(p.q, p.q_stride, b, h, i), lane, dim);
@@ -457,6 +462,7 @@ forward_fast_kernel(const sa_attention_params p, bool aligned) {
             if (allowed)
                 s = scale * dot_shared(row_of<T>(p.k, p.k_stride, b, h, j), q, dim, aligned) +
                     bias_at<T>(p, h, i, j);
+            saw_nan |= __any_sync(0xffffffffu, s != s);
             const A chunk_max = warp_max(s);
             if (chunk_max == -CUDART_INF_F) continue;
             const A new_max = chunk_max > run_max ? chunk_max : run_max;
@@ -495,8 +501,10 @@ forward_fast_kernel(const sa_attention_params p, bool aligned) {
         if (lane == 0) {
             merge[warp][kDim] = run_max;
             merge[warp][kDim + 1] = run_sum;
+            merge[warp][kDim + 3] = saw_nan ? A(1) : A(0);
         }
         __syncthreads();
+        for (int w = 0; w < WARPS; w++) saw_nan |= merge[w][kDim + 3] != A(0);
         A global_max = -CUDART_INF_F;
         for (int w = 0; w < WARPS; w++)
             if (merge[w][kDim + 1] > 0 && merge[w][kDim] > global_max) global_max = merge[w][kDim];
@@ -524,18 +532,20 @@ forward_fast_kernel(const sa_attention_params p, bool aligned) {
         }
     }
     T *out = static_cast<T *>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
-    const A inv = run_sum > 0 ? A(1) / run_sum : A(0);
+    if (saw_nan) run_sum = run_max = run_sq = run_shifted = A(NAN);
+    const bool live = run_sum > 0 || saw_nan;
+    const A inv = live ? A(1) / run_sum : A(0);
 #pragma unroll
     for (int e = 0; e < VEC; e++) {
         const int64_t d = e * kWarp + lane;
         if (d < dim) out[d] = from_acc<T>(acc[e] * inv);
     }
     if (lane == 0) {
-        static_cast<A *>(p.lse)[item] = run_sum > 0 ? run_max + log_acc(run_sum) : -CUDART_INF_F;
+        static_cast<A *>(p.lse)[item] = live ? run_max + log_acc(run_sum) : -CUDART_INF_F;
         if (want_stats) {
             A *stats = static_cast<A *>(p.row_stats) + 2 * item;
-            stats[0] = run_sum > 0 ? run_sq * inv * inv : A(0);
-            stats[1] = run_sum > 0 ? log_acc(run_sum) - run_shifted * inv : A(0);
+            stats[0] = live ? run_sq * inv * inv : A(0);
+            stats[1] = live ? log_acc(run_sum) - run_shifted * inv : A(0);
         }
     }
 }
