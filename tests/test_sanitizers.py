@@ -1,0 +1,54 @@
+"""AddressSanitizer + UndefinedBehaviorSanitizer build of the extension, run
+against the kernel, bridge, layout and bad-input tests in a subprocess.
+
+SPARSE_ATTENTION_SKIP_SANITIZERS=1 skips it (it rebuilds the C sources and
+takes about a minute and a half)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUITES = ["tests/test_layout.py", "tests/test_dlpack.py", "tests/test_op.py", "tests/test_hardening.py"]
+
+
+def runtime(name):
+    compiler = shutil.which("gcc")
+    if compiler is None:
+        return None
+    path = subprocess.run([compiler, f"-print-file-name={name}"], capture_output=True,
+                          text=True).stdout.strip()
+    return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
+@pytest.mark.skipif(os.environ.get("SPARSE_ATTENTION_SKIP_SANITIZERS") == "1", reason="skipped by request")
+@pytest.mark.skipif(sys.platform != "linux" or not runtime("libasan.so") or not runtime("libubsan.so"),
+                    reason="needs gcc's libasan and libubsan on Linux")
+def test_suites_pass_under_address_and_undefined_behaviour_sanitizers(tmp_path):
+    copy = tmp_path / "tree"
+    copy.mkdir()
+    for name in ("csrc", "sparse_attention", "tests"):
+        shutil.copytree(os.path.join(ROOT, name), copy / name,
+                        ignore=shutil.ignore_patterns("*.so", "__pycache__", "corpus"))
+    for name in ("setup.py", "pyproject.toml"):
+        shutil.copy(os.path.join(ROOT, name), copy / name)
+    env = dict(os.environ, SPARSE_ATTENTION_SANITIZE="1", SPARSE_ATTENTION_CUDA="0")
+    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=copy,
+                           capture_output=True, text=True, env=env)
+    assert build.returncode == 0, build.stderr[-3000:]
+    symbols = subprocess.run(["nm", "-D", next(str(p) for p in (copy / "sparse_attention").glob("_C*.so"))],
+                             capture_output=True, text=True).stdout
+    assert "__asan" in symbols and "__ubsan" in symbols, "the build is not instrumented"
+    env = dict(os.environ, PYTHONPATH=str(copy),
+               LD_PRELOAD=f"{runtime('libasan.so')} {runtime('libubsan.so')}",
+               ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
+               UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                             *SUITES, "-k", "not distributed and not dataloader and not fork"],
+                            cwd=copy, capture_output=True, text=True, env=env, timeout=900)
+    report = result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, report
+    assert "ERROR: AddressSanitizer" not in report and "runtime error" not in report, report
