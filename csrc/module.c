@@ -246,6 +246,11 @@ static int fill_common(view_set *set, sa_attention_params *p, const common_optio
         p->k_stride[d] = k->strides[d];
         p->v_stride[d] = v->strides[d];
     }
+    p->q = q->data;
+    p->k = k->data;
+    p->v = v->data;
+    p->stream = (void *)(intptr_t)(set->stream < 0 ? 0 : set->stream);
+    p->device_id = q->device.device_id;
 
     sa_view *bias = take(set, o->bias, "rel_pos_bias", 0);
     if (o->bias != Py_None && bias == NULL) return -1;
@@ -360,17 +365,12 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
         goto fail;
     p.long_threshold = long_rows_obj != Py_None ? long_threshold : INT64_MAX;
     p.reference_kernel = reference_kernel;
-    p.q = q->data;
-    p.k = k->data;
-    p.v = v->data;
     p.out = out->data;
     for (int d = 0; d < 3; d++) p.out_stride[d] = out->strides[d];
     p.lse = lse->data;
     p.row_ptr = (const int64_t *)ptr->data;
     p.col_idx = (const int32_t *)idx->data;
     p.nnz = idx->shape[0];
-    p.stream = (void *)(intptr_t)(stream < 0 ? 0 : stream);
-    p.device_id = q->device.device_id;
     if (run_kernel(is_cuda(q), 0, &p) < 0) goto fail;
     release_all(&set);
     Py_RETURN_NONE;
@@ -454,9 +454,6 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
     }
     p.long_threshold = long_rows_obj != Py_None ? long_threshold : INT64_MAX;
     p.reference_kernel = reference_kernel;
-    p.q = q->data;
-    p.k = k->data;
-    p.v = v->data;
     p.out = out->data;
     p.grad_out = go->data;
     for (int d = 0; d < 3; d++) {
@@ -473,8 +470,6 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
     p.col_ptr = (const int64_t *)cptr->data;
     p.row_idx = (const int32_t *)ridx->data;
     p.nnz = idx->shape[0];
-    p.stream = (void *)(intptr_t)(stream < 0 ? 0 : stream);
-    p.device_id = q->device.device_id;
     if (run_kernel(is_cuda(q), 1, &p) < 0) goto fail;
     release_all(&set);
     Py_RETURN_NONE;

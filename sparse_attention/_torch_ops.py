@@ -40,7 +40,7 @@ def native_supports(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     return f"no native kernels for device type {device.type!r}"
 
 
-def _bytes(x):
+def _detached(x):
     return x.detach() if x is not None else None
 
 
@@ -76,7 +76,7 @@ def _forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, row_pt
     stats = (torch.empty(batch, heads, num_tokens, 2, dtype=accum, device=query.device)
              if want_stats else torch.empty(0, dtype=accum, device=query.device))
     C.attention_forward(query.detach(), key.detach(), value.detach(), out, lse, row_ptr, col_idx,
-                        height=height, width=width, scale=scale, rel_pos_bias=_bytes(bias),
+                        height=height, width=width, scale=scale, rel_pos_bias=_detached(bias),
                         key_mask=key_mask, head_active=head_active, dropout_p=dropout_p,
                         dropout_seed=int(seed.item()), row_stats=stats if want_stats else None,
                         stream=_stream_of(query.device),
@@ -118,7 +118,7 @@ def _backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, va
     C.attention_backward(query.detach(), key.detach(), value.detach(), out.detach(),
                          grad_out.detach(), lse.detach(), delta, grads[0], grads[1], grads[2], row_ptr,
                          col_idx, col_ptr, row_idx, height=height, width=width, scale=scale,
-                         rel_pos_bias=_bytes(bias), key_mask=key_mask, head_active=head_active,
+                         rel_pos_bias=_detached(bias), key_mask=key_mask, head_active=head_active,
                          dropout_p=dropout_p, dropout_seed=int(seed.item()), grad_scores=grad_scores,
                          stream=stream, **_cuda_extras(device, long_rows, long_cols, backward=True))
     if bias is not None:

@@ -168,6 +168,7 @@ class EnhancedSparseAttention(nn.Module):
             rows = (row_stats[..., 0] > 0).double().sum((0, 2)).cpu()  # rows that attended
             heads_on = torch.ones(self.num_heads, dtype=torch.float64) if head_active is None \
                 else head_active.cpu().double()
+            # a row's weights sum to 1, so the sum of p over the pairs is the row count
             totals = torch.stack([rows, heads_on * pairs, rows, per_row[..., 0].sum(-1).cpu(),
                                   per_row[..., 1].sum(-1).cpu()])
             self._stats_totals += totals
