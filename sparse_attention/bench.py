@@ -67,7 +67,10 @@ def timed(fn, repeats, warmup=1):
 
 
 def measure(fn_forward, leaves, repeats):
-    """(forward s, forward+backward s, peak MB of one forward+backward)."""
+    """(forward s, forward+backward s, peak RSS increase in MB of one forward+backward).
+
+    The backward entries are None (and the reason is raised) where a peer has
+    no backward; callers keep the forward time."""
     import torch
 
     with torch.no_grad():
@@ -79,10 +82,19 @@ def measure(fn_forward, leaves, repeats):
         for leaf in leaves:
             leaf.grad = None
 
-    both = timed(step, repeats)
+    try:
+        both = timed(step, repeats)
+    except (NotImplementedError, RuntimeError) as error:
+        raise BackwardUnsupported(forward, error) from error
     with PeakMemory() as memory:
         step()
     return forward, both, memory.megabytes
+
+
+class BackwardUnsupported(Exception):
+    def __init__(self, forward, error):
+        super().__init__(str(error))
+        self.forward = forward
 
 
 def main(argv=None):
@@ -155,8 +167,16 @@ def main(argv=None):
                     dense_mask = torch.from_numpy(layout.to_dense())
                     block_mask = create_block_mask(lambda bb, hh, qi, kj: dense_mask[qi, kj], None,
                                                    None, n, n, device="cpu")
-                    row["flex"] = measure(lambda: flex(q, k, v, block_mask=block_mask), [q, k, v],
-                                          args.repeats)
+                    try:
+                        row["flex"] = measure(lambda: flex(q, k, v, block_mask=block_mask), [q, k, v],
+                                              args.repeats)
+                    except (NotImplementedError, BackwardUnsupported) as error:
+                        # FlexAttention on the CPU refuses inputs that require grad: forward only
+                        qd, kd, vd = q.detach(), k.detach(), v.detach()
+                        with torch.no_grad():
+                            forward = timed(lambda: flex(qd, kd, vd, block_mask=block_mask), args.repeats)
+                        row["flex"] = (forward, None, None)
+                        row["flex_note"] = f"forward only: {str(error)[:120]}"
                 except Exception as error:  # noqa: BLE001
                     row["flex_note"] = f"failed: {type(error).__name__}: {str(error)[:200]}"
             gathered_bytes = b * h * layout.nnz * d * 4
@@ -198,7 +218,9 @@ def main(argv=None):
 
 def _ratio(row, key, index):
     value = row.get(key)
-    return "n/a" if value is None else f"{value[index] / row['dense'][index]:.2f}x"
+    if value is None or value[index] is None:
+        return "n/a"
+    return f"{value[index] / row['dense'][index]:.2f}x"
 
 
 def write_outputs(records, args, machine, peak, flex_status):
@@ -207,18 +229,25 @@ def write_outputs(records, args, machine, peak, flex_status):
              f"B={args.batch}, heads={args.heads}, D={args.dim}, fp32; median of {args.repeats}; "
              "times relative to dense SDPA on the same tensors (lower is better).",
              f"Command: `{command.strip()}`", "",
-             "| tokens | pattern | density | ours fwd | ours f+b | ours memory | masked SDPA fwd | "
-             "masked SDPA f+b | Flex fwd | Flex f+b | PyTorch path fwd | PyTorch path f+b |",
+             "Memory: peak RSS increase of one forward+backward, sampled every 5 ms (MB; coarse for "
+             "runs of a few ms).", "",
+             "| tokens | pattern | density | ours fwd | ours f+b | ours / dense / masked MB | "
+             "masked SDPA fwd | masked SDPA f+b | Flex fwd | Flex f+b | PyTorch path fwd | "
+             "PyTorch path f+b |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if r["level"] != "op":
             continue
-        memory = f"{r['ours'][2] / max(r['dense'][2], 1e-9):.2f}x" if r["dense"][2] > 1 else "n/a"
+        masked_mb = f"{r['masked_sdpa'][2]:.0f}" if r.get("masked_sdpa") else "n/a"
+        memory = f"{r['ours'][2]:.0f} / {r['dense'][2]:.0f} / {masked_mb}"
         lines.append(
             f"| {r['side']}x{r['side']} | {r['pattern']} | {r['density']:.4f} | {_ratio(r, 'ours', 0)} | "
             f"{_ratio(r, 'ours', 1)} | {memory} | {_ratio(r, 'masked_sdpa', 0)} | "
             f"{_ratio(r, 'masked_sdpa', 1)} | {_ratio(r, 'flex', 0)} | {_ratio(r, 'flex', 1)} | "
             f"{_ratio(r, 'ours_torch', 0)} | {_ratio(r, 'ours_torch', 1)} |")
+    notes = sorted({f"{key}: {r[key]}" for r in records for key in ("flex_note", "ours_torch_note",
+                                                                     "masked_sdpa_note") if key in r})
+    lines += [""] + [f"- {note}" for note in notes]
     lines += ["", "Dense SDPA absolute times (ms): " + ", ".join(
         sorted({f"{r['side']}x{r['side']}: fwd {r['dense'][0] * 1e3:.1f} / f+b {r['dense'][1] * 1e3:.1f}"
                 for r in records if r["level"] == "op"}))]
