@@ -133,6 +133,7 @@ class EnhancedSparseAttention(nn.Module):
         self.register_buffer("importance_grad_sum", torch.zeros(self.num_heads, dtype=torch.float64))
         self.register_buffer("importance_steps", torch.zeros((), dtype=torch.int64))
         self.head_importance.register_hook(self._accumulate_importance)
+        self._layouts = {}
         self._reset_running_stats()
 
     # -- statistics ----------------------------------------------------------
@@ -238,7 +239,11 @@ class EnhancedSparseAttention(nn.Module):
     @torch.compiler.disable
     def layout_for(self, height: int, width: int) -> Layout:
         """The (cached) layout of this module's pattern for an H x W map."""
-        return build_layout(self.sparsity_pattern, height, width, **self.layout_knobs)
+        layout = self._layouts.get((height, width))
+        if layout is None:  # build_layout validates every knob; do that once per size
+            layout = build_layout(self.sparsity_pattern, height, width, **self.layout_knobs)
+            self._layouts[(height, width)] = layout
+        return layout
 
     def _check_input(self, x):
         if not isinstance(x, torch.Tensor):
