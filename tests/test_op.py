@@ -261,3 +261,28 @@ def test_scale_argument():
     q, k, v, _ = make_inputs(1, 1, 16, 8, torch.float64)
     out = attention(q, k, v, layout, scale=0.3)
     torch.testing.assert_close(out, reference_attention(q, k, v, layout, scale=0.3)[0])
+
+
+def test_numpy_only_use_without_torch():
+    """Layouts and the NumPy forward work in a process where torch cannot be imported."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["torch"] = None  # any `import torch` now raises ImportError
+        import numpy as np
+        import sparse_attention as sa
+        assert not hasattr(sa, "EnhancedSparseAttention")
+        layout = sa.build_layout("longformer", 5, 6, kernel_size=3)
+        q = np.random.default_rng(0).standard_normal((1, 2, 30, 4)).astype(np.float32)
+        out = sa.sparse_scaled_dot_product_attention(q, q, q, layout, dropout_p=0.1, dropout_seed=3)
+        assert out.shape == q.shape and np.isfinite(out).all()
+        print("ok")
+    """)
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
