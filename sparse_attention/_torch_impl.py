@@ -56,6 +56,7 @@ def dropout_keep_mask(seed: int, batch: int, heads: int, rows: torch.Tensor, col
 
 @torch.compiler.disable
 def _layout_tensors(layout, device, max_relative):
+    """The layout's device tensors (NumPy work, kept out of torch.compile's graphs)."""
     return layout.torch_tensors(device, max_relative)
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ._native import C
-from ._torch_impl import sparse_attention_torch
+from ._torch_impl import _layout_tensors, sparse_attention_torch
 from .functional import (_check_bias, _check_head_active, _check_key_mask, _validate_common)
 
 _NATIVE_CPU_DTYPES = (torch.float32, torch.float64)
@@ -160,12 +160,6 @@ def _backward_rule(ctx, grad_out, _grad_lse, _grad_stats):
         grad_bias if bias is not None else None,) + (None,) * 5
 
 _forward.register_autograd(_backward_rule, setup_context=_setup_context)
-
-
-@torch.compiler.disable
-def _layout_tensors(layout, device, max_relative):
-    """The layout's device tensors (NumPy work, kept out of torch.compile's graphs)."""
-    return layout.torch_tensors(device, max_relative)
 
 
 def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropout_seed,

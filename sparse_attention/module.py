@@ -139,7 +139,8 @@ class EnhancedSparseAttention(nn.Module):
     # -- statistics ----------------------------------------------------------
 
     def _reset_running_stats(self):
-        self._stats_totals = torch.zeros(5, self.num_heads, dtype=torch.float64)
+        # per head: rows that attended, allowed pairs, sum of p^2, sum of row entropies
+        self._stats_totals = torch.zeros(4, self.num_heads, dtype=torch.float64)
         self._stats_passes = 0
         self._stats_pairs = 0.0
         self._stats_grid_pairs = 0.0
@@ -169,8 +170,7 @@ class EnhancedSparseAttention(nn.Module):
             rows = (row_stats[..., 0] > 0).double().sum((0, 2)).cpu()  # rows that attended
             heads_on = torch.ones(self.num_heads, dtype=torch.float64) if head_active is None \
                 else head_active.cpu().double()
-            # a row's weights sum to 1, so the sum of p over the pairs is the row count
-            totals = torch.stack([rows, heads_on * pairs, rows, per_row[..., 0].sum(-1).cpu(),
+            totals = torch.stack([rows, heads_on * pairs, per_row[..., 0].sum(-1).cpu(),
                                   per_row[..., 1].sum(-1).cpu()])
             self._stats_totals += totals
             self._stats_passes += 1
@@ -179,7 +179,8 @@ class EnhancedSparseAttention(nn.Module):
 
     def get_attention_stats(self) -> AttentionStats:
         """Statistics over the forward passes since construction or reset_stats()."""
-        rows, pairs, sum_p, sum_p2, entropy = self._stats_totals
+        rows, pairs, sum_p2, entropy = self._stats_totals
+        sum_p = rows  # a row's weights sum to 1
         safe_pairs = pairs.clamp_min(1)
         mean = sum_p / safe_pairs
         var = (sum_p2 / safe_pairs - mean ** 2).clamp_min(0)

@@ -122,6 +122,7 @@ class Layout:
         self._lock = threading.Lock()
         self._device_cache = {}
         self._buckets = {}
+        self._row_ids = None
 
     def _validate(self):
         n = self.num_tokens
@@ -159,11 +160,11 @@ class Layout:
     def row_ids(self) -> np.ndarray:
         """The query row of each CSR entry (int64, nnz)."""
         with self._lock:
-            if "row_ids" not in self._buckets:
+            if self._row_ids is None:
                 ids = np.repeat(np.arange(self.num_tokens, dtype=np.int64), self.degrees())
                 ids.setflags(write=False)
-                self._buckets["row_ids"] = ids
-            return self._buckets["row_ids"]
+                self._row_ids = ids
+            return self._row_ids
 
     def to_dense(self) -> np.ndarray:
         """The N x N boolean mask. O(N^2) memory: for tests and pictures only."""
