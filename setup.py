@@ -20,7 +20,7 @@ from setuptools.command.build_ext import build_ext
 HERE = os.path.dirname(os.path.abspath(__file__))
 C_SOURCES = ["csrc/module.c", "csrc/dlpack_bridge.c", "csrc/layout.c", "csrc/attention_cpu.c",
              "csrc/threads.c"]
-CUDA_SOURCES = ["cuda/attention_cuda.cu"]
+CUDA_SOURCES = ["cuda/attention_cuda.cu", "cuda/attention_tiled.cu"]
 CUDA_ARCHS = os.environ.get("SPARSE_ATTENTION_CUDA_ARCHS", "80;90")
 
 
@@ -79,7 +79,8 @@ class BuildExt(build_ext):
                 obj = os.path.join(build_dir, os.path.basename(source) + ".o")
                 objects.append(obj)
                 inputs = [source] + [os.path.join("csrc", h) for h in os.listdir("csrc")
-                                     if h.endswith(".h")]
+                                     if h.endswith(".h")] + [
+                    os.path.join("cuda", h) for h in os.listdir("cuda") if h.endswith(".cuh")]
                 if os.path.exists(obj) and all(os.path.getmtime(obj) > os.path.getmtime(f)
                                                for f in inputs):
                     continue

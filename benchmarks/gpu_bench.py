@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from sparse_attention import build_layout  # noqa: E402
 from sparse_attention import sparse_scaled_dot_product_attention as sparse_attention  # noqa: E402
+from sparse_attention import _torch_ops  # noqa: E402
 from sparse_attention.patterns import global_tokens  # noqa: E402
 
 PATTERNS = ["axial", "block", "longformer", "strided", "random"]
@@ -113,9 +114,20 @@ def main():
         for pattern in PATTERNS:
             t0 = time.time()
             layout = build_layout(pattern, side, side, attention_ratio=0.1 if pattern == "random" else 0.5)
+            t_plan = time.perf_counter()
+            plan = layout.tile_plan()
+            plan_s = time.perf_counter() - t_plan
+            passes = 0 if plan is None else len(plan)
             with torch.no_grad():
                 ours_fwd = time_cuda(lambda: sparse_attention(q, k, v, layout), args.repeats)
             ours_fb = time_cuda(fwd_bwd(lambda: sparse_attention(q, k, v, layout)), args.repeats)
+            # the same op without the tensor-core forward (the lanes-over-keys kernels)
+            _torch_ops.use_tiled_cuda_kernel = False
+            try:
+                with torch.no_grad():
+                    lanes_fwd = time_cuda(lambda: sparse_attention(q, k, v, layout), args.repeats)
+            finally:
+                _torch_ops.use_tiled_cuda_kernel = True
             flex_fwd = flex_fb = None
             flex_note = ""
             if flex is not None and pattern in args.flex_patterns.split(","):
@@ -135,23 +147,28 @@ def main():
             record = dict(side=side, tokens=n, pattern=pattern, density=layout.density,
                           nnz=layout.nnz, sdpa_fwd_ms=sdpa_fwd, sdpa_fwd_bwd_ms=sdpa_fb,
                           ours_fwd_ms=ours_fwd, ours_fwd_bwd_ms=ours_fb, flex_fwd_ms=flex_fwd,
+                          lanes_fwd_ms=lanes_fwd, plan_passes=passes, plan_build_s=plan_s,
                           flex_fwd_bwd_ms=flex_fb, flex_note=flex_note, device=name)
             raw.append(record)
             print(f"  {pattern:10s} density {layout.density:.4f}: ours fwd {ours_fwd:.3f} ms "
                   f"({sdpa_fwd / ours_fwd:.1f}x SDPA), fwd+bwd {ours_fb:.3f} ms "
-                  f"({sdpa_fb / ours_fb:.1f}x); flex fwd {flex_fwd} fwd+bwd {flex_fb} {flex_note} "
+                  f"({sdpa_fb / ours_fb:.1f}x); lanes kernel fwd {lanes_fwd:.3f} ms; plan {passes} "
+                  f"pass(es) built in {plan_s:.2f} s; flex fwd {flex_fwd} fwd+bwd {flex_fb} {flex_note} "
                   f"[{time.time() - t0:.0f}s]", flush=True)
 
     def fmt(x):
         return "n/a" if x is None else f"{x:.3f}"
 
     lines = [f"GPU: {name}; bf16, B=1, 8 heads, D=64; median of {args.repeats}, CUDA events.", "",
-             "| tokens | pattern | density | SDPA fwd ms | ours fwd ms | flex fwd ms | SDPA/ours fwd | "
-             "SDPA f+b ms | ours f+b ms | flex f+b ms | SDPA/ours f+b |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ours = the default path (tensor-core forward where a tile plan exists); lanes = the "
+             "same op with the tensor-core forward switched off.", "",
+             "| tokens | pattern | density | plan passes | SDPA fwd ms | ours fwd ms | lanes fwd ms | "
+             "flex fwd ms | SDPA/ours fwd | SDPA f+b ms | ours f+b ms | flex f+b ms | SDPA/ours f+b |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in raw:
         lines.append(f"| {r['side']}x{r['side']} | {r['pattern']} | {r['density']:.4f} | "
-                     f"{fmt(r['sdpa_fwd_ms'])} | {fmt(r['ours_fwd_ms'])} | {fmt(r['flex_fwd_ms'])} | "
+                     f"{r['plan_passes']} | {fmt(r['sdpa_fwd_ms'])} | {fmt(r['ours_fwd_ms'])} | "
+                     f"{fmt(r['lanes_fwd_ms'])} | {fmt(r['flex_fwd_ms'])} | "
                      f"{r['sdpa_fwd_ms'] / r['ours_fwd_ms']:.2f}x | {fmt(r['sdpa_fwd_bwd_ms'])} | "
                      f"{fmt(r['ours_fwd_bwd_ms'])} | {fmt(r['flex_fwd_bwd_ms'])} | "
                      f"{r['sdpa_fwd_bwd_ms'] / r['ours_fwd_bwd_ms']:.2f}x |")

@@ -18,7 +18,12 @@ SPARSE_ATTENTION_CUDA=1 SPARSE_ATTENTION_CUDA_ARCHS="${SPARSE_ATTENTION_CUDA_ARC
 $PY -c "import sparse_attention._C as C; print('WITH_CUDA', C.WITH_CUDA, 'devices', C.cuda_device_count())"
 
 stamp "CUDA tests"
-timeout 240 $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25 | tee "$OUT/cuda_tests.log"
+# two runs, so that a fault in one kernel file cannot hide the other's results
+for suite in tests/test_cuda.py tests/test_cuda_tiled.py; do
+  timeout 240 $PY -m pytest -q --tb=short -p no:cacheprovider "$suite" >> "$OUT/cuda_tests.log" 2>&1
+  echo "== $suite rc $?" | tee -a "$OUT/cuda_tests.log"
+  grep -E "passed|failed|error" "$OUT/cuda_tests.log" | tail -1
+done
 stamp "benchmark"
 timeout ${BENCH_TIMEOUT:-300} $PY benchmarks/gpu_bench.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 stamp "done"

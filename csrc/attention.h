@@ -77,6 +77,17 @@ typedef struct {
     const int32_t *long_rows, *long_cols;
     int64_t num_long_rows, num_long_cols, long_threshold;
     int reference_kernel; /* CUDA: run the simple warp-per-row reference kernels */
+
+    /* CUDA forward only: one pass of a tile plan (sparse_attention/_tiles.py)
+     * runs the tensor-core kernel instead. tile_queries: tiles x 64 token ids
+     * (-1 pads); tile_chunk_ptr: tiles + 1; chunk_keys: chunks x 64 token ids
+     * (-1 pads); chunk_masks: chunks x 64 words, bit c of word r set when query r
+     * of the tile attends key c of the chunk. With merge_previous the pass adds
+     * its pairs to the out / lse an earlier pass wrote. NULL tile_queries: none. */
+    const int32_t *tile_queries, *tile_chunk_ptr, *chunk_keys;
+    const uint64_t *chunk_masks;
+    int64_t num_tiles, num_chunks;
+    int merge_previous;
 } sa_attention_params;
 
 /* The bias gradient: grad_table[h, t] = sum over b and over the CSR positions p of

@@ -321,22 +321,66 @@ static char *forward_kwlist[] = {"query", "key", "value", "out", "lse", "row_ptr
                                  "height", "width", "scale", "rel_pos_bias", "key_mask",
                                  "head_active", "dropout_p", "dropout_seed", "row_stats",
                                  "stream", "long_rows", "long_threshold", "reference_kernel",
-                                 NULL};
+                                 "tile_queries", "tile_chunk_ptr", "chunk_keys", "chunk_masks",
+                                 "merge_previous", NULL};
+
+/* One pass of a tile plan for the tensor-core CUDA forward: all four arrays or none. */
+static int take_tile_plan(view_set *set, PyObject *const objs[4], const sa_view *q,
+                          sa_attention_params *p)
+{
+    static const char *names[4] = {"tile_queries", "tile_chunk_ptr", "chunk_keys", "chunk_masks"};
+    int given = 0;
+    for (int t = 0; t < 4; t++) given += objs[t] != Py_None;
+    if (given == 0) return 0;
+    if (given != 4) {
+        PyErr_SetString(PyExc_ValueError,
+                        "tile_queries, tile_chunk_ptr, chunk_keys, chunk_masks: give all four or none");
+        return -1;
+    }
+    if (!is_cuda(q)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "tile_queries: tile plans drive the CUDA tensor-core kernel; query is not on a "
+                        "CUDA device");
+        return -1;
+    }
+    sa_view *views[4];
+    for (int t = 0; t < 4; t++)
+        if (!(views[t] = take(set, objs[t], names[t], 0))) return -1;
+    int64_t tiles_shape[2] = {-1, 64};
+    if (check_buffer(views[0], q, SA_DT_I32, tiles_shape, 2) < 0) return -1;
+    int64_t ptr_shape[1] = {views[0]->shape[0] + 1}, chunk_shape[2] = {-1, 64};
+    if (check_buffer(views[1], q, SA_DT_I32, ptr_shape, 1) < 0 ||
+        check_buffer(views[2], q, SA_DT_I32, chunk_shape, 2) < 0)
+        return -1;
+    int64_t masks_shape[2] = {views[2]->shape[0], 64};
+    if (check_buffer(views[3], q, SA_DT_I64, masks_shape, 2) < 0) return -1;
+    /* contents stay on the device; the kernel clamps chunk offsets and ignores
+     * token ids outside [0, N), so a corrupted plan cannot read out of bounds */
+    p->tile_queries = (const int32_t *)views[0]->data;
+    p->tile_chunk_ptr = (const int32_t *)views[1]->data;
+    p->chunk_keys = (const int32_t *)views[2]->data;
+    p->chunk_masks = (const uint64_t *)views[3]->data;
+    p->num_tiles = views[0]->shape[0];
+    p->num_chunks = views[2]->shape[0];
+    return 0;
+}
 
 static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     (void)self;
     PyObject *q_obj, *k_obj, *v_obj, *out_obj, *lse_obj, *ptr_obj, *idx_obj;
     PyObject *stats_obj = Py_None, *long_rows_obj = Py_None;
+    PyObject *plan_objs[4] = {Py_None, Py_None, Py_None, Py_None};
     common_options o = {Py_None, Py_None, Py_None, 0, 0, NAN, 0.0, 0};
     long long stream = -1, long_threshold = INT64_MAX;
-    int reference_kernel = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOO|$LLdOOOdKOLOLp", forward_kwlist,
+    int reference_kernel = 0, merge_previous = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOO|$LLdOOOdKOLOLpOOOOp", forward_kwlist,
                                      &q_obj, &k_obj, &v_obj, &out_obj, &lse_obj, &ptr_obj,
                                      &idx_obj, &o.height, &o.width, &o.scale, &o.bias,
                                      &o.key_mask, &o.head_active, &o.dropout_p,
                                      &o.dropout_seed, &stats_obj, &stream, &long_rows_obj,
-                                     &long_threshold, &reference_kernel))
+                                     &long_threshold, &reference_kernel, &plan_objs[0],
+                                     &plan_objs[1], &plan_objs[2], &plan_objs[3], &merge_previous))
         return NULL;
     view_set set = {.count = 0, .stream = stream};
     sa_attention_params p;
@@ -365,6 +409,17 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
         goto fail;
     p.long_threshold = long_rows_obj != Py_None ? long_threshold : INT64_MAX;
     p.reference_kernel = reference_kernel;
+    if (take_tile_plan(&set, plan_objs, q, &p) < 0) goto fail;
+    if (merge_previous && p.tile_queries == NULL) {
+        PyErr_SetString(PyExc_ValueError, "merge_previous: only a tile-plan pass can merge");
+        goto fail;
+    }
+    if (merge_previous && p.row_stats != NULL) {
+        PyErr_SetString(PyExc_ValueError,
+                        "row_stats: statistics need a single-pass plan (merge_previous is set)");
+        goto fail;
+    }
+    p.merge_previous = merge_previous;
     p.out = out->data;
     for (int d = 0; d < 3; d++) p.out_stride[d] = out->strides[d];
     p.lse = lse->data;

@@ -19,76 +19,11 @@
 
 #include "attention.h"
 #include "dropout_hash.h"
+#include "kernel_common.cuh"
 
 namespace {
 
-constexpr int kWarp = 32;
-constexpr int kWarpsPerBlock = 4;
-
-template <typename T> struct Accum { using type = float; };
-template <> struct Accum<double> { using type = double; };
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_acc(float x);
-template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
-    return __float2bfloat16(x);
-}
-template <typename T> __device__ __forceinline__ T from_acc(double x);
-template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
-
-__device__ __forceinline__ float exp_acc(float x) { return __expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-__device__ __forceinline__ float log_acc(float x) { return __logf(x); }
-__device__ __forceinline__ double log_acc(double x) { return log(x); }
-
-template <typename A> __device__ __forceinline__ A warp_sum(A x) {
-#pragma unroll
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-    return x;
-}
-
-// Element (b, h, i, d) of a row tensor; d is the lane's slot.
-template <typename T>
-__device__ __forceinline__ const T *row_of(const void *base, const int64_t *stride, int64_t b,
-                                           int64_t h, int64_t i) {
-    return static_cast<const T *>(base) + b * stride[0] + h * stride[1] + i * stride[2];
-}
-
-// Loads the lane's VEC elements of a row (zeros past head_dim).
-template <typename T, int VEC, typename A>
-__device__ __forceinline__ void load_row(const T *row, int lane, int64_t dim, A (&x)[VEC]) {
-#pragma unroll
-    for (int e = 0; e < VEC; e++) {
-        int64_t d = e * kWarp + lane;
-        x[e] = d < dim ? to_acc(row[d]) : A(0);
-    }
-}
-
-template <typename T>
-__device__ __forceinline__ typename Accum<T>::type bias_at(const sa_attention_params &p, int64_t h,
-                                                          int64_t i, int64_t j) {
-    using A = typename Accum<T>::type;
-    if (p.bias_table == nullptr) return A(0);
-    int64_t m = p.max_relative, side = 2 * m + 1;
-    int64_t dy = i / p.width - j / p.width, dx = i % p.width - j % p.width;
-    dy = dy < -m ? -m : (dy > m ? m : dy);
-    dx = dx < -m ? -m : (dx > m ? m : dx);
-    return to_acc(static_cast<const T *>(p.bias_table)[(h * side + dy + m) * side + dx + m]);
-}
-
-__device__ __forceinline__ bool key_allowed(const sa_attention_params &p, int64_t b, int64_t j) {
-    return p.key_mask == nullptr || p.key_mask[b * p.key_mask_stride[0] + j * p.key_mask_stride[1]] != 0;
-}
-
-__device__ __forceinline__ bool head_runs(const sa_attention_params &p, int64_t h) {
-    return p.head_active == nullptr || p.head_active[h] != 0;
-}
+using namespace sa_kernels;
 
 // ---- forward ---------------------------------------------------------------
 
@@ -850,11 +785,39 @@ const char *pass_name(Pass pass) {
 
 }  // namespace
 
+// The tensor-core kernel's own limits, checked before it is launched.
+static int check_tiled(const sa_attention_params *p, char *err, size_t len) {
+    if (p->dtype != SA_F16 && p->dtype != SA_BF16) {
+        snprintf(err, len, "query: the tensor-core kernel (tile plans) takes float16 or bfloat16");
+        return SA_ERR_UNSUPPORTED;
+    }
+    if (p->head_dim > 128) {
+        snprintf(err, len, "query: head dimension %lld exceeds the tensor-core kernel's limit of 128",
+                 (long long)p->head_dim);
+        return SA_ERR_UNSUPPORTED;
+    }
+    int major = 0;
+    int status = report(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, p->device_id),
+                        "cudaDeviceGetAttribute", err, len);
+    if (status != SA_OK) return status;
+    if (major < 8) {
+        snprintf(err, len, "query: the tensor-core kernel needs compute capability 8.0 or newer, "
+                 "device %d has %d.x", p->device_id, major);
+        return SA_ERR_UNSUPPORTED;
+    }
+    return SA_OK;
+}
+
 extern "C" int sa_cuda_forward(const sa_attention_params *p, char *err, size_t len) {
     int status = check_params(p, err, len);
     if (status != SA_OK) return status;
     DeviceGuard guard(p->device_id);
     if (guard.status != cudaSuccess) return report(guard.status, "cudaSetDevice", err, len);
+    if (p->tile_queries != nullptr) {
+        status = check_tiled(p, err, len);
+        if (status != SA_OK) return status;
+        return report(forward_tiled(*p), "the tensor-core forward kernel", err, len);
+    }
     return report(dispatch(Pass::Forward, *p), pass_name(Pass::Forward), err, len);
 }
 

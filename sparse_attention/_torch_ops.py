@@ -46,6 +46,30 @@ def _detached(x):
 
 # Tests set this to check the fast CUDA kernels against the simple ones.
 use_reference_cuda_kernels = False
+# The tensor-core forward (tile plans) where it applies; tests turn it off to
+# compare it with the other CUDA kernels.
+use_tiled_cuda_kernel = True
+_TILED_DTYPES = (torch.float16, torch.bfloat16)
+tiled_passes_run = 0  # passes launched on the tensor-core kernel, for tests
+_TILED_MAX_HEAD_DIM = 128
+
+
+def _tensor_core_capable(device) -> bool:
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
+def _tile_plan_for(layout, query, want_stats) -> list:
+    """The flattened tile plan (4 tensors per pass) when the tensor-core forward
+    applies to these arguments, else an empty list."""
+    if (query.device.type != "cuda" or not use_tiled_cuda_kernel or use_reference_cuda_kernels
+            or query.dtype not in _TILED_DTYPES or query.shape[-1] > _TILED_MAX_HEAD_DIM
+            or not _tensor_core_capable(query.device)):
+        return []
+    plan = layout.tile_plan_tensors(query.device)
+    if plan is None or (want_stats and len(plan) > 1):
+        return []  # statistics cannot be merged across passes
+    return [t for one_pass in plan for t in one_pass]
 
 
 def _cuda_extras(device, long_rows, long_cols, backward=False):
@@ -68,26 +92,38 @@ def _forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, row_pt
              height: int, width: int, scale: float,
              bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor],
              head_active: Optional[torch.Tensor], dropout_p: float, seed: torch.Tensor,
-             want_stats: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             want_stats: bool, tile_plan: list[torch.Tensor]
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, heads, num_tokens, _ = query.shape
     accum = _accum_dtype(query.dtype)
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     lse = torch.empty(batch, heads, num_tokens, dtype=accum, device=query.device)
     stats = (torch.empty(batch, heads, num_tokens, 2, dtype=accum, device=query.device)
              if want_stats else torch.empty(0, dtype=accum, device=query.device))
+    common = dict(height=height, width=width, scale=scale, rel_pos_bias=_detached(bias),
+                  key_mask=key_mask, head_active=head_active, dropout_p=dropout_p,
+                  dropout_seed=int(seed.item()), row_stats=stats if want_stats else None,
+                  stream=_stream_of(query.device))
+    if tile_plan:
+        # one launch per pass; later passes merge into what the earlier ones wrote
+        global tiled_passes_run
+        for first in range(0, len(tile_plan), 4):
+            tiled_passes_run += 1
+            queries, chunk_ptr, keys, masks = tile_plan[first:first + 4]
+            C.attention_forward(query.detach(), key.detach(), value.detach(), out, lse, row_ptr,
+                                col_idx, tile_queries=queries, tile_chunk_ptr=chunk_ptr,
+                                chunk_keys=keys, chunk_masks=masks, merge_previous=first > 0,
+                                **common)
+        return out, lse, stats
     C.attention_forward(query.detach(), key.detach(), value.detach(), out, lse, row_ptr, col_idx,
-                        height=height, width=width, scale=scale, rel_pos_bias=_detached(bias),
-                        key_mask=key_mask, head_active=head_active, dropout_p=dropout_p,
-                        dropout_seed=int(seed.item()), row_stats=stats if want_stats else None,
-                        stream=_stream_of(query.device),
-                        **_cuda_extras(query.device, long_rows, long_cols))
+                        **common, **_cuda_extras(query.device, long_rows, long_cols))
     return out, lse, stats
 
 
 @_forward.register_fake
 def _forward_fake(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr,
                   long_rows, long_cols, height, width, scale, bias, key_mask,
-                  head_active, dropout_p, seed, want_stats):
+                  head_active, dropout_p, seed, want_stats, tile_plan):
     batch, heads, num_tokens, _ = query.shape
     accum = _accum_dtype(query.dtype)
     stats_shape = (batch, heads, num_tokens, 2) if want_stats else (0,)
@@ -140,12 +176,14 @@ def _backward_fake(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
 
 def _setup_context(ctx, inputs, output):
     (query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr, long_rows,
-     long_cols, height, width, scale, bias, key_mask, head_active, dropout_p, seed, _) = inputs
+     long_cols, height, width, scale, bias, key_mask, head_active, dropout_p, seed, _stats,
+     _plan) = inputs
     out, lse, _stats = output
     ctx.save_for_backward(query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx,
                           bucket_perm, bucket_ptr, long_rows, long_cols, bias, key_mask, head_active,
                           seed)
     ctx.args = (height, width, scale, dropout_p)
+    ctx.plan_length = len(_plan)
 
 
 def _backward_rule(ctx, grad_out, _grad_lse, _grad_stats):
@@ -157,7 +195,7 @@ def _backward_rule(ctx, grad_out, _grad_lse, _grad_stats):
         bucket_ptr, long_rows, long_cols, height, width, scale, bias, key_mask, head_active,
         dropout_p, seed)
     return (grad_q, grad_k, grad_v) + (None,) * 11 + (
-        grad_bias if bias is not None else None,) + (None,) * 5
+        grad_bias if bias is not None else None,) + (None,) * 5 + ([None] * ctx.plan_length,)
 
 _forward.register_autograd(_backward_rule, setup_context=_setup_context)
 
@@ -220,5 +258,6 @@ def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropo
                                tensors["col_ptr"], tensors["row_idx"], tensors.get("bucket_perm"),
                                tensors.get("bucket_ptr"), tensors.get("long_rows"),
                                tensors.get("long_cols"), layout.height, layout.width, scale,
-                               table, key_mask, head_active, dropout_p, seed_tensor, want_stats)
+                               table, key_mask, head_active, dropout_p, seed_tensor, want_stats,
+                               _tile_plan_for(layout, query, want_stats))
     return out, lse, (stats if want_stats else None)

@@ -122,6 +122,7 @@ class Layout:
         self._lock = threading.Lock()
         self._device_cache = {}
         self._buckets = {}
+        self._plan_cache = {}
         self._row_ids = None
 
     def _validate(self):
@@ -198,6 +199,38 @@ class Layout:
         with self._lock:
             self._buckets[m] = result
         return result
+
+    def tile_plan(self):
+        """The plan of the CUDA tensor-core forward (see _tiles.py), built once;
+        None when the layout is too large to plan."""
+        with self._lock:
+            if "plan" in self._plan_cache:
+                return self._plan_cache["plan"]
+        from ._tiles import build_tile_plan
+
+        plan = build_tile_plan(self)
+        with self._lock:
+            self._plan_cache["plan"] = plan
+        return plan
+
+    def tile_plan_tensors(self, device):
+        """The tile plan on ``device``: per pass (tile_queries, tile_chunk_ptr,
+        chunk_keys, chunk_masks), copied there once; None without a plan."""
+        import torch
+
+        key = ("tiles", str(torch.device(device)))
+        with self._lock:
+            if key in self._device_cache:
+                return self._device_cache[key]
+        plan = self.tile_plan()
+        tensors = None
+        if plan is not None:
+            tensors = [tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device)
+                             for a in (one.queries, one.chunk_ptr, one.keys, one.masks))
+                       for one in plan]
+        with self._lock:
+            self._device_cache[key] = tensors
+        return tensors
 
     def torch_tensors(self, device, max_relative=None):
         """The layout as torch tensors on ``device``, copied there once and cached."""

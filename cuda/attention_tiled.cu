@@ -1,0 +1,395 @@
+// Tensor-core forward over a tile plan (sparse_attention/_tiles.py), float16
+// and bfloat16, head dim up to 128.
+//
+// A block of four warps takes one tile of up to 64 queries for one (batch,
+// head). For every chunk of 64 keys of the tile's key union it gathers the key
+// and value rows into shared memory, computes the 64 x 64 scores with
+// mma.m16n8k16 (each warp owns 16 query rows), drops the pairs the chunk's bit
+// masks leave out, and folds the rest into a streaming softmax held in the
+// accumulator fragments, then multiplies the probabilities (rounded to the input
+// type, as in FlashAttention) by the value rows, again on tensor cores.
+//
+// A pass with merge_previous adds its pairs to the out / lse that an earlier
+// pass wrote for the same queries, combining the two through their log-sum-exp.
+//
+// Fragment layouts are those of the PTX ISA for mma.m16n8k16 with .row.col:
+// lane = 4 g + t holds rows g and g + 8 of the 16 x 8 accumulator at columns
+// 2t and 2t + 1, and the matching pieces of A (rows g, g + 8; columns 2t, 2t + 1,
+// 2t + 8, 2t + 9) and B (k = 2t, 2t + 1, 2t + 8, 2t + 9; column g).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math_constants.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "attention.h"
+#include "dropout_hash.h"
+#include "kernel_common.cuh"
+
+namespace sa_kernels {
+namespace {
+
+constexpr int kTile = 64;       // queries per tile and keys per chunk (the plan's unit)
+constexpr int kTileWarps = 4;   // 16 query rows each
+constexpr int kKeyGroups = kTile / 8;   // n-tiles of the score fragment
+constexpr int kKeySteps = kTile / 16;   // k-steps of the P x V product
+
+__device__ __forceinline__ uint16_t bits_of(__half x) { return __half_as_ushort(x); }
+__device__ __forceinline__ uint16_t bits_of(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+
+template <typename T> __device__ __forceinline__ uint32_t pack_pair(T lo, T hi) {
+    return (uint32_t)bits_of(lo) | ((uint32_t)bits_of(hi) << 16);
+}
+
+template <typename T> __device__ __forceinline__ uint32_t pack_floats(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack_floats<__half>(float lo, float hi) {
+    return pack_pair(__float2half_rn(lo), __float2half_rn(hi));
+}
+template <> __device__ __forceinline__ uint32_t pack_floats<__nv_bfloat16>(float lo, float hi) {
+    return pack_pair(__float2bfloat16_rn(lo), __float2bfloat16_rn(hi));
+}
+
+template <typename T> __device__ __forceinline__ T zero_of();
+template <> __device__ __forceinline__ __half zero_of<__half>() { return __float2half_rn(0.f); }
+template <> __device__ __forceinline__ __nv_bfloat16 zero_of<__nv_bfloat16>() {
+    return __float2bfloat16_rn(0.f);
+}
+
+// c += a * b for one 16 x 8 x 16 tile, float accumulators.
+template <typename T>
+__device__ __forceinline__ void mma_16x8x16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                            uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if constexpr (std::is_same<T, __half>::value) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+#else
+    __trap();  // the host never launches this kernel below compute capability 8.0
+#endif
+}
+
+// Copies 8 elements of a row (zeros past head_dim, or for a missing row).
+template <typename T>
+__device__ __forceinline__ void copy8(T *dst, const T *row, int col, int64_t dim, bool aligned) {
+    if (row != nullptr && aligned && col + 8 <= dim) {
+        *reinterpret_cast<uint4 *>(dst) = __ldg(reinterpret_cast<const uint4 *>(row + col));
+        return;
+    }
+#pragma unroll
+    for (int e = 0; e < 8; e++) dst[e] = (row != nullptr && col + e < dim) ? row[col + e] : zero_of<T>();
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+template <typename T, int DPAD>
+__global__ void __launch_bounds__(kWarp * kTileWarps)
+forward_tiled_kernel(const sa_attention_params p, bool aligned) {
+    constexpr int kStride = DPAD + 8;        // elements per staged row; the pad spreads banks
+    constexpr int kDimSteps = DPAD / 16;     // k-steps of Q x K^T
+    constexpr int kOutGroups = DPAD / 8;     // n-tiles of the output fragment
+    constexpr int kVectors = DPAD / 8;       // 16-byte pieces of a staged row
+    __shared__ __align__(16) T key_rows[kTile * kStride];
+    __shared__ __align__(16) T value_rows[kTile * kStride];
+    __shared__ int32_t key_ids[kTile];
+    __shared__ uint8_t key_usable[kTile];
+
+    const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
+    const int group = lane / 4, pair = lane % 4;
+    const int64_t n = p.num_tokens, dim = p.head_dim, tile = blockIdx.x;
+    int64_t chunk_begin = p.tile_chunk_ptr[tile], chunk_end = p.tile_chunk_ptr[tile + 1];
+    chunk_begin = chunk_begin < 0 ? 0 : (chunk_begin > p.num_chunks ? p.num_chunks : chunk_begin);
+    chunk_end = chunk_end < chunk_begin ? chunk_begin : (chunk_end > p.num_chunks ? p.num_chunks : chunk_end);
+    if (p.merge_previous && chunk_begin == chunk_end) return;  // nothing to add to the earlier pass
+
+    // this thread's two query rows of the tile: slot[r] in the tile, query[r] on the grid
+    int slot[2], query[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        slot[r] = warp * 16 + group + 8 * r;
+        const int32_t id = p.tile_queries[tile * kTile + slot[r]];
+        query[r] = (id >= 0 && id < n) ? id : -1;
+    }
+    const float scale = float(p.scale);
+    const uint32_t threshold = sa_dropout_threshold(p.dropout_p);
+    const float keep_scale = p.dropout_p > 0 ? float(1.0 / (1.0 - p.dropout_p)) : 1.f;
+    const bool want_stats = p.row_stats != nullptr;
+    const int64_t side = 2 * p.max_relative + 1;
+
+    for (int64_t bh = blockIdx.y; bh < p.batch * p.heads; bh += gridDim.y) {
+        const int64_t b = bh / p.heads, h = bh % p.heads;
+        const bool runs = head_runs(p, h);
+        if (p.merge_previous && !runs) continue;
+
+        uint32_t q_frag[kDimSteps][4];
+        uint32_t query_key[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const T *row = query[r] >= 0 ? row_of<T>(p.q, p.q_stride, b, h, query[r]) : nullptr;
+            query_key[r] = query[r] >= 0
+                ? sa_dropout_query_key(sa_dropout_row_key(p.dropout_seed, b, h), query[r]) : 0u;
+#pragma unroll
+            for (int step = 0; step < kDimSteps; step++) {
+#pragma unroll
+                for (int half = 0; half < 2; half++) {
+                    const int col = step * 16 + half * 8 + 2 * pair;
+                    const T lo = (row && col < dim) ? row[col] : zero_of<T>();
+                    const T hi = (row && col + 1 < dim) ? row[col + 1] : zero_of<T>();
+                    q_frag[step][half * 2 + r] = pack_pair(lo, hi);
+                }
+            }
+        }
+
+        float out_acc[kOutGroups][4];
+#pragma unroll
+        for (int g = 0; g < kOutGroups; g++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) out_acc[g][e] = 0.f;
+        float run_max[2] = {-CUDART_INF_F, -CUDART_INF_F}, run_sum[2] = {0.f, 0.f};
+        float run_sq[2] = {0.f, 0.f}, run_shifted[2] = {0.f, 0.f};
+        bool saw_nan[2] = {false, false};
+
+        for (int64_t chunk = runs ? chunk_begin : chunk_end; chunk < chunk_end; chunk++) {
+            __syncthreads();  // the previous chunk's rows are consumed
+            const int32_t *chunk_key_ids = p.chunk_keys + chunk * kTile;
+            if (tid < kTile) {
+                const int32_t j = chunk_key_ids[tid];
+                const bool valid = j >= 0 && j < n;
+                key_ids[tid] = valid ? j : -1;
+                key_usable[tid] = valid && key_allowed(p, b, j);
+            }
+            for (int piece = tid; piece < kTile * kVectors; piece += kWarp * kTileWarps) {
+                const int r = piece / kVectors, col = (piece % kVectors) * 8;
+                const int32_t j = chunk_key_ids[r];
+                const bool valid = j >= 0 && j < n;
+                copy8(&key_rows[r * kStride + col], valid ? row_of<T>(p.k, p.k_stride, b, h, j) : nullptr,
+                      col, dim, aligned);
+                copy8(&value_rows[r * kStride + col], valid ? row_of<T>(p.v, p.v_stride, b, h, j) : nullptr,
+                      col, dim, aligned);
+            }
+            __syncthreads();
+
+            float score[kKeyGroups][4];
+#pragma unroll
+            for (int kg = 0; kg < kKeyGroups; kg++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) score[kg][e] = 0.f;
+                const T *key_row = &key_rows[(kg * 8 + group) * kStride + 2 * pair];
+#pragma unroll
+                for (int step = 0; step < kDimSteps; step++) {
+                    const uint32_t b0 = *reinterpret_cast<const uint32_t *>(key_row + step * 16);
+                    const uint32_t b1 = *reinterpret_cast<const uint32_t *>(key_row + step * 16 + 8);
+                    mma_16x8x16<T>(score[kg], q_frag[step], b0, b1);
+                }
+            }
+
+            uint64_t mask[2];
+#pragma unroll
+            for (int r = 0; r < 2; r++)
+                mask[r] = query[r] >= 0 ? p.chunk_masks[chunk * kTile + slot[r]] : 0ull;
+            float chunk_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
+#pragma unroll
+            for (int kg = 0; kg < kKeyGroups; kg++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int r = e / 2, col = kg * 8 + 2 * pair + (e % 2);
+                    const bool allowed = ((mask[r] >> col) & 1ull) && key_usable[col];
+                    float s = -CUDART_INF_F;
+                    if (allowed) {
+                        s = scale * score[kg][e];
+                        if (p.bias_table != nullptr) {
+                            const int64_t i = query[r], j = key_ids[col], m = p.max_relative;
+                            int64_t dy = i / p.width - j / p.width, dx = i % p.width - j % p.width;
+                            dy = dy < -m ? -m : (dy > m ? m : dy);
+                            dx = dx < -m ? -m : (dx > m ? m : dx);
+                            s += to_acc(static_cast<const T *>(p.bias_table)[(h * side + dy + m) * side + dx + m]);
+                        }
+                        saw_nan[r] |= s != s;
+                    }
+                    score[kg][e] = s;
+                    chunk_max[r] = fmaxf(chunk_max[r], s);
+                }
+            }
+
+            float shift[2], rescale[2];
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const float new_max = fmaxf(run_max[r], quad_max(chunk_max[r]));
+                // an all-masked row so far keeps max -inf; shift by 0 so no inf - inf appears
+                shift[r] = new_max == -CUDART_INF_F ? 0.f : new_max;
+                rescale[r] = __expf(run_max[r] - shift[r]);
+                if (want_stats) {
+                    run_shifted[r] = run_sum[r] > 0
+                        ? rescale[r] * (run_shifted[r] + run_sum[r] * (run_max[r] - shift[r])) : 0.f;
+                    run_sq[r] *= rescale[r] * rescale[r];
+                }
+                run_sum[r] *= rescale[r];
+                run_max[r] = new_max;
+            }
+#pragma unroll
+            for (int g = 0; g < kOutGroups; g++) {
+                out_acc[g][0] *= rescale[0];
+                out_acc[g][1] *= rescale[0];
+                out_acc[g][2] *= rescale[1];
+                out_acc[g][3] *= rescale[1];
+            }
+
+            // probabilities, in place of the scores; dropout only thins the P x V product
+            uint32_t p_frag[kKeySteps][4];
+#pragma unroll
+            for (int kg = 0; kg < kKeyGroups; kg++) {
+                float weight[4];
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int r = e / 2, col = kg * 8 + 2 * pair + (e % 2);
+                    const float s = score[kg][e];
+                    const float ex = __expf(s - shift[r]);  // 0 for masked pairs (s = -inf)
+                    run_sum[r] += ex;
+                    if (want_stats && s != -CUDART_INF_F) {
+                        run_sq[r] += ex * ex;
+                        run_shifted[r] += ex * (s - shift[r]);
+                    }
+                    weight[e] = ex * keep_scale;
+                    if (threshold > 0 && s != -CUDART_INF_F &&
+                        !sa_dropout_keep(query_key[r], key_ids[col], threshold))
+                        weight[e] = 0.f;
+                }
+                // the accumulator layout of key group kg is the A layout of half a k-step
+                p_frag[kg / 2][(kg % 2) * 2 + 0] = pack_floats<T>(weight[0], weight[1]);
+                p_frag[kg / 2][(kg % 2) * 2 + 1] = pack_floats<T>(weight[2], weight[3]);
+            }
+
+#pragma unroll
+            for (int g = 0; g < kOutGroups; g++) {
+#pragma unroll
+                for (int step = 0; step < kKeySteps; step++) {
+                    const T *value = &value_rows[(step * 16 + 2 * pair) * kStride + g * 8 + group];
+                    const uint32_t b0 = pack_pair(value[0], value[kStride]);
+                    const uint32_t b1 = pack_pair(value[8 * kStride], value[9 * kStride]);
+                    mma_16x8x16<T>(out_acc[g], p_frag[step], b0, b1);
+                }
+            }
+        }
+
+        // the four lanes of a quad hold parts of the same two rows
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            run_sum[r] = quad_sum(run_sum[r]);
+            if (want_stats) {
+                run_sq[r] = quad_sum(run_sq[r]);
+                run_shifted[r] = quad_sum(run_shifted[r]);
+            }
+            saw_nan[r] = quad_sum(saw_nan[r] ? 1.f : 0.f) > 0.f;
+        }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            if (query[r] < 0) continue;
+            const int64_t item = bh * n + query[r];
+            float sum = run_sum[r], top = run_max[r];
+            if (saw_nan[r]) sum = top = NAN;  // a NaN score makes the row NaN, as in PyTorch
+            const bool live = sum > 0 || saw_nan[r];
+            if (p.merge_previous && !live) continue;  // the earlier pass's result stands
+            float *lse = static_cast<float *>(p.lse) + item;
+            const float pass_lse = live ? top + __logf(sum) : -CUDART_INF_F;
+            float new_weight = live ? 1.f / sum : 0.f, old_weight = 0.f, total_lse = pass_lse;
+            if (p.merge_previous) {
+                const float old_lse = *lse;
+                if (old_lse != -CUDART_INF_F) {
+                    const float both = fmaxf(old_lse, pass_lse);
+                    const float top_shift = both == -CUDART_INF_F ? 0.f : both;
+                    total_lse = top_shift + __logf(__expf(old_lse - top_shift) + __expf(pass_lse - top_shift));
+                    if (old_lse != old_lse || pass_lse != pass_lse) total_lse = NAN;
+                    old_weight = __expf(old_lse - total_lse);
+                    new_weight *= __expf(pass_lse - total_lse);
+                }
+            }
+            T *out = static_cast<T *>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] +
+                     query[r] * p.out_stride[2];
+#pragma unroll
+            for (int g = 0; g < kOutGroups; g++) {
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int col = g * 8 + 2 * pair + e;
+                    if (col >= dim) continue;
+                    float value = out_acc[g][2 * r + e] * new_weight;
+                    if (old_weight != 0.f || total_lse != total_lse) value += to_acc(out[col]) * old_weight;
+                    out[col] = from_acc<T>(value);
+                }
+            }
+            if (pair == 0) {
+                *lse = total_lse;
+                if (want_stats) {
+                    float *stats = static_cast<float *>(p.row_stats) + 2 * item;
+                    const float inv = live ? 1.f / sum : 0.f;
+                    stats[0] = live ? run_sq[r] * inv * inv : 0.f;
+                    stats[1] = live ? __logf(sum) - run_shifted[r] * inv : 0.f;
+                }
+            }
+        }
+    }
+}
+
+template <typename T>
+bool rows_aligned16(const sa_attention_params &p) {
+    const int64_t per = 16 / sizeof(T);
+    if (p.head_dim % per) return false;
+    const void *ptrs[2] = {p.k, p.v};
+    const int64_t *strides[2] = {p.k_stride, p.v_stride};
+    for (int t = 0; t < 2; t++) {
+        if (reinterpret_cast<uintptr_t>(ptrs[t]) % 16) return false;
+        for (int d = 0; d < 3; d++)
+            if (strides[t][d] % per) return false;
+    }
+    return true;
+}
+
+template <typename T>
+cudaError_t launch_tiled(const sa_attention_params &p) {
+    const int64_t items = p.batch * p.heads;
+    if (p.num_tiles == 0 || items == 0) return cudaSuccess;
+    if (p.num_tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
+    const dim3 grid((unsigned)p.num_tiles, (unsigned)(items < 65535 ? items : 65535));
+    const dim3 block(kWarp * kTileWarps);
+    cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+    const bool aligned = rows_aligned16<T>(p);
+    if (p.head_dim <= 32)
+        forward_tiled_kernel<T, 32><<<grid, block, 0, stream>>>(p, aligned);
+    else if (p.head_dim <= 64)
+        forward_tiled_kernel<T, 64><<<grid, block, 0, stream>>>(p, aligned);
+    else
+        forward_tiled_kernel<T, 128><<<grid, block, 0, stream>>>(p, aligned);
+    return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t forward_tiled(const sa_attention_params &p) {
+    if (p.head_dim > 128) return cudaErrorInvalidValue;
+    switch (p.dtype) {
+    case SA_F16: return launch_tiled<__half>(p);
+    case SA_BF16: return launch_tiled<__nv_bfloat16>(p);
+    default: return cudaErrorInvalidValue;
+    }
+}
+
+}  // namespace sa_kernels

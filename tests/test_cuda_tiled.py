@@ -1,0 +1,189 @@
+"""The tensor-core forward (tile plans, cuda/attention_tiled.cu) against the
+float64 reference and against the other CUDA kernels. Skipped without a GPU."""
+
+import pytest
+import torch
+
+from reference import reference_attention
+from sparse_attention import build_layout
+from sparse_attention import sparse_scaled_dot_product_attention as attention
+from sparse_attention import _torch_ops
+from sparse_attention._native import C
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not C.WITH_CUDA, reason="sparse_attention was built without CUDA kernels"),
+]
+
+TOL = {torch.float16: 1.5e-2, torch.bfloat16: 6e-2}
+PATTERNS = ["dense", "axial", "block", "longformer", "strided", "random"]
+# 1 x W, H x 1, odd sizes, partial tiles, and sizes whose AXIAL plan has two passes
+SIZES = [(1, 1), (1, 17), (9, 1), (7, 13), (33, 35), (20, 70)]
+
+
+def make(batch, heads, n, dim, dtype, seed=0, bias_side=7):
+    gen = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(batch, heads, n, dim, generator=gen, dtype=torch.float64) for _ in range(3)]
+    bias = torch.randn(heads, bias_side, bias_side, generator=gen, dtype=torch.float64)
+    return [t.to(dtype) for t in tensors], bias.to(dtype)
+
+
+def run_tiled(*args, expect_tiled=True, **kwargs):
+    before = _torch_ops.tiled_passes_run
+    result = attention(*args, **kwargs)
+    ran = _torch_ops.tiled_passes_run - before
+    assert (ran > 0) == expect_tiled, f"tensor-core passes run: {ran}"
+    return result
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("extras", ["plain", "bias+mask"])
+def test_forward_against_reference(pattern, size, dtype, extras):
+    layout = build_layout(pattern, *size, kernel_size=5, block_size=4, num_global_tokens=2,
+                          attention_ratio=0.3)
+    n = layout.num_tokens
+    (q, k, v), bias = make(2, 3, n, 40, dtype)
+    key_mask = None
+    if extras == "bias+mask":
+        key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(2)) > 0.25
+    else:
+        bias = None
+    dev = lambda t: None if t is None else t.cuda()
+    out, lse = run_tiled(dev(q), dev(k), dev(v), layout, rel_pos_bias=dev(bias),
+                         key_mask=dev(key_mask), return_lse=True)
+    ref_out, ref_lse, _ = reference_attention(q, k, v, layout, bias=bias, key_mask=key_mask)
+    assert (out.double().cpu() - ref_out).abs().max() < TOL[dtype]
+    lse = lse.double().cpu()
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert (lse[finite] - ref_lse[finite]).abs().max() < TOL[dtype]
+
+
+@pytest.mark.parametrize("dim", [1, 8, 31, 64, 100, 128])
+@pytest.mark.parametrize("pattern", ["axial", "longformer"])
+def test_head_dims_match_the_other_kernels(pattern, dim):
+    layout = build_layout(pattern, 24, 40, kernel_size=7)
+    (q, k, v), bias = make(2, 2, layout.num_tokens, dim, torch.bfloat16, bias_side=9)
+    q, k, v, bias = (t.cuda() for t in (q, k, v, bias))
+    got = run_tiled(q, k, v, layout, rel_pos_bias=bias, return_lse=True)
+    _torch_ops.use_tiled_cuda_kernel = False
+    try:
+        expected = run_tiled(q, k, v, layout, rel_pos_bias=bias, return_lse=True, expect_tiled=False)
+    finally:
+        _torch_ops.use_tiled_cuda_kernel = True
+    torch.testing.assert_close(got[0], expected[0], atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got[1], expected[1], atol=1e-3, rtol=1e-3)
+
+
+def test_dropout_uses_the_same_mask_as_the_other_kernels():
+    layout = build_layout("longformer", 30, 30, kernel_size=7)
+    (q, k, v), _ = make(2, 4, 900, 64, torch.float16)
+    q, k, v = (t.cuda() for t in (q, k, v))
+    got = run_tiled(q, k, v, layout, dropout_p=0.25, dropout_seed=123)
+    ref_out, _, _ = reference_attention(q.cpu(), k.cpu(), v.cpu(), layout, dropout_p=0.25,
+                                        dropout_seed=123)
+    assert (got.double().cpu() - ref_out).abs().max() < 2 * TOL[torch.float16]
+
+
+def test_statistics_and_pruned_heads():
+    layout = build_layout("block", 16, 24, block_size=8)  # a one-pass plan
+    (q, k, v), bias = make(2, 4, 384, 32, torch.float16, bias_side=5)
+    active = torch.tensor([True, False, True, True])
+    dev = [t.cuda() for t in (q, k, v, bias)]
+    out, lse, stats = run_tiled(*dev[:3], layout, rel_pos_bias=dev[3], head_active=active.cuda(),
+                                return_lse=True, return_stats=True)
+    cpu = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(),
+                    head_active=active, return_lse=True, return_stats=True)
+    torch.testing.assert_close(out.float().cpu(), cpu[0], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse.cpu(), cpu[1], atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(stats.cpu(), cpu[2], atol=2e-3, rtol=2e-3)
+    assert (out[:, 1] == 0).all() and torch.isinf(lse[:, 1]).all()
+
+
+def test_statistics_with_a_two_pass_plan_use_the_other_kernels():
+    layout = build_layout("axial", 64, 64)
+    assert len(layout.tile_plan()) == 2
+    (q, k, v), _ = make(1, 2, 4096, 32, torch.bfloat16)
+    q, k, v = (t.cuda() for t in (q, k, v))
+    out, stats = run_tiled(q, k, v, layout, return_stats=True, expect_tiled=False)
+    plain = run_tiled(q, k, v, layout)
+    torch.testing.assert_close(out, plain, atol=3e-2, rtol=3e-2)
+
+
+def test_nan_query_row_is_nan_and_others_are_not():
+    for pattern in ("block", "axial"):
+        layout = build_layout(pattern, 64, 64, block_size=8)
+        (q, k, v), _ = make(1, 2, 4096, 64, torch.bfloat16)
+        q[0, 1, 100, 3] = float("nan")
+        out, lse = run_tiled(q.cuda(), k.cuda(), v.cuda(), layout, return_lse=True)
+        nan_rows = torch.isnan(out).any(-1).cpu()
+        assert nan_rows[0, 1, 100] and torch.isnan(lse[0, 1, 100])
+        nan_rows[0, 1, 100] = False
+        assert not nan_rows.any(), f"{pattern}: NaN leaked into other rows"
+
+
+def test_fully_masked_rows_and_backward_after_the_tiled_forward():
+    layout = build_layout("axial", 20, 70)
+    assert len(layout.tile_plan()) == 2
+    (q, k, v), _ = make(2, 2, 1400, 48, torch.bfloat16)
+    key_mask = torch.ones(2, 1400, dtype=torch.bool)
+    key_mask[1] = False  # batch 1 attends nothing
+    key_mask[0, :70] = False  # the first grid row is masked for batch 0
+    leaves = [t.cuda().requires_grad_(True) for t in (q, k, v)]
+    out = run_tiled(*leaves, layout, key_mask=key_mask.cuda())
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    assert (out[1] == 0).all()
+    ref = [t.double().requires_grad_(True) for t in (q, k, v)]
+    ref_out = reference_attention(*ref, layout, key_mask=key_mask)[0]
+    ref_out.backward(grad_out.double().cpu())
+    assert (out.double().cpu() - ref_out).abs().max() < TOL[torch.bfloat16]
+    for leaf, r in zip(leaves, ref):
+        assert torch.isfinite(leaf.grad).all()
+        assert (leaf.grad.double().cpu() - r.grad).abs().max() < 4 * TOL[torch.bfloat16] * max(
+            1.0, r.grad.abs().max().item())
+
+
+def test_side_stream_and_strided_views():
+    layout = build_layout("longformer", 16, 16)
+    fused = torch.randn(2, 256, 3, 4, 64, device="cuda", dtype=torch.float16)
+    q, k, v = (fused[:, :, i].permute(0, 2, 1, 3) for i in range(3))
+    expected = run_tiled(q.contiguous(), k.contiguous(), v.contiguous(), layout)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        out = run_tiled(q, k, v, layout)
+    stream.synchronize()
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+def test_bad_plans_are_refused():
+    layout = build_layout("block", 8, 8)
+    q = torch.randn(1, 1, 64, 32, device="cuda", dtype=torch.float16)
+    out = torch.empty_like(q)
+    lse = torch.empty(1, 1, 64, device="cuda")
+    t = layout.torch_tensors("cuda")
+    queries, chunk_ptr, keys, masks = layout.tile_plan_tensors("cuda")[0]
+    base = dict(height=8, width=8, scale=0.2)
+    with pytest.raises(ValueError, match="all four"):
+        C.attention_forward(q, q, q, out, lse, t["row_ptr"], t["col_idx"], tile_queries=queries, **base)
+    with pytest.raises(TypeError, match="chunk_masks"):
+        C.attention_forward(q, q, q, out, lse, t["row_ptr"], t["col_idx"], tile_queries=queries,
+                            tile_chunk_ptr=chunk_ptr, chunk_keys=keys, chunk_masks=masks.int(), **base)
+    with pytest.raises(ValueError, match="tile_chunk_ptr"):
+        C.attention_forward(q, q, q, out, lse, t["row_ptr"], t["col_idx"], tile_queries=queries,
+                            tile_chunk_ptr=chunk_ptr[:-1], chunk_keys=keys, chunk_masks=masks, **base)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        q32 = q.float()
+        C.attention_forward(q32, q32, q32, torch.empty_like(q32), lse, t["row_ptr"], t["col_idx"],
+                            tile_queries=queries, tile_chunk_ptr=chunk_ptr, chunk_keys=keys,
+                            chunk_masks=masks, **base)
+    # corrupted contents: out-of-range offsets and ids are clamped or skipped, never read
+    bad_ptr = torch.full_like(chunk_ptr, 1 << 30)
+    bad_ptr[0] = 0
+    bad_keys = torch.full_like(keys, 1 << 30)
+    C.attention_forward(q, q, q, out, lse, t["row_ptr"], t["col_idx"], tile_queries=queries,
+                        tile_chunk_ptr=bad_ptr, chunk_keys=bad_keys, chunk_masks=masks, **base)
+    torch.cuda.synchronize()
+    assert (out == 0).all() and torch.isinf(lse).all()
