@@ -42,6 +42,25 @@ def time_cuda(fn, repeats, warmup=3):
     return statistics.median(times)
 
 
+def time_graph(fn, repeats):
+    """Median time of fn replayed from a CUDA graph: the GPU time without the
+    Python and launch overhead of an eager call. None if capture fails."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return time_cuda(graph.replay, repeats)
+    except Exception as error:  # noqa: BLE001 - report and go on
+        print(f"    graph capture failed: {type(error).__name__}: {str(error)[:120]}")
+        return None
+
+
 def mask_mod_for(pattern, layout, device):
     """FlexAttention mask_mod equal to the layout (tested against it below)."""
     w = layout.width
@@ -109,6 +128,7 @@ def main():
 
         with torch.no_grad():
             sdpa_fwd = time_cuda(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
+            sdpa_graph = time_graph(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
         sdpa_fb = time_cuda(fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v)), args.repeats)
         print(f"{side}x{side} dense SDPA: fwd {sdpa_fwd:.3f} ms, fwd+bwd {sdpa_fb:.3f} ms", flush=True)
         for pattern in PATTERNS:
@@ -121,11 +141,21 @@ def main():
             with torch.no_grad():
                 ours_fwd = time_cuda(lambda: sparse_attention(q, k, v, layout), args.repeats)
             ours_fb = time_cuda(fwd_bwd(lambda: sparse_attention(q, k, v, layout)), args.repeats)
+            with torch.no_grad():
+                ours_graph = time_graph(lambda: sparse_attention(q, k, v, layout), args.repeats)
+            # the first, one-stage version of the tensor-core kernel
+            os.environ["SPARSE_ATTENTION_TILED_SIMPLE"] = "1"
+            try:
+                with torch.no_grad():
+                    simple_graph = time_graph(lambda: sparse_attention(q, k, v, layout), args.repeats)
+            finally:
+                del os.environ["SPARSE_ATTENTION_TILED_SIMPLE"]
             # the same op without the tensor-core forward (the lanes-over-keys kernels)
             _torch_ops.use_tiled_cuda_kernel = False
             try:
                 with torch.no_grad():
                     lanes_fwd = time_cuda(lambda: sparse_attention(q, k, v, layout), args.repeats)
+                    lanes_graph = time_graph(lambda: sparse_attention(q, k, v, layout), args.repeats)
             finally:
                 _torch_ops.use_tiled_cuda_kernel = True
             flex_fwd = flex_fb = None
@@ -148,11 +178,14 @@ def main():
                           nnz=layout.nnz, sdpa_fwd_ms=sdpa_fwd, sdpa_fwd_bwd_ms=sdpa_fb,
                           ours_fwd_ms=ours_fwd, ours_fwd_bwd_ms=ours_fb, flex_fwd_ms=flex_fwd,
                           lanes_fwd_ms=lanes_fwd, plan_passes=passes, plan_build_s=plan_s,
+                          sdpa_graph_fwd_ms=sdpa_graph, ours_graph_fwd_ms=ours_graph,
+                          simple_graph_fwd_ms=simple_graph, lanes_graph_fwd_ms=lanes_graph,
                           flex_fwd_bwd_ms=flex_fb, flex_note=flex_note, device=name)
             raw.append(record)
             print(f"  {pattern:10s} density {layout.density:.4f}: ours fwd {ours_fwd:.3f} ms "
                   f"({sdpa_fwd / ours_fwd:.1f}x SDPA), fwd+bwd {ours_fb:.3f} ms "
-                  f"({sdpa_fb / ours_fb:.1f}x); lanes kernel fwd {lanes_fwd:.3f} ms; plan {passes} "
+                  f"({sdpa_fb / ours_fb:.1f}x); lanes kernel fwd {lanes_fwd:.3f} ms; graphed fwd: "
+                  f"SDPA {sdpa_graph}, ours {ours_graph}, one-stage {simple_graph}, lanes {lanes_graph}; plan {passes} "
                   f"pass(es) built in {plan_s:.2f} s; flex fwd {flex_fwd} fwd+bwd {flex_fb} {flex_note} "
                   f"[{time.time() - t0:.0f}s]", flush=True)
 
@@ -172,6 +205,15 @@ def main():
                      f"{r['sdpa_fwd_ms'] / r['ours_fwd_ms']:.2f}x | {fmt(r['sdpa_fwd_bwd_ms'])} | "
                      f"{fmt(r['ours_fwd_bwd_ms'])} | {fmt(r['flex_fwd_bwd_ms'])} | "
                      f"{r['sdpa_fwd_bwd_ms'] / r['ours_fwd_bwd_ms']:.2f}x |")
+    lines += ["", "Forward replayed from a CUDA graph (GPU time without Python and launch overhead), ms:",
+              "", "| tokens | pattern | SDPA | ours | ours one-stage | lanes kernel | SDPA/ours |",
+              "|---|---|---|---|---|---|---|"]
+    for r in raw:
+        ratio = (f"{r['sdpa_graph_fwd_ms'] / r['ours_graph_fwd_ms']:.2f}x"
+                 if r["sdpa_graph_fwd_ms"] and r["ours_graph_fwd_ms"] else "n/a")
+        lines.append(f"| {r['side']}x{r['side']} | {r['pattern']} | {fmt(r['sdpa_graph_fwd_ms'])} | "
+                     f"{fmt(r['ours_graph_fwd_ms'])} | {fmt(r['simple_graph_fwd_ms'])} | "
+                     f"{fmt(r['lanes_graph_fwd_ms'])} | {ratio} |")
     with open(os.path.join(args.out, "gpu_bench.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as fh:

@@ -11,6 +11,9 @@
 extern "C" {
 #endif
 
+/* most passes of one tile plan */
+#define SA_MAX_PLAN_PASSES 4
+
 typedef enum { SA_F32 = 0, SA_F64 = 1, SA_F16 = 2, SA_BF16 = 3 } sa_dtype;
 
 typedef enum {
@@ -78,6 +81,9 @@ typedef struct {
     int64_t num_long_rows, num_long_cols, long_threshold;
     int reference_kernel; /* CUDA: run the simple warp-per-row reference kernels */
 
+    /* CUDA forward: launch only the block-per-row kernel over long_rows (the rows
+     * a tile plan leaves out) */
+    int long_rows_only;
     /* CUDA forward only: one pass of a tile plan (sparse_attention/_tiles.py)
      * runs the tensor-core kernel instead. tile_queries: tiles x 64 token ids
      * (-1 pads); tile_chunk_ptr: tiles + 1; chunk_keys: chunks x 64 token ids

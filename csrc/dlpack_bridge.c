@@ -3,64 +3,98 @@
 
 #include <string.h>
 
-/* Ask obj for a capsule. CUDA producers get our stream so that they order their
- * pending work before ours; max_version=(1, 0) asks for the versioned struct,
- * and producers that predate it (TypeError on the keyword) are asked again. */
+/* Calls obj.__dlpack__(max_version=(1, 0)[, stream=...]); NULL with an exception
+ * on failure. The argument objects are made once and kept. */
+static PyObject *call_dlpack(PyObject *obj, int with_stream, long long stream)
+{
+    static PyObject *method_name, *version, *names_plain, *names_stream;
+    if (method_name == NULL) {
+        method_name = PyUnicode_InternFromString("__dlpack__");
+        version = Py_BuildValue("(ii)", SA_DLPACK_MAJOR, SA_DLPACK_MINOR);
+        names_plain = Py_BuildValue("(s)", "max_version");
+        names_stream = Py_BuildValue("(ss)", "max_version", "stream");
+        if (!method_name || !version || !names_plain || !names_stream) {
+            Py_CLEAR(method_name);
+            return NULL;
+        }
+    }
+    if (!with_stream) {
+        PyObject *args[2] = {obj, version};
+        return PyObject_VectorcallMethod(method_name, args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                         names_plain);
+    }
+    /* The spec reserves 0; the legacy default stream is spelled 1. */
+    PyObject *s = PyLong_FromLongLong(stream == 0 ? 1 : stream);
+    if (s == NULL) return NULL;
+    PyObject *args[3] = {obj, version, s};
+    PyObject *capsule = PyObject_VectorcallMethod(method_name, args,
+                                                  1 | PY_VECTORCALL_ARGUMENTS_OFFSET, names_stream);
+    Py_DECREF(s);
+    return capsule;
+}
+
+/* Ask obj for a capsule. On a CUDA call (stream != -1) producers get our stream
+ * so that they order their pending work before ours; a producer that refuses a
+ * stream (a CPU array) is asked without one once its device says it is not CUDA.
+ * max_version=(1, 0) asks for the versioned struct; producers that predate it
+ * (TypeError on the keyword) are asked again the legacy way. */
 static PyObject *request_capsule(PyObject *obj, const char *name, long long stream)
 {
-    PyObject *device = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
-    if (device == NULL) {
-        return NULL;
+    PyObject *capsule = call_dlpack(obj, stream != -1, stream);
+    if (capsule != NULL || stream == -1) {
+        goto legacy_check;
     }
+    /* refused with a stream: ask the device, and only CUDA tensors get one */
+    PyObject *failure_type, *failure, *trace;
+    PyErr_Fetch(&failure_type, &failure, &trace);
+    PyObject *device = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
     long device_type = -1;
-    if (PyTuple_Check(device) && PyTuple_GET_SIZE(device) == 2) {
+    if (device != NULL && PyTuple_Check(device) && PyTuple_GET_SIZE(device) == 2) {
         device_type = PyLong_AsLong(PyTuple_GET_ITEM(device, 0));
     }
-    Py_DECREF(device);
-    if (device_type == -1) {
-        if (!PyErr_Occurred()) {
+    Py_XDECREF(device);
+    if (device_type == -1 || device_type == kDLCUDA) {
+        if (device_type == -1 && !PyErr_Occurred()) {
             PyErr_Format(PyExc_TypeError,
                          "%s: __dlpack_device__() must return (device_type, device_id)", name);
         }
-        return NULL;
-    }
-
-    PyObject *method = PyObject_GetAttrString(obj, "__dlpack__");
-    if (method == NULL) {
-        return NULL;
-    }
-    PyObject *kwargs = PyDict_New();
-    PyObject *empty = PyTuple_New(0);
-    PyObject *capsule = NULL;
-    if (kwargs == NULL || empty == NULL) {
-        goto done;
-    }
-    if (device_type == kDLCUDA && stream != -1) {
-        /* The spec reserves 0; the legacy default stream is spelled 1. */
-        PyObject *s = PyLong_FromLongLong(stream == 0 ? 1 : stream);
-        if (s == NULL || PyDict_SetItemString(kwargs, "stream", s) < 0) {
-            Py_XDECREF(s);
-            goto done;
+        if (device_type == kDLCUDA) {
+            PyErr_Restore(failure_type, failure, trace);
+        } else {
+            Py_XDECREF(failure_type);
+            Py_XDECREF(failure);
+            Py_XDECREF(trace);
         }
-        Py_DECREF(s);
+        return NULL;
     }
-    PyObject *version = Py_BuildValue("(ii)", SA_DLPACK_MAJOR, SA_DLPACK_MINOR);
-    if (version == NULL || PyDict_SetItemString(kwargs, "max_version", version) < 0) {
-        Py_XDECREF(version);
-        goto done;
-    }
-    Py_DECREF(version);
-    capsule = PyObject_Call(method, empty, kwargs);
+    Py_XDECREF(failure_type);
+    Py_XDECREF(failure);
+    Py_XDECREF(trace);
+    capsule = call_dlpack(obj, 0, -1);
+legacy_check:
     if (capsule == NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {
+        /* a producer without max_version: the legacy call, stream only for CUDA */
         PyErr_Clear();
-        if (PyDict_DelItemString(kwargs, "max_version") == 0) {
-            capsule = PyObject_Call(method, empty, kwargs);
+        PyObject *method = PyObject_GetAttrString(obj, "__dlpack__");
+        if (method == NULL) return NULL;
+        PyObject *empty = PyTuple_New(0), *kwargs = PyDict_New();
+        if (empty && kwargs && stream != -1) {
+            PyObject *device = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
+            int cuda = device && PyTuple_Check(device) && PyTuple_GET_SIZE(device) == 2 &&
+                       PyLong_AsLong(PyTuple_GET_ITEM(device, 0)) == kDLCUDA;
+            Py_XDECREF(device);
+            PyErr_Clear();
+            PyObject *s = cuda ? PyLong_FromLongLong(stream == 0 ? 1 : stream) : NULL;
+            if (s) {
+                PyDict_SetItemString(kwargs, "stream", s);
+                Py_DECREF(s);
+            }
         }
+        if (empty && kwargs) capsule = PyObject_Call(method, empty, kwargs);
+        Py_XDECREF(empty);
+        Py_XDECREF(kwargs);
+        Py_DECREF(method);
     }
-done:
-    Py_XDECREF(kwargs);
-    Py_XDECREF(empty);
-    Py_DECREF(method);
     return capsule;
 }
 

@@ -321,48 +321,99 @@ static char *forward_kwlist[] = {"query", "key", "value", "out", "lse", "row_ptr
                                  "height", "width", "scale", "rel_pos_bias", "key_mask",
                                  "head_active", "dropout_p", "dropout_seed", "row_stats",
                                  "stream", "long_rows", "long_threshold", "reference_kernel",
-                                 "tile_queries", "tile_chunk_ptr", "chunk_keys", "chunk_masks",
-                                 "merge_previous", NULL};
+                                 "tile_plan", "tile_passes", NULL};
 
-/* One pass of a tile plan for the tensor-core CUDA forward: all four arrays or none. */
-static int take_tile_plan(view_set *set, PyObject *const objs[4], const sa_view *q,
-                          sa_attention_params *p)
+/* A tile plan for the tensor-core CUDA forward (sparse_attention/_tiles.py): one
+ * int32 buffer on the device and, per pass, six numbers on the host: tiles,
+ * chunks, and the element offsets of tile_queries [tiles x 64], tile_chunk_ptr
+ * [tiles + 1], chunk_keys [chunks x 64] and chunk_masks [chunks x 64 uint64]. */
+typedef struct {
+    int64_t count;
+    int64_t fields[SA_MAX_PLAN_PASSES][6];
+    const int32_t *base;
+} tile_plan;
+
+static int take_tile_plan(view_set *set, PyObject *buffer_obj, PyObject *passes_obj,
+                          const sa_view *q, tile_plan *plan)
 {
-    static const char *names[4] = {"tile_queries", "tile_chunk_ptr", "chunk_keys", "chunk_masks"};
-    int given = 0;
-    for (int t = 0; t < 4; t++) given += objs[t] != Py_None;
-    if (given == 0) return 0;
-    if (given != 4) {
-        PyErr_SetString(PyExc_ValueError,
-                        "tile_queries, tile_chunk_ptr, chunk_keys, chunk_masks: give all four or none");
+    plan->count = 0;
+    if (buffer_obj == Py_None && passes_obj == Py_None) return 0;
+    if (buffer_obj == Py_None || passes_obj == Py_None) {
+        PyErr_SetString(PyExc_ValueError, "tile_plan, tile_passes: give both or neither");
         return -1;
     }
     if (!is_cuda(q)) {
         PyErr_SetString(PyExc_ValueError,
-                        "tile_queries: tile plans drive the CUDA tensor-core kernel; query is not on a "
+                        "tile_plan: tile plans drive the CUDA tensor-core kernel; query is not on a "
                         "CUDA device");
         return -1;
     }
-    sa_view *views[4];
-    for (int t = 0; t < 4; t++)
-        if (!(views[t] = take(set, objs[t], names[t], 0))) return -1;
-    int64_t tiles_shape[2] = {-1, 64};
-    if (check_buffer(views[0], q, SA_DT_I32, tiles_shape, 2) < 0) return -1;
-    int64_t ptr_shape[1] = {views[0]->shape[0] + 1}, chunk_shape[2] = {-1, 64};
-    if (check_buffer(views[1], q, SA_DT_I32, ptr_shape, 1) < 0 ||
-        check_buffer(views[2], q, SA_DT_I32, chunk_shape, 2) < 0)
+    sa_view *buffer = take(set, buffer_obj, "tile_plan", 0);
+    int64_t any[1] = {-1};
+    if (!buffer || check_buffer(buffer, q, SA_DT_I32, any, 1) < 0) return -1;
+    PyObject *seq = PySequence_Fast(passes_obj, "tile_passes: expected a sequence of integers");
+    if (!seq) return -1;
+    Py_ssize_t length = PySequence_Fast_GET_SIZE(seq);
+    if (length == 0 || length % 6 != 0 || length / 6 > SA_MAX_PLAN_PASSES) {
+        PyErr_Format(PyExc_ValueError,
+                     "tile_passes: expected 6 integers per pass and 1 to %d passes, got %zd integers",
+                     SA_MAX_PLAN_PASSES, length);
+        Py_DECREF(seq);
         return -1;
-    int64_t masks_shape[2] = {views[2]->shape[0], 64};
-    if (check_buffer(views[3], q, SA_DT_I64, masks_shape, 2) < 0) return -1;
-    /* contents stay on the device; the kernel clamps chunk offsets and ignores
-     * token ids outside [0, N), so a corrupted plan cannot read out of bounds */
-    p->tile_queries = (const int32_t *)views[0]->data;
-    p->tile_chunk_ptr = (const int32_t *)views[1]->data;
-    p->chunk_keys = (const int32_t *)views[2]->data;
-    p->chunk_masks = (const uint64_t *)views[3]->data;
-    p->num_tiles = views[0]->shape[0];
-    p->num_chunks = views[2]->shape[0];
+    }
+    const int64_t size = buffer->shape[0];
+    for (Py_ssize_t t = 0; t < length; t++) {
+        long long value = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, t));
+        if (value == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        if (value < 0 || value > size) {
+            PyErr_Format(PyExc_ValueError, "tile_passes: entry %zd is %lld, outside [0, %lld]", t,
+                         value, (long long)size);
+            Py_DECREF(seq);
+            return -1;
+        }
+        plan->fields[t / 6][t % 6] = value;
+    }
+    Py_DECREF(seq);
+    plan->count = length / 6;
+    for (int64_t i = 0; i < plan->count; i++) {
+        const int64_t *f = plan->fields[i];
+        const int64_t tiles = f[0], chunks = f[1];
+        /* extents in int32 elements: queries, chunk offsets, keys, masks (two per word) */
+        const int64_t extent[4] = {tiles * 64, tiles + 1, chunks * 64, chunks * 128};
+        for (int e = 0; e < 4; e++) {
+            if (f[2 + e] + extent[e] > size) {
+                PyErr_Format(PyExc_ValueError,
+                             "tile_passes: pass %lld, array %d ends at %lld, past the %lld-element "
+                             "tile_plan", (long long)i, e, (long long)(f[2 + e] + extent[e]),
+                             (long long)size);
+                return -1;
+            }
+        }
+        if (f[5] % 2) {
+            PyErr_Format(PyExc_ValueError,
+                         "tile_passes: pass %lld, the masks' offset %lld must be even (64-bit words)",
+                         (long long)i, (long long)f[5]);
+            return -1;
+        }
+    }
+    plan->base = (const int32_t *)buffer->data;
     return 0;
+}
+
+/* Points p at pass i of the plan. */
+static void select_pass(sa_attention_params *p, const tile_plan *plan, int64_t i)
+{
+    const int64_t *f = plan->fields[i];
+    p->num_tiles = f[0];
+    p->num_chunks = f[1];
+    p->tile_queries = plan->base + f[2];
+    p->tile_chunk_ptr = plan->base + f[3];
+    p->chunk_keys = plan->base + f[4];
+    p->chunk_masks = (const uint64_t *)(plan->base + f[5]);
+    p->merge_previous = i > 0;
 }
 
 static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwargs)
@@ -370,17 +421,16 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
     (void)self;
     PyObject *q_obj, *k_obj, *v_obj, *out_obj, *lse_obj, *ptr_obj, *idx_obj;
     PyObject *stats_obj = Py_None, *long_rows_obj = Py_None;
-    PyObject *plan_objs[4] = {Py_None, Py_None, Py_None, Py_None};
+    PyObject *plan_obj = Py_None, *passes_obj = Py_None;
     common_options o = {Py_None, Py_None, Py_None, 0, 0, NAN, 0.0, 0};
     long long stream = -1, long_threshold = INT64_MAX;
-    int reference_kernel = 0, merge_previous = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOO|$LLdOOOdKOLOLpOOOOp", forward_kwlist,
+    int reference_kernel = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOO|$LLdOOOdKOLOLpOO", forward_kwlist,
                                      &q_obj, &k_obj, &v_obj, &out_obj, &lse_obj, &ptr_obj,
                                      &idx_obj, &o.height, &o.width, &o.scale, &o.bias,
                                      &o.key_mask, &o.head_active, &o.dropout_p,
                                      &o.dropout_seed, &stats_obj, &stream, &long_rows_obj,
-                                     &long_threshold, &reference_kernel, &plan_objs[0],
-                                     &plan_objs[1], &plan_objs[2], &plan_objs[3], &merge_previous))
+                                     &long_threshold, &reference_kernel, &plan_obj, &passes_obj))
         return NULL;
     view_set set = {.count = 0, .stream = stream};
     sa_attention_params p;
@@ -409,24 +459,34 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
         goto fail;
     p.long_threshold = long_rows_obj != Py_None ? long_threshold : INT64_MAX;
     p.reference_kernel = reference_kernel;
-    if (take_tile_plan(&set, plan_objs, q, &p) < 0) goto fail;
-    if (merge_previous && p.tile_queries == NULL) {
-        PyErr_SetString(PyExc_ValueError, "merge_previous: only a tile-plan pass can merge");
-        goto fail;
-    }
-    if (merge_previous && p.row_stats != NULL) {
+    tile_plan plan;
+    if (take_tile_plan(&set, plan_obj, passes_obj, q, &plan) < 0) goto fail;
+    if (plan.count > 1 && p.row_stats != NULL) {
         PyErr_SetString(PyExc_ValueError,
-                        "row_stats: statistics need a single-pass plan (merge_previous is set)");
+                        "row_stats: statistics need a single-pass plan (the passes' statistics "
+                        "cannot be merged)");
         goto fail;
     }
-    p.merge_previous = merge_previous;
     p.out = out->data;
     for (int d = 0; d < 3; d++) p.out_stride[d] = out->strides[d];
     p.lse = lse->data;
     p.row_ptr = (const int64_t *)ptr->data;
     p.col_idx = (const int32_t *)idx->data;
     p.nnz = idx->shape[0];
-    if (run_kernel(is_cuda(q), 0, &p) < 0) goto fail;
+    if (plan.count > 0) {
+        /* the passes in order (later ones merge into earlier ones), then the rows the
+         * plan leaves to the block-per-row kernel (listed in long_rows) */
+        for (int64_t i = 0; i < plan.count; i++) {
+            select_pass(&p, &plan, i);
+            if (run_kernel(1, 0, &p) < 0) goto fail;
+        }
+        p.tile_queries = NULL;
+        p.merge_previous = 0;
+        p.long_rows_only = 1;
+        if (p.num_long_rows > 0 && run_kernel(1, 0, &p) < 0) goto fail;
+    } else if (run_kernel(is_cuda(q), 0, &p) < 0) {
+        goto fail;
+    }
     release_all(&set);
     Py_RETURN_NONE;
 fail:

@@ -726,9 +726,11 @@ cudaError_t launch_pass(Pass pass, const sa_attention_params &p) {
     cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
     if (!p.reference_kernel && pass != Pass::Delta) {
         const bool aligned = rows_aligned<T>(p, pass);
-        launch_fast<T, VEC, 1>(pass, p, grid, aligned);
-        cudaError_t status = cudaGetLastError();
-        if (status != cudaSuccess) return status;
+        if (!(pass == Pass::Forward && p.long_rows_only)) {
+            launch_fast<T, VEC, 1>(pass, p, grid, aligned);
+            cudaError_t status = cudaGetLastError();
+            if (status != cudaSuccess) return status;
+        }
         const int64_t listed = pass == Pass::GradKeyValue ? p.num_long_cols : p.num_long_rows;
         if (listed > 0) {
             const int64_t long_blocks = p.batch * p.heads * listed;

@@ -23,6 +23,7 @@
 #include <math_constants.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "attention.h"
@@ -102,17 +103,82 @@ __device__ __forceinline__ float quad_sum(float x) {
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// 16 bytes global -> shared without passing through registers; the bytes past
+// src_bytes (all 16 when it is 0) are filled with zeros.
+__device__ __forceinline__ void copy16_async(void *dst, const void *src, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(src),
+                 "r"(src_bytes));
+#else
+    __trap();
+#endif
+}
+
+__device__ __forceinline__ void commit_copies() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits until at most `pending` committed groups of copies are still in flight.
+template <int pending> __device__ __forceinline__ void wait_copies() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
+#endif
+}
+
+constexpr int kThreads = kWarp * kTileWarps;
+
+// Stages one chunk's key and value rows (and the keys' ids and usability) in
+// shared memory. With async_copies every 16-byte copy of the chunk is in flight
+// at once (cp.async, needs aligned rows); otherwise each goes through registers.
 template <typename T, int DPAD>
-__global__ void __launch_bounds__(kWarp * kTileWarps)
-forward_tiled_kernel(const sa_attention_params p, bool aligned) {
+__device__ __forceinline__ void stage_chunk(const sa_attention_params &p, int64_t chunk, int64_t b,
+                                            int64_t h, T *keys, T *values, int32_t *ids,
+                                            uint8_t *usable, bool aligned, bool async_copies) {
+    constexpr int kStride = DPAD + 8, kVectors = DPAD / 8;
+    constexpr int kPieces = kTile * kVectors / kThreads;
+    const int tid = threadIdx.x;
+    const int64_t n = p.num_tokens, dim = p.head_dim;
+    const int32_t *chunk_ids = p.chunk_keys + chunk * kTile;
+    if (tid < kTile) {
+        const int32_t j = chunk_ids[tid];
+        const bool valid = j >= 0 && j < n;
+        ids[tid] = valid ? j : -1;
+        usable[tid] = valid && key_allowed(p, b, j);
+    }
+#pragma unroll
+    for (int k = 0; k < kPieces; k++) {
+        const int piece = tid + k * kThreads;
+        const int r = piece / kVectors, col = (piece % kVectors) * 8;
+        const int32_t j = chunk_ids[r];
+        const bool valid = j >= 0 && j < n;
+        const T *key_row = valid ? row_of<T>(p.k, p.k_stride, b, h, j) : nullptr;
+        const T *value_row = valid ? row_of<T>(p.v, p.v_stride, b, h, j) : nullptr;
+        if (async_copies) {
+            // aligned rows have dim % 8 == 0, so a piece is wholly inside or outside
+            const bool inside = valid && col < dim;
+            copy16_async(&keys[r * kStride + col], inside ? key_row + col : p.k, inside ? 16 : 0);
+            copy16_async(&values[r * kStride + col], inside ? value_row + col : p.v, inside ? 16 : 0);
+        } else {
+            copy8(&keys[r * kStride + col], key_row, col, dim, aligned);
+            copy8(&values[r * kStride + col], value_row, col, dim, aligned);
+        }
+    }
+}
+
+// STAGES = 2: the next chunk's copies fly while this chunk is computed.
+template <typename T, int DPAD, int STAGES>
+__global__ void __launch_bounds__(kWarp * kTileWarps, DPAD <= 64 ? 3 : 2)
+forward_tiled_kernel(const sa_attention_params p, bool aligned, bool async_copies) {
     constexpr int kStride = DPAD + 8;        // elements per staged row; the pad spreads banks
     constexpr int kDimSteps = DPAD / 16;     // k-steps of Q x K^T
     constexpr int kOutGroups = DPAD / 8;     // n-tiles of the output fragment
-    constexpr int kVectors = DPAD / 8;       // 16-byte pieces of a staged row
-    __shared__ __align__(16) T key_rows[kTile * kStride];
-    __shared__ __align__(16) T value_rows[kTile * kStride];
-    __shared__ int32_t key_ids[kTile];
-    __shared__ uint8_t key_usable[kTile];
+    __shared__ __align__(16) T key_stages[STAGES][kTile * kStride];
+    __shared__ __align__(16) T value_stages[STAGES][kTile * kStride];
+    __shared__ int32_t id_stages[STAGES][kTile];
+    __shared__ uint8_t usable_stages[STAGES][kTile];
 
     const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
     const int group = lane / 4, pair = lane % 4;
@@ -169,25 +235,31 @@ forward_tiled_kernel(const sa_attention_params p, bool aligned) {
         float run_sq[2] = {0.f, 0.f}, run_shifted[2] = {0.f, 0.f};
         bool saw_nan[2] = {false, false};
 
+        int stage = 0;
+        if (STAGES == 2 && runs && chunk_begin < chunk_end) {
+            stage_chunk<T, DPAD>(p, chunk_begin, b, h, key_stages[0], value_stages[0], id_stages[0],
+                                 usable_stages[0], aligned, async_copies);
+            commit_copies();
+        }
         for (int64_t chunk = runs ? chunk_begin : chunk_end; chunk < chunk_end; chunk++) {
-            __syncthreads();  // the previous chunk's rows are consumed
-            const int32_t *chunk_key_ids = p.chunk_keys + chunk * kTile;
-            if (tid < kTile) {
-                const int32_t j = chunk_key_ids[tid];
-                const bool valid = j >= 0 && j < n;
-                key_ids[tid] = valid ? j : -1;
-                key_usable[tid] = valid && key_allowed(p, b, j);
-            }
-            for (int piece = tid; piece < kTile * kVectors; piece += kWarp * kTileWarps) {
-                const int r = piece / kVectors, col = (piece % kVectors) * 8;
-                const int32_t j = chunk_key_ids[r];
-                const bool valid = j >= 0 && j < n;
-                copy8(&key_rows[r * kStride + col], valid ? row_of<T>(p.k, p.k_stride, b, h, j) : nullptr,
-                      col, dim, aligned);
-                copy8(&value_rows[r * kStride + col], valid ? row_of<T>(p.v, p.v_stride, b, h, j) : nullptr,
-                      col, dim, aligned);
+            if (STAGES == 1) {
+                __syncthreads();  // the previous chunk's rows are consumed
+                stage_chunk<T, DPAD>(p, chunk, b, h, key_stages[0], value_stages[0], id_stages[0],
+                                     usable_stages[0], aligned, async_copies);
+                commit_copies();
+                wait_copies<0>();
+            } else {
+                if (chunk + 1 < chunk_end)
+                    stage_chunk<T, DPAD>(p, chunk + 1, b, h, key_stages[stage ^ 1], value_stages[stage ^ 1],
+                                         id_stages[stage ^ 1], usable_stages[stage ^ 1], aligned,
+                                         async_copies);
+                commit_copies();
+                wait_copies<1>();  // this chunk's copies have landed; the next one's may fly
             }
             __syncthreads();
+            const T *key_rows = key_stages[stage], *value_rows = value_stages[stage];
+            const int32_t *key_ids = id_stages[stage];
+            const uint8_t *key_usable = usable_stages[stage];
 
             float score[kKeyGroups][4];
 #pragma unroll
@@ -289,6 +361,10 @@ forward_tiled_kernel(const sa_attention_params p, bool aligned) {
                     mma_16x8x16<T>(out_acc[g], p_frag[step], b0, b1);
                 }
             }
+            if (STAGES == 2) {
+                __syncthreads();  // all warps are done with this stage before it is refilled
+                stage ^= 1;
+            }
         }
 
         // the four lanes of a quad hold parts of the same two rows
@@ -372,12 +448,25 @@ cudaError_t launch_tiled(const sa_attention_params &p) {
     const dim3 block(kWarp * kTileWarps);
     cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
     const bool aligned = rows_aligned16<T>(p);
-    if (p.head_dim <= 32)
-        forward_tiled_kernel<T, 32><<<grid, block, 0, stream>>>(p, aligned);
-    else if (p.head_dim <= 64)
-        forward_tiled_kernel<T, 64><<<grid, block, 0, stream>>>(p, aligned);
-    else
-        forward_tiled_kernel<T, 128><<<grid, block, 0, stream>>>(p, aligned);
+    // SPARSE_ATTENTION_TILED_SIMPLE=1: one stage, copies through registers (the
+    // first version of this kernel, kept to compare against)
+    const char *simple_env = getenv("SPARSE_ATTENTION_TILED_SIMPLE");
+    const bool simple = simple_env != nullptr && simple_env[0] == '1';
+    const bool async_copies = aligned && !simple;
+    if (p.head_dim <= 32) {
+        if (simple)
+            forward_tiled_kernel<T, 32, 1><<<grid, block, 0, stream>>>(p, aligned, false);
+        else
+            forward_tiled_kernel<T, 32, 2><<<grid, block, 0, stream>>>(p, aligned, async_copies);
+    } else if (p.head_dim <= 64) {
+        if (simple)
+            forward_tiled_kernel<T, 64, 1><<<grid, block, 0, stream>>>(p, aligned, false);
+        else
+            forward_tiled_kernel<T, 64, 2><<<grid, block, 0, stream>>>(p, aligned, async_copies);
+    } else {
+        // two stages of 128-wide rows would pass the 48 KB of static shared memory
+        forward_tiled_kernel<T, 128, 1><<<grid, block, 0, stream>>>(p, aligned, async_copies);
+    }
     return cudaGetLastError();
 }
 

@@ -12,7 +12,11 @@ waste most of such a tile: row segments share the row but not the columns.
 The plan may therefore split the pairs into passes, each with its own tiling
 (the same-row pairs in row segments, the rest in column segments); a later
 pass merges its partial softmax into the earlier one through the log-sum-exp.
-Every (query, key) pair of the layout lies in exactly one chunk of one pass.
+Every (query, key) pair of the layout lies in exactly one chunk of one pass,
+except the pairs of "long" rows: a row with far more keys than the typical row
+(LONGFORMER's global tokens attend everything) would keep its whole tile's
+block busy while the others idle, so such rows are left out of the plan and
+handled by the block-per-row kernel (``long_rows``).
 """
 
 from __future__ import annotations
@@ -26,9 +30,47 @@ _SHAPES = ((8, 8), (4, 16), (16, 4), (2, 32), (32, 2), (1, 64), (64, 1))
 MAX_PRESENCE = 1 << 27
 # nor plans of layouts with more pairs than this (planning time grows with them)
 MAX_PAIRS = 1 << 24
+# a row is long when it has more keys than both of these
+LONG_ROW_MIN_KEYS = 1024
+LONG_ROW_FACTOR = 8  # times the median row
 # a second pass costs about this many chunks per tile (the merge reads and
 # rewrites the output)
 _PASS_COST_PER_TILE = 0.5
+
+
+class TilePlan:
+    """The passes (TilePass) and the rows left to the block-per-row kernel."""
+
+    def __init__(self, passes, long_rows):
+        self.passes = passes
+        self.long_rows = long_rows  # int32, ascending
+
+    def __len__(self):
+        return len(self.passes)
+
+    def __iter__(self):
+        return iter(self.passes)
+
+    def __getitem__(self, index):
+        return self.passes[index]
+
+    def packed(self):
+        """One int32 buffer holding every pass's arrays, and six numbers per pass
+        (tiles, chunks, offsets of queries, chunk_ptr, keys, masks) as the C
+        entry point takes them."""
+        parts, fields, offset = [], [], 0
+        for one in self.passes:
+            numbers = [one.queries.shape[0], one.num_chunks]
+            for array in (one.queries, one.chunk_ptr, one.keys, one.masks):
+                flat = np.ascontiguousarray(array).reshape(-1).view(np.int32)
+                if offset % 2:  # the masks are 64-bit words
+                    parts.append(np.zeros(1, dtype=np.int32))
+                    offset += 1
+                numbers.append(offset)
+                parts.append(flat)
+                offset += flat.size
+            fields.extend(numbers)
+        return np.concatenate(parts), fields
 
 
 class TilePass:
@@ -75,9 +117,18 @@ def _presence(tile, rows, cols, num_tiles, num_tokens):
     return presence
 
 
-def _build_pass(height, width, shape, rows, cols):
+def _long_rows(layout):
+    degrees = layout.degrees()
+    if degrees.size == 0:
+        return np.zeros(0, dtype=np.int32)
+    limit = max(LONG_ROW_MIN_KEYS, LONG_ROW_FACTOR * float(np.median(degrees)))
+    return np.flatnonzero(degrees > limit).astype(np.int32)
+
+
+def _build_pass(height, width, shape, rows, cols, long_rows):
     n = height * width
     tile, slot, queries = _tile_ids(height, width, shape)
+    queries[np.isin(queries, long_rows)] = -1  # written by the block-per-row kernel
     num_tiles = queries.shape[0]
     presence = _presence(tile, rows, cols, num_tiles, n)
     counts = presence.sum(axis=1)
@@ -122,9 +173,8 @@ def _estimate_chunks(layout, shape, selected, samples=32):
     rows = members[members >= 0].astype(np.int64)
     positions = _pairs_of_rows(layout.indptr, rows)
     sample_of_pair = np.repeat(which, np.diff(layout.indptr)[rows])
-    if selected is not None:
-        keep = selected[positions]
-        positions, sample_of_pair = positions[keep], sample_of_pair[keep]
+    keep = selected[positions]
+    positions, sample_of_pair = positions[keep], sample_of_pair[keep]
     presence = np.zeros((picked.size, height * width), dtype=bool)
     presence[sample_of_pair, layout.indices[positions]] = True
     per_tile = (-(-presence.sum(axis=1) // TILE)).mean()
@@ -147,28 +197,27 @@ def _best_shape(layout, selected):
 
 
 def build_tile_plan(layout):
-    """The passes of ``layout``'s tile plan (a list of TilePass), or None when
-    the layout is too large to plan (see MAX_PRESENCE and MAX_PAIRS)."""
+    """``layout``'s TilePlan, or None when the layout is too large to plan (see
+    MAX_PRESENCE and MAX_PAIRS)."""
     n = layout.num_tokens
     height, width = layout.height, layout.width
     if n == 0 or -(-n // TILE) * n > MAX_PRESENCE or layout.nnz > MAX_PAIRS:
         return None
+    long_rows = _long_rows(layout)
     rows = layout.row_ids()
     cols = layout.indices.astype(np.int64)
-    shape, chunks, _ = _best_shape(layout, None)
-    options = [(chunks, [(shape, None)])]
+    short = ~np.isin(rows, long_rows) if long_rows.size else np.ones(rows.size, dtype=bool)
+    shape, chunks, _ = _best_shape(layout, short)
+    options = [(chunks, [(shape, short)])]
     for same in (rows // width == cols // width, rows % width == cols % width):
-        if same.all() or not same.any():
+        first_pairs, second_pairs = short & same, short & ~same
+        if not first_pairs.any() or not second_pairs.any():
             continue
-        first = _best_shape(layout, same)
-        second = _best_shape(layout, ~same)
+        first = _best_shape(layout, first_pairs)
+        second = _best_shape(layout, second_pairs)
         cost = first[1] + second[1] + _PASS_COST_PER_TILE * second[2]
-        options.append((cost, [(first[0], same), (second[0], ~same)]))
+        options.append((cost, [(first[0], first_pairs), (second[0], second_pairs)]))
     _, passes = min(options, key=lambda option: option[0])
-    plan = []
-    for shape, selection in passes:
-        if selection is None:
-            plan.append(_build_pass(height, width, shape, rows, cols))
-        else:
-            plan.append(_build_pass(height, width, shape, rows[selection], cols[selection]))
-    return plan
+    plan = [_build_pass(height, width, shape, rows[selection], cols[selection], long_rows)
+            for shape, selection in passes]
+    return TilePlan(plan, long_rows)

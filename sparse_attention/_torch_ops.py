@@ -40,8 +40,24 @@ def native_supports(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     return f"no native kernels for device type {device.type!r}"
 
 
+# torch.Tensor.__dlpack__ is Python code that, for our calls (consumer stream =
+# torch's current stream), adds nothing to the capsule it gets from this
+# function but ~7 us; a small attention passes eight or more tensors. Where the
+# function is missing the C side asks __dlpack__ as usual.
+_to_capsule = getattr(torch._C, "_to_dlpack_versioned", None)
+
+
 def _detached(x):
-    return x.detach() if x is not None else None
+    """x as the C entry points should receive it: a DLPack capsule of the
+    detached tensor (or the tensor itself), None stays None."""
+    if x is None:
+        return None
+    x = x.detach()
+    return _to_capsule(x) if _to_capsule is not None else x
+
+
+def _seed_value(seed):
+    return seed if isinstance(seed, int) else int(seed.item())
 
 
 # Tests set this to check the fast CUDA kernels against the simple ones.
@@ -49,27 +65,34 @@ use_reference_cuda_kernels = False
 # The tensor-core forward (tile plans) where it applies; tests turn it off to
 # compare it with the other CUDA kernels.
 use_tiled_cuda_kernel = True
-_TILED_DTYPES = (torch.float16, torch.bfloat16)
 tiled_passes_run = 0  # passes launched on the tensor-core kernel, for tests
+_TILED_DTYPES = (torch.float16, torch.bfloat16)
 _TILED_MAX_HEAD_DIM = 128
+_capable_devices = {}
 
 
 def _tensor_core_capable(device) -> bool:
-    major, _ = torch.cuda.get_device_capability(device)
-    return major >= 8
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capable = _capable_devices.get(index)
+    if capable is None:
+        capable = _capable_devices[index] = torch.cuda.get_device_capability(index)[0] >= 8
+    return capable
 
 
-def _tile_plan_for(layout, query, want_stats) -> list:
-    """The flattened tile plan (4 tensors per pass) when the tensor-core forward
-    applies to these arguments, else an empty list."""
+_NO_PLAN = (None, [], None)
+
+
+def _tile_plan_for(layout, query, want_stats):
+    """(buffer, passes, long_rows) of the tile plan when the tensor-core forward
+    applies to these arguments, else (None, [], None)."""
     if (query.device.type != "cuda" or not use_tiled_cuda_kernel or use_reference_cuda_kernels
             or query.dtype not in _TILED_DTYPES or query.shape[-1] > _TILED_MAX_HEAD_DIM
             or not _tensor_core_capable(query.device)):
-        return []
+        return _NO_PLAN
     plan = layout.tile_plan_tensors(query.device)
-    if plan is None or (want_stats and len(plan) > 1):
-        return []  # statistics cannot be merged across passes
-    return [t for one_pass in plan for t in one_pass]
+    if plan is None or (want_stats and plan["num_passes"] > 1):
+        return _NO_PLAN  # statistics cannot be merged across passes
+    return plan["buffer"], plan["passes"], plan["long_rows"]
 
 
 def _cuda_extras(device, long_rows, long_cols, backward=False):
@@ -84,46 +107,59 @@ def _cuda_extras(device, long_rows, long_cols, backward=False):
     return extras
 
 
-@torch.library.custom_op("sparse_attention::forward", mutates_args=())
-def _forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, row_ptr: torch.Tensor,
-             col_idx: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor,
-             bucket_perm: Optional[torch.Tensor], bucket_ptr: Optional[torch.Tensor],
-             long_rows: Optional[torch.Tensor], long_cols: Optional[torch.Tensor],
-             height: int, width: int, scale: float,
-             bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor],
-             head_active: Optional[torch.Tensor], dropout_p: float, seed: torch.Tensor,
-             want_stats: bool, tile_plan: list[torch.Tensor]
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward_impl(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr,
+                  long_rows, long_cols, height, width, scale, bias, key_mask, head_active,
+                  dropout_p, seed, want_stats, tile_plan, tile_passes, plan_long_rows):
     batch, heads, num_tokens, _ = query.shape
     accum = _accum_dtype(query.dtype)
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     lse = torch.empty(batch, heads, num_tokens, dtype=accum, device=query.device)
     stats = (torch.empty(batch, heads, num_tokens, 2, dtype=accum, device=query.device)
              if want_stats else torch.empty(0, dtype=accum, device=query.device))
-    common = dict(height=height, width=width, scale=scale, rel_pos_bias=_detached(bias),
-                  key_mask=key_mask, head_active=head_active, dropout_p=dropout_p,
-                  dropout_seed=int(seed.item()), row_stats=stats if want_stats else None,
+    d = _detached
+    common = dict(height=height, width=width, scale=scale, rel_pos_bias=d(bias),
+                  key_mask=d(key_mask), head_active=d(head_active), dropout_p=dropout_p,
+                  dropout_seed=_seed_value(seed), row_stats=d(stats) if want_stats else None,
                   stream=_stream_of(query.device))
-    if tile_plan:
-        # one launch per pass; later passes merge into what the earlier ones wrote
+    if tile_plan is not None:
+        # the passes run in order in one call, then the long rows the plan leaves out
         global tiled_passes_run
-        for first in range(0, len(tile_plan), 4):
-            tiled_passes_run += 1
-            queries, chunk_ptr, keys, masks = tile_plan[first:first + 4]
-            C.attention_forward(query.detach(), key.detach(), value.detach(), out, lse, row_ptr,
-                                col_idx, tile_queries=queries, tile_chunk_ptr=chunk_ptr,
-                                chunk_keys=keys, chunk_masks=masks, merge_previous=first > 0,
-                                **common)
+        tiled_passes_run += len(tile_passes) // 6
+        C.attention_forward(d(query), d(key), d(value), d(out), d(lse), d(row_ptr), d(col_idx),
+                            tile_plan=d(tile_plan), tile_passes=tile_passes,
+                            **_cuda_extras(query.device, d(plan_long_rows), None), **common)
         return out, lse, stats
-    C.attention_forward(query.detach(), key.detach(), value.detach(), out, lse, row_ptr, col_idx,
-                        **common, **_cuda_extras(query.device, long_rows, long_cols))
+    C.attention_forward(d(query), d(key), d(value), d(out), d(lse), d(row_ptr), d(col_idx),
+                        **common, **_cuda_extras(query.device, d(long_rows), d(long_cols)))
     return out, lse, stats
+
+
+def _forward_schema(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    row_ptr: torch.Tensor, col_idx: torch.Tensor, col_ptr: torch.Tensor,
+                    row_idx: torch.Tensor, bucket_perm: Optional[torch.Tensor],
+                    bucket_ptr: Optional[torch.Tensor], long_rows: Optional[torch.Tensor],
+                    long_cols: Optional[torch.Tensor], height: int, width: int, scale: float,
+                    bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor],
+                    head_active: Optional[torch.Tensor], dropout_p: float, seed: torch.Tensor,
+                    want_stats: bool, tile_plan: Optional[torch.Tensor], tile_passes: list[int],
+                    plan_long_rows: Optional[torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward_impl(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm,
+                         bucket_ptr, long_rows, long_cols, height, width, scale, bias, key_mask,
+                         head_active, dropout_p, seed, want_stats, tile_plan, tile_passes,
+                         plan_long_rows)
+
+
+# The op as torch.compile sees it (one opaque node); eager calls skip the
+# dispatcher's overhead through _EagerAttention below.
+_forward = torch.library.custom_op("sparse_attention::forward", mutates_args=())(_forward_schema)
 
 
 @_forward.register_fake
 def _forward_fake(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr,
                   long_rows, long_cols, height, width, scale, bias, key_mask,
-                  head_active, dropout_p, seed, want_stats, tile_plan):
+                  head_active, dropout_p, seed, want_stats, tile_plan, tile_passes,
+                  plan_long_rows):
     batch, heads, num_tokens, _ = query.shape
     accum = _accum_dtype(query.dtype)
     stats_shape = (batch, heads, num_tokens, 2) if want_stats else (0,)
@@ -131,15 +167,9 @@ def _forward_fake(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_
             query.new_empty(stats_shape, dtype=accum))
 
 
-@torch.library.custom_op("sparse_attention::backward", mutates_args=())
-def _backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              out: torch.Tensor, lse: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
-              col_ptr: torch.Tensor, row_idx: torch.Tensor, bucket_perm: Optional[torch.Tensor],
-              bucket_ptr: Optional[torch.Tensor], long_rows: Optional[torch.Tensor],
-              long_cols: Optional[torch.Tensor], height: int, width: int, scale: float,
-              bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor],
-              head_active: Optional[torch.Tensor], dropout_p: float,
-              seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx,
+                   bucket_perm, bucket_ptr, long_rows, long_cols, height, width, scale, bias,
+                   key_mask, head_active, dropout_p, seed):
     batch, heads, num_tokens, _ = query.shape
     accum = _accum_dtype(query.dtype)
     device = query.device
@@ -151,12 +181,13 @@ def _backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, va
     if bias is not None:
         grad_scores = torch.empty(batch, heads, col_idx.shape[0], dtype=accum, device=device)
     stream = _stream_of(device)
-    C.attention_backward(query.detach(), key.detach(), value.detach(), out.detach(),
-                         grad_out.detach(), lse.detach(), delta, grads[0], grads[1], grads[2], row_ptr,
-                         col_idx, col_ptr, row_idx, height=height, width=width, scale=scale,
-                         rel_pos_bias=_detached(bias), key_mask=key_mask, head_active=head_active,
-                         dropout_p=dropout_p, dropout_seed=int(seed.item()), grad_scores=grad_scores,
-                         stream=stream, **_cuda_extras(device, long_rows, long_cols, backward=True))
+    d = _detached
+    C.attention_backward(d(query), d(key), d(value), d(out), d(grad_out), d(lse), d(delta),
+                         d(grads[0]), d(grads[1]), d(grads[2]), d(row_ptr), d(col_idx), d(col_ptr),
+                         d(row_idx), height=height, width=width, scale=scale, rel_pos_bias=d(bias),
+                         key_mask=d(key_mask), head_active=d(head_active), dropout_p=dropout_p,
+                         dropout_seed=_seed_value(seed), grad_scores=d(grad_scores), stream=stream,
+                         **_cuda_extras(device, d(long_rows), d(long_cols), backward=True))
     if bias is not None:
         grad_table = torch.empty(heads, bucket_ptr.shape[0] - 1, dtype=accum, device=device)
         C.bias_grad(grad_scores, bucket_perm, bucket_ptr, grad_table, stream=stream)
@@ -164,6 +195,23 @@ def _backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, va
     else:
         grad_bias = torch.empty(0, dtype=query.dtype, device=device)
     return grads[0], grads[1], grads[2], grad_bias
+
+
+def _backward_schema(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                     row_ptr: torch.Tensor, col_idx: torch.Tensor, col_ptr: torch.Tensor,
+                     row_idx: torch.Tensor, bucket_perm: Optional[torch.Tensor],
+                     bucket_ptr: Optional[torch.Tensor], long_rows: Optional[torch.Tensor],
+                     long_cols: Optional[torch.Tensor], height: int, width: int, scale: float,
+                     bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor],
+                     head_active: Optional[torch.Tensor], dropout_p: float, seed: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_ptr,
+                          row_idx, bucket_perm, bucket_ptr, long_rows, long_cols, height, width,
+                          scale, bias, key_mask, head_active, dropout_p, seed)
+
+
+_backward = torch.library.custom_op("sparse_attention::backward", mutates_args=())(_backward_schema)
 
 
 @_backward.register_fake
@@ -177,13 +225,12 @@ def _backward_fake(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
 def _setup_context(ctx, inputs, output):
     (query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr, long_rows,
      long_cols, height, width, scale, bias, key_mask, head_active, dropout_p, seed, _stats,
-     _plan) = inputs
+     _plan, _passes, _plan_long_rows) = inputs
     out, lse, _stats = output
     ctx.save_for_backward(query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx,
                           bucket_perm, bucket_ptr, long_rows, long_cols, bias, key_mask, head_active,
                           seed)
     ctx.args = (height, width, scale, dropout_p)
-    ctx.plan_length = len(_plan)
 
 
 def _backward_rule(ctx, grad_out, _grad_lse, _grad_stats):
@@ -195,9 +242,35 @@ def _backward_rule(ctx, grad_out, _grad_lse, _grad_stats):
         bucket_ptr, long_rows, long_cols, height, width, scale, bias, key_mask, head_active,
         dropout_p, seed)
     return (grad_q, grad_k, grad_v) + (None,) * 11 + (
-        grad_bias if bias is not None else None,) + (None,) * 5 + ([None] * ctx.plan_length,)
+        grad_bias if bias is not None else None,) + (None,) * 8
+
 
 _forward.register_autograd(_backward_rule, setup_context=_setup_context)
+
+# positions in the op's argument list
+_BIAS = 14
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The same forward and backward as the custom ops, without the dispatcher:
+    in eager mode that saves tens of microseconds per call, which is most of
+    the time of a small attention on a GPU."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, bias, args):
+        out, lse, stats = _forward_impl(query, key, value, *args[3:_BIAS], bias, *args[_BIAS + 1:])
+        ctx.save_for_backward(query, key, value, out, lse, bias)
+        ctx.args = args
+        ctx.mark_non_differentiable(lse, stats)
+        return out, lse, stats
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse, _grad_stats):
+        query, key, value, out, lse, bias = ctx.saved_tensors
+        a = ctx.args
+        grad_q, grad_k, grad_v, grad_bias = _backward_impl(
+            grad_out, query, key, value, out, lse, *a[3:_BIAS], bias, *a[_BIAS + 1:19])
+        return grad_q, grad_k, grad_v, (grad_bias if bias is not None else None), None
 
 
 def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropout_seed,
@@ -230,6 +303,7 @@ def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropo
     if head_active is not None:
         head_active = head_active.to(device).contiguous()
 
+    compiling = torch.compiler.is_compiling()
     if dropout_p > 0 and dropout_seed is None:
         # a tensor, so that torch.compile keeps it in the graph (no .item() here)
         seed_tensor = torch.randint(0, 2**62, (1,), dtype=torch.int64)
@@ -237,7 +311,8 @@ def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropo
         seed = int(dropout_seed or 0)
         if not 0 <= seed < 2**63:
             raise ValueError(f"dropout_seed: expected an integer in [0, 2**63), got {seed}")
-        seed_tensor = torch.full((1,), seed, dtype=torch.int64)
+        # eager calls take the integer as it is; the compiled op needs a tensor
+        seed_tensor = torch.full((1,), seed, dtype=torch.int64) if compiling else seed
 
     reason = native_supports(device, query.dtype)
     if backend == "native" and reason is not None:
@@ -245,7 +320,7 @@ def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropo
     if backend == "torch" or reason is not None:
         return sparse_attention_torch(query, key, value, layout, scale=scale, rel_pos_bias=bias,
                                       key_mask=key_mask, head_active=head_active,
-                                      dropout_p=dropout_p, dropout_seed=int(seed_tensor.item()),
+                                      dropout_p=dropout_p, dropout_seed=_seed_value(seed_tensor),
                                       want_stats=want_stats)
 
     tensors = _layout_tensors(layout, device, max_relative)
@@ -254,10 +329,13 @@ def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropo
         table = bias if bias.dtype == query.dtype else bias.to(query.dtype)
         table = table.contiguous()
     # The transpose and the bias buckets ride along as inputs: only backward reads them.
-    out, lse, stats = _forward(query, key, value, tensors["row_ptr"], tensors["col_idx"],
-                               tensors["col_ptr"], tensors["row_idx"], tensors.get("bucket_perm"),
-                               tensors.get("bucket_ptr"), tensors.get("long_rows"),
-                               tensors.get("long_cols"), layout.height, layout.width, scale,
-                               table, key_mask, head_active, dropout_p, seed_tensor, want_stats,
-                               _tile_plan_for(layout, query, want_stats))
+    args = (query, key, value, tensors["row_ptr"], tensors["col_idx"], tensors["col_ptr"],
+            tensors["row_idx"], tensors.get("bucket_perm"), tensors.get("bucket_ptr"),
+            tensors.get("long_rows"), tensors.get("long_cols"), layout.height, layout.width, scale,
+            table, key_mask, head_active, dropout_p, seed_tensor, want_stats,
+            *_tile_plan_for(layout, query, want_stats))
+    if compiling:
+        out, lse, stats = _forward(*args)
+    else:
+        out, lse, stats = _EagerAttention.apply(query, key, value, table, args)
     return out, lse, (stats if want_stats else None)

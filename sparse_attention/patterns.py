@@ -214,8 +214,9 @@ class Layout:
         return plan
 
     def tile_plan_tensors(self, device):
-        """The tile plan on ``device``: per pass (tile_queries, tile_chunk_ptr,
-        chunk_keys, chunk_masks), copied there once; None without a plan."""
+        """The tile plan on ``device`` as the C entry point takes it: a dict with
+        ``buffer`` (one int32 tensor), ``passes`` (six ints per pass), ``num_passes``
+        and ``long_rows`` (int32 tensor or None); copied once. None without a plan."""
         import torch
 
         key = ("tiles", str(torch.device(device)))
@@ -225,9 +226,14 @@ class Layout:
         plan = self.tile_plan()
         tensors = None
         if plan is not None:
-            tensors = [tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device)
-                             for a in (one.queries, one.chunk_ptr, one.keys, one.masks))
-                       for one in plan]
+            buffer, passes = plan.packed()
+            tensors = {
+                "buffer": torch.from_numpy(buffer).to(device),
+                "passes": [int(x) for x in passes],
+                "num_passes": len(plan),
+                "long_rows": (torch.from_numpy(plan.long_rows.copy()).to(device)
+                              if plan.long_rows.size else None),
+            }
         with self._lock:
             self._device_cache[key] = tensors
         return tensors

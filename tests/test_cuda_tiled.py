@@ -164,26 +164,43 @@ def test_bad_plans_are_refused():
     out = torch.empty_like(q)
     lse = torch.empty(1, 1, 64, device="cuda")
     t = layout.torch_tensors("cuda")
-    queries, chunk_ptr, keys, masks = layout.tile_plan_tensors("cuda")[0]
-    base = dict(height=8, width=8, scale=0.2)
-    with pytest.raises(ValueError, match="all four"):
-        C.attention_forward(q, q, q, out, lse, t["row_ptr"], t["col_idx"], tile_queries=queries, **base)
-    with pytest.raises(TypeError, match="chunk_masks"):
-        C.attention_forward(q, q, q, out, lse, t["row_ptr"], t["col_idx"], tile_queries=queries,
-                            tile_chunk_ptr=chunk_ptr, chunk_keys=keys, chunk_masks=masks.int(), **base)
-    with pytest.raises(ValueError, match="tile_chunk_ptr"):
-        C.attention_forward(q, q, q, out, lse, t["row_ptr"], t["col_idx"], tile_queries=queries,
-                            tile_chunk_ptr=chunk_ptr[:-1], chunk_keys=keys, chunk_masks=masks, **base)
+    plan = layout.tile_plan_tensors("cuda")
+    buffer, fields = plan["buffer"], plan["passes"]
+
+    def call(query=q, output=out, **kwargs):
+        C.attention_forward(query, query, query, output, lse, t["row_ptr"], t["col_idx"], height=8,
+                            width=8, scale=0.2, **kwargs)
+
+    with pytest.raises(ValueError, match="both or neither"):
+        call(tile_plan=buffer)
+    with pytest.raises(ValueError, match="6 integers per pass"):
+        call(tile_plan=buffer, tile_passes=fields[:5])
+    with pytest.raises(ValueError, match="outside"):
+        call(tile_plan=buffer, tile_passes=fields[:5] + [buffer.numel() + 1])
+    with pytest.raises(ValueError, match="past the"):
+        call(tile_plan=buffer[:100], tile_passes=[min(x, 100) for x in fields])
+    with pytest.raises(TypeError, match="tile_plan"):
+        call(tile_plan=buffer.long(), tile_passes=fields)
     with pytest.raises(TypeError, match="float16 or bfloat16"):
-        q32 = q.float()
-        C.attention_forward(q32, q32, q32, torch.empty_like(q32), lse, t["row_ptr"], t["col_idx"],
-                            tile_queries=queries, tile_chunk_ptr=chunk_ptr, chunk_keys=keys,
-                            chunk_masks=masks, **base)
+        call(query=q.float(), output=out.float(), tile_plan=buffer, tile_passes=fields)
     # corrupted contents: out-of-range offsets and ids are clamped or skipped, never read
-    bad_ptr = torch.full_like(chunk_ptr, 1 << 30)
-    bad_ptr[0] = 0
-    bad_keys = torch.full_like(keys, 1 << 30)
-    C.attention_forward(q, q, q, out, lse, t["row_ptr"], t["col_idx"], tile_queries=queries,
-                        tile_chunk_ptr=bad_ptr, chunk_keys=bad_keys, chunk_masks=masks, **base)
+    tiles, chunks, q_at, ptr_at, keys_at, masks_at = fields
+    bad = buffer.clone()
+    bad[ptr_at + 1:ptr_at + tiles + 1] = 1 << 30
+    bad[keys_at:keys_at + chunks * 64] = 1 << 30
+    call(tile_plan=bad, tile_passes=fields)
     torch.cuda.synchronize()
     assert (out == 0).all() and torch.isinf(lse).all()
+
+
+@pytest.mark.parametrize("pattern", ["axial", "longformer", "block"])
+def test_simple_variant_matches_the_pipelined_one(pattern, monkeypatch):
+    """SPARSE_ATTENTION_TILED_SIMPLE=1 runs the one-stage kernel; both must agree."""
+    layout = build_layout(pattern, 40, 40, kernel_size=7)
+    (q, k, v), bias = make(2, 4, 1600, 64, torch.bfloat16, bias_side=9)
+    q, k, v, bias = (t.cuda() for t in (q, k, v, bias))
+    pipelined = run_tiled(q, k, v, layout, rel_pos_bias=bias, return_lse=True)
+    monkeypatch.setenv("SPARSE_ATTENTION_TILED_SIMPLE", "1")
+    simple = run_tiled(q, k, v, layout, rel_pos_bias=bias, return_lse=True)
+    torch.testing.assert_close(pipelined[0], simple[0], atol=0, rtol=0)
+    torch.testing.assert_close(pipelined[1], simple[1], atol=0, rtol=0)

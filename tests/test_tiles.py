@@ -22,15 +22,17 @@ def test_plan_covers_every_pair_once(pattern, size):
     n = layout.num_tokens
     queries, keys = zip(*(one.pairs() for one in plan))
     got = np.sort(np.concatenate(queries).astype(np.int64) * n + np.concatenate(keys))
-    expected = np.sort(layout.row_ids() * n + layout.indices)
+    short = ~np.isin(layout.row_ids(), plan.long_rows)  # long rows go to another kernel
+    expected = np.sort(layout.row_ids()[short] * n + layout.indices[short])
     np.testing.assert_array_equal(got, expected)  # no pair missing, none twice, none extra
     for one in plan:
         assert one.queries.shape[1] == TILE and one.keys.shape[1] == TILE
         assert one.chunk_ptr[0] == 0 and one.chunk_ptr[-1] == one.num_chunks
         assert np.all(np.diff(one.chunk_ptr) >= 0)
-        # every token is in exactly one tile of every pass (the first pass writes all rows)
+        # every token but the long rows is in exactly one tile of every pass (the
+        # first pass writes all those rows)
         tokens = np.sort(one.queries[one.queries >= 0])
-        np.testing.assert_array_equal(tokens, np.arange(n))
+        np.testing.assert_array_equal(tokens, np.setdiff1d(np.arange(n), plan.long_rows))
         # a chunk's keys ascend, padding (-1) only at its end, no bits on padding
         for chunk_keys, words in zip(one.keys, one.masks.view(np.uint64)):
             real = chunk_keys[chunk_keys >= 0]
@@ -58,21 +60,46 @@ def test_no_plan_for_layouts_past_the_limits():
     assert build_tile_plan(build_layout("dense", 128, 128)) is None
 
 
+def test_long_rows_are_left_to_the_block_kernel():
+    layout = build_layout("longformer", 40, 40, kernel_size=5, num_global_tokens=1)
+    plan = build_tile_plan(layout)
+    degrees = layout.degrees()
+    assert plan.long_rows.size == 1 and degrees[plan.long_rows[0]] == layout.num_tokens
+    for one in plan:
+        assert plan.long_rows[0] not in one.queries
+    # every other token's pairs are in the plan
+    queries, keys = zip(*(one.pairs() for one in plan))
+    assert np.concatenate(queries).size == layout.nnz - layout.num_tokens
+
+
+def test_packed_plan_holds_every_array_at_its_offset():
+    layout = build_layout("axial", 20, 70)
+    plan = build_tile_plan(layout)
+    buffer, fields = plan.packed()
+    assert buffer.dtype == np.int32 and len(fields) == 6 * len(plan)
+    for i, one in enumerate(plan):
+        tiles, chunks, q_at, ptr_at, keys_at, masks_at = fields[6 * i:6 * i + 6]
+        assert (tiles, chunks) == (one.queries.shape[0], one.num_chunks)
+        np.testing.assert_array_equal(buffer[q_at:q_at + tiles * TILE], one.queries.ravel())
+        np.testing.assert_array_equal(buffer[ptr_at:ptr_at + tiles + 1], one.chunk_ptr)
+        np.testing.assert_array_equal(buffer[keys_at:keys_at + chunks * TILE], one.keys.ravel())
+        assert masks_at % 2 == 0
+        np.testing.assert_array_equal(buffer[masks_at:masks_at + 2 * chunks * TILE].view(np.int64),
+                                      one.masks.ravel())
+
+
+def _call(layout, q, **kwargs):
+    return C.attention_forward(q, q, q, torch.empty_like(q), torch.empty(q.shape[:3]),
+                               torch.from_numpy(layout.indptr.copy()),
+                               torch.from_numpy(layout.indices.copy()),
+                               height=layout.height, width=layout.width, scale=0.3, **kwargs)
+
+
 def test_tile_plan_arguments_are_refused_on_the_cpu():
     layout = build_layout("block", 4, 4, block_size=2)
-    plan = build_tile_plan(layout)[0]
+    buffer, fields = build_tile_plan(layout).packed()
     q = torch.randn(1, 1, 16, 8)
-    arrays = [torch.from_numpy(a.copy()) for a in (plan.queries, plan.chunk_ptr, plan.keys, plan.masks)]
     with pytest.raises(ValueError, match="CUDA"):
-        C.attention_forward(q, q, q, torch.empty_like(q), torch.empty(1, 1, 16),
-                            torch.from_numpy(layout.indptr.copy()), torch.from_numpy(layout.indices.copy()),
-                            height=4, width=4, scale=0.3, tile_queries=arrays[0],
-                            tile_chunk_ptr=arrays[1], chunk_keys=arrays[2], chunk_masks=arrays[3])
-    with pytest.raises(ValueError, match="all four"):
-        C.attention_forward(q, q, q, torch.empty_like(q), torch.empty(1, 1, 16),
-                            torch.from_numpy(layout.indptr.copy()), torch.from_numpy(layout.indices.copy()),
-                            height=4, width=4, scale=0.3, chunk_keys=arrays[2])
-    with pytest.raises(ValueError, match="merge_previous"):
-        C.attention_forward(q, q, q, torch.empty_like(q), torch.empty(1, 1, 16),
-                            torch.from_numpy(layout.indptr.copy()), torch.from_numpy(layout.indices.copy()),
-                            height=4, width=4, scale=0.3, merge_previous=True)
+        _call(layout, q, tile_plan=torch.from_numpy(buffer), tile_passes=fields)
+    with pytest.raises(ValueError, match="both or neither"):
+        _call(layout, q, tile_passes=fields)
