@@ -91,6 +91,7 @@ def main():
     parser.add_argument("--sides", default="64,128")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--patterns", default=",".join(PATTERNS))
     parser.add_argument("--flex-patterns", default="axial,longformer,block",
                         help="patterns to run FlexAttention on (each costs a compile)")
     args = parser.parse_args()
@@ -131,7 +132,7 @@ def main():
             sdpa_graph = time_graph(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
         sdpa_fb = time_cuda(fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v)), args.repeats)
         print(f"{side}x{side} dense SDPA: fwd {sdpa_fwd:.3f} ms, fwd+bwd {sdpa_fb:.3f} ms", flush=True)
-        for pattern in PATTERNS:
+        for pattern in args.patterns.split(","):
             t0 = time.time()
             layout = build_layout(pattern, side, side, attention_ratio=0.1 if pattern == "random" else 0.5)
             t_plan = time.perf_counter()

@@ -84,6 +84,12 @@ typedef struct {
     /* CUDA forward: launch only the block-per-row kernel over long_rows (the rows
      * a tile plan leaves out) */
     int long_rows_only;
+    /* CUDA forward: split each long row's keys into long_row_splits segments, one
+     * block each, whose softmax states go to split_partials (batch x heads x
+     * long rows x splits x (head_dim + 5), accumulation type) and are merged by a
+     * second kernel; NULL: a block per long row. */
+    int64_t long_row_splits;
+    void *split_partials;
     /* CUDA forward only: one pass of a tile plan (sparse_attention/_tiles.py)
      * runs the tensor-core kernel instead. tile_queries: tiles x 64 token ids
      * (-1 pads); tile_chunk_ptr: tiles + 1; chunk_keys: chunks x 64 token ids

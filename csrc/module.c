@@ -321,7 +321,8 @@ static char *forward_kwlist[] = {"query", "key", "value", "out", "lse", "row_ptr
                                  "height", "width", "scale", "rel_pos_bias", "key_mask",
                                  "head_active", "dropout_p", "dropout_seed", "row_stats",
                                  "stream", "long_rows", "long_threshold", "reference_kernel",
-                                 "tile_plan", "tile_passes", NULL};
+                                 "tile_plan", "tile_passes", "long_row_splits", "split_workspace",
+                                 NULL};
 
 /* A tile plan for the tensor-core CUDA forward (sparse_attention/_tiles.py): one
  * int32 buffer on the device and, per pass, six numbers on the host: tiles,
@@ -421,16 +422,18 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
     (void)self;
     PyObject *q_obj, *k_obj, *v_obj, *out_obj, *lse_obj, *ptr_obj, *idx_obj;
     PyObject *stats_obj = Py_None, *long_rows_obj = Py_None;
-    PyObject *plan_obj = Py_None, *passes_obj = Py_None;
+    PyObject *plan_obj = Py_None, *passes_obj = Py_None, *workspace_obj = Py_None;
+    long long long_row_splits = 1;
     common_options o = {Py_None, Py_None, Py_None, 0, 0, NAN, 0.0, 0};
     long long stream = -1, long_threshold = INT64_MAX;
     int reference_kernel = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOO|$LLdOOOdKOLOLpOO", forward_kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOO|$LLdOOOdKOLOLpOOLO", forward_kwlist,
                                      &q_obj, &k_obj, &v_obj, &out_obj, &lse_obj, &ptr_obj,
                                      &idx_obj, &o.height, &o.width, &o.scale, &o.bias,
                                      &o.key_mask, &o.head_active, &o.dropout_p,
                                      &o.dropout_seed, &stats_obj, &stream, &long_rows_obj,
-                                     &long_threshold, &reference_kernel, &plan_obj, &passes_obj))
+                                     &long_threshold, &reference_kernel, &plan_obj, &passes_obj,
+                                     &long_row_splits, &workspace_obj))
         return NULL;
     view_set set = {.count = 0, .stream = stream};
     sa_attention_params p;
@@ -461,6 +464,23 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
     p.reference_kernel = reference_kernel;
     tile_plan plan;
     if (take_tile_plan(&set, plan_obj, passes_obj, q, &plan) < 0) goto fail;
+    if (workspace_obj != Py_None) {
+        if (!is_cuda(q) || p.num_long_rows == 0) {
+            PyErr_SetString(PyExc_ValueError,
+                            "split_workspace: splitting long rows needs CUDA tensors and long_rows");
+            goto fail;
+        }
+        if (long_row_splits < 1 || long_row_splits > 65536) {
+            PyErr_Format(PyExc_ValueError, "long_row_splits: expected 1 to 65536, got %lld",
+                         long_row_splits);
+            goto fail;
+        }
+        sa_view *workspace = take(&set, workspace_obj, "split_workspace", 1);
+        int64_t needed[1] = {p.batch * p.heads * p.num_long_rows * long_row_splits * (p.head_dim + 5)};
+        if (!workspace || check_buffer(workspace, q, accum_bit(p.dtype), needed, 1) < 0) goto fail;
+        p.split_partials = workspace->data;
+        p.long_row_splits = long_row_splits;
+    }
     if (plan.count > 1 && p.row_stats != NULL) {
         PyErr_SetString(PyExc_ValueError,
                         "row_stats: statistics need a single-pass plan (the passes' statistics "

@@ -335,10 +335,11 @@ __device__ __forceinline__ void stage_row(A *dst, const T *row, int lane, int64_
 }
 
 // Which (b, h, row) this warp works on, and its rank among the row's warps.
+// Listed rows split in `splits` segments get one block per segment.
 template <int WARPS>
 __device__ __forceinline__ bool locate(const sa_attention_params &p, const int32_t *list,
                                        int64_t list_len, int64_t &b, int64_t &h, int64_t &row,
-                                       int &rank) {
+                                       int &rank, int64_t splits = 1, int64_t *segment = nullptr) {
     const int warp = threadIdx.x / kWarp;
     int64_t item;
     if (WARPS == 1) {
@@ -347,7 +348,8 @@ __device__ __forceinline__ bool locate(const sa_attention_params &p, const int32
         if (item >= p.batch * p.heads * p.num_tokens) return false;
         row = item % p.num_tokens;
     } else {
-        item = blockIdx.x;  // one block per (b, h, listed row)
+        item = blockIdx.x / splits;  // one block per (b, h, listed row, segment)
+        if (segment != nullptr) *segment = blockIdx.x % splits;
         rank = warp;
         row = list[item % list_len];
         item = item / list_len * p.num_tokens + row;
@@ -368,11 +370,17 @@ forward_fast_kernel(const sa_attention_params p, bool aligned) {
     __shared__ A q_shared[kBlockWarps][kDim];
     __shared__ A merge[WARPS == 1 ? 1 : WARPS][kDim + 4];
     const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-    int64_t b, h, i;
+    int64_t b, h, i, segment = 0;
     int rank;
-    if (!locate<WARPS>(p, p.long_rows, p.num_long_rows, b, h, i, rank)) return;
+    const bool split = WARPS > 1 && p.split_partials != nullptr;
+    const int64_t splits = split ? p.long_row_splits : 1;
+    if (!locate<WARPS>(p, p.long_rows, p.num_long_rows, b, h, i, rank, splits, &segment)) return;
     const int64_t begin = p.row_ptr[i], end = p.row_ptr[i + 1], dim = p.head_dim;
     if (WARPS == 1 && end - begin > p.long_threshold) return;  // the long-row launch owns it
+    // a split row: this block takes one segment of its keys
+    const int64_t part = (end - begin + splits - 1) / splits;
+    const int64_t lo = begin + segment * part < end ? begin + segment * part : end;
+    const int64_t hi = lo + part < end ? lo + part : end;
     const int64_t item = (b * p.heads + h) * p.num_tokens + i;
     const A scale = A(p.scale);
     const uint32_t threshold = sa_dropout_threshold(p.dropout_p);
@@ -388,9 +396,9 @@ forward_fast_kernel(const sa_attention_params p, bool aligned) {
         A *q = q_shared[WARPS == 1 ? warp : 0];
         stage_row(q, row_of<T>(p.q, p.q_stride, b, h, i), lane, dim);
         const uint32_t query_key = sa_dropout_query_key(sa_dropout_row_key(p.dropout_seed, b, h), i);
-        for (int64_t base = begin + (int64_t)rank * kWarp; base < end; base += (int64_t)kWarp * WARPS) {
+        for (int64_t base = lo + (int64_t)rank * kWarp; base < hi; base += (int64_t)kWarp * WARPS) {
             const int64_t pos = base + lane;
-            const bool valid = pos < end;
+            const bool valid = pos < hi;
             const int32_t j = valid ? p.col_idx[pos] : 0;
             const bool allowed = valid && key_allowed(p, b, j);
             A s = -CUDART_INF_F;
@@ -417,7 +425,7 @@ forward_fast_kernel(const sa_attention_params p, bool aligned) {
             for (int e = 0; e < VEC; e++) acc[e] *= rescale;
             A weight = ex * keep_scale;
             if (threshold > 0 && allowed && !sa_dropout_keep(query_key, j, threshold)) weight = 0;
-            const int count = end - base < kWarp ? int(end - base) : kWarp;
+            const int count = hi - base < kWarp ? int(hi - base) : kWarp;
 #pragma unroll 4
             for (int c = 0; c < count; c++) {
                 const A wc = __shfl_sync(0xffffffffu, weight, c);
@@ -465,6 +473,23 @@ forward_fast_kernel(const sa_attention_params p, bool aligned) {
 #pragma unroll
             for (int e = 0; e < VEC; e++) acc[e] += merge[w][e * kWarp + lane];
         }
+        if (split) {
+            // this segment's softmax state; merge_segments_kernel finishes the row
+            A *record = static_cast<A *>(p.split_partials) + (int64_t)blockIdx.x * (dim + 5);
+            if (lane == 0) {
+                record[0] = run_max;
+                record[1] = run_sum;
+                record[2] = run_sq;
+                record[3] = run_shifted;
+                record[4] = saw_nan ? A(1) : A(0);
+            }
+#pragma unroll
+            for (int e = 0; e < VEC; e++) {
+                const int64_t d = e * kWarp + lane;
+                if (d < dim) record[5 + d] = acc[e];
+            }
+            return;
+        }
     }
     T *out = static_cast<T *>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
     if (saw_nan) run_sum = run_max = run_sq = run_shifted = A(NAN);
@@ -481,6 +506,54 @@ forward_fast_kernel(const sa_attention_params p, bool aligned) {
             A *stats = static_cast<A *>(p.row_stats) + 2 * item;
             stats[0] = live ? run_sq * inv * inv : A(0);
             stats[1] = live ? log_acc(run_sum) - run_shifted * inv : A(0);
+        }
+    }
+}
+
+// One warp per split long row: combines its segments' softmax states (written
+// by forward_fast_kernel) against their common maximum into out, lse and stats.
+template <typename T>
+__global__ void __launch_bounds__(kWarp) merge_segments_kernel(const sa_attention_params p) {
+    using A = typename Accum<T>::type;
+    const int lane = threadIdx.x;
+    const int64_t listed = blockIdx.x, splits = p.long_row_splits, dim = p.head_dim, stride = dim + 5;
+    const int64_t i = p.long_rows[listed % p.num_long_rows], bh = listed / p.num_long_rows;
+    const int64_t h = bh % p.heads, b = bh / p.heads, item = bh * p.num_tokens + i;
+    const A *records = static_cast<const A *>(p.split_partials) + listed * splits * stride;
+    A top = -CUDART_INF_F;
+    bool saw_nan = false;
+    for (int64_t s = 0; s < splits; s++) {
+        const A *record = records + s * stride;
+        saw_nan |= record[4] != A(0);
+        if (record[1] > 0 && record[0] > top) top = record[0];
+    }
+    A sum = 0, sq = 0, shifted = 0;
+    for (int64_t s = 0; s < splits; s++) {
+        const A *record = records + s * stride;
+        if (!(record[1] > 0)) continue;
+        const A factor = exp_acc(record[0] - top);
+        sum += record[1] * factor;
+        sq += record[2] * factor * factor;
+        shifted += factor * (record[3] + record[1] * (record[0] - top));
+    }
+    if (saw_nan) sum = top = sq = shifted = A(NAN);
+    const bool live = sum > 0 || saw_nan;
+    const A inv = live ? A(1) / sum : A(0);
+    T *out = static_cast<T *>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
+    for (int64_t d = lane; d < dim; d += kWarp) {
+        A value = 0;
+        for (int64_t s = 0; s < splits; s++) {
+            const A *record = records + s * stride;
+            if (record[1] > 0) value += record[5 + d] * exp_acc(record[0] - top);
+        }
+        out[d] = from_acc<T>(value * inv);
+    }
+    if (lane == 0) {
+        static_cast<A *>(p.lse)[item] = live ? top + log_acc(sum) : -CUDART_INF_F;
+        if (p.row_stats != nullptr) {
+            A *stats = static_cast<A *>(p.row_stats) + 2 * item;
+            stats[0] = live ? sq * inv * inv : A(0);
+            stats[1] = live ? log_acc(sum) - shifted * inv : A(0);
         }
     }
 }
@@ -732,10 +805,16 @@ cudaError_t launch_pass(Pass pass, const sa_attention_params &p) {
             if (status != cudaSuccess) return status;
         }
         const int64_t listed = pass == Pass::GradKeyValue ? p.num_long_cols : p.num_long_rows;
+        const bool split = pass == Pass::Forward && p.split_partials != nullptr;
         if (listed > 0) {
-            const int64_t long_blocks = p.batch * p.heads * listed;
+            const int64_t long_blocks = p.batch * p.heads * listed * (split ? p.long_row_splits : 1);
             if (long_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
             launch_fast<T, VEC, kLongWarps>(pass, p, dim3((unsigned)long_blocks), aligned);
+            if (split) {
+                cudaError_t status = cudaGetLastError();
+                if (status != cudaSuccess) return status;
+                merge_segments_kernel<T><<<(unsigned)(p.batch * p.heads * listed), kWarp, 0, stream>>>(p);
+            }
         }
         return cudaGetLastError();
     }

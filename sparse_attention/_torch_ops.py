@@ -79,12 +79,14 @@ def _tensor_core_capable(device) -> bool:
     return capable
 
 
-_NO_PLAN = (None, [], None)
+_NO_PLAN = (None, [], None, 0)
+# keys per block when a long row is split across blocks (tests set it lower)
+split_segment_keys = 512
 
 
 def _tile_plan_for(layout, query, want_stats):
-    """(buffer, passes, long_rows) of the tile plan when the tensor-core forward
-    applies to these arguments, else (None, [], None)."""
+    """(buffer, passes, long_rows, long_row_splits) of the tile plan when the
+    tensor-core forward applies to these arguments, else (None, [], None, 0)."""
     if (query.device.type != "cuda" or not use_tiled_cuda_kernel or use_reference_cuda_kernels
             or query.dtype not in _TILED_DTYPES or query.shape[-1] > _TILED_MAX_HEAD_DIM
             or not _tensor_core_capable(query.device)):
@@ -92,7 +94,10 @@ def _tile_plan_for(layout, query, want_stats):
     plan = layout.tile_plan_tensors(query.device)
     if plan is None or (want_stats and plan["num_passes"] > 1):
         return _NO_PLAN  # statistics cannot be merged across passes
-    return plan["buffer"], plan["passes"], plan["long_rows"]
+    splits = 0
+    if plan["long_rows"] is not None and split_segment_keys > 0:
+        splits = max(1, min(65536, -(-plan["long_row_max_keys"] // split_segment_keys)))
+    return plan["buffer"], plan["passes"], plan["long_rows"], splits
 
 
 def _cuda_extras(device, long_rows, long_cols, backward=False):
@@ -109,7 +114,8 @@ def _cuda_extras(device, long_rows, long_cols, backward=False):
 
 def _forward_impl(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr,
                   long_rows, long_cols, height, width, scale, bias, key_mask, head_active,
-                  dropout_p, seed, want_stats, tile_plan, tile_passes, plan_long_rows):
+                  dropout_p, seed, want_stats, tile_plan, tile_passes, plan_long_rows,
+                  long_row_splits):
     batch, heads, num_tokens, _ = query.shape
     accum = _accum_dtype(query.dtype)
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
@@ -125,6 +131,11 @@ def _forward_impl(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_
         # the passes run in order in one call, then the long rows the plan leaves out
         global tiled_passes_run
         tiled_passes_run += len(tile_passes) // 6
+        if plan_long_rows is not None and long_row_splits > 0:
+            # each long row's keys in segments, one block each, merged afterwards
+            workspace = torch.empty(batch * heads * plan_long_rows.shape[0] * long_row_splits
+                                    * (query.shape[-1] + 5), dtype=accum, device=query.device)
+            common.update(long_row_splits=long_row_splits, split_workspace=d(workspace))
         C.attention_forward(d(query), d(key), d(value), d(out), d(lse), d(row_ptr), d(col_idx),
                             tile_plan=d(tile_plan), tile_passes=tile_passes,
                             **_cuda_extras(query.device, d(plan_long_rows), None), **common)
@@ -142,12 +153,12 @@ def _forward_schema(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor],
                     head_active: Optional[torch.Tensor], dropout_p: float, seed: torch.Tensor,
                     want_stats: bool, tile_plan: Optional[torch.Tensor], tile_passes: list[int],
-                    plan_long_rows: Optional[torch.Tensor]
+                    plan_long_rows: Optional[torch.Tensor], long_row_splits: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward_impl(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm,
                          bucket_ptr, long_rows, long_cols, height, width, scale, bias, key_mask,
                          head_active, dropout_p, seed, want_stats, tile_plan, tile_passes,
-                         plan_long_rows)
+                         plan_long_rows, long_row_splits)
 
 
 # The op as torch.compile sees it (one opaque node); eager calls skip the
@@ -159,7 +170,7 @@ _forward = torch.library.custom_op("sparse_attention::forward", mutates_args=())
 def _forward_fake(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr,
                   long_rows, long_cols, height, width, scale, bias, key_mask,
                   head_active, dropout_p, seed, want_stats, tile_plan, tile_passes,
-                  plan_long_rows):
+                  plan_long_rows, long_row_splits):
     batch, heads, num_tokens, _ = query.shape
     accum = _accum_dtype(query.dtype)
     stats_shape = (batch, heads, num_tokens, 2) if want_stats else (0,)
@@ -225,7 +236,7 @@ def _backward_fake(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
 def _setup_context(ctx, inputs, output):
     (query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr, long_rows,
      long_cols, height, width, scale, bias, key_mask, head_active, dropout_p, seed, _stats,
-     _plan, _passes, _plan_long_rows) = inputs
+     _plan, _passes, _plan_long_rows, _splits) = inputs
     out, lse, _stats = output
     ctx.save_for_backward(query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx,
                           bucket_perm, bucket_ptr, long_rows, long_cols, bias, key_mask, head_active,
@@ -242,7 +253,7 @@ def _backward_rule(ctx, grad_out, _grad_lse, _grad_stats):
         bucket_ptr, long_rows, long_cols, height, width, scale, bias, key_mask, head_active,
         dropout_p, seed)
     return (grad_q, grad_k, grad_v) + (None,) * 11 + (
-        grad_bias if bias is not None else None,) + (None,) * 8
+        grad_bias if bias is not None else None,) + (None,) * 9
 
 
 _forward.register_autograd(_backward_rule, setup_context=_setup_context)

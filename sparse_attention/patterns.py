@@ -215,8 +215,9 @@ class Layout:
 
     def tile_plan_tensors(self, device):
         """The tile plan on ``device`` as the C entry point takes it: a dict with
-        ``buffer`` (one int32 tensor), ``passes`` (six ints per pass), ``num_passes``
-        and ``long_rows`` (int32 tensor or None); copied once. None without a plan."""
+        ``buffer`` (one int32 tensor), ``passes`` (six ints per pass), ``num_passes``,
+        ``long_rows`` (int32 tensor or None) and ``long_row_max_keys``; copied once.
+        None without a plan."""
         import torch
 
         key = ("tiles", str(torch.device(device)))
@@ -233,6 +234,8 @@ class Layout:
                 "num_passes": len(plan),
                 "long_rows": (torch.from_numpy(plan.long_rows.copy()).to(device)
                               if plan.long_rows.size else None),
+                "long_row_max_keys": (int(self.degrees()[plan.long_rows].max())
+                                      if plan.long_rows.size else 0),
             }
         with self._lock:
             self._device_cache[key] = tensors

@@ -204,3 +204,41 @@ def test_simple_variant_matches_the_pipelined_one(pattern, monkeypatch):
     simple = run_tiled(q, k, v, layout, rel_pos_bias=bias, return_lse=True)
     torch.testing.assert_close(pipelined[0], simple[0], atol=0, rtol=0)
     torch.testing.assert_close(pipelined[1], simple[1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("segment_keys", [0, 100, 512])
+def test_long_rows_split_across_blocks(segment_keys, monkeypatch):
+    """The global rows of LONGFORMER leave the plan; their keys are cut into
+    segments of segment_keys (0: one block per row) and merged afterwards."""
+    monkeypatch.setattr(_torch_ops, "split_segment_keys", segment_keys)
+    layout = build_layout("longformer", 40, 40, kernel_size=5, num_global_tokens=2)
+    assert layout.tile_plan().long_rows.size == 2
+    (q, k, v), bias = make(2, 3, 1600, 64, torch.float16, bias_side=9)
+    key_mask = torch.rand(2, 1600, generator=torch.Generator().manual_seed(4)) > 0.2
+    active = torch.tensor([True, False, True])
+    args = dict(key_mask=key_mask, head_active=active, dropout_p=0.2, dropout_seed=5)
+    out, lse, stats = run_tiled(q.cuda(), k.cuda(), v.cuda(), layout, rel_pos_bias=bias.cuda(),
+                                **{n: (t.cuda() if torch.is_tensor(t) else t) for n, t in args.items()},
+                                return_lse=True, return_stats=True)
+    ref_out, ref_lse, _ = reference_attention(q, k, v, layout, bias=bias, **args)
+    assert (out.double().cpu() - ref_out).abs().max() < 2 * TOL[torch.float16]
+    lse = lse.double().cpu()
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert (lse[finite] - ref_lse[finite]).abs().max() < TOL[torch.float16]
+    cpu = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(), **args,
+                    return_stats=True)
+    torch.testing.assert_close(stats.cpu(), cpu[1], atol=3e-3, rtol=3e-3)
+
+
+def test_nan_in_a_split_long_row(monkeypatch):
+    monkeypatch.setattr(_torch_ops, "split_segment_keys", 128)
+    layout = build_layout("longformer", 40, 40, kernel_size=5, num_global_tokens=1)
+    (long_row,) = layout.tile_plan().long_rows
+    (q, k, v), _ = make(1, 2, 1600, 32, torch.bfloat16)
+    q[0, 0, long_row, 0] = float("nan")
+    out, lse = run_tiled(q.cuda(), k.cuda(), v.cuda(), layout, return_lse=True)
+    assert torch.isnan(out[0, 0, long_row]).all() and torch.isnan(lse[0, 0, long_row])
+    nan_rows = torch.isnan(out).any(-1).cpu()
+    nan_rows[0, 0, long_row] = False
+    assert not nan_rows.any()
