@@ -19,7 +19,7 @@ from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 C_SOURCES = ["csrc/module.c", "csrc/dlpack_bridge.c", "csrc/layout.c", "csrc/attention_cpu.c",
-             "csrc/threads.c"]
+             "csrc/attention_cpu_tiled.c", "csrc/threads.c"]
 CUDA_SOURCES = ["cuda/attention_cuda.cu", "cuda/attention_tiled.cu"]
 CUDA_ARCHS = os.environ.get("SPARSE_ATTENTION_CUDA_ARCHS", "80;90")
 
@@ -100,6 +100,7 @@ class BuildExt(build_ext):
 
 
 extra_compile_args = ["-std=c11", "-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
+                      "-ffp-contract=fast",
                       "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers",
                       "-Wno-cast-function-type"]
 if os.environ.get("SPARSE_ATTENTION_SANITIZE"):

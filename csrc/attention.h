@@ -100,6 +100,11 @@ typedef struct {
     const uint64_t *chunk_masks;
     int64_t num_tiles, num_chunks;
     int merge_previous;
+    /* CPU backward only: a whole tile plan (base buffer, six numbers per pass as
+     * in the forward's passes); NULL plan_base runs the row / column kernels. */
+    const int32_t *plan_base;
+    const int64_t *plan_fields;
+    int64_t plan_num_passes;
 } sa_attention_params;
 
 /* The bias gradient: grad_table[h, t] = sum over b and over the CSR positions p of

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "attention_cpu_tiled.h"
 #include "dropout_hash.h"
 #include "threads.h"
 
@@ -109,12 +110,30 @@ static int run(sa_range_fn fn, int64_t items, void *ctx, char *err, size_t len)
     return SA_OK;
 }
 
+/* The rows a tile plan leaves out (listed in long_rows), by the row kernel. */
+static void forward_listed_rows_f32(void *ctx, int64_t begin, int64_t end)
+{
+    const sa_attention_params *p = ctx;
+    for (int64_t item = begin; item < end; item++) {
+        const int64_t bh = item / p->num_long_rows, row = p->long_rows[item % p->num_long_rows];
+        forward_rows_f32(ctx, bh * p->num_tokens + row, bh * p->num_tokens + row + 1);
+    }
+}
+
 int sa_cpu_forward(const sa_attention_params *p, char *err, size_t len)
 {
     int status = check_cpu_params(p, err, len);
     if (status != SA_OK) return status;
-    int64_t rows = p->batch * p->heads * p->num_tokens;
     void *ctx = (void *)p;
+    if (p->tile_queries != NULL) return sa_cpu_forward_tiled(p, sa_cpu_get_num_threads(), err, len);
+    if (p->long_rows_only) {
+        if (p->dtype != SA_F32) {
+            snprintf(err, len, "long_rows: the tiled CPU path takes float32");
+            return SA_ERR_UNSUPPORTED;
+        }
+        return run(forward_listed_rows_f32, p->batch * p->heads * p->num_long_rows, ctx, err, len);
+    }
+    int64_t rows = p->batch * p->heads * p->num_tokens;
     return run(p->dtype == SA_F32 ? forward_rows_f32 : forward_rows_f64, rows, ctx, err, len);
 }
 
@@ -126,6 +145,9 @@ int sa_cpu_backward(const sa_attention_params *p, char *err, size_t len)
     void *ctx = (void *)p;
     int f32 = p->dtype == SA_F32;
     status = run(f32 ? delta_rows_f32 : delta_rows_f64, rows, ctx, err, len);
+    if (status == SA_OK && p->plan_base != NULL)
+        return sa_cpu_backward_tiled(p, (const int64_t(*)[6])p->plan_fields, p->plan_num_passes,
+                                     p->plan_base, sa_cpu_get_num_threads(), err, len);
     if (status == SA_OK)
         status = run(f32 ? grad_query_rows_f32 : grad_query_rows_f64, rows, ctx, err, len);
     if (status == SA_OK)

@@ -298,6 +298,16 @@ static int take_long_list(view_set *set, PyObject *obj, const char *name, const 
     if (!v || check_buffer(v, q, SA_DT_I32, any, 1) < 0) return -1;
     *list = (const int32_t *)v->data;
     *count = v->shape[0];
+    if (!is_cuda(q)) { /* the CPU kernels index rows with it: check what we can read */
+        const int64_t n = q->shape[2];
+        for (int64_t t = 0; t < *count; t++) {
+            if ((*list)[t] < 0 || (*list)[t] >= n) {
+                PyErr_Format(PyExc_ValueError, "%s: entry %lld is %d, outside [0, %lld)", name,
+                             (long long)t, (*list)[t], (long long)n);
+                return -1;
+            }
+        }
+    }
     return 0;
 }
 
@@ -324,8 +334,9 @@ static char *forward_kwlist[] = {"query", "key", "value", "out", "lse", "row_ptr
                                  "tile_plan", "tile_passes", "long_row_splits", "split_workspace",
                                  NULL};
 
-/* A tile plan for the tensor-core CUDA forward (sparse_attention/_tiles.py): one
- * int32 buffer on the device and, per pass, six numbers on the host: tiles,
+/* A tile plan for the tiled forward kernels (CUDA tensor cores, CPU panels;
+ * sparse_attention/_tiles.py): one int32 buffer on q's device and, per pass,
+ * six numbers on the host: tiles,
  * chunks, and the element offsets of tile_queries [tiles x 64], tile_chunk_ptr
  * [tiles + 1], chunk_keys [chunks x 64] and chunk_masks [chunks x 64 uint64]. */
 typedef struct {
@@ -341,12 +352,6 @@ static int take_tile_plan(view_set *set, PyObject *buffer_obj, PyObject *passes_
     if (buffer_obj == Py_None && passes_obj == Py_None) return 0;
     if (buffer_obj == Py_None || passes_obj == Py_None) {
         PyErr_SetString(PyExc_ValueError, "tile_plan, tile_passes: give both or neither");
-        return -1;
-    }
-    if (!is_cuda(q)) {
-        PyErr_SetString(PyExc_ValueError,
-                        "tile_plan: tile plans drive the CUDA tensor-core kernel; query is not on a "
-                        "CUDA device");
         return -1;
     }
     sa_view *buffer = take(set, buffer_obj, "tile_plan", 0);
@@ -498,12 +503,12 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
          * plan leaves to the block-per-row kernel (listed in long_rows) */
         for (int64_t i = 0; i < plan.count; i++) {
             select_pass(&p, &plan, i);
-            if (run_kernel(1, 0, &p) < 0) goto fail;
+            if (run_kernel(is_cuda(q), 0, &p) < 0) goto fail;
         }
         p.tile_queries = NULL;
         p.merge_previous = 0;
         p.long_rows_only = 1;
-        if (p.num_long_rows > 0 && run_kernel(1, 0, &p) < 0) goto fail;
+        if (p.num_long_rows > 0 && run_kernel(is_cuda(q), 0, &p) < 0) goto fail;
     } else if (run_kernel(is_cuda(q), 0, &p) < 0) {
         goto fail;
     }
@@ -519,7 +524,8 @@ static char *backward_kwlist[] = {"query", "key", "value", "out", "grad_out", "l
                                   "col_ptr", "row_idx", "height", "width", "scale",
                                   "rel_pos_bias", "key_mask", "head_active", "dropout_p",
                                   "dropout_seed", "grad_scores", "stream", "long_rows",
-                                  "long_cols", "long_threshold", "reference_kernel", NULL};
+                                  "long_cols", "long_threshold", "reference_kernel", "tile_plan",
+                                  "tile_passes", NULL};
 
 static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kwargs)
 {
@@ -527,15 +533,16 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
     PyObject *q_obj, *k_obj, *v_obj, *out_obj, *go_obj, *lse_obj, *delta_obj, *gq_obj, *gk_obj,
         *gv_obj, *ptr_obj, *idx_obj, *cptr_obj, *ridx_obj;
     PyObject *gs_obj = Py_None, *long_rows_obj = Py_None, *long_cols_obj = Py_None;
+    PyObject *plan_obj = Py_None, *passes_obj = Py_None;
     common_options o = {Py_None, Py_None, Py_None, 0, 0, NAN, 0.0, 0};
     long long stream = -1, long_threshold = INT64_MAX;
     int reference_kernel = 0;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "OOOOOOOOOOOOOO|$LLdOOOdKOLOOLp", backward_kwlist, &q_obj, &k_obj,
+            args, kwargs, "OOOOOOOOOOOOOO|$LLdOOOdKOLOOLpOO", backward_kwlist, &q_obj, &k_obj,
             &v_obj, &out_obj, &go_obj, &lse_obj, &delta_obj, &gq_obj, &gk_obj, &gv_obj, &ptr_obj,
             &idx_obj, &cptr_obj, &ridx_obj, &o.height, &o.width, &o.scale, &o.bias, &o.key_mask,
             &o.head_active, &o.dropout_p, &o.dropout_seed, &gs_obj, &stream, &long_rows_obj,
-            &long_cols_obj, &long_threshold, &reference_kernel))
+            &long_cols_obj, &long_threshold, &reference_kernel, &plan_obj, &passes_obj))
         return NULL;
     view_set set = {.count = 0, .stream = stream};
     sa_attention_params p;
@@ -605,6 +612,19 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
     p.col_ptr = (const int64_t *)cptr->data;
     p.row_idx = (const int32_t *)ridx->data;
     p.nnz = idx->shape[0];
+    tile_plan plan;
+    if (take_tile_plan(&set, plan_obj, passes_obj, q, &plan) < 0) goto fail;
+    if (plan.count > 0) {
+        if (is_cuda(q) || p.grad_scores != NULL || p.dtype != SA_F32 || p.num_long_rows > 0) {
+            PyErr_SetString(PyExc_ValueError,
+                            "tile_plan: the tiled backward runs on the CPU, in float32, without a "
+                            "bias gradient and without long rows");
+            goto fail;
+        }
+        p.plan_base = plan.base;
+        p.plan_fields = &plan.fields[0][0];
+        p.plan_num_passes = plan.count;
+    }
     if (run_kernel(is_cuda(q), 1, &p) < 0) goto fail;
     release_all(&set);
     Py_RETURN_NONE;

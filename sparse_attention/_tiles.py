@@ -23,7 +23,15 @@ from __future__ import annotations
 
 import numpy as np
 
-TILE = 64  # queries per tile and keys per chunk; fixed by the kernel
+TILE = 64  # queries per tile and keys per chunk; fixed by the kernels
+# The CPU forward over tile plans (float32, torch and NumPy alike); tests turn
+# it off to compare it with the row-by-row kernel.
+use_tiled_cpu_kernel = True
+# On the CPU a masked-out slot of a chunk costs as much as a used one, so the
+# tiled kernel only pays when chunks are this full (measured at 64x64 tokens:
+# AXIAL and BLOCK, fill 1.0, and RANDOM 50%, fill 0.5, gain; LONGFORMER, fill
+# 0.19, and STRIDED, fill 0.14, lose to the row kernel).
+CPU_MIN_FILL = 0.3
 # tile shapes (rows x columns of the grid) tried for every pass
 _SHAPES = ((8, 8), (4, 16), (16, 4), (2, 32), (32, 2), (1, 64), (64, 1))
 # plans whose presence matrix (tiles x tokens) would exceed this are not built
@@ -41,9 +49,11 @@ _PASS_COST_PER_TILE = 0.5
 class TilePlan:
     """The passes (TilePass) and the rows left to the block-per-row kernel."""
 
-    def __init__(self, passes, long_rows):
+    def __init__(self, passes, long_rows, planned_pairs):
         self.passes = passes
         self.long_rows = long_rows  # int32, ascending
+        slots = sum(one.num_chunks for one in passes) * TILE * TILE
+        self.fill = planned_pairs / slots if slots else 1.0  # used share of the chunks' slots
 
     def __len__(self):
         return len(self.passes)
@@ -220,4 +230,4 @@ def build_tile_plan(layout):
     _, passes = min(options, key=lambda option: option[0])
     plan = [_build_pass(height, width, shape, rows[selection], cols[selection], long_rows)
             for shape, selection in passes]
-    return TilePlan(plan, long_rows)
+    return TilePlan(plan, long_rows, int(short.sum()))

@@ -7,8 +7,9 @@ from typing import Optional
 
 import torch
 
+from . import _tiles
 from ._native import C
-from ._torch_impl import _layout_tensors, sparse_attention_torch
+from ._torch_impl import sparse_attention_torch
 from .functional import (_check_bias, _check_head_active, _check_key_mask, _validate_common)
 
 _NATIVE_CPU_DTYPES = (torch.float32, torch.float64)
@@ -66,6 +67,7 @@ use_reference_cuda_kernels = False
 # compare it with the other CUDA kernels.
 use_tiled_cuda_kernel = True
 tiled_passes_run = 0  # passes launched on the tensor-core kernel, for tests
+tiled_backwards_run = 0  # tiled CPU backward calls, for tests
 _TILED_DTYPES = (torch.float16, torch.bfloat16)
 _TILED_MAX_HEAD_DIM = 128
 _capable_devices = {}
@@ -84,20 +86,36 @@ _NO_PLAN = (None, [], None, 0)
 split_segment_keys = 512
 
 
-def _tile_plan_for(layout, query, want_stats):
-    """(buffer, passes, long_rows, long_row_splits) of the tile plan when the
-    tensor-core forward applies to these arguments, else (None, [], None, 0)."""
-    if (query.device.type != "cuda" or not use_tiled_cuda_kernel or use_reference_cuda_kernels
-            or query.dtype not in _TILED_DTYPES or query.shape[-1] > _TILED_MAX_HEAD_DIM
-            or not _tensor_core_capable(query.device)):
+def _tiled_applies(device, dtype, head_dim) -> bool:
+    if device.type == "cpu":
+        return _tiles.use_tiled_cpu_kernel and dtype == torch.float32
+    return (device.type == "cuda" and use_tiled_cuda_kernel and not use_reference_cuda_kernels
+            and dtype in _TILED_DTYPES and head_dim <= _TILED_MAX_HEAD_DIM
+            and _tensor_core_capable(device))
+
+
+def _tile_plan_for(layout, device, dtype, head_dim, want_stats):
+    """(buffer, passes, long_rows, long_row_splits) of the tile plan when a
+    tiled forward (CUDA tensor cores, CPU panels) applies to these arguments,
+    else (None, [], None, 0)."""
+    if not _tiled_applies(device, dtype, head_dim):
         return _NO_PLAN
-    plan = layout.tile_plan_tensors(query.device)
+    plan = layout.tile_plan_tensors(device)
     if plan is None or (want_stats and plan["num_passes"] > 1):
         return _NO_PLAN  # statistics cannot be merged across passes
+    if device.type == "cpu" and plan["fill"] < _tiles.CPU_MIN_FILL:
+        return _NO_PLAN
     splits = 0
-    if plan["long_rows"] is not None and split_segment_keys > 0:
+    if plan["long_rows"] is not None and split_segment_keys > 0 and device.type == "cuda":
         splits = max(1, min(65536, -(-plan["long_row_max_keys"] // split_segment_keys)))
     return plan["buffer"], plan["passes"], plan["long_rows"], splits
+
+
+@torch.compiler.disable
+def _layout_and_plan(layout, device, dtype, head_dim, max_relative, want_stats):
+    """The layout's tensors and its tile plan (host work, one graph break)."""
+    return (layout.torch_tensors(device, max_relative),
+            _tile_plan_for(layout, device, dtype, head_dim, want_stats))
 
 
 def _cuda_extras(device, long_rows, long_cols, backward=False):
@@ -136,9 +154,10 @@ def _forward_impl(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_
             workspace = torch.empty(batch * heads * plan_long_rows.shape[0] * long_row_splits
                                     * (query.shape[-1] + 5), dtype=accum, device=query.device)
             common.update(long_row_splits=long_row_splits, split_workspace=d(workspace))
+        extras = _cuda_extras(query.device, None, None)
+        extras["long_rows"] = d(plan_long_rows)
         C.attention_forward(d(query), d(key), d(value), d(out), d(lse), d(row_ptr), d(col_idx),
-                            tile_plan=d(tile_plan), tile_passes=tile_passes,
-                            **_cuda_extras(query.device, d(plan_long_rows), None), **common)
+                            tile_plan=d(tile_plan), tile_passes=tile_passes, **extras, **common)
         return out, lse, stats
     C.attention_forward(d(query), d(key), d(value), d(out), d(lse), d(row_ptr), d(col_idx),
                         **common, **_cuda_extras(query.device, d(long_rows), d(long_cols)))
@@ -180,7 +199,8 @@ def _forward_fake(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_
 
 def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx,
                    bucket_perm, bucket_ptr, long_rows, long_cols, height, width, scale, bias,
-                   key_mask, head_active, dropout_p, seed):
+                   key_mask, head_active, dropout_p, seed, tile_plan=None, tile_passes=(),
+                   plan_long_rows=None):
     batch, heads, num_tokens, _ = query.shape
     accum = _accum_dtype(query.dtype)
     device = query.device
@@ -198,7 +218,8 @@ def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
                          d(row_idx), height=height, width=width, scale=scale, rel_pos_bias=d(bias),
                          key_mask=d(key_mask), head_active=d(head_active), dropout_p=dropout_p,
                          dropout_seed=_seed_value(seed), grad_scores=d(grad_scores), stream=stream,
-                         **_cuda_extras(device, d(long_rows), d(long_cols), backward=True))
+                         **_cuda_extras(device, d(long_rows), d(long_cols), backward=True),
+                         **_backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows))
     if bias is not None:
         grad_table = torch.empty(heads, bucket_ptr.shape[0] - 1, dtype=accum, device=device)
         C.bias_grad(grad_scores, bucket_perm, bucket_ptr, grad_table, stream=stream)
@@ -208,6 +229,17 @@ def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
     return grads[0], grads[1], grads[2], grad_bias
 
 
+def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows):
+    """The plan for the tiled CPU backward when it applies (float32 plans only
+    reach here), else nothing: the row and column kernels run."""
+    if (device.type != "cpu" or tile_plan is None or bias is not None
+            or plan_long_rows is not None or not _tiles.use_tiled_cpu_kernel):
+        return {}
+    global tiled_backwards_run
+    tiled_backwards_run += 1
+    return dict(tile_plan=_detached(tile_plan), tile_passes=tile_passes)
+
+
 def _backward_schema(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                      value: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                      row_ptr: torch.Tensor, col_idx: torch.Tensor, col_ptr: torch.Tensor,
@@ -215,11 +247,14 @@ def _backward_schema(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Ten
                      bucket_ptr: Optional[torch.Tensor], long_rows: Optional[torch.Tensor],
                      long_cols: Optional[torch.Tensor], height: int, width: int, scale: float,
                      bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor],
-                     head_active: Optional[torch.Tensor], dropout_p: float, seed: torch.Tensor
+                     head_active: Optional[torch.Tensor], dropout_p: float, seed: torch.Tensor,
+                     tile_plan: Optional[torch.Tensor], tile_passes: list[int],
+                     plan_long_rows: Optional[torch.Tensor]
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_ptr,
                           row_idx, bucket_perm, bucket_ptr, long_rows, long_cols, height, width,
-                          scale, bias, key_mask, head_active, dropout_p, seed)
+                          scale, bias, key_mask, head_active, dropout_p, seed, tile_plan,
+                          tile_passes, plan_long_rows)
 
 
 _backward = torch.library.custom_op("sparse_attention::backward", mutates_args=())(_backward_schema)
@@ -228,7 +263,7 @@ _backward = torch.library.custom_op("sparse_attention::backward", mutates_args=(
 @_backward.register_fake
 def _backward_fake(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx,
                    bucket_perm, bucket_ptr, long_rows, long_cols, height, width, scale, bias, key_mask, head_active,
-                   dropout_p, seed):
+                   dropout_p, seed, tile_plan, tile_passes, plan_long_rows):
     grad_bias = bias.new_empty(bias.shape) if bias is not None else query.new_empty((0,))
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), grad_bias
 
@@ -240,18 +275,18 @@ def _setup_context(ctx, inputs, output):
     out, lse, _stats = output
     ctx.save_for_backward(query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx,
                           bucket_perm, bucket_ptr, long_rows, long_cols, bias, key_mask, head_active,
-                          seed)
-    ctx.args = (height, width, scale, dropout_p)
+                          seed, _plan, _plan_long_rows)
+    ctx.args = (height, width, scale, dropout_p, list(_passes))
 
 
 def _backward_rule(ctx, grad_out, _grad_lse, _grad_stats):
     (query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr,
-     long_rows, long_cols, bias, key_mask, head_active, seed) = ctx.saved_tensors
-    height, width, scale, dropout_p = ctx.args
+     long_rows, long_cols, bias, key_mask, head_active, seed, plan, plan_long_rows) = ctx.saved_tensors
+    height, width, scale, dropout_p, passes = ctx.args
     grad_q, grad_k, grad_v, grad_bias = _backward(
         grad_out, query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx, bucket_perm,
         bucket_ptr, long_rows, long_cols, height, width, scale, bias, key_mask, head_active,
-        dropout_p, seed)
+        dropout_p, seed, plan, passes, plan_long_rows)
     return (grad_q, grad_k, grad_v) + (None,) * 11 + (
         grad_bias if bias is not None else None,) + (None,) * 9
 
@@ -280,7 +315,7 @@ class _EagerAttention(torch.autograd.Function):
         query, key, value, out, lse, bias = ctx.saved_tensors
         a = ctx.args
         grad_q, grad_k, grad_v, grad_bias = _backward_impl(
-            grad_out, query, key, value, out, lse, *a[3:_BIAS], bias, *a[_BIAS + 1:19])
+            grad_out, query, key, value, out, lse, *a[3:_BIAS], bias, *a[_BIAS + 1:19], *a[20:23])
         return grad_q, grad_k, grad_v, (grad_bias if bias is not None else None), None
 
 
@@ -334,7 +369,8 @@ def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropo
                                       dropout_p=dropout_p, dropout_seed=_seed_value(seed_tensor),
                                       want_stats=want_stats)
 
-    tensors = _layout_tensors(layout, device, max_relative)
+    tensors, plan = _layout_and_plan(layout, device, query.dtype, query.shape[-1], max_relative,
+                                     want_stats)
     table = None
     if bias is not None:
         table = bias if bias.dtype == query.dtype else bias.to(query.dtype)
@@ -343,8 +379,7 @@ def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropo
     args = (query, key, value, tensors["row_ptr"], tensors["col_idx"], tensors["col_ptr"],
             tensors["row_idx"], tensors.get("bucket_perm"), tensors.get("bucket_ptr"),
             tensors.get("long_rows"), tensors.get("long_cols"), layout.height, layout.width, scale,
-            table, key_mask, head_active, dropout_p, seed_tensor, want_stats,
-            *_tile_plan_for(layout, query, want_stats))
+            table, key_mask, head_active, dropout_p, seed_tensor, want_stats, *plan)
     if compiling:
         out, lse, stats = _forward(*args)
     else:

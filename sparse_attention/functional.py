@@ -17,6 +17,7 @@ import numbers
 
 import numpy as np
 
+from . import _tiles
 from ._native import C
 from .patterns import Layout
 
@@ -177,10 +178,18 @@ def _numpy_forward(query, key, value, layout, scale, bias, key_mask, dropout_p, 
     out = np.empty(query.shape, dtype=query.dtype)
     lse = np.empty((batch, heads, num_tokens), dtype=query.dtype)
     stats = np.empty((batch, heads, num_tokens, 2), dtype=query.dtype) if want_stats else None
+    plan = {}
+    if query.dtype == np.float32 and _tiles.use_tiled_cpu_kernel:
+        packed = layout.packed_tile_plan()
+        # the same kernels as the torch path, so both give the same bits
+        if (packed is not None and not (want_stats and len(packed[1]) > 6)
+                and layout.tile_plan().fill >= _tiles.CPU_MIN_FILL):
+            buffer, passes, long_rows = packed
+            plan = dict(tile_plan=buffer, tile_passes=passes, long_rows=long_rows)
     C.attention_forward(query, key, value, out, lse, layout.indptr, layout.indices,
                         height=layout.height, width=layout.width, scale=scale, rel_pos_bias=bias,
                         key_mask=key_mask, head_active=head_active, dropout_p=dropout_p,
-                        dropout_seed=seed, row_stats=stats)
+                        dropout_seed=seed, row_stats=stats, **plan)
     return out, lse, stats
 
 

@@ -213,6 +213,23 @@ class Layout:
             self._plan_cache["plan"] = plan
         return plan
 
+    def packed_tile_plan(self):
+        """(buffer, passes, long_rows) of the tile plan as the C entry point takes
+        it (NumPy arrays, built once), or None without a plan."""
+        with self._lock:
+            if "packed" in self._plan_cache:
+                return self._plan_cache["packed"]
+        plan = self.tile_plan()
+        packed = None
+        if plan is not None:
+            buffer, passes = plan.packed()
+            buffer.setflags(write=False)
+            packed = (buffer, [int(x) for x in passes],
+                      plan.long_rows if plan.long_rows.size else None)
+        with self._lock:
+            self._plan_cache["packed"] = packed
+        return packed
+
     def tile_plan_tensors(self, device):
         """The tile plan on ``device`` as the C entry point takes it: a dict with
         ``buffer`` (one int32 tensor), ``passes`` (six ints per pass), ``num_passes``,
@@ -227,11 +244,12 @@ class Layout:
         plan = self.tile_plan()
         tensors = None
         if plan is not None:
-            buffer, passes = plan.packed()
+            buffer, passes, _ = self.packed_tile_plan()
             tensors = {
-                "buffer": torch.from_numpy(buffer).to(device),
-                "passes": [int(x) for x in passes],
+                "buffer": torch.from_numpy(buffer.copy()).to(device),
+                "passes": passes,
                 "num_passes": len(plan),
+                "fill": plan.fill,
                 "long_rows": (torch.from_numpy(plan.long_rows.copy()).to(device)
                               if plan.long_rows.size else None),
                 "long_row_max_keys": (int(self.degrees()[plan.long_rows].max())

@@ -1,0 +1,590 @@
+/* CPU forward over a tile plan (sparse_attention/_tiles.py), float32.
+ *
+ * The row-by-row kernel of attention_cpu_body.h loads a key row and a value row
+ * for every pair; neighbouring queries of a window, block or grid row load the
+ * same rows again and again. Here one work item is one tile of up to 64
+ * queries of one (batch, head): the tile's queries are packed once, and for
+ * every chunk of 64 keys the key rows are packed transposed and the value rows
+ * packed as they are, so that the 64 x 64 scores and the probability x value
+ * product are small dense matrix products, computed by register-blocked
+ * micro-kernels over 8-wide vectors. The chunk's bit masks then drop the pairs
+ * outside the layout before the streaming softmax. A pass with merge_previous
+ * adds its pairs to what an earlier pass wrote, through the log-sum-exp, as
+ * the CUDA kernel does. */
+#include "attention_cpu_tiled.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dropout_hash.h"
+#include "threads.h"
+
+#define TILE 64
+
+typedef float vec8 __attribute__((vector_size(32)));
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SA_NO_CLONES)
+#define TILED_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define TILED_CLONES
+#endif
+
+/* Per-thread panels, 32-byte aligned; dim_pad is head_dim rounded up to 8. */
+typedef struct {
+    float *query;   /* TILE x dim_pad */
+    float *key_t;   /* dim_pad x TILE: keys transposed */
+    float *value;   /* TILE x dim_pad */
+    float *out;     /* TILE x dim_pad: the running numerators */
+    float *scores;  /* TILE x TILE, then the weights */
+} panels;
+
+static int panels_alloc(panels *s, int64_t dim_pad)
+{
+    const size_t row_block = (size_t)TILE * (size_t)dim_pad * sizeof(float);
+    s->query = aligned_alloc(32, row_block);
+    s->key_t = aligned_alloc(32, row_block);
+    s->value = aligned_alloc(32, row_block);
+    s->out = aligned_alloc(32, row_block);
+    s->scores = aligned_alloc(32, (size_t)TILE * TILE * sizeof(float));
+    return s->query && s->key_t && s->value && s->out && s->scores ? 0 : -1;
+}
+
+static void panels_free(panels *s)
+{
+    free(s->query);
+    free(s->key_t);
+    free(s->value);
+    free(s->out);
+    free(s->scores);
+}
+
+static inline const float *row_of(const float *base, const int64_t *stride, int64_t b, int64_t h,
+                                  int64_t i)
+{
+    return base + b * stride[0] + h * stride[1] + i * stride[2];
+}
+
+/* scores[r][c] = sum_d query[r][d] * key_t[d][c]: 4 rows x 16 columns per step. */
+static inline void scores_kernel(const float *restrict query, const float *restrict key_t,
+                                 float *restrict scores, int64_t dim_pad)
+{
+    for (int r0 = 0; r0 < TILE; r0 += 4) {
+        for (int c0 = 0; c0 < TILE; c0 += 16) {
+            vec8 acc[4][2] = {{{0}}};
+            for (int64_t d = 0; d < dim_pad; d++) {
+                const vec8 k0 = *(const vec8 *)&key_t[d * TILE + c0];
+                const vec8 k1 = *(const vec8 *)&key_t[d * TILE + c0 + 8];
+                for (int r = 0; r < 4; r++) {
+                    const float q = query[(r0 + r) * dim_pad + d];
+                    acc[r][0] += k0 * q;
+                    acc[r][1] += k1 * q;
+                }
+            }
+            for (int r = 0; r < 4; r++) {
+                *(vec8 *)&scores[(r0 + r) * TILE + c0] = acc[r][0];
+                *(vec8 *)&scores[(r0 + r) * TILE + c0 + 8] = acc[r][1];
+            }
+        }
+    }
+}
+
+/* out[r][d] += sum_c weights[r][c] * value[c][d], for the rows that have any weight. */
+static inline void weighted_values_kernel(const float *restrict weights,
+                                          const float *restrict value, float *restrict out,
+                                          int64_t dim_pad, const int *restrict live_rows)
+{
+    for (int r0 = 0; r0 < TILE; r0 += 4) {
+        if (!(live_rows[r0] | live_rows[r0 + 1] | live_rows[r0 + 2] | live_rows[r0 + 3])) continue;
+        int64_t d0 = 0;
+        for (; d0 + 16 <= dim_pad; d0 += 16) {
+            vec8 acc[4][2];
+            for (int r = 0; r < 4; r++) {
+                acc[r][0] = *(const vec8 *)&out[(r0 + r) * dim_pad + d0];
+                acc[r][1] = *(const vec8 *)&out[(r0 + r) * dim_pad + d0 + 8];
+            }
+            for (int c = 0; c < TILE; c++) {
+                const vec8 v0 = *(const vec8 *)&value[c * dim_pad + d0];
+                const vec8 v1 = *(const vec8 *)&value[c * dim_pad + d0 + 8];
+                for (int r = 0; r < 4; r++) {
+                    const float w = weights[(r0 + r) * TILE + c];
+                    acc[r][0] += v0 * w;
+                    acc[r][1] += v1 * w;
+                }
+            }
+            for (int r = 0; r < 4; r++) {
+                *(vec8 *)&out[(r0 + r) * dim_pad + d0] = acc[r][0];
+                *(vec8 *)&out[(r0 + r) * dim_pad + d0 + 8] = acc[r][1];
+            }
+        }
+        for (; d0 < dim_pad; d0 += 8) {
+            vec8 acc[4];
+            for (int r = 0; r < 4; r++) acc[r] = *(const vec8 *)&out[(r0 + r) * dim_pad + d0];
+            for (int c = 0; c < TILE; c++) {
+                const vec8 v0 = *(const vec8 *)&value[c * dim_pad + d0];
+                for (int r = 0; r < 4; r++) acc[r] += v0 * weights[(r0 + r) * TILE + c];
+            }
+            for (int r = 0; r < 4; r++) *(vec8 *)&out[(r0 + r) * dim_pad + d0] = acc[r];
+        }
+    }
+}
+
+/* The same polynomial exp as attention_cpu.c, kept inline here so the loop over
+ * a row of 64 scores vectorises. */
+static inline float tile_expf(float x)
+{
+    const float underflow = x < -87.3f ? 0.0f : 1.0f;
+    x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float poly = 1.9875691500e-4f;
+    poly = poly * r + 1.3981999507e-3f;
+    poly = poly * r + 8.3334519073e-3f;
+    poly = poly * r + 4.1665795894e-2f;
+    poly = poly * r + 1.6666665459e-1f;
+    poly = poly * r + 5.0000001201e-1f;
+    const float value = poly * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof(scale));
+    return value * scale * underflow;
+}
+
+/* bit_floats[v][k] = bit k of v, as 1.0f or 0.0f: masks expand a byte at a time. */
+static float bit_floats[256][8];
+
+static void fill_bit_floats(void)
+{
+    for (int v = 0; v < 256; v++)
+        for (int k = 0; k < 8; k++) bit_floats[v][k] = (float)((v >> k) & 1);
+}
+
+typedef struct {
+    const sa_attention_params *p;
+    int64_t dim_pad;
+    int failed; /* set when a thread could not get its panels */
+} tiled_ctx;
+
+/* The softmax state of one query row of the tile. */
+typedef struct {
+    float max, sum, sq, shifted;
+    int nan;
+} row_state;
+
+TILED_CLONES
+static void forward_tiles(void *opaque, int64_t begin, int64_t end)
+{
+    tiled_ctx *ctx = opaque;
+    const sa_attention_params *p = ctx->p;
+    const int64_t n = p->num_tokens, dim = p->head_dim, dim_pad = ctx->dim_pad;
+    const float scale = (float)p->scale;
+    const float keep_scale = p->dropout_p > 0 ? (float)(1.0 / (1.0 - p->dropout_p)) : 1.0f;
+    const uint32_t threshold = sa_dropout_threshold(p->dropout_p);
+    const int want_stats = p->row_stats != NULL;
+    const int64_t side = 2 * p->max_relative + 1, m = p->max_relative;
+    panels s;
+    if (panels_alloc(&s, dim_pad) < 0) {
+        panels_free(&s);
+        ctx->failed = 1;
+        return;
+    }
+    int32_t queries[TILE], keys[TILE], key_y[TILE], key_x[TILE];
+    float usable[TILE], bias_row[TILE] = {0};
+    int live[TILE];
+    const int32_t mi = (int32_t)m, sidei = (int32_t)side;
+    uint32_t query_key[TILE];
+    row_state state[TILE];
+
+    for (int64_t item = begin; item < end; item++) {
+        const int64_t tile = item % p->num_tiles, bh = item / p->num_tiles;
+        const int64_t h = bh % p->heads, b = bh / p->heads;
+        int64_t chunk_begin = p->tile_chunk_ptr[tile], chunk_end = p->tile_chunk_ptr[tile + 1];
+        chunk_begin = chunk_begin < 0 ? 0 : (chunk_begin > p->num_chunks ? p->num_chunks : chunk_begin);
+        chunk_end = chunk_end < chunk_begin ? chunk_begin : (chunk_end > p->num_chunks ? p->num_chunks : chunk_end);
+        const int runs = p->head_active == NULL || p->head_active[h] != 0;
+        const float *bias_table = p->bias_table ? (const float *)p->bias_table + h * side * side : NULL;
+        if (p->merge_previous && (chunk_begin == chunk_end || !runs)) continue;
+
+        for (int r = 0; r < TILE; r++) {
+            const int32_t id = p->tile_queries[tile * TILE + r];
+            queries[r] = id >= 0 && id < n ? id : -1;
+            const float *q = queries[r] >= 0 ? row_of(p->q, p->q_stride, b, h, queries[r]) : NULL;
+            float *packed = s.query + r * dim_pad;
+            for (int64_t d = 0; d < dim_pad; d++) packed[d] = q && d < dim ? q[d] : 0.0f;
+            memset(s.out + r * dim_pad, 0, (size_t)dim_pad * sizeof(float));
+            state[r] = (row_state){-INFINITY, 0, 0, 0, 0};
+            query_key[r] = queries[r] >= 0
+                ? sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), queries[r]) : 0;
+        }
+        for (int64_t chunk = runs ? chunk_begin : chunk_end; chunk < chunk_end; chunk++) {
+            const int32_t *chunk_keys = p->chunk_keys + chunk * TILE;
+            for (int c = 0; c < TILE; c++) {
+                const int32_t j = chunk_keys[c];
+                const int valid = j >= 0 && j < n;
+                keys[c] = valid ? j : -1;
+                usable[c] = valid && (p->key_mask == NULL ||
+                                      p->key_mask[b * p->key_mask_stride[0] + j * p->key_mask_stride[1]])
+                    ? 1.0f : 0.0f;
+                key_y[c] = valid ? (int32_t)(j / p->width) : 0;
+                key_x[c] = valid ? (int32_t)(j % p->width) : 0;
+                const float *k = valid ? row_of(p->k, p->k_stride, b, h, j) : NULL;
+                const float *v = valid ? row_of(p->v, p->v_stride, b, h, j) : NULL;
+                float *packed_v = s.value + c * dim_pad;
+                for (int64_t d = 0; d < dim_pad; d++) {
+                    s.key_t[d * TILE + c] = k && d < dim ? k[d] : 0.0f;
+                    packed_v[d] = v && d < dim ? v[d] : 0.0f;
+                }
+            }
+            scores_kernel(s.query, s.key_t, s.scores, dim_pad);
+
+            for (int r = 0; r < TILE; r++) {
+                float *row = s.scores + r * TILE;
+                const uint64_t word = queries[r] >= 0 ? p->chunk_masks[chunk * TILE + r] : 0;
+                live[r] = word != 0;
+                if (!word) {
+                    memset(row, 0, TILE * sizeof(float));
+                    continue;
+                }
+                /* allowed[c]: the pair is in the layout and the key is not masked */
+                float allowed[TILE];
+                for (int byte = 0; byte < TILE / 8; byte++)
+                    memcpy(allowed + 8 * byte, bit_floats[(word >> (8 * byte)) & 0xff], 8 * sizeof(float));
+                int nan_count = 0;
+                float chunk_max = -INFINITY;
+                if (bias_table != NULL) {
+                    const int32_t qy = (int32_t)(queries[r] / p->width), qx = (int32_t)(queries[r] % p->width);
+                    for (int c = 0; c < TILE; c++) {
+                        int32_t dy = qy - key_y[c], dx = qx - key_x[c];
+                        dy = dy < -mi ? -mi : (dy > mi ? mi : dy);
+                        dx = dx < -mi ? -mi : (dx > mi ? mi : dx);
+                        bias_row[c] = bias_table[(dy + mi) * sidei + dx + mi];
+                    }
+                }
+#pragma omp simd reduction(+ : nan_count) reduction(max : chunk_max)
+                for (int c = 0; c < TILE; c++) {
+                    const float score = allowed[c] * usable[c] != 0.0f ? scale * row[c] + bias_row[c] : -INFINITY;
+                    nan_count += score != score;
+                    chunk_max = score > chunk_max ? score : chunk_max;
+                    row[c] = score;
+                }
+                state[r].nan |= nan_count != 0;
+                row_state *st = &state[r];
+                if (chunk_max == -INFINITY) {
+                    memset(row, 0, TILE * sizeof(float));
+                    continue;
+                }
+                if (chunk_max > st->max) {
+                    if (st->sum > 0) {
+                        /* rescale what was summed against the old maximum */
+                        const float f = tile_expf(st->max - chunk_max);
+                        st->shifted = f * (st->shifted + st->sum * (st->max - chunk_max));
+                        st->sum *= f;
+                        st->sq *= f * f;
+                        float *acc = s.out + r * dim_pad;
+                        for (int64_t d = 0; d < dim_pad; d++) acc[d] *= f;
+                    }
+                    st->max = chunk_max;
+                }
+                const float top = st->max;
+                float chunk_sum = 0, chunk_sq = 0, chunk_shifted = 0;
+#pragma omp simd reduction(+ : chunk_sum, chunk_sq, chunk_shifted)
+                for (int c = 0; c < TILE; c++) {
+                    const float shifted = row[c] - top;
+                    const float e = row[c] == -INFINITY ? 0.0f : tile_expf(shifted);
+                    chunk_sum += e;
+                    chunk_sq += e * e;
+                    chunk_shifted += e == 0.0f ? 0.0f : e * shifted;
+                    row[c] = e * keep_scale;
+                }
+                st->sum += chunk_sum;
+                if (want_stats) {
+                    st->sq += chunk_sq;
+                    st->shifted += chunk_shifted;
+                }
+                if (threshold > 0) {
+                    for (int c = 0; c < TILE; c++)
+                        if (row[c] != 0 && !sa_dropout_keep(query_key[r], keys[c], threshold)) row[c] = 0;
+                }
+            }
+            weighted_values_kernel(s.scores, s.value, s.out, dim_pad, live);
+        }
+
+        for (int r = 0; r < TILE; r++) {
+            if (queries[r] < 0) continue;
+            const row_state *st = &state[r];
+            const int64_t row_item = bh * n + queries[r];
+            float sum = st->sum, top = st->max;
+            if (st->nan) sum = top = NAN; /* a NaN score makes the row NaN, as in PyTorch */
+            const int live_row = sum > 0 || st->nan;
+            if (p->merge_previous && !live_row) continue; /* the earlier pass's result stands */
+            float *lse = (float *)p->lse + row_item;
+            const float pass_lse = live_row ? top + logf(sum) : -INFINITY;
+            float new_weight = live_row ? 1.0f / sum : 0.0f, old_weight = 0.0f, total = pass_lse;
+            if (p->merge_previous && *lse != -INFINITY) {
+                const float old_lse = *lse;
+                const float both = old_lse > pass_lse ? old_lse : pass_lse;
+                total = both + logf(expf(old_lse - both) + expf(pass_lse - both));
+                if (old_lse != old_lse || pass_lse != pass_lse) total = NAN;
+                old_weight = expf(old_lse - total);
+                new_weight *= expf(pass_lse - total);
+            }
+            float *out = (float *)p->out + b * p->out_stride[0] + h * p->out_stride[1] +
+                         queries[r] * p->out_stride[2];
+            const float *acc = s.out + r * dim_pad;
+            for (int64_t d = 0; d < dim; d++) {
+                float value = acc[d] * new_weight;
+                if (old_weight != 0.0f || total != total) value += out[d] * old_weight;
+                out[d] = value;
+            }
+            *lse = total;
+            if (want_stats) {
+                float *stats = (float *)p->row_stats + 2 * row_item;
+                const float inv = live_row ? 1.0f / sum : 0.0f;
+                stats[0] = live_row ? st->sq * inv * inv : 0.0f;
+                stats[1] = live_row ? logf(sum) - st->shifted * inv : 0.0f;
+            }
+        }
+    }
+    panels_free(&s);
+}
+
+/* ---- backward ------------------------------------------------------------
+ *
+ * One work item is one (batch, head), so that a thread owns the key and value
+ * gradients it accumulates (no atomics, the same sums whatever the thread
+ * count). Every pass of the plan is walked: per tile the queries and output
+ * gradients are packed once; per chunk the keys (both ways round) and the
+ * values (transposed) are packed, the scores and dP = dO V^T are recomputed as
+ * panel products, dS = P (dP - delta) is formed under the chunk's masks, and
+ * dQ += dS K, dK += dS^T Q, dV += P^T dO are panel products again. */
+
+typedef struct {
+    panels s;
+    float *key;        /* TILE x dim_pad, keys as rows */
+    float *value_t;    /* dim_pad x TILE */
+    float *grad_out;   /* TILE x dim_pad, the tile's output gradients */
+    float *grad_probs; /* TILE x TILE */
+    float *transposed; /* TILE x TILE */
+    float *chunk_grad; /* TILE x dim_pad */
+} backward_panels;
+
+static int backward_alloc(backward_panels *w, int64_t dim_pad)
+{
+    const size_t row_block = (size_t)TILE * (size_t)dim_pad * sizeof(float);
+    const size_t square = (size_t)TILE * TILE * sizeof(float);
+    int status = panels_alloc(&w->s, dim_pad);
+    w->key = aligned_alloc(32, row_block);
+    w->value_t = aligned_alloc(32, row_block);
+    w->grad_out = aligned_alloc(32, row_block);
+    w->grad_probs = aligned_alloc(32, square);
+    w->transposed = aligned_alloc(32, square);
+    w->chunk_grad = aligned_alloc(32, row_block);
+    return status == 0 && w->key && w->value_t && w->grad_out && w->grad_probs && w->transposed &&
+                   w->chunk_grad ? 0 : -1;
+}
+
+static void backward_free(backward_panels *w)
+{
+    panels_free(&w->s);
+    free(w->key);
+    free(w->value_t);
+    free(w->grad_out);
+    free(w->grad_probs);
+    free(w->transposed);
+    free(w->chunk_grad);
+}
+
+static inline void transpose_square(const float *restrict in, float *restrict out)
+{
+    for (int r = 0; r < TILE; r++)
+        for (int c = 0; c < TILE; c++) out[c * TILE + r] = in[r * TILE + c];
+}
+
+typedef struct {
+    const sa_attention_params *p;
+    const int64_t (*passes)[6];
+    int64_t num_passes;
+    const int32_t *base;
+    int64_t dim_pad;
+    int failed;
+} backward_ctx;
+
+TILED_CLONES
+static void backward_heads(void *opaque, int64_t begin, int64_t end)
+{
+    backward_ctx *ctx = opaque;
+    const sa_attention_params *p = ctx->p;
+    const int64_t n = p->num_tokens, dim = p->head_dim, dim_pad = ctx->dim_pad;
+    const float scale = (float)p->scale;
+    const float keep_scale = p->dropout_p > 0 ? (float)(1.0 / (1.0 - p->dropout_p)) : 1.0f;
+    const uint32_t threshold = sa_dropout_threshold(p->dropout_p);
+    int all_live[TILE];
+    for (int r = 0; r < TILE; r++) all_live[r] = 1;
+    backward_panels w;
+    if (backward_alloc(&w, dim_pad) < 0) {
+        backward_free(&w);
+        ctx->failed = 1;
+        return;
+    }
+    int32_t queries[TILE], keys[TILE];
+    float usable[TILE], row_lse[TILE], row_delta[TILE];
+    uint32_t query_key[TILE];
+
+    for (int64_t bh = begin; bh < end; bh++) {
+        const int64_t h = bh % p->heads, b = bh / p->heads;
+        float *grad_q = (float *)p->grad_q + bh * n * dim;
+        float *grad_k = (float *)p->grad_k + bh * n * dim;
+        float *grad_v = (float *)p->grad_v + bh * n * dim;
+        memset(grad_q, 0, (size_t)(n * dim) * sizeof(float));
+        memset(grad_k, 0, (size_t)(n * dim) * sizeof(float));
+        memset(grad_v, 0, (size_t)(n * dim) * sizeof(float));
+        if (p->head_active != NULL && !p->head_active[h]) continue;
+        const float *lse = (const float *)p->lse + bh * n;
+        const float *delta = (const float *)p->delta + bh * n;
+
+        for (int64_t pass = 0; pass < ctx->num_passes; pass++) {
+            const int64_t *f = ctx->passes[pass];
+            const int64_t num_tiles = f[0], num_chunks = f[1];
+            const int32_t *tile_queries = ctx->base + f[2], *chunk_ptr = ctx->base + f[3];
+            const int32_t *chunk_ids = ctx->base + f[4];
+            const uint64_t *masks = (const uint64_t *)(ctx->base + f[5]);
+            for (int64_t tile = 0; tile < num_tiles; tile++) {
+                int64_t chunk_begin = chunk_ptr[tile], chunk_end = chunk_ptr[tile + 1];
+                chunk_begin = chunk_begin < 0 ? 0 : (chunk_begin > num_chunks ? num_chunks : chunk_begin);
+                chunk_end = chunk_end < chunk_begin ? chunk_begin : (chunk_end > num_chunks ? num_chunks : chunk_end);
+                if (chunk_begin == chunk_end) continue;
+                for (int r = 0; r < TILE; r++) {
+                    const int32_t id = tile_queries[tile * TILE + r];
+                    queries[r] = id >= 0 && id < n ? id : -1;
+                    const int has = queries[r] >= 0;
+                    const float *q = has ? row_of(p->q, p->q_stride, b, h, queries[r]) : NULL;
+                    const float *go = has ? row_of(p->grad_out, p->grad_out_stride, b, h, queries[r]) : NULL;
+                    for (int64_t d = 0; d < dim_pad; d++) {
+                        w.s.query[r * dim_pad + d] = q && d < dim ? q[d] : 0.0f;
+                        w.grad_out[r * dim_pad + d] = go && d < dim ? go[d] : 0.0f;
+                    }
+                    memset(w.s.out + r * dim_pad, 0, (size_t)dim_pad * sizeof(float)); /* dQ */
+                    row_lse[r] = has ? lse[queries[r]] : -INFINITY;
+                    row_delta[r] = has ? delta[queries[r]] : 0.0f;
+                    query_key[r] = has ? sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h),
+                                                              queries[r]) : 0;
+                }
+                for (int64_t chunk = chunk_begin; chunk < chunk_end; chunk++) {
+                    for (int c = 0; c < TILE; c++) {
+                        const int32_t j = chunk_ids[chunk * TILE + c];
+                        const int valid = j >= 0 && j < n;
+                        keys[c] = valid ? j : -1;
+                        usable[c] = valid && (p->key_mask == NULL ||
+                                              p->key_mask[b * p->key_mask_stride[0] + j * p->key_mask_stride[1]])
+                            ? 1.0f : 0.0f;
+                        const float *k = valid ? row_of(p->k, p->k_stride, b, h, j) : NULL;
+                        const float *v = valid ? row_of(p->v, p->v_stride, b, h, j) : NULL;
+                        for (int64_t d = 0; d < dim_pad; d++) {
+                            const float kd = k && d < dim ? k[d] : 0.0f;
+                            w.s.key_t[d * TILE + c] = kd;
+                            w.key[c * dim_pad + d] = kd;
+                            w.value_t[d * TILE + c] = v && d < dim ? v[d] : 0.0f;
+                        }
+                    }
+                    scores_kernel(w.s.query, w.s.key_t, w.s.scores, dim_pad);
+                    scores_kernel(w.grad_out, w.value_t, w.grad_probs, dim_pad);
+                    for (int r = 0; r < TILE; r++) {
+                        float *score = w.s.scores + r * TILE, *grad_prob = w.grad_probs + r * TILE;
+                        const uint64_t word = queries[r] >= 0 && row_lse[r] != -INFINITY
+                            ? masks[chunk * TILE + r] : 0;
+                        if (!word) {
+                            memset(score, 0, TILE * sizeof(float));
+                            memset(grad_prob, 0, TILE * sizeof(float));
+                            continue;
+                        }
+                        float allowed[TILE];
+                        for (int byte = 0; byte < TILE / 8; byte++)
+                            memcpy(allowed + 8 * byte, bit_floats[(word >> (8 * byte)) & 0xff], 8 * sizeof(float));
+                        /* keep[c]: the dropout mask scaled by 1 / (1 - p), as in the forward */
+                        float keep[TILE];
+                        for (int c = 0; c < TILE; c++)
+                            keep[c] = threshold == 0 || sa_dropout_keep(query_key[r], keys[c], threshold)
+                                ? keep_scale : 0.0f;
+                        const float top = row_lse[r], row_d = row_delta[r];
+#pragma omp simd
+                        for (int c = 0; c < TILE; c++) {
+                            const int take = allowed[c] * usable[c] != 0.0f;
+                            const float prob = take ? tile_expf(scale * score[c] - top) : 0.0f;
+                            const float grad = prob * (grad_prob[c] * keep[c] - row_d);
+                            score[c] = prob * keep[c];  /* the weight of dO in dV */
+                            grad_prob[c] = grad * scale; /* dS, scaled for dQ and dK */
+                        }
+                    }
+                    /* dQ += dS K */
+                    weighted_values_kernel(w.grad_probs, w.key, w.s.out, dim_pad, all_live);
+                    /* dK += dS^T Q */
+                    transpose_square(w.grad_probs, w.transposed);
+                    memset(w.chunk_grad, 0, (size_t)(TILE * dim_pad) * sizeof(float));
+                    weighted_values_kernel(w.transposed, w.s.query, w.chunk_grad, dim_pad, all_live);
+                    for (int c = 0; c < TILE; c++) {
+                        if (keys[c] < 0) continue;
+                        float *row = grad_k + (int64_t)keys[c] * dim;
+                        for (int64_t d = 0; d < dim; d++) row[d] += w.chunk_grad[c * dim_pad + d];
+                    }
+                    /* dV += P^T dO */
+                    transpose_square(w.s.scores, w.transposed);
+                    memset(w.chunk_grad, 0, (size_t)(TILE * dim_pad) * sizeof(float));
+                    weighted_values_kernel(w.transposed, w.grad_out, w.chunk_grad, dim_pad, all_live);
+                    for (int c = 0; c < TILE; c++) {
+                        if (keys[c] < 0) continue;
+                        float *row = grad_v + (int64_t)keys[c] * dim;
+                        for (int64_t d = 0; d < dim; d++) row[d] += w.chunk_grad[c * dim_pad + d];
+                    }
+                }
+                for (int r = 0; r < TILE; r++) {
+                    if (queries[r] < 0) continue;
+                    float *row = grad_q + (int64_t)queries[r] * dim;
+                    for (int64_t d = 0; d < dim; d++) row[d] += w.s.out[r * dim_pad + d];
+                }
+            }
+        }
+    }
+    backward_free(&w);
+}
+
+int sa_cpu_backward_tiled(const sa_attention_params *p, const int64_t (*passes)[6],
+                          int64_t num_passes, const int32_t *base, int num_threads, char *err,
+                          size_t len)
+{
+    if (p->dtype != SA_F32 || p->grad_scores != NULL) {
+        snprintf(err, len, "the tiled CPU backward takes float32 without a bias gradient");
+        return SA_ERR_UNSUPPORTED;
+    }
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, fill_bit_floats);
+    backward_ctx ctx = {p, passes, num_passes, base, (p->head_dim + 7) / 8 * 8, 0};
+    const int64_t items = p->batch * p->heads;
+    if (items == 0) return SA_OK;
+    if (sa_parallel_for(items, 1, num_threads, backward_heads, &ctx) != 0 || ctx.failed) {
+        snprintf(err, len, "could not run the tiled CPU backward (out of memory)");
+        return SA_ERR_MEMORY;
+    }
+    return SA_OK;
+}
+
+int sa_cpu_forward_tiled(const sa_attention_params *p, int num_threads, char *err, size_t len)
+{
+    if (p->dtype != SA_F32) {
+        snprintf(err, len, "query: the tiled CPU kernel takes float32");
+        return SA_ERR_UNSUPPORTED;
+    }
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, fill_bit_floats);
+    tiled_ctx ctx = {p, (p->head_dim + 7) / 8 * 8, 0};
+    const int64_t items = p->batch * p->heads * p->num_tiles;
+    if (items == 0) return SA_OK;
+    int64_t grain = items / (8 * (int64_t)num_threads);
+    grain = grain < 1 ? 1 : (grain > 16 ? 16 : grain);
+    if (sa_parallel_for(items, grain, num_threads, forward_tiles, &ctx) != 0 || ctx.failed) {
+        snprintf(err, len, "could not run the tiled CPU kernel (out of memory)");
+        return SA_ERR_MEMORY;
+    }
+    return SA_OK;
+}

@@ -1,0 +1,16 @@
+/* CPU forward and backward over tile plans (attention_cpu_tiled.c). */
+#ifndef SA_ATTENTION_CPU_TILED_H
+#define SA_ATTENTION_CPU_TILED_H
+
+#include "attention.h"
+
+int sa_cpu_forward_tiled(const sa_attention_params *p, int num_threads, char *err, size_t len);
+
+/* The whole backward over every pass of a plan (float32, no bias gradient, no
+ * rows left out of the plan): passes[i] = the six numbers of pass i, base = the
+ * plan buffer. p->delta must hold delta already. */
+int sa_cpu_backward_tiled(const sa_attention_params *p, const int64_t (*passes)[6],
+                          int64_t num_passes, const int32_t *base, int num_threads, char *err,
+                          size_t len);
+
+#endif /* SA_ATTENTION_CPU_TILED_H */

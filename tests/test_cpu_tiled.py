@@ -1,0 +1,202 @@
+"""The CPU forward over tile plans (csrc/attention_cpu_tiled.c, float32)
+against the float64 reference and the row-by-row kernel."""
+
+import numpy as np
+import pytest
+import torch
+
+from reference import reference_attention
+from sparse_attention import _tiles, build_layout, get_num_threads, set_num_threads
+from sparse_attention import sparse_scaled_dot_product_attention as attention
+from sparse_attention._native import C
+
+PATTERNS = ["dense", "axial", "block", "longformer", "strided", "random"]
+
+
+@pytest.fixture(autouse=True)
+def every_plan_takes_the_tiled_path(monkeypatch):
+    """The kernel itself is under test here, also for sparse chunks that the
+    fill threshold would otherwise send to the row kernel."""
+    monkeypatch.setattr(_tiles, "CPU_MIN_FILL", 0.0)
+SIZES = [(1, 1), (1, 17), (9, 1), (7, 13), (33, 35), (20, 70)]
+
+
+def make(batch, heads, n, dim, seed=0, bias_side=7):
+    gen = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(batch, heads, n, dim, generator=gen, dtype=torch.float64) for _ in range(3)]
+    bias = torch.randn(heads, bias_side, bias_side, generator=gen, dtype=torch.float64)
+    return tensors, bias
+
+
+def rows_kernel(*args, **kwargs):
+    _tiles.use_tiled_cpu_kernel = False
+    try:
+        return attention(*args, **kwargs)
+    finally:
+        _tiles.use_tiled_cpu_kernel = True
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_forward_against_reference_and_row_kernel(pattern, size):
+    layout = build_layout(pattern, *size, kernel_size=5, block_size=4, num_global_tokens=2,
+                          attention_ratio=0.3)
+    n = layout.num_tokens
+    (q, k, v), bias = make(2, 3, n, 20)
+    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(2)) > 0.25
+    active = torch.tensor([True, False, True])
+    args = dict(key_mask=key_mask, head_active=active, dropout_p=0.2, dropout_seed=7)
+    out, lse = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(), **args,
+                         return_lse=True)
+    ref_out, ref_lse, _ = reference_attention(q.float(), k.float(), v.float(), layout,
+                                              bias=bias.float(), **args)
+    assert (out.double() - ref_out).abs().max() < 2e-5
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert (lse.double()[finite] - ref_lse[finite]).abs().max() < 2e-5
+    rows = rows_kernel(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(), **args)
+    torch.testing.assert_close(out, rows, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("pattern", ["block", "longformer"])
+def test_statistics_match_the_row_kernel(pattern):
+    layout = build_layout(pattern, 16, 24, block_size=8, kernel_size=5)
+    assert len(layout.tile_plan()) == 1
+    (q, k, v), bias = make(2, 4, 384, 32, bias_side=5)
+    args = dict(rel_pos_bias=bias.float(), return_lse=True, return_stats=True)
+    got = attention(q.float(), k.float(), v.float(), layout, **args)
+    expected = rows_kernel(q.float(), k.float(), v.float(), layout, **args)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    layout = build_layout("axial", 30, 40)
+    (q, k, v), bias = make(2, 4, 1200, 24, bias_side=9)
+    before = get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            set_num_threads(threads)
+            results.append(attention(q.float(), k.float(), v.float(), layout,
+                                     rel_pos_bias=bias.float(), dropout_p=0.1, dropout_seed=3))
+    finally:
+        set_num_threads(before)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+def test_nan_query_row_stays_in_its_row():
+    layout = build_layout("block", 16, 16, block_size=8)
+    (q, k, v), _ = make(1, 2, 256, 16)
+    q = q.float()
+    q[0, 1, 37, 2] = float("nan")
+    out, lse = attention(q, k.float(), v.float(), layout, return_lse=True)
+    nan_rows = torch.isnan(out).any(-1)
+    assert nan_rows[0, 1, 37] and torch.isnan(lse[0, 1, 37])
+    nan_rows[0, 1, 37] = False
+    assert not nan_rows.any()
+
+
+def test_head_dims_past_the_vector_width():
+    layout = build_layout("longformer", 12, 12, kernel_size=3)
+    for dim in (1, 7, 8, 9, 33, 130):
+        (q, k, v), _ = make(1, 2, 144, dim)
+        got = attention(q.float(), k.float(), v.float(), layout)
+        torch.testing.assert_close(got, rows_kernel(q.float(), k.float(), v.float(), layout),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def _call(layout, q, **kwargs):
+    C.attention_forward(q, q, q, torch.zeros_like(q), torch.empty(q.shape[:3]),
+                        torch.from_numpy(layout.indptr.copy()), torch.from_numpy(layout.indices.copy()),
+                        height=layout.height, width=layout.width, scale=0.3, **kwargs)
+
+
+def test_bad_plans_are_refused_or_contained():
+    layout = build_layout("block", 8, 8)
+    q = torch.randn(1, 1, 64, 16)
+    buffer, fields, _ = layout.packed_tile_plan()
+    buffer = torch.from_numpy(buffer.copy())
+    with pytest.raises(ValueError, match="6 integers per pass"):
+        _call(layout, q, tile_plan=buffer, tile_passes=fields[:5])
+    with pytest.raises(ValueError, match="outside"):
+        _call(layout, q, tile_plan=buffer, tile_passes=fields[:5] + [buffer.numel() + 1])
+    with pytest.raises(ValueError, match="past the"):
+        _call(layout, q, tile_plan=buffer[:100], tile_passes=[min(x, 100) for x in fields])
+    with pytest.raises(ValueError, match="must be even"):
+        _call(layout, q, tile_plan=buffer, tile_passes=fields[:5] + [fields[5] - 1])
+    with pytest.raises(TypeError, match="tile_plan"):
+        _call(layout, q, tile_plan=buffer.long(), tile_passes=fields)
+    with pytest.raises(ValueError, match="long_rows"):
+        _call(layout, q, tile_plan=buffer, tile_passes=fields,
+              long_rows=torch.tensor([64], dtype=torch.int32))
+    # corrupted contents: offsets are clamped and ids outside [0, N) skipped
+    tiles, chunks, _, ptr_at, keys_at, _ = fields
+    bad = buffer.clone()
+    bad[ptr_at + 1:ptr_at + tiles + 1] = 1 << 30
+    bad[keys_at:keys_at + chunks * 64] = -5
+    out, lse = torch.empty_like(q), torch.empty(1, 1, 64)
+    C.attention_forward(q, q, q, out, lse, torch.from_numpy(layout.indptr.copy()),
+                        torch.from_numpy(layout.indices.copy()), height=8, width=8, scale=0.3,
+                        tile_plan=bad, tile_passes=fields)
+    assert (out == 0).all() and torch.isinf(lse).all()
+
+
+def test_numpy_arrays_take_the_tiled_path_too():
+    layout = build_layout("axial", 20, 30)
+    (q, k, v), _ = make(1, 2, 600, 16)
+    arrays = [t.float().numpy() for t in (q, k, v)]
+    got = attention(*arrays, layout)
+    expected = attention(q.float(), k.float(), v.float(), layout)
+    np.testing.assert_array_equal(got, expected.numpy())
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("pattern", ["dense", "axial", "block", "strided", "random"])
+def test_backward_against_reference(pattern, size):
+    from sparse_attention import _torch_ops
+
+    layout = build_layout(pattern, *size, kernel_size=5, block_size=4, attention_ratio=0.3)
+    n = layout.num_tokens
+    (q, k, v), _ = make(2, 3, n, 20)
+    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(2)) > 0.25
+    active = torch.tensor([True, False, True])
+    args = dict(key_mask=key_mask, head_active=active, dropout_p=0.2, dropout_seed=7)
+    grad_out = torch.randn(2, 3, n, 20, generator=torch.Generator().manual_seed(3))
+    leaves = [t.float().requires_grad_(True) for t in (q, k, v)]
+    before = _torch_ops.tiled_backwards_run
+    attention(*leaves, layout, **args).backward(grad_out.float())
+    assert _torch_ops.tiled_backwards_run == before + 1
+    ref = [t.float().double().requires_grad_(True) for t in (q, k, v)]
+    reference_attention(*ref, layout, **args)[0].backward(grad_out.double())
+    for leaf, r in zip(leaves, ref):
+        assert (leaf.grad.double() - r.grad).abs().max() < 5e-5 * max(1.0, r.grad.abs().max().item())
+
+
+def test_backward_with_a_bias_uses_the_row_kernels():
+    from sparse_attention import _torch_ops
+
+    layout = build_layout("axial", 10, 12)
+    (q, k, v), bias = make(1, 2, 120, 16, bias_side=5)
+    leaves = [t.float().requires_grad_(True) for t in (q, k, v, bias)]
+    before = _torch_ops.tiled_backwards_run
+    attention(*leaves[:3], layout, rel_pos_bias=leaves[3]).sum().backward()
+    assert _torch_ops.tiled_backwards_run == before
+    assert all(torch.isfinite(leaf.grad).all() for leaf in leaves)
+
+
+def test_tiled_backward_is_bitwise_the_same_for_any_thread_count():
+    layout = build_layout("block", 24, 24, block_size=8)
+    (q, k, v), _ = make(2, 3, 576, 16)
+    before = get_num_threads()
+    grads = []
+    try:
+        for threads in (1, 2, 3):
+            set_num_threads(threads)
+            leaves = [t.float().requires_grad_(True) for t in (q, k, v)]
+            attention(*leaves, layout, dropout_p=0.1, dropout_seed=1).sum().backward()
+            grads.append([leaf.grad for leaf in leaves])
+    finally:
+        set_num_threads(before)
+    for other in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], other))
