@@ -161,6 +161,24 @@ static void fill_bit_floats(void)
         for (int k = 0; k < 8; k++) bit_floats[v][k] = (float)((v >> k) & 1);
 }
 
+/* Gathered rows miss the caches; asking for the next chunk's rows while this
+ * one is computed hides most of that. */
+static inline void prefetch_row(const float *row, int64_t dim)
+{
+    for (int64_t d = 0; d < dim; d += 16) __builtin_prefetch(row + d, 0, 1);
+}
+
+static inline void prefetch_chunk(const sa_attention_params *p, int64_t chunk, int64_t b, int64_t h)
+{
+    const int32_t *ids = p->chunk_keys + chunk * TILE;
+    for (int c = 0; c < TILE; c++) {
+        const int32_t j = ids[c];
+        if (j < 0 || j >= p->num_tokens) continue;
+        prefetch_row(row_of(p->k, p->k_stride, b, h, j), p->head_dim);
+        prefetch_row(row_of(p->v, p->v_stride, b, h, j), p->head_dim);
+    }
+}
+
 typedef struct {
     const sa_attention_params *p;
     int64_t dim_pad;
@@ -218,6 +236,14 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
             query_key[r] = queries[r] >= 0
                 ? sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), queries[r]) : 0;
         }
+        if (p->merge_previous) {
+            /* the rows the merge will read back, written by the earlier pass */
+            for (int r = 0; r < TILE; r++)
+                if (queries[r] >= 0)
+                    prefetch_row((const float *)p->out + b * p->out_stride[0] + h * p->out_stride[1] +
+                                 queries[r] * p->out_stride[2], dim);
+        }
+        if (runs && chunk_begin < chunk_end) prefetch_chunk(p, chunk_begin, b, h);
         for (int64_t chunk = runs ? chunk_begin : chunk_end; chunk < chunk_end; chunk++) {
             const int32_t *chunk_keys = p->chunk_keys + chunk * TILE;
             for (int c = 0; c < TILE; c++) {
@@ -237,6 +263,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                     packed_v[d] = v && d < dim ? v[d] : 0.0f;
                 }
             }
+            if (chunk + 1 < chunk_end) prefetch_chunk(p, chunk + 1, b, h);
             scores_kernel(s.query, s.key_t, s.scores, dim_pad);
 
             for (int r = 0; r < TILE; r++) {
@@ -488,6 +515,7 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                             w.value_t[d * TILE + c] = v && d < dim ? v[d] : 0.0f;
                         }
                     }
+                    if (chunk + 1 < chunk_end) prefetch_chunk(p, chunk + 1, b, h);
                     scores_kernel(w.s.query, w.s.key_t, w.s.scores, dim_pad);
                     scores_kernel(w.grad_out, w.value_t, w.grad_probs, dim_pad);
                     for (int r = 0; r < TILE; r++) {
