@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "dropout_hash.h"
+#include "fast_expf.h"
 #include "threads.h"
 
 #define TILE 64
@@ -131,27 +132,6 @@ static inline void weighted_values_kernel(const float *restrict weights,
     }
 }
 
-/* The same polynomial exp as attention_cpu.c, kept inline here so the loop over
- * a row of 64 scores vectorises. */
-static inline float tile_expf(float x)
-{
-    const float underflow = x < -87.3f ? 0.0f : 1.0f;
-    x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
-    const float n = floorf(x * 1.44269504088896341f + 0.5f);
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float poly = 1.9875691500e-4f;
-    poly = poly * r + 1.3981999507e-3f;
-    poly = poly * r + 8.3334519073e-3f;
-    poly = poly * r + 4.1665795894e-2f;
-    poly = poly * r + 1.6666665459e-1f;
-    poly = poly * r + 5.0000001201e-1f;
-    const float value = poly * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof(scale));
-    return value * scale * underflow;
-}
-
 /* bit_floats[v][k] = bit k of v, as 1.0f or 0.0f: masks expand a byte at a time. */
 static float bit_floats[256][8];
 
@@ -184,6 +164,17 @@ typedef struct {
     int64_t dim_pad;
     int failed; /* set when a thread could not get its panels */
 } tiled_ctx;
+
+/* The chunks of a tile, clamped to the plan: corrupted offsets read nothing. */
+static inline void chunk_range(const int32_t *chunk_ptr, int64_t tile, int64_t num_chunks,
+                               int64_t *begin, int64_t *end)
+{
+    int64_t lo = chunk_ptr[tile], hi = chunk_ptr[tile + 1];
+    lo = lo < 0 ? 0 : (lo > num_chunks ? num_chunks : lo);
+    hi = hi < lo ? lo : (hi > num_chunks ? num_chunks : hi);
+    *begin = lo;
+    *end = hi;
+}
 
 /* The softmax state of one query row of the tile. */
 typedef struct {
@@ -218,9 +209,8 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
     for (int64_t item = begin; item < end; item++) {
         const int64_t tile = item % p->num_tiles, bh = item / p->num_tiles;
         const int64_t h = bh % p->heads, b = bh / p->heads;
-        int64_t chunk_begin = p->tile_chunk_ptr[tile], chunk_end = p->tile_chunk_ptr[tile + 1];
-        chunk_begin = chunk_begin < 0 ? 0 : (chunk_begin > p->num_chunks ? p->num_chunks : chunk_begin);
-        chunk_end = chunk_end < chunk_begin ? chunk_begin : (chunk_end > p->num_chunks ? p->num_chunks : chunk_end);
+        int64_t chunk_begin, chunk_end;
+        chunk_range(p->tile_chunk_ptr, tile, p->num_chunks, &chunk_begin, &chunk_end);
         const int runs = p->head_active == NULL || p->head_active[h] != 0;
         const float *bias_table = p->bias_table ? (const float *)p->bias_table + h * side * side : NULL;
         if (p->merge_previous && (chunk_begin == chunk_end || !runs)) continue;
@@ -305,7 +295,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                 if (chunk_max > st->max) {
                     if (st->sum > 0) {
                         /* rescale what was summed against the old maximum */
-                        const float f = tile_expf(st->max - chunk_max);
+                        const float f = sa_fast_expf(st->max - chunk_max);
                         st->shifted = f * (st->shifted + st->sum * (st->max - chunk_max));
                         st->sum *= f;
                         st->sq *= f * f;
@@ -319,7 +309,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
 #pragma omp simd reduction(+ : chunk_sum, chunk_sq, chunk_shifted)
                 for (int c = 0; c < TILE; c++) {
                     const float shifted = row[c] - top;
-                    const float e = row[c] == -INFINITY ? 0.0f : tile_expf(shifted);
+                    const float e = row[c] == -INFINITY ? 0.0f : sa_fast_expf(shifted);
                     chunk_sum += e;
                     chunk_sq += e * e;
                     chunk_shifted += e == 0.0f ? 0.0f : e * shifted;
@@ -478,9 +468,8 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
             const int32_t *chunk_ids = ctx->base + f[4];
             const uint64_t *masks = (const uint64_t *)(ctx->base + f[5]);
             for (int64_t tile = 0; tile < num_tiles; tile++) {
-                int64_t chunk_begin = chunk_ptr[tile], chunk_end = chunk_ptr[tile + 1];
-                chunk_begin = chunk_begin < 0 ? 0 : (chunk_begin > num_chunks ? num_chunks : chunk_begin);
-                chunk_end = chunk_end < chunk_begin ? chunk_begin : (chunk_end > num_chunks ? num_chunks : chunk_end);
+                int64_t chunk_begin, chunk_end;
+                chunk_range(chunk_ptr, tile, num_chunks, &chunk_begin, &chunk_end);
                 if (chunk_begin == chunk_end) continue;
                 for (int r = 0; r < TILE; r++) {
                     const int32_t id = tile_queries[tile * TILE + r];
@@ -539,7 +528,7 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
 #pragma omp simd
                         for (int c = 0; c < TILE; c++) {
                             const int take = allowed[c] * usable[c] != 0.0f;
-                            const float prob = take ? tile_expf(scale * score[c] - top) : 0.0f;
+                            const float prob = take ? sa_fast_expf(scale * score[c] - top) : 0.0f;
                             const float grad = prob * (grad_prob[c] * keep[c] - row_d);
                             score[c] = prob * keep[c];  /* the weight of dO in dV */
                             grad_prob[c] = grad * scale; /* dS, scaled for dQ and dK */
