@@ -141,6 +141,17 @@ static void fill_bit_floats(void)
         for (int k = 0; k < 8; k++) bit_floats[v][k] = (float)((v >> k) & 1);
 }
 
+/* The chunks of a tile, clamped to the plan: corrupted offsets read nothing. */
+static inline void chunk_range(const int32_t *chunk_ptr, int64_t tile, int64_t num_chunks,
+                               int64_t *begin, int64_t *end)
+{
+    int64_t lo = chunk_ptr[tile], hi = chunk_ptr[tile + 1];
+    lo = lo < 0 ? 0 : (lo > num_chunks ? num_chunks : lo);
+    hi = hi < lo ? lo : (hi > num_chunks ? num_chunks : hi);
+    *begin = lo;
+    *end = hi;
+}
+
 /* Gathered rows miss the caches; asking for the next chunk's rows while this
  * one is computed hides most of that. */
 static inline void prefetch_row(const float *row, int64_t dim)
@@ -164,17 +175,6 @@ typedef struct {
     int64_t dim_pad;
     int failed; /* set when a thread could not get its panels */
 } tiled_ctx;
-
-/* The chunks of a tile, clamped to the plan: corrupted offsets read nothing. */
-static inline void chunk_range(const int32_t *chunk_ptr, int64_t tile, int64_t num_chunks,
-                               int64_t *begin, int64_t *end)
-{
-    int64_t lo = chunk_ptr[tile], hi = chunk_ptr[tile + 1];
-    lo = lo < 0 ? 0 : (lo > num_chunks ? num_chunks : lo);
-    hi = hi < lo ? lo : (hi > num_chunks ? num_chunks : hi);
-    *begin = lo;
-    *end = hi;
-}
 
 /* The softmax state of one query row of the tile. */
 typedef struct {
@@ -223,7 +223,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
             for (int64_t d = 0; d < dim_pad; d++) packed[d] = q && d < dim ? q[d] : 0.0f;
             memset(s.out + r * dim_pad, 0, (size_t)dim_pad * sizeof(float));
             state[r] = (row_state){-INFINITY, 0, 0, 0, 0};
-            query_key[r] = queries[r] >= 0
+            query_key[r] = threshold > 0 && queries[r] >= 0
                 ? sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), queries[r]) : 0;
         }
         if (p->merge_previous) {

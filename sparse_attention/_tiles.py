@@ -171,7 +171,7 @@ def _pairs_of_rows(indptr, queries):
     return offsets + np.arange(int(lengths.sum()), dtype=np.int64)
 
 
-def _estimate_chunks(layout, shape, selected, samples=32):
+def _estimate_chunks(layout, shape, selected, samples=12):
     """Chunks a tiling of ``shape`` needs for the selected pairs, estimated
     from evenly spaced tiles."""
     height, width = layout.height, layout.width
@@ -219,7 +219,11 @@ def build_tile_plan(layout):
     short = ~np.isin(rows, long_rows) if long_rows.size else np.ones(rows.size, dtype=bool)
     shape, chunks, _ = _best_shape(layout, short)
     options = [(chunks, [(shape, short)])]
-    for same in (rows // width == cols // width, rows % width == cols % width):
+    # a split can only win where one pass leaves chunks well short of full
+    splits = ()
+    if chunks * TILE * TILE > 1.25 * max(1, int(short.sum())):
+        splits = (rows // width == cols // width, rows % width == cols % width)
+    for same in splits:
         first_pairs, second_pairs = short & same, short & ~same
         if not first_pairs.any() or not second_pairs.any():
             continue
