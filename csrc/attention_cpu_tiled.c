@@ -68,21 +68,28 @@ static inline const float *row_of(const float *base, const int64_t *stride, int6
     return base + b * stride[0] + h * stride[1] + i * stride[2];
 }
 
-/* scores[r][c] = sum_d query[r][d] * key_t[d][c]: 4 rows x 16 columns per step. */
-static inline void scores_kernel(const float *restrict query, const float *restrict key_t,
+typedef float vec8_unaligned __attribute__((vector_size(32), aligned(4)));
+
+/* scores[r][c] = sum_d query_rows[r][d] * key_t[d][c]: 4 rows x 16 columns per step. */
+static inline void scores_kernel(const float *const *query_rows, const float *restrict key_t,
                                  float *restrict scores, int64_t dim_pad)
 {
     for (int r0 = 0; r0 < TILE; r0 += 4) {
+        const float *q0 = query_rows[r0], *q1 = query_rows[r0 + 1];
+        const float *q2 = query_rows[r0 + 2], *q3 = query_rows[r0 + 3];
         for (int c0 = 0; c0 < TILE; c0 += 16) {
             vec8 acc[4][2] = {{{0}}};
             for (int64_t d = 0; d < dim_pad; d++) {
                 const vec8 k0 = *(const vec8 *)&key_t[d * TILE + c0];
                 const vec8 k1 = *(const vec8 *)&key_t[d * TILE + c0 + 8];
-                for (int r = 0; r < 4; r++) {
-                    const float q = query[(r0 + r) * dim_pad + d];
-                    acc[r][0] += k0 * q;
-                    acc[r][1] += k1 * q;
-                }
+                acc[0][0] += k0 * q0[d];
+                acc[0][1] += k1 * q0[d];
+                acc[1][0] += k0 * q1[d];
+                acc[1][1] += k1 * q1[d];
+                acc[2][0] += k0 * q2[d];
+                acc[2][1] += k1 * q2[d];
+                acc[3][0] += k0 * q3[d];
+                acc[3][1] += k1 * q3[d];
             }
             for (int r = 0; r < 4; r++) {
                 *(vec8 *)&scores[(r0 + r) * TILE + c0] = acc[r][0];
@@ -92,9 +99,12 @@ static inline void scores_kernel(const float *restrict query, const float *restr
     }
 }
 
-/* out[r][d] += sum_c weights[r][c] * value[c][d], for the rows that have any weight. */
+/* a macro, not a function: a vector return type would change the ABI between clones */
+#define LOAD8(ptr) (*(const vec8_unaligned *)(ptr))
+
+/* out[r][d] += sum_c weights[r][c] * value_rows[c][d], for the rows that have any weight. */
 static inline void weighted_values_kernel(const float *restrict weights,
-                                          const float *restrict value, float *restrict out,
+                                          const float *const *value_rows, float *restrict out,
                                           int64_t dim_pad, const int *restrict live_rows)
 {
     for (int r0 = 0; r0 < TILE; r0 += 4) {
@@ -107,8 +117,7 @@ static inline void weighted_values_kernel(const float *restrict weights,
                 acc[r][1] = *(const vec8 *)&out[(r0 + r) * dim_pad + d0 + 8];
             }
             for (int c = 0; c < TILE; c++) {
-                const vec8 v0 = *(const vec8 *)&value[c * dim_pad + d0];
-                const vec8 v1 = *(const vec8 *)&value[c * dim_pad + d0 + 8];
+                const vec8 v0 = LOAD8(value_rows[c] + d0), v1 = LOAD8(value_rows[c] + d0 + 8);
                 for (int r = 0; r < 4; r++) {
                     const float w = weights[(r0 + r) * TILE + c];
                     acc[r][0] += v0 * w;
@@ -124,13 +133,16 @@ static inline void weighted_values_kernel(const float *restrict weights,
             vec8 acc[4];
             for (int r = 0; r < 4; r++) acc[r] = *(const vec8 *)&out[(r0 + r) * dim_pad + d0];
             for (int c = 0; c < TILE; c++) {
-                const vec8 v0 = *(const vec8 *)&value[c * dim_pad + d0];
+                const vec8 v0 = LOAD8(value_rows[c] + d0);
                 for (int r = 0; r < 4; r++) acc[r] += v0 * weights[(r0 + r) * TILE + c];
             }
             for (int r = 0; r < 4; r++) *(vec8 *)&out[(r0 + r) * dim_pad + d0] = acc[r];
         }
     }
 }
+
+/* Stands in for a missing row when rows are read in place. */
+static const float zero_row[1024] __attribute__((aligned(32)));
 
 /* bit_floats[v][k] = bit k of v, as 1.0f or 0.0f: masks expand a byte at a time. */
 static float bit_floats[256][8];
@@ -159,9 +171,9 @@ static inline void prefetch_row(const float *row, int64_t dim)
     for (int64_t d = 0; d < dim; d += 16) __builtin_prefetch(row + d, 0, 1);
 }
 
-static inline void prefetch_chunk(const sa_attention_params *p, int64_t chunk, int64_t b, int64_t h)
+static inline void prefetch_chunk(const sa_attention_params *p, const int32_t *ids, int64_t b,
+                                  int64_t h)
 {
-    const int32_t *ids = p->chunk_keys + chunk * TILE;
     for (int c = 0; c < TILE; c++) {
         const int32_t j = ids[c];
         if (j < 0 || j >= p->num_tokens) continue;
@@ -201,6 +213,9 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
     }
     int32_t queries[TILE], keys[TILE], key_y[TILE], key_x[TILE];
     float usable[TILE], bias_row[TILE] = {0};
+    /* rows whose length is a whole number of vectors are read where they lie */
+    const int in_place = dim == dim_pad;
+    const float *query_rows[TILE], *value_rows[TILE];
     int live[TILE];
     const int32_t mi = (int32_t)m, sidei = (int32_t)side;
     uint32_t query_key[TILE];
@@ -219,8 +234,13 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
             const int32_t id = p->tile_queries[tile * TILE + r];
             queries[r] = id >= 0 && id < n ? id : -1;
             const float *q = queries[r] >= 0 ? row_of(p->q, p->q_stride, b, h, queries[r]) : NULL;
-            float *packed = s.query + r * dim_pad;
-            for (int64_t d = 0; d < dim_pad; d++) packed[d] = q && d < dim ? q[d] : 0.0f;
+            if (in_place) {
+                query_rows[r] = q ? q : zero_row;
+            } else {
+                float *packed = s.query + r * dim_pad;
+                for (int64_t d = 0; d < dim_pad; d++) packed[d] = q && d < dim ? q[d] : 0.0f;
+                query_rows[r] = packed;
+            }
             memset(s.out + r * dim_pad, 0, (size_t)dim_pad * sizeof(float));
             state[r] = (row_state){-INFINITY, 0, 0, 0, 0};
             query_key[r] = threshold > 0 && queries[r] >= 0
@@ -233,7 +253,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                     prefetch_row((const float *)p->out + b * p->out_stride[0] + h * p->out_stride[1] +
                                  queries[r] * p->out_stride[2], dim);
         }
-        if (runs && chunk_begin < chunk_end) prefetch_chunk(p, chunk_begin, b, h);
+        if (runs && chunk_begin < chunk_end) prefetch_chunk(p, p->chunk_keys + chunk_begin * TILE, b, h);
         for (int64_t chunk = runs ? chunk_begin : chunk_end; chunk < chunk_end; chunk++) {
             const int32_t *chunk_keys = p->chunk_keys + chunk * TILE;
             for (int c = 0; c < TILE; c++) {
@@ -247,14 +267,17 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                 key_x[c] = valid ? (int32_t)(j % p->width) : 0;
                 const float *k = valid ? row_of(p->k, p->k_stride, b, h, j) : NULL;
                 const float *v = valid ? row_of(p->v, p->v_stride, b, h, j) : NULL;
-                float *packed_v = s.value + c * dim_pad;
-                for (int64_t d = 0; d < dim_pad; d++) {
-                    s.key_t[d * TILE + c] = k && d < dim ? k[d] : 0.0f;
-                    packed_v[d] = v && d < dim ? v[d] : 0.0f;
+                for (int64_t d = 0; d < dim_pad; d++) s.key_t[d * TILE + c] = k && d < dim ? k[d] : 0.0f;
+                if (in_place) {
+                    value_rows[c] = v ? v : zero_row;
+                } else {
+                    float *packed_v = s.value + c * dim_pad;
+                    for (int64_t d = 0; d < dim_pad; d++) packed_v[d] = v && d < dim ? v[d] : 0.0f;
+                    value_rows[c] = packed_v;
                 }
             }
-            if (chunk + 1 < chunk_end) prefetch_chunk(p, chunk + 1, b, h);
-            scores_kernel(s.query, s.key_t, s.scores, dim_pad);
+            if (chunk + 1 < chunk_end) prefetch_chunk(p, p->chunk_keys + (chunk + 1) * TILE, b, h);
+            scores_kernel(query_rows, s.key_t, s.scores, dim_pad);
 
             for (int r = 0; r < TILE; r++) {
                 float *row = s.scores + r * TILE;
@@ -325,7 +348,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                         if (row[c] != 0 && !sa_dropout_keep(query_key[r], keys[c], threshold)) row[c] = 0;
                 }
             }
-            weighted_values_kernel(s.scores, s.value, s.out, dim_pad, live);
+            weighted_values_kernel(s.scores, value_rows, s.out, dim_pad, live);
         }
 
         for (int r = 0; r < TILE; r++) {
@@ -447,6 +470,8 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
     }
     int32_t queries[TILE], keys[TILE];
     float usable[TILE], row_lse[TILE], row_delta[TILE];
+    const int in_place = dim == dim_pad;
+    const float *query_rows[TILE], *grad_out_rows[TILE], *key_rows[TILE];
     uint32_t query_key[TILE];
 
     for (int64_t bh = begin; bh < end; bh++) {
@@ -477,9 +502,16 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                     const int has = queries[r] >= 0;
                     const float *q = has ? row_of(p->q, p->q_stride, b, h, queries[r]) : NULL;
                     const float *go = has ? row_of(p->grad_out, p->grad_out_stride, b, h, queries[r]) : NULL;
-                    for (int64_t d = 0; d < dim_pad; d++) {
-                        w.s.query[r * dim_pad + d] = q && d < dim ? q[d] : 0.0f;
-                        w.grad_out[r * dim_pad + d] = go && d < dim ? go[d] : 0.0f;
+                    if (in_place) {
+                        query_rows[r] = q ? q : zero_row;
+                        grad_out_rows[r] = go ? go : zero_row;
+                    } else {
+                        for (int64_t d = 0; d < dim_pad; d++) {
+                            w.s.query[r * dim_pad + d] = q && d < dim ? q[d] : 0.0f;
+                            w.grad_out[r * dim_pad + d] = go && d < dim ? go[d] : 0.0f;
+                        }
+                        query_rows[r] = w.s.query + r * dim_pad;
+                        grad_out_rows[r] = w.grad_out + r * dim_pad;
                     }
                     memset(w.s.out + r * dim_pad, 0, (size_t)dim_pad * sizeof(float)); /* dQ */
                     row_lse[r] = has ? lse[queries[r]] : -INFINITY;
@@ -500,13 +532,14 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                         for (int64_t d = 0; d < dim_pad; d++) {
                             const float kd = k && d < dim ? k[d] : 0.0f;
                             w.s.key_t[d * TILE + c] = kd;
-                            w.key[c * dim_pad + d] = kd;
+                            if (!in_place) w.key[c * dim_pad + d] = kd;
                             w.value_t[d * TILE + c] = v && d < dim ? v[d] : 0.0f;
                         }
+                        key_rows[c] = in_place ? (k ? k : zero_row) : w.key + c * dim_pad;
                     }
-                    if (chunk + 1 < chunk_end) prefetch_chunk(p, chunk + 1, b, h);
-                    scores_kernel(w.s.query, w.s.key_t, w.s.scores, dim_pad);
-                    scores_kernel(w.grad_out, w.value_t, w.grad_probs, dim_pad);
+                    if (chunk + 1 < chunk_end) prefetch_chunk(p, chunk_ids + (chunk + 1) * TILE, b, h);
+                    scores_kernel(query_rows, w.s.key_t, w.s.scores, dim_pad);
+                    scores_kernel(grad_out_rows, w.value_t, w.grad_probs, dim_pad);
                     for (int r = 0; r < TILE; r++) {
                         float *score = w.s.scores + r * TILE, *grad_prob = w.grad_probs + r * TILE;
                         const uint64_t word = queries[r] >= 0 && row_lse[r] != -INFINITY
@@ -535,11 +568,11 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                         }
                     }
                     /* dQ += dS K */
-                    weighted_values_kernel(w.grad_probs, w.key, w.s.out, dim_pad, all_live);
+                    weighted_values_kernel(w.grad_probs, key_rows, w.s.out, dim_pad, all_live);
                     /* dK += dS^T Q */
                     transpose_square(w.grad_probs, w.transposed);
                     memset(w.chunk_grad, 0, (size_t)(TILE * dim_pad) * sizeof(float));
-                    weighted_values_kernel(w.transposed, w.s.query, w.chunk_grad, dim_pad, all_live);
+                    weighted_values_kernel(w.transposed, query_rows, w.chunk_grad, dim_pad, all_live);
                     for (int c = 0; c < TILE; c++) {
                         if (keys[c] < 0) continue;
                         float *row = grad_k + (int64_t)keys[c] * dim;
@@ -548,7 +581,7 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                     /* dV += P^T dO */
                     transpose_square(w.s.scores, w.transposed);
                     memset(w.chunk_grad, 0, (size_t)(TILE * dim_pad) * sizeof(float));
-                    weighted_values_kernel(w.transposed, w.grad_out, w.chunk_grad, dim_pad, all_live);
+                    weighted_values_kernel(w.transposed, grad_out_rows, w.chunk_grad, dim_pad, all_live);
                     for (int c = 0; c < TILE; c++) {
                         if (keys[c] < 0) continue;
                         float *row = grad_v + (int64_t)keys[c] * dim;

@@ -12,7 +12,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUITES = ["tests/test_layout.py", "tests/test_dlpack.py", "tests/test_op.py", "tests/test_hardening.py"]
+SUITES = ["tests/test_layout.py", "tests/test_dlpack.py", "tests/test_op.py", "tests/test_hardening.py",
+          "tests/test_cpu_tiled.py"]
 
 
 def runtime(name):
