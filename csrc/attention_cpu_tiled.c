@@ -182,11 +182,29 @@ static inline void prefetch_chunk(const sa_attention_params *p, const int32_t *i
     }
 }
 
+/* What a tiled kernel call shares across its threads, worked out once. */
 typedef struct {
     const sa_attention_params *p;
-    int64_t dim_pad;
+    int64_t dim_pad;          /* head_dim rounded up to 8 */
+    float scale, keep_scale;  /* the score scale; 1 / (1 - dropout_p) */
+    uint32_t threshold;       /* dropout threshold, 0 for none */
+    /* backward only: the whole plan */
+    const int64_t (*passes)[6];
+    int64_t num_passes;
+    const int32_t *base;
     int failed; /* set when a thread could not get its panels */
 } tiled_ctx;
+
+static tiled_ctx tiled_ctx_for(const sa_attention_params *p)
+{
+    tiled_ctx ctx = {0};
+    ctx.p = p;
+    ctx.dim_pad = (p->head_dim + 7) / 8 * 8;
+    ctx.scale = (float)p->scale;
+    ctx.keep_scale = p->dropout_p > 0 ? (float)(1.0 / (1.0 - p->dropout_p)) : 1.0f;
+    ctx.threshold = sa_dropout_threshold(p->dropout_p);
+    return ctx;
+}
 
 /* The softmax state of one query row of the tile. */
 typedef struct {
@@ -200,9 +218,8 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
     tiled_ctx *ctx = opaque;
     const sa_attention_params *p = ctx->p;
     const int64_t n = p->num_tokens, dim = p->head_dim, dim_pad = ctx->dim_pad;
-    const float scale = (float)p->scale;
-    const float keep_scale = p->dropout_p > 0 ? (float)(1.0 / (1.0 - p->dropout_p)) : 1.0f;
-    const uint32_t threshold = sa_dropout_threshold(p->dropout_p);
+    const float scale = ctx->scale, keep_scale = ctx->keep_scale;
+    const uint32_t threshold = ctx->threshold;
     const int want_stats = p->row_stats != NULL;
     const int64_t side = 2 * p->max_relative + 1, m = p->max_relative;
     panels s;
@@ -442,24 +459,15 @@ static inline void transpose_square(const float *restrict in, float *restrict ou
         for (int c = 0; c < TILE; c++) out[c * TILE + r] = in[r * TILE + c];
 }
 
-typedef struct {
-    const sa_attention_params *p;
-    const int64_t (*passes)[6];
-    int64_t num_passes;
-    const int32_t *base;
-    int64_t dim_pad;
-    int failed;
-} backward_ctx;
 
 TILED_CLONES
 static void backward_heads(void *opaque, int64_t begin, int64_t end)
 {
-    backward_ctx *ctx = opaque;
+    tiled_ctx *ctx = opaque;
     const sa_attention_params *p = ctx->p;
     const int64_t n = p->num_tokens, dim = p->head_dim, dim_pad = ctx->dim_pad;
-    const float scale = (float)p->scale;
-    const float keep_scale = p->dropout_p > 0 ? (float)(1.0 / (1.0 - p->dropout_p)) : 1.0f;
-    const uint32_t threshold = sa_dropout_threshold(p->dropout_p);
+    const float scale = ctx->scale, keep_scale = ctx->keep_scale;
+    const uint32_t threshold = ctx->threshold;
     int all_live[TILE];
     for (int r = 0; r < TILE; r++) all_live[r] = 1;
     backward_panels w;
@@ -609,7 +617,10 @@ int sa_cpu_backward_tiled(const sa_attention_params *p, const int64_t (*passes)[
     }
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     pthread_once(&once, fill_bit_floats);
-    backward_ctx ctx = {p, passes, num_passes, base, (p->head_dim + 7) / 8 * 8, 0};
+    tiled_ctx ctx = tiled_ctx_for(p);
+    ctx.passes = passes;
+    ctx.num_passes = num_passes;
+    ctx.base = base;
     const int64_t items = p->batch * p->heads;
     if (items == 0) return SA_OK;
     if (sa_parallel_for(items, 1, num_threads, backward_heads, &ctx) != 0 || ctx.failed) {
@@ -627,7 +638,7 @@ int sa_cpu_forward_tiled(const sa_attention_params *p, int num_threads, char *er
     }
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     pthread_once(&once, fill_bit_floats);
-    tiled_ctx ctx = {p, (p->head_dim + 7) / 8 * 8, 0};
+    tiled_ctx ctx = tiled_ctx_for(p);
     const int64_t items = p->batch * p->heads * p->num_tiles;
     if (items == 0) return SA_OK;
     int64_t grain = items / (8 * (int64_t)num_threads);

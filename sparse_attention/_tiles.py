@@ -141,18 +141,22 @@ def _build_pass(height, width, shape, rows, cols, long_rows):
     queries[np.isin(queries, long_rows)] = -1  # written by the block-per-row kernel
     num_tiles = queries.shape[0]
     presence = _presence(tile, rows, cols, num_tiles, n)
-    counts = presence.sum(axis=1)
+    union_tile, union_key = np.nonzero(presence)  # tile by tile, keys ascending
+    del presence
+    counts = np.bincount(union_tile, minlength=num_tiles)
     chunk_ptr = np.zeros(num_tiles + 1, dtype=np.int32)
     np.cumsum(-(-counts // TILE), out=chunk_ptr[1:])
     num_chunks = int(chunk_ptr[-1])
-    # rank of each key in its tile's ascending union
-    rank = np.cumsum(presence, axis=1, dtype=np.int32) - 1
-    del presence
-    keys = np.full((num_chunks, TILE), -1, dtype=np.int32)
+    union_start = np.zeros(num_tiles + 1, dtype=np.int64)
+    np.cumsum(counts, out=union_start[1:])
+    # a key of rank r in its tile's union sits at slot r of the tile's chunks
+    keys = np.full(num_chunks * TILE, -1, dtype=np.int32)
+    union_rank = np.arange(union_tile.size, dtype=np.int64) - union_start[union_tile]
+    keys[chunk_ptr[union_tile].astype(np.int64) * TILE + union_rank] = union_key
+    keys = keys.reshape(num_chunks, TILE)
     pt = tile[rows]
-    pr = rank[pt, cols]
+    pr = np.searchsorted(union_tile.astype(np.int64) * n + union_key, pt * n + cols) - union_start[pt]
     owner = chunk_ptr[pt].astype(np.int64) + pr // TILE
-    keys[owner, pr % TILE] = cols
     # Pairs come row by row with ascending keys, so those sharing a mask word
     # (same query, same chunk) are consecutive: OR each run of bits at once.
     masks = np.zeros(num_chunks * TILE, dtype=np.uint64)
