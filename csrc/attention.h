@@ -105,6 +105,13 @@ typedef struct {
     const int32_t *plan_base;
     const int64_t *plan_fields;
     int64_t plan_num_passes;
+    /* CPU only, float32: a stencil layout (attention_cpu_stencil.c). Query
+     * (y, x) attends key (y + dy, x + dx) for every (dy, dx) of
+     * stencil_offsets (stencil_num_offsets x 2) that lands on the grid, and every
+     * key of stencil_keys unless an offset reaches it already; the queries of
+     * stencil_rows attend their CSR row instead. NULL stencil_offsets: none. */
+    const int32_t *stencil_offsets, *stencil_keys, *stencil_rows;
+    int64_t stencil_num_offsets, stencil_num_keys, stencil_num_rows;
 } sa_attention_params;
 
 /* The bias gradient: grad_table[h, t] = sum over b and over the CSR positions p of

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "attention_cpu_stencil.h"
 #include "attention_cpu_tiled.h"
 #include "dropout_hash.h"
 #include "fast_expf.h"
@@ -104,6 +105,15 @@ int sa_cpu_forward(const sa_attention_params *p, char *err, size_t len)
     int status = check_cpu_params(p, err, len);
     if (status != SA_OK) return status;
     void *ctx = (void *)p;
+    if (p->stencil_offsets != NULL) {
+        status = sa_cpu_forward_stencil(p, sa_cpu_get_num_threads(), err, len);
+        if (status != SA_OK || p->stencil_num_rows == 0) return status;
+        sa_attention_params listed = *p;
+        listed.long_rows = p->stencil_rows;
+        listed.num_long_rows = p->stencil_num_rows;
+        return run(forward_listed_rows_f32, p->batch * p->heads * p->stencil_num_rows, &listed, err,
+                   len);
+    }
     if (p->tile_queries != NULL) return sa_cpu_forward_tiled(p, sa_cpu_get_num_threads(), err, len);
     if (p->long_rows_only) {
         if (p->dtype != SA_F32) {
@@ -124,6 +134,8 @@ int sa_cpu_backward(const sa_attention_params *p, char *err, size_t len)
     void *ctx = (void *)p;
     int f32 = p->dtype == SA_F32;
     status = run(f32 ? delta_rows_f32 : delta_rows_f64, rows, ctx, err, len);
+    if (status == SA_OK && p->stencil_offsets != NULL)
+        return sa_cpu_backward_stencil(p, sa_cpu_get_num_threads(), err, len);
     if (status == SA_OK && p->plan_base != NULL)
         return sa_cpu_backward_tiled(p, (const int64_t(*)[6])p->plan_fields, p->plan_num_passes,
                                      p->plan_base, sa_cpu_get_num_threads(), err, len);

@@ -311,6 +311,57 @@ static int take_long_list(view_set *set, PyObject *obj, const char *name, const 
     return 0;
 }
 
+/* A stencil layout for the CPU stencil kernels (csrc/attention_cpu_stencil.c),
+ * packed in one int32 array on the CPU: E, G, L, then E offsets (dy, dx), G
+ * extra keys and L listed rows. Python checks that it describes the CSR
+ * layout; here, that every number is safe to index with. */
+static int take_stencil(view_set *set, PyObject *obj, const sa_view *q, sa_attention_params *p)
+{
+    if (obj == Py_None) return 0;
+    if (is_cuda(q) || p->dtype != SA_F32) {
+        PyErr_SetString(PyExc_ValueError, "stencil: the stencil kernels run on the CPU, in float32");
+        return -1;
+    }
+    sa_view *packed = take(set, obj, "stencil", 0);
+    int64_t any[1] = {-1};
+    if (!packed || check_buffer(packed, q, SA_DT_I32, any, 1) < 0) return -1;
+    const int32_t *at = (const int32_t *)packed->data;
+    const int64_t length = packed->shape[0];
+    if (length < 3 || at[0] < 0 || at[1] < 0 || at[2] < 0 ||
+        3 + 2 * (int64_t)at[0] + at[1] + at[2] != length) {
+        PyErr_Format(PyExc_ValueError,
+                     "stencil: expected E, G, L and then 2E + G + L numbers, got %lld numbers",
+                     (long long)length);
+        return -1;
+    }
+    const int64_t offsets = at[0], keys = at[1], rows = at[2], n = p->num_tokens;
+    const int32_t *pairs = at + 3, *listed = pairs + 2 * offsets;
+    for (int64_t o = 0; o < offsets; o++) {
+        if (pairs[2 * o] <= -p->height || pairs[2 * o] >= p->height ||
+            pairs[2 * o + 1] <= -p->width || pairs[2 * o + 1] >= p->width) {
+            PyErr_Format(PyExc_ValueError, "stencil: offset %lld is (%d, %d), outside the %lld x %lld grid",
+                         (long long)o, pairs[2 * o], pairs[2 * o + 1], (long long)p->height,
+                         (long long)p->width);
+            return -1;
+        }
+    }
+    for (int64_t t = 0; t < keys + rows; t++) {
+        if (listed[t] < 0 || listed[t] >= n) {
+            PyErr_Format(PyExc_ValueError, "stencil: %s %lld is token %d, outside [0, %lld)",
+                         t < keys ? "key" : "row", (long long)(t < keys ? t : t - keys), listed[t],
+                         (long long)n);
+            return -1;
+        }
+    }
+    p->stencil_offsets = pairs;
+    p->stencil_num_offsets = offsets;
+    p->stencil_keys = listed;
+    p->stencil_num_keys = keys;
+    p->stencil_rows = listed + keys;
+    p->stencil_num_rows = rows;
+    return 0;
+}
+
 static int run_kernel(int cuda, int backward, sa_attention_params *p)
 {
     char err[ERR_LEN] = "";
@@ -332,7 +383,7 @@ static char *forward_kwlist[] = {"query", "key", "value", "out", "lse", "row_ptr
                                  "head_active", "dropout_p", "dropout_seed", "row_stats",
                                  "stream", "long_rows", "long_threshold", "reference_kernel",
                                  "tile_plan", "tile_passes", "long_row_splits", "split_workspace",
-                                 NULL};
+                                 "stencil", NULL};
 
 /* A tile plan for the tiled forward kernels (CUDA tensor cores, CPU panels;
  * sparse_attention/_tiles.py): one int32 buffer on q's device and, per pass,
@@ -428,17 +479,18 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
     PyObject *q_obj, *k_obj, *v_obj, *out_obj, *lse_obj, *ptr_obj, *idx_obj;
     PyObject *stats_obj = Py_None, *long_rows_obj = Py_None;
     PyObject *plan_obj = Py_None, *passes_obj = Py_None, *workspace_obj = Py_None;
+    PyObject *stencil_obj = Py_None;
     long long long_row_splits = 1;
     common_options o = {Py_None, Py_None, Py_None, 0, 0, NAN, 0.0, 0};
     long long stream = -1, long_threshold = INT64_MAX;
     int reference_kernel = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOO|$LLdOOOdKOLOLpOOLO", forward_kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOO|$LLdOOOdKOLOLpOOLOO", forward_kwlist,
                                      &q_obj, &k_obj, &v_obj, &out_obj, &lse_obj, &ptr_obj,
                                      &idx_obj, &o.height, &o.width, &o.scale, &o.bias,
                                      &o.key_mask, &o.head_active, &o.dropout_p,
                                      &o.dropout_seed, &stats_obj, &stream, &long_rows_obj,
                                      &long_threshold, &reference_kernel, &plan_obj, &passes_obj,
-                                     &long_row_splits, &workspace_obj))
+                                     &long_row_splits, &workspace_obj, &stencil_obj))
         return NULL;
     view_set set = {.count = 0, .stream = stream};
     sa_attention_params p;
@@ -469,6 +521,11 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
     p.reference_kernel = reference_kernel;
     tile_plan plan;
     if (take_tile_plan(&set, plan_obj, passes_obj, q, &plan) < 0) goto fail;
+    if (take_stencil(&set, stencil_obj, q, &p) < 0) goto fail;
+    if (p.stencil_offsets != NULL && plan.count > 0) {
+        PyErr_SetString(PyExc_ValueError, "stencil, tile_plan: give one or the other");
+        goto fail;
+    }
     if (workspace_obj != Py_None) {
         if (!is_cuda(q) || p.num_long_rows == 0) {
             PyErr_SetString(PyExc_ValueError,
@@ -525,7 +582,7 @@ static char *backward_kwlist[] = {"query", "key", "value", "out", "grad_out", "l
                                   "rel_pos_bias", "key_mask", "head_active", "dropout_p",
                                   "dropout_seed", "grad_scores", "stream", "long_rows",
                                   "long_cols", "long_threshold", "reference_kernel", "tile_plan",
-                                  "tile_passes", NULL};
+                                  "tile_passes", "stencil", NULL};
 
 static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kwargs)
 {
@@ -534,15 +591,17 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
         *gv_obj, *ptr_obj, *idx_obj, *cptr_obj, *ridx_obj;
     PyObject *gs_obj = Py_None, *long_rows_obj = Py_None, *long_cols_obj = Py_None;
     PyObject *plan_obj = Py_None, *passes_obj = Py_None;
+    PyObject *stencil_obj = Py_None;
     common_options o = {Py_None, Py_None, Py_None, 0, 0, NAN, 0.0, 0};
     long long stream = -1, long_threshold = INT64_MAX;
     int reference_kernel = 0;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "OOOOOOOOOOOOOO|$LLdOOOdKOLOOLpOO", backward_kwlist, &q_obj, &k_obj,
+            args, kwargs, "OOOOOOOOOOOOOO|$LLdOOOdKOLOOLpOOO", backward_kwlist, &q_obj, &k_obj,
             &v_obj, &out_obj, &go_obj, &lse_obj, &delta_obj, &gq_obj, &gk_obj, &gv_obj, &ptr_obj,
             &idx_obj, &cptr_obj, &ridx_obj, &o.height, &o.width, &o.scale, &o.bias, &o.key_mask,
             &o.head_active, &o.dropout_p, &o.dropout_seed, &gs_obj, &stream, &long_rows_obj,
-            &long_cols_obj, &long_threshold, &reference_kernel, &plan_obj, &passes_obj))
+            &long_cols_obj, &long_threshold, &reference_kernel, &plan_obj, &passes_obj,
+            &stencil_obj))
         return NULL;
     view_set set = {.count = 0, .stream = stream};
     sa_attention_params p;
@@ -624,6 +683,13 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
         p.plan_base = plan.base;
         p.plan_fields = &plan.fields[0][0];
         p.plan_num_passes = plan.count;
+    }
+    if (take_stencil(&set, stencil_obj, q, &p) < 0) goto fail;
+    if (p.stencil_offsets != NULL && (plan.count > 0 || p.grad_scores != NULL)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "stencil: the stencil backward takes no tile_plan and gives no bias "
+                        "gradient (grad_scores)");
+        goto fail;
     }
     if (run_kernel(is_cuda(q), 1, &p) < 0) goto fail;
     release_all(&set);

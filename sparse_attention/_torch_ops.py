@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from . import _tiles
+from . import _stencil, _tiles
 from ._native import C
 from ._torch_impl import sparse_attention_torch
 from .functional import (_check_bias, _check_head_active, _check_key_mask, _validate_common)
@@ -68,6 +68,8 @@ use_reference_cuda_kernels = False
 use_tiled_cuda_kernel = True
 tiled_passes_run = 0  # passes launched on the tensor-core kernel, for tests
 tiled_backwards_run = 0  # tiled CPU backward calls, for tests
+stencil_forwards_run = 0  # stencil CPU kernel calls, for tests
+stencil_backwards_run = 0
 _TILED_DTYPES = (torch.float16, torch.bfloat16)
 _TILED_MAX_HEAD_DIM = 128
 _capable_devices = {}
@@ -94,10 +96,28 @@ def _tiled_applies(device, dtype, head_dim) -> bool:
             and _tensor_core_capable(device))
 
 
+def _stencil_for(layout):
+    """The layout's stencil as a CPU tensor (cached), or None."""
+    key = ("stencil", "cpu")
+    with layout._lock:
+        if key in layout._device_cache:
+            return layout._device_cache[key]
+    packed = layout.stencil()
+    tensor = torch.from_numpy(packed.copy()) if packed is not None else None
+    with layout._lock:
+        layout._device_cache[key] = tensor
+    return tensor
+
+
 def _tile_plan_for(layout, device, dtype, head_dim, want_stats):
     """(buffer, passes, long_rows, long_row_splits) of the tile plan when a
     tiled forward (CUDA tensor cores, CPU panels) applies to these arguments,
-    else (None, [], None, 0)."""
+    else (None, [], None, 0). On the CPU a stencil layout gets its stencil
+    instead: (stencil, [], None, 0), a plan without passes."""
+    if device.type == "cpu" and dtype == torch.float32 and _stencil.use_stencil_cpu_kernel:
+        stencil = _stencil_for(layout)
+        if stencil is not None:
+            return stencil, [], None, 0
     if not _tiled_applies(device, dtype, head_dim):
         return _NO_PLAN
     plan = layout.tile_plan_tensors(device)
@@ -145,6 +165,12 @@ def _forward_impl(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_
                   key_mask=d(key_mask), head_active=d(head_active), dropout_p=dropout_p,
                   dropout_seed=_seed_value(seed), row_stats=d(stats) if want_stats else None,
                   stream=_stream_of(query.device))
+    if tile_plan is not None and not tile_passes:
+        global stencil_forwards_run
+        stencil_forwards_run += 1
+        C.attention_forward(d(query), d(key), d(value), d(out), d(lse), d(row_ptr), d(col_idx),
+                            stencil=d(tile_plan), **common)
+        return out, lse, stats
     if tile_plan is not None:
         # the passes run in order in one call, then the long rows the plan leaves out
         global tiled_passes_run
@@ -230,8 +256,14 @@ def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
 
 
 def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows):
-    """The plan for the tiled CPU backward when it applies (float32 plans only
-    reach here), else nothing: the row and column kernels run."""
+    """The plan for the tiled or stencil CPU backward when it applies (float32
+    plans only reach here), else nothing: the row and column kernels run."""
+    if device.type == "cpu" and tile_plan is not None and not tile_passes:
+        if bias is not None or not _stencil.use_stencil_cpu_kernel:
+            return {}  # the bias gradient comes from the column kernels
+        global stencil_backwards_run
+        stencil_backwards_run += 1
+        return dict(stencil=_detached(tile_plan))
     if (device.type != "cpu" or tile_plan is None or bias is not None
             or plan_long_rows is not None or not _tiles.use_tiled_cpu_kernel):
         return {}

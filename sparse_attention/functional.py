@@ -17,7 +17,7 @@ import numbers
 
 import numpy as np
 
-from . import _tiles
+from . import _stencil, _tiles
 from ._native import C
 from .patterns import Layout
 
@@ -179,7 +179,10 @@ def _numpy_forward(query, key, value, layout, scale, bias, key_mask, dropout_p, 
     lse = np.empty((batch, heads, num_tokens), dtype=query.dtype)
     stats = np.empty((batch, heads, num_tokens, 2), dtype=query.dtype) if want_stats else None
     plan = {}
-    if query.dtype == np.float32 and _tiles.use_tiled_cpu_kernel:
+    stencil = layout.stencil() if query.dtype == np.float32 and _stencil.use_stencil_cpu_kernel else None
+    if stencil is not None:
+        plan = dict(stencil=stencil)  # the same kernels as the torch path, so the same bits
+    elif query.dtype == np.float32 and _tiles.use_tiled_cpu_kernel:
         packed = layout.packed_tile_plan()
         # the same kernels as the torch path, so both give the same bits
         if (packed is not None and not (want_stats and len(packed[1]) > 6)

@@ -213,6 +213,20 @@ class Layout:
             self._plan_cache["plan"] = plan
         return plan
 
+    def stencil(self):
+        """The layout as the CPU stencil kernels take it (see _stencil.py): one
+        int32 array, built and checked against the CSR rows once; None when the
+        layout is not a stencil layout."""
+        with self._lock:
+            if "stencil" in self._plan_cache:
+                return self._plan_cache["stencil"]
+        from ._stencil import stencil_of
+
+        packed = stencil_of(self)
+        with self._lock:
+            self._plan_cache["stencil"] = packed
+        return packed
+
     def packed_tile_plan(self):
         """(buffer, passes, long_rows) of the tile plan as the C entry point takes
         it (NumPy arrays, built once), or None without a plan."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reference import reference_attention
-from sparse_attention import _tiles, build_layout, get_num_threads, set_num_threads
+from sparse_attention import _stencil, _tiles, build_layout, get_num_threads, set_num_threads
 from sparse_attention import sparse_scaled_dot_product_attention as attention
 from sparse_attention._native import C
 
@@ -16,8 +16,10 @@ PATTERNS = ["dense", "axial", "block", "longformer", "strided", "random"]
 @pytest.fixture(autouse=True)
 def every_plan_takes_the_tiled_path(monkeypatch):
     """The kernel itself is under test here, also for sparse chunks that the
-    fill threshold would otherwise send to the row kernel."""
+    fill threshold would otherwise send to the row kernel, and for the layouts
+    that the stencil kernels would otherwise take."""
     monkeypatch.setattr(_tiles, "CPU_MIN_FILL", 0.0)
+    monkeypatch.setattr(_stencil, "use_stencil_cpu_kernel", False)
 SIZES = [(1, 1), (1, 17), (9, 1), (7, 13), (33, 35), (20, 70)]
 
 

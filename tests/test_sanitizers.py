@@ -13,7 +13,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITES = ["tests/test_layout.py", "tests/test_dlpack.py", "tests/test_op.py", "tests/test_hardening.py",
-          "tests/test_cpu_tiled.py"]
+          "tests/test_cpu_tiled.py", "tests/test_cpu_stencil.py"]
 
 
 def runtime(name):

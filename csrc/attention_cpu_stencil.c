@@ -1,0 +1,803 @@
+/* CPU forward and backward for stencil layouts, float32.
+ *
+ * A stencil layout gives every query the same offsets to its keys, clipped at
+ * the borders of the grid: LONGFORMER's window, STRIDED's window and lattice,
+ * AXIAL's row and column. For a fixed offset, eight queries that are
+ * neighbours in an image row attend eight keys that are neighbours in an image
+ * row too. So the kernels work on panels transposed to [row][d][x] and compute
+ * every score as one vector of eight queries times a vector of eight keys read
+ * at the shifted position: every multiply is a pair of the layout (apart from
+ * the grid's borders), there are no per-pair indices, and the softmax runs down
+ * the offsets lane by lane without horizontal sums. The tile kernels of
+ * attention_cpu_tiled.c cannot do that for windows: a 64 x 64 chunk of a 7 x 7
+ * window is four fifths empty.
+ *
+ * Extra keys (LONGFORMER's global tokens, attended by every query) are panel
+ * rows of their own holding the key broadcast over the lanes. The rows listed
+ * in stencil_rows (the global tokens as queries, which attend everything) are
+ * left to the row kernel in the forward and handled one by one in the backward.
+ *
+ * One work item is one (batch, head): its panels are built once, and in the
+ * backward the thread owns the key and value gradients it accumulates, so no
+ * atomics are needed and the sums do not depend on the thread count. */
+#include "attention_cpu_stencil.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dropout_hash.h"
+#include "threads.h"
+
+/* the vector helpers are always inlined: no vector crosses a call boundary */
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#define LANES 8
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+typedef int32_t i8v __attribute__((vector_size(32)));
+typedef uint32_t u8v __attribute__((vector_size(32)));
+
+#define LOADU(ptr) (*(const v8u *)(ptr))
+#define STOREU(ptr, x) (*(v8u *)(ptr) = (x))
+#define SPLAT(x) ((v8){0} + (float)(x))
+#define SELECT(mask, a, b) ((v8)(((i8v)(a) & (mask)) | ((i8v)(b) & ~(mask))))
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SA_NO_CLONES)
+#define STENCIL_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define STENCIL_CLONES
+#endif
+#define INLINE static inline __attribute__((always_inline))
+
+/* exp over eight lanes, the polynomial of fast_expf.h; x below -87.3 gives 0. */
+INLINE v8 exp_v8(v8 x)
+{
+    const i8v underflow = x < SPLAT(-87.3f);
+    x = SELECT(x > SPLAT(88.7f), SPLAT(88.7f), x);
+    const v8 y = x * 1.44269504088896341f + 0.5f;
+    v8 n = __builtin_convertvector(__builtin_convertvector(y, i8v), v8);
+    n += __builtin_convertvector(n > y, v8); /* truncation to floor: -1 where it rounded up */
+    const v8 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    v8 poly = SPLAT(1.9875691500e-4f);
+    poly = poly * r + 1.3981999507e-3f;
+    poly = poly * r + 8.3334519073e-3f;
+    poly = poly * r + 4.1665795894e-2f;
+    poly = poly * r + 1.6666665459e-1f;
+    poly = poly * r + 5.0000001201e-1f;
+    const v8 value = poly * r * r + r + 1.0f;
+    const i8v bits = (__builtin_convertvector(n, i8v) + 127) << 23;
+    return SELECT(underflow, SPLAT(0.0f), value * (v8)bits);
+}
+
+INLINE u8v mix32_v8(u8v x)
+{
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+/* What one call shares across its threads. */
+typedef struct {
+    const sa_attention_params *p;
+    int64_t height, width, dim;
+    int64_t query_width;  /* width rounded up to LANES */
+    int64_t pad;          /* zero columns either side of a key panel row */
+    int64_t key_width;    /* query_width + 2 pad, rounded up to LANES */
+    int64_t panel_rows;   /* height + one broadcast row per extra key */
+    int64_t max_entries;  /* offsets + extra keys */
+    float scale, keep_scale;
+    uint32_t threshold;
+    uint8_t *is_offset;   /* (2 height - 1) x (2 width - 1): offset present */
+    uint8_t *is_listed;   /* tokens: the row is in stencil_rows */
+    /* Per query row y, the offsets whose row y + dy is on the grid, ordered by
+     * dx, so that a strip's offsets are one run of them: row_first[y] ..
+     * row_first[y + 1] index the arrays below. */
+    int64_t *row_first;
+    int32_t *row_offset;  /* which offset */
+    int32_t *row_dx;
+    int64_t *row_at;      /* panel index of the key (y + dy, dx) at d = 0, pad included */
+    atomic_llong next_item;
+    atomic_int failed;
+} stencil_ctx;
+
+/* A thread's panels and the entry lists of one strip. */
+typedef struct {
+    float *qt, *kt, *vt, *valid;      /* [row][d][x]; valid: [row][x], 1 where a key may be attended */
+    float *lanes_valid;               /* [extra key][LANES] of the current strip */
+    float *lanes_bias;                /* [extra key][LANES] of the current strip */
+    float *offset_bias;               /* [offset][LANES]: the bias of an offset is one number */
+    v8 *scores, *weights, *grads;     /* [entry] */
+    int64_t *entry_at;                /* panel index of lane 0, d = 0 */
+    const float **entry_valid, **entry_bias;
+    int32_t *entry_key, *entry_key_step; /* the key of lane l: key + l * step */
+    float *strip_out;                 /* [d][LANES] */
+    /* backward */
+    float *got, *dqt, *dkt, *dvt, *row_lse, *row_delta;
+} stencil_work;
+
+static void *zalloc(size_t count)
+{
+    void *ptr = aligned_alloc(32, (count * sizeof(float) + 31) / 32 * 32);
+    if (ptr) memset(ptr, 0, count * sizeof(float));
+    return ptr;
+}
+
+static void work_free(stencil_work *w)
+{
+    void *all[] = {w->qt, w->kt, w->vt, w->valid, w->lanes_valid, w->lanes_bias, w->offset_bias,
+                   w->scores, w->weights, w->grads, w->entry_at, w->entry_valid, w->entry_bias,
+                   w->entry_key, w->entry_key_step, w->strip_out, w->got, w->dqt, w->dkt, w->dvt,
+                   w->row_lse, w->row_delta};
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) free(all[i]);
+}
+
+static int work_alloc(stencil_work *w, const stencil_ctx *c, int backward)
+{
+    memset(w, 0, sizeof(*w));
+    const int64_t key_panel = c->panel_rows * c->dim * c->key_width;
+    const int64_t query_rows = backward ? c->height : 1;
+    const int64_t query_panel = query_rows * c->dim * c->query_width;
+    const int64_t entries = c->max_entries > 0 ? c->max_entries : 1;
+    const int64_t extra = c->p->stencil_num_keys > 0 ? c->p->stencil_num_keys : 1;
+    const int64_t offsets = c->p->stencil_num_offsets;
+    w->qt = zalloc((size_t)query_panel);
+    w->kt = zalloc((size_t)key_panel);
+    w->vt = zalloc((size_t)key_panel);
+    w->valid = zalloc((size_t)(c->panel_rows * c->key_width));
+    w->lanes_valid = zalloc((size_t)(extra * LANES));
+    w->lanes_bias = zalloc((size_t)(extra * LANES));
+    w->offset_bias = zalloc((size_t)(offsets * LANES));
+    w->scores = zalloc((size_t)(entries * LANES));
+    w->weights = zalloc((size_t)(entries * LANES));
+    w->grads = zalloc((size_t)(entries * LANES));
+    w->entry_at = malloc((size_t)entries * sizeof(int64_t));
+    w->entry_valid = malloc((size_t)entries * sizeof(float *));
+    w->entry_bias = malloc((size_t)entries * sizeof(float *));
+    w->entry_key = malloc((size_t)entries * sizeof(int32_t));
+    w->entry_key_step = malloc((size_t)entries * sizeof(int32_t));
+    w->strip_out = zalloc((size_t)(c->dim * LANES + LANES));
+    int ok = w->qt && w->kt && w->vt && w->valid && w->lanes_valid && w->lanes_bias &&
+             w->offset_bias && w->scores && w->weights && w->grads && w->entry_at &&
+             w->entry_valid && w->entry_bias && w->entry_key && w->entry_key_step && w->strip_out;
+    if (backward) {
+        w->got = zalloc((size_t)query_panel);
+        w->dqt = zalloc((size_t)query_panel);
+        w->dkt = zalloc((size_t)key_panel);
+        w->dvt = zalloc((size_t)key_panel);
+        w->row_lse = zalloc((size_t)(c->height * c->query_width));
+        w->row_delta = zalloc((size_t)(c->height * c->query_width));
+        ok = ok && w->got && w->dqt && w->dkt && w->dvt && w->row_lse && w->row_delta;
+    }
+    return ok ? 0 : -1;
+}
+
+static inline const float *row_of(const float *base, const int64_t *stride, int64_t b, int64_t h,
+                                  int64_t i)
+{
+    return base + b * stride[0] + h * stride[1] + i * stride[2];
+}
+
+static inline int key_usable(const sa_attention_params *p, int64_t b, int64_t j)
+{
+    return p->key_mask == NULL || p->key_mask[b * p->key_mask_stride[0] + j * p->key_mask_stride[1]];
+}
+
+static inline float bias_of(const sa_attention_params *p, int64_t h, int64_t dy, int64_t dx)
+{
+    /* dy, dx: query minus key, as the table is indexed */
+    if (p->bias_table == NULL) return 0.0f;
+    const int64_t m = p->max_relative, side = 2 * m + 1;
+    dy = dy < -m ? -m : (dy > m ? m : dy);
+    dx = dx < -m ? -m : (dx > m ? m : dx);
+    return ((const float *)p->bias_table)[(h * side + dy + m) * side + dx + m];
+}
+
+/* Transposes the 8 x 8 block r (r[i][j]) in place: r[j][i]. */
+INLINE void transpose8(v8 r[8])
+{
+    const i8v lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
+    const i8v pairs_lo = {0, 1, 8, 9, 4, 5, 12, 13}, pairs_hi = {2, 3, 10, 11, 6, 7, 14, 15};
+    const i8v halves_lo = {0, 1, 2, 3, 8, 9, 10, 11}, halves_hi = {4, 5, 6, 7, 12, 13, 14, 15};
+    v8 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = __builtin_shuffle(r[i], r[i + 1], lo);
+        t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = __builtin_shuffle(t[i], t[i + 2], pairs_lo);
+        u[i + 1] = __builtin_shuffle(t[i], t[i + 2], pairs_hi);
+        u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], pairs_lo);
+        u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], pairs_hi);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = __builtin_shuffle(u[i], u[i + 4], halves_lo);
+        r[i + 4] = __builtin_shuffle(u[i], u[i + 4], halves_hi);
+    }
+}
+
+/* Transposes rows [row][x][d] of one (batch, head) into panel [row][d][pad + x]. */
+INLINE void transpose_in(const float *base, const int64_t *stride, int64_t b, int64_t h,
+                         const stencil_ctx *c, float *panel, int64_t panel_width, int64_t pad,
+                         int64_t first_row, int64_t num_rows)
+{
+    const int64_t dim = c->dim, W = c->width;
+    for (int64_t y = 0; y < num_rows; y++) {
+        float *dst = panel + y * dim * panel_width + pad;
+        const float *src = row_of(base, stride, b, h, (first_row + y) * W);
+        int64_t x0 = 0;
+        for (; x0 + 8 <= W; x0 += 8) {
+            int64_t d0 = 0;
+            for (; d0 + 8 <= dim; d0 += 8) {
+                v8 block[8];
+                for (int i = 0; i < 8; i++) block[i] = LOADU(src + (x0 + i) * stride[2] + d0);
+                transpose8(block);
+                for (int i = 0; i < 8; i++) STOREU(dst + (d0 + i) * panel_width + x0, block[i]);
+            }
+            for (; d0 < dim; d0++)
+                for (int i = 0; i < 8; i++) dst[d0 * panel_width + x0 + i] = src[(x0 + i) * stride[2] + d0];
+        }
+        for (; x0 < W; x0++)
+            for (int64_t d = 0; d < dim; d++) dst[d * panel_width + x0] = src[x0 * stride[2] + d];
+    }
+}
+
+/* The key and value panels of one (batch, head), with the extra keys broadcast. */
+INLINE void build_key_panels(const stencil_ctx *c, stencil_work *w, int64_t b, int64_t h)
+{
+    const sa_attention_params *p = c->p;
+    const int64_t kw = c->key_width;
+    transpose_in(p->k, p->k_stride, b, h, c, w->kt, kw, c->pad, 0, c->height);
+    transpose_in(p->v, p->v_stride, b, h, c, w->vt, kw, c->pad, 0, c->height);
+    for (int64_t y = 0; y < c->height; y++) {
+        float *valid = w->valid + y * kw + c->pad;
+        for (int64_t x = 0; x < c->width; x++) valid[x] = key_usable(p, b, y * c->width + x) ? 1.0f : 0.0f;
+    }
+    for (int64_t g = 0; g < p->stencil_num_keys; g++) {
+        const int64_t j = p->stencil_keys[g], r = c->height + g;
+        const float *k = row_of(p->k, p->k_stride, b, h, j), *v = row_of(p->v, p->v_stride, b, h, j);
+        for (int64_t d = 0; d < c->dim; d++) {
+            float *kd = w->kt + (r * c->dim + d) * kw, *vd = w->vt + (r * c->dim + d) * kw;
+            for (int64_t x = 0; x < kw; x++) {
+                kd[x] = k[d];
+                vd[x] = v[d];
+            }
+        }
+        const float usable = key_usable(p, b, j) ? 1.0f : 0.0f;
+        for (int64_t x = 0; x < kw; x++) w->valid[r * kw + x] = usable;
+    }
+    for (int64_t o = 0; o < p->stencil_num_offsets; o++) {
+        const float bias = bias_of(p, h, -p->stencil_offsets[2 * o], -p->stencil_offsets[2 * o + 1]);
+        for (int l = 0; l < LANES; l++) w->offset_bias[o * LANES + l] = bias;
+    }
+}
+
+/* The entries of the strip of queries (y, x0 .. x0 + 7): the offsets that land
+ * on the grid for some lane, then the extra keys. Returns their number. */
+static int64_t strip_entries(const stencil_ctx *c, stencil_work *w, int64_t h, int64_t y, int64_t x0)
+{
+    const sa_attention_params *p = c->p;
+    const int64_t kw = c->key_width, W = c->width, dim = c->dim;
+    /* the run of offsets with -x0 - 7 <= dx <= W - 1 - x0 */
+    int64_t lo = c->row_first[y], hi = c->row_first[y + 1];
+    for (int64_t span = hi - lo; span > 0;) { /* first dx >= -x0 - 7 */
+        const int64_t half = span / 2;
+        if (c->row_dx[lo + half] < -x0 - (LANES - 1)) {
+            lo += half + 1;
+            span -= half + 1;
+        } else {
+            span = half;
+        }
+    }
+    for (int64_t span = hi - lo; span > 0;) { /* first dx > W - 1 - x0 */
+        const int64_t half = span / 2;
+        if (c->row_dx[hi - span + half] <= W - 1 - x0) {
+            span -= half + 1;
+        } else {
+            hi = hi - span + half;
+            span = half;
+        }
+    }
+    int64_t count = 0;
+    for (int64_t t = lo; t < hi; t++, count++) {
+        const int64_t at = c->row_at[t] + x0, o = c->row_offset[t];
+        const int64_t ky = y + p->stencil_offsets[2 * o];
+        w->entry_at[count] = at;
+        w->entry_valid[count] = w->valid + ky * kw + (at - ky * dim * kw);
+        w->entry_bias[count] = w->offset_bias + o * LANES;
+        w->entry_key[count] = (int32_t)(ky * W + x0 + c->row_dx[t]);
+        w->entry_key_step[count] = 1;
+    }
+    for (int64_t g = 0; g < p->stencil_num_keys; g++) {
+        const int64_t j = p->stencil_keys[g], r = c->height + g, jy = j / W, jx = j % W;
+        float *valid = w->lanes_valid + g * LANES, *bias = w->lanes_bias + g * LANES;
+        for (int l = 0; l < LANES; l++) {
+            const int64_t x = x0 + l;
+            /* a key the offsets reach already is not attended twice */
+            const int reached = x < W && c->is_offset[(jy - y + c->height - 1) * (2 * W - 1) + jx - x + W - 1];
+            valid[l] = x < W && !reached ? w->valid[r * kw] : 0.0f;
+            bias[l] = x < W ? bias_of(p, h, y - jy, x - jx) : 0.0f;
+        }
+        w->entry_at[count] = r * dim * kw + c->pad + x0;
+        w->entry_valid[count] = valid;
+        w->entry_bias[count] = bias;
+        w->entry_key[count] = (int32_t)j;
+        w->entry_key_step[count] = 0;
+        count++;
+    }
+    return count;
+}
+
+/* out[e] = sum_d a[d] * panel[at[e] + d * stride], eight lanes at a time. Eight
+ * rows of a stay in registers while two entries at a time stream their keys. */
+INLINE void strip_dots(const float *restrict a, int64_t a_stride, const float *restrict panel,
+                       int64_t stride, const int64_t *restrict at, int64_t count, int64_t dim,
+                       v8 *restrict out)
+{
+    for (int64_t e = 0; e < count; e++) out[e] = SPLAT(0.0f);
+    int64_t d0 = 0;
+    for (; d0 + 8 <= dim; d0 += 8) {
+        v8 rows[8];
+        for (int i = 0; i < 8; i++) rows[i] = LOADU(a + (d0 + i) * a_stride);
+        int64_t e = 0;
+        for (; e + 2 <= count; e += 2) {
+            const float *k0 = panel + at[e] + d0 * stride, *k1 = panel + at[e + 1] + d0 * stride;
+            v8 even0 = out[e], odd0 = SPLAT(0.0f), even1 = out[e + 1], odd1 = SPLAT(0.0f);
+            for (int i = 0; i < 8; i += 2) {
+                even0 += rows[i] * LOADU(k0 + i * stride);
+                even1 += rows[i] * LOADU(k1 + i * stride);
+                odd0 += rows[i + 1] * LOADU(k0 + (i + 1) * stride);
+                odd1 += rows[i + 1] * LOADU(k1 + (i + 1) * stride);
+            }
+            out[e] = even0 + odd0;
+            out[e + 1] = even1 + odd1;
+        }
+        for (; e < count; e++) {
+            const float *k0 = panel + at[e] + d0 * stride;
+            v8 even0 = out[e], odd0 = SPLAT(0.0f);
+            for (int i = 0; i < 8; i += 2) {
+                even0 += rows[i] * LOADU(k0 + i * stride);
+                odd0 += rows[i + 1] * LOADU(k0 + (i + 1) * stride);
+            }
+            out[e] = even0 + odd0;
+        }
+    }
+    for (; d0 < dim; d0++) {
+        const v8 a0 = LOADU(a + d0 * a_stride);
+        for (int64_t e = 0; e < count; e++) out[e] += a0 * LOADU(panel + at[e] + d0 * stride);
+    }
+}
+
+/* out[d] (+)= sum_e weight[e] * panel[at[e] + d * stride], out strided by
+ * out_stride: eight rows of out accumulate in registers. */
+INLINE void strip_weighted(const v8 *restrict weight, const float *restrict panel, int64_t stride,
+                           const int64_t *restrict at, int64_t count, int64_t dim,
+                           float *restrict out, int64_t out_stride, int accumulate)
+{
+    int64_t d0 = 0;
+    for (; d0 + 8 <= dim; d0 += 8) {
+        v8 acc[8];
+        for (int i = 0; i < 8; i++) acc[i] = SPLAT(0.0f);
+        for (int64_t e = 0; e < count; e++) {
+            const float *v = panel + at[e] + d0 * stride;
+            const v8 we = weight[e];
+            for (int i = 0; i < 8; i++) acc[i] += we * LOADU(v + i * stride);
+        }
+        float *o = out + d0 * out_stride;
+        for (int i = 0; i < 8; i++)
+            STOREU(o + i * out_stride, accumulate ? acc[i] + LOADU(o + i * out_stride) : acc[i]);
+    }
+    for (; d0 < dim; d0++) {
+        v8 acc = SPLAT(0.0f);
+        for (int64_t e = 0; e < count; e++) acc += weight[e] * LOADU(panel + at[e] + d0 * stride);
+        float *o = out + d0 * out_stride;
+        STOREU(o, accumulate ? acc + LOADU(o) : acc);
+    }
+}
+
+/* The lanes' dropout draws: the keep mask of entry e. */
+INLINE i8v dropout_keep_v8(u8v query_keys, int32_t key, int32_t step, uint32_t threshold)
+{
+    const i8v lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    const u8v keys = (u8v)((i8v){0} + key + lane * step);
+    return (i8v)(mix32_v8(query_keys ^ keys) >= threshold);
+}
+
+static u8v strip_query_keys(const stencil_ctx *c, int64_t b, int64_t h, int64_t y, int64_t x0)
+{
+    u8v keys = {0};
+    if (c->threshold == 0) return keys;
+    const uint32_t row_key = sa_dropout_row_key(c->p->dropout_seed, b, h);
+    for (int l = 0; l < LANES; l++) keys[l] = sa_dropout_query_key(row_key, y * c->width + x0 + l);
+    return keys;
+}
+
+/* The outputs, log-sum-exps and statistics of a strip's queries. */
+INLINE void write_strip(const stencil_ctx *c, stencil_work *w, int64_t b, int64_t h, int64_t y,
+                        int64_t x0, v8 sum, v8 shift, v8 sum_sq, v8 sum_shifted, i8v nan_lanes)
+{
+    const sa_attention_params *p = c->p;
+    const int64_t W = c->width, dim = c->dim, bh = b * p->heads + h;
+    const v8 zero = SPLAT(0.0f);
+    const i8v live = sum > zero;
+    const v8 inv = SELECT(live, SPLAT(1.0f) / SELECT(live, sum, SPLAT(1.0f)), zero);
+    /* a NaN score makes the row NaN, as in PyTorch */
+    const v8 factor = SELECT(nan_lanes, SPLAT(NAN), inv);
+    float *rows[LANES];
+    int lanes = 0;
+    for (int l = 0; l < LANES; l++) {
+        const int64_t i = y * W + x0 + l;
+        rows[l] = NULL;
+        if (x0 + l >= W || c->is_listed[i]) continue;
+        rows[l] = (float *)p->out + b * p->out_stride[0] + h * p->out_stride[1] + i * p->out_stride[2];
+        lanes++;
+        const int64_t row_item = bh * p->num_tokens + i;
+        float lse = live[l] ? shift[l] + logf(sum[l]) : -INFINITY;
+        if (nan_lanes[l]) lse = NAN;
+        ((float *)p->lse)[row_item] = lse;
+        if (p->row_stats != NULL) {
+            float *stats = (float *)p->row_stats + 2 * row_item;
+            stats[0] = live[l] ? sum_sq[l] * inv[l] * inv[l] : 0.0f;
+            stats[1] = live[l] ? logf(sum[l]) - sum_shifted[l] * inv[l] : 0.0f;
+            if (nan_lanes[l]) stats[0] = stats[1] = NAN;
+        }
+    }
+    if (lanes == 0) return;
+    int64_t d0 = 0;
+    for (; d0 + 8 <= dim; d0 += 8) {
+        v8 block[8];
+        for (int i = 0; i < 8; i++) block[i] = LOADU(w->strip_out + (d0 + i) * LANES) * factor;
+        transpose8(block);
+        for (int l = 0; l < LANES; l++)
+            if (rows[l]) STOREU(rows[l] + d0, block[l]);
+    }
+    for (; d0 < dim; d0++)
+        for (int l = 0; l < LANES; l++)
+            if (rows[l]) rows[l][d0] = w->strip_out[d0 * LANES + l] * factor[l];
+}
+
+STENCIL_CLONES
+static void forward_heads(void *opaque, int64_t first, int64_t last)
+{
+    (void)first;
+    (void)last;
+    stencil_ctx *c = opaque;
+    const sa_attention_params *p = c->p;
+    const int64_t W = c->width, dim = c->dim, kw = c->key_width;
+    const int want_stats = p->row_stats != NULL, has_bias = p->bias_table != NULL;
+    stencil_work w;
+    if (work_alloc(&w, c, 0) < 0) {
+        work_free(&w);
+        atomic_store(&c->failed, 1);
+        return;
+    }
+    const v8 neg_inf = SPLAT(-INFINITY);
+    for (;;) {
+        const int64_t bh = atomic_fetch_add(&c->next_item, 1);
+        if (bh >= p->batch * p->heads) break;
+        const int64_t h = bh % p->heads, b = bh / p->heads;
+        if (p->head_active != NULL && !p->head_active[h]) {
+            /* a pruned head outputs zeros, its rows no key */
+            for (int64_t i = 0; i < p->num_tokens; i++) {
+                if (c->is_listed[i]) continue;
+                float *out = (float *)p->out + b * p->out_stride[0] + h * p->out_stride[1] + i * p->out_stride[2];
+                memset(out, 0, (size_t)dim * sizeof(float));
+                ((float *)p->lse)[bh * p->num_tokens + i] = -INFINITY;
+                if (want_stats) {
+                    float *stats = (float *)p->row_stats + 2 * (bh * p->num_tokens + i);
+                    stats[0] = stats[1] = 0.0f;
+                }
+            }
+            continue;
+        }
+        build_key_panels(c, &w, b, h);
+        for (int64_t y = 0; y < c->height; y++) {
+            transpose_in(p->q, p->q_stride, b, h, c, w.qt, c->query_width, 0, y, 1);
+            for (int64_t x0 = 0; x0 < W; x0 += LANES) {
+                const int64_t count = strip_entries(c, &w, h, y, x0);
+                strip_dots(w.qt + x0, c->query_width, w.kt, kw, w.entry_at, count, dim, w.scores);
+                v8 top = neg_inf;
+                i8v nan_lanes = {0};
+                for (int64_t e = 0; e < count; e++) {
+                    v8 s = w.scores[e] * c->scale;
+                    if (has_bias) s += LOADU(w.entry_bias[e]);
+                    s = SELECT(LOADU(w.entry_valid[e]) != SPLAT(0.0f), s, neg_inf);
+                    nan_lanes |= s != s;
+                    top = SELECT(s > top, s, top);
+                    w.scores[e] = s;
+                }
+                const v8 shift = SELECT(top == neg_inf, SPLAT(0.0f), top);
+                const u8v query_keys = strip_query_keys(c, b, h, y, x0);
+                v8 sum = SPLAT(0.0f), sum_sq = SPLAT(0.0f), sum_shifted = SPLAT(0.0f);
+                for (int64_t e = 0; e < count; e++) {
+                    const v8 shifted = w.scores[e] - shift;
+                    const v8 prob = exp_v8(shifted);
+                    sum += prob;
+                    if (want_stats) {
+                        sum_sq += prob * prob;
+                        sum_shifted += SELECT(prob != SPLAT(0.0f), prob * shifted, SPLAT(0.0f));
+                    }
+                    v8 weight = prob * c->keep_scale;
+                    if (c->threshold > 0)
+                        weight = SELECT(dropout_keep_v8(query_keys, w.entry_key[e], w.entry_key_step[e],
+                                                        c->threshold), weight, SPLAT(0.0f));
+                    w.weights[e] = weight;
+                }
+                strip_weighted(w.weights, w.vt, kw, w.entry_at, count, dim, w.strip_out, LANES, 0);
+                write_strip(c, &w, b, h, y, x0, sum, shift, sum_sq, sum_shifted, nan_lanes);
+            }
+        }
+    }
+    work_free(&w);
+}
+
+/* ---- backward ----------------------------------------------------------- */
+
+/* panel[at[e] + d * stride] += weight[e] * a[d]: the shifted key rows of every entry. */
+INLINE void strip_scatter(const v8 *restrict weight, const float *restrict a, int64_t a_stride,
+                          float *restrict panel, int64_t stride, const int64_t *restrict at,
+                          int64_t count, int64_t dim)
+{
+    for (int64_t e = 0; e < count; e++) {
+        const v8 we = weight[e];
+        float *dst = panel + at[e];
+        for (int64_t d = 0; d < dim; d++)
+            STOREU(dst + d * stride, LOADU(dst + d * stride) + we * LOADU(a + d * a_stride));
+    }
+}
+
+/* The gradients of one listed row: its CSR keys one by one. */
+static void backward_listed_row(const stencil_ctx *c, int64_t b, int64_t h, int64_t i,
+                                float *grad_q, float *grad_k, float *grad_v)
+{
+    const sa_attention_params *p = c->p;
+    const int64_t dim = c->dim, W = c->width, bh = b * p->heads + h;
+    const float lse = ((const float *)p->lse)[bh * p->num_tokens + i];
+    const float delta = ((const float *)p->delta)[bh * p->num_tokens + i];
+    if (lse == -INFINITY) return;
+    const float *q = row_of(p->q, p->q_stride, b, h, i);
+    const float *go = row_of(p->grad_out, p->grad_out_stride, b, h, i);
+    const uint32_t query_key = sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), i);
+    float *dq = grad_q + i * dim;
+    for (int64_t at = p->row_ptr[i]; at < p->row_ptr[i + 1]; at++) {
+        const int64_t j = p->col_idx[at];
+        if (!key_usable(p, b, j)) continue;
+        const float *k = row_of(p->k, p->k_stride, b, h, j), *v = row_of(p->v, p->v_stride, b, h, j);
+        float dot = 0.0f, grad_dot = 0.0f;
+        for (int64_t d = 0; d < dim; d++) {
+            dot += q[d] * k[d];
+            grad_dot += go[d] * v[d];
+        }
+        const float score = c->scale * dot + bias_of(p, h, i / W - j / W, i % W - j % W);
+        const float prob = expf(score - lse);
+        const float keep = c->threshold == 0 || sa_dropout_keep(query_key, j, c->threshold) ? c->keep_scale : 0.0f;
+        const float grad_score = prob * (grad_dot * keep - delta) * c->scale;
+        const float weight = prob * keep;
+        float *dk = grad_k + j * dim, *dv = grad_v + j * dim;
+        for (int64_t d = 0; d < dim; d++) {
+            dq[d] += grad_score * k[d];
+            dk[d] += grad_score * q[d];
+            dv[d] += weight * go[d];
+        }
+    }
+}
+
+STENCIL_CLONES
+static void backward_heads(void *opaque, int64_t first, int64_t last)
+{
+    (void)first;
+    (void)last;
+    stencil_ctx *c = opaque;
+    const sa_attention_params *p = c->p;
+    const int64_t W = c->width, H = c->height, n = p->num_tokens, dim = c->dim;
+    const int64_t kw = c->key_width, qw = c->query_width;
+    stencil_work w;
+    if (work_alloc(&w, c, 1) < 0) {
+        work_free(&w);
+        atomic_store(&c->failed, 1);
+        return;
+    }
+    const int has_bias = p->bias_table != NULL;
+    const v8 zero = SPLAT(0.0f);
+    for (;;) {
+        const int64_t bh = atomic_fetch_add(&c->next_item, 1);
+        if (bh >= p->batch * p->heads) break;
+        const int64_t h = bh % p->heads, b = bh / p->heads;
+        float *grad_q = (float *)p->grad_q + bh * n * dim;
+        float *grad_k = (float *)p->grad_k + bh * n * dim;
+        float *grad_v = (float *)p->grad_v + bh * n * dim;
+        if (p->head_active != NULL && !p->head_active[h]) {
+            memset(grad_q, 0, (size_t)(n * dim) * sizeof(float));
+            memset(grad_k, 0, (size_t)(n * dim) * sizeof(float));
+            memset(grad_v, 0, (size_t)(n * dim) * sizeof(float));
+            continue;
+        }
+        build_key_panels(c, &w, b, h);
+        transpose_in(p->q, p->q_stride, b, h, c, w.qt, qw, 0, 0, H);
+        transpose_in(p->grad_out, p->grad_out_stride, b, h, c, w.got, qw, 0, 0, H);
+        memset(w.dqt, 0, (size_t)(H * dim * qw) * sizeof(float));
+        memset(w.dkt, 0, (size_t)(c->panel_rows * dim * kw) * sizeof(float));
+        memset(w.dvt, 0, (size_t)(c->panel_rows * dim * kw) * sizeof(float));
+        const float *lse = (const float *)p->lse + bh * n, *delta = (const float *)p->delta + bh * n;
+        for (int64_t y = 0; y < H; y++) {
+            for (int64_t x = 0; x < qw; x++) {
+                const int64_t i = y * W + x;
+                /* +inf makes every probability of the lane 0: padding, listed rows, rows without keys */
+                const int skip = x >= W || c->is_listed[i] || lse[i] == -INFINITY;
+                w.row_lse[y * qw + x] = skip ? INFINITY : lse[i];
+                w.row_delta[y * qw + x] = skip ? 0.0f : delta[i];
+            }
+        }
+        for (int64_t y = 0; y < H; y++) {
+            for (int64_t x0 = 0; x0 < W; x0 += LANES) {
+                const int64_t count = strip_entries(c, &w, h, y, x0);
+                const float *qs = w.qt + y * dim * qw + x0, *gos = w.got + y * dim * qw + x0;
+                strip_dots(qs, qw, w.kt, kw, w.entry_at, count, dim, w.scores);
+                strip_dots(gos, qw, w.vt, kw, w.entry_at, count, dim, w.grads);
+                const v8 row_lse = LOADU(w.row_lse + y * qw + x0);
+                const v8 row_delta = LOADU(w.row_delta + y * qw + x0);
+                const u8v query_keys = strip_query_keys(c, b, h, y, x0);
+                for (int64_t e = 0; e < count; e++) {
+                    v8 s = w.scores[e] * c->scale;
+                    if (has_bias) s += LOADU(w.entry_bias[e]);
+                    v8 prob = exp_v8(s - row_lse);
+                    prob = SELECT(LOADU(w.entry_valid[e]) != zero, prob, zero);
+                    v8 keep = SPLAT(c->keep_scale);
+                    if (c->threshold > 0)
+                        keep = SELECT(dropout_keep_v8(query_keys, w.entry_key[e], w.entry_key_step[e],
+                                                      c->threshold), keep, zero);
+                    w.weights[e] = prob * keep;                                   /* of dO in dV */
+                    w.grads[e] = prob * (w.grads[e] * keep - row_delta) * c->scale; /* dS */
+                }
+                strip_weighted(w.grads, w.kt, kw, w.entry_at, count, dim, w.dqt + y * dim * qw + x0, qw, 1);
+                strip_scatter(w.grads, qs, qw, w.dkt, kw, w.entry_at, count, dim);
+                strip_scatter(w.weights, gos, qw, w.dvt, kw, w.entry_at, count, dim);
+            }
+        }
+        /* back to rows: the image rows, then the broadcast rows of the extra keys summed */
+        for (int64_t y = 0; y < H; y++) {
+            for (int64_t x = 0; x < W; x++) {
+                const int64_t i = y * W + x;
+                for (int64_t d = 0; d < dim; d++) {
+                    grad_q[i * dim + d] = w.dqt[(y * dim + d) * qw + x];
+                    grad_k[i * dim + d] = w.dkt[(y * dim + d) * kw + c->pad + x];
+                    grad_v[i * dim + d] = w.dvt[(y * dim + d) * kw + c->pad + x];
+                }
+            }
+        }
+        for (int64_t g = 0; g < p->stencil_num_keys; g++) {
+            const int64_t j = p->stencil_keys[g], r = H + g;
+            for (int64_t d = 0; d < dim; d++) {
+                const float *dk = w.dkt + (r * dim + d) * kw, *dv = w.dvt + (r * dim + d) * kw;
+                float sum_k = 0.0f, sum_v = 0.0f;
+                for (int64_t x = 0; x < kw; x++) {
+                    sum_k += dk[x];
+                    sum_v += dv[x];
+                }
+                grad_k[j * dim + d] += sum_k;
+                grad_v[j * dim + d] += sum_v;
+            }
+        }
+        for (int64_t t = 0; t < p->stencil_num_rows; t++)
+            backward_listed_row(c, b, h, p->stencil_rows[t], grad_q, grad_k, grad_v);
+    }
+    work_free(&w);
+}
+
+/* ---- entry points -------------------------------------------------------- */
+
+static int stencil_ctx_init(stencil_ctx *c, const sa_attention_params *p, char *err, size_t len)
+{
+    memset(c, 0, sizeof(*c));
+    c->p = p;
+    if (p->dtype != SA_F32) {
+        snprintf(err, len, "query: the stencil CPU kernel takes float32");
+        return SA_ERR_UNSUPPORTED;
+    }
+    if (p->height * p->width != p->num_tokens) {
+        snprintf(err, len, "height, width: %lld x %lld is not the %lld tokens", (long long)p->height,
+                 (long long)p->width, (long long)p->num_tokens);
+        return SA_ERR_VALUE;
+    }
+    c->height = p->height;
+    c->width = p->width;
+    c->dim = p->head_dim;
+    c->query_width = (p->width + LANES - 1) / LANES * LANES;
+    for (int64_t o = 0; o < p->stencil_num_offsets; o++) {
+        const int64_t dx = p->stencil_offsets[2 * o + 1];
+        const int64_t reach = dx < 0 ? -dx : dx;
+        c->pad = reach > c->pad ? reach : c->pad;
+    }
+    c->key_width = (c->query_width + 2 * c->pad + LANES - 1) / LANES * LANES;
+    c->panel_rows = c->height + p->stencil_num_keys;
+    c->max_entries = p->stencil_num_offsets + p->stencil_num_keys;
+    c->scale = (float)p->scale;
+    c->keep_scale = p->dropout_p > 0 ? (float)(1.0 / (1.0 - p->dropout_p)) : 1.0f;
+    c->threshold = sa_dropout_threshold(p->dropout_p);
+    c->is_offset = calloc((size_t)((2 * c->height - 1) * (2 * c->width - 1)), 1);
+    c->is_listed = calloc((size_t)p->num_tokens, 1);
+    if (!c->is_offset || !c->is_listed) {
+        snprintf(err, len, "could not run the stencil CPU kernel (out of memory)");
+        return SA_ERR_MEMORY;
+    }
+    for (int64_t o = 0; o < p->stencil_num_offsets; o++)
+        c->is_offset[(p->stencil_offsets[2 * o] + c->height - 1) * (2 * c->width - 1) +
+                     p->stencil_offsets[2 * o + 1] + c->width - 1] = 1;
+    for (int64_t t = 0; t < p->stencil_num_rows; t++) c->is_listed[p->stencil_rows[t]] = 1;
+
+    const int64_t E = p->stencil_num_offsets, H = c->height;
+    int32_t *by_dx = malloc((size_t)(E > 0 ? E : 1) * sizeof(int32_t));
+    c->row_first = malloc((size_t)(H + 1) * sizeof(int64_t));
+    c->row_offset = malloc((size_t)(H * E > 0 ? H * E : 1) * sizeof(int32_t));
+    c->row_dx = malloc((size_t)(H * E > 0 ? H * E : 1) * sizeof(int32_t));
+    c->row_at = malloc((size_t)(H * E > 0 ? H * E : 1) * sizeof(int64_t));
+    if (!by_dx || !c->row_first || !c->row_offset || !c->row_dx || !c->row_at) {
+        free(by_dx);
+        snprintf(err, len, "could not run the stencil CPU kernel (out of memory)");
+        return SA_ERR_MEMORY;
+    }
+    /* offsets ordered by dx: a counting sort over -(W-1) .. W-1 */
+    int64_t placed = 0;
+    for (int64_t dx = -(c->width - 1); dx < c->width; dx++)
+        for (int64_t o = 0; o < E; o++)
+            if (p->stencil_offsets[2 * o + 1] == dx) by_dx[placed++] = (int32_t)o;
+    int64_t t = 0;
+    for (int64_t y = 0; y < H; y++) {
+        c->row_first[y] = t;
+        for (int64_t i = 0; i < placed; i++) {
+            const int32_t o = by_dx[i];
+            const int64_t dy = p->stencil_offsets[2 * o], dx = p->stencil_offsets[2 * o + 1];
+            if (y + dy < 0 || y + dy >= H) continue;
+            c->row_offset[t] = o;
+            c->row_dx[t] = (int32_t)dx;
+            c->row_at[t] = (y + dy) * c->dim * c->key_width + c->pad + dx;
+            t++;
+        }
+    }
+    c->row_first[H] = t;
+    free(by_dx);
+    return SA_OK;
+}
+
+static int stencil_run(const sa_attention_params *p, int num_threads, sa_range_fn fn, char *err,
+                       size_t len)
+{
+    stencil_ctx c;
+    int status = stencil_ctx_init(&c, p, err, len);
+    if (status == SA_OK && p->batch * p->heads > 0) {
+        const int64_t items = p->batch * p->heads;
+        const int64_t workers = num_threads < items ? num_threads : items;
+        /* one call per worker: each takes its panels once and pulls (batch, head) items */
+        if (sa_parallel_for(workers, 1, (int)workers, fn, &c) != 0 || atomic_load(&c.failed)) {
+            snprintf(err, len, "could not run the stencil CPU kernel (out of memory)");
+            status = SA_ERR_MEMORY;
+        }
+    }
+    free(c.is_offset);
+    free(c.is_listed);
+    free(c.row_first);
+    free(c.row_offset);
+    free(c.row_dx);
+    free(c.row_at);
+    return status;
+}
+
+int sa_cpu_forward_stencil(const sa_attention_params *p, int num_threads, char *err, size_t len)
+{
+    return stencil_run(p, num_threads, forward_heads, err, len);
+}
+
+int sa_cpu_backward_stencil(const sa_attention_params *p, int num_threads, char *err, size_t len)
+{
+    if (p->grad_scores != NULL) {
+        snprintf(err, len, "the stencil CPU backward does not give a bias gradient");
+        return SA_ERR_UNSUPPORTED;
+    }
+    return stencil_run(p, num_threads, backward_heads, err, len);
+}

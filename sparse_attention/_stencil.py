@@ -1,0 +1,113 @@
+"""Stencil layouts: the same offsets from every query, clipped at the grid.
+
+LONGFORMER's window, STRIDED's window and lattice and AXIAL's row and column
+give query (y, x) the keys (y + dy, x + dx) for a fixed set of offsets
+(dy, dx), wherever they land on the grid. The CPU stencil kernels
+(csrc/attention_cpu_stencil.c) use that: eight neighbouring queries of an
+image row meet eight neighbouring keys at every offset, so they need neither
+indices nor masks per pair. LONGFORMER's global tokens fit too: every query
+attends them (extra keys), and as queries they attend everything, which the
+row kernel does (listed rows).
+
+A stencil is derived from the pattern's knobs and then checked pair for pair
+against the layout's CSR rows, so a layout that is not what its pattern says
+never reaches the stencil kernels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .patterns import Layout, SparsityPattern, global_tokens
+
+# The CPU forward and backward use stencils where they apply (float32); tests
+# turn this off to compare with the other kernels.
+use_stencil_cpu_kernel = True
+# more offsets than this are not worth a stencil (a lattice of stride 1 is dense)
+MAX_OFFSETS = 4096
+
+
+def _window(radius, height, width):
+    dy = np.arange(-min(radius, height - 1), min(radius, height - 1) + 1)
+    dx = np.arange(-min(radius, width - 1), min(radius, width - 1) + 1)
+    return [(int(a), int(b)) for a in dy for b in dx]
+
+
+def _describe(layout: Layout):
+    """(offsets, extra keys, listed rows) that the pattern's knobs promise, or None."""
+    h, w, n = layout.height, layout.width, layout.num_tokens
+    knobs = layout.params
+    empty = np.zeros(0, dtype=np.int64)
+    if layout.pattern is SparsityPattern.AXIAL:
+        offsets = [(0, dx) for dx in range(-(w - 1), w)] + [(dy, 0) for dy in range(-(h - 1), h) if dy]
+        return offsets, empty, empty
+    if layout.pattern is SparsityPattern.LONGFORMER:
+        radius = int(knobs.get("kernel_size", 7)) // 2
+        glob = global_tokens(n, int(knobs.get("num_global_tokens", 1))).astype(np.int64)
+        return _window(radius, h, w), glob, glob
+    if layout.pattern is SparsityPattern.STRIDED:
+        kernel = int(knobs.get("kernel_size", 7))
+        stride = int(knobs.get("stride", kernel))
+        if stride < 1:
+            return None
+        offsets = set(_window(kernel // 2, h, w))
+        lattice_y = range(-((h - 1) // stride) * stride, h, stride)
+        lattice_x = range(-((w - 1) // stride) * stride, w, stride)
+        if len(lattice_y) * len(lattice_x) > MAX_OFFSETS:
+            return None
+        offsets.update((a, b) for a in lattice_y for b in lattice_x)
+        return sorted(offsets), empty, empty
+    return None
+
+
+def _matches(layout: Layout, offsets, keys, rows) -> bool:
+    """Whether the CSR rows outside ``rows`` are exactly the stencil's pairs."""
+    h, w, n = layout.height, layout.width, layout.num_tokens
+    dy = np.array([o[0] for o in offsets], dtype=np.int64)
+    dx = np.array([o[1] for o in offsets], dtype=np.int64)
+    present = np.zeros((2 * h - 1, 2 * w - 1), dtype=bool)
+    present[dy + h - 1, dx + w - 1] = True
+    if present.sum() != len(offsets):
+        return False  # repeated offsets would count pairs twice
+    listed = np.zeros(n, dtype=bool)
+    listed[rows] = True
+    if np.unique(keys).size != keys.size:
+        return False
+    ys, xs = np.divmod(np.arange(n, dtype=np.int64), w)
+    # every CSR pair of an unlisted row must be an offset or an extra key ...
+    row_of_pair = layout.row_ids()
+    keep = ~listed[row_of_pair]
+    qi, kj = row_of_pair[keep], layout.indices[keep].astype(np.int64)
+    if qi.size and np.any((qi[1:] == qi[:-1]) & (kj[1:] <= kj[:-1])):
+        return False  # a repeated or unsorted key in a row
+    by_offset = present[kj // w - qi // w + h - 1, kj % w - qi % w + w - 1]
+    is_key = np.zeros(n, dtype=bool)
+    is_key[keys] = True
+    if not np.all(by_offset | is_key[kj]):
+        return False
+    # ... and every row must hold as many pairs as the stencil gives it
+    expected = np.zeros(n, dtype=np.int64)
+    for a, b in zip(dy, dx):
+        expected += ((ys + a >= 0) & (ys + a < h) & (xs + b >= 0) & (xs + b < w))
+    for j in keys:
+        reached = present[j // w - ys + h - 1, j % w - xs + w - 1]
+        expected += ~reached
+    degrees = layout.degrees()
+    return bool(np.array_equal(degrees[~listed], expected[~listed]))
+
+
+def stencil_of(layout: Layout):
+    """The layout as the stencil kernels take it (one int32 array: E, G, L, the E
+    offsets as (dy, dx), the G extra keys, the L listed rows), or None when the
+    layout is not a stencil layout. Checked against the CSR rows."""
+    described = _describe(layout)
+    if described is None:
+        return None
+    offsets, keys, rows = described
+    if not offsets or len(offsets) > MAX_OFFSETS or not _matches(layout, offsets, keys, rows):
+        return None
+    packed = np.concatenate([np.array([len(offsets), keys.size, rows.size], dtype=np.int64),
+                             np.array(offsets, dtype=np.int64).reshape(-1), keys, rows])
+    packed = packed.astype(np.int32)
+    packed.setflags(write=False)
+    return packed

@@ -1,0 +1,252 @@
+"""The CPU stencil kernels (csrc/attention_cpu_stencil.c, float32) against the
+float64 reference and the row-by-row kernels, and the stencil description
+(sparse_attention/_stencil.py) against the layouts it stands for."""
+
+import numpy as np
+import pytest
+import torch
+
+from reference import reference_attention
+from sparse_attention import _stencil, _tiles, _torch_ops, build_layout, get_num_threads
+from sparse_attention import set_num_threads
+from sparse_attention import sparse_scaled_dot_product_attention as attention
+from sparse_attention._native import C
+from sparse_attention.patterns import Layout
+
+STENCIL_PATTERNS = ["axial", "longformer", "strided"]
+SIZES = [(1, 1), (1, 17), (9, 1), (7, 13), (33, 35), (20, 70)]
+KNOBS = dict(kernel_size=5, stride=3, num_global_tokens=2)
+
+
+def make(batch, heads, n, dim, seed=0, bias_side=7):
+    gen = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(batch, heads, n, dim, generator=gen, dtype=torch.float64) for _ in range(3)]
+    bias = torch.randn(heads, bias_side, bias_side, generator=gen, dtype=torch.float64)
+    return tensors, bias
+
+
+def other_kernels(*args, **kwargs):
+    """The same call with the stencil kernels off (tile or row kernels)."""
+    _stencil.use_stencil_cpu_kernel = False
+    try:
+        return attention(*args, **kwargs)
+    finally:
+        _stencil.use_stencil_cpu_kernel = True
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("pattern", STENCIL_PATTERNS)
+def test_stencil_layouts_are_recognised(pattern, size):
+    layout = build_layout(pattern, *size, **KNOBS)
+    packed = layout.stencil()
+    assert packed is not None and packed.dtype == np.int32
+    num_offsets, num_keys, num_rows = packed[:3]
+    assert packed.size == 3 + 2 * num_offsets + num_keys + num_rows
+    if pattern == "longformer":
+        assert num_keys == num_rows == min(2, layout.num_tokens)
+
+
+@pytest.mark.parametrize("pattern", ["dense", "block", "random"])
+def test_other_layouts_have_no_stencil(pattern):
+    assert build_layout(pattern, 12, 12).stencil() is None
+
+
+def test_a_layout_that_is_not_what_its_pattern_says_gets_no_stencil():
+    axial = build_layout("axial", 10, 10)
+    # AXIAL's pairs labelled LONGFORMER: the check against the CSR rows must refuse them
+    fake = Layout("longformer", 10, 10, axial.indptr, axial.indices, axial.col_ptr,
+                  axial.row_indices, params=dict(kernel_size=5, num_global_tokens=1))
+    assert fake.stencil() is None
+    # one pair dropped from a window row
+    window = build_layout("longformer", 10, 10, kernel_size=3)
+    rows = window.row_ids()
+    keep = np.ones(window.nnz, dtype=bool)
+    keep[window.indptr[44]] = False
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[keep], minlength=100))])
+    dense = np.zeros((100, 100), dtype=bool)
+    dense[rows[keep], window.indices[keep]] = True
+    cols, col_rows = np.nonzero(dense.T)
+    col_ptr = np.concatenate([[0], np.cumsum(np.bincount(cols, minlength=100))])
+    broken = Layout("longformer", 10, 10, indptr, window.indices[keep], col_ptr, col_rows,
+                    params=window.params)
+    assert broken.stencil() is None
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("pattern", STENCIL_PATTERNS)
+def test_forward_against_reference_and_other_kernels(pattern, size):
+    layout = build_layout(pattern, *size, **KNOBS)
+    n = layout.num_tokens
+    (q, k, v), bias = make(2, 3, n, 20)
+    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(2)) > 0.25
+    active = torch.tensor([True, False, True])
+    args = dict(key_mask=key_mask, head_active=active, dropout_p=0.2, dropout_seed=7)
+    before = _torch_ops.stencil_forwards_run
+    out, lse = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(), **args,
+                         return_lse=True)
+    assert _torch_ops.stencil_forwards_run == before + 1
+    ref_out, ref_lse, _ = reference_attention(q.float(), k.float(), v.float(), layout,
+                                              bias=bias.float(), **args)
+    assert (out.double() - ref_out).abs().max() < 2e-5
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert (lse.double()[finite] - ref_lse[finite]).abs().max() < 2e-5
+    others = other_kernels(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(), **args)
+    torch.testing.assert_close(out, others, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("pattern", STENCIL_PATTERNS)
+def test_statistics_match_the_row_kernel(pattern):
+    layout = build_layout(pattern, 14, 19, **KNOBS)
+    (q, k, v), bias = make(2, 4, layout.num_tokens, 32, bias_side=5)
+    key_mask = torch.rand(2, layout.num_tokens, generator=torch.Generator().manual_seed(4)) > 0.1
+    args = dict(rel_pos_bias=bias.float(), key_mask=key_mask, return_lse=True, return_stats=True)
+    got = attention(q.float(), k.float(), v.float(), layout, **args)
+    _tiles.use_tiled_cpu_kernel = False
+    try:
+        expected = other_kernels(q.float(), k.float(), v.float(), layout, **args)
+    finally:
+        _tiles.use_tiled_cpu_kernel = True
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("pattern", STENCIL_PATTERNS)
+def test_backward_against_reference(pattern, size):
+    layout = build_layout(pattern, *size, **KNOBS)
+    n = layout.num_tokens
+    (q, k, v), _ = make(2, 3, n, 20)
+    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(2)) > 0.25
+    active = torch.tensor([True, False, True])
+    args = dict(key_mask=key_mask, head_active=active, dropout_p=0.2, dropout_seed=7)
+    grad_out = torch.randn(2, 3, n, 20, generator=torch.Generator().manual_seed(3))
+    leaves = [t.float().requires_grad_(True) for t in (q, k, v)]
+    before = _torch_ops.stencil_backwards_run
+    attention(*leaves, layout, **args).backward(grad_out.float())
+    assert _torch_ops.stencil_backwards_run == before + 1
+    ref = [t.float().double().requires_grad_(True) for t in (q, k, v)]
+    reference_attention(*ref, layout, **args)[0].backward(grad_out.double())
+    for leaf, r in zip(leaves, ref):
+        assert (leaf.grad.double() - r.grad).abs().max() < 5e-5 * max(1.0, r.grad.abs().max().item())
+
+
+def test_backward_with_a_bias_uses_the_row_kernels():
+    layout = build_layout("longformer", 10, 12, kernel_size=5)
+    (q, k, v), bias = make(1, 2, 120, 16, bias_side=5)
+    leaves = [t.float().requires_grad_(True) for t in (q, k, v, bias)]
+    before = _torch_ops.stencil_backwards_run
+    out = attention(*leaves[:3], layout, rel_pos_bias=leaves[3])
+    out.backward(torch.ones_like(out))
+    assert _torch_ops.stencil_backwards_run == before
+    ref = [t.double().requires_grad_(True) for t in (q, k, v, bias)]
+    reference_attention(*ref[:3], layout, bias=ref[3])[0].backward(torch.ones(out.shape, dtype=torch.float64))
+    for leaf, r in zip(leaves, ref):
+        assert (leaf.grad.double() - r.grad).abs().max() < 5e-5 * max(1.0, r.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("pattern", STENCIL_PATTERNS)
+def test_results_are_bitwise_the_same_for_any_thread_count(pattern):
+    layout = build_layout(pattern, 21, 26, **KNOBS)
+    (q, k, v), bias = make(2, 3, layout.num_tokens, 24, bias_side=9)
+    before = get_num_threads()
+    outs, grads = [], []
+    try:
+        for threads in (1, 2, 3):
+            set_num_threads(threads)
+            leaves = [t.float().requires_grad_(True) for t in (q, k, v)]
+            out = attention(*leaves, layout, dropout_p=0.1, dropout_seed=3)
+            out.backward(torch.cos(out.detach()))
+            outs.append(out.detach())
+            grads.append([leaf.grad for leaf in leaves])
+    finally:
+        set_num_threads(before)
+    for other_out, other_grads in zip(outs[1:], grads[1:]):
+        assert torch.equal(outs[0], other_out)
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], other_grads))
+
+
+def test_nan_query_row_stays_in_its_row():
+    layout = build_layout("longformer", 16, 16, kernel_size=5)
+    (q, k, v), _ = make(1, 2, 256, 16)
+    q = q.float().requires_grad_(True)
+    with torch.no_grad():
+        q[0, 1, 37, 2] = float("nan")
+    out, lse = attention(q, k.float(), v.float(), layout, return_lse=True)
+    nan_rows = torch.isnan(out).any(-1)
+    assert nan_rows[0, 1, 37] and torch.isnan(lse[0, 1, 37])
+    nan_rows[0, 1, 37] = False
+    assert not nan_rows.any()
+    # the backward keeps the NaN to the query's row of dQ (and its keys' dK, dV)
+    grad_out = torch.zeros_like(out)
+    grad_out[0, 1, 100] = 1.0
+    out.backward(grad_out)
+    assert torch.isfinite(q.grad[0, 1, 100]).all()
+
+
+def test_head_dims_past_the_vector_width():
+    layout = build_layout("strided", 12, 12, kernel_size=3, stride=4)
+    for dim in (1, 7, 8, 9, 33, 130):
+        (q, k, v), _ = make(1, 2, 144, dim)
+        leaves = [t.float().requires_grad_(True) for t in (q, k, v)]
+        got = attention(*leaves, layout)
+        got.backward(torch.sin(got.detach()))
+        ref = [t.float().double().requires_grad_(True) for t in (q, k, v)]
+        expected = reference_attention(*ref, layout)[0]
+        expected.backward(torch.sin(got.detach()).double())
+        assert (got.double() - expected).abs().max() < 2e-5
+        for leaf, r in zip(leaves, ref):
+            assert (leaf.grad.double() - r.grad).abs().max() < 5e-5
+
+
+def test_strided_views_of_a_fused_projection():
+    layout = build_layout("axial", 9, 11)
+    qkv = torch.randn(2, 99, 3, 4, 16)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    got = attention(q, k, v, layout)
+    expected = other_kernels(q.contiguous(), k.contiguous(), v.contiguous(), layout)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_numpy_arrays_take_the_stencil_path_too():
+    layout = build_layout("longformer", 20, 30)
+    (q, k, v), _ = make(1, 2, 600, 16)
+    arrays = [t.float().numpy() for t in (q, k, v)]
+    got = attention(*arrays, layout)
+    expected = attention(q.float(), k.float(), v.float(), layout)
+    np.testing.assert_array_equal(got, expected.numpy())
+
+
+def _call(layout, q, stencil, backward=False):
+    indptr, indices = torch.from_numpy(layout.indptr.copy()), torch.from_numpy(layout.indices.copy())
+    common = dict(height=layout.height, width=layout.width, scale=0.3, stencil=stencil)
+    out, lse = torch.zeros_like(q), torch.zeros(q.shape[:3], dtype=q.dtype)
+    if not backward:
+        C.attention_forward(q, q, q, out, lse, indptr, indices, **common)
+        return
+    grads = [torch.empty_like(q) for _ in range(3)]
+    C.attention_backward(q, q, q, out, out, lse, torch.empty(q.shape[:3], dtype=q.dtype), *grads,
+                         indptr, indices,
+                         torch.from_numpy(layout.col_ptr.copy()),
+                         torch.from_numpy(layout.row_indices.copy()), **common)
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_bad_stencils_are_refused(backward):
+    layout = build_layout("longformer", 8, 8, kernel_size=3)
+    q = torch.randn(1, 1, 64, 16)
+    good = torch.from_numpy(layout.stencil().copy())
+    _call(layout, q, good, backward)
+
+    def refused(stencil, match, error=ValueError, tensor=q):
+        with pytest.raises(error, match=match):
+            _call(layout, tensor, stencil, backward)
+
+    refused(good[:-1], "2E \\+ G \\+ L numbers")
+    refused(torch.tensor([-1, 0, 0], dtype=torch.int32), "2E \\+ G \\+ L numbers")
+    refused(torch.tensor([1, 0, 0, 8, 0], dtype=torch.int32), "outside the 8 x 8 grid")
+    refused(torch.tensor([1, 0, 0, 0, -8], dtype=torch.int32), "outside the 8 x 8 grid")
+    refused(torch.tensor([1, 1, 0, 0, 0, 64], dtype=torch.int32), "key 0 is token 64")
+    refused(torch.tensor([1, 0, 1, 0, 0, -1], dtype=torch.int32), "row 0 is token -1")
+    refused(good.long(), "stencil", TypeError)
+    refused(good, "float32", tensor=q.double())
