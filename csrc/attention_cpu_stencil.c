@@ -103,6 +103,9 @@ typedef struct {
     int32_t *row_offset;  /* which offset */
     int32_t *row_dx;
     int64_t *row_at;      /* panel index of the key (y + dy, dx) at d = 0, pad included */
+    int64_t *row_valid;   /* index of the same key in the valid panel */
+    int32_t *row_key;     /* its token id, (y + dy) * width + dx */
+    int64_t *extra_at;    /* panel index of each extra key's broadcast row, pad included */
     atomic_llong next_item;
     atomic_int failed;
 } stencil_ctx;
@@ -114,9 +117,6 @@ typedef struct {
     float *lanes_bias;                /* [extra key][LANES] of the current strip */
     float *offset_bias;               /* [offset][LANES]: the bias of an offset is one number */
     v8 *scores, *weights, *grads;     /* [entry] */
-    int64_t *entry_at;                /* panel index of lane 0, d = 0 */
-    const float **entry_valid, **entry_bias;
-    int32_t *entry_key, *entry_key_step; /* the key of lane l: key + l * step */
     float *strip_out;                 /* [d][LANES] */
     /* backward */
     float *got, *dqt, *dkt, *dvt, *row_lse, *row_delta;
@@ -124,7 +124,7 @@ typedef struct {
 
 static void *zalloc(size_t count)
 {
-    void *ptr = aligned_alloc(32, (count * sizeof(float) + 31) / 32 * 32);
+    void *ptr = aligned_alloc(64, (count * sizeof(float) + 63) / 64 * 64);
     if (ptr) memset(ptr, 0, count * sizeof(float));
     return ptr;
 }
@@ -132,8 +132,7 @@ static void *zalloc(size_t count)
 static void work_free(stencil_work *w)
 {
     void *all[] = {w->qt, w->kt, w->vt, w->valid, w->lanes_valid, w->lanes_bias, w->offset_bias,
-                   w->scores, w->weights, w->grads, w->entry_at, w->entry_valid, w->entry_bias,
-                   w->entry_key, w->entry_key_step, w->strip_out, w->got, w->dqt, w->dkt, w->dvt,
+                   w->scores, w->weights, w->grads, w->strip_out, w->got, w->dqt, w->dkt, w->dvt,
                    w->row_lse, w->row_delta};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) free(all[i]);
 }
@@ -142,7 +141,7 @@ static int work_alloc(stencil_work *w, const stencil_ctx *c, int backward)
 {
     memset(w, 0, sizeof(*w));
     const int64_t key_panel = c->panel_rows * c->dim * c->key_width;
-    const int64_t query_rows = backward ? c->height : 1;
+    const int64_t query_rows = c->height;
     const int64_t query_panel = query_rows * c->dim * c->query_width;
     const int64_t entries = c->max_entries > 0 ? c->max_entries : 1;
     const int64_t extra = c->p->stencil_num_keys > 0 ? c->p->stencil_num_keys : 1;
@@ -157,15 +156,9 @@ static int work_alloc(stencil_work *w, const stencil_ctx *c, int backward)
     w->scores = zalloc((size_t)(entries * LANES));
     w->weights = zalloc((size_t)(entries * LANES));
     w->grads = zalloc((size_t)(entries * LANES));
-    w->entry_at = malloc((size_t)entries * sizeof(int64_t));
-    w->entry_valid = malloc((size_t)entries * sizeof(float *));
-    w->entry_bias = malloc((size_t)entries * sizeof(float *));
-    w->entry_key = malloc((size_t)entries * sizeof(int32_t));
-    w->entry_key_step = malloc((size_t)entries * sizeof(int32_t));
     w->strip_out = zalloc((size_t)(c->dim * LANES + LANES));
     int ok = w->qt && w->kt && w->vt && w->valid && w->lanes_valid && w->lanes_bias &&
-             w->offset_bias && w->scores && w->weights && w->grads && w->entry_at &&
-             w->entry_valid && w->entry_bias && w->entry_key && w->entry_key_step && w->strip_out;
+             w->offset_bias && w->scores && w->weights && w->grads && w->strip_out;
     if (backward) {
         w->got = zalloc((size_t)query_panel);
         w->dqt = zalloc((size_t)query_panel);
@@ -278,12 +271,16 @@ INLINE void build_key_panels(const stencil_ctx *c, stencil_work *w, int64_t b, i
     }
 }
 
-/* The entries of the strip of queries (y, x0 .. x0 + 7): the offsets that land
- * on the grid for some lane, then the extra keys. Returns their number. */
-static int64_t strip_entries(const stencil_ctx *c, stencil_work *w, int64_t h, int64_t y, int64_t x0)
+/* The entries of the strip of queries (y, x0 .. x0 + 7): the run of the row
+ * tables whose offsets land on the grid for some lane, then the extra keys. */
+typedef struct {
+    int64_t first, count, extra, x0;
+} strip_span;
+
+static strip_span strip_entries(const stencil_ctx *c, stencil_work *w, int64_t h, int64_t y, int64_t x0)
 {
     const sa_attention_params *p = c->p;
-    const int64_t kw = c->key_width, W = c->width, dim = c->dim;
+    const int64_t kw = c->key_width, W = c->width;
     /* the run of offsets with -x0 - 7 <= dx <= W - 1 - x0 */
     int64_t lo = c->row_first[y], hi = c->row_first[y + 1];
     for (int64_t span = hi - lo; span > 0;) { /* first dx >= -x0 - 7 */
@@ -304,16 +301,6 @@ static int64_t strip_entries(const stencil_ctx *c, stencil_work *w, int64_t h, i
             span = half;
         }
     }
-    int64_t count = 0;
-    for (int64_t t = lo; t < hi; t++, count++) {
-        const int64_t at = c->row_at[t] + x0, o = c->row_offset[t];
-        const int64_t ky = y + p->stencil_offsets[2 * o];
-        w->entry_at[count] = at;
-        w->entry_valid[count] = w->valid + ky * kw + (at - ky * dim * kw);
-        w->entry_bias[count] = w->offset_bias + o * LANES;
-        w->entry_key[count] = (int32_t)(ky * W + x0 + c->row_dx[t]);
-        w->entry_key_step[count] = 1;
-    }
     for (int64_t g = 0; g < p->stencil_num_keys; g++) {
         const int64_t j = p->stencil_keys[g], r = c->height + g, jy = j / W, jx = j % W;
         float *valid = w->lanes_valid + g * LANES, *bias = w->lanes_bias + g * LANES;
@@ -324,14 +311,37 @@ static int64_t strip_entries(const stencil_ctx *c, stencil_work *w, int64_t h, i
             valid[l] = x < W && !reached ? w->valid[r * kw] : 0.0f;
             bias[l] = x < W ? bias_of(p, h, y - jy, x - jx) : 0.0f;
         }
-        w->entry_at[count] = r * dim * kw + c->pad + x0;
-        w->entry_valid[count] = valid;
-        w->entry_bias[count] = bias;
-        w->entry_key[count] = (int32_t)j;
-        w->entry_key_step[count] = 0;
-        count++;
     }
-    return count;
+    return (strip_span){lo, hi - lo, p->stencil_num_keys, x0};
+}
+
+/* The scaled, biased score of entry e, -inf where the key may not be attended. */
+INLINE v8 masked_score(const stencil_ctx *c, const stencil_work *w, strip_span sp, int64_t e, v8 dot)
+{
+    v8 s = dot * c->scale;
+    v8 valid, bias;
+    if (e < sp.count) {
+        const int64_t t = sp.first + e;
+        valid = LOADU(w->valid + sp.x0 + c->row_valid[t]);
+        bias = LOADU(w->offset_bias + c->row_offset[t] * LANES);
+    } else {
+        valid = LOADU(w->lanes_valid + (e - sp.count) * LANES);
+        bias = LOADU(w->lanes_bias + (e - sp.count) * LANES);
+    }
+    if (c->p->bias_table != NULL) s += bias;
+    return SELECT(valid != SPLAT(0.0f), s, SPLAT(-INFINITY));
+}
+
+/* The dropout keep mask of entry e's pairs. */
+INLINE i8v entry_keep(const stencil_ctx *c, strip_span sp, int64_t e, u8v query_keys)
+{
+    const i8v lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    i8v keys;
+    if (e < sp.count)
+        keys = (i8v){0} + (int32_t)(c->row_key[sp.first + e] + sp.x0) + lane;
+    else
+        keys = (i8v){0} + c->p->stencil_keys[e - sp.count];
+    return (i8v)(mix32_v8(query_keys ^ (u8v)keys) >= c->threshold);
 }
 
 /* out[e] = sum_d a[d] * panel[at[e] + d * stride], eight lanes at a time. Eight
@@ -401,15 +411,7 @@ INLINE void strip_weighted(const v8 *restrict weight, const float *restrict pane
     }
 }
 
-/* The lanes' dropout draws: the keep mask of entry e. */
-INLINE i8v dropout_keep_v8(u8v query_keys, int32_t key, int32_t step, uint32_t threshold)
-{
-    const i8v lane = {0, 1, 2, 3, 4, 5, 6, 7};
-    const u8v keys = (u8v)((i8v){0} + key + lane * step);
-    return (i8v)(mix32_v8(query_keys ^ keys) >= threshold);
-}
-
-static u8v strip_query_keys(const stencil_ctx *c, int64_t b, int64_t h, int64_t y, int64_t x0)
+INLINE u8v strip_query_keys(const stencil_ctx *c, int64_t b, int64_t h, int64_t y, int64_t x0)
 {
     u8v keys = {0};
     if (c->threshold == 0) return keys;
@@ -470,7 +472,7 @@ static void forward_heads(void *opaque, int64_t first, int64_t last)
     stencil_ctx *c = opaque;
     const sa_attention_params *p = c->p;
     const int64_t W = c->width, dim = c->dim, kw = c->key_width;
-    const int want_stats = p->row_stats != NULL, has_bias = p->bias_table != NULL;
+    const int want_stats = p->row_stats != NULL;
     stencil_work w;
     if (work_alloc(&w, c, 0) < 0) {
         work_free(&w);
@@ -497,25 +499,38 @@ static void forward_heads(void *opaque, int64_t first, int64_t last)
             continue;
         }
         build_key_panels(c, &w, b, h);
+        transpose_in(p->q, p->q_stride, b, h, c, w.qt, c->query_width, 0, 0, c->height);
         for (int64_t y = 0; y < c->height; y++) {
-            transpose_in(p->q, p->q_stride, b, h, c, w.qt, c->query_width, 0, y, 1);
             for (int64_t x0 = 0; x0 < W; x0 += LANES) {
-                const int64_t count = strip_entries(c, &w, h, y, x0);
-                strip_dots(w.qt + x0, c->query_width, w.kt, kw, w.entry_at, count, dim, w.scores);
-                v8 top = neg_inf;
+                const strip_span sp = strip_entries(c, &w, h, y, x0);
+                const int64_t count = sp.count + sp.extra;
+                const float *qs = w.qt + y * dim * c->query_width + x0;
+                strip_dots(qs, c->query_width, w.kt + x0, kw, c->row_at + sp.first, sp.count, dim, w.scores);
+                strip_dots(qs, c->query_width, w.kt + x0, kw, c->extra_at, sp.extra, dim, w.scores + sp.count);
+                /* two running maxima, so that the compares do not wait on each other */
+                v8 top = neg_inf, top_odd = neg_inf;
                 i8v nan_lanes = {0};
-                for (int64_t e = 0; e < count; e++) {
-                    v8 s = w.scores[e] * c->scale;
-                    if (has_bias) s += LOADU(w.entry_bias[e]);
-                    s = SELECT(LOADU(w.entry_valid[e]) != SPLAT(0.0f), s, neg_inf);
-                    nan_lanes |= s != s;
-                    top = SELECT(s > top, s, top);
-                    w.scores[e] = s;
+                int64_t e = 0;
+                for (; e + 2 <= count; e += 2) {
+                    const v8 s0 = masked_score(c, &w, sp, e, w.scores[e]);
+                    const v8 s1 = masked_score(c, &w, sp, e + 1, w.scores[e + 1]);
+                    nan_lanes |= (s0 != s0) | (s1 != s1);
+                    top = SELECT(s0 > top, s0, top);
+                    top_odd = SELECT(s1 > top_odd, s1, top_odd);
+                    w.scores[e] = s0;
+                    w.scores[e + 1] = s1;
                 }
+                for (; e < count; e++) {
+                    const v8 s0 = masked_score(c, &w, sp, e, w.scores[e]);
+                    nan_lanes |= s0 != s0;
+                    top = SELECT(s0 > top, s0, top);
+                    w.scores[e] = s0;
+                }
+                top = SELECT(top_odd > top, top_odd, top);
                 const v8 shift = SELECT(top == neg_inf, SPLAT(0.0f), top);
                 const u8v query_keys = strip_query_keys(c, b, h, y, x0);
                 v8 sum = SPLAT(0.0f), sum_sq = SPLAT(0.0f), sum_shifted = SPLAT(0.0f);
-                for (int64_t e = 0; e < count; e++) {
+                for (e = 0; e < count; e++) {
                     const v8 shifted = w.scores[e] - shift;
                     const v8 prob = exp_v8(shifted);
                     sum += prob;
@@ -524,12 +539,13 @@ static void forward_heads(void *opaque, int64_t first, int64_t last)
                         sum_shifted += SELECT(prob != SPLAT(0.0f), prob * shifted, SPLAT(0.0f));
                     }
                     v8 weight = prob * c->keep_scale;
-                    if (c->threshold > 0)
-                        weight = SELECT(dropout_keep_v8(query_keys, w.entry_key[e], w.entry_key_step[e],
-                                                        c->threshold), weight, SPLAT(0.0f));
+                    if (c->threshold > 0) weight = SELECT(entry_keep(c, sp, e, query_keys), weight, SPLAT(0.0f));
                     w.weights[e] = weight;
                 }
-                strip_weighted(w.weights, w.vt, kw, w.entry_at, count, dim, w.strip_out, LANES, 0);
+                strip_weighted(w.weights, w.vt + x0, kw, c->row_at + sp.first, sp.count, dim, w.strip_out,
+                               LANES, 0);
+                strip_weighted(w.weights + sp.count, w.vt + x0, kw, c->extra_at, sp.extra, dim, w.strip_out,
+                               LANES, 1);
                 write_strip(c, &w, b, h, y, x0, sum, shift, sum_sq, sum_shifted, nan_lanes);
             }
         }
@@ -603,7 +619,6 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
         atomic_store(&c->failed, 1);
         return;
     }
-    const int has_bias = p->bias_table != NULL;
     const v8 zero = SPLAT(0.0f);
     for (;;) {
         const int64_t bh = atomic_fetch_add(&c->next_item, 1);
@@ -636,28 +651,35 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
         }
         for (int64_t y = 0; y < H; y++) {
             for (int64_t x0 = 0; x0 < W; x0 += LANES) {
-                const int64_t count = strip_entries(c, &w, h, y, x0);
+                const strip_span sp = strip_entries(c, &w, h, y, x0);
+                const int64_t count = sp.count + sp.extra;
+                const int64_t *at = c->row_at + sp.first;
                 const float *qs = w.qt + y * dim * qw + x0, *gos = w.got + y * dim * qw + x0;
-                strip_dots(qs, qw, w.kt, kw, w.entry_at, count, dim, w.scores);
-                strip_dots(gos, qw, w.vt, kw, w.entry_at, count, dim, w.grads);
+                const float *kt = w.kt + x0, *vt = w.vt + x0;
+                strip_dots(qs, qw, kt, kw, at, sp.count, dim, w.scores);
+                strip_dots(qs, qw, kt, kw, c->extra_at, sp.extra, dim, w.scores + sp.count);
+                strip_dots(gos, qw, vt, kw, at, sp.count, dim, w.grads);
+                strip_dots(gos, qw, vt, kw, c->extra_at, sp.extra, dim, w.grads + sp.count);
                 const v8 row_lse = LOADU(w.row_lse + y * qw + x0);
                 const v8 row_delta = LOADU(w.row_delta + y * qw + x0);
+                /* lanes with +inf there take no part (padding, listed rows, rows without keys) */
+                const i8v live = row_lse != SPLAT(INFINITY);
                 const u8v query_keys = strip_query_keys(c, b, h, y, x0);
                 for (int64_t e = 0; e < count; e++) {
-                    v8 s = w.scores[e] * c->scale;
-                    if (has_bias) s += LOADU(w.entry_bias[e]);
-                    v8 prob = exp_v8(s - row_lse);
-                    prob = SELECT(LOADU(w.entry_valid[e]) != zero, prob, zero);
+                    const v8 s = masked_score(c, &w, sp, e, w.scores[e]);
+                    const v8 prob = SELECT(live, exp_v8(s - row_lse), zero);
                     v8 keep = SPLAT(c->keep_scale);
-                    if (c->threshold > 0)
-                        keep = SELECT(dropout_keep_v8(query_keys, w.entry_key[e], w.entry_key_step[e],
-                                                      c->threshold), keep, zero);
+                    if (c->threshold > 0) keep = SELECT(entry_keep(c, sp, e, query_keys), keep, zero);
                     w.weights[e] = prob * keep;                                   /* of dO in dV */
                     w.grads[e] = prob * (w.grads[e] * keep - row_delta) * c->scale; /* dS */
                 }
-                strip_weighted(w.grads, w.kt, kw, w.entry_at, count, dim, w.dqt + y * dim * qw + x0, qw, 1);
-                strip_scatter(w.grads, qs, qw, w.dkt, kw, w.entry_at, count, dim);
-                strip_scatter(w.weights, gos, qw, w.dvt, kw, w.entry_at, count, dim);
+                float *dq = w.dqt + y * dim * qw + x0;
+                strip_weighted(w.grads, kt, kw, at, sp.count, dim, dq, qw, 1);
+                strip_weighted(w.grads + sp.count, kt, kw, c->extra_at, sp.extra, dim, dq, qw, 1);
+                strip_scatter(w.grads, qs, qw, w.dkt + x0, kw, at, sp.count, dim);
+                strip_scatter(w.grads + sp.count, qs, qw, w.dkt + x0, kw, c->extra_at, sp.extra, dim);
+                strip_scatter(w.weights, gos, qw, w.dvt + x0, kw, at, sp.count, dim);
+                strip_scatter(w.weights + sp.count, gos, qw, w.dvt + x0, kw, c->extra_at, sp.extra, dim);
             }
         }
         /* back to rows: the image rows, then the broadcast rows of the extra keys summed */
@@ -714,7 +736,10 @@ static int stencil_ctx_init(stencil_ctx *c, const sa_attention_params *p, char *
         const int64_t reach = dx < 0 ? -dx : dx;
         c->pad = reach > c->pad ? reach : c->pad;
     }
-    c->key_width = (c->query_width + 2 * c->pad + LANES - 1) / LANES * LANES;
+    /* whole cache lines of padding, so that an offset with dx = 0 (AXIAL's column)
+     * reads aligned vectors that never straddle two lines */
+    c->pad = (c->pad + 15) / 16 * 16;
+    c->key_width = (c->query_width + 2 * c->pad + 15) / 16 * 16;
     c->panel_rows = c->height + p->stencil_num_keys;
     c->max_entries = p->stencil_num_offsets + p->stencil_num_keys;
     c->scale = (float)p->scale;
@@ -737,7 +762,11 @@ static int stencil_ctx_init(stencil_ctx *c, const sa_attention_params *p, char *
     c->row_offset = malloc((size_t)(H * E > 0 ? H * E : 1) * sizeof(int32_t));
     c->row_dx = malloc((size_t)(H * E > 0 ? H * E : 1) * sizeof(int32_t));
     c->row_at = malloc((size_t)(H * E > 0 ? H * E : 1) * sizeof(int64_t));
-    if (!by_dx || !c->row_first || !c->row_offset || !c->row_dx || !c->row_at) {
+    c->row_valid = malloc((size_t)(H * E > 0 ? H * E : 1) * sizeof(int64_t));
+    c->row_key = malloc((size_t)(H * E > 0 ? H * E : 1) * sizeof(int32_t));
+    c->extra_at = malloc((size_t)(p->stencil_num_keys + 1) * sizeof(int64_t));
+    if (!by_dx || !c->row_first || !c->row_offset || !c->row_dx || !c->row_at || !c->row_valid ||
+        !c->row_key || !c->extra_at) {
         free(by_dx);
         snprintf(err, len, "could not run the stencil CPU kernel (out of memory)");
         return SA_ERR_MEMORY;
@@ -757,10 +786,14 @@ static int stencil_ctx_init(stencil_ctx *c, const sa_attention_params *p, char *
             c->row_offset[t] = o;
             c->row_dx[t] = (int32_t)dx;
             c->row_at[t] = (y + dy) * c->dim * c->key_width + c->pad + dx;
+            c->row_valid[t] = (y + dy) * c->key_width + c->pad + dx;
+            c->row_key[t] = (int32_t)((y + dy) * c->width + dx);
             t++;
         }
     }
     c->row_first[H] = t;
+    for (int64_t g = 0; g < p->stencil_num_keys; g++)
+        c->extra_at[g] = (H + g) * c->dim * c->key_width + c->pad;
     free(by_dx);
     return SA_OK;
 }
@@ -785,6 +818,9 @@ static int stencil_run(const sa_attention_params *p, int num_threads, sa_range_f
     free(c.row_offset);
     free(c.row_dx);
     free(c.row_at);
+    free(c.row_valid);
+    free(c.row_key);
+    free(c.extra_at);
     return status;
 }
 

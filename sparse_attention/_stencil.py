@@ -1,8 +1,8 @@
 """Stencil layouts: the same offsets from every query, clipped at the grid.
 
-LONGFORMER's window, STRIDED's window and lattice and AXIAL's row and column
-give query (y, x) the keys (y + dy, x + dx) for a fixed set of offsets
-(dy, dx), wherever they land on the grid. The CPU stencil kernels
+LONGFORMER's window and STRIDED's window and lattice give query (y, x) the
+keys (y + dy, x + dx) for a fixed set of offsets (dy, dx), wherever they land
+on the grid. The CPU stencil kernels
 (csrc/attention_cpu_stencil.c) use that: eight neighbouring queries of an
 image row meet eight neighbouring keys at every offset, so they need neither
 indices nor masks per pair. LONGFORMER's global tokens fit too: every query
@@ -12,6 +12,11 @@ row kernel does (listed rows).
 A stencil is derived from the pattern's knobs and then checked pair for pair
 against the layout's CSR rows, so a layout that is not what its pattern says
 never reaches the stencil kernels.
+
+AXIAL is a stencil too (offsets (0, dx) and (dy, 0)), but its column offsets
+read every image row of the key panels for every strip of queries, and the
+tile kernels, whose AXIAL chunks are full, were twice as fast at 64 x 64
+(benchmarks/NOTES.md); so AXIAL keeps its tile plan.
 """
 
 from __future__ import annotations
@@ -33,14 +38,16 @@ def _window(radius, height, width):
     return [(int(a), int(b)) for a in dy for b in dx]
 
 
+def axial_offsets(height, width):
+    """AXIAL as offsets (not used for dispatch; see the module's docstring)."""
+    return [(0, dx) for dx in range(-(width - 1), width)] + [(dy, 0) for dy in range(-(height - 1), height) if dy]
+
+
 def _describe(layout: Layout):
     """(offsets, extra keys, listed rows) that the pattern's knobs promise, or None."""
     h, w, n = layout.height, layout.width, layout.num_tokens
     knobs = layout.params
     empty = np.zeros(0, dtype=np.int64)
-    if layout.pattern is SparsityPattern.AXIAL:
-        offsets = [(0, dx) for dx in range(-(w - 1), w)] + [(dy, 0) for dy in range(-(h - 1), h) if dy]
-        return offsets, empty, empty
     if layout.pattern is SparsityPattern.LONGFORMER:
         radius = int(knobs.get("kernel_size", 7)) // 2
         glob = global_tokens(n, int(knobs.get("num_global_tokens", 1))).astype(np.int64)

@@ -13,7 +13,7 @@ from sparse_attention import sparse_scaled_dot_product_attention as attention
 from sparse_attention._native import C
 from sparse_attention.patterns import Layout
 
-STENCIL_PATTERNS = ["axial", "longformer", "strided"]
+STENCIL_PATTERNS = ["longformer", "strided"]
 SIZES = [(1, 1), (1, 17), (9, 1), (7, 13), (33, 35), (20, 70)]
 KNOBS = dict(kernel_size=5, stride=3, num_global_tokens=2)
 
@@ -46,7 +46,7 @@ def test_stencil_layouts_are_recognised(pattern, size):
         assert num_keys == num_rows == min(2, layout.num_tokens)
 
 
-@pytest.mark.parametrize("pattern", ["dense", "block", "random"])
+@pytest.mark.parametrize("pattern", ["dense", "block", "random", "axial"])
 def test_other_layouts_have_no_stencil(pattern):
     assert build_layout(pattern, 12, 12).stencil() is None
 
@@ -200,7 +200,7 @@ def test_head_dims_past_the_vector_width():
 
 
 def test_strided_views_of_a_fused_projection():
-    layout = build_layout("axial", 9, 11)
+    layout = build_layout("longformer", 9, 11, kernel_size=5)
     qkv = torch.randn(2, 99, 3, 4, 16)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
     got = attention(q, k, v, layout)
@@ -250,3 +250,24 @@ def test_bad_stencils_are_refused(backward):
     refused(torch.tensor([1, 0, 1, 0, 0, -1], dtype=torch.int32), "row 0 is token -1")
     refused(good.long(), "stencil", TypeError)
     refused(good, "float32", tensor=q.double())
+
+
+@pytest.mark.parametrize("size", [(1, 17), (9, 1), (7, 13), (20, 30)])
+def test_a_stencil_that_reaches_across_the_grid(size):
+    """AXIAL as offsets (dx up to +-(W - 1), all the padding a key panel can
+    have), called directly: the kernel against the row kernel."""
+    layout = build_layout("axial", *size)
+    offsets = np.array(_stencil.axial_offsets(*size), dtype=np.int32).reshape(-1)
+    packed = np.concatenate([[offsets.size // 2, 0, 0], offsets]).astype(np.int32)
+    (q, k, v), bias = make(2, 2, layout.num_tokens, 12, bias_side=5)
+    arrays = [t.float().numpy() for t in (q, k, v)]
+    results = []
+    for stencil in (packed, None):
+        out = np.empty_like(arrays[0])
+        lse = np.empty(arrays[0].shape[:3], dtype=np.float32)
+        C.attention_forward(*arrays, out, lse, layout.indptr, layout.indices, height=size[0],
+                            width=size[1], scale=0.25, rel_pos_bias=bias.float().numpy(),
+                            dropout_p=0.3, dropout_seed=11, stencil=stencil)
+        results.append((out, lse))
+    np.testing.assert_allclose(results[0][0], results[1][0], atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(results[0][1], results[1][1], atol=2e-5, rtol=2e-5)
