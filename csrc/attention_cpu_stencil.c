@@ -23,6 +23,7 @@
 #include "attention_cpu_stencil.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -106,6 +107,8 @@ typedef struct {
     int64_t *row_valid;   /* index of the same key in the valid panel */
     int32_t *row_key;     /* its token id, (y + dy) * width + dx */
     int64_t *extra_at;    /* panel index of each extra key's broadcast row, pad included */
+    int32_t *row_by_dy;   /* per row, its table entries ordered by (dy, dx) */
+    int64_t max_row_entries;
     atomic_llong next_item;
     atomic_int failed;
 } stencil_ctx;
@@ -118,57 +121,109 @@ typedef struct {
     float *offset_bias;               /* [offset][LANES]: the bias of an offset is one number */
     v8 *scores, *weights, *grads;     /* [entry] */
     float *strip_out;                 /* [d][LANES] */
-    /* backward */
-    float *got, *dqt, *dkt, *dvt, *row_lse, *row_delta;
+    /* backward: query and output-gradient panels padded as the key panels are,
+     * and one query row's dS and weights per offset, [entry][pad + x] */
+    float *got, *dqt, *dkt, *dvt, *row_lse, *row_delta, *row_grads, *row_weights;
+    void *block;        /* everything above lives in it */
+    size_t block_bytes;
 } stencil_work;
 
-static void *zalloc(size_t count)
+/* Workspaces outlive a call: a few megabytes per thread that would otherwise
+ * be mapped, faulted in and returned to the system on every call (which cost
+ * more than a tenth of a small call's time, and the page faults of two
+ * threads wait on each other). At most POOL_SIZE are kept. */
+#define POOL_SIZE 16
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static void *pool_block[POOL_SIZE];
+static size_t pool_bytes[POOL_SIZE];
+
+static void *block_take(size_t bytes, size_t *got)
 {
-    void *ptr = aligned_alloc(64, (count * sizeof(float) + 63) / 64 * 64);
-    if (ptr) memset(ptr, 0, count * sizeof(float));
-    return ptr;
+    pthread_mutex_lock(&pool_lock);
+    int best = -1;
+    for (int i = 0; i < POOL_SIZE; i++)
+        if (pool_block[i] && pool_bytes[i] >= bytes && (best < 0 || pool_bytes[i] < pool_bytes[best])) best = i;
+    void *block = NULL;
+    if (best >= 0) {
+        block = pool_block[best];
+        *got = pool_bytes[best];
+        pool_block[best] = NULL;
+    }
+    pthread_mutex_unlock(&pool_lock);
+    if (!block) {
+        block = aligned_alloc(64, bytes);
+        *got = bytes;
+    }
+    return block;
+}
+
+static void block_give(void *block, size_t bytes)
+{
+    if (!block) return;
+    pthread_mutex_lock(&pool_lock);
+    int slot = -1;
+    for (int i = 0; i < POOL_SIZE && slot < 0; i++)
+        if (!pool_block[i]) slot = i;
+    if (slot < 0) { /* full: keep the larger block */
+        int smallest = 0;
+        for (int i = 1; i < POOL_SIZE; i++)
+            if (pool_bytes[i] < pool_bytes[smallest]) smallest = i;
+        if (pool_bytes[smallest] < bytes) {
+            free(pool_block[smallest]);
+            slot = smallest;
+        }
+    }
+    if (slot >= 0) {
+        pool_block[slot] = block;
+        pool_bytes[slot] = bytes;
+        block = NULL;
+    }
+    pthread_mutex_unlock(&pool_lock);
+    free(block);
 }
 
 static void work_free(stencil_work *w)
 {
-    void *all[] = {w->qt, w->kt, w->vt, w->valid, w->lanes_valid, w->lanes_bias, w->offset_bias,
-                   w->scores, w->weights, w->grads, w->strip_out, w->got, w->dqt, w->dkt, w->dvt,
-                   w->row_lse, w->row_delta};
-    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) free(all[i]);
+    block_give(w->block, w->block_bytes);
+    w->block = NULL;
 }
 
+/* Carves a thread's buffers from one zeroed block, each on a cache line. */
 static int work_alloc(stencil_work *w, const stencil_ctx *c, int backward)
 {
     memset(w, 0, sizeof(*w));
     const int64_t key_panel = c->panel_rows * c->dim * c->key_width;
-    const int64_t query_rows = c->height;
-    const int64_t query_panel = query_rows * c->dim * c->query_width;
+    const int64_t query_panel = c->height * c->dim * (backward ? c->key_width : c->query_width);
     const int64_t entries = c->max_entries > 0 ? c->max_entries : 1;
     const int64_t extra = c->p->stencil_num_keys > 0 ? c->p->stencil_num_keys : 1;
-    const int64_t offsets = c->p->stencil_num_offsets;
-    w->qt = zalloc((size_t)query_panel);
-    w->kt = zalloc((size_t)key_panel);
-    w->vt = zalloc((size_t)key_panel);
-    w->valid = zalloc((size_t)(c->panel_rows * c->key_width));
-    w->lanes_valid = zalloc((size_t)(extra * LANES));
-    w->lanes_bias = zalloc((size_t)(extra * LANES));
-    w->offset_bias = zalloc((size_t)(offsets * LANES));
-    w->scores = zalloc((size_t)(entries * LANES));
-    w->weights = zalloc((size_t)(entries * LANES));
-    w->grads = zalloc((size_t)(entries * LANES));
-    w->strip_out = zalloc((size_t)(c->dim * LANES + LANES));
-    int ok = w->qt && w->kt && w->vt && w->valid && w->lanes_valid && w->lanes_bias &&
-             w->offset_bias && w->scores && w->weights && w->grads && w->strip_out;
-    if (backward) {
-        w->got = zalloc((size_t)query_panel);
-        w->dqt = zalloc((size_t)query_panel);
-        w->dkt = zalloc((size_t)key_panel);
-        w->dvt = zalloc((size_t)key_panel);
-        w->row_lse = zalloc((size_t)(c->height * c->query_width));
-        w->row_delta = zalloc((size_t)(c->height * c->query_width));
-        ok = ok && w->got && w->dqt && w->dkt && w->dvt && w->row_lse && w->row_delta;
+    const int64_t offsets = c->p->stencil_num_offsets > 0 ? c->p->stencil_num_offsets : 1;
+    const int64_t rows_q = c->height * c->query_width, row_buffer = c->max_row_entries * c->key_width + 1;
+    float *scores = NULL, *weights = NULL, *grads = NULL;
+    float **slots[] = {&w->qt, &w->kt, &w->vt, &w->valid, &w->lanes_valid, &w->lanes_bias,
+                       &w->offset_bias, &scores, &weights, &grads, &w->strip_out,
+                       &w->got, &w->dqt, &w->dkt, &w->dvt, &w->row_lse, &w->row_delta,
+                       &w->row_grads, &w->row_weights};
+    const int64_t floats[] = {query_panel, key_panel, key_panel, c->panel_rows * c->key_width,
+                              extra * LANES, extra * LANES, offsets * LANES, entries * LANES,
+                              entries * LANES, entries * LANES, c->dim * LANES + LANES,
+                              backward ? query_panel : 0, backward ? c->height * c->dim * c->query_width : 0,
+                              backward ? key_panel : 0, backward ? key_panel : 0, backward ? rows_q : 0,
+                              backward ? rows_q : 0, backward ? row_buffer : 0, backward ? row_buffer : 0};
+    const int count = (int)(sizeof(floats) / sizeof(floats[0]));
+    size_t bytes = 0;
+    for (int i = 0; i < count; i++) bytes += ((size_t)floats[i] * sizeof(float) + 63) / 64 * 64;
+    w->block = block_take(bytes, &w->block_bytes);
+    if (!w->block) return -1;
+    memset(w->block, 0, bytes);
+    char *at = w->block;
+    for (int i = 0; i < count; i++) {
+        *slots[i] = floats[i] > 0 ? (float *)at : NULL;
+        at += ((size_t)floats[i] * sizeof(float) + 63) / 64 * 64;
     }
-    return ok ? 0 : -1;
+    w->scores = (v8 *)scores;
+    w->weights = (v8 *)weights;
+    w->grads = (v8 *)grads;
+    return 0;
 }
 
 static inline const float *row_of(const float *base, const int64_t *stride, int64_t b, int64_t h,
@@ -239,6 +294,27 @@ INLINE void transpose_in(const float *base, const int64_t *stride, int64_t b, in
         for (; x0 < W; x0++)
             for (int64_t d = 0; d < dim; d++) dst[d * panel_width + x0] = src[x0 * stride[2] + d];
     }
+}
+
+/* The inverse of transpose_in for one image row: panel [d][x] (row width
+ * panel_width) to rows [x][d], contiguous. */
+INLINE void transpose_out(const float *panel, int64_t panel_width, float *rows, const stencil_ctx *c)
+{
+    const int64_t dim = c->dim, W = c->width;
+    int64_t x0 = 0;
+    for (; x0 + 8 <= W; x0 += 8) {
+        int64_t d0 = 0;
+        for (; d0 + 8 <= dim; d0 += 8) {
+            v8 block[8];
+            for (int i = 0; i < 8; i++) block[i] = LOADU(panel + (d0 + i) * panel_width + x0);
+            transpose8(block);
+            for (int i = 0; i < 8; i++) STOREU(rows + (x0 + i) * dim + d0, block[i]);
+        }
+        for (; d0 < dim; d0++)
+            for (int i = 0; i < 8; i++) rows[(x0 + i) * dim + d0] = panel[d0 * panel_width + x0 + i];
+    }
+    for (; x0 < W; x0++)
+        for (int64_t d = 0; d < dim; d++) rows[x0 * dim + d] = panel[d * panel_width + x0];
 }
 
 /* The key and value panels of one (batch, head), with the extra keys broadcast. */
@@ -604,6 +680,46 @@ static void backward_listed_row(const stencil_ctx *c, int64_t b, int64_t h, int6
     }
 }
 
+/* out[d][x] += sum over the entries t of one key row (one dy, ascending dx) of
+ * grads[t][x - dx] * a[d][x - dx]: the keys' share of one query row, read
+ * where the queries lie, so that each key vector is written once. grads and a
+ * are indexed from the pad (grads: [t - row_first][pad + x]), out from x = 0. */
+INLINE void gather_key_grads(const stencil_ctx *c, const float *restrict grads,
+                             const float *restrict a, float *restrict out,
+                             const int32_t *restrict entries, int64_t count, int64_t row_first)
+{
+    const int64_t kw = c->key_width, dim = c->dim, W = c->width, pad = c->pad;
+    for (int64_t x0 = 0; x0 < W; x0 += LANES) {
+        /* the entries whose queries x0 - dx + lane overlap the grid */
+        int64_t lo = 0, hi = count;
+        while (lo < hi && c->row_dx[entries[lo]] < x0 - (W - 1)) lo++;
+        while (hi > lo && c->row_dx[entries[hi - 1]] > x0 + LANES - 1) hi--;
+        if (lo == hi) continue;
+        int64_t d0 = 0;
+        for (; d0 + 8 <= dim; d0 += 8) {
+            v8 acc[8];
+            for (int i = 0; i < 8; i++) acc[i] = SPLAT(0.0f);
+            for (int64_t e = lo; e < hi; e++) {
+                const int64_t t = entries[e], shift = pad + x0 - c->row_dx[t];
+                const v8 g = LOADU(grads + (t - row_first) * kw + shift);
+                const float *as = a + d0 * kw + shift;
+                for (int i = 0; i < 8; i++) acc[i] += g * LOADU(as + i * kw);
+            }
+            float *o = out + d0 * kw + x0;
+            for (int i = 0; i < 8; i++) STOREU(o + i * kw, LOADU(o + i * kw) + acc[i]);
+        }
+        for (; d0 < dim; d0++) {
+            v8 acc = SPLAT(0.0f);
+            for (int64_t e = lo; e < hi; e++) {
+                const int64_t t = entries[e], shift = pad + x0 - c->row_dx[t];
+                acc += LOADU(grads + (t - row_first) * kw + shift) * LOADU(a + d0 * kw + shift);
+            }
+            float *o = out + d0 * kw + x0;
+            STOREU(o, LOADU(o) + acc);
+        }
+    }
+}
+
 STENCIL_CLONES
 static void backward_heads(void *opaque, int64_t first, int64_t last)
 {
@@ -634,8 +750,8 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
             continue;
         }
         build_key_panels(c, &w, b, h);
-        transpose_in(p->q, p->q_stride, b, h, c, w.qt, qw, 0, 0, H);
-        transpose_in(p->grad_out, p->grad_out_stride, b, h, c, w.got, qw, 0, 0, H);
+        transpose_in(p->q, p->q_stride, b, h, c, w.qt, kw, c->pad, 0, H);
+        transpose_in(p->grad_out, p->grad_out_stride, b, h, c, w.got, kw, c->pad, 0, H);
         memset(w.dqt, 0, (size_t)(H * dim * qw) * sizeof(float));
         memset(w.dkt, 0, (size_t)(c->panel_rows * dim * kw) * sizeof(float));
         memset(w.dvt, 0, (size_t)(c->panel_rows * dim * kw) * sizeof(float));
@@ -650,16 +766,24 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
             }
         }
         for (int64_t y = 0; y < H; y++) {
+            const int64_t row_first = c->row_first[y], row_next = c->row_first[y + 1];
+            for (int64_t t = row_first; t < row_next; t++) {
+                /* what the key side will read of this row: zeros where no strip writes */
+                const int64_t from = (t - row_first) * kw + c->pad - c->row_dx[t];
+                memset(w.row_grads + from, 0, (size_t)qw * sizeof(float));
+                memset(w.row_weights + from, 0, (size_t)qw * sizeof(float));
+            }
+            const float *q_row = w.qt + y * dim * kw, *go_row = w.got + y * dim * kw;
             for (int64_t x0 = 0; x0 < W; x0 += LANES) {
                 const strip_span sp = strip_entries(c, &w, h, y, x0);
                 const int64_t count = sp.count + sp.extra;
                 const int64_t *at = c->row_at + sp.first;
-                const float *qs = w.qt + y * dim * qw + x0, *gos = w.got + y * dim * qw + x0;
+                const float *qs = q_row + c->pad + x0, *gos = go_row + c->pad + x0;
                 const float *kt = w.kt + x0, *vt = w.vt + x0;
-                strip_dots(qs, qw, kt, kw, at, sp.count, dim, w.scores);
-                strip_dots(qs, qw, kt, kw, c->extra_at, sp.extra, dim, w.scores + sp.count);
-                strip_dots(gos, qw, vt, kw, at, sp.count, dim, w.grads);
-                strip_dots(gos, qw, vt, kw, c->extra_at, sp.extra, dim, w.grads + sp.count);
+                strip_dots(qs, kw, kt, kw, at, sp.count, dim, w.scores);
+                strip_dots(qs, kw, kt, kw, c->extra_at, sp.extra, dim, w.scores + sp.count);
+                strip_dots(gos, kw, vt, kw, at, sp.count, dim, w.grads);
+                strip_dots(gos, kw, vt, kw, c->extra_at, sp.extra, dim, w.grads + sp.count);
                 const v8 row_lse = LOADU(w.row_lse + y * qw + x0);
                 const v8 row_delta = LOADU(w.row_delta + y * qw + x0);
                 /* lanes with +inf there take no part (padding, listed rows, rows without keys) */
@@ -676,22 +800,36 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
                 float *dq = w.dqt + y * dim * qw + x0;
                 strip_weighted(w.grads, kt, kw, at, sp.count, dim, dq, qw, 1);
                 strip_weighted(w.grads + sp.count, kt, kw, c->extra_at, sp.extra, dim, dq, qw, 1);
-                strip_scatter(w.grads, qs, qw, w.dkt + x0, kw, at, sp.count, dim);
-                strip_scatter(w.grads + sp.count, qs, qw, w.dkt + x0, kw, c->extra_at, sp.extra, dim);
-                strip_scatter(w.weights, gos, qw, w.dvt + x0, kw, at, sp.count, dim);
-                strip_scatter(w.weights + sp.count, gos, qw, w.dvt + x0, kw, c->extra_at, sp.extra, dim);
+                /* the offsets' dK and dV are gathered per key row below; the extra keys'
+                 * broadcast rows take this strip's share at their own columns */
+                for (int64_t e = 0; e < sp.count; e++) {
+                    const int64_t at_row = (sp.first + e - row_first) * kw + c->pad + x0;
+                    STOREU(w.row_grads + at_row, w.grads[e]);
+                    STOREU(w.row_weights + at_row, w.weights[e]);
+                }
+                strip_scatter(w.grads + sp.count, qs, kw, w.dkt + x0, kw, c->extra_at, sp.extra, dim);
+                strip_scatter(w.weights + sp.count, gos, kw, w.dvt + x0, kw, c->extra_at, sp.extra, dim);
+            }
+            /* dK and dV of the keys this query row reaches, one key row (one dy) at a time */
+            for (int64_t u = row_first; u < row_next;) {
+                const int64_t dy = p->stencil_offsets[2 * c->row_offset[c->row_by_dy[u]]];
+                int64_t group_end = u;
+                while (group_end < row_next &&
+                       p->stencil_offsets[2 * c->row_offset[c->row_by_dy[group_end]]] == dy)
+                    group_end++;
+                const int64_t key_row = (y + dy) * dim * kw + c->pad;
+                gather_key_grads(c, w.row_grads, q_row, w.dkt + key_row, c->row_by_dy + u, group_end - u,
+                                 row_first);
+                gather_key_grads(c, w.row_weights, go_row, w.dvt + key_row, c->row_by_dy + u,
+                                 group_end - u, row_first);
+                u = group_end;
             }
         }
         /* back to rows: the image rows, then the broadcast rows of the extra keys summed */
         for (int64_t y = 0; y < H; y++) {
-            for (int64_t x = 0; x < W; x++) {
-                const int64_t i = y * W + x;
-                for (int64_t d = 0; d < dim; d++) {
-                    grad_q[i * dim + d] = w.dqt[(y * dim + d) * qw + x];
-                    grad_k[i * dim + d] = w.dkt[(y * dim + d) * kw + c->pad + x];
-                    grad_v[i * dim + d] = w.dvt[(y * dim + d) * kw + c->pad + x];
-                }
-            }
+            transpose_out(w.dqt + y * dim * qw, qw, grad_q + y * W * dim, c);
+            transpose_out(w.dkt + y * dim * kw + c->pad, kw, grad_k + y * W * dim, c);
+            transpose_out(w.dvt + y * dim * kw + c->pad, kw, grad_v + y * W * dim, c);
         }
         for (int64_t g = 0; g < p->stencil_num_keys; g++) {
             const int64_t j = p->stencil_keys[g], r = H + g;
@@ -765,7 +903,8 @@ static int stencil_ctx_init(stencil_ctx *c, const sa_attention_params *p, char *
     c->row_valid = malloc((size_t)(H * E > 0 ? H * E : 1) * sizeof(int64_t));
     c->row_key = malloc((size_t)(H * E > 0 ? H * E : 1) * sizeof(int32_t));
     c->extra_at = malloc((size_t)(p->stencil_num_keys + 1) * sizeof(int64_t));
-    if (!by_dx || !c->row_first || !c->row_offset || !c->row_dx || !c->row_at || !c->row_valid ||
+    c->row_by_dy = malloc((size_t)(H * E > 0 ? H * E : 1) * sizeof(int32_t));
+    if (!c->row_by_dy || !by_dx || !c->row_first || !c->row_offset || !c->row_dx || !c->row_at || !c->row_valid ||
         !c->row_key || !c->extra_at) {
         free(by_dx);
         snprintf(err, len, "could not run the stencil CPU kernel (out of memory)");
@@ -792,6 +931,15 @@ static int stencil_ctx_init(stencil_ctx *c, const sa_attention_params *p, char *
         }
     }
     c->row_first[H] = t;
+    for (int64_t y = 0; y < H; y++) {
+        /* a stable counting pass over dy keeps dx ascending within each dy */
+        const int64_t first = c->row_first[y], next = c->row_first[y + 1];
+        int64_t placed_dy = first;
+        for (int64_t dy = -(H - 1); dy < H; dy++)
+            for (int64_t u = first; u < next; u++)
+                if (p->stencil_offsets[2 * c->row_offset[u]] == dy) c->row_by_dy[placed_dy++] = (int32_t)u;
+        c->max_row_entries = next - first > c->max_row_entries ? next - first : c->max_row_entries;
+    }
     for (int64_t g = 0; g < p->stencil_num_keys; g++)
         c->extra_at[g] = (H + g) * c->dim * c->key_width + c->pad;
     free(by_dx);
@@ -821,6 +969,7 @@ static int stencil_run(const sa_attention_params *p, int num_threads, sa_range_f
     free(c.row_valid);
     free(c.row_key);
     free(c.extra_at);
+    free(c.row_by_dy);
     return status;
 }
 
