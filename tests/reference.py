@@ -8,6 +8,14 @@ import torch
 from sparse_attention._torch_impl import dropout_keep_mask
 
 
+def random_inputs(batch, heads, n, dim, seed=0, bias_side=7):
+    """([q, k, v], bias table) in float64 from a seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(batch, heads, n, dim, generator=gen, dtype=torch.float64) for _ in range(3)]
+    bias = torch.randn(heads, bias_side, bias_side, generator=gen, dtype=torch.float64)
+    return tensors, bias
+
+
 def dense_bias(table, height, width):
     """[heads, N, N] bias from a [heads, 2M+1, 2M+1] table."""
     m = (table.shape[-1] - 1) // 2

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from reference import random_inputs as make
 from reference import reference_attention
 from sparse_attention import _stencil, _tiles, _torch_ops, build_layout, get_num_threads
 from sparse_attention import set_num_threads
@@ -16,13 +17,6 @@ from sparse_attention.patterns import Layout
 STENCIL_PATTERNS = ["longformer", "strided"]
 SIZES = [(1, 1), (1, 17), (9, 1), (7, 13), (33, 35), (20, 70)]
 KNOBS = dict(kernel_size=5, stride=3, num_global_tokens=2)
-
-
-def make(batch, heads, n, dim, seed=0, bias_side=7):
-    gen = torch.Generator().manual_seed(seed)
-    tensors = [torch.randn(batch, heads, n, dim, generator=gen, dtype=torch.float64) for _ in range(3)]
-    bias = torch.randn(heads, bias_side, bias_side, generator=gen, dtype=torch.float64)
-    return tensors, bias
 
 
 def other_kernels(*args, **kwargs):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from reference import random_inputs as make
 from reference import reference_attention
 from sparse_attention import _stencil, _tiles, build_layout, get_num_threads, set_num_threads
 from sparse_attention import sparse_scaled_dot_product_attention as attention
@@ -21,13 +22,6 @@ def every_plan_takes_the_tiled_path(monkeypatch):
     monkeypatch.setattr(_tiles, "CPU_MIN_FILL", 0.0)
     monkeypatch.setattr(_stencil, "use_stencil_cpu_kernel", False)
 SIZES = [(1, 1), (1, 17), (9, 1), (7, 13), (33, 35), (20, 70)]
-
-
-def make(batch, heads, n, dim, seed=0, bias_side=7):
-    gen = torch.Generator().manual_seed(seed)
-    tensors = [torch.randn(batch, heads, n, dim, generator=gen, dtype=torch.float64) for _ in range(3)]
-    bias = torch.randn(heads, bias_side, bias_side, generator=gen, dtype=torch.float64)
-    return tensors, bias
 
 
 def rows_kernel(*args, **kwargs):
