@@ -99,7 +99,7 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
-extra_compile_args = ["-std=c11", "-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
+extra_compile_args = ["-std=c11", "-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
                       "-ffp-contract=fast",
                       "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers",
                       "-Wno-cast-function-type"]
@@ -114,7 +114,7 @@ extension = Extension(
     depends=sorted(os.path.join("csrc", name) for name in os.listdir(os.path.join(HERE, "csrc"))
                    if name.endswith(".h")),
     extra_compile_args=extra_compile_args,
-    extra_link_args=["-pthread"] + (["-fsanitize=address,undefined"]
+    extra_link_args=["-pthread", "-fopenmp"] + (["-fsanitize=address,undefined"]
                                     if os.environ.get("SPARSE_ATTENTION_SANITIZE") else []),
     define_macros=[("NPY_TARGET_VERSION", "NPY_1_22_API_VERSION")],
 )

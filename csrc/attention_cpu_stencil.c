@@ -30,6 +30,7 @@
 #include <string.h>
 
 #include "dropout_hash.h"
+#include "simd8.h"
 #include "threads.h"
 
 /* the vector helpers are always inlined: no vector crosses a call boundary */
@@ -37,13 +38,6 @@
 
 #define LANES 8
 
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v8u __attribute__((vector_size(32), aligned(4)));
-typedef int32_t i8v __attribute__((vector_size(32)));
-typedef uint32_t u8v __attribute__((vector_size(32)));
-
-#define LOADU(ptr) (*(const v8u *)(ptr))
-#define STOREU(ptr, x) (*(v8u *)(ptr) = (x))
 #define SPLAT(x) ((v8){0} + (float)(x))
 #define SELECT(mask, a, b) ((v8)(((i8v)(a) & (mask)) | ((i8v)(b) & ~(mask))))
 
@@ -52,7 +46,7 @@ typedef uint32_t u8v __attribute__((vector_size(32)));
 #else
 #define STENCIL_CLONES
 #endif
-#define INLINE static inline __attribute__((always_inline))
+#define INLINE SA_INLINE
 
 /* exp over eight lanes, the polynomial of fast_expf.h; x below -87.3 gives 0. */
 INLINE v8 exp_v8(v8 x)
@@ -245,29 +239,6 @@ static inline float bias_of(const sa_attention_params *p, int64_t h, int64_t dy,
     dy = dy < -m ? -m : (dy > m ? m : dy);
     dx = dx < -m ? -m : (dx > m ? m : dx);
     return ((const float *)p->bias_table)[(h * side + dy + m) * side + dx + m];
-}
-
-/* Transposes the 8 x 8 block r (r[i][j]) in place: r[j][i]. */
-INLINE void transpose8(v8 r[8])
-{
-    const i8v lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
-    const i8v pairs_lo = {0, 1, 8, 9, 4, 5, 12, 13}, pairs_hi = {2, 3, 10, 11, 6, 7, 14, 15};
-    const i8v halves_lo = {0, 1, 2, 3, 8, 9, 10, 11}, halves_hi = {4, 5, 6, 7, 12, 13, 14, 15};
-    v8 t[8], u[8];
-    for (int i = 0; i < 8; i += 2) {
-        t[i] = __builtin_shuffle(r[i], r[i + 1], lo);
-        t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi);
-    }
-    for (int i = 0; i < 8; i += 4) {
-        u[i] = __builtin_shuffle(t[i], t[i + 2], pairs_lo);
-        u[i + 1] = __builtin_shuffle(t[i], t[i + 2], pairs_hi);
-        u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], pairs_lo);
-        u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], pairs_hi);
-    }
-    for (int i = 0; i < 4; i++) {
-        r[i] = __builtin_shuffle(u[i], u[i + 4], halves_lo);
-        r[i + 4] = __builtin_shuffle(u[i], u[i + 4], halves_hi);
-    }
 }
 
 /* Transposes rows [row][x][d] of one (batch, head) into panel [row][d][pad + x]. */

@@ -21,6 +21,7 @@
 
 #include "dropout_hash.h"
 #include "fast_expf.h"
+#include "simd8.h"
 #include "threads.h"
 
 #define TILE 64
@@ -232,7 +233,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
     float usable[TILE], bias_row[TILE] = {0};
     /* rows whose length is a whole number of vectors are read where they lie */
     const int in_place = dim == dim_pad;
-    const float *query_rows[TILE], *value_rows[TILE];
+    const float *query_rows[TILE], *value_rows[TILE], *key_rows[TILE];
     int live[TILE];
     const int32_t mi = (int32_t)m, sidei = (int32_t)side;
     uint32_t query_key[TILE];
@@ -280,11 +281,16 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                 usable[c] = valid && (p->key_mask == NULL ||
                                       p->key_mask[b * p->key_mask_stride[0] + j * p->key_mask_stride[1]])
                     ? 1.0f : 0.0f;
-                key_y[c] = valid ? (int32_t)(j / p->width) : 0;
-                key_x[c] = valid ? (int32_t)(j % p->width) : 0;
+                if (bias_table != NULL) {
+                    key_y[c] = valid ? (int32_t)(j / p->width) : 0;
+                    key_x[c] = valid ? (int32_t)(j % p->width) : 0;
+                }
                 const float *k = valid ? row_of(p->k, p->k_stride, b, h, j) : NULL;
                 const float *v = valid ? row_of(p->v, p->v_stride, b, h, j) : NULL;
-                for (int64_t d = 0; d < dim_pad; d++) s.key_t[d * TILE + c] = k && d < dim ? k[d] : 0.0f;
+                if (in_place)
+                    key_rows[c] = k ? k : zero_row;
+                else
+                    for (int64_t d = 0; d < dim_pad; d++) s.key_t[d * TILE + c] = k && d < dim ? k[d] : 0.0f;
                 if (in_place) {
                     value_rows[c] = v ? v : zero_row;
                 } else {
@@ -293,6 +299,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                     value_rows[c] = packed_v;
                 }
             }
+            if (in_place) pack_transposed64(key_rows, dim, s.key_t);
             if (chunk + 1 < chunk_end) prefetch_chunk(p, p->chunk_keys + (chunk + 1) * TILE, b, h);
             scores_kernel(query_rows, s.key_t, s.scores, dim_pad);
 
@@ -319,12 +326,22 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                         bias_row[c] = bias_table[(dy + mi) * sidei + dx + mi];
                     }
                 }
+                if (bias_table != NULL) {
 #pragma omp simd reduction(+ : nan_count) reduction(max : chunk_max)
-                for (int c = 0; c < TILE; c++) {
-                    const float score = allowed[c] * usable[c] != 0.0f ? scale * row[c] + bias_row[c] : -INFINITY;
-                    nan_count += score != score;
-                    chunk_max = score > chunk_max ? score : chunk_max;
-                    row[c] = score;
+                    for (int c = 0; c < TILE; c++) {
+                        const float score = allowed[c] * usable[c] != 0.0f ? scale * row[c] + bias_row[c] : -INFINITY;
+                        nan_count += score != score;
+                        chunk_max = score > chunk_max ? score : chunk_max;
+                        row[c] = score;
+                    }
+                } else {
+#pragma omp simd reduction(+ : nan_count) reduction(max : chunk_max)
+                    for (int c = 0; c < TILE; c++) {
+                        const float score = allowed[c] * usable[c] != 0.0f ? scale * row[c] : -INFINITY;
+                        nan_count += score != score;
+                        chunk_max = score > chunk_max ? score : chunk_max;
+                        row[c] = score;
+                    }
                 }
                 state[r].nan |= nan_count != 0;
                 row_state *st = &state[r];
@@ -345,21 +362,30 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                     st->max = chunk_max;
                 }
                 const float top = st->max;
-                float chunk_sum = 0, chunk_sq = 0, chunk_shifted = 0;
-#pragma omp simd reduction(+ : chunk_sum, chunk_sq, chunk_shifted)
-                for (int c = 0; c < TILE; c++) {
-                    const float shifted = row[c] - top;
-                    const float e = row[c] == -INFINITY ? 0.0f : sa_fast_expf(shifted);
-                    chunk_sum += e;
-                    chunk_sq += e * e;
-                    chunk_shifted += e == 0.0f ? 0.0f : e * shifted;
-                    row[c] = e * keep_scale;
-                }
-                st->sum += chunk_sum;
+                float chunk_sum = 0;
+                /* exp(-inf - top) is 0 in sa_fast_expf: masked entries need no test */
                 if (want_stats) {
+                    float chunk_sq = 0, chunk_shifted = 0;
+#pragma omp simd reduction(+ : chunk_sum, chunk_sq, chunk_shifted)
+                    for (int c = 0; c < TILE; c++) {
+                        const float shifted = row[c] - top;
+                        const float e = sa_fast_expf(shifted);
+                        chunk_sum += e;
+                        chunk_sq += e * e;
+                        chunk_shifted += e == 0.0f ? 0.0f : e * shifted;
+                        row[c] = e * keep_scale;
+                    }
                     st->sq += chunk_sq;
                     st->shifted += chunk_shifted;
+                } else {
+#pragma omp simd reduction(+ : chunk_sum)
+                    for (int c = 0; c < TILE; c++) {
+                        const float e = sa_fast_expf(row[c] - top);
+                        chunk_sum += e;
+                        row[c] = e * keep_scale;
+                    }
                 }
+                st->sum += chunk_sum;
                 if (threshold > 0) {
                     for (int c = 0; c < TILE; c++)
                         if (row[c] != 0 && !sa_dropout_keep(query_key[r], keys[c], threshold)) row[c] = 0;
@@ -479,7 +505,7 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
     int32_t queries[TILE], keys[TILE];
     float usable[TILE], row_lse[TILE], row_delta[TILE];
     const int in_place = dim == dim_pad;
-    const float *query_rows[TILE], *grad_out_rows[TILE], *key_rows[TILE];
+    const float *query_rows[TILE], *grad_out_rows[TILE], *key_rows[TILE], *value_rows[TILE];
     uint32_t query_key[TILE];
 
     for (int64_t bh = begin; bh < end; bh++) {
@@ -537,13 +563,22 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                             ? 1.0f : 0.0f;
                         const float *k = valid ? row_of(p->k, p->k_stride, b, h, j) : NULL;
                         const float *v = valid ? row_of(p->v, p->v_stride, b, h, j) : NULL;
+                        if (in_place) {
+                            key_rows[c] = k ? k : zero_row;
+                            value_rows[c] = v ? v : zero_row;
+                            continue;
+                        }
                         for (int64_t d = 0; d < dim_pad; d++) {
                             const float kd = k && d < dim ? k[d] : 0.0f;
                             w.s.key_t[d * TILE + c] = kd;
-                            if (!in_place) w.key[c * dim_pad + d] = kd;
+                            w.key[c * dim_pad + d] = kd;
                             w.value_t[d * TILE + c] = v && d < dim ? v[d] : 0.0f;
                         }
-                        key_rows[c] = in_place ? (k ? k : zero_row) : w.key + c * dim_pad;
+                        key_rows[c] = w.key + c * dim_pad;
+                    }
+                    if (in_place) {
+                        pack_transposed64(key_rows, dim, w.s.key_t);
+                        pack_transposed64(value_rows, dim, w.value_t);
                     }
                     if (chunk + 1 < chunk_end) prefetch_chunk(p, chunk_ids + (chunk + 1) * TILE, b, h);
                     scores_kernel(query_rows, w.s.key_t, w.s.scores, dim_pad);

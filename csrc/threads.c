@@ -32,6 +32,18 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
+#ifdef _OPENMP
+static volatile int forked_child = 0;
+
+static void mark_forked_child(void) { forked_child = 1; }
+
+/* registered when the extension loads, before any fork it could miss */
+__attribute__((constructor)) static void watch_for_fork(void)
+{
+    pthread_atfork(NULL, NULL, mark_forked_child);
+}
+#endif
+
 int sa_parallel_for(int64_t count, int64_t grain, int num_threads, sa_range_fn fn, void *ctx)
 {
     if (count <= 0) return 0;
@@ -45,6 +57,17 @@ int sa_parallel_for(int64_t count, int64_t grain, int num_threads, sa_range_fn f
         drain(&w);
         return 0;
     }
+#ifdef _OPENMP
+    /* On the OpenMP runtime torch uses (the same libgomp once torch is loaded):
+     * its pool is reused instead of starting threads per call, and its idle
+     * threads do not spin against ours after every torch op. GNU OpenMP does
+     * not survive fork, so a forked child starts POSIX threads instead. */
+    if (!forked_child) {
+#pragma omp parallel num_threads(threads)
+        drain(&w);
+        return 0;
+    }
+#endif
     pthread_t ids[SA_MAX_THREADS];
     int started = 0;
     for (int t = 1; t < threads; t++) {
