@@ -8,6 +8,7 @@
 #include "attention.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -108,11 +109,21 @@ int sa_cpu_forward(const sa_attention_params *p, char *err, size_t len)
     if (p->stencil_offsets != NULL) {
         status = sa_cpu_forward_stencil(p, sa_cpu_get_num_threads(), err, len);
         if (status != SA_OK || p->stencil_num_rows == 0) return status;
+        /* the listed rows the stencil kernel leaves to the row kernel */
+        int32_t *left = malloc((size_t)p->stencil_num_rows * sizeof(int32_t));
+        if (!left) {
+            snprintf(err, len, "could not run the CPU kernel (out of memory)");
+            return SA_ERR_MEMORY;
+        }
+        int64_t count = 0;
+        for (int64_t t = 0; t < p->stencil_num_rows; t++)
+            if (!sa_stencil_row_is_full(p, p->stencil_rows[t])) left[count++] = p->stencil_rows[t];
         sa_attention_params listed = *p;
-        listed.long_rows = p->stencil_rows;
-        listed.num_long_rows = p->stencil_num_rows;
-        return run(forward_listed_rows_f32, p->batch * p->heads * p->stencil_num_rows, &listed, err,
-                   len);
+        listed.long_rows = left;
+        listed.num_long_rows = count;
+        status = count ? run(forward_listed_rows_f32, p->batch * p->heads * count, &listed, err, len) : SA_OK;
+        free(left);
+        return status;
     }
     if (p->tile_queries != NULL) return sa_cpu_forward_tiled(p, sa_cpu_get_num_threads(), err, len);
     if (p->long_rows_only) {

@@ -102,6 +102,7 @@ typedef struct {
     int32_t *row_key;     /* its token id, (y + dy) * width + dx */
     int64_t *extra_at;    /* panel index of each extra key's broadcast row, pad included */
     int32_t *row_by_dy;   /* per row, its table entries ordered by (dy, dx) */
+    uint8_t *listed_full; /* per listed row: it attends every token (done here, not by the row kernel) */
     int64_t max_row_entries;
     atomic_llong next_item;
     atomic_int failed;
@@ -115,6 +116,9 @@ typedef struct {
     float *offset_bias;               /* [offset][LANES]: the bias of an offset is one number */
     v8 *scores, *weights, *grads;     /* [entry] */
     float *strip_out;                 /* [d][LANES] */
+    float *full_row;                  /* [y][x]: a listed row's scores, then weights */
+    float *full_grads;                /* [y][x]: its dS (backward) */
+    float *full_dq;                   /* [listed row][d]: their dQ (backward) */
     /* backward: query and output-gradient panels padded as the key panels are,
      * and one query row's dS and weights per offset, [entry][pad + x] */
     float *got, *dqt, *dkt, *dvt, *row_lse, *row_delta, *row_grads, *row_weights;
@@ -194,12 +198,14 @@ static int work_alloc(stencil_work *w, const stencil_ctx *c, int backward)
     const int64_t rows_q = c->height * c->query_width, row_buffer = c->max_row_entries * c->key_width + 1;
     float *scores = NULL, *weights = NULL, *grads = NULL;
     float **slots[] = {&w->qt, &w->kt, &w->vt, &w->valid, &w->lanes_valid, &w->lanes_bias,
-                       &w->offset_bias, &scores, &weights, &grads, &w->strip_out,
+                       &w->offset_bias, &scores, &weights, &grads, &w->strip_out, &w->full_row,
+                       &w->full_grads, &w->full_dq,
                        &w->got, &w->dqt, &w->dkt, &w->dvt, &w->row_lse, &w->row_delta,
                        &w->row_grads, &w->row_weights};
     const int64_t floats[] = {query_panel, key_panel, key_panel, c->panel_rows * c->key_width,
                               extra * LANES, extra * LANES, offsets * LANES, entries * LANES,
-                              entries * LANES, entries * LANES, c->dim * LANES + LANES,
+                              entries * LANES, entries * LANES, c->dim * LANES + LANES, rows_q,
+                              backward ? rows_q : 0, backward ? (c->p->stencil_num_rows + 1) * c->dim : 0,
                               backward ? query_panel : 0, backward ? c->height * c->dim * c->query_width : 0,
                               backward ? key_panel : 0, backward ? key_panel : 0, backward ? rows_q : 0,
                               backward ? rows_q : 0, backward ? row_buffer : 0, backward ? row_buffer : 0};
@@ -511,6 +517,110 @@ INLINE void write_strip(const stencil_ctx *c, stencil_work *w, int64_t b, int64_
             if (rows[l]) rows[l][d0] = w->strip_out[d0 * LANES + l] * factor[l];
 }
 
+/* A listed row that attends every token (LONGFORMER's global query), on the
+ * key panels: eight keys per vector, one horizontal sum per d at the end. */
+INLINE float hsum8(v8 x)
+{
+    float total = 0.0f;
+    for (int l = 0; l < LANES; l++) total += x[l];
+    return total;
+}
+
+INLINE void full_row_scores(const stencil_ctx *c, stencil_work *w, int64_t b, int64_t h, int64_t g,
+                            const float *q, int *saw_nan, float *top)
+{
+    const sa_attention_params *p = c->p;
+    const int64_t W = c->width, dim = c->dim, kw = c->key_width, qw = c->query_width;
+    const int64_t gy = g / W, gx = g % W;
+    v8 best = SPLAT(-INFINITY);
+    i8v nan_lanes = {0};
+    for (int64_t y = 0; y < c->height; y++) {
+        for (int64_t x0 = 0; x0 < W; x0 += LANES) {
+            const float *k = w->kt + y * dim * kw + c->pad + x0;
+            v8 even = SPLAT(0.0f), odd = SPLAT(0.0f);
+            int64_t d = 0;
+            for (; d + 2 <= dim; d += 2) {
+                even += q[d] * LOADU(k + d * kw);
+                odd += q[d + 1] * LOADU(k + (d + 1) * kw);
+            }
+            if (d < dim) even += q[d] * LOADU(k + d * kw);
+            v8 s = (even + odd) * c->scale;
+            if (p->bias_table != NULL)
+                for (int l = 0; l < LANES && x0 + l < W; l++) s[l] += bias_of(p, h, gy - y, gx - x0 - l);
+            s = SELECT(LOADU(w->valid + y * kw + c->pad + x0) != SPLAT(0.0f), s, SPLAT(-INFINITY));
+            nan_lanes |= s != s;
+            best = SELECT(s > best, s, best);
+            STOREU(w->full_row + y * qw + x0, s);
+        }
+    }
+    float m = -INFINITY;
+    int nan = 0;
+    for (int l = 0; l < LANES; l++) {
+        m = best[l] > m ? best[l] : m;
+        nan |= nan_lanes[l] != 0;
+    }
+    (void)b;
+    *saw_nan = nan;
+    *top = m;
+}
+
+INLINE void forward_full_row(const stencil_ctx *c, stencil_work *w, int64_t b, int64_t h, int64_t g)
+{
+    const sa_attention_params *p = c->p;
+    const int64_t W = c->width, dim = c->dim, kw = c->key_width, qw = c->query_width;
+    const int64_t bh = b * p->heads + h, row_item = bh * p->num_tokens + g;
+    const float *q = row_of(p->q, p->q_stride, b, h, g);
+    int saw_nan;
+    float top;
+    full_row_scores(c, w, b, h, g, q, &saw_nan, &top);
+    const float shift = top == -INFINITY ? 0.0f : top;
+    const u8v query_key = (u8v){0} + (c->threshold ? sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), g) : 0u);
+    const i8v lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    v8 sum = SPLAT(0.0f), sum_sq = SPLAT(0.0f), sum_shifted = SPLAT(0.0f);
+    for (int64_t y = 0; y < c->height; y++) {
+        for (int64_t x0 = 0; x0 < W; x0 += LANES) {
+            float *at = w->full_row + y * qw + x0;
+            const v8 shifted = LOADU(at) - shift;
+            const v8 prob = exp_v8(shifted);
+            sum += prob;
+            sum_sq += prob * prob;
+            sum_shifted += SELECT(prob != SPLAT(0.0f), prob * shifted, SPLAT(0.0f));
+            v8 weight = prob * c->keep_scale;
+            if (c->threshold > 0) {
+                const i8v keys = (i8v){0} + (int32_t)(y * W + x0) + lane;
+                weight = SELECT((i8v)(mix32_v8(query_key ^ (u8v)keys) >= c->threshold), weight, SPLAT(0.0f));
+            }
+            STOREU(at, weight);
+        }
+    }
+    const float total = hsum8(sum);
+    const int live = total > 0.0f;
+    const float inv = live ? 1.0f / total : 0.0f;
+    float *out = (float *)p->out + b * p->out_stride[0] + h * p->out_stride[1] + g * p->out_stride[2];
+    for (int64_t d0 = 0; d0 < dim; d0 += 8) {
+        const int64_t span = dim - d0 < 8 ? dim - d0 : 8;
+        v8 acc[8];
+        for (int i = 0; i < 8; i++) acc[i] = SPLAT(0.0f);
+        for (int64_t y = 0; y < c->height; y++) {
+            for (int64_t x0 = 0; x0 < W; x0 += LANES) {
+                const v8 weight = LOADU(w->full_row + y * qw + x0);
+                const float *v = w->vt + (y * dim + d0) * kw + c->pad + x0;
+                for (int i = 0; i < span; i++) acc[i] += weight * LOADU(v + i * kw);
+            }
+        }
+        for (int i = 0; i < span; i++) out[d0 + i] = saw_nan ? NAN : hsum8(acc[i]) * inv;
+    }
+    float lse = live ? shift + logf(total) : -INFINITY;
+    if (saw_nan) lse = NAN;
+    ((float *)p->lse)[row_item] = lse;
+    if (p->row_stats != NULL) {
+        float *stats = (float *)p->row_stats + 2 * row_item;
+        stats[0] = live ? hsum8(sum_sq) * inv * inv : 0.0f;
+        stats[1] = live ? logf(total) - hsum8(sum_shifted) * inv : 0.0f;
+        if (saw_nan) stats[0] = stats[1] = NAN;
+    }
+}
+
 STENCIL_CLONES
 static void forward_heads(void *opaque, int64_t first, int64_t last)
 {
@@ -534,7 +644,6 @@ static void forward_heads(void *opaque, int64_t first, int64_t last)
         if (p->head_active != NULL && !p->head_active[h]) {
             /* a pruned head outputs zeros, its rows no key */
             for (int64_t i = 0; i < p->num_tokens; i++) {
-                if (c->is_listed[i]) continue;
                 float *out = (float *)p->out + b * p->out_stride[0] + h * p->out_stride[1] + i * p->out_stride[2];
                 memset(out, 0, (size_t)dim * sizeof(float));
                 ((float *)p->lse)[bh * p->num_tokens + i] = -INFINITY;
@@ -596,6 +705,8 @@ static void forward_heads(void *opaque, int64_t first, int64_t last)
                 write_strip(c, &w, b, h, y, x0, sum, shift, sum_sq, sum_shifted, nan_lanes);
             }
         }
+        for (int64_t t = 0; t < p->stencil_num_rows; t++)
+            if (c->listed_full[t]) forward_full_row(c, &w, b, h, p->stencil_rows[t]);
     }
     work_free(&w);
 }
@@ -688,6 +799,66 @@ INLINE void gather_key_grads(const stencil_ctx *c, const float *restrict grads,
             float *o = out + d0 * kw + x0;
             STOREU(o, LOADU(o) + acc);
         }
+    }
+}
+
+/* The backward of a listed row that attends every token, on the panels: its
+ * dK and dV go into the transposed gradient panels, its dQ into dq. */
+INLINE void backward_full_row(const stencil_ctx *c, stencil_work *w, int64_t b, int64_t h, int64_t g,
+                              float *dq)
+{
+    const sa_attention_params *p = c->p;
+    const int64_t W = c->width, dim = c->dim, kw = c->key_width, qw = c->query_width;
+    const int64_t bh = b * p->heads + h;
+    const float lse = ((const float *)p->lse)[bh * p->num_tokens + g];
+    const float delta = ((const float *)p->delta)[bh * p->num_tokens + g];
+    for (int64_t d = 0; d < dim; d++) dq[d] = 0.0f;
+    if (lse == -INFINITY) return;
+    const float *q = row_of(p->q, p->q_stride, b, h, g);
+    const float *go = row_of(p->grad_out, p->grad_out_stride, b, h, g);
+    int saw_nan;
+    float top;
+    full_row_scores(c, w, b, h, g, q, &saw_nan, &top);
+    const u8v query_key = (u8v){0} + (c->threshold ? sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), g) : 0u);
+    const i8v lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    for (int64_t y = 0; y < c->height; y++) {
+        for (int64_t x0 = 0; x0 < W; x0 += LANES) {
+            const v8 prob = exp_v8(LOADU(w->full_row + y * qw + x0) - lse);
+            const float *v = w->vt + y * dim * kw + c->pad + x0;
+            v8 even = SPLAT(0.0f), odd = SPLAT(0.0f);
+            int64_t d = 0;
+            for (; d + 2 <= dim; d += 2) {
+                even += go[d] * LOADU(v + d * kw);
+                odd += go[d + 1] * LOADU(v + (d + 1) * kw);
+            }
+            if (d < dim) even += go[d] * LOADU(v + d * kw);
+            v8 keep = SPLAT(c->keep_scale);
+            if (c->threshold > 0) {
+                const i8v keys = (i8v){0} + (int32_t)(y * W + x0) + lane;
+                keep = SELECT((i8v)(mix32_v8(query_key ^ (u8v)keys) >= c->threshold), keep, SPLAT(0.0f));
+            }
+            const v8 grad = prob * ((even + odd) * keep - delta) * c->scale;
+            const v8 weight = prob * keep;
+            STOREU(w->full_grads + y * qw + x0, grad);
+            float *dk = w->dkt + y * dim * kw + c->pad + x0, *dv = w->dvt + y * dim * kw + c->pad + x0;
+            for (d = 0; d < dim; d++) {
+                STOREU(dk + d * kw, LOADU(dk + d * kw) + grad * q[d]);
+                STOREU(dv + d * kw, LOADU(dv + d * kw) + weight * go[d]);
+            }
+        }
+    }
+    for (int64_t d0 = 0; d0 < dim; d0 += 8) {
+        const int64_t span = dim - d0 < 8 ? dim - d0 : 8;
+        v8 acc[8];
+        for (int i = 0; i < 8; i++) acc[i] = SPLAT(0.0f);
+        for (int64_t y = 0; y < c->height; y++) {
+            for (int64_t x0 = 0; x0 < W; x0 += LANES) {
+                const v8 grad = LOADU(w->full_grads + y * qw + x0);
+                const float *k = w->kt + (y * dim + d0) * kw + c->pad + x0;
+                for (int i = 0; i < span; i++) acc[i] += grad * LOADU(k + i * kw);
+            }
+        }
+        for (int i = 0; i < span; i++) dq[d0 + i] = hsum8(acc[i]);
     }
 }
 
@@ -796,6 +967,8 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
                 u = group_end;
             }
         }
+        for (int64_t t = 0; t < p->stencil_num_rows; t++)
+            if (c->listed_full[t]) backward_full_row(c, &w, b, h, p->stencil_rows[t], w.full_dq + t * dim);
         /* back to rows: the image rows, then the broadcast rows of the extra keys summed */
         for (int64_t y = 0; y < H; y++) {
             transpose_out(w.dqt + y * dim * qw, qw, grad_q + y * W * dim, c);
@@ -815,13 +988,27 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
                 grad_v[j * dim + d] += sum_v;
             }
         }
-        for (int64_t t = 0; t < p->stencil_num_rows; t++)
-            backward_listed_row(c, b, h, p->stencil_rows[t], grad_q, grad_k, grad_v);
+        for (int64_t t = 0; t < p->stencil_num_rows; t++) {
+            const int64_t i = p->stencil_rows[t];
+            if (c->listed_full[t])
+                for (int64_t d = 0; d < dim; d++) grad_q[i * dim + d] += w.full_dq[t * dim + d];
+            else
+                backward_listed_row(c, b, h, i, grad_q, grad_k, grad_v);
+        }
     }
     work_free(&w);
 }
 
 /* ---- entry points -------------------------------------------------------- */
+
+int sa_stencil_row_is_full(const sa_attention_params *p, int64_t i)
+{
+    const int64_t n = p->num_tokens, start = p->row_ptr[i];
+    if (p->row_ptr[i + 1] - start != n) return 0;
+    for (int64_t t = 0; t < n; t++)
+        if (p->col_idx[start + t] != t) return 0;
+    return 1;
+}
 
 static int stencil_ctx_init(stencil_ctx *c, const sa_attention_params *p, char *err, size_t len)
 {
@@ -864,6 +1051,13 @@ static int stencil_ctx_init(stencil_ctx *c, const sa_attention_params *p, char *
         c->is_offset[(p->stencil_offsets[2 * o] + c->height - 1) * (2 * c->width - 1) +
                      p->stencil_offsets[2 * o + 1] + c->width - 1] = 1;
     for (int64_t t = 0; t < p->stencil_num_rows; t++) c->is_listed[p->stencil_rows[t]] = 1;
+    c->listed_full = calloc((size_t)(p->stencil_num_rows + 1), 1);
+    if (!c->listed_full) {
+        snprintf(err, len, "could not run the stencil CPU kernel (out of memory)");
+        return SA_ERR_MEMORY;
+    }
+    for (int64_t t = 0; t < p->stencil_num_rows; t++)
+        c->listed_full[t] = (uint8_t)sa_stencil_row_is_full(p, p->stencil_rows[t]);
 
     const int64_t E = p->stencil_num_offsets, H = c->height;
     int32_t *by_dx = malloc((size_t)(E > 0 ? E : 1) * sizeof(int32_t));
@@ -941,6 +1135,7 @@ static int stencil_run(const sa_attention_params *p, int num_threads, sa_range_f
     free(c.row_key);
     free(c.extra_at);
     free(c.row_by_dy);
+    free(c.listed_full);
     return status;
 }
 

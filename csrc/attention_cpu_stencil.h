@@ -4,12 +4,15 @@
 
 #include "attention.h"
 
-/* The pairs of p->stencil_* (float32). Rows in stencil_rows are left alone:
- * the caller runs the row kernel on them afterwards. */
+/* The pairs of p->stencil_* (float32). Rows in stencil_rows that attend every
+ * token are done here too; the others are left alone: the caller runs the row
+ * kernel on them afterwards (sa_stencil_row_is_full says which). */
 int sa_cpu_forward_stencil(const sa_attention_params *p, int num_threads, char *err, size_t len);
 
 /* The whole backward, stencil_rows included (float32, no bias gradient).
  * p->delta must hold delta already. */
+int sa_stencil_row_is_full(const sa_attention_params *p, int64_t i);
+
 int sa_cpu_backward_stencil(const sa_attention_params *p, int num_threads, char *err, size_t len);
 
 #endif /* SA_ATTENTION_CPU_STENCIL_H */

@@ -265,3 +265,35 @@ def test_a_stencil_that_reaches_across_the_grid(size):
         results.append((out, lse))
     np.testing.assert_allclose(results[0][0], results[1][0], atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(results[0][1], results[1][1], atol=2e-5, rtol=2e-5)
+
+
+def test_listed_rows_that_do_not_attend_everything_take_the_row_kernel():
+    """A listed row whose CSR row is not every token (not made by any pattern
+    today) is done by the row kernels, forward and backward: listing an
+    ordinary window row must not change any result."""
+    layout = build_layout("longformer", 9, 12, kernel_size=5, num_global_tokens=1)
+    packed = layout.stencil()
+    num_offsets, num_keys, num_rows = (int(x) for x in packed[:3])
+    extra_row = 40  # a window row, not a global token
+    assert extra_row not in packed[3 + 2 * num_offsets + num_keys:]
+    listed_more = np.concatenate([[num_offsets, num_keys, num_rows + 1], packed[3:], [extra_row]])
+    listed_more = torch.from_numpy(listed_more.astype(np.int32))
+    (q, k, v), bias = make(2, 2, layout.num_tokens, 16, bias_side=5)
+    q, k, v = (t.float().contiguous() for t in (q, k, v))
+    grad_out = torch.randn_like(q)
+    tensors = {name: torch.from_numpy(getattr(layout, name).copy())
+               for name in ("indptr", "indices", "col_ptr", "row_indices")}
+    common = dict(height=layout.height, width=layout.width, scale=0.3, dropout_p=0.2, dropout_seed=5,
+                  key_mask=torch.rand(2, layout.num_tokens, generator=torch.Generator().manual_seed(1)) > 0.2)
+    results = []
+    for stencil in (torch.from_numpy(packed.copy()), listed_more):
+        out, lse = torch.empty_like(q), torch.empty(q.shape[:3])
+        C.attention_forward(q, k, v, out, lse, tensors["indptr"], tensors["indices"], stencil=stencil,
+                            **common)
+        grads = [torch.empty_like(q) for _ in range(3)]
+        C.attention_backward(q, k, v, out, grad_out, lse, torch.empty(q.shape[:3]), *grads,
+                             tensors["indptr"], tensors["indices"], tensors["col_ptr"],
+                             tensors["row_indices"], stencil=stencil, **common)
+        results.append([out, lse] + grads)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
