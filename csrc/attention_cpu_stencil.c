@@ -564,10 +564,30 @@ INLINE void full_row_scores(const stencil_ctx *c, stencil_work *w, int64_t b, in
     *top = m;
 }
 
+/* out[d] = sum over every token j of weight[j] * panel[j][d], weights laid out
+ * [y][x] like full_row: a whole row's P x V (or dS x K). */
+INLINE void full_row_weighted(const stencil_ctx *c, const float *weight, const float *panel, float *out)
+{
+    const int64_t W = c->width, dim = c->dim, kw = c->key_width, qw = c->query_width;
+    for (int64_t d0 = 0; d0 < dim; d0 += 8) {
+        const int64_t span = dim - d0 < 8 ? dim - d0 : 8;
+        v8 acc[8];
+        for (int i = 0; i < 8; i++) acc[i] = SPLAT(0.0f);
+        for (int64_t y = 0; y < c->height; y++) {
+            for (int64_t x0 = 0; x0 < W; x0 += LANES) {
+                const v8 wv = LOADU(weight + y * qw + x0);
+                const float *at = panel + (y * dim + d0) * kw + c->pad + x0;
+                for (int i = 0; i < span; i++) acc[i] += wv * LOADU(at + i * kw);
+            }
+        }
+        for (int i = 0; i < span; i++) out[d0 + i] = hsum8(acc[i]);
+    }
+}
+
 INLINE void forward_full_row(const stencil_ctx *c, stencil_work *w, int64_t b, int64_t h, int64_t g)
 {
     const sa_attention_params *p = c->p;
-    const int64_t W = c->width, dim = c->dim, kw = c->key_width, qw = c->query_width;
+    const int64_t W = c->width, dim = c->dim, qw = c->query_width;
     const int64_t bh = b * p->heads + h, row_item = bh * p->num_tokens + g;
     const float *q = row_of(p->q, p->q_stride, b, h, g);
     int saw_nan;
@@ -597,19 +617,8 @@ INLINE void forward_full_row(const stencil_ctx *c, stencil_work *w, int64_t b, i
     const int live = total > 0.0f;
     const float inv = live ? 1.0f / total : 0.0f;
     float *out = (float *)p->out + b * p->out_stride[0] + h * p->out_stride[1] + g * p->out_stride[2];
-    for (int64_t d0 = 0; d0 < dim; d0 += 8) {
-        const int64_t span = dim - d0 < 8 ? dim - d0 : 8;
-        v8 acc[8];
-        for (int i = 0; i < 8; i++) acc[i] = SPLAT(0.0f);
-        for (int64_t y = 0; y < c->height; y++) {
-            for (int64_t x0 = 0; x0 < W; x0 += LANES) {
-                const v8 weight = LOADU(w->full_row + y * qw + x0);
-                const float *v = w->vt + (y * dim + d0) * kw + c->pad + x0;
-                for (int i = 0; i < span; i++) acc[i] += weight * LOADU(v + i * kw);
-            }
-        }
-        for (int i = 0; i < span; i++) out[d0 + i] = saw_nan ? NAN : hsum8(acc[i]) * inv;
-    }
+    full_row_weighted(c, w->full_row, w->vt, out);
+    for (int64_t d = 0; d < dim; d++) out[d] = saw_nan ? NAN : out[d] * inv;
     float lse = live ? shift + logf(total) : -INFINITY;
     if (saw_nan) lse = NAN;
     ((float *)p->lse)[row_item] = lse;
@@ -847,19 +856,7 @@ INLINE void backward_full_row(const stencil_ctx *c, stencil_work *w, int64_t b, 
             }
         }
     }
-    for (int64_t d0 = 0; d0 < dim; d0 += 8) {
-        const int64_t span = dim - d0 < 8 ? dim - d0 : 8;
-        v8 acc[8];
-        for (int i = 0; i < 8; i++) acc[i] = SPLAT(0.0f);
-        for (int64_t y = 0; y < c->height; y++) {
-            for (int64_t x0 = 0; x0 < W; x0 += LANES) {
-                const v8 grad = LOADU(w->full_grads + y * qw + x0);
-                const float *k = w->kt + (y * dim + d0) * kw + c->pad + x0;
-                for (int i = 0; i < span; i++) acc[i] += grad * LOADU(k + i * kw);
-            }
-        }
-        for (int i = 0; i < span; i++) dq[d0 + i] = hsum8(acc[i]);
-    }
+    full_row_weighted(c, w->full_grads, w->kt, dq);
 }
 
 STENCIL_CLONES
