@@ -385,18 +385,6 @@ INLINE v8 masked_score(const stencil_ctx *c, const stencil_work *w, strip_span s
     return SELECT(valid != SPLAT(0.0f), s, SPLAT(-INFINITY));
 }
 
-/* The dropout keep mask of entry e's pairs. */
-INLINE i8v entry_keep(const stencil_ctx *c, strip_span sp, int64_t e, u8v query_keys)
-{
-    const i8v lane = {0, 1, 2, 3, 4, 5, 6, 7};
-    i8v keys;
-    if (e < sp.count)
-        keys = (i8v){0} + (int32_t)(c->row_key[sp.first + e] + sp.x0) + lane;
-    else
-        keys = (i8v){0} + c->p->stencil_keys[e - sp.count];
-    return (i8v)(mix32_v8(query_keys ^ (u8v)keys) >= c->threshold);
-}
-
 /* out[e] = sum_d a[d] * panel[at[e] + d * stride], eight lanes at a time. Eight
  * rows of a stay in registers while two entries at a time stream their keys. */
 INLINE void strip_dots(const float *restrict a, int64_t a_stride, const float *restrict panel,
@@ -526,7 +514,35 @@ INLINE float hsum8(v8 x)
     return total;
 }
 
-INLINE void full_row_scores(const stencil_ctx *c, stencil_work *w, int64_t b, int64_t h, int64_t g,
+/* sum_d row[d] * panel[d * stride]: one row (broadcast) against eight keys. */
+INLINE v8 row_dot_keys(const float *row, const float *panel, int64_t stride, int64_t dim)
+{
+    v8 even = SPLAT(0.0f), odd = SPLAT(0.0f);
+    int64_t d = 0;
+    for (; d + 2 <= dim; d += 2) {
+        even += row[d] * LOADU(panel + d * stride);
+        odd += row[d + 1] * LOADU(panel + (d + 1) * stride);
+    }
+    if (d < dim) even += row[d] * LOADU(panel + d * stride);
+    return even + odd;
+}
+
+/* The keep mask of the pairs (query, first_key + lane * step). */
+INLINE i8v keep_lanes(const stencil_ctx *c, u8v query_keys, int32_t first_key, int32_t step)
+{
+    const i8v lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    const i8v keys = (i8v){0} + first_key + lane * step;
+    return (i8v)(mix32_v8(query_keys ^ (u8v)keys) >= c->threshold);
+}
+
+/* The dropout keep mask of entry e's pairs in a strip. */
+INLINE i8v entry_keep_lanes(const stencil_ctx *c, strip_span sp, int64_t e, u8v query_keys)
+{
+    if (e < sp.count) return keep_lanes(c, query_keys, (int32_t)(c->row_key[sp.first + e] + sp.x0), 1);
+    return keep_lanes(c, query_keys, c->p->stencil_keys[e - sp.count], 0);
+}
+
+INLINE void full_row_scores(const stencil_ctx *c, stencil_work *w, int64_t h, int64_t g,
                             const float *q, int *saw_nan, float *top)
 {
     const sa_attention_params *p = c->p;
@@ -536,15 +552,7 @@ INLINE void full_row_scores(const stencil_ctx *c, stencil_work *w, int64_t b, in
     i8v nan_lanes = {0};
     for (int64_t y = 0; y < c->height; y++) {
         for (int64_t x0 = 0; x0 < W; x0 += LANES) {
-            const float *k = w->kt + y * dim * kw + c->pad + x0;
-            v8 even = SPLAT(0.0f), odd = SPLAT(0.0f);
-            int64_t d = 0;
-            for (; d + 2 <= dim; d += 2) {
-                even += q[d] * LOADU(k + d * kw);
-                odd += q[d + 1] * LOADU(k + (d + 1) * kw);
-            }
-            if (d < dim) even += q[d] * LOADU(k + d * kw);
-            v8 s = (even + odd) * c->scale;
+            v8 s = row_dot_keys(q, w->kt + y * dim * kw + c->pad + x0, kw, dim) * c->scale;
             if (p->bias_table != NULL)
                 for (int l = 0; l < LANES && x0 + l < W; l++) s[l] += bias_of(p, h, gy - y, gx - x0 - l);
             s = SELECT(LOADU(w->valid + y * kw + c->pad + x0) != SPLAT(0.0f), s, SPLAT(-INFINITY));
@@ -559,7 +567,6 @@ INLINE void full_row_scores(const stencil_ctx *c, stencil_work *w, int64_t b, in
         m = best[l] > m ? best[l] : m;
         nan |= nan_lanes[l] != 0;
     }
-    (void)b;
     *saw_nan = nan;
     *top = m;
 }
@@ -592,10 +599,9 @@ INLINE void forward_full_row(const stencil_ctx *c, stencil_work *w, int64_t b, i
     const float *q = row_of(p->q, p->q_stride, b, h, g);
     int saw_nan;
     float top;
-    full_row_scores(c, w, b, h, g, q, &saw_nan, &top);
+    full_row_scores(c, w, h, g, q, &saw_nan, &top);
     const float shift = top == -INFINITY ? 0.0f : top;
     const u8v query_key = (u8v){0} + (c->threshold ? sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), g) : 0u);
-    const i8v lane = {0, 1, 2, 3, 4, 5, 6, 7};
     v8 sum = SPLAT(0.0f), sum_sq = SPLAT(0.0f), sum_shifted = SPLAT(0.0f);
     for (int64_t y = 0; y < c->height; y++) {
         for (int64_t x0 = 0; x0 < W; x0 += LANES) {
@@ -606,10 +612,8 @@ INLINE void forward_full_row(const stencil_ctx *c, stencil_work *w, int64_t b, i
             sum_sq += prob * prob;
             sum_shifted += SELECT(prob != SPLAT(0.0f), prob * shifted, SPLAT(0.0f));
             v8 weight = prob * c->keep_scale;
-            if (c->threshold > 0) {
-                const i8v keys = (i8v){0} + (int32_t)(y * W + x0) + lane;
-                weight = SELECT((i8v)(mix32_v8(query_key ^ (u8v)keys) >= c->threshold), weight, SPLAT(0.0f));
-            }
+            if (c->threshold > 0)
+                weight = SELECT(keep_lanes(c, query_key, (int32_t)(y * W + x0), 1), weight, SPLAT(0.0f));
             STOREU(at, weight);
         }
     }
@@ -704,7 +708,7 @@ static void forward_heads(void *opaque, int64_t first, int64_t last)
                         sum_shifted += SELECT(prob != SPLAT(0.0f), prob * shifted, SPLAT(0.0f));
                     }
                     v8 weight = prob * c->keep_scale;
-                    if (c->threshold > 0) weight = SELECT(entry_keep(c, sp, e, query_keys), weight, SPLAT(0.0f));
+                    if (c->threshold > 0) weight = SELECT(entry_keep_lanes(c, sp, e, query_keys), weight, SPLAT(0.0f));
                     w.weights[e] = weight;
                 }
                 strip_weighted(w.weights, w.vt + x0, kw, c->row_at + sp.first, sp.count, dim, w.strip_out,
@@ -827,30 +831,20 @@ INLINE void backward_full_row(const stencil_ctx *c, stencil_work *w, int64_t b, 
     const float *go = row_of(p->grad_out, p->grad_out_stride, b, h, g);
     int saw_nan;
     float top;
-    full_row_scores(c, w, b, h, g, q, &saw_nan, &top);
+    full_row_scores(c, w, h, g, q, &saw_nan, &top);
     const u8v query_key = (u8v){0} + (c->threshold ? sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), g) : 0u);
-    const i8v lane = {0, 1, 2, 3, 4, 5, 6, 7};
     for (int64_t y = 0; y < c->height; y++) {
         for (int64_t x0 = 0; x0 < W; x0 += LANES) {
             const v8 prob = exp_v8(LOADU(w->full_row + y * qw + x0) - lse);
-            const float *v = w->vt + y * dim * kw + c->pad + x0;
-            v8 even = SPLAT(0.0f), odd = SPLAT(0.0f);
-            int64_t d = 0;
-            for (; d + 2 <= dim; d += 2) {
-                even += go[d] * LOADU(v + d * kw);
-                odd += go[d + 1] * LOADU(v + (d + 1) * kw);
-            }
-            if (d < dim) even += go[d] * LOADU(v + d * kw);
+            const v8 grad_dot = row_dot_keys(go, w->vt + y * dim * kw + c->pad + x0, kw, dim);
             v8 keep = SPLAT(c->keep_scale);
-            if (c->threshold > 0) {
-                const i8v keys = (i8v){0} + (int32_t)(y * W + x0) + lane;
-                keep = SELECT((i8v)(mix32_v8(query_key ^ (u8v)keys) >= c->threshold), keep, SPLAT(0.0f));
-            }
-            const v8 grad = prob * ((even + odd) * keep - delta) * c->scale;
+            if (c->threshold > 0)
+                keep = SELECT(keep_lanes(c, query_key, (int32_t)(y * W + x0), 1), keep, SPLAT(0.0f));
+            const v8 grad = prob * (grad_dot * keep - delta) * c->scale;
             const v8 weight = prob * keep;
             STOREU(w->full_grads + y * qw + x0, grad);
             float *dk = w->dkt + y * dim * kw + c->pad + x0, *dv = w->dvt + y * dim * kw + c->pad + x0;
-            for (d = 0; d < dim; d++) {
+            for (int64_t d = 0; d < dim; d++) {
                 STOREU(dk + d * kw, LOADU(dk + d * kw) + grad * q[d]);
                 STOREU(dv + d * kw, LOADU(dv + d * kw) + weight * go[d]);
             }
@@ -932,7 +926,7 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
                     const v8 s = masked_score(c, &w, sp, e, w.scores[e]);
                     const v8 prob = SELECT(live, exp_v8(s - row_lse), zero);
                     v8 keep = SPLAT(c->keep_scale);
-                    if (c->threshold > 0) keep = SELECT(entry_keep(c, sp, e, query_keys), keep, zero);
+                    if (c->threshold > 0) keep = SELECT(entry_keep_lanes(c, sp, e, query_keys), keep, zero);
                     w.weights[e] = prob * keep;                                   /* of dO in dV */
                     w.grads[e] = prob * (w.grads[e] * keep - row_delta) * c->scale; /* dS */
                 }
