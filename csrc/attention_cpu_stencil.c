@@ -1087,15 +1087,27 @@ static int stencil_ctx_init(stencil_ctx *c, const sa_attention_params *p, char *
         }
     }
     c->row_first[H] = t;
+    /* per row, a stable counting sort on dy (dx stays ascending within a dy):
+     * O(entries + H) a row, not O(entries x H) */
+    int64_t *dy_start = calloc((size_t)(2 * H + 1), sizeof(int64_t));
+    if (!dy_start) {
+        snprintf(err, len, "could not run the stencil CPU kernel (out of memory)");
+        return SA_ERR_MEMORY;
+    }
     for (int64_t y = 0; y < H; y++) {
-        /* a stable counting pass over dy keeps dx ascending within each dy */
         const int64_t first = c->row_first[y], next = c->row_first[y + 1];
-        int64_t placed_dy = first;
-        for (int64_t dy = -(H - 1); dy < H; dy++)
-            for (int64_t u = first; u < next; u++)
-                if (p->stencil_offsets[2 * c->row_offset[u]] == dy) c->row_by_dy[placed_dy++] = (int32_t)u;
+        memset(dy_start, 0, (size_t)(2 * H + 1) * sizeof(int64_t));
+        for (int64_t u = first; u < next; u++) dy_start[p->stencil_offsets[2 * c->row_offset[u]] + H]++;
+        for (int64_t k = 0, at = first; k < 2 * H + 1; k++) {
+            const int64_t count = dy_start[k];
+            dy_start[k] = at;
+            at += count;
+        }
+        for (int64_t u = first; u < next; u++)
+            c->row_by_dy[dy_start[p->stencil_offsets[2 * c->row_offset[u]] + H]++] = (int32_t)u;
         c->max_row_entries = next - first > c->max_row_entries ? next - first : c->max_row_entries;
     }
+    free(dy_start);
     for (int64_t g = 0; g < p->stencil_num_keys; g++)
         c->extra_at[g] = (H + g) * c->dim * c->key_width + c->pad;
     free(by_dx);
