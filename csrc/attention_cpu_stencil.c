@@ -103,6 +103,14 @@ typedef struct {
     int64_t *extra_at;    /* panel index of each extra key's broadcast row, pad included */
     int32_t *row_by_dy;   /* per row, its table entries ordered by (dy, dx) */
     uint8_t *listed_full; /* per listed row: it attends every token (done here, not by the row kernel) */
+    /* The forward takes image rows two at a time: rows y and y + 1 (y even)
+     * read the same key for the offsets (dy, dx) and (dy - 1, dx), so one
+     * loaded key vector serves both. pair_first[y / 2] .. pair_first[y / 2 + 1]
+     * index such matched entries (pair_a: of row y, pair_b: of row y + 1, both
+     * row-table indices), ordered by dx; lone_first[y] .. lone_first[y + 1]
+     * the entries of row y that have no partner. */
+    int64_t *pair_first, *lone_first;
+    int32_t *pair_a, *pair_b, *pair_dx, *lone_entry, *lone_dx;
     int64_t max_row_entries;
     atomic_llong next_item;
     atomic_int failed;
@@ -111,11 +119,15 @@ typedef struct {
 /* A thread's panels and the entry lists of one strip. */
 typedef struct {
     float *qt, *kt, *vt, *valid;      /* [row][d][x]; valid: [row][x], 1 where a key may be attended */
-    float *lanes_valid;               /* [extra key][LANES] of the current strip */
-    float *lanes_bias;                /* [extra key][LANES] of the current strip */
+    float *lanes_valid;               /* [2][extra key][LANES] of the current strip (two rows) */
+    float *lanes_bias;                /* [2][extra key][LANES] of the current strip */
     float *offset_bias;               /* [offset][LANES]: the bias of an offset is one number */
     v8 *scores, *weights, *grads;     /* [entry] */
-    float *strip_out;                 /* [d][LANES] */
+    float *strip_out;                 /* [2][d][LANES]: a strip's outputs (two rows) */
+    v8 *scores_b, *weights_b;         /* [entry]: the second row of a pair */
+    v8 *gathered_a, *gathered_b;      /* [entry]: scores or weights in the order of a pass */
+    int64_t *pass_at;                 /* [entry]: the keys of a pass over the panels */
+    int32_t *slot_a, *slot_b;         /* [entry]: where they go in each row's entries */
     float *full_row;                  /* [y][x]: a listed row's scores, then weights */
     float *full_grads;                /* [y][x]: its dS (backward) */
     float *full_dq;                   /* [listed row][d]: their dQ (backward) */
@@ -196,15 +208,19 @@ static int work_alloc(stencil_work *w, const stencil_ctx *c, int backward)
     const int64_t extra = c->p->stencil_num_keys > 0 ? c->p->stencil_num_keys : 1;
     const int64_t offsets = c->p->stencil_num_offsets > 0 ? c->p->stencil_num_offsets : 1;
     const int64_t rows_q = c->height * c->query_width, row_buffer = c->max_row_entries * c->key_width + 1;
-    float *scores = NULL, *weights = NULL, *grads = NULL;
+    float *scores = NULL, *weights = NULL, *grads = NULL, *scores_b = NULL, *weights_b = NULL;
+    float *gathered_a = NULL, *gathered_b = NULL, *pass_at = NULL, *slot_a = NULL, *slot_b = NULL;
     float **slots[] = {&w->qt, &w->kt, &w->vt, &w->valid, &w->lanes_valid, &w->lanes_bias,
-                       &w->offset_bias, &scores, &weights, &grads, &w->strip_out, &w->full_row,
-                       &w->full_grads, &w->full_dq,
+                       &w->offset_bias, &scores, &weights, &grads, &w->strip_out,
+                       &scores_b, &weights_b, &gathered_a, &gathered_b, &pass_at, &slot_a, &slot_b,
+                       &w->full_row, &w->full_grads, &w->full_dq,
                        &w->got, &w->dqt, &w->dkt, &w->dvt, &w->row_lse, &w->row_delta,
                        &w->row_grads, &w->row_weights};
     const int64_t floats[] = {query_panel, key_panel, key_panel, c->panel_rows * c->key_width,
-                              extra * LANES, extra * LANES, offsets * LANES, entries * LANES,
-                              entries * LANES, entries * LANES, c->dim * LANES + LANES, rows_q,
+                              2 * extra * LANES, 2 * extra * LANES, offsets * LANES, entries * LANES,
+                              entries * LANES, entries * LANES, 2 * (c->dim * LANES + LANES),
+                              entries * LANES, entries * LANES, entries * LANES, entries * LANES,
+                              2 * entries, entries, entries, rows_q,
                               backward ? rows_q : 0, backward ? (c->p->stencil_num_rows + 1) * c->dim : 0,
                               backward ? query_panel : 0, backward ? c->height * c->dim * c->query_width : 0,
                               backward ? key_panel : 0, backward ? key_panel : 0, backward ? rows_q : 0,
@@ -223,6 +239,13 @@ static int work_alloc(stencil_work *w, const stencil_ctx *c, int backward)
     w->scores = (v8 *)scores;
     w->weights = (v8 *)weights;
     w->grads = (v8 *)grads;
+    w->scores_b = (v8 *)scores_b;
+    w->weights_b = (v8 *)weights_b;
+    w->gathered_a = (v8 *)gathered_a;
+    w->gathered_b = (v8 *)gathered_b;
+    w->pass_at = (int64_t *)(void *)pass_at;
+    w->slot_a = (int32_t *)(void *)slot_a;
+    w->slot_b = (int32_t *)(void *)slot_b;
     return 0;
 }
 
@@ -328,17 +351,17 @@ INLINE void build_key_panels(const stencil_ctx *c, stencil_work *w, int64_t b, i
  * tables whose offsets land on the grid for some lane, then the extra keys. */
 typedef struct {
     int64_t first, count, extra, x0;
+    const float *lanes_valid, *lanes_bias; /* the extra keys' lanes */
 } strip_span;
 
-static strip_span strip_entries(const stencil_ctx *c, stencil_work *w, int64_t h, int64_t y, int64_t x0)
+/* Within lo .. hi of a list ordered by dx, the run with -x0 - 7 <= dx <= W - 1 - x0:
+ * the offsets that land on the grid for some lane of the strip at x0. */
+static inline void dx_run(const int32_t *dx, int64_t lo, int64_t hi, int64_t x0, int64_t W,
+                          int64_t *first, int64_t *count)
 {
-    const sa_attention_params *p = c->p;
-    const int64_t kw = c->key_width, W = c->width;
-    /* the run of offsets with -x0 - 7 <= dx <= W - 1 - x0 */
-    int64_t lo = c->row_first[y], hi = c->row_first[y + 1];
     for (int64_t span = hi - lo; span > 0;) { /* first dx >= -x0 - 7 */
         const int64_t half = span / 2;
-        if (c->row_dx[lo + half] < -x0 - (LANES - 1)) {
+        if (dx[lo + half] < -x0 - (LANES - 1)) {
             lo += half + 1;
             span -= half + 1;
         } else {
@@ -347,16 +370,30 @@ static strip_span strip_entries(const stencil_ctx *c, stencil_work *w, int64_t h
     }
     for (int64_t span = hi - lo; span > 0;) { /* first dx > W - 1 - x0 */
         const int64_t half = span / 2;
-        if (c->row_dx[hi - span + half] <= W - 1 - x0) {
+        if (dx[hi - span + half] <= W - 1 - x0) {
             span -= half + 1;
         } else {
             hi = hi - span + half;
             span = half;
         }
     }
+    *first = lo;
+    *count = hi - lo;
+}
+
+/* side 0 or 1: which of the two rows of a pair (their extra keys' lanes apart) */
+static strip_span strip_entries(const stencil_ctx *c, stencil_work *w, int64_t h, int64_t y, int64_t x0,
+                                int side)
+{
+    const sa_attention_params *p = c->p;
+    const int64_t kw = c->key_width, W = c->width;
+    int64_t lo, count;
+    dx_run(c->row_dx, c->row_first[y], c->row_first[y + 1], x0, W, &lo, &count);
+    float *lanes_valid = w->lanes_valid + side * p->stencil_num_keys * LANES;
+    float *lanes_bias = w->lanes_bias + side * p->stencil_num_keys * LANES;
     for (int64_t g = 0; g < p->stencil_num_keys; g++) {
         const int64_t j = p->stencil_keys[g], r = c->height + g, jy = j / W, jx = j % W;
-        float *valid = w->lanes_valid + g * LANES, *bias = w->lanes_bias + g * LANES;
+        float *valid = lanes_valid + g * LANES, *bias = lanes_bias + g * LANES;
         for (int l = 0; l < LANES; l++) {
             const int64_t x = x0 + l;
             /* a key the offsets reach already is not attended twice */
@@ -365,7 +402,7 @@ static strip_span strip_entries(const stencil_ctx *c, stencil_work *w, int64_t h
             bias[l] = x < W ? bias_of(p, h, y - jy, x - jx) : 0.0f;
         }
     }
-    return (strip_span){lo, hi - lo, p->stencil_num_keys, x0};
+    return (strip_span){lo, count, p->stencil_num_keys, x0, lanes_valid, lanes_bias};
 }
 
 /* The scaled, biased score of entry e, -inf where the key may not be attended. */
@@ -378,8 +415,8 @@ INLINE v8 masked_score(const stencil_ctx *c, const stencil_work *w, strip_span s
         valid = LOADU(w->valid + sp.x0 + c->row_valid[t]);
         bias = LOADU(w->offset_bias + c->row_offset[t] * LANES);
     } else {
-        valid = LOADU(w->lanes_valid + (e - sp.count) * LANES);
-        bias = LOADU(w->lanes_bias + (e - sp.count) * LANES);
+        valid = LOADU(sp.lanes_valid + (e - sp.count) * LANES);
+        bias = LOADU(sp.lanes_bias + (e - sp.count) * LANES);
     }
     if (c->p->bias_table != NULL) s += bias;
     return SELECT(valid != SPLAT(0.0f), s, SPLAT(-INFINITY));
@@ -462,9 +499,16 @@ INLINE u8v strip_query_keys(const stencil_ctx *c, int64_t b, int64_t h, int64_t 
 }
 
 /* The outputs, log-sum-exps and statistics of a strip's queries. */
-INLINE void write_strip(const stencil_ctx *c, stencil_work *w, int64_t b, int64_t h, int64_t y,
-                        int64_t x0, v8 sum, v8 shift, v8 sum_sq, v8 sum_shifted, i8v nan_lanes)
+typedef struct {
+    v8 sum, shift, sum_sq, sum_shifted;
+    i8v nan_lanes;
+} strip_softmax;
+
+INLINE void write_strip(const stencil_ctx *c, const float *strip_out, int64_t b, int64_t h, int64_t y,
+                        int64_t x0, strip_softmax st)
 {
+    const v8 sum = st.sum, shift = st.shift, sum_sq = st.sum_sq, sum_shifted = st.sum_shifted;
+    const i8v nan_lanes = st.nan_lanes;
     const sa_attention_params *p = c->p;
     const int64_t W = c->width, dim = c->dim, bh = b * p->heads + h;
     const v8 zero = SPLAT(0.0f);
@@ -495,14 +539,14 @@ INLINE void write_strip(const stencil_ctx *c, stencil_work *w, int64_t b, int64_
     int64_t d0 = 0;
     for (; d0 + 8 <= dim; d0 += 8) {
         v8 block[8];
-        for (int i = 0; i < 8; i++) block[i] = LOADU(w->strip_out + (d0 + i) * LANES) * factor;
+        for (int i = 0; i < 8; i++) block[i] = LOADU(strip_out + (d0 + i) * LANES) * factor;
         transpose8(block);
         for (int l = 0; l < LANES; l++)
             if (rows[l]) STOREU(rows[l] + d0, block[l]);
     }
     for (; d0 < dim; d0++)
         for (int l = 0; l < LANES; l++)
-            if (rows[l]) rows[l][d0] = w->strip_out[d0 * LANES + l] * factor[l];
+            if (rows[l]) rows[l][d0] = strip_out[d0 * LANES + l] * factor[l];
 }
 
 /* A listed row that attends every token (LONGFORMER's global query), on the
@@ -634,6 +678,244 @@ INLINE void forward_full_row(const stencil_ctx *c, stencil_work *w, int64_t b, i
     }
 }
 
+/* Masks, softmax and dropout of one strip's scores: weights[e] are the
+ * probabilities (not yet divided by their sum) times the keep scale. */
+INLINE strip_softmax softmax_strip(const stencil_ctx *c, int64_t b, int64_t h, int64_t y, strip_span sp,
+                                   v8 *restrict scores, v8 *restrict weights, const stencil_work *w)
+{
+    const v8 neg_inf = SPLAT(-INFINITY);
+    const int64_t count = sp.count + sp.extra;
+    /* two running maxima, so that the compares do not wait on each other */
+    v8 top = neg_inf, top_odd = neg_inf;
+    i8v nan_lanes = {0};
+    int64_t e = 0;
+    for (; e + 2 <= count; e += 2) {
+        const v8 s0 = masked_score(c, w, sp, e, scores[e]);
+        const v8 s1 = masked_score(c, w, sp, e + 1, scores[e + 1]);
+        nan_lanes |= (s0 != s0) | (s1 != s1);
+        top = SELECT(s0 > top, s0, top);
+        top_odd = SELECT(s1 > top_odd, s1, top_odd);
+        scores[e] = s0;
+        scores[e + 1] = s1;
+    }
+    for (; e < count; e++) {
+        const v8 s0 = masked_score(c, w, sp, e, scores[e]);
+        nan_lanes |= s0 != s0;
+        top = SELECT(s0 > top, s0, top);
+        scores[e] = s0;
+    }
+    top = SELECT(top_odd > top, top_odd, top);
+    const v8 shift = SELECT(top == neg_inf, SPLAT(0.0f), top);
+    const u8v query_keys = strip_query_keys(c, b, h, y, sp.x0);
+    v8 sum = SPLAT(0.0f), sum_sq = SPLAT(0.0f), sum_shifted = SPLAT(0.0f);
+    const int want_stats = c->p->row_stats != NULL;
+    for (e = 0; e < count; e++) {
+        const v8 shifted = scores[e] - shift;
+        const v8 prob = exp_v8(shifted);
+        sum += prob;
+        if (want_stats) {
+            sum_sq += prob * prob;
+            sum_shifted += SELECT(prob != SPLAT(0.0f), prob * shifted, SPLAT(0.0f));
+        }
+        v8 weight = prob * c->keep_scale;
+        if (c->threshold > 0) weight = SELECT(entry_keep_lanes(c, sp, e, query_keys), weight, SPLAT(0.0f));
+        weights[e] = weight;
+    }
+    return (strip_softmax){sum, shift, sum_sq, sum_shifted, nan_lanes};
+}
+
+/* One strip of one image row (the last row of an odd height). */
+INLINE void forward_strip(const stencil_ctx *c, stencil_work *w, int64_t b, int64_t h, int64_t y, int64_t x0)
+{
+    const int64_t dim = c->dim, kw = c->key_width;
+    const strip_span sp = strip_entries(c, w, h, y, x0, 0);
+    const float *qs = w->qt + y * dim * c->query_width + x0;
+    strip_dots(qs, c->query_width, w->kt + x0, kw, c->row_at + sp.first, sp.count, dim, w->scores);
+    strip_dots(qs, c->query_width, w->kt + x0, kw, c->extra_at, sp.extra, dim, w->scores + sp.count);
+    const strip_softmax st = softmax_strip(c, b, h, y, sp, w->scores, w->weights, w);
+    strip_weighted(w->weights, w->vt + x0, kw, c->row_at + sp.first, sp.count, dim, w->strip_out, LANES, 0);
+    strip_weighted(w->weights + sp.count, w->vt + x0, kw, c->extra_at, sp.extra, dim, w->strip_out, LANES, 1);
+    write_strip(c, w->strip_out, b, h, y, x0, st);
+}
+
+/* out_a[e] = sum_d a[d] * panel[at[e] + d * stride], out_b[e] likewise with b:
+ * two query rows against the same keys, four keys at a time, so that each
+ * loaded key vector feeds two multiply-adds and eight sums stay in registers. */
+INLINE void pair_dots(const float *restrict a, const float *restrict b, int64_t ab_stride,
+                      const float *restrict panel, int64_t stride, const int64_t *restrict at,
+                      int64_t count, int64_t dim, v8 *restrict out_a, v8 *restrict out_b)
+{
+    int64_t e = 0;
+    for (; e + 4 <= count; e += 4) {
+        const float *k0 = panel + at[e], *k1 = panel + at[e + 1], *k2 = panel + at[e + 2], *k3 = panel + at[e + 3];
+        v8 a0 = SPLAT(0.0f), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (int64_t d = 0; d < dim; d++) {
+            const v8 x = LOADU(a + d * ab_stride), z = LOADU(b + d * ab_stride);
+            const int64_t o = d * stride;
+            v8 u = LOADU(k0 + o);
+            a0 += x * u;
+            b0 += z * u;
+            u = LOADU(k1 + o);
+            a1 += x * u;
+            b1 += z * u;
+            u = LOADU(k2 + o);
+            a2 += x * u;
+            b2 += z * u;
+            u = LOADU(k3 + o);
+            a3 += x * u;
+            b3 += z * u;
+        }
+        out_a[e] = a0;
+        out_a[e + 1] = a1;
+        out_a[e + 2] = a2;
+        out_a[e + 3] = a3;
+        out_b[e] = b0;
+        out_b[e + 1] = b1;
+        out_b[e + 2] = b2;
+        out_b[e + 3] = b3;
+    }
+    for (; e < count; e++) {
+        const float *k0 = panel + at[e];
+        v8 a0 = SPLAT(0.0f), a1 = a0, b0 = a0, b1 = a0;
+        int64_t d = 0;
+        for (; d + 2 <= dim; d += 2) {
+            const v8 u = LOADU(k0 + d * stride), t = LOADU(k0 + (d + 1) * stride);
+            a0 += LOADU(a + d * ab_stride) * u;
+            b0 += LOADU(b + d * ab_stride) * u;
+            a1 += LOADU(a + (d + 1) * ab_stride) * t;
+            b1 += LOADU(b + (d + 1) * ab_stride) * t;
+        }
+        if (d < dim) {
+            const v8 u = LOADU(k0 + d * stride);
+            a0 += LOADU(a + d * ab_stride) * u;
+            b0 += LOADU(b + d * ab_stride) * u;
+        }
+        out_a[e] = a0 + a1;
+        out_b[e] = b0 + b1;
+    }
+}
+
+/* out_a[d] = sum_e weight_a[e] * panel[at[e] + d * stride], out_b[d] likewise:
+ * the weighted sums of two query rows over the same keys, four rows of d at a
+ * time (eight sums in registers), out [d][LANES]. */
+INLINE void pair_weighted(const v8 *restrict weight_a, const v8 *restrict weight_b,
+                          const float *restrict panel, int64_t stride, const int64_t *restrict at,
+                          int64_t count, int64_t dim, float *restrict out_a, float *restrict out_b)
+{
+    int64_t d0 = 0;
+    for (; d0 + 4 <= dim; d0 += 4) {
+        v8 a0 = SPLAT(0.0f), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (int64_t e = 0; e < count; e++) {
+            const float *v = panel + at[e] + d0 * stride;
+            const v8 x = weight_a[e], z = weight_b[e];
+            v8 u = LOADU(v);
+            a0 += x * u;
+            b0 += z * u;
+            u = LOADU(v + stride);
+            a1 += x * u;
+            b1 += z * u;
+            u = LOADU(v + 2 * stride);
+            a2 += x * u;
+            b2 += z * u;
+            u = LOADU(v + 3 * stride);
+            a3 += x * u;
+            b3 += z * u;
+        }
+        STOREU(out_a + d0 * LANES, a0);
+        STOREU(out_a + (d0 + 1) * LANES, a1);
+        STOREU(out_a + (d0 + 2) * LANES, a2);
+        STOREU(out_a + (d0 + 3) * LANES, a3);
+        STOREU(out_b + d0 * LANES, b0);
+        STOREU(out_b + (d0 + 1) * LANES, b1);
+        STOREU(out_b + (d0 + 2) * LANES, b2);
+        STOREU(out_b + (d0 + 3) * LANES, b3);
+    }
+    for (; d0 < dim; d0++) {
+        v8 acc_a = SPLAT(0.0f), acc_b = acc_a;
+        for (int64_t e = 0; e < count; e++) {
+            const v8 u = LOADU(panel + at[e] + d0 * stride);
+            acc_a += weight_a[e] * u;
+            acc_b += weight_b[e] * u;
+        }
+        STOREU(out_a + d0 * LANES, acc_a);
+        STOREU(out_b + d0 * LANES, acc_b);
+    }
+}
+
+/* The entries of row y + side that have no partner in the other row of the
+ * pair, within the strip: their keys into pass_at, their places into slot. */
+INLINE int64_t lone_entries(const stencil_ctx *c, stencil_work *w, int64_t y, strip_span sp, int32_t *slot)
+{
+    int64_t lo, count;
+    dx_run(c->lone_dx, c->lone_first[y], c->lone_first[y + 1], sp.x0, c->width, &lo, &count);
+    for (int64_t k = 0; k < count; k++) {
+        const int32_t t = c->lone_entry[lo + k];
+        w->pass_at[k] = c->row_at[t];
+        slot[k] = (int32_t)(t - sp.first);
+    }
+    return count;
+}
+
+/* The strips (y, x0) and (y + 1, x0) together: the keys both rows read are
+ * loaded once for both; each row's softmax runs on its own entries. */
+INLINE void forward_pair(const stencil_ctx *c, stencil_work *w, int64_t b, int64_t h, int64_t y, int64_t x0)
+{
+    const sa_attention_params *p = c->p;
+    const int64_t dim = c->dim, kw = c->key_width, qw = c->query_width;
+    const strip_span sa = strip_entries(c, w, h, y, x0, 0), sb = strip_entries(c, w, h, y + 1, x0, 1);
+    const float *qa = w->qt + y * dim * qw + x0, *qb = qa + dim * qw;
+    const float *kt = w->kt + x0, *vt = w->vt + x0;
+    float *out_a = w->strip_out, *out_b = w->strip_out + dim * LANES + LANES;
+    /* the shared keys: matched offsets, then the extra keys */
+    int64_t lo, matched;
+    dx_run(c->pair_dx, c->pair_first[y / 2], c->pair_first[y / 2 + 1], x0, c->width, &lo, &matched);
+    int64_t n = 0;
+    for (int64_t k = 0; k < matched; k++, n++) {
+        const int32_t ta = c->pair_a[lo + k];
+        w->pass_at[n] = c->row_at[ta];
+        w->slot_a[n] = (int32_t)(ta - sa.first);
+        w->slot_b[n] = (int32_t)(c->pair_b[lo + k] - sb.first);
+    }
+    for (int64_t g = 0; g < p->stencil_num_keys; g++, n++) {
+        w->pass_at[n] = c->extra_at[g];
+        w->slot_a[n] = (int32_t)(sa.count + g);
+        w->slot_b[n] = (int32_t)(sb.count + g);
+    }
+    pair_dots(qa, qb, qw, kt, kw, w->pass_at, n, dim, w->gathered_a, w->gathered_b);
+    for (int64_t k = 0; k < n; k++) {
+        w->scores[w->slot_a[k]] = w->gathered_a[k];
+        w->scores_b[w->slot_b[k]] = w->gathered_b[k];
+    }
+    /* the rest of each row on its own; the lists are rebuilt after the softmax */
+    int64_t lone = lone_entries(c, w, y, sa, w->slot_a + n);
+    strip_dots(qa, qw, kt, kw, w->pass_at, lone, dim, w->gathered_a);
+    for (int64_t k = 0; k < lone; k++) w->scores[w->slot_a[n + k]] = w->gathered_a[k];
+    lone = lone_entries(c, w, y + 1, sb, w->slot_b + n);
+    strip_dots(qb, qw, kt, kw, w->pass_at, lone, dim, w->gathered_b);
+    for (int64_t k = 0; k < lone; k++) w->scores_b[w->slot_b[n + k]] = w->gathered_b[k];
+
+    const strip_softmax st_a = softmax_strip(c, b, h, y, sa, w->scores, w->weights, w);
+    const strip_softmax st_b = softmax_strip(c, b, h, y + 1, sb, w->scores_b, w->weights_b, w);
+
+    /* pass_at was overwritten by the lone keys: the shared keys again */
+    for (int64_t k = 0; k < matched; k++) w->pass_at[k] = c->row_at[c->pair_a[lo + k]];
+    for (int64_t g = 0; g < p->stencil_num_keys; g++) w->pass_at[matched + g] = c->extra_at[g];
+    for (int64_t k = 0; k < n; k++) {
+        w->gathered_a[k] = w->weights[w->slot_a[k]];
+        w->gathered_b[k] = w->weights_b[w->slot_b[k]];
+    }
+    pair_weighted(w->gathered_a, w->gathered_b, vt, kw, w->pass_at, n, dim, out_a, out_b);
+    lone = lone_entries(c, w, y, sa, w->slot_a + n);
+    for (int64_t k = 0; k < lone; k++) w->gathered_a[k] = w->weights[w->slot_a[n + k]];
+    strip_weighted(w->gathered_a, vt, kw, w->pass_at, lone, dim, out_a, LANES, 1);
+    lone = lone_entries(c, w, y + 1, sb, w->slot_b + n);
+    for (int64_t k = 0; k < lone; k++) w->gathered_b[k] = w->weights_b[w->slot_b[n + k]];
+    strip_weighted(w->gathered_b, vt, kw, w->pass_at, lone, dim, out_b, LANES, 1);
+
+    write_strip(c, out_a, b, h, y, x0, st_a);
+    write_strip(c, out_b, b, h, y + 1, x0, st_b);
+}
+
 STENCIL_CLONES
 static void forward_heads(void *opaque, int64_t first, int64_t last)
 {
@@ -641,7 +923,7 @@ static void forward_heads(void *opaque, int64_t first, int64_t last)
     (void)last;
     stencil_ctx *c = opaque;
     const sa_attention_params *p = c->p;
-    const int64_t W = c->width, dim = c->dim, kw = c->key_width;
+    const int64_t W = c->width, dim = c->dim;
     const int want_stats = p->row_stats != NULL;
     stencil_work w;
     if (work_alloc(&w, c, 0) < 0) {
@@ -649,7 +931,6 @@ static void forward_heads(void *opaque, int64_t first, int64_t last)
         atomic_store(&c->failed, 1);
         return;
     }
-    const v8 neg_inf = SPLAT(-INFINITY);
     for (;;) {
         const int64_t bh = atomic_fetch_add(&c->next_item, 1);
         if (bh >= p->batch * p->heads) break;
@@ -669,53 +950,12 @@ static void forward_heads(void *opaque, int64_t first, int64_t last)
         }
         build_key_panels(c, &w, b, h);
         transpose_in(p->q, p->q_stride, b, h, c, w.qt, c->query_width, 0, 0, c->height);
-        for (int64_t y = 0; y < c->height; y++) {
+        for (int64_t y = 0; y < c->height; y += 2) {
             for (int64_t x0 = 0; x0 < W; x0 += LANES) {
-                const strip_span sp = strip_entries(c, &w, h, y, x0);
-                const int64_t count = sp.count + sp.extra;
-                const float *qs = w.qt + y * dim * c->query_width + x0;
-                strip_dots(qs, c->query_width, w.kt + x0, kw, c->row_at + sp.first, sp.count, dim, w.scores);
-                strip_dots(qs, c->query_width, w.kt + x0, kw, c->extra_at, sp.extra, dim, w.scores + sp.count);
-                /* two running maxima, so that the compares do not wait on each other */
-                v8 top = neg_inf, top_odd = neg_inf;
-                i8v nan_lanes = {0};
-                int64_t e = 0;
-                for (; e + 2 <= count; e += 2) {
-                    const v8 s0 = masked_score(c, &w, sp, e, w.scores[e]);
-                    const v8 s1 = masked_score(c, &w, sp, e + 1, w.scores[e + 1]);
-                    nan_lanes |= (s0 != s0) | (s1 != s1);
-                    top = SELECT(s0 > top, s0, top);
-                    top_odd = SELECT(s1 > top_odd, s1, top_odd);
-                    w.scores[e] = s0;
-                    w.scores[e + 1] = s1;
-                }
-                for (; e < count; e++) {
-                    const v8 s0 = masked_score(c, &w, sp, e, w.scores[e]);
-                    nan_lanes |= s0 != s0;
-                    top = SELECT(s0 > top, s0, top);
-                    w.scores[e] = s0;
-                }
-                top = SELECT(top_odd > top, top_odd, top);
-                const v8 shift = SELECT(top == neg_inf, SPLAT(0.0f), top);
-                const u8v query_keys = strip_query_keys(c, b, h, y, x0);
-                v8 sum = SPLAT(0.0f), sum_sq = SPLAT(0.0f), sum_shifted = SPLAT(0.0f);
-                for (e = 0; e < count; e++) {
-                    const v8 shifted = w.scores[e] - shift;
-                    const v8 prob = exp_v8(shifted);
-                    sum += prob;
-                    if (want_stats) {
-                        sum_sq += prob * prob;
-                        sum_shifted += SELECT(prob != SPLAT(0.0f), prob * shifted, SPLAT(0.0f));
-                    }
-                    v8 weight = prob * c->keep_scale;
-                    if (c->threshold > 0) weight = SELECT(entry_keep_lanes(c, sp, e, query_keys), weight, SPLAT(0.0f));
-                    w.weights[e] = weight;
-                }
-                strip_weighted(w.weights, w.vt + x0, kw, c->row_at + sp.first, sp.count, dim, w.strip_out,
-                               LANES, 0);
-                strip_weighted(w.weights + sp.count, w.vt + x0, kw, c->extra_at, sp.extra, dim, w.strip_out,
-                               LANES, 1);
-                write_strip(c, &w, b, h, y, x0, sum, shift, sum_sq, sum_shifted, nan_lanes);
+                if (y + 1 < c->height)
+                    forward_pair(c, &w, b, h, y, x0);
+                else
+                    forward_strip(c, &w, b, h, y, x0);
             }
         }
         for (int64_t t = 0; t < p->stencil_num_rows; t++)
@@ -908,7 +1148,7 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
             }
             const float *q_row = w.qt + y * dim * kw, *go_row = w.got + y * dim * kw;
             for (int64_t x0 = 0; x0 < W; x0 += LANES) {
-                const strip_span sp = strip_entries(c, &w, h, y, x0);
+                const strip_span sp = strip_entries(c, &w, h, y, x0, 0);
                 const int64_t count = sp.count + sp.extra;
                 const int64_t *at = c->row_at + sp.first;
                 const float *qs = q_row + c->pad + x0, *gos = go_row + c->pad + x0;
@@ -999,6 +1239,71 @@ int sa_stencil_row_is_full(const sa_attention_params *p, int64_t i)
     for (int64_t t = 0; t < n; t++)
         if (p->col_idx[start + t] != t) return 0;
     return 1;
+}
+
+/* The matched and lone entries of the row pairs (see stencil_ctx), from the
+ * row tables: O(entries) a pair. */
+static int pair_tables_init(stencil_ctx *c, char *err, size_t len)
+{
+    const sa_attention_params *p = c->p;
+    const int64_t H = c->height, W = c->width, E = p->stencil_num_offsets, total = c->row_first[H];
+    const int64_t side = 2 * W - 1, cells = (2 * H - 1) * side;
+    int32_t *offset_of = malloc((size_t)cells * sizeof(int32_t));  /* (dy, dx) -> offset, or -1 */
+    int32_t *entry_of = malloc((size_t)(E > 0 ? E : 1) * sizeof(int32_t)); /* offset -> entry of row y + 1 */
+    uint8_t *taken = malloc((size_t)(total > 0 ? total : 1));
+    c->pair_first = malloc((size_t)(H / 2 + 1) * sizeof(int64_t));
+    c->lone_first = malloc((size_t)(H + 1) * sizeof(int64_t));
+    c->pair_a = malloc((size_t)(total > 0 ? total : 1) * sizeof(int32_t));
+    c->pair_b = malloc((size_t)(total > 0 ? total : 1) * sizeof(int32_t));
+    c->pair_dx = malloc((size_t)(total > 0 ? total : 1) * sizeof(int32_t));
+    c->lone_entry = malloc((size_t)(total > 0 ? total : 1) * sizeof(int32_t));
+    c->lone_dx = malloc((size_t)(total > 0 ? total : 1) * sizeof(int32_t));
+    if (!offset_of || !entry_of || !taken || !c->pair_first || !c->lone_first || !c->pair_a || !c->pair_b ||
+        !c->pair_dx || !c->lone_entry || !c->lone_dx) {
+        free(offset_of);
+        free(entry_of);
+        free(taken);
+        snprintf(err, len, "could not run the stencil CPU kernel (out of memory)");
+        return SA_ERR_MEMORY;
+    }
+    for (int64_t k = 0; k < cells; k++) offset_of[k] = -1;
+    for (int64_t o = 0; o < E; o++)
+        offset_of[(p->stencil_offsets[2 * o] + H - 1) * side + p->stencil_offsets[2 * o + 1] + W - 1] = (int32_t)o;
+    for (int64_t o = 0; o < E; o++) entry_of[o] = -1;
+    memset(taken, 0, (size_t)(total > 0 ? total : 1));
+    int64_t pairs = 0, lone = 0;
+    for (int64_t y = 0; y + 1 < H; y += 2) {
+        c->pair_first[y / 2] = pairs;
+        for (int64_t t = c->row_first[y + 1]; t < c->row_first[y + 2]; t++) entry_of[c->row_offset[t]] = (int32_t)t;
+        for (int64_t t = c->row_first[y]; t < c->row_first[y + 1]; t++) {
+            const int64_t dy = p->stencil_offsets[2 * c->row_offset[t]], dx = c->row_dx[t];
+            /* the same key seen from row y + 1: offset (dy - 1, dx) */
+            const int32_t partner_offset = dy - 1 >= -(H - 1) ? offset_of[(dy - 1 + H - 1) * side + dx + W - 1] : -1;
+            const int32_t partner = partner_offset >= 0 ? entry_of[partner_offset] : -1;
+            if (partner < 0) continue;
+            c->pair_a[pairs] = (int32_t)t;
+            c->pair_b[pairs] = partner;
+            c->pair_dx[pairs] = (int32_t)dx;
+            taken[t] = taken[partner] = 1;
+            pairs++;
+        }
+        for (int64_t t = c->row_first[y + 1]; t < c->row_first[y + 2]; t++) entry_of[c->row_offset[t]] = -1;
+    }
+    c->pair_first[H / 2] = pairs;
+    for (int64_t y = 0; y < H; y++) {
+        c->lone_first[y] = lone;
+        for (int64_t t = c->row_first[y]; t < c->row_first[y + 1]; t++) {
+            if (taken[t]) continue;
+            c->lone_entry[lone] = (int32_t)t;
+            c->lone_dx[lone] = c->row_dx[t];
+            lone++;
+        }
+    }
+    c->lone_first[H] = lone;
+    free(offset_of);
+    free(entry_of);
+    free(taken);
+    return SA_OK;
 }
 
 static int stencil_ctx_init(stencil_ctx *c, const sa_attention_params *p, char *err, size_t len)
@@ -1111,7 +1416,7 @@ static int stencil_ctx_init(stencil_ctx *c, const sa_attention_params *p, char *
     for (int64_t g = 0; g < p->stencil_num_keys; g++)
         c->extra_at[g] = (H + g) * c->dim * c->key_width + c->pad;
     free(by_dx);
-    return SA_OK;
+    return pair_tables_init(c, err, len);
 }
 
 static int stencil_run(const sa_attention_params *p, int num_threads, sa_range_fn fn, char *err,
@@ -1139,6 +1444,13 @@ static int stencil_run(const sa_attention_params *p, int num_threads, sa_range_f
     free(c.extra_at);
     free(c.row_by_dy);
     free(c.listed_full);
+    free(c.pair_first);
+    free(c.lone_first);
+    free(c.pair_a);
+    free(c.pair_b);
+    free(c.pair_dx);
+    free(c.lone_entry);
+    free(c.lone_dx);
     return status;
 }
 
