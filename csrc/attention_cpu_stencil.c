@@ -111,6 +111,9 @@ typedef struct {
      * the entries of row y that have no partner. */
     int64_t *pair_first, *lone_first;
     int32_t *pair_a, *pair_b, *pair_dx, *lone_entry, *lone_dx;
+    /* whether most entries have a partner (a window does; STRIDED's lattice
+     * does not, and its lone entries cost more in pairs than they save) */
+    int use_pairs;
     int64_t max_row_entries;
     atomic_llong next_item;
     atomic_int failed;
@@ -752,16 +755,16 @@ INLINE void pair_dots(const float *restrict a, const float *restrict b, int64_t 
         for (int64_t d = 0; d < dim; d++) {
             const v8 x = LOADU(a + d * ab_stride), z = LOADU(b + d * ab_stride);
             const int64_t o = d * stride;
-            v8 u = LOADU(k0 + o);
+            v8 u = LOAD_ONCE(k0 + o);
             a0 += x * u;
             b0 += z * u;
-            u = LOADU(k1 + o);
+            u = LOAD_ONCE(k1 + o);
             a1 += x * u;
             b1 += z * u;
-            u = LOADU(k2 + o);
+            u = LOAD_ONCE(k2 + o);
             a2 += x * u;
             b2 += z * u;
-            u = LOADU(k3 + o);
+            u = LOAD_ONCE(k3 + o);
             a3 += x * u;
             b3 += z * u;
         }
@@ -779,14 +782,14 @@ INLINE void pair_dots(const float *restrict a, const float *restrict b, int64_t 
         v8 a0 = SPLAT(0.0f), a1 = a0, b0 = a0, b1 = a0;
         int64_t d = 0;
         for (; d + 2 <= dim; d += 2) {
-            const v8 u = LOADU(k0 + d * stride), t = LOADU(k0 + (d + 1) * stride);
+            const v8 u = LOAD_ONCE(k0 + d * stride), t = LOAD_ONCE(k0 + (d + 1) * stride);
             a0 += LOADU(a + d * ab_stride) * u;
             b0 += LOADU(b + d * ab_stride) * u;
             a1 += LOADU(a + (d + 1) * ab_stride) * t;
             b1 += LOADU(b + (d + 1) * ab_stride) * t;
         }
         if (d < dim) {
-            const v8 u = LOADU(k0 + d * stride);
+            const v8 u = LOAD_ONCE(k0 + d * stride);
             a0 += LOADU(a + d * ab_stride) * u;
             b0 += LOADU(b + d * ab_stride) * u;
         }
@@ -795,51 +798,55 @@ INLINE void pair_dots(const float *restrict a, const float *restrict b, int64_t 
     }
 }
 
-/* out_a[d] = sum_e weight_a[e] * panel[at[e] + d * stride], out_b[d] likewise:
+/* out_a[d] (+)= sum_e weight_a[e] * panel[at[e] + d * stride], out_b[d] likewise:
  * the weighted sums of two query rows over the same keys, four rows of d at a
- * time (eight sums in registers), out [d][LANES]. */
+ * time (eight sums in registers); out strided by out_stride. */
 INLINE void pair_weighted(const v8 *restrict weight_a, const v8 *restrict weight_b,
                           const float *restrict panel, int64_t stride, const int64_t *restrict at,
-                          int64_t count, int64_t dim, float *restrict out_a, float *restrict out_b)
+                          int64_t count, int64_t dim, float *restrict out_a, float *restrict out_b,
+                          int64_t out_stride, int accumulate)
 {
+#define PAIR_STORE(out, i, acc) \
+    STOREU(out + (d0 + i) * out_stride, accumulate ? acc + LOADU(out + (d0 + i) * out_stride) : acc)
     int64_t d0 = 0;
     for (; d0 + 4 <= dim; d0 += 4) {
         v8 a0 = SPLAT(0.0f), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
         for (int64_t e = 0; e < count; e++) {
             const float *v = panel + at[e] + d0 * stride;
             const v8 x = weight_a[e], z = weight_b[e];
-            v8 u = LOADU(v);
+            v8 u = LOAD_ONCE(v);
             a0 += x * u;
             b0 += z * u;
-            u = LOADU(v + stride);
+            u = LOAD_ONCE(v + stride);
             a1 += x * u;
             b1 += z * u;
-            u = LOADU(v + 2 * stride);
+            u = LOAD_ONCE(v + 2 * stride);
             a2 += x * u;
             b2 += z * u;
-            u = LOADU(v + 3 * stride);
+            u = LOAD_ONCE(v + 3 * stride);
             a3 += x * u;
             b3 += z * u;
         }
-        STOREU(out_a + d0 * LANES, a0);
-        STOREU(out_a + (d0 + 1) * LANES, a1);
-        STOREU(out_a + (d0 + 2) * LANES, a2);
-        STOREU(out_a + (d0 + 3) * LANES, a3);
-        STOREU(out_b + d0 * LANES, b0);
-        STOREU(out_b + (d0 + 1) * LANES, b1);
-        STOREU(out_b + (d0 + 2) * LANES, b2);
-        STOREU(out_b + (d0 + 3) * LANES, b3);
+        PAIR_STORE(out_a, 0, a0);
+        PAIR_STORE(out_a, 1, a1);
+        PAIR_STORE(out_a, 2, a2);
+        PAIR_STORE(out_a, 3, a3);
+        PAIR_STORE(out_b, 0, b0);
+        PAIR_STORE(out_b, 1, b1);
+        PAIR_STORE(out_b, 2, b2);
+        PAIR_STORE(out_b, 3, b3);
     }
     for (; d0 < dim; d0++) {
         v8 acc_a = SPLAT(0.0f), acc_b = acc_a;
         for (int64_t e = 0; e < count; e++) {
-            const v8 u = LOADU(panel + at[e] + d0 * stride);
+            const v8 u = LOAD_ONCE(panel + at[e] + d0 * stride);
             acc_a += weight_a[e] * u;
             acc_b += weight_b[e] * u;
         }
-        STOREU(out_a + d0 * LANES, acc_a);
-        STOREU(out_b + d0 * LANES, acc_b);
+        PAIR_STORE(out_a, 0, acc_a);
+        PAIR_STORE(out_b, 0, acc_b);
     }
+#undef PAIR_STORE
 }
 
 /* The entries of row y + side that have no partner in the other row of the
@@ -856,62 +863,82 @@ INLINE int64_t lone_entries(const stencil_ctx *c, stencil_work *w, int64_t y, st
     return count;
 }
 
-/* The strips (y, x0) and (y + 1, x0) together: the keys both rows read are
- * loaded once for both; each row's softmax runs on its own entries. */
-INLINE void forward_pair(const stencil_ctx *c, stencil_work *w, int64_t b, int64_t h, int64_t y, int64_t x0)
+/* The keys both rows of the pair (y, y + 1) read in the strip at sp_a.x0:
+ * matched offsets, then the extra keys, into pass_at, slot_a and slot_b. */
+INLINE int64_t shared_keys(const stencil_ctx *c, stencil_work *w, int64_t y, strip_span sp_a, strip_span sp_b)
 {
-    const sa_attention_params *p = c->p;
-    const int64_t dim = c->dim, kw = c->key_width, qw = c->query_width;
-    const strip_span sa = strip_entries(c, w, h, y, x0, 0), sb = strip_entries(c, w, h, y + 1, x0, 1);
-    const float *qa = w->qt + y * dim * qw + x0, *qb = qa + dim * qw;
-    const float *kt = w->kt + x0, *vt = w->vt + x0;
-    float *out_a = w->strip_out, *out_b = w->strip_out + dim * LANES + LANES;
-    /* the shared keys: matched offsets, then the extra keys */
     int64_t lo, matched;
-    dx_run(c->pair_dx, c->pair_first[y / 2], c->pair_first[y / 2 + 1], x0, c->width, &lo, &matched);
+    dx_run(c->pair_dx, c->pair_first[y / 2], c->pair_first[y / 2 + 1], sp_a.x0, c->width, &lo, &matched);
     int64_t n = 0;
     for (int64_t k = 0; k < matched; k++, n++) {
         const int32_t ta = c->pair_a[lo + k];
         w->pass_at[n] = c->row_at[ta];
-        w->slot_a[n] = (int32_t)(ta - sa.first);
-        w->slot_b[n] = (int32_t)(c->pair_b[lo + k] - sb.first);
+        w->slot_a[n] = (int32_t)(ta - sp_a.first);
+        w->slot_b[n] = (int32_t)(c->pair_b[lo + k] - sp_b.first);
     }
-    for (int64_t g = 0; g < p->stencil_num_keys; g++, n++) {
+    for (int64_t g = 0; g < c->p->stencil_num_keys; g++, n++) {
         w->pass_at[n] = c->extra_at[g];
-        w->slot_a[n] = (int32_t)(sa.count + g);
-        w->slot_b[n] = (int32_t)(sb.count + g);
+        w->slot_a[n] = (int32_t)(sp_a.count + g);
+        w->slot_b[n] = (int32_t)(sp_b.count + g);
     }
-    pair_dots(qa, qb, qw, kt, kw, w->pass_at, n, dim, w->gathered_a, w->gathered_b);
-    for (int64_t k = 0; k < n; k++) {
-        w->scores[w->slot_a[k]] = w->gathered_a[k];
-        w->scores_b[w->slot_b[k]] = w->gathered_b[k];
-    }
-    /* the rest of each row on its own; the lists are rebuilt after the softmax */
-    int64_t lone = lone_entries(c, w, y, sa, w->slot_a + n);
-    strip_dots(qa, qw, kt, kw, w->pass_at, lone, dim, w->gathered_a);
-    for (int64_t k = 0; k < lone; k++) w->scores[w->slot_a[n + k]] = w->gathered_a[k];
-    lone = lone_entries(c, w, y + 1, sb, w->slot_b + n);
-    strip_dots(qb, qw, kt, kw, w->pass_at, lone, dim, w->gathered_b);
-    for (int64_t k = 0; k < lone; k++) w->scores_b[w->slot_b[n + k]] = w->gathered_b[k];
+    return n;
+}
 
+/* out_a[e] = a . panel at entry e of row y, out_b[e] = b . panel at entry e of
+ * row y + 1, for every entry of both strips: shared keys once for both rows. */
+INLINE void pair_row_dots(const stencil_ctx *c, stencil_work *w, int64_t y, strip_span sp_a, strip_span sp_b,
+                          const float *a, const float *b, int64_t ab_stride, const float *panel,
+                          v8 *out_a, v8 *out_b)
+{
+    const int64_t dim = c->dim, kw = c->key_width;
+    const int64_t n = shared_keys(c, w, y, sp_a, sp_b);
+    pair_dots(a, b, ab_stride, panel, kw, w->pass_at, n, dim, w->gathered_a, w->gathered_b);
+    for (int64_t k = 0; k < n; k++) {
+        out_a[w->slot_a[k]] = w->gathered_a[k];
+        out_b[w->slot_b[k]] = w->gathered_b[k];
+    }
+    int64_t lone = lone_entries(c, w, y, sp_a, w->slot_a);
+    strip_dots(a, ab_stride, panel, kw, w->pass_at, lone, dim, w->gathered_a);
+    for (int64_t k = 0; k < lone; k++) out_a[w->slot_a[k]] = w->gathered_a[k];
+    lone = lone_entries(c, w, y + 1, sp_b, w->slot_b);
+    strip_dots(b, ab_stride, panel, kw, w->pass_at, lone, dim, w->gathered_b);
+    for (int64_t k = 0; k < lone; k++) out_b[w->slot_b[k]] = w->gathered_b[k];
+}
+
+/* out_a[d] (+)= sum over the entries e of row y of weight_a[e] * panel at e,
+ * out_b likewise for row y + 1 (out strided by out_stride). */
+INLINE void pair_row_weighted(const stencil_ctx *c, stencil_work *w, int64_t y, strip_span sp_a,
+                              strip_span sp_b, const v8 *weight_a, const v8 *weight_b, const float *panel,
+                              float *out_a, float *out_b, int64_t out_stride, int accumulate)
+{
+    const int64_t dim = c->dim, kw = c->key_width;
+    const int64_t n = shared_keys(c, w, y, sp_a, sp_b);
+    for (int64_t k = 0; k < n; k++) {
+        w->gathered_a[k] = weight_a[w->slot_a[k]];
+        w->gathered_b[k] = weight_b[w->slot_b[k]];
+    }
+    pair_weighted(w->gathered_a, w->gathered_b, panel, kw, w->pass_at, n, dim, out_a, out_b, out_stride,
+                  accumulate);
+    int64_t lone = lone_entries(c, w, y, sp_a, w->slot_a);
+    for (int64_t k = 0; k < lone; k++) w->gathered_a[k] = weight_a[w->slot_a[k]];
+    strip_weighted(w->gathered_a, panel, kw, w->pass_at, lone, dim, out_a, out_stride, 1);
+    lone = lone_entries(c, w, y + 1, sp_b, w->slot_b);
+    for (int64_t k = 0; k < lone; k++) w->gathered_b[k] = weight_b[w->slot_b[k]];
+    strip_weighted(w->gathered_b, panel, kw, w->pass_at, lone, dim, out_b, out_stride, 1);
+}
+
+/* The strips (y, x0) and (y + 1, x0) together: the keys both rows read are
+ * loaded once for both; each row's softmax runs on its own entries. */
+INLINE void forward_pair(const stencil_ctx *c, stencil_work *w, int64_t b, int64_t h, int64_t y, int64_t x0)
+{
+    const int64_t dim = c->dim, qw = c->query_width;
+    const strip_span sa = strip_entries(c, w, h, y, x0, 0), sb = strip_entries(c, w, h, y + 1, x0, 1);
+    const float *qa = w->qt + y * dim * qw + x0;
+    float *out_a = w->strip_out, *out_b = w->strip_out + dim * LANES + LANES;
+    pair_row_dots(c, w, y, sa, sb, qa, qa + dim * qw, qw, w->kt + x0, w->scores, w->scores_b);
     const strip_softmax st_a = softmax_strip(c, b, h, y, sa, w->scores, w->weights, w);
     const strip_softmax st_b = softmax_strip(c, b, h, y + 1, sb, w->scores_b, w->weights_b, w);
-
-    /* pass_at was overwritten by the lone keys: the shared keys again */
-    for (int64_t k = 0; k < matched; k++) w->pass_at[k] = c->row_at[c->pair_a[lo + k]];
-    for (int64_t g = 0; g < p->stencil_num_keys; g++) w->pass_at[matched + g] = c->extra_at[g];
-    for (int64_t k = 0; k < n; k++) {
-        w->gathered_a[k] = w->weights[w->slot_a[k]];
-        w->gathered_b[k] = w->weights_b[w->slot_b[k]];
-    }
-    pair_weighted(w->gathered_a, w->gathered_b, vt, kw, w->pass_at, n, dim, out_a, out_b);
-    lone = lone_entries(c, w, y, sa, w->slot_a + n);
-    for (int64_t k = 0; k < lone; k++) w->gathered_a[k] = w->weights[w->slot_a[n + k]];
-    strip_weighted(w->gathered_a, vt, kw, w->pass_at, lone, dim, out_a, LANES, 1);
-    lone = lone_entries(c, w, y + 1, sb, w->slot_b + n);
-    for (int64_t k = 0; k < lone; k++) w->gathered_b[k] = w->weights_b[w->slot_b[n + k]];
-    strip_weighted(w->gathered_b, vt, kw, w->pass_at, lone, dim, out_b, LANES, 1);
-
+    pair_row_weighted(c, w, y, sa, sb, w->weights, w->weights_b, w->vt + x0, out_a, out_b, LANES, 0);
     write_strip(c, out_a, b, h, y, x0, st_a);
     write_strip(c, out_b, b, h, y + 1, x0, st_b);
 }
@@ -950,12 +977,13 @@ static void forward_heads(void *opaque, int64_t first, int64_t last)
         }
         build_key_panels(c, &w, b, h);
         transpose_in(p->q, p->q_stride, b, h, c, w.qt, c->query_width, 0, 0, c->height);
-        for (int64_t y = 0; y < c->height; y += 2) {
-            for (int64_t x0 = 0; x0 < W; x0 += LANES) {
-                if (y + 1 < c->height)
-                    forward_pair(c, &w, b, h, y, x0);
-                else
-                    forward_strip(c, &w, b, h, y, x0);
+        for (int64_t y = 0; y < c->height;) {
+            if (c->use_pairs && y + 1 < c->height) {
+                for (int64_t x0 = 0; x0 < W; x0 += LANES) forward_pair(c, &w, b, h, y, x0);
+                y += 2;
+            } else {
+                for (int64_t x0 = 0; x0 < W; x0 += LANES) forward_strip(c, &w, b, h, y, x0);
+                y++;
             }
         }
         for (int64_t t = 0; t < p->stencil_num_rows; t++)
@@ -1055,6 +1083,82 @@ INLINE void gather_key_grads(const stencil_ctx *c, const float *restrict grads,
     }
 }
 
+/* From a strip's scores and dO . V (in grads): weights[e] = P x keep (of dO in
+ * dV) and grads[e] = dS. */
+INLINE void backward_softmax(const stencil_ctx *c, const stencil_work *w, int64_t b, int64_t h, int64_t y,
+                             strip_span sp, const v8 *restrict scores, v8 *restrict grads, v8 *restrict weights)
+{
+    const int64_t qw = c->query_width, count = sp.count + sp.extra;
+    const v8 zero = SPLAT(0.0f);
+    const v8 row_lse = LOADU(w->row_lse + y * qw + sp.x0);
+    const v8 row_delta = LOADU(w->row_delta + y * qw + sp.x0);
+    /* lanes with +inf there take no part (padding, listed rows, rows without keys) */
+    const i8v live = row_lse != SPLAT(INFINITY);
+    const u8v query_keys = strip_query_keys(c, b, h, y, sp.x0);
+    for (int64_t e = 0; e < count; e++) {
+        const v8 s = masked_score(c, w, sp, e, scores[e]);
+        const v8 prob = SELECT(live, exp_v8(s - row_lse), zero);
+        v8 keep = SPLAT(c->keep_scale);
+        if (c->threshold > 0) keep = SELECT(entry_keep_lanes(c, sp, e, query_keys), keep, zero);
+        weights[e] = prob * keep;
+        grads[e] = prob * (grads[e] * keep - row_delta) * c->scale;
+    }
+}
+
+/* The offsets' dK and dV are gathered per key row (gather_row_keys) from the
+ * row's stored dS and weights; the extra keys' broadcast rows take the strip's
+ * share at their own columns. */
+INLINE void keep_strip_entries(const stencil_ctx *c, stencil_work *w, int64_t y, strip_span sp, const v8 *grads,
+                               const v8 *weights, float *row_grads, float *row_weights)
+{
+    const int64_t kw = c->key_width, dim = c->dim, row_first = c->row_first[y];
+    for (int64_t e = 0; e < sp.count; e++) {
+        const int64_t at_row = (sp.first + e - row_first) * kw + c->pad + sp.x0;
+        STOREU(row_grads + at_row, grads[e]);
+        STOREU(row_weights + at_row, weights[e]);
+    }
+    const float *qs = w->qt + y * dim * kw + c->pad + sp.x0, *gos = w->got + y * dim * kw + c->pad + sp.x0;
+    strip_scatter(grads + sp.count, qs, kw, w->dkt + sp.x0, kw, c->extra_at, sp.extra, dim);
+    strip_scatter(weights + sp.count, gos, kw, w->dvt + sp.x0, kw, c->extra_at, sp.extra, dim);
+}
+
+/* One strip of one image row (the last row of an odd height). */
+INLINE void backward_strip(const stencil_ctx *c, stencil_work *w, int64_t b, int64_t h, int64_t y, int64_t x0)
+{
+    const int64_t dim = c->dim, kw = c->key_width, qw = c->query_width;
+    const strip_span sp = strip_entries(c, w, h, y, x0, 0);
+    const int64_t *at = c->row_at + sp.first;
+    const float *qs = w->qt + y * dim * kw + c->pad + x0, *gos = w->got + y * dim * kw + c->pad + x0;
+    const float *kt = w->kt + x0, *vt = w->vt + x0;
+    strip_dots(qs, kw, kt, kw, at, sp.count, dim, w->scores);
+    strip_dots(qs, kw, kt, kw, c->extra_at, sp.extra, dim, w->scores + sp.count);
+    strip_dots(gos, kw, vt, kw, at, sp.count, dim, w->grads);
+    strip_dots(gos, kw, vt, kw, c->extra_at, sp.extra, dim, w->grads + sp.count);
+    backward_softmax(c, w, b, h, y, sp, w->scores, w->grads, w->weights);
+    float *dq = w->dqt + y * dim * qw + x0;
+    strip_weighted(w->grads, kt, kw, at, sp.count, dim, dq, qw, 1);
+    strip_weighted(w->grads + sp.count, kt, kw, c->extra_at, sp.extra, dim, dq, qw, 1);
+    keep_strip_entries(c, w, y, sp, w->grads, w->weights, w->row_grads, w->row_weights);
+}
+
+/* dK and dV of the keys query row y reaches, one key row (one dy) at a time. */
+INLINE void gather_row_keys(const stencil_ctx *c, stencil_work *w, int64_t y, const float *row_grads,
+                            const float *row_weights)
+{
+    const int32_t *offsets = c->p->stencil_offsets;
+    const int64_t dim = c->dim, kw = c->key_width, row_first = c->row_first[y], row_next = c->row_first[y + 1];
+    const float *q_row = w->qt + y * dim * kw, *go_row = w->got + y * dim * kw;
+    for (int64_t u = row_first; u < row_next;) {
+        const int64_t dy = offsets[2 * c->row_offset[c->row_by_dy[u]]];
+        int64_t group_end = u;
+        while (group_end < row_next && offsets[2 * c->row_offset[c->row_by_dy[group_end]]] == dy) group_end++;
+        const int64_t key_row = (y + dy) * dim * kw + c->pad;
+        gather_key_grads(c, row_grads, q_row, w->dkt + key_row, c->row_by_dy + u, group_end - u, row_first);
+        gather_key_grads(c, row_weights, go_row, w->dvt + key_row, c->row_by_dy + u, group_end - u, row_first);
+        u = group_end;
+    }
+}
+
 /* The backward of a listed row that attends every token, on the panels: its
  * dK and dV go into the transposed gradient panels, its dQ into dq. */
 INLINE void backward_full_row(const stencil_ctx *c, stencil_work *w, int64_t b, int64_t h, int64_t g,
@@ -1108,7 +1212,6 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
         atomic_store(&c->failed, 1);
         return;
     }
-    const v8 zero = SPLAT(0.0f);
     for (;;) {
         const int64_t bh = atomic_fetch_add(&c->next_item, 1);
         if (bh >= p->batch * p->heads) break;
@@ -1138,6 +1241,8 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
                 w.row_delta[y * qw + x] = skip ? 0.0f : delta[i];
             }
         }
+        /* one image row at a time: taking two as the forward does was measured
+         * slower here (4% on LONGFORMER, 10% on STRIDED forward+backward) */
         for (int64_t y = 0; y < H; y++) {
             const int64_t row_first = c->row_first[y], row_next = c->row_first[y + 1];
             for (int64_t t = row_first; t < row_next; t++) {
@@ -1146,57 +1251,8 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
                 memset(w.row_grads + from, 0, (size_t)qw * sizeof(float));
                 memset(w.row_weights + from, 0, (size_t)qw * sizeof(float));
             }
-            const float *q_row = w.qt + y * dim * kw, *go_row = w.got + y * dim * kw;
-            for (int64_t x0 = 0; x0 < W; x0 += LANES) {
-                const strip_span sp = strip_entries(c, &w, h, y, x0, 0);
-                const int64_t count = sp.count + sp.extra;
-                const int64_t *at = c->row_at + sp.first;
-                const float *qs = q_row + c->pad + x0, *gos = go_row + c->pad + x0;
-                const float *kt = w.kt + x0, *vt = w.vt + x0;
-                strip_dots(qs, kw, kt, kw, at, sp.count, dim, w.scores);
-                strip_dots(qs, kw, kt, kw, c->extra_at, sp.extra, dim, w.scores + sp.count);
-                strip_dots(gos, kw, vt, kw, at, sp.count, dim, w.grads);
-                strip_dots(gos, kw, vt, kw, c->extra_at, sp.extra, dim, w.grads + sp.count);
-                const v8 row_lse = LOADU(w.row_lse + y * qw + x0);
-                const v8 row_delta = LOADU(w.row_delta + y * qw + x0);
-                /* lanes with +inf there take no part (padding, listed rows, rows without keys) */
-                const i8v live = row_lse != SPLAT(INFINITY);
-                const u8v query_keys = strip_query_keys(c, b, h, y, x0);
-                for (int64_t e = 0; e < count; e++) {
-                    const v8 s = masked_score(c, &w, sp, e, w.scores[e]);
-                    const v8 prob = SELECT(live, exp_v8(s - row_lse), zero);
-                    v8 keep = SPLAT(c->keep_scale);
-                    if (c->threshold > 0) keep = SELECT(entry_keep_lanes(c, sp, e, query_keys), keep, zero);
-                    w.weights[e] = prob * keep;                                   /* of dO in dV */
-                    w.grads[e] = prob * (w.grads[e] * keep - row_delta) * c->scale; /* dS */
-                }
-                float *dq = w.dqt + y * dim * qw + x0;
-                strip_weighted(w.grads, kt, kw, at, sp.count, dim, dq, qw, 1);
-                strip_weighted(w.grads + sp.count, kt, kw, c->extra_at, sp.extra, dim, dq, qw, 1);
-                /* the offsets' dK and dV are gathered per key row below; the extra keys'
-                 * broadcast rows take this strip's share at their own columns */
-                for (int64_t e = 0; e < sp.count; e++) {
-                    const int64_t at_row = (sp.first + e - row_first) * kw + c->pad + x0;
-                    STOREU(w.row_grads + at_row, w.grads[e]);
-                    STOREU(w.row_weights + at_row, w.weights[e]);
-                }
-                strip_scatter(w.grads + sp.count, qs, kw, w.dkt + x0, kw, c->extra_at, sp.extra, dim);
-                strip_scatter(w.weights + sp.count, gos, kw, w.dvt + x0, kw, c->extra_at, sp.extra, dim);
-            }
-            /* dK and dV of the keys this query row reaches, one key row (one dy) at a time */
-            for (int64_t u = row_first; u < row_next;) {
-                const int64_t dy = p->stencil_offsets[2 * c->row_offset[c->row_by_dy[u]]];
-                int64_t group_end = u;
-                while (group_end < row_next &&
-                       p->stencil_offsets[2 * c->row_offset[c->row_by_dy[group_end]]] == dy)
-                    group_end++;
-                const int64_t key_row = (y + dy) * dim * kw + c->pad;
-                gather_key_grads(c, w.row_grads, q_row, w.dkt + key_row, c->row_by_dy + u, group_end - u,
-                                 row_first);
-                gather_key_grads(c, w.row_weights, go_row, w.dvt + key_row, c->row_by_dy + u,
-                                 group_end - u, row_first);
-                u = group_end;
-            }
+            for (int64_t x0 = 0; x0 < W; x0 += LANES) backward_strip(c, &w, b, h, y, x0);
+            gather_row_keys(c, &w, y, w.row_grads, w.row_weights);
         }
         for (int64_t t = 0; t < p->stencil_num_rows; t++)
             if (c->listed_full[t]) backward_full_row(c, &w, b, h, p->stencil_rows[t], w.full_dq + t * dim);
@@ -1300,6 +1356,7 @@ static int pair_tables_init(stencil_ctx *c, char *err, size_t len)
         }
     }
     c->lone_first[H] = lone;
+    c->use_pairs = 2 * pairs >= total;
     free(offset_of);
     free(entry_of);
     free(taken);
