@@ -665,6 +665,58 @@ int sa_cpu_backward_tiled(const sa_attention_params *p, const int64_t (*passes)[
     return SA_OK;
 }
 
+/* Every pass for one (batch, head) after another, so that a later pass merges
+ * into outputs and reads queries, keys and values that the earlier pass has
+ * just left in the caches (pass after pass over all heads reads them back from
+ * memory). */
+typedef struct {
+    const sa_attention_params *p;
+    const int64_t (*passes)[6];
+    int64_t num_passes;
+    const int32_t *base;
+    int failed;
+} plan_forward_ctx;
+
+static void forward_plan_heads(void *opaque, int64_t begin, int64_t end)
+{
+    plan_forward_ctx *plan = opaque;
+    for (int64_t bh = begin; bh < end; bh++) {
+        for (int64_t i = 0; i < plan->num_passes; i++) {
+            sa_attention_params pass = *plan->p;
+            const int64_t *f = plan->passes[i];
+            pass.num_tiles = f[0];
+            pass.num_chunks = f[1];
+            pass.tile_queries = plan->base + f[2];
+            pass.tile_chunk_ptr = plan->base + f[3];
+            pass.chunk_keys = plan->base + f[4];
+            pass.chunk_masks = (const uint64_t *)(plan->base + f[5]);
+            pass.merge_previous = i > 0;
+            tiled_ctx ctx = tiled_ctx_for(&pass);
+            forward_tiles(&ctx, bh * pass.num_tiles, (bh + 1) * pass.num_tiles);
+            if (ctx.failed) plan->failed = 1;
+        }
+    }
+}
+
+int sa_cpu_forward_tiled_plan(const sa_attention_params *p, const int64_t (*passes)[6], int64_t num_passes,
+                              const int32_t *base, int num_threads, char *err, size_t len)
+{
+    if (p->dtype != SA_F32) {
+        snprintf(err, len, "query: the tiled CPU kernel takes float32");
+        return SA_ERR_UNSUPPORTED;
+    }
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, fill_bit_floats);
+    plan_forward_ctx plan = {p, passes, num_passes, base, 0};
+    const int64_t items = p->batch * p->heads;
+    if (items == 0) return SA_OK;
+    if (sa_parallel_for(items, 1, num_threads, forward_plan_heads, &plan) != 0 || plan.failed) {
+        snprintf(err, len, "could not run the tiled CPU kernel (out of memory)");
+        return SA_ERR_MEMORY;
+    }
+    return SA_OK;
+}
+
 int sa_cpu_forward_tiled(const sa_attention_params *p, int num_threads, char *err, size_t len)
 {
     if (p->dtype != SA_F32) {

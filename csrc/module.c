@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "attention.h"
+#include "attention_cpu_tiled.h"
 #include "dlpack_bridge.h"
 #include "layout.h"
 
@@ -473,6 +474,19 @@ static void select_pass(sa_attention_params *p, const tile_plan *plan, int64_t i
     p->merge_previous = i > 0;
 }
 
+/* A CPU forward over several passes with enough (batch, head) pairs to share
+ * out: every pass of one pair after another (attention_cpu_tiled.c). */
+static int run_cpu_plan_forward(sa_attention_params *p, const tile_plan *plan)
+{
+    char err[ERR_LEN] = "";
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = sa_cpu_forward_tiled_plan(p, (const int64_t(*)[6])plan->fields, plan->count, plan->base,
+                                       sa_cpu_get_num_threads(), err, sizeof(err));
+    Py_END_ALLOW_THREADS
+    return status == SA_OK ? 0 : raise_status(status, err);
+}
+
 static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     (void)self;
@@ -558,9 +572,14 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
     if (plan.count > 0) {
         /* the passes in order (later ones merge into earlier ones), then the rows the
          * plan leaves to the block-per-row kernel (listed in long_rows) */
-        for (int64_t i = 0; i < plan.count; i++) {
-            select_pass(&p, &plan, i);
-            if (run_kernel(is_cuda(q), 0, &p) < 0) goto fail;
+        if (!is_cuda(q) && plan.count > 1 && p.dtype == SA_F32 &&
+            p.batch * p.heads >= 2 * (int64_t)sa_cpu_get_num_threads()) {
+            if (run_cpu_plan_forward(&p, &plan) < 0) goto fail;
+        } else {
+            for (int64_t i = 0; i < plan.count; i++) {
+                select_pass(&p, &plan, i);
+                if (run_kernel(is_cuda(q), 0, &p) < 0) goto fail;
+            }
         }
         p.tile_queries = NULL;
         p.merge_previous = 0;

@@ -138,6 +138,27 @@ def test_bad_plans_are_refused_or_contained():
     assert (out == 0).all() and torch.isinf(lse).all()
 
 
+def test_passes_head_by_head_match_passes_over_all_heads():
+    # with enough (batch, head) pairs per thread the CPU runs every pass of one
+    # pair after another; otherwise each pass over all pairs: the same sums
+    layout = build_layout("axial", 18, 22)
+    assert len(layout.tile_plan()) == 2
+    (q, k, v), bias = make(2, 2, 18 * 22, 16, bias_side=7)
+    args = dict(rel_pos_bias=bias.float(), dropout_p=0.1, dropout_seed=5, return_lse=True)
+    before = get_num_threads()
+    try:
+        set_num_threads(1)  # 4 pairs for 1 thread: head by head
+        by_head = attention(q.float(), k.float(), v.float(), layout, **args)
+        set_num_threads(3)  # 4 pairs for 3 threads: pass by pass
+        by_pass = attention(q.float(), k.float(), v.float(), layout, **args)
+    finally:
+        set_num_threads(before)
+    for a, b in zip(by_head, by_pass):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    expected = reference_attention(q, k, v, layout, bias=bias, dropout_p=0.1, dropout_seed=5)
+    torch.testing.assert_close(by_head[0].double(), expected[0], atol=2e-5, rtol=2e-5)
+
+
 def test_numpy_arrays_take_the_tiled_path_too():
     layout = build_layout("axial", 20, 30)
     (q, k, v), _ = make(1, 2, 600, 16)
