@@ -103,17 +103,6 @@ typedef struct {
     int64_t *extra_at;    /* panel index of each extra key's broadcast row, pad included */
     int32_t *row_by_dy;   /* per row, its table entries ordered by (dy, dx) */
     uint8_t *listed_full; /* per listed row: it attends every token (done here, not by the row kernel) */
-    /* The forward takes image rows two at a time: rows y and y + 1 (y even)
-     * read the same key for the offsets (dy, dx) and (dy - 1, dx), so one
-     * loaded key vector serves both. pair_first[y / 2] .. pair_first[y / 2 + 1]
-     * index such matched entries (pair_a: of row y, pair_b: of row y + 1, both
-     * row-table indices), ordered by dx; lone_first[y] .. lone_first[y + 1]
-     * the entries of row y that have no partner. */
-    int64_t *pair_first, *lone_first;
-    int32_t *pair_a, *pair_b, *pair_dx, *lone_entry, *lone_dx;
-    /* whether most entries have a partner (a window does; STRIDED's lattice
-     * does not, and its lone entries cost more in pairs than they save) */
-    int use_pairs;
     int64_t max_row_entries;
     atomic_llong next_item;
     atomic_int failed;
@@ -122,15 +111,11 @@ typedef struct {
 /* A thread's panels and the entry lists of one strip. */
 typedef struct {
     float *qt, *kt, *vt, *valid;      /* [row][d][x]; valid: [row][x], 1 where a key may be attended */
-    float *lanes_valid;               /* [2][extra key][LANES] of the current strip (two rows) */
-    float *lanes_bias;                /* [2][extra key][LANES] of the current strip */
+    float *lanes_valid;               /* [extra key][LANES] of the current strip */
+    float *lanes_bias;                /* [extra key][LANES] of the current strip */
     float *offset_bias;               /* [offset][LANES]: the bias of an offset is one number */
     v8 *scores, *weights, *grads;     /* [entry] */
-    float *strip_out;                 /* [2][d][LANES]: a strip's outputs (two rows) */
-    v8 *scores_b, *weights_b;         /* [entry]: the second row of a pair */
-    v8 *gathered_a, *gathered_b;      /* [entry]: scores or weights in the order of a pass */
-    int64_t *pass_at;                 /* [entry]: the keys of a pass over the panels */
-    int32_t *slot_a, *slot_b;         /* [entry]: where they go in each row's entries */
+    float *strip_out;                 /* [d][LANES] */
     float *full_row;                  /* [y][x]: a listed row's scores, then weights */
     float *full_grads;                /* [y][x]: its dS (backward) */
     float *full_dq;                   /* [listed row][d]: their dQ (backward) */
@@ -211,19 +196,15 @@ static int work_alloc(stencil_work *w, const stencil_ctx *c, int backward)
     const int64_t extra = c->p->stencil_num_keys > 0 ? c->p->stencil_num_keys : 1;
     const int64_t offsets = c->p->stencil_num_offsets > 0 ? c->p->stencil_num_offsets : 1;
     const int64_t rows_q = c->height * c->query_width, row_buffer = c->max_row_entries * c->key_width + 1;
-    float *scores = NULL, *weights = NULL, *grads = NULL, *scores_b = NULL, *weights_b = NULL;
-    float *gathered_a = NULL, *gathered_b = NULL, *pass_at = NULL, *slot_a = NULL, *slot_b = NULL;
+    float *scores = NULL, *weights = NULL, *grads = NULL;
     float **slots[] = {&w->qt, &w->kt, &w->vt, &w->valid, &w->lanes_valid, &w->lanes_bias,
-                       &w->offset_bias, &scores, &weights, &grads, &w->strip_out,
-                       &scores_b, &weights_b, &gathered_a, &gathered_b, &pass_at, &slot_a, &slot_b,
-                       &w->full_row, &w->full_grads, &w->full_dq,
+                       &w->offset_bias, &scores, &weights, &grads, &w->strip_out, &w->full_row,
+                       &w->full_grads, &w->full_dq,
                        &w->got, &w->dqt, &w->dkt, &w->dvt, &w->row_lse, &w->row_delta,
                        &w->row_grads, &w->row_weights};
     const int64_t floats[] = {query_panel, key_panel, key_panel, c->panel_rows * c->key_width,
-                              2 * extra * LANES, 2 * extra * LANES, offsets * LANES, entries * LANES,
-                              entries * LANES, entries * LANES, 2 * (c->dim * LANES + LANES),
-                              entries * LANES, entries * LANES, entries * LANES, entries * LANES,
-                              2 * entries, entries, entries, rows_q,
+                              extra * LANES, extra * LANES, offsets * LANES, entries * LANES,
+                              entries * LANES, entries * LANES, c->dim * LANES + LANES, rows_q,
                               backward ? rows_q : 0, backward ? (c->p->stencil_num_rows + 1) * c->dim : 0,
                               backward ? query_panel : 0, backward ? c->height * c->dim * c->query_width : 0,
                               backward ? key_panel : 0, backward ? key_panel : 0, backward ? rows_q : 0,
@@ -242,13 +223,6 @@ static int work_alloc(stencil_work *w, const stencil_ctx *c, int backward)
     w->scores = (v8 *)scores;
     w->weights = (v8 *)weights;
     w->grads = (v8 *)grads;
-    w->scores_b = (v8 *)scores_b;
-    w->weights_b = (v8 *)weights_b;
-    w->gathered_a = (v8 *)gathered_a;
-    w->gathered_b = (v8 *)gathered_b;
-    w->pass_at = (int64_t *)(void *)pass_at;
-    w->slot_a = (int32_t *)(void *)slot_a;
-    w->slot_b = (int32_t *)(void *)slot_b;
     return 0;
 }
 
@@ -354,17 +328,17 @@ INLINE void build_key_panels(const stencil_ctx *c, stencil_work *w, int64_t b, i
  * tables whose offsets land on the grid for some lane, then the extra keys. */
 typedef struct {
     int64_t first, count, extra, x0;
-    const float *lanes_valid, *lanes_bias; /* the extra keys' lanes */
 } strip_span;
 
-/* Within lo .. hi of a list ordered by dx, the run with -x0 - 7 <= dx <= W - 1 - x0:
- * the offsets that land on the grid for some lane of the strip at x0. */
-static inline void dx_run(const int32_t *dx, int64_t lo, int64_t hi, int64_t x0, int64_t W,
-                          int64_t *first, int64_t *count)
+static strip_span strip_entries(const stencil_ctx *c, stencil_work *w, int64_t h, int64_t y, int64_t x0)
 {
+    const sa_attention_params *p = c->p;
+    const int64_t kw = c->key_width, W = c->width;
+    /* the run of offsets with -x0 - 7 <= dx <= W - 1 - x0 */
+    int64_t lo = c->row_first[y], hi = c->row_first[y + 1];
     for (int64_t span = hi - lo; span > 0;) { /* first dx >= -x0 - 7 */
         const int64_t half = span / 2;
-        if (dx[lo + half] < -x0 - (LANES - 1)) {
+        if (c->row_dx[lo + half] < -x0 - (LANES - 1)) {
             lo += half + 1;
             span -= half + 1;
         } else {
@@ -373,30 +347,16 @@ static inline void dx_run(const int32_t *dx, int64_t lo, int64_t hi, int64_t x0,
     }
     for (int64_t span = hi - lo; span > 0;) { /* first dx > W - 1 - x0 */
         const int64_t half = span / 2;
-        if (dx[hi - span + half] <= W - 1 - x0) {
+        if (c->row_dx[hi - span + half] <= W - 1 - x0) {
             span -= half + 1;
         } else {
             hi = hi - span + half;
             span = half;
         }
     }
-    *first = lo;
-    *count = hi - lo;
-}
-
-/* side 0 or 1: which of the two rows of a pair (their extra keys' lanes apart) */
-static strip_span strip_entries(const stencil_ctx *c, stencil_work *w, int64_t h, int64_t y, int64_t x0,
-                                int side)
-{
-    const sa_attention_params *p = c->p;
-    const int64_t kw = c->key_width, W = c->width;
-    int64_t lo, count;
-    dx_run(c->row_dx, c->row_first[y], c->row_first[y + 1], x0, W, &lo, &count);
-    float *lanes_valid = w->lanes_valid + side * p->stencil_num_keys * LANES;
-    float *lanes_bias = w->lanes_bias + side * p->stencil_num_keys * LANES;
     for (int64_t g = 0; g < p->stencil_num_keys; g++) {
         const int64_t j = p->stencil_keys[g], r = c->height + g, jy = j / W, jx = j % W;
-        float *valid = lanes_valid + g * LANES, *bias = lanes_bias + g * LANES;
+        float *valid = w->lanes_valid + g * LANES, *bias = w->lanes_bias + g * LANES;
         for (int l = 0; l < LANES; l++) {
             const int64_t x = x0 + l;
             /* a key the offsets reach already is not attended twice */
@@ -405,7 +365,7 @@ static strip_span strip_entries(const stencil_ctx *c, stencil_work *w, int64_t h
             bias[l] = x < W ? bias_of(p, h, y - jy, x - jx) : 0.0f;
         }
     }
-    return (strip_span){lo, count, p->stencil_num_keys, x0, lanes_valid, lanes_bias};
+    return (strip_span){lo, hi - lo, p->stencil_num_keys, x0};
 }
 
 /* The scaled, biased score of entry e, -inf where the key may not be attended. */
@@ -418,8 +378,8 @@ INLINE v8 masked_score(const stencil_ctx *c, const stencil_work *w, strip_span s
         valid = LOADU(w->valid + sp.x0 + c->row_valid[t]);
         bias = LOADU(w->offset_bias + c->row_offset[t] * LANES);
     } else {
-        valid = LOADU(sp.lanes_valid + (e - sp.count) * LANES);
-        bias = LOADU(sp.lanes_bias + (e - sp.count) * LANES);
+        valid = LOADU(w->lanes_valid + (e - sp.count) * LANES);
+        bias = LOADU(w->lanes_bias + (e - sp.count) * LANES);
     }
     if (c->p->bias_table != NULL) s += bias;
     return SELECT(valid != SPLAT(0.0f), s, SPLAT(-INFINITY));
@@ -502,16 +462,9 @@ INLINE u8v strip_query_keys(const stencil_ctx *c, int64_t b, int64_t h, int64_t 
 }
 
 /* The outputs, log-sum-exps and statistics of a strip's queries. */
-typedef struct {
-    v8 sum, shift, sum_sq, sum_shifted;
-    i8v nan_lanes;
-} strip_softmax;
-
-INLINE void write_strip(const stencil_ctx *c, const float *strip_out, int64_t b, int64_t h, int64_t y,
-                        int64_t x0, strip_softmax st)
+INLINE void write_strip(const stencil_ctx *c, stencil_work *w, int64_t b, int64_t h, int64_t y,
+                        int64_t x0, v8 sum, v8 shift, v8 sum_sq, v8 sum_shifted, i8v nan_lanes)
 {
-    const v8 sum = st.sum, shift = st.shift, sum_sq = st.sum_sq, sum_shifted = st.sum_shifted;
-    const i8v nan_lanes = st.nan_lanes;
     const sa_attention_params *p = c->p;
     const int64_t W = c->width, dim = c->dim, bh = b * p->heads + h;
     const v8 zero = SPLAT(0.0f);
@@ -542,14 +495,14 @@ INLINE void write_strip(const stencil_ctx *c, const float *strip_out, int64_t b,
     int64_t d0 = 0;
     for (; d0 + 8 <= dim; d0 += 8) {
         v8 block[8];
-        for (int i = 0; i < 8; i++) block[i] = LOADU(strip_out + (d0 + i) * LANES) * factor;
+        for (int i = 0; i < 8; i++) block[i] = LOADU(w->strip_out + (d0 + i) * LANES) * factor;
         transpose8(block);
         for (int l = 0; l < LANES; l++)
             if (rows[l]) STOREU(rows[l] + d0, block[l]);
     }
     for (; d0 < dim; d0++)
         for (int l = 0; l < LANES; l++)
-            if (rows[l]) rows[l][d0] = strip_out[d0 * LANES + l] * factor[l];
+            if (rows[l]) rows[l][d0] = w->strip_out[d0 * LANES + l] * factor[l];
 }
 
 /* A listed row that attends every token (LONGFORMER's global query), on the
@@ -681,268 +634,6 @@ INLINE void forward_full_row(const stencil_ctx *c, stencil_work *w, int64_t b, i
     }
 }
 
-/* Masks, softmax and dropout of one strip's scores: weights[e] are the
- * probabilities (not yet divided by their sum) times the keep scale. */
-INLINE strip_softmax softmax_strip(const stencil_ctx *c, int64_t b, int64_t h, int64_t y, strip_span sp,
-                                   v8 *restrict scores, v8 *restrict weights, const stencil_work *w)
-{
-    const v8 neg_inf = SPLAT(-INFINITY);
-    const int64_t count = sp.count + sp.extra;
-    /* two running maxima, so that the compares do not wait on each other */
-    v8 top = neg_inf, top_odd = neg_inf;
-    i8v nan_lanes = {0};
-    int64_t e = 0;
-    for (; e + 2 <= count; e += 2) {
-        const v8 s0 = masked_score(c, w, sp, e, scores[e]);
-        const v8 s1 = masked_score(c, w, sp, e + 1, scores[e + 1]);
-        nan_lanes |= (s0 != s0) | (s1 != s1);
-        top = SELECT(s0 > top, s0, top);
-        top_odd = SELECT(s1 > top_odd, s1, top_odd);
-        scores[e] = s0;
-        scores[e + 1] = s1;
-    }
-    for (; e < count; e++) {
-        const v8 s0 = masked_score(c, w, sp, e, scores[e]);
-        nan_lanes |= s0 != s0;
-        top = SELECT(s0 > top, s0, top);
-        scores[e] = s0;
-    }
-    top = SELECT(top_odd > top, top_odd, top);
-    const v8 shift = SELECT(top == neg_inf, SPLAT(0.0f), top);
-    const u8v query_keys = strip_query_keys(c, b, h, y, sp.x0);
-    v8 sum = SPLAT(0.0f), sum_sq = SPLAT(0.0f), sum_shifted = SPLAT(0.0f);
-    const int want_stats = c->p->row_stats != NULL;
-    for (e = 0; e < count; e++) {
-        const v8 shifted = scores[e] - shift;
-        const v8 prob = exp_v8(shifted);
-        sum += prob;
-        if (want_stats) {
-            sum_sq += prob * prob;
-            sum_shifted += SELECT(prob != SPLAT(0.0f), prob * shifted, SPLAT(0.0f));
-        }
-        v8 weight = prob * c->keep_scale;
-        if (c->threshold > 0) weight = SELECT(entry_keep_lanes(c, sp, e, query_keys), weight, SPLAT(0.0f));
-        weights[e] = weight;
-    }
-    return (strip_softmax){sum, shift, sum_sq, sum_shifted, nan_lanes};
-}
-
-/* One strip of one image row (the last row of an odd height). */
-INLINE void forward_strip(const stencil_ctx *c, stencil_work *w, int64_t b, int64_t h, int64_t y, int64_t x0)
-{
-    const int64_t dim = c->dim, kw = c->key_width;
-    const strip_span sp = strip_entries(c, w, h, y, x0, 0);
-    const float *qs = w->qt + y * dim * c->query_width + x0;
-    strip_dots(qs, c->query_width, w->kt + x0, kw, c->row_at + sp.first, sp.count, dim, w->scores);
-    strip_dots(qs, c->query_width, w->kt + x0, kw, c->extra_at, sp.extra, dim, w->scores + sp.count);
-    const strip_softmax st = softmax_strip(c, b, h, y, sp, w->scores, w->weights, w);
-    strip_weighted(w->weights, w->vt + x0, kw, c->row_at + sp.first, sp.count, dim, w->strip_out, LANES, 0);
-    strip_weighted(w->weights + sp.count, w->vt + x0, kw, c->extra_at, sp.extra, dim, w->strip_out, LANES, 1);
-    write_strip(c, w->strip_out, b, h, y, x0, st);
-}
-
-/* out_a[e] = sum_d a[d] * panel[at[e] + d * stride], out_b[e] likewise with b:
- * two query rows against the same keys, four keys at a time, so that each
- * loaded key vector feeds two multiply-adds and eight sums stay in registers. */
-INLINE void pair_dots(const float *restrict a, const float *restrict b, int64_t ab_stride,
-                      const float *restrict panel, int64_t stride, const int64_t *restrict at,
-                      int64_t count, int64_t dim, v8 *restrict out_a, v8 *restrict out_b)
-{
-    int64_t e = 0;
-    for (; e + 4 <= count; e += 4) {
-        const float *k0 = panel + at[e], *k1 = panel + at[e + 1], *k2 = panel + at[e + 2], *k3 = panel + at[e + 3];
-        v8 a0 = SPLAT(0.0f), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-        for (int64_t d = 0; d < dim; d++) {
-            const v8 x = LOADU(a + d * ab_stride), z = LOADU(b + d * ab_stride);
-            const int64_t o = d * stride;
-            v8 u = LOAD_ONCE(k0 + o);
-            a0 += x * u;
-            b0 += z * u;
-            u = LOAD_ONCE(k1 + o);
-            a1 += x * u;
-            b1 += z * u;
-            u = LOAD_ONCE(k2 + o);
-            a2 += x * u;
-            b2 += z * u;
-            u = LOAD_ONCE(k3 + o);
-            a3 += x * u;
-            b3 += z * u;
-        }
-        out_a[e] = a0;
-        out_a[e + 1] = a1;
-        out_a[e + 2] = a2;
-        out_a[e + 3] = a3;
-        out_b[e] = b0;
-        out_b[e + 1] = b1;
-        out_b[e + 2] = b2;
-        out_b[e + 3] = b3;
-    }
-    for (; e < count; e++) {
-        const float *k0 = panel + at[e];
-        v8 a0 = SPLAT(0.0f), a1 = a0, b0 = a0, b1 = a0;
-        int64_t d = 0;
-        for (; d + 2 <= dim; d += 2) {
-            const v8 u = LOAD_ONCE(k0 + d * stride), t = LOAD_ONCE(k0 + (d + 1) * stride);
-            a0 += LOADU(a + d * ab_stride) * u;
-            b0 += LOADU(b + d * ab_stride) * u;
-            a1 += LOADU(a + (d + 1) * ab_stride) * t;
-            b1 += LOADU(b + (d + 1) * ab_stride) * t;
-        }
-        if (d < dim) {
-            const v8 u = LOAD_ONCE(k0 + d * stride);
-            a0 += LOADU(a + d * ab_stride) * u;
-            b0 += LOADU(b + d * ab_stride) * u;
-        }
-        out_a[e] = a0 + a1;
-        out_b[e] = b0 + b1;
-    }
-}
-
-/* out_a[d] (+)= sum_e weight_a[e] * panel[at[e] + d * stride], out_b[d] likewise:
- * the weighted sums of two query rows over the same keys, four rows of d at a
- * time (eight sums in registers); out strided by out_stride. */
-INLINE void pair_weighted(const v8 *restrict weight_a, const v8 *restrict weight_b,
-                          const float *restrict panel, int64_t stride, const int64_t *restrict at,
-                          int64_t count, int64_t dim, float *restrict out_a, float *restrict out_b,
-                          int64_t out_stride, int accumulate)
-{
-#define PAIR_STORE(out, i, acc) \
-    STOREU(out + (d0 + i) * out_stride, accumulate ? acc + LOADU(out + (d0 + i) * out_stride) : acc)
-    int64_t d0 = 0;
-    for (; d0 + 4 <= dim; d0 += 4) {
-        v8 a0 = SPLAT(0.0f), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-        for (int64_t e = 0; e < count; e++) {
-            const float *v = panel + at[e] + d0 * stride;
-            const v8 x = weight_a[e], z = weight_b[e];
-            v8 u = LOAD_ONCE(v);
-            a0 += x * u;
-            b0 += z * u;
-            u = LOAD_ONCE(v + stride);
-            a1 += x * u;
-            b1 += z * u;
-            u = LOAD_ONCE(v + 2 * stride);
-            a2 += x * u;
-            b2 += z * u;
-            u = LOAD_ONCE(v + 3 * stride);
-            a3 += x * u;
-            b3 += z * u;
-        }
-        PAIR_STORE(out_a, 0, a0);
-        PAIR_STORE(out_a, 1, a1);
-        PAIR_STORE(out_a, 2, a2);
-        PAIR_STORE(out_a, 3, a3);
-        PAIR_STORE(out_b, 0, b0);
-        PAIR_STORE(out_b, 1, b1);
-        PAIR_STORE(out_b, 2, b2);
-        PAIR_STORE(out_b, 3, b3);
-    }
-    for (; d0 < dim; d0++) {
-        v8 acc_a = SPLAT(0.0f), acc_b = acc_a;
-        for (int64_t e = 0; e < count; e++) {
-            const v8 u = LOAD_ONCE(panel + at[e] + d0 * stride);
-            acc_a += weight_a[e] * u;
-            acc_b += weight_b[e] * u;
-        }
-        PAIR_STORE(out_a, 0, acc_a);
-        PAIR_STORE(out_b, 0, acc_b);
-    }
-#undef PAIR_STORE
-}
-
-/* The entries of row y + side that have no partner in the other row of the
- * pair, within the strip: their keys into pass_at, their places into slot. */
-INLINE int64_t lone_entries(const stencil_ctx *c, stencil_work *w, int64_t y, strip_span sp, int32_t *slot)
-{
-    int64_t lo, count;
-    dx_run(c->lone_dx, c->lone_first[y], c->lone_first[y + 1], sp.x0, c->width, &lo, &count);
-    for (int64_t k = 0; k < count; k++) {
-        const int32_t t = c->lone_entry[lo + k];
-        w->pass_at[k] = c->row_at[t];
-        slot[k] = (int32_t)(t - sp.first);
-    }
-    return count;
-}
-
-/* The keys both rows of the pair (y, y + 1) read in the strip at sp_a.x0:
- * matched offsets, then the extra keys, into pass_at, slot_a and slot_b. */
-INLINE int64_t shared_keys(const stencil_ctx *c, stencil_work *w, int64_t y, strip_span sp_a, strip_span sp_b)
-{
-    int64_t lo, matched;
-    dx_run(c->pair_dx, c->pair_first[y / 2], c->pair_first[y / 2 + 1], sp_a.x0, c->width, &lo, &matched);
-    int64_t n = 0;
-    for (int64_t k = 0; k < matched; k++, n++) {
-        const int32_t ta = c->pair_a[lo + k];
-        w->pass_at[n] = c->row_at[ta];
-        w->slot_a[n] = (int32_t)(ta - sp_a.first);
-        w->slot_b[n] = (int32_t)(c->pair_b[lo + k] - sp_b.first);
-    }
-    for (int64_t g = 0; g < c->p->stencil_num_keys; g++, n++) {
-        w->pass_at[n] = c->extra_at[g];
-        w->slot_a[n] = (int32_t)(sp_a.count + g);
-        w->slot_b[n] = (int32_t)(sp_b.count + g);
-    }
-    return n;
-}
-
-/* out_a[e] = a . panel at entry e of row y, out_b[e] = b . panel at entry e of
- * row y + 1, for every entry of both strips: shared keys once for both rows. */
-INLINE void pair_row_dots(const stencil_ctx *c, stencil_work *w, int64_t y, strip_span sp_a, strip_span sp_b,
-                          const float *a, const float *b, int64_t ab_stride, const float *panel,
-                          v8 *out_a, v8 *out_b)
-{
-    const int64_t dim = c->dim, kw = c->key_width;
-    const int64_t n = shared_keys(c, w, y, sp_a, sp_b);
-    pair_dots(a, b, ab_stride, panel, kw, w->pass_at, n, dim, w->gathered_a, w->gathered_b);
-    for (int64_t k = 0; k < n; k++) {
-        out_a[w->slot_a[k]] = w->gathered_a[k];
-        out_b[w->slot_b[k]] = w->gathered_b[k];
-    }
-    int64_t lone = lone_entries(c, w, y, sp_a, w->slot_a);
-    strip_dots(a, ab_stride, panel, kw, w->pass_at, lone, dim, w->gathered_a);
-    for (int64_t k = 0; k < lone; k++) out_a[w->slot_a[k]] = w->gathered_a[k];
-    lone = lone_entries(c, w, y + 1, sp_b, w->slot_b);
-    strip_dots(b, ab_stride, panel, kw, w->pass_at, lone, dim, w->gathered_b);
-    for (int64_t k = 0; k < lone; k++) out_b[w->slot_b[k]] = w->gathered_b[k];
-}
-
-/* out_a[d] (+)= sum over the entries e of row y of weight_a[e] * panel at e,
- * out_b likewise for row y + 1 (out strided by out_stride). */
-INLINE void pair_row_weighted(const stencil_ctx *c, stencil_work *w, int64_t y, strip_span sp_a,
-                              strip_span sp_b, const v8 *weight_a, const v8 *weight_b, const float *panel,
-                              float *out_a, float *out_b, int64_t out_stride, int accumulate)
-{
-    const int64_t dim = c->dim, kw = c->key_width;
-    const int64_t n = shared_keys(c, w, y, sp_a, sp_b);
-    for (int64_t k = 0; k < n; k++) {
-        w->gathered_a[k] = weight_a[w->slot_a[k]];
-        w->gathered_b[k] = weight_b[w->slot_b[k]];
-    }
-    pair_weighted(w->gathered_a, w->gathered_b, panel, kw, w->pass_at, n, dim, out_a, out_b, out_stride,
-                  accumulate);
-    int64_t lone = lone_entries(c, w, y, sp_a, w->slot_a);
-    for (int64_t k = 0; k < lone; k++) w->gathered_a[k] = weight_a[w->slot_a[k]];
-    strip_weighted(w->gathered_a, panel, kw, w->pass_at, lone, dim, out_a, out_stride, 1);
-    lone = lone_entries(c, w, y + 1, sp_b, w->slot_b);
-    for (int64_t k = 0; k < lone; k++) w->gathered_b[k] = weight_b[w->slot_b[k]];
-    strip_weighted(w->gathered_b, panel, kw, w->pass_at, lone, dim, out_b, out_stride, 1);
-}
-
-/* The strips (y, x0) and (y + 1, x0) together: the keys both rows read are
- * loaded once for both; each row's softmax runs on its own entries. */
-INLINE void forward_pair(const stencil_ctx *c, stencil_work *w, int64_t b, int64_t h, int64_t y, int64_t x0)
-{
-    const int64_t dim = c->dim, qw = c->query_width;
-    const strip_span sa = strip_entries(c, w, h, y, x0, 0), sb = strip_entries(c, w, h, y + 1, x0, 1);
-    const float *qa = w->qt + y * dim * qw + x0;
-    float *out_a = w->strip_out, *out_b = w->strip_out + dim * LANES + LANES;
-    pair_row_dots(c, w, y, sa, sb, qa, qa + dim * qw, qw, w->kt + x0, w->scores, w->scores_b);
-    const strip_softmax st_a = softmax_strip(c, b, h, y, sa, w->scores, w->weights, w);
-    const strip_softmax st_b = softmax_strip(c, b, h, y + 1, sb, w->scores_b, w->weights_b, w);
-    pair_row_weighted(c, w, y, sa, sb, w->weights, w->weights_b, w->vt + x0, out_a, out_b, LANES, 0);
-    write_strip(c, out_a, b, h, y, x0, st_a);
-    write_strip(c, out_b, b, h, y + 1, x0, st_b);
-}
-
 STENCIL_CLONES
 static void forward_heads(void *opaque, int64_t first, int64_t last)
 {
@@ -950,7 +641,7 @@ static void forward_heads(void *opaque, int64_t first, int64_t last)
     (void)last;
     stencil_ctx *c = opaque;
     const sa_attention_params *p = c->p;
-    const int64_t W = c->width, dim = c->dim;
+    const int64_t W = c->width, dim = c->dim, kw = c->key_width;
     const int want_stats = p->row_stats != NULL;
     stencil_work w;
     if (work_alloc(&w, c, 0) < 0) {
@@ -958,6 +649,7 @@ static void forward_heads(void *opaque, int64_t first, int64_t last)
         atomic_store(&c->failed, 1);
         return;
     }
+    const v8 neg_inf = SPLAT(-INFINITY);
     for (;;) {
         const int64_t bh = atomic_fetch_add(&c->next_item, 1);
         if (bh >= p->batch * p->heads) break;
@@ -977,13 +669,53 @@ static void forward_heads(void *opaque, int64_t first, int64_t last)
         }
         build_key_panels(c, &w, b, h);
         transpose_in(p->q, p->q_stride, b, h, c, w.qt, c->query_width, 0, 0, c->height);
-        for (int64_t y = 0; y < c->height;) {
-            if (c->use_pairs && y + 1 < c->height) {
-                for (int64_t x0 = 0; x0 < W; x0 += LANES) forward_pair(c, &w, b, h, y, x0);
-                y += 2;
-            } else {
-                for (int64_t x0 = 0; x0 < W; x0 += LANES) forward_strip(c, &w, b, h, y, x0);
-                y++;
+        for (int64_t y = 0; y < c->height; y++) {
+            for (int64_t x0 = 0; x0 < W; x0 += LANES) {
+                const strip_span sp = strip_entries(c, &w, h, y, x0);
+                const int64_t count = sp.count + sp.extra;
+                const float *qs = w.qt + y * dim * c->query_width + x0;
+                strip_dots(qs, c->query_width, w.kt + x0, kw, c->row_at + sp.first, sp.count, dim, w.scores);
+                strip_dots(qs, c->query_width, w.kt + x0, kw, c->extra_at, sp.extra, dim, w.scores + sp.count);
+                /* two running maxima, so that the compares do not wait on each other */
+                v8 top = neg_inf, top_odd = neg_inf;
+                i8v nan_lanes = {0};
+                int64_t e = 0;
+                for (; e + 2 <= count; e += 2) {
+                    const v8 s0 = masked_score(c, &w, sp, e, w.scores[e]);
+                    const v8 s1 = masked_score(c, &w, sp, e + 1, w.scores[e + 1]);
+                    nan_lanes |= (s0 != s0) | (s1 != s1);
+                    top = SELECT(s0 > top, s0, top);
+                    top_odd = SELECT(s1 > top_odd, s1, top_odd);
+                    w.scores[e] = s0;
+                    w.scores[e + 1] = s1;
+                }
+                for (; e < count; e++) {
+                    const v8 s0 = masked_score(c, &w, sp, e, w.scores[e]);
+                    nan_lanes |= s0 != s0;
+                    top = SELECT(s0 > top, s0, top);
+                    w.scores[e] = s0;
+                }
+                top = SELECT(top_odd > top, top_odd, top);
+                const v8 shift = SELECT(top == neg_inf, SPLAT(0.0f), top);
+                const u8v query_keys = strip_query_keys(c, b, h, y, x0);
+                v8 sum = SPLAT(0.0f), sum_sq = SPLAT(0.0f), sum_shifted = SPLAT(0.0f);
+                for (e = 0; e < count; e++) {
+                    const v8 shifted = w.scores[e] - shift;
+                    const v8 prob = exp_v8(shifted);
+                    sum += prob;
+                    if (want_stats) {
+                        sum_sq += prob * prob;
+                        sum_shifted += SELECT(prob != SPLAT(0.0f), prob * shifted, SPLAT(0.0f));
+                    }
+                    v8 weight = prob * c->keep_scale;
+                    if (c->threshold > 0) weight = SELECT(entry_keep_lanes(c, sp, e, query_keys), weight, SPLAT(0.0f));
+                    w.weights[e] = weight;
+                }
+                strip_weighted(w.weights, w.vt + x0, kw, c->row_at + sp.first, sp.count, dim, w.strip_out,
+                               LANES, 0);
+                strip_weighted(w.weights + sp.count, w.vt + x0, kw, c->extra_at, sp.extra, dim, w.strip_out,
+                               LANES, 1);
+                write_strip(c, &w, b, h, y, x0, sum, shift, sum_sq, sum_shifted, nan_lanes);
             }
         }
         for (int64_t t = 0; t < p->stencil_num_rows; t++)
@@ -1083,82 +815,6 @@ INLINE void gather_key_grads(const stencil_ctx *c, const float *restrict grads,
     }
 }
 
-/* From a strip's scores and dO . V (in grads): weights[e] = P x keep (of dO in
- * dV) and grads[e] = dS. */
-INLINE void backward_softmax(const stencil_ctx *c, const stencil_work *w, int64_t b, int64_t h, int64_t y,
-                             strip_span sp, const v8 *restrict scores, v8 *restrict grads, v8 *restrict weights)
-{
-    const int64_t qw = c->query_width, count = sp.count + sp.extra;
-    const v8 zero = SPLAT(0.0f);
-    const v8 row_lse = LOADU(w->row_lse + y * qw + sp.x0);
-    const v8 row_delta = LOADU(w->row_delta + y * qw + sp.x0);
-    /* lanes with +inf there take no part (padding, listed rows, rows without keys) */
-    const i8v live = row_lse != SPLAT(INFINITY);
-    const u8v query_keys = strip_query_keys(c, b, h, y, sp.x0);
-    for (int64_t e = 0; e < count; e++) {
-        const v8 s = masked_score(c, w, sp, e, scores[e]);
-        const v8 prob = SELECT(live, exp_v8(s - row_lse), zero);
-        v8 keep = SPLAT(c->keep_scale);
-        if (c->threshold > 0) keep = SELECT(entry_keep_lanes(c, sp, e, query_keys), keep, zero);
-        weights[e] = prob * keep;
-        grads[e] = prob * (grads[e] * keep - row_delta) * c->scale;
-    }
-}
-
-/* The offsets' dK and dV are gathered per key row (gather_row_keys) from the
- * row's stored dS and weights; the extra keys' broadcast rows take the strip's
- * share at their own columns. */
-INLINE void keep_strip_entries(const stencil_ctx *c, stencil_work *w, int64_t y, strip_span sp, const v8 *grads,
-                               const v8 *weights, float *row_grads, float *row_weights)
-{
-    const int64_t kw = c->key_width, dim = c->dim, row_first = c->row_first[y];
-    for (int64_t e = 0; e < sp.count; e++) {
-        const int64_t at_row = (sp.first + e - row_first) * kw + c->pad + sp.x0;
-        STOREU(row_grads + at_row, grads[e]);
-        STOREU(row_weights + at_row, weights[e]);
-    }
-    const float *qs = w->qt + y * dim * kw + c->pad + sp.x0, *gos = w->got + y * dim * kw + c->pad + sp.x0;
-    strip_scatter(grads + sp.count, qs, kw, w->dkt + sp.x0, kw, c->extra_at, sp.extra, dim);
-    strip_scatter(weights + sp.count, gos, kw, w->dvt + sp.x0, kw, c->extra_at, sp.extra, dim);
-}
-
-/* One strip of one image row (the last row of an odd height). */
-INLINE void backward_strip(const stencil_ctx *c, stencil_work *w, int64_t b, int64_t h, int64_t y, int64_t x0)
-{
-    const int64_t dim = c->dim, kw = c->key_width, qw = c->query_width;
-    const strip_span sp = strip_entries(c, w, h, y, x0, 0);
-    const int64_t *at = c->row_at + sp.first;
-    const float *qs = w->qt + y * dim * kw + c->pad + x0, *gos = w->got + y * dim * kw + c->pad + x0;
-    const float *kt = w->kt + x0, *vt = w->vt + x0;
-    strip_dots(qs, kw, kt, kw, at, sp.count, dim, w->scores);
-    strip_dots(qs, kw, kt, kw, c->extra_at, sp.extra, dim, w->scores + sp.count);
-    strip_dots(gos, kw, vt, kw, at, sp.count, dim, w->grads);
-    strip_dots(gos, kw, vt, kw, c->extra_at, sp.extra, dim, w->grads + sp.count);
-    backward_softmax(c, w, b, h, y, sp, w->scores, w->grads, w->weights);
-    float *dq = w->dqt + y * dim * qw + x0;
-    strip_weighted(w->grads, kt, kw, at, sp.count, dim, dq, qw, 1);
-    strip_weighted(w->grads + sp.count, kt, kw, c->extra_at, sp.extra, dim, dq, qw, 1);
-    keep_strip_entries(c, w, y, sp, w->grads, w->weights, w->row_grads, w->row_weights);
-}
-
-/* dK and dV of the keys query row y reaches, one key row (one dy) at a time. */
-INLINE void gather_row_keys(const stencil_ctx *c, stencil_work *w, int64_t y, const float *row_grads,
-                            const float *row_weights)
-{
-    const int32_t *offsets = c->p->stencil_offsets;
-    const int64_t dim = c->dim, kw = c->key_width, row_first = c->row_first[y], row_next = c->row_first[y + 1];
-    const float *q_row = w->qt + y * dim * kw, *go_row = w->got + y * dim * kw;
-    for (int64_t u = row_first; u < row_next;) {
-        const int64_t dy = offsets[2 * c->row_offset[c->row_by_dy[u]]];
-        int64_t group_end = u;
-        while (group_end < row_next && offsets[2 * c->row_offset[c->row_by_dy[group_end]]] == dy) group_end++;
-        const int64_t key_row = (y + dy) * dim * kw + c->pad;
-        gather_key_grads(c, row_grads, q_row, w->dkt + key_row, c->row_by_dy + u, group_end - u, row_first);
-        gather_key_grads(c, row_weights, go_row, w->dvt + key_row, c->row_by_dy + u, group_end - u, row_first);
-        u = group_end;
-    }
-}
-
 /* The backward of a listed row that attends every token, on the panels: its
  * dK and dV go into the transposed gradient panels, its dQ into dq. */
 INLINE void backward_full_row(const stencil_ctx *c, stencil_work *w, int64_t b, int64_t h, int64_t g,
@@ -1212,6 +868,7 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
         atomic_store(&c->failed, 1);
         return;
     }
+    const v8 zero = SPLAT(0.0f);
     for (;;) {
         const int64_t bh = atomic_fetch_add(&c->next_item, 1);
         if (bh >= p->batch * p->heads) break;
@@ -1241,8 +898,6 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
                 w.row_delta[y * qw + x] = skip ? 0.0f : delta[i];
             }
         }
-        /* one image row at a time: taking two as the forward does was measured
-         * slower here (4% on LONGFORMER, 10% on STRIDED forward+backward) */
         for (int64_t y = 0; y < H; y++) {
             const int64_t row_first = c->row_first[y], row_next = c->row_first[y + 1];
             for (int64_t t = row_first; t < row_next; t++) {
@@ -1251,8 +906,57 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
                 memset(w.row_grads + from, 0, (size_t)qw * sizeof(float));
                 memset(w.row_weights + from, 0, (size_t)qw * sizeof(float));
             }
-            for (int64_t x0 = 0; x0 < W; x0 += LANES) backward_strip(c, &w, b, h, y, x0);
-            gather_row_keys(c, &w, y, w.row_grads, w.row_weights);
+            const float *q_row = w.qt + y * dim * kw, *go_row = w.got + y * dim * kw;
+            for (int64_t x0 = 0; x0 < W; x0 += LANES) {
+                const strip_span sp = strip_entries(c, &w, h, y, x0);
+                const int64_t count = sp.count + sp.extra;
+                const int64_t *at = c->row_at + sp.first;
+                const float *qs = q_row + c->pad + x0, *gos = go_row + c->pad + x0;
+                const float *kt = w.kt + x0, *vt = w.vt + x0;
+                strip_dots(qs, kw, kt, kw, at, sp.count, dim, w.scores);
+                strip_dots(qs, kw, kt, kw, c->extra_at, sp.extra, dim, w.scores + sp.count);
+                strip_dots(gos, kw, vt, kw, at, sp.count, dim, w.grads);
+                strip_dots(gos, kw, vt, kw, c->extra_at, sp.extra, dim, w.grads + sp.count);
+                const v8 row_lse = LOADU(w.row_lse + y * qw + x0);
+                const v8 row_delta = LOADU(w.row_delta + y * qw + x0);
+                /* lanes with +inf there take no part (padding, listed rows, rows without keys) */
+                const i8v live = row_lse != SPLAT(INFINITY);
+                const u8v query_keys = strip_query_keys(c, b, h, y, x0);
+                for (int64_t e = 0; e < count; e++) {
+                    const v8 s = masked_score(c, &w, sp, e, w.scores[e]);
+                    const v8 prob = SELECT(live, exp_v8(s - row_lse), zero);
+                    v8 keep = SPLAT(c->keep_scale);
+                    if (c->threshold > 0) keep = SELECT(entry_keep_lanes(c, sp, e, query_keys), keep, zero);
+                    w.weights[e] = prob * keep;                                   /* of dO in dV */
+                    w.grads[e] = prob * (w.grads[e] * keep - row_delta) * c->scale; /* dS */
+                }
+                float *dq = w.dqt + y * dim * qw + x0;
+                strip_weighted(w.grads, kt, kw, at, sp.count, dim, dq, qw, 1);
+                strip_weighted(w.grads + sp.count, kt, kw, c->extra_at, sp.extra, dim, dq, qw, 1);
+                /* the offsets' dK and dV are gathered per key row below; the extra keys'
+                 * broadcast rows take this strip's share at their own columns */
+                for (int64_t e = 0; e < sp.count; e++) {
+                    const int64_t at_row = (sp.first + e - row_first) * kw + c->pad + x0;
+                    STOREU(w.row_grads + at_row, w.grads[e]);
+                    STOREU(w.row_weights + at_row, w.weights[e]);
+                }
+                strip_scatter(w.grads + sp.count, qs, kw, w.dkt + x0, kw, c->extra_at, sp.extra, dim);
+                strip_scatter(w.weights + sp.count, gos, kw, w.dvt + x0, kw, c->extra_at, sp.extra, dim);
+            }
+            /* dK and dV of the keys this query row reaches, one key row (one dy) at a time */
+            for (int64_t u = row_first; u < row_next;) {
+                const int64_t dy = p->stencil_offsets[2 * c->row_offset[c->row_by_dy[u]]];
+                int64_t group_end = u;
+                while (group_end < row_next &&
+                       p->stencil_offsets[2 * c->row_offset[c->row_by_dy[group_end]]] == dy)
+                    group_end++;
+                const int64_t key_row = (y + dy) * dim * kw + c->pad;
+                gather_key_grads(c, w.row_grads, q_row, w.dkt + key_row, c->row_by_dy + u, group_end - u,
+                                 row_first);
+                gather_key_grads(c, w.row_weights, go_row, w.dvt + key_row, c->row_by_dy + u,
+                                 group_end - u, row_first);
+                u = group_end;
+            }
         }
         for (int64_t t = 0; t < p->stencil_num_rows; t++)
             if (c->listed_full[t]) backward_full_row(c, &w, b, h, p->stencil_rows[t], w.full_dq + t * dim);
@@ -1295,72 +999,6 @@ int sa_stencil_row_is_full(const sa_attention_params *p, int64_t i)
     for (int64_t t = 0; t < n; t++)
         if (p->col_idx[start + t] != t) return 0;
     return 1;
-}
-
-/* The matched and lone entries of the row pairs (see stencil_ctx), from the
- * row tables: O(entries) a pair. */
-static int pair_tables_init(stencil_ctx *c, char *err, size_t len)
-{
-    const sa_attention_params *p = c->p;
-    const int64_t H = c->height, W = c->width, E = p->stencil_num_offsets, total = c->row_first[H];
-    const int64_t side = 2 * W - 1, cells = (2 * H - 1) * side;
-    int32_t *offset_of = malloc((size_t)cells * sizeof(int32_t));  /* (dy, dx) -> offset, or -1 */
-    int32_t *entry_of = malloc((size_t)(E > 0 ? E : 1) * sizeof(int32_t)); /* offset -> entry of row y + 1 */
-    uint8_t *taken = malloc((size_t)(total > 0 ? total : 1));
-    c->pair_first = malloc((size_t)(H / 2 + 1) * sizeof(int64_t));
-    c->lone_first = malloc((size_t)(H + 1) * sizeof(int64_t));
-    c->pair_a = malloc((size_t)(total > 0 ? total : 1) * sizeof(int32_t));
-    c->pair_b = malloc((size_t)(total > 0 ? total : 1) * sizeof(int32_t));
-    c->pair_dx = malloc((size_t)(total > 0 ? total : 1) * sizeof(int32_t));
-    c->lone_entry = malloc((size_t)(total > 0 ? total : 1) * sizeof(int32_t));
-    c->lone_dx = malloc((size_t)(total > 0 ? total : 1) * sizeof(int32_t));
-    if (!offset_of || !entry_of || !taken || !c->pair_first || !c->lone_first || !c->pair_a || !c->pair_b ||
-        !c->pair_dx || !c->lone_entry || !c->lone_dx) {
-        free(offset_of);
-        free(entry_of);
-        free(taken);
-        snprintf(err, len, "could not run the stencil CPU kernel (out of memory)");
-        return SA_ERR_MEMORY;
-    }
-    for (int64_t k = 0; k < cells; k++) offset_of[k] = -1;
-    for (int64_t o = 0; o < E; o++)
-        offset_of[(p->stencil_offsets[2 * o] + H - 1) * side + p->stencil_offsets[2 * o + 1] + W - 1] = (int32_t)o;
-    for (int64_t o = 0; o < E; o++) entry_of[o] = -1;
-    memset(taken, 0, (size_t)(total > 0 ? total : 1));
-    int64_t pairs = 0, lone = 0;
-    for (int64_t y = 0; y + 1 < H; y += 2) {
-        c->pair_first[y / 2] = pairs;
-        for (int64_t t = c->row_first[y + 1]; t < c->row_first[y + 2]; t++) entry_of[c->row_offset[t]] = (int32_t)t;
-        for (int64_t t = c->row_first[y]; t < c->row_first[y + 1]; t++) {
-            const int64_t dy = p->stencil_offsets[2 * c->row_offset[t]], dx = c->row_dx[t];
-            /* the same key seen from row y + 1: offset (dy - 1, dx) */
-            const int32_t partner_offset = dy - 1 >= -(H - 1) ? offset_of[(dy - 1 + H - 1) * side + dx + W - 1] : -1;
-            const int32_t partner = partner_offset >= 0 ? entry_of[partner_offset] : -1;
-            if (partner < 0) continue;
-            c->pair_a[pairs] = (int32_t)t;
-            c->pair_b[pairs] = partner;
-            c->pair_dx[pairs] = (int32_t)dx;
-            taken[t] = taken[partner] = 1;
-            pairs++;
-        }
-        for (int64_t t = c->row_first[y + 1]; t < c->row_first[y + 2]; t++) entry_of[c->row_offset[t]] = -1;
-    }
-    c->pair_first[H / 2] = pairs;
-    for (int64_t y = 0; y < H; y++) {
-        c->lone_first[y] = lone;
-        for (int64_t t = c->row_first[y]; t < c->row_first[y + 1]; t++) {
-            if (taken[t]) continue;
-            c->lone_entry[lone] = (int32_t)t;
-            c->lone_dx[lone] = c->row_dx[t];
-            lone++;
-        }
-    }
-    c->lone_first[H] = lone;
-    c->use_pairs = 2 * pairs >= total;
-    free(offset_of);
-    free(entry_of);
-    free(taken);
-    return SA_OK;
 }
 
 static int stencil_ctx_init(stencil_ctx *c, const sa_attention_params *p, char *err, size_t len)
@@ -1473,7 +1111,7 @@ static int stencil_ctx_init(stencil_ctx *c, const sa_attention_params *p, char *
     for (int64_t g = 0; g < p->stencil_num_keys; g++)
         c->extra_at[g] = (H + g) * c->dim * c->key_width + c->pad;
     free(by_dx);
-    return pair_tables_init(c, err, len);
+    return SA_OK;
 }
 
 static int stencil_run(const sa_attention_params *p, int num_threads, sa_range_fn fn, char *err,
@@ -1501,13 +1139,6 @@ static int stencil_run(const sa_attention_params *p, int num_threads, sa_range_f
     free(c.extra_at);
     free(c.row_by_dy);
     free(c.listed_full);
-    free(c.pair_first);
-    free(c.lone_first);
-    free(c.pair_a);
-    free(c.pair_b);
-    free(c.pair_dx);
-    free(c.lone_entry);
-    free(c.lone_dx);
     return status;
 }
 

@@ -16,13 +16,6 @@ typedef uint32_t u8v __attribute__((vector_size(32)));
 #define STOREU(ptr, x) (*(v8u *)(ptr) = (x))
 #define SA_INLINE static inline __attribute__((always_inline))
 
-/* A load for a vector that feeds several multiply-adds: GCC otherwise folds
- * the load into each of them as a memory operand, loading it again every time,
- * and the loop becomes bound by loads (a kernel of two query rows x four keys
- * went from 37 to 71 GFLOP/s on one Zen 3 core). A volatile access is never
- * repeated, so the vector stays in a register. */
-#define LOAD_ONCE(ptr) (*(const volatile v8u *)(ptr))
-
 /* Transposes the 8 x 8 block r (r[i][j]) in place: r[j][i]. */
 SA_INLINE void transpose8(v8 r[8])
 {
