@@ -148,6 +148,8 @@ static const float zero_row[1024] __attribute__((aligned(32)));
 /* bit_floats[v][k] = bit k of v, as 1.0f or 0.0f: masks expand a byte at a time. */
 static float bit_floats[256][8];
 
+static pthread_once_t bit_floats_once = PTHREAD_ONCE_INIT; /* one for forward and backward */
+
 static void fill_bit_floats(void)
 {
     for (int v = 0; v < 256; v++)
@@ -656,8 +658,7 @@ int sa_cpu_backward_tiled(const sa_attention_params *p, const int64_t (*passes)[
         snprintf(err, len, "the tiled CPU backward takes float32 without a bias gradient");
         return SA_ERR_UNSUPPORTED;
     }
-    static pthread_once_t once = PTHREAD_ONCE_INIT;
-    pthread_once(&once, fill_bit_floats);
+    pthread_once(&bit_floats_once, fill_bit_floats);
     tiled_ctx ctx = tiled_ctx_for(p);
     ctx.passes = passes;
     ctx.num_passes = num_passes;
@@ -671,21 +672,30 @@ int sa_cpu_backward_tiled(const sa_attention_params *p, const int64_t (*passes)[
     return SA_OK;
 }
 
+/* Checks and launches a tiled forward: items work items of fn over ctx. */
+static int run_forward(const sa_attention_params *p, int64_t items, int64_t grain, int num_threads,
+                       sa_range_fn fn, tiled_ctx *ctx, char *err, size_t len)
+{
+    if (p->dtype != SA_F32) {
+        snprintf(err, len, "query: the tiled CPU kernel takes float32");
+        return SA_ERR_UNSUPPORTED;
+    }
+    pthread_once(&bit_floats_once, fill_bit_floats);
+    if (items == 0) return SA_OK;
+    if (sa_parallel_for(items, grain, num_threads, fn, ctx) != 0 || ctx->failed) {
+        snprintf(err, len, "could not run the tiled CPU kernel (out of memory)");
+        return SA_ERR_MEMORY;
+    }
+    return SA_OK;
+}
+
 /* Every pass for one (batch, head) after another, so that a later pass merges
  * into outputs and reads queries, keys and values that the earlier pass has
  * just left in the caches (pass after pass over all heads reads them back from
  * memory). */
-typedef struct {
-    const sa_attention_params *p;
-    const int64_t (*passes)[6];
-    int64_t num_passes;
-    const int32_t *base;
-    int failed;
-} plan_forward_ctx;
-
 static void forward_plan_heads(void *opaque, int64_t begin, int64_t end)
 {
-    plan_forward_ctx *plan = opaque;
+    tiled_ctx *plan = opaque;
     for (int64_t bh = begin; bh < end; bh++) {
         for (int64_t i = 0; i < plan->num_passes; i++) {
             sa_attention_params pass = *plan->p;
@@ -707,38 +717,18 @@ static void forward_plan_heads(void *opaque, int64_t begin, int64_t end)
 int sa_cpu_forward_tiled_plan(const sa_attention_params *p, const int64_t (*passes)[6], int64_t num_passes,
                               const int32_t *base, int num_threads, char *err, size_t len)
 {
-    if (p->dtype != SA_F32) {
-        snprintf(err, len, "query: the tiled CPU kernel takes float32");
-        return SA_ERR_UNSUPPORTED;
-    }
-    static pthread_once_t once = PTHREAD_ONCE_INIT;
-    pthread_once(&once, fill_bit_floats);
-    plan_forward_ctx plan = {p, passes, num_passes, base, 0};
-    const int64_t items = p->batch * p->heads;
-    if (items == 0) return SA_OK;
-    if (sa_parallel_for(items, 1, num_threads, forward_plan_heads, &plan) != 0 || plan.failed) {
-        snprintf(err, len, "could not run the tiled CPU kernel (out of memory)");
-        return SA_ERR_MEMORY;
-    }
-    return SA_OK;
+    tiled_ctx plan = tiled_ctx_for(p);
+    plan.passes = passes;
+    plan.num_passes = num_passes;
+    plan.base = base;
+    return run_forward(p, p->batch * p->heads, 1, num_threads, forward_plan_heads, &plan, err, len);
 }
 
 int sa_cpu_forward_tiled(const sa_attention_params *p, int num_threads, char *err, size_t len)
 {
-    if (p->dtype != SA_F32) {
-        snprintf(err, len, "query: the tiled CPU kernel takes float32");
-        return SA_ERR_UNSUPPORTED;
-    }
-    static pthread_once_t once = PTHREAD_ONCE_INIT;
-    pthread_once(&once, fill_bit_floats);
     tiled_ctx ctx = tiled_ctx_for(p);
     const int64_t items = p->batch * p->heads * p->num_tiles;
-    if (items == 0) return SA_OK;
     int64_t grain = items / (8 * (int64_t)num_threads);
     grain = grain < 1 ? 1 : (grain > 16 ? 16 : grain);
-    if (sa_parallel_for(items, grain, num_threads, forward_tiles, &ctx) != 0 || ctx.failed) {
-        snprintf(err, len, "could not run the tiled CPU kernel (out of memory)");
-        return SA_ERR_MEMORY;
-    }
-    return SA_OK;
+    return run_forward(p, items, grain, num_threads, forward_tiles, &ctx, err, len);
 }
