@@ -1,0 +1,52 @@
+"""Two threads against one for our CPU kernels, op level, 64x64 tokens.
+
+    python benchmarks/thread_scaling.py block axial longformer strided
+
+B=2, 8 heads, D=32, fp32; forward and forward+backward; medians of 7 per
+thread count, the two thread counts alternating in every round (so that
+neither always runs with the inputs warm from the other)."""
+
+import statistics
+import sys
+import time
+
+import torch
+
+import sparse_attention as sa
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(patterns):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 8, 4096, 32, requires_grad=True) for _ in range(3))
+    for pattern in patterns:
+        layout = sa.build_layout(pattern, 64, 64)
+
+        def forward():
+            with torch.no_grad():
+                sa.sparse_scaled_dot_product_attention(q, k, v, layout)
+
+        def forward_backward():
+            sa.sparse_scaled_dot_product_attention(q, k, v, layout).sum().backward()
+
+        speedups = {}
+        for name, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
+            times = {1: [], 2: []}
+            for round_ in range(7):
+                for threads in ((1, 2) if round_ % 2 else (2, 1)):
+                    torch.set_num_threads(threads)
+                    sa.set_num_threads(threads)
+                    fn()  # warm-up at this thread count
+                    times[threads].append(timed(fn))
+            speedups[name] = statistics.median(times[1]) / statistics.median(times[2])
+        print(f"{pattern}: 2 threads vs 1: fwd {speedups['fwd']:.2f}x, fwd+bwd {speedups['fwd+bwd']:.2f}x",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["block", "axial", "longformer", "strided"])
