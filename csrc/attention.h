@@ -100,8 +100,11 @@ typedef struct {
     const uint64_t *chunk_masks;
     int64_t num_tiles, num_chunks;
     int merge_previous;
-    /* CPU backward only: a whole tile plan (base buffer, six numbers per pass as
-     * in the forward's passes); NULL plan_base runs the row / column kernels. */
+    /* CPU only: a whole tile plan (base buffer, six numbers per pass as in the
+     * forward's passes). The backward walks it for every (batch, head); the
+     * forward, when given one, runs every pass of a (batch, head) after the
+     * other. NULL plan_base: the forward takes the single pass above, the
+     * backward the row / column kernels. */
     const int32_t *plan_base;
     const int64_t *plan_fields;
     int64_t plan_num_passes;

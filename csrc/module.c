@@ -15,7 +15,6 @@
 #include <string.h>
 
 #include "attention.h"
-#include "attention_cpu_tiled.h"
 #include "dlpack_bridge.h"
 #include "layout.h"
 
@@ -474,19 +473,6 @@ static void select_pass(sa_attention_params *p, const tile_plan *plan, int64_t i
     p->merge_previous = i > 0;
 }
 
-/* A CPU forward over several passes with enough (batch, head) pairs to share
- * out: every pass of one pair after another (attention_cpu_tiled.c). */
-static int run_cpu_plan_forward(sa_attention_params *p, const tile_plan *plan)
-{
-    char err[ERR_LEN] = "";
-    int status;
-    Py_BEGIN_ALLOW_THREADS
-    status = sa_cpu_forward_tiled_plan(p, (const int64_t(*)[6])plan->fields, plan->count, plan->base,
-                                       sa_cpu_get_num_threads(), err, sizeof(err));
-    Py_END_ALLOW_THREADS
-    return status == SA_OK ? 0 : raise_status(status, err);
-}
-
 static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     (void)self;
@@ -574,7 +560,13 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
          * plan leaves to the block-per-row kernel (listed in long_rows) */
         if (!is_cuda(q) && plan.count > 1 && p.dtype == SA_F32 &&
             p.batch * p.heads >= 2 * (int64_t)sa_cpu_get_num_threads()) {
-            if (run_cpu_plan_forward(&p, &plan) < 0) goto fail;
+            /* enough (batch, head) pairs to share out: every pass of one pair after
+             * another, so later passes find their inputs in the caches */
+            p.plan_base = plan.base;
+            p.plan_fields = &plan.fields[0][0];
+            p.plan_num_passes = plan.count;
+            if (run_kernel(0, 0, &p) < 0) goto fail;
+            p.plan_base = NULL;
         } else {
             for (int64_t i = 0; i < plan.count; i++) {
                 select_pass(&p, &plan, i);
