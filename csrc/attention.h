@@ -101,10 +101,8 @@ typedef struct {
     int64_t num_tiles, num_chunks;
     int merge_previous;
     /* CPU only: a whole tile plan (base buffer, six numbers per pass as in the
-     * forward's passes). The backward walks it for every (batch, head); the
-     * forward, when given one, runs every pass of a (batch, head) after the
-     * other. NULL plan_base: the forward takes the single pass above, the
-     * backward the row / column kernels. */
+     * passes above, which the CUDA forward takes one at a time). NULL
+     * plan_base: the row / column kernels. */
     const int32_t *plan_base;
     const int64_t *plan_fields;
     int64_t plan_num_passes;
@@ -134,6 +132,20 @@ typedef struct {
 int sa_cpu_forward(const sa_attention_params *p, char *err, size_t err_len);
 int sa_cpu_backward(const sa_attention_params *p, char *err, size_t err_len);
 int sa_cpu_bias_grad(const sa_bias_grad_params *p, char *err, size_t err_len);
+
+/* Points p at pass i of a tile plan: fields are that pass's six numbers
+ * (tiles, chunks, and the offsets in base of its queries, chunk_ptr, keys and
+ * masks). A pass after the first merges into what the earlier ones wrote. */
+static inline void sa_select_pass(sa_attention_params *p, const int64_t *fields, const int32_t *base, int64_t i)
+{
+    p->num_tiles = fields[0];
+    p->num_chunks = fields[1];
+    p->tile_queries = base + fields[2];
+    p->tile_chunk_ptr = base + fields[3];
+    p->chunk_keys = base + fields[4];
+    p->chunk_masks = (const uint64_t *)(base + fields[5]);
+    p->merge_previous = i > 0;
+}
 
 /* Thread count of the CPU kernels (>= 1). */
 void sa_cpu_set_num_threads(int n);

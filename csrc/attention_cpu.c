@@ -126,9 +126,8 @@ int sa_cpu_forward(const sa_attention_params *p, char *err, size_t len)
         return status;
     }
     if (p->plan_base != NULL)
-        return sa_cpu_forward_tiled_plan(p, (const int64_t(*)[6])p->plan_fields, p->plan_num_passes,
-                                         p->plan_base, sa_cpu_get_num_threads(), err, len);
-    if (p->tile_queries != NULL) return sa_cpu_forward_tiled(p, sa_cpu_get_num_threads(), err, len);
+        return sa_cpu_forward_tiled(p, (const int64_t(*)[6])p->plan_fields, p->plan_num_passes, p->plan_base,
+                                    sa_cpu_get_num_threads(), err, len);
     if (p->long_rows_only) {
         if (p->dtype != SA_F32) {
             snprintf(err, len, "long_rows: the tiled CPU path takes float32");

@@ -505,8 +505,6 @@ INLINE void write_strip(const stencil_ctx *c, stencil_work *w, int64_t b, int64_
             if (rows[l]) rows[l][d0] = w->strip_out[d0 * LANES + l] * factor[l];
 }
 
-/* A listed row that attends every token (LONGFORMER's global query), on the
- * key panels: eight keys per vector, one horizontal sum per d at the end. */
 INLINE float hsum8(v8 x)
 {
     float total = 0.0f;
@@ -542,6 +540,9 @@ INLINE i8v entry_keep_lanes(const stencil_ctx *c, strip_span sp, int64_t e, u8v 
     return keep_lanes(c, query_keys, c->p->stencil_keys[e - sp.count], 0);
 }
 
+/* A listed row that attends every token (LONGFORMER's global query), on the
+ * key panels: eight keys per vector, one horizontal sum per d at the end.
+ * Its scores into full_row; whether one is NaN, and their maximum. */
 INLINE void full_row_scores(const stencil_ctx *c, stencil_work *w, int64_t h, int64_t g,
                             const float *q, int *saw_nan, float *top)
 {
@@ -609,8 +610,10 @@ INLINE void forward_full_row(const stencil_ctx *c, stencil_work *w, int64_t b, i
             const v8 shifted = LOADU(at) - shift;
             const v8 prob = exp_v8(shifted);
             sum += prob;
-            sum_sq += prob * prob;
-            sum_shifted += SELECT(prob != SPLAT(0.0f), prob * shifted, SPLAT(0.0f));
+            if (p->row_stats != NULL) {
+                sum_sq += prob * prob;
+                sum_shifted += SELECT(prob != SPLAT(0.0f), prob * shifted, SPLAT(0.0f));
+            }
             v8 weight = prob * c->keep_scale;
             if (c->threshold > 0)
                 weight = SELECT(keep_lanes(c, query_key, (int32_t)(y * W + x0), 1), weight, SPLAT(0.0f));
@@ -1091,6 +1094,7 @@ static int stencil_ctx_init(stencil_ctx *c, const sa_attention_params *p, char *
      * O(entries + H) a row, not O(entries x H) */
     int64_t *dy_start = calloc((size_t)(2 * H + 1), sizeof(int64_t));
     if (!dy_start) {
+        free(by_dx);
         snprintf(err, len, "could not run the stencil CPU kernel (out of memory)");
         return SA_ERR_MEMORY;
     }

@@ -9,10 +9,11 @@
  * kernel on them afterwards (sa_stencil_row_is_full says which). */
 int sa_cpu_forward_stencil(const sa_attention_params *p, int num_threads, char *err, size_t len);
 
-/* The whole backward, stencil_rows included (float32, no bias gradient).
- * p->delta must hold delta already. */
+/* Whether CSR row i holds every token, in order. */
 int sa_stencil_row_is_full(const sa_attention_params *p, int64_t i);
 
+/* The whole backward, stencil_rows included (float32, no bias gradient).
+ * p->delta must hold delta already. */
 int sa_cpu_backward_stencil(const sa_attention_params *p, int num_threads, char *err, size_t len);
 
 #endif /* SA_ATTENTION_CPU_STENCIL_H */

@@ -26,7 +26,6 @@
 
 #define TILE 64
 
-typedef float vec8 __attribute__((vector_size(32)));
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SA_NO_CLONES)
 #define TILED_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -69,8 +68,6 @@ static inline const float *row_of(const float *base, const int64_t *stride, int6
     return base + b * stride[0] + h * stride[1] + i * stride[2];
 }
 
-typedef float vec8_unaligned __attribute__((vector_size(32), aligned(4)));
-
 /* scores[r][c] = sum_d query_rows[r][d] * key_t[d][c]: 4 rows x 16 columns per step. */
 static inline void scores_kernel(const float *const *query_rows, const float *restrict key_t,
                                  float *restrict scores, int64_t dim_pad)
@@ -79,10 +76,10 @@ static inline void scores_kernel(const float *const *query_rows, const float *re
         const float *q0 = query_rows[r0], *q1 = query_rows[r0 + 1];
         const float *q2 = query_rows[r0 + 2], *q3 = query_rows[r0 + 3];
         for (int c0 = 0; c0 < TILE; c0 += 16) {
-            vec8 acc[4][2] = {{{0}}};
+            v8 acc[4][2] = {{{0}}};
             for (int64_t d = 0; d < dim_pad; d++) {
-                const vec8 k0 = *(const vec8 *)&key_t[d * TILE + c0];
-                const vec8 k1 = *(const vec8 *)&key_t[d * TILE + c0 + 8];
+                const v8 k0 = *(const v8 *)&key_t[d * TILE + c0];
+                const v8 k1 = *(const v8 *)&key_t[d * TILE + c0 + 8];
                 acc[0][0] += k0 * q0[d];
                 acc[0][1] += k1 * q0[d];
                 acc[1][0] += k0 * q1[d];
@@ -93,15 +90,12 @@ static inline void scores_kernel(const float *const *query_rows, const float *re
                 acc[3][1] += k1 * q3[d];
             }
             for (int r = 0; r < 4; r++) {
-                *(vec8 *)&scores[(r0 + r) * TILE + c0] = acc[r][0];
-                *(vec8 *)&scores[(r0 + r) * TILE + c0 + 8] = acc[r][1];
+                *(v8 *)&scores[(r0 + r) * TILE + c0] = acc[r][0];
+                *(v8 *)&scores[(r0 + r) * TILE + c0 + 8] = acc[r][1];
             }
         }
     }
 }
-
-/* a macro, not a function: a vector return type would change the ABI between clones */
-#define LOAD8(ptr) (*(const vec8_unaligned *)(ptr))
 
 /* out[r][d] += sum_c weights[r][c] * value_rows[c][d], for the rows that have any weight. */
 static inline void weighted_values_kernel(const float *restrict weights,
@@ -112,13 +106,13 @@ static inline void weighted_values_kernel(const float *restrict weights,
         if (!(live_rows[r0] | live_rows[r0 + 1] | live_rows[r0 + 2] | live_rows[r0 + 3])) continue;
         int64_t d0 = 0;
         for (; d0 + 16 <= dim_pad; d0 += 16) {
-            vec8 acc[4][2];
+            v8 acc[4][2];
             for (int r = 0; r < 4; r++) {
-                acc[r][0] = *(const vec8 *)&out[(r0 + r) * dim_pad + d0];
-                acc[r][1] = *(const vec8 *)&out[(r0 + r) * dim_pad + d0 + 8];
+                acc[r][0] = *(const v8 *)&out[(r0 + r) * dim_pad + d0];
+                acc[r][1] = *(const v8 *)&out[(r0 + r) * dim_pad + d0 + 8];
             }
             for (int c = 0; c < TILE; c++) {
-                const vec8 v0 = LOAD8(value_rows[c] + d0), v1 = LOAD8(value_rows[c] + d0 + 8);
+                const v8 v0 = LOADU(value_rows[c] + d0), v1 = LOADU(value_rows[c] + d0 + 8);
                 for (int r = 0; r < 4; r++) {
                     const float w = weights[(r0 + r) * TILE + c];
                     acc[r][0] += v0 * w;
@@ -126,18 +120,18 @@ static inline void weighted_values_kernel(const float *restrict weights,
                 }
             }
             for (int r = 0; r < 4; r++) {
-                *(vec8 *)&out[(r0 + r) * dim_pad + d0] = acc[r][0];
-                *(vec8 *)&out[(r0 + r) * dim_pad + d0 + 8] = acc[r][1];
+                *(v8 *)&out[(r0 + r) * dim_pad + d0] = acc[r][0];
+                *(v8 *)&out[(r0 + r) * dim_pad + d0 + 8] = acc[r][1];
             }
         }
         for (; d0 < dim_pad; d0 += 8) {
-            vec8 acc[4];
-            for (int r = 0; r < 4; r++) acc[r] = *(const vec8 *)&out[(r0 + r) * dim_pad + d0];
+            v8 acc[4];
+            for (int r = 0; r < 4; r++) acc[r] = *(const v8 *)&out[(r0 + r) * dim_pad + d0];
             for (int c = 0; c < TILE; c++) {
-                const vec8 v0 = LOAD8(value_rows[c] + d0);
+                const v8 v0 = LOADU(value_rows[c] + d0);
                 for (int r = 0; r < 4; r++) acc[r] += v0 * weights[(r0 + r) * TILE + c];
             }
-            for (int r = 0; r < 4; r++) *(vec8 *)&out[(r0 + r) * dim_pad + d0] = acc[r];
+            for (int r = 0; r < 4; r++) *(v8 *)&out[(r0 + r) * dim_pad + d0] = acc[r];
         }
     }
 }
@@ -699,14 +693,7 @@ static void forward_plan_heads(void *opaque, int64_t begin, int64_t end)
     for (int64_t bh = begin; bh < end; bh++) {
         for (int64_t i = 0; i < plan->num_passes; i++) {
             sa_attention_params pass = *plan->p;
-            const int64_t *f = plan->passes[i];
-            pass.num_tiles = f[0];
-            pass.num_chunks = f[1];
-            pass.tile_queries = plan->base + f[2];
-            pass.tile_chunk_ptr = plan->base + f[3];
-            pass.chunk_keys = plan->base + f[4];
-            pass.chunk_masks = (const uint64_t *)(plan->base + f[5]);
-            pass.merge_previous = i > 0;
+            sa_select_pass(&pass, plan->passes[i], plan->base, i);
             tiled_ctx ctx = tiled_ctx_for(&pass);
             forward_tiles(&ctx, bh * pass.num_tiles, (bh + 1) * pass.num_tiles);
             if (ctx.failed) plan->failed = 1;
@@ -714,21 +701,26 @@ static void forward_plan_heads(void *opaque, int64_t begin, int64_t end)
     }
 }
 
-int sa_cpu_forward_tiled_plan(const sa_attention_params *p, const int64_t (*passes)[6], int64_t num_passes,
-                              const int32_t *base, int num_threads, char *err, size_t len)
+int sa_cpu_forward_tiled(const sa_attention_params *p, const int64_t (*passes)[6], int64_t num_passes,
+                         const int32_t *base, int num_threads, char *err, size_t len)
 {
-    tiled_ctx plan = tiled_ctx_for(p);
-    plan.passes = passes;
-    plan.num_passes = num_passes;
-    plan.base = base;
-    return run_forward(p, p->batch * p->heads, 1, num_threads, forward_plan_heads, &plan, err, len);
-}
-
-int sa_cpu_forward_tiled(const sa_attention_params *p, int num_threads, char *err, size_t len)
-{
-    tiled_ctx ctx = tiled_ctx_for(p);
-    const int64_t items = p->batch * p->heads * p->num_tiles;
-    int64_t grain = items / (8 * (int64_t)num_threads);
-    grain = grain < 1 ? 1 : (grain > 16 ? 16 : grain);
-    return run_forward(p, items, grain, num_threads, forward_tiles, &ctx, err, len);
+    if (num_passes > 1 && p->batch * p->heads >= 2 * (int64_t)num_threads) {
+        tiled_ctx plan = tiled_ctx_for(p);
+        plan.passes = passes;
+        plan.num_passes = num_passes;
+        plan.base = base;
+        return run_forward(p, p->batch * p->heads, 1, num_threads, forward_plan_heads, &plan, err, len);
+    }
+    /* too few (batch, head) pairs to share out: each pass over all of them, tile by tile */
+    for (int64_t i = 0; i < num_passes; i++) {
+        sa_attention_params pass = *p;
+        sa_select_pass(&pass, passes[i], base, i);
+        tiled_ctx ctx = tiled_ctx_for(&pass);
+        const int64_t items = pass.batch * pass.heads * pass.num_tiles;
+        int64_t grain = items / (8 * (int64_t)num_threads);
+        grain = grain < 1 ? 1 : (grain > 16 ? 16 : grain);
+        const int status = run_forward(&pass, items, grain, num_threads, forward_tiles, &ctx, err, len);
+        if (status != SA_OK) return status;
+    }
+    return SA_OK;
 }

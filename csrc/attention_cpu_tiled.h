@@ -4,12 +4,12 @@
 
 #include "attention.h"
 
-int sa_cpu_forward_tiled(const sa_attention_params *p, int num_threads, char *err, size_t len);
-
-/* Every pass of a plan (passes and base as for the backward below), one
- * (batch, head) at a time: a work item is a (batch, head), not a tile. */
-int sa_cpu_forward_tiled_plan(const sa_attention_params *p, const int64_t (*passes)[6], int64_t num_passes,
-                              const int32_t *base, int num_threads, char *err, size_t len);
+/* The forward over every pass of a plan (passes and base as for the backward
+ * below). With at least two (batch, head) pairs per thread a work item is a
+ * (batch, head) and its passes run one after the other; else each pass runs
+ * over all pairs, a work item a tile. */
+int sa_cpu_forward_tiled(const sa_attention_params *p, const int64_t (*passes)[6], int64_t num_passes,
+                         const int32_t *base, int num_threads, char *err, size_t len);
 
 /* The whole backward over every pass of a plan (float32, no bias gradient, no
  * rows left out of the plan): passes[i] = the six numbers of pass i, base = the

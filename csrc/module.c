@@ -460,19 +460,6 @@ static int take_tile_plan(view_set *set, PyObject *buffer_obj, PyObject *passes_
     return 0;
 }
 
-/* Points p at pass i of the plan. */
-static void select_pass(sa_attention_params *p, const tile_plan *plan, int64_t i)
-{
-    const int64_t *f = plan->fields[i];
-    p->num_tiles = f[0];
-    p->num_chunks = f[1];
-    p->tile_queries = plan->base + f[2];
-    p->tile_chunk_ptr = plan->base + f[3];
-    p->chunk_keys = plan->base + f[4];
-    p->chunk_masks = (const uint64_t *)(plan->base + f[5]);
-    p->merge_previous = i > 0;
-}
-
 static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     (void)self;
@@ -558,10 +545,8 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
     if (plan.count > 0) {
         /* the passes in order (later ones merge into earlier ones), then the rows the
          * plan leaves to the block-per-row kernel (listed in long_rows) */
-        if (!is_cuda(q) && plan.count > 1 && p.dtype == SA_F32 &&
-            p.batch * p.heads >= 2 * (int64_t)sa_cpu_get_num_threads()) {
-            /* enough (batch, head) pairs to share out: every pass of one pair after
-             * another, so later passes find their inputs in the caches */
+        if (!is_cuda(q)) {
+            /* the CPU takes the whole plan and chooses the order of its work */
             p.plan_base = plan.base;
             p.plan_fields = &plan.fields[0][0];
             p.plan_num_passes = plan.count;
@@ -569,7 +554,7 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
             p.plan_base = NULL;
         } else {
             for (int64_t i = 0; i < plan.count; i++) {
-                select_pass(&p, &plan, i);
+                sa_select_pass(&p, plan.fields[i], plan.base, i);
                 if (run_kernel(is_cuda(q), 0, &p) < 0) goto fail;
             }
         }
