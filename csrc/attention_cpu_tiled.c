@@ -68,72 +68,89 @@ static inline const float *row_of(const float *base, const int64_t *stride, int6
     return base + b * stride[0] + h * stride[1] + i * stride[2];
 }
 
-/* scores[r][c] = sum_d query_rows[r][d] * key_t[d][c]: 4 rows x 16 columns per step. */
-static inline void scores_kernel(const float *const *query_rows, const float *restrict key_t,
-                                 float *restrict scores, int64_t dim_pad)
+/* scores[r][c] = sum_d query_rows[r][d] * key_t[d][c] for rows r0 .. r0 + R - 1,
+ * 16 columns per step. R is a constant where this is inlined: R x 2
+ * accumulators stay in registers (six rows keep 12 FMA chains in flight, more
+ * than the 8 that cover the FMA latency on two pipes). */
+SA_INLINE void scores_rows(const float *const *query_rows, const float *restrict key_t,
+                           float *restrict scores, int64_t dim_pad, int r0, const int R)
 {
-    for (int r0 = 0; r0 < TILE; r0 += 4) {
-        const float *q0 = query_rows[r0], *q1 = query_rows[r0 + 1];
-        const float *q2 = query_rows[r0 + 2], *q3 = query_rows[r0 + 3];
-        for (int c0 = 0; c0 < TILE; c0 += 16) {
-            v8 acc[4][2] = {{{0}}};
-            for (int64_t d = 0; d < dim_pad; d++) {
-                const v8 k0 = *(const v8 *)&key_t[d * TILE + c0];
-                const v8 k1 = *(const v8 *)&key_t[d * TILE + c0 + 8];
-                acc[0][0] += k0 * q0[d];
-                acc[0][1] += k1 * q0[d];
-                acc[1][0] += k0 * q1[d];
-                acc[1][1] += k1 * q1[d];
-                acc[2][0] += k0 * q2[d];
-                acc[2][1] += k1 * q2[d];
-                acc[3][0] += k0 * q3[d];
-                acc[3][1] += k1 * q3[d];
+    for (int c0 = 0; c0 < TILE; c0 += 16) {
+        v8 acc[6][2] = {{{0}}};
+        for (int64_t d = 0; d < dim_pad; d++) {
+            const v8 k0 = *(const v8 *)&key_t[d * TILE + c0];
+            const v8 k1 = *(const v8 *)&key_t[d * TILE + c0 + 8];
+            for (int r = 0; r < R; r++) {
+                const float q = query_rows[r0 + r][d];
+                acc[r][0] += k0 * q;
+                acc[r][1] += k1 * q;
             }
-            for (int r = 0; r < 4; r++) {
-                *(v8 *)&scores[(r0 + r) * TILE + c0] = acc[r][0];
-                *(v8 *)&scores[(r0 + r) * TILE + c0 + 8] = acc[r][1];
-            }
+        }
+        for (int r = 0; r < R; r++) {
+            *(v8 *)&scores[(r0 + r) * TILE + c0] = acc[r][0];
+            *(v8 *)&scores[(r0 + r) * TILE + c0 + 8] = acc[r][1];
         }
     }
 }
 
-/* out[r][d] += sum_c weights[r][c] * value_rows[c][d], for the rows that have any weight. */
-static inline void weighted_values_kernel(const float *restrict weights,
-                                          const float *const *value_rows, float *restrict out,
-                                          int64_t dim_pad, const int *restrict live_rows)
+/* The 64 x 64 scores of a tile and a chunk: ten blocks of six rows and one of four. */
+SA_INLINE void scores_kernel(const float *const *query_rows, const float *restrict key_t,
+                             float *restrict scores, int64_t dim_pad)
 {
-    for (int r0 = 0; r0 < TILE; r0 += 4) {
-        if (!(live_rows[r0] | live_rows[r0 + 1] | live_rows[r0 + 2] | live_rows[r0 + 3])) continue;
-        int64_t d0 = 0;
-        for (; d0 + 16 <= dim_pad; d0 += 16) {
-            v8 acc[4][2];
-            for (int r = 0; r < 4; r++) {
-                acc[r][0] = *(const v8 *)&out[(r0 + r) * dim_pad + d0];
-                acc[r][1] = *(const v8 *)&out[(r0 + r) * dim_pad + d0 + 8];
-            }
-            for (int c = 0; c < TILE; c++) {
-                const v8 v0 = LOADU(value_rows[c] + d0), v1 = LOADU(value_rows[c] + d0 + 8);
-                for (int r = 0; r < 4; r++) {
-                    const float w = weights[(r0 + r) * TILE + c];
-                    acc[r][0] += v0 * w;
-                    acc[r][1] += v1 * w;
-                }
-            }
-            for (int r = 0; r < 4; r++) {
-                *(v8 *)&out[(r0 + r) * dim_pad + d0] = acc[r][0];
-                *(v8 *)&out[(r0 + r) * dim_pad + d0 + 8] = acc[r][1];
+    for (int r0 = 0; r0 + 6 <= TILE; r0 += 6) scores_rows(query_rows, key_t, scores, dim_pad, r0, 6);
+    scores_rows(query_rows, key_t, scores, dim_pad, TILE - TILE % 6, TILE % 6);
+}
+
+/* out[r][d] += sum_c weights[r][c] * value_rows[c][d] for rows r0 .. r0 + R - 1
+ * (R constant where inlined, as in scores_rows), 16 then 8 columns of d per step. */
+SA_INLINE void weighted_values_rows(const float *restrict weights, const float *const *value_rows,
+                                    float *restrict out, int64_t dim_pad, int r0, const int R)
+{
+    int64_t d0 = 0;
+    for (; d0 + 16 <= dim_pad; d0 += 16) {
+        v8 acc[6][2];
+        for (int r = 0; r < R; r++) {
+            acc[r][0] = *(const v8 *)&out[(r0 + r) * dim_pad + d0];
+            acc[r][1] = *(const v8 *)&out[(r0 + r) * dim_pad + d0 + 8];
+        }
+        for (int c = 0; c < TILE; c++) {
+            const v8 v0 = LOADU(value_rows[c] + d0), v1 = LOADU(value_rows[c] + d0 + 8);
+            for (int r = 0; r < R; r++) {
+                const float w = weights[(r0 + r) * TILE + c];
+                acc[r][0] += v0 * w;
+                acc[r][1] += v1 * w;
             }
         }
-        for (; d0 < dim_pad; d0 += 8) {
-            v8 acc[4];
-            for (int r = 0; r < 4; r++) acc[r] = *(const v8 *)&out[(r0 + r) * dim_pad + d0];
-            for (int c = 0; c < TILE; c++) {
-                const v8 v0 = LOADU(value_rows[c] + d0);
-                for (int r = 0; r < 4; r++) acc[r] += v0 * weights[(r0 + r) * TILE + c];
-            }
-            for (int r = 0; r < 4; r++) *(v8 *)&out[(r0 + r) * dim_pad + d0] = acc[r];
+        for (int r = 0; r < R; r++) {
+            *(v8 *)&out[(r0 + r) * dim_pad + d0] = acc[r][0];
+            *(v8 *)&out[(r0 + r) * dim_pad + d0 + 8] = acc[r][1];
         }
     }
+    for (; d0 < dim_pad; d0 += 8) {
+        v8 acc[6];
+        for (int r = 0; r < R; r++) acc[r] = *(const v8 *)&out[(r0 + r) * dim_pad + d0];
+        for (int c = 0; c < TILE; c++) {
+            const v8 v0 = LOADU(value_rows[c] + d0);
+            for (int r = 0; r < R; r++) acc[r] += v0 * weights[(r0 + r) * TILE + c];
+        }
+        for (int r = 0; r < R; r++) *(v8 *)&out[(r0 + r) * dim_pad + d0] = acc[r];
+    }
+}
+
+/* out[r][d] += sum_c weights[r][c] * value_rows[c][d] over the tile, skipping
+ * blocks of rows without any weight. */
+SA_INLINE void weighted_values_kernel(const float *restrict weights, const float *const *value_rows,
+                                      float *restrict out, int64_t dim_pad, const int *restrict live_rows)
+{
+    for (int r0 = 0; r0 + 6 <= TILE; r0 += 6) {
+        int any = 0;
+        for (int r = 0; r < 6; r++) any |= live_rows[r0 + r];
+        if (any) weighted_values_rows(weights, value_rows, out, dim_pad, r0, 6);
+    }
+    const int r0 = TILE - TILE % 6;
+    int any = 0;
+    for (int r = r0; r < TILE; r++) any |= live_rows[r];
+    if (any) weighted_values_rows(weights, value_rows, out, dim_pad, r0, TILE % 6);
 }
 
 /* Stands in for a missing row when rows are read in place. */
