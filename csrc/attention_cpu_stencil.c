@@ -33,13 +33,8 @@
 #include "simd8.h"
 #include "threads.h"
 
-/* the vector helpers are always inlined: no vector crosses a call boundary */
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 #define LANES 8
 
-#define SPLAT(x) ((v8){0} + (float)(x))
-#define SELECT(mask, a, b) ((v8)(((i8v)(a) & (mask)) | ((i8v)(b) & ~(mask))))
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SA_NO_CLONES)
 #define STENCIL_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -47,26 +42,6 @@
 #define STENCIL_CLONES
 #endif
 #define INLINE SA_INLINE
-
-/* exp over eight lanes, the polynomial of fast_expf.h; x below -87.3 gives 0. */
-INLINE v8 exp_v8(v8 x)
-{
-    const i8v underflow = x < SPLAT(-87.3f);
-    x = SELECT(x > SPLAT(88.7f), SPLAT(88.7f), x);
-    const v8 y = x * 1.44269504088896341f + 0.5f;
-    v8 n = __builtin_convertvector(__builtin_convertvector(y, i8v), v8);
-    n += __builtin_convertvector(n > y, v8); /* truncation to floor: -1 where it rounded up */
-    const v8 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    v8 poly = SPLAT(1.9875691500e-4f);
-    poly = poly * r + 1.3981999507e-3f;
-    poly = poly * r + 8.3334519073e-3f;
-    poly = poly * r + 4.1665795894e-2f;
-    poly = poly * r + 1.6666665459e-1f;
-    poly = poly * r + 5.0000001201e-1f;
-    const v8 value = poly * r * r + r + 1.0f;
-    const i8v bits = (__builtin_convertvector(n, i8v) + 127) << 23;
-    return SELECT(underflow, SPLAT(0.0f), value * (v8)bits);
-}
 
 INLINE u8v mix32_v8(u8v x)
 {
@@ -503,13 +478,6 @@ INLINE void write_strip(const stencil_ctx *c, stencil_work *w, int64_t b, int64_
     for (; d0 < dim; d0++)
         for (int l = 0; l < LANES; l++)
             if (rows[l]) rows[l][d0] = w->strip_out[d0 * LANES + l] * factor[l];
-}
-
-INLINE float hsum8(v8 x)
-{
-    float total = 0.0f;
-    for (int l = 0; l < LANES; l++) total += x[l];
-    return total;
 }
 
 /* sum_d row[d] * panel[d * stride]: one row (broadcast) against eight keys. */

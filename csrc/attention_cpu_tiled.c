@@ -14,7 +14,6 @@
 #include "attention_cpu_tiled.h"
 
 #include <math.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -156,17 +155,6 @@ SA_INLINE void weighted_values_kernel(const float *restrict weights, const float
 /* Stands in for a missing row when rows are read in place. */
 static const float zero_row[1024] __attribute__((aligned(32)));
 
-/* bit_floats[v][k] = bit k of v, as 1.0f or 0.0f: masks expand a byte at a time. */
-static float bit_floats[256][8];
-
-static pthread_once_t bit_floats_once = PTHREAD_ONCE_INIT; /* one for forward and backward */
-
-static void fill_bit_floats(void)
-{
-    for (int v = 0; v < 256; v++)
-        for (int k = 0; k < 8; k++) bit_floats[v][k] = (float)((v >> k) & 1);
-}
-
 /* The chunks of a tile, clamped to the plan: corrupted offsets read nothing. */
 static inline void chunk_range(const int32_t *chunk_ptr, int64_t tile, int64_t num_chunks,
                                int64_t *begin, int64_t *end)
@@ -243,7 +231,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
         return;
     }
     int32_t queries[TILE], keys[TILE], key_y[TILE], key_x[TILE];
-    float usable[TILE], bias_row[TILE] = {0};
+    float bias_row[TILE] __attribute__((aligned(32))) = {0};
     /* rows whose length is a whole number of vectors are read where they lie */
     const int in_place = dim == dim_pad;
     const float *query_rows[TILE], *value_rows[TILE], *key_rows[TILE];
@@ -251,6 +239,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
     const int32_t mi = (int32_t)m, sidei = (int32_t)side;
     uint32_t query_key[TILE];
     row_state state[TILE];
+    const i8v lane_bit = {1, 2, 4, 8, 16, 32, 64, 128};
 
     for (int64_t item = begin; item < end; item++) {
         const int64_t tile = item % p->num_tiles, bh = item / p->num_tiles;
@@ -287,13 +276,14 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
         if (runs && chunk_begin < chunk_end) prefetch_chunk(p, p->chunk_keys + chunk_begin * TILE, b, h);
         for (int64_t chunk = runs ? chunk_begin : chunk_end; chunk < chunk_end; chunk++) {
             const int32_t *chunk_keys = p->chunk_keys + chunk * TILE;
+            uint64_t usable_keys = 0; /* bit c: key c is in the grid and not masked */
             for (int c = 0; c < TILE; c++) {
                 const int32_t j = chunk_keys[c];
                 const int valid = j >= 0 && j < n;
                 keys[c] = valid ? j : -1;
-                usable[c] = valid && (p->key_mask == NULL ||
-                                      p->key_mask[b * p->key_mask_stride[0] + j * p->key_mask_stride[1]])
-                    ? 1.0f : 0.0f;
+                if (valid && (p->key_mask == NULL ||
+                              p->key_mask[b * p->key_mask_stride[0] + j * p->key_mask_stride[1]]))
+                    usable_keys |= (uint64_t)1 << c;
                 if (bias_table != NULL) {
                     key_y[c] = valid ? (int32_t)(j / p->width) : 0;
                     key_x[c] = valid ? (int32_t)(j % p->width) : 0;
@@ -318,18 +308,12 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
 
             for (int r = 0; r < TILE; r++) {
                 float *row = s.scores + r * TILE;
-                const uint64_t word = queries[r] >= 0 ? p->chunk_masks[chunk * TILE + r] : 0;
+                const uint64_t word = queries[r] >= 0 ? p->chunk_masks[chunk * TILE + r] & usable_keys : 0;
                 live[r] = word != 0;
                 if (!word) {
                     memset(row, 0, TILE * sizeof(float));
                     continue;
                 }
-                /* allowed[c]: the pair is in the layout and the key is not masked */
-                float allowed[TILE];
-                for (int byte = 0; byte < TILE / 8; byte++)
-                    memcpy(allowed + 8 * byte, bit_floats[(word >> (8 * byte)) & 0xff], 8 * sizeof(float));
-                int nan_count = 0;
-                float chunk_max = -INFINITY;
                 if (bias_table != NULL) {
                     const int32_t qy = (int32_t)(queries[r] / p->width), qx = (int32_t)(queries[r] % p->width);
                     for (int c = 0; c < TILE; c++) {
@@ -339,24 +323,21 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                         bias_row[c] = bias_table[(dy + mi) * sidei + dx + mi];
                     }
                 }
-                if (bias_table != NULL) {
-#pragma omp simd reduction(+ : nan_count) reduction(max : chunk_max)
-                    for (int c = 0; c < TILE; c++) {
-                        const float score = allowed[c] * usable[c] != 0.0f ? scale * row[c] + bias_row[c] : -INFINITY;
-                        nan_count += score != score;
-                        chunk_max = score > chunk_max ? score : chunk_max;
-                        row[c] = score;
-                    }
-                } else {
-#pragma omp simd reduction(+ : nan_count) reduction(max : chunk_max)
-                    for (int c = 0; c < TILE; c++) {
-                        const float score = allowed[c] * usable[c] != 0.0f ? scale * row[c] : -INFINITY;
-                        nan_count += score != score;
-                        chunk_max = score > chunk_max ? score : chunk_max;
-                        row[c] = score;
-                    }
+                /* scores of the pairs in the layout, -inf elsewhere; eight mask bits per vector */
+                v8 top_lanes = SPLAT(-INFINITY);
+                i8v nan_lanes = {0};
+                for (int g = 0; g < TILE / 8; g++) {
+                    const i8v on = (((i8v){0} + (int32_t)((word >> (8 * g)) & 0xff)) & lane_bit) != 0;
+                    v8 score = *(v8 *)&row[8 * g] * scale + *(const v8 *)&bias_row[8 * g];
+                    nan_lanes |= on & (score != score);
+                    score = SELECT(on, score, SPLAT(-INFINITY));
+                    top_lanes = SELECT(score > top_lanes, score, top_lanes);
+                    *(v8 *)&row[8 * g] = score;
                 }
-                state[r].nan |= nan_count != 0;
+                int any_nan = 0;
+                for (int l = 0; l < 8; l++) any_nan |= nan_lanes[l];
+                state[r].nan |= any_nan != 0;
+                const float chunk_max = hmax8(top_lanes);
                 row_state *st = &state[r];
                 if (chunk_max == -INFINITY) {
                     memset(row, 0, TILE * sizeof(float));
@@ -374,30 +355,29 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                     }
                     st->max = chunk_max;
                 }
-                const float top = st->max;
-                float chunk_sum = 0;
-                /* exp(-inf - top) is 0 in sa_fast_expf: masked entries need no test */
+                const v8 top = SPLAT(st->max);
+                v8 sum_lanes = SPLAT(0.0f);
+                /* exp_v8(-inf - top) is 0: masked entries need no test */
                 if (want_stats) {
-                    float chunk_sq = 0, chunk_shifted = 0;
-#pragma omp simd reduction(+ : chunk_sum, chunk_sq, chunk_shifted)
-                    for (int c = 0; c < TILE; c++) {
-                        const float shifted = row[c] - top;
-                        const float e = sa_fast_expf(shifted);
-                        chunk_sum += e;
-                        chunk_sq += e * e;
-                        chunk_shifted += e == 0.0f ? 0.0f : e * shifted;
-                        row[c] = e * keep_scale;
+                    v8 sq_lanes = SPLAT(0.0f), shifted_lanes = SPLAT(0.0f);
+                    for (int g = 0; g < TILE / 8; g++) {
+                        const v8 shifted = *(v8 *)&row[8 * g] - top;
+                        const v8 e = exp_v8(shifted);
+                        sum_lanes += e;
+                        sq_lanes += e * e;
+                        shifted_lanes += SELECT(e != SPLAT(0.0f), e * shifted, SPLAT(0.0f));
+                        *(v8 *)&row[8 * g] = e * keep_scale;
                     }
-                    st->sq += chunk_sq;
-                    st->shifted += chunk_shifted;
+                    st->sq += hsum8(sq_lanes);
+                    st->shifted += hsum8(shifted_lanes);
                 } else {
-#pragma omp simd reduction(+ : chunk_sum)
-                    for (int c = 0; c < TILE; c++) {
-                        const float e = sa_fast_expf(row[c] - top);
-                        chunk_sum += e;
-                        row[c] = e * keep_scale;
+                    for (int g = 0; g < TILE / 8; g++) {
+                        const v8 e = exp_v8(*(v8 *)&row[8 * g] - top);
+                        sum_lanes += e;
+                        *(v8 *)&row[8 * g] = e * keep_scale;
                     }
                 }
+                const float chunk_sum = hsum8(sum_lanes);
                 st->sum += chunk_sum;
                 if (threshold > 0) {
                     for (int c = 0; c < TILE; c++)
@@ -498,10 +478,16 @@ static void backward_free(backward_panels *w)
     free(w->chunk_grad);
 }
 
-static inline void transpose_square(const float *restrict in, float *restrict out)
+/* out = in transposed, 64 x 64, in 8 x 8 vector blocks. */
+SA_INLINE void transpose_square(const float *restrict in, float *restrict out)
 {
-    for (int r = 0; r < TILE; r++)
-        for (int c = 0; c < TILE; c++) out[c * TILE + r] = in[r * TILE + c];
+    for (int r0 = 0; r0 < TILE; r0 += 8)
+        for (int c0 = 0; c0 < TILE; c0 += 8) {
+            v8 block[8];
+            for (int i = 0; i < 8; i++) block[i] = *(const v8 *)&in[(r0 + i) * TILE + c0];
+            transpose8(block);
+            for (int i = 0; i < 8; i++) *(v8 *)&out[(c0 + i) * TILE + r0] = block[i];
+        }
 }
 
 
@@ -522,7 +508,8 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
         return;
     }
     int32_t queries[TILE], keys[TILE];
-    float usable[TILE], row_lse[TILE], row_delta[TILE];
+    float row_lse[TILE], row_delta[TILE];
+    const i8v lane_bit = {1, 2, 4, 8, 16, 32, 64, 128};
     const int in_place = dim == dim_pad;
     const float *query_rows[TILE], *grad_out_rows[TILE], *key_rows[TILE], *value_rows[TILE];
     uint32_t query_key[TILE];
@@ -573,13 +560,14 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                                                               queries[r]) : 0;
                 }
                 for (int64_t chunk = chunk_begin; chunk < chunk_end; chunk++) {
+                    uint64_t usable_keys = 0; /* bit c: key c is in the grid and not masked */
                     for (int c = 0; c < TILE; c++) {
                         const int32_t j = chunk_ids[chunk * TILE + c];
                         const int valid = j >= 0 && j < n;
                         keys[c] = valid ? j : -1;
-                        usable[c] = valid && (p->key_mask == NULL ||
-                                              p->key_mask[b * p->key_mask_stride[0] + j * p->key_mask_stride[1]])
-                            ? 1.0f : 0.0f;
+                        if (valid && (p->key_mask == NULL ||
+                                      p->key_mask[b * p->key_mask_stride[0] + j * p->key_mask_stride[1]]))
+                            usable_keys |= (uint64_t)1 << c;
                         const float *k = valid ? row_of(p->k, p->k_stride, b, h, j) : NULL;
                         const float *v = valid ? row_of(p->v, p->v_stride, b, h, j) : NULL;
                         if (in_place) {
@@ -605,28 +593,25 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                     for (int r = 0; r < TILE; r++) {
                         float *score = w.s.scores + r * TILE, *grad_prob = w.grad_probs + r * TILE;
                         const uint64_t word = queries[r] >= 0 && row_lse[r] != -INFINITY
-                            ? masks[chunk * TILE + r] : 0;
+                            ? masks[chunk * TILE + r] & usable_keys : 0;
                         if (!word) {
                             memset(score, 0, TILE * sizeof(float));
                             memset(grad_prob, 0, TILE * sizeof(float));
                             continue;
                         }
-                        float allowed[TILE];
-                        for (int byte = 0; byte < TILE / 8; byte++)
-                            memcpy(allowed + 8 * byte, bit_floats[(word >> (8 * byte)) & 0xff], 8 * sizeof(float));
                         /* keep[c]: the dropout mask scaled by 1 / (1 - p), as in the forward */
-                        float keep[TILE];
-                        for (int c = 0; c < TILE; c++)
-                            keep[c] = threshold == 0 || sa_dropout_keep(query_key[r], keys[c], threshold)
-                                ? keep_scale : 0.0f;
-                        const float top = row_lse[r], row_d = row_delta[r];
-#pragma omp simd
-                        for (int c = 0; c < TILE; c++) {
-                            const int take = allowed[c] * usable[c] != 0.0f;
-                            const float prob = take ? sa_fast_expf(scale * score[c] - top) : 0.0f;
-                            const float grad = prob * (grad_prob[c] * keep[c] - row_d);
-                            score[c] = prob * keep[c];  /* the weight of dO in dV */
-                            grad_prob[c] = grad * scale; /* dS, scaled for dQ and dK */
+                        float keep[TILE] __attribute__((aligned(32)));
+                        if (threshold > 0)
+                            for (int c = 0; c < TILE; c++)
+                                keep[c] = sa_dropout_keep(query_key[r], keys[c], threshold) ? keep_scale : 0.0f;
+                        const v8 top = SPLAT(row_lse[r]), row_d = SPLAT(row_delta[r]);
+                        for (int g = 0; g < TILE / 8; g++) {
+                            const i8v on = (((i8v){0} + (int32_t)((word >> (8 * g)) & 0xff)) & lane_bit) != 0;
+                            const v8 kept = threshold > 0 ? *(const v8 *)&keep[8 * g] : SPLAT(keep_scale);
+                            const v8 prob = SELECT(on, exp_v8(*(v8 *)&score[8 * g] * scale - top), SPLAT(0.0f));
+                            const v8 grad = prob * (*(v8 *)&grad_prob[8 * g] * kept - row_d);
+                            *(v8 *)&score[8 * g] = prob * kept;         /* the weight of dO in dV */
+                            *(v8 *)&grad_prob[8 * g] = grad * scale;    /* dS, scaled for dQ and dK */
                         }
                     }
                     /* dQ += dS K */
@@ -669,7 +654,6 @@ int sa_cpu_backward_tiled(const sa_attention_params *p, const int64_t (*passes)[
         snprintf(err, len, "the tiled CPU backward takes float32 without a bias gradient");
         return SA_ERR_UNSUPPORTED;
     }
-    pthread_once(&bit_floats_once, fill_bit_floats);
     tiled_ctx ctx = tiled_ctx_for(p);
     ctx.passes = passes;
     ctx.num_passes = num_passes;
@@ -691,7 +675,6 @@ static int run_forward(const sa_attention_params *p, int64_t items, int64_t grai
         snprintf(err, len, "query: the tiled CPU kernel takes float32");
         return SA_ERR_UNSUPPORTED;
     }
-    pthread_once(&bit_floats_once, fill_bit_floats);
     if (items == 0) return SA_OK;
     if (sa_parallel_for(items, grain, num_threads, fn, ctx) != 0 || ctx->failed) {
         snprintf(err, len, "could not run the tiled CPU kernel (out of memory)");
