@@ -366,7 +366,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                         sum_lanes += e;
                         sq_lanes += e * e;
                         shifted_lanes += SELECT(e != SPLAT(0.0f), e * shifted, SPLAT(0.0f));
-                        *(v8 *)&row[8 * g] = e * keep_scale;
+                        *(v8 *)&row[8 * g] = e;
                     }
                     st->sq += hsum8(sq_lanes);
                     st->shifted += hsum8(shifted_lanes);
@@ -374,7 +374,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                     for (int g = 0; g < TILE / 8; g++) {
                         const v8 e = exp_v8(*(v8 *)&row[8 * g] - top);
                         sum_lanes += e;
-                        *(v8 *)&row[8 * g] = e * keep_scale;
+                        *(v8 *)&row[8 * g] = e;
                     }
                 }
                 const float chunk_sum = hsum8(sum_lanes);
@@ -397,7 +397,8 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
             if (p->merge_previous && !live_row) continue; /* the earlier pass's result stands */
             float *lse = (float *)p->lse + row_item;
             const float pass_lse = live_row ? top + logf(sum) : -INFINITY;
-            float new_weight = live_row ? 1.0f / sum : 0.0f, old_weight = 0.0f, total = pass_lse;
+            /* the dropout scale 1 / (1 - p) of every kept weight, applied once here */
+            float new_weight = live_row ? keep_scale / sum : 0.0f, old_weight = 0.0f, total = pass_lse;
             if (p->merge_previous && *lse != -INFINITY) {
                 const float old_lse = *lse;
                 if (old_lse != old_lse || pass_lse != pass_lse) {

@@ -23,15 +23,20 @@ typedef uint32_t u8v __attribute__((vector_size(32)));
 /* lanes of a where mask (all ones or all zeros per lane) is set, else of b */
 #define SELECT(mask, a, b) ((v8)(((i8v)(a) & (mask)) | ((i8v)(b) & ~(mask))))
 
-/* exp over eight lanes, the polynomial of fast_expf.h; x below -87.3 gives 0.
- * Rounds through integer conversions, which every ISA level has. */
+/* exp over eight lanes, the polynomial of fast_expf.h; x below -87.3 gives 0,
+ * x above 88.3 exp(88.3).
+ * Adding 1.5 * 2^23 + 127 rounds x / ln 2 to the integer n in the low
+ * mantissa bits, with the exponent bias beside it: no conversions, and n's
+ * bits shifted up are 2^n (at 64x64 RANDOM the exp was a fifth of the tiled
+ * forward with floor and conversions). */
 SA_INLINE v8 exp_v8(v8 x)
 {
-    const i8v underflow = x < SPLAT(-87.3f);
-    x = SELECT(x > SPLAT(88.7f), SPLAT(88.7f), x);
-    const v8 y = x * 1.44269504088896341f + 0.5f;
-    v8 n = __builtin_convertvector(__builtin_convertvector(y, i8v), v8);
-    n += __builtin_convertvector(n > y, v8); /* truncation to floor: -1 where it rounded up */
+    const i8v tiny = x < SPLAT(-87.3f);
+    x = SELECT(tiny, SPLAT(-87.3f), x);
+    x = SELECT(x > SPLAT(88.3f), SPLAT(88.3f), x); /* n at most 127 */
+    const v8 shifter = SPLAT(12582912.0f + 127.0f);
+    const v8 t = x * 1.44269504088896341f + shifter;
+    const v8 n = t - shifter;
     const v8 r = x - n * 0.693359375f + n * 2.12194440e-4f;
     v8 poly = SPLAT(1.9875691500e-4f);
     poly = poly * r + 1.3981999507e-3f;
@@ -40,22 +45,33 @@ SA_INLINE v8 exp_v8(v8 x)
     poly = poly * r + 1.6666665459e-1f;
     poly = poly * r + 5.0000001201e-1f;
     const v8 value = poly * r * r + r + 1.0f;
-    const i8v bits = (__builtin_convertvector(n, i8v) + 127) << 23;
-    return SELECT(underflow, SPLAT(0.0f), value * (v8)bits);
+    return SELECT(tiny, SPLAT(0.0f), value * (v8)((i8v)t << 23));
 }
 
+/* Horizontal sum and maximum as trees of three shuffles: a chain of seven
+ * scalar steps per row and chunk was a visible share of the tiled softmax. */
 SA_INLINE float hsum8(v8 x)
 {
-    float total = 0.0f;
-    for (int l = 0; l < 8; l++) total += x[l];
-    return total;
+    const i8v swap_halves = {4, 5, 6, 7, 0, 1, 2, 3}, swap_pairs = {2, 3, 0, 1, 6, 7, 4, 5};
+    const i8v swap_lanes = {1, 0, 3, 2, 5, 4, 7, 6};
+    x += __builtin_shuffle(x, swap_halves);
+    x += __builtin_shuffle(x, swap_pairs);
+    x += __builtin_shuffle(x, swap_lanes);
+    return x[0];
 }
 
+/* NaN lanes are passed over (a NaN compares false). */
 SA_INLINE float hmax8(v8 x)
 {
-    float top = x[0];
-    for (int l = 1; l < 8; l++) top = x[l] > top ? x[l] : top;
-    return top;
+    const i8v swap_halves = {4, 5, 6, 7, 0, 1, 2, 3}, swap_pairs = {2, 3, 0, 1, 6, 7, 4, 5};
+    const i8v swap_lanes = {1, 0, 3, 2, 5, 4, 7, 6};
+    v8 y = __builtin_shuffle(x, swap_halves);
+    x = SELECT(y > x, y, x);
+    y = __builtin_shuffle(x, swap_pairs);
+    x = SELECT(y > x, y, x);
+    y = __builtin_shuffle(x, swap_lanes);
+    x = SELECT(y > x, y, x);
+    return x[0];
 }
 
 /* Transposes the 8 x 8 block r (r[i][j]) in place: r[j][i]. */
