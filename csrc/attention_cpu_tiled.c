@@ -371,10 +371,14 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                     st->sq += hsum8(sq_lanes);
                     st->shifted += hsum8(shifted_lanes);
                 } else {
-                    for (int g = 0; g < TILE / 8; g++) {
-                        const v8 e = exp_v8(*(v8 *)&row[8 * g] - top);
-                        sum_lanes += e;
-                        *(v8 *)&row[8 * g] = e;
+                    for (int g = 0; g < TILE / 8; g += 4) {
+                        v8 e[4];
+                        for (int i = 0; i < 4; i++) e[i] = *(v8 *)&row[8 * (g + i)] - top;
+                        exp_lanes(e, 4);
+                        for (int i = 0; i < 4; i++) {
+                            sum_lanes += e[i];
+                            *(v8 *)&row[8 * (g + i)] = e[i];
+                        }
                     }
                 }
                 const float chunk_sum = hsum8(sum_lanes);
@@ -606,13 +610,19 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                             for (int c = 0; c < TILE; c++)
                                 keep[c] = sa_dropout_keep(query_key[r], keys[c], threshold) ? keep_scale : 0.0f;
                         const v8 top = SPLAT(row_lse[r]), row_d = SPLAT(row_delta[r]);
-                        for (int g = 0; g < TILE / 8; g++) {
-                            const i8v on = (((i8v){0} + (int32_t)((word >> (8 * g)) & 0xff)) & lane_bit) != 0;
-                            const v8 kept = threshold > 0 ? *(const v8 *)&keep[8 * g] : SPLAT(keep_scale);
-                            const v8 prob = SELECT(on, exp_v8(*(v8 *)&score[8 * g] * scale - top), SPLAT(0.0f));
-                            const v8 grad = prob * (*(v8 *)&grad_prob[8 * g] * kept - row_d);
-                            *(v8 *)&score[8 * g] = prob * kept;         /* the weight of dO in dV */
-                            *(v8 *)&grad_prob[8 * g] = grad * scale;    /* dS, scaled for dQ and dK */
+                        for (int g0 = 0; g0 < TILE / 8; g0 += 4) {
+                            v8 e[4];
+                            for (int i = 0; i < 4; i++) e[i] = *(v8 *)&score[8 * (g0 + i)] * scale - top;
+                            exp_lanes(e, 4);
+                            for (int i = 0; i < 4; i++) {
+                                const int g = g0 + i;
+                                const i8v on = (((i8v){0} + (int32_t)((word >> (8 * g)) & 0xff)) & lane_bit) != 0;
+                                const v8 kept = threshold > 0 ? *(const v8 *)&keep[8 * g] : SPLAT(keep_scale);
+                                const v8 prob = SELECT(on, e[i], SPLAT(0.0f));
+                                const v8 grad = prob * (*(v8 *)&grad_prob[8 * g] * kept - row_d);
+                                *(v8 *)&score[8 * g] = prob * kept;      /* the weight of dO in dV */
+                                *(v8 *)&grad_prob[8 * g] = grad * scale; /* dS, scaled for dQ and dK */
+                            }
                         }
                     }
                     /* dQ += dS K */

@@ -23,29 +23,43 @@ typedef uint32_t u8v __attribute__((vector_size(32)));
 /* lanes of a where mask (all ones or all zeros per lane) is set, else of b */
 #define SELECT(mask, a, b) ((v8)(((i8v)(a) & (mask)) | ((i8v)(b) & ~(mask))))
 
-/* exp over eight lanes, the polynomial of fast_expf.h; x below -87.3 gives 0,
- * x above 88.3 exp(88.3).
- * Adding 1.5 * 2^23 + 127 rounds x / ln 2 to the integer n in the low
- * mantissa bits, with the exponent bias beside it: no conversions, and n's
- * bits shifted up are 2^n (at 64x64 RANDOM the exp was a fifth of the tiled
- * forward with floor and conversions). */
+/* exp over eight lanes of count vectors, in place; x below -87.3 gives 0, x
+ * above 88.3 exp(88.3). The polynomial of fast_expf.h, evaluated in Estrin's
+ * form. Adding 1.5 * 2^23 + 127 rounds x / ln 2 to the integer n in the low
+ * mantissa bits with the exponent bias beside it, so no conversions are
+ * needed and those bits shifted up are 2^n. count is a constant where this
+ * is inlined: the vectors go through each step together, so that their
+ * dependency chains overlap (at 64x64 RANDOM the exp was a fifth of the
+ * tiled forward, bound by the latency of one vector's chain). */
+SA_INLINE void exp_lanes(v8 *x, const int count)
+{
+    const v8 shifter = SPLAT(12582912.0f + 127.0f);
+    i8v tiny[4];
+    v8 t[4], r[4], r2[4], poly[4];
+    for (int i = 0; i < count; i++) {
+        tiny[i] = x[i] < SPLAT(-87.3f);
+        x[i] = SELECT(tiny[i], SPLAT(-87.3f), x[i]);
+        x[i] = SELECT(x[i] > SPLAT(88.3f), SPLAT(88.3f), x[i]); /* n at most 127 */
+    }
+    for (int i = 0; i < count; i++) t[i] = x[i] * 1.44269504088896341f + shifter;
+    for (int i = 0; i < count; i++) {
+        const v8 n = t[i] - shifter;
+        r[i] = x[i] - n * 0.693359375f + n * 2.12194440e-4f;
+    }
+    for (int i = 0; i < count; i++) r2[i] = r[i] * r[i];
+    for (int i = 0; i < count; i++)
+        poly[i] = (r[i] * 1.9875691500e-4f + 1.3981999507e-3f) * r2[i] + (r[i] * 8.3334519073e-3f + 4.1665795894e-2f);
+    for (int i = 0; i < count; i++) poly[i] = poly[i] * r2[i] + (r[i] * 1.6666665459e-1f + 5.0000001201e-1f);
+    for (int i = 0; i < count; i++) {
+        const v8 value = poly[i] * r2[i] + (r[i] + 1.0f);
+        x[i] = SELECT(tiny[i], SPLAT(0.0f), value * (v8)((i8v)t[i] << 23));
+    }
+}
+
 SA_INLINE v8 exp_v8(v8 x)
 {
-    const i8v tiny = x < SPLAT(-87.3f);
-    x = SELECT(tiny, SPLAT(-87.3f), x);
-    x = SELECT(x > SPLAT(88.3f), SPLAT(88.3f), x); /* n at most 127 */
-    const v8 shifter = SPLAT(12582912.0f + 127.0f);
-    const v8 t = x * 1.44269504088896341f + shifter;
-    const v8 n = t - shifter;
-    const v8 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    v8 poly = SPLAT(1.9875691500e-4f);
-    poly = poly * r + 1.3981999507e-3f;
-    poly = poly * r + 8.3334519073e-3f;
-    poly = poly * r + 4.1665795894e-2f;
-    poly = poly * r + 1.6666665459e-1f;
-    poly = poly * r + 5.0000001201e-1f;
-    const v8 value = poly * r * r + r + 1.0f;
-    return SELECT(tiny, SPLAT(0.0f), value * (v8)((i8v)t << 23));
+    exp_lanes(&x, 1);
+    return x;
 }
 
 /* Horizontal sum and maximum as trees of three shuffles: a chain of seven
