@@ -72,9 +72,9 @@ static inline const float *row_of(const float *base, const int64_t *stride, int6
  * accumulators stay in registers (six rows keep 12 FMA chains in flight, more
  * than the 8 that cover the FMA latency on two pipes). */
 SA_INLINE void scores_rows(const float *const *query_rows, const float *restrict key_t,
-                           float *restrict scores, int64_t dim_pad, int r0, const int R)
+                           float *restrict scores, int64_t dim_pad, int r0, const int R, int cols)
 {
-    for (int c0 = 0; c0 < TILE; c0 += 16) {
+    for (int c0 = 0; c0 < cols; c0 += 16) {
         v8 acc[6][2] = {{{0}}};
         for (int64_t d = 0; d < dim_pad; d++) {
             const v8 k0 = *(const v8 *)&key_t[d * TILE + c0];
@@ -92,18 +92,29 @@ SA_INLINE void scores_rows(const float *const *query_rows, const float *restrict
     }
 }
 
-/* The 64 x 64 scores of a tile and a chunk: ten blocks of six rows and one of four. */
+/* The scores of the first rows queries of a tile against the first cols keys
+ * of a chunk (cols a multiple of 16): blocks of six rows, then the rest.
+ * Partial tiles (a residue class of a lattice, the last tile of a grid)
+ * compute only what they hold. */
 SA_INLINE void scores_kernel(const float *const *query_rows, const float *restrict key_t,
-                             float *restrict scores, int64_t dim_pad)
+                             float *restrict scores, int64_t dim_pad, int rows, int cols)
 {
-    for (int r0 = 0; r0 + 6 <= TILE; r0 += 6) scores_rows(query_rows, key_t, scores, dim_pad, r0, 6);
-    scores_rows(query_rows, key_t, scores, dim_pad, TILE - TILE % 6, TILE % 6);
+    int r0 = 0;
+    for (; r0 + 6 <= rows; r0 += 6) scores_rows(query_rows, key_t, scores, dim_pad, r0, 6, cols);
+    switch (rows - r0) {
+    case 5: scores_rows(query_rows, key_t, scores, dim_pad, r0, 5, cols); break;
+    case 4: scores_rows(query_rows, key_t, scores, dim_pad, r0, 4, cols); break;
+    case 3: scores_rows(query_rows, key_t, scores, dim_pad, r0, 3, cols); break;
+    case 2: scores_rows(query_rows, key_t, scores, dim_pad, r0, 2, cols); break;
+    case 1: scores_rows(query_rows, key_t, scores, dim_pad, r0, 1, cols); break;
+    default: break;
+    }
 }
 
 /* out[r][d] += sum_c weights[r][c] * value_rows[c][d] for rows r0 .. r0 + R - 1
  * (R constant where inlined, as in scores_rows), 16 then 8 columns of d per step. */
 SA_INLINE void weighted_values_rows(const float *restrict weights, const float *const *value_rows,
-                                    float *restrict out, int64_t dim_pad, int r0, const int R)
+                                    float *restrict out, int64_t dim_pad, int r0, const int R, int cols)
 {
     int64_t d0 = 0;
     for (; d0 + 16 <= dim_pad; d0 += 16) {
@@ -112,7 +123,7 @@ SA_INLINE void weighted_values_rows(const float *restrict weights, const float *
             acc[r][0] = *(const v8 *)&out[(r0 + r) * dim_pad + d0];
             acc[r][1] = *(const v8 *)&out[(r0 + r) * dim_pad + d0 + 8];
         }
-        for (int c = 0; c < TILE; c++) {
+        for (int c = 0; c < cols; c++) {
             const v8 v0 = LOADU(value_rows[c] + d0), v1 = LOADU(value_rows[c] + d0 + 8);
             for (int r = 0; r < R; r++) {
                 const float w = weights[(r0 + r) * TILE + c];
@@ -128,7 +139,7 @@ SA_INLINE void weighted_values_rows(const float *restrict weights, const float *
     for (; d0 < dim_pad; d0 += 8) {
         v8 acc[6];
         for (int r = 0; r < R; r++) acc[r] = *(const v8 *)&out[(r0 + r) * dim_pad + d0];
-        for (int c = 0; c < TILE; c++) {
+        for (int c = 0; c < cols; c++) {
             const v8 v0 = LOADU(value_rows[c] + d0);
             for (int r = 0; r < R; r++) acc[r] += v0 * weights[(r0 + r) * TILE + c];
         }
@@ -136,20 +147,37 @@ SA_INLINE void weighted_values_rows(const float *restrict weights, const float *
     }
 }
 
-/* out[r][d] += sum_c weights[r][c] * value_rows[c][d] over the tile, skipping
- * blocks of rows without any weight. */
+/* out[r][d] += sum_c weights[r][c] * value_rows[c][d] for r < rows and c < cols
+ * (any counts up to 64), skipping blocks of rows without any weight. */
 SA_INLINE void weighted_values_kernel(const float *restrict weights, const float *const *value_rows,
-                                      float *restrict out, int64_t dim_pad, const int *restrict live_rows)
+                                      float *restrict out, int64_t dim_pad, const int *restrict live_rows,
+                                      int rows, int cols)
 {
-    for (int r0 = 0; r0 + 6 <= TILE; r0 += 6) {
+    int r0 = 0;
+    for (; r0 + 6 <= rows; r0 += 6) {
         int any = 0;
         for (int r = 0; r < 6; r++) any |= live_rows[r0 + r];
-        if (any) weighted_values_rows(weights, value_rows, out, dim_pad, r0, 6);
+        if (any) weighted_values_rows(weights, value_rows, out, dim_pad, r0, 6, cols);
     }
-    const int r0 = TILE - TILE % 6;
     int any = 0;
-    for (int r = r0; r < TILE; r++) any |= live_rows[r];
-    if (any) weighted_values_rows(weights, value_rows, out, dim_pad, r0, TILE % 6);
+    for (int r = r0; r < rows; r++) any |= live_rows[r];
+    if (!any) return;
+    switch (rows - r0) {
+    case 5: weighted_values_rows(weights, value_rows, out, dim_pad, r0, 5, cols); break;
+    case 4: weighted_values_rows(weights, value_rows, out, dim_pad, r0, 4, cols); break;
+    case 3: weighted_values_rows(weights, value_rows, out, dim_pad, r0, 3, cols); break;
+    case 2: weighted_values_rows(weights, value_rows, out, dim_pad, r0, 2, cols); break;
+    case 1: weighted_values_rows(weights, value_rows, out, dim_pad, r0, 1, cols); break;
+    default: break;
+    }
+}
+
+/* 1 + the last slot of ids (64 of them) that holds a token in [0, n); 0 if none. */
+static inline int slots_used(const int32_t *ids, int64_t n)
+{
+    int used = TILE;
+    while (used > 0 && (ids[used - 1] < 0 || ids[used - 1] >= n)) used--;
+    return used;
 }
 
 /* Stands in for a missing row when rows are read in place. */
@@ -266,6 +294,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
             query_key[r] = threshold > 0 && queries[r] >= 0
                 ? sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), queries[r]) : 0;
         }
+        const int rows = slots_used(queries, n);
         if (p->merge_previous) {
             /* the rows the merge will read back, written by the earlier pass */
             for (int r = 0; r < TILE; r++)
@@ -276,8 +305,10 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
         if (runs && chunk_begin < chunk_end) prefetch_chunk(p, p->chunk_keys + chunk_begin * TILE, b, h);
         for (int64_t chunk = runs ? chunk_begin : chunk_end; chunk < chunk_end; chunk++) {
             const int32_t *chunk_keys = p->chunk_keys + chunk * TILE;
+            const int cols = (slots_used(chunk_keys, n) + 15) / 16 * 16; /* keys computed, padded */
+            if (cols == 0) continue;
             uint64_t usable_keys = 0; /* bit c: key c is in the grid and not masked */
-            for (int c = 0; c < TILE; c++) {
+            for (int c = 0; c < cols; c++) {
                 const int32_t j = chunk_keys[c];
                 const int valid = j >= 0 && j < n;
                 keys[c] = valid ? j : -1;
@@ -302,21 +333,21 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                     value_rows[c] = packed_v;
                 }
             }
-            if (in_place) pack_transposed64(key_rows, dim, s.key_t);
+            if (in_place) pack_transposed64(key_rows, dim, s.key_t, cols);
             if (chunk + 1 < chunk_end) prefetch_chunk(p, p->chunk_keys + (chunk + 1) * TILE, b, h);
-            scores_kernel(query_rows, s.key_t, s.scores, dim_pad);
+            scores_kernel(query_rows, s.key_t, s.scores, dim_pad, rows, cols);
 
-            for (int r = 0; r < TILE; r++) {
+            for (int r = 0; r < rows; r++) {
                 float *row = s.scores + r * TILE;
                 const uint64_t word = queries[r] >= 0 ? p->chunk_masks[chunk * TILE + r] & usable_keys : 0;
                 live[r] = word != 0;
                 if (!word) {
-                    memset(row, 0, TILE * sizeof(float));
+                    memset(row, 0, (size_t)cols * sizeof(float));
                     continue;
                 }
                 if (bias_table != NULL) {
                     const int32_t qy = (int32_t)(queries[r] / p->width), qx = (int32_t)(queries[r] % p->width);
-                    for (int c = 0; c < TILE; c++) {
+                    for (int c = 0; c < cols; c++) {
                         int32_t dy = qy - key_y[c], dx = qx - key_x[c];
                         dy = dy < -mi ? -mi : (dy > mi ? mi : dy);
                         dx = dx < -mi ? -mi : (dx > mi ? mi : dx);
@@ -326,7 +357,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                 /* scores of the pairs in the layout, -inf elsewhere; eight mask bits per vector */
                 v8 top_lanes = SPLAT(-INFINITY);
                 i8v nan_lanes = {0};
-                for (int g = 0; g < TILE / 8; g++) {
+                for (int g = 0; g < cols / 8; g++) {
                     const i8v on = (((i8v){0} + (int32_t)((word >> (8 * g)) & 0xff)) & lane_bit) != 0;
                     v8 score = *(v8 *)&row[8 * g] * scale + *(const v8 *)&bias_row[8 * g];
                     nan_lanes |= on & (score != score);
@@ -340,7 +371,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                 const float chunk_max = hmax8(top_lanes);
                 row_state *st = &state[r];
                 if (chunk_max == -INFINITY) {
-                    memset(row, 0, TILE * sizeof(float));
+                    memset(row, 0, (size_t)cols * sizeof(float));
                     continue;
                 }
                 if (chunk_max > st->max) {
@@ -360,7 +391,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                 /* exp_v8(-inf - top) is 0: masked entries need no test */
                 if (want_stats) {
                     v8 sq_lanes = SPLAT(0.0f), shifted_lanes = SPLAT(0.0f);
-                    for (int g = 0; g < TILE / 8; g++) {
+                    for (int g = 0; g < cols / 8; g++) {
                         const v8 shifted = *(v8 *)&row[8 * g] - top;
                         const v8 e = exp_v8(shifted);
                         sum_lanes += e;
@@ -371,7 +402,9 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                     st->sq += hsum8(sq_lanes);
                     st->shifted += hsum8(shifted_lanes);
                 } else {
-                    for (int g = 0; g < TILE / 8; g += 4) {
+                    /* cols / 8 is even: four vectors at a time, then two */
+                    int g = 0;
+                    for (; g + 4 <= cols / 8; g += 4) {
                         v8 e[4];
                         for (int i = 0; i < 4; i++) e[i] = *(v8 *)&row[8 * (g + i)] - top;
                         exp_lanes(e, 4);
@@ -380,15 +413,22 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                             *(v8 *)&row[8 * (g + i)] = e[i];
                         }
                     }
+                    if (g < cols / 8) {
+                        v8 e[2] = {*(v8 *)&row[8 * g] - top, *(v8 *)&row[8 * g + 8] - top};
+                        exp_lanes(e, 2);
+                        sum_lanes += e[0] + e[1];
+                        *(v8 *)&row[8 * g] = e[0];
+                        *(v8 *)&row[8 * g + 8] = e[1];
+                    }
                 }
                 const float chunk_sum = hsum8(sum_lanes);
                 st->sum += chunk_sum;
                 if (threshold > 0) {
-                    for (int c = 0; c < TILE; c++)
+                    for (int c = 0; c < cols; c++)
                         if (row[c] != 0 && !sa_dropout_keep(query_key[r], keys[c], threshold)) row[c] = 0;
                 }
             }
-            weighted_values_kernel(s.scores, value_rows, s.out, dim_pad, live);
+            weighted_values_kernel(s.scores, value_rows, s.out, dim_pad, live, rows, cols);
         }
 
         for (int r = 0; r < TILE; r++) {
@@ -483,11 +523,12 @@ static void backward_free(backward_panels *w)
     free(w->chunk_grad);
 }
 
-/* out = in transposed, 64 x 64, in 8 x 8 vector blocks. */
-SA_INLINE void transpose_square(const float *restrict in, float *restrict out)
+/* out[c][r] = in[r][c] for r < rows and c < cols (multiples of 8), rows of
+ * both 64 apart, in 8 x 8 vector blocks. */
+SA_INLINE void transpose_square(const float *restrict in, float *restrict out, int rows, int cols)
 {
-    for (int r0 = 0; r0 < TILE; r0 += 8)
-        for (int c0 = 0; c0 < TILE; c0 += 8) {
+    for (int r0 = 0; r0 < rows; r0 += 8)
+        for (int c0 = 0; c0 < cols; c0 += 8) {
             v8 block[8];
             for (int i = 0; i < 8; i++) block[i] = *(const v8 *)&in[(r0 + i) * TILE + c0];
             transpose8(block);
@@ -524,9 +565,11 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
         float *grad_q = (float *)p->grad_q + bh * n * dim;
         float *grad_k = (float *)p->grad_k + bh * n * dim;
         float *grad_v = (float *)p->grad_v + bh * n * dim;
-        memset(grad_q, 0, (size_t)(n * dim) * sizeof(float));
-        memset(grad_k, 0, (size_t)(n * dim) * sizeof(float));
-        memset(grad_v, 0, (size_t)(n * dim) * sizeof(float));
+        if (!p->merge_previous) { /* else an earlier kernel wrote them and this plan adds to them */
+            memset(grad_q, 0, (size_t)(n * dim) * sizeof(float));
+            memset(grad_k, 0, (size_t)(n * dim) * sizeof(float));
+            memset(grad_v, 0, (size_t)(n * dim) * sizeof(float));
+        }
         if (p->head_active != NULL && !p->head_active[h]) continue;
         const float *lse = (const float *)p->lse + bh * n;
         const float *delta = (const float *)p->delta + bh * n;
@@ -564,9 +607,12 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                     query_key[r] = has ? sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h),
                                                               queries[r]) : 0;
                 }
+                const int rows = slots_used(queries, n), rows8 = (rows + 7) / 8 * 8;
                 for (int64_t chunk = chunk_begin; chunk < chunk_end; chunk++) {
+                    const int cols = (slots_used(chunk_ids + chunk * TILE, n) + 15) / 16 * 16;
+                    if (cols == 0 || rows == 0) continue;
                     uint64_t usable_keys = 0; /* bit c: key c is in the grid and not masked */
-                    for (int c = 0; c < TILE; c++) {
+                    for (int c = 0; c < cols; c++) {
                         const int32_t j = chunk_ids[chunk * TILE + c];
                         const int valid = j >= 0 && j < n;
                         keys[c] = valid ? j : -1;
@@ -589,32 +635,37 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                         key_rows[c] = w.key + c * dim_pad;
                     }
                     if (in_place) {
-                        pack_transposed64(key_rows, dim, w.s.key_t);
-                        pack_transposed64(value_rows, dim, w.value_t);
+                        pack_transposed64(key_rows, dim, w.s.key_t, cols);
+                        pack_transposed64(value_rows, dim, w.value_t, cols);
                     }
                     if (chunk + 1 < chunk_end) prefetch_chunk(p, chunk_ids + (chunk + 1) * TILE, b, h);
-                    scores_kernel(query_rows, w.s.key_t, w.s.scores, dim_pad);
-                    scores_kernel(grad_out_rows, w.value_t, w.grad_probs, dim_pad);
-                    for (int r = 0; r < TILE; r++) {
+                    scores_kernel(query_rows, w.s.key_t, w.s.scores, dim_pad, rows, cols);
+                    scores_kernel(grad_out_rows, w.value_t, w.grad_probs, dim_pad, rows, cols);
+                    for (int r = 0; r < rows8; r++) {
                         float *score = w.s.scores + r * TILE, *grad_prob = w.grad_probs + r * TILE;
                         const uint64_t word = queries[r] >= 0 && row_lse[r] != -INFINITY
                             ? masks[chunk * TILE + r] & usable_keys : 0;
-                        if (!word) {
-                            memset(score, 0, TILE * sizeof(float));
-                            memset(grad_prob, 0, TILE * sizeof(float));
+                        if (!word) { /* rows up to rows8 are zero for the 8 x 8 transposes */
+                            memset(score, 0, (size_t)cols * sizeof(float));
+                            memset(grad_prob, 0, (size_t)cols * sizeof(float));
                             continue;
                         }
                         /* keep[c]: the dropout mask scaled by 1 / (1 - p), as in the forward */
                         float keep[TILE] __attribute__((aligned(32)));
                         if (threshold > 0)
-                            for (int c = 0; c < TILE; c++)
+                            for (int c = 0; c < cols; c++)
                                 keep[c] = sa_dropout_keep(query_key[r], keys[c], threshold) ? keep_scale : 0.0f;
                         const v8 top = SPLAT(row_lse[r]), row_d = SPLAT(row_delta[r]);
-                        for (int g0 = 0; g0 < TILE / 8; g0 += 4) {
+                        for (int g0 = 0; g0 < cols / 8; g0 += 4) {
+                            /* cols / 8 is even: four vectors at a time, or the last two */
                             v8 e[4];
-                            for (int i = 0; i < 4; i++) e[i] = *(v8 *)&score[8 * (g0 + i)] * scale - top;
-                            exp_lanes(e, 4);
-                            for (int i = 0; i < 4; i++) {
+                            const int count = cols / 8 - g0 >= 4 ? 4 : 2;
+                            for (int i = 0; i < count; i++) e[i] = *(v8 *)&score[8 * (g0 + i)] * scale - top;
+                            if (count == 4)
+                                exp_lanes(e, 4);
+                            else
+                                exp_lanes(e, 2);
+                            for (int i = 0; i < count; i++) {
                                 const int g = g0 + i;
                                 const i8v on = (((i8v){0} + (int32_t)((word >> (8 * g)) & 0xff)) & lane_bit) != 0;
                                 const v8 kept = threshold > 0 ? *(const v8 *)&keep[8 * g] : SPLAT(keep_scale);
@@ -626,21 +677,21 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                         }
                     }
                     /* dQ += dS K */
-                    weighted_values_kernel(w.grad_probs, key_rows, w.s.out, dim_pad, all_live);
+                    weighted_values_kernel(w.grad_probs, key_rows, w.s.out, dim_pad, all_live, rows, cols);
                     /* dK += dS^T Q */
-                    transpose_square(w.grad_probs, w.transposed);
-                    memset(w.chunk_grad, 0, (size_t)(TILE * dim_pad) * sizeof(float));
-                    weighted_values_kernel(w.transposed, query_rows, w.chunk_grad, dim_pad, all_live);
-                    for (int c = 0; c < TILE; c++) {
+                    transpose_square(w.grad_probs, w.transposed, rows8, cols);
+                    memset(w.chunk_grad, 0, (size_t)(cols * dim_pad) * sizeof(float));
+                    weighted_values_kernel(w.transposed, query_rows, w.chunk_grad, dim_pad, all_live, cols, rows);
+                    for (int c = 0; c < cols; c++) {
                         if (keys[c] < 0) continue;
                         float *row = grad_k + (int64_t)keys[c] * dim;
                         for (int64_t d = 0; d < dim; d++) row[d] += w.chunk_grad[c * dim_pad + d];
                     }
                     /* dV += P^T dO */
-                    transpose_square(w.s.scores, w.transposed);
-                    memset(w.chunk_grad, 0, (size_t)(TILE * dim_pad) * sizeof(float));
-                    weighted_values_kernel(w.transposed, grad_out_rows, w.chunk_grad, dim_pad, all_live);
-                    for (int c = 0; c < TILE; c++) {
+                    transpose_square(w.s.scores, w.transposed, rows8, cols);
+                    memset(w.chunk_grad, 0, (size_t)(cols * dim_pad) * sizeof(float));
+                    weighted_values_kernel(w.transposed, grad_out_rows, w.chunk_grad, dim_pad, all_live, cols, rows);
+                    for (int c = 0; c < cols; c++) {
                         if (keys[c] < 0) continue;
                         float *row = grad_v + (int64_t)keys[c] * dim;
                         for (int64_t d = 0; d < dim; d++) row[d] += w.chunk_grad[c * dim_pad + d];

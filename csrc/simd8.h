@@ -111,11 +111,12 @@ SA_INLINE void transpose8(v8 r[8])
     }
 }
 
-/* panel[d][c] = rows[c][d] for c < 64 and d < dim, dim a multiple of 8:
- * 64 gathered rows packed transposed, 8 x 8 blocks at a time. */
-SA_INLINE void pack_transposed64(const float *const *rows, int64_t dim, float *panel)
+/* panel[d][c] = rows[c][d] for c < cols (a multiple of 8, at most 64) and
+ * d < dim (a multiple of 8), panel rows 64 apart: gathered rows packed
+ * transposed, 8 x 8 blocks at a time. */
+SA_INLINE void pack_transposed64(const float *const *rows, int64_t dim, float *panel, int cols)
 {
-    for (int c0 = 0; c0 < 64; c0 += 8) {
+    for (int c0 = 0; c0 < cols; c0 += 8) {
         for (int64_t d0 = 0; d0 < dim; d0 += 8) {
             v8 block[8];
             for (int i = 0; i < 8; i++) block[i] = LOADU(rows[c0 + i] + d0);
