@@ -95,7 +95,9 @@ typedef struct {
      * (-1 pads); tile_chunk_ptr: tiles + 1; chunk_keys: chunks x 64 token ids
      * (-1 pads); chunk_masks: chunks x 64 words, bit c of word r set when query r
      * of the tile attends key c of the chunk. With merge_previous the pass adds
-     * its pairs to the out / lse an earlier pass wrote. NULL tile_queries: none. */
+     * its pairs to the out / lse an earlier pass (or the stencil kernel) wrote,
+     * and the CPU tiled backward adds to the gradients already written. NULL
+     * tile_queries: none. */
     const int32_t *tile_queries, *tile_chunk_ptr, *chunk_keys;
     const uint64_t *chunk_masks;
     int64_t num_tiles, num_chunks;
@@ -110,7 +112,9 @@ typedef struct {
      * (y, x) attends key (y + dy, x + dx) for every (dy, dx) of
      * stencil_offsets (stencil_num_offsets x 2) that lands on the grid, and every
      * key of stencil_keys unless an offset reaches it already; the queries of
-     * stencil_rows attend their CSR row instead. NULL stencil_offsets: none. */
+     * stencil_rows attend their CSR row instead. With a plan too (plan_base),
+     * the plan holds the pairs the stencil leaves out and merges into its
+     * result. NULL stencil_offsets: none. */
     const int32_t *stencil_offsets, *stencil_keys, *stencil_rows;
     int64_t stencil_num_offsets, stencil_num_keys, stencil_num_rows;
 } sa_attention_params;
@@ -144,7 +148,7 @@ static inline void sa_select_pass(sa_attention_params *p, const int64_t *fields,
     p->tile_chunk_ptr = base + fields[3];
     p->chunk_keys = base + fields[4];
     p->chunk_masks = (const uint64_t *)(base + fields[5]);
-    p->merge_previous = i > 0;
+    p->merge_previous = p->merge_previous || i > 0; /* set beforehand: every pass merges */
 }
 
 /* Thread count of the CPU kernels (>= 1). */

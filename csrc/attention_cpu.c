@@ -101,6 +101,18 @@ static void forward_listed_rows_f32(void *ctx, int64_t begin, int64_t end)
     }
 }
 
+/* A stencil may come with a tile plan for the pairs it leaves out (STRIDED's
+ * lattice, see sparse_attention/_stencil.py): its passes merge into what the
+ * stencil kernel wrote, through the log-sum-exp. */
+static int forward_plan_after_stencil(const sa_attention_params *p, char *err, size_t len)
+{
+    if (p->plan_base == NULL) return SA_OK;
+    sa_attention_params later = *p;
+    later.merge_previous = 1;
+    return sa_cpu_forward_tiled(&later, (const int64_t(*)[6])p->plan_fields, p->plan_num_passes,
+                                p->plan_base, sa_cpu_get_num_threads(), err, len);
+}
+
 int sa_cpu_forward(const sa_attention_params *p, char *err, size_t len)
 {
     int status = check_cpu_params(p, err, len);
@@ -108,7 +120,8 @@ int sa_cpu_forward(const sa_attention_params *p, char *err, size_t len)
     void *ctx = (void *)p;
     if (p->stencil_offsets != NULL) {
         status = sa_cpu_forward_stencil(p, sa_cpu_get_num_threads(), err, len);
-        if (status != SA_OK || p->stencil_num_rows == 0) return status;
+        if (status != SA_OK) return status;
+        if (p->stencil_num_rows == 0) return forward_plan_after_stencil(p, err, len);
         /* the listed rows the stencil kernel leaves to the row kernel */
         int32_t *left = malloc((size_t)p->stencil_num_rows * sizeof(int32_t));
         if (!left) {
@@ -123,7 +136,7 @@ int sa_cpu_forward(const sa_attention_params *p, char *err, size_t len)
         listed.num_long_rows = count;
         status = count ? run(forward_listed_rows_f32, p->batch * p->heads * count, &listed, err, len) : SA_OK;
         free(left);
-        return status;
+        return status == SA_OK ? forward_plan_after_stencil(p, err, len) : status;
     }
     if (p->plan_base != NULL)
         return sa_cpu_forward_tiled(p, (const int64_t(*)[6])p->plan_fields, p->plan_num_passes, p->plan_base,
@@ -147,8 +160,15 @@ int sa_cpu_backward(const sa_attention_params *p, char *err, size_t len)
     void *ctx = (void *)p;
     int f32 = p->dtype == SA_F32;
     status = run(f32 ? delta_rows_f32 : delta_rows_f64, rows, ctx, err, len);
-    if (status == SA_OK && p->stencil_offsets != NULL)
-        return sa_cpu_backward_stencil(p, sa_cpu_get_num_threads(), err, len);
+    if (status == SA_OK && p->stencil_offsets != NULL) {
+        status = sa_cpu_backward_stencil(p, sa_cpu_get_num_threads(), err, len);
+        if (status != SA_OK || p->plan_base == NULL) return status;
+        /* the plan's pairs add to the gradients the stencil kernel wrote */
+        sa_attention_params later = *p;
+        later.merge_previous = 1;
+        return sa_cpu_backward_tiled(&later, (const int64_t(*)[6])p->plan_fields, p->plan_num_passes,
+                                     p->plan_base, sa_cpu_get_num_threads(), err, len);
+    }
     if (status == SA_OK && p->plan_base != NULL)
         return sa_cpu_backward_tiled(p, (const int64_t(*)[6])p->plan_fields, p->plan_num_passes,
                                      p->plan_base, sa_cpu_get_num_threads(), err, len);

@@ -229,14 +229,17 @@ static int fill_common(view_set *set, sa_attention_params *p, const common_optio
     }
     p->height = o->height;
     p->width = o->width;
+    char message[96]; /* PyErr_Format has no %g */
     if (!isfinite(o->scale)) {
-        PyErr_Format(PyExc_ValueError, "scale: expected a finite number, got %g", o->scale);
+        PyOS_snprintf(message, sizeof(message), "scale: expected a finite number, got %g", o->scale);
+        PyErr_SetString(PyExc_ValueError, message);
         return -1;
     }
     p->scale = o->scale;
     if (!(o->dropout_p >= 0.0 && o->dropout_p < 1.0)) {
-        PyErr_Format(PyExc_ValueError, "dropout_p: expected a value in [0, 1), got %g",
-                     o->dropout_p);
+        PyOS_snprintf(message, sizeof(message), "dropout_p: expected a value in [0, 1), got %g",
+                      o->dropout_p);
+        PyErr_SetString(PyExc_ValueError, message);
         return -1;
     }
     p->dropout_p = o->dropout_p;
@@ -509,8 +512,10 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
     tile_plan plan;
     if (take_tile_plan(&set, plan_obj, passes_obj, q, &plan) < 0) goto fail;
     if (take_stencil(&set, stencil_obj, q, &p) < 0) goto fail;
-    if (p.stencil_offsets != NULL && plan.count > 0) {
-        PyErr_SetString(PyExc_ValueError, "stencil, tile_plan: give one or the other");
+    if (p.stencil_offsets != NULL && plan.count > 0 && p.row_stats != NULL) {
+        PyErr_SetString(PyExc_ValueError,
+                        "row_stats: statistics need a single kernel (a stencil with a tile_plan "
+                        "merges two)");
         goto fail;
     }
     if (workspace_obj != Py_None) {
@@ -681,10 +686,9 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
         p.plan_num_passes = plan.count;
     }
     if (take_stencil(&set, stencil_obj, q, &p) < 0) goto fail;
-    if (p.stencil_offsets != NULL && (plan.count > 0 || p.grad_scores != NULL)) {
+    if (p.stencil_offsets != NULL && p.grad_scores != NULL) {
         PyErr_SetString(PyExc_ValueError,
-                        "stencil: the stencil backward takes no tile_plan and gives no bias "
-                        "gradient (grad_scores)");
+                        "stencil: the stencil backward gives no bias gradient (grad_scores)");
         goto fail;
     }
     if (run_kernel(is_cuda(q), 1, &p) < 0) goto fail;

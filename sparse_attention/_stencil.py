@@ -30,6 +30,11 @@ from .patterns import Layout, SparsityPattern, global_tokens
 use_stencil_cpu_kernel = True
 # more offsets than this are not worth a stencil (a lattice of stride 1 is dense)
 MAX_OFFSETS = 4096
+# STRIDED's lattice runs on the tile kernels (lattice_split) when its residue
+# classes hold at least this many tokens on average; tests turn the split off
+# to compare it with the whole stencil.
+MIN_CLASS_TOKENS = 8
+use_lattice_split = True
 
 
 def _window(radius, height, width):
@@ -113,8 +118,44 @@ def stencil_of(layout: Layout):
     offsets, keys, rows = described
     if not offsets or len(offsets) > MAX_OFFSETS or not _matches(layout, offsets, keys, rows):
         return None
+    return _pack(offsets, keys, rows)
+
+
+def _pack(offsets, keys, rows):
     packed = np.concatenate([np.array([len(offsets), keys.size, rows.size], dtype=np.int64),
                              np.array(offsets, dtype=np.int64).reshape(-1), keys, rows])
     packed = packed.astype(np.int32)
     packed.setflags(write=False)
     return packed
+
+
+def lattice_split(layout: Layout):
+    """STRIDED with its lattice apart: (the window's stencil without the lattice's
+    offsets, the lattice's tile plan as (buffer, passes)), or None.
+
+    On the stencil kernel the lattice's offsets cost far more per pair than the
+    window's: they reach every lattice row of the key panels for every strip
+    of queries (at 64 x 64, STRIDED ran at a quarter of its FLOP-bound speed
+    where LONGFORMER's window ran at over a third). But tokens with the same
+    position modulo the stride attend each other and nothing else of the
+    lattice: dense blocks, which the tile kernels run at full fill. The window
+    stays on the stencil kernel and the lattice's passes merge into its
+    result. The full stencil is checked against the CSR rows first; the split
+    is exact by construction (an offset is in the lattice or it is not)."""
+    if layout.pattern is not SparsityPattern.STRIDED:
+        return None
+    from ._tiles import build_lattice_plan
+
+    h, w, n = layout.height, layout.width, layout.num_tokens
+    kernel = int(layout.params.get("kernel_size", 7))
+    stride = int(layout.params.get("stride", kernel))
+    classes = min(stride, h) * min(stride, w)
+    if stride < 2 or n < MIN_CLASS_TOKENS * classes or layout.stencil() is None:
+        return None
+    window = [(a, b) for a, b in _window(kernel // 2, h, w) if a % stride or b % stride]
+    if not window:
+        return None
+    empty = np.zeros(0, dtype=np.int64)
+    buffer, passes = build_lattice_plan(h, w, stride).packed()
+    buffer.setflags(write=False)
+    return _pack(window, empty, empty), buffer, [int(x) for x in passes]

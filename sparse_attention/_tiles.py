@@ -239,3 +239,40 @@ def build_tile_plan(layout):
     plan = [_build_pass(height, width, shape, rows[selection], cols[selection], long_rows)
             for shape, selection in passes]
     return TilePlan(plan, long_rows, int(short.sum()))
+
+
+def build_lattice_plan(height, width, stride):
+    """A one-pass TilePlan of the lattice pairs of STRIDED: query (y, x) and key
+    (y', x') with y - y' and x - x' multiples of ``stride``. Tokens with the same
+    (y mod stride, x mod stride) all attend each other and nothing else of the
+    lattice, so each such residue class is a dense block: its tokens are the
+    queries of its tiles and the keys of every one of its chunks, all mask bits
+    set. Tiles and chunks hold up to 64 tokens; the last of a class holds the
+    rest, and the CPU kernels compute only the slots that hold a token."""
+    n = height * width
+    ys, xs = np.divmod(np.arange(n, dtype=np.int64), width)
+    residue = (ys % stride) * stride + xs % stride
+    order = np.argsort(residue, kind="stable").astype(np.int32)  # ascending within a class
+    counts = np.bincount(residue, minlength=stride * stride)
+    tile_queries, chunk_keys, chunk_masks, chunks_per_tile = [], [], [], []
+    start = 0
+    for count in counts[counts > 0]:
+        members = order[start:start + count]
+        start += count
+        pieces = [members[i:i + TILE] for i in range(0, count, TILE)]
+        for queries in pieces:
+            tile_queries.append(np.pad(queries, (0, TILE - queries.size), constant_values=-1))
+            chunks_per_tile.append(len(pieces))
+            for keys in pieces:
+                chunk_keys.append(np.pad(keys, (0, TILE - keys.size), constant_values=-1))
+                word = np.uint64((1 << keys.size) - 1) if keys.size < TILE else ~np.uint64(0)
+                mask = np.zeros(TILE, dtype=np.uint64)
+                mask[:queries.size] = word
+                chunk_masks.append(mask)
+    chunk_ptr = np.zeros(len(chunks_per_tile) + 1, dtype=np.int32)
+    np.cumsum(chunks_per_tile, out=chunk_ptr[1:])
+    one = TilePass(None, np.stack(tile_queries).astype(np.int32), chunk_ptr,
+                   np.stack(chunk_keys).astype(np.int32),
+                   np.stack(chunk_masks).view(np.int64))
+    pairs = int((counts.astype(np.int64) ** 2).sum())
+    return TilePlan([one], np.zeros(0, dtype=np.int32), pairs)

@@ -83,7 +83,7 @@ def _tensor_core_capable(device) -> bool:
     return capable
 
 
-_NO_PLAN = (None, [], None, 0)
+_NO_PLAN = (None, [], None, 0, None)
 # keys per block when a long row is split across blocks (tests set it lower)
 split_segment_keys = 512
 
@@ -109,15 +109,36 @@ def _stencil_for(layout):
     return tensor
 
 
+def _split_for(layout):
+    """(window stencil, lattice plan buffer, passes) of a STRIDED layout as CPU
+    tensors (cached), or None (see _stencil.lattice_split)."""
+    key = ("split", "cpu")
+    with layout._lock:
+        if key in layout._device_cache:
+            return layout._device_cache[key]
+    split = layout.stencil_split()
+    if split is not None:
+        window, buffer, passes = split
+        split = (torch.from_numpy(window.copy()), torch.from_numpy(buffer.copy()), passes)
+    with layout._lock:
+        layout._device_cache[key] = split
+    return split
+
+
 def _tile_plan_for(layout, device, dtype, head_dim, want_stats):
-    """(buffer, passes, long_rows, long_row_splits) of the tile plan when a
-    tiled forward (CUDA tensor cores, CPU panels) applies to these arguments,
-    else (None, [], None, 0). On the CPU a stencil layout gets its stencil
-    instead: (stencil, [], None, 0), a plan without passes."""
+    """(buffer, passes, long_rows, long_row_splits, stencil) of the tile plan when
+    a tiled forward (CUDA tensor cores, CPU panels) applies to these arguments,
+    else (None, [], None, 0, None). On the CPU a stencil layout gets its
+    stencil: (None, [], None, 0, stencil), or STRIDED's window stencil with its
+    lattice plan: (buffer, passes, None, 0, stencil)."""
     if device.type == "cpu" and dtype == torch.float32 and _stencil.use_stencil_cpu_kernel:
+        split = _split_for(layout) if _stencil.use_lattice_split and not want_stats else None
+        if split is not None:
+            window, buffer, passes = split
+            return buffer, passes, None, 0, window
         stencil = _stencil_for(layout)
         if stencil is not None:
-            return stencil, [], None, 0
+            return None, [], None, 0, stencil
     if not _tiled_applies(device, dtype, head_dim):
         return _NO_PLAN
     plan = layout.tile_plan_tensors(device)
@@ -128,7 +149,7 @@ def _tile_plan_for(layout, device, dtype, head_dim, want_stats):
     splits = 0
     if plan["long_rows"] is not None and split_segment_keys > 0 and device.type == "cuda":
         splits = max(1, min(65536, -(-plan["long_row_max_keys"] // split_segment_keys)))
-    return plan["buffer"], plan["passes"], plan["long_rows"], splits
+    return plan["buffer"], plan["passes"], plan["long_rows"], splits, None
 
 
 @torch.compiler.disable
@@ -153,7 +174,7 @@ def _cuda_extras(device, long_rows, long_cols, backward=False):
 def _forward_impl(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr,
                   long_rows, long_cols, height, width, scale, bias, key_mask, head_active,
                   dropout_p, seed, want_stats, tile_plan, tile_passes, plan_long_rows,
-                  long_row_splits):
+                  long_row_splits, stencil):
     batch, heads, num_tokens, _ = query.shape
     accum = _accum_dtype(query.dtype)
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
@@ -165,11 +186,13 @@ def _forward_impl(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_
                   key_mask=d(key_mask), head_active=d(head_active), dropout_p=dropout_p,
                   dropout_seed=_seed_value(seed), row_stats=d(stats) if want_stats else None,
                   stream=_stream_of(query.device))
-    if tile_plan is not None and not tile_passes:
+    if stencil is not None:
         global stencil_forwards_run
         stencil_forwards_run += 1
+        # with a plan, its passes hold the pairs the stencil leaves out (STRIDED's lattice)
+        lattice = dict(tile_plan=d(tile_plan), tile_passes=tile_passes) if tile_plan is not None else {}
         C.attention_forward(d(query), d(key), d(value), d(out), d(lse), d(row_ptr), d(col_idx),
-                            stencil=d(tile_plan), **common)
+                            stencil=d(stencil), **lattice, **common)
         return out, lse, stats
     if tile_plan is not None:
         # the passes run in order in one call, then the long rows the plan leaves out
@@ -198,12 +221,13 @@ def _forward_schema(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor],
                     head_active: Optional[torch.Tensor], dropout_p: float, seed: torch.Tensor,
                     want_stats: bool, tile_plan: Optional[torch.Tensor], tile_passes: list[int],
-                    plan_long_rows: Optional[torch.Tensor], long_row_splits: int
+                    plan_long_rows: Optional[torch.Tensor], long_row_splits: int,
+                    stencil: Optional[torch.Tensor]
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward_impl(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm,
                          bucket_ptr, long_rows, long_cols, height, width, scale, bias, key_mask,
                          head_active, dropout_p, seed, want_stats, tile_plan, tile_passes,
-                         plan_long_rows, long_row_splits)
+                         plan_long_rows, long_row_splits, stencil)
 
 
 # The op as torch.compile sees it (one opaque node); eager calls skip the
@@ -215,7 +239,7 @@ _forward = torch.library.custom_op("sparse_attention::forward", mutates_args=())
 def _forward_fake(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr,
                   long_rows, long_cols, height, width, scale, bias, key_mask,
                   head_active, dropout_p, seed, want_stats, tile_plan, tile_passes,
-                  plan_long_rows, long_row_splits):
+                  plan_long_rows, long_row_splits, stencil):
     batch, heads, num_tokens, _ = query.shape
     accum = _accum_dtype(query.dtype)
     stats_shape = (batch, heads, num_tokens, 2) if want_stats else (0,)
@@ -226,7 +250,7 @@ def _forward_fake(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_
 def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx,
                    bucket_perm, bucket_ptr, long_rows, long_cols, height, width, scale, bias,
                    key_mask, head_active, dropout_p, seed, tile_plan=None, tile_passes=(),
-                   plan_long_rows=None):
+                   plan_long_rows=None, stencil=None):
     batch, heads, num_tokens, _ = query.shape
     accum = _accum_dtype(query.dtype)
     device = query.device
@@ -245,7 +269,7 @@ def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
                          key_mask=d(key_mask), head_active=d(head_active), dropout_p=dropout_p,
                          dropout_seed=_seed_value(seed), grad_scores=d(grad_scores), stream=stream,
                          **_cuda_extras(device, d(long_rows), d(long_cols), backward=True),
-                         **_backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows))
+                         **_backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil))
     if bias is not None:
         grad_table = torch.empty(heads, bucket_ptr.shape[0] - 1, dtype=accum, device=device)
         C.bias_grad(grad_scores, bucket_perm, bucket_ptr, grad_table, stream=stream)
@@ -255,15 +279,17 @@ def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
     return grads[0], grads[1], grads[2], grad_bias
 
 
-def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows):
+def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil):
     """The plan for the tiled or stencil CPU backward when it applies (float32
     plans only reach here), else nothing: the row and column kernels run."""
-    if device.type == "cpu" and tile_plan is not None and not tile_passes:
+    if device.type == "cpu" and stencil is not None:
         if bias is not None or not _stencil.use_stencil_cpu_kernel:
             return {}  # the bias gradient comes from the column kernels
         global stencil_backwards_run
         stencil_backwards_run += 1
-        return dict(stencil=_detached(tile_plan))
+        if tile_plan is not None:  # the lattice's pairs add to the stencil's gradients
+            return dict(stencil=_detached(stencil), tile_plan=_detached(tile_plan), tile_passes=tile_passes)
+        return dict(stencil=_detached(stencil))
     if (device.type != "cpu" or tile_plan is None or bias is not None
             or plan_long_rows is not None or not _tiles.use_tiled_cpu_kernel):
         return {}
@@ -281,12 +307,12 @@ def _backward_schema(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Ten
                      bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor],
                      head_active: Optional[torch.Tensor], dropout_p: float, seed: torch.Tensor,
                      tile_plan: Optional[torch.Tensor], tile_passes: list[int],
-                     plan_long_rows: Optional[torch.Tensor]
+                     plan_long_rows: Optional[torch.Tensor], stencil: Optional[torch.Tensor]
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_ptr,
                           row_idx, bucket_perm, bucket_ptr, long_rows, long_cols, height, width,
                           scale, bias, key_mask, head_active, dropout_p, seed, tile_plan,
-                          tile_passes, plan_long_rows)
+                          tile_passes, plan_long_rows, stencil)
 
 
 _backward = torch.library.custom_op("sparse_attention::backward", mutates_args=())(_backward_schema)
@@ -295,7 +321,7 @@ _backward = torch.library.custom_op("sparse_attention::backward", mutates_args=(
 @_backward.register_fake
 def _backward_fake(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx,
                    bucket_perm, bucket_ptr, long_rows, long_cols, height, width, scale, bias, key_mask, head_active,
-                   dropout_p, seed, tile_plan, tile_passes, plan_long_rows):
+                   dropout_p, seed, tile_plan, tile_passes, plan_long_rows, stencil):
     grad_bias = bias.new_empty(bias.shape) if bias is not None else query.new_empty((0,))
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), grad_bias
 
@@ -303,24 +329,25 @@ def _backward_fake(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
 def _setup_context(ctx, inputs, output):
     (query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr, long_rows,
      long_cols, height, width, scale, bias, key_mask, head_active, dropout_p, seed, _stats,
-     _plan, _passes, _plan_long_rows, _splits) = inputs
+     _plan, _passes, _plan_long_rows, _splits, _stencil_plan) = inputs
     out, lse, _stats = output
     ctx.save_for_backward(query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx,
                           bucket_perm, bucket_ptr, long_rows, long_cols, bias, key_mask, head_active,
-                          seed, _plan, _plan_long_rows)
+                          seed, _plan, _plan_long_rows, _stencil_plan)
     ctx.args = (height, width, scale, dropout_p, list(_passes))
 
 
 def _backward_rule(ctx, grad_out, _grad_lse, _grad_stats):
     (query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr,
-     long_rows, long_cols, bias, key_mask, head_active, seed, plan, plan_long_rows) = ctx.saved_tensors
+     long_rows, long_cols, bias, key_mask, head_active, seed, plan, plan_long_rows,
+     stencil) = ctx.saved_tensors
     height, width, scale, dropout_p, passes = ctx.args
     grad_q, grad_k, grad_v, grad_bias = _backward(
         grad_out, query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx, bucket_perm,
         bucket_ptr, long_rows, long_cols, height, width, scale, bias, key_mask, head_active,
-        dropout_p, seed, plan, passes, plan_long_rows)
+        dropout_p, seed, plan, passes, plan_long_rows, stencil)
     return (grad_q, grad_k, grad_v) + (None,) * 11 + (
-        grad_bias if bias is not None else None,) + (None,) * 9
+        grad_bias if bias is not None else None,) + (None,) * 10
 
 
 _forward.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -347,7 +374,7 @@ class _EagerAttention(torch.autograd.Function):
         query, key, value, out, lse, bias = ctx.saved_tensors
         a = ctx.args
         grad_q, grad_k, grad_v, grad_bias = _backward_impl(
-            grad_out, query, key, value, out, lse, *a[3:_BIAS], bias, *a[_BIAS + 1:19], *a[20:23])
+            grad_out, query, key, value, out, lse, *a[3:_BIAS], bias, *a[_BIAS + 1:19], *a[20:23], a[24])
         return grad_q, grad_k, grad_v, (grad_bias if bias is not None else None), None
 
 

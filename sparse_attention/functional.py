@@ -179,9 +179,16 @@ def _numpy_forward(query, key, value, layout, scale, bias, key_mask, dropout_p, 
     lse = np.empty((batch, heads, num_tokens), dtype=query.dtype)
     stats = np.empty((batch, heads, num_tokens, 2), dtype=query.dtype) if want_stats else None
     plan = {}
-    stencil = layout.stencil() if query.dtype == np.float32 and _stencil.use_stencil_cpu_kernel else None
-    if stencil is not None:
-        plan = dict(stencil=stencil)  # the same kernels as the torch path, so the same bits
+    stencil_applies = query.dtype == np.float32 and _stencil.use_stencil_cpu_kernel
+    split = (layout.stencil_split() if stencil_applies and _stencil.use_lattice_split and not want_stats
+             else None)
+    stencil = layout.stencil() if stencil_applies and split is None else None
+    # the same kernels as the torch path, so the same bits
+    if split is not None:
+        window, buffer, passes = split
+        plan = dict(stencil=window, tile_plan=buffer, tile_passes=passes)
+    elif stencil is not None:
+        plan = dict(stencil=stencil)
     elif query.dtype == np.float32 and _tiles.use_tiled_cpu_kernel:
         packed = layout.packed_tile_plan()
         # the same kernels as the torch path, so both give the same bits

@@ -227,6 +227,20 @@ class Layout:
             self._plan_cache["stencil"] = packed
         return packed
 
+    def stencil_split(self):
+        """STRIDED's window as a stencil and its lattice as a tile plan for the
+        CPU kernels (see _stencil.lattice_split), built once; None when the
+        layout does not split."""
+        with self._lock:
+            if "split" in self._plan_cache:
+                return self._plan_cache["split"]
+        from ._stencil import lattice_split
+
+        split = lattice_split(self)
+        with self._lock:
+            self._plan_cache["split"] = split
+        return split
+
     def packed_tile_plan(self):
         """(buffer, passes, long_rows) of the tile plan as the C entry point takes
         it (NumPy arrays, built once), or None without a plan."""

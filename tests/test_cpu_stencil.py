@@ -297,3 +297,142 @@ def test_listed_rows_that_do_not_attend_everything_take_the_row_kernel():
         results.append([out, lse] + grads)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+# STRIDED's lattice on the tile kernels, its window on the stencil kernel
+SPLIT_CASES = [((7, 13), dict(kernel_size=5, stride=3)),    # partial tiles, classes of 6 to 10
+               ((20, 30), dict(kernel_size=5, stride=2)),   # lattice offsets inside the window
+               ((33, 35), dict(kernel_size=7, stride=4)),
+               ((17, 90), dict(kernel_size=3, stride=3))]   # classes past 64 tokens: several tiles
+# the benchmark's layout (stride 7), checked for coverage only (its dense reference is slow)
+BENCH_CASE = ((64, 64), dict(kernel_size=7))
+
+
+def whole_stencil(*args, **kwargs):
+    """The same call with STRIDED on the stencil kernel alone."""
+    _stencil.use_lattice_split = False
+    try:
+        return attention(*args, **kwargs)
+    finally:
+        _stencil.use_lattice_split = True
+
+
+@pytest.mark.parametrize("size, knobs", SPLIT_CASES + [BENCH_CASE])
+def test_lattice_split_covers_the_layout_exactly_once(size, knobs):
+    layout = build_layout("strided", *size, **knobs)
+    window, buffer, fields = layout.stencil_split()
+    num_offsets = int(window[0])
+    offsets = window[3:3 + 2 * num_offsets].reshape(-1, 2)
+    stride = knobs.get("stride", knobs["kernel_size"])
+    assert not np.any((offsets[:, 0] % stride == 0) & (offsets[:, 1] % stride == 0))
+    (plan_pass,) = _tiles.build_lattice_plan(layout.height, layout.width, stride).passes
+    queries, keys = plan_pass.pairs()
+    w = layout.width
+    pairs = set(zip(queries.tolist(), keys.tolist()))
+    assert len(pairs) == queries.size  # no pair twice
+    for q, k in pairs:
+        assert (q // w - k // w) % stride == 0 and (q % w - k % w) % stride == 0
+    ys, xs = np.divmod(np.arange(layout.num_tokens), w)
+    window_pairs = set()
+    for dy, dx in offsets:
+        inside = (ys + dy >= 0) & (ys + dy < layout.height) & (xs + dx >= 0) & (xs + dx < w)
+        window_pairs.update(zip(np.flatnonzero(inside).tolist(),
+                                ((ys + dy) * w + xs + dx)[inside].tolist()))
+    assert not window_pairs & pairs
+    rows = layout.row_ids()
+    assert window_pairs | pairs == set(zip(rows.tolist(), layout.indices.tolist()))
+    assert len(fields) == 6
+
+
+@pytest.mark.parametrize("size, knobs", SPLIT_CASES)
+def test_lattice_split_against_reference(size, knobs):
+    layout = build_layout("strided", *size, **knobs)
+    assert layout.stencil_split() is not None
+    n = layout.num_tokens
+    (q, k, v), bias = make(2, 3, n, 20)
+    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(5)) > 0.3
+    active = torch.tensor([True, False, True])
+    args = dict(key_mask=key_mask, head_active=active, dropout_p=0.2, dropout_seed=11)
+    # forward with a bias
+    out, lse = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(),
+                         return_lse=True, **args)
+    ref_out, ref_lse, _ = reference_attention(q.float(), k.float(), v.float(), layout,
+                                              bias=bias.float(), **args)
+    assert (out.double() - ref_out).abs().max() < 2e-5
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert (lse.double()[finite] - ref_lse[finite]).abs().max() < 2e-5
+    torch.testing.assert_close(out, whole_stencil(q.float(), k.float(), v.float(), layout,
+                                                  rel_pos_bias=bias.float(), **args),
+                               atol=2e-5, rtol=2e-5)
+    # backward (a bias gradient would take the row kernels)
+    grad_out = torch.randn(2, 3, n, 20, generator=torch.Generator().manual_seed(6))
+    leaves = [t.float().requires_grad_(True) for t in (q, k, v)]
+    before = _torch_ops.stencil_backwards_run
+    attention(*leaves, layout, **args).backward(grad_out.float())
+    assert _torch_ops.stencil_backwards_run == before + 1
+    ref = [t.float().double().requires_grad_(True) for t in (q, k, v)]
+    reference_attention(*ref, layout, **args)[0].backward(grad_out.double())
+    for leaf, r in zip(leaves, ref):
+        assert (leaf.grad.double() - r.grad).abs().max() < 5e-5 * max(1.0, r.grad.abs().max().item())
+
+
+def test_lattice_split_is_bitwise_the_same_for_any_thread_count():
+    layout = build_layout("strided", 30, 41, kernel_size=5, stride=3)
+    (q, k, v), _ = make(2, 3, layout.num_tokens, 24)
+    before = get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            set_num_threads(threads)
+            leaves = [t.float().requires_grad_(True) for t in (q, k, v)]
+            out = attention(*leaves, layout, dropout_p=0.1, dropout_seed=3)
+            out.backward(torch.cos(out.detach()))
+            results.append([out.detach()] + [leaf.grad for leaf in leaves])
+    finally:
+        set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_statistics_and_numpy_with_the_lattice_split():
+    layout = build_layout("strided", 24, 24, kernel_size=5, stride=3)
+    (q, k, v), _ = make(1, 2, layout.num_tokens, 16)
+    # statistics cannot be merged across kernels: the whole stencil gives them
+    before = _torch_ops.stencil_forwards_run
+    out, stats = attention(q.float(), k.float(), v.float(), layout, return_stats=True)
+    assert _torch_ops.stencil_forwards_run == before + 1
+    ref = whole_stencil(q.float(), k.float(), v.float(), layout, return_stats=True)
+    torch.testing.assert_close(out, ref[0], atol=2e-5, rtol=2e-5)
+    assert all(torch.equal(a, b) for a, b in zip(stats, ref[1]))
+    # NumPy arrays take the same kernels as torch tensors, so the same bits
+    arrays = [t.float().numpy() for t in (q, k, v)]
+    np.testing.assert_array_equal(attention(*arrays, layout),
+                                  attention(q.float(), k.float(), v.float(), layout).numpy())
+
+
+def test_small_lattices_stay_on_the_stencil():
+    # classes of fewer than MIN_CLASS_TOKENS tokens on average: no split
+    assert build_layout("strided", 12, 12, kernel_size=7).stencil_split() is None
+    assert build_layout("strided", 30, 30, kernel_size=3, stride=1).stencil_split() is None
+    assert build_layout("longformer", 40, 40).stencil_split() is None
+
+
+def test_a_stencil_with_a_lattice_plan_refuses_statistics():
+    layout = build_layout("strided", 24, 24, kernel_size=5, stride=3)
+    window, buffer, fields = layout.stencil_split()
+    q = torch.randn(1, 1, layout.num_tokens, 16)
+    indptr, indices = torch.from_numpy(layout.indptr.copy()), torch.from_numpy(layout.indices.copy())
+    out, lse = torch.zeros_like(q), torch.zeros(q.shape[:3])
+    common = dict(height=24, width=24, scale=0.25, stencil=torch.from_numpy(window.copy()),
+                  tile_plan=torch.from_numpy(buffer.copy()), tile_passes=fields)
+    C.attention_forward(q, q, q, out, lse, indptr, indices, **common)
+    ref_out, ref_lse, _ = reference_attention(q, q, q, layout, scale=0.25)
+    assert (out.double() - ref_out).abs().max() < 2e-5
+    with pytest.raises(ValueError, match="row_stats: statistics need a single kernel"):
+        C.attention_forward(q, q, q, out, lse, indptr, indices,
+                            row_stats=torch.empty(1, 1, layout.num_tokens, 2), **common)
+    with pytest.raises(ValueError, match="scale: expected a finite number, got nan"):
+        C.attention_forward(q, q, q, out, lse, indptr, indices, **dict(common, scale=float("nan")))
+    with pytest.raises(ValueError, match=r"dropout_p: expected a value in \[0, 1\), got 1.5"):
+        C.attention_forward(q, q, q, out, lse, indptr, indices, dropout_p=1.5, **common)
