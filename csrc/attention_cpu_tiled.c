@@ -277,6 +277,17 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
         const int runs = p->head_active == NULL || p->head_active[h] != 0;
         const float *bias_table = p->bias_table ? (const float *)p->bias_table + h * side * side : NULL;
         if (p->merge_previous && (chunk_begin == chunk_end || !runs)) continue;
+        /* every query row and output row at once, so that their misses overlap
+         * (the scores kernel would meet them one block of rows after another;
+         * the output rows are written, or read back by a merge, at the end) */
+        for (int r = 0; r < TILE; r++) {
+            const int32_t id = p->tile_queries[tile * TILE + r];
+            if (id < 0 || id >= n) continue;
+            prefetch_row(row_of(p->q, p->q_stride, b, h, id), dim);
+            const float *out_row = (const float *)p->out + b * p->out_stride[0] + h * p->out_stride[1] +
+                                   id * p->out_stride[2];
+            for (int64_t d = 0; d < dim; d += 16) __builtin_prefetch(out_row + d, 1, 1);
+        }
 
         for (int r = 0; r < TILE; r++) {
             const int32_t id = p->tile_queries[tile * TILE + r];
@@ -295,13 +306,6 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                 ? sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), queries[r]) : 0;
         }
         const int rows = slots_used(queries, n);
-        if (p->merge_previous) {
-            /* the rows the merge will read back, written by the earlier pass */
-            for (int r = 0; r < TILE; r++)
-                if (queries[r] >= 0)
-                    prefetch_row((const float *)p->out + b * p->out_stride[0] + h * p->out_stride[1] +
-                                 queries[r] * p->out_stride[2], dim);
-        }
         if (runs && chunk_begin < chunk_end) prefetch_chunk(p, p->chunk_keys + chunk_begin * TILE, b, h);
         for (int64_t chunk = runs ? chunk_begin : chunk_end; chunk < chunk_end; chunk++) {
             const int32_t *chunk_keys = p->chunk_keys + chunk * TILE;
