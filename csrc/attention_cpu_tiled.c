@@ -588,6 +588,13 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                 int64_t chunk_begin, chunk_end;
                 chunk_range(chunk_ptr, tile, num_chunks, &chunk_begin, &chunk_end);
                 if (chunk_begin == chunk_end) continue;
+                for (int r = 0; r < TILE; r++) { /* all at once: their misses overlap */
+                    const int32_t id = tile_queries[tile * TILE + r];
+                    if (id < 0 || id >= n) continue;
+                    prefetch_row(row_of(p->q, p->q_stride, b, h, id), dim);
+                    prefetch_row(row_of(p->grad_out, p->grad_out_stride, b, h, id), dim);
+                }
+                prefetch_chunk(p, chunk_ids + chunk_begin * TILE, b, h);
                 for (int r = 0; r < TILE; r++) {
                     const int32_t id = tile_queries[tile * TILE + r];
                     queries[r] = id >= 0 && id < n ? id : -1;
