@@ -51,3 +51,14 @@ def reference_attention(q, k, v, layout, *, scale=None, bias=None, key_mask=None
         keep = dropout_keep_mask(dropout_seed, batch, heads, rows, cols, dropout_p).view(batch, heads, n, n)
         mixed = torch.where(keep, probs / (1 - dropout_p), torch.zeros_like(probs))
     return mixed @ v, lse, probs
+
+
+def assert_backward_matches_reference(attention, layout, inputs, grad_out, **args):
+    """The float32 op's gradients of q, k, v (from ``inputs`` rounded to float32)
+    against the float64 reference's on the same rounded values."""
+    leaves = [t.float().requires_grad_(True) for t in inputs]
+    attention(*leaves, layout, **args).backward(grad_out.float())
+    ref = [t.float().double().requires_grad_(True) for t in inputs]
+    reference_attention(*ref, layout, **args)[0].backward(grad_out.double())
+    for leaf, r in zip(leaves, ref):
+        assert (leaf.grad.double() - r.grad).abs().max() < 5e-5 * max(1.0, r.grad.abs().max().item())
