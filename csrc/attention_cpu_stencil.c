@@ -60,6 +60,10 @@ typedef struct {
     int64_t query_width;  /* width rounded up to LANES */
     int64_t pad;          /* zero columns either side of a key panel row */
     int64_t key_width;    /* query_width + 2 pad, rounded up to LANES */
+    int64_t row_floats;   /* one image row of a key-width panel: dim x key_width and a
+                           * cache line more, so that the same (d, x) of neighbouring rows
+                           * falls in different L1 sets (64 wide, D = 32: rows 12 KB apart,
+                           * a multiple of the 4 KB set span, all in one set) */
     int64_t panel_rows;   /* height + one broadcast row per extra key */
     int64_t max_entries;  /* offsets + extra keys */
     float scale, keep_scale;
@@ -165,8 +169,8 @@ static void work_free(stencil_work *w)
 static int work_alloc(stencil_work *w, const stencil_ctx *c, int backward)
 {
     memset(w, 0, sizeof(*w));
-    const int64_t key_panel = c->panel_rows * c->dim * c->key_width;
-    const int64_t query_panel = c->height * c->dim * (backward ? c->key_width : c->query_width);
+    const int64_t key_panel = c->panel_rows * c->row_floats;
+    const int64_t query_panel = c->height * (backward ? c->row_floats : c->dim * c->query_width);
     const int64_t entries = c->max_entries > 0 ? c->max_entries : 1;
     const int64_t extra = c->p->stencil_num_keys > 0 ? c->p->stencil_num_keys : 1;
     const int64_t offsets = c->p->stencil_num_offsets > 0 ? c->p->stencil_num_offsets : 1;
@@ -222,14 +226,15 @@ static inline float bias_of(const sa_attention_params *p, int64_t h, int64_t dy,
     return ((const float *)p->bias_table)[(h * side + dy + m) * side + dx + m];
 }
 
-/* Transposes rows [row][x][d] of one (batch, head) into panel [row][d][pad + x]. */
+/* Transposes rows [row][x][d] of one (batch, head) into panel [row][d][pad + x],
+ * panel rows row_floats apart. */
 INLINE void transpose_in(const float *base, const int64_t *stride, int64_t b, int64_t h,
-                         const stencil_ctx *c, float *panel, int64_t panel_width, int64_t pad,
-                         int64_t first_row, int64_t num_rows)
+                         const stencil_ctx *c, float *panel, int64_t panel_width, int64_t row_floats,
+                         int64_t pad, int64_t first_row, int64_t num_rows)
 {
     const int64_t dim = c->dim, W = c->width;
     for (int64_t y = 0; y < num_rows; y++) {
-        float *dst = panel + y * dim * panel_width + pad;
+        float *dst = panel + y * row_floats + pad;
         const float *src = row_of(base, stride, b, h, (first_row + y) * W);
         int64_t x0 = 0;
         for (; x0 + 8 <= W; x0 += 8) {
@@ -274,8 +279,8 @@ INLINE void build_key_panels(const stencil_ctx *c, stencil_work *w, int64_t b, i
 {
     const sa_attention_params *p = c->p;
     const int64_t kw = c->key_width;
-    transpose_in(p->k, p->k_stride, b, h, c, w->kt, kw, c->pad, 0, c->height);
-    transpose_in(p->v, p->v_stride, b, h, c, w->vt, kw, c->pad, 0, c->height);
+    transpose_in(p->k, p->k_stride, b, h, c, w->kt, kw, c->row_floats, c->pad, 0, c->height);
+    transpose_in(p->v, p->v_stride, b, h, c, w->vt, kw, c->row_floats, c->pad, 0, c->height);
     for (int64_t y = 0; y < c->height; y++) {
         float *valid = w->valid + y * kw + c->pad;
         for (int64_t x = 0; x < c->width; x++) valid[x] = key_usable(p, b, y * c->width + x) ? 1.0f : 0.0f;
@@ -284,7 +289,7 @@ INLINE void build_key_panels(const stencil_ctx *c, stencil_work *w, int64_t b, i
         const int64_t j = p->stencil_keys[g], r = c->height + g;
         const float *k = row_of(p->k, p->k_stride, b, h, j), *v = row_of(p->v, p->v_stride, b, h, j);
         for (int64_t d = 0; d < c->dim; d++) {
-            float *kd = w->kt + (r * c->dim + d) * kw, *vd = w->vt + (r * c->dim + d) * kw;
+            float *kd = w->kt + r * c->row_floats + d * kw, *vd = w->vt + r * c->row_floats + d * kw;
             for (int64_t x = 0; x < kw; x++) {
                 kd[x] = k[d];
                 vd[x] = v[d];
@@ -521,7 +526,7 @@ INLINE void full_row_scores(const stencil_ctx *c, stencil_work *w, int64_t h, in
     i8v nan_lanes = {0};
     for (int64_t y = 0; y < c->height; y++) {
         for (int64_t x0 = 0; x0 < W; x0 += LANES) {
-            v8 s = row_dot_keys(q, w->kt + y * dim * kw + c->pad + x0, kw, dim) * c->scale;
+            v8 s = row_dot_keys(q, w->kt + y * c->row_floats + c->pad + x0, kw, dim) * c->scale;
             if (p->bias_table != NULL)
                 for (int l = 0; l < LANES && x0 + l < W; l++) s[l] += bias_of(p, h, gy - y, gx - x0 - l);
             s = SELECT(LOADU(w->valid + y * kw + c->pad + x0) != SPLAT(0.0f), s, SPLAT(-INFINITY));
@@ -552,7 +557,7 @@ INLINE void full_row_weighted(const stencil_ctx *c, const float *weight, const f
         for (int64_t y = 0; y < c->height; y++) {
             for (int64_t x0 = 0; x0 < W; x0 += LANES) {
                 const v8 wv = LOADU(weight + y * qw + x0);
-                const float *at = panel + (y * dim + d0) * kw + c->pad + x0;
+                const float *at = panel + y * c->row_floats + d0 * kw + c->pad + x0;
                 for (int i = 0; i < span; i++) acc[i] += wv * LOADU(at + i * kw);
             }
         }
@@ -639,7 +644,8 @@ static void forward_heads(void *opaque, int64_t first, int64_t last)
             continue;
         }
         build_key_panels(c, &w, b, h);
-        transpose_in(p->q, p->q_stride, b, h, c, w.qt, c->query_width, 0, 0, c->height);
+        transpose_in(p->q, p->q_stride, b, h, c, w.qt, c->query_width, c->dim * c->query_width, 0, 0,
+                     c->height);
         for (int64_t y = 0; y < c->height; y++) {
             for (int64_t x0 = 0; x0 < W; x0 += LANES) {
                 const strip_span sp = strip_entries(c, &w, h, y, x0);
@@ -807,14 +813,14 @@ INLINE void backward_full_row(const stencil_ctx *c, stencil_work *w, int64_t b, 
     for (int64_t y = 0; y < c->height; y++) {
         for (int64_t x0 = 0; x0 < W; x0 += LANES) {
             const v8 prob = exp_v8(LOADU(w->full_row + y * qw + x0) - lse);
-            const v8 grad_dot = row_dot_keys(go, w->vt + y * dim * kw + c->pad + x0, kw, dim);
+            const v8 grad_dot = row_dot_keys(go, w->vt + y * c->row_floats + c->pad + x0, kw, dim);
             v8 keep = SPLAT(c->keep_scale);
             if (c->threshold > 0)
                 keep = SELECT(keep_lanes(c, query_key, (int32_t)(y * W + x0), 1), keep, SPLAT(0.0f));
             const v8 grad = prob * (grad_dot * keep - delta) * c->scale;
             const v8 weight = prob * keep;
             STOREU(w->full_grads + y * qw + x0, grad);
-            float *dk = w->dkt + y * dim * kw + c->pad + x0, *dv = w->dvt + y * dim * kw + c->pad + x0;
+            float *dk = w->dkt + y * c->row_floats + c->pad + x0, *dv = w->dvt + y * c->row_floats + c->pad + x0;
             for (int64_t d = 0; d < dim; d++) {
                 STOREU(dk + d * kw, LOADU(dk + d * kw) + grad * q[d]);
                 STOREU(dv + d * kw, LOADU(dv + d * kw) + weight * go[d]);
@@ -854,11 +860,11 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
             continue;
         }
         build_key_panels(c, &w, b, h);
-        transpose_in(p->q, p->q_stride, b, h, c, w.qt, kw, c->pad, 0, H);
-        transpose_in(p->grad_out, p->grad_out_stride, b, h, c, w.got, kw, c->pad, 0, H);
+        transpose_in(p->q, p->q_stride, b, h, c, w.qt, kw, c->row_floats, c->pad, 0, H);
+        transpose_in(p->grad_out, p->grad_out_stride, b, h, c, w.got, kw, c->row_floats, c->pad, 0, H);
         memset(w.dqt, 0, (size_t)(H * dim * qw) * sizeof(float));
-        memset(w.dkt, 0, (size_t)(c->panel_rows * dim * kw) * sizeof(float));
-        memset(w.dvt, 0, (size_t)(c->panel_rows * dim * kw) * sizeof(float));
+        memset(w.dkt, 0, (size_t)(c->panel_rows * c->row_floats) * sizeof(float));
+        memset(w.dvt, 0, (size_t)(c->panel_rows * c->row_floats) * sizeof(float));
         const float *lse = (const float *)p->lse + bh * n, *delta = (const float *)p->delta + bh * n;
         for (int64_t y = 0; y < H; y++) {
             for (int64_t x = 0; x < qw; x++) {
@@ -877,7 +883,7 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
                 memset(w.row_grads + from, 0, (size_t)qw * sizeof(float));
                 memset(w.row_weights + from, 0, (size_t)qw * sizeof(float));
             }
-            const float *q_row = w.qt + y * dim * kw, *go_row = w.got + y * dim * kw;
+            const float *q_row = w.qt + y * c->row_floats, *go_row = w.got + y * c->row_floats;
             for (int64_t x0 = 0; x0 < W; x0 += LANES) {
                 const strip_span sp = strip_entries(c, &w, h, y, x0);
                 const int64_t count = sp.count + sp.extra;
@@ -921,7 +927,7 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
                 while (group_end < row_next &&
                        p->stencil_offsets[2 * c->row_offset[c->row_by_dy[group_end]]] == dy)
                     group_end++;
-                const int64_t key_row = (y + dy) * dim * kw + c->pad;
+                const int64_t key_row = (y + dy) * c->row_floats + c->pad;
                 gather_key_grads(c, w.row_grads, q_row, w.dkt + key_row, c->row_by_dy + u, group_end - u,
                                  row_first);
                 gather_key_grads(c, w.row_weights, go_row, w.dvt + key_row, c->row_by_dy + u,
@@ -934,13 +940,13 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
         /* back to rows: the image rows, then the broadcast rows of the extra keys summed */
         for (int64_t y = 0; y < H; y++) {
             transpose_out(w.dqt + y * dim * qw, qw, grad_q + y * W * dim, c);
-            transpose_out(w.dkt + y * dim * kw + c->pad, kw, grad_k + y * W * dim, c);
-            transpose_out(w.dvt + y * dim * kw + c->pad, kw, grad_v + y * W * dim, c);
+            transpose_out(w.dkt + y * c->row_floats + c->pad, kw, grad_k + y * W * dim, c);
+            transpose_out(w.dvt + y * c->row_floats + c->pad, kw, grad_v + y * W * dim, c);
         }
         for (int64_t g = 0; g < p->stencil_num_keys; g++) {
             const int64_t j = p->stencil_keys[g], r = H + g;
             for (int64_t d = 0; d < dim; d++) {
-                const float *dk = w.dkt + (r * dim + d) * kw, *dv = w.dvt + (r * dim + d) * kw;
+                const float *dk = w.dkt + r * c->row_floats + d * kw, *dv = w.dvt + r * c->row_floats + d * kw;
                 float sum_k = 0.0f, sum_v = 0.0f;
                 for (int64_t x = 0; x < kw; x++) {
                     sum_k += dk[x];
@@ -998,6 +1004,7 @@ static int stencil_ctx_init(stencil_ctx *c, const sa_attention_params *p, char *
      * reads aligned vectors that never straddle two lines */
     c->pad = (c->pad + 15) / 16 * 16;
     c->key_width = (c->query_width + 2 * c->pad + 15) / 16 * 16;
+    c->row_floats = c->dim * c->key_width + 16;
     c->panel_rows = c->height + p->stencil_num_keys;
     c->max_entries = p->stencil_num_offsets + p->stencil_num_keys;
     c->scale = (float)p->scale;
@@ -1051,7 +1058,7 @@ static int stencil_ctx_init(stencil_ctx *c, const sa_attention_params *p, char *
             if (y + dy < 0 || y + dy >= H) continue;
             c->row_offset[t] = o;
             c->row_dx[t] = (int32_t)dx;
-            c->row_at[t] = (y + dy) * c->dim * c->key_width + c->pad + dx;
+            c->row_at[t] = (y + dy) * c->row_floats + c->pad + dx;
             c->row_valid[t] = (y + dy) * c->key_width + c->pad + dx;
             c->row_key[t] = (int32_t)((y + dy) * c->width + dx);
             t++;
@@ -1081,7 +1088,7 @@ static int stencil_ctx_init(stencil_ctx *c, const sa_attention_params *p, char *
     }
     free(dy_start);
     for (int64_t g = 0; g < p->stencil_num_keys; g++)
-        c->extra_at[g] = (H + g) * c->dim * c->key_width + c->pad;
+        c->extra_at[g] = (H + g) * c->row_floats + c->pad;
     free(by_dx);
     return SA_OK;
 }
