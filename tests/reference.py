@@ -62,3 +62,13 @@ def assert_backward_matches_reference(attention, layout, inputs, grad_out, **arg
     reference_attention(*ref, layout, **args)[0].backward(grad_out.double())
     for leaf, r in zip(leaves, ref):
         assert (leaf.grad.double() - r.grad).abs().max() < 5e-5 * max(1.0, r.grad.abs().max().item())
+
+
+def call_with(module, flag, value, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with ``module.flag`` set to ``value`` for the call."""
+    before = getattr(module, flag)
+    setattr(module, flag, value)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        setattr(module, flag, before)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from reference import random_inputs as make
-from reference import assert_backward_matches_reference, reference_attention
+from reference import assert_backward_matches_reference, call_with, reference_attention
 from sparse_attention import _stencil, _tiles, _torch_ops, build_layout, get_num_threads
 from sparse_attention import set_num_threads
 from sparse_attention import sparse_scaled_dot_product_attention as attention
@@ -21,11 +21,7 @@ KNOBS = dict(kernel_size=5, stride=3, num_global_tokens=2)
 
 def other_kernels(*args, **kwargs):
     """The same call with the stencil kernels off (tile or row kernels)."""
-    _stencil.use_stencil_cpu_kernel = False
-    try:
-        return attention(*args, **kwargs)
-    finally:
-        _stencil.use_stencil_cpu_kernel = True
+    return call_with(_stencil, "use_stencil_cpu_kernel", False, attention, *args, **kwargs)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -305,11 +301,7 @@ BENCH_CASE = ((64, 64), dict(kernel_size=7))
 
 def whole_stencil(*args, **kwargs):
     """The same call with STRIDED on the stencil kernel alone."""
-    _stencil.use_lattice_split = False
-    try:
-        return attention(*args, **kwargs)
-    finally:
-        _stencil.use_lattice_split = True
+    return call_with(_stencil, "use_lattice_split", False, attention, *args, **kwargs)
 
 
 @pytest.mark.parametrize("size, knobs", SPLIT_CASES + [BENCH_CASE])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reference import random_inputs as make
-from reference import assert_backward_matches_reference, reference_attention
+from reference import assert_backward_matches_reference, call_with, reference_attention
 from sparse_attention import _stencil, _tiles, build_layout, get_num_threads, set_num_threads
 from sparse_attention import sparse_scaled_dot_product_attention as attention
 from sparse_attention._native import C
@@ -25,11 +25,7 @@ SIZES = [(1, 1), (1, 17), (9, 1), (7, 13), (33, 35), (20, 70)]
 
 
 def rows_kernel(*args, **kwargs):
-    _tiles.use_tiled_cpu_kernel = False
-    try:
-        return attention(*args, **kwargs)
-    finally:
-        _tiles.use_tiled_cpu_kernel = True
+    return call_with(_tiles, "use_tiled_cpu_kernel", False, attention, *args, **kwargs)
 
 
 @pytest.mark.parametrize("size", SIZES)
