@@ -277,22 +277,19 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
         const int runs = p->head_active == NULL || p->head_active[h] != 0;
         const float *bias_table = p->bias_table ? (const float *)p->bias_table + h * side * side : NULL;
         if (p->merge_previous && (chunk_begin == chunk_end || !runs)) continue;
-        /* every query row and output row at once, so that their misses overlap
-         * (the scores kernel would meet them one block of rows after another;
-         * the output rows are written, or read back by a merge, at the end) */
-        for (int r = 0; r < TILE; r++) {
-            const int32_t id = p->tile_queries[tile * TILE + r];
-            if (id < 0 || id >= n) continue;
-            prefetch_row(row_of(p->q, p->q_stride, b, h, id), dim);
-            const float *out_row = (const float *)p->out + b * p->out_stride[0] + h * p->out_stride[1] +
-                                   id * p->out_stride[2];
-            for (int64_t d = 0; d < dim; d += 16) __builtin_prefetch(out_row + d, 1, 1);
-        }
-
         for (int r = 0; r < TILE; r++) {
             const int32_t id = p->tile_queries[tile * TILE + r];
             queries[r] = id >= 0 && id < n ? id : -1;
             const float *q = queries[r] >= 0 ? row_of(p->q, p->q_stride, b, h, queries[r]) : NULL;
+            if (q) {
+                /* every query row and output row of the tile now, so that their misses
+                 * overlap (the scores kernel would meet them one block of rows after
+                 * another; output rows are written, or read back by a merge, at the end) */
+                prefetch_row(q, dim);
+                const float *out_row = (const float *)p->out + b * p->out_stride[0] +
+                                       h * p->out_stride[1] + id * p->out_stride[2];
+                for (int64_t d = 0; d < dim; d += 16) __builtin_prefetch(out_row + d, 1, 1);
+            }
             if (in_place) {
                 query_rows[r] = q ? q : zero_row;
             } else {
@@ -588,12 +585,6 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                 int64_t chunk_begin, chunk_end;
                 chunk_range(chunk_ptr, tile, num_chunks, &chunk_begin, &chunk_end);
                 if (chunk_begin == chunk_end) continue;
-                for (int r = 0; r < TILE; r++) { /* all at once: their misses overlap */
-                    const int32_t id = tile_queries[tile * TILE + r];
-                    if (id < 0 || id >= n) continue;
-                    prefetch_row(row_of(p->q, p->q_stride, b, h, id), dim);
-                    prefetch_row(row_of(p->grad_out, p->grad_out_stride, b, h, id), dim);
-                }
                 prefetch_chunk(p, chunk_ids + chunk_begin * TILE, b, h);
                 for (int r = 0; r < TILE; r++) {
                     const int32_t id = tile_queries[tile * TILE + r];
@@ -601,6 +592,10 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                     const int has = queries[r] >= 0;
                     const float *q = has ? row_of(p->q, p->q_stride, b, h, queries[r]) : NULL;
                     const float *go = has ? row_of(p->grad_out, p->grad_out_stride, b, h, queries[r]) : NULL;
+                    if (has) { /* all of the tile's rows now: their misses overlap */
+                        prefetch_row(q, dim);
+                        prefetch_row(go, dim);
+                    }
                     if (in_place) {
                         query_rows[r] = q ? q : zero_row;
                         grad_out_rows[r] = go ? go : zero_row;

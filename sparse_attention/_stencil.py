@@ -159,3 +159,24 @@ def lattice_split(layout: Layout):
     buffer, passes = build_lattice_plan(h, w, stride).packed()
     buffer.setflags(write=False)
     return _pack(window, empty, empty), buffer, [int(x) for x in passes]
+
+
+def cpu_kernel_choice(layout: Layout, want_stats: bool):
+    """Which float32 CPU kernels take ``layout``: "split" (STRIDED's window on the
+    stencil, its lattice on the tiles), "stencil", "tiles" or None (the row
+    kernels). The torch and NumPy paths both ask here, so both run the same
+    kernels and give the same bits."""
+    from . import _tiles
+
+    if use_stencil_cpu_kernel:
+        if use_lattice_split and not want_stats and layout.stencil_split() is not None:
+            return "split"
+        if layout.stencil() is not None:
+            return "stencil"
+    if _tiles.use_tiled_cpu_kernel:
+        plan = layout.tile_plan()
+        # statistics cannot be merged across passes; sparse chunks lose to the rows
+        if (plan is not None and not (want_stats and len(plan) > 1)
+                and plan.fill >= _tiles.CPU_MIN_FILL):
+            return "tiles"
+    return None

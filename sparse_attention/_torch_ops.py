@@ -89,40 +89,23 @@ split_segment_keys = 512
 
 
 def _tiled_applies(device, dtype, head_dim) -> bool:
-    if device.type == "cpu":
-        return _tiles.use_tiled_cpu_kernel and dtype == torch.float32
+    """Whether the tensor-core forward takes these CUDA arguments."""
     return (device.type == "cuda" and use_tiled_cuda_kernel and not use_reference_cuda_kernels
             and dtype in _TILED_DTYPES and head_dim <= _TILED_MAX_HEAD_DIM
             and _tensor_core_capable(device))
 
 
-def _stencil_for(layout):
-    """The layout's stencil as a CPU tensor (cached), or None."""
-    key = ("stencil", "cpu")
+def _cpu_tensors(layout, key, arrays):
+    """The int32 arrays (None entries pass through) as CPU tensors, copied
+    once per layout and cached under key (the layout's arrays are read-only)."""
+    key = (key, "cpu")
     with layout._lock:
         if key in layout._device_cache:
             return layout._device_cache[key]
-    packed = layout.stencil()
-    tensor = torch.from_numpy(packed.copy()) if packed is not None else None
+    tensors = tuple(torch.from_numpy(a.copy()) if a is not None else None for a in arrays)
     with layout._lock:
-        layout._device_cache[key] = tensor
-    return tensor
-
-
-def _split_for(layout):
-    """(window stencil, lattice plan buffer, passes) of a STRIDED layout as CPU
-    tensors (cached), or None (see _stencil.lattice_split)."""
-    key = ("split", "cpu")
-    with layout._lock:
-        if key in layout._device_cache:
-            return layout._device_cache[key]
-    split = layout.stencil_split()
-    if split is not None:
-        window, buffer, passes = split
-        split = (torch.from_numpy(window.copy()), torch.from_numpy(buffer.copy()), passes)
-    with layout._lock:
-        layout._device_cache[key] = split
-    return split
+        layout._device_cache[key] = tensors
+    return tensors
 
 
 def _tile_plan_for(layout, device, dtype, head_dim, want_stats):
@@ -131,23 +114,26 @@ def _tile_plan_for(layout, device, dtype, head_dim, want_stats):
     else (None, [], None, 0, None). On the CPU a stencil layout gets its
     stencil: (None, [], None, 0, stencil), or STRIDED's window stencil with its
     lattice plan: (buffer, passes, None, 0, stencil)."""
-    if device.type == "cpu" and dtype == torch.float32 and _stencil.use_stencil_cpu_kernel:
-        split = _split_for(layout) if _stencil.use_lattice_split and not want_stats else None
-        if split is not None:
-            window, buffer, passes = split
+    if device.type == "cpu":
+        kind = _stencil.cpu_kernel_choice(layout, want_stats) if dtype == torch.float32 else None
+        if kind == "split":
+            window, buffer, passes = layout.stencil_split()
+            window, buffer = _cpu_tensors(layout, "split", (window, buffer))
             return buffer, passes, None, 0, window
-        stencil = _stencil_for(layout)
-        if stencil is not None:
+        if kind == "stencil":
+            (stencil,) = _cpu_tensors(layout, "stencil", (layout.stencil(),))
             return None, [], None, 0, stencil
+        if kind is None:
+            return _NO_PLAN
+        plan = layout.tile_plan_tensors(device)
+        return plan["buffer"], plan["passes"], plan["long_rows"], 0, None
     if not _tiled_applies(device, dtype, head_dim):
         return _NO_PLAN
     plan = layout.tile_plan_tensors(device)
     if plan is None or (want_stats and plan["num_passes"] > 1):
         return _NO_PLAN  # statistics cannot be merged across passes
-    if device.type == "cpu" and plan["fill"] < _tiles.CPU_MIN_FILL:
-        return _NO_PLAN
     splits = 0
-    if plan["long_rows"] is not None and split_segment_keys > 0 and device.type == "cuda":
+    if plan["long_rows"] is not None and split_segment_keys > 0:
         splits = max(1, min(65536, -(-plan["long_row_max_keys"] // split_segment_keys)))
     return plan["buffer"], plan["passes"], plan["long_rows"], splits, None
 

@@ -17,7 +17,7 @@ import numbers
 
 import numpy as np
 
-from . import _stencil, _tiles
+from . import _stencil
 from ._native import C
 from .patterns import Layout
 
@@ -179,23 +179,15 @@ def _numpy_forward(query, key, value, layout, scale, bias, key_mask, dropout_p, 
     lse = np.empty((batch, heads, num_tokens), dtype=query.dtype)
     stats = np.empty((batch, heads, num_tokens, 2), dtype=query.dtype) if want_stats else None
     plan = {}
-    stencil_applies = query.dtype == np.float32 and _stencil.use_stencil_cpu_kernel
-    split = (layout.stencil_split() if stencil_applies and _stencil.use_lattice_split and not want_stats
-             else None)
-    stencil = layout.stencil() if stencil_applies and split is None else None
-    # the same kernels as the torch path, so the same bits
-    if split is not None:
-        window, buffer, passes = split
+    kind = _stencil.cpu_kernel_choice(layout, want_stats) if query.dtype == np.float32 else None
+    if kind == "split":
+        window, buffer, passes = layout.stencil_split()
         plan = dict(stencil=window, tile_plan=buffer, tile_passes=passes)
-    elif stencil is not None:
-        plan = dict(stencil=stencil)
-    elif query.dtype == np.float32 and _tiles.use_tiled_cpu_kernel:
-        packed = layout.packed_tile_plan()
-        # the same kernels as the torch path, so both give the same bits
-        if (packed is not None and not (want_stats and len(packed[1]) > 6)
-                and layout.tile_plan().fill >= _tiles.CPU_MIN_FILL):
-            buffer, passes, long_rows = packed
-            plan = dict(tile_plan=buffer, tile_passes=passes, long_rows=long_rows)
+    elif kind == "stencil":
+        plan = dict(stencil=layout.stencil())
+    elif kind == "tiles":
+        buffer, passes, long_rows = layout.packed_tile_plan()
+        plan = dict(tile_plan=buffer, tile_passes=passes, long_rows=long_rows)
     C.attention_forward(query, key, value, out, lse, layout.indptr, layout.indices,
                         height=layout.height, width=layout.width, scale=scale, rel_pos_bias=bias,
                         key_mask=key_mask, head_active=head_active, dropout_p=dropout_p,

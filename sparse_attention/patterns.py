@@ -203,60 +203,48 @@ class Layout:
     def tile_plan(self):
         """The plan of the CUDA tensor-core forward (see _tiles.py), built once;
         None when the layout is too large to plan."""
-        with self._lock:
-            if "plan" in self._plan_cache:
-                return self._plan_cache["plan"]
         from ._tiles import build_tile_plan
 
-        plan = build_tile_plan(self)
-        with self._lock:
-            self._plan_cache["plan"] = plan
-        return plan
+        return self._built_once("plan", build_tile_plan)
 
     def stencil(self):
         """The layout as the CPU stencil kernels take it (see _stencil.py): one
         int32 array, built and checked against the CSR rows once; None when the
         layout is not a stencil layout."""
-        with self._lock:
-            if "stencil" in self._plan_cache:
-                return self._plan_cache["stencil"]
         from ._stencil import stencil_of
 
-        packed = stencil_of(self)
-        with self._lock:
-            self._plan_cache["stencil"] = packed
-        return packed
+        return self._built_once("stencil", stencil_of)
 
     def stencil_split(self):
         """STRIDED's window as a stencil and its lattice as a tile plan for the
         CPU kernels (see _stencil.lattice_split), built once; None when the
         layout does not split."""
-        with self._lock:
-            if "split" in self._plan_cache:
-                return self._plan_cache["split"]
         from ._stencil import lattice_split
 
-        split = lattice_split(self)
-        with self._lock:
-            self._plan_cache["split"] = split
-        return split
+        return self._built_once("split", lattice_split)
 
     def packed_tile_plan(self):
         """(buffer, passes, long_rows) of the tile plan as the C entry point takes
         it (NumPy arrays, built once), or None without a plan."""
-        with self._lock:
-            if "packed" in self._plan_cache:
-                return self._plan_cache["packed"]
-        plan = self.tile_plan()
-        packed = None
-        if plan is not None:
+        def pack(layout):
+            plan = layout.tile_plan()
+            if plan is None:
+                return None
             buffer, passes = plan.packed()
             buffer.setflags(write=False)
-            packed = (buffer, [int(x) for x in passes],
-                      plan.long_rows if plan.long_rows.size else None)
+            return buffer, [int(x) for x in passes], plan.long_rows if plan.long_rows.size else None
+
+        return self._built_once("packed", pack)
+
+    def _built_once(self, key, build):
+        """build(self), cached under key (None results too)."""
         with self._lock:
-            self._plan_cache["packed"] = packed
-        return packed
+            if key in self._plan_cache:
+                return self._plan_cache[key]
+        value = build(self)
+        with self._lock:
+            self._plan_cache[key] = value
+        return value
 
     def tile_plan_tensors(self, device):
         """The tile plan on ``device`` as the C entry point takes it: a dict with
