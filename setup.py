@@ -20,7 +20,7 @@ from setuptools.command.build_ext import build_ext
 HERE = os.path.dirname(os.path.abspath(__file__))
 C_SOURCES = ["csrc/module.c", "csrc/dlpack_bridge.c", "csrc/layout.c", "csrc/attention_cpu.c",
              "csrc/attention_cpu_tiled.c", "csrc/attention_cpu_stencil.c", "csrc/threads.c"]
-CUDA_SOURCES = ["cuda/attention_cuda.cu", "cuda/attention_tiled.cu"]
+CUDA_SOURCES = ["cuda/attention_cuda.cu", "cuda/attention_tiled.cu", "cuda/attention_tiled_lean.cu"]
 CUDA_ARCHS = os.environ.get("SPARSE_ATTENTION_CUDA_ARCHS", "80;90")
 
 
@@ -72,7 +72,7 @@ class BuildExt(build_ext):
         ext = self.extensions[0]
         if nvcc:
             cuda_home = find_cuda_home(nvcc)
-            objects = []
+            objects, pending = [], []
             build_dir = os.path.join(self.build_temp, "cuda")
             os.makedirs(build_dir, exist_ok=True)
             for source in CUDA_SOURCES:
@@ -88,7 +88,11 @@ class BuildExt(build_ext):
                        "-Xcompiler", "-fPIC", "-Icsrc", "-DSA_WITH_CUDA",
                        "--expt-relaxed-constexpr"] + gencode_flags()
                 print(" ".join(cmd))
-                subprocess.check_call(cmd, cwd=HERE)
+                pending.append((source, subprocess.Popen(cmd, cwd=HERE)))
+            # the sources compile side by side: nvcc uses one core per file
+            failed = [source for source, job in pending if job.wait() != 0]
+            if failed:
+                sys.exit(f"nvcc failed on {', '.join(failed)}")
             ext.extra_objects = objects
             ext.define_macros.append(("SA_WITH_CUDA", "1"))
             libdir = os.path.join(cuda_home, "lib64")

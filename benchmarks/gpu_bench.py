@@ -61,6 +61,29 @@ def time_graph(fn, repeats):
         return None
 
 
+def kernel_times(fn, label, calls=10):
+    """(label, kernel name, mean GPU microseconds per call) for each kernel fn
+    launches; [] when the profiler cannot see the GPU."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        rows = []
+        for event in prof.key_averages():
+            total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+            if total > 0:
+                rows.append((label, event.key[:90].replace("|", "/"), total / calls))
+        return sorted(rows, key=lambda r: -r[2])
+    except Exception as error:  # noqa: BLE001 - the table goes on without it
+        print(f"    profiler failed: {type(error).__name__}: {str(error)[:120]}")
+        return []
+
+
 def mask_mod_for(pattern, layout, device):
     """FlexAttention mask_mod equal to the layout (tested against it below)."""
     w = layout.width
@@ -94,6 +117,9 @@ def main():
     parser.add_argument("--patterns", default=",".join(PATTERNS))
     parser.add_argument("--flex-patterns", default="axial,longformer,block",
                         help="patterns to run FlexAttention on (each costs a compile)")
+    parser.add_argument("--flex-sides", default="64,128", help="sides to run FlexAttention at")
+    parser.add_argument("--profile-sides", default="128",
+                        help="sides whose forward is broken down per kernel (torch.profiler)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda")
@@ -112,7 +138,9 @@ def main():
             flex = torch.compile(flex_attention, dynamic=False)
         except Exception as error:  # noqa: BLE001 - record why the peer is missing
             print(f"FlexAttention unavailable: {error}")
-    rows, raw = [], []
+    rows, raw, kernel_rows = [], [], []
+    flex_sides = {int(x) for x in args.flex_sides.split(",") if x}
+    profile_sides = {int(x) for x in args.profile_sides.split(",") if x}
     batch, heads, dim, dtype = 1, 8, 64, torch.bfloat16
     for side in (int(s) for s in args.sides.split(",")):
         n = side * side
@@ -144,13 +172,18 @@ def main():
             ours_fb = time_cuda(fwd_bwd(lambda: sparse_attention(q, k, v, layout)), args.repeats)
             with torch.no_grad():
                 ours_graph = time_graph(lambda: sparse_attention(q, k, v, layout), args.repeats)
-            # the first, one-stage version of the tensor-core kernel
-            os.environ["SPARSE_ATTENTION_TILED_SIMPLE"] = "1"
+            # the general tensor-core kernel on the same call (bias, dropout and
+            # statistics need it; this call would otherwise take the lean one)
+            os.environ["SPARSE_ATTENTION_TILED_KERNEL"] = "general"
             try:
                 with torch.no_grad():
-                    simple_graph = time_graph(lambda: sparse_attention(q, k, v, layout), args.repeats)
+                    general_graph = time_graph(lambda: sparse_attention(q, k, v, layout), args.repeats)
             finally:
-                del os.environ["SPARSE_ATTENTION_TILED_SIMPLE"]
+                del os.environ["SPARSE_ATTENTION_TILED_KERNEL"]
+            if side in profile_sides:
+                with torch.no_grad():
+                    kernel_rows.extend(kernel_times(lambda: sparse_attention(q, k, v, layout),
+                                                    f"{side}x{side} {pattern}"))
             # the same op without the tensor-core forward (the lanes-over-keys kernels)
             _torch_ops.use_tiled_cuda_kernel = False
             try:
@@ -161,7 +194,7 @@ def main():
                 _torch_ops.use_tiled_cuda_kernel = True
             flex_fwd = flex_fb = None
             flex_note = ""
-            if flex is not None and pattern in args.flex_patterns.split(","):
+            if flex is not None and pattern in args.flex_patterns.split(",") and side in flex_sides:
                 try:
                     block_mask = create_block_mask(mask_mod_for(pattern, layout, device), None, None,
                                                    n, n, device=device)
@@ -180,22 +213,30 @@ def main():
                           ours_fwd_ms=ours_fwd, ours_fwd_bwd_ms=ours_fb, flex_fwd_ms=flex_fwd,
                           lanes_fwd_ms=lanes_fwd, plan_passes=passes, plan_build_s=plan_s,
                           sdpa_graph_fwd_ms=sdpa_graph, ours_graph_fwd_ms=ours_graph,
-                          simple_graph_fwd_ms=simple_graph, lanes_graph_fwd_ms=lanes_graph,
+                          general_graph_fwd_ms=general_graph, lanes_graph_fwd_ms=lanes_graph,
                           flex_fwd_bwd_ms=flex_fb, flex_note=flex_note, device=name)
             raw.append(record)
+            write_tables(args, name, raw, kernel_rows)
             print(f"  {pattern:10s} density {layout.density:.4f}: ours fwd {ours_fwd:.3f} ms "
                   f"({sdpa_fwd / ours_fwd:.1f}x SDPA), fwd+bwd {ours_fb:.3f} ms "
                   f"({sdpa_fb / ours_fb:.1f}x); lanes kernel fwd {lanes_fwd:.3f} ms; graphed fwd: "
-                  f"SDPA {sdpa_graph}, ours {ours_graph}, one-stage {simple_graph}, lanes {lanes_graph}; plan {passes} "
+                  f"SDPA {sdpa_graph}, ours {ours_graph}, general kernel {general_graph}, lanes {lanes_graph}; plan {passes} "
                   f"pass(es) built in {plan_s:.2f} s; flex fwd {flex_fwd} fwd+bwd {flex_fb} {flex_note} "
                   f"[{time.time() - t0:.0f}s]", flush=True)
 
+    print("\n".join(write_tables(args, name, raw, kernel_rows)))
+
+
+def write_tables(args, name, raw, kernel_rows):
+    """gpu_bench.md / .json from the records so far (rewritten after each one,
+    so a run cut short keeps what it measured)."""
     def fmt(x):
         return "n/a" if x is None else f"{x:.3f}"
 
     lines = [f"GPU: {name}; bf16, B=1, 8 heads, D=64; median of {args.repeats}, CUDA events.", "",
-             "ours = the default path (tensor-core forward where a tile plan exists); lanes = the "
-             "same op with the tensor-core forward switched off.", "",
+             "ours = the default path (the lean tensor-core forward where a tile plan exists); "
+             "general = the same call on the general tensor-core kernel; lanes = the same op with "
+             "the tensor-core forward switched off.", "",
              "| tokens | pattern | density | plan passes | SDPA fwd ms | ours fwd ms | lanes fwd ms | "
              "flex fwd ms | SDPA/ours fwd | SDPA f+b ms | ours f+b ms | flex f+b ms | SDPA/ours f+b |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -207,20 +248,23 @@ def main():
                      f"{fmt(r['ours_fwd_bwd_ms'])} | {fmt(r['flex_fwd_bwd_ms'])} | "
                      f"{r['sdpa_fwd_bwd_ms'] / r['ours_fwd_bwd_ms']:.2f}x |")
     lines += ["", "Forward replayed from a CUDA graph (GPU time without Python and launch overhead), ms:",
-              "", "| tokens | pattern | SDPA | ours | ours one-stage | lanes kernel | SDPA/ours |",
+              "", "| tokens | pattern | SDPA | ours | general kernel | lanes kernel | SDPA/ours |",
               "|---|---|---|---|---|---|---|"]
     for r in raw:
         ratio = (f"{r['sdpa_graph_fwd_ms'] / r['ours_graph_fwd_ms']:.2f}x"
                  if r["sdpa_graph_fwd_ms"] and r["ours_graph_fwd_ms"] else "n/a")
         lines.append(f"| {r['side']}x{r['side']} | {r['pattern']} | {fmt(r['sdpa_graph_fwd_ms'])} | "
-                     f"{fmt(r['ours_graph_fwd_ms'])} | {fmt(r['simple_graph_fwd_ms'])} | "
+                     f"{fmt(r['ours_graph_fwd_ms'])} | {fmt(r['general_graph_fwd_ms'])} | "
                      f"{fmt(r['lanes_graph_fwd_ms'])} | {ratio} |")
+    if kernel_rows:
+        lines += ["", "GPU time per kernel of one forward call (torch.profiler, mean of the calls), us:",
+                  "", "| call | kernel | us |", "|---|---|---|"]
+        lines += [f"| {call} | {kernel} | {us:.1f} |" for call, kernel, us in kernel_rows]
     with open(os.path.join(args.out, "gpu_bench.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as fh:
-        json.dump(raw, fh, indent=1)
-    print("\n".join(lines))
-
+        json.dump(dict(records=raw, kernels=kernel_rows), fh, indent=1)
+    return lines
 
 if __name__ == "__main__":
     main()

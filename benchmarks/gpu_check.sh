@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check: build with CUDA, run the CUDA tests, run the GPU
-# benchmark; everything lands in $OUT (default benchmarks/gpu_results).
+# benchmark, read the tensor-core kernels' counters with Nsight Compute where
+# it works; everything lands in $OUT (default benchmarks/gpu_results).
 # Needs an NVIDIA GPU, nvcc and a CUDA build of torch; downloads nothing.
 # Budget: about 8 minutes on an H100/H200.
 set -u
@@ -26,4 +27,14 @@ for suite in tests/test_cuda.py tests/test_cuda_tiled.py; do
 done
 stamp "benchmark"
 timeout ${BENCH_TIMEOUT:-300} $PY benchmarks/gpu_bench.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+stamp "kernel counters (ncu; fails where the runtime hides the counters)"
+if command -v ncu > /dev/null; then
+  timeout ${NCU_TIMEOUT:-120} ncu --clock-control none -k regex:forward_ --launch-count 10 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section MemoryWorkloadAnalysis --section SchedulerStats \
+    $PY benchmarks/gpu_kernel_profile.py 128 axial,longformer,block > "$OUT/ncu.txt" 2>&1
+  echo "ncu rc $?"; grep -E "forward_|Duration|Achieved Occupancy|Registers Per|Compute \(SM\) Throughput|Memory Throughput|Issued Ipc|No Eligible" "$OUT/ncu.txt" | head -60
+else
+  echo "no ncu on PATH"
+fi
 stamp "done"

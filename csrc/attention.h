@@ -161,6 +161,8 @@ int sa_cuda_backward(const sa_attention_params *p, char *err, size_t err_len);
 int sa_cuda_bias_grad(const sa_bias_grad_params *p, char *err, size_t err_len);
 /* Number of visible devices, or -1 with a message when the runtime cannot say. */
 int sa_cuda_device_count(char *err, size_t err_len);
+/* Tile-plan passes launched on the lean tensor-core kernel so far (for tests). */
+long long sa_cuda_lean_passes(void);
 #endif
 
 #ifdef __cplusplus

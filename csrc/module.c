@@ -879,6 +879,17 @@ static PyObject *cuda_device_count(PyObject *self, PyObject *unused)
 #endif
 }
 
+static PyObject *cuda_lean_passes(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+#ifdef SA_WITH_CUDA
+    return PyLong_FromLongLong(sa_cuda_lean_passes());
+#else
+    return PyLong_FromLong(0);
+#endif
+}
+
 /* Sizes and offsets of our DLPack declarations, checked by the tests. */
 static PyObject *dlpack_abi(PyObject *self, PyObject *unused)
 {
@@ -950,6 +961,8 @@ static PyMethodDef module_methods[] = {
     {"get_num_threads", get_num_threads, METH_NOARGS, "The CPU kernels' thread count."},
     {"cuda_device_count", cuda_device_count, METH_NOARGS,
      "Visible CUDA devices (0 without CUDA support or driver)."},
+    {"cuda_lean_passes", cuda_lean_passes, METH_NOARGS,
+     "Tile-plan passes run on the lean tensor-core kernel so far (tests check the dispatch)."},
     {"dlpack_abi", dlpack_abi, METH_NOARGS, "Sizes and offsets of the DLPack structs."},
     {"inspect_tensor", (PyCFunction)(void (*)(void))inspect_tensor, METH_VARARGS | METH_KEYWORDS,
      "What the DLPack bridge sees of a tensor."},

@@ -12,23 +12,25 @@
 // A pass with merge_previous adds its pairs to the out / lse that an earlier
 // pass wrote for the same queries, combining the two through their log-sum-exp.
 //
-// Fragment layouts are those of the PTX ISA for mma.m16n8k16 with .row.col:
-// lane = 4 g + t holds rows g and g + 8 of the 16 x 8 accumulator at columns
-// 2t and 2t + 1, and the matching pieces of A (rows g, g + 8; columns 2t, 2t + 1,
-// 2t + 8, 2t + 9) and B (k = 2t, 2t + 1, 2t + 8, 2t + 9; column g).
+// This is the general kernel: bias, dropout, statistics, any head dim to 128
+// and unaligned rows. Calls without those take the lean kernel of
+// cuda/attention_tiled_lean.cu. Fragment layouts: cuda/tensor_core.cuh.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <math_constants.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "attention.h"
 #include "dropout_hash.h"
 #include "kernel_common.cuh"
+#include "tensor_core.cuh"
 
 namespace sa_kernels {
 namespace {
@@ -37,50 +39,6 @@ constexpr int kTile = 64;       // queries per tile and keys per chunk (the plan
 constexpr int kTileWarps = 4;   // 16 query rows each
 constexpr int kKeyGroups = kTile / 8;   // n-tiles of the score fragment
 constexpr int kKeySteps = kTile / 16;   // k-steps of the P x V product
-
-__device__ __forceinline__ uint16_t bits_of(__half x) { return __half_as_ushort(x); }
-__device__ __forceinline__ uint16_t bits_of(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
-
-template <typename T> __device__ __forceinline__ uint32_t pack_pair(T lo, T hi) {
-    return (uint32_t)bits_of(lo) | ((uint32_t)bits_of(hi) << 16);
-}
-
-template <typename T> __device__ __forceinline__ uint32_t pack_floats(float lo, float hi);
-template <> __device__ __forceinline__ uint32_t pack_floats<__half>(float lo, float hi) {
-    return pack_pair(__float2half_rn(lo), __float2half_rn(hi));
-}
-template <> __device__ __forceinline__ uint32_t pack_floats<__nv_bfloat16>(float lo, float hi) {
-    return pack_pair(__float2bfloat16_rn(lo), __float2bfloat16_rn(hi));
-}
-
-template <typename T> __device__ __forceinline__ T zero_of();
-template <> __device__ __forceinline__ __half zero_of<__half>() { return __float2half_rn(0.f); }
-template <> __device__ __forceinline__ __nv_bfloat16 zero_of<__nv_bfloat16>() {
-    return __float2bfloat16_rn(0.f);
-}
-
-// c += a * b for one 16 x 8 x 16 tile, float accumulators.
-template <typename T>
-__device__ __forceinline__ void mma_16x8x16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                            uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    if constexpr (std::is_same<T, __half>::value) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    } else {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-#else
-    __trap();  // the host never launches this kernel below compute capability 8.0
-#endif
-}
 
 // Copies 8 elements of a row (zeros past head_dim, or for a missing row).
 template <typename T>
@@ -91,41 +49,6 @@ __device__ __forceinline__ void copy8(T *dst, const T *row, int col, int64_t dim
     }
 #pragma unroll
     for (int e = 0; e < 8; e++) dst[e] = (row != nullptr && col + e < dim) ? row[col + e] : zero_of<T>();
-}
-
-__device__ __forceinline__ float quad_max(float x) {
-    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-
-__device__ __forceinline__ float quad_sum(float x) {
-    x += __shfl_xor_sync(0xffffffffu, x, 1);
-    return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
-
-// 16 bytes global -> shared without passing through registers; the bytes past
-// src_bytes (all 16 when it is 0) are filled with zeros.
-__device__ __forceinline__ void copy16_async(void *dst, const void *src, int src_bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(src),
-                 "r"(src_bytes));
-#else
-    __trap();
-#endif
-}
-
-__device__ __forceinline__ void commit_copies() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-
-// Waits until at most `pending` committed groups of copies are still in flight.
-template <int pending> __device__ __forceinline__ void wait_copies() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
-#endif
 }
 
 constexpr int kThreads = kWarp * kTileWarps;
@@ -472,8 +395,22 @@ cudaError_t launch_tiled(const sa_attention_params &p) {
 
 }  // namespace
 
+namespace {
+std::atomic<long long> lean_passes_launched{0};
+}  // namespace
+
 cudaError_t forward_tiled(const sa_attention_params &p) {
     if (p.head_dim > 128) return cudaErrorInvalidValue;
+    // SPARSE_ATTENTION_TILED_KERNEL=general keeps calls the lean kernel covers
+    // on this one (to compare the two)
+    const char *choice = getenv("SPARSE_ATTENTION_TILED_KERNEL");
+    const bool general_only = choice != nullptr && strcmp(choice, "general") == 0;
+    const char *simple_env = getenv("SPARSE_ATTENTION_TILED_SIMPLE");
+    const bool simple = simple_env != nullptr && simple_env[0] == '1';
+    if (!general_only && !simple && lean_tiled_applies(p)) {
+        lean_passes_launched.fetch_add(1, std::memory_order_relaxed);
+        return forward_tiled_lean(p);
+    }
     switch (p.dtype) {
     case SA_F16: return launch_tiled<__half>(p);
     case SA_BF16: return launch_tiled<__nv_bfloat16>(p);
@@ -482,3 +419,5 @@ cudaError_t forward_tiled(const sa_attention_params &p) {
 }
 
 }  // namespace sa_kernels
+
+extern "C" long long sa_cuda_lean_passes(void) { return sa_kernels::lean_passes_launched.load(); }

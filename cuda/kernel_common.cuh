@@ -84,6 +84,9 @@ __device__ __forceinline__ bool head_runs(const sa_attention_params &p, int64_t 
 // The tensor-core forward over one tile-plan pass (cuda/attention_tiled.cu).
 // Returns cudaErrorInvalidValue for dtypes or head dims it does not cover.
 cudaError_t forward_tiled(const sa_attention_params &p);
+// The lean variant (cuda/attention_tiled_lean.cu) and whether it covers p.
+bool lean_tiled_applies(const sa_attention_params &p);
+cudaError_t forward_tiled_lean(const sa_attention_params &p);
 
 }  // namespace sa_kernels
 

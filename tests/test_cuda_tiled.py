@@ -242,3 +242,84 @@ def test_nan_in_a_split_long_row(monkeypatch):
     nan_rows = torch.isnan(out).any(-1).cpu()
     nan_rows[0, 0, long_row] = False
     assert not nan_rows.any()
+
+
+def lean_passes():
+    return C.cuda_lean_passes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim", [8, 32, 40, 64])
+@pytest.mark.parametrize("size", [(1, 17), (9, 1), (7, 13), (33, 35), (20, 70)])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_lean_kernel_against_reference(pattern, size, dim, dtype):
+    """Calls without bias, dropout or statistics, head dims that are multiples
+    of 8 up to 64: the lean kernel, with a key mask and a pruned head."""
+    layout = build_layout(pattern, *size, kernel_size=5, block_size=4, num_global_tokens=2,
+                          attention_ratio=0.3)
+    n = layout.num_tokens
+    (q, k, v), _ = make(2, 3, n, dim, dtype, seed=dim)
+    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(3)) > 0.25
+    active = torch.tensor([True, False, True])
+    before = lean_passes()
+    out, lse = run_tiled(q.cuda(), k.cuda(), v.cuda(), layout, key_mask=key_mask.cuda(),
+                         head_active=active.cuda(), return_lse=True)
+    assert lean_passes() > before, "the lean kernel did not run"
+    ref_out, ref_lse, _ = reference_attention(q, k, v, layout, key_mask=key_mask, head_active=active)
+    assert (out.double().cpu() - ref_out).abs().max() < TOL[dtype]
+    lse = lse.double().cpu()
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert (lse[finite] - ref_lse[finite]).abs().max() < TOL[dtype]
+    assert (out[:, 1] == 0).all()
+
+
+@pytest.mark.parametrize("pattern", ["axial", "longformer", "block", "strided", "random"])
+@pytest.mark.parametrize("dim", [32, 64])
+def test_lean_and_general_kernels_agree(pattern, dim, monkeypatch):
+    """SPARSE_ATTENTION_TILED_KERNEL=general runs the same call on the general
+    kernel; the two differ only in how exp is formed and rounded."""
+    layout = build_layout(pattern, 40, 40, kernel_size=7)
+    (q, k, v), _ = make(2, 4, 1600, dim, torch.bfloat16, seed=1)
+    q, k, v = (t.cuda() for t in (q, k, v))
+    before = lean_passes()
+    lean = run_tiled(q, k, v, layout, return_lse=True)
+    assert lean_passes() > before
+    monkeypatch.setenv("SPARSE_ATTENTION_TILED_KERNEL", "general")
+    before = lean_passes()
+    general = run_tiled(q, k, v, layout, return_lse=True)
+    assert lean_passes() == before, "the general kernel was asked for"
+    torch.testing.assert_close(lean[0], general[0], atol=1.5e-2, rtol=1.5e-2)
+    torch.testing.assert_close(lean[1], general[1], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("extras", ["bias", "dropout", "stats", "dim 72", "dim 20"])
+def test_calls_outside_the_lean_kernel_take_the_general_one(extras):
+    layout = build_layout("block", 16, 24, block_size=8)
+    dim = int(extras.split()[1]) if extras.startswith("dim") else 32
+    (q, k, v), bias = make(1, 2, 384, dim, torch.float16, bias_side=5)
+    kwargs = {"bias": dict(rel_pos_bias=bias.cuda()), "dropout": dict(dropout_p=0.1, dropout_seed=1),
+              "stats": dict(return_stats=True)}.get(extras, {})
+    before = lean_passes()
+    run_tiled(q.cuda(), k.cuda(), v.cuda(), layout, **kwargs)
+    assert lean_passes() == before
+
+
+def test_lean_kernel_nan_rows_and_merged_passes():
+    """A NaN query row stays NaN through AXIAL's second (merging) pass, on the
+    lean kernel, and other rows stay finite; a fully masked batch gives zeros."""
+    layout = build_layout("axial", 48, 40)
+    assert len(layout.tile_plan()) == 2
+    (q, k, v), _ = make(2, 2, 1920, 64, torch.bfloat16)
+    q[1, 0, 77, 5] = float("nan")
+    key_mask = torch.ones(2, 1920, dtype=torch.bool)
+    key_mask[0] = False
+    before = lean_passes()
+    out, lse = run_tiled(q.cuda(), k.cuda(), v.cuda(), layout, key_mask=key_mask.cuda(),
+                         return_lse=True)
+    assert lean_passes() >= before + 2
+    nan_rows = torch.isnan(out).any(-1).cpu()
+    assert nan_rows[1, 0, 77] and torch.isnan(lse[1, 0, 77])
+    nan_rows[1, 0, 77] = False
+    assert not nan_rows.any()
+    assert (out[0] == 0).all() and torch.isinf(lse[0]).all()

@@ -1,0 +1,368 @@
+// The lean tensor-core forward over a tile plan: float16 and bfloat16, head
+// dim up to 64 in multiples of 8, 16-byte aligned rows, and none of bias,
+// dropout or statistics (those calls take the general kernel of
+// cuda/attention_tiled.cu). It computes the same thing with fewer
+// instructions per chunk, which is what bounds these small tiles:
+//
+// - the tile's query rows arrive by cp.async together with the first chunk,
+//   and all fragments come from shared memory through ldmatrix (the value
+//   fragments transposed), instead of one 16-bit load per element;
+// - a chunk's 64 mask words and a bit word of its usable keys are staged with
+//   its rows, so a pair's test is one bit of a register, without branches;
+// - scores are scaled into base 2 once, so each probability is one ex2;
+// - a warp whose 16 queries have no pair in a chunk skips its products
+//   (a window's tile touches about half its chunks per warp);
+// - the output goes through shared memory and leaves in 16-byte stores.
+// Four blocks fit an SM (three for the general kernel), so more tiles are in
+// flight to cover the gathers' latency.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math_constants.h>
+
+#include <cstdint>
+
+#include "attention.h"
+#include "kernel_common.cuh"
+#include "tensor_core.cuh"
+
+namespace sa_kernels {
+namespace {
+
+constexpr int kTile = 64;   // queries per tile and keys per chunk (the plan's unit)
+constexpr int kThreads = 4 * kWarp;  // four warps of 16 query rows
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <int DPAD> struct LeanShape {
+    static constexpr int kStride = DPAD + 8;      // T per staged row: rows 16 bytes apart in banks
+    static constexpr int kVectors = DPAD / 8;     // 16-byte pieces per row
+    static constexpr int kPieces = kTile * kVectors / kThreads;
+    static constexpr int kOutStride = DPAD + 8;   // floats per staged output row
+};
+
+// Issues the copies of one chunk: key and value rows (zeros for padding ids
+// and past head_dim), the 64 mask words, and the usable-key bits.
+template <typename T, int DPAD>
+__device__ __forceinline__ void stage_chunk(const sa_attention_params &p, int64_t chunk, int64_t b,
+                                            int64_t h, T *keys, T *values, uint64_t *masks,
+                                            uint32_t *usable) {
+    using S = LeanShape<DPAD>;
+    const int tid = threadIdx.x;
+    const int64_t n = p.num_tokens, dim = p.head_dim;
+    const int32_t *ids = p.chunk_keys + chunk * kTile;
+    if (tid < kTile) {  // warps 0 and 1, one key per lane
+        const int32_t j = ids[tid];
+        const bool ok = j >= 0 && j < n && key_allowed(p, b, j);
+        const uint32_t word = __ballot_sync(0xffffffffu, ok);
+        if (tid % kWarp == 0) usable[tid / kWarp] = word;
+        copy8_async(&masks[tid], p.chunk_masks + chunk * kTile + tid, 8);
+    }
+#pragma unroll
+    for (int k = 0; k < S::kPieces; k++) {
+        const int piece = tid + k * kThreads;
+        const int r = piece / S::kVectors, col = (piece % S::kVectors) * 8;
+        const int32_t j = ids[r];
+        const bool inside = j >= 0 && j < n && col < dim;
+        const T *key = inside ? row_of<T>(p.k, p.k_stride, b, h, j) + col : static_cast<const T *>(p.k);
+        const T *value = inside ? row_of<T>(p.v, p.v_stride, b, h, j) + col : static_cast<const T *>(p.v);
+        copy16_async(&keys[r * S::kStride + col], key, inside ? 16 : 0);
+        copy16_async(&values[r * S::kStride + col], value, inside ? 16 : 0);
+    }
+}
+
+template <typename T, int DPAD, int MIN_BLOCKS>
+__global__ void __launch_bounds__(kThreads, MIN_BLOCKS) forward_lean_kernel(const sa_attention_params p) {
+    using S = LeanShape<DPAD>;
+    constexpr int kDimSteps = DPAD / 16;   // k-steps of Q x K^T
+    constexpr int kOutGroups = DPAD / 8;   // n-tiles of the output
+    constexpr int kKeyGroups = kTile / 8;  // n-tiles of the scores
+    constexpr int kKeySteps = kTile / 16;  // k-steps of P x V
+    __shared__ __align__(16) T key_stages[2][kTile * S::kStride];
+    __shared__ __align__(16) T value_stages[2][kTile * S::kStride];
+    __shared__ __align__(16) T query_rows[kTile * S::kStride];
+    __shared__ __align__(16) uint64_t mask_stages[2][kTile];
+    __shared__ uint32_t usable_stages[2][2];
+    __shared__ float row_new_weight[kTile], row_old_weight[kTile];
+    __shared__ int32_t row_ids[kTile];  // token of each slot, -1 where nothing is written
+    __shared__ uint8_t row_merges[kTile];
+    static_assert(kDimSteps % 2 == 0 && kOutGroups % 2 == 0, "fragments are loaded in pairs");
+    static_assert(sizeof(key_stages) >= sizeof(float) * kTile * S::kOutStride,
+                  "the output is staged in the key buffers");
+
+    const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
+    const int group = lane / 4, pair = lane % 4;
+    const int64_t n = p.num_tokens, dim = p.head_dim, tile = blockIdx.x;
+    int64_t chunk_begin = p.tile_chunk_ptr[tile], chunk_end = p.tile_chunk_ptr[tile + 1];
+    chunk_begin = chunk_begin < 0 ? 0 : (chunk_begin > p.num_chunks ? p.num_chunks : chunk_begin);
+    chunk_end = chunk_end < chunk_begin ? chunk_begin : (chunk_end > p.num_chunks ? p.num_chunks : chunk_end);
+    if (p.merge_previous && chunk_begin == chunk_end) return;  // nothing to add to the earlier pass
+
+    const int32_t *tile_ids = p.tile_queries + tile * kTile;
+    int slot[2], query[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        slot[r] = warp * 16 + group + 8 * r;
+        const int32_t id = tile_ids[slot[r]];
+        query[r] = (id >= 0 && id < n) ? id : -1;
+    }
+    const float scale_log2 = float(p.scale) * kLog2e;
+
+    for (int64_t bh = blockIdx.y; bh < p.batch * p.heads; bh += gridDim.y) {
+        const int64_t b = bh / p.heads, h = bh % p.heads;
+        const bool runs = head_runs(p, h);
+        if (p.merge_previous && !runs) continue;
+        const bool work = runs && chunk_begin < chunk_end;
+        if (work) {
+#pragma unroll
+            for (int k = 0; k < S::kPieces; k++) {
+                const int piece = tid + k * kThreads;
+                const int r = piece / S::kVectors, col = (piece % S::kVectors) * 8;
+                const int32_t i = tile_ids[r];
+                const bool inside = i >= 0 && i < n && col < dim;
+                const T *row = inside ? row_of<T>(p.q, p.q_stride, b, h, i) + col : static_cast<const T *>(p.q);
+                copy16_async(&query_rows[r * S::kStride + col], row, inside ? 16 : 0);
+            }
+            stage_chunk<T, DPAD>(p, chunk_begin, b, h, key_stages[0], value_stages[0], mask_stages[0],
+                                 usable_stages[0]);
+        }
+        commit_copies();
+        wait_copies<0>();
+        __syncthreads();
+
+        // A fragments of this warp's 16 query rows; matrices 0..3 are rows
+        // 0-7 / 8-15 at columns 0-7, then the same at columns 8-15
+        uint32_t q_frag[kDimSteps][4];
+#pragma unroll
+        for (int step = 0; step < kDimSteps; step++) {
+            const int row = warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+            const int col = step * 16 + (lane / 16) * 8;
+            load_matrices_x4<false>(q_frag[step], &query_rows[row * S::kStride + col]);
+        }
+
+        float out_acc[kOutGroups][4];
+#pragma unroll
+        for (int g = 0; g < kOutGroups; g++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) out_acc[g][e] = 0.f;
+        // running max in base-2 units of the scaled scores, and the sum of 2^(s - max)
+        float run_max[2] = {-CUDART_INF_F, -CUDART_INF_F}, run_sum[2] = {0.f, 0.f};
+
+        int stage = 0;
+        for (int64_t chunk = work ? chunk_begin : chunk_end; chunk < chunk_end; chunk++) {
+            if (chunk + 1 < chunk_end)
+                stage_chunk<T, DPAD>(p, chunk + 1, b, h, key_stages[stage ^ 1], value_stages[stage ^ 1],
+                                     mask_stages[stage ^ 1], usable_stages[stage ^ 1]);
+            commit_copies();
+            wait_copies<1>();  // this chunk has landed; the next one may still fly
+            __syncthreads();
+            const T *key_rows = key_stages[stage], *value_rows = value_stages[stage];
+            const uint64_t usable = (uint64_t)usable_stages[stage][0] | ((uint64_t)usable_stages[stage][1] << 32);
+            // bit kg * 8 + e of pair_bits[r]: row r attends the column kg * 8 + 2 * pair + e
+            uint64_t pair_bits[2];
+#pragma unroll
+            for (int r = 0; r < 2; r++)
+                pair_bits[r] = query[r] >= 0 ? (mask_stages[stage][slot[r]] & usable) >> (2 * pair) : 0ull;
+            const bool warp_has_pairs =
+                __any_sync(0xffffffffu, ((pair_bits[0] | pair_bits[1]) & 0x0303030303030303ull) != 0);
+
+            if (warp_has_pairs) {
+                float score[kKeyGroups][4];
+#pragma unroll
+                for (int kg = 0; kg < kKeyGroups; kg++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) score[kg][e] = 0.f;
+#pragma unroll
+                    for (int step = 0; step < kDimSteps; step += 2) {
+                        // matrices: keys kg*8 .. +7 at columns step*16 + 0, +8, +16, +24
+                        uint32_t kf[4];
+                        const int row = kg * 8 + lane % 8;
+                        const int col = step * 16 + (lane / 8) * 8;
+                        load_matrices_x4<false>(kf, &key_rows[row * S::kStride + col]);
+                        mma_16x8x16<T>(score[kg], q_frag[step], kf[0], kf[1]);
+                        mma_16x8x16<T>(score[kg], q_frag[step + 1], kf[2], kf[3]);
+                    }
+                }
+
+                float chunk_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
+#pragma unroll
+                for (int kg = 0; kg < kKeyGroups; kg++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int r = e / 2;
+                        const bool allowed = (pair_bits[r] >> (kg * 8 + e % 2)) & 1ull;
+                        const float s = allowed ? score[kg][e] * scale_log2 : -CUDART_INF_F;
+                        score[kg][e] = s;
+                        chunk_max[r] = fmaxf(chunk_max[r], s);
+                    }
+                }
+                float shift[2], rescale[2];
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    const float new_max = fmaxf(run_max[r], quad_max(chunk_max[r]));
+                    // a row with no pair so far keeps max -inf; shift by 0 so no inf - inf appears
+                    shift[r] = new_max == -CUDART_INF_F ? 0.f : new_max;
+                    rescale[r] = exp2f(run_max[r] - shift[r]);
+                    run_sum[r] *= rescale[r];
+                    run_max[r] = new_max;
+                }
+#pragma unroll
+                for (int g = 0; g < kOutGroups; g++) {
+                    out_acc[g][0] *= rescale[0];
+                    out_acc[g][1] *= rescale[0];
+                    out_acc[g][2] *= rescale[1];
+                    out_acc[g][3] *= rescale[1];
+                }
+                uint32_t p_frag[kKeySteps][4];
+#pragma unroll
+                for (int kg = 0; kg < kKeyGroups; kg++) {
+                    float weight[4];
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        weight[e] = exp2f(score[kg][e] - shift[e / 2]);  // 0 where s = -inf
+                        run_sum[e / 2] += weight[e];
+                    }
+                    // the accumulator layout of key group kg is the A layout of half a k-step
+                    p_frag[kg / 2][(kg % 2) * 2 + 0] = pack_floats<T>(weight[0], weight[1]);
+                    p_frag[kg / 2][(kg % 2) * 2 + 1] = pack_floats<T>(weight[2], weight[3]);
+                }
+#pragma unroll
+                for (int g = 0; g < kOutGroups; g += 2) {
+#pragma unroll
+                    for (int step = 0; step < kKeySteps; step++) {
+                        // transposed matrices: keys step*16 + 0-7, 8-15 at columns g*8, then (g+1)*8
+                        uint32_t vf[4];
+                        const int row = step * 16 + ((lane / 8) % 2) * 8 + lane % 8;
+                        const int col = (g + lane / 16) * 8;
+                        load_matrices_x4<true>(vf, &value_rows[row * S::kStride + col]);
+                        mma_16x8x16<T>(out_acc[g], p_frag[step], vf[0], vf[1]);
+                        mma_16x8x16<T>(out_acc[g + 1], p_frag[step], vf[2], vf[3]);
+                    }
+                }
+            }
+            __syncthreads();  // all warps are done with this stage before it is refilled
+            stage ^= 1;
+        }
+
+        // per row: the weights of this pass's and the earlier pass's output, and the lse
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const float sum = quad_sum(run_sum[r]);
+            if (pair != 0) continue;
+            const bool nan = sum != sum;  // a NaN score reaches the sum, and makes the row NaN
+            const bool live = sum > 0 || nan;
+            int32_t write_id = query[r];
+            float new_weight = live ? 1.f / sum : 0.f, old_weight = 0.f;
+            bool merges = false;
+            if (query[r] >= 0 && p.merge_previous && !live) write_id = -1;  // the earlier pass stands
+            if (write_id >= 0) {
+                float *lse = static_cast<float *>(p.lse) + bh * n + query[r];
+                const float pass_lse = nan ? NAN : (live ? run_max[r] * kLn2 + __logf(sum) : -CUDART_INF_F);
+                float total_lse = pass_lse;
+                if (p.merge_previous) {
+                    const float old_lse = *lse;
+                    if (old_lse != -CUDART_INF_F) {
+                        const float both = fmaxf(old_lse, pass_lse);
+                        const float top = both == -CUDART_INF_F ? 0.f : both;
+                        total_lse = top + __logf(__expf(old_lse - top) + __expf(pass_lse - top));
+                        if (old_lse != old_lse || pass_lse != pass_lse) total_lse = NAN;
+                        old_weight = __expf(old_lse - total_lse);
+                        new_weight *= __expf(pass_lse - total_lse);
+                    }
+                }
+                merges = old_weight != 0.f || total_lse != total_lse;
+                *lse = total_lse;
+            }
+            row_ids[slot[r]] = write_id;
+            row_new_weight[slot[r]] = new_weight;
+            row_old_weight[slot[r]] = old_weight;
+            row_merges[slot[r]] = merges;
+        }
+        // the unnormalised rows, in floats, over the key buffers (the last
+        // chunk's barrier has passed, or no chunk ran)
+        float *staged = reinterpret_cast<float *>(&key_stages[0][0]);
+#pragma unroll
+        for (int g = 0; g < kOutGroups; g++)
+#pragma unroll
+            for (int r = 0; r < 2; r++)
+                *reinterpret_cast<float2 *>(&staged[slot[r] * S::kOutStride + g * 8 + 2 * pair]) =
+                    make_float2(out_acc[g][2 * r], out_acc[g][2 * r + 1]);
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < S::kPieces; k++) {
+            const int piece = tid + k * kThreads;
+            const int r = piece / S::kVectors, col = (piece % S::kVectors) * 8;
+            const int32_t i = row_ids[r];
+            if (i < 0 || col >= dim) continue;
+            T *out = static_cast<T *>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] +
+                     i * p.out_stride[2] + col;
+            const float4 lo = *reinterpret_cast<const float4 *>(&staged[r * S::kOutStride + col]);
+            const float4 hi = *reinterpret_cast<const float4 *>(&staged[r * S::kOutStride + col + 4]);
+            float value[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+            const float new_weight = row_new_weight[r], old_weight = row_old_weight[r];
+            uint4 previous = make_uint4(0, 0, 0, 0);
+            if (row_merges[r]) previous = *reinterpret_cast<const uint4 *>(out);
+            const T *old = reinterpret_cast<const T *>(&previous);
+            uint32_t packed[4];
+#pragma unroll
+            for (int e = 0; e < 8; e += 2) {
+                float x0 = value[e] * new_weight, x1 = value[e + 1] * new_weight;
+                if (row_merges[r]) {
+                    x0 += to_acc(old[e]) * old_weight;
+                    x1 += to_acc(old[e + 1]) * old_weight;
+                }
+                packed[e / 2] = pack_floats<T>(x0, x1);
+            }
+            *reinterpret_cast<uint4 *>(out) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+        }
+        __syncthreads();  // the staged rows are read before the next item restages
+    }
+}
+
+template <typename T> bool row_aligned16(const void *base, const int64_t *stride) {
+    constexpr int64_t per = 16 / sizeof(T);
+    if (reinterpret_cast<uintptr_t>(base) % 16) return false;
+    for (int d = 0; d < 3; d++)
+        if (stride[d] % per) return false;
+    return true;
+}
+
+template <typename T> bool lean_fits(const sa_attention_params &p) {
+    return p.head_dim <= 64 && p.head_dim % 8 == 0 && p.bias_table == nullptr && !(p.dropout_p > 0) &&
+           p.row_stats == nullptr && row_aligned16<T>(p.q, p.q_stride) && row_aligned16<T>(p.k, p.k_stride) &&
+           row_aligned16<T>(p.v, p.v_stride) && row_aligned16<T>(p.out, p.out_stride);
+}
+
+template <typename T> cudaError_t launch_lean(const sa_attention_params &p) {
+    const int64_t items = p.batch * p.heads;
+    if (p.num_tiles == 0 || items == 0) return cudaSuccess;
+    if (p.num_tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
+    const dim3 grid((unsigned)p.num_tiles, (unsigned)(items < 65535 ? items : 65535));
+    cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+    if (p.head_dim <= 32)
+        forward_lean_kernel<T, 32, 5><<<grid, kThreads, 0, stream>>>(p);
+    else
+        forward_lean_kernel<T, 64, 4><<<grid, kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+}
+
+}  // namespace
+
+bool lean_tiled_applies(const sa_attention_params &p) {
+    switch (p.dtype) {
+    case SA_F16: return lean_fits<__half>(p);
+    case SA_BF16: return lean_fits<__nv_bfloat16>(p);
+    default: return false;
+    }
+}
+
+cudaError_t forward_tiled_lean(const sa_attention_params &p) {
+    switch (p.dtype) {
+    case SA_F16: return launch_lean<__half>(p);
+    case SA_BF16: return launch_lean<__nv_bfloat16>(p);
+    default: return cudaErrorInvalidValue;
+    }
+}
+
+}  // namespace sa_kernels

@@ -1,0 +1,132 @@
+// Device helpers of the tensor-core kernels (cuda/attention_tiled*.cu): packing
+// of 16-bit pairs, the mma.m16n8k16 instruction, ldmatrix, cp.async copies and
+// the reductions over the four lanes that share an accumulator row.
+//
+// Fragment layouts are those of the PTX ISA for mma.m16n8k16 with .row.col:
+// lane = 4 g + t holds rows g and g + 8 of the 16 x 8 accumulator at columns
+// 2t and 2t + 1, and the matching pieces of A (rows g, g + 8; columns 2t, 2t + 1,
+// 2t + 8, 2t + 9) and B (k = 2t, 2t + 1, 2t + 8, 2t + 9; column g).
+#ifndef SA_TENSOR_CORE_CUH
+#define SA_TENSOR_CORE_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace sa_kernels {
+
+__device__ __forceinline__ uint16_t bits_of(__half x) { return __half_as_ushort(x); }
+__device__ __forceinline__ uint16_t bits_of(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+
+template <typename T> __device__ __forceinline__ uint32_t pack_pair(T lo, T hi) {
+    return (uint32_t)bits_of(lo) | ((uint32_t)bits_of(hi) << 16);
+}
+
+template <typename T> __device__ __forceinline__ uint32_t pack_floats(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack_floats<__half>(float lo, float hi) {
+    return pack_pair(__float2half_rn(lo), __float2half_rn(hi));
+}
+template <> __device__ __forceinline__ uint32_t pack_floats<__nv_bfloat16>(float lo, float hi) {
+    return pack_pair(__float2bfloat16_rn(lo), __float2bfloat16_rn(hi));
+}
+
+template <typename T> __device__ __forceinline__ T zero_of();
+template <> __device__ __forceinline__ __half zero_of<__half>() { return __float2half_rn(0.f); }
+template <> __device__ __forceinline__ __nv_bfloat16 zero_of<__nv_bfloat16>() {
+    return __float2bfloat16_rn(0.f);
+}
+
+// c += a * b for one 16 x 8 x 16 tile, float accumulators.
+template <typename T>
+__device__ __forceinline__ void mma_16x8x16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                            uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if constexpr (std::is_same<T, __half>::value) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+#else
+    __trap();  // the host never launches this kernel below compute capability 8.0
+#endif
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// 16 bytes global -> shared without passing through registers; the bytes past
+// src_bytes (all 16 when it is 0) are filled with zeros.
+__device__ __forceinline__ void copy16_async(void *dst, const void *src, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(src),
+                 "r"(src_bytes));
+#else
+    __trap();
+#endif
+}
+
+__device__ __forceinline__ void commit_copies() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits until at most `pending` committed groups of copies are still in flight.
+template <int pending> __device__ __forceinline__ void wait_copies() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
+#endif
+}
+
+// Four 8 x 8 matrices of 16-bit elements from shared memory; lanes 8m .. 8m + 7
+// give the row addresses of matrix m. Without transposition lane 4g + t gets
+// row g, elements 2t and 2t + 1 of each matrix (an A or B fragment piece);
+// transposed it gets rows 2t and 2t + 1 of column g.
+template <bool TRANSPOSED>
+__device__ __forceinline__ void load_matrices_x4(uint32_t (&r)[4], const void *row_address) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(row_address));
+    if constexpr (TRANSPOSED)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
+#else
+    __trap();
+#endif
+}
+
+// 8 bytes global -> shared (src_bytes 0: zeros), for sources only 8-byte aligned.
+__device__ __forceinline__ void copy8_async(void *dst, const void *src, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(address), "l"(src),
+                 "r"(src_bytes));
+#else
+    __trap();
+#endif
+}
+
+}  // namespace sa_kernels
+
+#endif  // SA_TENSOR_CORE_CUH
