@@ -301,11 +301,14 @@ __global__ void bias_grad_kernel(const sa_bias_grad_params p) {
 
 constexpr int kLongWarps = 8;
 
+// The largest non-NaN value of the warp (-inf if none), the same in every lane:
+// callers branch on it, and lanes that disagreed would leave the warp's
+// shuffles unmatched (a NaN score is tracked on its own).
 template <typename A> __device__ __forceinline__ A warp_max(A x) {
 #pragma unroll
     for (int offset = kWarp / 2; offset > 0; offset /= 2) {
         A other = __shfl_xor_sync(0xffffffffu, x, offset);
-        x = other > x ? other : x;
+        x = (other > x || x != x) ? other : x;
     }
     return x;
 }

@@ -194,3 +194,19 @@ def test_fast_kernels_match_reference_kernels(pattern, size, dtype):
     for g, rg in zip(grads, ref_grads):
         scale = max(1.0, rg.abs().max().item())
         assert (g.float() - rg.float()).abs().max() < 2 * tol * scale
+
+
+@pytest.mark.parametrize("pattern", ["longformer", "dense"])
+def test_nan_query_in_a_row_with_a_partial_chunk(pattern):
+    """A NaN query whose row ends in a partial chunk of 32 keys: the lanes past
+    the row hold -inf, the others NaN, and the warp must still agree on the
+    chunk's maximum (the row kernel and the long-row kernel both)."""
+    layout = build_layout(pattern, 20, 20, kernel_size=7, num_global_tokens=1)
+    q, k, v, _ = inputs(1, 2, 400, 32, torch.float64)
+    q[0, 1, 150, 3] = float("nan")
+    out, lse = attention(q.float().cuda(), k.float().cuda(), v.float().cuda(), layout, return_lse=True)
+    torch.cuda.synchronize()
+    nan_rows = torch.isnan(out).any(-1).cpu()
+    assert nan_rows[0, 1, 150] and torch.isnan(lse[0, 1, 150])
+    nan_rows[0, 1, 150] = False
+    assert not nan_rows.any()
