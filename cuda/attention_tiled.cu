@@ -106,9 +106,8 @@ forward_tiled_kernel(const sa_attention_params p, bool aligned, bool async_copie
     const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
     const int group = lane / 4, pair = lane % 4;
     const int64_t n = p.num_tokens, dim = p.head_dim, tile = blockIdx.x;
-    int64_t chunk_begin = p.tile_chunk_ptr[tile], chunk_end = p.tile_chunk_ptr[tile + 1];
-    chunk_begin = chunk_begin < 0 ? 0 : (chunk_begin > p.num_chunks ? p.num_chunks : chunk_begin);
-    chunk_end = chunk_end < chunk_begin ? chunk_begin : (chunk_end > p.num_chunks ? p.num_chunks : chunk_end);
+    int64_t chunk_begin, chunk_end;
+    tile_chunk_range(p.tile_chunk_ptr, tile, p.num_chunks, chunk_begin, chunk_end);
     if (p.merge_previous && chunk_begin == chunk_end) return;  // nothing to add to the earlier pass
 
     // this thread's two query rows of the tile: slot[r] in the tile, query[r] on the grid
@@ -241,13 +240,7 @@ forward_tiled_kernel(const sa_attention_params p, bool aligned, bool async_copie
                 run_sum[r] *= rescale[r];
                 run_max[r] = new_max;
             }
-#pragma unroll
-            for (int g = 0; g < kOutGroups; g++) {
-                out_acc[g][0] *= rescale[0];
-                out_acc[g][1] *= rescale[0];
-                out_acc[g][2] *= rescale[1];
-                out_acc[g][3] *= rescale[1];
-            }
+rescale_rows(out_acc, rescale);
 
             // probabilities, in place of the scores; dropout only thins the P x V product
             uint32_t p_frag[kKeySteps][4];
@@ -311,17 +304,7 @@ forward_tiled_kernel(const sa_attention_params p, bool aligned, bool async_copie
             float *lse = static_cast<float *>(p.lse) + item;
             const float pass_lse = live ? top + __logf(sum) : -CUDART_INF_F;
             float new_weight = live ? 1.f / sum : 0.f, old_weight = 0.f, total_lse = pass_lse;
-            if (p.merge_previous) {
-                const float old_lse = *lse;
-                if (old_lse != -CUDART_INF_F) {
-                    const float both = fmaxf(old_lse, pass_lse);
-                    const float top_shift = both == -CUDART_INF_F ? 0.f : both;
-                    total_lse = top_shift + __logf(__expf(old_lse - top_shift) + __expf(pass_lse - top_shift));
-                    if (old_lse != old_lse || pass_lse != pass_lse) total_lse = NAN;
-                    old_weight = __expf(old_lse - total_lse);
-                    new_weight *= __expf(pass_lse - total_lse);
-                }
-            }
+            if (p.merge_previous) total_lse = merge_lse(*lse, pass_lse, old_weight, new_weight);
             T *out = static_cast<T *>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] +
                      query[r] * p.out_stride[2];
 #pragma unroll

@@ -94,9 +94,8 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) forward_lean_kernel(cons
     const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
     const int group = lane / 4, pair = lane % 4;
     const int64_t n = p.num_tokens, dim = p.head_dim, tile = blockIdx.x;
-    int64_t chunk_begin = p.tile_chunk_ptr[tile], chunk_end = p.tile_chunk_ptr[tile + 1];
-    chunk_begin = chunk_begin < 0 ? 0 : (chunk_begin > p.num_chunks ? p.num_chunks : chunk_begin);
-    chunk_end = chunk_end < chunk_begin ? chunk_begin : (chunk_end > p.num_chunks ? p.num_chunks : chunk_end);
+    int64_t chunk_begin, chunk_end;
+    tile_chunk_range(p.tile_chunk_ptr, tile, p.num_chunks, chunk_begin, chunk_end);
     if (p.merge_previous && chunk_begin == chunk_end) return;  // nothing to add to the earlier pass
 
     const int32_t *tile_ids = p.tile_queries + tile * kTile;
@@ -207,13 +206,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) forward_lean_kernel(cons
                     run_sum[r] *= rescale[r];
                     run_max[r] = new_max;
                 }
-#pragma unroll
-                for (int g = 0; g < kOutGroups; g++) {
-                    out_acc[g][0] *= rescale[0];
-                    out_acc[g][1] *= rescale[0];
-                    out_acc[g][2] *= rescale[1];
-                    out_acc[g][3] *= rescale[1];
-                }
+rescale_rows(out_acc, rescale);
                 uint32_t p_frag[kKeySteps][4];
 #pragma unroll
                 for (int kg = 0; kg < kKeyGroups; kg++) {
@@ -260,17 +253,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) forward_lean_kernel(cons
                 float *lse = static_cast<float *>(p.lse) + bh * n + query[r];
                 const float pass_lse = nan ? NAN : (live ? run_max[r] * kLn2 + __logf(sum) : -CUDART_INF_F);
                 float total_lse = pass_lse;
-                if (p.merge_previous) {
-                    const float old_lse = *lse;
-                    if (old_lse != -CUDART_INF_F) {
-                        const float both = fmaxf(old_lse, pass_lse);
-                        const float top = both == -CUDART_INF_F ? 0.f : both;
-                        total_lse = top + __logf(__expf(old_lse - top) + __expf(pass_lse - top));
-                        if (old_lse != old_lse || pass_lse != pass_lse) total_lse = NAN;
-                        old_weight = __expf(old_lse - total_lse);
-                        new_weight *= __expf(pass_lse - total_lse);
-                    }
-                }
+                if (p.merge_previous) total_lse = merge_lse(*lse, pass_lse, old_weight, new_weight);
                 merges = old_weight != 0.f || total_lse != total_lse;
                 *lse = total_lse;
             }

@@ -97,6 +97,44 @@ template <int pending> __device__ __forceinline__ void wait_copies() {
 #endif
 }
 
+// The tile's chunks [begin, end) from its plan, clamped to the chunk count
+// (the plan comes from the caller, so no entry is trusted to be in range).
+__device__ __forceinline__ void tile_chunk_range(const int32_t *tile_chunk_ptr, int64_t tile,
+                                                 int64_t num_chunks, int64_t &begin, int64_t &end) {
+    begin = tile_chunk_ptr[tile];
+    end = tile_chunk_ptr[tile + 1];
+    begin = begin < 0 ? 0 : (begin > num_chunks ? num_chunks : begin);
+    end = end < begin ? begin : (end > num_chunks ? num_chunks : end);
+}
+
+// Scales the two accumulator rows of a fragment array by their softmax rescales.
+template <int GROUPS>
+__device__ __forceinline__ void rescale_rows(float (&acc)[GROUPS][4], const float (&rescale)[2]) {
+#pragma unroll
+    for (int g = 0; g < GROUPS; g++) {
+        acc[g][0] *= rescale[0];
+        acc[g][1] *= rescale[0];
+        acc[g][2] *= rescale[1];
+        acc[g][3] *= rescale[1];
+    }
+}
+
+// A row's log-sum-exp over an earlier pass (old_lse, whose output is normalised)
+// and this one (pass_lse): returns the total, sets the earlier output's weight
+// and multiplies this pass's normalisation by its share. NaN in either is NaN.
+__device__ __forceinline__ float merge_lse(float old_lse, float pass_lse, float &old_weight,
+                                           float &new_weight) {
+    old_weight = 0.f;
+    if (old_lse == -INFINITY) return pass_lse;
+    const float both = fmaxf(old_lse, pass_lse);
+    const float top = both == -INFINITY ? 0.f : both;
+    float total = top + __logf(__expf(old_lse - top) + __expf(pass_lse - top));
+    if (old_lse != old_lse || pass_lse != pass_lse) total = NAN;
+    old_weight = __expf(old_lse - total);
+    new_weight *= __expf(pass_lse - total);
+    return total;
+}
+
 // Four 8 x 8 matrices of 16-bit elements from shared memory; lanes 8m .. 8m + 7
 // give the row addresses of matrix m. Without transposition lane 4g + t gets
 // row g, elements 2t and 2t + 1 of each matrix (an A or B fragment piece);
