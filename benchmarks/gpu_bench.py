@@ -118,6 +118,9 @@ def main():
     parser.add_argument("--flex-patterns", default="axial,longformer,block",
                         help="patterns to run FlexAttention on (each costs a compile)")
     parser.add_argument("--flex-sides", default="64,128", help="sides to run FlexAttention at")
+    parser.add_argument("--segment-keys", default="128,256,1024",
+                        help="other segment lengths of the long rows (LONGFORMER's global token) "
+                             "to time the graphed forward with, besides the default")
     parser.add_argument("--profile-sides", default="128",
                         help="sides whose forward is broken down per kernel (torch.profiler)")
     args = parser.parse_args()
@@ -180,6 +183,17 @@ def main():
                     general_graph = time_graph(lambda: sparse_attention(q, k, v, layout), args.repeats)
             finally:
                 del os.environ["SPARSE_ATTENTION_TILED_KERNEL"]
+            segment_graph = {}
+            if layout.tile_plan() is not None and len(layout.tile_plan().long_rows) and args.segment_keys:
+                default_keys = _torch_ops.split_segment_keys
+                try:
+                    for keys in (int(x) for x in args.segment_keys.split(",")):
+                        _torch_ops.split_segment_keys = keys
+                        with torch.no_grad():
+                            segment_graph[keys] = time_graph(lambda: sparse_attention(q, k, v, layout),
+                                                             args.repeats)
+                finally:
+                    _torch_ops.split_segment_keys = default_keys
             if side in profile_sides:
                 with torch.no_grad():
                     kernel_rows.extend(kernel_times(lambda: sparse_attention(q, k, v, layout),
@@ -214,6 +228,7 @@ def main():
                           lanes_fwd_ms=lanes_fwd, plan_passes=passes, plan_build_s=plan_s,
                           sdpa_graph_fwd_ms=sdpa_graph, ours_graph_fwd_ms=ours_graph,
                           general_graph_fwd_ms=general_graph, lanes_graph_fwd_ms=lanes_graph,
+                          segment_keys_graph_fwd_ms=segment_graph,
                           flex_fwd_bwd_ms=flex_fb, flex_note=flex_note, device=name)
             raw.append(record)
             write_tables(args, name, raw, kernel_rows)
@@ -256,6 +271,14 @@ def write_tables(args, name, raw, kernel_rows):
         lines.append(f"| {r['side']}x{r['side']} | {r['pattern']} | {fmt(r['sdpa_graph_fwd_ms'])} | "
                      f"{fmt(r['ours_graph_fwd_ms'])} | {fmt(r['general_graph_fwd_ms'])} | "
                      f"{fmt(r['lanes_graph_fwd_ms'])} | {ratio} |")
+    segments = [r for r in raw if r.get("segment_keys_graph_fwd_ms")]
+    if segments:
+        lines += ["", "Graphed forward with other segment lengths for the long rows (default "
+                  f"{_torch_ops.split_segment_keys} keys), ms:", "",
+                  "| tokens | pattern | keys per segment: ms |", "|---|---|---|"]
+        for r in segments:
+            cells = ", ".join(f"{keys}: {fmt(ms)}" for keys, ms in r["segment_keys_graph_fwd_ms"].items())
+            lines.append(f"| {r['side']}x{r['side']} | {r['pattern']} | {cells} |")
     if kernel_rows:
         lines += ["", "GPU time per kernel of one forward call (torch.profiler, mean of the calls), us:",
                   "", "| call | kernel | us |", "|---|---|---|"]
