@@ -138,11 +138,15 @@ def _tile_plan_for(layout, device, dtype, head_dim, want_stats):
     return plan["buffer"], plan["passes"], plan["long_rows"], splits, None
 
 
-@torch.compiler.disable
-def _layout_and_plan(layout, device, dtype, head_dim, max_relative, want_stats):
-    """The layout's tensors and its tile plan (host work, one graph break)."""
+def _layout_and_plan_eager(layout, device, dtype, head_dim, max_relative, want_stats):
+    """The layout's tensors and its tile plan (host work)."""
     return (layout.torch_tensors(device, max_relative),
             _tile_plan_for(layout, device, dtype, head_dim, want_stats))
+
+
+# under torch.compile the host work is one graph break; eager calls skip the
+# wrapper that makes it one (several microseconds a call)
+_layout_and_plan = torch.compiler.disable(_layout_and_plan_eager)
 
 
 def _cuda_extras(device, long_rows, long_cols, backward=False):
@@ -414,8 +418,8 @@ def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropo
                                       dropout_p=dropout_p, dropout_seed=_seed_value(seed_tensor),
                                       want_stats=want_stats)
 
-    tensors, plan = _layout_and_plan(layout, device, query.dtype, query.shape[-1], max_relative,
-                                     want_stats)
+    tensors, plan = (_layout_and_plan if compiling else _layout_and_plan_eager)(
+        layout, device, query.dtype, query.shape[-1], max_relative, want_stats)
     table = None
     if bias is not None:
         table = bias if bias.dtype == query.dtype else bias.to(query.dtype)
@@ -427,6 +431,8 @@ def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropo
             table, key_mask, head_active, dropout_p, seed_tensor, want_stats, *plan)
     if compiling:
         out, lse, stats = _forward(*args)
-    else:
+    elif torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (query, key, value, table)):
         out, lse, stats = _EagerAttention.apply(query, key, value, table, args)
+    else:  # nothing to differentiate: no autograd node (its bookkeeping costs more than small calls)
+        out, lse, stats = _forward_impl(query, key, value, *args[3:_BIAS], table, *args[_BIAS + 1:])
     return out, lse, (stats if want_stats else None)

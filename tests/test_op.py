@@ -277,7 +277,7 @@ def test_numpy_only_use_without_torch():
         assert not hasattr(sa, "EnhancedSparseAttention")
         layout = sa.build_layout("longformer", 5, 6, kernel_size=3)
         q = np.random.default_rng(0).standard_normal((1, 2, 30, 4)).astype(np.float32)
-        out = sa.sparse_scaled_dot_product_attention(q, q, q, layout, dropout_p=0.1, dropout_seed=3)
+        out = sa.attention(q, q, q, layout, dropout_p=0.1, dropout_seed=3)
         assert out.shape == q.shape and np.isfinite(out).all()
         print("ok")
     """)
@@ -286,3 +286,25 @@ def test_numpy_only_use_without_torch():
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_calls_without_gradients_skip_autograd_and_match():
+    """Under no_grad, and with grad on but nothing requiring it, the op runs
+    without an autograd node; a bias that alone requires grad still gets one."""
+    layout = build_layout("axial", 6, 7)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 42, 8, generator=gen) for _ in range(3))
+    bias = torch.randn(2, 5, 5, generator=gen)
+    with torch.no_grad():
+        quiet = attention(q, k, v, layout, rel_pos_bias=bias)
+    plain = attention(q, k, v, layout, rel_pos_bias=bias)
+    assert quiet.grad_fn is None and plain.grad_fn is None
+    torch.testing.assert_close(quiet, plain, atol=0, rtol=0)
+    leaf = bias.clone().requires_grad_(True)
+    out = attention(q, k, v, layout, rel_pos_bias=leaf)
+    assert out.grad_fn is not None
+    out.sum().backward()
+    both = bias.clone().requires_grad_(True)
+    attention(q.clone().requires_grad_(True), k, v, layout,
+                                        rel_pos_bias=both).sum().backward()
+    torch.testing.assert_close(leaf.grad, both.grad)
