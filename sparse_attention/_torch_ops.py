@@ -11,6 +11,7 @@ from . import _stencil, _tiles
 from ._native import C
 from ._torch_impl import sparse_attention_torch
 from .functional import (_check_bias, _check_head_active, _check_key_mask, _validate_common)
+from .patterns import LONG_ROW_THRESHOLD
 
 _NATIVE_CPU_DTYPES = (torch.float32, torch.float64)
 _NATIVE_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -152,8 +153,6 @@ _layout_and_plan = torch.compiler.disable(_layout_and_plan_eager)
 def _cuda_extras(device, long_rows, long_cols, backward=False):
     if device.type != "cuda":
         return {}
-    from .patterns import LONG_ROW_THRESHOLD
-
     extras = dict(long_rows=long_rows, long_threshold=LONG_ROW_THRESHOLD,
                   reference_kernel=use_reference_cuda_kernels)
     if backward:

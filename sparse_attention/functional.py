@@ -29,12 +29,18 @@ def _is_torch_tensor(x):
     return torch is not None and isinstance(x, torch.Tensor)
 
 
+_torch_module = None  # torch once imported, False where it is not installed
+
+
 def _torch_or_none():
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - the NumPy-only install
-        return None
-    return torch
+    global _torch_module
+    if _torch_module is None:
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - the NumPy-only install
+            torch = False
+        _torch_module = torch
+    return _torch_module or None
 
 
 def _describe(x):

@@ -277,7 +277,7 @@ def test_numpy_only_use_without_torch():
         assert not hasattr(sa, "EnhancedSparseAttention")
         layout = sa.build_layout("longformer", 5, 6, kernel_size=3)
         q = np.random.default_rng(0).standard_normal((1, 2, 30, 4)).astype(np.float32)
-        out = sa.attention(q, q, q, layout, dropout_p=0.1, dropout_seed=3)
+        out = sa.sparse_scaled_dot_product_attention(q, q, q, layout, dropout_p=0.1, dropout_seed=3)
         assert out.shape == q.shape and np.isfinite(out).all()
         print("ok")
     """)
