@@ -271,3 +271,20 @@ def test_distributed_data_parallel_two_processes(tmp_path):
     for rank, (p, (out, err)) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, err[-2000:]
         assert f"ok {rank}" in out
+
+
+@pytest.mark.parametrize("bad", [-1, 100, 2**31 - 1])
+@pytest.mark.parametrize("where", [0, 57, -1])
+def test_csr_index_out_of_range_is_reported_with_its_position(bad, where):
+    """The C entry point checks every column index (a caller may pass its own
+    CSR arrays): the first bad one is named with its position."""
+    layout = build_layout("axial", 6, 8)
+    q = torch.randn(1, 1, 48, 8)
+    out, lse = torch.zeros_like(q), torch.zeros(1, 1, 48)
+    indptr = torch.from_numpy(layout.indptr.copy())
+    indices = torch.from_numpy(layout.indices.copy())
+    C.attention_forward(q, q, q, out, lse, indptr, indices, height=6, width=8, scale=0.5)
+    position = where % indices.numel()
+    indices[position] = bad
+    with pytest.raises(ValueError, match=rf"index {bad} at position {position} is outside \[0, 48\)"):
+        C.attention_forward(q, q, q, out, lse, indptr, indices, height=6, width=8, scale=0.5)
