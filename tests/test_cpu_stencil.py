@@ -418,3 +418,29 @@ def test_a_stencil_with_a_lattice_plan_refuses_statistics():
         C.attention_forward(q, q, q, out, lse, indptr, indices, **dict(common, scale=float("nan")))
     with pytest.raises(ValueError, match=r"dropout_p: expected a value in \[0, 1\), got 1.5"):
         C.attention_forward(q, q, q, out, lse, indptr, indices, dropout_p=1.5, **common)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_reused_workspaces_leave_no_trace(threads):
+    """Workspaces are reused across calls: after a call that fills them with
+    NaN (a wider grid, so its rows land where the next call keeps padding), a
+    call on a narrow odd grid must still match the reference. (Clearing only
+    the padding instead of the whole block fails this unless every padding
+    region is covered.)"""
+    before = get_num_threads()
+    set_num_threads(threads)
+    try:
+        wide = build_layout("longformer", 16, 40, kernel_size=7)
+        poison = torch.full((2, 4, wide.num_tokens, 32), float("nan"))
+        before_runs = _torch_ops.stencil_forwards_run
+        attention(poison, poison, poison, wide)
+        narrow = build_layout("longformer", 13, 21, kernel_size=5)
+        (q, k, v), _ = make(1, 2, narrow.num_tokens, 24, seed=3)
+        q, k, v = (t.float() for t in (q, k, v))
+        out = attention(q, k, v, narrow)
+        assert _torch_ops.stencil_forwards_run == before_runs + 2
+        ref_out, _, _ = reference_attention(q, k, v, narrow)
+        assert torch.isfinite(out).all()
+        assert (out.double() - ref_out).abs().max() < 2e-5
+    finally:
+        set_num_threads(before)
