@@ -101,16 +101,20 @@ static void forward_listed_rows_f32(void *ctx, int64_t begin, int64_t end)
     }
 }
 
-/* A stencil may come with a tile plan for the pairs it leaves out (STRIDED's
- * lattice, see sparse_attention/_stencil.py): its passes merge into what the
- * stencil kernel wrote, through the log-sum-exp. */
-static int forward_plan_after_stencil(const sa_attention_params *p, char *err, size_t len)
+/* The tiled kernels over p's plan. After a stencil (after_stencil), the plan
+ * holds the pairs the stencil leaves out (STRIDED's lattice, see
+ * sparse_attention/_stencil.py): the forward merges its passes into the
+ * stencil's output through the log-sum-exp, the backward adds to the
+ * gradients the stencil wrote. */
+static int run_plan(const sa_attention_params *p, int backward, int after_stencil, char *err, size_t len)
 {
     if (p->plan_base == NULL) return SA_OK;
-    sa_attention_params later = *p;
-    later.merge_previous = 1;
-    return sa_cpu_forward_tiled(&later, (const int64_t(*)[6])p->plan_fields, p->plan_num_passes,
-                                p->plan_base, sa_cpu_get_num_threads(), err, len);
+    sa_attention_params plan = *p;
+    if (after_stencil) plan.merge_previous = 1;
+    const int64_t(*fields)[6] = (const int64_t(*)[6])p->plan_fields;
+    const int threads = sa_cpu_get_num_threads();
+    return backward ? sa_cpu_backward_tiled(&plan, fields, p->plan_num_passes, p->plan_base, threads, err, len)
+                    : sa_cpu_forward_tiled(&plan, fields, p->plan_num_passes, p->plan_base, threads, err, len);
 }
 
 int sa_cpu_forward(const sa_attention_params *p, char *err, size_t len)
@@ -119,28 +123,24 @@ int sa_cpu_forward(const sa_attention_params *p, char *err, size_t len)
     if (status != SA_OK) return status;
     void *ctx = (void *)p;
     if (p->stencil_offsets != NULL) {
-        status = sa_cpu_forward_stencil(p, sa_cpu_get_num_threads(), err, len);
-        if (status != SA_OK) return status;
-        if (p->stencil_num_rows == 0) return forward_plan_after_stencil(p, err, len);
         /* the listed rows the stencil kernel leaves to the row kernel */
-        int32_t *left = malloc((size_t)p->stencil_num_rows * sizeof(int32_t));
+        int32_t *left = malloc((size_t)(p->stencil_num_rows > 0 ? p->stencil_num_rows : 1) * sizeof(int32_t));
         if (!left) {
             snprintf(err, len, "could not run the CPU kernel (out of memory)");
             return SA_ERR_MEMORY;
         }
         int64_t count = 0;
-        for (int64_t t = 0; t < p->stencil_num_rows; t++)
-            if (!sa_stencil_row_is_full(p, p->stencil_rows[t])) left[count++] = p->stencil_rows[t];
-        sa_attention_params listed = *p;
-        listed.long_rows = left;
-        listed.num_long_rows = count;
-        status = count ? run(forward_listed_rows_f32, p->batch * p->heads * count, &listed, err, len) : SA_OK;
+        status = sa_cpu_forward_stencil(p, sa_cpu_get_num_threads(), left, &count, err, len);
+        if (status == SA_OK && count > 0) {
+            sa_attention_params listed = *p;
+            listed.long_rows = left;
+            listed.num_long_rows = count;
+            status = run(forward_listed_rows_f32, p->batch * p->heads * count, &listed, err, len);
+        }
         free(left);
-        return status == SA_OK ? forward_plan_after_stencil(p, err, len) : status;
+        return status == SA_OK ? run_plan(p, 0, 1, err, len) : status;
     }
-    if (p->plan_base != NULL)
-        return sa_cpu_forward_tiled(p, (const int64_t(*)[6])p->plan_fields, p->plan_num_passes, p->plan_base,
-                                    sa_cpu_get_num_threads(), err, len);
+    if (p->plan_base != NULL) return run_plan(p, 0, 0, err, len);
     if (p->long_rows_only) {
         if (p->dtype != SA_F32) {
             snprintf(err, len, "long_rows: the tiled CPU path takes float32");
@@ -162,16 +162,9 @@ int sa_cpu_backward(const sa_attention_params *p, char *err, size_t len)
     status = run(f32 ? delta_rows_f32 : delta_rows_f64, rows, ctx, err, len);
     if (status == SA_OK && p->stencil_offsets != NULL) {
         status = sa_cpu_backward_stencil(p, sa_cpu_get_num_threads(), err, len);
-        if (status != SA_OK || p->plan_base == NULL) return status;
-        /* the plan's pairs add to the gradients the stencil kernel wrote */
-        sa_attention_params later = *p;
-        later.merge_previous = 1;
-        return sa_cpu_backward_tiled(&later, (const int64_t(*)[6])p->plan_fields, p->plan_num_passes,
-                                     p->plan_base, sa_cpu_get_num_threads(), err, len);
+        return status == SA_OK ? run_plan(p, 1, 1, err, len) : status;
     }
-    if (status == SA_OK && p->plan_base != NULL)
-        return sa_cpu_backward_tiled(p, (const int64_t(*)[6])p->plan_fields, p->plan_num_passes,
-                                     p->plan_base, sa_cpu_get_num_threads(), err, len);
+    if (status == SA_OK && p->plan_base != NULL) return run_plan(p, 1, 0, err, len);
     if (status == SA_OK)
         status = run(f32 ? grad_query_rows_f32 : grad_query_rows_f64, rows, ctx, err, len);
     if (status == SA_OK)

@@ -969,7 +969,7 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
 
 /* ---- entry points -------------------------------------------------------- */
 
-int sa_stencil_row_is_full(const sa_attention_params *p, int64_t i)
+static int stencil_row_is_full(const sa_attention_params *p, int64_t i)
 {
     const int64_t n = p->num_tokens, start = p->row_ptr[i];
     if (p->row_ptr[i + 1] - start != n) return 0;
@@ -1026,7 +1026,7 @@ static int stencil_ctx_init(stencil_ctx *c, const sa_attention_params *p, char *
         return SA_ERR_MEMORY;
     }
     for (int64_t t = 0; t < p->stencil_num_rows; t++)
-        c->listed_full[t] = (uint8_t)sa_stencil_row_is_full(p, p->stencil_rows[t]);
+        c->listed_full[t] = (uint8_t)stencil_row_is_full(p, p->stencil_rows[t]);
 
     const int64_t E = p->stencil_num_offsets, H = c->height;
     int32_t *by_dx = malloc((size_t)(E > 0 ? E : 1) * sizeof(int32_t));
@@ -1093,8 +1093,10 @@ static int stencil_ctx_init(stencil_ctx *c, const sa_attention_params *p, char *
     return SA_OK;
 }
 
-static int stencil_run(const sa_attention_params *p, int num_threads, sa_range_fn fn, char *err,
-                       size_t len)
+/* Runs fn on every (batch, head); rows_left (stencil_num_rows long, or NULL)
+ * receives the listed rows that are not full, *num_left their count. */
+static int stencil_run(const sa_attention_params *p, int num_threads, sa_range_fn fn, int32_t *rows_left,
+                       int64_t *num_left, char *err, size_t len)
 {
     stencil_ctx c;
     int status = stencil_ctx_init(&c, p, err, len);
@@ -1106,6 +1108,11 @@ static int stencil_run(const sa_attention_params *p, int num_threads, sa_range_f
             snprintf(err, len, "could not run the stencil CPU kernel (out of memory)");
             status = SA_ERR_MEMORY;
         }
+    }
+    if (status == SA_OK && rows_left != NULL) {
+        *num_left = 0;
+        for (int64_t t = 0; t < p->stencil_num_rows; t++)
+            if (!c.listed_full[t]) rows_left[(*num_left)++] = p->stencil_rows[t];
     }
     free(c.is_offset);
     free(c.is_listed);
@@ -1121,9 +1128,10 @@ static int stencil_run(const sa_attention_params *p, int num_threads, sa_range_f
     return status;
 }
 
-int sa_cpu_forward_stencil(const sa_attention_params *p, int num_threads, char *err, size_t len)
+int sa_cpu_forward_stencil(const sa_attention_params *p, int num_threads, int32_t *rows_left,
+                           int64_t *num_left, char *err, size_t len)
 {
-    return stencil_run(p, num_threads, forward_heads, err, len);
+    return stencil_run(p, num_threads, forward_heads, rows_left, num_left, err, len);
 }
 
 int sa_cpu_backward_stencil(const sa_attention_params *p, int num_threads, char *err, size_t len)
@@ -1132,5 +1140,5 @@ int sa_cpu_backward_stencil(const sa_attention_params *p, int num_threads, char 
         snprintf(err, len, "the stencil CPU backward does not give a bias gradient");
         return SA_ERR_UNSUPPORTED;
     }
-    return stencil_run(p, num_threads, backward_heads, err, len);
+    return stencil_run(p, num_threads, backward_heads, NULL, NULL, err, len);
 }

@@ -5,12 +5,11 @@
 #include "attention.h"
 
 /* The pairs of p->stencil_* (float32). Rows in stencil_rows that attend every
- * token are done here too; the others are left alone: the caller runs the row
- * kernel on them afterwards (sa_stencil_row_is_full says which). */
-int sa_cpu_forward_stencil(const sa_attention_params *p, int num_threads, char *err, size_t len);
-
-/* Whether CSR row i holds every token, in order. */
-int sa_stencil_row_is_full(const sa_attention_params *p, int64_t i);
+ * token are done here too; the others are left alone: they land in rows_left
+ * (stencil_num_rows long), *num_left of them, and the caller runs the row
+ * kernel on them afterwards. */
+int sa_cpu_forward_stencil(const sa_attention_params *p, int num_threads, int32_t *rows_left,
+                           int64_t *num_left, char *err, size_t len);
 
 /* The whole backward, stencil_rows included (float32, no bias gradient).
  * p->delta must hold delta already. */

@@ -92,6 +92,20 @@ SA_INLINE void scores_rows(const float *const *query_rows, const float *restrict
     }
 }
 
+/* CALL with ROWS a constant equal to count (1 to 5; 0 does nothing), so that
+ * the micro-kernel it calls is compiled for that many rows. */
+#define WITH_CONSTANT_ROWS(count, CALL)                       \
+    do {                                                      \
+        switch (count) {                                      \
+        case 5: { enum { ROWS = 5 }; CALL; } break;           \
+        case 4: { enum { ROWS = 4 }; CALL; } break;           \
+        case 3: { enum { ROWS = 3 }; CALL; } break;           \
+        case 2: { enum { ROWS = 2 }; CALL; } break;           \
+        case 1: { enum { ROWS = 1 }; CALL; } break;           \
+        default: break;                                       \
+        }                                                     \
+    } while (0)
+
 /* The scores of the first rows queries of a tile against the first cols keys
  * of a chunk (cols a multiple of 16): blocks of six rows, then the rest.
  * Partial tiles (a residue class of a lattice, the last tile of a grid)
@@ -101,14 +115,7 @@ SA_INLINE void scores_kernel(const float *const *query_rows, const float *restri
 {
     int r0 = 0;
     for (; r0 + 6 <= rows; r0 += 6) scores_rows(query_rows, key_t, scores, dim_pad, r0, 6, cols);
-    switch (rows - r0) {
-    case 5: scores_rows(query_rows, key_t, scores, dim_pad, r0, 5, cols); break;
-    case 4: scores_rows(query_rows, key_t, scores, dim_pad, r0, 4, cols); break;
-    case 3: scores_rows(query_rows, key_t, scores, dim_pad, r0, 3, cols); break;
-    case 2: scores_rows(query_rows, key_t, scores, dim_pad, r0, 2, cols); break;
-    case 1: scores_rows(query_rows, key_t, scores, dim_pad, r0, 1, cols); break;
-    default: break;
-    }
+    WITH_CONSTANT_ROWS(rows - r0, scores_rows(query_rows, key_t, scores, dim_pad, r0, ROWS, cols));
 }
 
 /* out[r][d] += sum_c weights[r][c] * value_rows[c][d] for rows r0 .. r0 + R - 1
@@ -161,15 +168,7 @@ SA_INLINE void weighted_values_kernel(const float *restrict weights, const float
     }
     int any = 0;
     for (int r = r0; r < rows; r++) any |= live_rows[r];
-    if (!any) return;
-    switch (rows - r0) {
-    case 5: weighted_values_rows(weights, value_rows, out, dim_pad, r0, 5, cols); break;
-    case 4: weighted_values_rows(weights, value_rows, out, dim_pad, r0, 4, cols); break;
-    case 3: weighted_values_rows(weights, value_rows, out, dim_pad, r0, 3, cols); break;
-    case 2: weighted_values_rows(weights, value_rows, out, dim_pad, r0, 2, cols); break;
-    case 1: weighted_values_rows(weights, value_rows, out, dim_pad, r0, 1, cols); break;
-    default: break;
-    }
+    if (any) WITH_CONSTANT_ROWS(rows - r0, weighted_values_rows(weights, value_rows, out, dim_pad, r0, ROWS, cols));
 }
 
 /* 1 + the last slot of ids (64 of them) that holds a token in [0, n); 0 if none. */

@@ -34,9 +34,8 @@ use_tiled_cpu_kernel = True
 CPU_MIN_FILL = 0.3
 # tile shapes (rows x columns of the grid) tried for every pass
 _SHAPES = ((8, 8), (4, 16), (16, 4), (2, 32), (32, 2), (1, 64), (64, 1))
-# plans whose presence matrix (tiles x tokens) would exceed this are not built
-MAX_PRESENCE = 1 << 27
-# nor plans of layouts with more pairs than this (planning time grows with them)
+# plans of layouts with more pairs than this are not built (planning time and
+# memory grow with them; nothing in a plan grows with tokens squared)
 MAX_PAIRS = 1 << 24
 # a row is long when it has more keys than both of these
 LONG_ROW_MIN_KEYS = 1024
@@ -121,12 +120,6 @@ def _tile_ids(height, width, shape):
     return tile, slot, queries
 
 
-def _presence(tile, rows, cols, num_tiles, num_tokens):
-    presence = np.zeros((num_tiles, num_tokens), dtype=bool)
-    presence[tile[rows], cols] = True
-    return presence
-
-
 def _long_rows(layout):
     degrees = layout.degrees()
     if degrees.size == 0:
@@ -140,9 +133,10 @@ def _build_pass(height, width, shape, rows, cols, long_rows):
     tile, slot, queries = _tile_ids(height, width, shape)
     queries[np.isin(queries, long_rows)] = -1  # written by the block-per-row kernel
     num_tiles = queries.shape[0]
-    presence = _presence(tile, rows, cols, num_tiles, n)
-    union_tile, union_key = np.nonzero(presence)  # tile by tile, keys ascending
-    del presence
+    # the (tile, key) pairs as one sorted number each: tile by tile, keys ascending
+    pair_code = tile[rows].astype(np.int64) * n + cols
+    union = np.unique(pair_code)
+    union_tile, union_key = np.divmod(union, n)
     counts = np.bincount(union_tile, minlength=num_tiles)
     chunk_ptr = np.zeros(num_tiles + 1, dtype=np.int32)
     np.cumsum(-(-counts // TILE), out=chunk_ptr[1:])
@@ -155,7 +149,7 @@ def _build_pass(height, width, shape, rows, cols, long_rows):
     keys[chunk_ptr[union_tile].astype(np.int64) * TILE + union_rank] = union_key
     keys = keys.reshape(num_chunks, TILE)
     pt = tile[rows]
-    pr = np.searchsorted(union_tile.astype(np.int64) * n + union_key, pt * n + cols) - union_start[pt]
+    pr = np.searchsorted(union, pair_code) - union_start[pt]
     owner = chunk_ptr[pt].astype(np.int64) + pr // TILE
     # Pairs come row by row with ascending keys, so those sharing a mask word
     # (same query, same chunk) are consecutive: OR each run of bits at once.
@@ -212,10 +206,10 @@ def _best_shape(layout, selected):
 
 def build_tile_plan(layout):
     """``layout``'s TilePlan, or None when the layout is too large to plan (see
-    MAX_PRESENCE and MAX_PAIRS)."""
+    MAX_PAIRS)."""
     n = layout.num_tokens
     height, width = layout.height, layout.width
-    if n == 0 or -(-n // TILE) * n > MAX_PRESENCE or layout.nnz > MAX_PAIRS:
+    if n == 0 or layout.nnz > MAX_PAIRS:
         return None
     long_rows = _long_rows(layout)
     rows = layout.row_ids()

@@ -276,9 +276,10 @@ def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil
             return {}  # the bias gradient comes from the column kernels
         global stencil_backwards_run
         stencil_backwards_run += 1
+        plan = dict(stencil=_detached(stencil))
         if tile_plan is not None:  # the lattice's pairs add to the stencil's gradients
-            return dict(stencil=_detached(stencil), tile_plan=_detached(tile_plan), tile_passes=tile_passes)
-        return dict(stencil=_detached(stencil))
+            plan.update(tile_plan=_detached(tile_plan), tile_passes=tile_passes)
+        return plan
     if (device.type != "cpu" or tile_plan is None or bias is not None
             or plan_long_rows is not None or not _tiles.use_tiled_cpu_kernel):
         return {}

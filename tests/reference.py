@@ -53,6 +53,16 @@ def reference_attention(q, k, v, layout, *, scale=None, bias=None, key_mask=None
     return mixed @ v, lse, probs
 
 
+def assert_forward_matches_reference(out, lse, ref_out, ref_lse, tol):
+    """out and lse (any device and dtype) against the reference's: within tol,
+    and -inf in lse exactly where the reference has it."""
+    out, lse = out.double().cpu(), lse.double().cpu()
+    assert (out - ref_out).abs().max() < tol
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert (lse[finite] - ref_lse[finite]).abs().max() < tol
+
+
 def assert_backward_matches_reference(attention, layout, inputs, grad_out, **args):
     """The float32 op's gradients of q, k, v (from ``inputs`` rounded to float32)
     against the float64 reference's on the same rounded values."""
