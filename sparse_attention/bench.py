@@ -66,6 +66,48 @@ def timed(fn, repeats, warmup=1):
     return statistics.median(times)
 
 
+def timed_pair(fn_a, fn_b, repeats, warmup=1):
+    """(median of a's times, median of b's, median of the per-round ratios a / b),
+    a and b run alternately, their order flipped every round: a change in the
+    machine's load from round to round reaches both sides of each ratio."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    times_a, times_b = [], []
+    for round_ in range(repeats):
+        order = [(fn_a, times_a), (fn_b, times_b)]
+        for fn, times in (order if round_ % 2 == 0 else order[::-1]):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    ratios = [a / b for a, b in zip(times_a, times_b)]
+    return statistics.median(times_a), statistics.median(times_b), statistics.median(ratios)
+
+
+def measure_paired(fn_ours, fn_dense, leaves, repeats):
+    """measure() for ours and dense SDPA in alternation: (ours, dense, ratios), ours
+    and dense as measure() returns them (dense without memory) and ratios the
+    medians of the per-round ratios ours / dense, forward and forward+backward."""
+    import torch
+
+    with torch.no_grad():
+        ours_fwd, dense_fwd, ratio_fwd = timed_pair(fn_ours, fn_dense, repeats)
+
+    def stepper(fn):
+        def step():
+            out = fn()
+            out.backward(torch.ones_like(out))
+            for leaf in leaves:
+                leaf.grad = None
+        return step
+
+    ours_both, dense_both, ratio_both = timed_pair(stepper(fn_ours), stepper(fn_dense), repeats)
+    with PeakMemory() as memory:
+        stepper(fn_ours)()
+    return ((ours_fwd, ours_both, memory.megabytes), (dense_fwd, dense_both, None),
+            (ratio_fwd, ratio_both))
+
+
 def measure(fn_forward, leaves, repeats):
     """(forward s, forward+backward s, peak RSS increase in MB of one forward+backward).
 
@@ -109,6 +151,10 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="0: every core")
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--no-module", action="store_true")
+    parser.add_argument("--pair-limit", type=float, default=5.0,
+                        help="time dense SDPA again beside each pattern, alternating with ours, "
+                             "where one dense forward+backward takes at most this many seconds "
+                             "(0: never)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
 
@@ -186,18 +232,26 @@ def main(argv=None):
             else:
                 row["ours_torch_note"] = (f"skipped: gathers B x heads x nnz x D "
                                           f"({gathered_bytes / 2**30:.1f} GiB per tensor)")
-            row["ours"] = measure(lambda: sparse_attention(q, k, v, layout), [q, k, v], args.repeats)
+            ours_fn = lambda: sparse_attention(q, k, v, layout)  # noqa: E731
+            if base[1] <= args.pair_limit:
+                # dense again, in alternation with ours: the ratio the goals are stated in
+                row["ours"], paired_dense, ratios = measure_paired(
+                    ours_fn, lambda: F.scaled_dot_product_attention(q, k, v), [q, k, v], args.repeats)
+                row["dense"] = (paired_dense[0], paired_dense[1], base[2])
+                row["dense_at_start"] = base
+                row["ours_paired_ratio"] = ratios
+            else:
+                row["ours"] = measure(ours_fn, [q, k, v], args.repeats)
+                ratios = (row["ours"][0] / base[0], row["ours"][1] / base[1])
             fwd_flops = 4.0 * layout.nnz * d * b * h
             row["ours_fwd_gflops"] = fwd_flops / row["ours"][0] / 1e9
             row["ours_bwd_gflops"] = 2.5 * fwd_flops / (row["ours"][1] - row["ours"][0]) / 1e9
             for key in ("fwd", "both"):
-                index = 0 if key == "fwd" else 1
-                reached = layout.density / (row["ours"][index] / base[index])
-                row[f"flop_bound_fraction_{key}"] = reached
+                row[f"flop_bound_fraction_{key}"] = layout.density / ratios[0 if key == "fwd" else 1]
             records.append(row)
             print(f"  {pattern:10s} density {layout.density:.4f}: ours fwd "
-                  f"{row['ours'][0] * 1e3:.2f} ms ({base[0] / row['ours'][0]:.1f}x dense), "
-                  f"fwd+bwd {row['ours'][1] * 1e3:.2f} ms ({base[1] / row['ours'][1]:.1f}x); "
+                  f"{row['ours'][0] * 1e3:.2f} ms ({1 / ratios[0]:.1f}x dense), "
+                  f"fwd+bwd {row['ours'][1] * 1e3:.2f} ms ({1 / ratios[1]:.1f}x); "
                   f"{row['ours_fwd_gflops']:.1f} GFLOP/s fwd; "
                   f"FLOP-bound fraction fwd {row['flop_bound_fraction_fwd']:.2f}, "
                   f"f+b {row['flop_bound_fraction_both']:.2f}", flush=True)
@@ -217,6 +271,8 @@ def main(argv=None):
 
 
 def _ratio(row, key, index):
+    if key == "ours" and "ours_paired_ratio" in row:
+        return f"{row['ours_paired_ratio'][index]:.2f}x"
     value = row.get(key)
     if value is None or value[index] is None:
         return "n/a"
@@ -227,7 +283,10 @@ def write_outputs(records, args, machine, peak, flex_status):
     command = "python -m sparse_attention bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
     lines = [f"Machine: {machine}.", f"FlexAttention: {flex_status}.",
              f"B={args.batch}, heads={args.heads}, D={args.dim}, fp32; median of {args.repeats}; "
-             "times relative to dense SDPA on the same tensors (lower is better).",
+             "times relative to dense SDPA on the same tensors (lower is better). Where a dense "
+             f"forward+backward takes at most {args.pair_limit:g} s, dense SDPA is timed again "
+             "beside each pattern, alternating with ours, and ours is the median of those "
+             "per-round ratios; the peers are relative to that dense time too.",
              f"Command: `{command.strip()}`", "",
              "Memory: peak RSS increase of one forward+backward, sampled every 5 ms (MB; coarse for "
              "runs of a few ms).", "",
@@ -248,9 +307,9 @@ def write_outputs(records, args, machine, peak, flex_status):
     notes = sorted({f"{key}: {r[key]}" for r in records for key in ("flex_note", "ours_torch_note",
                                                                      "masked_sdpa_note") if key in r})
     lines += [""] + [f"- {note}" for note in notes]
-    lines += ["", "Dense SDPA absolute times (ms): " + ", ".join(
-        sorted({f"{r['side']}x{r['side']}: fwd {r['dense'][0] * 1e3:.1f} / f+b {r['dense'][1] * 1e3:.1f}"
-                for r in records if r["level"] == "op"}))]
+    lines += ["", "Dense SDPA absolute times (ms; fwd / f+b): " + "; ".join(
+        f"{r['side']}x{r['side']} {r['pattern']}: {r['dense'][0] * 1e3:.1f} / {r['dense'][1] * 1e3:.1f}"
+        for r in records if r["level"] == "op")]
     lines += ["", "Efficiency of our kernels (forward 4 x nnz x D flops per batch-head, backward 2.5x that):",
               f"machine fp32 FMA peak from benchmarks/fma_probe.c: {peak}", "",
               "| tokens | pattern | fwd GFLOP/s | bwd GFLOP/s | FLOP-bound fraction fwd | f+b |",
@@ -285,7 +344,8 @@ def plot(records, path, machine):
 
     rows = [r for r in records if r["level"] == "op"]
     fig, ax = plt.subplots(figsize=(7, 5))
-    dense = sorted({(r["tokens"], r["dense"][1]) for r in rows})
+    dense = sorted({r["tokens"]: statistics.median(x["dense"][1] for x in rows if x["tokens"] == r["tokens"])
+                    for r in rows}.items())
     ax.plot([t for t, _ in dense], [s * 1e3 for _, s in dense], "k-o", label="dense SDPA")
     for pattern in sorted({r["pattern"] for r in rows}):
         mine = sorted((r["tokens"], r["ours"][1]) for r in rows if r["pattern"] == pattern)

@@ -1,0 +1,65 @@
+"""The CPU benchmark's bookkeeping: paired timing and the files it writes."""
+
+import json
+
+import pytest
+
+from sparse_attention import bench
+
+
+class FakeClock:
+    """perf_counter for bench.time: it moves only when a timed function says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_timed_pair_alternates_and_takes_the_median_of_per_round_ratios(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(bench.time, "perf_counter", clock.perf_counter)
+    calls = []
+    # the machine slows down after round 1, for both sides: the per-round ratios (2, 3, 2)
+    # keep the rounds apart, where the ratio of the medians (30 / 10) would mix them
+    a_costs, b_costs = iter([0, 2, 30, 40]), iter([0, 1, 10, 20])  # the first of each warms up
+
+    def fn_a():
+        calls.append("a")
+        clock.now += next(a_costs)
+
+    def fn_b():
+        calls.append("b")
+        clock.now += next(b_costs)
+
+    median_a, median_b, ratio = bench.timed_pair(fn_a, fn_b, repeats=3)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then order flips per round
+    assert (median_a, median_b, ratio) == (30, 10, 2)
+
+
+def test_bench_writes_tables_with_paired_dense_ratios(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "fma_peak", lambda threads: None)
+    bench.main(["--sides", "8", "--patterns", "block,longformer", "--repeats", "2", "--no-flex",
+                "--no-module", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "cpu_bench.json").read_text())
+    rows = data["records"]
+    assert [r["pattern"] for r in rows] == ["block", "longformer"]
+    for row in rows:
+        fwd_ratio, both_ratio = row["ours_paired_ratio"]
+        assert fwd_ratio > 0 and both_ratio > 0
+        assert row["flop_bound_fraction_fwd"] == pytest.approx(row["density"] / fwd_ratio)
+        assert row["dense"][:2] != row["dense_at_start"][:2]  # dense timed again beside ours
+    table = (tmp_path / "cpu_bench.md").read_text()
+    assert f"| 8x8 | block | {rows[0]['density']:.4f} | {rows[0]['ours_paired_ratio'][0]:.2f}x |" in table
+    assert (tmp_path / "cpu_bench.png").stat().st_size > 0
+
+
+def test_bench_skips_the_pairing_past_its_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "fma_peak", lambda threads: None)
+    bench.main(["--sides", "8", "--patterns", "block", "--repeats", "1", "--no-flex", "--no-module",
+                "--pair-limit", "0", "--out", str(tmp_path)])
+    row = json.loads((tmp_path / "cpu_bench.json").read_text())["records"][0]
+    assert "ours_paired_ratio" not in row and "dense_at_start" not in row
+    assert row["flop_bound_fraction_fwd"] == pytest.approx(
+        row["density"] / (row["ours"][0] / row["dense"][0]))
