@@ -4,7 +4,7 @@
  * nothing else runs, to compare with the kernel's measured cost.
  *
  *   cc -O3 -march=x86-64-v3 benchmarks/stencil_probe.c -o stencil_probe
- *   ./stencil_probe MODE DIM      MODE: pv | qkpv | tworow
+ *   ./stencil_probe MODE DIM      MODE: pv | qkpv | tworow, or pvnc | qkpvnc
  *
  * pv:     the P x V loop alone (strip_weighted: 8 accumulators over d, one
  *         entry at a time);
@@ -13,6 +13,9 @@
  * tworow: the same for two query rows at once, each key vector loaded once
  *         for both rows (d in blocks of 4 to keep both rows' queries in
  *         registers).
+ * pvnc, qkpvnc: pv and qkpv with no load crossing a cache line: the panels
+ *         have a second copy 32 bytes off the lines, and a load that would
+ *         cross one reads the copy instead.
  * Prints ns and cycles (at --ghz, default 3.06) per useful vector FMA. */
 #include <immintrin.h>
 #include <stdio.h>
@@ -39,7 +42,7 @@ static float *filled(long count, int modulus)
 int main(int argc, char **argv)
 {
     if (argc < 3) {
-        fprintf(stderr, "usage: %s pv|qkpv|tworow DIM [GHZ]\n", argv[0]);
+        fprintf(stderr, "usage: %s pv|qkpv|tworow|pvnc|qkpvnc DIM [GHZ]\n", argv[0]);
         return 2;
     }
     const char *mode = argv[1];
@@ -51,7 +54,12 @@ int main(int argc, char **argv)
     }
     const long kw = WIDTH + 2 * PAD, row_floats = (long)dim * kw + 16;
     const long panel = row_floats * (HEIGHT + SIDE);
-    float *keys = filled(panel, 7), *values = filled(panel, 5), *queries = filled((long)dim * WIDTH * (HEIGHT + 1), 11);
+    const long shift = (panel + 15) / 16 * 16 + 8; /* where the copy 32 bytes off the lines starts */
+    const int no_cross = strstr(mode, "nc") != NULL;
+    float *keys = filled(shift + panel, 7), *values = filled(shift + panel, 5);
+    memcpy(keys + shift, keys, (size_t)panel * sizeof(float));
+    memcpy(values + shift, values, (size_t)panel * sizeof(float));
+    float *queries = filled((long)dim * WIDTH * (HEIGHT + 1), 11);
     __m256 scores[2][SIDE + 1][SIDE];
     float sink[2][64 * 8] __attribute__((aligned(32)));
     double best = 1e30;
@@ -67,7 +75,7 @@ int main(int argc, char **argv)
                 const float *kband = keys + (long)y * row_floats + PAD + x0 - RADIUS;
                 const float *vband = values + (long)y * row_floats + PAD + x0 - RADIUS;
                 memset(scores, 0, sizeof(scores));
-                if (strcmp(mode, "pv") != 0) {
+                if (strncmp(mode, "pv", 2) != 0) {
                     const int step = rows == 2 ? 4 : 8;
                     for (int d0 = 0; d0 < dim; d0 += step) {
                         __m256 a[8], b[4];
@@ -77,6 +85,7 @@ int main(int argc, char **argv)
                         for (int r = 0; r < SIDE + rows - 1; r++) {
                             for (int dx = 0; dx < SIDE; dx++) {
                                 const float *k = kband + r * row_floats + dx + (long)d0 * kw;
+                                if (no_cross && ((k - keys) & 15) > 8) k += shift;
                                 __m256 s0 = r < SIDE ? scores[0][r][dx] : _mm256_setzero_ps();
                                 __m256 s1 = r > 0 ? scores[1][r][dx] : _mm256_setzero_ps();
                                 for (int i = 0; i < step; i++) {
@@ -99,6 +108,7 @@ int main(int argc, char **argv)
                     for (int r = 0; r < SIDE + rows - 1; r++) {
                         for (int dx = 0; dx < SIDE; dx++) {
                             const float *v = vband + r * row_floats + dx + (long)d0 * kw;
+                            if (no_cross && ((v - values) & 15) > 8) v += shift;
                             const __m256 w0 = r < SIDE ? scores[0][r][dx] : _mm256_setzero_ps();
                             const __m256 w1 = r > 0 ? scores[1][r][dx] : _mm256_setzero_ps();
                             for (int i = 0; i < step; i++) {

@@ -41,6 +41,23 @@ def test_plan_covers_every_pair_once(pattern, size):
                 assert not np.any(words >> np.uint64(real.size))
 
 
+@pytest.mark.parametrize("pattern, size", [("axial", (33, 35)), ("random", (20, 70)),
+                                           ("longformer", (33, 35)), ("strided", (64, 64))])
+def test_plan_is_the_same_when_the_presence_table_is_built_in_blocks(pattern, size, monkeypatch):
+    from sparse_attention import _tiles
+
+    layout = build_layout(pattern, *size, kernel_size=5, num_global_tokens=2, attention_ratio=0.3)
+    whole = build_tile_plan(layout)
+    n = layout.num_tokens
+    monkeypatch.setattr(_tiles, "_PRESENCE_BYTES", 4 * n * 3)  # three tiles per block
+    blocked = build_tile_plan(layout)
+    assert len(blocked) == len(whole)
+    for a, b in zip(whole, blocked):
+        assert a.queries.shape[0] > 3  # more than one block
+        for field in ("queries", "chunk_ptr", "keys", "masks"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
 def test_axial_splits_into_row_and_column_passes_without_waste():
     layout = build_layout("axial", 64, 64)
     plan = build_tile_plan(layout)
