@@ -54,7 +54,8 @@ def _detached(x):
     detached tensor (or the tensor itself), None stays None."""
     if x is None:
         return None
-    x = x.detach()
+    if x.requires_grad:  # detach() makes a new tensor object, a microsecond each
+        x = x.detach()
     return _to_capsule(x) if _to_capsule is not None else x
 
 
@@ -139,10 +140,25 @@ def _tile_plan_for(layout, device, dtype, head_dim, want_stats):
     return plan["buffer"], plan["passes"], plan["long_rows"], splits, None
 
 
+def _kernel_switches():
+    """The module switches that steer the choice of kernel and plan (tests flip them)."""
+    return (_stencil.use_stencil_cpu_kernel, _stencil.use_lattice_split, _tiles.use_tiled_cpu_kernel,
+            _tiles.CPU_MIN_FILL, use_tiled_cuda_kernel, use_reference_cuda_kernels,
+            split_segment_keys)
+
+
 def _layout_and_plan_eager(layout, device, dtype, head_dim, max_relative, want_stats):
-    """The layout's tensors and its tile plan (host work)."""
-    return (layout.torch_tensors(device, max_relative),
-            _tile_plan_for(layout, device, dtype, head_dim, want_stats))
+    """The layout's tensors and its tile plan (host work), worked out once per
+    layout and set of arguments: the choice of kernel alone took about a fifth
+    of a small call's Python time."""
+    key = ("host", device, dtype, head_dim, max_relative, want_stats, _kernel_switches())
+    found = layout._device_cache.get(key)  # one dict read: atomic under the GIL
+    if found is None:
+        found = (layout.torch_tensors(device, max_relative),
+                 _tile_plan_for(layout, device, dtype, head_dim, want_stats))
+        with layout._lock:
+            layout._device_cache[key] = found
+    return found
 
 
 # under torch.compile the host work is one graph break; eager calls skip the
