@@ -194,6 +194,17 @@ def main():
                                                              args.repeats)
                 finally:
                     _torch_ops.split_segment_keys = default_keys
+            beside_graph = None
+            if layout.tile_plan() is not None and len(layout.tile_plan().long_rows):
+                # the long rows on a second stream beside the passes (off by default)
+                default_beside = _torch_ops.long_rows_beside
+                _torch_ops.long_rows_beside = not default_beside
+                try:
+                    with torch.no_grad():
+                        sparse_attention(q, k, v, layout)  # makes the second stream outside the capture
+                        beside_graph = time_graph(lambda: sparse_attention(q, k, v, layout), args.repeats)
+                finally:
+                    _torch_ops.long_rows_beside = default_beside
             if side in profile_sides:
                 with torch.no_grad():
                     kernel_rows.extend(kernel_times(lambda: sparse_attention(q, k, v, layout),
@@ -229,6 +240,8 @@ def main():
                           sdpa_graph_fwd_ms=sdpa_graph, ours_graph_fwd_ms=ours_graph,
                           general_graph_fwd_ms=general_graph, lanes_graph_fwd_ms=lanes_graph,
                           segment_keys_graph_fwd_ms=segment_graph,
+                          long_rows_beside_default=_torch_ops.long_rows_beside,
+                          toggled_beside_graph_fwd_ms=beside_graph,
                           flex_fwd_bwd_ms=flex_fb, flex_note=flex_note, device=name)
             raw.append(record)
             write_tables(args, name, raw, kernel_rows)
@@ -279,6 +292,14 @@ def write_tables(args, name, raw, kernel_rows):
         for r in segments:
             cells = ", ".join(f"{keys}: {fmt(ms)}" for keys, ms in r["segment_keys_graph_fwd_ms"].items())
             lines.append(f"| {r['side']}x{r['side']} | {r['pattern']} | {cells} |")
+    beside = [r for r in raw if r.get("toggled_beside_graph_fwd_ms") is not None]
+    if beside:
+        lines += ["", "Graphed forward with the long rows' stream choice flipped (ours above ran them "
+                  f"{'beside' if beside[0]['long_rows_beside_default'] else 'after'} the passes), ms:",
+                  "", "| tokens | pattern | ours | flipped |", "|---|---|---|---|"]
+        for r in beside:
+            lines.append(f"| {r['side']}x{r['side']} | {r['pattern']} | {fmt(r['ours_graph_fwd_ms'])} | "
+                         f"{fmt(r['toggled_beside_graph_fwd_ms'])} |")
     if kernel_rows:
         lines += ["", "GPU time per kernel of one forward call (torch.profiler, mean of the calls), us:",
                   "", "| call | kernel | us |", "|---|---|---|"]

@@ -163,6 +163,18 @@ int sa_cuda_bias_grad(const sa_bias_grad_params *p, char *err, size_t err_len);
 int sa_cuda_device_count(char *err, size_t err_len);
 /* Tile-plan passes launched on the lean tensor-core kernel so far (for tests). */
 long long sa_cuda_lean_passes(void);
+/* A forward with a tile plan: the count passes of fields (six numbers each, see
+ * sa_select_pass) in order on p->stream, and p's long rows (those the plan
+ * leaves out). With long_rows_beside the long rows run on a second stream of
+ * the device, forked from p->stream before the passes and joined into it after
+ * them (their outputs are disjoint from the passes'), so that the few blocks
+ * of a long row overlap the passes instead of running after them. Works under
+ * CUDA graph capture once the second stream exists (the first such call on a
+ * device creates it: make it outside a capture). */
+int sa_cuda_forward_planned(const sa_attention_params *p, const int64_t (*fields)[6], int64_t count,
+                            const int32_t *base, int long_rows_beside, char *err, size_t err_len);
+/* Calls that ran their long rows on the second stream so far (for tests). */
+long long sa_cuda_beside_forwards(void);
 #endif
 
 #ifdef __cplusplus

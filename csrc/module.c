@@ -395,7 +395,7 @@ static char *forward_kwlist[] = {"query", "key", "value", "out", "lse", "row_ptr
                                  "head_active", "dropout_p", "dropout_seed", "row_stats",
                                  "stream", "long_rows", "long_threshold", "reference_kernel",
                                  "tile_plan", "tile_passes", "long_row_splits", "split_workspace",
-                                 "stencil", NULL};
+                                 "stencil", "long_rows_beside", NULL};
 
 /* A tile plan for the tiled forward kernels (CUDA tensor cores, CPU panels;
  * sparse_attention/_tiles.py): one int32 buffer on q's device and, per pass,
@@ -482,14 +482,15 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
     long long long_row_splits = 1;
     common_options o = {Py_None, Py_None, Py_None, 0, 0, NAN, 0.0, 0};
     long long stream = -1, long_threshold = INT64_MAX;
-    int reference_kernel = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOO|$LLdOOOdKOLOLpOOLOO", forward_kwlist,
+    int reference_kernel = 0, long_rows_beside = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOO|$LLdOOOdKOLOLpOOLOOp", forward_kwlist,
                                      &q_obj, &k_obj, &v_obj, &out_obj, &lse_obj, &ptr_obj,
                                      &idx_obj, &o.height, &o.width, &o.scale, &o.bias,
                                      &o.key_mask, &o.head_active, &o.dropout_p,
                                      &o.dropout_seed, &stats_obj, &stream, &long_rows_obj,
                                      &long_threshold, &reference_kernel, &plan_obj, &passes_obj,
-                                     &long_row_splits, &workspace_obj, &stencil_obj))
+                                     &long_row_splits, &workspace_obj, &stencil_obj,
+                                     &long_rows_beside))
         return NULL;
     view_set set = {.count = 0, .stream = stream};
     sa_attention_params p;
@@ -566,16 +567,27 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
             p.plan_num_passes = plan.count;
             if (run_kernel(0, 0, &p) < 0) goto fail;
             p.plan_base = NULL;
+            p.tile_queries = NULL;
+            p.merge_previous = 0;
+            p.long_rows_only = 1;
+            if (p.num_long_rows > 0 && run_kernel(0, 0, &p) < 0) goto fail;
         } else {
-            for (int64_t i = 0; i < plan.count; i++) {
-                sa_select_pass(&p, plan.fields[i], plan.base, i);
-                if (run_kernel(is_cuda(q), 0, &p) < 0) goto fail;
+#ifdef SA_WITH_CUDA
+            /* the passes in order, and the long rows after them or beside them */
+            char err[ERR_LEN] = "";
+            int status;
+            Py_BEGIN_ALLOW_THREADS
+            status = sa_cuda_forward_planned(&p, (const int64_t(*)[6])plan.fields, plan.count, plan.base,
+                                             long_rows_beside, err, sizeof(err));
+            Py_END_ALLOW_THREADS
+            if (status != SA_OK) {
+                raise_status(status, err);
+                goto fail;
             }
+#else
+            (void)long_rows_beside;
+#endif
         }
-        p.tile_queries = NULL;
-        p.merge_previous = 0;
-        p.long_rows_only = 1;
-        if (p.num_long_rows > 0 && run_kernel(is_cuda(q), 0, &p) < 0) goto fail;
     } else if (run_kernel(is_cuda(q), 0, &p) < 0) {
         goto fail;
     }
@@ -899,6 +911,17 @@ static PyObject *cuda_lean_passes(PyObject *self, PyObject *unused)
 #endif
 }
 
+static PyObject *cuda_beside_forwards(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+#ifdef SA_WITH_CUDA
+    return PyLong_FromLongLong(sa_cuda_beside_forwards());
+#else
+    return PyLong_FromLong(0);
+#endif
+}
+
 /* Sizes and offsets of our DLPack declarations, checked by the tests. */
 static PyObject *dlpack_abi(PyObject *self, PyObject *unused)
 {
@@ -972,6 +995,8 @@ static PyMethodDef module_methods[] = {
      "Visible CUDA devices (0 without CUDA support or driver)."},
     {"cuda_lean_passes", cuda_lean_passes, METH_NOARGS,
      "Tile-plan passes run on the lean tensor-core kernel so far (tests check the dispatch)."},
+    {"cuda_beside_forwards", cuda_beside_forwards, METH_NOARGS,
+     "Forwards that ran their long rows on a second stream so far (tests check the dispatch)."},
     {"dlpack_abi", dlpack_abi, METH_NOARGS, "Sizes and offsets of the DLPack structs."},
     {"inspect_tensor", (PyCFunction)(void (*)(void))inspect_tensor, METH_VARARGS | METH_KEYWORDS,
      "What the DLPack bridge sees of a tensor."},

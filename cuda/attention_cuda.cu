@@ -15,7 +15,9 @@
 #include <cuda_runtime.h>
 #include <math_constants.h>
 
+#include <atomic>
 #include <cstdio>
+#include <mutex>
 
 #include "attention.h"
 #include "dropout_hash.h"
@@ -904,6 +906,106 @@ extern "C" int sa_cuda_forward(const sa_attention_params *p, char *err, size_t l
     }
     return report(dispatch(Pass::Forward, *p), pass_name(Pass::Forward), err, len);
 }
+
+namespace {
+
+// One second stream per device, with the two events that fork it from and
+// join it to the caller's stream; created on first use and kept. The lock is
+// held from fork to join, so that calls from several host threads cannot
+// record over each other's events.
+constexpr int kMaxSideDevices = 64;
+struct SideStream {
+    cudaStream_t stream = nullptr;
+    cudaEvent_t fork = nullptr, join = nullptr;
+};
+std::mutex side_lock;
+SideStream side_streams[kMaxSideDevices];
+std::atomic<long long> beside_forwards{0};
+
+int side_stream_for(int device, SideStream **out, char *err, size_t len) {
+    if (device < 0 || device >= kMaxSideDevices) {
+        snprintf(err, len, "query: long rows on a second stream support devices 0 to %d, not %d",
+                 kMaxSideDevices - 1, device);
+        return SA_ERR_UNSUPPORTED;
+    }
+    SideStream &side = side_streams[device];
+    if (side.stream == nullptr) {
+        SideStream made;
+        int status = report(cudaStreamCreateWithFlags(&made.stream, cudaStreamNonBlocking),
+                            "cudaStreamCreateWithFlags", err, len);
+        if (status == SA_OK)
+            status = report(cudaEventCreateWithFlags(&made.fork, cudaEventDisableTiming),
+                            "cudaEventCreateWithFlags", err, len);
+        if (status == SA_OK)
+            status = report(cudaEventCreateWithFlags(&made.join, cudaEventDisableTiming),
+                            "cudaEventCreateWithFlags", err, len);
+        if (status != SA_OK) {
+            if (made.join) cudaEventDestroy(made.join);
+            if (made.fork) cudaEventDestroy(made.fork);
+            if (made.stream) cudaStreamDestroy(made.stream);
+            return status;
+        }
+        side = made;
+    }
+    *out = &side;
+    return SA_OK;
+}
+
+// The caller's stream waits for everything queued on the second stream.
+int join_side(SideStream *side, cudaStream_t main_stream, char *err, size_t len) {
+    int status = report(cudaEventRecord(side->join, side->stream), "cudaEventRecord", err, len);
+    if (status != SA_OK) return status;
+    return report(cudaStreamWaitEvent(main_stream, side->join, 0), "cudaStreamWaitEvent", err, len);
+}
+
+}  // namespace
+
+extern "C" int sa_cuda_forward_planned(const sa_attention_params *p, const int64_t (*fields)[6],
+                                       int64_t count, const int32_t *base, int long_rows_beside,
+                                       char *err, size_t len) {
+    DeviceGuard guard(p->device_id);
+    if (guard.status != cudaSuccess) return report(guard.status, "cudaSetDevice", err, len);
+    sa_attention_params rows = *p;
+    rows.tile_queries = nullptr;
+    rows.merge_previous = 0;
+    rows.long_rows_only = 1;
+    const bool beside = long_rows_beside && p->num_long_rows > 0;
+    const cudaStream_t main_stream = static_cast<cudaStream_t>(p->stream);
+    std::unique_lock<std::mutex> hold(side_lock, std::defer_lock);
+    SideStream *side = nullptr;
+    int status = SA_OK;
+    if (beside) {
+        hold.lock();
+        status = side_stream_for(p->device_id, &side, err, len);
+        if (status == SA_OK)
+            status = report(cudaEventRecord(side->fork, main_stream), "cudaEventRecord", err, len);
+        if (status == SA_OK)
+            status = report(cudaStreamWaitEvent(side->stream, side->fork, 0), "cudaStreamWaitEvent", err, len);
+        if (status != SA_OK) return status;  // nothing queued on the second stream yet
+        rows.stream = side->stream;
+        status = sa_cuda_forward(&rows, err, len);
+    }
+    for (int64_t i = 0; i < count && status == SA_OK; i++) {
+        sa_attention_params pass = *p;
+        sa_select_pass(&pass, fields[i], base, i);
+        status = sa_cuda_forward(&pass, err, len);
+    }
+    if (beside) {
+        // join even after a failure, so that a capture does not end with the stream still forked
+        char join_err[256] = "";
+        const int joined = join_side(side, main_stream, join_err, sizeof(join_err));
+        if (status == SA_OK && joined != SA_OK) {
+            snprintf(err, len, "%s", join_err);
+            status = joined;
+        }
+        if (status == SA_OK) beside_forwards.fetch_add(1, std::memory_order_relaxed);
+        return status;
+    }
+    if (status == SA_OK && p->num_long_rows > 0) status = sa_cuda_forward(&rows, err, len);
+    return status;
+}
+
+extern "C" long long sa_cuda_beside_forwards(void) { return beside_forwards.load(); }
 
 extern "C" int sa_cuda_backward(const sa_attention_params *p, char *err, size_t len) {
     int status = check_params(p, err, len);

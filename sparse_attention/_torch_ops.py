@@ -3,6 +3,7 @@ autograd runs our backward kernels and torch.compile sees one opaque op."""
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -88,6 +89,11 @@ def _tensor_core_capable(device) -> bool:
 _NO_PLAN = (None, [], None, 0, None)
 # keys per block when a long row is split across blocks (tests set it lower)
 split_segment_keys = 512
+# CUDA forwards with a tile plan: run the rows the plan leaves out (LONGFORMER's
+# global tokens) on a second stream beside the plan's passes rather than after
+# them. Off until measured on a GPU; SPARSE_ATTENTION_LONG_ROWS_BESIDE=1 turns
+# it on, and benchmarks/gpu_bench.py times both ways.
+long_rows_beside = os.environ.get("SPARSE_ATTENTION_LONG_ROWS_BESIDE") == "1"
 
 
 def _tiled_applies(device, dtype, head_dim) -> bool:
@@ -210,6 +216,8 @@ def _forward_impl(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_
             common.update(long_row_splits=long_row_splits, split_workspace=d(workspace))
         extras = _cuda_extras(query.device, None, None)
         extras["long_rows"] = d(plan_long_rows)
+        if plan_long_rows is not None and long_rows_beside and query.device.type == "cuda":
+            extras["long_rows_beside"] = True
         C.attention_forward(d(query), d(key), d(value), d(out), d(lse), d(row_ptr), d(col_idx),
                             tile_plan=d(tile_plan), tile_passes=tile_passes, **extras, **common)
         return out, lse, stats

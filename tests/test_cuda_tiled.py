@@ -227,6 +227,41 @@ def test_long_rows_split_across_blocks(segment_keys, monkeypatch):
     torch.testing.assert_close(stats.cpu(), cpu[1], atol=3e-3, rtol=3e-3)
 
 
+@pytest.mark.parametrize("segment_keys", [0, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_long_rows_beside_the_passes_give_the_same_bits(segment_keys, dtype, monkeypatch):
+    """Long rows on a second stream write the rows the passes leave out, so the
+    results are the same bits as with the long rows after the passes; also on a
+    side stream of the caller's and under CUDA graph capture."""
+    monkeypatch.setattr(_torch_ops, "split_segment_keys", segment_keys)
+    layout = build_layout("longformer", 40, 40, kernel_size=5, num_global_tokens=2)
+    (q, k, v), _ = make(2, 3, 1600, 64, dtype)
+    q, k, v = q.cuda(), k.cuda(), v.cuda()
+    key_mask = (torch.rand(2, 1600, generator=torch.Generator().manual_seed(4)) > 0.2).cuda()
+    monkeypatch.setattr(_torch_ops, "long_rows_beside", False)
+    after = run_tiled(q, k, v, layout, key_mask=key_mask, return_lse=True)
+    monkeypatch.setattr(_torch_ops, "long_rows_beside", True)
+    before = C.cuda_beside_forwards()
+    beside = run_tiled(q, k, v, layout, key_mask=key_mask, return_lse=True)
+    assert C.cuda_beside_forwards() == before + 1
+    for a, b in zip(after, beside):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        on_stream = run_tiled(q, k, v, layout, key_mask=key_mask, return_lse=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    for a, b in zip(after, on_stream):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = attention(q, k, v, layout, key_mask=key_mask, return_lse=True)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(after, captured):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def test_nan_in_a_split_long_row(monkeypatch):
     monkeypatch.setattr(_torch_ops, "split_segment_keys", 128)
     layout = build_layout("longformer", 40, 40, kernel_size=5, num_global_tokens=1)
