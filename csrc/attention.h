@@ -102,12 +102,19 @@ typedef struct {
     const uint64_t *chunk_masks;
     int64_t num_tiles, num_chunks;
     int merge_previous;
-    /* CPU only: a whole tile plan (base buffer, six numbers per pass as in the
-     * passes above, which the CUDA forward takes one at a time). NULL
-     * plan_base: the row / column kernels. */
+    /* A whole tile plan (base buffer, six numbers per pass as in the passes
+     * above): the CPU forward and backward and the CUDA forward take it whole.
+     * In a forward the rows in long_rows (those the plan leaves out) run after
+     * the passes; on CUDA with long_rows_beside, on a second stream of the
+     * device beside them (their outputs are disjoint from the passes'), so
+     * that a long row's few blocks overlap the passes. That works under CUDA
+     * graph capture once the second stream exists (the first such call on a
+     * device creates it: make it outside a capture). NULL plan_base: the row /
+     * column kernels. */
     const int32_t *plan_base;
     const int64_t *plan_fields;
     int64_t plan_num_passes;
+    int long_rows_beside;
     /* CPU only, float32: a stencil layout (attention_cpu_stencil.c). Query
      * (y, x) attends key (y + dy, x + dx) for every (dy, dx) of
      * stencil_offsets (stencil_num_offsets x 2) that lands on the grid, and every
@@ -163,16 +170,6 @@ int sa_cuda_bias_grad(const sa_bias_grad_params *p, char *err, size_t err_len);
 int sa_cuda_device_count(char *err, size_t err_len);
 /* Tile-plan passes launched on the lean tensor-core kernel so far (for tests). */
 long long sa_cuda_lean_passes(void);
-/* A forward with a tile plan: the count passes of fields (six numbers each, see
- * sa_select_pass) in order on p->stream, and p's long rows (those the plan
- * leaves out). With long_rows_beside the long rows run on a second stream of
- * the device, forked from p->stream before the passes and joined into it after
- * them (their outputs are disjoint from the passes'), so that the few blocks
- * of a long row overlap the passes instead of running after them. Works under
- * CUDA graph capture once the second stream exists (the first such call on a
- * device creates it: make it outside a capture). */
-int sa_cuda_forward_planned(const sa_attention_params *p, const int64_t (*fields)[6], int64_t count,
-                            const int32_t *base, int long_rows_beside, char *err, size_t err_len);
 /* Calls that ran their long rows on the second stream so far (for tests). */
 long long sa_cuda_beside_forwards(void);
 #endif

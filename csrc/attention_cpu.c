@@ -117,6 +117,19 @@ static int run_plan(const sa_attention_params *p, int backward, int after_stenci
                     : sa_cpu_forward_tiled(&plan, fields, p->plan_num_passes, p->plan_base, threads, err, len);
 }
 
+/* The rows a tile plan leaves out (long_rows), after the plan. */
+static int forward_rows_left_by_plan(const sa_attention_params *p, char *err, size_t len)
+{
+    if (p->plan_base == NULL || p->num_long_rows == 0) return SA_OK;
+    sa_attention_params rows = *p;
+    rows.plan_base = NULL;
+    rows.stencil_offsets = NULL;
+    rows.tile_queries = NULL;
+    rows.merge_previous = 0;
+    rows.long_rows_only = 1;
+    return sa_cpu_forward(&rows, err, len);
+}
+
 int sa_cpu_forward(const sa_attention_params *p, char *err, size_t len)
 {
     int status = check_cpu_params(p, err, len);
@@ -138,9 +151,13 @@ int sa_cpu_forward(const sa_attention_params *p, char *err, size_t len)
             status = run(forward_listed_rows_f32, p->batch * p->heads * count, &listed, err, len);
         }
         free(left);
-        return status == SA_OK ? run_plan(p, 0, 1, err, len) : status;
+        if (status == SA_OK) status = run_plan(p, 0, 1, err, len);
+        return status == SA_OK ? forward_rows_left_by_plan(p, err, len) : status;
     }
-    if (p->plan_base != NULL) return run_plan(p, 0, 0, err, len);
+    if (p->plan_base != NULL) {
+        status = run_plan(p, 0, 0, err, len);
+        return status == SA_OK ? forward_rows_left_by_plan(p, err, len) : status;
+    }
     if (p->long_rows_only) {
         if (p->dtype != SA_F32) {
             snprintf(err, len, "long_rows: the tiled CPU path takes float32");

@@ -558,39 +558,15 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
     p.col_idx = (const int32_t *)idx->data;
     p.nnz = idx->shape[0];
     if (plan.count > 0) {
-        /* the passes in order (later ones merge into earlier ones), then the rows the
-         * plan leaves to the block-per-row kernel (listed in long_rows) */
-        if (!is_cuda(q)) {
-            /* the CPU takes the whole plan and chooses the order of its work */
-            p.plan_base = plan.base;
-            p.plan_fields = &plan.fields[0][0];
-            p.plan_num_passes = plan.count;
-            if (run_kernel(0, 0, &p) < 0) goto fail;
-            p.plan_base = NULL;
-            p.tile_queries = NULL;
-            p.merge_previous = 0;
-            p.long_rows_only = 1;
-            if (p.num_long_rows > 0 && run_kernel(0, 0, &p) < 0) goto fail;
-        } else {
-#ifdef SA_WITH_CUDA
-            /* the passes in order, and the long rows after them or beside them */
-            char err[ERR_LEN] = "";
-            int status;
-            Py_BEGIN_ALLOW_THREADS
-            status = sa_cuda_forward_planned(&p, (const int64_t(*)[6])plan.fields, plan.count, plan.base,
-                                             long_rows_beside, err, sizeof(err));
-            Py_END_ALLOW_THREADS
-            if (status != SA_OK) {
-                raise_status(status, err);
-                goto fail;
-            }
-#else
-            (void)long_rows_beside;
-#endif
-        }
-    } else if (run_kernel(is_cuda(q), 0, &p) < 0) {
-        goto fail;
+        /* the device's forward takes the whole plan: the passes in order (later
+         * ones merge into earlier ones), and the rows the plan leaves to the
+         * block-per-row kernel (listed in long_rows) */
+        p.plan_base = plan.base;
+        p.plan_fields = &plan.fields[0][0];
+        p.plan_num_passes = plan.count;
+        p.long_rows_beside = long_rows_beside;
     }
+    if (run_kernel(is_cuda(q), 0, &p) < 0) goto fail;
     release_all(&set);
     Py_RETURN_NONE;
 fail:

@@ -894,11 +894,14 @@ static int check_tiled(const sa_attention_params *p, char *err, size_t len) {
     return SA_OK;
 }
 
+static int forward_planned(const sa_attention_params *p, char *err, size_t len);
+
 extern "C" int sa_cuda_forward(const sa_attention_params *p, char *err, size_t len) {
     int status = check_params(p, err, len);
     if (status != SA_OK) return status;
     DeviceGuard guard(p->device_id);
     if (guard.status != cudaSuccess) return report(guard.status, "cudaSetDevice", err, len);
+    if (p->plan_base != nullptr) return forward_planned(p, err, len);
     if (p->tile_queries != nullptr) {
         status = check_tiled(p, err, len);
         if (status != SA_OK) return status;
@@ -960,16 +963,16 @@ int join_side(SideStream *side, cudaStream_t main_stream, char *err, size_t len)
 
 }  // namespace
 
-extern "C" int sa_cuda_forward_planned(const sa_attention_params *p, const int64_t (*fields)[6],
-                                       int64_t count, const int32_t *base, int long_rows_beside,
-                                       char *err, size_t len) {
-    DeviceGuard guard(p->device_id);
-    if (guard.status != cudaSuccess) return report(guard.status, "cudaSetDevice", err, len);
+// A forward over p's whole plan: the passes in order on p->stream, and the
+// long rows after them or beside them (see plan_base in attention.h).
+static int forward_planned(const sa_attention_params *p, char *err, size_t len) {
+    const int64_t(*fields)[6] = reinterpret_cast<const int64_t(*)[6]>(p->plan_fields);
     sa_attention_params rows = *p;
+    rows.plan_base = nullptr;
     rows.tile_queries = nullptr;
     rows.merge_previous = 0;
     rows.long_rows_only = 1;
-    const bool beside = long_rows_beside && p->num_long_rows > 0;
+    const bool beside = p->long_rows_beside && p->num_long_rows > 0;
     const cudaStream_t main_stream = static_cast<cudaStream_t>(p->stream);
     std::unique_lock<std::mutex> hold(side_lock, std::defer_lock);
     SideStream *side = nullptr;
@@ -985,9 +988,10 @@ extern "C" int sa_cuda_forward_planned(const sa_attention_params *p, const int64
         rows.stream = side->stream;
         status = sa_cuda_forward(&rows, err, len);
     }
-    for (int64_t i = 0; i < count && status == SA_OK; i++) {
+    for (int64_t i = 0; i < p->plan_num_passes && status == SA_OK; i++) {
         sa_attention_params pass = *p;
-        sa_select_pass(&pass, fields[i], base, i);
+        pass.plan_base = nullptr;
+        sa_select_pass(&pass, fields[i], p->plan_base, i);
         status = sa_cuda_forward(&pass, err, len);
     }
     if (beside) {

@@ -92,20 +92,24 @@ def measure_paired(fn_ours, fn_dense, leaves, repeats):
 
     with torch.no_grad():
         ours_fwd, dense_fwd, ratio_fwd = timed_pair(fn_ours, fn_dense, repeats)
-
-    def stepper(fn):
-        def step():
-            out = fn()
-            out.backward(torch.ones_like(out))
-            for leaf in leaves:
-                leaf.grad = None
-        return step
-
-    ours_both, dense_both, ratio_both = timed_pair(stepper(fn_ours), stepper(fn_dense), repeats)
+    ours_step, dense_step = _training_step(fn_ours, leaves), _training_step(fn_dense, leaves)
+    ours_both, dense_both, ratio_both = timed_pair(ours_step, dense_step, repeats)
     with PeakMemory() as memory:
-        stepper(fn_ours)()
+        ours_step()
     return ((ours_fwd, ours_both, memory.megabytes), (dense_fwd, dense_both, None),
             (ratio_fwd, ratio_both))
+
+
+def _training_step(fn_forward, leaves):
+    """One forward and backward of fn_forward, leaving no gradients behind."""
+    import torch
+
+    def step():
+        out = fn_forward()
+        out.backward(torch.ones_like(out))
+        for leaf in leaves:
+            leaf.grad = None
+    return step
 
 
 def measure(fn_forward, leaves, repeats):
@@ -117,13 +121,7 @@ def measure(fn_forward, leaves, repeats):
 
     with torch.no_grad():
         forward = timed(fn_forward, repeats)
-
-    def step():
-        out = fn_forward()
-        out.backward(torch.ones_like(out))
-        for leaf in leaves:
-            leaf.grad = None
-
+    step = _training_step(fn_forward, leaves)
     try:
         both = timed(step, repeats)
     except (NotImplementedError, RuntimeError) as error:
