@@ -124,6 +124,9 @@ typedef struct {
      * result. NULL stencil_offsets: none. */
     const int32_t *stencil_offsets, *stencil_keys, *stencil_rows;
     int64_t stencil_num_offsets, stencil_num_keys, stencil_num_rows;
+    /* CPU forward: run the stencil on the strip kernel even where the window
+     * kernel (attention_cpu_window.c) suits its offsets */
+    int stencil_strips;
 } sa_attention_params;
 
 /* The bias gradient: grad_table[h, t] = sum over b and over the CSR positions p of

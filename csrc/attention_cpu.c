@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "attention_cpu_stencil.h"
+#include "attention_cpu_window.h"
 #include "attention_cpu_tiled.h"
 #include "dropout_hash.h"
 #include "fast_expf.h"
@@ -143,7 +144,10 @@ int sa_cpu_forward(const sa_attention_params *p, char *err, size_t len)
             return SA_ERR_MEMORY;
         }
         int64_t count = 0;
-        status = sa_cpu_forward_stencil(p, sa_cpu_get_num_threads(), left, &count, err, len);
+        const int threads = sa_cpu_get_num_threads();
+        status = !p->stencil_strips && sa_cpu_window_fits(p)
+                     ? sa_cpu_forward_window(p, threads, left, &count, err, len)
+                     : sa_cpu_forward_stencil(p, threads, left, &count, err, len);
         if (status == SA_OK && count > 0) {
             sa_attention_params listed = *p;
             listed.long_rows = left;

@@ -31,6 +31,7 @@
 
 #include "dropout_hash.h"
 #include "simd8.h"
+#include "stencil_pairs.h"
 #include "threads.h"
 
 #define LANES 8
@@ -42,16 +43,6 @@
 #define STENCIL_CLONES
 #endif
 #define INLINE SA_INLINE
-
-INLINE u8v mix32_v8(u8v x)
-{
-    x ^= x >> 16;
-    x *= 0x7feb352dU;
-    x ^= x >> 15;
-    x *= 0x846ca68bU;
-    x ^= x >> 16;
-    return x;
-}
 
 /* What one call shares across its threads. */
 typedef struct {
@@ -205,27 +196,6 @@ static int work_alloc(stencil_work *w, const stencil_ctx *c, int backward)
     return 0;
 }
 
-static inline const float *row_of(const float *base, const int64_t *stride, int64_t b, int64_t h,
-                                  int64_t i)
-{
-    return base + b * stride[0] + h * stride[1] + i * stride[2];
-}
-
-static inline int key_usable(const sa_attention_params *p, int64_t b, int64_t j)
-{
-    return p->key_mask == NULL || p->key_mask[b * p->key_mask_stride[0] + j * p->key_mask_stride[1]];
-}
-
-static inline float bias_of(const sa_attention_params *p, int64_t h, int64_t dy, int64_t dx)
-{
-    /* dy, dx: query minus key, as the table is indexed */
-    if (p->bias_table == NULL) return 0.0f;
-    const int64_t m = p->max_relative, side = 2 * m + 1;
-    dy = dy < -m ? -m : (dy > m ? m : dy);
-    dx = dx < -m ? -m : (dx > m ? m : dx);
-    return ((const float *)p->bias_table)[(h * side + dy + m) * side + dx + m];
-}
-
 /* Transposes rows [row][x][d] of one (batch, head) into panel [row][d][pad + x],
  * panel rows row_floats apart. */
 INLINE void transpose_in(const float *base, const int64_t *stride, int64_t b, int64_t h,
@@ -235,7 +205,7 @@ INLINE void transpose_in(const float *base, const int64_t *stride, int64_t b, in
     const int64_t dim = c->dim, W = c->width;
     for (int64_t y = 0; y < num_rows; y++) {
         float *dst = panel + y * row_floats + pad;
-        const float *src = row_of(base, stride, b, h, (first_row + y) * W);
+        const float *src = sa_row_of(base, stride, b, h, (first_row + y) * W);
         int64_t x0 = 0;
         for (; x0 + 8 <= W; x0 += 8) {
             int64_t d0 = 0;
@@ -283,11 +253,11 @@ INLINE void build_key_panels(const stencil_ctx *c, stencil_work *w, int64_t b, i
     transpose_in(p->v, p->v_stride, b, h, c, w->vt, kw, c->row_floats, c->pad, 0, c->height);
     for (int64_t y = 0; y < c->height; y++) {
         float *valid = w->valid + y * kw + c->pad;
-        for (int64_t x = 0; x < c->width; x++) valid[x] = key_usable(p, b, y * c->width + x) ? 1.0f : 0.0f;
+        for (int64_t x = 0; x < c->width; x++) valid[x] = sa_key_usable(p, b, y * c->width + x) ? 1.0f : 0.0f;
     }
     for (int64_t g = 0; g < p->stencil_num_keys; g++) {
         const int64_t j = p->stencil_keys[g], r = c->height + g;
-        const float *k = row_of(p->k, p->k_stride, b, h, j), *v = row_of(p->v, p->v_stride, b, h, j);
+        const float *k = sa_row_of(p->k, p->k_stride, b, h, j), *v = sa_row_of(p->v, p->v_stride, b, h, j);
         for (int64_t d = 0; d < c->dim; d++) {
             float *kd = w->kt + r * c->row_floats + d * kw, *vd = w->vt + r * c->row_floats + d * kw;
             for (int64_t x = 0; x < kw; x++) {
@@ -295,11 +265,11 @@ INLINE void build_key_panels(const stencil_ctx *c, stencil_work *w, int64_t b, i
                 vd[x] = v[d];
             }
         }
-        const float usable = key_usable(p, b, j) ? 1.0f : 0.0f;
+        const float usable = sa_key_usable(p, b, j) ? 1.0f : 0.0f;
         for (int64_t x = 0; x < kw; x++) w->valid[r * kw + x] = usable;
     }
     for (int64_t o = 0; o < p->stencil_num_offsets; o++) {
-        const float bias = bias_of(p, h, -p->stencil_offsets[2 * o], -p->stencil_offsets[2 * o + 1]);
+        const float bias = sa_bias_of(p, h, -p->stencil_offsets[2 * o], -p->stencil_offsets[2 * o + 1]);
         for (int l = 0; l < LANES; l++) w->offset_bias[o * LANES + l] = bias;
     }
 }
@@ -342,7 +312,7 @@ static strip_span strip_entries(const stencil_ctx *c, stencil_work *w, int64_t h
             /* a key the offsets reach already is not attended twice */
             const int reached = x < W && c->is_offset[(jy - y + c->height - 1) * (2 * W - 1) + jx - x + W - 1];
             valid[l] = x < W && !reached ? w->valid[r * kw] : 0.0f;
-            bias[l] = x < W ? bias_of(p, h, y - jy, x - jx) : 0.0f;
+            bias[l] = x < W ? sa_bias_of(p, h, y - jy, x - jx) : 0.0f;
         }
     }
     return (strip_span){lo, hi - lo, p->stencil_num_keys, x0};
@@ -498,19 +468,11 @@ INLINE v8 row_dot_keys(const float *row, const float *panel, int64_t stride, int
     return even + odd;
 }
 
-/* The keep mask of the pairs (query, first_key + lane * step). */
-INLINE i8v keep_lanes(const stencil_ctx *c, u8v query_keys, int32_t first_key, int32_t step)
-{
-    const i8v lane = {0, 1, 2, 3, 4, 5, 6, 7};
-    const i8v keys = (i8v){0} + first_key + lane * step;
-    return (i8v)(mix32_v8(query_keys ^ (u8v)keys) >= c->threshold);
-}
-
 /* The dropout keep mask of entry e's pairs in a strip. */
 INLINE i8v entry_keep_lanes(const stencil_ctx *c, strip_span sp, int64_t e, u8v query_keys)
 {
-    if (e < sp.count) return keep_lanes(c, query_keys, (int32_t)(c->row_key[sp.first + e] + sp.x0), 1);
-    return keep_lanes(c, query_keys, c->p->stencil_keys[e - sp.count], 0);
+    if (e < sp.count) return sa_keep_lanes(c->threshold, query_keys, (int32_t)(c->row_key[sp.first + e] + sp.x0), 1);
+    return sa_keep_lanes(c->threshold, query_keys, c->p->stencil_keys[e - sp.count], 0);
 }
 
 /* A listed row that attends every token (LONGFORMER's global query), on the
@@ -528,7 +490,7 @@ INLINE void full_row_scores(const stencil_ctx *c, stencil_work *w, int64_t h, in
         for (int64_t x0 = 0; x0 < W; x0 += LANES) {
             v8 s = row_dot_keys(q, w->kt + y * c->row_floats + c->pad + x0, kw, dim) * c->scale;
             if (p->bias_table != NULL)
-                for (int l = 0; l < LANES && x0 + l < W; l++) s[l] += bias_of(p, h, gy - y, gx - x0 - l);
+                for (int l = 0; l < LANES && x0 + l < W; l++) s[l] += sa_bias_of(p, h, gy - y, gx - x0 - l);
             s = SELECT(LOADU(w->valid + y * kw + c->pad + x0) != SPLAT(0.0f), s, SPLAT(-INFINITY));
             nan_lanes |= s != s;
             best = SELECT(s > best, s, best);
@@ -570,7 +532,7 @@ INLINE void forward_full_row(const stencil_ctx *c, stencil_work *w, int64_t b, i
     const sa_attention_params *p = c->p;
     const int64_t W = c->width, dim = c->dim, qw = c->query_width;
     const int64_t bh = b * p->heads + h, row_item = bh * p->num_tokens + g;
-    const float *q = row_of(p->q, p->q_stride, b, h, g);
+    const float *q = sa_row_of(p->q, p->q_stride, b, h, g);
     int saw_nan;
     float top;
     full_row_scores(c, w, h, g, q, &saw_nan, &top);
@@ -589,7 +551,7 @@ INLINE void forward_full_row(const stencil_ctx *c, stencil_work *w, int64_t b, i
             }
             v8 weight = prob * c->keep_scale;
             if (c->threshold > 0)
-                weight = SELECT(keep_lanes(c, query_key, (int32_t)(y * W + x0), 1), weight, SPLAT(0.0f));
+                weight = SELECT(sa_keep_lanes(c->threshold, query_key, (int32_t)(y * W + x0), 1), weight, SPLAT(0.0f));
             STOREU(at, weight);
         }
     }
@@ -725,20 +687,20 @@ static void backward_listed_row(const stencil_ctx *c, int64_t b, int64_t h, int6
     const float lse = ((const float *)p->lse)[bh * p->num_tokens + i];
     const float delta = ((const float *)p->delta)[bh * p->num_tokens + i];
     if (lse == -INFINITY) return;
-    const float *q = row_of(p->q, p->q_stride, b, h, i);
-    const float *go = row_of(p->grad_out, p->grad_out_stride, b, h, i);
+    const float *q = sa_row_of(p->q, p->q_stride, b, h, i);
+    const float *go = sa_row_of(p->grad_out, p->grad_out_stride, b, h, i);
     const uint32_t query_key = sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), i);
     float *dq = grad_q + i * dim;
     for (int64_t at = p->row_ptr[i]; at < p->row_ptr[i + 1]; at++) {
         const int64_t j = p->col_idx[at];
-        if (!key_usable(p, b, j)) continue;
-        const float *k = row_of(p->k, p->k_stride, b, h, j), *v = row_of(p->v, p->v_stride, b, h, j);
+        if (!sa_key_usable(p, b, j)) continue;
+        const float *k = sa_row_of(p->k, p->k_stride, b, h, j), *v = sa_row_of(p->v, p->v_stride, b, h, j);
         float dot = 0.0f, grad_dot = 0.0f;
         for (int64_t d = 0; d < dim; d++) {
             dot += q[d] * k[d];
             grad_dot += go[d] * v[d];
         }
-        const float score = c->scale * dot + bias_of(p, h, i / W - j / W, i % W - j % W);
+        const float score = c->scale * dot + sa_bias_of(p, h, i / W - j / W, i % W - j % W);
         const float prob = expf(score - lse);
         const float keep = c->threshold == 0 || sa_dropout_keep(query_key, j, c->threshold) ? c->keep_scale : 0.0f;
         const float grad_score = prob * (grad_dot * keep - delta) * c->scale;
@@ -804,8 +766,8 @@ INLINE void backward_full_row(const stencil_ctx *c, stencil_work *w, int64_t b, 
     const float delta = ((const float *)p->delta)[bh * p->num_tokens + g];
     for (int64_t d = 0; d < dim; d++) dq[d] = 0.0f;
     if (lse == -INFINITY) return;
-    const float *q = row_of(p->q, p->q_stride, b, h, g);
-    const float *go = row_of(p->grad_out, p->grad_out_stride, b, h, g);
+    const float *q = sa_row_of(p->q, p->q_stride, b, h, g);
+    const float *go = sa_row_of(p->grad_out, p->grad_out_stride, b, h, g);
     int saw_nan;
     float top;
     full_row_scores(c, w, h, g, q, &saw_nan, &top);
@@ -816,7 +778,7 @@ INLINE void backward_full_row(const stencil_ctx *c, stencil_work *w, int64_t b, 
             const v8 grad_dot = row_dot_keys(go, w->vt + y * c->row_floats + c->pad + x0, kw, dim);
             v8 keep = SPLAT(c->keep_scale);
             if (c->threshold > 0)
-                keep = SELECT(keep_lanes(c, query_key, (int32_t)(y * W + x0), 1), keep, SPLAT(0.0f));
+                keep = SELECT(sa_keep_lanes(c->threshold, query_key, (int32_t)(y * W + x0), 1), keep, SPLAT(0.0f));
             const v8 grad = prob * (grad_dot * keep - delta) * c->scale;
             const v8 weight = prob * keep;
             STOREU(w->full_grads + y * qw + x0, grad);

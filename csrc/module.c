@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "attention.h"
+#include "attention_cpu_window.h"
 #include "dlpack_bridge.h"
 #include "layout.h"
 
@@ -395,7 +396,7 @@ static char *forward_kwlist[] = {"query", "key", "value", "out", "lse", "row_ptr
                                  "head_active", "dropout_p", "dropout_seed", "row_stats",
                                  "stream", "long_rows", "long_threshold", "reference_kernel",
                                  "tile_plan", "tile_passes", "long_row_splits", "split_workspace",
-                                 "stencil", "long_rows_beside", NULL};
+                                 "stencil", "long_rows_beside", "stencil_strips", NULL};
 
 /* A tile plan for the tiled forward kernels (CUDA tensor cores, CPU panels;
  * sparse_attention/_tiles.py): one int32 buffer on q's device and, per pass,
@@ -482,15 +483,15 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
     long long long_row_splits = 1;
     common_options o = {Py_None, Py_None, Py_None, 0, 0, NAN, 0.0, 0};
     long long stream = -1, long_threshold = INT64_MAX;
-    int reference_kernel = 0, long_rows_beside = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOO|$LLdOOOdKOLOLpOOLOOp", forward_kwlist,
+    int reference_kernel = 0, long_rows_beside = 0, stencil_strips = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOO|$LLdOOOdKOLOLpOOLOOpp", forward_kwlist,
                                      &q_obj, &k_obj, &v_obj, &out_obj, &lse_obj, &ptr_obj,
                                      &idx_obj, &o.height, &o.width, &o.scale, &o.bias,
                                      &o.key_mask, &o.head_active, &o.dropout_p,
                                      &o.dropout_seed, &stats_obj, &stream, &long_rows_obj,
                                      &long_threshold, &reference_kernel, &plan_obj, &passes_obj,
                                      &long_row_splits, &workspace_obj, &stencil_obj,
-                                     &long_rows_beside))
+                                     &long_rows_beside, &stencil_strips))
         return NULL;
     view_set set = {.count = 0, .stream = stream};
     sa_attention_params p;
@@ -522,6 +523,7 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
     tile_plan plan;
     if (take_tile_plan(&set, plan_obj, passes_obj, q, &plan) < 0) goto fail;
     if (take_stencil(&set, stencil_obj, q, &p) < 0) goto fail;
+    p.stencil_strips = stencil_strips;
     if (p.stencil_offsets != NULL && plan.count > 0 && p.row_stats != NULL) {
         PyErr_SetString(PyExc_ValueError,
                         "row_stats: statistics need a single kernel (a stencil with a tile_plan "
@@ -887,6 +889,13 @@ static PyObject *cuda_lean_passes(PyObject *self, PyObject *unused)
 #endif
 }
 
+static PyObject *cpu_window_forwards(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyLong_FromLongLong(sa_cpu_window_forwards());
+}
+
 static PyObject *cuda_beside_forwards(PyObject *self, PyObject *unused)
 {
     (void)self;
@@ -971,6 +980,8 @@ static PyMethodDef module_methods[] = {
      "Visible CUDA devices (0 without CUDA support or driver)."},
     {"cuda_lean_passes", cuda_lean_passes, METH_NOARGS,
      "Tile-plan passes run on the lean tensor-core kernel so far (tests check the dispatch)."},
+    {"cpu_window_forwards", cpu_window_forwards, METH_NOARGS,
+     "Forwards that ran on the CPU window kernel so far (tests check the dispatch)."},
     {"cuda_beside_forwards", cuda_beside_forwards, METH_NOARGS,
      "Forwards that ran their long rows on a second stream so far (tests check the dispatch)."},
     {"dlpack_abi", dlpack_abi, METH_NOARGS, "Sizes and offsets of the DLPack structs."},

@@ -7,7 +7,10 @@ on the grid. The CPU stencil kernels
 image row meet eight neighbouring keys at every offset, so they need neither
 indices nor masks per pair. LONGFORMER's global tokens fit too: every query
 attends them (extra keys), and as queries they attend everything, which the
-row kernel does (listed rows).
+row kernel does (listed rows). Where the offsets fit in a box of at most
+13 x 13 that they fill at least half of (a window), the forward runs on the
+window kernel instead (csrc/attention_cpu_window.c): a 4 x 2 block of
+queries in the lanes against the union of their windows.
 
 A stencil is derived from the pattern's knobs and then checked pair for pair
 against the layout's CSR rows, so a layout that is not what its pattern says
@@ -35,6 +38,10 @@ MAX_OFFSETS = 4096
 # to compare it with the whole stencil.
 MIN_CLASS_TOKENS = 8
 use_lattice_split = True
+# The CPU forward runs stencils whose offsets fit in a small box (windows) on
+# the window kernel (csrc/attention_cpu_window.c), the others on the strip
+# kernel; tests turn this off to compare the two.
+use_window_kernel = True
 
 
 def _window(radius, height, width):

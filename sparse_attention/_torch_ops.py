@@ -202,6 +202,8 @@ def _forward_impl(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_
         stencil_forwards_run += 1
         # with a plan, its passes hold the pairs the stencil leaves out (STRIDED's lattice)
         lattice = dict(tile_plan=d(tile_plan), tile_passes=tile_passes) if tile_plan is not None else {}
+        if not _stencil.use_window_kernel:
+            lattice["stencil_strips"] = True
         C.attention_forward(d(query), d(key), d(value), d(out), d(lse), d(row_ptr), d(col_idx),
                             stencil=d(stencil), **lattice, **common)
         return out, lse, stats

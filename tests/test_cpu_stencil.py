@@ -439,3 +439,104 @@ def test_reused_workspaces_leave_no_trace(threads):
         assert (out.double() - ref_out).abs().max() < 2e-5
     finally:
         set_num_threads(before)
+
+
+# ---- the window kernel (csrc/attention_cpu_window.c) -------------------------
+
+def strip_kernel(*args, **kwargs):
+    """The same call with every stencil on the strip kernel."""
+    return call_with(_stencil, "use_window_kernel", False, attention, *args, **kwargs)
+
+
+WINDOW_CASES = [("longformer", dict(kernel_size=7, num_global_tokens=1)),
+                ("longformer", dict(kernel_size=3, num_global_tokens=0)),
+                ("longformer", dict(kernel_size=13, num_global_tokens=3)),  # the widest box it takes
+                ("strided", dict(kernel_size=5, stride=3))]                 # a window with a hole (0, 0)
+WINDOW_SIZES = [(1, 1), (1, 17), (9, 1), (7, 13), (33, 35), (20, 70)]
+
+
+@pytest.mark.parametrize("dim", [8, 20, 32, 64])
+@pytest.mark.parametrize("size", WINDOW_SIZES)
+@pytest.mark.parametrize("pattern, knobs", WINDOW_CASES)
+def test_window_kernel_against_reference_and_the_strip_kernel(pattern, knobs, size, dim):
+    layout = build_layout(pattern, *size, **knobs)
+    n = layout.num_tokens
+    (q, k, v), bias = make(2, 3, n, dim, seed=dim)
+    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(5)) > 0.2
+    args = dict(rel_pos_bias=bias.float(), key_mask=key_mask, head_active=torch.tensor([True, False, True]),
+                dropout_p=0.15, dropout_seed=9, return_lse=True)
+    # statistics need a single kernel, which a STRIDED layout with its lattice split is not
+    args["return_stats"] = pattern == "longformer"
+    before = C.cpu_window_forwards()
+    got = attention(q.float(), k.float(), v.float(), layout, **args)
+    if pattern == "longformer":
+        assert C.cpu_window_forwards() == before + 1
+    ref_out, ref_lse, _ = reference_attention(q.float(), k.float(), v.float(), layout, bias=bias.float(),
+                                              key_mask=key_mask, head_active=args["head_active"],
+                                              dropout_p=0.15, dropout_seed=9)
+    assert_forward_matches_reference(got[0], got[1], ref_out, ref_lse, 2e-5)
+    strips = strip_kernel(q.float(), k.float(), v.float(), layout, **args)
+    for a, b in zip(got, strips):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+def test_window_kernel_with_no_bias_mask_or_dropout():
+    layout = build_layout("longformer", 23, 29, kernel_size=7, num_global_tokens=2)
+    (q, k, v), _ = make(1, 2, layout.num_tokens, 32)
+    before = C.cpu_window_forwards()
+    out, lse = attention(q.float(), k.float(), v.float(), layout, return_lse=True)
+    assert C.cpu_window_forwards() == before + 1
+    ref_out, ref_lse, _ = reference_attention(q.float(), k.float(), v.float(), layout)
+    assert_forward_matches_reference(out, lse, ref_out, ref_lse, 2e-5)
+
+
+def test_window_kernel_leaves_wide_windows_to_the_strip_kernel():
+    # a 15 x 15 window is past the 13 x 13 box the window kernel keeps in registers
+    layout = build_layout("longformer", 20, 21, kernel_size=15, num_global_tokens=1)
+    (q, k, v), _ = make(1, 2, layout.num_tokens, 16)
+    before = C.cpu_window_forwards()
+    out, lse = attention(q.float(), k.float(), v.float(), layout, return_lse=True)
+    assert C.cpu_window_forwards() == before
+    ref_out, ref_lse, _ = reference_attention(q.float(), k.float(), v.float(), layout)
+    assert_forward_matches_reference(out, lse, ref_out, ref_lse, 2e-5)
+
+
+def test_window_kernel_leaves_sparse_offsets_to_the_strip_kernel():
+    """Offsets that fill under half of their box (here 3 of 13 x 13) would
+    waste most of a block's union: the strip kernel takes them."""
+    layout = build_layout("longformer", 16, 16, kernel_size=13, num_global_tokens=0)
+    packed = np.array([3, 0, 0, 0, -6, 0, 0, 6, 6], dtype=np.int32)
+    (q, k, v), _ = make(1, 2, layout.num_tokens, 16)
+    arrays = [t.float().numpy() for t in (q, k, v)]
+    results = []
+    for window_kernel in (True, False):
+        out = np.empty_like(arrays[0])
+        lse = np.empty(arrays[0].shape[:3], dtype=np.float32)
+        before = C.cpu_window_forwards()
+        C.attention_forward(*arrays, out, lse, layout.indptr, layout.indices, height=16, width=16, scale=0.25,
+                            stencil=packed, stencil_strips=not window_kernel)
+        assert C.cpu_window_forwards() == before
+        results.append((out, lse))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    # row (8, 8) attends (8, 2), (8, 8) and (14, 14): check it by hand
+    i, keys = 8 * 16 + 8, [8 * 16 + 2, 8 * 16 + 8, 14 * 16 + 14]
+    scores = torch.stack([(q[0, :, i] * k[0, :, j]).sum(-1) * 0.25 for j in keys], -1).float()
+    expected = torch.einsum("hk,hkd->hd", torch.softmax(scores.double(), -1), v[0, :, keys].double())
+    np.testing.assert_allclose(results[0][0][0, :, i], expected.numpy(), atol=2e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_window_kernel_gives_the_same_bits_for_any_thread_count(threads):
+    layout = build_layout("longformer", 37, 19, kernel_size=7, num_global_tokens=2)
+    (q, k, v), bias = make(2, 3, layout.num_tokens, 24, bias_side=9)
+    args = dict(rel_pos_bias=bias.float(), dropout_p=0.1, dropout_seed=3, return_lse=True, return_stats=True)
+    before = get_num_threads()
+    try:
+        set_num_threads(1)
+        expected = attention(q.float(), k.float(), v.float(), layout, **args)
+        set_num_threads(threads)
+        got = attention(q.float(), k.float(), v.float(), layout, **args)
+    finally:
+        set_num_threads(before)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)

@@ -1,0 +1,726 @@
+/* CPU forward for stencil layouts whose offsets fit in a small box (float32):
+ * LONGFORMER's window with its global tokens, and STRIDED's window beside its
+ * lattice split. The backward stays on the strip kernel.
+ *
+ * The strip kernel of attention_cpu_stencil.c puts eight neighbours of an
+ * image row in a vector and reads each offset's keys as a vector shifted by
+ * dx; all but one dx of a window are off the 32-byte grid, and those loads
+ * bound it (benchmarks/NOTES.md). Here the eight lanes hold a 4 x 2 block of
+ * queries instead:
+ *   Q x K^T  every key of the block's union of windows (10 x 8 keys for a
+ *            7 x 7 window) is broadcast d by d from its row of K as the caller
+ *            holds it, against the block's queries transposed ([d][lane]);
+ *            the keys of a union row accumulate in registers;
+ *   softmax  lane by lane down the union, with a lane mask per union slot;
+ *   P x V    the block's two queries of an image row together, vectors over
+ *            d: each value row is read once for both, aligned as given.
+ * The union costs lanes (three fifths of the Q x K^T lanes and seven eighths
+ * of the P x V products of a 7 x 7 window are pairs of the layout), but no
+ * load is shifted and nothing but eight query rows is transposed per block.
+ * Output rows go out with streaming stores: without them the kernel was no
+ * faster than the strip kernel once its inputs left the caches.
+ *
+ * A value row enters P x V with weight 0 for the lanes of the union that do
+ * not attend it, so a NaN or infinity in a value row reaches the rows of its
+ * block's union, not only those of its window (a NaN in Q or K stays in the
+ * rows whose windows hold it).
+ *
+ * Work items are bands of image rows of one (batch, head), then one item per
+ * (batch, head) for the listed rows that attend every token. Every output row
+ * is written by one item, so results do not depend on the thread count. */
+#include "attention_cpu_window.h"
+
+#include <math.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#define WINDOW_STREAM_STORES 1
+#endif
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dropout_hash.h"
+#include "simd8.h"
+#include "stencil_pairs.h"
+#include "threads.h"
+
+#define LANES 8
+#define BLOCK_ROWS 4
+#define BLOCK_COLS 2
+#define MAX_BOX 13 /* offsets within 13 x 13: a union row is at most 14 keys, one register each */
+#define MAX_UNION_COLS (BLOCK_COLS - 1 + MAX_BOX)
+#define MAX_DIM 256
+#define BAND_ROWS 16
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SA_NO_CLONES)
+#define WINDOW_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define WINDOW_CLONES
+#endif
+#define INLINE SA_INLINE
+
+static atomic_llong window_forwards;
+
+long long sa_cpu_window_forwards(void)
+{
+    return atomic_load(&window_forwards);
+}
+
+typedef struct {
+    int dy_lo, dx_lo, box_h, box_w;
+} offset_box;
+
+static offset_box box_of(const sa_attention_params *p)
+{
+    offset_box box = {0, 0, 0, 0};
+    if (p->stencil_num_offsets <= 0) return box;
+    int dy_lo = p->stencil_offsets[0], dy_hi = dy_lo, dx_lo = p->stencil_offsets[1], dx_hi = dx_lo;
+    for (int64_t o = 1; o < p->stencil_num_offsets; o++) {
+        const int dy = p->stencil_offsets[2 * o], dx = p->stencil_offsets[2 * o + 1];
+        dy_lo = dy < dy_lo ? dy : dy_lo;
+        dy_hi = dy > dy_hi ? dy : dy_hi;
+        dx_lo = dx < dx_lo ? dx : dx_lo;
+        dx_hi = dx > dx_hi ? dx : dx_hi;
+    }
+    box.dy_lo = dy_lo;
+    box.dx_lo = dx_lo;
+    box.box_h = dy_hi - dy_lo + 1;
+    box.box_w = dx_hi - dx_lo + 1;
+    return box;
+}
+
+int sa_cpu_window_fits(const sa_attention_params *p)
+{
+    if (p->dtype != SA_F32 || p->head_dim < 1 || p->head_dim > MAX_DIM) return 0;
+    if (p->stencil_num_offsets <= 0 || p->height * p->width != p->num_tokens) return 0;
+    const offset_box box = box_of(p);
+    if (box.box_h > MAX_BOX || box.box_w > MAX_BOX) return 0;
+    /* a sparse set of offsets in its box would waste most of the union */
+    return 2 * p->stencil_num_offsets >= (int64_t)box.box_h * box.box_w;
+}
+
+/* What one call shares across its threads. */
+typedef struct {
+    const sa_attention_params *p;
+    int64_t height, width, dim;
+    offset_box box;
+    int union_rows, union_cols, union_slots;
+    int64_t max_slots; /* union slots + extra keys */
+    float scale, keep_scale;
+    uint32_t threshold;
+    i8v *slot_lanes;      /* [union slot]: all ones in the lanes whose query reaches the slot's key */
+    uint8_t *is_offset;   /* (2 height - 1) x (2 width - 1): offset present */
+    uint8_t *is_listed;   /* tokens: the row is in stencil_rows */
+    uint8_t *listed_full; /* per listed row: it attends every token (done here) */
+    int any_full;
+    int64_t bands, band_items;
+    atomic_llong next_item;
+    atomic_int failed;
+} window_ctx;
+
+/* A thread's buffers. */
+typedef struct {
+    v8 *scores;     /* [max_slots]: scores, then weights, [slot][lane] */
+    v8 *slot_bias;  /* [union slot]: the bias of head bias_head */
+    v8 *qt;         /* [dim]: the block's queries transposed */
+    float *full;    /* [tokens]: a full row's scores, then weights */
+    int64_t bias_head;
+} window_work;
+
+static void work_free(window_work *w)
+{
+    free(w->scores);
+    free(w->slot_bias);
+    free(w->qt);
+    free(w->full);
+}
+
+static int work_alloc(window_work *w, const window_ctx *c)
+{
+    memset(w, 0, sizeof(*w));
+    w->bias_head = -1;
+    w->scores = aligned_alloc(64, (size_t)c->max_slots * sizeof(v8));
+    w->slot_bias = aligned_alloc(64, (size_t)c->union_slots * sizeof(v8));
+    w->qt = aligned_alloc(64, (size_t)c->dim * sizeof(v8));
+    if (c->any_full) w->full = aligned_alloc(64, ((size_t)c->p->num_tokens * sizeof(float) + 63) / 64 * 64);
+    return w->scores && w->slot_bias && w->qt && (w->full || !c->any_full) ? 0 : -1;
+}
+
+/* ---- the blocks ---------------------------------------------------------- */
+
+/* out[j] = sum_d qt[d] * keys[j * key_stride + d] for `cols` keys (a constant
+ * where this is inlined, so that the accumulators stay in registers). Fewer
+ * than four keys take two chains each, so that the FMA latency is covered. */
+INLINE void union_row_dots(const v8 *restrict qt, int64_t dim, const float *restrict keys, int64_t key_stride,
+                           const int cols, v8 *restrict out)
+{
+    v8 acc[MAX_UNION_COLS], odd[4];
+    for (int j = 0; j < cols; j++) acc[j] = SPLAT(0.0f);
+    if (cols < 4) {
+        for (int j = 0; j < cols; j++) odd[j] = SPLAT(0.0f);
+        int64_t d = 0;
+        for (; d + 2 <= dim; d += 2) {
+            for (int j = 0; j < cols; j++) {
+                acc[j] += qt[d] * keys[j * key_stride + d];
+                odd[j] += qt[d + 1] * keys[j * key_stride + d + 1];
+            }
+        }
+        if (d < dim)
+            for (int j = 0; j < cols; j++) acc[j] += qt[d] * keys[j * key_stride + d];
+        for (int j = 0; j < cols; j++) out[j] = acc[j] + odd[j];
+        return;
+    }
+#pragma GCC unroll 2
+    for (int64_t d = 0; d < dim; d++) {
+        const v8 qd = qt[d];
+        for (int j = 0; j < cols; j++) acc[j] += qd * keys[j * key_stride + d];
+    }
+    for (int j = 0; j < cols; j++) out[j] = acc[j];
+}
+
+INLINE void row_dots(const v8 *qt, int64_t dim, const float *keys, int64_t key_stride, int cols, v8 *out)
+{
+    switch (cols) {
+#define DOTS_CASE(n) \
+    case n: union_row_dots(qt, dim, keys, key_stride, n, out); break;
+        DOTS_CASE(1) DOTS_CASE(2) DOTS_CASE(3) DOTS_CASE(4) DOTS_CASE(5) DOTS_CASE(6) DOTS_CASE(7)
+        DOTS_CASE(8) DOTS_CASE(9) DOTS_CASE(10) DOTS_CASE(11) DOTS_CASE(12) DOTS_CASE(13) DOTS_CASE(14)
+#undef DOTS_CASE
+    default: break;
+    }
+}
+
+/* The P x V of two lanes (l, l + 1) over `count` keys in a row of the union
+ * (weights [slot][lane] from `weights`, value rows value_stride apart from
+ * values), d in [d0, d0 + 8 vectors): accumulates into a0, a1. */
+INLINE void pair_weighted(const float *restrict weights, int lane, const float *restrict values,
+                          int64_t value_stride, int count, int64_t d0, const int vectors, v8 *restrict a0,
+                          v8 *restrict a1)
+{
+    for (int j = 0; j < count; j++) {
+        const float w0 = weights[j * LANES + lane], w1 = weights[j * LANES + lane + 1];
+        const float *v = values + j * value_stride + d0;
+        for (int i = 0; i < vectors; i++) {
+            const v8 value = LOADU(v + 8 * i);
+            a0[i] += w0 * value;
+            a1[i] += w1 * value;
+        }
+    }
+}
+
+/* Output rows are written whole and not read again here: where they are
+ * aligned, past the caches, so that their lines are not first read in. */
+INLINE void store_out(float *at, v8 value)
+{
+#ifdef WINDOW_STREAM_STORES
+    if (((uintptr_t)at & 15) == 0) {
+        _mm_stream_ps(at, (__m128){value[0], value[1], value[2], value[3]});
+        _mm_stream_ps(at + 4, (__m128){value[4], value[5], value[6], value[7]});
+        return;
+    }
+#endif
+    STOREU(at, value);
+}
+
+/* Which lanes' queries lie on the grid and are not listed, and each lane's token. */
+typedef struct {
+    int64_t y0, x0;
+    int64_t token[LANES]; /* -1 off the grid */
+    i8v on_grid;
+} block_lanes;
+
+/* The rows and columns of the union on the grid: [r_lo, r_hi) x [c_lo, c_hi). */
+typedef struct {
+    int64_t key_y0, key_x0;
+    int r_lo, r_hi, c_lo, c_hi;
+} union_span;
+
+/* One block's forward: outputs, log-sum-exps and statistics of its lanes. */
+INLINE void forward_block(const window_ctx *c, window_work *w, int64_t b, int64_t h, int64_t y0, int64_t x0)
+{
+    const sa_attention_params *p = c->p;
+    const int64_t H = c->height, W = c->width, dim = c->dim, N = p->num_tokens;
+    const int UR = c->union_rows, UC = c->union_cols, US = c->union_slots;
+    const int64_t num_extra = p->stencil_num_keys;
+    const int want_stats = p->row_stats != NULL;
+    const v8 neg_inf = SPLAT(-INFINITY), zero = SPLAT(0.0f);
+    const float *kb = (const float *)p->k + b * p->k_stride[0] + h * p->k_stride[1];
+    const float *vb = (const float *)p->v + b * p->v_stride[0] + h * p->v_stride[1];
+    const int64_t ks = p->k_stride[2], vs = p->v_stride[2];
+
+    block_lanes bl;
+    memset(&bl, 0, sizeof(bl));
+    bl.y0 = y0;
+    bl.x0 = x0;
+    for (int l = 0; l < LANES; l++) {
+        const int64_t y = y0 + l / BLOCK_COLS, x = x0 + l % BLOCK_COLS;
+        const int on = y < H && x < W;
+        bl.token[l] = on ? y * W + x : -1;
+        bl.on_grid[l] = on ? -1 : 0;
+    }
+    /* the queries transposed */
+    {
+        const float *rows[LANES];
+        for (int l = 0; l < LANES; l++)
+            rows[l] = bl.token[l] >= 0 ? sa_row_of(p->q, p->q_stride, b, h, bl.token[l]) : NULL;
+        int64_t d0 = 0;
+        for (; d0 + 8 <= dim; d0 += 8) {
+            v8 block[8];
+            for (int l = 0; l < LANES; l++) block[l] = rows[l] ? LOADU(rows[l] + d0) : zero;
+            transpose8(block);
+            for (int i = 0; i < 8; i++) w->qt[d0 + i] = block[i];
+        }
+        for (; d0 < dim; d0++)
+            for (int l = 0; l < LANES; l++) w->qt[d0][l] = rows[l] ? rows[l][d0] : 0.0f;
+    }
+
+    union_span u;
+    u.key_y0 = y0 + c->box.dy_lo;
+    u.key_x0 = x0 + c->box.dx_lo;
+    u.r_lo = u.key_y0 < 0 ? (int)-u.key_y0 : 0;
+    u.r_hi = u.key_y0 + UR > H ? (int)(H - u.key_y0) : UR;
+    u.c_lo = u.key_x0 < 0 ? (int)-u.key_x0 : 0;
+    u.c_hi = u.key_x0 + UC > W ? (int)(W - u.key_x0) : UC;
+    if (u.r_hi < u.r_lo) u.r_hi = u.r_lo;
+    if (u.c_hi < u.c_lo) u.c_hi = u.c_lo;
+    v8 *scores = w->scores;
+    const int whole = u.r_lo == 0 && u.r_hi == UR && u.c_lo == 0 && u.c_hi == UC;
+    if (!whole)
+        for (int s = 0; s < US; s++) scores[s] = neg_inf;
+
+    /* Q x K^T */
+    const int cols = u.c_hi - u.c_lo;
+    for (int r = u.r_lo; r < u.r_hi && cols > 0; r++)
+        row_dots(w->qt, dim, kb + ((u.key_y0 + r) * W + u.key_x0 + u.c_lo) * ks, ks, cols, scores + r * UC + u.c_lo);
+    for (int64_t g = 0; g < num_extra; g++)
+        row_dots(w->qt, dim, kb + (int64_t)p->stencil_keys[g] * ks, ks, 1, scores + US + g);
+
+    /* scale, bias and masks; the maximum and NaN lanes */
+    v8 top = neg_inf, top_odd = neg_inf;
+    i8v nan_lanes = {0};
+    const int biased = p->bias_table != NULL;
+    for (int r = u.r_lo; r < u.r_hi; r++) {
+        const int64_t key_row = (u.key_y0 + r) * W + u.key_x0;
+        for (int col = u.c_lo; col < u.c_hi; col++) {
+            const int s = r * UC + col;
+            i8v ok = c->slot_lanes[s] & bl.on_grid;
+            if (!sa_key_usable(p, b, key_row + col)) ok = (i8v){0};
+            v8 score = scores[s] * c->scale;
+            if (biased) score += w->slot_bias[s];
+            score = SELECT(ok, score, neg_inf);
+            nan_lanes |= score != score;
+            if (s & 1) top_odd = SELECT(score > top_odd, score, top_odd);
+            else top = SELECT(score > top, score, top);
+            scores[s] = score;
+        }
+    }
+    for (int64_t g = 0; g < num_extra; g++) {
+        const int64_t j = p->stencil_keys[g], gy = j / W, gx = j % W;
+        const int usable = sa_key_usable(p, b, j);
+        i8v ok = {0};
+        v8 bias = zero;
+        for (int l = 0; l < LANES; l++) {
+            if (bl.token[l] < 0 || !usable) continue;
+            const int64_t y = y0 + l / BLOCK_COLS, x = x0 + l % BLOCK_COLS;
+            /* a key an offset reaches already is not attended twice */
+            if (c->is_offset[(gy - y + H - 1) * (2 * W - 1) + gx - x + W - 1]) continue;
+            ok[l] = -1;
+            if (biased) bias[l] = sa_bias_of(p, h, y - gy, x - gx);
+        }
+        v8 score = scores[US + g] * c->scale + bias;
+        score = SELECT(ok, score, neg_inf);
+        nan_lanes |= score != score;
+        top = SELECT(score > top, score, top);
+        scores[US + g] = score;
+    }
+    top = SELECT(top_odd > top, top_odd, top);
+    const v8 shift = SELECT(top == neg_inf, zero, top);
+
+    /* softmax numerators, weights with dropout */
+    u8v query_keys = {0};
+    if (c->threshold > 0) {
+        const uint32_t row_key = sa_dropout_row_key(p->dropout_seed, b, h);
+        for (int l = 0; l < LANES; l++) query_keys[l] = sa_dropout_query_key(row_key, bl.token[l] >= 0 ? bl.token[l] : 0);
+    }
+    const int64_t slots = US + num_extra;
+    v8 sum = zero, sum_sq = zero, sum_shifted = zero;
+    for (int64_t s0 = 0; s0 < slots; s0 += 4) {
+        const int n = slots - s0 < 4 ? (int)(slots - s0) : 4;
+        v8 shifted[4], prob[4];
+        for (int i = 0; i < n; i++) prob[i] = shifted[i] = scores[s0 + i] - shift;
+        if (n == 4) exp_lanes(prob, 4);
+        else
+            for (int i = 0; i < n; i++) prob[i] = exp_v8(prob[i]);
+        for (int i = 0; i < n; i++) {
+            sum += prob[i];
+            if (want_stats) {
+                sum_sq += prob[i] * prob[i];
+                sum_shifted += SELECT(prob[i] != zero, prob[i] * shifted[i], zero);
+            }
+            v8 weight = prob[i] * c->keep_scale;
+            if (c->threshold > 0) {
+                const int64_t s = s0 + i;
+                int32_t key;
+                if (s < US) key = (int32_t)((u.key_y0 + s / UC) * W + u.key_x0 + s % UC);
+                else key = p->stencil_keys[s - US];
+                weight = SELECT(sa_keep_lanes(c->threshold, query_keys, key, 0), weight, zero);
+            }
+            scores[s0 + i] = weight;
+        }
+    }
+
+    /* normalisation: NaN for a row with a NaN score, 0 for a row with no key */
+    const i8v live = sum > zero;
+    const v8 inv = SELECT(live, SPLAT(1.0f) / SELECT(live, sum, SPLAT(1.0f)), zero);
+    const v8 factor = SELECT(nan_lanes, SPLAT(NAN), inv);
+    float *out_rows[LANES];
+    for (int l = 0; l < LANES; l++) {
+        out_rows[l] = NULL;
+        const int64_t i = bl.token[l];
+        if (i < 0 || c->is_listed[i]) continue;
+        out_rows[l] = (float *)p->out + b * p->out_stride[0] + h * p->out_stride[1] + i * p->out_stride[2];
+        const int64_t row_item = (b * p->heads + h) * N + i;
+        float lse = live[l] ? shift[l] + logf(sum[l]) : -INFINITY;
+        if (nan_lanes[l]) lse = NAN;
+        ((float *)p->lse)[row_item] = lse;
+        if (want_stats) {
+            float *stats = (float *)p->row_stats + 2 * row_item;
+            stats[0] = live[l] ? sum_sq[l] * inv[l] * inv[l] : 0.0f;
+            stats[1] = live[l] ? logf(sum[l]) - sum_shifted[l] * inv[l] : 0.0f;
+            if (nan_lanes[l]) stats[0] = stats[1] = NAN;
+        }
+    }
+
+    /* P x V, two lanes of an image row at a time */
+    const float *weights = (const float *)scores;
+    for (int l = 0; l < LANES; l += 2) {
+        if (!out_rows[l] && !out_rows[l + 1]) continue;
+        const int ly = l / BLOCK_COLS;
+        const int r_first = ly > u.r_lo ? ly : u.r_lo;
+        const int r_last = ly + c->box.box_h < u.r_hi ? ly + c->box.box_h : u.r_hi;
+        int64_t d0 = 0;
+        for (; d0 + 8 <= dim; d0 += 32) {
+            const int vectors = dim - d0 >= 32 ? 4 : (int)((dim - d0) / 8);
+            v8 a0[4] = {zero, zero, zero, zero}, a1[4] = {zero, zero, zero, zero};
+            for (int r = r_first; r < r_last && cols > 0; r++) {
+                const float *wrow = weights + (r * UC + u.c_lo) * LANES;
+                const float *vrow = vb + ((u.key_y0 + r) * W + u.key_x0 + u.c_lo) * vs;
+                switch (vectors == 4 ? cols : 0) {
+                /* whole union rows of 5 x 5, 7 x 7 and 9 x 9 windows, unrolled */
+                case 6: pair_weighted(wrow, l, vrow, vs, 6, d0, 4, a0, a1); continue;
+                case 8: pair_weighted(wrow, l, vrow, vs, 8, d0, 4, a0, a1); continue;
+                case 10: pair_weighted(wrow, l, vrow, vs, 10, d0, 4, a0, a1); continue;
+                default: break;
+                }
+                switch (vectors) {
+                case 4: pair_weighted(wrow, l, vrow, vs, cols, d0, 4, a0, a1); break;
+                case 3: pair_weighted(wrow, l, vrow, vs, cols, d0, 3, a0, a1); break;
+                case 2: pair_weighted(wrow, l, vrow, vs, cols, d0, 2, a0, a1); break;
+                default: pair_weighted(wrow, l, vrow, vs, cols, d0, 1, a0, a1); break;
+                }
+            }
+            for (int64_t g = 0; g < num_extra; g++) {
+                const float *wrow = weights + (US + g) * LANES;
+                const float *vrow = vb + (int64_t)p->stencil_keys[g] * vs;
+                switch (vectors) {
+                case 4: pair_weighted(wrow, l, vrow, vs, 1, d0, 4, a0, a1); break;
+                case 3: pair_weighted(wrow, l, vrow, vs, 1, d0, 3, a0, a1); break;
+                case 2: pair_weighted(wrow, l, vrow, vs, 1, d0, 2, a0, a1); break;
+                default: pair_weighted(wrow, l, vrow, vs, 1, d0, 1, a0, a1); break;
+                }
+            }
+            for (int i = 0; i < vectors; i++) {
+                if (out_rows[l]) store_out(out_rows[l] + d0 + 8 * i, a0[i] * factor[l]);
+                if (out_rows[l + 1]) store_out(out_rows[l + 1] + d0 + 8 * i, a1[i] * factor[l + 1]);
+            }
+            if (vectors < 4) {
+                d0 += 8 * vectors;
+                break;
+            }
+        }
+        /* head dims past the last multiple of 8 */
+        for (; d0 < dim; d0++) {
+            float s0 = 0.0f, s1 = 0.0f;
+            for (int r = r_first; r < r_last; r++)
+                for (int col = u.c_lo; col < u.c_hi; col++) {
+                    const float value = vb[((u.key_y0 + r) * W + u.key_x0 + col) * vs + d0];
+                    s0 += weights[(r * UC + col) * LANES + l] * value;
+                    s1 += weights[(r * UC + col) * LANES + l + 1] * value;
+                }
+            for (int64_t g = 0; g < num_extra; g++) {
+                const float value = vb[(int64_t)p->stencil_keys[g] * vs + d0];
+                s0 += weights[(US + g) * LANES + l] * value;
+                s1 += weights[(US + g) * LANES + l + 1] * value;
+            }
+            if (out_rows[l]) out_rows[l][d0] = s0 * factor[l];
+            if (out_rows[l + 1]) out_rows[l + 1][d0] = s1 * factor[l + 1];
+        }
+    }
+}
+
+/* ---- listed rows that attend every token ---------------------------------- */
+
+/* A listed row that attends every token (LONGFORMER's global query): scores of
+ * eight keys at a time as eight vectors over d, transposed and summed; P x V
+ * with vectors over d. */
+INLINE void forward_full_row(const window_ctx *c, window_work *w, int64_t b, int64_t h, int64_t i)
+{
+    const sa_attention_params *p = c->p;
+    const int64_t W = c->width, dim = c->dim, N = p->num_tokens;
+    const int want_stats = p->row_stats != NULL;
+    const float *kb = (const float *)p->k + b * p->k_stride[0] + h * p->k_stride[1];
+    const float *vb = (const float *)p->v + b * p->v_stride[0] + h * p->v_stride[1];
+    const int64_t ks = p->k_stride[2], vs = p->v_stride[2];
+    const float *q = sa_row_of(p->q, p->q_stride, b, h, i);
+    const int64_t iy = i / W, ix = i % W;
+    float *scores = w->full;
+    float top = -INFINITY;
+    int saw_nan = 0;
+    int64_t j0 = 0;
+    const int64_t dim8 = dim / 8 * 8;
+    for (; j0 + 8 <= N; j0 += 8) {
+        v8 acc[8];
+        for (int k = 0; k < 8; k++) acc[k] = SPLAT(0.0f);
+        for (int64_t d0 = 0; d0 < dim8; d0 += 8) {
+            const v8 qv = LOADU(q + d0);
+            for (int k = 0; k < 8; k++) acc[k] += qv * LOADU(kb + (j0 + k) * ks + d0);
+        }
+        transpose8(acc);
+        v8 dots = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        for (int64_t d = dim8; d < dim; d++)
+            for (int k = 0; k < 8; k++) dots[k] += q[d] * kb[(j0 + k) * ks + d];
+        STOREU(scores + j0, dots);
+    }
+    for (; j0 < N; j0++) {
+        float dot = 0.0f;
+        for (int64_t d = 0; d < dim; d++) dot += q[d] * kb[j0 * ks + d];
+        scores[j0] = dot;
+    }
+    for (int64_t j = 0; j < N; j++) {
+        float s = scores[j] * c->scale + sa_bias_of(p, h, iy - j / W, ix - j % W);
+        if (!sa_key_usable(p, b, j)) s = -INFINITY;
+        saw_nan |= s != s;
+        top = s > top ? s : top;
+        scores[j] = s;
+    }
+    const float shift = top == -INFINITY ? 0.0f : top;
+    const uint32_t query_key =
+        c->threshold ? sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), i) : 0u;
+    const v8 zero = SPLAT(0.0f);
+    v8 sum = zero, sum_sq = zero, sum_shifted = zero;
+    for (int64_t j0 = 0; j0 < N; j0 += 8) {
+        const int n = N - j0 < 8 ? (int)(N - j0) : 8;
+        v8 shifted = SPLAT(-INFINITY);
+        for (int k = 0; k < n; k++) shifted[k] = scores[j0 + k] - shift;
+        const v8 prob = exp_v8(shifted);
+        sum += prob;
+        if (want_stats) {
+            sum_sq += prob * prob;
+            sum_shifted += SELECT(prob != zero, prob * shifted, zero);
+        }
+        v8 weight = prob * c->keep_scale;
+        if (c->threshold > 0)
+            weight = SELECT(sa_keep_lanes(c->threshold, (u8v){0} + query_key, (int32_t)j0, 1), weight, zero);
+        for (int k = 0; k < n; k++) scores[j0 + k] = weight[k];
+    }
+    const float total = hsum8(sum);
+    const int live = total > 0.0f;
+    const float inv = live ? 1.0f / total : 0.0f;
+    float *out = (float *)p->out + b * p->out_stride[0] + h * p->out_stride[1] + i * p->out_stride[2];
+    /* keys outer, up to 32 of d inner: each value row is read once */
+    int64_t d0 = 0;
+    for (; d0 + 8 <= dim; d0 += 32) {
+        const int vectors = dim - d0 >= 32 ? 4 : (int)((dim - d0) / 8);
+        v8 acc[4] = {zero, zero, zero, zero}, acc_odd[4] = {zero, zero, zero, zero};
+        int64_t j = 0;
+        for (; j + 2 <= N; j += 2) {
+            const float *v0 = vb + j * vs + d0, *v1 = v0 + vs;
+            for (int k = 0; k < vectors; k++) {
+                acc[k] += scores[j] * LOADU(v0 + 8 * k);
+                acc_odd[k] += scores[j + 1] * LOADU(v1 + 8 * k);
+            }
+        }
+        for (; j < N; j++)
+            for (int k = 0; k < vectors; k++) acc[k] += scores[j] * LOADU(vb + j * vs + d0 + 8 * k);
+        for (int k = 0; k < vectors; k++) STOREU(out + d0 + 8 * k, saw_nan ? SPLAT(NAN) : (acc[k] + acc_odd[k]) * inv);
+        if (vectors < 4) {
+            d0 += 8 * vectors;
+            break;
+        }
+    }
+    for (; d0 < dim; d0++) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < N; j++) acc += scores[j] * vb[j * vs + d0];
+        out[d0] = saw_nan ? NAN : acc * inv;
+    }
+    const int64_t row_item = (b * p->heads + h) * N + i;
+    float lse = live ? shift + logf(total) : -INFINITY;
+    if (saw_nan) lse = NAN;
+    ((float *)p->lse)[row_item] = lse;
+    if (want_stats) {
+        float *stats = (float *)p->row_stats + 2 * row_item;
+        stats[0] = live ? hsum8(sum_sq) * inv * inv : 0.0f;
+        stats[1] = live ? logf(total) - hsum8(sum_shifted) * inv : 0.0f;
+        if (saw_nan) stats[0] = stats[1] = NAN;
+    }
+}
+
+/* ---- work items ------------------------------------------------------------- */
+
+/* The bias of head h for every union slot and lane. */
+static void fill_slot_bias(const window_ctx *c, window_work *w, int64_t h)
+{
+    for (int s = 0; s < c->union_slots; s++) {
+        const int r = s / c->union_cols, col = s % c->union_cols;
+        for (int l = 0; l < LANES; l++) {
+            /* query (l / 2, l % 2) of the block, key (dy_lo + r, dx_lo + col) from its corner */
+            const int64_t dy = l / BLOCK_COLS - (c->box.dy_lo + r), dx = l % BLOCK_COLS - (c->box.dx_lo + col);
+            w->slot_bias[s][l] = sa_bias_of(c->p, h, dy, dx);
+        }
+    }
+    w->bias_head = h;
+}
+
+WINDOW_CLONES
+static void forward_items(void *opaque, int64_t first, int64_t last)
+{
+    (void)first;
+    (void)last;
+    window_ctx *c = opaque;
+    const sa_attention_params *p = c->p;
+    const int64_t W = c->width, H = c->height, dim = c->dim;
+    window_work w;
+    if (work_alloc(&w, c) < 0) {
+        work_free(&w);
+        atomic_store(&c->failed, 1);
+        return;
+    }
+    const int64_t total = c->band_items + (c->any_full ? p->batch * p->heads : 0);
+    for (;;) {
+        const int64_t item = atomic_fetch_add(&c->next_item, 1);
+        if (item >= total) break;
+        if (item >= c->band_items) {
+            const int64_t bh = item - c->band_items, b = bh / p->heads, h = bh % p->heads;
+            if (p->head_active != NULL && !p->head_active[h]) continue; /* zeroed with its bands */
+            for (int64_t t = 0; t < p->stencil_num_rows; t++)
+                if (c->listed_full[t]) forward_full_row(c, &w, b, h, p->stencil_rows[t]);
+            continue;
+        }
+        const int64_t bh = item / c->bands, band = item % c->bands, b = bh / p->heads, h = bh % p->heads;
+        const int64_t y_first = band * BAND_ROWS, y_end = y_first + BAND_ROWS < H ? y_first + BAND_ROWS : H;
+        if (p->head_active != NULL && !p->head_active[h]) {
+            /* a pruned head outputs zeros, its rows no key */
+            for (int64_t i = y_first * W; i < y_end * W; i++) {
+                float *out = (float *)p->out + b * p->out_stride[0] + h * p->out_stride[1] + i * p->out_stride[2];
+                memset(out, 0, (size_t)dim * sizeof(float));
+                ((float *)p->lse)[bh * p->num_tokens + i] = -INFINITY;
+                if (p->row_stats != NULL) {
+                    float *stats = (float *)p->row_stats + 2 * (bh * p->num_tokens + i);
+                    stats[0] = stats[1] = 0.0f;
+                }
+            }
+            continue;
+        }
+        if (p->bias_table != NULL && w.bias_head != h) fill_slot_bias(c, &w, h);
+        for (int64_t y0 = y_first; y0 < y_end; y0 += BLOCK_ROWS)
+            for (int64_t x0 = 0; x0 < W; x0 += BLOCK_COLS) {
+                forward_block(c, &w, b, h, y0, x0);
+            }
+    }
+#ifdef WINDOW_STREAM_STORES
+    _mm_sfence(); /* the streamed rows are seen by whoever reads them next */
+#endif
+    work_free(&w);
+}
+
+/* ---- entry point ------------------------------------------------------------ */
+
+static int listed_row_is_full(const sa_attention_params *p, int64_t i)
+{
+    const int64_t n = p->num_tokens, start = p->row_ptr[i];
+    if (p->row_ptr[i + 1] - start != n) return 0;
+    for (int64_t t = 0; t < n; t++)
+        if (p->col_idx[start + t] != t) return 0;
+    return 1;
+}
+
+static void ctx_free(window_ctx *c)
+{
+    free(c->slot_lanes);
+    free(c->is_offset);
+    free(c->is_listed);
+    free(c->listed_full);
+}
+
+static int ctx_init(window_ctx *c, const sa_attention_params *p, char *err, size_t len)
+{
+    memset(c, 0, sizeof(*c));
+    c->p = p;
+    c->height = p->height;
+    c->width = p->width;
+    c->dim = p->head_dim;
+    c->box = box_of(p);
+    c->union_rows = BLOCK_ROWS - 1 + c->box.box_h;
+    c->union_cols = BLOCK_COLS - 1 + c->box.box_w;
+    c->union_slots = c->union_rows * c->union_cols;
+    c->max_slots = c->union_slots + p->stencil_num_keys + 4; /* + 4: the softmax reads whole groups */
+    c->scale = (float)p->scale;
+    c->keep_scale = p->dropout_p > 0 ? (float)(1.0 / (1.0 - p->dropout_p)) : 1.0f;
+    c->threshold = sa_dropout_threshold(p->dropout_p);
+    const int64_t H = c->height, W = c->width;
+    c->slot_lanes = aligned_alloc(64, (size_t)c->union_slots * sizeof(i8v));
+    c->is_offset = calloc((size_t)((2 * H - 1) * (2 * W - 1)), 1);
+    c->is_listed = calloc((size_t)p->num_tokens, 1);
+    c->listed_full = calloc((size_t)(p->stencil_num_rows + 1), 1);
+    if (!c->slot_lanes || !c->is_offset || !c->is_listed || !c->listed_full) {
+        snprintf(err, len, "could not run the window CPU kernel (out of memory)");
+        return SA_ERR_MEMORY;
+    }
+    for (int64_t o = 0; o < p->stencil_num_offsets; o++)
+        c->is_offset[(p->stencil_offsets[2 * o] + H - 1) * (2 * W - 1) + p->stencil_offsets[2 * o + 1] + W - 1] = 1;
+    for (int s = 0; s < c->union_slots; s++) {
+        const int r = s / c->union_cols, col = s % c->union_cols;
+        for (int l = 0; l < LANES; l++) {
+            /* key minus query: the offset that would reach the slot from lane l */
+            const int64_t dy = c->box.dy_lo + r - l / BLOCK_COLS, dx = c->box.dx_lo + col - l % BLOCK_COLS;
+            const int inside = dy > -H && dy < H && dx > -W && dx < W;
+            c->slot_lanes[s][l] = inside && c->is_offset[(dy + H - 1) * (2 * W - 1) + dx + W - 1] ? -1 : 0;
+        }
+    }
+    for (int64_t t = 0; t < p->stencil_num_rows; t++) {
+        c->is_listed[p->stencil_rows[t]] = 1;
+        c->listed_full[t] = (uint8_t)listed_row_is_full(p, p->stencil_rows[t]);
+        c->any_full |= c->listed_full[t];
+    }
+    c->bands = (H + BAND_ROWS - 1) / BAND_ROWS;
+    c->band_items = p->batch * p->heads * c->bands;
+    return SA_OK;
+}
+
+int sa_cpu_forward_window(const sa_attention_params *p, int num_threads, int32_t *rows_left, int64_t *num_left,
+                          char *err, size_t len)
+{
+    if (!sa_cpu_window_fits(p)) {
+        snprintf(err, len, "stencil: its offsets do not suit the window CPU kernel");
+        return SA_ERR_UNSUPPORTED;
+    }
+    window_ctx c;
+    int status = ctx_init(&c, p, err, len);
+    if (status == SA_OK && p->batch * p->heads > 0) {
+        const int64_t items = c.band_items + (c.any_full ? p->batch * p->heads : 0);
+        const int64_t workers = num_threads < items ? num_threads : items;
+        if (sa_parallel_for(workers, 1, (int)workers, forward_items, &c) != 0 || atomic_load(&c.failed)) {
+            snprintf(err, len, "could not run the window CPU kernel (out of memory)");
+            status = SA_ERR_MEMORY;
+        }
+    }
+    if (status == SA_OK && rows_left != NULL) {
+        *num_left = 0;
+        for (int64_t t = 0; t < p->stencil_num_rows; t++)
+            if (!c.listed_full[t]) rows_left[(*num_left)++] = p->stencil_rows[t];
+    }
+    if (status == SA_OK) atomic_fetch_add(&window_forwards, 1);
+    ctx_free(&c);
+    return status;
+}

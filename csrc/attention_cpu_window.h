@@ -1,0 +1,19 @@
+/* CPU forward for stencil layouts whose offsets fit in a small box
+ * (attention_cpu_window.c). */
+#ifndef SA_ATTENTION_CPU_WINDOW_H
+#define SA_ATTENTION_CPU_WINDOW_H
+
+#include "attention.h"
+
+/* Whether p's stencil suits the window kernel: float32, head dim at most 256,
+ * offsets within a 13 x 13 box that they fill at least half of. */
+int sa_cpu_window_fits(const sa_attention_params *p);
+
+/* As sa_cpu_forward_stencil (attention_cpu_stencil.h), for a stencil that fits. */
+int sa_cpu_forward_window(const sa_attention_params *p, int num_threads, int32_t *rows_left, int64_t *num_left,
+                          char *err, size_t len);
+
+/* Calls that ran on the window kernel so far (for tests). */
+long long sa_cpu_window_forwards(void);
+
+#endif /* SA_ATTENTION_CPU_WINDOW_H */
