@@ -60,11 +60,16 @@
 #endif
 #define INLINE SA_INLINE
 
-static atomic_llong window_forwards;
+static atomic_llong window_forwards, window_backwards;
 
 long long sa_cpu_window_forwards(void)
 {
     return atomic_load(&window_forwards);
+}
+
+long long sa_cpu_window_backwards(void)
+{
+    return atomic_load(&window_backwards);
 }
 
 typedef struct {
@@ -121,30 +126,44 @@ typedef struct {
 
 /* A thread's buffers. */
 typedef struct {
-    v8 *scores;     /* [max_slots]: scores, then weights, [slot][lane] */
-    v8 *slot_bias;  /* [union slot]: the bias of head bias_head */
-    v8 *qt;         /* [dim]: the block's queries transposed */
-    float *full;    /* [tokens]: a full row's scores, then weights */
+    v8 *scores;        /* [max_slots]: scores, then weights, [slot][lane] */
+    v8 *grads;         /* [max_slots] (backward): dO . V, then dS */
+    v8 *slot_bias;     /* [union slot]: the bias of head bias_head */
+    v8 *qt, *got;      /* [dim]: the block's queries (output gradients) transposed */
+    float *full;       /* [tokens]: a full row's scores, then weights */
+    float *full_grads; /* [tokens] (backward): its dO . V, then dS */
     int64_t bias_head;
 } window_work;
 
 static void work_free(window_work *w)
 {
     free(w->scores);
+    free(w->grads);
     free(w->slot_bias);
     free(w->qt);
+    free(w->got);
     free(w->full);
+    free(w->full_grads);
 }
 
-static int work_alloc(window_work *w, const window_ctx *c)
+static int work_alloc(window_work *w, const window_ctx *c, int backward)
 {
     memset(w, 0, sizeof(*w));
     w->bias_head = -1;
-    w->scores = aligned_alloc(64, (size_t)c->max_slots * sizeof(v8));
+    const size_t slot_bytes = (size_t)c->max_slots * sizeof(v8), dim_bytes = (size_t)c->dim * sizeof(v8);
+    const size_t row_bytes = ((size_t)c->p->num_tokens * sizeof(float) + 63) / 64 * 64;
+    w->scores = aligned_alloc(64, slot_bytes);
     w->slot_bias = aligned_alloc(64, (size_t)c->union_slots * sizeof(v8));
-    w->qt = aligned_alloc(64, (size_t)c->dim * sizeof(v8));
-    if (c->any_full) w->full = aligned_alloc(64, ((size_t)c->p->num_tokens * sizeof(float) + 63) / 64 * 64);
-    return w->scores && w->slot_bias && w->qt && (w->full || !c->any_full) ? 0 : -1;
+    w->qt = aligned_alloc(64, dim_bytes);
+    if (c->any_full) w->full = aligned_alloc(64, row_bytes);
+    int ok = w->scores && w->slot_bias && w->qt && (w->full || !c->any_full);
+    if (backward) {
+        w->grads = aligned_alloc(64, slot_bytes);
+        w->got = aligned_alloc(64, dim_bytes);
+        if (c->any_full) w->full_grads = aligned_alloc(64, row_bytes);
+        ok = ok && w->grads && w->got && (w->full_grads || !c->any_full);
+    }
+    return ok ? 0 : -1;
 }
 
 /* ---- the blocks ---------------------------------------------------------- */
@@ -223,18 +242,183 @@ INLINE void store_out(float *at, v8 value)
     STOREU(at, value);
 }
 
-/* Which lanes' queries lie on the grid and are not listed, and each lane's token. */
-typedef struct {
-    int64_t y0, x0;
-    int64_t token[LANES]; /* -1 off the grid */
-    i8v on_grid;
-} block_lanes;
-
-/* The rows and columns of the union on the grid: [r_lo, r_hi) x [c_lo, c_hi). */
+/* The rows and columns of a block's union on the grid: [r_lo, r_hi) x [c_lo, c_hi). */
 typedef struct {
     int64_t key_y0, key_x0;
     int r_lo, r_hi, c_lo, c_hi;
 } union_span;
+
+INLINE union_span union_of(const window_ctx *c, int64_t y0, int64_t x0)
+{
+    union_span u;
+    const int64_t H = c->height, W = c->width;
+    u.key_y0 = y0 + c->box.dy_lo;
+    u.key_x0 = x0 + c->box.dx_lo;
+    u.r_lo = u.key_y0 < 0 ? (int)-u.key_y0 : 0;
+    u.r_hi = u.key_y0 + c->union_rows > H ? (int)(H - u.key_y0) : c->union_rows;
+    u.c_lo = u.key_x0 < 0 ? (int)-u.key_x0 : 0;
+    u.c_hi = u.key_x0 + c->union_cols > W ? (int)(W - u.key_x0) : c->union_cols;
+    if (u.r_hi < u.r_lo) u.r_hi = u.r_lo;
+    if (u.c_hi < u.c_lo) u.c_hi = u.c_lo;
+    return u;
+}
+
+/* The token of union slot s (an extra key past the union). */
+INLINE int32_t slot_key(const window_ctx *c, const union_span *u, int64_t s)
+{
+    if (s < c->union_slots)
+        return (int32_t)((u->key_y0 + s / c->union_cols) * c->width + u->key_x0 + s % c->union_cols);
+    return c->p->stencil_keys[s - c->union_slots];
+}
+
+/* out[d][lane] = rows[lane][d]; NULL rows give zeros. */
+INLINE void transpose_lanes(const float *const *rows, int64_t dim, v8 *out)
+{
+    const v8 zero = SPLAT(0.0f);
+    int64_t d0 = 0;
+    for (; d0 + 8 <= dim; d0 += 8) {
+        v8 block[8];
+        for (int l = 0; l < LANES; l++) block[l] = rows[l] ? LOADU(rows[l] + d0) : zero;
+        transpose8(block);
+        for (int i = 0; i < 8; i++) out[d0 + i] = block[i];
+    }
+    for (; d0 < dim; d0++)
+        for (int l = 0; l < LANES; l++) out[d0][l] = rows[l] ? rows[l][d0] : 0.0f;
+}
+
+/* Scores scaled, biased and masked in place (-inf where lane_ok is clear, the
+ * key is masked or no offset reaches it); with top and nan_lanes, their
+ * maximum and NaN lanes too. Slots off the grid are left as they are. */
+INLINE void mask_scores(const window_ctx *c, const window_work *w, int64_t b, int64_t h, int64_t y0, int64_t x0,
+                        const union_span *u, i8v lane_ok, v8 *top_out, i8v *nan_out)
+{
+    const sa_attention_params *p = c->p;
+    const int64_t H = c->height, W = c->width;
+    const int UC = c->union_cols, US = c->union_slots;
+    const v8 neg_inf = SPLAT(-INFINITY), zero = SPLAT(0.0f);
+    v8 *scores = w->scores;
+    v8 top = neg_inf, top_odd = neg_inf;
+    i8v nan_lanes = {0};
+    const int biased = p->bias_table != NULL;
+    for (int r = u->r_lo; r < u->r_hi; r++) {
+        const int64_t key_row = (u->key_y0 + r) * W + u->key_x0;
+        for (int col = u->c_lo; col < u->c_hi; col++) {
+            const int s = r * UC + col;
+            i8v ok = c->slot_lanes[s] & lane_ok;
+            if (!sa_key_usable(p, b, key_row + col)) ok = (i8v){0};
+            v8 score = scores[s] * c->scale;
+            if (biased) score += w->slot_bias[s];
+            score = SELECT(ok, score, neg_inf);
+            if (top_out) {
+                nan_lanes |= score != score;
+                if (s & 1) top_odd = SELECT(score > top_odd, score, top_odd);
+                else top = SELECT(score > top, score, top);
+            }
+            scores[s] = score;
+        }
+    }
+    for (int64_t g = 0; g < p->stencil_num_keys; g++) {
+        const int64_t j = p->stencil_keys[g], gy = j / W, gx = j % W;
+        const int usable = sa_key_usable(p, b, j);
+        i8v ok = {0};
+        v8 bias = zero;
+        for (int l = 0; l < LANES; l++) {
+            const int64_t y = y0 + l / BLOCK_COLS, x = x0 + l % BLOCK_COLS;
+            if (!lane_ok[l] || !usable) continue;
+            /* a key an offset reaches already is not attended twice */
+            if (c->is_offset[(gy - y + H - 1) * (2 * W - 1) + gx - x + W - 1]) continue;
+            ok[l] = -1;
+            if (biased) bias[l] = sa_bias_of(p, h, y - gy, x - gx);
+        }
+        v8 score = scores[US + g] * c->scale + bias;
+        score = SELECT(ok, score, neg_inf);
+        if (top_out) {
+            nan_lanes |= score != score;
+            top = SELECT(score > top, score, top);
+        }
+        scores[US + g] = score;
+    }
+    if (top_out) {
+        *top_out = SELECT(top_odd > top, top_odd, top);
+        *nan_out = nan_lanes;
+    }
+}
+
+/* out0, out1 (rows of lanes l, l + 1; NULL: not written) = factor x the sum
+ * over the block's slots of weight x row, rows from base (value or key rows,
+ * row_stride apart): the union rows the two lanes' windows reach, then the
+ * extra keys. Written with store_out. */
+INLINE void lanes_weighted(const window_ctx *c, const union_span *u, const float *weights, int l,
+                           const float *base, int64_t row_stride, float *out0, float *out1, float factor0,
+                           float factor1)
+{
+    const sa_attention_params *p = c->p;
+    const int64_t W = c->width, dim = c->dim;
+    const int UC = c->union_cols, US = c->union_slots;
+    const int64_t num_extra = p->stencil_num_keys;
+    const v8 zero = SPLAT(0.0f);
+    const int ly = l / BLOCK_COLS;
+    const int r_first = ly > u->r_lo ? ly : u->r_lo;
+    const int r_last = ly + c->box.box_h < u->r_hi ? ly + c->box.box_h : u->r_hi;
+    const int cols = u->c_hi - u->c_lo;
+    int64_t d0 = 0;
+    for (; d0 + 8 <= dim; d0 += 32) {
+        const int vectors = dim - d0 >= 32 ? 4 : (int)((dim - d0) / 8);
+        v8 a0[4] = {zero, zero, zero, zero}, a1[4] = {zero, zero, zero, zero};
+        for (int r = r_first; r < r_last && cols > 0; r++) {
+            const float *wrow = weights + (r * UC + u->c_lo) * LANES;
+            const float *row = base + ((u->key_y0 + r) * W + u->key_x0 + u->c_lo) * row_stride;
+            switch (vectors == 4 ? cols : 0) {
+            /* whole union rows of 5 x 5, 7 x 7 and 9 x 9 windows, unrolled */
+            case 6: pair_weighted(wrow, l, row, row_stride, 6, d0, 4, a0, a1); continue;
+            case 8: pair_weighted(wrow, l, row, row_stride, 8, d0, 4, a0, a1); continue;
+            case 10: pair_weighted(wrow, l, row, row_stride, 10, d0, 4, a0, a1); continue;
+            default: break;
+            }
+            switch (vectors) {
+            case 4: pair_weighted(wrow, l, row, row_stride, cols, d0, 4, a0, a1); break;
+            case 3: pair_weighted(wrow, l, row, row_stride, cols, d0, 3, a0, a1); break;
+            case 2: pair_weighted(wrow, l, row, row_stride, cols, d0, 2, a0, a1); break;
+            default: pair_weighted(wrow, l, row, row_stride, cols, d0, 1, a0, a1); break;
+            }
+        }
+        for (int64_t g = 0; g < num_extra; g++) {
+            const float *wrow = weights + (US + g) * LANES;
+            const float *row = base + (int64_t)p->stencil_keys[g] * row_stride;
+            switch (vectors) {
+            case 4: pair_weighted(wrow, l, row, row_stride, 1, d0, 4, a0, a1); break;
+            case 3: pair_weighted(wrow, l, row, row_stride, 1, d0, 3, a0, a1); break;
+            case 2: pair_weighted(wrow, l, row, row_stride, 1, d0, 2, a0, a1); break;
+            default: pair_weighted(wrow, l, row, row_stride, 1, d0, 1, a0, a1); break;
+            }
+        }
+        for (int i = 0; i < vectors; i++) {
+            if (out0) store_out(out0 + d0 + 8 * i, a0[i] * factor0);
+            if (out1) store_out(out1 + d0 + 8 * i, a1[i] * factor1);
+        }
+        if (vectors < 4) {
+            d0 += 8 * vectors;
+            break;
+        }
+    }
+    /* head dims past the last multiple of 8 */
+    for (; d0 < dim; d0++) {
+        float s0 = 0.0f, s1 = 0.0f;
+        for (int r = r_first; r < r_last; r++)
+            for (int col = u->c_lo; col < u->c_hi; col++) {
+                const float value = base[((u->key_y0 + r) * W + u->key_x0 + col) * row_stride + d0];
+                s0 += weights[(r * UC + col) * LANES + l] * value;
+                s1 += weights[(r * UC + col) * LANES + l + 1] * value;
+            }
+        for (int64_t g = 0; g < num_extra; g++) {
+            const float value = base[(int64_t)p->stencil_keys[g] * row_stride + d0];
+            s0 += weights[(US + g) * LANES + l] * value;
+            s1 += weights[(US + g) * LANES + l + 1] * value;
+        }
+        if (out0) out0[d0] = s0 * factor0;
+        if (out1) out1[d0] = s1 * factor1;
+    }
+}
 
 /* One block's forward: outputs, log-sum-exps and statistics of its lanes. */
 INLINE void forward_block(const window_ctx *c, window_work *w, int64_t b, int64_t h, int64_t y0, int64_t x0)
@@ -249,44 +433,20 @@ INLINE void forward_block(const window_ctx *c, window_work *w, int64_t b, int64_
     const float *vb = (const float *)p->v + b * p->v_stride[0] + h * p->v_stride[1];
     const int64_t ks = p->k_stride[2], vs = p->v_stride[2];
 
-    block_lanes bl;
-    memset(&bl, 0, sizeof(bl));
-    bl.y0 = y0;
-    bl.x0 = x0;
+    int64_t token[LANES];
+    i8v on_grid = {0};
+    const float *q_rows[LANES];
     for (int l = 0; l < LANES; l++) {
         const int64_t y = y0 + l / BLOCK_COLS, x = x0 + l % BLOCK_COLS;
-        const int on = y < H && x < W;
-        bl.token[l] = on ? y * W + x : -1;
-        bl.on_grid[l] = on ? -1 : 0;
+        token[l] = y < H && x < W ? y * W + x : -1;
+        on_grid[l] = token[l] >= 0 ? -1 : 0;
+        q_rows[l] = token[l] >= 0 ? sa_row_of(p->q, p->q_stride, b, h, token[l]) : NULL;
     }
-    /* the queries transposed */
-    {
-        const float *rows[LANES];
-        for (int l = 0; l < LANES; l++)
-            rows[l] = bl.token[l] >= 0 ? sa_row_of(p->q, p->q_stride, b, h, bl.token[l]) : NULL;
-        int64_t d0 = 0;
-        for (; d0 + 8 <= dim; d0 += 8) {
-            v8 block[8];
-            for (int l = 0; l < LANES; l++) block[l] = rows[l] ? LOADU(rows[l] + d0) : zero;
-            transpose8(block);
-            for (int i = 0; i < 8; i++) w->qt[d0 + i] = block[i];
-        }
-        for (; d0 < dim; d0++)
-            for (int l = 0; l < LANES; l++) w->qt[d0][l] = rows[l] ? rows[l][d0] : 0.0f;
-    }
+    transpose_lanes(q_rows, dim, w->qt);
 
-    union_span u;
-    u.key_y0 = y0 + c->box.dy_lo;
-    u.key_x0 = x0 + c->box.dx_lo;
-    u.r_lo = u.key_y0 < 0 ? (int)-u.key_y0 : 0;
-    u.r_hi = u.key_y0 + UR > H ? (int)(H - u.key_y0) : UR;
-    u.c_lo = u.key_x0 < 0 ? (int)-u.key_x0 : 0;
-    u.c_hi = u.key_x0 + UC > W ? (int)(W - u.key_x0) : UC;
-    if (u.r_hi < u.r_lo) u.r_hi = u.r_lo;
-    if (u.c_hi < u.c_lo) u.c_hi = u.c_lo;
+    const union_span u = union_of(c, y0, x0);
     v8 *scores = w->scores;
-    const int whole = u.r_lo == 0 && u.r_hi == UR && u.c_lo == 0 && u.c_hi == UC;
-    if (!whole)
+    if (!(u.r_lo == 0 && u.r_hi == UR && u.c_lo == 0 && u.c_hi == UC))
         for (int s = 0; s < US; s++) scores[s] = neg_inf;
 
     /* Q x K^T */
@@ -295,53 +455,16 @@ INLINE void forward_block(const window_ctx *c, window_work *w, int64_t b, int64_
         row_dots(w->qt, dim, kb + ((u.key_y0 + r) * W + u.key_x0 + u.c_lo) * ks, ks, cols, scores + r * UC + u.c_lo);
     for (int64_t g = 0; g < num_extra; g++)
         row_dots(w->qt, dim, kb + (int64_t)p->stencil_keys[g] * ks, ks, 1, scores + US + g);
-
-    /* scale, bias and masks; the maximum and NaN lanes */
-    v8 top = neg_inf, top_odd = neg_inf;
-    i8v nan_lanes = {0};
-    const int biased = p->bias_table != NULL;
-    for (int r = u.r_lo; r < u.r_hi; r++) {
-        const int64_t key_row = (u.key_y0 + r) * W + u.key_x0;
-        for (int col = u.c_lo; col < u.c_hi; col++) {
-            const int s = r * UC + col;
-            i8v ok = c->slot_lanes[s] & bl.on_grid;
-            if (!sa_key_usable(p, b, key_row + col)) ok = (i8v){0};
-            v8 score = scores[s] * c->scale;
-            if (biased) score += w->slot_bias[s];
-            score = SELECT(ok, score, neg_inf);
-            nan_lanes |= score != score;
-            if (s & 1) top_odd = SELECT(score > top_odd, score, top_odd);
-            else top = SELECT(score > top, score, top);
-            scores[s] = score;
-        }
-    }
-    for (int64_t g = 0; g < num_extra; g++) {
-        const int64_t j = p->stencil_keys[g], gy = j / W, gx = j % W;
-        const int usable = sa_key_usable(p, b, j);
-        i8v ok = {0};
-        v8 bias = zero;
-        for (int l = 0; l < LANES; l++) {
-            if (bl.token[l] < 0 || !usable) continue;
-            const int64_t y = y0 + l / BLOCK_COLS, x = x0 + l % BLOCK_COLS;
-            /* a key an offset reaches already is not attended twice */
-            if (c->is_offset[(gy - y + H - 1) * (2 * W - 1) + gx - x + W - 1]) continue;
-            ok[l] = -1;
-            if (biased) bias[l] = sa_bias_of(p, h, y - gy, x - gx);
-        }
-        v8 score = scores[US + g] * c->scale + bias;
-        score = SELECT(ok, score, neg_inf);
-        nan_lanes |= score != score;
-        top = SELECT(score > top, score, top);
-        scores[US + g] = score;
-    }
-    top = SELECT(top_odd > top, top_odd, top);
+    v8 top;
+    i8v nan_lanes;
+    mask_scores(c, w, b, h, y0, x0, &u, on_grid, &top, &nan_lanes);
     const v8 shift = SELECT(top == neg_inf, zero, top);
 
     /* softmax numerators, weights with dropout */
     u8v query_keys = {0};
     if (c->threshold > 0) {
         const uint32_t row_key = sa_dropout_row_key(p->dropout_seed, b, h);
-        for (int l = 0; l < LANES; l++) query_keys[l] = sa_dropout_query_key(row_key, bl.token[l] >= 0 ? bl.token[l] : 0);
+        for (int l = 0; l < LANES; l++) query_keys[l] = sa_dropout_query_key(row_key, token[l] >= 0 ? token[l] : 0);
     }
     const int64_t slots = US + num_extra;
     v8 sum = zero, sum_sq = zero, sum_shifted = zero;
@@ -359,13 +482,8 @@ INLINE void forward_block(const window_ctx *c, window_work *w, int64_t b, int64_
                 sum_shifted += SELECT(prob[i] != zero, prob[i] * shifted[i], zero);
             }
             v8 weight = prob[i] * c->keep_scale;
-            if (c->threshold > 0) {
-                const int64_t s = s0 + i;
-                int32_t key;
-                if (s < US) key = (int32_t)((u.key_y0 + s / UC) * W + u.key_x0 + s % UC);
-                else key = p->stencil_keys[s - US];
-                weight = SELECT(sa_keep_lanes(c->threshold, query_keys, key, 0), weight, zero);
-            }
+            if (c->threshold > 0)
+                weight = SELECT(sa_keep_lanes(c->threshold, query_keys, slot_key(c, &u, s0 + i), 0), weight, zero);
             scores[s0 + i] = weight;
         }
     }
@@ -377,7 +495,7 @@ INLINE void forward_block(const window_ctx *c, window_work *w, int64_t b, int64_
     float *out_rows[LANES];
     for (int l = 0; l < LANES; l++) {
         out_rows[l] = NULL;
-        const int64_t i = bl.token[l];
+        const int64_t i = token[l];
         if (i < 0 || c->is_listed[i]) continue;
         out_rows[l] = (float *)p->out + b * p->out_stride[0] + h * p->out_stride[1] + i * p->out_stride[2];
         const int64_t row_item = (b * p->heads + h) * N + i;
@@ -393,69 +511,36 @@ INLINE void forward_block(const window_ctx *c, window_work *w, int64_t b, int64_
     }
 
     /* P x V, two lanes of an image row at a time */
-    const float *weights = (const float *)scores;
-    for (int l = 0; l < LANES; l += 2) {
-        if (!out_rows[l] && !out_rows[l + 1]) continue;
-        const int ly = l / BLOCK_COLS;
-        const int r_first = ly > u.r_lo ? ly : u.r_lo;
-        const int r_last = ly + c->box.box_h < u.r_hi ? ly + c->box.box_h : u.r_hi;
-        int64_t d0 = 0;
-        for (; d0 + 8 <= dim; d0 += 32) {
-            const int vectors = dim - d0 >= 32 ? 4 : (int)((dim - d0) / 8);
-            v8 a0[4] = {zero, zero, zero, zero}, a1[4] = {zero, zero, zero, zero};
-            for (int r = r_first; r < r_last && cols > 0; r++) {
-                const float *wrow = weights + (r * UC + u.c_lo) * LANES;
-                const float *vrow = vb + ((u.key_y0 + r) * W + u.key_x0 + u.c_lo) * vs;
-                switch (vectors == 4 ? cols : 0) {
-                /* whole union rows of 5 x 5, 7 x 7 and 9 x 9 windows, unrolled */
-                case 6: pair_weighted(wrow, l, vrow, vs, 6, d0, 4, a0, a1); continue;
-                case 8: pair_weighted(wrow, l, vrow, vs, 8, d0, 4, a0, a1); continue;
-                case 10: pair_weighted(wrow, l, vrow, vs, 10, d0, 4, a0, a1); continue;
-                default: break;
-                }
-                switch (vectors) {
-                case 4: pair_weighted(wrow, l, vrow, vs, cols, d0, 4, a0, a1); break;
-                case 3: pair_weighted(wrow, l, vrow, vs, cols, d0, 3, a0, a1); break;
-                case 2: pair_weighted(wrow, l, vrow, vs, cols, d0, 2, a0, a1); break;
-                default: pair_weighted(wrow, l, vrow, vs, cols, d0, 1, a0, a1); break;
-                }
-            }
-            for (int64_t g = 0; g < num_extra; g++) {
-                const float *wrow = weights + (US + g) * LANES;
-                const float *vrow = vb + (int64_t)p->stencil_keys[g] * vs;
-                switch (vectors) {
-                case 4: pair_weighted(wrow, l, vrow, vs, 1, d0, 4, a0, a1); break;
-                case 3: pair_weighted(wrow, l, vrow, vs, 1, d0, 3, a0, a1); break;
-                case 2: pair_weighted(wrow, l, vrow, vs, 1, d0, 2, a0, a1); break;
-                default: pair_weighted(wrow, l, vrow, vs, 1, d0, 1, a0, a1); break;
-                }
-            }
-            for (int i = 0; i < vectors; i++) {
-                if (out_rows[l]) store_out(out_rows[l] + d0 + 8 * i, a0[i] * factor[l]);
-                if (out_rows[l + 1]) store_out(out_rows[l + 1] + d0 + 8 * i, a1[i] * factor[l + 1]);
-            }
-            if (vectors < 4) {
-                d0 += 8 * vectors;
-                break;
-            }
+    for (int l = 0; l < LANES; l += 2)
+        if (out_rows[l] || out_rows[l + 1])
+            lanes_weighted(c, &u, (const float *)scores, l, vb, vs, out_rows[l], out_rows[l + 1], factor[l],
+                           factor[l + 1]);
+}
+
+/* scores[j] = row . keys[j] for every token j (keys row-major, key_stride
+ * apart): eight keys at a time as eight vectors over d, transposed and summed. */
+INLINE void row_dots_all(const float *restrict row, const float *restrict keys, int64_t key_stride, int64_t dim,
+                         int64_t count, float *restrict out)
+{
+    const int64_t dim8 = dim / 8 * 8;
+    int64_t j0 = 0;
+    for (; j0 + 8 <= count; j0 += 8) {
+        v8 acc[8];
+        for (int k = 0; k < 8; k++) acc[k] = SPLAT(0.0f);
+        for (int64_t d0 = 0; d0 < dim8; d0 += 8) {
+            const v8 rv = LOADU(row + d0);
+            for (int k = 0; k < 8; k++) acc[k] += rv * LOADU(keys + (j0 + k) * key_stride + d0);
         }
-        /* head dims past the last multiple of 8 */
-        for (; d0 < dim; d0++) {
-            float s0 = 0.0f, s1 = 0.0f;
-            for (int r = r_first; r < r_last; r++)
-                for (int col = u.c_lo; col < u.c_hi; col++) {
-                    const float value = vb[((u.key_y0 + r) * W + u.key_x0 + col) * vs + d0];
-                    s0 += weights[(r * UC + col) * LANES + l] * value;
-                    s1 += weights[(r * UC + col) * LANES + l + 1] * value;
-                }
-            for (int64_t g = 0; g < num_extra; g++) {
-                const float value = vb[(int64_t)p->stencil_keys[g] * vs + d0];
-                s0 += weights[(US + g) * LANES + l] * value;
-                s1 += weights[(US + g) * LANES + l + 1] * value;
-            }
-            if (out_rows[l]) out_rows[l][d0] = s0 * factor[l];
-            if (out_rows[l + 1]) out_rows[l + 1][d0] = s1 * factor[l + 1];
-        }
+        transpose8(acc);
+        v8 dots = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        for (int64_t d = dim8; d < dim; d++)
+            for (int k = 0; k < 8; k++) dots[k] += row[d] * keys[(j0 + k) * key_stride + d];
+        STOREU(out + j0, dots);
+    }
+    for (; j0 < count; j0++) {
+        float dot = 0.0f;
+        for (int64_t d = 0; d < dim; d++) dot += row[d] * keys[j0 * key_stride + d];
+        out[j0] = dot;
     }
 }
 
@@ -477,26 +562,7 @@ INLINE void forward_full_row(const window_ctx *c, window_work *w, int64_t b, int
     float *scores = w->full;
     float top = -INFINITY;
     int saw_nan = 0;
-    int64_t j0 = 0;
-    const int64_t dim8 = dim / 8 * 8;
-    for (; j0 + 8 <= N; j0 += 8) {
-        v8 acc[8];
-        for (int k = 0; k < 8; k++) acc[k] = SPLAT(0.0f);
-        for (int64_t d0 = 0; d0 < dim8; d0 += 8) {
-            const v8 qv = LOADU(q + d0);
-            for (int k = 0; k < 8; k++) acc[k] += qv * LOADU(kb + (j0 + k) * ks + d0);
-        }
-        transpose8(acc);
-        v8 dots = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-        for (int64_t d = dim8; d < dim; d++)
-            for (int k = 0; k < 8; k++) dots[k] += q[d] * kb[(j0 + k) * ks + d];
-        STOREU(scores + j0, dots);
-    }
-    for (; j0 < N; j0++) {
-        float dot = 0.0f;
-        for (int64_t d = 0; d < dim; d++) dot += q[d] * kb[j0 * ks + d];
-        scores[j0] = dot;
-    }
+    row_dots_all(q, kb, ks, dim, N, scores);
     for (int64_t j = 0; j < N; j++) {
         float s = scores[j] * c->scale + sa_bias_of(p, h, iy - j / W, ix - j % W);
         if (!sa_key_usable(p, b, j)) s = -INFINITY;
@@ -591,7 +657,7 @@ static void forward_items(void *opaque, int64_t first, int64_t last)
     const sa_attention_params *p = c->p;
     const int64_t W = c->width, H = c->height, dim = c->dim;
     window_work w;
-    if (work_alloc(&w, c) < 0) {
+    if (work_alloc(&w, c, 0) < 0) {
         work_free(&w);
         atomic_store(&c->failed, 1);
         return;
@@ -631,6 +697,326 @@ static void forward_items(void *opaque, int64_t first, int64_t last)
 #ifdef WINDOW_STREAM_STORES
     _mm_sfence(); /* the streamed rows are seen by whoever reads them next */
 #endif
+    work_free(&w);
+}
+
+/* ---- backward ------------------------------------------------------------------ */
+
+/* dst[i] += a[i] for the vectors of one d-block of a gradient row. */
+INLINE void add_row(float *restrict dst, const v8 *restrict a, int vectors)
+{
+    for (int i = 0; i < vectors; i++) STOREU(dst + 8 * i, LOADU(dst + 8 * i) + a[i]);
+}
+
+/* grad[key] += sum over the lanes [lane_first, lane_end) of weight[lane] * rows[lane],
+ * for two keys at a time (weights [slot][lane]), d in [d0, d0 + 8 vectors). */
+INLINE void keys_from_lanes(const float *restrict weights0, const float *restrict weights1,
+                            const float *const *rows, int lane_first, int lane_end, int64_t d0, const int vectors,
+                            float *restrict grad0, float *restrict grad1)
+{
+    v8 a0[4], a1[4];
+    for (int i = 0; i < vectors; i++) a0[i] = a1[i] = SPLAT(0.0f);
+    for (int l = lane_first; l < lane_end; l++) {
+        const float w0 = weights0[l], w1 = grad1 ? weights1[l] : 0.0f;
+        for (int i = 0; i < vectors; i++) {
+            const v8 row = LOADU(rows[l] + d0 + 8 * i);
+            a0[i] += w0 * row;
+            if (grad1) a1[i] += w1 * row;
+        }
+    }
+    add_row(grad0 + d0, a0, vectors);
+    if (grad1) add_row(grad1 + d0, a1, vectors);
+}
+
+/* One block's share of the gradients: dQ of its lanes (written), dK and dV of
+ * its union's keys (added). */
+INLINE void backward_block(const window_ctx *c, window_work *w, int64_t b, int64_t h, int64_t y0, int64_t x0,
+                           float *grad_q, float *grad_k, float *grad_v)
+{
+    const sa_attention_params *p = c->p;
+    const int64_t H = c->height, W = c->width, dim = c->dim, N = p->num_tokens;
+    const int UR = c->union_rows, UC = c->union_cols, US = c->union_slots;
+    const int64_t num_extra = p->stencil_num_keys;
+    const v8 neg_inf = SPLAT(-INFINITY), zero = SPLAT(0.0f);
+    const float *kb = (const float *)p->k + b * p->k_stride[0] + h * p->k_stride[1];
+    const float *vb = (const float *)p->v + b * p->v_stride[0] + h * p->v_stride[1];
+    const int64_t ks = p->k_stride[2], vs = p->v_stride[2];
+    const int64_t bh = b * p->heads + h;
+    const float *lse = (const float *)p->lse + bh * N, *delta = (const float *)p->delta + bh * N;
+
+    int64_t token[LANES];
+    i8v live = {0};
+    v8 row_lse = SPLAT(INFINITY), row_delta = zero;
+    const float *q_rows[LANES], *go_rows[LANES];
+    for (int l = 0; l < LANES; l++) {
+        const int64_t y = y0 + l / BLOCK_COLS, x = x0 + l % BLOCK_COLS;
+        token[l] = y < H && x < W ? y * W + x : -1;
+        q_rows[l] = go_rows[l] = NULL;
+        if (token[l] < 0) continue;
+        q_rows[l] = sa_row_of(p->q, p->q_stride, b, h, token[l]);
+        go_rows[l] = sa_row_of(p->grad_out, p->grad_out_stride, b, h, token[l]);
+        /* listed rows are done whole below; rows without a key have no gradient */
+        if (c->is_listed[token[l]] || lse[token[l]] == -INFINITY) continue;
+        live[l] = -1;
+        row_lse[l] = lse[token[l]];
+        row_delta[l] = delta[token[l]];
+    }
+    const float *rows_for_keys[LANES];
+    const float *go_for_keys[LANES];
+    static const float zeros_row[MAX_DIM] __attribute__((aligned(32)));
+    for (int l = 0; l < LANES; l++) {
+        rows_for_keys[l] = q_rows[l] ? q_rows[l] : zeros_row;
+        go_for_keys[l] = go_rows[l] ? go_rows[l] : zeros_row;
+    }
+    transpose_lanes(q_rows, dim, w->qt);
+    transpose_lanes(go_rows, dim, w->got);
+
+    const union_span u = union_of(c, y0, x0);
+    v8 *scores = w->scores, *grads = w->grads;
+    const int whole = u.r_lo == 0 && u.r_hi == UR && u.c_lo == 0 && u.c_hi == UC;
+    if (!whole)
+        for (int s = 0; s < US; s++) {
+            scores[s] = neg_inf;
+            grads[s] = zero;
+        }
+    const int cols = u.c_hi - u.c_lo;
+    for (int r = u.r_lo; r < u.r_hi && cols > 0; r++) {
+        const int64_t first_key = (u.key_y0 + r) * W + u.key_x0 + u.c_lo;
+        row_dots(w->qt, dim, kb + first_key * ks, ks, cols, scores + r * UC + u.c_lo);
+        row_dots(w->got, dim, vb + first_key * vs, vs, cols, grads + r * UC + u.c_lo);
+    }
+    for (int64_t g = 0; g < num_extra; g++) {
+        row_dots(w->qt, dim, kb + (int64_t)p->stencil_keys[g] * ks, ks, 1, scores + US + g);
+        row_dots(w->got, dim, vb + (int64_t)p->stencil_keys[g] * vs, vs, 1, grads + US + g);
+    }
+    mask_scores(c, w, b, h, y0, x0, &u, live, NULL, NULL);
+
+    /* probabilities from the forward's log-sum-exp; weights of dO in dV (into
+     * scores) and dS (into grads) */
+    u8v query_keys = {0};
+    if (c->threshold > 0) {
+        const uint32_t row_key = sa_dropout_row_key(p->dropout_seed, b, h);
+        for (int l = 0; l < LANES; l++) query_keys[l] = sa_dropout_query_key(row_key, token[l] >= 0 ? token[l] : 0);
+    }
+    const int64_t slots = US + num_extra;
+    for (int64_t s0 = 0; s0 < slots; s0 += 4) {
+        const int n = slots - s0 < 4 ? (int)(slots - s0) : 4;
+        v8 prob[4];
+        for (int i = 0; i < n; i++) prob[i] = scores[s0 + i] - row_lse;
+        if (n == 4) exp_lanes(prob, 4);
+        else
+            for (int i = 0; i < n; i++) prob[i] = exp_v8(prob[i]);
+        for (int i = 0; i < n; i++) {
+            v8 keep = SPLAT(c->keep_scale);
+            if (c->threshold > 0)
+                keep = SELECT(sa_keep_lanes(c->threshold, query_keys, slot_key(c, &u, s0 + i), 0), keep, zero);
+            prob[i] = SELECT(live, prob[i], zero);
+            grads[s0 + i] = prob[i] * (grads[s0 + i] * keep - row_delta) * c->scale;
+            scores[s0 + i] = prob[i] * keep;
+        }
+    }
+
+    /* dQ, two lanes of an image row at a time, as the forward's P x V */
+    const float *grad_weights = (const float *)grads;
+    for (int l = 0; l < LANES; l += 2) {
+        float *dq0 = token[l] >= 0 && !c->is_listed[token[l]] ? grad_q + token[l] * dim : NULL;
+        float *dq1 = token[l + 1] >= 0 && !c->is_listed[token[l + 1]] ? grad_q + token[l + 1] * dim : NULL;
+        if (!dq0 && !dq1) continue;
+        lanes_weighted(c, &u, grad_weights, l, kb, ks, dq0, dq1, 1.0f, 1.0f);
+    }
+
+    /* dK and dV: each union row's keys from the lanes whose windows reach that row */
+    const float *prob_weights = (const float *)scores;
+    for (int64_t d0 = 0; d0 + 8 <= dim; d0 += 32) {
+        /* whole vectors here; head dims past the last multiple of 8 below */
+        const int vectors = dim - d0 >= 32 ? 4 : (int)((dim - d0) / 8);
+        for (int r = u.r_lo; r < u.r_hi; r++) {
+            /* lanes of query rows ly with r - (box_h - 1) <= ly <= r */
+            const int ly_first = r - (c->box.box_h - 1) > 0 ? r - (c->box.box_h - 1) : 0;
+            const int ly_last = r < BLOCK_ROWS - 1 ? r : BLOCK_ROWS - 1;
+            const int lane_first = ly_first * BLOCK_COLS, lane_end = (ly_last + 1) * BLOCK_COLS;
+            for (int col = u.c_lo; col < u.c_hi; col += 2) {
+                const int two = col + 1 < u.c_hi;
+                const int s = r * UC + col;
+                const int64_t key = (u.key_y0 + r) * W + u.key_x0 + col;
+                float *gk0 = grad_k + key * dim, *gk1 = two ? gk0 + dim : NULL;
+                float *gv0 = grad_v + key * dim, *gv1 = two ? gv0 + dim : NULL;
+                switch (vectors) {
+                case 4:
+                    keys_from_lanes(grad_weights + s * LANES, grad_weights + (s + 1) * LANES, rows_for_keys,
+                                    lane_first, lane_end, d0, 4, gk0, gk1);
+                    keys_from_lanes(prob_weights + s * LANES, prob_weights + (s + 1) * LANES, go_for_keys,
+                                    lane_first, lane_end, d0, 4, gv0, gv1);
+                    break;
+                case 3:
+                    keys_from_lanes(grad_weights + s * LANES, grad_weights + (s + 1) * LANES, rows_for_keys,
+                                    lane_first, lane_end, d0, 3, gk0, gk1);
+                    keys_from_lanes(prob_weights + s * LANES, prob_weights + (s + 1) * LANES, go_for_keys,
+                                    lane_first, lane_end, d0, 3, gv0, gv1);
+                    break;
+                case 2:
+                    keys_from_lanes(grad_weights + s * LANES, grad_weights + (s + 1) * LANES, rows_for_keys,
+                                    lane_first, lane_end, d0, 2, gk0, gk1);
+                    keys_from_lanes(prob_weights + s * LANES, prob_weights + (s + 1) * LANES, go_for_keys,
+                                    lane_first, lane_end, d0, 2, gv0, gv1);
+                    break;
+                default:
+                    keys_from_lanes(grad_weights + s * LANES, grad_weights + (s + 1) * LANES, rows_for_keys,
+                                    lane_first, lane_end, d0, 1, gk0, gk1);
+                    keys_from_lanes(prob_weights + s * LANES, prob_weights + (s + 1) * LANES, go_for_keys,
+                                    lane_first, lane_end, d0, 1, gv0, gv1);
+                    break;
+                }
+            }
+        }
+        for (int64_t g = 0; g < num_extra; g++) {
+            const int s = US + (int)g;
+            const int64_t key = p->stencil_keys[g];
+            for (int i = 0; i < vectors; i++) {
+                v8 ak = zero, av = zero;
+                for (int l = 0; l < LANES; l++) {
+                    ak += grad_weights[s * LANES + l] * LOADU(rows_for_keys[l] + d0 + 8 * i);
+                    av += prob_weights[s * LANES + l] * LOADU(go_for_keys[l] + d0 + 8 * i);
+                }
+                STOREU(grad_k + key * dim + d0 + 8 * i, LOADU(grad_k + key * dim + d0 + 8 * i) + ak);
+                STOREU(grad_v + key * dim + d0 + 8 * i, LOADU(grad_v + key * dim + d0 + 8 * i) + av);
+            }
+        }
+    }
+    /* head dims past the last multiple of 8 */
+    for (int64_t d = dim / 8 * 8; d < dim; d++) {
+        for (int64_t s = 0; s < slots; s++) {
+            int64_t key;
+            if (s < US) {
+                const int r = (int)(s / UC), col = (int)(s % UC);
+                if (r < u.r_lo || r >= u.r_hi || col < u.c_lo || col >= u.c_hi) continue;
+                key = (u.key_y0 + r) * W + u.key_x0 + col;
+            } else {
+                key = p->stencil_keys[s - US];
+            }
+            float ak = 0.0f, av = 0.0f;
+            for (int l = 0; l < LANES; l++) {
+                ak += grad_weights[s * LANES + l] * rows_for_keys[l][d];
+                av += prob_weights[s * LANES + l] * go_for_keys[l][d];
+            }
+            grad_k[key * dim + d] += ak;
+            grad_v[key * dim + d] += av;
+        }
+    }
+}
+
+/* A listed row that attends every token, on row-major K and V: its dQ
+ * (written) and its share of every key's dK and dV (added). */
+INLINE void backward_full_row(const window_ctx *c, window_work *w, int64_t b, int64_t h, int64_t i,
+                              float *grad_q, float *grad_k, float *grad_v)
+{
+    const sa_attention_params *p = c->p;
+    const int64_t W = c->width, dim = c->dim, N = p->num_tokens, bh = b * p->heads + h;
+    const float row_lse = ((const float *)p->lse)[bh * N + i];
+    const float row_delta = ((const float *)p->delta)[bh * N + i];
+    float *dq = grad_q + i * dim;
+    memset(dq, 0, (size_t)dim * sizeof(float));
+    if (row_lse == -INFINITY) return;
+    const float *kb = (const float *)p->k + b * p->k_stride[0] + h * p->k_stride[1];
+    const float *vb = (const float *)p->v + b * p->v_stride[0] + h * p->v_stride[1];
+    const int64_t ks = p->k_stride[2], vs = p->v_stride[2];
+    const float *q = sa_row_of(p->q, p->q_stride, b, h, i);
+    const float *go = sa_row_of(p->grad_out, p->grad_out_stride, b, h, i);
+    float *scores = w->full, *grads = w->full_grads;
+    row_dots_all(q, kb, ks, dim, N, scores);
+    row_dots_all(go, vb, vs, dim, N, grads);
+    const uint32_t query_key =
+        c->threshold ? sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), i) : 0u;
+    const int64_t iy = i / W, ix = i % W;
+    const v8 zero = SPLAT(0.0f);
+    for (int64_t j0 = 0; j0 < N; j0 += 8) {
+        const int n = N - j0 < 8 ? (int)(N - j0) : 8;
+        v8 shifted = SPLAT(-INFINITY), dp = zero;
+        for (int k = 0; k < n; k++) {
+            const int64_t j = j0 + k;
+            const float score = scores[j] * c->scale + sa_bias_of(p, h, iy - j / W, ix - j % W);
+            shifted[k] = sa_key_usable(p, b, j) ? score - row_lse : -INFINITY;
+            dp[k] = grads[j];
+        }
+        const v8 prob = exp_v8(shifted);
+        v8 keep = SPLAT(c->keep_scale);
+        if (c->threshold > 0)
+            keep = SELECT(sa_keep_lanes(c->threshold, (u8v){0} + query_key, (int32_t)j0, 1), keep, zero);
+        const v8 grad = prob * (dp * keep - row_delta) * c->scale, weight = prob * keep;
+        for (int k = 0; k < n; k++) {
+            grads[j0 + k] = grad[k];
+            scores[j0 + k] = weight[k];
+        }
+    }
+    /* dQ accumulates in registers; each key's dK and dV row takes one update */
+    int64_t d0 = 0;
+    for (; d0 + 8 <= dim; d0 += 32) {
+        const int vectors = dim - d0 >= 32 ? 4 : (int)((dim - d0) / 8);
+        v8 acc[4] = {zero, zero, zero, zero}, qv[4], gov[4];
+        for (int t = 0; t < vectors; t++) {
+            qv[t] = LOADU(q + d0 + 8 * t);
+            gov[t] = LOADU(go + d0 + 8 * t);
+        }
+        for (int64_t j = 0; j < N; j++) {
+            const float gs = grads[j], weight = scores[j];
+            const float *k = kb + j * ks + d0;
+            float *dk = grad_k + j * dim + d0, *dv = grad_v + j * dim + d0;
+            for (int t = 0; t < vectors; t++) {
+                acc[t] += gs * LOADU(k + 8 * t);
+                STOREU(dk + 8 * t, LOADU(dk + 8 * t) + gs * qv[t]);
+                STOREU(dv + 8 * t, LOADU(dv + 8 * t) + weight * gov[t]);
+            }
+        }
+        for (int t = 0; t < vectors; t++) STOREU(dq + d0 + 8 * t, acc[t]);
+        if (vectors < 4) {
+            d0 += 8 * vectors;
+            break;
+        }
+    }
+    for (; d0 < dim; d0++) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < N; j++) {
+            acc += grads[j] * kb[j * ks + d0];
+            grad_k[j * dim + d0] += grads[j] * q[d0];
+            grad_v[j * dim + d0] += scores[j] * go[d0];
+        }
+        dq[d0] = acc;
+    }
+}
+
+WINDOW_CLONES
+static void backward_items(void *opaque, int64_t first, int64_t last)
+{
+    (void)first;
+    (void)last;
+    window_ctx *c = opaque;
+    const sa_attention_params *p = c->p;
+    const int64_t W = c->width, H = c->height, dim = c->dim, n = p->num_tokens;
+    window_work w;
+    if (work_alloc(&w, c, 1) < 0) {
+        work_free(&w);
+        atomic_store(&c->failed, 1);
+        return;
+    }
+    for (;;) {
+        const int64_t bh = atomic_fetch_add(&c->next_item, 1);
+        if (bh >= p->batch * p->heads) break;
+        const int64_t h = bh % p->heads, b = bh / p->heads;
+        float *grad_q = (float *)p->grad_q + bh * n * dim;
+        float *grad_k = (float *)p->grad_k + bh * n * dim;
+        float *grad_v = (float *)p->grad_v + bh * n * dim;
+        memset(grad_k, 0, (size_t)(n * dim) * sizeof(float));
+        memset(grad_v, 0, (size_t)(n * dim) * sizeof(float));
+        if (p->head_active != NULL && !p->head_active[h]) {
+            memset(grad_q, 0, (size_t)(n * dim) * sizeof(float));
+            continue;
+        }
+        if (p->bias_table != NULL && w.bias_head != h) fill_slot_bias(c, &w, h);
+        for (int64_t y0 = 0; y0 < H; y0 += BLOCK_ROWS)
+            for (int64_t x0 = 0; x0 < W; x0 += BLOCK_COLS) backward_block(c, &w, b, h, y0, x0, grad_q, grad_k, grad_v);
+        for (int64_t t = 0; t < p->stencil_num_rows; t++)
+            backward_full_row(c, &w, b, h, p->stencil_rows[t], grad_q, grad_k, grad_v);
+    }
     work_free(&w);
 }
 
@@ -721,6 +1107,37 @@ int sa_cpu_forward_window(const sa_attention_params *p, int num_threads, int32_t
             if (!c.listed_full[t]) rows_left[(*num_left)++] = p->stencil_rows[t];
     }
     if (status == SA_OK) atomic_fetch_add(&window_forwards, 1);
+    ctx_free(&c);
+    return status;
+}
+
+int sa_cpu_window_backward_fits(const sa_attention_params *p)
+{
+    if (!sa_cpu_window_fits(p) || p->grad_scores != NULL) return 0;
+    /* a listed row with only some keys would need the row kernel's backward */
+    for (int64_t t = 0; t < p->stencil_num_rows; t++)
+        if (!listed_row_is_full(p, p->stencil_rows[t])) return 0;
+    return 1;
+}
+
+int sa_cpu_backward_window(const sa_attention_params *p, int num_threads, char *err, size_t len)
+{
+    if (!sa_cpu_window_backward_fits(p)) {
+        snprintf(err, len, "stencil: its offsets or listed rows do not suit the window CPU backward");
+        return SA_ERR_UNSUPPORTED;
+    }
+    window_ctx c;
+    int status = ctx_init(&c, p, err, len);
+    if (status == SA_OK && p->batch * p->heads > 0) {
+        /* one (batch, head) per item: its dK and dV have one writer */
+        const int64_t items = p->batch * p->heads;
+        const int64_t workers = num_threads < items ? num_threads : items;
+        if (sa_parallel_for(workers, 1, (int)workers, backward_items, &c) != 0 || atomic_load(&c.failed)) {
+            snprintf(err, len, "could not run the window CPU backward (out of memory)");
+            status = SA_ERR_MEMORY;
+        }
+    }
+    if (status == SA_OK) atomic_fetch_add(&window_backwards, 1);
     ctx_free(&c);
     return status;
 }

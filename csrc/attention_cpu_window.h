@@ -1,5 +1,5 @@
-/* CPU forward for stencil layouts whose offsets fit in a small box
- * (attention_cpu_window.c). */
+/* CPU forward and backward for stencil layouts whose offsets fit in a small
+ * box (attention_cpu_window.c). */
 #ifndef SA_ATTENTION_CPU_WINDOW_H
 #define SA_ATTENTION_CPU_WINDOW_H
 
@@ -13,7 +13,15 @@ int sa_cpu_window_fits(const sa_attention_params *p);
 int sa_cpu_forward_window(const sa_attention_params *p, int num_threads, int32_t *rows_left, int64_t *num_left,
                           char *err, size_t len);
 
-/* Calls that ran on the window kernel so far (for tests). */
+/* Whether the window backward takes p: as sa_cpu_window_fits, no bias
+ * gradient, and every listed row attends every token. */
+int sa_cpu_window_backward_fits(const sa_attention_params *p);
+
+/* As sa_cpu_backward_stencil (attention_cpu_stencil.h), for a stencil that fits. */
+int sa_cpu_backward_window(const sa_attention_params *p, int num_threads, char *err, size_t len);
+
+/* Calls that ran on the window kernels so far (for tests). */
 long long sa_cpu_window_forwards(void);
+long long sa_cpu_window_backwards(void);
 
 #endif /* SA_ATTENTION_CPU_WINDOW_H */

@@ -582,7 +582,7 @@ static char *backward_kwlist[] = {"query", "key", "value", "out", "grad_out", "l
                                   "rel_pos_bias", "key_mask", "head_active", "dropout_p",
                                   "dropout_seed", "grad_scores", "stream", "long_rows",
                                   "long_cols", "long_threshold", "reference_kernel", "tile_plan",
-                                  "tile_passes", "stencil", NULL};
+                                  "tile_passes", "stencil", "stencil_strips", NULL};
 
 static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kwargs)
 {
@@ -594,14 +594,14 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
     PyObject *stencil_obj = Py_None;
     common_options o = {Py_None, Py_None, Py_None, 0, 0, NAN, 0.0, 0};
     long long stream = -1, long_threshold = INT64_MAX;
-    int reference_kernel = 0;
+    int reference_kernel = 0, stencil_strips = 0;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "OOOOOOOOOOOOOO|$LLdOOOdKOLOOLpOOO", backward_kwlist, &q_obj, &k_obj,
+            args, kwargs, "OOOOOOOOOOOOOO|$LLdOOOdKOLOOLpOOOp", backward_kwlist, &q_obj, &k_obj,
             &v_obj, &out_obj, &go_obj, &lse_obj, &delta_obj, &gq_obj, &gk_obj, &gv_obj, &ptr_obj,
             &idx_obj, &cptr_obj, &ridx_obj, &o.height, &o.width, &o.scale, &o.bias, &o.key_mask,
             &o.head_active, &o.dropout_p, &o.dropout_seed, &gs_obj, &stream, &long_rows_obj,
             &long_cols_obj, &long_threshold, &reference_kernel, &plan_obj, &passes_obj,
-            &stencil_obj))
+            &stencil_obj, &stencil_strips))
         return NULL;
     view_set set = {.count = 0, .stream = stream};
     sa_attention_params p;
@@ -684,6 +684,7 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
         p.plan_fields = &plan.fields[0][0];
         p.plan_num_passes = plan.count;
     }
+    p.stencil_strips = stencil_strips;
     if (take_stencil(&set, stencil_obj, q, &p) < 0) goto fail;
     if (p.stencil_offsets != NULL && p.grad_scores != NULL) {
         PyErr_SetString(PyExc_ValueError,
@@ -896,6 +897,13 @@ static PyObject *cpu_window_forwards(PyObject *self, PyObject *unused)
     return PyLong_FromLongLong(sa_cpu_window_forwards());
 }
 
+static PyObject *cpu_window_backwards(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyLong_FromLongLong(sa_cpu_window_backwards());
+}
+
 static PyObject *cuda_beside_forwards(PyObject *self, PyObject *unused)
 {
     (void)self;
@@ -982,6 +990,8 @@ static PyMethodDef module_methods[] = {
      "Tile-plan passes run on the lean tensor-core kernel so far (tests check the dispatch)."},
     {"cpu_window_forwards", cpu_window_forwards, METH_NOARGS,
      "Forwards that ran on the CPU window kernel so far (tests check the dispatch)."},
+    {"cpu_window_backwards", cpu_window_backwards, METH_NOARGS,
+     "Backwards that ran on the CPU window kernel so far (tests check the dispatch)."},
     {"cuda_beside_forwards", cuda_beside_forwards, METH_NOARGS,
      "Forwards that ran their long rows on a second stream so far (tests check the dispatch)."},
     {"dlpack_abi", dlpack_abi, METH_NOARGS, "Sizes and offsets of the DLPack structs."},

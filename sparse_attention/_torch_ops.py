@@ -303,6 +303,8 @@ def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil
         global stencil_backwards_run
         stencil_backwards_run += 1
         plan = dict(stencil=_detached(stencil))
+        if not _stencil.use_window_kernel:
+            plan["stencil_strips"] = True
         if tile_plan is not None:  # the lattice's pairs add to the stencil's gradients
             plan.update(tile_plan=_detached(tile_plan), tile_passes=tile_passes)
         return plan
