@@ -1,6 +1,6 @@
-/* CPU forward for stencil layouts whose offsets fit in a small box (float32):
- * LONGFORMER's window with its global tokens, and STRIDED's window beside its
- * lattice split. The backward stays on the strip kernel.
+/* CPU forward and backward for stencil layouts whose offsets fit in a small
+ * box (float32): LONGFORMER's window with its global tokens, and STRIDED's
+ * window beside its lattice split.
  *
  * The strip kernel of attention_cpu_stencil.c puts eight neighbours of an
  * image row in a vector and reads each offset's keys as a vector shifted by
@@ -20,14 +20,22 @@
  * Output rows go out with streaming stores: without them the kernel was no
  * faster than the strip kernel once its inputs left the caches.
  *
+ * The backward takes the same blocks: scores and dO . V^T on the union as
+ * the forward's Q x K^T, probabilities from the forward's log-sum-exp, dQ two
+ * lanes at a time as the forward's P x V, and dK and dV key by key from the
+ * lanes whose windows reach the key's union row (vectors over d). A work item
+ * is a whole (batch, head) there, so that its dK and dV have one writer.
+ *
  * A value row enters P x V with weight 0 for the lanes of the union that do
  * not attend it, so a NaN or infinity in a value row reaches the rows of its
  * block's union, not only those of its window (a NaN in Q or K stays in the
- * rows whose windows hold it).
+ * rows whose windows hold it); in the backward, likewise a NaN in a query or
+ * output-gradient row reaches dK and dV of its block's union.
  *
- * Work items are bands of image rows of one (batch, head), then one item per
- * (batch, head) for the listed rows that attend every token. Every output row
- * is written by one item, so results do not depend on the thread count. */
+ * Forward work items are bands of image rows of one (batch, head), then one
+ * item per (batch, head) for the listed rows that attend every token. Every
+ * output row is written by one item, every gradient row summed by one thread
+ * in a fixed order, so results do not depend on the thread count. */
 #include "attention_cpu_window.h"
 
 #include <math.h>

@@ -540,3 +540,61 @@ def test_window_kernel_gives_the_same_bits_for_any_thread_count(threads):
         set_num_threads(before)
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dim", [8, 20, 32])
+@pytest.mark.parametrize("size", WINDOW_SIZES)
+@pytest.mark.parametrize("pattern, knobs", WINDOW_CASES)
+def test_window_backward_against_reference_and_the_strip_kernel(pattern, knobs, size, dim):
+    layout = build_layout(pattern, *size, **knobs)
+    n = layout.num_tokens
+    (q, k, v), _ = make(2, 3, n, dim, seed=dim + 1)
+    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(6)) > 0.2
+    args = dict(key_mask=key_mask, head_active=torch.tensor([True, False, True]), dropout_p=0.15, dropout_seed=9)
+    grad_out = torch.randn(2, 3, n, dim, generator=torch.Generator().manual_seed(7))
+    before = C.cpu_window_backwards()
+    assert_backward_matches_reference(attention, layout, (q, k, v), grad_out, **args)
+    if pattern == "longformer":
+        assert C.cpu_window_backwards() == before + 1
+
+    def gradients(run):
+        leaves = [t.float().requires_grad_(True) for t in (q, k, v)]
+        run(*leaves, layout, **args).backward(grad_out.float())
+        return [leaf.grad for leaf in leaves]
+
+    window = gradients(attention)
+    strips = gradients(strip_kernel)
+    before = C.cpu_window_backwards()
+    call_with(_stencil, "use_window_kernel", False, gradients, attention)
+    assert C.cpu_window_backwards() == before  # the switch reaches the backward too
+    for a, b in zip(window, strips):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+def test_window_backward_leaves_partial_listed_rows_to_the_strip_kernel():
+    """A listed row that attends only some tokens needs the row kernel's
+    backward, which only the strip kernel's backward runs: with one, the
+    window backward steps aside, and the gradients match the reference."""
+    layout = build_layout("longformer", 9, 12, kernel_size=5, num_global_tokens=1)
+    packed = layout.stencil()
+    num_offsets, num_keys, num_rows = (int(x) for x in packed[:3])
+    listed_more = torch.from_numpy(np.concatenate([[num_offsets, num_keys, num_rows + 1], packed[3:], [40]])
+                                   .astype(np.int32))
+    (q, k, v), _ = make(1, 2, layout.num_tokens, 16)
+    q, k, v = (t.float().contiguous() for t in (q, k, v))
+    tensors = {name: torch.from_numpy(getattr(layout, name).copy())
+               for name in ("indptr", "indices", "col_ptr", "row_indices")}
+    common = dict(height=layout.height, width=layout.width, scale=0.3)
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:3])
+    C.attention_forward(q, k, v, out, lse, tensors["indptr"], tensors["indices"], stencil=listed_more, **common)
+    grads = [torch.empty_like(q) for _ in range(3)]
+    before = C.cpu_window_backwards()
+    grad_out = torch.randn_like(q)
+    C.attention_backward(q, k, v, out, grad_out, lse, torch.empty(q.shape[:3]), *grads, tensors["indptr"],
+                         tensors["indices"], tensors["col_ptr"], tensors["row_indices"], stencil=listed_more,
+                         **common)
+    assert C.cpu_window_backwards() == before
+    ref = [t.double().requires_grad_(True) for t in (q, k, v)]
+    reference_attention(*ref, layout, scale=0.3)[0].backward(grad_out.double())
+    for got, r in zip(grads, ref):
+        assert (got.double() - r.grad).abs().max() < 5e-5
