@@ -143,6 +143,12 @@ typedef struct {
     int64_t bias_head;
 } window_work;
 
+/* aligned_alloc wants a size that is a multiple of the alignment */
+static void *alloc64(size_t bytes)
+{
+    return aligned_alloc(64, (bytes + 63) / 64 * 64);
+}
+
 static void work_free(window_work *w)
 {
     free(w->scores);
@@ -160,15 +166,15 @@ static int work_alloc(window_work *w, const window_ctx *c, int backward)
     w->bias_head = -1;
     const size_t slot_bytes = (size_t)c->max_slots * sizeof(v8), dim_bytes = (size_t)c->dim * sizeof(v8);
     const size_t row_bytes = ((size_t)c->p->num_tokens * sizeof(float) + 63) / 64 * 64;
-    w->scores = aligned_alloc(64, slot_bytes);
-    w->slot_bias = aligned_alloc(64, (size_t)c->union_slots * sizeof(v8));
-    w->qt = aligned_alloc(64, dim_bytes);
-    if (c->any_full) w->full = aligned_alloc(64, row_bytes);
+    w->scores = alloc64(slot_bytes);
+    w->slot_bias = alloc64((size_t)c->union_slots * sizeof(v8));
+    w->qt = alloc64(dim_bytes);
+    if (c->any_full) w->full = alloc64(row_bytes);
     int ok = w->scores && w->slot_bias && w->qt && (w->full || !c->any_full);
     if (backward) {
-        w->grads = aligned_alloc(64, slot_bytes);
-        w->got = aligned_alloc(64, dim_bytes);
-        if (c->any_full) w->full_grads = aligned_alloc(64, row_bytes);
+        w->grads = alloc64(slot_bytes);
+        w->got = alloc64(dim_bytes);
+        if (c->any_full) w->full_grads = alloc64(row_bytes);
         ok = ok && w->grads && w->got && (w->full_grads || !c->any_full);
     }
     return ok ? 0 : -1;
@@ -1063,7 +1069,7 @@ static int ctx_init(window_ctx *c, const sa_attention_params *p, char *err, size
     c->keep_scale = p->dropout_p > 0 ? (float)(1.0 / (1.0 - p->dropout_p)) : 1.0f;
     c->threshold = sa_dropout_threshold(p->dropout_p);
     const int64_t H = c->height, W = c->width;
-    c->slot_lanes = aligned_alloc(64, (size_t)c->union_slots * sizeof(i8v));
+    c->slot_lanes = alloc64((size_t)c->union_slots * sizeof(i8v));
     c->is_offset = calloc((size_t)((2 * H - 1) * (2 * W - 1)), 1);
     c->is_listed = calloc((size_t)p->num_tokens, 1);
     c->listed_full = calloc((size_t)(p->stencil_num_rows + 1), 1);
