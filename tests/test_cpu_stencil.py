@@ -455,7 +455,7 @@ WINDOW_CASES = [("longformer", dict(kernel_size=7, num_global_tokens=1)),
 WINDOW_SIZES = [(1, 1), (1, 17), (9, 1), (7, 13), (33, 35), (20, 70)]
 
 
-@pytest.mark.parametrize("dim", [8, 20, 32, 64])
+@pytest.mark.parametrize("dim", [8, 20, 32])
 @pytest.mark.parametrize("size", WINDOW_SIZES)
 @pytest.mark.parametrize("pattern, knobs", WINDOW_CASES)
 def test_window_kernel_against_reference_and_the_strip_kernel(pattern, knobs, size, dim):
@@ -481,8 +481,9 @@ def test_window_kernel_against_reference_and_the_strip_kernel(pattern, knobs, si
 
 
 def test_window_kernel_with_no_bias_mask_or_dropout():
+    # head dim 64: two passes of four vectors over d
     layout = build_layout("longformer", 23, 29, kernel_size=7, num_global_tokens=2)
-    (q, k, v), _ = make(1, 2, layout.num_tokens, 32)
+    (q, k, v), _ = make(1, 2, layout.num_tokens, 64)
     before = C.cpu_window_forwards()
     out, lse = attention(q.float(), k.float(), v.float(), layout, return_lse=True)
     assert C.cpu_window_forwards() == before + 1
@@ -543,7 +544,7 @@ def test_window_kernel_gives_the_same_bits_for_any_thread_count(threads):
 
 
 @pytest.mark.parametrize("dim", [8, 20, 32])
-@pytest.mark.parametrize("size", WINDOW_SIZES)
+@pytest.mark.parametrize("size", WINDOW_SIZES[:5])  # 20 x 70 adds time, not paths (33 x 35 has them all)
 @pytest.mark.parametrize("pattern, knobs", WINDOW_CASES)
 def test_window_backward_against_reference_and_the_strip_kernel(pattern, knobs, size, dim):
     layout = build_layout(pattern, *size, **knobs)
@@ -598,3 +599,13 @@ def test_window_backward_leaves_partial_listed_rows_to_the_strip_kernel():
     reference_attention(*ref, layout, scale=0.3)[0].backward(grad_out.double())
     for got, r in zip(grads, ref):
         assert (got.double() - r.grad).abs().max() < 5e-5
+
+
+def test_window_backward_with_a_wide_head_dim():
+    # head dim 72: two passes of four vectors over d, then one of one
+    layout = build_layout("longformer", 23, 29, kernel_size=7, num_global_tokens=2)
+    (q, k, v), _ = make(1, 2, layout.num_tokens, 72)
+    grad_out = torch.randn(1, 2, layout.num_tokens, 72, generator=torch.Generator().manual_seed(8))
+    before = C.cpu_window_backwards()
+    assert_backward_matches_reference(attention, layout, (q, k, v), grad_out)
+    assert C.cpu_window_backwards() == before + 1

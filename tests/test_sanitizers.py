@@ -50,7 +50,9 @@ def test_suites_pass_under_address_and_undefined_behaviour_sanitizers(tmp_path):
                ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:quarantine_size_mb=4",
                UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                             *SUITES, "-k", "not distributed and not dataloader and not fork"],
+                             # the window kernels' two largest grids add minutes here and no code path
+                             *SUITES, "-k", "not distributed and not dataloader and not fork"
+                             " and not (window and (size4 or size5))"],
                             cwd=copy, capture_output=True, text=True, env=env, timeout=900)
     report = result.stdout[-3000:] + result.stderr[-3000:]
     assert result.returncode == 0, report
