@@ -593,16 +593,7 @@ static void forward_heads(void *opaque, int64_t first, int64_t last)
         if (bh >= p->batch * p->heads) break;
         const int64_t h = bh % p->heads, b = bh / p->heads;
         if (p->head_active != NULL && !p->head_active[h]) {
-            /* a pruned head outputs zeros, its rows no key */
-            for (int64_t i = 0; i < p->num_tokens; i++) {
-                float *out = (float *)p->out + b * p->out_stride[0] + h * p->out_stride[1] + i * p->out_stride[2];
-                memset(out, 0, (size_t)dim * sizeof(float));
-                ((float *)p->lse)[bh * p->num_tokens + i] = -INFINITY;
-                if (want_stats) {
-                    float *stats = (float *)p->row_stats + 2 * (bh * p->num_tokens + i);
-                    stats[0] = stats[1] = 0.0f;
-                }
-            }
+            sa_write_pruned_rows(p, b, h, 0, p->num_tokens);
             continue;
         }
         build_key_panels(c, &w, b, h);
@@ -931,15 +922,6 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
 
 /* ---- entry points -------------------------------------------------------- */
 
-static int stencil_row_is_full(const sa_attention_params *p, int64_t i)
-{
-    const int64_t n = p->num_tokens, start = p->row_ptr[i];
-    if (p->row_ptr[i + 1] - start != n) return 0;
-    for (int64_t t = 0; t < n; t++)
-        if (p->col_idx[start + t] != t) return 0;
-    return 1;
-}
-
 static int stencil_ctx_init(stencil_ctx *c, const sa_attention_params *p, char *err, size_t len)
 {
     memset(c, 0, sizeof(*c));
@@ -988,7 +970,7 @@ static int stencil_ctx_init(stencil_ctx *c, const sa_attention_params *p, char *
         return SA_ERR_MEMORY;
     }
     for (int64_t t = 0; t < p->stencil_num_rows; t++)
-        c->listed_full[t] = (uint8_t)stencil_row_is_full(p, p->stencil_rows[t]);
+        c->listed_full[t] = (uint8_t)sa_row_attends_every_token(p, p->stencil_rows[t]);
 
     const int64_t E = p->stencil_num_offsets, H = c->height;
     int32_t *by_dx = malloc((size_t)(E > 0 ? E : 1) * sizeof(int32_t));
@@ -1062,20 +1044,10 @@ static int stencil_run(const sa_attention_params *p, int num_threads, sa_range_f
 {
     stencil_ctx c;
     int status = stencil_ctx_init(&c, p, err, len);
-    if (status == SA_OK && p->batch * p->heads > 0) {
-        const int64_t items = p->batch * p->heads;
-        const int64_t workers = num_threads < items ? num_threads : items;
-        /* one call per worker: each takes its panels once and pulls (batch, head) items */
-        if (sa_parallel_for(workers, 1, (int)workers, fn, &c) != 0 || atomic_load(&c.failed)) {
-            snprintf(err, len, "could not run the stencil CPU kernel (out of memory)");
-            status = SA_ERR_MEMORY;
-        }
-    }
-    if (status == SA_OK && rows_left != NULL) {
-        *num_left = 0;
-        for (int64_t t = 0; t < p->stencil_num_rows; t++)
-            if (!c.listed_full[t]) rows_left[(*num_left)++] = p->stencil_rows[t];
-    }
+    /* one call per worker: each takes its panels once and pulls (batch, head) items */
+    if (status == SA_OK)
+        status = sa_run_workers(p->batch * p->heads, num_threads, fn, &c, &c.failed, "stencil CPU kernel", err, len);
+    if (status == SA_OK && rows_left != NULL) sa_rows_not_full(p, c.listed_full, rows_left, num_left);
     free(c.is_offset);
     free(c.is_listed);
     free(c.row_first);

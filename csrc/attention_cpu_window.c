@@ -669,7 +669,7 @@ static void forward_items(void *opaque, int64_t first, int64_t last)
     (void)last;
     window_ctx *c = opaque;
     const sa_attention_params *p = c->p;
-    const int64_t W = c->width, H = c->height, dim = c->dim;
+    const int64_t W = c->width, H = c->height;
     window_work w;
     if (work_alloc(&w, c, 0) < 0) {
         work_free(&w);
@@ -690,16 +690,7 @@ static void forward_items(void *opaque, int64_t first, int64_t last)
         const int64_t bh = item / c->bands, band = item % c->bands, b = bh / p->heads, h = bh % p->heads;
         const int64_t y_first = band * BAND_ROWS, y_end = y_first + BAND_ROWS < H ? y_first + BAND_ROWS : H;
         if (p->head_active != NULL && !p->head_active[h]) {
-            /* a pruned head outputs zeros, its rows no key */
-            for (int64_t i = y_first * W; i < y_end * W; i++) {
-                float *out = (float *)p->out + b * p->out_stride[0] + h * p->out_stride[1] + i * p->out_stride[2];
-                memset(out, 0, (size_t)dim * sizeof(float));
-                ((float *)p->lse)[bh * p->num_tokens + i] = -INFINITY;
-                if (p->row_stats != NULL) {
-                    float *stats = (float *)p->row_stats + 2 * (bh * p->num_tokens + i);
-                    stats[0] = stats[1] = 0.0f;
-                }
-            }
+            sa_write_pruned_rows(p, b, h, y_first * W, y_end * W);
             continue;
         }
         if (p->bias_table != NULL && w.bias_head != h) fill_slot_bias(c, &w, h);
@@ -855,31 +846,17 @@ INLINE void backward_block(const window_ctx *c, window_work *w, int64_t b, int64
                 const int64_t key = (u.key_y0 + r) * W + u.key_x0 + col;
                 float *gk0 = grad_k + key * dim, *gk1 = two ? gk0 + dim : NULL;
                 float *gv0 = grad_v + key * dim, *gv1 = two ? gv0 + dim : NULL;
+                const float *gs0 = grad_weights + s * LANES, *gs1 = gs0 + LANES;
+                const float *pw0 = prob_weights + s * LANES, *pw1 = pw0 + LANES;
                 switch (vectors) {
-                case 4:
-                    keys_from_lanes(grad_weights + s * LANES, grad_weights + (s + 1) * LANES, rows_for_keys,
-                                    lane_first, lane_end, d0, 4, gk0, gk1);
-                    keys_from_lanes(prob_weights + s * LANES, prob_weights + (s + 1) * LANES, go_for_keys,
-                                    lane_first, lane_end, d0, 4, gv0, gv1);
-                    break;
-                case 3:
-                    keys_from_lanes(grad_weights + s * LANES, grad_weights + (s + 1) * LANES, rows_for_keys,
-                                    lane_first, lane_end, d0, 3, gk0, gk1);
-                    keys_from_lanes(prob_weights + s * LANES, prob_weights + (s + 1) * LANES, go_for_keys,
-                                    lane_first, lane_end, d0, 3, gv0, gv1);
-                    break;
-                case 2:
-                    keys_from_lanes(grad_weights + s * LANES, grad_weights + (s + 1) * LANES, rows_for_keys,
-                                    lane_first, lane_end, d0, 2, gk0, gk1);
-                    keys_from_lanes(prob_weights + s * LANES, prob_weights + (s + 1) * LANES, go_for_keys,
-                                    lane_first, lane_end, d0, 2, gv0, gv1);
-                    break;
-                default:
-                    keys_from_lanes(grad_weights + s * LANES, grad_weights + (s + 1) * LANES, rows_for_keys,
-                                    lane_first, lane_end, d0, 1, gk0, gk1);
-                    keys_from_lanes(prob_weights + s * LANES, prob_weights + (s + 1) * LANES, go_for_keys,
-                                    lane_first, lane_end, d0, 1, gv0, gv1);
-                    break;
+#define KEYS_CASE(n)                                                                                      \
+    case n:                                                                                               \
+        keys_from_lanes(gs0, gs1, rows_for_keys, lane_first, lane_end, d0, n, gk0, gk1);                  \
+        keys_from_lanes(pw0, pw1, go_for_keys, lane_first, lane_end, d0, n, gv0, gv1);                    \
+        break;
+                    KEYS_CASE(4) KEYS_CASE(3) KEYS_CASE(2) KEYS_CASE(1)
+#undef KEYS_CASE
+                default: break;
                 }
             }
         }
@@ -1036,15 +1013,6 @@ static void backward_items(void *opaque, int64_t first, int64_t last)
 
 /* ---- entry point ------------------------------------------------------------ */
 
-static int listed_row_is_full(const sa_attention_params *p, int64_t i)
-{
-    const int64_t n = p->num_tokens, start = p->row_ptr[i];
-    if (p->row_ptr[i + 1] - start != n) return 0;
-    for (int64_t t = 0; t < n; t++)
-        if (p->col_idx[start + t] != t) return 0;
-    return 1;
-}
-
 static void ctx_free(window_ctx *c)
 {
     free(c->slot_lanes);
@@ -1090,7 +1058,7 @@ static int ctx_init(window_ctx *c, const sa_attention_params *p, char *err, size
     }
     for (int64_t t = 0; t < p->stencil_num_rows; t++) {
         c->is_listed[p->stencil_rows[t]] = 1;
-        c->listed_full[t] = (uint8_t)listed_row_is_full(p, p->stencil_rows[t]);
+        c->listed_full[t] = (uint8_t)sa_row_attends_every_token(p, p->stencil_rows[t]);
         c->any_full |= c->listed_full[t];
     }
     c->bands = (H + BAND_ROWS - 1) / BAND_ROWS;
@@ -1107,19 +1075,10 @@ int sa_cpu_forward_window(const sa_attention_params *p, int num_threads, int32_t
     }
     window_ctx c;
     int status = ctx_init(&c, p, err, len);
-    if (status == SA_OK && p->batch * p->heads > 0) {
-        const int64_t items = c.band_items + (c.any_full ? p->batch * p->heads : 0);
-        const int64_t workers = num_threads < items ? num_threads : items;
-        if (sa_parallel_for(workers, 1, (int)workers, forward_items, &c) != 0 || atomic_load(&c.failed)) {
-            snprintf(err, len, "could not run the window CPU kernel (out of memory)");
-            status = SA_ERR_MEMORY;
-        }
-    }
-    if (status == SA_OK && rows_left != NULL) {
-        *num_left = 0;
-        for (int64_t t = 0; t < p->stencil_num_rows; t++)
-            if (!c.listed_full[t]) rows_left[(*num_left)++] = p->stencil_rows[t];
-    }
+    if (status == SA_OK)
+        status = sa_run_workers(c.band_items + (c.any_full ? p->batch * p->heads : 0), num_threads, forward_items, &c,
+                                &c.failed, "window CPU kernel", err, len);
+    if (status == SA_OK && rows_left != NULL) sa_rows_not_full(p, c.listed_full, rows_left, num_left);
     if (status == SA_OK) atomic_fetch_add(&window_forwards, 1);
     ctx_free(&c);
     return status;
@@ -1130,7 +1089,7 @@ int sa_cpu_window_backward_fits(const sa_attention_params *p)
     if (!sa_cpu_window_fits(p) || p->grad_scores != NULL) return 0;
     /* a listed row with only some keys would need the row kernel's backward */
     for (int64_t t = 0; t < p->stencil_num_rows; t++)
-        if (!listed_row_is_full(p, p->stencil_rows[t])) return 0;
+        if (!sa_row_attends_every_token(p, p->stencil_rows[t])) return 0;
     return 1;
 }
 
@@ -1142,15 +1101,10 @@ int sa_cpu_backward_window(const sa_attention_params *p, int num_threads, char *
     }
     window_ctx c;
     int status = ctx_init(&c, p, err, len);
-    if (status == SA_OK && p->batch * p->heads > 0) {
-        /* one (batch, head) per item: its dK and dV have one writer */
-        const int64_t items = p->batch * p->heads;
-        const int64_t workers = num_threads < items ? num_threads : items;
-        if (sa_parallel_for(workers, 1, (int)workers, backward_items, &c) != 0 || atomic_load(&c.failed)) {
-            snprintf(err, len, "could not run the window CPU backward (out of memory)");
-            status = SA_ERR_MEMORY;
-        }
-    }
+    /* one (batch, head) per item: its dK and dV have one writer */
+    if (status == SA_OK)
+        status = sa_run_workers(p->batch * p->heads, num_threads, backward_items, &c, &c.failed,
+                                "window CPU backward", err, len);
     if (status == SA_OK) atomic_fetch_add(&window_backwards, 1);
     ctx_free(&c);
     return status;
