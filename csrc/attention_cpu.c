@@ -183,7 +183,7 @@ int sa_cpu_backward(const sa_attention_params *p, char *err, size_t len)
     status = run(f32 ? delta_rows_f32 : delta_rows_f64, rows, ctx, err, len);
     if (status == SA_OK && p->stencil_offsets != NULL) {
         const int threads = sa_cpu_get_num_threads();
-        status = !p->stencil_strips && sa_cpu_window_backward_fits(p)
+        status = !p->stencil_strips && sa_cpu_window_fits(p) && p->grad_scores == NULL
                      ? sa_cpu_backward_window(p, threads, err, len)
                      : sa_cpu_backward_stencil(p, threads, err, len);
         return status == SA_OK ? run_plan(p, 1, 1, err, len) : status;

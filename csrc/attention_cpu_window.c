@@ -37,6 +37,7 @@
  * output row is written by one item, every gradient row summed by one thread
  * in a fixed order, so results do not depend on the thread count. */
 #include "attention_cpu_window.h"
+#include "attention_cpu_stencil.h"
 
 #include <math.h>
 #if defined(__x86_64__) || defined(__i386__)
@@ -1084,23 +1085,21 @@ int sa_cpu_forward_window(const sa_attention_params *p, int num_threads, int32_t
     return status;
 }
 
-int sa_cpu_window_backward_fits(const sa_attention_params *p)
-{
-    if (!sa_cpu_window_fits(p) || p->grad_scores != NULL) return 0;
-    /* a listed row with only some keys would need the row kernel's backward */
-    for (int64_t t = 0; t < p->stencil_num_rows; t++)
-        if (!sa_row_attends_every_token(p, p->stencil_rows[t])) return 0;
-    return 1;
-}
-
 int sa_cpu_backward_window(const sa_attention_params *p, int num_threads, char *err, size_t len)
 {
-    if (!sa_cpu_window_backward_fits(p)) {
-        snprintf(err, len, "stencil: its offsets or listed rows do not suit the window CPU backward");
+    if (!sa_cpu_window_fits(p) || p->grad_scores != NULL) {
+        snprintf(err, len, "stencil: its offsets or the bias gradient do not suit the window CPU backward");
         return SA_ERR_UNSUPPORTED;
     }
     window_ctx c;
     int status = ctx_init(&c, p, err, len);
+    int all_full = 1;
+    for (int64_t t = 0; status == SA_OK && t < p->stencil_num_rows; t++) all_full &= c.listed_full[t];
+    if (status == SA_OK && !all_full) {
+        /* a listed row with only some keys needs the row kernel's backward, which the strips run */
+        ctx_free(&c);
+        return sa_cpu_backward_stencil(p, num_threads, err, len);
+    }
     /* one (batch, head) per item: its dK and dV have one writer */
     if (status == SA_OK)
         status = sa_run_workers(p->batch * p->heads, num_threads, backward_items, &c, &c.failed,

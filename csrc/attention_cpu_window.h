@@ -13,11 +13,9 @@ int sa_cpu_window_fits(const sa_attention_params *p);
 int sa_cpu_forward_window(const sa_attention_params *p, int num_threads, int32_t *rows_left, int64_t *num_left,
                           char *err, size_t len);
 
-/* Whether the window backward takes p: as sa_cpu_window_fits, no bias
- * gradient, and every listed row attends every token. */
-int sa_cpu_window_backward_fits(const sa_attention_params *p);
-
-/* As sa_cpu_backward_stencil (attention_cpu_stencil.h), for a stencil that fits. */
+/* As sa_cpu_backward_stencil (attention_cpu_stencil.h), for a stencil that
+ * fits and no bias gradient; with a listed row that attends only some
+ * tokens it hands the call to sa_cpu_backward_stencil. */
 int sa_cpu_backward_window(const sa_attention_params *p, int num_threads, char *err, size_t len);
 
 /* Calls that ran on the window kernels so far (for tests). */
