@@ -28,7 +28,9 @@ done
 stamp "benchmark"
 timeout ${BENCH_TIMEOUT:-300} $PY benchmarks/gpu_bench.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 stamp "kernel counters (ncu; fails where the runtime hides the counters)"
-if command -v ncu > /dev/null; then
+if [ -n "${SKIP_NCU:-}" ]; then
+  echo "ncu skipped (SKIP_NCU set)"
+elif command -v ncu > /dev/null; then
   timeout ${NCU_TIMEOUT:-120} ncu --clock-control none -k regex:forward_ --launch-count 10 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section MemoryWorkloadAnalysis --section SchedulerStats \
