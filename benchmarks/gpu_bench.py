@@ -42,23 +42,53 @@ def time_cuda(fn, repeats, warmup=3):
     return statistics.median(times)
 
 
+def capture_graph(fn):
+    """fn captured in a CUDA graph, after a warm-up on a side stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def time_graph(fn, repeats):
     """Median time of fn replayed from a CUDA graph: the GPU time without the
     Python and launch overhead of an eager call. None if capture fails."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return time_cuda(graph.replay, repeats)
+        return time_cuda(capture_graph(fn).replay, repeats)
     except Exception as error:  # noqa: BLE001 - report and go on
         print(f"    graph capture failed: {type(error).__name__}: {str(error)[:120]}")
         return None
+
+
+def graphs_both_ways(fn, switch, repeats, rounds=5):
+    """(default, flipped): medians of fn's graphed time with the boolean
+    _torch_ops.<switch> as it is and flipped, the two graphs replayed in
+    alternating rounds so that drift on the device touches both alike."""
+    default = getattr(_torch_ops, switch)
+    graphs = {}
+    try:
+        for value in (default, not default):
+            setattr(_torch_ops, switch, value)
+            try:
+                with torch.no_grad():
+                    fn()  # anything made on first use (a second stream) is made outside the capture
+                    graphs[value] = capture_graph(fn)
+            finally:
+                setattr(_torch_ops, switch, default)
+    except Exception as error:  # noqa: BLE001 - report and go on
+        print(f"    graph capture failed: {type(error).__name__}: {str(error)[:120]}")
+        return None, None
+    times = {value: [] for value in graphs}
+    for _ in range(rounds):
+        for value, graph in graphs.items():
+            times[value].append(time_cuda(graph.replay, repeats))
+    return statistics.median(times[default]), statistics.median(times[not default])
 
 
 def kernel_times(fn, label, calls=10):
@@ -194,17 +224,14 @@ def main():
                                                              args.repeats)
                 finally:
                     _torch_ops.split_segment_keys = default_keys
-            beside_graph = None
+            # the switches of the planned forward, each timed as it is and flipped
+            switch_graphs = {}
             if layout.tile_plan() is not None and len(layout.tile_plan().long_rows):
-                # the long rows on a second stream beside the passes (off by default)
-                default_beside = _torch_ops.long_rows_beside
-                _torch_ops.long_rows_beside = not default_beside
-                try:
-                    with torch.no_grad():
-                        sparse_attention(q, k, v, layout)  # makes the second stream outside the capture
-                        beside_graph = time_graph(lambda: sparse_attention(q, k, v, layout), args.repeats)
-                finally:
-                    _torch_ops.long_rows_beside = default_beside
+                switch_graphs["long_rows_beside"] = graphs_both_ways(
+                    lambda: sparse_attention(q, k, v, layout), "long_rows_beside", args.repeats)
+            if layout.tile_plan() is not None and len(layout.tile_plan()) > 1:
+                switch_graphs["overlap_passes"] = graphs_both_ways(
+                    lambda: sparse_attention(q, k, v, layout), "overlap_passes", args.repeats)
             if side in profile_sides:
                 with torch.no_grad():
                     kernel_rows.extend(kernel_times(lambda: sparse_attention(q, k, v, layout),
@@ -240,8 +267,9 @@ def main():
                           sdpa_graph_fwd_ms=sdpa_graph, ours_graph_fwd_ms=ours_graph,
                           general_graph_fwd_ms=general_graph, lanes_graph_fwd_ms=lanes_graph,
                           segment_keys_graph_fwd_ms=segment_graph,
-                          long_rows_beside_default=_torch_ops.long_rows_beside,
-                          toggled_beside_graph_fwd_ms=beside_graph,
+                          switch_defaults=dict(long_rows_beside=_torch_ops.long_rows_beside,
+                                               overlap_passes=_torch_ops.overlap_passes),
+                          switch_graph_fwd_ms=switch_graphs,
                           flex_fwd_bwd_ms=flex_fb, flex_note=flex_note, device=name)
             raw.append(record)
             write_tables(args, name, raw, kernel_rows)
@@ -292,14 +320,19 @@ def write_tables(args, name, raw, kernel_rows):
         for r in segments:
             cells = ", ".join(f"{keys}: {fmt(ms)}" for keys, ms in r["segment_keys_graph_fwd_ms"].items())
             lines.append(f"| {r['side']}x{r['side']} | {r['pattern']} | {cells} |")
-    beside = [r for r in raw if r.get("toggled_beside_graph_fwd_ms") is not None]
-    if beside:
-        lines += ["", "Graphed forward with the long rows' stream choice flipped (ours above ran them "
-                  f"{'beside' if beside[0]['long_rows_beside_default'] else 'after'} the passes), ms:",
-                  "", "| tokens | pattern | ours | flipped |", "|---|---|---|---|"]
-        for r in beside:
-            lines.append(f"| {r['side']}x{r['side']} | {r['pattern']} | {fmt(r['ours_graph_fwd_ms'])} | "
-                         f"{fmt(r['toggled_beside_graph_fwd_ms'])} |")
+    switched = [r for r in raw if r.get("switch_graph_fwd_ms")]
+    if switched:
+        lines += ["", "Graphed forward with a switch of the planned forward as it is (default) and "
+                  "flipped, the two graphs replayed in 5 alternating rounds, median of the rounds, ms "
+                  "(long_rows_beside: LONGFORMER's global rows on a second stream beside the passes; "
+                  "overlap_passes: a merging pass starts while the one before it drains):",
+                  "", "| tokens | pattern | switch | default | ms as default | ms flipped | flipped / default |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in switched:
+            for switch, (as_is, flipped) in r["switch_graph_fwd_ms"].items():
+                ratio = f"{flipped / as_is:.3f}" if as_is and flipped else "n/a"
+                lines.append(f"| {r['side']}x{r['side']} | {r['pattern']} | {switch} | "
+                             f"{r['switch_defaults'][switch]} | {fmt(as_is)} | {fmt(flipped)} | {ratio} |")
     if kernel_rows:
         lines += ["", "GPU time per kernel of one forward call (torch.profiler, mean of the calls), us:",
                   "", "| call | kernel | us |", "|---|---|---|"]

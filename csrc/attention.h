@@ -115,6 +115,11 @@ typedef struct {
     const int64_t *plan_fields;
     int64_t plan_num_passes;
     int long_rows_beside;
+    /* CUDA forward over a plan, lean kernel, compute capability 9.0: a pass that
+     * merges into the one before it is launched as a programmatic dependent of
+     * it, so its blocks start while that pass drains (they wait for it before
+     * reading its rows). */
+    int overlap_passes;
     /* CPU only, float32: a stencil layout (attention_cpu_stencil.c). Query
      * (y, x) attends key (y + dy, x + dx) for every (dy, dx) of
      * stencil_offsets (stencil_num_offsets x 2) that lands on the grid, and every
@@ -175,6 +180,8 @@ int sa_cuda_device_count(char *err, size_t err_len);
 long long sa_cuda_lean_passes(void);
 /* Calls that ran their long rows on the second stream so far (for tests). */
 long long sa_cuda_beside_forwards(void);
+/* Merging passes launched to overlap the pass before them so far (for tests). */
+long long sa_cuda_overlapped_passes(void);
 #endif
 
 #ifdef __cplusplus

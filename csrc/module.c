@@ -396,7 +396,8 @@ static char *forward_kwlist[] = {"query", "key", "value", "out", "lse", "row_ptr
                                  "head_active", "dropout_p", "dropout_seed", "row_stats",
                                  "stream", "long_rows", "long_threshold", "reference_kernel",
                                  "tile_plan", "tile_passes", "long_row_splits", "split_workspace",
-                                 "stencil", "long_rows_beside", "stencil_strips", NULL};
+                                 "stencil", "long_rows_beside", "stencil_strips",
+                                 "overlap_passes", NULL};
 
 /* A tile plan for the tiled forward kernels (CUDA tensor cores, CPU panels;
  * sparse_attention/_tiles.py): one int32 buffer on q's device and, per pass,
@@ -483,15 +484,15 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
     long long long_row_splits = 1;
     common_options o = {Py_None, Py_None, Py_None, 0, 0, NAN, 0.0, 0};
     long long stream = -1, long_threshold = INT64_MAX;
-    int reference_kernel = 0, long_rows_beside = 0, stencil_strips = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOO|$LLdOOOdKOLOLpOOLOOpp", forward_kwlist,
+    int reference_kernel = 0, long_rows_beside = 0, stencil_strips = 0, overlap_passes = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOO|$LLdOOOdKOLOLpOOLOOppp", forward_kwlist,
                                      &q_obj, &k_obj, &v_obj, &out_obj, &lse_obj, &ptr_obj,
                                      &idx_obj, &o.height, &o.width, &o.scale, &o.bias,
                                      &o.key_mask, &o.head_active, &o.dropout_p,
                                      &o.dropout_seed, &stats_obj, &stream, &long_rows_obj,
                                      &long_threshold, &reference_kernel, &plan_obj, &passes_obj,
                                      &long_row_splits, &workspace_obj, &stencil_obj,
-                                     &long_rows_beside, &stencil_strips))
+                                     &long_rows_beside, &stencil_strips, &overlap_passes))
         return NULL;
     view_set set = {.count = 0, .stream = stream};
     sa_attention_params p;
@@ -567,6 +568,7 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
         p.plan_fields = &plan.fields[0][0];
         p.plan_num_passes = plan.count;
         p.long_rows_beside = long_rows_beside;
+        p.overlap_passes = overlap_passes;
     }
     if (run_kernel(is_cuda(q), 0, &p) < 0) goto fail;
     release_all(&set);
@@ -915,6 +917,17 @@ static PyObject *cuda_beside_forwards(PyObject *self, PyObject *unused)
 #endif
 }
 
+static PyObject *cuda_overlapped_passes(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+#ifdef SA_WITH_CUDA
+    return PyLong_FromLongLong(sa_cuda_overlapped_passes());
+#else
+    return PyLong_FromLong(0);
+#endif
+}
+
 /* Sizes and offsets of our DLPack declarations, checked by the tests. */
 static PyObject *dlpack_abi(PyObject *self, PyObject *unused)
 {
@@ -994,6 +1007,8 @@ static PyMethodDef module_methods[] = {
      "Backwards that ran on the CPU window kernel so far (tests check the dispatch)."},
     {"cuda_beside_forwards", cuda_beside_forwards, METH_NOARGS,
      "Forwards that ran their long rows on a second stream so far (tests check the dispatch)."},
+    {"cuda_overlapped_passes", cuda_overlapped_passes, METH_NOARGS,
+     "Merging passes launched to overlap the pass before them so far (tests check the dispatch)."},
     {"dlpack_abi", dlpack_abi, METH_NOARGS, "Sizes and offsets of the DLPack structs."},
     {"inspect_tensor", (PyCFunction)(void (*)(void))inspect_tensor, METH_VARARGS | METH_KEYWORDS,
      "What the DLPack bridge sees of a tensor."},

@@ -21,6 +21,7 @@
 #include <cuda_runtime.h>
 #include <math_constants.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "attention.h"
@@ -94,9 +95,15 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) forward_lean_kernel(cons
     const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
     const int group = lane / 4, pair = lane % 4;
     const int64_t n = p.num_tokens, dim = p.head_dim, tile = blockIdx.x;
+    let_next_pass_start();  // a later pass only reads this one's rows after waiting for it
     int64_t chunk_begin, chunk_end;
     tile_chunk_range(p.tile_chunk_ptr, tile, p.num_chunks, chunk_begin, chunk_end);
-    if (p.merge_previous && chunk_begin == chunk_end) return;  // nothing to add to the earlier pass
+    if (p.merge_previous && chunk_begin == chunk_end) {
+        // nothing to add to the earlier pass; waiting keeps this pass from
+        // ending before it, which a pass after this one relies on
+        wait_for_previous_pass();
+        return;
+    }
 
     const int32_t *tile_ids = p.tile_queries + tile * kTile;
     int slot[2], query[2];
@@ -238,6 +245,22 @@ rescale_rows(out_acc, rescale);
             stage ^= 1;
         }
 
+        // the earlier pass's output rows this block merges into, loaded beside
+        // the lse below rather than after it (one memory latency, not two)
+        uint4 previous[S::kPieces];
+        if (p.merge_previous) wait_for_previous_pass();
+#pragma unroll
+        for (int k = 0; k < S::kPieces; k++) {
+            const int piece = tid + k * kThreads;
+            const int r = piece / S::kVectors, col = (piece % S::kVectors) * 8;
+            const int32_t i = tile_ids[r];
+            previous[k] = make_uint4(0, 0, 0, 0);
+            if (p.merge_previous && i >= 0 && i < n && col < dim)
+                    previous[k] = *reinterpret_cast<const uint4 *>(
+                        static_cast<const T *>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] +
+                        i * p.out_stride[2] + col);
+        }
+
         // per row: the weights of this pass's and the earlier pass's output, and the lse
 #pragma unroll
         for (int r = 0; r < 2; r++) {
@@ -284,9 +307,7 @@ rescale_rows(out_acc, rescale);
             const float4 hi = *reinterpret_cast<const float4 *>(&staged[r * S::kOutStride + col + 4]);
             float value[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
             const float new_weight = row_new_weight[r], old_weight = row_old_weight[r];
-            uint4 previous = make_uint4(0, 0, 0, 0);
-            if (row_merges[r]) previous = *reinterpret_cast<const uint4 *>(out);
-            const T *old = reinterpret_cast<const T *>(&previous);
+            const T *old = reinterpret_cast<const T *>(&previous[k]);
             uint32_t packed[4];
 #pragma unroll
             for (int e = 0; e < 8; e += 2) {
@@ -301,6 +322,7 @@ rescale_rows(out_acc, rescale);
         }
         __syncthreads();  // the staged rows are read before the next item restages
     }
+    if (p.merge_previous) wait_for_previous_pass();  // also where every item was a pruned head
 }
 
 template <typename T> bool row_aligned16(const void *base, const int64_t *stride) {
@@ -317,17 +339,34 @@ template <typename T> bool lean_fits(const sa_attention_params &p) {
            row_aligned16<T>(p.v, p.v_stride) && row_aligned16<T>(p.out, p.out_stride);
 }
 
+std::atomic<long long> overlapped_passes{0};
+
 template <typename T> cudaError_t launch_lean(const sa_attention_params &p) {
     const int64_t items = p.batch * p.heads;
     if (p.num_tiles == 0 || items == 0) return cudaSuccess;
     if (p.num_tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
     const dim3 grid((unsigned)p.num_tiles, (unsigned)(items < 65535 ? items : 65535));
-    cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
-    if (p.head_dim <= 32)
-        forward_lean_kernel<T, 32, 5><<<grid, kThreads, 0, stream>>>(p);
-    else
-        forward_lean_kernel<T, 64, 4><<<grid, kThreads, 0, stream>>>(p);
-    return cudaGetLastError();
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = dim3(kThreads);
+    config.stream = static_cast<cudaStream_t>(p.stream);
+    cudaLaunchAttribute overlap[1];
+    if (p.merge_previous && p.overlap_passes) {
+        // this pass may start while the one before it drains (it waits for
+        // that pass's rows before merging into them); compute capability 9.0
+        int major = 0;
+        cudaError_t status = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, p.device_id);
+        if (status != cudaSuccess) return status;
+        if (major >= 9) {
+            overlapped_passes.fetch_add(1, std::memory_order_relaxed);
+            overlap[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+            overlap[0].val.programmaticStreamSerializationAllowed = 1;
+            config.attrs = overlap;
+            config.numAttrs = 1;
+        }
+    }
+    if (p.head_dim <= 32) return cudaLaunchKernelEx(&config, forward_lean_kernel<T, 32, 5>, p);
+    return cudaLaunchKernelEx(&config, forward_lean_kernel<T, 64, 4>, p);
 }
 
 }  // namespace
@@ -349,3 +388,5 @@ cudaError_t forward_tiled_lean(const sa_attention_params &p) {
 }
 
 }  // namespace sa_kernels
+
+extern "C" long long sa_cuda_overlapped_passes(void) { return sa_kernels::overlapped_passes.load(); }

@@ -97,6 +97,23 @@ template <int pending> __device__ __forceinline__ void wait_copies() {
 #endif
 }
 
+// Programmatic dependent launch (compute capability 9.0): a pass launched
+// with the programmatic-serialisation attribute may start once every block of
+// the pass before it has signalled, and so fills the SMs that pass leaves idle
+// as it drains. It must wait for that pass before it reads what that pass
+// wrote. Elsewhere (older devices, ordinary launches) both are no-ops.
+__device__ __forceinline__ void let_next_pass_start() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_previous_pass() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // The tile's chunks [begin, end) from its plan, clamped to the chunk count
 // (the plan comes from the caller, so no entry is trusted to be in range).
 __device__ __forceinline__ void tile_chunk_range(const int32_t *tile_chunk_ptr, int64_t tile,

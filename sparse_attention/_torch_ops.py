@@ -91,9 +91,15 @@ _NO_PLAN = (None, [], None, 0, None)
 split_segment_keys = 512
 # CUDA forwards with a tile plan: run the rows the plan leaves out (LONGFORMER's
 # global tokens) on a second stream beside the plan's passes rather than after
-# them. Off until measured on a GPU; SPARSE_ATTENTION_LONG_ROWS_BESIDE=1 turns
-# it on, and benchmarks/gpu_bench.py times both ways.
-long_rows_beside = os.environ.get("SPARSE_ATTENTION_LONG_ROWS_BESIDE") == "1"
+# them (H200, LONGFORMER 128x128 graphed: 0.129 -> 0.120 ms, the same bits).
+# SPARSE_ATTENTION_LONG_ROWS_BESIDE=0 turns it off; benchmarks/gpu_bench.py
+# times both ways.
+long_rows_beside = os.environ.get("SPARSE_ATTENTION_LONG_ROWS_BESIDE", "1") != "0"
+# CUDA forwards with a plan of several passes (AXIAL's rows, then columns): on
+# compute capability 9.0 each merging pass starts while the one before drains
+# (programmatic dependent launch). SPARSE_ATTENTION_OVERLAP_PASSES=0 turns it
+# off; benchmarks/gpu_bench.py times both ways.
+overlap_passes = os.environ.get("SPARSE_ATTENTION_OVERLAP_PASSES", "1") != "0"
 
 
 def _tiled_applies(device, dtype, head_dim) -> bool:
@@ -220,6 +226,8 @@ def _forward_impl(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_
         extras["long_rows"] = d(plan_long_rows)
         if plan_long_rows is not None and long_rows_beside and query.device.type == "cuda":
             extras["long_rows_beside"] = True
+        if len(tile_passes) > 6 and overlap_passes and query.device.type == "cuda":
+            extras["overlap_passes"] = True
         C.attention_forward(d(query), d(key), d(value), d(out), d(lse), d(row_ptr), d(col_idx),
                             tile_plan=d(tile_plan), tile_passes=tile_passes, **extras, **common)
         return out, lse, stats

@@ -202,7 +202,7 @@ def test_simple_variant_matches_the_pipelined_one(pattern, monkeypatch):
     torch.testing.assert_close(pipelined[1], simple[1], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("segment_keys", [0, 100, 512])
+@pytest.mark.parametrize("segment_keys", [0, 7, 100, 512])
 def test_long_rows_split_across_blocks(segment_keys, monkeypatch):
     """The global rows of LONGFORMER leave the plan; their keys are cut into
     segments of segment_keys (0: one block per row) and merged afterwards."""
@@ -260,6 +260,43 @@ def test_long_rows_beside_the_passes_give_the_same_bits(segment_keys, dtype, mon
     torch.cuda.synchronize()
     for a, b in zip(after, captured):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_overlapped_passes_give_the_same_bits(dtype, monkeypatch):
+    """AXIAL's column pass, launched to start while the row pass drains, waits
+    for that pass before merging into its rows: the same bits as one pass after
+    the other, eager, with a pruned head and NaN rows, and under graph capture.
+    The grid is several waves of blocks deep, so the two passes do overlap.
+    (With the switch on by default, the reference tests above cover it too.)"""
+    layout = build_layout("axial", 96, 100)
+    assert len(layout.tile_plan()) == 2
+    n = layout.num_tokens
+    (q, k, v), _ = make(2, 4, n, 64, dtype, seed=11)
+    q[1, 1, 5 * 100 + 7, 3] = float("nan")
+    q, k, v = q.cuda(), k.cuda(), v.cuda()
+    key_mask = (torch.rand(2, n, generator=torch.Generator().manual_seed(6)) > 0.1).cuda()
+    active = torch.tensor([True, True, False, True]).cuda()
+    args = dict(key_mask=key_mask, head_active=active, return_lse=True)
+    monkeypatch.setattr(_torch_ops, "overlap_passes", False)
+    before = C.cuda_overlapped_passes()
+    ordered = run_tiled(q, k, v, layout, **args)
+    assert C.cuda_overlapped_passes() == before
+    monkeypatch.setattr(_torch_ops, "overlap_passes", True)
+    overlapped = run_tiled(q, k, v, layout, **args)
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert C.cuda_overlapped_passes() == before + (1 if hopper else 0)
+    assert torch.isnan(ordered[0][1, 1, 5 * 100 + 7]).all()
+    for a, b in zip(ordered, overlapped):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = attention(q, k, v, layout, **args)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, b in zip(ordered, captured):
+            torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True)
 
 
 def test_nan_in_a_split_long_row(monkeypatch):
