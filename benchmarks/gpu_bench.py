@@ -8,6 +8,7 @@ gpu_bench.md and gpu_bench.json into --out.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -66,29 +67,66 @@ def time_graph(fn, repeats):
         return None
 
 
-def graphs_both_ways(fn, switch, repeats, rounds=5):
-    """(default, flipped): medians of fn's graphed time with the boolean
-    _torch_ops.<switch> as it is and flipped, the two graphs replayed in
-    alternating rounds so that drift on the device touches both alike."""
-    default = getattr(_torch_ops, switch)
-    graphs = {}
+def flip_module_switch(name):
+    """A context manager factory that flips the boolean _torch_ops.<name>."""
+    @contextlib.contextmanager
+    def flipped():
+        default = getattr(_torch_ops, name)
+        setattr(_torch_ops, name, not default)
+        try:
+            yield
+        finally:
+            setattr(_torch_ops, name, default)
+    return flipped
+
+
+def set_module_value(name, value):
+    """A context manager factory that sets _torch_ops.<name> to value."""
+    @contextlib.contextmanager
+    def changed():
+        before = getattr(_torch_ops, name)
+        setattr(_torch_ops, name, value)
+        try:
+            yield
+        finally:
+            setattr(_torch_ops, name, before)
+    return changed
+
+
+def set_environment(name, value):
+    """A context manager factory that sets the environment variable name to value."""
+    @contextlib.contextmanager
+    def changed():
+        before = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            yield
+        finally:
+            if before is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = before
+    return changed
+
+
+def graphs_both_ways(fn, variant, repeats, rounds=5):
+    """(default, variant): medians of fn's graphed time as it is and inside the
+    context manager variant(), the two graphs replayed in alternating rounds so
+    that drift on the device touches both alike."""
+    graphs = []
     try:
-        for value in (default, not default):
-            setattr(_torch_ops, switch, value)
-            try:
-                with torch.no_grad():
-                    fn()  # anything made on first use (a second stream) is made outside the capture
-                    graphs[value] = capture_graph(fn)
-            finally:
-                setattr(_torch_ops, switch, default)
+        for context in (contextlib.nullcontext, variant):
+            with context(), torch.no_grad():
+                fn()  # anything made on first use (a second stream) is made outside the capture
+                graphs.append(capture_graph(fn))
     except Exception as error:  # noqa: BLE001 - report and go on
         print(f"    graph capture failed: {type(error).__name__}: {str(error)[:120]}")
         return None, None
-    times = {value: [] for value in graphs}
+    times = [[], []]
     for _ in range(rounds):
-        for value, graph in graphs.items():
-            times[value].append(time_cuda(graph.replay, repeats))
-    return statistics.median(times[default]), statistics.median(times[not default])
+        for slot, graph in enumerate(graphs):
+            times[slot].append(time_cuda(graph.replay, repeats))
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def kernel_times(fn, label, calls=10):
@@ -112,6 +150,34 @@ def kernel_times(fn, label, calls=10):
     except Exception as error:  # noqa: BLE001 - the table goes on without it
         print(f"    profiler failed: {type(error).__name__}: {str(error)[:120]}")
         return []
+
+
+def host_time_per_call(fn, profile_path, calls=200):
+    """Microseconds of wall time per eager call (no grad) over back-to-back
+    calls with one synchronisation at the end: the host's cost per call where it
+    exceeds the kernels'. Also writes a cProfile of such calls to profile_path."""
+    import cProfile
+    import pstats
+
+    with torch.no_grad():
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        per_call = (time.perf_counter() - start) / calls * 1e6
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        profiler.disable()
+    with open(profile_path, "w") as fh:
+        fh.write(f"{calls} eager calls, no grad; {per_call:.1f} us per call unprofiled\n")
+        pstats.Stats(profiler, stream=fh).strip_dirs().sort_stats("tottime").print_stats(30)
+    return per_call
 
 
 def mask_mod_for(pattern, layout, device):
@@ -151,6 +217,10 @@ def main():
     parser.add_argument("--segment-keys", default="128,256,1024",
                         help="other segment lengths of the long rows (LONGFORMER's global token) "
                              "to time the graphed forward with, besides the default")
+    parser.add_argument("--lean-blocks", action="store_true",
+                        help="also time the lean kernel's five-blocks-per-SM variant against the default")
+    parser.add_argument("--host-sides", default="64",
+                        help="sides whose eager calls are timed back to back for the host's cost per call")
     parser.add_argument("--profile-sides", default="128",
                         help="sides whose forward is broken down per kernel (torch.profiler)")
     args = parser.parse_args()
@@ -174,6 +244,7 @@ def main():
     rows, raw, kernel_rows = [], [], []
     flex_sides = {int(x) for x in args.flex_sides.split(",") if x}
     profile_sides = {int(x) for x in args.profile_sides.split(",") if x}
+    host_sides = {int(x) for x in args.host_sides.split(",") if x}
     batch, heads, dim, dtype = 1, 8, 64, torch.bfloat16
     for side in (int(s) for s in args.sides.split(",")):
         n = side * side
@@ -213,25 +284,24 @@ def main():
                     general_graph = time_graph(lambda: sparse_attention(q, k, v, layout), args.repeats)
             finally:
                 del os.environ["SPARSE_ATTENTION_TILED_KERNEL"]
-            segment_graph = {}
-            if layout.tile_plan() is not None and len(layout.tile_plan().long_rows) and args.segment_keys:
-                default_keys = _torch_ops.split_segment_keys
-                try:
-                    for keys in (int(x) for x in args.segment_keys.split(",")):
-                        _torch_ops.split_segment_keys = keys
-                        with torch.no_grad():
-                            segment_graph[keys] = time_graph(lambda: sparse_attention(q, k, v, layout),
-                                                             args.repeats)
-                finally:
-                    _torch_ops.split_segment_keys = default_keys
             # the switches of the planned forward, each timed as it is and flipped
             switch_graphs = {}
+            call = lambda: sparse_attention(q, k, v, layout)  # noqa: E731
             if layout.tile_plan() is not None and len(layout.tile_plan().long_rows):
-                switch_graphs["long_rows_beside"] = graphs_both_ways(
-                    lambda: sparse_attention(q, k, v, layout), "long_rows_beside", args.repeats)
+                switch_graphs["long_rows_beside flipped"] = graphs_both_ways(
+                    call, flip_module_switch("long_rows_beside"), args.repeats)
+                for keys in (int(x) for x in args.segment_keys.split(",") if x):
+                    switch_graphs[f"{keys} keys per long-row segment"] = graphs_both_ways(
+                        call, set_module_value("split_segment_keys", keys), args.repeats)
             if layout.tile_plan() is not None and len(layout.tile_plan()) > 1:
-                switch_graphs["overlap_passes"] = graphs_both_ways(
-                    lambda: sparse_attention(q, k, v, layout), "overlap_passes", args.repeats)
+                switch_graphs["overlap_passes flipped"] = graphs_both_ways(
+                    call, flip_module_switch("overlap_passes"), args.repeats)
+            if layout.tile_plan() is not None and args.lean_blocks:
+                switch_graphs["SPARSE_ATTENTION_LEAN_BLOCKS=5"] = graphs_both_ways(
+                    call, set_environment("SPARSE_ATTENTION_LEAN_BLOCKS", "5"), args.repeats)
+            host_us = None
+            if side in host_sides:
+                host_us = host_time_per_call(call, os.path.join(args.out, f"host_profile_{side}_{pattern}.txt"))
             if side in profile_sides:
                 with torch.no_grad():
                     kernel_rows.extend(kernel_times(lambda: sparse_attention(q, k, v, layout),
@@ -266,10 +336,9 @@ def main():
                           lanes_fwd_ms=lanes_fwd, plan_passes=passes, plan_build_s=plan_s,
                           sdpa_graph_fwd_ms=sdpa_graph, ours_graph_fwd_ms=ours_graph,
                           general_graph_fwd_ms=general_graph, lanes_graph_fwd_ms=lanes_graph,
-                          segment_keys_graph_fwd_ms=segment_graph,
                           switch_defaults=dict(long_rows_beside=_torch_ops.long_rows_beside,
                                                overlap_passes=_torch_ops.overlap_passes),
-                          switch_graph_fwd_ms=switch_graphs,
+                          switch_graph_fwd_ms=switch_graphs, host_us_per_eager_call=host_us,
                           flex_fwd_bwd_ms=flex_fb, flex_note=flex_note, device=name)
             raw.append(record)
             write_tables(args, name, raw, kernel_rows)
@@ -312,27 +381,31 @@ def write_tables(args, name, raw, kernel_rows):
         lines.append(f"| {r['side']}x{r['side']} | {r['pattern']} | {fmt(r['sdpa_graph_fwd_ms'])} | "
                      f"{fmt(r['ours_graph_fwd_ms'])} | {fmt(r['general_graph_fwd_ms'])} | "
                      f"{fmt(r['lanes_graph_fwd_ms'])} | {ratio} |")
-    segments = [r for r in raw if r.get("segment_keys_graph_fwd_ms")]
-    if segments:
-        lines += ["", "Graphed forward with other segment lengths for the long rows (default "
-                  f"{_torch_ops.split_segment_keys} keys), ms:", "",
-                  "| tokens | pattern | keys per segment: ms |", "|---|---|---|"]
-        for r in segments:
-            cells = ", ".join(f"{keys}: {fmt(ms)}" for keys, ms in r["segment_keys_graph_fwd_ms"].items())
-            lines.append(f"| {r['side']}x{r['side']} | {r['pattern']} | {cells} |")
     switched = [r for r in raw if r.get("switch_graph_fwd_ms")]
     if switched:
-        lines += ["", "Graphed forward with a switch of the planned forward as it is (default) and "
-                  "flipped, the two graphs replayed in 5 alternating rounds, median of the rounds, ms "
-                  "(long_rows_beside: LONGFORMER's global rows on a second stream beside the passes; "
-                  "overlap_passes: a merging pass starts while the one before it drains):",
-                  "", "| tokens | pattern | switch | default | ms as default | ms flipped | flipped / default |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "Graphed forward as it is (default) and with one change, the two graphs replayed in "
+                  "5 alternating rounds, median of the rounds, ms. long_rows_beside: LONGFORMER's global "
+                  "rows on a second stream beside the passes; overlap_passes: a merging pass starts while "
+                  "the one before it drains; keys per long-row segment: the split of a global row; "
+                  "LEAN_BLOCKS=5: five blocks per SM (96 registers) instead of four. Defaults: "
+                  + ", ".join(f"{k} {v}" for k, v in switched[0]["switch_defaults"].items())
+                  + f", {_torch_ops.split_segment_keys} keys per segment.",
+                  "", "| tokens | pattern | change | ms as default | ms changed | changed / default |",
+                  "|---|---|---|---|---|---|"]
         for r in switched:
-            for switch, (as_is, flipped) in r["switch_graph_fwd_ms"].items():
-                ratio = f"{flipped / as_is:.3f}" if as_is and flipped else "n/a"
-                lines.append(f"| {r['side']}x{r['side']} | {r['pattern']} | {switch} | "
-                             f"{r['switch_defaults'][switch]} | {fmt(as_is)} | {fmt(flipped)} | {ratio} |")
+            for change, (as_is, changed) in r["switch_graph_fwd_ms"].items():
+                ratio = f"{changed / as_is:.3f}" if as_is and changed else "n/a"
+                lines.append(f"| {r['side']}x{r['side']} | {r['pattern']} | {change} | "
+                             f"{fmt(as_is)} | {fmt(changed)} | {ratio} |")
+    hosts = [r for r in raw if r.get("host_us_per_eager_call")]
+    if hosts:
+        lines += ["", "Eager forward calls (no grad) back to back, one synchronisation at the end: wall "
+                  "time per call, the host's cost where it exceeds the GPU's (graphed forward beside it), us:",
+                  "", "| tokens | pattern | us per eager call | graphed forward us |", "|---|---|---|---|"]
+        for r in hosts:
+            graphed = "n/a" if r["ours_graph_fwd_ms"] is None else f"{r['ours_graph_fwd_ms'] * 1e3:.1f}"
+            lines.append(f"| {r['side']}x{r['side']} | {r['pattern']} | {r['host_us_per_eager_call']:.1f} | "
+                         f"{graphed} |")
     if kernel_rows:
         lines += ["", "GPU time per kernel of one forward call (torch.profiler, mean of the calls), us:",
                   "", "| call | kernel | us |", "|---|---|---|"]

@@ -20,7 +20,8 @@ $PY -c "import sparse_attention._C as C; print('WITH_CUDA', C.WITH_CUDA, 'device
 
 stamp "CUDA tests"
 # two runs, so that a fault in one kernel file cannot hide the other's results
-for suite in tests/test_cuda.py tests/test_cuda_tiled.py; do
+# (SUITES narrows them to the files a change touches)
+for suite in ${SUITES:-tests/test_cuda.py tests/test_cuda_tiled.py}; do
   timeout 240 $PY -m pytest -q --tb=short -p no:cacheprovider "$suite" >> "$OUT/cuda_tests.log" 2>&1
   echo "== $suite rc $?" | tee -a "$OUT/cuda_tests.log"
   grep -E "passed|failed|error" "$OUT/cuda_tests.log" | tail -1
