@@ -93,22 +93,6 @@ def set_module_value(name, value):
     return changed
 
 
-def set_environment(name, value):
-    """A context manager factory that sets the environment variable name to value."""
-    @contextlib.contextmanager
-    def changed():
-        before = os.environ.get(name)
-        os.environ[name] = value
-        try:
-            yield
-        finally:
-            if before is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = before
-    return changed
-
-
 def graphs_both_ways(fn, variant, repeats, rounds=5):
     """(default, variant): medians of fn's graphed time as it is and inside the
     context manager variant(), the two graphs replayed in alternating rounds so
@@ -217,8 +201,6 @@ def main():
     parser.add_argument("--segment-keys", default="128,256,1024",
                         help="other segment lengths of the long rows (LONGFORMER's global token) "
                              "to time the graphed forward with, besides the default")
-    parser.add_argument("--lean-blocks", action="store_true",
-                        help="also time the lean kernel's five-blocks-per-SM variant against the default")
     parser.add_argument("--host-sides", default="64",
                         help="sides whose eager calls are timed back to back for the host's cost per call")
     parser.add_argument("--profile-sides", default="128",
@@ -296,9 +278,6 @@ def main():
             if layout.tile_plan() is not None and len(layout.tile_plan()) > 1:
                 switch_graphs["overlap_passes flipped"] = graphs_both_ways(
                     call, flip_module_switch("overlap_passes"), args.repeats)
-            if layout.tile_plan() is not None and args.lean_blocks:
-                switch_graphs["SPARSE_ATTENTION_LEAN_BLOCKS=5"] = graphs_both_ways(
-                    call, set_environment("SPARSE_ATTENTION_LEAN_BLOCKS", "5"), args.repeats)
             host_us = None
             if side in host_sides:
                 host_us = host_time_per_call(call, os.path.join(args.out, f"host_profile_{side}_{pattern}.txt"))
@@ -387,7 +366,7 @@ def write_tables(args, name, raw, kernel_rows):
                   "5 alternating rounds, median of the rounds, ms. long_rows_beside: LONGFORMER's global "
                   "rows on a second stream beside the passes; overlap_passes: a merging pass starts while "
                   "the one before it drains; keys per long-row segment: the split of a global row; "
-                  "LEAN_BLOCKS=5: five blocks per SM (96 registers) instead of four. Defaults: "
+                  "Defaults: "
                   + ", ".join(f"{k} {v}" for k, v in switched[0]["switch_defaults"].items())
                   + f", {_torch_ops.split_segment_keys} keys per segment.",
                   "", "| tokens | pattern | change | ms as default | ms changed | changed / default |",

@@ -23,8 +23,6 @@
 
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "attention.h"
 #include "kernel_common.cuh"
@@ -84,11 +82,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) forward_lean_kernel(cons
     constexpr int kKeySteps = kTile / 16;  // k-steps of P x V
     __shared__ __align__(16) T key_stages[2][kTile * S::kStride];
     __shared__ __align__(16) T value_stages[2][kTile * S::kStride];
-    // five blocks of head dim 64 fit an SM's shared memory only when the
-    // query rows borrow the second key stage until their fragments are loaded
-    constexpr bool kQueryInKeyStage = MIN_BLOCKS >= 5 && DPAD == 64;
-    __shared__ __align__(16) T query_own[kQueryInKeyStage ? 8 : kTile * S::kStride];
-    T *const query_rows = kQueryInKeyStage ? key_stages[1] : query_own;
+    __shared__ __align__(16) T query_rows[kTile * S::kStride];
     __shared__ __align__(16) uint64_t mask_stages[2][kTile];
     __shared__ uint32_t usable_stages[2][2];
     __shared__ float row_new_weight[kTile], row_old_weight[kTile];
@@ -152,7 +146,6 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) forward_lean_kernel(cons
             const int col = step * 16 + (lane / 16) * 8;
             load_matrices_x4<false>(q_frag[step], &query_rows[row * S::kStride + col]);
         }
-        if (kQueryInKeyStage) __syncthreads();  // the second chunk is staged over them next
 
         float out_acc[kOutGroups][4];
 #pragma unroll
@@ -373,11 +366,6 @@ template <typename T> cudaError_t launch_lean(const sa_attention_params &p) {
         }
     }
     if (p.head_dim <= 32) return cudaLaunchKernelEx(&config, forward_lean_kernel<T, 32, 5>, p);
-    // SPARSE_ATTENTION_LEAN_BLOCKS=5: five blocks per SM at head dim 64 (fewer
-    // registers, query rows in a key stage), an experiment timed by gpu_bench.py
-    const char *blocks = getenv("SPARSE_ATTENTION_LEAN_BLOCKS");
-    if (blocks != nullptr && strcmp(blocks, "5") == 0)
-        return cudaLaunchKernelEx(&config, forward_lean_kernel<T, 64, 5>, p);
     return cudaLaunchKernelEx(&config, forward_lean_kernel<T, 64, 4>, p);
 }
 

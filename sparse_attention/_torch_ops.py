@@ -152,6 +152,21 @@ def _tile_plan_for(layout, device, dtype, head_dim, want_stats):
     return plan["buffer"], plan["passes"], plan["long_rows"], splits, None
 
 
+# Fewest blocks for the segments of the split long rows: below it, segments
+# half as long paid (H200, LONGFORMER 64x64, 8 heads: 64 -> 128 blocks, 0.86x
+# the graphed forward); at it, they did not (128x128: 256 -> 512 blocks, 1.06x).
+LONG_ROW_MIN_BLOCKS = 256
+
+
+def segments_for_grid(splits: int, rows: int) -> int:
+    """Segments per long row, given the plan's count at split_segment_keys keys
+    each and the rows (batch x heads x long rows): up to twice as many while
+    the blocks number fewer than LONG_ROW_MIN_BLOCKS."""
+    if rows <= 0 or rows * splits >= LONG_ROW_MIN_BLOCKS:
+        return splits
+    return min(2 * splits, 65536, max(splits, -(-LONG_ROW_MIN_BLOCKS // rows)))
+
+
 def _kernel_switches():
     """The module switches that steer the choice of kernel and plan (tests flip them)."""
     return (_stencil.use_stencil_cpu_kernel, _stencil.use_lattice_split, _tiles.use_tiled_cpu_kernel,
@@ -219,6 +234,7 @@ def _forward_impl(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_
         tiled_passes_run += len(tile_passes) // 6
         if plan_long_rows is not None and long_row_splits > 0:
             # each long row's keys in segments, one block each, merged afterwards
+            long_row_splits = segments_for_grid(long_row_splits, batch * heads * plan_long_rows.shape[0])
             workspace = torch.empty(batch * heads * plan_long_rows.shape[0] * long_row_splits
                                     * (query.shape[-1] + 5), dtype=accum, device=query.device)
             common.update(long_row_splits=long_row_splits, split_workspace=d(workspace))

@@ -338,24 +338,6 @@ def test_lean_kernel_against_reference(pattern, size, dim, dtype):
     assert (out[:, 1] == 0).all()
 
 
-@pytest.mark.parametrize("dim", [40, 64])
-@pytest.mark.parametrize("size", [(7, 13), (33, 35), (20, 70)])
-@pytest.mark.parametrize("pattern", PATTERNS)
-def test_lean_kernel_five_blocks_per_sm(pattern, size, dim, monkeypatch):
-    """SPARSE_ATTENTION_LEAN_BLOCKS=5 takes the variant with fewer registers whose
-    query rows borrow a key stage (head dim 64): the same results as the
-    reference, with a key mask, on one pass and on AXIAL's two."""
-    monkeypatch.setenv("SPARSE_ATTENTION_LEAN_BLOCKS", "5")
-    layout = build_layout(pattern, *size, kernel_size=5, block_size=4, num_global_tokens=2,
-                          attention_ratio=0.3)
-    n = layout.num_tokens
-    (q, k, v), _ = make(2, 3, n, dim, torch.bfloat16, seed=dim + 1)
-    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(5)) > 0.25
-    out, lse = run_tiled(q.cuda(), k.cuda(), v.cuda(), layout, key_mask=key_mask.cuda(), return_lse=True)
-    ref_out, ref_lse, _ = reference_attention(q, k, v, layout, key_mask=key_mask)
-    assert_forward_matches_reference(out, lse, ref_out, ref_lse, TOL[torch.bfloat16])
-
-
 @pytest.mark.parametrize("pattern", ["axial", "longformer", "block", "strided", "random"])
 @pytest.mark.parametrize("dim", [32, 64])
 def test_lean_and_general_kernels_agree(pattern, dim, monkeypatch):

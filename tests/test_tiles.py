@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparse_attention import build_layout
+from sparse_attention import _torch_ops, build_layout
 from sparse_attention._native import C
 from sparse_attention._tiles import TILE, build_tile_plan
 
@@ -120,3 +120,16 @@ def test_tile_plan_arguments_come_in_pairs():
         _call(layout, q, tile_passes=fields)
     with pytest.raises(ValueError, match="both or neither"):
         _call(layout, q, tile_plan=torch.from_numpy(buffer))
+
+
+def test_segments_for_grid():
+    """Long rows are cut shorter (up to twice the segments) only while their
+    blocks are fewer than LONG_ROW_MIN_BLOCKS."""
+    assert _torch_ops.LONG_ROW_MIN_BLOCKS == 256
+    assert _torch_ops.segments_for_grid(32, 8) == 32    # LONGFORMER 128x128, 8 heads: 256 blocks
+    assert _torch_ops.segments_for_grid(8, 8) == 16     # 64x64: 64 blocks become 128
+    assert _torch_ops.segments_for_grid(3, 64) == 4     # only as many as reach 256 blocks
+    assert _torch_ops.segments_for_grid(1, 1) == 2
+    assert _torch_ops.segments_for_grid(200, 1) == 256
+    assert _torch_ops.segments_for_grid(40000, 1) == 40000  # already enough blocks
+    assert _torch_ops.segments_for_grid(5, 0) == 5          # an empty batch launches nothing
