@@ -93,6 +93,21 @@ def set_module_value(name, value):
     return changed
 
 
+def eager_both_ways(fn, variant, repeats, rounds=5):
+    """(default, variant): medians over alternating rounds of fn's eager time
+    as it is and inside variant() (for forward+backward, which is not graphed)."""
+    times = [[], []]
+    try:
+        for _ in range(rounds):
+            for slot, context in enumerate((contextlib.nullcontext, variant)):
+                with context():
+                    times[slot].append(time_cuda(fn, repeats))
+    except Exception as error:  # noqa: BLE001 - report and go on
+        print(f"    variant failed: {type(error).__name__}: {str(error)[:120]}")
+        return None, None
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def graphs_both_ways(fn, variant, repeats, rounds=5):
     """(default, variant): medians of fn's graphed time as it is and inside the
     context manager variant(), the two graphs replayed in alternating rounds so
@@ -275,6 +290,10 @@ def main():
                 for keys in (int(x) for x in args.segment_keys.split(",") if x):
                     switch_graphs[f"{keys} keys per long-row segment"] = graphs_both_ways(
                         call, set_module_value("split_segment_keys", keys), args.repeats)
+            if layout.tile_plan() is not None and not len(layout.tile_plan().long_rows):
+                # forward+backward, eager: dQ on tensor cores against the row kernel's
+                switch_graphs["fwd+bwd (eager), use_tiled_cuda_backward flipped"] = eager_both_ways(
+                    fwd_bwd(call), flip_module_switch("use_tiled_cuda_backward"), args.repeats)
             if layout.tile_plan() is not None and len(layout.tile_plan()) > 1:
                 switch_graphs["overlap_passes flipped"] = graphs_both_ways(
                     call, flip_module_switch("overlap_passes"), args.repeats)
@@ -316,7 +335,8 @@ def main():
                           sdpa_graph_fwd_ms=sdpa_graph, ours_graph_fwd_ms=ours_graph,
                           general_graph_fwd_ms=general_graph, lanes_graph_fwd_ms=lanes_graph,
                           switch_defaults=dict(long_rows_beside=_torch_ops.long_rows_beside,
-                                               overlap_passes=_torch_ops.overlap_passes),
+                                               overlap_passes=_torch_ops.overlap_passes,
+                                               use_tiled_cuda_backward=_torch_ops.use_tiled_cuda_backward),
                           switch_graph_fwd_ms=switch_graphs, host_us_per_eager_call=host_us,
                           flex_fwd_bwd_ms=flex_fb, flex_note=flex_note, device=name)
             raw.append(record)
@@ -362,10 +382,12 @@ def write_tables(args, name, raw, kernel_rows):
                      f"{fmt(r['lanes_graph_fwd_ms'])} | {ratio} |")
     switched = [r for r in raw if r.get("switch_graph_fwd_ms")]
     if switched:
-        lines += ["", "Graphed forward as it is (default) and with one change, the two graphs replayed in "
-                  "5 alternating rounds, median of the rounds, ms. long_rows_beside: LONGFORMER's global "
+        lines += ["", "Graphed forward (forward+backward eager where the row says so) as it is (default) "
+                  "and with one change, the two replayed in 5 alternating rounds, median of the rounds, "
+                  "ms. long_rows_beside: LONGFORMER's global "
                   "rows on a second stream beside the passes; overlap_passes: a merging pass starts while "
                   "the one before it drains; keys per long-row segment: the split of a global row; "
+                  "use_tiled_cuda_backward: dQ on tensor cores (timed eager, forward+backward); "
                   "Defaults: "
                   + ", ".join(f"{k} {v}" for k, v in switched[0]["switch_defaults"].items())
                   + f", {_torch_ops.split_segment_keys} keys per segment.",

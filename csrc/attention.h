@@ -103,7 +103,10 @@ typedef struct {
     int64_t num_tiles, num_chunks;
     int merge_previous;
     /* A whole tile plan (base buffer, six numbers per pass as in the passes
-     * above): the CPU forward and backward and the CUDA forward take it whole.
+     * above): the CPU forward and backward and the CUDA forward take it whole;
+     * the CUDA backward takes it for dQ on tensor cores (float16/bfloat16, the
+     * lean kernel's conditions, and a plan that holds every pair: it leaves
+     * no row out), the row kernel's dQ otherwise.
      * In a forward the rows in long_rows (those the plan leaves out) run after
      * the passes; on CUDA with long_rows_beside, on a second stream of the
      * device beside them (their outputs are disjoint from the passes'), so
@@ -182,6 +185,8 @@ long long sa_cuda_lean_passes(void);
 long long sa_cuda_beside_forwards(void);
 /* Merging passes launched to overlap the pass before them so far (for tests). */
 long long sa_cuda_overlapped_passes(void);
+/* Plan passes whose dQ ran on the tensor-core kernel so far (for tests). */
+long long sa_cuda_tiled_grad_query_passes(void);
 #endif
 
 #ifdef __cplusplus

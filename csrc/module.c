@@ -676,10 +676,12 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
     tile_plan plan;
     if (take_tile_plan(&set, plan_obj, passes_obj, q, &plan) < 0) goto fail;
     if (plan.count > 0) {
-        if (is_cuda(q) || p.grad_scores != NULL || p.dtype != SA_F32 || p.num_long_rows > 0) {
+        const int cpu_ok = !is_cuda(q) && p.dtype == SA_F32 && p.num_long_rows == 0;
+        const int cuda_ok = is_cuda(q) && (p.dtype == SA_F16 || p.dtype == SA_BF16);
+        if (p.grad_scores != NULL || !(cpu_ok || cuda_ok)) {
             PyErr_SetString(PyExc_ValueError,
-                            "tile_plan: the tiled backward runs on the CPU, in float32, without a "
-                            "bias gradient and without long rows");
+                            "tile_plan: the tiled backward takes float32 on the CPU (without long "
+                            "rows) or float16/bfloat16 on CUDA, without a bias gradient");
             goto fail;
         }
         p.plan_base = plan.base;
@@ -928,6 +930,17 @@ static PyObject *cuda_overlapped_passes(PyObject *self, PyObject *unused)
 #endif
 }
 
+static PyObject *cuda_tiled_grad_query_passes(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+#ifdef SA_WITH_CUDA
+    return PyLong_FromLongLong(sa_cuda_tiled_grad_query_passes());
+#else
+    return PyLong_FromLong(0);
+#endif
+}
+
 /* Sizes and offsets of our DLPack declarations, checked by the tests. */
 static PyObject *dlpack_abi(PyObject *self, PyObject *unused)
 {
@@ -1009,6 +1022,8 @@ static PyMethodDef module_methods[] = {
      "Forwards that ran their long rows on a second stream so far (tests check the dispatch)."},
     {"cuda_overlapped_passes", cuda_overlapped_passes, METH_NOARGS,
      "Merging passes launched to overlap the pass before them so far (tests check the dispatch)."},
+    {"cuda_tiled_grad_query_passes", cuda_tiled_grad_query_passes, METH_NOARGS,
+     "Plan passes whose dQ ran on the tensor-core kernel so far (tests check the dispatch)."},
     {"dlpack_abi", dlpack_abi, METH_NOARGS, "Sizes and offsets of the DLPack structs."},
     {"inspect_tensor", (PyCFunction)(void (*)(void))inspect_tensor, METH_VARARGS | METH_KEYWORDS,
      "What the DLPack bridge sees of a tensor."},

@@ -325,6 +325,189 @@ rescale_rows(out_acc, rescale);
     if (p.merge_previous) wait_for_previous_pass();  // also where every item was a pruned head
 }
 
+// dQ of one pass of a tile plan on tensor cores, for the calls the lean
+// forward takes (no bias, dropout or statistics). Per tile and chunk, as in
+// the forward: S = Q K^T; P = exp(S - lse) on the pairs of the layout (0
+// elsewhere); dP = dO V^T; dS = P (dP - delta); dQ += dS K, with K loaded
+// transposed as V is in the forward's P x V. The tile's rows of dQ are added
+// to grad_q (zeroed before the first pass), so passes accumulate and a row in
+// no tile stays 0. No running maximum: lse is the forward's, final.
+template <typename T, int DPAD>
+__global__ void __launch_bounds__(kThreads, 2) grad_query_lean_kernel(const sa_attention_params p) {
+    using S = LeanShape<DPAD>;
+    constexpr int kDimSteps = DPAD / 16;
+    constexpr int kOutGroups = DPAD / 8;
+    constexpr int kKeyGroups = kTile / 8;
+    constexpr int kKeySteps = kTile / 16;
+    __shared__ __align__(16) T key_stages[2][kTile * S::kStride];
+    __shared__ __align__(16) T value_stages[2][kTile * S::kStride];
+    __shared__ __align__(16) uint64_t mask_stages[2][kTile];
+    __shared__ uint32_t usable_stages[2][2];
+    static_assert(kDimSteps % 2 == 0 && kOutGroups % 2 == 0, "fragments are loaded in pairs");
+    static_assert(sizeof(key_stages) >= sizeof(float) * kTile * S::kOutStride,
+                  "dQ is staged in the key buffers");
+    // the tile's query and output-gradient rows pass through the second stage
+    // (their fragments stay in registers), so that the kernel fits 48 KB
+    T *const query_rows = key_stages[1], *const grad_out_rows = value_stages[1];
+
+    const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
+    const int group = lane / 4, pair = lane % 4;
+    const int64_t n = p.num_tokens, dim = p.head_dim, tile = blockIdx.x;
+    int64_t chunk_begin, chunk_end;
+    tile_chunk_range(p.tile_chunk_ptr, tile, p.num_chunks, chunk_begin, chunk_end);
+    if (chunk_begin == chunk_end) return;  // adds nothing
+
+    const int32_t *tile_ids = p.tile_queries + tile * kTile;
+    int slot[2], query[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        slot[r] = warp * 16 + group + 8 * r;
+        const int32_t id = tile_ids[slot[r]];
+        query[r] = (id >= 0 && id < n) ? id : -1;
+    }
+    const float scale_log2 = float(p.scale) * kLog2e;
+
+    for (int64_t bh = blockIdx.y; bh < p.batch * p.heads; bh += gridDim.y) {
+        const int64_t b = bh / p.heads, h = bh % p.heads;
+        if (!head_runs(p, h)) continue;  // a pruned head's dQ stays 0
+        // the tile's query and output-gradient rows come with the first chunk
+#pragma unroll
+        for (int k = 0; k < S::kPieces; k++) {
+            const int piece = tid + k * kThreads;
+            const int r = piece / S::kVectors, col = (piece % S::kVectors) * 8;
+            const int32_t i = tile_ids[r];
+            const bool inside = i >= 0 && i < n && col < dim;
+            const T *q_row = inside ? row_of<T>(p.q, p.q_stride, b, h, i) + col : static_cast<const T *>(p.q);
+            const T *go_row = inside ? row_of<T>(p.grad_out, p.grad_out_stride, b, h, i) + col
+                                     : static_cast<const T *>(p.grad_out);
+            copy16_async(&query_rows[r * S::kStride + col], q_row, inside ? 16 : 0);
+            copy16_async(&grad_out_rows[r * S::kStride + col], go_row, inside ? 16 : 0);
+        }
+        stage_chunk<T, DPAD>(p, chunk_begin, b, h, key_stages[0], value_stages[0], mask_stages[0],
+                             usable_stages[0]);
+        commit_copies();
+        // per row: lse in base-2 units, and delta = rowsum(dO * O)
+        float row_lse2[2], row_delta[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int64_t item = bh * n + (query[r] >= 0 ? query[r] : 0);
+            row_lse2[r] = query[r] >= 0 ? static_cast<const float *>(p.lse)[item] * kLog2e : 0.f;
+            row_delta[r] = query[r] >= 0 ? static_cast<const float *>(p.delta)[item] : 0.f;
+        }
+        wait_copies<0>();
+        __syncthreads();
+
+        uint32_t q_frag[kDimSteps][4], go_frag[kDimSteps][4];
+#pragma unroll
+        for (int step = 0; step < kDimSteps; step++) {
+            const int row = warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+            const int col = step * 16 + (lane / 16) * 8;
+            load_matrices_x4<false>(q_frag[step], &query_rows[row * S::kStride + col]);
+            load_matrices_x4<false>(go_frag[step], &grad_out_rows[row * S::kStride + col]);
+        }
+        __syncthreads();  // the second chunk is staged over them next
+
+        float dq_acc[kOutGroups][4];
+#pragma unroll
+        for (int g = 0; g < kOutGroups; g++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) dq_acc[g][e] = 0.f;
+
+        int stage = 0;
+        for (int64_t chunk = chunk_begin; chunk < chunk_end; chunk++) {
+            if (chunk + 1 < chunk_end)
+                stage_chunk<T, DPAD>(p, chunk + 1, b, h, key_stages[stage ^ 1], value_stages[stage ^ 1],
+                                     mask_stages[stage ^ 1], usable_stages[stage ^ 1]);
+            commit_copies();
+            wait_copies<1>();
+            __syncthreads();
+            const T *key_rows = key_stages[stage], *value_rows = value_stages[stage];
+            const uint64_t usable = (uint64_t)usable_stages[stage][0] | ((uint64_t)usable_stages[stage][1] << 32);
+            uint64_t pair_bits[2];
+#pragma unroll
+            for (int r = 0; r < 2; r++)
+                pair_bits[r] = query[r] >= 0 ? (mask_stages[stage][slot[r]] & usable) >> (2 * pair) : 0ull;
+            const bool warp_has_pairs =
+                __any_sync(0xffffffffu, ((pair_bits[0] | pair_bits[1]) & 0x0303030303030303ull) != 0);
+
+            if (warp_has_pairs) {
+                uint32_t ds_frag[kKeySteps][4];
+#pragma unroll
+                for (int kg = 0; kg < kKeyGroups; kg++) {
+                    // scores and dO . v of keys kg*8 .. +7
+                    float score[4] = {0.f, 0.f, 0.f, 0.f}, grad_prob[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                    for (int step = 0; step < kDimSteps; step += 2) {
+                        uint32_t kf[4], vf[4];
+                        const int row = kg * 8 + lane % 8;
+                        const int col = step * 16 + (lane / 8) * 8;
+                        load_matrices_x4<false>(kf, &key_rows[row * S::kStride + col]);
+                        load_matrices_x4<false>(vf, &value_rows[row * S::kStride + col]);
+                        mma_16x8x16<T>(score, q_frag[step], kf[0], kf[1]);
+                        mma_16x8x16<T>(score, q_frag[step + 1], kf[2], kf[3]);
+                        mma_16x8x16<T>(grad_prob, go_frag[step], vf[0], vf[1]);
+                        mma_16x8x16<T>(grad_prob, go_frag[step + 1], vf[2], vf[3]);
+                    }
+                    float grad_score[4];
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int r = e / 2;
+                        const bool allowed = (pair_bits[r] >> (kg * 8 + e % 2)) & 1ull;
+                        // an allowed pair's row has a finite lse (or NaN, which passes on)
+                        const float prob = allowed ? exp2f(score[e] * scale_log2 - row_lse2[r]) : 0.f;
+                        grad_score[e] = allowed ? prob * (grad_prob[e] - row_delta[r]) : 0.f;
+                    }
+                    ds_frag[kg / 2][(kg % 2) * 2 + 0] = pack_floats<T>(grad_score[0], grad_score[1]);
+                    ds_frag[kg / 2][(kg % 2) * 2 + 1] = pack_floats<T>(grad_score[2], grad_score[3]);
+                }
+#pragma unroll
+                for (int g = 0; g < kOutGroups; g += 2) {
+#pragma unroll
+                    for (int step = 0; step < kKeySteps; step++) {
+                        // keys as the k dimension: key rows loaded transposed, as V in the forward
+                        uint32_t kf[4];
+                        const int row = step * 16 + ((lane / 8) % 2) * 8 + lane % 8;
+                        const int col = (g + lane / 16) * 8;
+                        load_matrices_x4<true>(kf, &key_rows[row * S::kStride + col]);
+                        mma_16x8x16<T>(dq_acc[g], ds_frag[step], kf[0], kf[1]);
+                        mma_16x8x16<T>(dq_acc[g + 1], ds_frag[step], kf[2], kf[3]);
+                    }
+                }
+            }
+            __syncthreads();  // all warps are done with this stage before it is refilled
+            stage ^= 1;
+        }
+
+        // dQ rows in floats over the key buffers, then added to grad_q in 16-byte pieces
+        float *staged = reinterpret_cast<float *>(&key_stages[0][0]);
+#pragma unroll
+        for (int g = 0; g < kOutGroups; g++)
+#pragma unroll
+            for (int r = 0; r < 2; r++)
+                *reinterpret_cast<float2 *>(&staged[slot[r] * S::kOutStride + g * 8 + 2 * pair]) =
+                    make_float2(dq_acc[g][2 * r], dq_acc[g][2 * r + 1]);
+        __syncthreads();
+        const float scale = float(p.scale);
+#pragma unroll
+        for (int k = 0; k < S::kPieces; k++) {
+            const int piece = tid + k * kThreads;
+            const int r = piece / S::kVectors, col = (piece % S::kVectors) * 8;
+            const int32_t i = tile_ids[r];
+            if (i < 0 || i >= n || col >= dim) continue;
+            T *grad = static_cast<T *>(p.grad_q) + (bh * n + i) * dim + col;
+            const uint4 before = *reinterpret_cast<const uint4 *>(grad);
+            const T *old = reinterpret_cast<const T *>(&before);
+            uint32_t packed[4];
+#pragma unroll
+            for (int e = 0; e < 8; e += 2)
+                packed[e / 2] = pack_floats<T>(to_acc(old[e]) + staged[r * S::kOutStride + col + e] * scale,
+                                               to_acc(old[e + 1]) + staged[r * S::kOutStride + col + e + 1] * scale);
+            *reinterpret_cast<uint4 *>(grad) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+        }
+        __syncthreads();  // the staged rows are read before the next item restages
+    }
+}
+
 template <typename T> bool row_aligned16(const void *base, const int64_t *stride) {
     constexpr int64_t per = 16 / sizeof(T);
     if (reinterpret_cast<uintptr_t>(base) % 16) return false;
@@ -369,7 +552,36 @@ template <typename T> cudaError_t launch_lean(const sa_attention_params &p) {
     return cudaLaunchKernelEx(&config, forward_lean_kernel<T, 64, 4>, p);
 }
 
+template <typename T> cudaError_t launch_grad_query_lean(const sa_attention_params &p) {
+    const int64_t items = p.batch * p.heads;
+    if (p.num_tiles == 0 || items == 0) return cudaSuccess;
+    if (p.num_tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
+    const dim3 grid((unsigned)p.num_tiles, (unsigned)(items < 65535 ? items : 65535));
+    cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+    if (p.head_dim <= 32)
+        grad_query_lean_kernel<T, 32><<<grid, kThreads, 0, stream>>>(p);
+    else
+        grad_query_lean_kernel<T, 64><<<grid, kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+}
+
 }  // namespace
+
+bool lean_grad_query_applies(const sa_attention_params &p) {
+    const bool rows = p.dtype == SA_F16 ? row_aligned16<__half>(p.grad_out, p.grad_out_stride)
+                                        : row_aligned16<__nv_bfloat16>(p.grad_out, p.grad_out_stride);
+    // grad_q rows are contiguous: 16-byte pieces need its base aligned
+    return lean_tiled_applies(p) && rows && reinterpret_cast<uintptr_t>(p.grad_q) % 16 == 0 &&
+           p.grad_scores == nullptr;
+}
+
+cudaError_t grad_query_tiled_lean(const sa_attention_params &p) {
+    switch (p.dtype) {
+    case SA_F16: return launch_grad_query_lean<__half>(p);
+    case SA_BF16: return launch_grad_query_lean<__nv_bfloat16>(p);
+    default: return cudaErrorInvalidValue;
+    }
+}
 
 bool lean_tiled_applies(const sa_attention_params &p) {
     switch (p.dtype) {

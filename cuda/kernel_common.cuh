@@ -87,6 +87,10 @@ cudaError_t forward_tiled(const sa_attention_params &p);
 // The lean variant (cuda/attention_tiled_lean.cu) and whether it covers p.
 bool lean_tiled_applies(const sa_attention_params &p);
 cudaError_t forward_tiled_lean(const sa_attention_params &p);
+// dQ of one plan pass on tensor cores, added to grad_q (zeroed beforehand);
+// for the calls lean_grad_query_applies accepts
+bool lean_grad_query_applies(const sa_attention_params &p);
+cudaError_t grad_query_tiled_lean(const sa_attention_params &p);
 
 }  // namespace sa_kernels
 

@@ -95,6 +95,12 @@ split_segment_keys = 512
 # SPARSE_ATTENTION_LONG_ROWS_BESIDE=0 turns it off; benchmarks/gpu_bench.py
 # times both ways.
 long_rows_beside = os.environ.get("SPARSE_ATTENTION_LONG_ROWS_BESIDE", "1") != "0"
+# CUDA backwards with a tile plan that leaves no row out, without bias or
+# dropout: dQ on tensor cores over the plan's passes (the lean forward's
+# conditions; the row kernel otherwise). Off until measured on a GPU:
+# SPARSE_ATTENTION_TILED_BACKWARD=1 turns it on.
+use_tiled_cuda_backward = os.environ.get("SPARSE_ATTENTION_TILED_BACKWARD") == "1"
+tiled_cuda_backwards_run = 0
 # CUDA forwards with a plan of several passes (AXIAL's rows, then columns): on
 # compute capability 9.0 each merging pass starts while the one before drains
 # (programmatic dependent launch). SPARSE_ATTENTION_OVERLAP_PASSES=0 turns it
@@ -308,7 +314,8 @@ def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
                          key_mask=d(key_mask), head_active=d(head_active), dropout_p=dropout_p,
                          dropout_seed=_seed_value(seed), grad_scores=d(grad_scores), stream=stream,
                          **_cuda_extras(device, d(long_rows), d(long_cols), backward=True),
-                         **_backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil))
+                         **_backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil,
+                                          dropout_p))
     if bias is not None:
         grad_table = torch.empty(heads, bucket_ptr.shape[0] - 1, dtype=accum, device=device)
         C.bias_grad(grad_scores, bucket_perm, bucket_ptr, grad_table, stream=stream)
@@ -318,9 +325,20 @@ def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
     return grads[0], grads[1], grads[2], grad_bias
 
 
-def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil):
+def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil, dropout_p=0.0):
     """The plan for the tiled or stencil CPU backward when it applies (float32
-    plans only reach here), else nothing: the row and column kernels run."""
+    plans only reach here), or for the CUDA backward's tensor-core dQ, else
+    nothing: the row and column kernels run."""
+    if device.type == "cuda":
+        # every pair must be in the plan (no rows left out): the tiled dQ adds
+        # only the plan's pairs; the C side falls back to the row kernel where
+        # the lean kernel's other conditions (head dim, alignment) fail
+        if (not use_tiled_cuda_backward or tile_plan is None or bias is not None
+                or plan_long_rows is not None or dropout_p > 0):
+            return {}
+        global tiled_cuda_backwards_run
+        tiled_cuda_backwards_run += 1
+        return dict(tile_plan=_detached(tile_plan), tile_passes=tile_passes)
     if device.type == "cpu" and stencil is not None:
         if bias is not None or not _stencil.use_stencil_cpu_kernel:
             return {}  # the bias gradient comes from the column kernels
