@@ -106,7 +106,9 @@ typedef struct {
      * above): the CPU forward and backward and the CUDA forward take it whole;
      * the CUDA backward takes it for dQ on tensor cores (float16/bfloat16, the
      * lean kernel's conditions, and a plan that holds every pair: it leaves
-     * no row out), the row kernel's dQ otherwise.
+     * no row out), and for dK and dV where the layout is symmetric (col_ptr
+     * and row_idx are the very arrays row_ptr and col_idx), the row and
+     * column kernels otherwise.
      * In a forward the rows in long_rows (those the plan leaves out) run after
      * the passes; on CUDA with long_rows_beside, on a second stream of the
      * device beside them (their outputs are disjoint from the passes'), so
@@ -187,6 +189,8 @@ long long sa_cuda_beside_forwards(void);
 long long sa_cuda_overlapped_passes(void);
 /* Plan passes whose dQ ran on the tensor-core kernel so far (for tests). */
 long long sa_cuda_tiled_grad_query_passes(void);
+/* Plan passes whose dK and dV ran on the tensor-core kernel so far (for tests). */
+long long sa_cuda_tiled_grad_key_value_passes(void);
 #endif
 
 #ifdef __cplusplus

@@ -941,6 +941,17 @@ static PyObject *cuda_tiled_grad_query_passes(PyObject *self, PyObject *unused)
 #endif
 }
 
+static PyObject *cuda_tiled_grad_key_value_passes(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+#ifdef SA_WITH_CUDA
+    return PyLong_FromLongLong(sa_cuda_tiled_grad_key_value_passes());
+#else
+    return PyLong_FromLong(0);
+#endif
+}
+
 /* Sizes and offsets of our DLPack declarations, checked by the tests. */
 static PyObject *dlpack_abi(PyObject *self, PyObject *unused)
 {
@@ -1024,6 +1035,8 @@ static PyMethodDef module_methods[] = {
      "Merging passes launched to overlap the pass before them so far (tests check the dispatch)."},
     {"cuda_tiled_grad_query_passes", cuda_tiled_grad_query_passes, METH_NOARGS,
      "Plan passes whose dQ ran on the tensor-core kernel so far (tests check the dispatch)."},
+    {"cuda_tiled_grad_key_value_passes", cuda_tiled_grad_key_value_passes, METH_NOARGS,
+     "Plan passes whose dK and dV ran on the tensor-core kernel so far (tests check the dispatch)."},
     {"dlpack_abi", dlpack_abi, METH_NOARGS, "Sizes and offsets of the DLPack structs."},
     {"inspect_tensor", (PyCFunction)(void (*)(void))inspect_tensor, METH_VARARGS | METH_KEYWORDS,
      "What the DLPack bridge sees of a tensor."},

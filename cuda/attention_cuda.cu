@@ -1055,24 +1055,37 @@ static int forward_planned(const sa_attention_params *p, char *err, size_t len) 
 extern "C" long long sa_cuda_beside_forwards(void) { return beside_forwards.load(); }
 
 namespace {
-std::atomic<long long> tiled_grad_query_passes{0};
+std::atomic<long long> tiled_grad_query_passes{0}, tiled_grad_key_value_passes{0};
 
-// dQ over a whole plan (every pair in it) on tensor cores: grad_q zeroed, then
-// each pass adds its tiles' rows. False, launching nothing, where the lean
-// kernel's conditions do not hold.
-int grad_query_planned(const sa_attention_params *p, bool *ran, char *err, size_t len) {
+// dQ (or dK and dV) over a whole plan on tensor cores: the gradients zeroed,
+// then each pass adds its tiles' rows. Sets *ran; launches nothing where the
+// lean kernel's conditions do not hold, or, for dK and dV, where the layout is
+// not symmetric: its plan is then not the plan of its transpose. The caller's
+// plan holds every pair of the layout (it leaves no row out).
+int grad_planned(const sa_attention_params *p, Pass pass, bool *ran, char *err, size_t len) {
     *ran = false;
     if (p->reference_kernel || !sa_kernels::lean_grad_query_applies(*p)) return SA_OK;
+    // a symmetric layout's transpose comes as the same arrays (see Layout.torch_tensors)
+    const bool symmetric = p->col_ptr == p->row_ptr && p->row_idx == p->col_idx;
+    if (pass == Pass::GradKeyValue && !symmetric) return SA_OK;
     const int64_t(*fields)[6] = reinterpret_cast<const int64_t(*)[6]>(p->plan_fields);
     const size_t bytes = (size_t)(p->batch * p->heads * p->num_tokens * p->head_dim) * 2;  // 16-bit types
-    int status = report(cudaMemsetAsync(p->grad_q, 0, bytes, static_cast<cudaStream_t>(p->stream)),
-                        "cudaMemsetAsync", err, len);
+    cudaStream_t stream = static_cast<cudaStream_t>(p->stream);
+    void *zeroed[2] = {pass == Pass::GradQuery ? p->grad_q : p->grad_k, p->grad_v};
+    int status = SA_OK;
+    for (int t = 0; t < (pass == Pass::GradQuery ? 1 : 2) && status == SA_OK; t++)
+        status = report(cudaMemsetAsync(zeroed[t], 0, bytes, stream), "cudaMemsetAsync", err, len);
     for (int64_t i = 0; i < p->plan_num_passes && status == SA_OK; i++) {
-        sa_attention_params pass = *p;
-        pass.plan_base = nullptr;
-        sa_select_pass(&pass, fields[i], p->plan_base, i);
-        status = report(sa_kernels::grad_query_tiled_lean(pass), "the tensor-core dQ kernel", err, len);
-        if (status == SA_OK) tiled_grad_query_passes.fetch_add(1, std::memory_order_relaxed);
+        sa_attention_params one = *p;
+        one.plan_base = nullptr;
+        sa_select_pass(&one, fields[i], p->plan_base, i);
+        if (pass == Pass::GradQuery) {
+            status = report(sa_kernels::grad_query_tiled_lean(one), "the tensor-core dQ kernel", err, len);
+            if (status == SA_OK) tiled_grad_query_passes.fetch_add(1, std::memory_order_relaxed);
+        } else {
+            status = report(sa_kernels::grad_key_value_tiled_lean(one), "the tensor-core dK/dV kernel", err, len);
+            if (status == SA_OK) tiled_grad_key_value_passes.fetch_add(1, std::memory_order_relaxed);
+        }
     }
     *ran = status == SA_OK;
     return status;
@@ -1080,18 +1093,19 @@ int grad_query_planned(const sa_attention_params *p, bool *ran, char *err, size_
 }  // namespace
 
 extern "C" long long sa_cuda_tiled_grad_query_passes(void) { return tiled_grad_query_passes.load(); }
+extern "C" long long sa_cuda_tiled_grad_key_value_passes(void) { return tiled_grad_key_value_passes.load(); }
 
 extern "C" int sa_cuda_backward(const sa_attention_params *p, char *err, size_t len) {
     int status = check_params(p, err, len);
     if (status != SA_OK) return status;
     DeviceGuard guard(p->device_id);
     if (guard.status != cudaSuccess) return report(guard.status, "cudaSetDevice", err, len);
-    bool tiled_query = false;
     for (Pass pass : {Pass::Delta, Pass::GradQuery, Pass::GradKeyValue}) {
-        if (pass == Pass::GradQuery && p->plan_base != nullptr) {
-            status = grad_query_planned(p, &tiled_query, err, len);
+        if (pass != Pass::Delta && p->plan_base != nullptr) {
+            bool tiled = false;
+            status = grad_planned(p, pass, &tiled, err, len);
             if (status != SA_OK) return status;
-            if (tiled_query) continue;
+            if (tiled) continue;
         }
         status = report(dispatch(pass, *p), pass_name(pass), err, len);
         if (status != SA_OK) return status;

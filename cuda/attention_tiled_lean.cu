@@ -508,6 +508,233 @@ __global__ void __launch_bounds__(kThreads, 2) grad_query_lean_kernel(const sa_a
     }
 }
 
+// Issues the copies of one chunk of queries for dK / dV: their query and
+// output-gradient rows (zeros for padding ids and past head_dim), the tile's
+// 64 mask words, and the queries' lse and delta.
+template <typename T, int DPAD>
+__device__ __forceinline__ void stage_query_chunk(const sa_attention_params &p, int64_t chunk, int64_t b,
+                                                  int64_t h, T *queries, T *grad_outs, uint64_t *masks,
+                                                  float *lse, float *delta) {
+    using S = LeanShape<DPAD>;
+    const int tid = threadIdx.x;
+    const int64_t n = p.num_tokens, dim = p.head_dim, bh = b * p.heads + h;
+    const int32_t *ids = p.chunk_keys + chunk * kTile;
+    if (tid < kTile) {
+        const int32_t i = ids[tid];
+        const bool ok = i >= 0 && i < n;
+        const float *from_lse = static_cast<const float *>(p.lse) + (ok ? bh * n + i : 0);
+        const float *from_delta = static_cast<const float *>(p.delta) + (ok ? bh * n + i : 0);
+        copy4_async(&lse[tid], from_lse, ok ? 4 : 0);
+        copy4_async(&delta[tid], from_delta, ok ? 4 : 0);
+        copy8_async(&masks[tid], p.chunk_masks + chunk * kTile + tid, 8);
+    }
+#pragma unroll
+    for (int k = 0; k < S::kPieces; k++) {
+        const int piece = tid + k * kThreads;
+        const int r = piece / S::kVectors, col = (piece % S::kVectors) * 8;
+        const int32_t i = ids[r];
+        const bool inside = i >= 0 && i < n && col < dim;
+        const T *q_row = inside ? row_of<T>(p.q, p.q_stride, b, h, i) + col : static_cast<const T *>(p.q);
+        const T *go_row = inside ? row_of<T>(p.grad_out, p.grad_out_stride, b, h, i) + col
+                                 : static_cast<const T *>(p.grad_out);
+        copy16_async(&queries[r * S::kStride + col], q_row, inside ? 16 : 0);
+        copy16_async(&grad_outs[r * S::kStride + col], go_row, inside ? 16 : 0);
+    }
+}
+
+// dK and dV of one pass of a tile plan on tensor cores, for a symmetric layout
+// (its plan is also the plan of its transpose: a tile's 64 tokens are taken as
+// keys, its chunks' tokens as the queries that attend them, the same mask
+// bits). Per tile and chunk: S^T = K Q^T and dP^T = V dO^T by mma; P^T =
+// exp(S^T - lse) on the pairs whose key is usable; dV += P^T dO; dS^T = P^T
+// (dP^T - delta); dK += dS^T Q, with Q and dO loaded transposed. grad_k and
+// grad_v are zeroed beforehand and each pass adds its tiles' rows.
+template <typename T, int DPAD>
+__global__ void __launch_bounds__(kThreads, 2) grad_key_value_lean_kernel(const sa_attention_params p) {
+    using S = LeanShape<DPAD>;
+    constexpr int kDimSteps = DPAD / 16;
+    constexpr int kOutGroups = DPAD / 8;
+    constexpr int kQueryGroups = kTile / 8;
+    constexpr int kQuerySteps = kTile / 16;
+    __shared__ __align__(16) T query_stages[2][kTile * S::kStride];
+    __shared__ __align__(16) T grad_out_stages[2][kTile * S::kStride];
+    __shared__ __align__(16) uint64_t mask_stages[2][kTile];
+    __shared__ __align__(16) float lse_stages[2][kTile];
+    __shared__ __align__(16) float delta_stages[2][kTile];
+    static_assert(kDimSteps % 2 == 0 && kOutGroups % 2 == 0, "fragments are loaded in pairs");
+    static_assert(sizeof(query_stages) >= sizeof(float) * kTile * S::kOutStride,
+                  "dK and dV are staged in the query and gradient buffers");
+    // the tile's key and value rows pass through the second stage (their
+    // fragments stay in registers)
+    T *const key_rows = query_stages[1], *const value_rows = grad_out_stages[1];
+
+    const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
+    const int group = lane / 4, pair = lane % 4;
+    const int64_t n = p.num_tokens, dim = p.head_dim, tile = blockIdx.x;
+    int64_t chunk_begin, chunk_end;
+    tile_chunk_range(p.tile_chunk_ptr, tile, p.num_chunks, chunk_begin, chunk_end);
+    if (chunk_begin == chunk_end) return;  // adds nothing
+
+    const int32_t *tile_ids = p.tile_queries + tile * kTile;
+    int slot[2], key[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        slot[r] = warp * 16 + group + 8 * r;
+        const int32_t id = tile_ids[slot[r]];
+        key[r] = (id >= 0 && id < n) ? id : -1;
+    }
+    const float scale_log2 = float(p.scale) * kLog2e;
+
+    for (int64_t bh = blockIdx.y; bh < p.batch * p.heads; bh += gridDim.y) {
+        const int64_t b = bh / p.heads, h = bh % p.heads;
+        if (!head_runs(p, h)) continue;  // a pruned head's dK and dV stay 0
+#pragma unroll
+        for (int k = 0; k < S::kPieces; k++) {
+            const int piece = tid + k * kThreads;
+            const int r = piece / S::kVectors, col = (piece % S::kVectors) * 8;
+            const int32_t j = tile_ids[r];
+            const bool inside = j >= 0 && j < n && col < dim;
+            const T *k_row = inside ? row_of<T>(p.k, p.k_stride, b, h, j) + col : static_cast<const T *>(p.k);
+            const T *v_row = inside ? row_of<T>(p.v, p.v_stride, b, h, j) + col : static_cast<const T *>(p.v);
+            copy16_async(&key_rows[r * S::kStride + col], k_row, inside ? 16 : 0);
+            copy16_async(&value_rows[r * S::kStride + col], v_row, inside ? 16 : 0);
+        }
+        stage_query_chunk<T, DPAD>(p, chunk_begin, b, h, query_stages[0], grad_out_stages[0], mask_stages[0],
+                                   lse_stages[0], delta_stages[0]);
+        commit_copies();
+        // a masked key has no pair: its rows of dK and dV stay 0
+        bool key_ok[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) key_ok[r] = key[r] >= 0 && key_allowed(p, b, key[r]);
+        wait_copies<0>();
+        __syncthreads();
+
+        uint32_t k_frag[kDimSteps][4], v_frag[kDimSteps][4];
+#pragma unroll
+        for (int step = 0; step < kDimSteps; step++) {
+            const int row = warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+            const int col = step * 16 + (lane / 16) * 8;
+            load_matrices_x4<false>(k_frag[step], &key_rows[row * S::kStride + col]);
+            load_matrices_x4<false>(v_frag[step], &value_rows[row * S::kStride + col]);
+        }
+        __syncthreads();  // the second chunk is staged over them next
+
+        float dk_acc[kOutGroups][4], dv_acc[kOutGroups][4];
+#pragma unroll
+        for (int g = 0; g < kOutGroups; g++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) dk_acc[g][e] = dv_acc[g][e] = 0.f;
+
+        int stage = 0;
+        for (int64_t chunk = chunk_begin; chunk < chunk_end; chunk++) {
+            if (chunk + 1 < chunk_end)
+                stage_query_chunk<T, DPAD>(p, chunk + 1, b, h, query_stages[stage ^ 1], grad_out_stages[stage ^ 1],
+                                           mask_stages[stage ^ 1], lse_stages[stage ^ 1], delta_stages[stage ^ 1]);
+            commit_copies();
+            wait_copies<1>();
+            __syncthreads();
+            const T *query_rows = query_stages[stage], *grad_out_rows = grad_out_stages[stage];
+            const float *lse = lse_stages[stage], *delta = delta_stages[stage];
+            uint64_t pair_bits[2];
+#pragma unroll
+            for (int r = 0; r < 2; r++) pair_bits[r] = key_ok[r] ? mask_stages[stage][slot[r]] >> (2 * pair) : 0ull;
+            const bool warp_has_pairs =
+                __any_sync(0xffffffffu, ((pair_bits[0] | pair_bits[1]) & 0x0303030303030303ull) != 0);
+
+            if (warp_has_pairs) {
+                uint32_t p_frag[kQuerySteps][4], ds_frag[kQuerySteps][4];
+#pragma unroll
+                for (int qg = 0; qg < kQueryGroups; qg++) {
+                    float score[4] = {0.f, 0.f, 0.f, 0.f}, grad_prob[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                    for (int step = 0; step < kDimSteps; step += 2) {
+                        uint32_t qf[4], gf[4];
+                        const int row = qg * 8 + lane % 8;
+                        const int col = step * 16 + (lane / 8) * 8;
+                        load_matrices_x4<false>(qf, &query_rows[row * S::kStride + col]);
+                        load_matrices_x4<false>(gf, &grad_out_rows[row * S::kStride + col]);
+                        mma_16x8x16<T>(score, k_frag[step], qf[0], qf[1]);
+                        mma_16x8x16<T>(score, k_frag[step + 1], qf[2], qf[3]);
+                        mma_16x8x16<T>(grad_prob, v_frag[step], gf[0], gf[1]);
+                        mma_16x8x16<T>(grad_prob, v_frag[step + 1], gf[2], gf[3]);
+                    }
+                    float prob[4], grad_score[4];
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int r = e / 2, column = qg * 8 + 2 * pair + e % 2;
+                        const bool allowed = (pair_bits[r] >> (qg * 8 + e % 2)) & 1ull;
+                        // the query of an allowed pair attends this key, so its lse is finite (or NaN)
+                        prob[e] = allowed ? exp2f(score[e] * scale_log2 - lse[column] * kLog2e) : 0.f;
+                        grad_score[e] = allowed ? prob[e] * (grad_prob[e] - delta[column]) : 0.f;
+                    }
+                    p_frag[qg / 2][(qg % 2) * 2 + 0] = pack_floats<T>(prob[0], prob[1]);
+                    p_frag[qg / 2][(qg % 2) * 2 + 1] = pack_floats<T>(prob[2], prob[3]);
+                    ds_frag[qg / 2][(qg % 2) * 2 + 0] = pack_floats<T>(grad_score[0], grad_score[1]);
+                    ds_frag[qg / 2][(qg % 2) * 2 + 1] = pack_floats<T>(grad_score[2], grad_score[3]);
+                }
+#pragma unroll
+                for (int g = 0; g < kOutGroups; g += 2) {
+#pragma unroll
+                    for (int step = 0; step < kQuerySteps; step++) {
+                        // queries as the k dimension: their rows loaded transposed
+                        uint32_t gf[4], qf[4];
+                        const int row = step * 16 + ((lane / 8) % 2) * 8 + lane % 8;
+                        const int col = (g + lane / 16) * 8;
+                        load_matrices_x4<true>(gf, &grad_out_rows[row * S::kStride + col]);
+                        load_matrices_x4<true>(qf, &query_rows[row * S::kStride + col]);
+                        mma_16x8x16<T>(dv_acc[g], p_frag[step], gf[0], gf[1]);
+                        mma_16x8x16<T>(dv_acc[g + 1], p_frag[step], gf[2], gf[3]);
+                        mma_16x8x16<T>(dk_acc[g], ds_frag[step], qf[0], qf[1]);
+                        mma_16x8x16<T>(dk_acc[g + 1], ds_frag[step], qf[2], qf[3]);
+                    }
+                }
+            }
+            __syncthreads();  // all warps are done with this stage before it is refilled
+            stage ^= 1;
+        }
+
+        // dK over the query stages and dV over the gradient stages, in floats,
+        // then added to grad_k and grad_v in 16-byte pieces
+        float *staged_k = reinterpret_cast<float *>(&query_stages[0][0]);
+        float *staged_v = reinterpret_cast<float *>(&grad_out_stages[0][0]);
+#pragma unroll
+        for (int g = 0; g < kOutGroups; g++)
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                *reinterpret_cast<float2 *>(&staged_k[slot[r] * S::kOutStride + g * 8 + 2 * pair]) =
+                    make_float2(dk_acc[g][2 * r], dk_acc[g][2 * r + 1]);
+                *reinterpret_cast<float2 *>(&staged_v[slot[r] * S::kOutStride + g * 8 + 2 * pair]) =
+                    make_float2(dv_acc[g][2 * r], dv_acc[g][2 * r + 1]);
+            }
+        __syncthreads();
+        const float scale = float(p.scale);
+#pragma unroll
+        for (int k = 0; k < S::kPieces; k++) {
+            const int piece = tid + k * kThreads;
+            const int r = piece / S::kVectors, col = (piece % S::kVectors) * 8;
+            const int32_t j = tile_ids[r];
+            if (j < 0 || j >= n || col >= dim) continue;
+            const int64_t offset = (bh * n + j) * dim + col;
+            T *grads[2] = {static_cast<T *>(p.grad_k) + offset, static_cast<T *>(p.grad_v) + offset};
+            const float *staged[2] = {staged_k, staged_v};
+            const float factor[2] = {scale, 1.f};
+#pragma unroll
+            for (int t = 0; t < 2; t++) {
+                const uint4 before = *reinterpret_cast<const uint4 *>(grads[t]);
+                const T *old = reinterpret_cast<const T *>(&before);
+                const float *add = staged[t] + r * S::kOutStride + col;
+                uint32_t packed[4];
+#pragma unroll
+                for (int e = 0; e < 8; e += 2)
+                    packed[e / 2] = pack_floats<T>(to_acc(old[e]) + add[e] * factor[t],
+                                                   to_acc(old[e + 1]) + add[e + 1] * factor[t]);
+                *reinterpret_cast<uint4 *>(grads[t]) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+            }
+        }
+        __syncthreads();  // the staged rows are read before the next item restages
+    }
+}
+
 template <typename T> bool row_aligned16(const void *base, const int64_t *stride) {
     constexpr int64_t per = 16 / sizeof(T);
     if (reinterpret_cast<uintptr_t>(base) % 16) return false;
@@ -566,6 +793,27 @@ template <typename T> cudaError_t launch_grad_query_lean(const sa_attention_para
 }
 
 }  // namespace
+
+template <typename T> cudaError_t launch_grad_key_value_lean(const sa_attention_params &p) {
+    const int64_t items = p.batch * p.heads;
+    if (p.num_tiles == 0 || items == 0) return cudaSuccess;
+    if (p.num_tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
+    const dim3 grid((unsigned)p.num_tiles, (unsigned)(items < 65535 ? items : 65535));
+    cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+    if (p.head_dim <= 32)
+        grad_key_value_lean_kernel<T, 32><<<grid, kThreads, 0, stream>>>(p);
+    else
+        grad_key_value_lean_kernel<T, 64><<<grid, kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+}
+
+cudaError_t grad_key_value_tiled_lean(const sa_attention_params &p) {
+    switch (p.dtype) {
+    case SA_F16: return launch_grad_key_value_lean<__half>(p);
+    case SA_BF16: return launch_grad_key_value_lean<__nv_bfloat16>(p);
+    default: return cudaErrorInvalidValue;
+    }
+}
 
 bool lean_grad_query_applies(const sa_attention_params &p) {
     const bool rows = p.dtype == SA_F16 ? row_aligned16<__half>(p.grad_out, p.grad_out_stride)

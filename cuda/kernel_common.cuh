@@ -91,6 +91,9 @@ cudaError_t forward_tiled_lean(const sa_attention_params &p);
 // for the calls lean_grad_query_applies accepts
 bool lean_grad_query_applies(const sa_attention_params &p);
 cudaError_t grad_query_tiled_lean(const sa_attention_params &p);
+// dK and dV of one plan pass of a symmetric layout, added to grad_k and grad_v
+// (zeroed beforehand); the same conditions as the tiled dQ
+cudaError_t grad_key_value_tiled_lean(const sa_attention_params &p);
 
 }  // namespace sa_kernels
 

@@ -171,6 +171,17 @@ __device__ __forceinline__ void load_matrices_x4(uint32_t (&r)[4], const void *r
 #endif
 }
 
+// 4 bytes global -> shared (src_bytes 0: zeros), for one float.
+__device__ __forceinline__ void copy4_async(void *dst, const void *src, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(address), "l"(src),
+                 "r"(src_bytes));
+#else
+    __trap();
+#endif
+}
+
 // 8 bytes global -> shared (src_bytes 0: zeros), for sources only 8-byte aligned.
 __device__ __forceinline__ void copy8_async(void *dst, const void *src, int src_bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800

@@ -200,6 +200,12 @@ class Layout:
             self._buckets[m] = result
         return result
 
+    def is_symmetric(self) -> bool:
+        """Whether key j is attended by query i exactly when key i is by query j
+        (the transpose equals the CSR), worked out once."""
+        return self._built_once("symmetric", lambda layout: bool(
+            np.array_equal(layout.indptr, layout.col_ptr) and np.array_equal(layout.indices, layout.row_indices)))
+
     def tile_plan(self):
         """The plan of the CUDA tensor-core forward (see _tiles.py), built once;
         None when the layout is too large to plan."""
@@ -288,10 +294,15 @@ class Layout:
         tensors = {
             "row_ptr": torch.from_numpy(self.indptr.copy()).to(device),
             "col_idx": torch.from_numpy(self.indices.copy()).to(device),
-            "col_ptr": torch.from_numpy(self.col_ptr.copy()).to(device),
-            "row_idx": torch.from_numpy(self.row_indices.copy()).to(device),
             "row_ids": torch.from_numpy(self.row_ids().copy()).to(device),
         }
+        if self.is_symmetric():
+            # the transpose is the layout itself: the same tensors, which tells
+            # the CUDA backward that the tile plan serves dK and dV too
+            tensors["col_ptr"], tensors["row_idx"] = tensors["row_ptr"], tensors["col_idx"]
+        else:
+            tensors["col_ptr"] = torch.from_numpy(self.col_ptr.copy()).to(device)
+            tensors["row_idx"] = torch.from_numpy(self.row_indices.copy()).to(device)
         if device.type == "cuda":
             # rows / columns the CUDA kernels give a whole block (see cuda/attention_cuda.cu)
             long_rows = np.nonzero(self.degrees() > LONG_ROW_THRESHOLD)[0].astype(np.int32)

@@ -389,18 +389,19 @@ def test_lean_kernel_nan_rows_and_merged_passes():
     assert (out[0] == 0).all() and torch.isinf(lse[0]).all()
 
 
-def tiled_grad_query_passes():
-    return C.cuda_tiled_grad_query_passes()
+def tiled_backward_passes():
+    return C.cuda_tiled_grad_query_passes(), C.cuda_tiled_grad_key_value_passes()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dim", [8, 32, 40, 64])
 @pytest.mark.parametrize("size", [(1, 17), (9, 1), (7, 13), (33, 35), (20, 70)])
 @pytest.mark.parametrize("pattern", ["dense", "axial", "block", "strided", "random"])
-def test_tiled_grad_query_against_reference(pattern, size, dim, dtype, monkeypatch):
+def test_tiled_backward_against_reference(pattern, size, dim, dtype, monkeypatch):
     """SPARSE_ATTENTION_TILED_BACKWARD: dQ on tensor cores over the plan's
-    passes (AXIAL's two add up), with a key mask and a pruned head; dK and dV
-    from the column kernel beside it. All three against the float64 reference."""
+    passes (AXIAL's two add up), and dK / dV too where the layout is symmetric
+    (RANDOM is not: the column kernel does them); with a key mask and a pruned
+    head. All three gradients against the float64 reference."""
     monkeypatch.setattr(_torch_ops, "use_tiled_cuda_backward", True)
     layout = build_layout(pattern, *size, kernel_size=5, block_size=4, attention_ratio=0.3)
     n = layout.num_tokens
@@ -409,10 +410,12 @@ def test_tiled_grad_query_against_reference(pattern, size, dim, dtype, monkeypat
     active = torch.tensor([True, False, True])
     grad_out = torch.randn(2, 3, n, dim, generator=torch.Generator().manual_seed(8)).to(dtype)
     leaves = [t.cuda().requires_grad_(True) for t in (q, k, v)]
-    before = tiled_grad_query_passes()
+    before = tiled_backward_passes()
     out = run_tiled(*leaves, layout, key_mask=key_mask.cuda(), head_active=active.cuda())
     out.backward(grad_out.cuda())
-    assert tiled_grad_query_passes() == before + len(layout.tile_plan()), "the tiled dQ did not run"
+    passes = len(layout.tile_plan())
+    expected = (passes, passes if layout.is_symmetric() else 0)
+    assert tuple(a - b for a, b in zip(tiled_backward_passes(), before)) == expected
     ref = [t.double().requires_grad_(True) for t in (q, k, v)]
     ref_out = reference_attention(*ref, layout, key_mask=key_mask, head_active=active)[0]
     ref_out.backward(grad_out.double())
@@ -420,37 +423,36 @@ def test_tiled_grad_query_against_reference(pattern, size, dim, dtype, monkeypat
         assert torch.isfinite(leaf.grad).all(), f"grad {name}: NaN or Inf"
         error = (leaf.grad.double().cpu() - r.grad).abs().max().item()
         assert error < 4 * TOL[dtype] * max(1.0, r.grad.abs().max().item()), f"grad {name}: {error}"
-    assert (leaves[0].grad[:, 1] == 0).all()
+    for leaf in leaves:
+        assert (leaf.grad[:, 1] == 0).all()
+    assert (leaves[1].grad.transpose(1, 2)[~key_mask.cuda()] == 0).all()  # masked keys get no gradient
 
 
-def test_tiled_grad_query_agrees_with_the_row_kernel_and_falls_back(monkeypatch):
-    """The tiled dQ against the row kernel's on the same call (bf16 rounding
-    apart); calls it does not take (a long row left out of the plan, head dim
-    72, dropout) run the row kernel and are counted as such."""
+def test_tiled_backward_agrees_with_the_row_kernels_and_falls_back(monkeypatch):
+    """The tiled gradients against the row and column kernels' on the same call
+    (bf16 rounding apart); calls they do not take (a long row left out of the
+    plan, head dim 72, dropout) run the row and column kernels."""
     layout = build_layout("axial", 24, 40)
     (q, k, v), _ = make(2, 4, 960, 64, torch.bfloat16, seed=3)
     grad_out = torch.randn(2, 4, 960, 64).to(torch.bfloat16).cuda()
 
-    def grads(**args):
-        leaves = [t.cuda().requires_grad_(True) for t in (q, k, v)]
-        attention(*leaves, layout, **args).backward(grad_out)
+    def grads(inputs=(q, k, v), on=layout, **args):
+        leaves = [t.cuda().requires_grad_(True) for t in inputs]
+        out = attention(*leaves, on, **args)
+        out.backward(grad_out if out.shape == grad_out.shape else torch.randn_like(out))
         return [leaf.grad for leaf in leaves]
 
     monkeypatch.setattr(_torch_ops, "use_tiled_cuda_backward", False)
     rows = grads()
     monkeypatch.setattr(_torch_ops, "use_tiled_cuda_backward", True)
-    before = tiled_grad_query_passes()
+    before = tiled_backward_passes()
     tiled = grads()
-    assert tiled_grad_query_passes() == before + 2
-    torch.testing.assert_close(tiled[0].float(), rows[0].float(), atol=3e-2, rtol=3e-2)
-    for a, b in zip(tiled[1:], rows[1:]):  # dK and dV come from the same kernel either way
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
-    before = tiled_grad_query_passes()
+    assert tuple(a - b for a, b in zip(tiled_backward_passes(), before)) == (2, 2)
+    for a, b in zip(tiled, rows):
+        torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2)
+    before = tiled_backward_passes()
     grads(dropout_p=0.1, dropout_seed=3)
-    longformer = build_layout("longformer", 24, 40, num_global_tokens=1)
-    leaves = [t.cuda().requires_grad_(True) for t in (q, k, v)]
-    attention(*leaves, longformer).backward(grad_out)
-    (q72, k72, v72), _ = make(1, 2, 960, 72, torch.bfloat16)
-    leaves = [t.cuda().requires_grad_(True) for t in (q72, k72, v72)]
-    attention(*leaves, layout).sum().backward()
-    assert tiled_grad_query_passes() == before
+    grads(on=build_layout("longformer", 24, 40, num_global_tokens=1))
+    (q72, k72, v72), _ = make(2, 4, 960, 72, torch.bfloat16)
+    grads(inputs=(q72, k72, v72))
+    assert tiled_backward_passes() == before
