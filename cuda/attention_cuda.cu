@@ -1064,7 +1064,7 @@ std::atomic<long long> tiled_grad_query_passes{0}, tiled_grad_key_value_passes{0
 // plan holds every pair of the layout (it leaves no row out).
 int grad_planned(const sa_attention_params *p, Pass pass, bool *ran, char *err, size_t len) {
     *ran = false;
-    if (p->reference_kernel || !sa_kernels::lean_grad_query_applies(*p)) return SA_OK;
+    if (p->reference_kernel || !sa_kernels::lean_backward_applies(*p)) return SA_OK;
     // a symmetric layout's transpose comes as the same arrays (see Layout.torch_tensors)
     const bool symmetric = p->col_ptr == p->row_ptr && p->row_idx == p->col_idx;
     if (pass == Pass::GradKeyValue && !symmetric) return SA_OK;

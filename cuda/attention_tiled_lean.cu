@@ -815,12 +815,13 @@ cudaError_t grad_key_value_tiled_lean(const sa_attention_params &p) {
     }
 }
 
-bool lean_grad_query_applies(const sa_attention_params &p) {
+bool lean_backward_applies(const sa_attention_params &p) {
     const bool rows = p.dtype == SA_F16 ? row_aligned16<__half>(p.grad_out, p.grad_out_stride)
                                         : row_aligned16<__nv_bfloat16>(p.grad_out, p.grad_out_stride);
-    // grad_q rows are contiguous: 16-byte pieces need its base aligned
-    return lean_tiled_applies(p) && rows && reinterpret_cast<uintptr_t>(p.grad_q) % 16 == 0 &&
-           p.grad_scores == nullptr;
+    // the gradients' rows are contiguous: 16-byte pieces need their bases aligned
+    const bool bases = (reinterpret_cast<uintptr_t>(p.grad_q) | reinterpret_cast<uintptr_t>(p.grad_k) |
+                        reinterpret_cast<uintptr_t>(p.grad_v)) % 16 == 0;
+    return lean_tiled_applies(p) && rows && bases && p.grad_scores == nullptr;
 }
 
 cudaError_t grad_query_tiled_lean(const sa_attention_params &p) {

@@ -88,8 +88,8 @@ cudaError_t forward_tiled(const sa_attention_params &p);
 bool lean_tiled_applies(const sa_attention_params &p);
 cudaError_t forward_tiled_lean(const sa_attention_params &p);
 // dQ of one plan pass on tensor cores, added to grad_q (zeroed beforehand);
-// for the calls lean_grad_query_applies accepts
-bool lean_grad_query_applies(const sa_attention_params &p);
+// for the calls lean_backward_applies accepts (it covers dK / dV too)
+bool lean_backward_applies(const sa_attention_params &p);
 cudaError_t grad_query_tiled_lean(const sa_attention_params &p);
 // dK and dV of one plan pass of a symmetric layout, added to grad_k and grad_v
 // (zeroed beforehand); the same conditions as the tiled dQ
