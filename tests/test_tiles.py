@@ -133,3 +133,71 @@ def test_segments_for_grid():
     assert _torch_ops.segments_for_grid(200, 1) == 256
     assert _torch_ops.segments_for_grid(40000, 1) == 40000  # already enough blocks
     assert _torch_ops.segments_for_grid(5, 0) == 5          # an empty batch launches nothing
+
+
+def _tiled_backward_by_plan(plan, q, k, v, grad_out, lse, delta, scale, usable):
+    """The CUDA tensor-core backward's arithmetic, chunk by chunk in float64
+    (one batch-head): dQ with tiles as queries, and dK / dV with the same tiles
+    taken as keys and the chunks' tokens as the queries that attend them, which
+    holds for a symmetric layout. Every pass adds to the gradients."""
+    grads = [np.zeros_like(q) for _ in range(3)]
+    for one in plan:
+        chunk_tile = np.repeat(np.arange(one.queries.shape[0]), np.diff(one.chunk_ptr))
+        words = one.masks.view(np.uint64)
+        for chunk, tile in enumerate(chunk_tile):
+            rows, cols = one.queries[tile], one.keys[chunk]
+            bits = ((words[chunk][:, None] >> np.arange(TILE, dtype=np.uint64)) & np.uint64(1)).astype(bool)
+            r, c = rows >= 0, cols >= 0
+            bits, rows, cols = bits[r][:, c], rows[r], cols[c]
+            # dQ: the tile's tokens as queries, the chunk's as keys
+            allowed = bits & usable[cols][None, :]
+            s = q[rows] @ k[cols].T * scale
+            p = np.where(allowed, np.exp(np.where(allowed, s - lse[rows, None], 0.0)), 0.0)
+            ds = p * (grad_out[rows] @ v[cols].T - delta[rows, None])
+            grads[0][rows] += ds @ k[cols] * scale
+            # dK and dV: the tile's tokens as keys, the chunk's as their queries
+            allowed = bits & usable[rows][:, None]
+            s = k[rows] @ q[cols].T * scale
+            p = np.where(allowed, np.exp(np.where(allowed, s - lse[None, cols], 0.0)), 0.0)
+            grads[2][rows] += p @ grad_out[cols]
+            ds = p * (v[rows] @ grad_out[cols].T - delta[None, cols])
+            grads[1][rows] += ds @ q[cols] * scale
+    return grads
+
+
+@pytest.mark.parametrize("pattern, size", [("axial", (20, 70)), ("axial", (7, 13)), ("block", (33, 35)),
+                                           ("strided", (33, 35)), ("dense", (9, 11))])
+def test_a_symmetric_layouts_plan_serves_its_backward(pattern, size):
+    """What the CUDA tensor-core backward relies on: a symmetric layout's plan,
+    read with tiles as keys, is its transpose's, and the passes' contributions
+    sum to the gradients (against autograd on the dense float64 reference)."""
+    from reference import reference_attention
+
+    layout = build_layout(pattern, *size, kernel_size=5, block_size=4)
+    assert layout.is_symmetric()
+    plan = build_tile_plan(layout)
+    assert plan.long_rows.size == 0
+    n, dim = layout.num_tokens, 16
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, grad_out = (torch.randn(1, 1, n, dim, generator=gen, dtype=torch.float64) for _ in range(4))
+    usable = torch.rand(1, n, generator=gen) > 0.2
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out, lse, _ = reference_attention(*leaves, layout, key_mask=usable)
+    out.backward(grad_out)
+    delta = (grad_out * out.detach()).sum(-1)
+    flat = [t[0, 0].numpy() for t in (q, k, v, grad_out)]
+    got = _tiled_backward_by_plan(plan, *flat, lse.detach()[0, 0].numpy(), delta[0, 0].numpy(),
+                                  dim ** -0.5, usable[0].numpy())
+    for name, mine, leaf in zip("qkv", got, leaves):
+        np.testing.assert_allclose(mine, leaf.grad[0, 0].numpy(), atol=1e-10, err_msg=f"grad {name}")
+
+
+def test_symmetric_layouts_share_their_transpose_tensors():
+    for pattern, symmetric in (("axial", True), ("block", True), ("strided", True), ("random", False)):
+        layout = build_layout(pattern, 12, 10, attention_ratio=0.3)
+        assert layout.is_symmetric() == symmetric
+        tensors = layout.torch_tensors("cpu")
+        assert (tensors["col_ptr"] is tensors["row_ptr"]) == symmetric
+        assert (tensors["row_idx"] is tensors["col_idx"]) == symmetric
+        np.testing.assert_array_equal(tensors["col_ptr"].numpy(), layout.col_ptr)
+        np.testing.assert_array_equal(tensors["row_idx"].numpy(), layout.row_indices)
