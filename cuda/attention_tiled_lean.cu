@@ -325,6 +325,97 @@ rescale_rows(out_acc, rescale);
     if (p.merge_previous) wait_for_previous_pass();  // also where every item was a pruned head
 }
 
+// ---- backward helpers ------------------------------------------------------
+
+
+// This thread's two accumulator rows of a tile: their slots, and their tokens
+// (-1 for padding).
+__device__ __forceinline__ void thread_rows(const int32_t *tile_ids, int64_t n, int (&slot)[2], int (&token)[2]) {
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        slot[r] = warp * 16 + lane / 4 + 8 * r;
+        const int32_t id = tile_ids[slot[r]];
+        token[r] = (id >= 0 && id < n) ? id : -1;
+    }
+}
+
+// Issues the copies of two row sets of the 64 tokens ids (rows of tensors a
+// and b of head (b, h), e.g. Q and dO), zeros for padding ids and past head_dim.
+template <typename T, int DPAD>
+__device__ __forceinline__ void stage_row_pair(const sa_attention_params &p, const int32_t *ids, int64_t b,
+                                               int64_t h, const void *a, const int64_t *a_stride, T *a_rows,
+                                               const void *c, const int64_t *c_stride, T *c_rows) {
+    using S = LeanShape<DPAD>;
+    const int64_t n = p.num_tokens, dim = p.head_dim;
+#pragma unroll
+    for (int k = 0; k < S::kPieces; k++) {
+        const int piece = threadIdx.x + k * kThreads;
+        const int r = piece / S::kVectors, col = (piece % S::kVectors) * 8;
+        const int32_t i = ids[r];
+        const bool inside = i >= 0 && i < n && col < dim;
+        const T *from_a = inside ? row_of<T>(a, a_stride, b, h, i) + col : static_cast<const T *>(a);
+        const T *from_c = inside ? row_of<T>(c, c_stride, b, h, i) + col : static_cast<const T *>(c);
+        copy16_async(&a_rows[r * S::kStride + col], from_a, inside ? 16 : 0);
+        copy16_async(&c_rows[r * S::kStride + col], from_c, inside ? 16 : 0);
+    }
+}
+
+// The A fragments of this warp's 16 rows of two staged row sets, over all of d.
+template <typename T, int DPAD>
+__device__ __forceinline__ void load_row_fragments(const T *a_rows, const T *c_rows,
+                                                   uint32_t (&a_frag)[DPAD / 16][4],
+                                                   uint32_t (&c_frag)[DPAD / 16][4]) {
+    using S = LeanShape<DPAD>;
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+#pragma unroll
+    for (int step = 0; step < DPAD / 16; step++) {
+        const int row = warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+        const int col = step * 16 + (lane / 16) * 8;
+        load_matrices_x4<false>(a_frag[step], &a_rows[row * S::kStride + col]);
+        load_matrices_x4<false>(c_frag[step], &c_rows[row * S::kStride + col]);
+    }
+}
+
+// Stages this warp's accumulator rows (floats) at the rows of slot[].
+template <int DPAD>
+__device__ __forceinline__ void stage_accumulators(const float (&acc)[DPAD / 8][4], const int (&slot)[2],
+                                                   float *staged) {
+    using S = LeanShape<DPAD>;
+    const int pair = threadIdx.x % 4;
+#pragma unroll
+    for (int g = 0; g < DPAD / 8; g++)
+#pragma unroll
+        for (int r = 0; r < 2; r++)
+            *reinterpret_cast<float2 *>(&staged[slot[r] * S::kOutStride + g * 8 + 2 * pair]) =
+                make_float2(acc[g][2 * r], acc[g][2 * r + 1]);
+}
+
+// grad[token] += factor x the staged row of each of the 64 ids, 16 bytes at a
+// time (grad: contiguous batch x heads x tokens x head_dim, of item bh).
+template <typename T, int DPAD>
+__device__ __forceinline__ void add_staged_rows(const sa_attention_params &p, const int32_t *ids, int64_t bh,
+                                                const float *staged, float factor, void *grad) {
+    using S = LeanShape<DPAD>;
+    const int64_t n = p.num_tokens, dim = p.head_dim;
+#pragma unroll
+    for (int k = 0; k < S::kPieces; k++) {
+        const int piece = threadIdx.x + k * kThreads;
+        const int r = piece / S::kVectors, col = (piece % S::kVectors) * 8;
+        const int32_t i = ids[r];
+        if (i < 0 || i >= n || col >= dim) continue;
+        T *row = static_cast<T *>(grad) + (bh * n + i) * dim + col;
+        const uint4 before = *reinterpret_cast<const uint4 *>(row);
+        const T *old = reinterpret_cast<const T *>(&before);
+        const float *add = staged + r * S::kOutStride + col;
+        uint32_t packed[4];
+#pragma unroll
+        for (int e = 0; e < 8; e += 2)
+            packed[e / 2] = pack_floats<T>(to_acc(old[e]) + add[e] * factor, to_acc(old[e + 1]) + add[e + 1] * factor);
+        *reinterpret_cast<uint4 *>(row) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    }
+}
+
 // dQ of one pass of a tile plan on tensor cores, for the calls the lean
 // forward takes (no bias, dropout or statistics). Per tile and chunk, as in
 // the forward: S = Q K^T; P = exp(S - lse) on the pairs of the layout (0
@@ -350,39 +441,23 @@ __global__ void __launch_bounds__(kThreads, 2) grad_query_lean_kernel(const sa_a
     // (their fragments stay in registers), so that the kernel fits 48 KB
     T *const query_rows = key_stages[1], *const grad_out_rows = value_stages[1];
 
-    const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
-    const int group = lane / 4, pair = lane % 4;
-    const int64_t n = p.num_tokens, dim = p.head_dim, tile = blockIdx.x;
+    const int lane = threadIdx.x % kWarp, pair = lane % 4;
+    const int64_t n = p.num_tokens, tile = blockIdx.x;
     int64_t chunk_begin, chunk_end;
     tile_chunk_range(p.tile_chunk_ptr, tile, p.num_chunks, chunk_begin, chunk_end);
     if (chunk_begin == chunk_end) return;  // adds nothing
 
     const int32_t *tile_ids = p.tile_queries + tile * kTile;
     int slot[2], query[2];
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        slot[r] = warp * 16 + group + 8 * r;
-        const int32_t id = tile_ids[slot[r]];
-        query[r] = (id >= 0 && id < n) ? id : -1;
-    }
+    thread_rows(tile_ids, n, slot, query);
     const float scale_log2 = float(p.scale) * kLog2e;
 
     for (int64_t bh = blockIdx.y; bh < p.batch * p.heads; bh += gridDim.y) {
         const int64_t b = bh / p.heads, h = bh % p.heads;
         if (!head_runs(p, h)) continue;  // a pruned head's dQ stays 0
         // the tile's query and output-gradient rows come with the first chunk
-#pragma unroll
-        for (int k = 0; k < S::kPieces; k++) {
-            const int piece = tid + k * kThreads;
-            const int r = piece / S::kVectors, col = (piece % S::kVectors) * 8;
-            const int32_t i = tile_ids[r];
-            const bool inside = i >= 0 && i < n && col < dim;
-            const T *q_row = inside ? row_of<T>(p.q, p.q_stride, b, h, i) + col : static_cast<const T *>(p.q);
-            const T *go_row = inside ? row_of<T>(p.grad_out, p.grad_out_stride, b, h, i) + col
-                                     : static_cast<const T *>(p.grad_out);
-            copy16_async(&query_rows[r * S::kStride + col], q_row, inside ? 16 : 0);
-            copy16_async(&grad_out_rows[r * S::kStride + col], go_row, inside ? 16 : 0);
-        }
+        stage_row_pair<T, DPAD>(p, tile_ids, b, h, p.q, p.q_stride, query_rows, p.grad_out, p.grad_out_stride,
+                                grad_out_rows);
         stage_chunk<T, DPAD>(p, chunk_begin, b, h, key_stages[0], value_stages[0], mask_stages[0],
                              usable_stages[0]);
         commit_copies();
@@ -398,13 +473,7 @@ __global__ void __launch_bounds__(kThreads, 2) grad_query_lean_kernel(const sa_a
         __syncthreads();
 
         uint32_t q_frag[kDimSteps][4], go_frag[kDimSteps][4];
-#pragma unroll
-        for (int step = 0; step < kDimSteps; step++) {
-            const int row = warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
-            const int col = step * 16 + (lane / 16) * 8;
-            load_matrices_x4<false>(q_frag[step], &query_rows[row * S::kStride + col]);
-            load_matrices_x4<false>(go_frag[step], &grad_out_rows[row * S::kStride + col]);
-        }
+        load_row_fragments<T, DPAD>(query_rows, grad_out_rows, q_frag, go_frag);
         __syncthreads();  // the second chunk is staged over them next
 
         float dq_acc[kOutGroups][4];
@@ -478,32 +547,11 @@ __global__ void __launch_bounds__(kThreads, 2) grad_query_lean_kernel(const sa_a
             stage ^= 1;
         }
 
-        // dQ rows in floats over the key buffers, then added to grad_q in 16-byte pieces
+        // dQ rows in floats over the key buffers, then added to grad_q
         float *staged = reinterpret_cast<float *>(&key_stages[0][0]);
-#pragma unroll
-        for (int g = 0; g < kOutGroups; g++)
-#pragma unroll
-            for (int r = 0; r < 2; r++)
-                *reinterpret_cast<float2 *>(&staged[slot[r] * S::kOutStride + g * 8 + 2 * pair]) =
-                    make_float2(dq_acc[g][2 * r], dq_acc[g][2 * r + 1]);
+        stage_accumulators<DPAD>(dq_acc, slot, staged);
         __syncthreads();
-        const float scale = float(p.scale);
-#pragma unroll
-        for (int k = 0; k < S::kPieces; k++) {
-            const int piece = tid + k * kThreads;
-            const int r = piece / S::kVectors, col = (piece % S::kVectors) * 8;
-            const int32_t i = tile_ids[r];
-            if (i < 0 || i >= n || col >= dim) continue;
-            T *grad = static_cast<T *>(p.grad_q) + (bh * n + i) * dim + col;
-            const uint4 before = *reinterpret_cast<const uint4 *>(grad);
-            const T *old = reinterpret_cast<const T *>(&before);
-            uint32_t packed[4];
-#pragma unroll
-            for (int e = 0; e < 8; e += 2)
-                packed[e / 2] = pack_floats<T>(to_acc(old[e]) + staged[r * S::kOutStride + col + e] * scale,
-                                               to_acc(old[e + 1]) + staged[r * S::kOutStride + col + e + 1] * scale);
-            *reinterpret_cast<uint4 *>(grad) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-        }
+        add_staged_rows<T, DPAD>(p, tile_ids, bh, staged, float(p.scale), p.grad_q);
         __syncthreads();  // the staged rows are read before the next item restages
     }
 }
@@ -515,9 +563,8 @@ template <typename T, int DPAD>
 __device__ __forceinline__ void stage_query_chunk(const sa_attention_params &p, int64_t chunk, int64_t b,
                                                   int64_t h, T *queries, T *grad_outs, uint64_t *masks,
                                                   float *lse, float *delta) {
-    using S = LeanShape<DPAD>;
     const int tid = threadIdx.x;
-    const int64_t n = p.num_tokens, dim = p.head_dim, bh = b * p.heads + h;
+    const int64_t n = p.num_tokens, bh = b * p.heads + h;
     const int32_t *ids = p.chunk_keys + chunk * kTile;
     if (tid < kTile) {
         const int32_t i = ids[tid];
@@ -528,18 +575,7 @@ __device__ __forceinline__ void stage_query_chunk(const sa_attention_params &p, 
         copy4_async(&delta[tid], from_delta, ok ? 4 : 0);
         copy8_async(&masks[tid], p.chunk_masks + chunk * kTile + tid, 8);
     }
-#pragma unroll
-    for (int k = 0; k < S::kPieces; k++) {
-        const int piece = tid + k * kThreads;
-        const int r = piece / S::kVectors, col = (piece % S::kVectors) * 8;
-        const int32_t i = ids[r];
-        const bool inside = i >= 0 && i < n && col < dim;
-        const T *q_row = inside ? row_of<T>(p.q, p.q_stride, b, h, i) + col : static_cast<const T *>(p.q);
-        const T *go_row = inside ? row_of<T>(p.grad_out, p.grad_out_stride, b, h, i) + col
-                                 : static_cast<const T *>(p.grad_out);
-        copy16_async(&queries[r * S::kStride + col], q_row, inside ? 16 : 0);
-        copy16_async(&grad_outs[r * S::kStride + col], go_row, inside ? 16 : 0);
-    }
+    stage_row_pair<T, DPAD>(p, ids, b, h, p.q, p.q_stride, queries, p.grad_out, p.grad_out_stride, grad_outs);
 }
 
 // dK and dV of one pass of a tile plan on tensor cores, for a symmetric layout
@@ -568,37 +604,21 @@ __global__ void __launch_bounds__(kThreads, 2) grad_key_value_lean_kernel(const 
     // fragments stay in registers)
     T *const key_rows = query_stages[1], *const value_rows = grad_out_stages[1];
 
-    const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
-    const int group = lane / 4, pair = lane % 4;
-    const int64_t n = p.num_tokens, dim = p.head_dim, tile = blockIdx.x;
+    const int lane = threadIdx.x % kWarp, pair = lane % 4;
+    const int64_t n = p.num_tokens, tile = blockIdx.x;
     int64_t chunk_begin, chunk_end;
     tile_chunk_range(p.tile_chunk_ptr, tile, p.num_chunks, chunk_begin, chunk_end);
     if (chunk_begin == chunk_end) return;  // adds nothing
 
     const int32_t *tile_ids = p.tile_queries + tile * kTile;
     int slot[2], key[2];
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        slot[r] = warp * 16 + group + 8 * r;
-        const int32_t id = tile_ids[slot[r]];
-        key[r] = (id >= 0 && id < n) ? id : -1;
-    }
+    thread_rows(tile_ids, n, slot, key);
     const float scale_log2 = float(p.scale) * kLog2e;
 
     for (int64_t bh = blockIdx.y; bh < p.batch * p.heads; bh += gridDim.y) {
         const int64_t b = bh / p.heads, h = bh % p.heads;
         if (!head_runs(p, h)) continue;  // a pruned head's dK and dV stay 0
-#pragma unroll
-        for (int k = 0; k < S::kPieces; k++) {
-            const int piece = tid + k * kThreads;
-            const int r = piece / S::kVectors, col = (piece % S::kVectors) * 8;
-            const int32_t j = tile_ids[r];
-            const bool inside = j >= 0 && j < n && col < dim;
-            const T *k_row = inside ? row_of<T>(p.k, p.k_stride, b, h, j) + col : static_cast<const T *>(p.k);
-            const T *v_row = inside ? row_of<T>(p.v, p.v_stride, b, h, j) + col : static_cast<const T *>(p.v);
-            copy16_async(&key_rows[r * S::kStride + col], k_row, inside ? 16 : 0);
-            copy16_async(&value_rows[r * S::kStride + col], v_row, inside ? 16 : 0);
-        }
+        stage_row_pair<T, DPAD>(p, tile_ids, b, h, p.k, p.k_stride, key_rows, p.v, p.v_stride, value_rows);
         stage_query_chunk<T, DPAD>(p, chunk_begin, b, h, query_stages[0], grad_out_stages[0], mask_stages[0],
                                    lse_stages[0], delta_stages[0]);
         commit_copies();
@@ -610,13 +630,7 @@ __global__ void __launch_bounds__(kThreads, 2) grad_key_value_lean_kernel(const 
         __syncthreads();
 
         uint32_t k_frag[kDimSteps][4], v_frag[kDimSteps][4];
-#pragma unroll
-        for (int step = 0; step < kDimSteps; step++) {
-            const int row = warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
-            const int col = step * 16 + (lane / 16) * 8;
-            load_matrices_x4<false>(k_frag[step], &key_rows[row * S::kStride + col]);
-            load_matrices_x4<false>(v_frag[step], &value_rows[row * S::kStride + col]);
-        }
+        load_row_fragments<T, DPAD>(key_rows, value_rows, k_frag, v_frag);
         __syncthreads();  // the second chunk is staged over them next
 
         float dk_acc[kOutGroups][4], dv_acc[kOutGroups][4];
@@ -694,43 +708,14 @@ __global__ void __launch_bounds__(kThreads, 2) grad_key_value_lean_kernel(const 
         }
 
         // dK over the query stages and dV over the gradient stages, in floats,
-        // then added to grad_k and grad_v in 16-byte pieces
+        // then added to grad_k and grad_v
         float *staged_k = reinterpret_cast<float *>(&query_stages[0][0]);
         float *staged_v = reinterpret_cast<float *>(&grad_out_stages[0][0]);
-#pragma unroll
-        for (int g = 0; g < kOutGroups; g++)
-#pragma unroll
-            for (int r = 0; r < 2; r++) {
-                *reinterpret_cast<float2 *>(&staged_k[slot[r] * S::kOutStride + g * 8 + 2 * pair]) =
-                    make_float2(dk_acc[g][2 * r], dk_acc[g][2 * r + 1]);
-                *reinterpret_cast<float2 *>(&staged_v[slot[r] * S::kOutStride + g * 8 + 2 * pair]) =
-                    make_float2(dv_acc[g][2 * r], dv_acc[g][2 * r + 1]);
-            }
+        stage_accumulators<DPAD>(dk_acc, slot, staged_k);
+        stage_accumulators<DPAD>(dv_acc, slot, staged_v);
         __syncthreads();
-        const float scale = float(p.scale);
-#pragma unroll
-        for (int k = 0; k < S::kPieces; k++) {
-            const int piece = tid + k * kThreads;
-            const int r = piece / S::kVectors, col = (piece % S::kVectors) * 8;
-            const int32_t j = tile_ids[r];
-            if (j < 0 || j >= n || col >= dim) continue;
-            const int64_t offset = (bh * n + j) * dim + col;
-            T *grads[2] = {static_cast<T *>(p.grad_k) + offset, static_cast<T *>(p.grad_v) + offset};
-            const float *staged[2] = {staged_k, staged_v};
-            const float factor[2] = {scale, 1.f};
-#pragma unroll
-            for (int t = 0; t < 2; t++) {
-                const uint4 before = *reinterpret_cast<const uint4 *>(grads[t]);
-                const T *old = reinterpret_cast<const T *>(&before);
-                const float *add = staged[t] + r * S::kOutStride + col;
-                uint32_t packed[4];
-#pragma unroll
-                for (int e = 0; e < 8; e += 2)
-                    packed[e / 2] = pack_floats<T>(to_acc(old[e]) + add[e] * factor[t],
-                                                   to_acc(old[e + 1]) + add[e + 1] * factor[t]);
-                *reinterpret_cast<uint4 *>(grads[t]) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-            }
-        }
+        add_staged_rows<T, DPAD>(p, tile_ids, bh, staged_k, float(p.scale), p.grad_k);
+        add_staged_rows<T, DPAD>(p, tile_ids, bh, staged_v, 1.f, p.grad_v);
         __syncthreads();  // the staged rows are read before the next item restages
     }
 }
