@@ -67,19 +67,6 @@ def time_graph(fn, repeats):
         return None
 
 
-def flip_module_switch(name):
-    """A context manager factory that flips the boolean _torch_ops.<name>."""
-    @contextlib.contextmanager
-    def flipped():
-        default = getattr(_torch_ops, name)
-        setattr(_torch_ops, name, not default)
-        try:
-            yield
-        finally:
-            setattr(_torch_ops, name, default)
-    return flipped
-
-
 def set_module_value(name, value):
     """A context manager factory that sets _torch_ops.<name> to value."""
     @contextlib.contextmanager
@@ -91,6 +78,11 @@ def set_module_value(name, value):
         finally:
             setattr(_torch_ops, name, before)
     return changed
+
+
+def flip_module_switch(name):
+    """A context manager factory that flips the boolean _torch_ops.<name>."""
+    return set_module_value(name, not getattr(_torch_ops, name))
 
 
 def eager_both_ways(fn, variant, repeats, rounds=5):

@@ -17,13 +17,20 @@
 #define SA_HOST_DEVICE static inline
 #endif
 
+/* The mixing steps, on a uint32_t or on a vector of them (the CPU kernels'
+ * lanes take the same steps, so their masks are the scalar ones). */
+#define SA_MIX32_STEPS(x)   \
+    do {                    \
+        (x) ^= (x) >> 16;   \
+        (x) *= 0x7feb352dU; \
+        (x) ^= (x) >> 15;   \
+        (x) *= 0x846ca68bU; \
+        (x) ^= (x) >> 16;   \
+    } while (0)
+
 SA_HOST_DEVICE uint32_t sa_mix32(uint32_t x)
 {
-    x ^= x >> 16;
-    x *= 0x7feb352dU;
-    x ^= x >> 15;
-    x *= 0x846ca68bU;
-    x ^= x >> 16;
+    SA_MIX32_STEPS(x);
     return x;
 }
 

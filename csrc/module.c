@@ -883,74 +883,29 @@ static PyObject *cuda_device_count(PyObject *self, PyObject *unused)
 #endif
 }
 
-static PyObject *cuda_lean_passes(PyObject *self, PyObject *unused)
-{
-    (void)self;
-    (void)unused;
+/* The dispatch counters the tests read: COUNTER(name, source) defines name()
+ * returning source(); CUDA_COUNTER gives 0 in a build without CUDA. */
+#define COUNTER(name, source)                                \
+    static PyObject *name(PyObject *self, PyObject *unused) \
+    {                                                        \
+        (void)self;                                          \
+        (void)unused;                                        \
+        return PyLong_FromLongLong(source());                \
+    }
 #ifdef SA_WITH_CUDA
-    return PyLong_FromLongLong(sa_cuda_lean_passes());
+#define CUDA_COUNTER(name, source) COUNTER(name, source)
 #else
-    return PyLong_FromLong(0);
+static long long sa_no_cuda_counter(void) { return 0; }
+#define CUDA_COUNTER(name, source) COUNTER(name, sa_no_cuda_counter)
 #endif
-}
 
-static PyObject *cpu_window_forwards(PyObject *self, PyObject *unused)
-{
-    (void)self;
-    (void)unused;
-    return PyLong_FromLongLong(sa_cpu_window_forwards());
-}
-
-static PyObject *cpu_window_backwards(PyObject *self, PyObject *unused)
-{
-    (void)self;
-    (void)unused;
-    return PyLong_FromLongLong(sa_cpu_window_backwards());
-}
-
-static PyObject *cuda_beside_forwards(PyObject *self, PyObject *unused)
-{
-    (void)self;
-    (void)unused;
-#ifdef SA_WITH_CUDA
-    return PyLong_FromLongLong(sa_cuda_beside_forwards());
-#else
-    return PyLong_FromLong(0);
-#endif
-}
-
-static PyObject *cuda_overlapped_passes(PyObject *self, PyObject *unused)
-{
-    (void)self;
-    (void)unused;
-#ifdef SA_WITH_CUDA
-    return PyLong_FromLongLong(sa_cuda_overlapped_passes());
-#else
-    return PyLong_FromLong(0);
-#endif
-}
-
-static PyObject *cuda_tiled_grad_query_passes(PyObject *self, PyObject *unused)
-{
-    (void)self;
-    (void)unused;
-#ifdef SA_WITH_CUDA
-    return PyLong_FromLongLong(sa_cuda_tiled_grad_query_passes());
-#else
-    return PyLong_FromLong(0);
-#endif
-}
-
-static PyObject *cuda_tiled_grad_key_value_passes(PyObject *self, PyObject *unused)
-{
-    (void)self;
-    (void)unused;
-#ifdef SA_WITH_CUDA
-    return PyLong_FromLongLong(sa_cuda_tiled_grad_key_value_passes());
-#else
-    return PyLong_FromLong(0);
-#endif
-}
+COUNTER(cpu_window_forwards, sa_cpu_window_forwards)
+COUNTER(cpu_window_backwards, sa_cpu_window_backwards)
+CUDA_COUNTER(cuda_lean_passes, sa_cuda_lean_passes)
+CUDA_COUNTER(cuda_beside_forwards, sa_cuda_beside_forwards)
+CUDA_COUNTER(cuda_overlapped_passes, sa_cuda_overlapped_passes)
+CUDA_COUNTER(cuda_tiled_grad_query_passes, sa_cuda_tiled_grad_query_passes)
+CUDA_COUNTER(cuda_tiled_grad_key_value_passes, sa_cuda_tiled_grad_key_value_passes)
 
 /* Sizes and offsets of our DLPack declarations, checked by the tests. */
 static PyObject *dlpack_abi(PyObject *self, PyObject *unused)

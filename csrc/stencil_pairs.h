@@ -87,11 +87,7 @@ static inline void sa_rows_not_full(const sa_attention_params *p, const uint8_t 
 
 SA_INLINE u8v sa_mix32_v8(u8v x)
 {
-    x ^= x >> 16;
-    x *= 0x7feb352dU;
-    x ^= x >> 15;
-    x *= 0x846ca68bU;
-    x ^= x >> 16;
+    SA_MIX32_STEPS(x);
     return x;
 }
 

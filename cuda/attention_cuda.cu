@@ -914,6 +914,26 @@ const char *pass_name(Pass pass) {
 
 }  // namespace
 
+namespace sa_kernels {
+// Asked once per device and kept: each pass of a planned call needs it, and it
+// cannot change while the process runs.
+cudaError_t device_major(int device, int *major) {
+    constexpr int kKnownDevices = 64;
+    static std::atomic<int> known[kKnownDevices];  // 0: not asked yet
+    if (device >= 0 && device < kKnownDevices) {
+        const int cached = known[device].load(std::memory_order_relaxed);
+        if (cached > 0) {
+            *major = cached;
+            return cudaSuccess;
+        }
+    }
+    cudaError_t status = cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, device);
+    if (status == cudaSuccess && *major > 0 && device >= 0 && device < kKnownDevices)
+        known[device].store(*major, std::memory_order_relaxed);
+    return status;
+}
+}  // namespace sa_kernels
+
 // The tensor-core kernel's own limits, checked before it is launched.
 static int check_tiled(const sa_attention_params *p, char *err, size_t len) {
     if (p->dtype != SA_F16 && p->dtype != SA_BF16) {
@@ -926,8 +946,7 @@ static int check_tiled(const sa_attention_params *p, char *err, size_t len) {
         return SA_ERR_UNSUPPORTED;
     }
     int major = 0;
-    int status = report(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, p->device_id),
-                        "cudaDeviceGetAttribute", err, len);
+    int status = report(sa_kernels::device_major(p->device_id, &major), "cudaDeviceGetAttribute", err, len);
     if (status != SA_OK) return status;
     if (major < 8) {
         snprintf(err, len, "query: the tensor-core kernel needs compute capability 8.0 or newer, "

@@ -750,7 +750,7 @@ template <typename T> cudaError_t launch_lean(const sa_attention_params &p) {
         // this pass may start while the one before it drains (it waits for
         // that pass's rows before merging into them); compute capability 9.0
         int major = 0;
-        cudaError_t status = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, p.device_id);
+        cudaError_t status = device_major(p.device_id, &major);
         if (status != cudaSuccess) return status;
         if (major >= 9) {
             overlapped_passes.fetch_add(1, std::memory_order_relaxed);

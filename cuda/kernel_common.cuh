@@ -81,6 +81,9 @@ __device__ __forceinline__ bool head_runs(const sa_attention_params &p, int64_t 
     return p.head_active == nullptr || p.head_active[h] != 0;
 }
 
+// The compute capability major of a device (cuda/attention_cuda.cu), cached.
+cudaError_t device_major(int device, int *major);
+
 // The tensor-core forward over one tile-plan pass (cuda/attention_tiled.cu).
 // Returns cudaErrorInvalidValue for dtypes or head dims it does not cover.
 cudaError_t forward_tiled(const sa_attention_params &p);

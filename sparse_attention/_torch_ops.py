@@ -96,11 +96,11 @@ split_segment_keys = 512
 # times both ways.
 long_rows_beside = os.environ.get("SPARSE_ATTENTION_LONG_ROWS_BESIDE", "1") != "0"
 # CUDA backwards with a tile plan that leaves no row out, without bias or
-# dropout: dQ on tensor cores over the plan's passes (the lean forward's
-# conditions; the row kernel otherwise). Off until measured on a GPU:
-# SPARSE_ATTENTION_TILED_BACKWARD=1 turns it on.
+# dropout: dQ on tensor cores over the plan's passes, and dK / dV too for a
+# symmetric layout (the lean forward's conditions; the row and column kernels
+# otherwise). Off until measured on a GPU: SPARSE_ATTENTION_TILED_BACKWARD=1
+# turns it on.
 use_tiled_cuda_backward = os.environ.get("SPARSE_ATTENTION_TILED_BACKWARD") == "1"
-tiled_cuda_backwards_run = 0
 # CUDA forwards with a plan of several passes (AXIAL's rows, then columns): on
 # compute capability 9.0 each merging pass starts while the one before drains
 # (programmatic dependent launch). SPARSE_ATTENTION_OVERLAP_PASSES=0 turns it
@@ -327,17 +327,16 @@ def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
 
 def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil, dropout_p=0.0):
     """The plan for the tiled or stencil CPU backward when it applies (float32
-    plans only reach here), or for the CUDA backward's tensor-core dQ, else
-    nothing: the row and column kernels run."""
+    plans only reach here), or for the CUDA backward's tensor-core gradients,
+    else nothing: the row and column kernels run."""
     if device.type == "cuda":
-        # every pair must be in the plan (no rows left out): the tiled dQ adds
-        # only the plan's pairs; the C side falls back to the row kernel where
-        # the lean kernel's other conditions (head dim, alignment) fail
+        # every pair must be in the plan (no rows left out): the tiled kernels
+        # add only the plan's pairs; the C side falls back to the row and column
+        # kernels where the lean kernel's other conditions (head dim, alignment)
+        # fail (C.cuda_tiled_grad_*_passes count what ran)
         if (not use_tiled_cuda_backward or tile_plan is None or bias is not None
                 or plan_long_rows is not None or dropout_p > 0):
             return {}
-        global tiled_cuda_backwards_run
-        tiled_cuda_backwards_run += 1
         return dict(tile_plan=_detached(tile_plan), tile_passes=tile_passes)
     if device.type == "cpu" and stencil is not None:
         if bias is not None or not _stencil.use_stencil_cpu_kernel:
