@@ -38,7 +38,7 @@
 
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SA_NO_CLONES)
-#define STENCIL_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define STENCIL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define STENCIL_CLONES
 #endif

@@ -63,7 +63,7 @@
 #define BAND_ROWS 16
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SA_NO_CLONES)
-#define WINDOW_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define WINDOW_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define WINDOW_CLONES
 #endif
