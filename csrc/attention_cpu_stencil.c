@@ -421,6 +421,7 @@ INLINE void write_strip(const stencil_ctx *c, stencil_work *w, int64_t b, int64_
     const i8v live = sum > zero;
     const v8 inv = SELECT(live, SPLAT(1.0f) / SELECT(live, sum, SPLAT(1.0f)), zero);
     /* a NaN score makes the row NaN, as in PyTorch */
+    const v8 log_sum = log_v8(SELECT(live, sum, SPLAT(1.0f))); /* eight logs at once, not libm's one by one */
     const v8 factor = SELECT(nan_lanes, SPLAT(NAN), inv);
     float *rows[LANES];
     int lanes = 0;
@@ -431,13 +432,13 @@ INLINE void write_strip(const stencil_ctx *c, stencil_work *w, int64_t b, int64_
         rows[l] = (float *)p->out + b * p->out_stride[0] + h * p->out_stride[1] + i * p->out_stride[2];
         lanes++;
         const int64_t row_item = bh * p->num_tokens + i;
-        float lse = live[l] ? shift[l] + logf(sum[l]) : -INFINITY;
+        float lse = live[l] ? shift[l] + log_sum[l] : -INFINITY;
         if (nan_lanes[l]) lse = NAN;
         ((float *)p->lse)[row_item] = lse;
         if (p->row_stats != NULL) {
             float *stats = (float *)p->row_stats + 2 * row_item;
             stats[0] = live[l] ? sum_sq[l] * inv[l] * inv[l] : 0.0f;
-            stats[1] = live[l] ? logf(sum[l]) - sum_shifted[l] * inv[l] : 0.0f;
+            stats[1] = live[l] ? log_sum[l] - sum_shifted[l] * inv[l] : 0.0f;
             if (nan_lanes[l]) stats[0] = stats[1] = NAN;
         }
     }

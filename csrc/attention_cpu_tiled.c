@@ -433,32 +433,65 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
             weighted_values_kernel(s.scores, value_rows, s.out, dim_pad, live, rows, cols);
         }
 
+        /* each row's log-sum-exp, and its merge with an earlier pass's: the
+         * logs and exps eight rows at a time */
+        float row_lse[TILE], row_new_weight[TILE], row_old_weight[TILE], row_sum[TILE];
+        for (int r0 = 0; r0 < TILE; r0 += 8) {
+            v8 sum8, top8, old8, merged8;
+            i8v nan8;
+            for (int l = 0; l < 8; l++) {
+                const int r = r0 + l;
+                const row_state *st = &state[r];
+                sum8[l] = hsum8(st->sum);
+                top8[l] = st->max;
+                nan8[l] = st->nan ? -1 : 0;
+                old8[l] = -INFINITY;
+                if (queries[r] >= 0 && p->merge_previous) old8[l] = ((const float *)p->lse)[bh * n + queries[r]];
+                row_sum[r] = sum8[l];
+            }
+            const i8v live8 = (sum8 > SPLAT(0.0f)) & ~nan8;
+            const v8 nan_v = SPLAT(NAN), neg_inf = SPLAT(-INFINITY);
+            v8 pass8 = SELECT(live8, top8 + log_v8(SELECT(live8, sum8, SPLAT(1.0f))), neg_inf);
+            pass8 = SELECT(nan8, nan_v, pass8);
+            /* log(e^a + e^b) = max + log(1 + e^-|a - b|), where both are finite */
+            const i8v merging = live8 & (old8 > neg_inf) & (old8 == old8);
+            v8 e[3] = {SPLAT(0.0f), SPLAT(0.0f), SPLAT(0.0f)};
+            merged8 = SPLAT(0.0f);
+            if (p->merge_previous) {
+                const v8 both = SELECT(old8 > pass8, old8, pass8);
+                const v8 gap = SELECT(old8 > pass8, pass8 - old8, old8 - pass8);
+                e[0] = SELECT(merging, gap, SPLAT(0.0f));
+                exp_lanes(e, 1);
+                merged8 = both + log_v8(SPLAT(1.0f) + e[0]);
+                e[1] = SELECT(merging, old8 - merged8, SPLAT(0.0f));
+                e[2] = SELECT(merging, pass8 - merged8, SPLAT(0.0f));
+                exp_lanes(e + 1, 2);
+            }
+            const v8 inv = SELECT(live8, SPLAT(keep_scale) / SELECT(live8, sum8, SPLAT(1.0f)), SPLAT(0.0f));
+            /* a row with a NaN merges into NaN; a row without a merge keeps its own lse */
+            const i8v old_live = (old8 > neg_inf) | (old8 != old8);
+            const i8v any_nan = old_live & ((old8 != old8) | nan8);
+            v8 lse8 = SELECT(merging, merged8, pass8);
+            v8 new_w8 = SELECT(merging, inv * e[2], inv);
+            v8 old_w8 = SELECT(merging, e[1], SPLAT(0.0f));
+            lse8 = SELECT(any_nan, nan_v, lse8);
+            new_w8 = SELECT(any_nan | nan8, nan_v, new_w8);
+            old_w8 = SELECT(any_nan, nan_v, old_w8);
+            for (int l = 0; l < 8; l++) {
+                row_lse[r0 + l] = lse8[l];
+                row_new_weight[r0 + l] = new_w8[l];
+                row_old_weight[r0 + l] = old_w8[l];
+            }
+        }
         for (int r = 0; r < TILE; r++) {
             if (queries[r] < 0) continue;
             const row_state *st = &state[r];
             const int64_t row_item = bh * n + queries[r];
-            float sum = hsum8(st->sum), top = st->max;
-            if (st->nan) sum = top = NAN; /* a NaN score makes the row NaN, as in PyTorch */
+            const float sum = st->nan ? NAN : row_sum[r];
             const int live_row = sum > 0 || st->nan;
             if (p->merge_previous && !live_row) continue; /* the earlier pass's result stands */
             float *lse = (float *)p->lse + row_item;
-            const float pass_lse = live_row ? top + logf(sum) : -INFINITY;
-            /* the dropout scale 1 / (1 - p) of every kept weight, applied once here */
-            float new_weight = live_row ? keep_scale / sum : 0.0f, old_weight = 0.0f, total = pass_lse;
-            if (p->merge_previous && *lse != -INFINITY) {
-                const float old_lse = *lse;
-                if (old_lse != old_lse || pass_lse != pass_lse) {
-                    total = old_weight = new_weight = NAN;
-                } else {
-                    /* log(e^a + e^b) = max + log(1 + e^-|a - b|); the polynomial exp, as
-                     * libm's expf here cost 4% of a two-pass forward */
-                    const float both = old_lse > pass_lse ? old_lse : pass_lse;
-                    const float gap = old_lse > pass_lse ? pass_lse - old_lse : old_lse - pass_lse;
-                    total = both + log1pf(sa_fast_expf(gap));
-                    old_weight = sa_fast_expf(old_lse - total);
-                    new_weight *= sa_fast_expf(pass_lse - total);
-                }
-            }
+            const float new_weight = row_new_weight[r], old_weight = row_old_weight[r], total = row_lse[r];
             float *out = (float *)p->out + b * p->out_stride[0] + h * p->out_stride[1] +
                          queries[r] * p->out_stride[2];
             const float *acc = s.out + r * dim_pad;

@@ -62,6 +62,33 @@ SA_INLINE v8 exp_v8(v8 x)
     return x;
 }
 
+/* Natural log over eight lanes of positive, finite, normal floats (other lanes
+ * give garbage: callers select around them). x = m 2^e with m in
+ * [sqrt(1/2), sqrt(2)), log(m) by the Cephes minimax polynomial in f = m - 1
+ * (about 1 ulp), e ln 2 added in two parts. The lse of a merge took libm's
+ * log1pf and logf one row at a time, 5% of a STRIDED forward. */
+SA_INLINE v8 log_v8(v8 x)
+{
+    const i8v bits = (i8v)x;
+    i8v exponent = ((bits >> 23) & 0xff) - 127;
+    v8 m = (v8)((bits & 0x007fffff) | 0x3f800000); /* in [1, 2) */
+    const i8v big = m > SPLAT(1.41421356f);
+    m = SELECT(big, m * 0.5f, m);
+    exponent -= big; /* big lanes are all ones: -(-1) */
+    const v8 e = __builtin_convertvector(exponent, v8);
+    const v8 f = m - 1.0f, z = f * f;
+    v8 poly = f * 7.0376836292e-2f - 1.1514610310e-1f;
+    poly = poly * f + 1.1676998740e-1f;
+    poly = poly * f - 1.2420140846e-1f;
+    poly = poly * f + 1.4249322787e-1f;
+    poly = poly * f - 1.6668057665e-1f;
+    poly = poly * f + 2.0000714765e-1f;
+    poly = poly * f - 2.4999993993e-1f;
+    poly = poly * f + 3.3333331174e-1f;
+    v8 y = f * z * poly - e * 2.12194440e-4f - z * 0.5f;
+    return f + y + e * 0.693359375f;
+}
+
 /* Horizontal sum and maximum as trees of three shuffles: a chain of seven
  * scalar steps per row and chunk was a visible share of the tiled softmax. */
 SA_INLINE float hsum8(v8 x)
