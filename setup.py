@@ -94,6 +94,9 @@ class BuildExt(build_ext):
             if failed:
                 sys.exit(f"nvcc failed on {', '.join(failed)}")
             ext.extra_objects = objects
+            # setuptools relinks when a source or a dependency is newer than the
+            # extension, not an extra object: a CPU-only build would stand
+            ext.depends = list(ext.depends) + objects
             ext.define_macros.append(("SA_WITH_CUDA", "1"))
             libdir = os.path.join(cuda_home, "lib64")
             if not os.path.isdir(libdir):
