@@ -87,6 +87,25 @@ def test_nan_query_row_stays_in_its_row():
     assert not nan_rows.any()
 
 
+@pytest.mark.parametrize("token", [0, 47, 239])
+def test_nan_key_poisons_exactly_its_rows_across_merged_passes(token):
+    """AXIAL runs its image rows, then its columns, merging the second pass's
+    log-sum-exp into the first's eight rows at a time: a NaN key seen by only
+    one of the passes must still make exactly the rows that attend it NaN."""
+    layout = build_layout("axial", 12, 20)
+    assert len(layout.tile_plan()) == 2
+    (q, k, v), _ = make(1, 2, 240, 16)
+    q, k, v = q.float(), k.float(), v.float()
+    k[0, 1, token, 3] = float("nan")
+    out, lse = attention(q, k, v, layout, return_lse=True)
+    ref_out, ref_lse, _ = reference_attention(q, k, v, layout)
+    assert torch.equal(torch.isnan(lse), torch.isnan(ref_lse))
+    assert torch.equal(torch.isnan(out).any(-1), torch.isnan(ref_out).any(-1))
+    assert torch.isnan(lse).sum() == 12 + 20 - 1  # the key's image row and column
+    finite = ~torch.isnan(ref_lse)
+    torch.testing.assert_close(lse[finite], ref_lse[finite].float(), atol=2e-5, rtol=2e-5)
+
+
 def test_head_dims_past_the_vector_width():
     layout = build_layout("longformer", 12, 12, kernel_size=3)
     for dim in (1, 7, 8, 9, 33, 130):
