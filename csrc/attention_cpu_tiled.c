@@ -467,6 +467,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                 e[2] = SELECT(merging, pass8 - merged8, SPLAT(0.0f));
                 exp_lanes(e + 1, 2);
             }
+            /* the dropout scale 1 / (1 - p) of every kept weight, applied once here */
             const v8 inv = SELECT(live8, SPLAT(keep_scale) / SELECT(live8, sum8, SPLAT(1.0f)), SPLAT(0.0f));
             /* a row with a NaN merges into NaN; a row without a merge keeps its own lse */
             const i8v old_live = (old8 > neg_inf) | (old8 != old8);
