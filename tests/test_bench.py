@@ -63,3 +63,29 @@ def test_bench_skips_the_pairing_past_its_limit(tmp_path, monkeypatch):
     assert "ours_paired_ratio" not in row and "dense_at_start" not in row
     assert row["flop_bound_fraction_fwd"] == pytest.approx(
         row["density"] / (row["ours"][0] / row["dense"][0]))
+
+
+def test_ab_builds_times_two_copies_of_the_package_side_by_side():
+    """benchmarks/ab_builds.py imports two builds under other package names and
+    times them against each other: an A/A call on the package as built runs
+    and reports identical outputs for every pattern and direction."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    import sparse_attention
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package = os.path.dirname(os.path.abspath(sparse_attention.__file__))
+    result = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "ab_builds.py"), package, package,
+         "--patterns", "axial,longformer", "--side", "8", "--rounds", "3", "--threads", "1", "--backward"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 4  # two patterns, forward and forward+backward
+    for line in lines:
+        match = re.search(r"new/old (\d+\.\d+) .*max \|out diff\| (\S+)\)", line)
+        assert match, line
+        assert float(match.group(2)) == 0.0
