@@ -314,8 +314,7 @@ def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
                          key_mask=d(key_mask), head_active=d(head_active), dropout_p=dropout_p,
                          dropout_seed=_seed_value(seed), grad_scores=d(grad_scores), stream=stream,
                          **_cuda_extras(device, d(long_rows), d(long_cols), backward=True),
-                         **_backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil,
-                                          dropout_p))
+                         **_backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil))
     if bias is not None:
         grad_table = torch.empty(heads, bucket_ptr.shape[0] - 1, dtype=accum, device=device)
         C.bias_grad(grad_scores, bucket_perm, bucket_ptr, grad_table, stream=stream)
@@ -325,17 +324,18 @@ def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
     return grads[0], grads[1], grads[2], grad_bias
 
 
-def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil, dropout_p=0.0):
+def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil):
     """The plan for the tiled or stencil CPU backward when it applies (float32
     plans only reach here), or for the CUDA backward's tensor-core gradients,
     else nothing: the row and column kernels run."""
     if device.type == "cuda":
-        # every pair must be in the plan (no rows left out): the tiled kernels
-        # add only the plan's pairs; the C side falls back to the row and column
-        # kernels where the lean kernel's other conditions (head dim, alignment)
-        # fail (C.cuda_tiled_grad_*_passes count what ran)
-        if (not use_tiled_cuda_backward or tile_plan is None or bias is not None
-                or plan_long_rows is not None or dropout_p > 0):
+        # every pair must be in the plan (no rows left out), which only this side
+        # knows: the tiled kernels add only the plan's pairs. A bias gradient
+        # with a plan is refused by the C entry point. The C side falls back to
+        # the row and column kernels where the lean kernel's own conditions
+        # (dropout, head dim, alignment) fail (C.cuda_tiled_grad_*_passes count
+        # what ran).
+        if not use_tiled_cuda_backward or tile_plan is None or bias is not None or plan_long_rows is not None:
             return {}
         return dict(tile_plan=_detached(tile_plan), tile_passes=tile_passes)
     if device.type == "cpu" and stencil is not None:
