@@ -5,7 +5,8 @@
 
 Each directory is a built copy of sparse_attention/ (with its _C extension).
 They are copied under two other package names, with the custom operators'
-namespace renamed, so both import side by side. Every round times one call of
+namespace renamed so that each copy keeps its own operators (eager calls,
+which this times, do not go through them). Every round times one call of
 each, the order alternating (the second call of a round finds the inputs in
 the caches; always running one build second showed a false 10% gain). Prints
 the median of the per-round ratios new / old; an A/A run gives about 0.98-1.03
