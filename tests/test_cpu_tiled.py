@@ -48,6 +48,31 @@ def test_forward_against_reference_and_row_kernel(pattern, size):
     torch.testing.assert_close(out, rows, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("dim", [16, 40, 256])
+@pytest.mark.parametrize("pattern", ["random", "dense"])
+def test_key_panels_kept_across_tiles(pattern, dim):
+    """Plans whose tiles read many chunks keep each (batch, head)'s packed key
+    panels across tiles (the cache holds 64 panels at D = 16, 16 at D = 256):
+    rows read where they lie (D a multiple of 8) and rows copied, several
+    (batch, head) whose chunks share key ids, a key mask, any thread count."""
+    layout = build_layout(pattern, 33, 35, attention_ratio=0.4)
+    n = layout.num_tokens
+    (q, k, v), _ = make(2, 3, n, dim)
+    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(5)) > 0.2
+    ref_out, ref_lse, _ = reference_attention(q.float(), k.float(), v.float(), layout, key_mask=key_mask)
+    before = get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            set_num_threads(threads)
+            out, lse = attention(q.float(), k.float(), v.float(), layout, key_mask=key_mask, return_lse=True)
+            assert_forward_matches_reference(out, lse, ref_out, ref_lse, 2e-5)
+            outs.append(out)
+    finally:
+        set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
 @pytest.mark.parametrize("pattern", ["block", "longformer"])
 def test_statistics_match_the_row_kernel(pattern):
     layout = build_layout(pattern, 16, 24, block_size=8, kernel_size=5)
