@@ -308,17 +308,6 @@ typedef struct {
     int wide_values; /* P x V 32 columns of d a step (see weighted_values_rows) */
 } tiled_ctx;
 
-/* Whether the clone that runs has 32 vector registers. */
-static int has_32_vector_registers(void)
-{
-#if defined(__AVX512F__)
-    return 1;
-#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SA_NO_CLONES)
-    return __builtin_cpu_supports("x86-64-v4");
-#else
-    return 0;
-#endif
-}
 
 static tiled_ctx tiled_ctx_for(const sa_attention_params *p)
 {
@@ -328,7 +317,7 @@ static tiled_ctx tiled_ctx_for(const sa_attention_params *p)
     ctx.scale = (float)p->scale;
     ctx.keep_scale = p->dropout_p > 0 ? (float)(1.0 / (1.0 - p->dropout_p)) : 1.0f;
     ctx.threshold = sa_dropout_threshold(p->dropout_p);
-    ctx.wide_values = has_32_vector_registers();
+    ctx.wide_values = sa_has_32_vector_registers();
     return ctx;
 }
 

@@ -23,6 +23,19 @@ typedef uint32_t u8v __attribute__((vector_size(32)));
 /* lanes of a where mask (all ones or all zeros per lane) is set, else of b */
 #define SELECT(mask, a, b) ((v8)(((i8v)(a) & (mask)) | ((i8v)(b) & ~(mask))))
 
+/* Whether the clone that runs (target_clones picks x86-64-v4 where the CPU
+ * has it) has 32 vector registers, so that kernels may keep more accumulators. */
+static inline int sa_has_32_vector_registers(void)
+{
+#if defined(__AVX512F__)
+    return 1;
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SA_NO_CLONES)
+    return __builtin_cpu_supports("x86-64-v4");
+#else
+    return 0;
+#endif
+}
+
 /* exp over eight lanes of count vectors, in place; x below -87.3 gives 0, x
  * above 88.3 exp(88.3), NaN stays NaN. Adding 1.5 * 2^23 to x / ln 2 rounds
  * it to the integer n in the low mantissa bits, so no conversions are needed:
