@@ -221,12 +221,12 @@ static inline void prefetch_row(const float *row, int64_t dim)
 }
 
 static inline void prefetch_chunk(const sa_attention_params *p, const int32_t *ids, int64_t b,
-                                  int64_t h)
+                                  int64_t h, int with_keys)
 {
     for (int c = 0; c < TILE; c++) {
         const int32_t j = ids[c];
         if (j < 0 || j >= p->num_tokens) continue;
-        prefetch_row(row_of(p->k, p->k_stride, b, h, j), p->head_dim);
+        if (with_keys) prefetch_row(row_of(p->k, p->k_stride, b, h, j), p->head_dim);
         prefetch_row(row_of(p->v, p->v_stride, b, h, j), p->head_dim);
     }
 }
@@ -275,6 +275,18 @@ static void panel_cache_free(panel_cache *cache)
     free(cache->keys);
     free(cache->owner);
     free(cache->cols);
+}
+
+/* The panel holding these keys, without claiming a slot; NULL if none. */
+static const float *panel_cache_peek(const panel_cache *cache, int64_t bh, const int32_t *chunk_keys,
+                                     int64_t n, int64_t dim_pad)
+{
+    const int cols = (slots_used(chunk_keys, n) + 15) / 16 * 16;
+    const int slot = (int)(((uint32_t)chunk_keys[0] / TILE) % (uint32_t)cache->slots);
+    if (cols == 0 || cache->owner[slot] != bh || cache->cols[slot] != cols ||
+        memcmp(cache->keys + (size_t)slot * TILE, chunk_keys, (size_t)cols * sizeof(int32_t)) != 0)
+        return NULL;
+    return cache->panels + (size_t)slot * (size_t)dim_pad * TILE;
 }
 
 /* The slot's panel for this chunk in *panel; 1 if it already holds the chunk's
@@ -393,7 +405,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                 ? sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), queries[r]) : 0;
         }
         const int rows = slots_used(queries, n);
-        if (runs && chunk_begin < chunk_end) prefetch_chunk(p, p->chunk_keys + chunk_begin * TILE, b, h);
+        if (runs && chunk_begin < chunk_end) prefetch_chunk(p, p->chunk_keys + chunk_begin * TILE, b, h, 1);
         for (int64_t chunk = runs ? chunk_begin : chunk_end; chunk < chunk_end; chunk++) {
             const int32_t *chunk_keys = p->chunk_keys + chunk * TILE;
             const int cols = (slots_used(chunk_keys, n) + 15) / 16 * 16; /* keys computed, padded */
@@ -427,7 +439,14 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                 }
             }
             if (in_place && !packed) pack_transposed64(key_rows, dim, key_t, cols);
-            if (chunk + 1 < chunk_end) prefetch_chunk(p, p->chunk_keys + (chunk + 1) * TILE, b, h);
+            if (chunk + 1 < chunk_end) {
+                /* the next chunk's key panel where the cache holds it, else its key rows */
+                const int32_t *next_keys = p->chunk_keys + (chunk + 1) * TILE;
+                const float *next_panel = cache.slots > 0 ? panel_cache_peek(&cache, bh, next_keys, n, dim_pad) : NULL;
+                if (next_panel != NULL)
+                    for (int64_t i = 0; i < dim_pad * TILE; i += 16) __builtin_prefetch(next_panel + i, 0, 3);
+                prefetch_chunk(p, next_keys, b, h, next_panel == NULL);
+            }
             scores_kernel(query_rows, key_t, s.scores, dim_pad, rows, cols);
 
             for (int r = 0; r < rows; r++) {
@@ -711,7 +730,7 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                 int64_t chunk_begin, chunk_end;
                 chunk_range(chunk_ptr, tile, num_chunks, &chunk_begin, &chunk_end);
                 if (chunk_begin == chunk_end) continue;
-                prefetch_chunk(p, chunk_ids + chunk_begin * TILE, b, h);
+                prefetch_chunk(p, chunk_ids + chunk_begin * TILE, b, h, 1);
                 for (int r = 0; r < TILE; r++) {
                     const int32_t id = tile_queries[tile * TILE + r];
                     queries[r] = id >= 0 && id < n ? id : -1;
@@ -770,7 +789,7 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                         pack_transposed64(key_rows, dim, w.s.key_t, cols);
                         pack_transposed64(value_rows, dim, w.value_t, cols);
                     }
-                    if (chunk + 1 < chunk_end) prefetch_chunk(p, chunk_ids + (chunk + 1) * TILE, b, h);
+                    if (chunk + 1 < chunk_end) prefetch_chunk(p, chunk_ids + (chunk + 1) * TILE, b, h, 1);
                     scores_kernel(query_rows, w.s.key_t, w.s.scores, dim_pad, rows, cols);
                     scores_kernel(grad_out_rows, w.value_t, w.grad_probs, dim_pad, rows, cols);
                     for (int r = 0; r < rows8; r++) {
