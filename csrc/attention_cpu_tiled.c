@@ -306,6 +306,13 @@ static int panel_cache_find(panel_cache *cache, int64_t bh, const int32_t *chunk
     return 0;
 }
 
+/* All ones in the lanes of vector g whose bit is set in a chunk's mask word. */
+SA_INLINE i8v lanes_of(uint64_t word, int g)
+{
+    const i8v lane_bit = {1, 2, 4, 8, 16, 32, 64, 128};
+    return (((i8v){0} + (int32_t)((word >> (8 * g)) & 0xff)) & lane_bit) != 0;
+}
+
 /* What a tiled kernel call shares across its threads, worked out once. */
 typedef struct {
     const sa_attention_params *p;
@@ -360,6 +367,9 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
     }
     panel_cache cache;
     panel_cache_init(&cache, p, dim_pad);
+    /* RANDOM-like plans (8 or more chunks a tile), where the mask pass was a
+     * tenth of the forward; statistics and a bias keep the exact path */
+    const int raw_shift = p->num_chunks >= 8 * p->num_tiles && p->bias_table == NULL && !want_stats;
     int32_t queries[TILE], keys[TILE], key_y[TILE], key_x[TILE];
     float bias_row[TILE] __attribute__((aligned(32))) = {0};
     /* rows whose length is a whole number of vectors are read where they lie */
@@ -369,7 +379,6 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
     const int32_t mi = (int32_t)m, sidei = (int32_t)side;
     uint32_t query_key[TILE];
     row_state state[TILE];
-    const i8v lane_bit = {1, 2, 4, 8, 16, 32, 64, 128};
 
     for (int64_t item = begin; item < end; item++) {
         const int64_t tile = item % p->num_tiles, bh = item / p->num_tiles;
@@ -405,141 +414,192 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                 ? sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), queries[r]) : 0;
         }
         const int rows = slots_used(queries, n);
-        if (runs && chunk_begin < chunk_end) prefetch_chunk(p, p->chunk_keys + chunk_begin * TILE, b, h, 1);
-        for (int64_t chunk = runs ? chunk_begin : chunk_end; chunk < chunk_end; chunk++) {
-            const int32_t *chunk_keys = p->chunk_keys + chunk * TILE;
-            const int cols = (slots_used(chunk_keys, n) + 15) / 16 * 16; /* keys computed, padded */
-            if (cols == 0) continue;
-            float *key_t = s.key_t;
-            const int packed = cache.slots > 0 && panel_cache_find(&cache, bh, chunk_keys, cols, dim_pad, &key_t);
-            uint64_t usable_keys = 0; /* bit c: key c is in the grid and not masked */
-            for (int c = 0; c < cols; c++) {
-                const int32_t j = chunk_keys[c];
-                const int valid = j >= 0 && j < n;
-                keys[c] = valid ? j : -1;
-                if (valid && (p->key_mask == NULL ||
-                              p->key_mask[b * p->key_mask_stride[0] + j * p->key_mask_stride[1]]))
-                    usable_keys |= (uint64_t)1 << c;
-                if (bias_table != NULL) {
-                    key_y[c] = valid ? (int32_t)(j / p->width) : 0;
-                    key_x[c] = valid ? (int32_t)(j % p->width) : 0;
-                }
-                const float *k = valid ? row_of(p->k, p->k_stride, b, h, j) : NULL;
-                const float *v = valid ? row_of(p->v, p->v_stride, b, h, j) : NULL;
-                if (in_place)
-                    key_rows[c] = k ? k : zero_row;
-                else if (!packed)
-                    for (int64_t d = 0; d < dim_pad; d++) key_t[d * TILE + c] = k && d < dim ? k[d] : 0.0f;
-                if (in_place) {
-                    value_rows[c] = v ? v : zero_row;
-                } else {
-                    float *packed_v = s.value + c * dim_pad;
-                    for (int64_t d = 0; d < dim_pad; d++) packed_v[d] = v && d < dim ? v[d] : 0.0f;
-                    value_rows[c] = packed_v;
+        int ever_live[TILE] = {0};
+        /* the first attempt takes the shift from the raw scores where raw_shift
+         * allows; the second, only if the first lost a row to underflow, is exact */
+        for (int attempt = raw_shift ? 0 : 1; attempt < 2; attempt++) {
+            const int fast = attempt == 0;
+            if (attempt == 1 && raw_shift) {
+                for (int r = 0; r < TILE; r++) {
+                    memset(s.out + r * dim_pad, 0, (size_t)dim_pad * sizeof(float));
+                    state[r] = (row_state){SPLAT(0.0f), -INFINITY, 0, 0, 0};
                 }
             }
-            if (in_place && !packed) pack_transposed64(key_rows, dim, key_t, cols);
-            if (chunk + 1 < chunk_end) {
-                /* the next chunk's key panel where the cache holds it, else its key rows */
-                const int32_t *next_keys = p->chunk_keys + (chunk + 1) * TILE;
-                const float *next_panel = cache.slots > 0 ? panel_cache_peek(&cache, bh, next_keys, n, dim_pad) : NULL;
-                if (next_panel != NULL)
-                    for (int64_t i = 0; i < dim_pad * TILE; i += 16) __builtin_prefetch(next_panel + i, 0, 3);
-                prefetch_chunk(p, next_keys, b, h, next_panel == NULL);
-            }
-            scores_kernel(query_rows, key_t, s.scores, dim_pad, rows, cols);
+            if (runs && chunk_begin < chunk_end) prefetch_chunk(p, p->chunk_keys + chunk_begin * TILE, b, h, 1);
+            for (int64_t chunk = runs ? chunk_begin : chunk_end; chunk < chunk_end; chunk++) {
+                const int32_t *chunk_keys = p->chunk_keys + chunk * TILE;
+                const int cols = (slots_used(chunk_keys, n) + 15) / 16 * 16; /* keys computed, padded */
+                if (cols == 0) continue;
+                float *key_t = s.key_t;
+                const int packed = cache.slots > 0 && panel_cache_find(&cache, bh, chunk_keys, cols, dim_pad, &key_t);
+                uint64_t usable_keys = 0; /* bit c: key c is in the grid and not masked */
+                for (int c = 0; c < cols; c++) {
+                    const int32_t j = chunk_keys[c];
+                    const int valid = j >= 0 && j < n;
+                    keys[c] = valid ? j : -1;
+                    if (valid && (p->key_mask == NULL ||
+                                  p->key_mask[b * p->key_mask_stride[0] + j * p->key_mask_stride[1]]))
+                        usable_keys |= (uint64_t)1 << c;
+                    if (bias_table != NULL) {
+                        key_y[c] = valid ? (int32_t)(j / p->width) : 0;
+                        key_x[c] = valid ? (int32_t)(j % p->width) : 0;
+                    }
+                    const float *k = valid ? row_of(p->k, p->k_stride, b, h, j) : NULL;
+                    const float *v = valid ? row_of(p->v, p->v_stride, b, h, j) : NULL;
+                    if (in_place)
+                        key_rows[c] = k ? k : zero_row;
+                    else if (!packed)
+                        for (int64_t d = 0; d < dim_pad; d++) key_t[d * TILE + c] = k && d < dim ? k[d] : 0.0f;
+                    if (in_place) {
+                        value_rows[c] = v ? v : zero_row;
+                    } else {
+                        float *packed_v = s.value + c * dim_pad;
+                        for (int64_t d = 0; d < dim_pad; d++) packed_v[d] = v && d < dim ? v[d] : 0.0f;
+                        value_rows[c] = packed_v;
+                    }
+                }
+                if (in_place && !packed) pack_transposed64(key_rows, dim, key_t, cols);
+                if (chunk + 1 < chunk_end) {
+                    /* the next chunk's key panel where the cache holds it, else its key rows */
+                    const int32_t *next_keys = p->chunk_keys + (chunk + 1) * TILE;
+                    const float *next_panel = cache.slots > 0 ? panel_cache_peek(&cache, bh, next_keys, n, dim_pad) : NULL;
+                    if (next_panel != NULL)
+                        for (int64_t i = 0; i < dim_pad * TILE; i += 16) __builtin_prefetch(next_panel + i, 0, 3);
+                    prefetch_chunk(p, next_keys, b, h, next_panel == NULL);
+                }
+                scores_kernel(query_rows, key_t, s.scores, dim_pad, rows, cols);
 
-            for (int r = 0; r < rows; r++) {
-                float *row = s.scores + r * TILE;
-                const uint64_t word = queries[r] >= 0 ? p->chunk_masks[chunk * TILE + r] & usable_keys : 0;
-                live[r] = word != 0;
-                if (!word) {
-                    memset(row, 0, (size_t)cols * sizeof(float));
-                    continue;
-                }
-                if (bias_table != NULL) {
-                    const int32_t qy = (int32_t)(queries[r] / p->width), qx = (int32_t)(queries[r] % p->width);
-                    for (int c = 0; c < cols; c++) {
-                        int32_t dy = qy - key_y[c], dx = qx - key_x[c];
-                        dy = dy < -mi ? -mi : (dy > mi ? mi : dy);
-                        dx = dx < -mi ? -mi : (dx > mi ? mi : dx);
-                        bias_row[c] = bias_table[(dy + mi) * sidei + dx + mi];
+                for (int r = 0; r < rows; r++) {
+                    float *row = s.scores + r * TILE;
+                    const uint64_t word = queries[r] >= 0 ? p->chunk_masks[chunk * TILE + r] & usable_keys : 0;
+                    live[r] = word != 0;
+                    if (!word) {
+                        memset(row, 0, (size_t)cols * sizeof(float));
+                        continue;
                     }
-                }
-                /* scores of the pairs in the layout, -inf elsewhere; eight mask bits per vector */
-                v8 top_lanes = SPLAT(-INFINITY);
-                i8v nan_lanes = {0};
-                for (int g = 0; g < cols / 8; g++) {
-                    const i8v on = (((i8v){0} + (int32_t)((word >> (8 * g)) & 0xff)) & lane_bit) != 0;
-                    v8 score = *(v8 *)&row[8 * g] * scale + *(const v8 *)&bias_row[8 * g];
-                    nan_lanes |= on & (score != score);
-                    score = SELECT(on, score, SPLAT(-INFINITY));
-                    top_lanes = SELECT(score > top_lanes, score, top_lanes);
-                    *(v8 *)&row[8 * g] = score;
-                }
-                int any_nan = 0;
-                for (int l = 0; l < 8; l++) any_nan |= nan_lanes[l];
-                state[r].nan |= any_nan != 0;
-                const float chunk_max = hmax8(top_lanes);
-                row_state *st = &state[r];
-                if (chunk_max == -INFINITY) {
-                    memset(row, 0, (size_t)cols * sizeof(float));
-                    continue;
-                }
-                if (chunk_max > st->max) {
-                    if (st->max != -INFINITY) { /* then the sum holds 1 or more */
-                        /* rescale what was summed against the old maximum */
-                        const float f = sa_fast_expf(st->max - chunk_max);
-                        if (want_stats) st->shifted = f * (st->shifted + hsum8(st->sum) * (st->max - chunk_max));
-                        st->sum *= f;
-                        st->sq *= f * f;
-                        float *acc = s.out + r * dim_pad;
-                        for (int64_t d = 0; d < dim_pad; d++) acc[d] *= f;
+                    ever_live[r] = 1;
+                    row_state *st = &state[r];
+                    float chunk_max = -INFINITY;
+                    if (fast) {
+                        /* the shift from every score of the row, kept or not: any shift at or
+                         * above the kept maximum gives the same softmax, and this pass then
+                         * needs no mask and stores nothing */
+                        v8 top0 = SPLAT(-INFINITY), top1 = SPLAT(-INFINITY);
+                        for (int g = 0; g < cols / 8; g += 2) {
+                            top0 = SELECT(*(v8 *)&row[8 * g] > top0, *(v8 *)&row[8 * g], top0);
+                            top1 = SELECT(*(v8 *)&row[8 * g + 8] > top1, *(v8 *)&row[8 * g + 8], top1);
+                        }
+                        chunk_max = hmax8(SELECT(top1 > top0, top1, top0)) * scale;
                     }
-                    st->max = chunk_max;
-                }
-                const v8 top = SPLAT(st->max);
-                v8 sum_lanes = SPLAT(0.0f);
-                /* exp_v8(-inf - top) is 0: masked entries need no test */
-                if (want_stats) {
-                    v8 sq_lanes = SPLAT(0.0f), shifted_lanes = SPLAT(0.0f);
-                    for (int g = 0; g < cols / 8; g++) {
-                        const v8 shifted = *(v8 *)&row[8 * g] - top;
-                        const v8 e = exp_v8(shifted);
-                        sum_lanes += e;
-                        sq_lanes += e * e;
-                        shifted_lanes += SELECT(e != SPLAT(0.0f), e * shifted, SPLAT(0.0f));
-                        *(v8 *)&row[8 * g] = e;
-                    }
-                    st->sq += hsum8(sq_lanes);
-                    st->shifted += hsum8(shifted_lanes);
-                } else {
-                    /* cols / 8 is even: four vectors at a time, then two */
-                    int g = 0;
-                    for (; g + 4 <= cols / 8; g += 4) {
-                        v8 e[4];
-                        for (int i = 0; i < 4; i++) e[i] = *(v8 *)&row[8 * (g + i)] - top;
-                        exp_lanes(e, 4);
-                        for (int i = 0; i < 4; i++) {
-                            sum_lanes += e[i];
-                            *(v8 *)&row[8 * (g + i)] = e[i];
+                    const int masked_here = !(fast && chunk_max > -INFINITY);
+                    if (masked_here) {
+                        if (bias_table != NULL) {
+                            const int32_t qy = (int32_t)(queries[r] / p->width), qx = (int32_t)(queries[r] % p->width);
+                            for (int c = 0; c < cols; c++) {
+                                int32_t dy = qy - key_y[c], dx = qx - key_x[c];
+                                dy = dy < -mi ? -mi : (dy > mi ? mi : dy);
+                                dx = dx < -mi ? -mi : (dx > mi ? mi : dx);
+                                bias_row[c] = bias_table[(dy + mi) * sidei + dx + mi];
+                            }
+                        }
+                        /* scores of the pairs in the layout, -inf elsewhere; eight mask bits per vector */
+                        v8 top_lanes = SPLAT(-INFINITY);
+                        i8v nan_lanes = {0};
+                        for (int g = 0; g < cols / 8; g++) {
+                            const i8v on = lanes_of(word, g);
+                            v8 score = *(v8 *)&row[8 * g] * scale + *(const v8 *)&bias_row[8 * g];
+                            nan_lanes |= on & (score != score);
+                            score = SELECT(on, score, SPLAT(-INFINITY));
+                            top_lanes = SELECT(score > top_lanes, score, top_lanes);
+                            *(v8 *)&row[8 * g] = score;
+                        }
+                        int any_nan = 0;
+                        for (int l = 0; l < 8; l++) any_nan |= nan_lanes[l];
+                        st->nan |= any_nan != 0;
+                        chunk_max = hmax8(top_lanes);
+                        if (chunk_max == -INFINITY) {
+                            memset(row, 0, (size_t)cols * sizeof(float));
+                            continue;
                         }
                     }
-                    if (g < cols / 8) {
-                        v8 e[2] = {*(v8 *)&row[8 * g] - top, *(v8 *)&row[8 * g + 8] - top};
-                        exp_lanes(e, 2);
-                        sum_lanes += e[0] + e[1];
-                        *(v8 *)&row[8 * g] = e[0];
-                        *(v8 *)&row[8 * g + 8] = e[1];
+                    if (chunk_max > st->max) {
+                        if (st->max != -INFINITY) { /* then the sum holds 1 or more */
+                            /* rescale what was summed against the old maximum */
+                            const float f = sa_fast_expf(st->max - chunk_max);
+                            if (want_stats) st->shifted = f * (st->shifted + hsum8(st->sum) * (st->max - chunk_max));
+                            st->sum *= f;
+                            st->sq *= f * f;
+                            float *acc = s.out + r * dim_pad;
+                            for (int64_t d = 0; d < dim_pad; d++) acc[d] *= f;
+                        }
+                        st->max = chunk_max;
+                    }
+                    const v8 top = SPLAT(st->max);
+                    v8 sum_lanes = SPLAT(0.0f);
+                    /* exp_v8(-inf - top) is 0: masked entries need no test */
+                    if (want_stats) {
+                        v8 sq_lanes = SPLAT(0.0f), shifted_lanes = SPLAT(0.0f);
+                        for (int g = 0; g < cols / 8; g++) {
+                            const v8 shifted = *(v8 *)&row[8 * g] - top;
+                            const v8 e = exp_v8(shifted);
+                            sum_lanes += e;
+                            sq_lanes += e * e;
+                            shifted_lanes += SELECT(e != SPLAT(0.0f), e * shifted, SPLAT(0.0f));
+                            *(v8 *)&row[8 * g] = e;
+                        }
+                        st->sq += hsum8(sq_lanes);
+                        st->shifted += hsum8(shifted_lanes);
+                    } else {
+                        /* cols / 8 is even: four vectors at a time, then two */
+                        /* unmasked scores are raw: scaled here, and their lanes outside
+                         * the layout dropped after the exp */
+                        const float raw_scale = masked_here ? 1.0f : scale;
+                        int g = 0;
+                        for (; g + 4 <= cols / 8; g += 4) {
+                            v8 e[4];
+                            for (int i = 0; i < 4; i++) e[i] = *(v8 *)&row[8 * (g + i)] * raw_scale - top;
+                            exp_lanes(e, 4);
+                            for (int i = 0; i < 4; i++) {
+                                if (!masked_here) e[i] = SELECT(lanes_of(word, g + i), e[i], SPLAT(0.0f));
+                                sum_lanes += e[i];
+                                *(v8 *)&row[8 * (g + i)] = e[i];
+                            }
+                        }
+                        if (g < cols / 8) {
+                            v8 e[2] = {*(v8 *)&row[8 * g] * raw_scale - top, *(v8 *)&row[8 * g + 8] * raw_scale - top};
+                            exp_lanes(e, 2);
+                            for (int i = 0; i < 2; i++)
+                                if (!masked_here) e[i] = SELECT(lanes_of(word, g + i), e[i], SPLAT(0.0f));
+                            sum_lanes += e[0] + e[1];
+                            *(v8 *)&row[8 * g] = e[0];
+                            *(v8 *)&row[8 * g + 8] = e[1];
+                        }
+                    }
+                    st->sum += sum_lanes;
+                    if (threshold > 0) {
+                        for (int c = 0; c < cols; c++)
+                            if (row[c] != 0 && !sa_dropout_keep(query_key[r], keys[c], threshold)) row[c] = 0;
                     }
                 }
-                st->sum += sum_lanes;
-                if (threshold > 0) {
-                    for (int c = 0; c < cols; c++)
-                        if (row[c] != 0 && !sa_dropout_keep(query_key[r], keys[c], threshold)) row[c] = 0;
-                }
+                weighted_values_kernel(s.scores, value_rows, s.out, dim_pad, live, rows, cols, ctx->wide_values);
             }
-            weighted_values_kernel(s.scores, value_rows, s.out, dim_pad, live, rows, cols, ctx->wide_values);
+            if (!fast) break;
+            /* a masked score far above the kept ones shifts the kept exps far below
+             * 1: their sum then loses precision (the exps' arguments are large, and
+             * the lse is a large shift plus a large negative log), or underflows.
+             * A sum below 2^-10 (a shift at least about 7 above the kept maximum)
+             * runs the tile again, exactly. */
+            int far_shift = 0;
+            for (int r = 0; r < rows; r++) {
+                const float sum = hsum8(state[r].sum);
+                far_shift |= ever_live[r] && sum < 0x1p-10f;
+            }
+            if (!far_shift) break;
+        }
+        /* a NaN kept score makes its row's sum NaN (the raw shift skips the NaN lanes check) */
+        for (int r = 0; r < rows; r++) {
+            const float sum = hsum8(state[r].sum);
+            if (sum != sum) state[r].nan = 1;
         }
 
         /* each row's log-sum-exp, and its merge with an earlier pass's: the

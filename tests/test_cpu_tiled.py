@@ -131,6 +131,53 @@ def test_nan_key_poisons_exactly_its_rows_across_merged_passes(token):
     torch.testing.assert_close(lse[finite], ref_lse[finite].float(), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("masked_by", ["layout", "key_mask"])
+def test_shift_from_raw_scores_falls_back_when_a_masked_score_dominates(masked_by):
+    """RANDOM-like plans take each row's softmax shift from all of its raw
+    scores, kept or not. A key outside a row's pairs (or masked) whose scores
+    are thousands above the kept ones would push every kept exp below float's
+    range: the tile must then run again with the shift from the kept scores."""
+    layout = build_layout("random", 33, 35, attention_ratio=0.4)
+    n = layout.num_tokens
+    (q, k, v), _ = make(1, 2, n, 16)
+    q, k, v = q.float(), k.float(), v.float()
+    big = 700
+    # scores of 125 to 375 against key 700 (one product each, so float32 rounds
+    # them no worse than the rest), the other scores near 0
+    q[..., 0] = 1 + q[..., 0].abs().clamp_max(2)
+    k[:, :, big] = 0
+    k[:, :, big, 0] = 500
+    key_mask = None
+    if masked_by == "key_mask":
+        key_mask = torch.ones(1, n, dtype=torch.bool)
+        key_mask[0, big] = False
+    out, lse = attention(q, k, v, layout, key_mask=key_mask, return_lse=True)
+    ref_out, ref_lse, _ = reference_attention(q, k, v, layout, key_mask=key_mask)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    # rows that keep key 700 have a log-sum-exp of 125 to 375: float32 carries it to 1e-7 relative
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=1e-6)
+
+
+def test_nan_key_poisons_exactly_its_rows_with_the_raw_shift():
+    """The raw shift skips the mask pass's NaN check: a NaN score of a kept
+    pair must still make its row NaN through the sum, and one outside the
+    layout must not."""
+    layout = build_layout("random", 33, 35, attention_ratio=0.4)
+    n = layout.num_tokens
+    (q, k, v), _ = make(1, 2, n, 16)
+    q, k, v = q.float(), k.float(), v.float()
+    k[0, 1, 500, 3] = float("nan")
+    out, lse = attention(q, k, v, layout, return_lse=True)
+    ref_out, ref_lse, _ = reference_attention(q, k, v, layout)
+    expected_nan = torch.isnan(ref_lse)
+    assert 0 < int(expected_nan.sum()) < n  # some rows attend the key, some do not
+    assert torch.equal(torch.isnan(lse), expected_nan)
+    assert torch.equal(torch.isnan(out).any(-1), torch.isnan(ref_out).any(-1))
+    finite = ~expected_nan
+    torch.testing.assert_close(lse[finite], ref_lse[finite].float(), atol=2e-5, rtol=2e-5)
+
+
 def test_head_dims_past_the_vector_width():
     layout = build_layout("longformer", 12, 12, kernel_size=3)
     for dim in (1, 7, 8, 9, 33, 130):
