@@ -202,6 +202,17 @@ static inline int slots_used(const int32_t *ids, int64_t n)
 /* Stands in for a missing row when rows are read in place. */
 static const float zero_row[1024] __attribute__((aligned(32)));
 
+/* A row as the micro-kernels read it: where it lies when its length is a
+ * whole number of vectors (zero_row for a missing one), else copied into
+ * pack and padded with zeros to dim_pad. */
+static inline const float *row_for_kernels(const float *row, float *pack, int64_t dim, int64_t dim_pad,
+                                           int in_place)
+{
+    if (in_place) return row ? row : zero_row;
+    for (int64_t d = 0; d < dim_pad; d++) pack[d] = row && d < dim ? row[d] : 0.0f;
+    return pack;
+}
+
 /* The chunks of a tile, clamped to the plan: corrupted offsets read nothing. */
 static inline void chunk_range(const int32_t *chunk_ptr, int64_t tile, int64_t num_chunks,
                                int64_t *begin, int64_t *end)
@@ -401,13 +412,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                                        h * p->out_stride[1] + id * p->out_stride[2];
                 for (int64_t d = 0; d < dim; d += 16) __builtin_prefetch(out_row + d, 1, 1);
             }
-            if (in_place) {
-                query_rows[r] = q ? q : zero_row;
-            } else {
-                float *packed = s.query + r * dim_pad;
-                for (int64_t d = 0; d < dim_pad; d++) packed[d] = q && d < dim ? q[d] : 0.0f;
-                query_rows[r] = packed;
-            }
+            query_rows[r] = row_for_kernels(q, s.query + r * dim_pad, dim, dim_pad, in_place);
             memset(s.out + r * dim_pad, 0, (size_t)dim_pad * sizeof(float));
             state[r] = (row_state){SPLAT(0.0f), -INFINITY, 0, 0, 0};
             query_key[r] = threshold > 0 && queries[r] >= 0
@@ -450,13 +455,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                         key_rows[c] = k ? k : zero_row;
                     else if (!packed)
                         for (int64_t d = 0; d < dim_pad; d++) key_t[d * TILE + c] = k && d < dim ? k[d] : 0.0f;
-                    if (in_place) {
-                        value_rows[c] = v ? v : zero_row;
-                    } else {
-                        float *packed_v = s.value + c * dim_pad;
-                        for (int64_t d = 0; d < dim_pad; d++) packed_v[d] = v && d < dim ? v[d] : 0.0f;
-                        value_rows[c] = packed_v;
-                    }
+                    value_rows[c] = row_for_kernels(v, s.value + c * dim_pad, dim, dim_pad, in_place);
                 }
                 if (in_place && !packed) pack_transposed64(key_rows, dim, key_t, cols);
                 if (chunk + 1 < chunk_end) {
