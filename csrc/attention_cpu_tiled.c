@@ -379,8 +379,11 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
     panel_cache cache;
     panel_cache_init(&cache, p, dim_pad);
     /* RANDOM-like plans (8 or more chunks a tile), where the mask pass was a
-     * tenth of the forward; statistics and a bias keep the exact path */
-    const int raw_shift = p->num_chunks >= 8 * p->num_tiles && p->bias_table == NULL && !want_stats;
+     * tenth of the forward; statistics, a bias and a scale that is not
+     * positive (the largest raw score would not give the largest scaled one)
+     * keep the exact path */
+    const int raw_shift = p->num_chunks >= 8 * p->num_tiles && p->bias_table == NULL && !want_stats &&
+                          ctx->scale > 0.0f;
     int32_t queries[TILE], keys[TILE], key_y[TILE], key_x[TILE];
     float bias_row[TILE] __attribute__((aligned(32))) = {0};
     /* rows whose length is a whole number of vectors are read where they lie */

@@ -159,6 +159,21 @@ def test_shift_from_raw_scores_falls_back_when_a_masked_score_dominates(masked_b
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [-0.7, 0.0, 0.3])
+def test_raw_shift_plans_with_any_scale(scale):
+    """A negative scale turns the largest raw score into the smallest scaled
+    one: RANDOM-like plans must still give the reference's softmax."""
+    layout = build_layout("random", 33, 35, attention_ratio=0.4)
+    n = layout.num_tokens
+    (q, k, v), _ = make(1, 2, n, 16)
+    q, k, v = (t.float() * 3 for t in (q, k, v))  # scores spread over about 300
+    out, lse = attention(q, k, v, layout, scale=scale, return_lse=True)
+    ref_out, ref_lse, _ = reference_attention(q, k, v, layout, scale=scale)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    # scores up to about 150 in float32: their rounding, not the kernel, sets this tolerance
+    assert_forward_matches_reference(out, lse, ref_out, ref_lse, 2e-4)
+
+
 def test_nan_key_poisons_exactly_its_rows_with_the_raw_shift():
     """The raw shift skips the mask pass's NaN check: a NaN score of a kept
     pair must still make its row NaN through the sum, and one outside the
