@@ -288,15 +288,25 @@ static void panel_cache_free(panel_cache *cache)
     free(cache->cols);
 }
 
+/* The slot a chunk maps to, and whether it holds that chunk's keys packed. */
+static int panel_cache_slot(const panel_cache *cache, const int32_t *chunk_keys)
+{
+    return (int)(((uint32_t)chunk_keys[0] / TILE) % (uint32_t)cache->slots);
+}
+
+static int panel_cache_holds(const panel_cache *cache, int slot, int64_t bh, const int32_t *chunk_keys, int cols)
+{
+    return cache->owner[slot] == bh && cache->cols[slot] == cols &&
+           memcmp(cache->keys + (size_t)slot * TILE, chunk_keys, (size_t)cols * sizeof(int32_t)) == 0;
+}
+
 /* The panel holding these keys, without claiming a slot; NULL if none. */
 static const float *panel_cache_peek(const panel_cache *cache, int64_t bh, const int32_t *chunk_keys,
                                      int64_t n, int64_t dim_pad)
 {
     const int cols = (slots_used(chunk_keys, n) + 15) / 16 * 16;
-    const int slot = (int)(((uint32_t)chunk_keys[0] / TILE) % (uint32_t)cache->slots);
-    if (cols == 0 || cache->owner[slot] != bh || cache->cols[slot] != cols ||
-        memcmp(cache->keys + (size_t)slot * TILE, chunk_keys, (size_t)cols * sizeof(int32_t)) != 0)
-        return NULL;
+    const int slot = panel_cache_slot(cache, chunk_keys);
+    if (cols == 0 || !panel_cache_holds(cache, slot, bh, chunk_keys, cols)) return NULL;
     return cache->panels + (size_t)slot * (size_t)dim_pad * TILE;
 }
 
@@ -305,15 +315,12 @@ static const float *panel_cache_peek(const panel_cache *cache, int64_t bh, const
 static int panel_cache_find(panel_cache *cache, int64_t bh, const int32_t *chunk_keys, int cols,
                             int64_t dim_pad, float **panel)
 {
-    const int slot = (int)(((uint32_t)chunk_keys[0] / TILE) % (uint32_t)cache->slots);
+    const int slot = panel_cache_slot(cache, chunk_keys);
     *panel = cache->panels + (size_t)slot * (size_t)dim_pad * TILE;
-    int32_t *held = cache->keys + (size_t)slot * TILE;
-    if (cache->owner[slot] == bh && cache->cols[slot] == cols &&
-        memcmp(held, chunk_keys, (size_t)cols * sizeof(int32_t)) == 0)
-        return 1;
+    if (panel_cache_holds(cache, slot, bh, chunk_keys, cols)) return 1;
     cache->owner[slot] = bh;
     cache->cols[slot] = cols;
-    memcpy(held, chunk_keys, (size_t)cols * sizeof(int32_t));
+    memcpy(cache->keys + (size_t)slot * TILE, chunk_keys, (size_t)cols * sizeof(int32_t));
     return 0;
 }
 
@@ -598,11 +605,6 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
             }
             if (!far_shift) break;
         }
-        /* a NaN kept score makes its row's sum NaN (the raw shift skips the NaN lanes check) */
-        for (int r = 0; r < rows; r++) {
-            const float sum = hsum8(state[r].sum);
-            if (sum != sum) state[r].nan = 1;
-        }
 
         /* each row's log-sum-exp, and its merge with an earlier pass's: the
          * logs and exps eight rows at a time */
@@ -612,8 +614,10 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
             i8v nan8;
             for (int l = 0; l < 8; l++) {
                 const int r = r0 + l;
-                const row_state *st = &state[r];
+                row_state *st = &state[r];
                 sum8[l] = hsum8(st->sum);
+                /* a NaN kept score makes its row's sum NaN (the raw shift skips the NaN lanes check) */
+                if (sum8[l] != sum8[l]) st->nan = 1;
                 top8[l] = st->max;
                 nan8[l] = st->nan ? -1 : 0;
                 old8[l] = -INFINITY;
@@ -763,7 +767,6 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
     }
     int32_t queries[TILE], keys[TILE];
     float row_lse[TILE], row_delta[TILE];
-    const i8v lane_bit = {1, 2, 4, 8, 16, 32, 64, 128};
     const int in_place = dim == dim_pad;
     const float *query_rows[TILE], *grad_out_rows[TILE], *key_rows[TILE], *value_rows[TILE];
     uint32_t query_key[TILE];
@@ -880,7 +883,7 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                                 exp_lanes(e, 2);
                             for (int i = 0; i < count; i++) {
                                 const int g = g0 + i;
-                                const i8v on = (((i8v){0} + (int32_t)((word >> (8 * g)) & 0xff)) & lane_bit) != 0;
+                                const i8v on = lanes_of(word, g);
                                 const v8 kept = threshold > 0 ? *(const v8 *)&keep[8 * g] : SPLAT(keep_scale);
                                 const v8 prob = SELECT(on, e[i], SPLAT(0.0f));
                                 const v8 grad = prob * (*(v8 *)&grad_prob[8 * g] * kept - row_d);
