@@ -81,6 +81,11 @@ long long sa_cpu_window_backwards(void)
     return atomic_load(&window_backwards);
 }
 
+long long sa_cpu_wide_kernels(void)
+{
+    return sa_has_32_vector_registers();
+}
+
 typedef struct {
     int dy_lo, dx_lo, box_h, box_w;
 } offset_box;
@@ -128,6 +133,7 @@ typedef struct {
     uint8_t *is_listed;   /* tokens: the row is in stencil_rows */
     uint8_t *listed_full; /* per listed row: it attends every token (done here) */
     int any_full;
+    int wide; /* 32 vector registers: union rows' dots two rows a pass, P x V four lanes */
     int64_t bands, band_items;
     atomic_llong next_item;
     atomic_int failed;
@@ -222,6 +228,44 @@ INLINE void row_dots(const v8 *qt, int64_t dim, const float *keys, int64_t key_s
         DOTS_CASE(8) DOTS_CASE(9) DOTS_CASE(10) DOTS_CASE(11) DOTS_CASE(12) DOTS_CASE(13) DOTS_CASE(14)
 #undef DOTS_CASE
     default: break;
+    }
+}
+
+/* Two union rows' dots in one pass: out_a[j] = sum_d qa[d] * keys_a[j * stride_a
+ * + d], out_b likewise. With eight keys a row one pass has eight FMA chains,
+ * just the count that covers the FMA latency at full issue, so any stall
+ * shows; two rows give 16 (only where 32 vector registers hold them). */
+INLINE void union_two_rows_dots(const v8 *restrict qa, const float *restrict keys_a, int64_t stride_a,
+                                v8 *restrict out_a, const v8 *restrict qb, const float *restrict keys_b,
+                                int64_t stride_b, v8 *restrict out_b, int64_t dim, const int cols)
+{
+    v8 acc_a[8], acc_b[8];
+    for (int j = 0; j < cols; j++) acc_a[j] = acc_b[j] = SPLAT(0.0f);
+    for (int64_t d = 0; d < dim; d++) {
+        const v8 qad = qa[d], qbd = qb[d];
+        for (int j = 0; j < cols; j++) {
+            acc_a[j] += qad * keys_a[j * stride_a + d];
+            acc_b[j] += qbd * keys_b[j * stride_b + d];
+        }
+    }
+    for (int j = 0; j < cols; j++) {
+        out_a[j] = acc_a[j];
+        out_b[j] = acc_b[j];
+    }
+}
+
+/* row_dots for two rows; cols from 4 to 8 in one pass, else one by one. */
+INLINE void two_rows_dots(const v8 *qa, const float *keys_a, int64_t stride_a, v8 *out_a, const v8 *qb,
+                          const float *keys_b, int64_t stride_b, v8 *out_b, int64_t dim, int cols)
+{
+    switch (cols) {
+#define DOTS2_CASE(n) \
+    case n: union_two_rows_dots(qa, keys_a, stride_a, out_a, qb, keys_b, stride_b, out_b, dim, n); return;
+        DOTS2_CASE(4) DOTS2_CASE(5) DOTS2_CASE(6) DOTS2_CASE(7) DOTS2_CASE(8)
+#undef DOTS2_CASE
+    default:
+        row_dots(qa, dim, keys_a, stride_a, cols, out_a);
+        row_dots(qb, dim, keys_b, stride_b, cols, out_b);
     }
 }
 
@@ -365,7 +409,7 @@ INLINE void mask_scores(const window_ctx *c, const window_work *w, int64_t b, in
  * extra keys. Written with store_out. */
 INLINE void lanes_weighted(const window_ctx *c, const union_span *u, const float *weights, int l,
                            const float *base, int64_t row_stride, float *out0, float *out1, float factor0,
-                           float factor1)
+                           float factor1, int64_t d_first)
 {
     const sa_attention_params *p = c->p;
     const int64_t W = c->width, dim = c->dim;
@@ -376,7 +420,7 @@ INLINE void lanes_weighted(const window_ctx *c, const union_span *u, const float
     const int r_first = ly > u->r_lo ? ly : u->r_lo;
     const int r_last = ly + c->box.box_h < u->r_hi ? ly + c->box.box_h : u->r_hi;
     const int cols = u->c_hi - u->c_lo;
-    int64_t d0 = 0;
+    int64_t d0 = d_first;
     for (; d0 + 8 <= dim; d0 += 32) {
         const int vectors = dim - d0 >= 32 ? 4 : (int)((dim - d0) / 8);
         v8 a0[4] = {zero, zero, zero, zero}, a1[4] = {zero, zero, zero, zero};
@@ -435,6 +479,69 @@ INLINE void lanes_weighted(const window_ctx *c, const union_span *u, const float
     }
 }
 
+/* The P x V of four lanes (l .. l + 3: two image rows of the block) over
+ * `count` keys of a union row, 32 of d from d0: accumulates into acc. */
+INLINE void quad_weighted(const float *restrict weights, int lane, const float *restrict values,
+                          int64_t value_stride, const int count, int64_t d0, v8 acc[4][4])
+{
+    for (int j = 0; j < count; j++) {
+        const float *v = values + j * value_stride + d0;
+        v8 value[4];
+        for (int i = 0; i < 4; i++) value[i] = LOADU(v + 8 * i);
+        for (int k = 0; k < 4; k++) {
+            const float weight = weights[j * LANES + lane + k];
+            for (int i = 0; i < 4; i++) acc[k][i] += weight * value[i];
+        }
+    }
+}
+
+/* lanes_weighted for four lanes at once where 32 vector registers hold their
+ * 16 accumulators: the union rows both image rows reach (all but two of a
+ * window's) are read once for four queries, and 16 FMA chains instead of 8
+ * keep the FMA pipes busy. The head dims past the last multiple of 32 go to
+ * lanes_weighted. */
+INLINE void quad_lanes_weighted(const window_ctx *c, const union_span *u, const float *weights, int l,
+                                const float *base, int64_t row_stride, float *const *out, const float *factor)
+{
+    const sa_attention_params *p = c->p;
+    const int64_t W = c->width, dim = c->dim, dim32 = dim / 32 * 32;
+    const int UC = c->union_cols, US = c->union_slots;
+    const int ly = l / BLOCK_COLS, box_h = c->box.box_h;
+    const int r_first = ly > u->r_lo ? ly : u->r_lo;
+    const int r_last = ly + 1 + box_h < u->r_hi ? ly + 1 + box_h : u->r_hi;
+    const int cols = u->c_hi - u->c_lo;
+    for (int64_t d0 = 0; d0 < dim32; d0 += 32) {
+        v8 acc[4][4];
+        for (int k = 0; k < 4; k++)
+            for (int i = 0; i < 4; i++) acc[k][i] = SPLAT(0.0f);
+        for (int r = r_first; r < r_last && cols > 0; r++) {
+            const float *wrow = weights + (r * UC + u->c_lo) * LANES;
+            const float *row = base + ((u->key_y0 + r) * W + u->key_x0 + u->c_lo) * row_stride;
+            const int upper = r < ly + box_h, lower = r > ly;
+            if (upper && lower) {
+                switch (cols) {
+                case 8: quad_weighted(wrow, l, row, row_stride, 8, d0, acc); break;
+                default: quad_weighted(wrow, l, row, row_stride, cols, d0, acc); break;
+                }
+            } else if (upper) {
+                pair_weighted(wrow, l, row, row_stride, cols, d0, 4, acc[0], acc[1]);
+            } else {
+                pair_weighted(wrow, l + 2, row, row_stride, cols, d0, 4, acc[2], acc[3]);
+            }
+        }
+        for (int64_t g = 0; g < p->stencil_num_keys; g++)
+            quad_weighted(weights + (US + g) * LANES, l, base + (int64_t)p->stencil_keys[g] * row_stride, row_stride,
+                          1, d0, acc);
+        for (int k = 0; k < 4; k++)
+            if (out[k])
+                for (int i = 0; i < 4; i++) store_out(out[k] + d0 + 8 * i, acc[k][i] * factor[k]);
+    }
+    if (dim32 < dim) {
+        lanes_weighted(c, u, weights, l, base, row_stride, out[0], out[1], factor[0], factor[1], dim32);
+        lanes_weighted(c, u, weights, l + 2, base, row_stride, out[2], out[3], factor[2], factor[3], dim32);
+    }
+}
+
 /* One block's forward: outputs, log-sum-exps and statistics of its lanes. */
 INLINE void forward_block(const window_ctx *c, window_work *w, int64_t b, int64_t h, int64_t y0, int64_t x0)
 {
@@ -466,7 +573,13 @@ INLINE void forward_block(const window_ctx *c, window_work *w, int64_t b, int64_
 
     /* Q x K^T */
     const int cols = u.c_hi - u.c_lo;
-    for (int r = u.r_lo; r < u.r_hi && cols > 0; r++)
+    int r = u.r_lo;
+    for (; c->wide && r + 2 <= u.r_hi && cols > 0; r += 2) {
+        const float *keys = kb + ((u.key_y0 + r) * W + u.key_x0 + u.c_lo) * ks;
+        two_rows_dots(w->qt, keys, ks, scores + r * UC + u.c_lo, w->qt, keys + W * ks, ks,
+                      scores + (r + 1) * UC + u.c_lo, dim, cols);
+    }
+    for (; r < u.r_hi && cols > 0; r++)
         row_dots(w->qt, dim, kb + ((u.key_y0 + r) * W + u.key_x0 + u.c_lo) * ks, ks, cols, scores + r * UC + u.c_lo);
     for (int64_t g = 0; g < num_extra; g++)
         row_dots(w->qt, dim, kb + (int64_t)p->stencil_keys[g] * ks, ks, 1, scores + US + g);
@@ -527,10 +640,16 @@ INLINE void forward_block(const window_ctx *c, window_work *w, int64_t b, int64_
     }
 
     /* P x V, two lanes of an image row at a time */
+    if (c->wide) {
+        for (int l = 0; l < LANES; l += 4)
+            if (out_rows[l] || out_rows[l + 1] || out_rows[l + 2] || out_rows[l + 3])
+                quad_lanes_weighted(c, &u, (const float *)scores, l, vb, vs, out_rows + l, (const float *)&factor + l);
+        return;
+    }
     for (int l = 0; l < LANES; l += 2)
         if (out_rows[l] || out_rows[l + 1])
             lanes_weighted(c, &u, (const float *)scores, l, vb, vs, out_rows[l], out_rows[l + 1], factor[l],
-                           factor[l + 1]);
+                           factor[l + 1], 0);
 }
 
 /* scores[j] = row . keys[j] for every token j (keys row-major, key_stride
@@ -679,9 +798,14 @@ static void forward_items(void *opaque, int64_t first, int64_t last)
         return;
     }
     const int64_t total = c->band_items + (c->any_full ? p->batch * p->heads : 0);
+    /* a (batch, head)'s full rows come right after its bands, while its keys
+     * and values may still be in the caches (all at the end: 1.01-1.03x the time) */
+    const int64_t per_bh = c->bands + (c->any_full ? 1 : 0);
     for (;;) {
-        const int64_t item = atomic_fetch_add(&c->next_item, 1);
-        if (item >= total) break;
+        const int64_t fetched = atomic_fetch_add(&c->next_item, 1);
+        if (fetched >= total) break;
+        const int64_t fetched_bh = fetched / per_bh, part = fetched % per_bh;
+        const int64_t item = part < c->bands ? fetched_bh * c->bands + part : c->band_items + fetched_bh;
         if (item >= c->band_items) {
             const int64_t bh = item - c->band_items, b = bh / p->heads, h = bh % p->heads;
             if (p->head_active != NULL && !p->head_active[h]) continue; /* zeroed with its bands */
@@ -789,6 +913,11 @@ INLINE void backward_block(const window_ctx *c, window_work *w, int64_t b, int64
     const int cols = u.c_hi - u.c_lo;
     for (int r = u.r_lo; r < u.r_hi && cols > 0; r++) {
         const int64_t first_key = (u.key_y0 + r) * W + u.key_x0 + u.c_lo;
+        if (c->wide) {
+            two_rows_dots(w->qt, kb + first_key * ks, ks, scores + r * UC + u.c_lo, w->got, vb + first_key * vs, vs,
+                          grads + r * UC + u.c_lo, dim, cols);
+            continue;
+        }
         row_dots(w->qt, dim, kb + first_key * ks, ks, cols, scores + r * UC + u.c_lo);
         row_dots(w->got, dim, vb + first_key * vs, vs, cols, grads + r * UC + u.c_lo);
     }
@@ -825,11 +954,20 @@ INLINE void backward_block(const window_ctx *c, window_work *w, int64_t b, int64
 
     /* dQ, two lanes of an image row at a time, as the forward's P x V */
     const float *grad_weights = (const float *)grads;
-    for (int l = 0; l < LANES; l += 2) {
+    if (c->wide) {
+        static const float ones[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+        for (int l = 0; l < LANES; l += 4) {
+            float *dq[4];
+            for (int k = 0; k < 4; k++)
+                dq[k] = token[l + k] >= 0 && !c->is_listed[token[l + k]] ? grad_q + token[l + k] * dim : NULL;
+            if (dq[0] || dq[1] || dq[2] || dq[3]) quad_lanes_weighted(c, &u, grad_weights, l, kb, ks, dq, ones);
+        }
+    }
+    for (int l = 0; l < LANES && !c->wide; l += 2) {
         float *dq0 = token[l] >= 0 && !c->is_listed[token[l]] ? grad_q + token[l] * dim : NULL;
         float *dq1 = token[l + 1] >= 0 && !c->is_listed[token[l + 1]] ? grad_q + token[l + 1] * dim : NULL;
         if (!dq0 && !dq1) continue;
-        lanes_weighted(c, &u, grad_weights, l, kb, ks, dq0, dq1, 1.0f, 1.0f);
+        lanes_weighted(c, &u, grad_weights, l, kb, ks, dq0, dq1, 1.0f, 1.0f, 0);
     }
 
     /* dK and dV: each union row's keys from the lanes whose windows reach that row */
@@ -1038,6 +1176,7 @@ static int ctx_init(window_ctx *c, const sa_attention_params *p, char *err, size
     c->scale = (float)p->scale;
     c->keep_scale = p->dropout_p > 0 ? (float)(1.0 / (1.0 - p->dropout_p)) : 1.0f;
     c->threshold = sa_dropout_threshold(p->dropout_p);
+    c->wide = sa_has_32_vector_registers();
     const int64_t H = c->height, W = c->width;
     c->slot_lanes = alloc64((size_t)c->union_slots * sizeof(i8v));
     c->is_offset = calloc((size_t)((2 * H - 1) * (2 * W - 1)), 1);

@@ -901,6 +901,7 @@ static long long sa_no_cuda_counter(void) { return 0; }
 
 COUNTER(cpu_window_forwards, sa_cpu_window_forwards)
 COUNTER(cpu_window_backwards, sa_cpu_window_backwards)
+COUNTER(cpu_wide_kernels, sa_cpu_wide_kernels)
 CUDA_COUNTER(cuda_lean_passes, sa_cuda_lean_passes)
 CUDA_COUNTER(cuda_beside_forwards, sa_cuda_beside_forwards)
 CUDA_COUNTER(cuda_overlapped_passes, sa_cuda_overlapped_passes)
@@ -984,6 +985,9 @@ static PyMethodDef module_methods[] = {
      "Forwards that ran on the CPU window kernel so far (tests check the dispatch)."},
     {"cpu_window_backwards", cpu_window_backwards, METH_NOARGS,
      "Backwards that ran on the CPU window kernel so far (tests check the dispatch)."},
+    {"cpu_wide_kernels", cpu_wide_kernels, METH_NOARGS,
+     "1 where the CPU kernels take their 32-register paths (x86-64-v4, not turned off by "
+     "SPARSE_ATTENTION_NARROW_KERNELS), else 0."},
     {"cuda_beside_forwards", cuda_beside_forwards, METH_NOARGS,
      "Forwards that ran their long rows on a second stream so far (tests check the dispatch)."},
     {"cuda_overlapped_passes", cuda_overlapped_passes, METH_NOARGS,

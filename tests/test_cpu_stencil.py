@@ -572,6 +572,33 @@ def test_window_backward_against_reference_and_the_strip_kernel(pattern, knobs, 
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("narrow", [False, True])
+@pytest.mark.parametrize("dim", [20, 72])
+@pytest.mark.parametrize("pattern, knobs", WINDOW_CASES)
+def test_window_kernel_on_its_16_and_32_register_paths(monkeypatch, pattern, knobs, dim, narrow):
+    """Where the CPU has 32 vector registers (x86-64-v4) the window kernel
+    takes two union rows a pass and P x V (dQ in the backward) four lanes at a
+    time; SPARSE_ATTENTION_NARROW_KERNELS turns that off, so that both paths
+    run here on such a machine (elsewhere both runs take the narrow one)."""
+    if narrow:
+        monkeypatch.setenv("SPARSE_ATTENTION_NARROW_KERNELS", "1")
+        assert C.cpu_wide_kernels() == 0
+    layout = build_layout(pattern, 33, 35, **knobs)
+    n = layout.num_tokens
+    (q, k, v), bias = make(2, 3, n, dim, seed=dim + 2)
+    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(3)) > 0.2
+    args = dict(key_mask=key_mask, head_active=torch.tensor([True, False, True]), dropout_p=0.15, dropout_seed=4)
+    before = C.cpu_window_forwards()
+    out, lse = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(), return_lse=True, **args)
+    assert C.cpu_window_forwards() == before + 1
+    ref_out, ref_lse, _ = reference_attention(q.float(), k.float(), v.float(), layout, bias=bias.float(), **args)
+    assert_forward_matches_reference(out, lse, ref_out, ref_lse, 2e-5)
+    grad_out = torch.randn(2, 3, n, dim, generator=torch.Generator().manual_seed(dim))
+    before = C.cpu_window_backwards()
+    assert_backward_matches_reference(attention, layout, (q, k, v), grad_out, **args)
+    assert C.cpu_window_backwards() == before + 1
+
+
 def test_window_backward_leaves_partial_listed_rows_to_the_strip_kernel():
     """A listed row that attends only some tokens needs the row kernel's
     backward, which only the strip kernel's backward runs: with one, the
