@@ -314,3 +314,27 @@ def test_tiled_backward_is_bitwise_the_same_for_any_thread_count():
         set_num_threads(before)
     for other in grads[1:]:
         assert all(torch.equal(a, b) for a, b in zip(grads[0], other))
+
+
+@pytest.mark.parametrize("narrow", [False, True])
+@pytest.mark.parametrize("dim", [40, 72])
+@pytest.mark.parametrize("pattern", ["axial", "random"])
+def test_tiles_on_their_16_and_32_register_paths(monkeypatch, pattern, dim, narrow):
+    """P x V takes 32 columns of d a step where the CPU has 32 vector
+    registers; SPARSE_ATTENTION_NARROW_KERNELS sends it to the 16 and 8 column
+    steps, so that both run on such a machine (elsewhere both runs are narrow).
+    Head dims 40 and 72 end in a part that is not a whole 32."""
+    if narrow:
+        monkeypatch.setenv("SPARSE_ATTENTION_NARROW_KERNELS", "1")
+        assert C.cpu_wide_kernels() == 0
+    layout = build_layout(pattern, 19, 23, attention_ratio=0.4)
+    n = layout.num_tokens
+    (q, k, v), bias = make(2, 3, n, dim, seed=dim)
+    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(4)) > 0.25
+    args = dict(key_mask=key_mask, head_active=torch.tensor([True, False, True]), dropout_p=0.2, dropout_seed=5)
+    out, lse = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(), return_lse=True,
+                         **args)
+    ref_out, ref_lse, _ = reference_attention(q.float(), k.float(), v.float(), layout, bias=bias.float(), **args)
+    assert_forward_matches_reference(out, lse, ref_out, ref_lse, 2e-5)
+    grad_out = torch.randn(2, 3, n, dim, generator=torch.Generator().manual_seed(dim + 1))
+    assert_backward_matches_reference(attention, layout, (q, k, v), grad_out, **args)
