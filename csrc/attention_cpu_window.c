@@ -666,7 +666,8 @@ INLINE void forward_block(const window_ctx *c, window_work *w, int64_t b, int64_
         }
     }
 
-    /* P x V, two lanes of an image row at a time */
+    /* P x V: four lanes (two image rows) at a time where 32 registers hold
+     * their accumulators, else the two lanes of an image row */
     if (c->wide) {
         for (int l = 0; l < LANES; l += 4)
             if (out_rows[l] || out_rows[l + 1] || out_rows[l + 2] || out_rows[l + 3])
