@@ -542,14 +542,17 @@ INLINE void quad_lanes_weighted(const window_ctx *c, const union_span *u, const 
     }
 }
 
-/* The key and value rows that the next block's union adds (its last columns)
- * asked for now: the block's Q x K^T and P x V waited on them in L2 (with K
- * held in L1 in a timing build, the forward took 0.92x the time; with this,
- * 0.92-0.97x). The backward does not gain from it. */
-INLINE void prefetch_next_union(const window_ctx *c, const union_span *u, const float *kb, int64_t ks,
-                                const float *vb, int64_t vs)
+/* What the next block reads first and this block did not: the key and value
+ * rows its union adds (its last columns) and its query rows. Q x K^T and
+ * P x V waited on them in L2 (with K held in L1 in a timing build, the
+ * forward took 0.92x the time; with this, 0.92-0.97x, the query rows
+ * 0.98-0.99x of that). The backward does not gain from it. */
+INLINE void prefetch_next_block(const window_ctx *c, const union_span *u, int64_t b, int64_t h, int64_t y0,
+                                int64_t x0, const float *kb, int64_t ks, const float *vb, int64_t vs)
 {
-    const int64_t W = c->width, first_col = u->key_x0 + c->union_cols, bytes = c->dim * (int64_t)sizeof(float);
+    const sa_attention_params *p = c->p;
+    const int64_t H = c->height, W = c->width, bytes = c->dim * (int64_t)sizeof(float);
+    const int64_t first_col = u->key_x0 + c->union_cols, next_x0 = x0 + BLOCK_COLS;
     for (int r = u->r_lo; r < u->r_hi; r++)
         for (int64_t col = first_col; col < first_col + BLOCK_COLS && col < W; col++) {
             const int64_t key = (u->key_y0 + r) * W + col;
@@ -558,6 +561,12 @@ INLINE void prefetch_next_union(const window_ctx *c, const union_span *u, const 
                 __builtin_prefetch((const char *)(vb + key * vs) + byte, 0, 3);
             }
         }
+    for (int l = 0; l < LANES && next_x0 < W; l++) {
+        const int64_t y = y0 + l / BLOCK_COLS, x = next_x0 + l % BLOCK_COLS;
+        if (y >= H || x >= W) continue;
+        const char *row = (const char *)sa_row_of(p->q, p->q_stride, b, h, y * W + x);
+        for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(row + byte, 0, 3);
+    }
 }
 
 /* One block's forward: outputs, log-sum-exps and statistics of its lanes. */
@@ -585,15 +594,7 @@ INLINE void forward_block(const window_ctx *c, window_work *w, int64_t b, int64_
     transpose_lanes(q_rows, dim, w->qt);
 
     const union_span u = union_of(c, y0, x0);
-    prefetch_next_union(c, &u, kb, ks, vb, vs);
-    if (x0 + BLOCK_COLS < W) /* the next block's query rows too (0.98-0.99x) */
-        for (int l = 0; l < LANES; l++) {
-            const int64_t y = y0 + l / BLOCK_COLS, x = x0 + BLOCK_COLS + l % BLOCK_COLS;
-            if (y < H && x < W) {
-                const char *row = (const char *)sa_row_of(p->q, p->q_stride, b, h, y * W + x);
-                for (int64_t byte = 0; byte < dim * 4; byte += 64) __builtin_prefetch(row + byte, 0, 3);
-            }
-        }
+    prefetch_next_block(c, &u, b, h, y0, x0, kb, ks, vb, vs);
     v8 *scores = w->scores;
     if (!(u.r_lo == 0 && u.r_hi == UR && u.c_lo == 0 && u.c_hi == UC))
         for (int s = 0; s < US; s++) scores[s] = neg_inf;
