@@ -68,13 +68,15 @@ static inline const float *row_of(const float *base, const int64_t *stride, int6
 }
 
 /* scores[r][c] = sum_d query_rows[r][d] * key_t[d][c] for rows r0 .. r0 + R - 1,
- * 16 columns per step. R is a constant where this is inlined: R x 2
+ * 16 columns per step, then 8. R is a constant where this is inlined: R x 2
  * accumulators stay in registers (six rows keep 12 FMA chains in flight, more
- * than the 8 that cover the FMA latency on two pipes). */
+ * than the 8 that cover the FMA latency on two pipes). The 8-column step
+ * serves the last keys of a lattice class (17 of them would take 32 columns). */
 SA_INLINE void scores_rows(const float *const *query_rows, const float *restrict key_t,
                            float *restrict scores, int64_t dim_pad, int r0, const int R, int cols)
 {
-    for (int c0 = 0; c0 < cols; c0 += 16) {
+    int c0 = 0;
+    for (; c0 + 16 <= cols; c0 += 16) {
         v8 acc[6][2] = {{{0}}};
         for (int64_t d = 0; d < dim_pad; d++) {
             const v8 k0 = *(const v8 *)&key_t[d * TILE + c0];
@@ -89,6 +91,14 @@ SA_INLINE void scores_rows(const float *const *query_rows, const float *restrict
             *(v8 *)&scores[(r0 + r) * TILE + c0] = acc[r][0];
             *(v8 *)&scores[(r0 + r) * TILE + c0 + 8] = acc[r][1];
         }
+    }
+    if (c0 < cols) {
+        v8 acc[6] = {{0}};
+        for (int64_t d = 0; d < dim_pad; d++) {
+            const v8 k0 = *(const v8 *)&key_t[d * TILE + c0];
+            for (int r = 0; r < R; r++) acc[r] += k0 * query_rows[r0 + r][d];
+        }
+        for (int r = 0; r < R; r++) *(v8 *)&scores[(r0 + r) * TILE + c0] = acc[r];
     }
 }
 
@@ -107,7 +117,7 @@ SA_INLINE void scores_rows(const float *const *query_rows, const float *restrict
     } while (0)
 
 /* The scores of the first rows queries of a tile against the first cols keys
- * of a chunk (cols a multiple of 16): blocks of six rows, then the rest.
+ * of a chunk (cols a multiple of 8): blocks of six rows, then the rest.
  * Partial tiles (a residue class of a lattice, the last tile of a grid)
  * compute only what they hold. */
 SA_INLINE void scores_kernel(const float *const *query_rows, const float *restrict key_t,
@@ -443,7 +453,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
             if (runs && chunk_begin < chunk_end) prefetch_chunk(p, p->chunk_keys + chunk_begin * TILE, b, h, 1);
             for (int64_t chunk = runs ? chunk_begin : chunk_end; chunk < chunk_end; chunk++) {
                 const int32_t *chunk_keys = p->chunk_keys + chunk * TILE;
-                const int cols = (slots_used(chunk_keys, n) + 15) / 16 * 16; /* keys computed, padded */
+                const int used = slots_used(chunk_keys, n), cols = (used + 7) / 8 * 8; /* scores computed, padded */
                 if (cols == 0) continue;
                 float *key_t = s.key_t;
                 const int packed = cache.slots > 0 && panel_cache_find(&cache, bh, chunk_keys, cols, dim_pad, &key_t);
@@ -494,10 +504,12 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                          * above the kept maximum gives the same softmax, and this pass then
                          * needs no mask and stores nothing */
                         v8 top0 = SPLAT(-INFINITY), top1 = SPLAT(-INFINITY);
-                        for (int g = 0; g < cols / 8; g += 2) {
+                        int g = 0;
+                        for (; g + 2 <= cols / 8; g += 2) {
                             top0 = SELECT(*(v8 *)&row[8 * g] > top0, *(v8 *)&row[8 * g], top0);
                             top1 = SELECT(*(v8 *)&row[8 * g + 8] > top1, *(v8 *)&row[8 * g + 8], top1);
                         }
+                        if (g < cols / 8) top0 = SELECT(*(v8 *)&row[8 * g] > top0, *(v8 *)&row[8 * g], top0);
                         chunk_max = hmax8(SELECT(top1 > top0, top1, top0)) * scale;
                     }
                     const int masked_here = !(fast && chunk_max > -INFINITY);
@@ -559,9 +571,8 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                         st->sq += hsum8(sq_lanes);
                         st->shifted += hsum8(shifted_lanes);
                     } else {
-                        /* cols / 8 is even: four vectors at a time, then two */
-                        /* unmasked scores are raw: scaled here, and their lanes outside
-                         * the layout dropped after the exp */
+                        /* four vectors at a time, then the rest; unmasked scores are raw:
+                         * scaled here, and their lanes outside the layout dropped after the exp */
                         const float raw_scale = masked_here ? 1.0f : scale;
                         int g = 0;
                         for (; g + 4 <= cols / 8; g += 4) {
@@ -574,14 +585,16 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                                 *(v8 *)&row[8 * (g + i)] = e[i];
                             }
                         }
-                        if (g < cols / 8) {
-                            v8 e[2] = {*(v8 *)&row[8 * g] * raw_scale - top, *(v8 *)&row[8 * g + 8] * raw_scale - top};
-                            exp_lanes(e, 2);
-                            for (int i = 0; i < 2; i++)
+                        const int rest = cols / 8 - g;
+                        if (rest > 0) {
+                            v8 e[3];
+                            for (int i = 0; i < rest; i++) e[i] = *(v8 *)&row[8 * (g + i)] * raw_scale - top;
+                            exp_some_lanes(e, rest);
+                            for (int i = 0; i < rest; i++) {
                                 if (!masked_here) e[i] = SELECT(lanes_of(word, g + i), e[i], SPLAT(0.0f));
-                            sum_lanes += e[0] + e[1];
-                            *(v8 *)&row[8 * g] = e[0];
-                            *(v8 *)&row[8 * g + 8] = e[1];
+                                sum_lanes += e[i];
+                                *(v8 *)&row[8 * (g + i)] = e[i];
+                            }
                         }
                     }
                     st->sum += sum_lanes;
@@ -590,7 +603,8 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                             if (row[c] != 0 && !sa_dropout_keep(query_key[r], keys[c], threshold)) row[c] = 0;
                     }
                 }
-                weighted_values_kernel(s.scores, value_rows, s.out, dim_pad, live, rows, cols, ctx->wide_values);
+                /* the weights past the chunk's last key are 0 */
+                weighted_values_kernel(s.scores, value_rows, s.out, dim_pad, live, rows, used, ctx->wide_values);
             }
             if (!fast) break;
             /* a masked score far above the kept ones shifts the kept exps far below
@@ -825,7 +839,7 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                 }
                 const int rows = slots_used(queries, n), rows8 = (rows + 7) / 8 * 8;
                 for (int64_t chunk = chunk_begin; chunk < chunk_end; chunk++) {
-                    const int cols = (slots_used(chunk_ids + chunk * TILE, n) + 15) / 16 * 16;
+                    const int used = slots_used(chunk_ids + chunk * TILE, n), cols = (used + 7) / 8 * 8;
                     if (cols == 0 || rows == 0) continue;
                     uint64_t usable_keys = 0; /* bit c: key c is in the grid and not masked */
                     for (int c = 0; c < cols; c++) {
@@ -873,14 +887,13 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                                 keep[c] = sa_dropout_keep(query_key[r], keys[c], threshold) ? keep_scale : 0.0f;
                         const v8 top = SPLAT(row_lse[r]), row_d = SPLAT(row_delta[r]);
                         for (int g0 = 0; g0 < cols / 8; g0 += 4) {
-                            /* cols / 8 is even: four vectors at a time, or the last two */
                             v8 e[4];
-                            const int count = cols / 8 - g0 >= 4 ? 4 : 2;
+                            const int count = cols / 8 - g0 >= 4 ? 4 : cols / 8 - g0;
                             for (int i = 0; i < count; i++) e[i] = *(v8 *)&score[8 * (g0 + i)] * scale - top;
                             if (count == 4)
                                 exp_lanes(e, 4);
                             else
-                                exp_lanes(e, 2);
+                                exp_some_lanes(e, count);
                             for (int i = 0; i < count; i++) {
                                 const int g = g0 + i;
                                 const i8v on = lanes_of(word, g);
@@ -892,12 +905,12 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                             }
                         }
                     }
-                    /* dQ += dS K */
-                    weighted_values_kernel(w.grad_probs, key_rows, w.s.out, dim_pad, all_live, rows, cols, ctx->wide_values);
+                    /* dQ += dS K (dS is 0 past the chunk's last key) */
+                    weighted_values_kernel(w.grad_probs, key_rows, w.s.out, dim_pad, all_live, rows, used, ctx->wide_values);
                     /* dK += dS^T Q */
                     transpose_square(w.grad_probs, w.transposed, rows8, cols);
                     memset(w.chunk_grad, 0, (size_t)(cols * dim_pad) * sizeof(float));
-                    weighted_values_kernel(w.transposed, query_rows, w.chunk_grad, dim_pad, all_live, cols, rows, ctx->wide_values);
+                    weighted_values_kernel(w.transposed, query_rows, w.chunk_grad, dim_pad, all_live, used, rows, ctx->wide_values);
                     for (int c = 0; c < cols; c++) {
                         if (keys[c] < 0) continue;
                         float *row = grad_k + (int64_t)keys[c] * dim;
@@ -906,7 +919,7 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                     /* dV += P^T dO */
                     transpose_square(w.s.scores, w.transposed, rows8, cols);
                     memset(w.chunk_grad, 0, (size_t)(cols * dim_pad) * sizeof(float));
-                    weighted_values_kernel(w.transposed, grad_out_rows, w.chunk_grad, dim_pad, all_live, cols, rows, ctx->wide_values);
+                    weighted_values_kernel(w.transposed, grad_out_rows, w.chunk_grad, dim_pad, all_live, used, rows, ctx->wide_values);
                     for (int c = 0; c < cols; c++) {
                         if (keys[c] < 0) continue;
                         float *row = grad_v + (int64_t)keys[c] * dim;
