@@ -175,6 +175,10 @@ static inline void sa_select_pass(sa_attention_params *p, const int64_t *fields,
 void sa_cpu_set_num_threads(int n);
 int sa_cpu_get_num_threads(void);
 
+/* 1 where the CPU kernels take their 32-register paths (see
+ * sa_has_32_vector_registers in simd8.h), else 0. */
+long long sa_cpu_wide_kernels(void);
+
 #ifdef SA_WITH_CUDA
 int sa_cuda_forward(const sa_attention_params *p, char *err, size_t err_len);
 int sa_cuda_backward(const sa_attention_params *p, char *err, size_t err_len);

@@ -17,6 +17,7 @@
 #include "attention_cpu_tiled.h"
 #include "dropout_hash.h"
 #include "fast_expf.h"
+#include "simd8.h"
 #include "threads.h"
 
 /* Per-thread accumulators live on the stack; larger heads are refused. */
@@ -60,6 +61,11 @@ void sa_cpu_set_num_threads(int n) { num_threads_setting = n < 0 ? 0 : n; }
 int sa_cpu_get_num_threads(void)
 {
     return num_threads_setting > 0 ? num_threads_setting : sa_default_num_threads();
+}
+
+long long sa_cpu_wide_kernels(void)
+{
+    return sa_has_32_vector_registers() != 0; /* __builtin_cpu_supports gives any nonzero */
 }
 
 /* Enough rows per chunk to amortise the atomic, few enough to balance. */

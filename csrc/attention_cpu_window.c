@@ -81,11 +81,6 @@ long long sa_cpu_window_backwards(void)
     return atomic_load(&window_backwards);
 }
 
-long long sa_cpu_wide_kernels(void)
-{
-    return sa_has_32_vector_registers();
-}
-
 typedef struct {
     int dy_lo, dx_lo, box_h, box_w;
 } offset_box;
@@ -569,6 +564,25 @@ INLINE void prefetch_next_block(const window_ctx *c, const union_span *u, int64_
     }
 }
 
+/* The P x V of the forward (dS x K of the backward) for the block's lanes:
+ * out_rows[l] (NULL: not written) = factor[l] x the sum over the union of
+ * weight x row. Four lanes (two image rows) at a time where 32 registers hold
+ * their accumulators, else the two lanes of an image row. */
+INLINE void block_weighted(const window_ctx *c, const union_span *u, const float *weights, const float *base,
+                           int64_t row_stride, float *const *out_rows, const float *factor)
+{
+    if (c->wide) {
+        for (int l = 0; l < LANES; l += 4)
+            if (out_rows[l] || out_rows[l + 1] || out_rows[l + 2] || out_rows[l + 3])
+                quad_lanes_weighted(c, u, weights, l, base, row_stride, out_rows + l, factor + l);
+        return;
+    }
+    for (int l = 0; l < LANES; l += 2)
+        if (out_rows[l] || out_rows[l + 1])
+            lanes_weighted(c, u, weights, l, base, row_stride, out_rows[l], out_rows[l + 1], factor[l],
+                           factor[l + 1], 0);
+}
+
 /* One block's forward: outputs, log-sum-exps and statistics of its lanes. */
 INLINE void forward_block(const window_ctx *c, window_work *w, int64_t b, int64_t h, int64_t y0, int64_t x0)
 {
@@ -667,18 +681,7 @@ INLINE void forward_block(const window_ctx *c, window_work *w, int64_t b, int64_
         }
     }
 
-    /* P x V: four lanes (two image rows) at a time where 32 registers hold
-     * their accumulators, else the two lanes of an image row */
-    if (c->wide) {
-        for (int l = 0; l < LANES; l += 4)
-            if (out_rows[l] || out_rows[l + 1] || out_rows[l + 2] || out_rows[l + 3])
-                quad_lanes_weighted(c, &u, (const float *)scores, l, vb, vs, out_rows + l, (const float *)&factor + l);
-        return;
-    }
-    for (int l = 0; l < LANES; l += 2)
-        if (out_rows[l] || out_rows[l + 1])
-            lanes_weighted(c, &u, (const float *)scores, l, vb, vs, out_rows[l], out_rows[l + 1], factor[l],
-                           factor[l + 1], 0);
+    block_weighted(c, &u, (const float *)scores, vb, vs, out_rows, (const float *)&factor);
 }
 
 /* scores[j] = row . keys[j] for every token j (keys row-major, key_stride
@@ -981,23 +984,13 @@ INLINE void backward_block(const window_ctx *c, window_work *w, int64_t b, int64
         }
     }
 
-    /* dQ, two lanes of an image row at a time, as the forward's P x V */
+    /* dQ as the forward's P x V */
     const float *grad_weights = (const float *)grads;
-    if (c->wide) {
-        static const float ones[4] = {1.0f, 1.0f, 1.0f, 1.0f};
-        for (int l = 0; l < LANES; l += 4) {
-            float *dq[4];
-            for (int k = 0; k < 4; k++)
-                dq[k] = token[l + k] >= 0 && !c->is_listed[token[l + k]] ? grad_q + token[l + k] * dim : NULL;
-            if (dq[0] || dq[1] || dq[2] || dq[3]) quad_lanes_weighted(c, &u, grad_weights, l, kb, ks, dq, ones);
-        }
-    }
-    for (int l = 0; l < LANES && !c->wide; l += 2) {
-        float *dq0 = token[l] >= 0 && !c->is_listed[token[l]] ? grad_q + token[l] * dim : NULL;
-        float *dq1 = token[l + 1] >= 0 && !c->is_listed[token[l + 1]] ? grad_q + token[l + 1] * dim : NULL;
-        if (!dq0 && !dq1) continue;
-        lanes_weighted(c, &u, grad_weights, l, kb, ks, dq0, dq1, 1.0f, 1.0f, 0);
-    }
+    static const float ones[LANES] = {1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f};
+    float *dq_rows[LANES];
+    for (int l = 0; l < LANES; l++)
+        dq_rows[l] = token[l] >= 0 && !c->is_listed[token[l]] ? grad_q + token[l] * dim : NULL;
+    block_weighted(c, &u, grad_weights, kb, ks, dq_rows, ones);
 
     /* dK and dV: each union row's keys from the lanes whose windows reach that row */
     const float *prob_weights = (const float *)scores;

@@ -22,7 +22,4 @@ int sa_cpu_backward_window(const sa_attention_params *p, int num_threads, char *
 long long sa_cpu_window_forwards(void);
 long long sa_cpu_window_backwards(void);
 
-/* 1 where the kernels take their 32-register paths (see sa_has_32_vector_registers). */
-long long sa_cpu_wide_kernels(void);
-
 #endif /* SA_ATTENTION_CPU_WINDOW_H */
