@@ -377,6 +377,54 @@ typedef struct {
     int nan;
 } row_state;
 
+/* The largest of a row's first cols scores (cols a multiple of 8). */
+SA_INLINE float raw_row_max(const float *row, int cols)
+{
+    v8 top0 = SPLAT(-INFINITY), top1 = SPLAT(-INFINITY);
+    int g = 0;
+    for (; g + 2 <= cols / 8; g += 2) {
+        top0 = SELECT(*(const v8 *)&row[8 * g] > top0, *(const v8 *)&row[8 * g], top0);
+        top1 = SELECT(*(const v8 *)&row[8 * g + 8] > top1, *(const v8 *)&row[8 * g + 8], top1);
+    }
+    if (g < cols / 8) top0 = SELECT(*(const v8 *)&row[8 * g] > top0, *(const v8 *)&row[8 * g], top0);
+    return hmax8(SELECT(top1 > top0, top1, top0));
+}
+
+/* bias_row[c]: the bias of query (qy, qx) and key (key_y[c], key_x[c]), the
+ * offset clipped to [-max_rel, max_rel] as the table's border buckets hold. */
+SA_INLINE void fill_bias_row(const float *table, int32_t qy, int32_t qx, const int32_t *key_y, const int32_t *key_x,
+                             int cols, int32_t max_rel, float *bias_row)
+{
+    const int32_t side = 2 * max_rel + 1;
+    for (int c = 0; c < cols; c++) {
+        int32_t dy = qy - key_y[c], dx = qx - key_x[c];
+        dy = dy < -max_rel ? -max_rel : (dy > max_rel ? max_rel : dy);
+        dx = dx < -max_rel ? -max_rel : (dx > max_rel ? max_rel : dx);
+        bias_row[c] = table[(dy + max_rel) * side + dx + max_rel];
+    }
+}
+
+/* A row's scores scaled and biased in place where word's bits are set, -inf
+ * elsewhere (eight mask bits a vector); returns their maximum and sets *nan
+ * where a kept score is NaN. */
+SA_INLINE float mask_row(float *row, uint64_t word, int cols, float scale, const float *bias_row, int *nan)
+{
+    v8 top_lanes = SPLAT(-INFINITY);
+    i8v nan_lanes = {0};
+    for (int g = 0; g < cols / 8; g++) {
+        const i8v on = lanes_of(word, g);
+        v8 score = *(v8 *)&row[8 * g] * scale + *(const v8 *)&bias_row[8 * g];
+        nan_lanes |= on & (score != score);
+        score = SELECT(on, score, SPLAT(-INFINITY));
+        top_lanes = SELECT(score > top_lanes, score, top_lanes);
+        *(v8 *)&row[8 * g] = score;
+    }
+    int any_nan = 0;
+    for (int l = 0; l < 8; l++) any_nan |= nan_lanes[l];
+    *nan |= any_nan != 0;
+    return hmax8(top_lanes);
+}
+
 TILED_CLONES
 static void forward_tiles(void *opaque, int64_t begin, int64_t end)
 {
@@ -407,7 +455,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
     const int in_place = dim == dim_pad;
     const float *query_rows[TILE], *value_rows[TILE], *key_rows[TILE];
     int live[TILE];
-    const int32_t mi = (int32_t)m, sidei = (int32_t)side;
+    const int32_t mi = (int32_t)m;
     uint32_t query_key[TILE];
     row_state state[TILE];
 
@@ -499,45 +547,16 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                     ever_live[r] = 1;
                     row_state *st = &state[r];
                     float chunk_max = -INFINITY;
-                    if (fast) {
-                        /* the shift from every score of the row, kept or not: any shift at or
-                         * above the kept maximum gives the same softmax, and this pass then
-                         * needs no mask and stores nothing */
-                        v8 top0 = SPLAT(-INFINITY), top1 = SPLAT(-INFINITY);
-                        int g = 0;
-                        for (; g + 2 <= cols / 8; g += 2) {
-                            top0 = SELECT(*(v8 *)&row[8 * g] > top0, *(v8 *)&row[8 * g], top0);
-                            top1 = SELECT(*(v8 *)&row[8 * g + 8] > top1, *(v8 *)&row[8 * g + 8], top1);
-                        }
-                        if (g < cols / 8) top0 = SELECT(*(v8 *)&row[8 * g] > top0, *(v8 *)&row[8 * g], top0);
-                        chunk_max = hmax8(SELECT(top1 > top0, top1, top0)) * scale;
-                    }
+                    /* the fast attempt takes the shift from every score of the row, kept or
+                     * not: any shift at or above the kept maximum gives the same softmax, and
+                     * it then needs no mask pass */
+                    if (fast) chunk_max = raw_row_max(row, cols) * scale;
                     const int masked_here = !(fast && chunk_max > -INFINITY);
                     if (masked_here) {
-                        if (bias_table != NULL) {
-                            const int32_t qy = (int32_t)(queries[r] / p->width), qx = (int32_t)(queries[r] % p->width);
-                            for (int c = 0; c < cols; c++) {
-                                int32_t dy = qy - key_y[c], dx = qx - key_x[c];
-                                dy = dy < -mi ? -mi : (dy > mi ? mi : dy);
-                                dx = dx < -mi ? -mi : (dx > mi ? mi : dx);
-                                bias_row[c] = bias_table[(dy + mi) * sidei + dx + mi];
-                            }
-                        }
-                        /* scores of the pairs in the layout, -inf elsewhere; eight mask bits per vector */
-                        v8 top_lanes = SPLAT(-INFINITY);
-                        i8v nan_lanes = {0};
-                        for (int g = 0; g < cols / 8; g++) {
-                            const i8v on = lanes_of(word, g);
-                            v8 score = *(v8 *)&row[8 * g] * scale + *(const v8 *)&bias_row[8 * g];
-                            nan_lanes |= on & (score != score);
-                            score = SELECT(on, score, SPLAT(-INFINITY));
-                            top_lanes = SELECT(score > top_lanes, score, top_lanes);
-                            *(v8 *)&row[8 * g] = score;
-                        }
-                        int any_nan = 0;
-                        for (int l = 0; l < 8; l++) any_nan |= nan_lanes[l];
-                        st->nan |= any_nan != 0;
-                        chunk_max = hmax8(top_lanes);
+                        if (bias_table != NULL)
+                            fill_bias_row(bias_table, (int32_t)(queries[r] / p->width), (int32_t)(queries[r] % p->width),
+                                          key_y, key_x, cols, mi, bias_row);
+                        chunk_max = mask_row(row, word, cols, scale, bias_row, &st->nan);
                         if (chunk_max == -INFINITY) {
                             memset(row, 0, (size_t)cols * sizeof(float));
                             continue;
