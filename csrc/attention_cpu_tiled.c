@@ -909,10 +909,7 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                             v8 e[4];
                             const int count = cols / 8 - g0 >= 4 ? 4 : cols / 8 - g0;
                             for (int i = 0; i < count; i++) e[i] = *(v8 *)&score[8 * (g0 + i)] * scale - top;
-                            if (count == 4)
-                                exp_lanes(e, 4);
-                            else
-                                exp_some_lanes(e, count);
+                            exp_some_lanes(e, count);
                             for (int i = 0; i < count; i++) {
                                 const int g = g0 + i;
                                 const i8v on = lanes_of(word, g);
@@ -928,18 +925,18 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                     weighted_values_kernel(w.grad_probs, key_rows, w.s.out, dim_pad, all_live, rows, used, ctx->wide_values);
                     /* dK += dS^T Q */
                     transpose_square(w.grad_probs, w.transposed, rows8, cols);
-                    memset(w.chunk_grad, 0, (size_t)(cols * dim_pad) * sizeof(float));
+                    memset(w.chunk_grad, 0, (size_t)(used * dim_pad) * sizeof(float));
                     weighted_values_kernel(w.transposed, query_rows, w.chunk_grad, dim_pad, all_live, used, rows, ctx->wide_values);
-                    for (int c = 0; c < cols; c++) {
+                    for (int c = 0; c < used; c++) {
                         if (keys[c] < 0) continue;
                         float *row = grad_k + (int64_t)keys[c] * dim;
                         for (int64_t d = 0; d < dim; d++) row[d] += w.chunk_grad[c * dim_pad + d];
                     }
                     /* dV += P^T dO */
                     transpose_square(w.s.scores, w.transposed, rows8, cols);
-                    memset(w.chunk_grad, 0, (size_t)(cols * dim_pad) * sizeof(float));
+                    memset(w.chunk_grad, 0, (size_t)(used * dim_pad) * sizeof(float));
                     weighted_values_kernel(w.transposed, grad_out_rows, w.chunk_grad, dim_pad, all_live, used, rows, ctx->wide_values);
-                    for (int c = 0; c < cols; c++) {
+                    for (int c = 0; c < used; c++) {
                         if (keys[c] < 0) continue;
                         float *row = grad_v + (int64_t)keys[c] * dim;
                         for (int64_t d = 0; d < dim; d++) row[d] += w.chunk_grad[c * dim_pad + d];

@@ -642,9 +642,7 @@ INLINE void forward_block(const window_ctx *c, window_work *w, int64_t b, int64_
         const int n = slots - s0 < 4 ? (int)(slots - s0) : 4;
         v8 shifted[4], prob[4];
         for (int i = 0; i < n; i++) prob[i] = shifted[i] = scores[s0 + i] - shift;
-        if (n == 4) exp_lanes(prob, 4);
-        else
-            for (int i = 0; i < n; i++) prob[i] = exp_v8(prob[i]);
+        exp_some_lanes(prob, n);
         for (int i = 0; i < n; i++) {
             sum += prob[i];
             if (want_stats) {
@@ -971,9 +969,7 @@ INLINE void backward_block(const window_ctx *c, window_work *w, int64_t b, int64
         const int n = slots - s0 < 4 ? (int)(slots - s0) : 4;
         v8 prob[4];
         for (int i = 0; i < n; i++) prob[i] = scores[s0 + i] - row_lse;
-        if (n == 4) exp_lanes(prob, 4);
-        else
-            for (int i = 0; i < n; i++) prob[i] = exp_v8(prob[i]);
+        exp_some_lanes(prob, n);
         for (int i = 0; i < n; i++) {
             v8 keep = SPLAT(c->keep_scale);
             if (c->threshold > 0)

@@ -77,11 +77,12 @@ SA_INLINE void exp_lanes(v8 *x, const int count)
     }
 }
 
-/* exp_lanes for a count of 1 to 3 known only at run time: each case gets its
- * own constant count. */
+/* exp_lanes for a count of 1 to 4 known only at run time (the last group of
+ * a row or union): each case gets its own constant count. */
 SA_INLINE void exp_some_lanes(v8 *x, int count)
 {
     switch (count) {
+    case 4: exp_lanes(x, 4); break;
     case 3: exp_lanes(x, 3); break;
     case 2: exp_lanes(x, 2); break;
     case 1: exp_lanes(x, 1); break;
