@@ -396,7 +396,7 @@ def tiled_backward_passes():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dim", [8, 32, 40, 64])
 @pytest.mark.parametrize("size", [(1, 17), (9, 1), (7, 13), (33, 35), (20, 70)])
-@pytest.mark.parametrize("pattern", ["dense", "axial", "block", "strided", "random"])
+@pytest.mark.parametrize("pattern", ["dense", "axial", "block", "strided", "longformer", "random"])
 def test_tiled_backward_against_reference(pattern, size, dim, dtype, monkeypatch):
     """SPARSE_ATTENTION_TILED_BACKWARD: dQ on tensor cores over the plan's
     passes (AXIAL's two add up), and dK / dV too where the layout is symmetric
@@ -415,6 +415,9 @@ def test_tiled_backward_against_reference(pattern, size, dim, dtype, monkeypatch
     out.backward(grad_out.cuda())
     passes = len(layout.tile_plan())
     expected = (passes, passes if layout.is_symmetric() else 0)
+    if len(layout.tile_plan().long_rows):
+        expected = (0, 0)  # LONGFORMER's global row left out of the plan: the row kernels
+    # (below 33 x 35 the global row stays in the plan, and the tiled kernels take it)
     assert tuple(a - b for a, b in zip(tiled_backward_passes(), before)) == expected
     ref = [t.double().requires_grad_(True) for t in (q, k, v)]
     ref_out = reference_attention(*ref, layout, key_mask=key_mask, head_active=active)[0]
@@ -452,7 +455,12 @@ def test_tiled_backward_agrees_with_the_row_kernels_and_falls_back(monkeypatch):
         torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2)
     before = tiled_backward_passes()
     grads(dropout_p=0.1, dropout_seed=3)
-    grads(on=build_layout("longformer", 24, 40, num_global_tokens=1))
+    # at 24 x 40 the global row stays in the plan (the tiled kernels take it);
+    # at 48 x 48 it is left out as a long row, which they do not take
+    long_row_layout = build_layout("longformer", 48, 48, num_global_tokens=1)
+    assert len(long_row_layout.tile_plan().long_rows)
+    (q48, k48, v48), _ = make(1, 2, 48 * 48, 64, torch.bfloat16, seed=4)
+    grads(inputs=(q48, k48, v48), on=long_row_layout)
     (q72, k72, v72), _ = make(2, 4, 960, 72, torch.bfloat16)
     grads(inputs=(q72, k72, v72))
     assert tiled_backward_passes() == before
