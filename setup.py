@@ -7,6 +7,7 @@ unset, CUDA is built when nvcc is found. The CUDA runtime is linked statically
 with no GPU and no driver: the runtime looks for the driver only when a CUDA
 kernel is first called.
 """
+import concurrent.futures
 import os
 import shutil
 import subprocess
@@ -103,7 +104,24 @@ class BuildExt(build_ext):
                 libdir = os.path.join(cuda_home, "lib")
             ext.library_dirs.append(libdir)
             ext.libraries += ["cudart_static", "dl", "rt", "pthread", "stdc++"]
+        self._compile_sources_side_by_side()
         super().build_extensions()
+
+    def _compile_sources_side_by_side(self):
+        """The C sources compiled one per core (setuptools compiles an
+        extension's sources one after another): each call of the compiler's
+        compile() is given one source, in a pool of threads."""
+        jobs = min(len(C_SOURCES), os.cpu_count() or 1)
+        if jobs < 2:
+            return
+        one_by_one = self.compiler.compile
+
+        def side_by_side(sources, *args, **kwargs):
+            with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+                parts = list(pool.map(lambda source: one_by_one([source], *args, **kwargs), sources))
+            return [obj for part in parts for obj in part]
+
+        self.compiler.compile = side_by_side
 
 
 extra_compile_args = ["-std=c11", "-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",

@@ -282,8 +282,8 @@ def main():
                 for keys in (int(x) for x in args.segment_keys.split(",") if x):
                     switch_graphs[f"{keys} keys per long-row segment"] = graphs_both_ways(
                         call, set_module_value("split_segment_keys", keys), args.repeats)
-            if layout.tile_plan() is not None and not len(layout.tile_plan().long_rows):
-                # forward+backward, eager: dQ on tensor cores against the row kernel's
+            if layout.tile_plan() is not None:
+                # forward+backward, eager: the tensor-core backward against the row and column kernels
                 switch_graphs["fwd+bwd (eager), use_tiled_cuda_backward flipped"] = eager_both_ways(
                     fwd_bwd(call), flip_module_switch("use_tiled_cuda_backward"), args.repeats)
             if layout.tile_plan() is not None and len(layout.tile_plan()) > 1:
@@ -328,7 +328,8 @@ def main():
                           general_graph_fwd_ms=general_graph, lanes_graph_fwd_ms=lanes_graph,
                           switch_defaults=dict(long_rows_beside=_torch_ops.long_rows_beside,
                                                overlap_passes=_torch_ops.overlap_passes,
-                                               use_tiled_cuda_backward=_torch_ops.use_tiled_cuda_backward),
+                                               use_tiled_cuda_backward=_torch_ops.use_tiled_cuda_backward,
+                                               tiled_backward_long_rows=_torch_ops.tiled_backward_long_rows),
                           switch_graph_fwd_ms=switch_graphs, host_us_per_eager_call=host_us,
                           flex_fwd_bwd_ms=flex_fb, flex_note=flex_note, device=name)
             raw.append(record)
@@ -379,7 +380,7 @@ def write_tables(args, name, raw, kernel_rows):
                   "ms. long_rows_beside: LONGFORMER's global "
                   "rows on a second stream beside the passes; overlap_passes: a merging pass starts while "
                   "the one before it drains; keys per long-row segment: the split of a global row; "
-                  "use_tiled_cuda_backward: dQ on tensor cores (timed eager, forward+backward); "
+                  "use_tiled_cuda_backward: the backward on tensor cores (timed eager, forward+backward); "
                   "Defaults: "
                   + ", ".join(f"{k} {v}" for k, v in switched[0]["switch_defaults"].items())
                   + f", {_torch_ops.split_segment_keys} keys per segment.",

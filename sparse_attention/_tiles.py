@@ -237,14 +237,17 @@ def _best_shape(layout, selected):
     return best
 
 
-def build_tile_plan(layout):
+def build_tile_plan(layout, keep_long_rows=False):
     """``layout``'s TilePlan, or None when the layout is too large to plan (see
-    MAX_PAIRS)."""
+    MAX_PAIRS). With keep_long_rows the long rows stay in the plan, which then
+    holds every pair: the CUDA tensor-core backward takes such a plan, where
+    one block walking a long row's many chunks costs less than the row and
+    column kernels doing the whole backward."""
     n = layout.num_tokens
     height, width = layout.height, layout.width
     if n == 0 or layout.nnz > MAX_PAIRS:
         return None
-    long_rows = _long_rows(layout)
+    long_rows = np.zeros(0, dtype=np.int32) if keep_long_rows else _long_rows(layout)
     rows = layout.row_ids()
     cols = layout.indices.astype(np.int64)
     short = ~np.isin(rows, long_rows) if long_rows.size else np.ones(rows.size, dtype=bool)

@@ -86,7 +86,7 @@ def _tensor_core_capable(device) -> bool:
     return capable
 
 
-_NO_PLAN = (None, [], None, 0, None)
+_NO_PLAN = (None, [], None, 0, None, None, [])
 # keys per block when a long row is split across blocks (tests set it lower)
 split_segment_keys = 512
 # CUDA forwards with a tile plan: run the rows the plan leaves out (LONGFORMER's
@@ -101,6 +101,12 @@ long_rows_beside = os.environ.get("SPARSE_ATTENTION_LONG_ROWS_BESIDE", "1") != "
 # otherwise). On an H200 it took AXIAL's forward+backward at 128x128 from
 # 7.5 to 0.82 ms; SPARSE_ATTENTION_TILED_BACKWARD=0 turns it off.
 use_tiled_cuda_backward = os.environ.get("SPARSE_ATTENTION_TILED_BACKWARD", "1") != "0"
+# With it, a plan that leaves long rows out (LONGFORMER's global tokens) is
+# planned again with them kept in, for the backward alone: one block walks a
+# global row's chunks while the rest of the grid does the other tiles, instead
+# of the row and column kernels doing the whole backward.
+# SPARSE_ATTENTION_TILED_BACKWARD_LONG_ROWS=0 turns it off.
+tiled_backward_long_rows = os.environ.get("SPARSE_ATTENTION_TILED_BACKWARD_LONG_ROWS", "1") != "0"
 # CUDA forwards with a plan of several passes (AXIAL's rows, then columns): on
 # compute capability 9.0 each merging pass starts while the one before drains
 # (programmatic dependent launch). SPARSE_ATTENTION_OVERLAP_PASSES=0 turns it
@@ -129,24 +135,26 @@ def _cpu_tensors(layout, key, arrays):
 
 
 def _tile_plan_for(layout, device, dtype, head_dim, want_stats):
-    """(buffer, passes, long_rows, long_row_splits, stencil) of the tile plan when
-    a tiled forward (CUDA tensor cores, CPU panels) applies to these arguments,
-    else (None, [], None, 0, None). On the CPU a stencil layout gets its
-    stencil: (None, [], None, 0, stencil), or STRIDED's window stencil with its
-    lattice plan: (buffer, passes, None, 0, stencil)."""
+    """(buffer, passes, long_rows, long_row_splits, stencil, backward_buffer,
+    backward_passes) of the tile plan when a tiled forward (CUDA tensor cores,
+    CPU panels) applies to these arguments, else _NO_PLAN. On the CPU a stencil
+    layout gets its stencil: (None, [], None, 0, stencil, None, []), or
+    STRIDED's window stencil with its lattice plan: (buffer, passes, None, 0,
+    stencil, None, []). The backward's plan is the CUDA plan with its long rows
+    kept in (see tiled_backward_long_rows), where the plan leaves rows out."""
     if device.type == "cpu":
         kind = _stencil.cpu_kernel_choice(layout, want_stats) if dtype == torch.float32 else None
         if kind == "split":
             window, buffer, passes = layout.stencil_split()
             window, buffer = _cpu_tensors(layout, "split", (window, buffer))
-            return buffer, passes, None, 0, window
+            return buffer, passes, None, 0, window, None, []
         if kind == "stencil":
             (stencil,) = _cpu_tensors(layout, "stencil", (layout.stencil(),))
-            return None, [], None, 0, stencil
+            return None, [], None, 0, stencil, None, []
         if kind is None:
             return _NO_PLAN
         plan = layout.tile_plan_tensors(device)
-        return plan["buffer"], plan["passes"], plan["long_rows"], 0, None
+        return plan["buffer"], plan["passes"], plan["long_rows"], 0, None, None, []
     if not _tiled_applies(device, dtype, head_dim):
         return _NO_PLAN
     plan = layout.tile_plan_tensors(device)
@@ -155,7 +163,11 @@ def _tile_plan_for(layout, device, dtype, head_dim, want_stats):
     splits = 0
     if plan["long_rows"] is not None and split_segment_keys > 0:
         splits = max(1, min(65536, -(-plan["long_row_max_keys"] // split_segment_keys)))
-    return plan["buffer"], plan["passes"], plan["long_rows"], splits, None
+    backward_buffer, backward_passes = None, []
+    if plan["long_rows"] is not None and use_tiled_cuda_backward and tiled_backward_long_rows:
+        backward_buffer, backward_passes = layout.full_tile_plan_tensors(device)
+    return (plan["buffer"], plan["passes"], plan["long_rows"], splits, None,
+            backward_buffer, backward_passes)
 
 
 # Fewest blocks for the segments of the split long rows: below it, segments
@@ -177,7 +189,7 @@ def _kernel_switches():
     """The module switches that steer the choice of kernel and plan (tests flip them)."""
     return (_stencil.use_stencil_cpu_kernel, _stencil.use_lattice_split, _tiles.use_tiled_cpu_kernel,
             _tiles.CPU_MIN_FILL, use_tiled_cuda_kernel, use_reference_cuda_kernels,
-            split_segment_keys)
+            split_segment_keys, use_tiled_cuda_backward, tiled_backward_long_rows)
 
 
 def _layout_and_plan_eager(layout, device, dtype, head_dim, max_relative, want_stats):
@@ -212,7 +224,7 @@ def _cuda_extras(device, long_rows, long_cols, backward=False):
 def _forward_impl(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr,
                   long_rows, long_cols, height, width, scale, bias, key_mask, head_active,
                   dropout_p, seed, want_stats, tile_plan, tile_passes, plan_long_rows,
-                  long_row_splits, stencil):
+                  long_row_splits, stencil, backward_plan=None, backward_passes=()):
     batch, heads, num_tokens, _ = query.shape
     accum = _accum_dtype(query.dtype)
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
@@ -267,7 +279,8 @@ def _forward_schema(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     head_active: Optional[torch.Tensor], dropout_p: float, seed: torch.Tensor,
                     want_stats: bool, tile_plan: Optional[torch.Tensor], tile_passes: list[int],
                     plan_long_rows: Optional[torch.Tensor], long_row_splits: int,
-                    stencil: Optional[torch.Tensor]
+                    stencil: Optional[torch.Tensor], backward_plan: Optional[torch.Tensor],
+                    backward_passes: list[int]
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward_impl(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm,
                          bucket_ptr, long_rows, long_cols, height, width, scale, bias, key_mask,
@@ -284,7 +297,7 @@ _forward = torch.library.custom_op("sparse_attention::forward", mutates_args=())
 def _forward_fake(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr,
                   long_rows, long_cols, height, width, scale, bias, key_mask,
                   head_active, dropout_p, seed, want_stats, tile_plan, tile_passes,
-                  plan_long_rows, long_row_splits, stencil):
+                  plan_long_rows, long_row_splits, stencil, backward_plan, backward_passes):
     batch, heads, num_tokens, _ = query.shape
     accum = _accum_dtype(query.dtype)
     stats_shape = (batch, heads, num_tokens, 2) if want_stats else (0,)
@@ -295,7 +308,7 @@ def _forward_fake(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_
 def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx,
                    bucket_perm, bucket_ptr, long_rows, long_cols, height, width, scale, bias,
                    key_mask, head_active, dropout_p, seed, tile_plan=None, tile_passes=(),
-                   plan_long_rows=None, stencil=None):
+                   plan_long_rows=None, stencil=None, backward_plan=None, backward_passes=()):
     batch, heads, num_tokens, _ = query.shape
     accum = _accum_dtype(query.dtype)
     device = query.device
@@ -314,7 +327,8 @@ def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
                          key_mask=d(key_mask), head_active=d(head_active), dropout_p=dropout_p,
                          dropout_seed=_seed_value(seed), grad_scores=d(grad_scores), stream=stream,
                          **_cuda_extras(device, d(long_rows), d(long_cols), backward=True),
-                         **_backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil))
+                         **_backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil,
+                                          backward_plan, backward_passes))
     if bias is not None:
         grad_table = torch.empty(heads, bucket_ptr.shape[0] - 1, dtype=accum, device=device)
         C.bias_grad(grad_scores, bucket_perm, bucket_ptr, grad_table, stream=stream)
@@ -324,19 +338,25 @@ def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
     return grads[0], grads[1], grads[2], grad_bias
 
 
-def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil):
+def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil,
+                   backward_plan=None, backward_passes=()):
     """The plan for the tiled or stencil CPU backward when it applies (float32
     plans only reach here), or for the CUDA backward's tensor-core gradients,
     else nothing: the row and column kernels run."""
     if device.type == "cuda":
         # every pair must be in the plan (no rows left out), which only this side
-        # knows: the tiled kernels add only the plan's pairs. A bias gradient
-        # with a plan is refused by the C entry point. The C side falls back to
-        # the row and column kernels where the lean kernel's own conditions
-        # (dropout, head dim, alignment) fail (C.cuda_tiled_grad_*_passes count
-        # what ran).
-        if not use_tiled_cuda_backward or tile_plan is None or bias is not None or plan_long_rows is not None:
+        # knows: the tiled kernels add only the plan's pairs, so a forward plan
+        # that leaves long rows out hands over its full twin (backward_plan). A
+        # bias gradient with a plan is refused by the C entry point. The C side
+        # falls back to the row and column kernels where the lean kernel's own
+        # conditions (dropout, head dim, alignment) fail
+        # (C.cuda_tiled_grad_*_passes count what ran).
+        if not use_tiled_cuda_backward or tile_plan is None or bias is not None:
             return {}
+        if plan_long_rows is not None:
+            if backward_plan is None or not tiled_backward_long_rows:
+                return {}
+            return dict(tile_plan=_detached(backward_plan), tile_passes=list(backward_passes))
         return dict(tile_plan=_detached(tile_plan), tile_passes=tile_passes)
     if device.type == "cpu" and stencil is not None:
         if bias is not None or not _stencil.use_stencil_cpu_kernel:
@@ -366,12 +386,13 @@ def _backward_schema(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Ten
                      bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor],
                      head_active: Optional[torch.Tensor], dropout_p: float, seed: torch.Tensor,
                      tile_plan: Optional[torch.Tensor], tile_passes: list[int],
-                     plan_long_rows: Optional[torch.Tensor], stencil: Optional[torch.Tensor]
+                     plan_long_rows: Optional[torch.Tensor], stencil: Optional[torch.Tensor],
+                     backward_plan: Optional[torch.Tensor], backward_passes: list[int]
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_ptr,
                           row_idx, bucket_perm, bucket_ptr, long_rows, long_cols, height, width,
                           scale, bias, key_mask, head_active, dropout_p, seed, tile_plan,
-                          tile_passes, plan_long_rows, stencil)
+                          tile_passes, plan_long_rows, stencil, backward_plan, backward_passes)
 
 
 _backward = torch.library.custom_op("sparse_attention::backward", mutates_args=())(_backward_schema)
@@ -380,7 +401,8 @@ _backward = torch.library.custom_op("sparse_attention::backward", mutates_args=(
 @_backward.register_fake
 def _backward_fake(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx,
                    bucket_perm, bucket_ptr, long_rows, long_cols, height, width, scale, bias, key_mask, head_active,
-                   dropout_p, seed, tile_plan, tile_passes, plan_long_rows, stencil):
+                   dropout_p, seed, tile_plan, tile_passes, plan_long_rows, stencil,
+                   backward_plan, backward_passes):
     grad_bias = bias.new_empty(bias.shape) if bias is not None else query.new_empty((0,))
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), grad_bias
 
@@ -388,25 +410,26 @@ def _backward_fake(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
 def _setup_context(ctx, inputs, output):
     (query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr, long_rows,
      long_cols, height, width, scale, bias, key_mask, head_active, dropout_p, seed, _stats,
-     _plan, _passes, _plan_long_rows, _splits, _stencil_plan) = inputs
+     _plan, _passes, _plan_long_rows, _splits, _stencil_plan, _backward_plan_buffer,
+     _backward_passes) = inputs
     out, lse, _stats = output
     ctx.save_for_backward(query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx,
                           bucket_perm, bucket_ptr, long_rows, long_cols, bias, key_mask, head_active,
-                          seed, _plan, _plan_long_rows, _stencil_plan)
-    ctx.args = (height, width, scale, dropout_p, list(_passes))
+                          seed, _plan, _plan_long_rows, _stencil_plan, _backward_plan_buffer)
+    ctx.args = (height, width, scale, dropout_p, list(_passes), list(_backward_passes))
 
 
 def _backward_rule(ctx, grad_out, _grad_lse, _grad_stats):
     (query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr,
      long_rows, long_cols, bias, key_mask, head_active, seed, plan, plan_long_rows,
-     stencil) = ctx.saved_tensors
-    height, width, scale, dropout_p, passes = ctx.args
+     stencil, backward_plan) = ctx.saved_tensors
+    height, width, scale, dropout_p, passes, backward_passes = ctx.args
     grad_q, grad_k, grad_v, grad_bias = _backward(
         grad_out, query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx, bucket_perm,
         bucket_ptr, long_rows, long_cols, height, width, scale, bias, key_mask, head_active,
-        dropout_p, seed, plan, passes, plan_long_rows, stencil)
+        dropout_p, seed, plan, passes, plan_long_rows, stencil, backward_plan, backward_passes)
     return (grad_q, grad_k, grad_v) + (None,) * 11 + (
-        grad_bias if bias is not None else None,) + (None,) * 10
+        grad_bias if bias is not None else None,) + (None,) * 12
 
 
 _forward.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -433,7 +456,7 @@ class _EagerAttention(torch.autograd.Function):
         query, key, value, out, lse, bias = ctx.saved_tensors
         a = ctx.args
         grad_q, grad_k, grad_v, grad_bias = _backward_impl(
-            grad_out, query, key, value, out, lse, *a[3:_BIAS], bias, *a[_BIAS + 1:19], *a[20:23], a[24])
+            grad_out, query, key, value, out, lse, *a[3:_BIAS], bias, *a[_BIAS + 1:19], *a[20:23], *a[24:27])
         return grad_q, grad_k, grad_v, (grad_bias if bias is not None else None), None
 
 

@@ -213,6 +213,20 @@ class Layout:
 
         return self._built_once("plan", build_tile_plan)
 
+    def full_tile_plan(self):
+        """The tile plan with the long rows kept in it (every pair planned), for
+        the CUDA tensor-core backward; the same object as tile_plan() when that
+        leaves no row out."""
+        from ._tiles import build_tile_plan
+
+        def build(layout):
+            plan = layout.tile_plan()
+            if plan is None or not plan.long_rows.size:
+                return plan
+            return build_tile_plan(layout, keep_long_rows=True)
+
+        return self._built_once("full_plan", build)
+
     def stencil(self):
         """The layout as the CPU stencil kernels take it (see _stencil.py): one
         int32 array, built and checked against the CSR rows once; None when the
@@ -229,18 +243,19 @@ class Layout:
 
         return self._built_once("split", lattice_split)
 
-    def packed_tile_plan(self):
-        """(buffer, passes, long_rows) of the tile plan as the C entry point takes
-        it (NumPy arrays, built once), or None without a plan."""
+    def packed_tile_plan(self, full=False):
+        """(buffer, passes, long_rows) of the tile plan (of full_tile_plan() with
+        full) as the C entry point takes it (NumPy arrays, built once), or None
+        without a plan."""
         def pack(layout):
-            plan = layout.tile_plan()
+            plan = layout.full_tile_plan() if full else layout.tile_plan()
             if plan is None:
                 return None
             buffer, passes = plan.packed()
             buffer.setflags(write=False)
             return buffer, [int(x) for x in passes], plan.long_rows if plan.long_rows.size else None
 
-        return self._built_once("packed", pack)
+        return self._built_once("packed_full" if full else "packed", pack)
 
     def _built_once(self, key, build):
         """build(self), cached under key (None results too)."""
@@ -277,6 +292,21 @@ class Layout:
                 "long_row_max_keys": (int(self.degrees()[plan.long_rows].max())
                                       if plan.long_rows.size else 0),
             }
+        with self._lock:
+            self._device_cache[key] = tensors
+        return tensors
+
+    def full_tile_plan_tensors(self, device):
+        """(buffer tensor on ``device``, six ints per pass) of full_tile_plan(),
+        copied once; None without a plan."""
+        import torch
+
+        key = ("full_tiles", str(torch.device(device)))
+        with self._lock:
+            if key in self._device_cache:
+                return self._device_cache[key]
+        packed = self.packed_tile_plan(full=True)
+        tensors = None if packed is None else (torch.from_numpy(packed[0].copy()).to(device), packed[1])
         with self._lock:
             self._device_cache[key] = tensors
         return tensors

@@ -403,6 +403,7 @@ def test_tiled_backward_against_reference(pattern, size, dim, dtype, monkeypatch
     (RANDOM is not: the column kernel does them); with a key mask and a pruned
     head. All three gradients against the float64 reference."""
     monkeypatch.setattr(_torch_ops, "use_tiled_cuda_backward", True)
+    monkeypatch.setattr(_torch_ops, "tiled_backward_long_rows", True)
     layout = build_layout(pattern, *size, kernel_size=5, block_size=4, attention_ratio=0.3)
     n = layout.num_tokens
     (q, k, v), _ = make(2, 3, n, dim, dtype, seed=dim + 2)
@@ -413,11 +414,10 @@ def test_tiled_backward_against_reference(pattern, size, dim, dtype, monkeypatch
     before = tiled_backward_passes()
     out = run_tiled(*leaves, layout, key_mask=key_mask.cuda(), head_active=active.cuda())
     out.backward(grad_out.cuda())
-    passes = len(layout.tile_plan())
+    # LONGFORMER's global row, left out of the forward's plan from 33 x 35 on,
+    # is kept in the backward's (full_tile_plan)
+    passes = len(layout.full_tile_plan())
     expected = (passes, passes if layout.is_symmetric() else 0)
-    if len(layout.tile_plan().long_rows):
-        expected = (0, 0)  # LONGFORMER's global row left out of the plan: the row kernels
-    # (below 33 x 35 the global row stays in the plan, and the tiled kernels take it)
     assert tuple(a - b for a, b in zip(tiled_backward_passes(), before)) == expected
     ref = [t.double().requires_grad_(True) for t in (q, k, v)]
     ref_out = reference_attention(*ref, layout, key_mask=key_mask, head_active=active)[0]
@@ -433,8 +433,10 @@ def test_tiled_backward_against_reference(pattern, size, dim, dtype, monkeypatch
 
 def test_tiled_backward_agrees_with_the_row_kernels_and_falls_back(monkeypatch):
     """The tiled gradients against the row and column kernels' on the same call
-    (bf16 rounding apart); calls they do not take (a long row left out of the
-    plan, head dim 72, dropout) run the row and column kernels."""
+    (bf16 rounding apart), AXIAL's and LONGFORMER's with its global row
+    planned again for the backward; calls they do not take (dropout, that row
+    with tiled_backward_long_rows off, head dim 72) run the row and column
+    kernels."""
     layout = build_layout("axial", 24, 40)
     (q, k, v), _ = make(2, 4, 960, 64, torch.bfloat16, seed=3)
     grad_out = torch.randn(2, 4, 960, 64).to(torch.bfloat16).cuda()
@@ -455,12 +457,22 @@ def test_tiled_backward_agrees_with_the_row_kernels_and_falls_back(monkeypatch):
         torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2)
     before = tiled_backward_passes()
     grads(dropout_p=0.1, dropout_seed=3)
-    # at 24 x 40 the global row stays in the plan (the tiled kernels take it);
-    # at 48 x 48 it is left out as a long row, which they do not take
+    # at 48 x 48 the global row is left out of the forward's plan; with
+    # tiled_backward_long_rows off the backward does not plan it again
     long_row_layout = build_layout("longformer", 48, 48, num_global_tokens=1)
     assert len(long_row_layout.tile_plan().long_rows)
     (q48, k48, v48), _ = make(1, 2, 48 * 48, 64, torch.bfloat16, seed=4)
-    grads(inputs=(q48, k48, v48), on=long_row_layout)
+    monkeypatch.setattr(_torch_ops, "tiled_backward_long_rows", False)
+    torch.manual_seed(0)  # the same random output gradient for both calls
+    rows48 = grads(inputs=(q48, k48, v48), on=long_row_layout)
+    assert tiled_backward_passes() == before
+    monkeypatch.setattr(_torch_ops, "tiled_backward_long_rows", True)
+    torch.manual_seed(0)
+    tiled48 = grads(inputs=(q48, k48, v48), on=long_row_layout)
+    assert tiled_backward_passes()[0] == before[0] + len(long_row_layout.full_tile_plan())
+    for a, b in zip(tiled48, rows48):
+        torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2)
+    before = tiled_backward_passes()
     (q72, k72, v72), _ = make(2, 4, 960, 72, torch.bfloat16)
     grads(inputs=(q72, k72, v72))
     assert tiled_backward_passes() == before

@@ -166,17 +166,23 @@ def _tiled_backward_by_plan(plan, q, k, v, grad_out, lse, delta, scale, usable):
 
 
 @pytest.mark.parametrize("pattern, size", [("axial", (20, 70)), ("axial", (7, 13)), ("block", (33, 35)),
-                                           ("strided", (33, 35)), ("dense", (9, 11))])
+                                           ("strided", (33, 35)), ("dense", (9, 11)),
+                                           ("longformer", (33, 35)), ("longformer", (7, 13))])
 def test_a_symmetric_layouts_plan_serves_its_backward(pattern, size):
     """What the CUDA tensor-core backward relies on: a symmetric layout's plan,
     read with tiles as keys, is its transpose's, and the passes' contributions
-    sum to the gradients (against autograd on the dense float64 reference)."""
+    sum to the gradients (against autograd on the dense float64 reference).
+    The backward takes the full plan: LONGFORMER's global row, left out of the
+    forward's plan at 33 x 35, is kept in it."""
     from reference import reference_attention
 
     layout = build_layout(pattern, *size, kernel_size=5, block_size=4)
     assert layout.is_symmetric()
-    plan = build_tile_plan(layout)
+    plan = layout.full_tile_plan()
     assert plan.long_rows.size == 0
+    assert (plan is layout.tile_plan()) == (layout.tile_plan().long_rows.size == 0)
+    if pattern == "longformer" and size == (33, 35):
+        assert layout.tile_plan().long_rows.size == 1
     n, dim = layout.num_tokens, 16
     gen = torch.Generator().manual_seed(5)
     q, k, v, grad_out = (torch.randn(1, 1, n, dim, generator=gen, dtype=torch.float64) for _ in range(4))
