@@ -130,6 +130,7 @@ typedef struct {
     int any_full;
     int wide; /* 32 vector registers: union rows' dots two rows a pass, P x V four lanes */
     int64_t bands, band_items;
+    int64_t bias_cells; /* (2M+1)^2: one (batch, head)'s row of grad_bias_rows */
     atomic_llong next_item;
     atomic_int failed;
 } window_ctx;
@@ -142,6 +143,7 @@ typedef struct {
     v8 *qt, *got;      /* [dim]: the block's queries (output gradients) transposed */
     float *full;       /* [tokens]: a full row's scores, then weights */
     float *full_grads; /* [tokens] (backward): its dO . V, then dS */
+    v8 *slot_bias_grads; /* [union slot] (backward with grad_bias_rows): dS summed over blocks */
     int64_t bias_head;
 } window_work;
 
@@ -160,6 +162,7 @@ static void work_free(window_work *w)
     free(w->got);
     free(w->full);
     free(w->full_grads);
+    free(w->slot_bias_grads);
 }
 
 static int work_alloc(window_work *w, const window_ctx *c, int backward)
@@ -178,6 +181,10 @@ static int work_alloc(window_work *w, const window_ctx *c, int backward)
         w->got = alloc64(dim_bytes);
         if (c->any_full) w->full_grads = alloc64(row_bytes);
         ok = ok && w->grads && w->got && (w->full_grads || !c->any_full);
+        if (c->p->grad_bias_rows != NULL) {
+            w->slot_bias_grads = alloc64((size_t)c->union_slots * sizeof(v8));
+            ok = ok && w->slot_bias_grads;
+        }
     }
     return ok ? 0 : -1;
 }
@@ -965,18 +972,34 @@ INLINE void backward_block(const window_ctx *c, window_work *w, int64_t b, int64
         for (int l = 0; l < LANES; l++) query_keys[l] = sa_dropout_query_key(row_key, token[l] >= 0 ? token[l] : 0);
     }
     const int64_t slots = US + num_extra;
+    v8 *bias_grads = w->slot_bias_grads; /* NULL without a bias gradient */
+    float *bias_cells = bias_grads ? p->grad_bias_rows + bh * c->bias_cells : NULL;
     for (int64_t s0 = 0; s0 < slots; s0 += 4) {
         const int n = slots - s0 < 4 ? (int)(slots - s0) : 4;
         v8 prob[4];
         for (int i = 0; i < n; i++) prob[i] = scores[s0 + i] - row_lse;
         exp_some_lanes(prob, n);
         for (int i = 0; i < n; i++) {
+            const int64_t s = s0 + i;
             v8 keep = SPLAT(c->keep_scale);
             if (c->threshold > 0)
-                keep = SELECT(sa_keep_lanes(c->threshold, query_keys, slot_key(c, &u, s0 + i), 0), keep, zero);
+                keep = SELECT(sa_keep_lanes(c->threshold, query_keys, slot_key(c, &u, s), 0), keep, zero);
             prob[i] = SELECT(live, prob[i], zero);
-            grads[s0 + i] = prob[i] * (grads[s0 + i] * keep - row_delta) * c->scale;
-            scores[s0 + i] = prob[i] * keep;
+            const v8 score_grad = prob[i] * (grads[s] * keep - row_delta);
+            grads[s] = score_grad * c->scale;
+            scores[s] = prob[i] * keep;
+            if (bias_grads == NULL) continue;
+            /* a union slot is the same offset from a lane in every block: summed
+             * per slot here, put in the table's cells once per item; an extra
+             * key's offset differs from block to block */
+            if (s < US) {
+                bias_grads[s] += score_grad;
+                continue;
+            }
+            const int64_t key = p->stencil_keys[s - US];
+            for (int l = 0; l < LANES; l++)
+                if (token[l] >= 0)
+                    bias_cells[sa_bias_cell(p, token[l] / W - key / W, token[l] % W - key % W)] += score_grad[l];
         }
     }
 
@@ -1091,10 +1114,18 @@ INLINE void backward_full_row(const window_ctx *c, window_work *w, int64_t b, in
         v8 keep = SPLAT(c->keep_scale);
         if (c->threshold > 0)
             keep = SELECT(sa_keep_lanes(c->threshold, (u8v){0} + query_key, (int32_t)j0, 1), keep, zero);
-        const v8 grad = prob * (dp * keep - row_delta) * c->scale, weight = prob * keep;
+        const v8 score_grad = prob * (dp * keep - row_delta);
+        const v8 grad = score_grad * c->scale, weight = prob * keep;
         for (int k = 0; k < n; k++) {
             grads[j0 + k] = grad[k];
             scores[j0 + k] = weight[k];
+        }
+        if (p->grad_bias_rows != NULL) {
+            float *cells = p->grad_bias_rows + bh * c->bias_cells;
+            for (int k = 0; k < n; k++) {
+                const int64_t j = j0 + k;
+                cells[sa_bias_cell(p, iy - j / W, ix - j % W)] += score_grad[k];
+            }
         }
     }
     /* dQ accumulates in registers; each key's dK and dV row takes one update */
@@ -1133,6 +1164,19 @@ INLINE void backward_full_row(const window_ctx *c, window_work *w, int64_t b, in
     }
 }
 
+/* The union slots' summed dS into one (batch, head)'s bias cells, lane by lane
+ * (the offsets of fill_slot_bias). */
+static void flush_slot_bias_grads(const window_ctx *c, const window_work *w, float *cells)
+{
+    for (int s = 0; s < c->union_slots; s++) {
+        const int r = s / c->union_cols, col = s % c->union_cols;
+        for (int l = 0; l < LANES; l++) {
+            const int64_t dy = l / BLOCK_COLS - (c->box.dy_lo + r), dx = l % BLOCK_COLS - (c->box.dx_lo + col);
+            cells[sa_bias_cell(c->p, dy, dx)] += w->slot_bias_grads[s][l];
+        }
+    }
+}
+
 WINDOW_CLONES
 static void backward_items(void *opaque, int64_t first, int64_t last)
 {
@@ -1156,6 +1200,11 @@ static void backward_items(void *opaque, int64_t first, int64_t last)
         float *grad_v = (float *)p->grad_v + bh * n * dim;
         memset(grad_k, 0, (size_t)(n * dim) * sizeof(float));
         memset(grad_v, 0, (size_t)(n * dim) * sizeof(float));
+        float *bias_cells = p->grad_bias_rows != NULL ? p->grad_bias_rows + bh * c->bias_cells : NULL;
+        if (bias_cells != NULL) {
+            memset(bias_cells, 0, (size_t)c->bias_cells * sizeof(float));
+            memset(w.slot_bias_grads, 0, (size_t)c->union_slots * sizeof(v8));
+        }
         if (p->head_active != NULL && !p->head_active[h]) {
             memset(grad_q, 0, (size_t)(n * dim) * sizeof(float));
             continue;
@@ -1163,6 +1212,7 @@ static void backward_items(void *opaque, int64_t first, int64_t last)
         if (p->bias_table != NULL && w.bias_head != h) fill_slot_bias(c, &w, h);
         for (int64_t y0 = 0; y0 < H; y0 += BLOCK_ROWS)
             for (int64_t x0 = 0; x0 < W; x0 += BLOCK_COLS) backward_block(c, &w, b, h, y0, x0, grad_q, grad_k, grad_v);
+        if (bias_cells != NULL) flush_slot_bias_grads(c, &w, bias_cells);
         for (int64_t t = 0; t < p->stencil_num_rows; t++)
             backward_full_row(c, &w, b, h, p->stencil_rows[t], grad_q, grad_k, grad_v);
     }
@@ -1222,6 +1272,7 @@ static int ctx_init(window_ctx *c, const sa_attention_params *p, char *err, size
     }
     c->bands = (H + BAND_ROWS - 1) / BAND_ROWS;
     c->band_items = p->batch * p->heads * c->bands;
+    c->bias_cells = (2 * p->max_relative + 1) * (2 * p->max_relative + 1);
     return SA_OK;
 }
 
@@ -1256,6 +1307,11 @@ int sa_cpu_backward_window(const sa_attention_params *p, int num_threads, char *
     if (status == SA_OK && !all_full) {
         /* a listed row with only some keys needs the row kernel's backward, which the strips run */
         ctx_free(&c);
+        if (p->grad_bias_rows != NULL) {
+            snprintf(err, len, "grad_bias_rows: the window CPU backward takes listed rows that attend "
+                               "every token only");
+            return SA_ERR_UNSUPPORTED;
+        }
         return sa_cpu_backward_stencil(p, num_threads, err, len);
     }
     /* one (batch, head) per item: its dK and dV have one writer */

@@ -14,8 +14,9 @@ int sa_cpu_forward_window(const sa_attention_params *p, int num_threads, int32_t
                           char *err, size_t len);
 
 /* As sa_cpu_backward_stencil (attention_cpu_stencil.h), for a stencil that
- * fits and no bias gradient; with a listed row that attends only some
- * tokens it hands the call to sa_cpu_backward_stencil. */
+ * fits and no grad_scores; with a listed row that attends only some tokens
+ * it hands the call to sa_cpu_backward_stencil (refused with grad_bias_rows).
+ * With grad_bias_rows it writes each (batch, head)'s bias gradient there. */
 int sa_cpu_backward_window(const sa_attention_params *p, int num_threads, char *err, size_t len);
 
 /* Calls that ran on the window kernels so far (for tests). */

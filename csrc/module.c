@@ -584,7 +584,7 @@ static char *backward_kwlist[] = {"query", "key", "value", "out", "grad_out", "l
                                   "rel_pos_bias", "key_mask", "head_active", "dropout_p",
                                   "dropout_seed", "grad_scores", "stream", "long_rows",
                                   "long_cols", "long_threshold", "reference_kernel", "tile_plan",
-                                  "tile_passes", "stencil", "stencil_strips", NULL};
+                                  "tile_passes", "stencil", "stencil_strips", "grad_bias_rows", NULL};
 
 static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kwargs)
 {
@@ -593,17 +593,17 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
         *gv_obj, *ptr_obj, *idx_obj, *cptr_obj, *ridx_obj;
     PyObject *gs_obj = Py_None, *long_rows_obj = Py_None, *long_cols_obj = Py_None;
     PyObject *plan_obj = Py_None, *passes_obj = Py_None;
-    PyObject *stencil_obj = Py_None;
+    PyObject *stencil_obj = Py_None, *bias_rows_obj = Py_None;
     common_options o = {Py_None, Py_None, Py_None, 0, 0, NAN, 0.0, 0};
     long long stream = -1, long_threshold = INT64_MAX;
     int reference_kernel = 0, stencil_strips = 0;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "OOOOOOOOOOOOOO|$LLdOOOdKOLOOLpOOOp", backward_kwlist, &q_obj, &k_obj,
+            args, kwargs, "OOOOOOOOOOOOOO|$LLdOOOdKOLOOLpOOOpO", backward_kwlist, &q_obj, &k_obj,
             &v_obj, &out_obj, &go_obj, &lse_obj, &delta_obj, &gq_obj, &gk_obj, &gv_obj, &ptr_obj,
             &idx_obj, &cptr_obj, &ridx_obj, &o.height, &o.width, &o.scale, &o.bias, &o.key_mask,
             &o.head_active, &o.dropout_p, &o.dropout_seed, &gs_obj, &stream, &long_rows_obj,
             &long_cols_obj, &long_threshold, &reference_kernel, &plan_obj, &passes_obj,
-            &stencil_obj, &stencil_strips))
+            &stencil_obj, &stencil_strips, &bias_rows_obj))
         return NULL;
     view_set set = {.count = 0, .stream = stream};
     sa_attention_params p;
@@ -692,8 +692,24 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
     if (take_stencil(&set, stencil_obj, q, &p) < 0) goto fail;
     if (p.stencil_offsets != NULL && p.grad_scores != NULL) {
         PyErr_SetString(PyExc_ValueError,
-                        "stencil: the stencil backward gives no bias gradient (grad_scores)");
+                        "stencil: the stencil backward gives no bias gradient (grad_scores; "
+                        "grad_bias_rows on the window kernel)");
         goto fail;
+    }
+    if (bias_rows_obj != Py_None) {
+        /* only the window backward fills it; any other kernel would leave it unwritten */
+        if (is_cuda(q) || p.bias_table == NULL || p.stencil_offsets == NULL || p.stencil_strips || plan.count > 0 ||
+            !sa_cpu_window_fits(&p)) {
+            PyErr_SetString(PyExc_ValueError,
+                            "grad_bias_rows: takes a float32 CPU call with rel_pos_bias and a stencil "
+                            "that the window kernel runs (no stencil_strips, no tile_plan)");
+            goto fail;
+        }
+        const int64_t side = 2 * p.max_relative + 1;
+        int64_t shape[3] = {p.batch, p.heads, side * side};
+        sa_view *bias_rows = take(&set, bias_rows_obj, "grad_bias_rows", 1);
+        if (!bias_rows || check_buffer(bias_rows, q, accum_bit(p.dtype), shape, 3) < 0) goto fail;
+        p.grad_bias_rows = (float *)bias_rows->data;
     }
     if (run_kernel(is_cuda(q), 1, &p) < 0) goto fail;
     release_all(&set);

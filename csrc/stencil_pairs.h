@@ -24,14 +24,21 @@ static inline int sa_key_usable(const sa_attention_params *p, int64_t b, int64_t
     return p->key_mask == NULL || p->key_mask[b * p->key_mask_stride[0] + j * p->key_mask_stride[1]];
 }
 
-/* dy, dx: query minus key, as the table is indexed; clipped to the table */
+/* The cell of one head's bias table for offset (dy, dx), query minus key:
+ * clipped to the table */
+static inline int64_t sa_bias_cell(const sa_attention_params *p, int64_t dy, int64_t dx)
+{
+    const int64_t m = p->max_relative;
+    dy = dy < -m ? -m : (dy > m ? m : dy);
+    dx = dx < -m ? -m : (dx > m ? m : dx);
+    return (dy + m) * (2 * m + 1) + dx + m;
+}
+
 static inline float sa_bias_of(const sa_attention_params *p, int64_t h, int64_t dy, int64_t dx)
 {
     if (p->bias_table == NULL) return 0.0f;
-    const int64_t m = p->max_relative, side = 2 * m + 1;
-    dy = dy < -m ? -m : (dy > m ? m : dy);
-    dx = dx < -m ? -m : (dx > m ? m : dx);
-    return ((const float *)p->bias_table)[(h * side + dy + m) * side + dx + m];
+    const int64_t side = 2 * p->max_relative + 1;
+    return ((const float *)p->bias_table)[h * side * side + sa_bias_cell(p, dy, dx)];
 }
 
 /* Whether CSR row i holds every token, in order (LONGFORMER's global queries). */

@@ -316,8 +316,14 @@ def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
         grad_out = grad_out.contiguous()
     grads = [torch.empty(query.shape, dtype=query.dtype, device=device) for _ in range(3)]
     delta = torch.empty(batch, heads, num_tokens, dtype=accum, device=device)
-    grad_scores = None
-    if bias is not None:
+    plan = _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil,
+                          backward_plan, backward_passes, query.shape[-1])
+    grad_scores = bias_rows = None
+    if bias is not None and "stencil" in plan:
+        # the window kernel sums the bias gradient per (batch, head) itself
+        bias_rows = torch.empty(batch, heads, bucket_ptr.shape[0] - 1, dtype=accum, device=device)
+        plan["grad_bias_rows"] = bias_rows
+    elif bias is not None:
         grad_scores = torch.empty(batch, heads, col_idx.shape[0], dtype=accum, device=device)
     stream = _stream_of(device)
     d = _detached
@@ -326,10 +332,13 @@ def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
                          d(row_idx), height=height, width=width, scale=scale, rel_pos_bias=d(bias),
                          key_mask=d(key_mask), head_active=d(head_active), dropout_p=dropout_p,
                          dropout_seed=_seed_value(seed), grad_scores=d(grad_scores), stream=stream,
-                         **_cuda_extras(device, d(long_rows), d(long_cols), backward=True),
-                         **_backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil,
-                                          backward_plan, backward_passes))
-    if bias is not None:
+                         **_cuda_extras(device, d(long_rows), d(long_cols), backward=True), **plan)
+    if bias_rows is not None:
+        grad_table = bias_rows[0].clone()
+        for b in range(1, batch):  # batch by batch: the same sum whatever the threads
+            grad_table += bias_rows[b]
+        grad_bias = grad_table.view(bias.shape).to(bias.dtype)
+    elif bias is not None:
         grad_table = torch.empty(heads, bucket_ptr.shape[0] - 1, dtype=accum, device=device)
         C.bias_grad(grad_scores, bucket_perm, bucket_ptr, grad_table, stream=stream)
         grad_bias = grad_table.view(bias.shape).to(bias.dtype)
@@ -339,10 +348,12 @@ def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
 
 
 def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil,
-                   backward_plan=None, backward_passes=()):
+                   backward_plan=None, backward_passes=(), head_dim=0):
     """The plan for the tiled or stencil CPU backward when it applies (float32
     plans only reach here), or for the CUDA backward's tensor-core gradients,
-    else nothing: the row and column kernels run."""
+    else nothing: the row and column kernels run. With a bias, a stencil plan
+    comes back only where the window kernel runs it (it gives the bias
+    gradient; the strips and the tiles do not)."""
     if device.type == "cuda":
         # every pair must be in the plan (no rows left out), which only this side
         # knows: the tiled kernels add only the plan's pairs, so a forward plan
@@ -359,8 +370,11 @@ def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil
             return dict(tile_plan=_detached(backward_plan), tile_passes=list(backward_passes))
         return dict(tile_plan=_detached(tile_plan), tile_passes=tile_passes)
     if device.type == "cpu" and stencil is not None:
-        if bias is not None or not _stencil.use_stencil_cpu_kernel:
-            return {}  # the bias gradient comes from the column kernels
+        if not _stencil.use_stencil_cpu_kernel:
+            return {}
+        if bias is not None and not (tile_plan is None and _stencil.use_window_kernel
+                                     and _stencil.window_takes(stencil, head_dim)):
+            return {}  # the bias gradient comes from the row kernels
         global stencil_backwards_run
         stencil_backwards_run += 1
         plan = dict(stencil=_detached(stencil))

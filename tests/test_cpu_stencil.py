@@ -114,18 +114,106 @@ def test_backward_against_reference(pattern, size):
     assert _torch_ops.stencil_backwards_run == before + 1
 
 
-def test_backward_with_a_bias_uses_the_row_kernels():
-    layout = build_layout("longformer", 10, 12, kernel_size=5)
-    (q, k, v), bias = make(1, 2, 120, 16, bias_side=5)
+def _bias_gradients(layout, q, k, v, bias, grad_out, **args):
+    """The op's four gradients (q, k, v, bias) in float32."""
     leaves = [t.float().requires_grad_(True) for t in (q, k, v, bias)]
+    attention(*leaves[:3], layout, rel_pos_bias=leaves[3], **args).backward(grad_out.float())
+    return [leaf.grad for leaf in leaves]
+
+
+def _reference_bias_gradients(layout, q, k, v, bias, grad_out, **args):
+    ref = [t.float().double().requires_grad_(True) for t in (q, k, v, bias)]
+    reference_attention(*ref[:3], layout, bias=ref[3], **args)[0].backward(grad_out.double())
+    return [r.grad for r in ref]
+
+
+@pytest.mark.parametrize("bias_side", [5, 9])  # 5: M = 2, so a 7 x 7 window's offsets are clipped
+@pytest.mark.parametrize("size", [(1, 1), (1, 17), (9, 1), (7, 13), (33, 35)])
+@pytest.mark.parametrize("knobs", [dict(kernel_size=7, num_global_tokens=1),
+                                   dict(kernel_size=5, num_global_tokens=2),
+                                   dict(kernel_size=3, num_global_tokens=0)])
+def test_window_backward_gives_the_bias_gradient(knobs, size, bias_side):
+    """With a relative position bias the window backward sums the bias
+    gradient per (batch, head) itself, window slots, global keys and global
+    rows alike; key mask, a pruned head and dropout as in training."""
+    layout = build_layout("longformer", *size, **knobs)
+    n = layout.num_tokens
+    (q, k, v), bias = make(2, 3, n, 20, seed=bias_side, bias_side=bias_side)
+    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(2)) > 0.25
+    args = dict(key_mask=key_mask, head_active=torch.tensor([True, False, True]), dropout_p=0.2,
+                dropout_seed=7)
+    grad_out = torch.randn(2, 3, n, 20, generator=torch.Generator().manual_seed(3))
+    before = _torch_ops.stencil_backwards_run, C.cpu_window_backwards()
+    got = _bias_gradients(layout, q, k, v, bias, grad_out, **args)
+    assert (_torch_ops.stencil_backwards_run, C.cpu_window_backwards()) == (before[0] + 1, before[1] + 1)
+    expected = _reference_bias_gradients(layout, q, k, v, bias, grad_out, **args)
+    for name, mine, ref in zip(("q", "k", "v", "bias"), got, expected):
+        error = (mine.double() - ref).abs().max().item()
+        assert error < 5e-5 * max(1.0, ref.abs().max().item()), f"grad {name}: {error}"
+    rows = call_with(_stencil, "use_stencil_cpu_kernel", False, _bias_gradients, layout, q, k, v, bias,
+                     grad_out, **args)
+    for mine, theirs in zip(got, rows):
+        torch.testing.assert_close(mine, theirs, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("pattern, knobs", [("longformer", dict(kernel_size=15, num_global_tokens=1)),
+                                            ("strided", dict(kernel_size=5, stride=3))])
+def test_a_bias_gradient_the_window_cannot_give_comes_from_the_row_kernels(pattern, knobs):
+    """A 15 x 15 window (past the window kernel's box) and STRIDED (its
+    lattice on the tiles) leave the backward with a bias to the row kernels."""
+    layout = build_layout(pattern, 20, 21, **knobs)
+    n = layout.num_tokens
+    (q, k, v), bias = make(1, 2, n, 16, bias_side=5)
+    grad_out = torch.randn(1, 2, n, 16, generator=torch.Generator().manual_seed(4))
     before = _torch_ops.stencil_backwards_run
-    out = attention(*leaves[:3], layout, rel_pos_bias=leaves[3])
-    out.backward(torch.ones_like(out))
+    got = _bias_gradients(layout, q, k, v, bias, grad_out)
     assert _torch_ops.stencil_backwards_run == before
-    ref = [t.double().requires_grad_(True) for t in (q, k, v, bias)]
-    reference_attention(*ref[:3], layout, bias=ref[3])[0].backward(torch.ones(out.shape, dtype=torch.float64))
-    for leaf, r in zip(leaves, ref):
-        assert (leaf.grad.double() - r.grad).abs().max() < 5e-5 * max(1.0, r.grad.abs().max().item())
+    for mine, ref in zip(got, _reference_bias_gradients(layout, q, k, v, bias, grad_out)):
+        assert (mine.double() - ref).abs().max() < 5e-5 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_windows_bias_gradient_is_the_same_for_any_thread_count(threads):
+    layout = build_layout("longformer", 29, 23, kernel_size=7, num_global_tokens=2)
+    (q, k, v), bias = make(3, 2, layout.num_tokens, 16, bias_side=9)
+    grad_out = torch.randn(3, 2, layout.num_tokens, 16, generator=torch.Generator().manual_seed(5))
+    before = get_num_threads()
+    try:
+        set_num_threads(1)
+        expected = _bias_gradients(layout, q, k, v, bias, grad_out)
+        set_num_threads(threads)
+        got = _bias_gradients(layout, q, k, v, bias, grad_out)
+    finally:
+        set_num_threads(before)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+def test_grad_bias_rows_is_refused_where_the_window_backward_would_not_fill_it():
+    layout = build_layout("longformer", 8, 9, kernel_size=5, num_global_tokens=1)
+    n = layout.num_tokens
+    (q, k, v), bias = make(1, 2, n, 8, bias_side=5)
+    q, k, v, bias = (t.float().contiguous() for t in (q, k, v, bias))
+    out, lse = attention(q, k, v, layout, rel_pos_bias=bias, return_lse=True)
+    stencil = torch.from_numpy(layout.stencil().copy())
+    csr = [torch.from_numpy(a.copy()) for a in (layout.indptr, layout.indices, layout.col_ptr,
+                                                 layout.row_indices)]
+
+    def call(**extra):
+        grads = [torch.empty_like(q) for _ in range(3)]
+        C.attention_backward(q, k, v, out, torch.ones_like(out), lse, torch.empty(1, 2, n), *grads, *csr,
+                             height=8, width=9, scale=0.35, **extra)
+
+    good = dict(rel_pos_bias=bias, stencil=stencil, grad_bias_rows=torch.empty(1, 2, 25))
+    call(**good)
+    with pytest.raises(ValueError, match="grad_bias_rows: takes"):
+        call(**{**good, "stencil_strips": True})
+    with pytest.raises(ValueError, match="grad_bias_rows: takes"):
+        call(**{**good, "rel_pos_bias": None})
+    with pytest.raises(ValueError, match="grad_bias_rows"):
+        call(**{**good, "grad_bias_rows": torch.empty(1, 2, 24)})
+    with pytest.raises(TypeError, match="grad_bias_rows: expected dtype float32"):
+        call(**{**good, "grad_bias_rows": torch.empty(1, 2, 25, dtype=torch.float64)})
 
 
 @pytest.mark.parametrize("pattern", STENCIL_PATTERNS)
