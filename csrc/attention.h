@@ -70,8 +70,8 @@ typedef struct {
     void *grad_q, *grad_k, *grad_v;  /* contiguous batch x heads x tokens x head_dim */
     void *delta;        /* workspace: batch x heads x tokens, accumulation type */
     void *grad_scores;  /* optional: batch x heads x nnz, accumulation type, for the bias gradient */
-    /* optional, CPU window backward only (instead of grad_scores): the bias
-     * gradient of each (batch, head), batch x heads x (2M+1)^2, float32 */
+    /* optional, CPU window and tiled backward only (instead of grad_scores):
+     * the bias gradient of each (batch, head), batch x heads x (2M+1)^2, float32 */
     float *grad_bias_rows;
 
     void *stream;       /* cudaStream_t for CUDA; unused on the CPU */

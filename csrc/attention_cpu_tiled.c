@@ -390,18 +390,28 @@ SA_INLINE float raw_row_max(const float *row, int cols)
     return hmax8(SELECT(top1 > top0, top1, top0));
 }
 
-/* bias_row[c]: the bias of query (qy, qx) and key (key_y[c], key_x[c]), the
- * offset clipped to [-max_rel, max_rel] as the table's border buckets hold. */
-SA_INLINE void fill_bias_row(const float *table, int32_t qy, int32_t qx, const int32_t *key_y, const int32_t *key_x,
-                             int cols, int32_t max_rel, float *bias_row)
+/* cells[c]: the bias table cell of query (qy, qx) and key (key_y[c],
+ * key_x[c]), the offset clipped to [-max_rel, max_rel] as the table's border
+ * buckets hold. */
+SA_INLINE void fill_cell_row(int32_t qy, int32_t qx, const int32_t *key_y, const int32_t *key_x, int cols,
+                             int32_t max_rel, int32_t *cells)
 {
     const int32_t side = 2 * max_rel + 1;
     for (int c = 0; c < cols; c++) {
         int32_t dy = qy - key_y[c], dx = qx - key_x[c];
         dy = dy < -max_rel ? -max_rel : (dy > max_rel ? max_rel : dy);
         dx = dx < -max_rel ? -max_rel : (dx > max_rel ? max_rel : dx);
-        bias_row[c] = table[(dy + max_rel) * side + dx + max_rel];
+        cells[c] = (dy + max_rel) * side + dx + max_rel;
     }
+}
+
+/* bias_row[c]: the bias of query (qy, qx) and key (key_y[c], key_x[c]). */
+SA_INLINE void fill_bias_row(const float *table, int32_t qy, int32_t qx, const int32_t *key_y, const int32_t *key_x,
+                             int cols, int32_t max_rel, float *bias_row)
+{
+    int32_t cells[TILE];
+    fill_cell_row(qy, qx, key_y, key_x, cols, max_rel, cells);
+    for (int c = 0; c < cols; c++) bias_row[c] = table[cells[c]];
 }
 
 /* A row's scores scaled and biased in place where word's bits are set, -inf
@@ -730,7 +740,9 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
  * gradients are packed once; per chunk the keys (both ways round) and the
  * values (transposed) are packed, the scores and dP = dO V^T are recomputed as
  * panel products, dS = P (dP - delta) is formed under the chunk's masks, and
- * dQ += dS K, dK += dS^T Q, dV += P^T dO are panel products again. */
+ * dQ += dS K, dK += dS^T Q, dV += P^T dO are panel products again. With a
+ * relative position bias the scores take it again, and with grad_bias_rows
+ * each pair's dS is added to its bias cell in the (batch, head)'s row. */
 
 typedef struct {
     panels s;
@@ -798,8 +810,11 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
         ctx->failed = 1;
         return;
     }
-    int32_t queries[TILE], keys[TILE];
+    int32_t queries[TILE], keys[TILE], key_y[TILE] = {0}, key_x[TILE] = {0}, cells[TILE];
     float row_lse[TILE], row_delta[TILE];
+    float bias_row[TILE] __attribute__((aligned(32))) = {0};
+    float score_grads[TILE] __attribute__((aligned(32)));
+    const int32_t max_rel = (int32_t)p->max_relative, side = 2 * max_rel + 1;
     const int in_place = dim == dim_pad;
     const float *query_rows[TILE], *grad_out_rows[TILE], *key_rows[TILE], *value_rows[TILE];
     uint32_t query_key[TILE];
@@ -809,10 +824,13 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
         float *grad_q = (float *)p->grad_q + bh * n * dim;
         float *grad_k = (float *)p->grad_k + bh * n * dim;
         float *grad_v = (float *)p->grad_v + bh * n * dim;
+        float *bias_cells = p->grad_bias_rows != NULL ? p->grad_bias_rows + bh * side * side : NULL;
+        const float *bias_table = p->bias_table != NULL ? (const float *)p->bias_table + h * side * side : NULL;
         if (!p->merge_previous) { /* else an earlier kernel wrote them and this plan adds to them */
             memset(grad_q, 0, (size_t)(n * dim) * sizeof(float));
             memset(grad_k, 0, (size_t)(n * dim) * sizeof(float));
             memset(grad_v, 0, (size_t)(n * dim) * sizeof(float));
+            if (bias_cells != NULL) memset(bias_cells, 0, (size_t)(side * side) * sizeof(float));
         }
         if (p->head_active != NULL && !p->head_active[h]) continue;
         const float *lse = (const float *)p->lse + bh * n;
@@ -868,6 +886,10 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                         if (valid && (p->key_mask == NULL ||
                                       p->key_mask[b * p->key_mask_stride[0] + j * p->key_mask_stride[1]]))
                             usable_keys |= (uint64_t)1 << c;
+                        if (bias_table != NULL) {
+                            key_y[c] = valid ? (int32_t)(j / p->width) : 0;
+                            key_x[c] = valid ? (int32_t)(j % p->width) : 0;
+                        }
                         const float *k = valid ? row_of(p->k, p->k_stride, b, h, j) : NULL;
                         const float *v = valid ? row_of(p->v, p->v_stride, b, h, j) : NULL;
                         if (in_place) {
@@ -904,11 +926,19 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                         if (threshold > 0)
                             for (int c = 0; c < cols; c++)
                                 keep[c] = sa_dropout_keep(query_key[r], keys[c], threshold) ? keep_scale : 0.0f;
+                        if (bias_table != NULL) {
+                            fill_cell_row((int32_t)(queries[r] / p->width), (int32_t)(queries[r] % p->width), key_y,
+                                          key_x, cols, max_rel, cells);
+                            for (int c = 0; c < cols; c++) bias_row[c] = bias_table[cells[c]];
+                        }
                         const v8 top = SPLAT(row_lse[r]), row_d = SPLAT(row_delta[r]);
                         for (int g0 = 0; g0 < cols / 8; g0 += 4) {
                             v8 e[4];
                             const int count = cols / 8 - g0 >= 4 ? 4 : cols / 8 - g0;
-                            for (int i = 0; i < count; i++) e[i] = *(v8 *)&score[8 * (g0 + i)] * scale - top;
+                            for (int i = 0; i < count; i++)
+                                e[i] = bias_table != NULL
+                                    ? *(v8 *)&score[8 * (g0 + i)] * scale + *(const v8 *)&bias_row[8 * (g0 + i)] - top
+                                    : *(v8 *)&score[8 * (g0 + i)] * scale - top;
                             exp_some_lanes(e, count);
                             for (int i = 0; i < count; i++) {
                                 const int g = g0 + i;
@@ -918,8 +948,14 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                                 const v8 grad = prob * (*(v8 *)&grad_prob[8 * g] * kept - row_d);
                                 *(v8 *)&score[8 * g] = prob * kept;      /* the weight of dO in dV */
                                 *(v8 *)&grad_prob[8 * g] = grad * scale; /* dS, scaled for dQ and dK */
+                                *(v8 *)&score_grads[8 * g] = grad;
                             }
                         }
+                        if (bias_cells != NULL) /* the pairs' dS into their cells, bit by bit */
+                            for (uint64_t bits = word; bits; bits &= bits - 1) {
+                                const int c = __builtin_ctzll(bits);
+                                bias_cells[cells[c]] += score_grads[c];
+                            }
                     }
                     /* dQ += dS K (dS is 0 past the chunk's last key) */
                     weighted_values_kernel(w.grad_probs, key_rows, w.s.out, dim_pad, all_live, rows, used, ctx->wide_values);
@@ -957,8 +993,8 @@ int sa_cpu_backward_tiled(const sa_attention_params *p, const int64_t (*passes)[
                           int64_t num_passes, const int32_t *base, int num_threads, char *err,
                           size_t len)
 {
-    if (p->dtype != SA_F32 || p->grad_scores != NULL) {
-        snprintf(err, len, "the tiled CPU backward takes float32 without a bias gradient");
+    if (p->dtype != SA_F32 || p->grad_scores != NULL || (p->grad_bias_rows != NULL && p->bias_table == NULL)) {
+        snprintf(err, len, "the tiled CPU backward takes float32, its bias gradient in grad_bias_rows");
         return SA_ERR_UNSUPPORTED;
     }
     tiled_ctx ctx = tiled_ctx_for(p);

@@ -698,11 +698,12 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
     }
     if (bias_rows_obj != Py_None) {
         /* only the window backward fills it; any other kernel would leave it unwritten */
-        if (is_cuda(q) || p.bias_table == NULL || p.stencil_offsets == NULL || p.stencil_strips || plan.count > 0 ||
-            !sa_cpu_window_fits(&p)) {
+        const int window_ok = p.stencil_offsets != NULL && !p.stencil_strips && sa_cpu_window_fits(&p);
+        if (is_cuda(q) || p.dtype != SA_F32 || p.bias_table == NULL ||
+            (p.stencil_offsets != NULL ? !window_ok : plan.count == 0)) {
             PyErr_SetString(PyExc_ValueError,
-                            "grad_bias_rows: takes a float32 CPU call with rel_pos_bias and a stencil "
-                            "that the window kernel runs (no stencil_strips, no tile_plan)");
+                            "grad_bias_rows: takes a float32 CPU call with rel_pos_bias and a tile_plan, "
+                            "a stencil that the window kernel runs (no stencil_strips), or both");
             goto fail;
         }
         const int64_t side = 2 * p.max_relative + 1;

@@ -319,8 +319,8 @@ def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
     plan = _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil,
                           backward_plan, backward_passes, query.shape[-1])
     grad_scores = bias_rows = None
-    if bias is not None and "stencil" in plan:
-        # the window kernel sums the bias gradient per (batch, head) itself
+    if bias is not None and device.type == "cpu" and plan:
+        # the window and tile kernels sum the bias gradient per (batch, head) themselves
         bias_rows = torch.empty(batch, heads, bucket_ptr.shape[0] - 1, dtype=accum, device=device)
         plan["grad_bias_rows"] = bias_rows
     elif bias is not None:
@@ -352,8 +352,8 @@ def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil
     """The plan for the tiled or stencil CPU backward when it applies (float32
     plans only reach here), or for the CUDA backward's tensor-core gradients,
     else nothing: the row and column kernels run. With a bias, a stencil plan
-    comes back only where the window kernel runs it (it gives the bias
-    gradient; the strips and the tiles do not)."""
+    comes back only where the window kernel runs it (the window and tile
+    kernels give the bias gradient on the CPU; the strips do not)."""
     if device.type == "cuda":
         # every pair must be in the plan (no rows left out), which only this side
         # knows: the tiled kernels add only the plan's pairs, so a forward plan
@@ -372,8 +372,7 @@ def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil
     if device.type == "cpu" and stencil is not None:
         if not _stencil.use_stencil_cpu_kernel:
             return {}
-        if bias is not None and not (tile_plan is None and _stencil.use_window_kernel
-                                     and _stencil.window_takes(stencil, head_dim)):
+        if bias is not None and not (_stencil.use_window_kernel and _stencil.window_takes(stencil, head_dim)):
             return {}  # the bias gradient comes from the row kernels
         global stencil_backwards_run
         stencil_backwards_run += 1
@@ -383,8 +382,8 @@ def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil
         if tile_plan is not None:  # the lattice's pairs add to the stencil's gradients
             plan.update(tile_plan=_detached(tile_plan), tile_passes=tile_passes)
         return plan
-    if (device.type != "cpu" or tile_plan is None or bias is not None
-            or plan_long_rows is not None or not _tiles.use_tiled_cpu_kernel):
+    if (device.type != "cpu" or tile_plan is None or plan_long_rows is not None
+            or not _tiles.use_tiled_cpu_kernel):
         return {}
     global tiled_backwards_run
     tiled_backwards_run += 1

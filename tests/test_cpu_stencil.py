@@ -152,16 +152,14 @@ def test_window_backward_gives_the_bias_gradient(knobs, size, bias_side):
         assert error < 5e-5 * max(1.0, ref.abs().max().item()), f"grad {name}: {error}"
     rows = call_with(_stencil, "use_stencil_cpu_kernel", False, _bias_gradients, layout, q, k, v, bias,
                      grad_out, **args)
-    for mine, theirs in zip(got, rows):
-        torch.testing.assert_close(mine, theirs, atol=5e-5, rtol=5e-5)
+    for mine, theirs in zip(got, rows):  # bias cells sum many pairs: a tolerance to their size
+        assert (mine - theirs).abs().max() < 5e-5 * max(1.0, theirs.abs().max().item())
 
 
-@pytest.mark.parametrize("pattern, knobs", [("longformer", dict(kernel_size=15, num_global_tokens=1)),
-                                            ("strided", dict(kernel_size=5, stride=3))])
-def test_a_bias_gradient_the_window_cannot_give_comes_from_the_row_kernels(pattern, knobs):
-    """A 15 x 15 window (past the window kernel's box) and STRIDED (its
-    lattice on the tiles) leave the backward with a bias to the row kernels."""
-    layout = build_layout(pattern, 20, 21, **knobs)
+def test_a_bias_gradient_the_window_cannot_give_comes_from_the_row_kernels():
+    """A 15 x 15 window (past the window kernel's box; the strips give no bias
+    gradient) leaves the backward with a bias to the row kernels."""
+    layout = build_layout("longformer", 20, 21, kernel_size=15, num_global_tokens=1)
     n = layout.num_tokens
     (q, k, v), bias = make(1, 2, n, 16, bias_side=5)
     grad_out = torch.randn(1, 2, n, 16, generator=torch.Generator().manual_seed(4))

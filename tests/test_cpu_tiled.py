@@ -287,28 +287,71 @@ def test_backward_against_reference(pattern, size):
     assert _torch_ops.tiled_backwards_run == before + 1
 
 
-def test_backward_with_a_bias_uses_the_row_kernels():
+def _bias_gradients(layout, q, k, v, bias, grad_out, **args):
+    leaves = [t.float().requires_grad_(True) for t in (q, k, v, bias)]
+    attention(*leaves[:3], layout, rel_pos_bias=leaves[3], **args).backward(grad_out.float())
+    return [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("bias_side", [5, 9])  # M = 2 clips most of these layouts' offsets
+@pytest.mark.parametrize("size", [(1, 17), (9, 1), (7, 13), (33, 35)])
+@pytest.mark.parametrize("pattern", ["dense", "axial", "block", "strided", "random"])
+def test_tiled_backward_gives_the_bias_gradient(pattern, size, bias_side):
+    """With a relative position bias the tiled backward adds the bias to the
+    scores it recomputes and each pair's dS to its bias cell, per (batch,
+    head); key mask, a pruned head and dropout as in training."""
     from sparse_attention import _torch_ops
 
-    layout = build_layout("axial", 10, 12)
-    (q, k, v), bias = make(1, 2, 120, 16, bias_side=5)
-    leaves = [t.float().requires_grad_(True) for t in (q, k, v, bias)]
+    layout = build_layout(pattern, *size, kernel_size=5, block_size=4, attention_ratio=0.3)
+    n = layout.num_tokens
+    (q, k, v), bias = make(2, 3, n, 20, seed=bias_side, bias_side=bias_side)
+    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(2)) > 0.25
+    args = dict(key_mask=key_mask, head_active=torch.tensor([True, False, True]), dropout_p=0.2,
+                dropout_seed=7)
+    grad_out = torch.randn(2, 3, n, 20, generator=torch.Generator().manual_seed(3))
     before = _torch_ops.tiled_backwards_run
-    attention(*leaves[:3], layout, rel_pos_bias=leaves[3]).sum().backward()
-    assert _torch_ops.tiled_backwards_run == before
-    assert all(torch.isfinite(leaf.grad).all() for leaf in leaves)
+    got = _bias_gradients(layout, q, k, v, bias, grad_out, **args)
+    assert _torch_ops.tiled_backwards_run == before + 1
+    ref = [t.float().double().requires_grad_(True) for t in (q, k, v, bias)]
+    reference_attention(*ref[:3], layout, bias=ref[3], **args)[0].backward(grad_out.double())
+    for name, mine, r in zip(("q", "k", "v", "bias"), got, ref):
+        error = (mine.double() - r.grad).abs().max().item()
+        assert error < 5e-5 * max(1.0, r.grad.abs().max().item()), f"grad {name}: {error}"
+    rows = call_with(_tiles, "use_tiled_cpu_kernel", False, _bias_gradients, layout, q, k, v, bias, grad_out,
+                     **args)
+    for mine, theirs in zip(got, rows):  # bias cells sum many pairs: a tolerance to their size
+        assert (mine - theirs).abs().max() < 5e-5 * max(1.0, theirs.abs().max().item())
+
+
+def test_strided_lattice_adds_its_bias_gradient_to_the_windows():
+    """STRIDED on the stencil split: the window backward writes the bias
+    gradient's rows, the lattice's tiles add to them."""
+    from sparse_attention import _torch_ops
+
+    layout = build_layout("strided", 33, 35, kernel_size=5, stride=3)
+    n = layout.num_tokens
+    (q, k, v), bias = make(2, 2, n, 16, bias_side=9)
+    grad_out = torch.randn(2, 2, n, 16, generator=torch.Generator().manual_seed(4))
+    before = _torch_ops.stencil_backwards_run, C.cpu_window_backwards()
+    got = call_with(_stencil, "use_stencil_cpu_kernel", True, _bias_gradients, layout, q, k, v, bias, grad_out)
+    assert (_torch_ops.stencil_backwards_run, C.cpu_window_backwards()) == (before[0] + 1, before[1] + 1)
+    ref = [t.float().double().requires_grad_(True) for t in (q, k, v, bias)]
+    reference_attention(*ref[:3], layout, bias=ref[3])[0].backward(grad_out.double())
+    for name, mine, r in zip(("q", "k", "v", "bias"), got, ref):
+        error = (mine.double() - r.grad).abs().max().item()
+        assert error < 5e-5 * max(1.0, r.grad.abs().max().item()), f"grad {name}: {error}"
 
 
 def test_tiled_backward_is_bitwise_the_same_for_any_thread_count():
     layout = build_layout("block", 24, 24, block_size=8)
-    (q, k, v), _ = make(2, 3, 576, 16)
+    (q, k, v), bias = make(2, 3, 576, 16, bias_side=9)
     before = get_num_threads()
     grads = []
     try:
         for threads in (1, 2, 3):
             set_num_threads(threads)
-            leaves = [t.float().requires_grad_(True) for t in (q, k, v)]
-            attention(*leaves, layout, dropout_p=0.1, dropout_seed=1).sum().backward()
+            leaves = [t.float().requires_grad_(True) for t in (q, k, v, bias)]
+            attention(*leaves[:3], layout, rel_pos_bias=leaves[3], dropout_p=0.1, dropout_seed=1).sum().backward()
             grads.append([leaf.grad for leaf in leaves])
     finally:
         set_num_threads(before)
