@@ -652,6 +652,8 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
         /* each row's log-sum-exp, and its merge with an earlier pass's: the
          * logs and exps eight rows at a time */
         float row_lse[TILE], row_new_weight[TILE], row_old_weight[TILE], row_sum[TILE];
+        /* statistics of a merge: the two parts' shares of the merged softmax and their logs */
+        float share_old[TILE], share_new[TILE], log_share_old[TILE], log_share_new[TILE];
         for (int r0 = 0; r0 < TILE; r0 += 8) {
             v8 sum8, top8, old8, merged8;
             i8v nan8;
@@ -701,6 +703,17 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                 row_new_weight[r0 + l] = new_w8[l];
                 row_old_weight[r0 + l] = old_w8[l];
             }
+            if (want_stats) {
+                const v8 zero = SPLAT(0.0f);
+                const v8 old_share = SELECT(merging, e[1], zero), new_share = SELECT(merging, e[2], SPLAT(1.0f));
+                const v8 old_log = SELECT(merging, old8 - merged8, zero), new_log = SELECT(merging, pass8 - merged8, zero);
+                for (int l = 0; l < 8; l++) {
+                    share_old[r0 + l] = old_share[l];
+                    share_new[r0 + l] = new_share[l];
+                    log_share_old[r0 + l] = old_log[l];
+                    log_share_new[r0 + l] = new_log[l];
+                }
+            }
         }
         for (int r = 0; r < TILE; r++) {
             if (queries[r] < 0) continue;
@@ -723,8 +736,17 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
             if (want_stats) {
                 float *stats = (float *)p->row_stats + 2 * row_item;
                 const float inv = live_row ? 1.0f / sum : 0.0f;
-                stats[0] = live_row ? st->sq * inv * inv : 0.0f;
-                stats[1] = live_row ? logf(sum) - st->shifted * inv : 0.0f;
+                float squares = live_row ? st->sq * inv * inv : 0.0f;
+                float entropy = live_row ? logf(sum) - st->shifted * inv : 0.0f;
+                if (p->merge_previous && share_old[r] != 0.0f) {
+                    /* p = share x (the part's own softmax): sum p^2 scales by share^2, and
+                     * -sum p log p = share x (the part's entropy - log share), summed */
+                    squares = stats[0] * share_old[r] * share_old[r] + squares * share_new[r] * share_new[r];
+                    entropy = share_old[r] * (stats[1] - log_share_old[r]) + share_new[r] * (entropy - log_share_new[r]);
+                }
+                if (total != total) squares = entropy = NAN;
+                stats[0] = squares;
+                stats[1] = entropy;
             }
         }
     }

@@ -525,10 +525,10 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
     if (take_tile_plan(&set, plan_obj, passes_obj, q, &plan) < 0) goto fail;
     if (take_stencil(&set, stencil_obj, q, &p) < 0) goto fail;
     p.stencil_strips = stencil_strips;
-    if (p.stencil_offsets != NULL && plan.count > 0 && p.row_stats != NULL) {
+    if (is_cuda(q) && p.stencil_offsets != NULL && plan.count > 0 && p.row_stats != NULL) {
         PyErr_SetString(PyExc_ValueError,
-                        "row_stats: statistics need a single kernel (a stencil with a tile_plan "
-                        "merges two)");
+                        "row_stats: statistics need a single kernel on CUDA (a stencil with a "
+                        "tile_plan merges two)");
         goto fail;
     }
     if (workspace_obj != Py_None) {
@@ -548,10 +548,10 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
         p.split_partials = workspace->data;
         p.long_row_splits = long_row_splits;
     }
-    if (plan.count > 1 && p.row_stats != NULL) {
+    if (is_cuda(q) && plan.count > 1 && p.row_stats != NULL) {
         PyErr_SetString(PyExc_ValueError,
-                        "row_stats: statistics need a single-pass plan (the passes' statistics "
-                        "cannot be merged)");
+                        "row_stats: statistics on CUDA need a single-pass plan (the CUDA passes' "
+                        "statistics are not merged; the CPU's are)");
         goto fail;
     }
     p.out = out->data;

@@ -188,7 +188,7 @@ def lattice_split(layout: Layout):
     return _pack(window, empty, empty), buffer, [int(x) for x in passes]
 
 
-def cpu_kernel_choice(layout: Layout, want_stats: bool):
+def cpu_kernel_choice(layout: Layout):
     """Which float32 CPU kernels take ``layout``: "split" (STRIDED's window on the
     stencil, its lattice on the tiles), "stencil", "tiles" or None (the row
     kernels). The torch and NumPy paths both ask here, so both run the same
@@ -196,14 +196,13 @@ def cpu_kernel_choice(layout: Layout, want_stats: bool):
     from . import _tiles
 
     if use_stencil_cpu_kernel:
-        if use_lattice_split and not want_stats and layout.stencil_split() is not None:
+        if use_lattice_split and layout.stencil_split() is not None:
             return "split"
         if layout.stencil() is not None:
             return "stencil"
     if _tiles.use_tiled_cpu_kernel:
         plan = layout.tile_plan()
-        # statistics cannot be merged across passes; sparse chunks lose to the rows
-        if (plan is not None and not (want_stats and len(plan) > 1)
-                and plan.fill >= _tiles.CPU_MIN_FILL):
+        # sparse chunks lose to the rows (statistics merge across passes on the CPU)
+        if plan is not None and plan.fill >= _tiles.CPU_MIN_FILL:
             return "tiles"
     return None

@@ -143,7 +143,7 @@ def _tile_plan_for(layout, device, dtype, head_dim, want_stats):
     stencil, None, []). The backward's plan is the CUDA plan with its long rows
     kept in (see tiled_backward_long_rows), where the plan leaves rows out."""
     if device.type == "cpu":
-        kind = _stencil.cpu_kernel_choice(layout, want_stats) if dtype == torch.float32 else None
+        kind = _stencil.cpu_kernel_choice(layout) if dtype == torch.float32 else None
         if kind == "split":
             window, buffer, passes = layout.stencil_split()
             window, buffer = _cpu_tensors(layout, "split", (window, buffer))
@@ -159,7 +159,7 @@ def _tile_plan_for(layout, device, dtype, head_dim, want_stats):
         return _NO_PLAN
     plan = layout.tile_plan_tensors(device)
     if plan is None or (want_stats and plan["num_passes"] > 1):
-        return _NO_PLAN  # statistics cannot be merged across passes
+        return _NO_PLAN  # the CUDA passes do not merge statistics (the CPU's do)
     splits = 0
     if plan["long_rows"] is not None and split_segment_keys > 0:
         splits = max(1, min(65536, -(-plan["long_row_max_keys"] // split_segment_keys)))

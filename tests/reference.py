@@ -82,3 +82,11 @@ def call_with(module, flag, value, fn, *args, **kwargs):
         return fn(*args, **kwargs)
     finally:
         setattr(module, flag, before)
+
+
+def reference_statistics(probs):
+    """(sum_j p_ij^2, -sum_j p_ij log p_ij) per row from reference_attention's
+    probabilities, as the kernels' row statistics."""
+    logs = torch.where(probs > 0, probs.log(), torch.zeros_like(probs))
+    return torch.stack([(probs * probs).sum(-1), -(probs * logs).sum(-1)], -1)
+

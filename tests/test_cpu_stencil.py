@@ -8,7 +8,7 @@ import torch
 
 from reference import random_inputs as make
 from reference import (assert_backward_matches_reference, assert_forward_matches_reference, call_with,
-                       reference_attention)
+                       reference_attention, reference_statistics)
 from sparse_attention import _stencil, _tiles, _torch_ops, build_layout, get_num_threads
 from sparse_attention import set_num_threads
 from sparse_attention import sparse_scaled_dot_product_attention as attention
@@ -461,13 +461,15 @@ def test_lattice_split_is_bitwise_the_same_for_any_thread_count():
 def test_statistics_and_numpy_with_the_lattice_split():
     layout = build_layout("strided", 24, 24, kernel_size=5, stride=3)
     (q, k, v), _ = make(1, 2, layout.num_tokens, 16)
-    # statistics cannot be merged across kernels: the whole stencil gives them
-    before = _torch_ops.stencil_forwards_run
+    # the lattice's tiles merge their statistics into the window's
+    before = _torch_ops.stencil_forwards_run, C.cpu_window_forwards()
     out, stats = attention(q.float(), k.float(), v.float(), layout, return_stats=True)
-    assert _torch_ops.stencil_forwards_run == before + 1
+    assert (_torch_ops.stencil_forwards_run, C.cpu_window_forwards()) == (before[0] + 1, before[1] + 1)
     ref = whole_stencil(q.float(), k.float(), v.float(), layout, return_stats=True)
     torch.testing.assert_close(out, ref[0], atol=2e-5, rtol=2e-5)
-    assert all(torch.equal(a, b) for a, b in zip(stats, ref[1]))
+    torch.testing.assert_close(stats, ref[1], atol=2e-5, rtol=2e-5)
+    expected = reference_statistics(reference_attention(q.float(), k.float(), v.float(), layout)[2])
+    assert (stats.double() - expected).abs().max() < 2e-5 * expected.abs().max()
     # NumPy arrays take the same kernels as torch tensors, so the same bits
     arrays = [t.float().numpy() for t in (q, k, v)]
     np.testing.assert_array_equal(attention(*arrays, layout),
@@ -481,7 +483,7 @@ def test_small_lattices_stay_on_the_stencil():
     assert build_layout("longformer", 40, 40).stencil_split() is None
 
 
-def test_a_stencil_with_a_lattice_plan_refuses_statistics():
+def test_a_stencil_with_a_lattice_plan_merges_statistics():
     layout = build_layout("strided", 24, 24, kernel_size=5, stride=3)
     window, buffer, fields = layout.stencil_split()
     q = torch.randn(1, 1, layout.num_tokens, 16)
@@ -492,9 +494,10 @@ def test_a_stencil_with_a_lattice_plan_refuses_statistics():
     C.attention_forward(q, q, q, out, lse, indptr, indices, **common)
     ref_out, ref_lse, _ = reference_attention(q, q, q, layout, scale=0.25)
     assert (out.double() - ref_out).abs().max() < 2e-5
-    with pytest.raises(ValueError, match="row_stats: statistics need a single kernel"):
-        C.attention_forward(q, q, q, out, lse, indptr, indices,
-                            row_stats=torch.empty(1, 1, layout.num_tokens, 2), **common)
+    stats = torch.full((1, 1, layout.num_tokens, 2), float("nan"))
+    C.attention_forward(q, q, q, out, lse, indptr, indices, row_stats=stats, **common)
+    expected = reference_statistics(reference_attention(q, q, q, layout, scale=0.25)[2])
+    assert (stats.double() - expected).abs().max() < 2e-5 * expected.abs().max()
     with pytest.raises(ValueError, match="scale: expected a finite number, got nan"):
         C.attention_forward(q, q, q, out, lse, indptr, indices, **dict(common, scale=float("nan")))
     with pytest.raises(ValueError, match=r"dropout_p: expected a value in \[0, 1\), got 1.5"):
@@ -551,8 +554,7 @@ def test_window_kernel_against_reference_and_the_strip_kernel(pattern, knobs, si
     key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(5)) > 0.2
     args = dict(rel_pos_bias=bias.float(), key_mask=key_mask, head_active=torch.tensor([True, False, True]),
                 dropout_p=0.15, dropout_seed=9, return_lse=True)
-    # statistics need a single kernel, which a STRIDED layout with its lattice split is not
-    args["return_stats"] = pattern == "longformer"
+    args["return_stats"] = True  # STRIDED's lattice merges its statistics into the window's
     before = C.cpu_window_forwards()
     got = attention(q.float(), k.float(), v.float(), layout, **args)
     if pattern == "longformer":

@@ -7,8 +7,8 @@ import torch
 
 from reference import random_inputs as make
 from reference import (assert_backward_matches_reference, assert_forward_matches_reference, call_with,
-                       reference_attention)
-from sparse_attention import _stencil, _tiles, build_layout, get_num_threads, set_num_threads
+                       reference_attention, reference_statistics)
+from sparse_attention import _stencil, _tiles, _torch_ops, build_layout, get_num_threads, set_num_threads
 from sparse_attention import sparse_scaled_dot_product_attention as attention
 from sparse_attention._native import C
 
@@ -85,6 +85,27 @@ def test_statistics_match_the_row_kernel(pattern):
     expected = rows_kernel(q.float(), k.float(), v.float(), layout, **args)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(7, 13), (33, 35), (20, 70)])
+def test_statistics_merge_across_axial_passes(size):
+    """AXIAL's two passes (row segments, then column segments): the second
+    merges its statistics into the first's through the shares of the merged
+    softmax, with a bias, a key mask and a pruned head."""
+    layout = build_layout("axial", *size)
+    n = layout.num_tokens
+    (q, k, v), bias = make(2, 3, n, 16, bias_side=5)
+    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(8)) > 0.3
+    args = dict(key_mask=key_mask, head_active=torch.tensor([True, False, True]))
+    passes = len(layout.tile_plan())
+    before = _torch_ops.tiled_passes_run
+    out, stats = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(),
+                           return_stats=True, **args)
+    assert _torch_ops.tiled_passes_run == before + passes
+    ref_out, _, probs = reference_attention(q.float(), k.float(), v.float(), layout, bias=bias.float(), **args)
+    expected = reference_statistics(probs)
+    assert (stats.double() - expected).abs().max() < 2e-5 * max(1.0, expected.abs().max().item())
+    assert (out.double() - ref_out).abs().max() < 2e-5
 
 
 def test_results_do_not_depend_on_the_thread_count():
