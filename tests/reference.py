@@ -90,3 +90,30 @@ def reference_statistics(probs):
     logs = torch.where(probs > 0, probs.log(), torch.zeros_like(probs))
     return torch.stack([(probs * probs).sum(-1), -(probs * logs).sum(-1)], -1)
 
+
+def bias_training_inputs(layout, bias_side, batch=2, heads=3, dim=20):
+    """(q, k, v, bias, grad_out, args) for a training-like call: a key mask,
+    the second head pruned and dropout, seeded by bias_side."""
+    n = layout.num_tokens
+    (q, k, v), bias = random_inputs(batch, heads, n, dim, seed=bias_side, bias_side=bias_side)
+    key_mask = torch.rand(batch, n, generator=torch.Generator().manual_seed(2)) > 0.25
+    active = torch.tensor([head != 1 for head in range(heads)])
+    args = dict(key_mask=key_mask, head_active=active, dropout_p=0.2, dropout_seed=7)
+    grad_out = torch.randn(batch, heads, n, dim, generator=torch.Generator().manual_seed(3))
+    return q, k, v, bias, grad_out, args
+
+
+def bias_gradients(attention, layout, q, k, v, bias, grad_out, **args):
+    """The float32 op's four gradients (q, k, v, the bias table)."""
+    leaves = [t.float().requires_grad_(True) for t in (q, k, v, bias)]
+    attention(*leaves[:3], layout, rel_pos_bias=leaves[3], **args).backward(grad_out.float())
+    return [leaf.grad for leaf in leaves]
+
+
+def assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args):
+    ref = [t.float().double().requires_grad_(True) for t in (q, k, v, bias)]
+    reference_attention(*ref[:3], layout, bias=ref[3], **args)[0].backward(grad_out.double())
+    for name, mine, r in zip(("q", "k", "v", "bias"), got, ref):
+        error = (mine.double() - r.grad).abs().max().item()
+        assert error < 5e-5 * max(1.0, r.grad.abs().max().item()), f"grad {name}: {error}"
+

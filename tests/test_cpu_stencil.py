@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from reference import random_inputs as make
-from reference import (assert_backward_matches_reference, assert_forward_matches_reference, call_with,
+from reference import (assert_backward_matches_reference, assert_bias_gradients_match_reference,
+                       assert_forward_matches_reference, bias_gradients, bias_training_inputs, call_with,
                        reference_attention, reference_statistics)
 from sparse_attention import _stencil, _tiles, _torch_ops, build_layout, get_num_threads
 from sparse_attention import set_num_threads
@@ -114,19 +115,6 @@ def test_backward_against_reference(pattern, size):
     assert _torch_ops.stencil_backwards_run == before + 1
 
 
-def _bias_gradients(layout, q, k, v, bias, grad_out, **args):
-    """The op's four gradients (q, k, v, bias) in float32."""
-    leaves = [t.float().requires_grad_(True) for t in (q, k, v, bias)]
-    attention(*leaves[:3], layout, rel_pos_bias=leaves[3], **args).backward(grad_out.float())
-    return [leaf.grad for leaf in leaves]
-
-
-def _reference_bias_gradients(layout, q, k, v, bias, grad_out, **args):
-    ref = [t.float().double().requires_grad_(True) for t in (q, k, v, bias)]
-    reference_attention(*ref[:3], layout, bias=ref[3], **args)[0].backward(grad_out.double())
-    return [r.grad for r in ref]
-
-
 @pytest.mark.parametrize("bias_side", [5, 9])  # 5: M = 2, so a 7 x 7 window's offsets are clipped
 @pytest.mark.parametrize("size", [(1, 1), (1, 17), (9, 1), (7, 13), (33, 35)])
 @pytest.mark.parametrize("knobs", [dict(kernel_size=7, num_global_tokens=1),
@@ -137,21 +125,12 @@ def test_window_backward_gives_the_bias_gradient(knobs, size, bias_side):
     gradient per (batch, head) itself, window slots, global keys and global
     rows alike; key mask, a pruned head and dropout as in training."""
     layout = build_layout("longformer", *size, **knobs)
-    n = layout.num_tokens
-    (q, k, v), bias = make(2, 3, n, 20, seed=bias_side, bias_side=bias_side)
-    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(2)) > 0.25
-    args = dict(key_mask=key_mask, head_active=torch.tensor([True, False, True]), dropout_p=0.2,
-                dropout_seed=7)
-    grad_out = torch.randn(2, 3, n, 20, generator=torch.Generator().manual_seed(3))
+    q, k, v, bias, grad_out, args = bias_training_inputs(layout, bias_side)
     before = _torch_ops.stencil_backwards_run, C.cpu_window_backwards()
-    got = _bias_gradients(layout, q, k, v, bias, grad_out, **args)
+    got = bias_gradients(attention, layout, q, k, v, bias, grad_out, **args)
     assert (_torch_ops.stencil_backwards_run, C.cpu_window_backwards()) == (before[0] + 1, before[1] + 1)
-    expected = _reference_bias_gradients(layout, q, k, v, bias, grad_out, **args)
-    for name, mine, ref in zip(("q", "k", "v", "bias"), got, expected):
-        error = (mine.double() - ref).abs().max().item()
-        assert error < 5e-5 * max(1.0, ref.abs().max().item()), f"grad {name}: {error}"
-    rows = call_with(_stencil, "use_stencil_cpu_kernel", False, _bias_gradients, layout, q, k, v, bias,
-                     grad_out, **args)
+    assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args)
+    rows = bias_gradients(other_kernels, layout, q, k, v, bias, grad_out, **args)
     for mine, theirs in zip(got, rows):  # bias cells sum many pairs: a tolerance to their size
         assert (mine - theirs).abs().max() < 5e-5 * max(1.0, theirs.abs().max().item())
 
@@ -164,10 +143,9 @@ def test_a_bias_gradient_the_window_cannot_give_comes_from_the_row_kernels():
     (q, k, v), bias = make(1, 2, n, 16, bias_side=5)
     grad_out = torch.randn(1, 2, n, 16, generator=torch.Generator().manual_seed(4))
     before = _torch_ops.stencil_backwards_run
-    got = _bias_gradients(layout, q, k, v, bias, grad_out)
+    got = bias_gradients(attention, layout, q, k, v, bias, grad_out)
     assert _torch_ops.stencil_backwards_run == before
-    for mine, ref in zip(got, _reference_bias_gradients(layout, q, k, v, bias, grad_out)):
-        assert (mine.double() - ref).abs().max() < 5e-5 * max(1.0, ref.abs().max().item())
+    assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -178,9 +156,9 @@ def test_the_windows_bias_gradient_is_the_same_for_any_thread_count(threads):
     before = get_num_threads()
     try:
         set_num_threads(1)
-        expected = _bias_gradients(layout, q, k, v, bias, grad_out)
+        expected = bias_gradients(attention, layout, q, k, v, bias, grad_out)
         set_num_threads(threads)
-        got = _bias_gradients(layout, q, k, v, bias, grad_out)
+        got = bias_gradients(attention, layout, q, k, v, bias, grad_out)
     finally:
         set_num_threads(before)
     for a, b in zip(got, expected):

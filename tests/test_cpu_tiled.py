@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from reference import random_inputs as make
-from reference import (assert_backward_matches_reference, assert_forward_matches_reference, call_with,
+from reference import (assert_backward_matches_reference, assert_bias_gradients_match_reference,
+                       assert_forward_matches_reference, bias_gradients, bias_training_inputs, call_with,
                        reference_attention, reference_statistics)
 from sparse_attention import _stencil, _tiles, _torch_ops, build_layout, get_num_threads, set_num_threads
 from sparse_attention import sparse_scaled_dot_product_attention as attention
@@ -308,12 +309,6 @@ def test_backward_against_reference(pattern, size):
     assert _torch_ops.tiled_backwards_run == before + 1
 
 
-def _bias_gradients(layout, q, k, v, bias, grad_out, **args):
-    leaves = [t.float().requires_grad_(True) for t in (q, k, v, bias)]
-    attention(*leaves[:3], layout, rel_pos_bias=leaves[3], **args).backward(grad_out.float())
-    return [leaf.grad for leaf in leaves]
-
-
 @pytest.mark.parametrize("bias_side", [5, 9])  # M = 2 clips most of these layouts' offsets
 @pytest.mark.parametrize("size", [(1, 17), (9, 1), (7, 13), (33, 35)])
 @pytest.mark.parametrize("pattern", ["dense", "axial", "block", "strided", "random"])
@@ -324,22 +319,12 @@ def test_tiled_backward_gives_the_bias_gradient(pattern, size, bias_side):
     from sparse_attention import _torch_ops
 
     layout = build_layout(pattern, *size, kernel_size=5, block_size=4, attention_ratio=0.3)
-    n = layout.num_tokens
-    (q, k, v), bias = make(2, 3, n, 20, seed=bias_side, bias_side=bias_side)
-    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(2)) > 0.25
-    args = dict(key_mask=key_mask, head_active=torch.tensor([True, False, True]), dropout_p=0.2,
-                dropout_seed=7)
-    grad_out = torch.randn(2, 3, n, 20, generator=torch.Generator().manual_seed(3))
+    q, k, v, bias, grad_out, args = bias_training_inputs(layout, bias_side)
     before = _torch_ops.tiled_backwards_run
-    got = _bias_gradients(layout, q, k, v, bias, grad_out, **args)
+    got = bias_gradients(attention, layout, q, k, v, bias, grad_out, **args)
     assert _torch_ops.tiled_backwards_run == before + 1
-    ref = [t.float().double().requires_grad_(True) for t in (q, k, v, bias)]
-    reference_attention(*ref[:3], layout, bias=ref[3], **args)[0].backward(grad_out.double())
-    for name, mine, r in zip(("q", "k", "v", "bias"), got, ref):
-        error = (mine.double() - r.grad).abs().max().item()
-        assert error < 5e-5 * max(1.0, r.grad.abs().max().item()), f"grad {name}: {error}"
-    rows = call_with(_tiles, "use_tiled_cpu_kernel", False, _bias_gradients, layout, q, k, v, bias, grad_out,
-                     **args)
+    assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args)
+    rows = bias_gradients(rows_kernel, layout, q, k, v, bias, grad_out, **args)
     for mine, theirs in zip(got, rows):  # bias cells sum many pairs: a tolerance to their size
         assert (mine - theirs).abs().max() < 5e-5 * max(1.0, theirs.abs().max().item())
 
@@ -354,13 +339,10 @@ def test_strided_lattice_adds_its_bias_gradient_to_the_windows():
     (q, k, v), bias = make(2, 2, n, 16, bias_side=9)
     grad_out = torch.randn(2, 2, n, 16, generator=torch.Generator().manual_seed(4))
     before = _torch_ops.stencil_backwards_run, C.cpu_window_backwards()
-    got = call_with(_stencil, "use_stencil_cpu_kernel", True, _bias_gradients, layout, q, k, v, bias, grad_out)
+    got = call_with(_stencil, "use_stencil_cpu_kernel", True, bias_gradients, attention, layout, q, k, v, bias,
+                    grad_out)
     assert (_torch_ops.stencil_backwards_run, C.cpu_window_backwards()) == (before[0] + 1, before[1] + 1)
-    ref = [t.float().double().requires_grad_(True) for t in (q, k, v, bias)]
-    reference_attention(*ref[:3], layout, bias=ref[3])[0].backward(grad_out.double())
-    for name, mine, r in zip(("q", "k", "v", "bias"), got, ref):
-        error = (mine.double() - r.grad).abs().max().item()
-        assert error < 5e-5 * max(1.0, r.grad.abs().max().item()), f"grad {name}: {error}"
+    assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out)
 
 
 def test_tiled_backward_is_bitwise_the_same_for_any_thread_count():
