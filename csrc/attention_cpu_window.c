@@ -991,14 +991,15 @@ INLINE void backward_block(const window_ctx *c, window_work *w, int64_t b, int64
             if (bias_grads == NULL) continue;
             /* a union slot is the same offset from a lane in every block: summed
              * per slot here, put in the table's cells once per item; an extra
-             * key's offset differs from block to block */
+             * key's offset differs from block to block. Only the layout's pairs
+             * add (a NaN value row gives 0 x NaN in the union's other lanes). */
             if (s < US) {
-                bias_grads[s] += score_grad;
+                bias_grads[s] += SELECT(c->slot_lanes[s] & live, score_grad, zero);
                 continue;
             }
             const int64_t key = p->stencil_keys[s - US];
             for (int l = 0; l < LANES; l++)
-                if (token[l] >= 0)
+                if (live[l])
                     bias_cells[sa_bias_cell(p, token[l] / W - key / W, token[l] % W - key % W)] += score_grad[l];
         }
     }
