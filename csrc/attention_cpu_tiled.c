@@ -405,11 +405,11 @@ SA_INLINE void fill_cell_row(int32_t qy, int32_t qx, const int32_t *key_y, const
     }
 }
 
-/* bias_row[c]: the bias of query (qy, qx) and key (key_y[c], key_x[c]). */
+/* bias_row[c]: the bias of query (qy, qx) and key (key_y[c], key_x[c]);
+ * cells[c] its table cell (the backward adds dS there). */
 SA_INLINE void fill_bias_row(const float *table, int32_t qy, int32_t qx, const int32_t *key_y, const int32_t *key_x,
-                             int cols, int32_t max_rel, float *bias_row)
+                             int cols, int32_t max_rel, float *bias_row, int32_t *cells)
 {
-    int32_t cells[TILE];
     fill_cell_row(qy, qx, key_y, key_x, cols, max_rel, cells);
     for (int c = 0; c < cols; c++) bias_row[c] = table[cells[c]];
 }
@@ -460,6 +460,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
     const int raw_shift = p->num_chunks >= 8 * p->num_tiles && p->bias_table == NULL && !want_stats &&
                           ctx->scale > 0.0f;
     int32_t queries[TILE], keys[TILE], key_y[TILE], key_x[TILE];
+    int32_t bias_cells[TILE]; /* bias_row's table cells (the backward adds dS there; unused here) */
     float bias_row[TILE] __attribute__((aligned(32))) = {0};
     /* rows whose length is a whole number of vectors are read where they lie */
     const int in_place = dim == dim_pad;
@@ -565,7 +566,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                     if (masked_here) {
                         if (bias_table != NULL)
                             fill_bias_row(bias_table, (int32_t)(queries[r] / p->width), (int32_t)(queries[r] % p->width),
-                                          key_y, key_x, cols, mi, bias_row);
+                                          key_y, key_x, cols, mi, bias_row, bias_cells);
                         chunk_max = mask_row(row, word, cols, scale, bias_row, &st->nan);
                         if (chunk_max == -INFINITY) {
                             memset(row, 0, (size_t)cols * sizeof(float));
@@ -948,11 +949,9 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                         if (threshold > 0)
                             for (int c = 0; c < cols; c++)
                                 keep[c] = sa_dropout_keep(query_key[r], keys[c], threshold) ? keep_scale : 0.0f;
-                        if (bias_table != NULL) {
-                            fill_cell_row((int32_t)(queries[r] / p->width), (int32_t)(queries[r] % p->width), key_y,
-                                          key_x, cols, max_rel, cells);
-                            for (int c = 0; c < cols; c++) bias_row[c] = bias_table[cells[c]];
-                        }
+                        if (bias_table != NULL)
+                            fill_bias_row(bias_table, (int32_t)(queries[r] / p->width), (int32_t)(queries[r] % p->width),
+                                          key_y, key_x, cols, max_rel, bias_row, cells);
                         const v8 top = SPLAT(row_lse[r]), row_d = SPLAT(row_delta[r]);
                         for (int g0 = 0; g0 < cols / 8; g0 += 4) {
                             v8 e[4];

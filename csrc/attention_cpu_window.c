@@ -806,17 +806,23 @@ INLINE void forward_full_row(const window_ctx *c, window_work *w, int64_t b, int
 
 /* ---- work items ------------------------------------------------------------- */
 
+/* Query minus key from lane l to union slot s, the same in every block: query
+ * (l / 2, l % 2) of the block, key (dy_lo + r, dx_lo + col) from its corner. */
+static inline void lane_to_slot(const window_ctx *c, int s, int l, int64_t *dy, int64_t *dx)
+{
+    *dy = l / BLOCK_COLS - (c->box.dy_lo + s / c->union_cols);
+    *dx = l % BLOCK_COLS - (c->box.dx_lo + s % c->union_cols);
+}
+
 /* The bias of head h for every union slot and lane. */
 static void fill_slot_bias(const window_ctx *c, window_work *w, int64_t h)
 {
-    for (int s = 0; s < c->union_slots; s++) {
-        const int r = s / c->union_cols, col = s % c->union_cols;
+    for (int s = 0; s < c->union_slots; s++)
         for (int l = 0; l < LANES; l++) {
-            /* query (l / 2, l % 2) of the block, key (dy_lo + r, dx_lo + col) from its corner */
-            const int64_t dy = l / BLOCK_COLS - (c->box.dy_lo + r), dx = l % BLOCK_COLS - (c->box.dx_lo + col);
+            int64_t dy, dx;
+            lane_to_slot(c, s, l, &dy, &dx);
             w->slot_bias[s][l] = sa_bias_of(c->p, h, dy, dx);
         }
-    }
     w->bias_head = h;
 }
 
@@ -1165,17 +1171,15 @@ INLINE void backward_full_row(const window_ctx *c, window_work *w, int64_t b, in
     }
 }
 
-/* The union slots' summed dS into one (batch, head)'s bias cells, lane by lane
- * (the offsets of fill_slot_bias). */
+/* The union slots' summed dS into one (batch, head)'s bias cells, lane by lane. */
 static void flush_slot_bias_grads(const window_ctx *c, const window_work *w, float *cells)
 {
-    for (int s = 0; s < c->union_slots; s++) {
-        const int r = s / c->union_cols, col = s % c->union_cols;
+    for (int s = 0; s < c->union_slots; s++)
         for (int l = 0; l < LANES; l++) {
-            const int64_t dy = l / BLOCK_COLS - (c->box.dy_lo + r), dx = l % BLOCK_COLS - (c->box.dx_lo + col);
+            int64_t dy, dx;
+            lane_to_slot(c, s, l, &dy, &dx);
             cells[sa_bias_cell(c->p, dy, dx)] += w->slot_bias_grads[s][l];
         }
-    }
 }
 
 WINDOW_CLONES
@@ -1258,10 +1262,12 @@ static int ctx_init(window_ctx *c, const sa_attention_params *p, char *err, size
     for (int64_t o = 0; o < p->stencil_num_offsets; o++)
         c->is_offset[(p->stencil_offsets[2 * o] + H - 1) * (2 * W - 1) + p->stencil_offsets[2 * o + 1] + W - 1] = 1;
     for (int s = 0; s < c->union_slots; s++) {
-        const int r = s / c->union_cols, col = s % c->union_cols;
         for (int l = 0; l < LANES; l++) {
             /* key minus query: the offset that would reach the slot from lane l */
-            const int64_t dy = c->box.dy_lo + r - l / BLOCK_COLS, dx = c->box.dx_lo + col - l % BLOCK_COLS;
+            int64_t dy, dx;
+            lane_to_slot(c, s, l, &dy, &dx);
+            dy = -dy;
+            dx = -dx;
             const int inside = dy > -H && dy < H && dx > -W && dx < W;
             c->slot_lanes[s][l] = inside && c->is_offset[(dy + H - 1) * (2 * W - 1) + dx + W - 1] ? -1 : 0;
         }
