@@ -18,6 +18,7 @@
 #include "attention_cpu_window.h"
 #include "dlpack_bridge.h"
 #include "layout.h"
+#include "tile_plan.h"
 
 #define MAX_VIEWS 24
 #define ERR_LEN 512
@@ -867,6 +868,197 @@ fail:
     return NULL;
 }
 
+/* ---- tile plans ----------------------------------------------------------- */
+
+static char *plan_kwlist[] = {"row_ptr", "col_idx", "height", "width", "tile_h", "tile_w", "pairs", "left_out",
+                              "tiles", "chunk_ptr", NULL};
+
+/* The layout's CSR and the pass's knobs, checked; *nnz set. Views go in set. */
+static int take_plan_spec(view_set *set, PyObject *row_ptr_obj, PyObject *col_idx_obj, PyObject *left_out_obj,
+                          sa_plan_spec *spec, int64_t *nnz)
+{
+    sa_view *rp = take(set, row_ptr_obj, "row_ptr", 0);
+    sa_view *ci = rp ? take(set, col_idx_obj, "col_idx", 0) : NULL;
+    if (!ci) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "row_ptr, col_idx: expected arrays, got None");
+        return -1;
+    }
+    if (rp->device.device_type != kDLCPU || ci->device.device_type != kDLCPU) {
+        PyErr_SetString(PyExc_ValueError, "row_ptr, col_idx: expected CPU arrays");
+        return -1;
+    }
+    if (spec->height < 1 || spec->width < 1 || spec->height >= INT32_MAX || spec->width >= INT32_MAX ||
+        spec->height * spec->width >= INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "height, width: expected a grid of 1 to 2**31 - 2 tokens, got %lld x %lld",
+                     (long long)spec->height, (long long)spec->width);
+        return -1;
+    }
+    int64_t grid[1] = {spec->height * spec->width + 1}, any1[1] = {-1};
+    if (check_buffer(rp, rp, SA_DT_I64, grid, 1) < 0 || check_buffer(ci, rp, SA_DT_I32, any1, 1) < 0) return -1;
+    spec->row_ptr = (const int64_t *)rp->data;
+    spec->col_idx = (const int32_t *)ci->data;
+    spec->left_out = NULL;
+    *nnz = ci->shape[0];
+    if (left_out_obj != NULL && left_out_obj != Py_None) {
+        sa_view *lo = take(set, left_out_obj, "left_out", 0);
+        int64_t tokens[1] = {spec->height * spec->width};
+        if (!lo || check_buffer(lo, rp, SA_DT_BOOL, tokens, 1) < 0) return -1;
+        spec->left_out = (const uint8_t *)lo->data;
+    }
+    char err[ERR_LEN] = "";
+    if (sa_plan_check(spec, *nnz, err, sizeof(err)) < 0) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *plan_union_sizes(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    PyObject *rp_obj, *ci_obj, *left_out_obj = Py_None, *tiles_obj = Py_None, *unused = Py_None;
+    long long height, width, tile_h, tile_w;
+    int pairs;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOLLLLi|OOO", plan_kwlist, &rp_obj, &ci_obj, &height, &width,
+                                     &tile_h, &tile_w, &pairs, &left_out_obj, &tiles_obj, &unused))
+        return NULL;
+    if (unused != Py_None) {
+        PyErr_SetString(PyExc_TypeError, "chunk_ptr: plan_union_sizes takes no chunk_ptr");
+        return NULL;
+    }
+    view_set set = {.count = 0, .stream = -1};
+    sa_plan_spec spec = {.height = height, .width = width, .tile_h = tile_h, .tile_w = tile_w, .pairs = pairs};
+    int64_t nnz;
+    PyObject *sizes = NULL;
+    if (take_plan_spec(&set, rp_obj, ci_obj, left_out_obj, &spec, &nnz) < 0) goto fail;
+    const int64_t num_tiles = sa_plan_num_tiles(&spec);
+    const int64_t *tiles = NULL;
+    int64_t count = num_tiles;
+    if (tiles_obj != Py_None) {
+        sa_view *tv = take(&set, tiles_obj, "tiles", 0);
+        int64_t any1[1] = {-1};
+        if (!tv || check_buffer(tv, tv, SA_DT_I64, any1, 1) < 0) goto fail;
+        tiles = (const int64_t *)tv->data;
+        count = tv->shape[0];
+        for (int64_t t = 0; t < count; t++) {
+            if (tiles[t] < 0 || tiles[t] >= num_tiles) {
+                PyErr_Format(PyExc_ValueError, "tiles: entry %lld is %lld, outside [0, %lld)", (long long)t,
+                             (long long)tiles[t], (long long)num_tiles);
+                goto fail;
+            }
+        }
+    }
+    sizes = new_array(count, NPY_INT64);
+    if (!sizes) goto fail;
+    char err[ERR_LEN] = "";
+    int status;
+    int64_t *out = PyArray_DATA((PyArrayObject *)sizes);
+    Py_BEGIN_ALLOW_THREADS
+    status = sa_plan_union_sizes(&spec, tiles, count, out, err, sizeof(err));
+    Py_END_ALLOW_THREADS
+    if (status < 0) {
+        PyErr_SetString(strstr(err, "memory") ? PyExc_MemoryError : PyExc_ValueError, err);
+        goto fail;
+    }
+    release_all(&set);
+    return sizes;
+fail:
+    Py_XDECREF(sizes);
+    release_all(&set);
+    return NULL;
+}
+
+static PyObject *plan_pair_counts(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    PyObject *rp_obj, *ci_obj, *left_out_obj = Py_None, *tiles_obj = Py_None, *chunk_ptr_obj = Py_None;
+    long long height, width, tile_h = 1, tile_w = 1;
+    int pairs = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOLL|LLiOOO", plan_kwlist, &rp_obj, &ci_obj, &height, &width,
+                                     &tile_h, &tile_w, &pairs, &left_out_obj, &tiles_obj, &chunk_ptr_obj))
+        return NULL;
+    if (tiles_obj != Py_None || chunk_ptr_obj != Py_None) {
+        PyErr_SetString(PyExc_TypeError, "plan_pair_counts: takes no tiles and no chunk_ptr");
+        return NULL;
+    }
+    view_set set = {.count = 0, .stream = -1};
+    sa_plan_spec spec = {.height = height, .width = width, .tile_h = tile_h, .tile_w = tile_w, .pairs = pairs};
+    int64_t nnz;
+    PyObject *counts = NULL;
+    if (take_plan_spec(&set, rp_obj, ci_obj, left_out_obj, &spec, &nnz) < 0) goto fail;
+    counts = new_array(SA_PLAN_PAIRS_COUNT, NPY_INT64);
+    if (!counts) goto fail;
+    int64_t *out = PyArray_DATA((PyArrayObject *)counts);
+    Py_BEGIN_ALLOW_THREADS
+    sa_plan_pair_counts(&spec, out);
+    Py_END_ALLOW_THREADS
+    release_all(&set);
+    return counts;
+fail:
+    release_all(&set);
+    return NULL;
+}
+
+static PyObject *plan_fill(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    PyObject *rp_obj, *ci_obj, *left_out_obj = Py_None, *tiles_obj = Py_None, *chunk_ptr_obj = Py_None;
+    long long height, width, tile_h, tile_w;
+    int pairs;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOLLLLi|OOO", plan_kwlist, &rp_obj, &ci_obj, &height, &width,
+                                     &tile_h, &tile_w, &pairs, &left_out_obj, &tiles_obj, &chunk_ptr_obj))
+        return NULL;
+    if (tiles_obj != Py_None || chunk_ptr_obj == Py_None) {
+        PyErr_SetString(PyExc_TypeError, "plan_fill: takes chunk_ptr and no tiles");
+        return NULL;
+    }
+    view_set set = {.count = 0, .stream = -1};
+    sa_plan_spec spec = {.height = height, .width = width, .tile_h = tile_h, .tile_w = tile_w, .pairs = pairs};
+    int64_t nnz;
+    PyObject *queries = NULL, *keys = NULL, *masks = NULL;
+    if (take_plan_spec(&set, rp_obj, ci_obj, left_out_obj, &spec, &nnz) < 0) goto fail;
+    const int64_t num_tiles = sa_plan_num_tiles(&spec);
+    sa_view *cp = take(&set, chunk_ptr_obj, "chunk_ptr", 0);
+    int64_t tiles_plus_one[1] = {num_tiles + 1};
+    if (!cp || check_buffer(cp, cp, SA_DT_I32, tiles_plus_one, 1) < 0) goto fail;
+    const int32_t *chunk_ptr = (const int32_t *)cp->data;
+    if (chunk_ptr[0] != 0) {
+        PyErr_SetString(PyExc_ValueError, "chunk_ptr: expected offsets from 0");
+        goto fail;
+    }
+    for (int64_t t = 0; t < num_tiles; t++) {
+        if (chunk_ptr[t + 1] < chunk_ptr[t]) {
+            PyErr_Format(PyExc_ValueError, "chunk_ptr: offsets decrease at tile %lld", (long long)t);
+            goto fail;
+        }
+    }
+    const int64_t num_chunks = chunk_ptr[num_tiles];
+    npy_intp tile_dims[2] = {(npy_intp)num_tiles, SA_PLAN_TILE}, chunk_dims[2] = {(npy_intp)num_chunks, SA_PLAN_TILE};
+    queries = PyArray_SimpleNew(2, tile_dims, NPY_INT32);
+    keys = PyArray_SimpleNew(2, chunk_dims, NPY_INT32);
+    masks = PyArray_SimpleNew(2, chunk_dims, NPY_INT64);
+    if (!queries || !keys || !masks) goto fail;
+    char err[ERR_LEN] = "";
+    int status;
+    int32_t *q = PyArray_DATA((PyArrayObject *)queries), *k = PyArray_DATA((PyArrayObject *)keys);
+    uint64_t *m = PyArray_DATA((PyArrayObject *)masks);
+    Py_BEGIN_ALLOW_THREADS
+    status = sa_plan_fill(&spec, chunk_ptr, q, k, m, err, sizeof(err));
+    Py_END_ALLOW_THREADS
+    if (status < 0) {
+        PyErr_SetString(strstr(err, "memory") ? PyExc_MemoryError : PyExc_ValueError, err);
+        goto fail;
+    }
+    release_all(&set);
+    return Py_BuildValue("(NNN)", queries, keys, masks);
+fail:
+    Py_XDECREF(queries);
+    Py_XDECREF(keys);
+    Py_XDECREF(masks);
+    release_all(&set);
+    return NULL;
+}
+
 static PyObject *set_num_threads(PyObject *self, PyObject *arg)
 {
     (void)self;
@@ -992,6 +1184,12 @@ static PyMethodDef module_methods[] = {
      "Reduces per-pair score gradients into the relative position bias gradient."},
     {"build_layout", (PyCFunction)(void (*)(void))build_layout, METH_VARARGS | METH_KEYWORDS,
      "Builds a layout; returns (row_ptr, col_idx, col_ptr, row_idx) NumPy arrays."},
+    {"plan_union_sizes", (PyCFunction)(void (*)(void))plan_union_sizes, METH_VARARGS | METH_KEYWORDS,
+     "Distinct keys of each tile of a tile-plan pass (every tile, or the listed ones)."},
+    {"plan_pair_counts", (PyCFunction)(void (*)(void))plan_pair_counts, METH_VARARGS | METH_KEYWORDS,
+     "Pairs of each selection (all, same row, other rows, same column, other columns), rows left out not counted."},
+    {"plan_fill", (PyCFunction)(void (*)(void))plan_fill, METH_VARARGS | METH_KEYWORDS,
+     "A tile-plan pass from a layout's CSR: returns (queries, keys, masks) NumPy arrays."},
     {"set_num_threads", set_num_threads, METH_O, "Sets the CPU kernels' thread count (0: all cores)."},
     {"get_num_threads", get_num_threads, METH_NOARGS, "The CPU kernels' thread count."},
     {"cuda_device_count", cuda_device_count, METH_NOARGS,

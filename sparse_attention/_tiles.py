@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._native import C
+
 TILE = 64  # queries per tile and keys per chunk; fixed by the kernels
 # The CPU forward over tile plans (float32, torch and NumPy alike); tests turn
 # it off to compare it with the row-by-row kernel.
@@ -34,11 +36,9 @@ use_tiled_cpu_kernel = True
 CPU_MIN_FILL = 0.3
 # tile shapes (rows x columns of the grid) tried for every pass
 _SHAPES = ((8, 8), (4, 16), (16, 4), (2, 32), (32, 2), (1, 64), (64, 1))
-# plans of layouts with more pairs than this are not built (planning time and
-# memory grow with them; nothing in a plan grows with tokens squared)
-MAX_PAIRS = 1 << 24
-# the planner's tiles x tokens presence table is built in blocks of at most this many bytes
-_PRESENCE_BYTES = 1 << 25
+# plans of layouts with more pairs than this are not built: the C planner
+# takes about a second per 100 M pairs, once per layout
+MAX_PAIRS = 1 << 30
 # a row is long when it has more keys than both of these
 LONG_ROW_MIN_KEYS = 1024
 LONG_ROW_FACTOR = 8  # times the median row
@@ -109,17 +109,12 @@ class TilePass:
         return self.queries[chunk_tile[chunk], row], self.keys[chunk, col]
 
 
-def _tile_ids(height, width, shape):
-    """Tile and slot of every token for tiles of ``shape``, and the tiles' queries."""
-    th, tw = min(shape[0], height), min(shape[1], width)
-    ys, xs = np.divmod(np.arange(height * width, dtype=np.int64), width)
-    tiles_x = -(-width // tw)
-    tile = (ys // th) * tiles_x + xs // tw
-    slot = (ys % th) * tw + xs % tw
-    num_tiles = int(tile.max()) + 1 if tile.size else 0
-    queries = np.full((num_tiles, TILE), -1, dtype=np.int32)
-    queries[tile, slot] = np.arange(height * width, dtype=np.int32)
-    return tile, slot, queries
+# the pairs a pass holds, as the C planner names them
+PAIRS_ALL, PAIRS_SAME_ROW, PAIRS_OTHER_ROWS, PAIRS_SAME_COLUMN, PAIRS_OTHER_COLUMNS = range(5)
+
+
+def _num_tiles(height, width, shape):
+    return -(-height // shape[0]) * -(-width // shape[1])
 
 
 def _long_rows(layout):
@@ -130,99 +125,35 @@ def _long_rows(layout):
     return np.flatnonzero(degrees > limit).astype(np.int32)
 
 
-def _tile_unions(pair_tile, cols, num_tiles, n):
-    """Every tile's distinct keys and, per pair, its key's rank among them:
-    (union_tile, union_key, pair_rank), the union tile by tile, keys ascending.
-
-    A presence table of tiles x tokens (int32, so that a running sum along
-    each tile's row gives the ranks) is built for a block of tiles at a time,
-    _PRESENCE_BYTES at most: time O(nnz + tiles x tokens), memory O(nnz) plus
-    the block. (np.unique of (tile, key) codes, a sort of every pair, took 12
-    times as long for AXIAL at 128 x 128.)"""
-    per_block = max(1, _PRESENCE_BYTES // (4 * max(n, 1)))
-    num_blocks = -(-num_tiles // per_block)
-    pair_rank = np.empty(pair_tile.size, dtype=np.int64)
-    if num_blocks > 1:
-        # the pairs block by block (a stable radix sort of small integers), then one slice each
-        block = pair_tile // per_block
-        order = np.argsort(block.astype(np.uint16 if num_blocks < 1 << 16 else np.int64), kind="stable")
-        bounds = np.zeros(num_blocks + 1, dtype=np.int64)
-        np.cumsum(np.bincount(block, minlength=num_blocks), out=bounds[1:])
-    union_tiles, union_keys = [], []
-    for index in range(num_blocks):
-        t0, t1 = index * per_block, min(num_tiles, (index + 1) * per_block)
-        picked = order[bounds[index]:bounds[index + 1]] if num_blocks > 1 else slice(None)
-        row_of_pair, key_of_pair = pair_tile[picked] - t0, cols[picked]
-        rank = np.zeros((t1 - t0, n), dtype=np.int32)
-        rank[row_of_pair, key_of_pair] = 1
-        present_tile, present_key = np.nonzero(rank)
-        union_tiles.append(present_tile + t0)
-        union_keys.append(present_key)
-        np.cumsum(rank, axis=1, out=rank)
-        pair_rank[picked] = rank[row_of_pair, key_of_pair] - 1
-    if not union_tiles:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), pair_rank
-    return np.concatenate(union_tiles), np.concatenate(union_keys), pair_rank
+def _csr(layout, shape, pairs, left_out):
+    """The C planner's arguments for one tiling of ``layout``."""
+    return (layout.indptr, layout.indices, layout.height, layout.width, shape[0], shape[1], pairs, left_out)
 
 
-def _build_pass(height, width, shape, rows, cols, long_rows):
-    n = height * width
-    tile, slot, queries = _tile_ids(height, width, shape)
-    queries[np.isin(queries, long_rows)] = -1  # written by the block-per-row kernel
-    num_tiles = queries.shape[0]
-    pt = tile[rows]
-    union_tile, union_key, pr = _tile_unions(pt, cols, num_tiles, n)
-    counts = np.bincount(union_tile, minlength=num_tiles)
-    chunk_ptr = np.zeros(num_tiles + 1, dtype=np.int32)
-    np.cumsum(-(-counts // TILE), out=chunk_ptr[1:])
-    num_chunks = int(chunk_ptr[-1])
-    union_start = np.zeros(num_tiles + 1, dtype=np.int64)
-    np.cumsum(counts, out=union_start[1:])
-    # a key of rank r in its tile's union sits at slot r of the tile's chunks
-    keys = np.full(num_chunks * TILE, -1, dtype=np.int32)
-    union_rank = np.arange(union_tile.size, dtype=np.int64) - union_start[union_tile]
-    keys[chunk_ptr[union_tile].astype(np.int64) * TILE + union_rank] = union_key
-    keys = keys.reshape(num_chunks, TILE)
-    owner = chunk_ptr[pt].astype(np.int64) + pr // TILE
-    # Pairs come row by row with ascending keys, so those sharing a mask word
-    # (same query, same chunk) are consecutive: OR each run of bits at once.
-    masks = np.zeros(num_chunks * TILE, dtype=np.uint64)
-    if rows.size:
-        word = owner * TILE + slot[rows]
-        bits = np.left_shift(np.uint64(1), (pr % TILE).astype(np.uint64))
-        starts = np.flatnonzero(np.r_[True, word[1:] != word[:-1]])
-        masks[word[starts]] = np.bitwise_or.reduceat(bits, starts)
-    return TilePass(shape, queries, chunk_ptr, keys, masks.view(np.int64).reshape(num_chunks, TILE))
+def _build_pass(layout, shape, pairs, left_out):
+    """One pass: the C planner lists every tile's keys (ascending, 64 to a
+    chunk) and sets the mask bits of the selected pairs."""
+    sizes = C.plan_union_sizes(*_csr(layout, shape, pairs, left_out))
+    chunks = -(-sizes // TILE)
+    if int(chunks.sum()) >= 2**31:
+        raise ValueError(f"layout: a tile plan of {int(chunks.sum())} chunks does not fit int32 offsets")
+    chunk_ptr = np.zeros(sizes.size + 1, dtype=np.int32)
+    np.cumsum(chunks, out=chunk_ptr[1:])
+    queries, keys, masks = C.plan_fill(*_csr(layout, shape, pairs, left_out), chunk_ptr=chunk_ptr)
+    return TilePass(shape, queries, chunk_ptr, keys, masks)
 
 
-def _pairs_of_rows(indptr, queries):
-    """CSR positions of the pairs of ``queries``, row by row."""
-    starts, lengths = indptr[queries], indptr[queries + 1] - indptr[queries]
-    offsets = np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
-    return offsets + np.arange(int(lengths.sum()), dtype=np.int64)
-
-
-def _estimate_chunks(layout, shape, selected, samples=12):
+def _estimate_chunks(layout, shape, pairs, left_out, samples=12):
     """Chunks a tiling of ``shape`` needs for the selected pairs, estimated
     from evenly spaced tiles."""
-    height, width = layout.height, layout.width
-    _, _, queries = _tile_ids(height, width, shape)
-    num_tiles = queries.shape[0]
+    num_tiles = _num_tiles(layout.height, layout.width, shape)
     picked = np.unique(np.linspace(0, num_tiles - 1, min(samples, num_tiles)).astype(np.int64))
-    members = queries[picked]
-    which = np.repeat(np.arange(picked.size), (members >= 0).sum(axis=1))
-    rows = members[members >= 0].astype(np.int64)
-    positions = _pairs_of_rows(layout.indptr, rows)
-    sample_of_pair = np.repeat(which, np.diff(layout.indptr)[rows])
-    keep = selected[positions]
-    positions, sample_of_pair = positions[keep], sample_of_pair[keep]
-    presence = np.zeros((picked.size, height * width), dtype=bool)
-    presence[sample_of_pair, layout.indices[positions]] = True
-    per_tile = (-(-presence.sum(axis=1) // TILE)).mean()
+    sizes = C.plan_union_sizes(*_csr(layout, shape, pairs, left_out), tiles=picked)
+    per_tile = (-(-sizes // TILE)).mean()
     return per_tile * num_tiles, num_tiles
 
 
-def _best_shape(layout, selected):
+def _best_shape(layout, pairs, left_out):
     """The tile shape with the fewest (estimated) chunks for the selected pairs."""
     best = None
     seen = set()
@@ -231,7 +162,7 @@ def _best_shape(layout, selected):
         if shape in seen:
             continue
         seen.add(shape)
-        chunks, tiles = _estimate_chunks(layout, shape, selected)
+        chunks, tiles = _estimate_chunks(layout, shape, pairs, left_out)
         if best is None or chunks < best[1]:
             best = (shape, chunks, tiles)
     return best
@@ -244,31 +175,32 @@ def build_tile_plan(layout, keep_long_rows=False):
     one block walking a long row's many chunks costs less than the row and
     column kernels doing the whole backward."""
     n = layout.num_tokens
-    height, width = layout.height, layout.width
     if n == 0 or layout.nnz > MAX_PAIRS:
         return None
     long_rows = np.zeros(0, dtype=np.int32) if keep_long_rows else _long_rows(layout)
-    rows = layout.row_ids()
-    cols = layout.indices.astype(np.int64)
-    short = ~np.isin(rows, long_rows) if long_rows.size else np.ones(rows.size, dtype=bool)
-    shape, chunks, _ = _best_shape(layout, short)
-    options = [(chunks, [(shape, short)])]
+    left_out = None
+    if long_rows.size:
+        left_out = np.zeros(n, dtype=bool)
+        left_out[long_rows] = True
+    counts = C.plan_pair_counts(layout.indptr, layout.indices, layout.height, layout.width,
+                                left_out=left_out)
+    planned = int(counts[PAIRS_ALL])
+    shape, chunks, _ = _best_shape(layout, PAIRS_ALL, left_out)
+    options = [(chunks, [(shape, PAIRS_ALL)])]
     # a split can only win where one pass leaves chunks well short of full
     splits = ()
-    if chunks * TILE * TILE > 1.25 * max(1, int(short.sum())):
-        splits = (rows // width == cols // width, rows % width == cols % width)
-    for same in splits:
-        first_pairs, second_pairs = short & same, short & ~same
-        if not first_pairs.any() or not second_pairs.any():
+    if chunks * TILE * TILE > 1.25 * max(1, planned):
+        splits = ((PAIRS_SAME_ROW, PAIRS_OTHER_ROWS), (PAIRS_SAME_COLUMN, PAIRS_OTHER_COLUMNS))
+    for first_pairs, second_pairs in splits:
+        if counts[first_pairs] == 0 or counts[second_pairs] == 0:
             continue
-        first = _best_shape(layout, first_pairs)
-        second = _best_shape(layout, second_pairs)
+        first = _best_shape(layout, first_pairs, left_out)
+        second = _best_shape(layout, second_pairs, left_out)
         cost = first[1] + second[1] + _PASS_COST_PER_TILE * second[2]
         options.append((cost, [(first[0], first_pairs), (second[0], second_pairs)]))
     _, passes = min(options, key=lambda option: option[0])
-    plan = [_build_pass(height, width, shape, rows[selection], cols[selection], long_rows)
-            for shape, selection in passes]
-    return TilePlan(plan, long_rows, int(short.sum()))
+    plan = [_build_pass(layout, shape, pairs, left_out) for shape, pairs in passes]
+    return TilePlan(plan, long_rows, planned)
 
 
 def build_lattice_plan(height, width, stride):

@@ -117,3 +117,47 @@ def assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, 
         error = (mine.double() - r.grad).abs().max().item()
         assert error < 5e-5 * max(1.0, r.grad.abs().max().item()), f"grad {name}: {error}"
 
+
+
+def reference_tile_pass(layout, shape, select, left_out):
+    """(queries, chunk_ptr, keys, masks) of a tile-plan pass, tile by tile in
+    plain Python from the definition in sparse_attention/_tiles.py: the tiles
+    of ``shape`` in row-major order, query (y, x) at slot (y % th) * tw + x % tw,
+    a tile's keys the distinct keys of its queries' pairs for which
+    ``select(query, key)`` holds, ascending, 64 to a chunk; rows in
+    ``left_out`` read -1 and add no keys."""
+    import numpy as np
+
+    height, width = layout.height, layout.width
+    th, tw = shape
+    tiles_x = -(-width // tw)
+    num_tiles = -(-height // th) * tiles_x
+    queries = np.full((num_tiles, 64), -1, dtype=np.int32)
+    chunk_ptr, all_keys, all_masks = [0], [], []
+    for tile in range(num_tiles):
+        y0, x0 = tile // tiles_x * th, tile % tiles_x * tw
+        pairs = []
+        for y in range(y0, min(y0 + th, height)):
+            for x in range(x0, min(x0 + tw, width)):
+                query = y * width + x
+                if query in left_out:
+                    continue
+                slot = (y - y0) * tw + x - x0
+                queries[tile, slot] = query
+                keys = layout.indices[layout.indptr[query]:layout.indptr[query + 1]]
+                pairs += [(slot, int(key)) for key in keys if select(query, int(key))]
+        union = sorted({key for _, key in pairs})
+        chunks = -(-len(union) // 64)
+        keys = np.full((chunks, 64), -1, dtype=np.int32)
+        masks = np.zeros((chunks, 64), dtype=np.uint64)
+        for rank, key in enumerate(union):
+            keys[rank // 64, rank % 64] = key
+        rank_of = {key: rank for rank, key in enumerate(union)}
+        for slot, key in pairs:
+            rank = rank_of[key]
+            masks[rank // 64, slot] |= np.uint64(1) << np.uint64(rank % 64)
+        all_keys.append(keys)
+        all_masks.append(masks)
+        chunk_ptr.append(chunk_ptr[-1] + chunks)
+    return (queries, np.array(chunk_ptr, dtype=np.int32), np.concatenate(all_keys).reshape(-1, 64),
+            np.concatenate(all_masks).reshape(-1, 64).view(np.int64))

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from sparse_attention import _torch_ops, build_layout
+from sparse_attention import _tiles, _torch_ops, build_layout
 from sparse_attention._native import C
 from sparse_attention._tiles import TILE, build_tile_plan
+
+from reference import reference_tile_pass
 
 PATTERNS = ["dense", "axial", "block", "longformer", "strided", "random"]
 SIZES = [(1, 1), (1, 17), (9, 1), (7, 13), (33, 35), (20, 70), (64, 64)]
@@ -41,21 +43,75 @@ def test_plan_covers_every_pair_once(pattern, size):
                 assert not np.any(words >> np.uint64(real.size))
 
 
-@pytest.mark.parametrize("pattern, size", [("axial", (33, 35)), ("random", (20, 70)),
-                                           ("longformer", (33, 35)), ("strided", (64, 64))])
-def test_plan_is_the_same_when_the_presence_table_is_built_in_blocks(pattern, size, monkeypatch):
-    from sparse_attention import _tiles
+_SELECTIONS = {
+    _tiles.PAIRS_ALL: lambda i, j, w: True,
+    _tiles.PAIRS_SAME_ROW: lambda i, j, w: i // w == j // w,
+    _tiles.PAIRS_OTHER_ROWS: lambda i, j, w: i // w != j // w,
+    _tiles.PAIRS_SAME_COLUMN: lambda i, j, w: i % w == j % w,
+    _tiles.PAIRS_OTHER_COLUMNS: lambda i, j, w: i % w != j % w,
+}
 
-    layout = build_layout(pattern, *size, kernel_size=5, num_global_tokens=2, attention_ratio=0.3)
-    whole = build_tile_plan(layout)
-    n = layout.num_tokens
-    monkeypatch.setattr(_tiles, "_PRESENCE_BYTES", 4 * n * 3)  # three tiles per block
-    blocked = build_tile_plan(layout)
-    assert len(blocked) == len(whole)
-    for a, b in zip(whole, blocked):
-        assert a.queries.shape[0] > 3  # more than one block
-        for field in ("queries", "chunk_ptr", "keys", "masks"):
-            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+@pytest.mark.parametrize("pairs", sorted(_SELECTIONS))
+@pytest.mark.parametrize("shape", [(8, 8), (1, 64), (64, 1), (4, 16), (3, 5)])
+@pytest.mark.parametrize("pattern, size", [("axial", (11, 13)), ("random", (9, 20)), ("longformer", (13, 11)),
+                                           ("strided", (12, 12)), ("block", (1, 23)), ("dense", (7, 1))])
+def test_c_planner_builds_the_reference_pass(pattern, size, shape, pairs):
+    layout = build_layout(pattern, *size, kernel_size=5, block_size=3, num_global_tokens=2,
+                          attention_ratio=0.3)
+    shape = (min(shape[0], size[0]), min(shape[1], size[1]))
+    left_out = np.zeros(layout.num_tokens, dtype=bool)
+    left_out[::7] = True  # rows kept out, as the long rows are
+    one = _tiles._build_pass(layout, shape, pairs, left_out)
+    select = _SELECTIONS[pairs]
+    expected = reference_tile_pass(layout, shape, lambda i, j: select(i, j, size[1]),
+                                   set(np.flatnonzero(left_out).tolist()))
+    for field, want in zip(("queries", "chunk_ptr", "keys", "masks"), expected):
+        got = getattr(one, field)
+        assert got.dtype == want.dtype, field
+        np.testing.assert_array_equal(got, want, err_msg=field)
+    counts = C.plan_pair_counts(layout.indptr, layout.indices, *size, left_out=left_out)
+    kept = ~left_out[layout.row_ids()]
+    rows, cols = layout.row_ids()[kept], layout.indices[kept]
+    assert counts[pairs] == sum(select(int(i), int(j), size[1]) for i, j in zip(rows, cols))
+
+
+def test_c_planner_refuses_bad_arguments():
+    layout = build_layout("block", 4, 4, block_size=2)
+    rp, ci = layout.indptr, layout.indices
+    with pytest.raises(ValueError, match="tile_shape"):
+        C.plan_union_sizes(rp, ci, 4, 4, 8, 9, 0)  # 72 slots
+    with pytest.raises(ValueError, match="tile_shape"):
+        C.plan_union_sizes(rp, ci, 4, 4, 5, 1, 0)  # taller than the grid
+    with pytest.raises(ValueError, match="pairs"):
+        C.plan_union_sizes(rp, ci, 4, 4, 2, 2, 7)
+    with pytest.raises(ValueError, match="row_ptr"):
+        C.plan_union_sizes(rp[:-1], ci, 4, 4, 2, 2, 0)
+    with pytest.raises(TypeError, match="row_ptr"):
+        C.plan_union_sizes(rp.astype(np.int32), ci, 4, 4, 2, 2, 0)
+    bad_keys = ci.copy()
+    bad_keys[3] = 16
+    with pytest.raises(ValueError, match="col_idx: entry 3 is 16"):
+        C.plan_union_sizes(rp, bad_keys, 4, 4, 2, 2, 0)
+    falling = rp.copy()
+    falling[2] = falling[3] + 1
+    with pytest.raises(ValueError, match="row_ptr: offsets decrease"):
+        C.plan_union_sizes(falling, ci, 4, 4, 2, 2, 0)
+    with pytest.raises(ValueError, match="tiles: entry 0 is 4"):
+        C.plan_union_sizes(rp, ci, 4, 4, 2, 2, 0, tiles=np.array([4]))
+    with pytest.raises(ValueError, match="left_out"):
+        C.plan_union_sizes(rp, ci, 4, 4, 2, 2, 0, left_out=np.zeros(15, dtype=bool))
+    with pytest.raises(ValueError, match="height, width"):
+        C.plan_union_sizes(rp, ci, 0, 4, 1, 1, 0)
+    good = np.array([0, 1, 2, 3, 4], dtype=np.int32)  # one chunk per 2 x 2 tile
+    with pytest.raises(ValueError, match="chunk_ptr: tile 0 has 4 keys, 1 chunks, but chunk_ptr gives it 2"):
+        C.plan_fill(rp, ci, 4, 4, 2, 2, 0, chunk_ptr=np.array([0, 2, 3, 4, 5], dtype=np.int32))
+    with pytest.raises(ValueError, match="chunk_ptr: offsets decrease"):
+        C.plan_fill(rp, ci, 4, 4, 2, 2, 0, chunk_ptr=np.array([0, 2, 1, 3, 4], dtype=np.int32))
+    with pytest.raises(ValueError, match="chunk_ptr"):
+        C.plan_fill(rp, ci, 4, 4, 2, 2, 0, chunk_ptr=good[:-1])
+    queries, keys, masks = C.plan_fill(rp, ci, 4, 4, 2, 2, 0, chunk_ptr=good)
+    assert queries.shape == (4, 64) and keys.shape == (4, 64) and np.all(masks[:, :4] == 15)
 
 
 def test_axial_splits_into_row_and_column_passes_without_waste():
@@ -73,8 +129,11 @@ def test_block_tiles_are_the_blocks():
     assert np.all(plan[0].masks == -1)  # all 64 x 64 bits set
 
 
-def test_no_plan_for_layouts_past_the_limits():
-    assert build_tile_plan(build_layout("dense", 128, 128)) is None
+def test_no_plan_for_layouts_past_the_limits(monkeypatch):
+    layout = build_layout("random", 16, 16, attention_ratio=0.5)
+    assert build_tile_plan(layout) is not None
+    monkeypatch.setattr(_tiles, "MAX_PAIRS", layout.nnz - 1)
+    assert build_tile_plan(layout) is None
 
 
 def test_long_rows_are_left_to_the_block_kernel():
