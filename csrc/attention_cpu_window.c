@@ -953,14 +953,22 @@ INLINE void backward_block(const window_ctx *c, window_work *w, int64_t b, int64
             scores[s] = neg_inf;
             grads[s] = zero;
         }
+    /* two union rows of K against the queries, then the same two of V against
+     * dO: one vector per d feeds both rows' FMAs. (K and V rows of one union
+     * row in a pass, against two vectors per d, held 16 row pointers, which
+     * spilled: 29% of the backward went to that loop.) */
     const int cols = u.c_hi - u.c_lo;
-    for (int r = u.r_lo; r < u.r_hi && cols > 0; r++) {
+    int r = u.r_lo;
+    for (; c->wide && r + 2 <= u.r_hi && cols > 0; r += 2) {
         const int64_t first_key = (u.key_y0 + r) * W + u.key_x0 + u.c_lo;
-        if (c->wide) {
-            two_rows_dots(w->qt, kb + first_key * ks, ks, scores + r * UC + u.c_lo, w->got, vb + first_key * vs, vs,
-                          grads + r * UC + u.c_lo, dim, cols);
-            continue;
-        }
+        v8 *const score_row = scores + r * UC + u.c_lo, *const grad_row = grads + r * UC + u.c_lo;
+        two_rows_dots(w->qt, kb + first_key * ks, ks, score_row, w->qt, kb + (first_key + W) * ks, ks,
+                      score_row + UC, dim, cols);
+        two_rows_dots(w->got, vb + first_key * vs, vs, grad_row, w->got, vb + (first_key + W) * vs, vs,
+                      grad_row + UC, dim, cols);
+    }
+    for (; r < u.r_hi && cols > 0; r++) {
+        const int64_t first_key = (u.key_y0 + r) * W + u.key_x0 + u.c_lo;
         row_dots(w->qt, dim, kb + first_key * ks, ks, cols, scores + r * UC + u.c_lo);
         row_dots(w->got, dim, vb + first_key * vs, vs, cols, grads + r * UC + u.c_lo);
     }
