@@ -104,14 +104,27 @@ static offset_box box_of(const sa_attention_params *p)
     return box;
 }
 
+int sa_cpu_window_offsets_fit(const int32_t *offsets, int64_t num_offsets, int64_t head_dim)
+{
+    if (head_dim < 1 || head_dim > MAX_DIM || num_offsets <= 0) return 0;
+    int64_t dy_lo = offsets[0], dy_hi = dy_lo, dx_lo = offsets[1], dx_hi = dx_lo;
+    for (int64_t o = 1; o < num_offsets; o++) {
+        const int64_t dy = offsets[2 * o], dx = offsets[2 * o + 1];
+        dy_lo = dy < dy_lo ? dy : dy_lo;
+        dy_hi = dy > dy_hi ? dy : dy_hi;
+        dx_lo = dx < dx_lo ? dx : dx_lo;
+        dx_hi = dx > dx_hi ? dx : dx_hi;
+    }
+    const int64_t box_h = dy_hi - dy_lo + 1, box_w = dx_hi - dx_lo + 1;
+    if (box_h > MAX_BOX || box_w > MAX_BOX) return 0;
+    /* a sparse set of offsets in its box would waste most of the union */
+    return 2 * num_offsets >= box_h * box_w;
+}
+
 int sa_cpu_window_fits(const sa_attention_params *p)
 {
-    if (p->dtype != SA_F32 || p->head_dim < 1 || p->head_dim > MAX_DIM) return 0;
-    if (p->stencil_num_offsets <= 0 || p->height * p->width != p->num_tokens) return 0;
-    const offset_box box = box_of(p);
-    if (box.box_h > MAX_BOX || box.box_w > MAX_BOX) return 0;
-    /* a sparse set of offsets in its box would waste most of the union */
-    return 2 * p->stencil_num_offsets >= (int64_t)box.box_h * box.box_w;
+    if (p->dtype != SA_F32 || p->height * p->width != p->num_tokens) return 0;
+    return sa_cpu_window_offsets_fit(p->stencil_offsets, p->stencil_num_offsets, p->head_dim);
 }
 
 /* What one call shares across its threads. */

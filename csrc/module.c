@@ -376,6 +376,43 @@ static int take_stencil(view_set *set, PyObject *obj, const sa_view *q, sa_atten
     return 0;
 }
 
+static char *window_takes_kwlist[] = {"stencil", "head_dim", NULL};
+
+/* Whether the CPU window kernel runs a packed stencil at this head dim (the
+ * rule of sa_cpu_window_fits, asked before the call is made). */
+static PyObject *cpu_window_takes(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    PyObject *stencil_obj;
+    long long head_dim;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OL", window_takes_kwlist, &stencil_obj, &head_dim)) return NULL;
+    view_set set = {.count = 0, .stream = -1};
+    sa_view *packed = take(&set, stencil_obj, "stencil", 0);
+    int64_t any[1] = {-1};
+    if (!packed) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "stencil: expected an int32 array, got None");
+        goto fail;
+    }
+    if (packed->device.device_type != kDLCPU) {
+        PyErr_SetString(PyExc_ValueError, "stencil: expected a CPU array");
+        goto fail;
+    }
+    if (check_buffer(packed, packed, SA_DT_I32, any, 1) < 0) goto fail;
+    const int32_t *at = (const int32_t *)packed->data;
+    const int64_t length = packed->shape[0];
+    if (length < 3 || at[0] < 0 || at[1] < 0 || at[2] < 0 || 3 + 2 * (int64_t)at[0] + at[1] + at[2] != length) {
+        PyErr_Format(PyExc_ValueError, "stencil: expected E, G, L and then 2E + G + L numbers, got %lld numbers",
+                     (long long)length);
+        goto fail;
+    }
+    const int fits = sa_cpu_window_offsets_fit(at + 3, at[0], head_dim);
+    release_all(&set);
+    return PyBool_FromLong(fits);
+fail:
+    release_all(&set);
+    return NULL;
+}
+
 static int run_kernel(int cuda, int backward, sa_attention_params *p)
 {
     char err[ERR_LEN] = "";
@@ -1196,6 +1233,8 @@ static PyMethodDef module_methods[] = {
      "Visible CUDA devices (0 without CUDA support or driver)."},
     {"cuda_lean_passes", cuda_lean_passes, METH_NOARGS,
      "Tile-plan passes run on the lean tensor-core kernel so far (tests check the dispatch)."},
+    {"cpu_window_takes", (PyCFunction)(void (*)(void))cpu_window_takes, METH_VARARGS | METH_KEYWORDS,
+     "Whether the CPU window kernel runs this packed stencil at this head dim."},
     {"cpu_window_forwards", cpu_window_forwards, METH_NOARGS,
      "Forwards that ran on the CPU window kernel so far (tests check the dispatch)."},
     {"cpu_window_backwards", cpu_window_backwards, METH_NOARGS,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._native import C
 from .patterns import Layout, SparsityPattern, global_tokens
 
 # The CPU forward and backward use stencils where they apply (float32); tests
@@ -128,24 +129,13 @@ def stencil_of(layout: Layout):
     return _pack(offsets, keys, rows)
 
 
-# the window kernel's limits (sa_cpu_window_fits in csrc/attention_cpu_window.c)
-WINDOW_MAX_BOX = 13
-WINDOW_MAX_DIM = 256
-
-
 def window_takes(stencil, head_dim: int) -> bool:
     """Whether the CPU window kernel runs this packed stencil (a CPU tensor or
-    array from stencil_of): offsets within a 13 x 13 box that they fill at
-    least half of, head dims up to 256. Only the window backward gives the
-    bias gradient (per batch and head), so the backward asks here first (a
-    few microseconds: the offsets are read in place)."""
-    packed = stencil.numpy() if hasattr(stencil, "numpy") else np.asarray(stencil)
-    count = int(packed[0])
-    if count == 0 or not 1 <= head_dim <= WINDOW_MAX_DIM:
-        return False
-    offsets = packed[3:3 + 2 * count].reshape(-1, 2)
-    box = offsets.max(axis=0).astype(np.int64) - offsets.min(axis=0) + 1
-    return bool((box <= WINDOW_MAX_BOX).all() and 2 * count >= box[0] * box[1])
+    array from stencil_of) at this head dim: C's own rule (offsets within a
+    13 x 13 box that they fill at least half of, head dims up to 256). Only
+    the window backward gives the bias gradient (per batch and head), so the
+    backward asks here first."""
+    return C.cpu_window_takes(stencil, head_dim)
 
 
 def _pack(offsets, keys, rows):

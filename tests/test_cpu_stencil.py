@@ -165,6 +165,21 @@ def test_the_windows_bias_gradient_is_the_same_for_any_thread_count(threads):
         assert torch.equal(a, b)
 
 
+def test_window_takes_follows_the_kernels_rule():
+    window = build_layout("longformer", 20, 21, kernel_size=7, num_global_tokens=1).stencil()
+    assert _stencil.window_takes(window, 32) and _stencil.window_takes(torch.from_numpy(window.copy()), 256)
+    assert not _stencil.window_takes(window, 257) and not _stencil.window_takes(window, 0)
+    wide = build_layout("longformer", 20, 21, kernel_size=15, num_global_tokens=1).stencil()
+    assert not _stencil.window_takes(wide, 32)  # a 15 x 15 box
+    # two offsets at the corners of a 13 x 13 box fill too little of it
+    assert not _stencil.window_takes(np.array([2, 0, 0, -6, -6, 6, 6], dtype=np.int32), 32)
+    assert _stencil.window_takes(np.array([2, 0, 0, 0, 0, 0, 1], dtype=np.int32), 32)
+    with pytest.raises(ValueError, match="stencil: expected E, G, L"):
+        _stencil.window_takes(np.array([3, 0, 0, 1, 1], dtype=np.int32), 32)
+    with pytest.raises(TypeError, match="stencil"):
+        _stencil.window_takes(window.astype(np.int64), 32)
+
+
 def test_grad_bias_rows_is_refused_where_the_window_backward_would_not_fill_it():
     layout = build_layout("longformer", 8, 9, kernel_size=5, num_global_tokens=1)
     n = layout.num_tokens
