@@ -950,29 +950,50 @@ static int take_plan_spec(view_set *set, PyObject *row_ptr_obj, PyObject *col_id
     return 0;
 }
 
+/* One plan entry point's arguments: parsed with `format` (it says which of
+ * tile_h, tile_w and pairs are required), the CSR and left_out taken into
+ * spec and checked; tiles and chunk_ptr as given (Py_None when absent). */
+typedef struct {
+    sa_plan_spec spec;
+    int64_t nnz;
+    PyObject *tiles, *chunk_ptr;
+} plan_call;
+
+static int begin_plan_call(view_set *set, PyObject *args, PyObject *kwargs, const char *format, plan_call *call)
+{
+    PyObject *rp_obj, *ci_obj, *left_out_obj = Py_None;
+    long long height, width, tile_h = 1, tile_w = 1;
+    int pairs = SA_PLAN_PAIRS_ALL;
+    call->tiles = call->chunk_ptr = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, format, plan_kwlist, &rp_obj, &ci_obj, &height, &width, &tile_h,
+                                     &tile_w, &pairs, &left_out_obj, &call->tiles, &call->chunk_ptr))
+        return -1;
+    call->spec = (sa_plan_spec){.height = height, .width = width, .tile_h = tile_h, .tile_w = tile_w, .pairs = pairs};
+    return take_plan_spec(set, rp_obj, ci_obj, left_out_obj, &call->spec, &call->nnz);
+}
+
+static void raise_plan_error(const char *err)
+{
+    PyErr_SetString(strstr(err, "memory") ? PyExc_MemoryError : PyExc_ValueError, err);
+}
+
 static PyObject *plan_union_sizes(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     (void)self;
-    PyObject *rp_obj, *ci_obj, *left_out_obj = Py_None, *tiles_obj = Py_None, *unused = Py_None;
-    long long height, width, tile_h, tile_w;
-    int pairs;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOLLLLi|OOO", plan_kwlist, &rp_obj, &ci_obj, &height, &width,
-                                     &tile_h, &tile_w, &pairs, &left_out_obj, &tiles_obj, &unused))
-        return NULL;
-    if (unused != Py_None) {
-        PyErr_SetString(PyExc_TypeError, "chunk_ptr: plan_union_sizes takes no chunk_ptr");
-        return NULL;
-    }
     view_set set = {.count = 0, .stream = -1};
-    sa_plan_spec spec = {.height = height, .width = width, .tile_h = tile_h, .tile_w = tile_w, .pairs = pairs};
-    int64_t nnz;
+    plan_call call;
     PyObject *sizes = NULL;
-    if (take_plan_spec(&set, rp_obj, ci_obj, left_out_obj, &spec, &nnz) < 0) goto fail;
+    if (begin_plan_call(&set, args, kwargs, "OOLLLLi|OOO", &call) < 0) goto fail;
+    if (call.chunk_ptr != Py_None) {
+        PyErr_SetString(PyExc_TypeError, "chunk_ptr: plan_union_sizes takes no chunk_ptr");
+        goto fail;
+    }
+    const sa_plan_spec spec = call.spec;
     const int64_t num_tiles = sa_plan_num_tiles(&spec);
     const int64_t *tiles = NULL;
     int64_t count = num_tiles;
-    if (tiles_obj != Py_None) {
-        sa_view *tv = take(&set, tiles_obj, "tiles", 0);
+    if (call.tiles != Py_None) {
+        sa_view *tv = take(&set, call.tiles, "tiles", 0);
         int64_t any1[1] = {-1};
         if (!tv || check_buffer(tv, tv, SA_DT_I64, any1, 1) < 0) goto fail;
         tiles = (const int64_t *)tv->data;
@@ -994,7 +1015,7 @@ static PyObject *plan_union_sizes(PyObject *self, PyObject *args, PyObject *kwar
     status = sa_plan_union_sizes(&spec, tiles, count, out, err, sizeof(err));
     Py_END_ALLOW_THREADS
     if (status < 0) {
-        PyErr_SetString(strstr(err, "memory") ? PyExc_MemoryError : PyExc_ValueError, err);
+        raise_plan_error(err);
         goto fail;
     }
     release_all(&set);
@@ -1008,26 +1029,19 @@ fail:
 static PyObject *plan_pair_counts(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     (void)self;
-    PyObject *rp_obj, *ci_obj, *left_out_obj = Py_None, *tiles_obj = Py_None, *chunk_ptr_obj = Py_None;
-    long long height, width, tile_h = 1, tile_w = 1;
-    int pairs = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOLL|LLiOOO", plan_kwlist, &rp_obj, &ci_obj, &height, &width,
-                                     &tile_h, &tile_w, &pairs, &left_out_obj, &tiles_obj, &chunk_ptr_obj))
-        return NULL;
-    if (tiles_obj != Py_None || chunk_ptr_obj != Py_None) {
-        PyErr_SetString(PyExc_TypeError, "plan_pair_counts: takes no tiles and no chunk_ptr");
-        return NULL;
-    }
     view_set set = {.count = 0, .stream = -1};
-    sa_plan_spec spec = {.height = height, .width = width, .tile_h = tile_h, .tile_w = tile_w, .pairs = pairs};
-    int64_t nnz;
+    plan_call call;
     PyObject *counts = NULL;
-    if (take_plan_spec(&set, rp_obj, ci_obj, left_out_obj, &spec, &nnz) < 0) goto fail;
+    if (begin_plan_call(&set, args, kwargs, "OOLL|LLiOOO", &call) < 0) goto fail;
+    if (call.tiles != Py_None || call.chunk_ptr != Py_None) {
+        PyErr_SetString(PyExc_TypeError, "plan_pair_counts: takes no tiles and no chunk_ptr");
+        goto fail;
+    }
     counts = new_array(SA_PLAN_PAIRS_COUNT, NPY_INT64);
     if (!counts) goto fail;
     int64_t *out = PyArray_DATA((PyArrayObject *)counts);
     Py_BEGIN_ALLOW_THREADS
-    sa_plan_pair_counts(&spec, out);
+    sa_plan_pair_counts(&call.spec, out);
     Py_END_ALLOW_THREADS
     release_all(&set);
     return counts;
@@ -1039,23 +1053,17 @@ fail:
 static PyObject *plan_fill(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     (void)self;
-    PyObject *rp_obj, *ci_obj, *left_out_obj = Py_None, *tiles_obj = Py_None, *chunk_ptr_obj = Py_None;
-    long long height, width, tile_h, tile_w;
-    int pairs;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOLLLLi|OOO", plan_kwlist, &rp_obj, &ci_obj, &height, &width,
-                                     &tile_h, &tile_w, &pairs, &left_out_obj, &tiles_obj, &chunk_ptr_obj))
-        return NULL;
-    if (tiles_obj != Py_None || chunk_ptr_obj == Py_None) {
-        PyErr_SetString(PyExc_TypeError, "plan_fill: takes chunk_ptr and no tiles");
-        return NULL;
-    }
     view_set set = {.count = 0, .stream = -1};
-    sa_plan_spec spec = {.height = height, .width = width, .tile_h = tile_h, .tile_w = tile_w, .pairs = pairs};
-    int64_t nnz;
+    plan_call call;
     PyObject *queries = NULL, *keys = NULL, *masks = NULL;
-    if (take_plan_spec(&set, rp_obj, ci_obj, left_out_obj, &spec, &nnz) < 0) goto fail;
+    if (begin_plan_call(&set, args, kwargs, "OOLLLLi|OOO", &call) < 0) goto fail;
+    if (call.tiles != Py_None || call.chunk_ptr == Py_None) {
+        PyErr_SetString(PyExc_TypeError, "plan_fill: takes chunk_ptr and no tiles");
+        goto fail;
+    }
+    const sa_plan_spec spec = call.spec;
     const int64_t num_tiles = sa_plan_num_tiles(&spec);
-    sa_view *cp = take(&set, chunk_ptr_obj, "chunk_ptr", 0);
+    sa_view *cp = take(&set, call.chunk_ptr, "chunk_ptr", 0);
     int64_t tiles_plus_one[1] = {num_tiles + 1};
     if (!cp || check_buffer(cp, cp, SA_DT_I32, tiles_plus_one, 1) < 0) goto fail;
     const int32_t *chunk_ptr = (const int32_t *)cp->data;
@@ -1083,7 +1091,7 @@ static PyObject *plan_fill(PyObject *self, PyObject *args, PyObject *kwargs)
     status = sa_plan_fill(&spec, chunk_ptr, q, k, m, err, sizeof(err));
     Py_END_ALLOW_THREADS
     if (status < 0) {
-        PyErr_SetString(strstr(err, "memory") ? PyExc_MemoryError : PyExc_ValueError, err);
+        raise_plan_error(err);
         goto fail;
     }
     release_all(&set);

@@ -37,7 +37,9 @@ CPU_MIN_FILL = 0.3
 # tile shapes (rows x columns of the grid) tried for every pass
 _SHAPES = ((8, 8), (4, 16), (16, 4), (2, 32), (32, 2), (1, 64), (64, 1))
 # plans of layouts with more pairs than this are not built: the C planner
-# takes about a second per 100 M pairs, once per layout
+# takes about a second per 100 M pairs, once per layout. A plan holds 12
+# bytes a slot (a key and a mask word), and a chunk's 64 keys each belong to
+# at least one pair, so a plan stays within about 12 bytes a pair.
 MAX_PAIRS = 1 << 30
 # a row is long when it has more keys than both of these
 LONG_ROW_MIN_KEYS = 1024
@@ -134,9 +136,7 @@ def _build_pass(layout, shape, pairs, left_out):
     """One pass: the C planner lists every tile's keys (ascending, 64 to a
     chunk) and sets the mask bits of the selected pairs."""
     sizes = C.plan_union_sizes(*_csr(layout, shape, pairs, left_out))
-    chunks = -(-sizes // TILE)
-    if int(chunks.sum()) >= 2**31:
-        raise ValueError(f"layout: a tile plan of {int(chunks.sum())} chunks does not fit int32 offsets")
+    chunks = -(-sizes // TILE)  # at most one per pair, so below 2**31 for MAX_PAIRS pairs
     chunk_ptr = np.zeros(sizes.size + 1, dtype=np.int32)
     np.cumsum(chunks, out=chunk_ptr[1:])
     queries, keys, masks = C.plan_fill(*_csr(layout, shape, pairs, left_out), chunk_ptr=chunk_ptr)
