@@ -85,40 +85,46 @@ typedef struct {
     int dy_lo, dx_lo, box_h, box_w;
 } offset_box;
 
+/* The smallest box around num_offsets (dy, dx) pairs: lo[0..1] its top-left
+ * offset, size[0..1] its height and width (int64: offsets Python hands to
+ * sa_cpu_window_offsets_fit are not bounded by a grid). */
+static void offset_bounds(const int32_t *offsets, int64_t num_offsets, int64_t lo[2], int64_t size[2])
+{
+    int64_t hi[2] = {offsets[0], offsets[1]};
+    lo[0] = hi[0];
+    lo[1] = hi[1];
+    for (int64_t o = 1; o < num_offsets; o++)
+        for (int axis = 0; axis < 2; axis++) {
+            const int64_t at = offsets[2 * o + axis];
+            lo[axis] = at < lo[axis] ? at : lo[axis];
+            hi[axis] = at > hi[axis] ? at : hi[axis];
+        }
+    size[0] = hi[0] - lo[0] + 1;
+    size[1] = hi[1] - lo[1] + 1;
+}
+
+/* p's box (its offsets lie within the grid, so the values fit int) */
 static offset_box box_of(const sa_attention_params *p)
 {
     offset_box box = {0, 0, 0, 0};
     if (p->stencil_num_offsets <= 0) return box;
-    int dy_lo = p->stencil_offsets[0], dy_hi = dy_lo, dx_lo = p->stencil_offsets[1], dx_hi = dx_lo;
-    for (int64_t o = 1; o < p->stencil_num_offsets; o++) {
-        const int dy = p->stencil_offsets[2 * o], dx = p->stencil_offsets[2 * o + 1];
-        dy_lo = dy < dy_lo ? dy : dy_lo;
-        dy_hi = dy > dy_hi ? dy : dy_hi;
-        dx_lo = dx < dx_lo ? dx : dx_lo;
-        dx_hi = dx > dx_hi ? dx : dx_hi;
-    }
-    box.dy_lo = dy_lo;
-    box.dx_lo = dx_lo;
-    box.box_h = dy_hi - dy_lo + 1;
-    box.box_w = dx_hi - dx_lo + 1;
+    int64_t lo[2], size[2];
+    offset_bounds(p->stencil_offsets, p->stencil_num_offsets, lo, size);
+    box.dy_lo = (int)lo[0];
+    box.dx_lo = (int)lo[1];
+    box.box_h = (int)size[0];
+    box.box_w = (int)size[1];
     return box;
 }
 
 int sa_cpu_window_offsets_fit(const int32_t *offsets, int64_t num_offsets, int64_t head_dim)
 {
     if (head_dim < 1 || head_dim > MAX_DIM || num_offsets <= 0) return 0;
-    int64_t dy_lo = offsets[0], dy_hi = dy_lo, dx_lo = offsets[1], dx_hi = dx_lo;
-    for (int64_t o = 1; o < num_offsets; o++) {
-        const int64_t dy = offsets[2 * o], dx = offsets[2 * o + 1];
-        dy_lo = dy < dy_lo ? dy : dy_lo;
-        dy_hi = dy > dy_hi ? dy : dy_hi;
-        dx_lo = dx < dx_lo ? dx : dx_lo;
-        dx_hi = dx > dx_hi ? dx : dx_hi;
-    }
-    const int64_t box_h = dy_hi - dy_lo + 1, box_w = dx_hi - dx_lo + 1;
-    if (box_h > MAX_BOX || box_w > MAX_BOX) return 0;
+    int64_t lo[2], size[2];
+    offset_bounds(offsets, num_offsets, lo, size);
+    if (size[0] > MAX_BOX || size[1] > MAX_BOX) return 0;
     /* a sparse set of offsets in its box would waste most of the union */
-    return 2 * num_offsets >= box_h * box_w;
+    return 2 * num_offsets >= size[0] * size[1];
 }
 
 int sa_cpu_window_fits(const sa_attention_params *p)

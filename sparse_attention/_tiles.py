@@ -135,11 +135,12 @@ def _csr(layout, shape, pairs, left_out):
 def _build_pass(layout, shape, pairs, left_out):
     """One pass: the C planner lists every tile's keys (ascending, 64 to a
     chunk) and sets the mask bits of the selected pairs."""
-    sizes = C.plan_union_sizes(*_csr(layout, shape, pairs, left_out))
+    args = _csr(layout, shape, pairs, left_out)
+    sizes = C.plan_union_sizes(*args)
     chunks = -(-sizes // TILE)  # at most one per pair, so below 2**31 for MAX_PAIRS pairs
     chunk_ptr = np.zeros(sizes.size + 1, dtype=np.int32)
     np.cumsum(chunks, out=chunk_ptr[1:])
-    queries, keys, masks = C.plan_fill(*_csr(layout, shape, pairs, left_out), chunk_ptr=chunk_ptr)
+    queries, keys, masks = C.plan_fill(*args, chunk_ptr=chunk_ptr)
     return TilePass(shape, queries, chunk_ptr, keys, masks)
 
 
@@ -182,15 +183,15 @@ def build_tile_plan(layout, keep_long_rows=False):
     if long_rows.size:
         left_out = np.zeros(n, dtype=bool)
         left_out[long_rows] = True
-    counts = C.plan_pair_counts(layout.indptr, layout.indices, layout.height, layout.width,
-                                left_out=left_out)
-    planned = int(counts[PAIRS_ALL])
+    planned = layout.nnz - int(layout.degrees()[long_rows].sum())
     shape, chunks, _ = _best_shape(layout, PAIRS_ALL, left_out)
     options = [(chunks, [(shape, PAIRS_ALL)])]
     # a split can only win where one pass leaves chunks well short of full
-    splits = ()
+    splits, counts = (), None
     if chunks * TILE * TILE > 1.25 * max(1, planned):
         splits = ((PAIRS_SAME_ROW, PAIRS_OTHER_ROWS), (PAIRS_SAME_COLUMN, PAIRS_OTHER_COLUMNS))
+        counts = C.plan_pair_counts(layout.indptr, layout.indices, layout.height, layout.width,
+                                    left_out=left_out)
     for first_pairs, second_pairs in splits:
         if counts[first_pairs] == 0 or counts[second_pairs] == 0:
             continue
