@@ -269,7 +269,9 @@ class EnhancedSparseAttention(nn.Module):
             x = x + pos.to(x.dtype)
         tokens = x.flatten(2).transpose(1, 2)
         qkv = self.qkv(tokens).view(batch, height * width, 3, self.num_heads, self.head_dim)
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        # unbind, not three selects: its backward stacks the three gradients once,
+        # where each select's backward fills a zero tensor of all of qkv
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         return q, k, v
 
     def _head_active(self, device):
