@@ -55,6 +55,22 @@ def fma_peak(threads):
         return None
 
 
+def core_sharing_warning(peak, threads):
+    """A warning when the FMA probe's threads did not scale (another job had
+    part of the cores, so the run's ratios may be off), else None."""
+    if not peak or threads < 2:
+        return None
+    one, many = peak.get("threads_1"), peak.get(f"threads_{threads}")
+    if not one or not many:
+        return None
+    scaling = many / one
+    if scaling >= 0.85 * threads:
+        return None
+    return (f"the FMA probe ran {scaling:.2f}x faster on {threads} threads than on 1 (about "
+            f"{threads}x when the cores are free): another job shared them, so this run's times "
+            "and ratios may be off")
+
+
 def timed(fn, repeats, warmup=1):
     for _ in range(warmup):
         fn()
@@ -265,7 +281,11 @@ def main(argv=None):
                                     dense=measure(lambda: dense_module(x), [x], args.repeats),
                                     ours=measure(lambda: module(x), [x], args.repeats)))
 
-    write_outputs(records, args, machine, peak, flex_status)
+    # again at the end: a core taken by another job partway through shows here
+    peak_end = fma_peak(threads)
+    if peak_end:
+        print(f"fp32 FMA peak (probe, end of run): {peak_end}", flush=True)
+    write_outputs(records, args, machine, dict(start=peak, end=peak_end, threads=threads), flex_status)
 
 
 def _ratio(row, key, index):
@@ -277,7 +297,12 @@ def _ratio(row, key, index):
     return f"{value[index] / row['dense'][index]:.2f}x"
 
 
-def write_outputs(records, args, machine, peak, flex_status):
+def write_outputs(records, args, machine, probe, flex_status):
+    """probe: the FMA probe's readings at the start and end of the run ("start",
+    "end") and the thread count ("threads")."""
+    peak = probe["start"]
+    warnings = [w for w in (core_sharing_warning(probe[when], probe["threads"]) for when in ("start", "end"))
+                if w]
     command = "python -m sparse_attention bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
     lines = [f"Machine: {machine}.", f"FlexAttention: {flex_status}.",
              f"B={args.batch}, heads={args.heads}, D={args.dim}, fp32; median of {args.repeats}; "
@@ -309,7 +334,8 @@ def write_outputs(records, args, machine, peak, flex_status):
         f"{r['side']}x{r['side']} {r['pattern']}: {r['dense'][0] * 1e3:.1f} / {r['dense'][1] * 1e3:.1f}"
         for r in records if r["level"] == "op")]
     lines += ["", "Efficiency of our kernels (forward 4 x nnz x D flops per batch-head, backward 2.5x that):",
-              f"machine fp32 FMA peak from benchmarks/fma_probe.c: {peak}", "",
+              f"machine fp32 FMA peak from benchmarks/fma_probe.c: {peak} at the start, "
+              f"{probe['end']} at the end"] + [f"- Warning: {w}." for w in warnings] + ["",
               "| tokens | pattern | fwd GFLOP/s | bwd GFLOP/s | FLOP-bound fraction fwd | f+b |",
               "|---|---|---|---|---|---|"]
     for r in records:
@@ -328,7 +354,8 @@ def write_outputs(records, args, machine, peak, flex_status):
     with open(os.path.join(args.out, "cpu_bench.md"), "w") as fh:
         fh.write(text)
     with open(os.path.join(args.out, "cpu_bench.json"), "w") as fh:
-        json.dump(dict(machine=machine, fma_peak=peak, flex=flex_status, records=records), fh, indent=1)
+        json.dump(dict(machine=machine, fma_peak=peak, fma_peak_end=probe["end"], warnings=warnings,
+                       flex=flex_status, records=records), fh, indent=1)
     plot(records, os.path.join(args.out, "cpu_bench.png"), machine)
     print("\n" + text)
     print(f"wrote {args.out}/cpu_bench.md, cpu_bench.json, cpu_bench.png")

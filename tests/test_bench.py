@@ -55,6 +55,26 @@ def test_bench_writes_tables_with_paired_dense_ratios(tmp_path, monkeypatch):
     assert (tmp_path / "cpu_bench.png").stat().st_size > 0
 
 
+def test_core_sharing_warning_follows_the_probes_scaling():
+    assert bench.core_sharing_warning({"threads_1": 110.0, "threads_2": 220.0}, 2) is None
+    assert bench.core_sharing_warning({"threads_1": 110.0, "threads_2": 190.0}, 2) is None  # 1.73x: 86%
+    warning = bench.core_sharing_warning({"threads_1": 110.0, "threads_2": 132.0}, 2)
+    assert "1.20x faster on 2 threads" in warning
+    assert bench.core_sharing_warning({"threads_1": 110.0}, 1) is None
+    assert bench.core_sharing_warning(None, 2) is None
+
+
+def test_bench_probes_the_cores_at_both_ends_and_warns(tmp_path, monkeypatch):
+    readings = iter([{"threads_1": 100.0, "threads_2": 199.0}, {"threads_1": 100.0, "threads_2": 121.0}])
+    monkeypatch.setattr(bench, "fma_peak", lambda threads: next(readings))
+    bench.main(["--sides", "8", "--patterns", "block", "--repeats", "1", "--threads", "2", "--no-flex",
+                "--no-module", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "cpu_bench.json").read_text())
+    assert data["fma_peak"]["threads_2"] == 199.0 and data["fma_peak_end"]["threads_2"] == 121.0
+    assert len(data["warnings"]) == 1 and "1.21x faster on 2 threads" in data["warnings"][0]
+    assert "- Warning: the FMA probe ran 1.21x faster" in (tmp_path / "cpu_bench.md").read_text()
+
+
 def test_bench_skips_the_pairing_past_its_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "fma_peak", lambda threads: None)
     bench.main(["--sides", "8", "--patterns", "block", "--repeats", "1", "--no-flex", "--no-module",
