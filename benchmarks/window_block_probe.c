@@ -30,26 +30,10 @@
 #include <time.h>
 
 #include "../csrc/simd8.h"
+#include "window_probe_common.h"
 
 enum { WIDTH = 64, HEIGHT = 64, RADIUS = 3, SIDE = 2 * RADIUS + 1 };
 enum { PADDED_W = WIDTH + 2 * RADIUS, PADDED_H = HEIGHT + 2 * RADIUS };
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static float *filled(long count, unsigned seed)
-{
-    float *x = aligned_alloc(64, ((size_t)count * sizeof(float) + 63) / 64 * 64);
-    for (long i = 0; i < count; i++) {
-        seed = seed * 1664525u + 1013904223u;
-        x[i] = (float)(seed >> 8) / 16777216.0f - 0.5f;
-    }
-    return x;
-}
 
 /* One block's forward; BY x BX lanes, union UH x UW slots. */
 static inline __attribute__((always_inline)) void block_forward(
@@ -157,27 +141,7 @@ int main(int argc, char **argv)
         const double took = now() - start;
         if (took < best) best = took;
     }
-    /* query (y, x) of the grid against its window, in double */
-    double worst = 0;
-    for (int t = 0; t < 50; t++) {
-        const int y = (t * 37) % HEIGHT, x = (t * 11) % WIDTH;
-        double s[SIDE * SIDE], top = -1e300, total = 0;
-        for (int e = 0; e < SIDE * SIDE; e++) {
-            const float *kr = k + ((long)(y + e / SIDE) * PADDED_W + x + e % SIDE) * dim;
-            double dot = 0;
-            for (int d = 0; d < dim; d++) dot += (double)q[((long)y * WIDTH + x) * dim + d] * kr[d];
-            s[e] = dot * scale;
-            top = s[e] > top ? s[e] : top;
-        }
-        for (int e = 0; e < SIDE * SIDE; e++) total += s[e] = exp(s[e] - top);
-        for (int d = 0; d < dim; d++) {
-            double o = 0;
-            for (int e = 0; e < SIDE * SIDE; e++)
-                o += s[e] / total * v[((long)(y + e / SIDE) * PADDED_W + x + e % SIDE) * dim + d];
-            const double err = fabs(o - out[((long)y * WIDTH + x) * dim + d]);
-            worst = err > worst ? err : worst;
-        }
-    }
+    const double worst = window_probe_error(q, k, v, out, WIDTH, HEIGHT, PADDED_W, RADIUS, dim, scale, 50);
     const double useful = (double)WIDTH * HEIGHT * SIDE * SIDE * dim / 8 * 2;
     printf("block %dx%d, D = %d: %.3f ms per (batch, head), %.2f cycles per useful vector FMA, max error %.2g\n",
            by, bx, dim, best * 1e3, best / useful * ghz * 1e9, worst);

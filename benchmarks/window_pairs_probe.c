@@ -34,26 +34,10 @@
 #include <time.h>
 
 #include "../csrc/simd8.h"
+#include "window_probe_common.h"
 
 enum { WIDTH = 64, HEIGHT = 64, RADIUS = 3, SIDE = 2 * RADIUS + 1, DIM = 32 };
 enum { PADDED_W = WIDTH + 2 * RADIUS + 2, PADDED_H = HEIGHT + 2 * RADIUS };
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static float *filled(long count, unsigned seed)
-{
-    float *x = aligned_alloc(64, ((size_t)count * sizeof(float) + 63) / 64 * 64);
-    for (long i = 0; i < count; i++) {
-        seed = seed * 1664525u + 1013904223u;
-        x[i] = (float)(seed >> 8) / 16777216.0f - 0.5f;
-    }
-    return x;
-}
 
 typedef __m256 m256;
 
@@ -83,89 +67,9 @@ static inline __attribute__((always_inline)) float hsum(v8 x)
 }
 
 /* queries (y, x) and (y, x + 1); keys and values padded: key (y + dy, x + dx)
- * of the grid is padded row y + dy + RADIUS, column x + dx + RADIUS */
-static inline __attribute__((always_inline)) void pair_forward(const float *restrict q, const float *restrict k,
-                                                              const float *restrict v, float *restrict out, int y,
-                                                              int x, float scale)
-{
-    const float *q0 = q + ((long)y * WIDTH + x) * DIM, *q1 = q0 + DIM;
-    m256 qv[8];
-    for (int dq = 0; dq < 8; dq++)
-        qv[dq] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(q0 + 4 * dq)), _mm_loadu_ps(q1 + 4 * dq), 1);
-    v8 s0[SIDE], s1[SIDE];
-    int r = 0;
-    for (; r + 2 <= SIDE; r += 2) {
-        const float *ka = k + ((long)(y + r) * PADDED_W + x) * DIM, *kb = ka + PADDED_W * DIM;
-        m256 acc_a[8], acc_b[8];
-        for (int j = 0; j < 8; j++) acc_a[j] = acc_b[j] = _mm256_setzero_ps();
-        for (int dq = 0; dq < 8; dq++)
-            for (int j = 0; j < 8; j++) {
-                acc_a[j] = _mm256_fmadd_ps(qv[dq], _mm256_broadcast_ps((const __m128 *)(ka + j * DIM + 4 * dq)), acc_a[j]);
-                acc_b[j] = _mm256_fmadd_ps(qv[dq], _mm256_broadcast_ps((const __m128 *)(kb + j * DIM + 4 * dq)), acc_b[j]);
-            }
-        reduce_row(acc_a, &s0[r], &s1[r]);
-        reduce_row(acc_b, &s0[r + 1], &s1[r + 1]);
-    }
-    {
-        const float *ka = k + ((long)(y + r) * PADDED_W + x) * DIM;
-        m256 acc[8], odd[8];
-        for (int j = 0; j < 8; j++) acc[j] = odd[j] = _mm256_setzero_ps();
-        for (int dq = 0; dq < 8; dq += 2)
-            for (int j = 0; j < 8; j++) {
-                acc[j] = _mm256_fmadd_ps(qv[dq], _mm256_broadcast_ps((const __m128 *)(ka + j * DIM + 4 * dq)), acc[j]);
-                odd[j] = _mm256_fmadd_ps(qv[dq + 1], _mm256_broadcast_ps((const __m128 *)(ka + j * DIM + 4 * dq + 4)), odd[j]);
-            }
-        for (int j = 0; j < 8; j++) acc[j] = _mm256_add_ps(acc[j], odd[j]);
-        reduce_row(acc, &s0[r], &s1[r]);
-    }
-    /* query 0 reaches union columns 0..6, query 1 columns 1..7 */
-    const i8v keep0 = {-1, -1, -1, -1, -1, -1, -1, 0}, keep1 = {0, -1, -1, -1, -1, -1, -1, -1};
-    const v8 neg_inf = SPLAT(-INFINITY);
-    v8 top0 = neg_inf, top1 = neg_inf;
-    for (int i = 0; i < SIDE; i++) {
-        s0[i] = SELECT(keep0, s0[i] * scale, neg_inf);
-        s1[i] = SELECT(keep1, s1[i] * scale, neg_inf);
-        top0 = SELECT(s0[i] > top0, s0[i], top0);
-        top1 = SELECT(s1[i] > top1, s1[i], top1);
-    }
-    const v8 m0 = SPLAT(hmax(top0)), m1 = SPLAT(hmax(top1));
-    v8 e[2 * SIDE];
-    for (int i = 0; i < SIDE; i++) {
-        e[i] = s0[i] - m0;
-        e[SIDE + i] = s1[i] - m1;
-    }
-    exp_lanes(e, 4);
-    exp_lanes(e + 4, 4);
-    exp_lanes(e + 8, 4);
-    exp_lanes(e + 12, 2);
-    v8 sum0 = e[0], sum1 = e[SIDE];
-    for (int i = 1; i < SIDE; i++) {
-        sum0 += e[i];
-        sum1 += e[SIDE + i];
-    }
-    const float inv0 = 1.0f / hsum(sum0), inv1 = 1.0f / hsum(sum1);
-    const float *w0 = (const float *)e, *w1 = (const float *)(e + SIDE);
-    v8 a0[4] = {0}, a1[4] = {0};
-    for (int rr = 0; rr < SIDE; rr++) {
-        const float *vrow = v + ((long)(y + rr) * PADDED_W + x) * DIM;
-        for (int j = 0; j < 8; j++) {
-            const float wa = w0[rr * 8 + j], wb = w1[rr * 8 + j];
-            for (int i = 0; i < 4; i++) {
-                const v8 value = *(const v8 *)(vrow + j * DIM + 8 * i);
-                a0[i] += wa * value;
-                a1[i] += wb * value;
-            }
-        }
-    }
-    float *o0 = out + ((long)y * WIDTH + x) * DIM, *o1 = o0 + DIM;
-    for (int i = 0; i < 4; i++) {
-        STOREU(o0 + 8 * i, a0[i] * inv0);
-        STOREU(o1 + 8 * i, a1[i] * inv1);
-    }
-}
-
-/* queries (y, x) and (y, x + 1); keys and values padded: key (y + dy, x + dx)
- * of the grid is padded row y + dy + RADIUS, column x + dx + RADIUS */
+ * of the grid is padded row y + dy + RADIUS, column x + dx + RADIUS. The
+ * pair's softmax numerators go to e_out ([q0 rows | q1 rows]), their inverse
+ * sums to inv. */
 static inline __attribute__((always_inline)) void pair_scores(const float *restrict q, const float *restrict k,
                                                               int y, int x, float scale, v8 *restrict e_out, float *inv)
 {
@@ -230,6 +134,36 @@ static inline __attribute__((always_inline)) void pair_scores(const float *restr
     for (int i = 0; i < 2 * SIDE; i++) e_out[i] = e[i];
 }
 
+/* queries (y, x) and (y, x + 1): scores, softmax and P x V */
+static inline __attribute__((always_inline)) void pair_forward(const float *restrict q, const float *restrict k,
+                                                              const float *restrict v, float *restrict out, int y,
+                                                              int x, float scale)
+{
+    v8 e[2 * SIDE];
+    float inv[2];
+    pair_scores(q, k, y, x, scale, e, inv);
+    const float *w0 = (const float *)e, *w1 = (const float *)(e + SIDE);
+    v8 a0[4] = {0}, a1[4] = {0};
+#ifndef NO_PV
+    for (int rr = 0; rr < SIDE; rr++) {
+        const float *vrow = v + ((long)(y + rr) * PADDED_W + x) * DIM;
+        for (int j = 0; j < 8; j++) {
+            const float wa = w0[rr * 8 + j], wb = w1[rr * 8 + j];
+            for (int i = 0; i < 4; i++) {
+                const v8 value = *(const v8 *)(vrow + j * DIM + 8 * i);
+                a0[i] += wa * value;
+                a1[i] += wb * value;
+            }
+        }
+    }
+#endif
+    float *o0 = out + ((long)y * WIDTH + x) * DIM, *o1 = o0 + DIM;
+    for (int i = 0; i < 4; i++) {
+        STOREU(o0 + 8 * i, a0[i] * inv[0]);
+        STOREU(o1 + 8 * i, a1[i] * inv[1]);
+    }
+}
+
 /* two pairs, (y, x..x+1) and (y + 1, x..x+1): P x V with each value row loaded once for four queries */
 static inline __attribute__((always_inline)) void quad_forward(const float *restrict q, const float *restrict k,
                                                               const float *restrict v, float *restrict out, int y,
@@ -240,7 +174,8 @@ static inline __attribute__((always_inline)) void quad_forward(const float *rest
     pair_scores(q, k, y, x, scale, e[0], inv);
     pair_scores(q, k, y + 1, x, scale, e[1], inv + 2);
     const float *w = (const float *)e;
-    v8 acc[4][4] = {{0}};
+    v8 acc[4][4];
+        memset(acc, 0, sizeof(acc));
     for (int rr = 0; rr < SIDE + 1; rr++) {
         const float *vrow = v + ((long)(y + rr) * PADDED_W + x) * DIM;
         for (int j = 0; j < 8; j++) {
@@ -308,7 +243,8 @@ static inline __attribute__((always_inline)) void block_forward(const float *res
     /* four lanes (two image rows, two columns) a pass over the 8 x 8 keys they reach */
     for (int l = 0; l < 8; l += 4) {
         const int ly = l / BX;
-        v8 acc[4][4] = {{0}};
+        v8 acc[4][4];
+        memset(acc, 0, sizeof(acc));
         for (int r = ly; r < ly + SIDE + 1; r++)
             for (int c = 0; c < UW; c++) {
                 const float *vrow = v + ((long)(y0 + r) * PADDED_W + x0 + c) * DIM;
@@ -324,31 +260,6 @@ static inline __attribute__((always_inline)) void block_forward(const float *res
             for (int i = 0; i < 4; i++) STOREU(o + 8 * i, acc[kk][i] * inv[l + kk]);
         }
     }
-}
-
-static double check(const float *q, const float *k, const float *v, const float *out, float scale)
-{
-    double worst = 0;
-    for (int t = 0; t < 64; t++) {
-        const int y = (t * 37) % HEIGHT, x = (t * 11) % WIDTH;
-        double s[SIDE * SIDE], top = -1e300, total = 0;
-        for (int e = 0; e < SIDE * SIDE; e++) {
-            const float *kr = k + ((long)(y + e / SIDE) * PADDED_W + x + e % SIDE) * DIM;
-            double dot = 0;
-            for (int d = 0; d < DIM; d++) dot += (double)q[((long)y * WIDTH + x) * DIM + d] * kr[d];
-            s[e] = dot * scale;
-            top = s[e] > top ? s[e] : top;
-        }
-        for (int e = 0; e < SIDE * SIDE; e++) total += s[e] = exp(s[e] - top);
-        for (int d = 0; d < DIM; d++) {
-            double o = 0;
-            for (int e = 0; e < SIDE * SIDE; e++)
-                o += s[e] / total * v[((long)(y + e / SIDE) * PADDED_W + x + e % SIDE) * DIM + d];
-            const double err = fabs(o - out[((long)y * WIDTH + x) * DIM + d]);
-            worst = err > worst ? err : worst;
-        }
-    }
-    return worst;
 }
 
 int main(int argc, char **argv)
@@ -388,7 +299,7 @@ int main(int argc, char **argv)
             }
             const double took = (now() - start) / items;
             if (took < best[which]) best[which] = took;
-            const double err = check(q, k, v, out, scale);
+            const double err = window_probe_error(q, k, v, out, WIDTH, HEIGHT, PADDED_W, RADIUS, DIM, scale, 64);
             if (err > worst[which]) worst[which] = err;
         }
     printf("pairs 1 x 2: %.3f ms per (batch, head), max error %.2g\n", best[0] * 1e3, worst[0]);
