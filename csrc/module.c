@@ -325,6 +325,32 @@ static int take_long_list(view_set *set, PyObject *obj, const char *name, const 
     return 0;
 }
 
+/* A packed stencil's numbers (E, G, L, then 2E + G + L more), int32 and
+ * one-dimensional, on the device of `device_of` (NULL: on the CPU); NULL with
+ * an exception set when they are not. Only their count is checked here. */
+static const int32_t *take_packed_stencil(view_set *set, PyObject *obj, const sa_view *device_of)
+{
+    sa_view *packed = take(set, obj, "stencil", 0);
+    int64_t any[1] = {-1};
+    if (!packed) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "stencil: expected an int32 array, got None");
+        return NULL;
+    }
+    if (device_of == NULL && packed->device.device_type != kDLCPU) {
+        PyErr_SetString(PyExc_ValueError, "stencil: expected a CPU array");
+        return NULL;
+    }
+    if (check_buffer(packed, device_of ? device_of : packed, SA_DT_I32, any, 1) < 0) return NULL;
+    const int32_t *at = (const int32_t *)packed->data;
+    const int64_t length = packed->shape[0];
+    if (length < 3 || at[0] < 0 || at[1] < 0 || at[2] < 0 || 3 + 2 * (int64_t)at[0] + at[1] + at[2] != length) {
+        PyErr_Format(PyExc_ValueError, "stencil: expected E, G, L and then 2E + G + L numbers, got %lld numbers",
+                     (long long)length);
+        return NULL;
+    }
+    return at;
+}
+
 /* A stencil layout for the CPU stencil kernels (csrc/attention_cpu_stencil.c),
  * packed in one int32 array on the CPU: E, G, L, then E offsets (dy, dx), G
  * extra keys and L listed rows. Python checks that it describes the CSR
@@ -336,18 +362,8 @@ static int take_stencil(view_set *set, PyObject *obj, const sa_view *q, sa_atten
         PyErr_SetString(PyExc_ValueError, "stencil: the stencil kernels run on the CPU, in float32");
         return -1;
     }
-    sa_view *packed = take(set, obj, "stencil", 0);
-    int64_t any[1] = {-1};
-    if (!packed || check_buffer(packed, q, SA_DT_I32, any, 1) < 0) return -1;
-    const int32_t *at = (const int32_t *)packed->data;
-    const int64_t length = packed->shape[0];
-    if (length < 3 || at[0] < 0 || at[1] < 0 || at[2] < 0 ||
-        3 + 2 * (int64_t)at[0] + at[1] + at[2] != length) {
-        PyErr_Format(PyExc_ValueError,
-                     "stencil: expected E, G, L and then 2E + G + L numbers, got %lld numbers",
-                     (long long)length);
-        return -1;
-    }
+    const int32_t *at = take_packed_stencil(set, obj, q);
+    if (!at) return -1;
     const int64_t offsets = at[0], keys = at[1], rows = at[2], n = p->num_tokens;
     const int32_t *pairs = at + 3, *listed = pairs + 2 * offsets;
     for (int64_t o = 0; o < offsets; o++) {
@@ -387,24 +403,8 @@ static PyObject *cpu_window_takes(PyObject *self, PyObject *args, PyObject *kwar
     long long head_dim;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OL", window_takes_kwlist, &stencil_obj, &head_dim)) return NULL;
     view_set set = {.count = 0, .stream = -1};
-    sa_view *packed = take(&set, stencil_obj, "stencil", 0);
-    int64_t any[1] = {-1};
-    if (!packed) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "stencil: expected an int32 array, got None");
-        goto fail;
-    }
-    if (packed->device.device_type != kDLCPU) {
-        PyErr_SetString(PyExc_ValueError, "stencil: expected a CPU array");
-        goto fail;
-    }
-    if (check_buffer(packed, packed, SA_DT_I32, any, 1) < 0) goto fail;
-    const int32_t *at = (const int32_t *)packed->data;
-    const int64_t length = packed->shape[0];
-    if (length < 3 || at[0] < 0 || at[1] < 0 || at[2] < 0 || 3 + 2 * (int64_t)at[0] + at[1] + at[2] != length) {
-        PyErr_Format(PyExc_ValueError, "stencil: expected E, G, L and then 2E + G + L numbers, got %lld numbers",
-                     (long long)length);
-        goto fail;
-    }
+    const int32_t *at = take_packed_stencil(&set, stencil_obj, NULL);
+    if (!at) goto fail;
     const int fits = sa_cpu_window_offsets_fit(at + 3, at[0], head_dim);
     release_all(&set);
     return PyBool_FromLong(fits);

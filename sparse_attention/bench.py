@@ -13,6 +13,7 @@ memory; medians of repeats after a warm-up.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -38,8 +39,9 @@ def cpu_model():
     return platform.processor() or "unknown"
 
 
-def fma_peak(threads):
-    """Runs benchmarks/fma_probe.c (built with the system compiler) or returns None."""
+@functools.lru_cache(maxsize=None)
+def _fma_probe_binary():
+    """benchmarks/fma_probe.c built once per process with the system compiler, or None."""
     here = os.path.dirname(os.path.abspath(__file__))
     source = os.path.join(os.path.dirname(here), "benchmarks", "fma_probe.c")
     compiler = shutil.which("cc") or shutil.which("gcc")
@@ -49,6 +51,17 @@ def fma_peak(threads):
     try:
         subprocess.run([compiler, "-O3", "-march=native", "-pthread", source, "-o", binary],
                        check=True, capture_output=True)
+    except (subprocess.CalledProcessError, OSError):
+        return None
+    return binary
+
+
+def fma_peak(threads):
+    """Runs benchmarks/fma_probe.c on 1 and `threads` threads, or returns None."""
+    binary = _fma_probe_binary()
+    if binary is None:
+        return None
+    try:
         out = subprocess.run([binary, str(threads)], check=True, capture_output=True, text=True)
         return json.loads(out.stdout)
     except (subprocess.CalledProcessError, OSError, ValueError):

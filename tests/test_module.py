@@ -22,6 +22,19 @@ def make(pattern=SparsityPattern.AXIAL, **kw):
     return EnhancedSparseAttention(**args)
 
 
+def hand_written_attention(module, x, layout):
+    """DESIGN.md's data flow from the fused projection to the output
+    projection, with the dense reference for the attention: tokens [B, N, C]
+    -> [B, N, out_channels]."""
+    batch, n, _ = x.shape
+    heads, dim = module.num_heads, module.head_dim
+    qkv = x @ module.qkv.weight.T + module.qkv.bias
+    q, k, v = qkv.view(batch, n, 3, heads, dim).permute(2, 0, 3, 1, 4)
+    attended = reference_attention(q, k, v, layout, bias=module.rel_pos_bias)[0]
+    merged = (attended * module.head_importance.view(1, heads, 1, 1)).transpose(1, 2).reshape(batch, n, -1)
+    return merged @ module.proj.weight.T + module.proj.bias
+
+
 def test_module_matches_a_hand_written_forward():
     """The data flow of DESIGN.md, recomputed from the parameters with the dense reference."""
     module = make(SparsityPattern.LONGFORMER, in_channels=12, out_channels=16).double().eval()
@@ -33,11 +46,7 @@ def test_module_matches_a_hand_written_forward():
     pos = torch.nn.functional.interpolate(module.pos_embedding, size=(5, 7), mode="bilinear",
                                           align_corners=False)
     tokens = (x + pos).flatten(2).transpose(1, 2)
-    qkv = tokens @ module.qkv.weight.T + module.qkv.bias
-    q, k, v = qkv.view(2, 35, 3, 4, 4).permute(2, 0, 3, 1, 4)
-    attended = reference_attention(q, k, v, layout, bias=module.rel_pos_bias)[0]
-    merged = (attended * module.head_importance.view(1, 4, 1, 1)).transpose(1, 2).reshape(2, 35, 16)
-    out = merged @ module.proj.weight.T + module.proj.bias
+    out = hand_written_attention(module, tokens, layout)
     out = out + x.flatten(2).transpose(1, 2) @ module.residual.weight.T + module.residual.bias
     out = torch.nn.functional.layer_norm(out, (16,), module.norm.weight, module.norm.bias)
     expected = out.transpose(1, 2).reshape(2, 16, 5, 7)
@@ -57,12 +66,7 @@ def test_module_gradients_match_the_hand_written_forward():
     weight = torch.randn(2, 16, 5, 7, dtype=torch.float64)
 
     def hand_written(x):
-        tokens = x.flatten(2).transpose(1, 2)
-        qkv = tokens @ module.qkv.weight.T + module.qkv.bias
-        q, k, v = qkv.view(2, 35, 3, 4, 4).permute(2, 0, 3, 1, 4)
-        attended = reference_attention(q, k, v, layout, bias=module.rel_pos_bias)[0]
-        merged = (attended * module.head_importance.view(1, 4, 1, 1)).transpose(1, 2).reshape(2, 35, 16)
-        out = merged @ module.proj.weight.T + module.proj.bias
+        out = hand_written_attention(module, x.flatten(2).transpose(1, 2), layout)
         return out.transpose(1, 2).reshape(2, 16, 5, 7)
 
     module.pos_embedding = None  # the hand-written flow leaves out the position embedding
