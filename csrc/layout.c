@@ -3,7 +3,10 @@
  * the pattern itself is dense. */
 #include "layout.h"
 
+#include "threads.h"
+
 #include <math.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -271,51 +274,117 @@ oom:
     return -1;
 }
 
-int sa_layout_count(const sa_layout_spec *spec, int64_t *row_ptr, char *err, size_t n)
+/* Rows in parallel: each range has its own builder (the scratch is per row
+ * range), and a row's keys depend on nothing but the spec and the row, so the
+ * layout is the same for any thread count. */
+typedef struct {
+    const sa_layout_spec *spec;
+    int64_t *degrees;        /* count: row i's degree goes to degrees[i + 1] */
+    const int64_t *row_ptr;  /* fill: where each row starts in col_idx */
+    int32_t *col_idx;        /* fill; NULL when counting */
+    atomic_int out_of_memory;
+} rows_job;
+
+static void rows_range(void *opaque, int64_t begin, int64_t end)
 {
+    rows_job *job = opaque;
     row_builder b;
-    if (builder_init(&b, spec, err, n) < 0) return -1;
-    row_fn fn = pick_row_fn(spec->pattern);
+    char message[128]; /* builder_init's failure is out of memory, reported by run_rows */
+    if (builder_init(&b, job->spec, message, sizeof(message)) < 0) {
+        atomic_store(&job->out_of_memory, 1);
+        return;
+    }
+    row_fn fn = pick_row_fn(job->spec->pattern);
     int32_t *scratch = NULL;
-    if (spec->pattern != SA_PATTERN_RANDOM) {
+    if (job->col_idx == NULL && job->spec->pattern != SA_PATTERN_RANDOM) {
         scratch = malloc(sizeof(int32_t) * (size_t)b.num_tokens);
         if (!scratch) {
+            atomic_store(&job->out_of_memory, 1);
             builder_free(&b);
-            snprintf(err, n, "out of memory while counting the layout");
-            return -1;
+            return;
         }
     }
+    for (int64_t i = begin; i < end; i++) {
+        if (job->col_idx)
+            fn(&b, i, job->col_idx + job->row_ptr[i]);
+        else
+            job->degrees[i + 1] = fn(&b, i, scratch);
+    }
+    free(scratch);
+    builder_free(&b);
+}
+
+/* 256 rows a range on grids of 4096 tokens or more (each range pays for a builder) */
+static int64_t rows_grain(const sa_layout_spec *spec)
+{
+    int64_t n = spec->height * spec->width;
+    return n >= 4096 ? 256 : n;
+}
+
+static int run_rows(rows_job *job, int num_threads, const char *what, char *err, size_t n)
+{
+    int64_t tokens = job->spec->height * job->spec->width;
+    if (sa_parallel_for(tokens, rows_grain(job->spec), num_threads, rows_range, job) < 0 ||
+        atomic_load(&job->out_of_memory)) {
+        snprintf(err, n, "out of memory while %s the layout", what);
+        return -1;
+    }
+    return 0;
+}
+
+int sa_layout_count(const sa_layout_spec *spec, int64_t *row_ptr, int num_threads, char *err, size_t n)
+{
+    rows_job job = {spec, row_ptr, NULL, NULL, 0};
     row_ptr[0] = 0;
-    for (int64_t i = 0; i < b.num_tokens; i++) {
-        int64_t degree = fn(&b, i, scratch);
+    if (run_rows(&job, num_threads, "counting", err, n) < 0) return -1;
+    int64_t tokens = spec->height * spec->width;
+    for (int64_t i = 0; i < tokens; i++) {
+        int64_t degree = row_ptr[i + 1];
         if (row_ptr[i] > INT64_MAX / 8 - degree) {
-            free(scratch);
-            builder_free(&b);
             snprintf(err, n, "the layout's nnz exceeds what a 64-bit offset can address");
             return -1;
         }
         row_ptr[i + 1] = row_ptr[i] + degree;
     }
-    free(scratch);
-    builder_free(&b);
     return 0;
 }
 
-int sa_layout_fill(const sa_layout_spec *spec, const int64_t *row_ptr, int32_t *col_idx,
+int sa_layout_fill(const sa_layout_spec *spec, const int64_t *row_ptr, int32_t *col_idx, int num_threads,
                    char *err, size_t n)
 {
-    row_builder b;
-    if (builder_init(&b, spec, err, n) < 0) return -1;
-    row_fn fn = pick_row_fn(spec->pattern);
-    for (int64_t i = 0; i < b.num_tokens; i++) {
-        fn(&b, i, col_idx + row_ptr[i]);
+    rows_job job = {spec, NULL, row_ptr, col_idx, 0};
+    return run_rows(&job, num_threads, "filling", err, n);
+}
+
+/* The transpose's scatter, one range of columns per part: every part reads all
+ * of col_idx but writes only its own columns, so the parts share no cursor,
+ * rows stay ascending within a column, and each part's open write positions
+ * (one cache line per column) are 1 / parts of the whole. */
+typedef struct {
+    int64_t num_tokens, parts;
+    const int64_t *row_ptr;
+    const int32_t *col_idx;
+    int64_t *cursor;
+    int32_t *row_idx;
+} scatter_job;
+
+static void scatter_columns(void *opaque, int64_t begin, int64_t end)
+{
+    const scatter_job *job = opaque;
+    for (int64_t part = begin; part < end; part++) {
+        const int64_t lo = job->num_tokens * part / job->parts, hi = job->num_tokens * (part + 1) / job->parts;
+        int64_t *cursor = job->cursor;
+        for (int64_t i = 0; i < job->num_tokens; i++) {
+            for (int64_t p = job->row_ptr[i]; p < job->row_ptr[i + 1]; p++) {
+                const int64_t j = job->col_idx[p];
+                if (j >= lo && j < hi) job->row_idx[cursor[j]++] = (int32_t)i;
+            }
+        }
     }
-    builder_free(&b);
-    return 0;
 }
 
 int sa_layout_transpose(int64_t num_tokens, const int64_t *row_ptr, const int32_t *col_idx,
-                        int64_t *col_ptr, int32_t *row_idx)
+                        int64_t *col_ptr, int32_t *row_idx, int num_threads)
 {
     int64_t *cursor = calloc((size_t)num_tokens + 1, sizeof(int64_t));
     if (!cursor) return -1;
@@ -327,11 +396,10 @@ int sa_layout_transpose(int64_t num_tokens, const int64_t *row_ptr, const int32_
         col_ptr[j + 1] += col_ptr[j];
         cursor[j] = col_ptr[j];
     }
-    for (int64_t i = 0; i < num_tokens; i++) {
-        for (int64_t p = row_ptr[i]; p < row_ptr[i + 1]; p++) {
-            row_idx[cursor[col_idx[p]]++] = (int32_t)i;
-        }
-    }
+    /* small layouts in one pass: a second reader of col_idx costs more than it saves */
+    int parts = row_ptr[num_tokens] < (1 << 20) || num_threads < 2 ? 1 : num_threads;
+    scatter_job job = {num_tokens, parts, row_ptr, col_idx, cursor, row_idx};
+    int status = sa_parallel_for(parts, 1, parts, scatter_columns, &job);
     free(cursor);
-    return 0;
+    return status < 0 ? -1 : 0;
 }

@@ -30,18 +30,21 @@ typedef struct {
 /* 0 when every knob is in range; otherwise -1 and a message naming the knob. */
 int sa_layout_validate(const sa_layout_spec *spec, char *err, size_t err_len);
 
+/* The three builders below run on up to num_threads threads; their results do
+ * not depend on the count. */
+
 /* Fills row_ptr[0..N] with the CSR row offsets. Returns 0, or -1 with a message
  * when nnz would not fit the index types or memory could not be had. */
-int sa_layout_count(const sa_layout_spec *spec, int64_t *row_ptr, char *err, size_t err_len);
+int sa_layout_count(const sa_layout_spec *spec, int64_t *row_ptr, int num_threads, char *err, size_t err_len);
 
 /* Writes the column indices of every row (ascending) given row_ptr from
  * sa_layout_count. Returns 0 or -1 with a message. */
-int sa_layout_fill(const sa_layout_spec *spec, const int64_t *row_ptr, int32_t *col_idx,
+int sa_layout_fill(const sa_layout_spec *spec, const int64_t *row_ptr, int32_t *col_idx, int num_threads,
                    char *err, size_t err_len);
 
 /* CSC of the same pattern: col_ptr[0..N], row_idx[nnz] (rows ascending per column).
  * Returns 0, or -1 when scratch memory could not be had. */
 int sa_layout_transpose(int64_t num_tokens, const int64_t *row_ptr, const int32_t *col_idx,
-                        int64_t *col_ptr, int32_t *row_idx);
+                        int64_t *col_ptr, int32_t *row_idx, int num_threads);
 
 #endif /* SA_LAYOUT_H */

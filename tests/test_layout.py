@@ -167,3 +167,29 @@ def test_neighbors_bounds():
     np.testing.assert_array_equal(layout.neighbors(5), [0, 1, 4, 5])
     with pytest.raises(IndexError):
         layout.neighbors(16)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_layout_build_is_the_same_on_any_thread_count(pattern):
+    # 64 x 64 gives the builders several row ranges, and RANDOM's 8 M pairs a
+    # transpose split by columns; its result is checked against NumPy's
+    from sparse_attention import get_num_threads, set_num_threads
+    from sparse_attention.patterns import _PATTERN_IDS, C
+
+    pattern = SparsityPattern.parse(pattern, "pattern")
+    before = get_num_threads()
+    built = []
+    try:
+        for threads in (1, 2, 3):
+            set_num_threads(threads)
+            built.append(C.build_layout(_PATTERN_IDS[pattern], 64, 64, 7, 8, 7, 2, 0.5, 99))
+    finally:
+        set_num_threads(before)
+    for other in built[1:]:
+        for a, b in zip(built[0], other):
+            np.testing.assert_array_equal(a, b)
+    row_ptr, col_idx, col_ptr, row_idx = built[-1]
+    n = 64 * 64
+    rows = np.repeat(np.arange(n, dtype=np.int32), np.diff(row_ptr))
+    np.testing.assert_array_equal(col_ptr, np.concatenate([[0], np.cumsum(np.bincount(col_idx, minlength=n))]))
+    np.testing.assert_array_equal(row_idx, rows[np.argsort(col_idx, kind="stable")])
