@@ -56,8 +56,9 @@ def dropout_keep_mask(seed: int, batch: int, heads: int, rows: torch.Tensor, col
 
 @torch.compiler.disable
 def _layout_tensors(layout, device, max_relative):
-    """The layout's device tensors (NumPy work, kept out of torch.compile's graphs)."""
-    return layout.torch_tensors(device, max_relative)
+    """The layout's device tensors and each pair's row (NumPy work, kept out of
+    torch.compile's graphs)."""
+    return layout.torch_tensors(device, max_relative), layout.row_ids_tensor(device)
 
 
 def sparse_attention_torch(query, key, value, layout, *, scale, rel_pos_bias=None, key_mask=None,
@@ -66,8 +67,8 @@ def sparse_attention_torch(query, key, value, layout, *, scale, rel_pos_bias=Non
     batch, heads, num_tokens, _ = query.shape
     device = query.device
     max_relative = None if rel_pos_bias is None else (rel_pos_bias.shape[-1] - 1) // 2
-    tensors = _layout_tensors(layout, device, max_relative)
-    rows, cols = tensors["row_ids"], tensors["col_idx"].long()
+    tensors, rows = _layout_tensors(layout, device, max_relative)
+    cols = tensors["col_idx"].long()
     compute_dtype = query.dtype if query.dtype == torch.float64 else torch.float32
     q = query.to(compute_dtype)
     k = key.to(compute_dtype)

@@ -12,7 +12,7 @@ from . import _stencil, _tiles
 from ._native import C
 from ._torch_impl import sparse_attention_torch
 from .functional import (_check_bias, _check_head_active, _check_key_mask, _validate_common)
-from .patterns import LONG_ROW_THRESHOLD
+from .patterns import LONG_ROW_THRESHOLD, _tensor_of
 
 _NATIVE_CPU_DTYPES = (torch.float32, torch.float64)
 _NATIVE_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -122,13 +122,13 @@ def _tiled_applies(device, dtype, head_dim) -> bool:
 
 
 def _cpu_tensors(layout, key, arrays):
-    """The int32 arrays (None entries pass through) as CPU tensors, copied
-    once per layout and cached under key (the layout's arrays are read-only)."""
+    """The int32 arrays (None entries pass through) as CPU tensors over the
+    same memory, cached under key (the layout's arrays are read-only)."""
     key = (key, "cpu")
     with layout._lock:
         if key in layout._device_cache:
             return layout._device_cache[key]
-    tensors = tuple(torch.from_numpy(a.copy()) if a is not None else None for a in arrays)
+    tensors = tuple(_tensor_of(a, "cpu") if a is not None else None for a in arrays)
     with layout._lock:
         layout._device_cache[key] = tensors
     return tensors

@@ -33,10 +33,24 @@ from __future__ import annotations
 import enum
 import functools
 import threading
+import warnings
 
 import numpy as np
 
 from ._native import C
+
+
+def _tensor_of(array, device):
+    """``array`` as a torch tensor on ``device``: on the CPU a view of the same
+    memory, elsewhere one copy. The layout's arrays are read-only and its
+    kernels only read them; a copy of each (1 GiB of int32 and int64 for
+    RANDOM at 128 x 128) cost 3.5 s of page faults on a first call."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor if torch.device(device).type == "cpu" else tensor.to(device)
 
 
 class SparsityPattern(enum.Enum):
@@ -283,12 +297,11 @@ class Layout:
         if plan is not None:
             buffer, passes, _ = self.packed_tile_plan()
             tensors = {
-                "buffer": torch.from_numpy(buffer.copy()).to(device),
+                "buffer": _tensor_of(buffer, device),
                 "passes": passes,
                 "num_passes": len(plan),
                 "fill": plan.fill,
-                "long_rows": (torch.from_numpy(plan.long_rows.copy()).to(device)
-                              if plan.long_rows.size else None),
+                "long_rows": _tensor_of(plan.long_rows, device) if plan.long_rows.size else None,
                 "long_row_max_keys": (int(self.degrees()[plan.long_rows].max())
                                       if plan.long_rows.size else 0),
             }
@@ -306,10 +319,23 @@ class Layout:
             if key in self._device_cache:
                 return self._device_cache[key]
         packed = self.packed_tile_plan(full=True)
-        tensors = None if packed is None else (torch.from_numpy(packed[0].copy()).to(device), packed[1])
+        tensors = None if packed is None else (_tensor_of(packed[0], device), packed[1])
         with self._lock:
             self._device_cache[key] = tensors
         return tensors
+
+    def row_ids_tensor(self, device):
+        """row_ids() on ``device`` (int64), cached; only the PyTorch path needs it."""
+        import torch
+
+        key = ("row_ids", str(torch.device(device)))
+        with self._lock:
+            cached = self._device_cache.get(key)
+        if cached is None:
+            cached = _tensor_of(self.row_ids(), device)
+            with self._lock:
+                self._device_cache[key] = cached
+        return cached
 
     def torch_tensors(self, device, max_relative=None):
         """The layout as torch tensors on ``device``, copied there once and cached."""
@@ -322,17 +348,16 @@ class Layout:
         if cached is not None:
             return cached
         tensors = {
-            "row_ptr": torch.from_numpy(self.indptr.copy()).to(device),
-            "col_idx": torch.from_numpy(self.indices.copy()).to(device),
-            "row_ids": torch.from_numpy(self.row_ids().copy()).to(device),
+            "row_ptr": _tensor_of(self.indptr, device),
+            "col_idx": _tensor_of(self.indices, device),
         }
         if self.is_symmetric():
             # the transpose is the layout itself: the same tensors, which tells
             # the CUDA backward that the tile plan serves dK and dV too
             tensors["col_ptr"], tensors["row_idx"] = tensors["row_ptr"], tensors["col_idx"]
         else:
-            tensors["col_ptr"] = torch.from_numpy(self.col_ptr.copy()).to(device)
-            tensors["row_idx"] = torch.from_numpy(self.row_indices.copy()).to(device)
+            tensors["col_ptr"] = _tensor_of(self.col_ptr, device)
+            tensors["row_idx"] = _tensor_of(self.row_indices, device)
         if device.type == "cuda":
             # rows / columns the CUDA kernels give a whole block (see cuda/attention_cuda.cu)
             long_rows = np.nonzero(self.degrees() > LONG_ROW_THRESHOLD)[0].astype(np.int32)
@@ -342,9 +367,9 @@ class Layout:
                 tensors["long_cols"] = torch.from_numpy(long_cols).to(device)
         if max_relative is not None:
             bucket, perm, ptr = self.bias_buckets(max_relative)
-            tensors["bucket"] = torch.from_numpy(bucket.copy()).to(device)
-            tensors["bucket_perm"] = torch.from_numpy(perm.copy()).to(device)
-            tensors["bucket_ptr"] = torch.from_numpy(ptr.copy()).to(device)
+            tensors["bucket"] = _tensor_of(bucket, device)
+            tensors["bucket_perm"] = _tensor_of(perm, device)
+            tensors["bucket_ptr"] = _tensor_of(ptr, device)
         with self._lock:
             self._device_cache[key] = tensors
         return tensors

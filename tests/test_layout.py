@@ -193,3 +193,17 @@ def test_layout_build_is_the_same_on_any_thread_count(pattern):
     rows = np.repeat(np.arange(n, dtype=np.int32), np.diff(row_ptr))
     np.testing.assert_array_equal(col_ptr, np.concatenate([[0], np.cumsum(np.bincount(col_idx, minlength=n))]))
     np.testing.assert_array_equal(row_idx, rows[np.argsort(col_idx, kind="stable")])
+
+
+def test_cpu_tensors_are_views_of_the_layout_arrays():
+    # a copy of each array doubled a large layout's memory (2 GiB more for
+    # RANDOM at 128 x 128) and took seconds of page faults on the first call
+    layout = build_layout("random", 16, 16, seed=3)
+    tensors = layout.torch_tensors("cpu")
+    assert tensors["row_ptr"].data_ptr() == layout.indptr.ctypes.data
+    assert tensors["col_idx"].data_ptr() == layout.indices.ctypes.data
+    assert tensors["row_idx"].data_ptr() == layout.row_indices.ctypes.data
+    assert "row_ids" not in tensors  # only the PyTorch path needs it, and asks for it
+    rows = layout.row_ids_tensor("cpu")
+    assert rows.data_ptr() == layout.row_ids().ctypes.data
+    np.testing.assert_array_equal(rows.numpy(), np.repeat(np.arange(256), layout.degrees()))
