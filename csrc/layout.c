@@ -314,11 +314,15 @@ static void rows_range(void *opaque, int64_t begin, int64_t end)
     builder_free(&b);
 }
 
-/* 256 rows a range on grids of 4096 tokens or more (each range pays for a builder) */
+/* Ranges of at least 256 rows and at most 64 ranges: each range pays for a
+ * builder, and counting gives each one scratch of N keys. Grids under 4096
+ * tokens take one range. */
 static int64_t rows_grain(const sa_layout_spec *spec)
 {
     int64_t n = spec->height * spec->width;
-    return n >= 4096 ? 256 : n;
+    if (n < 4096) return n;
+    int64_t grain = (n + 63) / 64;
+    return grain < 256 ? 256 : grain;
 }
 
 static int run_rows(rows_job *job, int num_threads, const char *what, char *err, size_t n)
