@@ -873,9 +873,10 @@ static PyObject *build_layout(PyObject *self, PyObject *args, PyObject *kwargs)
              *row_idx = NULL;
     if (!row_ptr) return NULL;
     int64_t *rp = PyArray_DATA((PyArrayObject *)row_ptr);
+    const int threads = sa_cpu_get_num_threads();
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = sa_layout_count(&spec, rp, sa_cpu_get_num_threads(), err, sizeof(err));
+    status = sa_layout_count(&spec, rp, threads, err, sizeof(err));
     Py_END_ALLOW_THREADS
     if (status < 0) {
         PyErr_SetString(PyExc_ValueError, err);
@@ -887,10 +888,10 @@ static PyObject *build_layout(PyObject *self, PyObject *args, PyObject *kwargs)
     if (!col_idx || !col_ptr || !row_idx) goto fail;
     int32_t *ci = PyArray_DATA((PyArrayObject *)col_idx);
     Py_BEGIN_ALLOW_THREADS
-    status = sa_layout_fill(&spec, rp, ci, sa_cpu_get_num_threads(), err, sizeof(err));
+    status = sa_layout_fill(&spec, rp, ci, threads, err, sizeof(err));
     if (status == 0)
         status = sa_layout_transpose(n, rp, ci, PyArray_DATA((PyArrayObject *)col_ptr),
-                                     PyArray_DATA((PyArrayObject *)row_idx), sa_cpu_get_num_threads());
+                                     PyArray_DATA((PyArrayObject *)row_idx), threads);
     Py_END_ALLOW_THREADS
     if (status < 0) {
         PyErr_SetString(PyExc_MemoryError, err[0] ? err : "out of memory while building a layout");

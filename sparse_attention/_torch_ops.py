@@ -124,14 +124,8 @@ def _tiled_applies(device, dtype, head_dim) -> bool:
 def _cpu_tensors(layout, key, arrays):
     """The int32 arrays (None entries pass through) as CPU tensors over the
     same memory, cached under key (the layout's arrays are read-only)."""
-    key = (key, "cpu")
-    with layout._lock:
-        if key in layout._device_cache:
-            return layout._device_cache[key]
-    tensors = tuple(_tensor_of(a, "cpu") if a is not None else None for a in arrays)
-    with layout._lock:
-        layout._device_cache[key] = tensors
-    return tensors
+    return layout._built_once((key, "cpu"), lambda _: tuple(_tensor_of(a, "cpu") if a is not None else None
+                                                           for a in arrays), layout._device_cache)
 
 
 def _tile_plan_for(layout, device, dtype, head_dim, want_stats):

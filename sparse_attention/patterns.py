@@ -271,14 +271,16 @@ class Layout:
 
         return self._built_once("packed_full" if full else "packed", pack)
 
-    def _built_once(self, key, build):
-        """build(self), cached under key (None results too)."""
+    def _built_once(self, key, build, cache=None):
+        """build(self), cached under key (None results too) in cache: the plan
+        cache, or the device cache for tensors."""
+        cache = self._plan_cache if cache is None else cache
         with self._lock:
-            if key in self._plan_cache:
-                return self._plan_cache[key]
+            if key in cache:
+                return cache[key]
         value = build(self)
         with self._lock:
-            self._plan_cache[key] = value
+            cache[key] = value
         return value
 
     def tile_plan_tensors(self, device):
@@ -288,91 +290,74 @@ class Layout:
         None without a plan."""
         import torch
 
-        key = ("tiles", str(torch.device(device)))
-        with self._lock:
-            if key in self._device_cache:
-                return self._device_cache[key]
-        plan = self.tile_plan()
-        tensors = None
-        if plan is not None:
-            buffer, passes, _ = self.packed_tile_plan()
-            tensors = {
+        def build(layout):
+            plan = layout.tile_plan()
+            if plan is None:
+                return None
+            buffer, passes, _ = layout.packed_tile_plan()
+            return {
                 "buffer": _tensor_of(buffer, device),
                 "passes": passes,
                 "num_passes": len(plan),
                 "fill": plan.fill,
                 "long_rows": _tensor_of(plan.long_rows, device) if plan.long_rows.size else None,
-                "long_row_max_keys": (int(self.degrees()[plan.long_rows].max())
+                "long_row_max_keys": (int(layout.degrees()[plan.long_rows].max())
                                       if plan.long_rows.size else 0),
             }
-        with self._lock:
-            self._device_cache[key] = tensors
-        return tensors
+
+        return self._built_once(("tiles", str(torch.device(device))), build, self._device_cache)
 
     def full_tile_plan_tensors(self, device):
         """(buffer tensor on ``device``, six ints per pass) of full_tile_plan(),
         copied once; None without a plan."""
         import torch
 
-        key = ("full_tiles", str(torch.device(device)))
-        with self._lock:
-            if key in self._device_cache:
-                return self._device_cache[key]
-        packed = self.packed_tile_plan(full=True)
-        tensors = None if packed is None else (_tensor_of(packed[0], device), packed[1])
-        with self._lock:
-            self._device_cache[key] = tensors
-        return tensors
+        def build(layout):
+            packed = layout.packed_tile_plan(full=True)
+            return None if packed is None else (_tensor_of(packed[0], device), packed[1])
+
+        return self._built_once(("full_tiles", str(torch.device(device))), build, self._device_cache)
 
     def row_ids_tensor(self, device):
         """row_ids() on ``device`` (int64), cached; only the PyTorch path needs it."""
         import torch
 
-        key = ("row_ids", str(torch.device(device)))
-        with self._lock:
-            cached = self._device_cache.get(key)
-        if cached is None:
-            cached = _tensor_of(self.row_ids(), device)
-            with self._lock:
-                self._device_cache[key] = cached
-        return cached
+        return self._built_once(("row_ids", str(torch.device(device))),
+                                lambda layout: _tensor_of(layout.row_ids(), device), self._device_cache)
 
     def torch_tensors(self, device, max_relative=None):
         """The layout as torch tensors on ``device``, copied there once and cached."""
         import torch
 
         device = torch.device(device)
-        key = (str(device), max_relative)
-        with self._lock:
-            cached = self._device_cache.get(key)
-        if cached is not None:
-            return cached
-        tensors = {
-            "row_ptr": _tensor_of(self.indptr, device),
-            "col_idx": _tensor_of(self.indices, device),
-        }
-        if self.is_symmetric():
-            # the transpose is the layout itself: the same tensors, which tells
-            # the CUDA backward that the tile plan serves dK and dV too
-            tensors["col_ptr"], tensors["row_idx"] = tensors["row_ptr"], tensors["col_idx"]
-        else:
-            tensors["col_ptr"] = _tensor_of(self.col_ptr, device)
-            tensors["row_idx"] = _tensor_of(self.row_indices, device)
-        if device.type == "cuda":
-            # rows / columns the CUDA kernels give a whole block (see cuda/attention_cuda.cu)
-            long_rows = np.nonzero(self.degrees() > LONG_ROW_THRESHOLD)[0].astype(np.int32)
-            long_cols = np.nonzero(np.diff(self.col_ptr) > LONG_ROW_THRESHOLD)[0].astype(np.int32)
-            if long_rows.size or long_cols.size:
-                tensors["long_rows"] = torch.from_numpy(long_rows).to(device)
-                tensors["long_cols"] = torch.from_numpy(long_cols).to(device)
-        if max_relative is not None:
-            bucket, perm, ptr = self.bias_buckets(max_relative)
-            tensors["bucket"] = _tensor_of(bucket, device)
-            tensors["bucket_perm"] = _tensor_of(perm, device)
-            tensors["bucket_ptr"] = _tensor_of(ptr, device)
-        with self._lock:
-            self._device_cache[key] = tensors
-        return tensors
+
+        def build(layout):
+            tensors = {
+                "row_ptr": _tensor_of(layout.indptr, device),
+                "col_idx": _tensor_of(layout.indices, device),
+            }
+            if layout.is_symmetric():
+                # the transpose is the layout itself: the same tensors, which tells
+                # the CUDA backward that the tile plan serves dK and dV too
+                tensors["col_ptr"], tensors["row_idx"] = tensors["row_ptr"], tensors["col_idx"]
+            else:
+                tensors["col_ptr"] = _tensor_of(layout.col_ptr, device)
+                tensors["row_idx"] = _tensor_of(layout.row_indices, device)
+            if device.type == "cuda":
+                # rows / columns the CUDA kernels give a whole block (see cuda/attention_cuda.cu)
+                long_rows = np.nonzero(layout.degrees() > LONG_ROW_THRESHOLD)[0].astype(np.int32)
+                long_cols = np.nonzero(np.diff(layout.col_ptr) > LONG_ROW_THRESHOLD)[0].astype(np.int32)
+                if long_rows.size or long_cols.size:
+                    tensors["long_rows"] = _tensor_of(long_rows, device)
+                    tensors["long_cols"] = _tensor_of(long_cols, device)
+            if max_relative is not None:
+                bucket, perm, ptr = layout.bias_buckets(max_relative)
+                tensors["bucket"] = _tensor_of(bucket, device)
+                tensors["bucket_perm"] = _tensor_of(perm, device)
+                tensors["bucket_ptr"] = _tensor_of(ptr, device)
+            return tensors
+
+        return self._built_once((str(device), max_relative), build, self._device_cache)
 
 
 @functools.lru_cache(maxsize=128)
