@@ -235,14 +235,16 @@ static inline void chunk_range(const int32_t *chunk_ptr, int64_t tile, int64_t n
 }
 
 /* Gathered rows miss the caches; asking for the next chunk's rows while this
- * one is computed hides most of that. */
-static inline void prefetch_row(const float *row, int64_t dim)
+ * one is computed hides most of that. Always inlined: GCC finds a plain static
+ * helper made only of prefetches free of side effects and deletes the calls
+ * (tests/test_build_prefetch.py). */
+SA_INLINE void prefetch_row(const float *row, int64_t dim)
 {
     for (int64_t d = 0; d < dim; d += 16) __builtin_prefetch(row + d, 0, 1);
 }
 
-static inline void prefetch_chunk(const sa_attention_params *p, const int32_t *ids, int64_t b,
-                                  int64_t h, int with_keys)
+SA_INLINE void prefetch_chunk(const sa_attention_params *p, const int32_t *ids, int64_t b,
+                              int64_t h, int with_keys)
 {
     for (int c = 0; c < TILE; c++) {
         const int32_t j = ids[c];
