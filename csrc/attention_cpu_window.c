@@ -664,7 +664,25 @@ INLINE void forward_block(const window_ctx *c, window_work *w, int64_t b, int64_
     }
     const int64_t slots = US + num_extra;
     v8 sum = zero, sum_sq = zero, sum_shifted = zero;
-    for (int64_t s0 = 0; s0 < slots; s0 += 4) {
+    int64_t s0 = 0;
+    if (!want_stats && c->threshold == 0) {
+        /* groups of four kept in registers, four sums in flight (the general
+         * loop below spilled its variable-length group to the stack and
+         * chained every add on one sum) */
+        const v8 keep = SPLAT(c->keep_scale);
+        v8 sums[4] = {zero, zero, zero, zero};
+        for (; s0 + 4 <= slots; s0 += 4) {
+            v8 prob[4];
+            for (int i = 0; i < 4; i++) prob[i] = scores[s0 + i] - shift;
+            exp_lanes(prob, 4);
+            for (int i = 0; i < 4; i++) {
+                sums[i] += prob[i];
+                scores[s0 + i] = prob[i] * keep;
+            }
+        }
+        sum = (sums[0] + sums[1]) + (sums[2] + sums[3]);
+    }
+    for (; s0 < slots; s0 += 4) {
         const int n = slots - s0 < 4 ? (int)(slots - s0) : 4;
         v8 shifted[4], prob[4];
         for (int i = 0; i < n; i++) prob[i] = shifted[i] = scores[s0 + i] - shift;
@@ -1007,7 +1025,23 @@ INLINE void backward_block(const window_ctx *c, window_work *w, int64_t b, int64
     const int64_t slots = US + num_extra;
     v8 *bias_grads = w->slot_bias_grads; /* NULL without a bias gradient */
     float *bias_cells = bias_grads ? p->grad_bias_rows + bh * c->bias_cells : NULL;
-    for (int64_t s0 = 0; s0 < slots; s0 += 4) {
+    int64_t s0 = 0;
+    if (bias_grads == NULL && c->threshold == 0) {
+        /* as the forward's plain path: groups of four in registers */
+        const v8 keep = SPLAT(c->keep_scale), scale = SPLAT(c->scale);
+        for (; s0 + 4 <= slots; s0 += 4) {
+            v8 prob[4];
+            for (int i = 0; i < 4; i++) prob[i] = scores[s0 + i] - row_lse;
+            exp_lanes(prob, 4);
+            for (int i = 0; i < 4; i++) {
+                prob[i] = SELECT(live, prob[i], zero);
+                const v8 score_grad = prob[i] * (grads[s0 + i] * keep - row_delta);
+                grads[s0 + i] = score_grad * scale;
+                scores[s0 + i] = prob[i] * keep;
+            }
+        }
+    }
+    for (; s0 < slots; s0 += 4) {
         const int n = slots - s0 < 4 ? (int)(slots - s0) : 4;
         v8 prob[4];
         for (int i = 0; i < n; i++) prob[i] = scores[s0 + i] - row_lse;
