@@ -19,8 +19,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-# the optimisation flags of setup.py's extra_compile_args
-# flags, with one clone of each kernel instead of three (a third of the compile time)
+# setup.py's optimisation flags (keep them in step), with one clone of each
+# kernel instead of three: a third of the compile time
 FLAGS = ["-std=c11", "-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast",
          "-fPIC", "-g0", "-DSA_NO_CLONES", "-march=x86-64-v3", "-I", CSRC]
 
