@@ -1,7 +1,7 @@
 """Two builds of the package timed against each other in one process.
 
     python benchmarks/ab_builds.py OLD_PACKAGE_DIR NEW_PACKAGE_DIR [--patterns longformer,strided]
-        [--side 64] [--rounds 15] [--threads 2] [--backward]
+        [--side 64] [--rounds 15] [--threads 2] [--backward] [--stats] [--dropout P]
 
 Each directory is a built copy of sparse_attention/ (with its _C extension).
 They are copied under two other package names, with the custom operators'
@@ -47,6 +47,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backward", action="store_true", help="time forward+backward too")
+    parser.add_argument("--stats", action="store_true", help="ask for the row statistics (as the module does)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout_p, with a fixed seed")
     args = parser.parse_args()
 
     workdir = tempfile.mkdtemp(prefix="sa_ab_")
@@ -59,6 +61,13 @@ def main():
     torch.manual_seed(0)
     n = args.side * args.side
     q, k, v = (torch.randn(2, 8, n, 32, requires_grad=True) for _ in range(3))
+    options = {"return_stats": args.stats}
+    if args.dropout > 0:
+        options.update(dropout_p=args.dropout, dropout_seed=1234)
+
+    def attend(package, layout):
+        result = package.sparse_scaled_dot_product_attention(q, k, v, layout, **options)
+        return result[0] if isinstance(result, tuple) else result
 
     for pattern in args.patterns.split(","):
         layouts = {tag: p.build_layout(pattern, args.side, args.side) for tag, p in builds.items()}
@@ -67,17 +76,17 @@ def main():
             package, layout = builds[tag], layouts[tag]
             start = time.perf_counter()
             if backward:
-                package.sparse_scaled_dot_product_attention(q, k, v, layout).sum().backward()
+                attend(package, layout).sum().backward()
             else:
                 with torch.no_grad():
-                    package.sparse_scaled_dot_product_attention(q, k, v, layout)
+                    attend(package, layout)
             return time.perf_counter() - start
 
         for backward in ([False, True] if args.backward else [False]):
             outs = {tag: None for tag in builds}
             with torch.no_grad():  # the two builds must agree before their times mean anything
                 for tag, package in builds.items():
-                    outs[tag] = package.sparse_scaled_dot_product_attention(q, k, v, layouts[tag])
+                    outs[tag] = attend(package, layouts[tag])
             diff = (outs["old"] - outs["new"]).abs().max().item()
             for tag in builds:
                 call(tag, backward)  # warm-up

@@ -609,6 +609,80 @@ INLINE void block_weighted(const window_ctx *c, const union_span *u, const float
                            factor[l + 1], 0);
 }
 
+/* The running sums of a block's softmax: four of each in flight. */
+typedef struct {
+    v8 sum[4], sum_sq[4], sum_shifted[4];
+} lane_sums;
+
+/* n slots from s0 (n a constant where this is inlined): scores[s] becomes
+ * exp(scores[s] - shift), times keep_scale and with dropout's lanes zeroed
+ * when `dropout`; the sums (with `stats`, also of squares and of p x
+ * (score - shift)) gather in sums slot i of the group. */
+INLINE void numerator_group(const window_ctx *c, const union_span *u, v8 *restrict scores, int64_t s0, const int n,
+                            v8 shift, u8v query_keys, const int stats, const int dropout, lane_sums *sums)
+{
+    const v8 zero = SPLAT(0.0f);
+    v8 shifted[4], prob[4];
+    for (int i = 0; i < n; i++) prob[i] = shifted[i] = scores[s0 + i] - shift;
+    exp_nonpositive_lanes(prob, n); /* shift is the lanes' maximum */
+    for (int i = 0; i < n; i++) {
+        sums->sum[i] += prob[i];
+        if (stats) {
+            sums->sum_sq[i] += prob[i] * prob[i];
+            sums->sum_shifted[i] += SELECT(prob[i] != zero, prob[i] * shifted[i], zero);
+        }
+        v8 weight = prob[i];
+        if (dropout) {
+            weight *= c->keep_scale;
+            if (c->threshold > 0)
+                weight = SELECT(sa_keep_lanes(c->threshold, query_keys, slot_key(c, u, s0 + i), 0), weight, zero);
+        }
+        scores[s0 + i] = weight;
+    }
+}
+
+INLINE void numerators_of(const window_ctx *c, const union_span *u, v8 *restrict scores, int64_t slots, v8 shift,
+                          u8v query_keys, const int stats, const int dropout, v8 out[3])
+{
+    const v8 zero = SPLAT(0.0f);
+    lane_sums sums;
+    for (int i = 0; i < 4; i++) sums.sum[i] = sums.sum_sq[i] = sums.sum_shifted[i] = zero;
+    int64_t s0 = 0;
+    for (; s0 + 4 <= slots; s0 += 4) numerator_group(c, u, scores, s0, 4, shift, query_keys, stats, dropout, &sums);
+    switch (slots - s0) {
+    case 3: numerator_group(c, u, scores, s0, 3, shift, query_keys, stats, dropout, &sums); break;
+    case 2: numerator_group(c, u, scores, s0, 2, shift, query_keys, stats, dropout, &sums); break;
+    case 1: numerator_group(c, u, scores, s0, 1, shift, query_keys, stats, dropout, &sums); break;
+    default: break;
+    }
+    out[0] = (sums.sum[0] + sums.sum[1]) + (sums.sum[2] + sums.sum[3]);
+    out[1] = (sums.sum_sq[0] + sums.sum_sq[1]) + (sums.sum_sq[2] + sums.sum_sq[3]);
+    out[2] = (sums.sum_shifted[0] + sums.sum_shifted[1]) + (sums.sum_shifted[2] + sums.sum_shifted[3]);
+}
+
+/* A block's softmax numerators in place, over its `slots` scores less
+ * `shift`: out = the lane sums of the numerators, of their squares and of
+ * numerator x (score - shift) (the last two only with statistics). Out of
+ * line, with the statistics and dropout switches hoisted into four copies of
+ * a loop in groups of four: inlined into forward_block, whose loop keeps
+ * many values live, GCC spilled each group's temporaries to the stack, and
+ * the loop took 15% of the forward in perf, about twice its operations. */
+WINDOW_CLONES __attribute__((noinline)) static void block_numerators(const window_ctx *c, const union_span *u,
+                                                                    v8 *restrict scores, int64_t slots,
+                                                                    const v8 *shift, const u8v *query_keys,
+                                                                    v8 out[3])
+{
+    const int stats = c->p->row_stats != NULL, dropout = c->threshold > 0 || c->keep_scale != 1.0f;
+    if (stats && dropout)
+        numerators_of(c, u, scores, slots, *shift, *query_keys, 1, 1, out);
+    else if (stats)
+        numerators_of(c, u, scores, slots, *shift, *query_keys, 1, 0, out);
+    else if (dropout)
+        numerators_of(c, u, scores, slots, *shift, *query_keys, 0, 1, out);
+    else
+        numerators_of(c, u, scores, slots, *shift, *query_keys, 0, 0, out);
+}
+
 /* One block's forward: outputs, log-sum-exps and statistics of its lanes. */
 INLINE void forward_block(const window_ctx *c, window_work *w, int64_t b, int64_t h, int64_t y0, int64_t x0)
 {
@@ -663,42 +737,9 @@ INLINE void forward_block(const window_ctx *c, window_work *w, int64_t b, int64_
         for (int l = 0; l < LANES; l++) query_keys[l] = sa_dropout_query_key(row_key, token[l] >= 0 ? token[l] : 0);
     }
     const int64_t slots = US + num_extra;
-    v8 sum = zero, sum_sq = zero, sum_shifted = zero;
-    int64_t s0 = 0;
-    if (!want_stats && c->threshold == 0) {
-        /* groups of four kept in registers, four sums in flight (the general
-         * loop below spilled its variable-length group to the stack and
-         * chained every add on one sum) */
-        const v8 keep = SPLAT(c->keep_scale);
-        v8 sums[4] = {zero, zero, zero, zero};
-        for (; s0 + 4 <= slots; s0 += 4) {
-            v8 prob[4];
-            for (int i = 0; i < 4; i++) prob[i] = scores[s0 + i] - shift;
-            exp_lanes(prob, 4);
-            for (int i = 0; i < 4; i++) {
-                sums[i] += prob[i];
-                scores[s0 + i] = prob[i] * keep;
-            }
-        }
-        sum = (sums[0] + sums[1]) + (sums[2] + sums[3]);
-    }
-    for (; s0 < slots; s0 += 4) {
-        const int n = slots - s0 < 4 ? (int)(slots - s0) : 4;
-        v8 shifted[4], prob[4];
-        for (int i = 0; i < n; i++) prob[i] = shifted[i] = scores[s0 + i] - shift;
-        exp_some_lanes(prob, n);
-        for (int i = 0; i < n; i++) {
-            sum += prob[i];
-            if (want_stats) {
-                sum_sq += prob[i] * prob[i];
-                sum_shifted += SELECT(prob[i] != zero, prob[i] * shifted[i], zero);
-            }
-            v8 weight = prob[i] * c->keep_scale;
-            if (c->threshold > 0)
-                weight = SELECT(sa_keep_lanes(c->threshold, query_keys, slot_key(c, &u, s0 + i), 0), weight, zero);
-            scores[s0 + i] = weight;
-        }
-    }
+    v8 sums[3];
+    block_numerators(c, &u, scores, slots, &shift, &query_keys, sums);
+    const v8 sum = sums[0], sum_sq = sums[1], sum_shifted = sums[2];
 
     /* normalisation: NaN for a row with a NaN score, 0 for a row with no key */
     const i8v live = sum > zero;
@@ -939,6 +980,90 @@ INLINE void keys_from_lanes(const float *restrict weights0, const float *restric
     if (grad1) add_row(grad1 + d0, a1, vectors);
 }
 
+/* The lanes of a backward block, as its slots' loop needs them. */
+typedef struct {
+    v8 row_lse, row_delta;
+    i8v live;
+    u8v query_keys;
+    const int64_t *token;
+    v8 *bias_grads;    /* per union slot; NULL without a bias gradient */
+    float *bias_cells; /* the (batch, head)'s bias gradient, for the extra keys */
+} block_lanes;
+
+/* n slots from s0 (n a constant where this is inlined): scores[s] becomes the
+ * weight of dO in dV (probability x keep), grads[s] the score gradient dS
+ * (scaled), from dO . V^T in grads[s]; with bias_grad, dS also adds into the
+ * bias gradient; with dropout, keep_scale and dropout's lanes apply. */
+INLINE void score_grad_group(const window_ctx *c, const union_span *u, const block_lanes *lanes,
+                             v8 *restrict scores, v8 *restrict grads, int64_t s0, const int n, const int bias_grad,
+                             const int dropout)
+{
+    const sa_attention_params *p = c->p;
+    const int64_t W = c->width;
+    const int US = c->union_slots;
+    const v8 zero = SPLAT(0.0f);
+    v8 prob[4];
+    for (int i = 0; i < n; i++) prob[i] = scores[s0 + i] - lanes->row_lse;
+    exp_lanes(prob, n);
+    for (int i = 0; i < n; i++) {
+        const int64_t s = s0 + i;
+        prob[i] = SELECT(lanes->live, prob[i], zero);
+        v8 keep = SPLAT(c->keep_scale);
+        if (dropout && c->threshold > 0)
+            keep = SELECT(sa_keep_lanes(c->threshold, lanes->query_keys, slot_key(c, u, s), 0), keep, zero);
+        const v8 score_grad = prob[i] * ((dropout ? grads[s] * keep : grads[s]) - lanes->row_delta);
+        grads[s] = score_grad * c->scale;
+        scores[s] = dropout ? prob[i] * keep : prob[i];
+        if (!bias_grad) continue;
+        /* a union slot is the same offset from a lane in every block: summed
+         * per slot here, put in the table's cells once per item; an extra
+         * key's offset differs from block to block. Only the layout's pairs
+         * add (a NaN value row gives 0 x NaN in the union's other lanes). */
+        if (s < US) {
+            lanes->bias_grads[s] += SELECT(c->slot_lanes[s] & lanes->live, score_grad, zero);
+            continue;
+        }
+        const int64_t key = p->stencil_keys[s - US];
+        for (int l = 0; l < LANES; l++)
+            if (lanes->live[l])
+                lanes->bias_cells[sa_bias_cell(p, lanes->token[l] / W - key / W, lanes->token[l] % W - key % W)] +=
+                    score_grad[l];
+    }
+}
+
+INLINE void score_grads_of(const window_ctx *c, const union_span *u, const block_lanes *lanes, v8 *restrict scores,
+                           v8 *restrict grads, int64_t slots, const int bias_grad, const int dropout)
+{
+    int64_t s0 = 0;
+    for (; s0 + 4 <= slots; s0 += 4) score_grad_group(c, u, lanes, scores, grads, s0, 4, bias_grad, dropout);
+    switch (slots - s0) {
+    case 3: score_grad_group(c, u, lanes, scores, grads, s0, 3, bias_grad, dropout); break;
+    case 2: score_grad_group(c, u, lanes, scores, grads, s0, 2, bias_grad, dropout); break;
+    case 1: score_grad_group(c, u, lanes, scores, grads, s0, 1, bias_grad, dropout); break;
+    default: break;
+    }
+}
+
+/* The backward's probabilities from the forward's log-sum-exp and the score
+ * gradients of a block's `slots`, in place (score_grad_group). Out of line,
+ * with the bias-gradient and dropout switches hoisted into four copies of a
+ * loop in groups of four, for the reason block_numerators gives. */
+WINDOW_CLONES __attribute__((noinline)) static void block_score_grads(const window_ctx *c, const union_span *u,
+                                                                     const block_lanes *lanes,
+                                                                     v8 *restrict scores, v8 *restrict grads,
+                                                                     int64_t slots)
+{
+    const int bias_grad = lanes->bias_grads != NULL, dropout = c->threshold > 0 || c->keep_scale != 1.0f;
+    if (bias_grad && dropout)
+        score_grads_of(c, u, lanes, scores, grads, slots, 1, 1);
+    else if (bias_grad)
+        score_grads_of(c, u, lanes, scores, grads, slots, 1, 0);
+    else if (dropout)
+        score_grads_of(c, u, lanes, scores, grads, slots, 0, 1);
+    else
+        score_grads_of(c, u, lanes, scores, grads, slots, 0, 0);
+}
+
 /* One block's share of the gradients: dQ of its lanes (written), dK and dV of
  * its union's keys (added). */
 INLINE void backward_block(const window_ctx *c, window_work *w, int64_t b, int64_t h, int64_t y0, int64_t x0,
@@ -1025,51 +1150,8 @@ INLINE void backward_block(const window_ctx *c, window_work *w, int64_t b, int64
     const int64_t slots = US + num_extra;
     v8 *bias_grads = w->slot_bias_grads; /* NULL without a bias gradient */
     float *bias_cells = bias_grads ? p->grad_bias_rows + bh * c->bias_cells : NULL;
-    int64_t s0 = 0;
-    if (bias_grads == NULL && c->threshold == 0) {
-        /* as the forward's plain path: groups of four in registers */
-        const v8 keep = SPLAT(c->keep_scale), scale = SPLAT(c->scale);
-        for (; s0 + 4 <= slots; s0 += 4) {
-            v8 prob[4];
-            for (int i = 0; i < 4; i++) prob[i] = scores[s0 + i] - row_lse;
-            exp_lanes(prob, 4);
-            for (int i = 0; i < 4; i++) {
-                prob[i] = SELECT(live, prob[i], zero);
-                const v8 score_grad = prob[i] * (grads[s0 + i] * keep - row_delta);
-                grads[s0 + i] = score_grad * scale;
-                scores[s0 + i] = prob[i] * keep;
-            }
-        }
-    }
-    for (; s0 < slots; s0 += 4) {
-        const int n = slots - s0 < 4 ? (int)(slots - s0) : 4;
-        v8 prob[4];
-        for (int i = 0; i < n; i++) prob[i] = scores[s0 + i] - row_lse;
-        exp_some_lanes(prob, n);
-        for (int i = 0; i < n; i++) {
-            const int64_t s = s0 + i;
-            v8 keep = SPLAT(c->keep_scale);
-            if (c->threshold > 0)
-                keep = SELECT(sa_keep_lanes(c->threshold, query_keys, slot_key(c, &u, s), 0), keep, zero);
-            prob[i] = SELECT(live, prob[i], zero);
-            const v8 score_grad = prob[i] * (grads[s] * keep - row_delta);
-            grads[s] = score_grad * c->scale;
-            scores[s] = prob[i] * keep;
-            if (bias_grads == NULL) continue;
-            /* a union slot is the same offset from a lane in every block: summed
-             * per slot here, put in the table's cells once per item; an extra
-             * key's offset differs from block to block. Only the layout's pairs
-             * add (a NaN value row gives 0 x NaN in the union's other lanes). */
-            if (s < US) {
-                bias_grads[s] += SELECT(c->slot_lanes[s] & live, score_grad, zero);
-                continue;
-            }
-            const int64_t key = p->stencil_keys[s - US];
-            for (int l = 0; l < LANES; l++)
-                if (live[l])
-                    bias_cells[sa_bias_cell(p, token[l] / W - key / W, token[l] % W - key % W)] += score_grad[l];
-        }
-    }
+    const block_lanes lanes = {row_lse, row_delta, live, query_keys, token, bias_grads, bias_cells};
+    block_score_grads(c, &u, &lanes, scores, grads, slots);
 
     /* dQ as the forward's P x V */
     const float *grad_weights = (const float *)grads;

@@ -53,7 +53,7 @@ static inline int sa_has_32_vector_registers(void)
  * was a fifth of the tiled forward, bound by the latency of one vector's
  * chain). A degree-7 polynomial and a multiply by 2^n cost this 6 more
  * operations a vector, 5 of them on the FMA pipes. */
-SA_INLINE void exp_lanes(v8 *x, const int count)
+SA_INLINE void exp_lanes_clamped(v8 *x, const int count, const int clamp_high)
 {
     const v8 shifter = SPLAT(12582912.0f);
     i8v tiny[4];
@@ -61,7 +61,7 @@ SA_INLINE void exp_lanes(v8 *x, const int count)
     for (int i = 0; i < count; i++) {
         /* below -87.3 the exponent field would underflow: those lanes are 0 */
         tiny[i] = x[i] < SPLAT(-87.3f);
-        x[i] = SELECT(x[i] > SPLAT(88.3f), SPLAT(88.3f), x[i]); /* n at most 127 */
+        if (clamp_high) x[i] = SELECT(x[i] > SPLAT(88.3f), SPLAT(88.3f), x[i]); /* n at most 127 */
     }
     for (int i = 0; i < count; i++) t[i] = x[i] * 1.44269504088896341f + shifter;
     for (int i = 0; i < count; i++) {
@@ -75,6 +75,18 @@ SA_INLINE void exp_lanes(v8 *x, const int count)
         const v8 value = poly[i] * r2[i] + (r[i] + 1.0f);
         x[i] = SELECT(tiny[i], SPLAT(0.0f), (v8)((i8v)value + ((i8v)t[i] << 23)));
     }
+}
+
+SA_INLINE void exp_lanes(v8 *x, const int count)
+{
+    exp_lanes_clamped(x, count, 1);
+}
+
+/* exp_lanes for x <= 0 or NaN (scores less their maximum): no clamp above,
+ * two operations fewer a vector */
+SA_INLINE void exp_nonpositive_lanes(v8 *x, const int count)
+{
+    exp_lanes_clamped(x, count, 0);
 }
 
 /* exp_lanes for a count of 1 to 4 known only at run time (the last group of
