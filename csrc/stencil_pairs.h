@@ -11,6 +11,7 @@
 #include <stdio.h>
 
 #include "attention.h"
+#include "dropout_lanes.h"
 #include "simd8.h"
 #include "threads.h"
 
@@ -90,21 +91,6 @@ static inline void sa_rows_not_full(const sa_attention_params *p, const uint8_t 
     *num_left = 0;
     for (int64_t t = 0; t < p->stencil_num_rows; t++)
         if (!listed_full[t]) rows_left[(*num_left)++] = p->stencil_rows[t];
-}
-
-SA_INLINE u8v sa_mix32_v8(u8v x)
-{
-    SA_MIX32_STEPS(x);
-    return x;
-}
-
-/* The keep mask of the pairs (query of lane l, first_key + l * step), given
- * each lane's query key (sa_dropout_query_key). */
-SA_INLINE i8v sa_keep_lanes(uint32_t threshold, u8v query_keys, int32_t first_key, int32_t step)
-{
-    const i8v lane = {0, 1, 2, 3, 4, 5, 6, 7};
-    const i8v keys = (i8v){0} + first_key + lane * step;
-    return (i8v)(sa_mix32_v8(query_keys ^ (u8v)keys) >= threshold);
 }
 
 #endif /* SA_STENCIL_PAIRS_H */
