@@ -1,7 +1,7 @@
 """Two builds of the package timed against each other in one process.
 
     python benchmarks/ab_builds.py OLD_PACKAGE_DIR NEW_PACKAGE_DIR [--patterns longformer,strided]
-        [--side 64] [--rounds 15] [--threads 2] [--backward] [--stats] [--dropout P]
+        [--side 64] [--rounds 15] [--threads 2] [--backward] [--stats] [--dropout P] [--bias] [--module]
 
 Each directory is a built copy of sparse_attention/ (with its _C extension).
 They are copied under two other package names, with the custom operators'
@@ -10,7 +10,9 @@ which this times, do not go through them). Every round times one call of
 each, the order alternating (the second call of a round finds the inputs in
 the caches; always running one build second showed a false 10% gain). Prints
 the median of the per-round ratios new / old; an A/A run gives about 0.98-1.03
-on the 2-core development machine."""
+on the 2-core development machine. With --module it times a training step of
+EnhancedSparseAttention(256, 256, num_heads=8) with its defaults (relative
+position bias, dropout 0.1, statistics) on a 2 x 256 x side x side map."""
 
 import argparse
 import importlib
@@ -49,6 +51,8 @@ def main():
     parser.add_argument("--backward", action="store_true", help="time forward+backward too")
     parser.add_argument("--stats", action="store_true", help="ask for the row statistics (as the module does)")
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout_p, with a fixed seed")
+    parser.add_argument("--bias", action="store_true", help="a relative position bias table (M = 16) with its gradient")
+    parser.add_argument("--module", action="store_true", help="time the module's training step instead")
     args = parser.parse_args()
 
     workdir = tempfile.mkdtemp(prefix="sa_ab_")
@@ -64,10 +68,17 @@ def main():
     options = {"return_stats": args.stats}
     if args.dropout > 0:
         options.update(dropout_p=args.dropout, dropout_seed=1234)
+    if args.bias:
+        options.update(rel_pos_bias=torch.randn(8, 33, 33, requires_grad=True))
 
     def attend(package, layout):
         result = package.sparse_scaled_dot_product_attention(q, k, v, layout, **options)
         return result[0] if isinstance(result, tuple) else result
+
+    if args.module:
+        time_module_steps(builds, args)
+        shutil.rmtree(workdir, ignore_errors=True)
+        return
 
     for pattern in args.patterns.split(","):
         layouts = {tag: p.build_layout(pattern, args.side, args.side) for tag, p in builds.items()}
@@ -105,6 +116,39 @@ def main():
             for q_ in (q, k, v):
                 q_.grad = None
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def time_module_steps(builds, args):
+    x = torch.randn(2, 256, args.side, args.side)
+    for pattern in args.patterns.split(","):
+        modules = {}
+        for tag, package in builds.items():
+            torch.manual_seed(0)  # the same weights in both
+            modules[tag] = package.EnhancedSparseAttention(256, 256, num_heads=8, sparsity_pattern=pattern).train()
+
+        def step(tag):
+            torch.manual_seed(1)  # the same dropout seed in both
+            start = time.perf_counter()
+            modules[tag](x).sum().backward()
+            return time.perf_counter() - start
+
+        with torch.no_grad():
+            torch.manual_seed(1)
+            first = modules["old"](x)
+            torch.manual_seed(1)
+            diff = (first - modules["new"](x)).abs().max().item()
+        for tag in builds:
+            step(tag)  # warm-up
+        ratios, times = [], {"old": [], "new": []}
+        for round_ in range(args.rounds):
+            order = ("old", "new") if round_ % 2 else ("new", "old")
+            took = {tag: step(tag) for tag in order}
+            for tag in builds:
+                times[tag].append(took[tag])
+            ratios.append(took["new"] / took["old"])
+        print(f"{pattern} {args.side}x{args.side} module training step: new/old {statistics.median(ratios):.3f} "
+              f"(old {1e3 * statistics.median(times['old']):.1f} ms, "
+              f"new {1e3 * statistics.median(times['new']):.1f} ms, max |out diff| {diff:.1e})", flush=True)
 
 
 if __name__ == "__main__":
