@@ -467,6 +467,24 @@ SA_INLINE void fill_bias_row(const float *table, int32_t qy, int32_t qx, const i
     for (int c = 0; c < cols; c++) bias_row[c] = table[cells[c]];
 }
 
+/* count vectors of a masked row (count a constant where this is inlined):
+ * row = exp(row - top), with their sums, sums of squares and sums of
+ * e x (row - top) added; the vectors through each exp step together, as the
+ * path without statistics takes them (one exp_v8 a vector left each waiting
+ * on its own chain). */
+SA_INLINE void stats_numerators(float *row, const int count, v8 top, v8 *sum, v8 *sum_sq, v8 *sum_shifted)
+{
+    v8 shifted[4], e[4];
+    for (int i = 0; i < count; i++) e[i] = shifted[i] = *(v8 *)&row[8 * i] - top;
+    exp_lanes(e, count);
+    for (int i = 0; i < count; i++) {
+        *sum += e[i];
+        *sum_sq += e[i] * e[i];
+        *sum_shifted += SELECT(e[i] != SPLAT(0.0f), e[i] * shifted[i], SPLAT(0.0f));
+        *(v8 *)&row[8 * i] = e[i];
+    }
+}
+
 /* A row's scores scaled and biased in place where word's bits are set, -inf
  * elsewhere (eight mask bits a vector); returns their maximum and sets *nan
  * where a kept score is NaN. */
@@ -643,13 +661,15 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                     /* exp_v8(-inf - top) is 0: masked entries need no test */
                     if (want_stats) {
                         v8 sq_lanes = SPLAT(0.0f), shifted_lanes = SPLAT(0.0f);
-                        for (int g = 0; g < cols / 8; g++) {
-                            const v8 shifted = *(v8 *)&row[8 * g] - top;
-                            const v8 e = exp_v8(shifted);
-                            sum_lanes += e;
-                            sq_lanes += e * e;
-                            shifted_lanes += SELECT(e != SPLAT(0.0f), e * shifted, SPLAT(0.0f));
-                            *(v8 *)&row[8 * g] = e;
+                        const int groups = cols / 8;
+                        int g = 0;
+                        for (; g + 4 <= groups; g += 4)
+                            stats_numerators(row + 8 * g, 4, top, &sum_lanes, &sq_lanes, &shifted_lanes);
+                        switch (groups - g) {
+                        case 3: stats_numerators(row + 8 * g, 3, top, &sum_lanes, &sq_lanes, &shifted_lanes); break;
+                        case 2: stats_numerators(row + 8 * g, 2, top, &sum_lanes, &sq_lanes, &shifted_lanes); break;
+                        case 1: stats_numerators(row + 8 * g, 1, top, &sum_lanes, &sq_lanes, &shifted_lanes); break;
+                        default: break;
                         }
                         st->sq += hsum8(sq_lanes);
                         st->shifted += hsum8(shifted_lanes);
