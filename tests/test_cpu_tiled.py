@@ -367,9 +367,10 @@ def test_tiled_backward_is_bitwise_the_same_for_any_thread_count():
 @pytest.mark.parametrize("pattern", ["axial", "random"])
 def test_tiles_on_their_16_and_32_register_paths(monkeypatch, pattern, dim, narrow):
     """P x V takes 32 columns of d a step where the CPU has 32 vector
-    registers; SPARSE_ATTENTION_NARROW_KERNELS sends it to the 16 and 8 column
-    steps, so that both run on such a machine (elsewhere both runs are narrow).
-    Head dims 40 and 72 end in a part that is not a whole 32."""
+    registers, and the bias row comes by AVX2 gathers where the CPU has AVX2;
+    SPARSE_ATTENTION_NARROW_KERNELS sends them to the 16 and 8 column steps
+    and the scalar loads, so that both run on such a machine (elsewhere both
+    runs are narrow). Head dims 40 and 72 end in a part that is not a whole 32."""
     if narrow:
         monkeypatch.setenv("SPARSE_ATTENTION_NARROW_KERNELS", "1")
         assert C.cpu_wide_kernels() == 0
