@@ -703,7 +703,8 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                         }
                     }
                     st->sum += sum_lanes;
-                    if (threshold > 0) /* eight draws at once: a scalar draw per pair took ~40% of RANDOM's step */
+                    /* eight draws at once: a draw per pair took a third of RANDOM's module step */
+                    if (threshold > 0)
                         for (int g = 0; g < cols / 8; g++)
                             *(v8 *)&row[8 * g] =
                                 SELECT(sa_keep_keys(threshold, query_key[r], keys + 8 * g), *(v8 *)&row[8 * g],
