@@ -62,6 +62,11 @@ def main():
     torch.set_num_threads(args.threads)
     for package in builds.values():
         package.set_num_threads(args.threads)
+    if args.module:
+        time_module_steps(builds, args)
+        shutil.rmtree(workdir, ignore_errors=True)
+        return
+
     torch.manual_seed(0)
     n = args.side * args.side
     q, k, v = (torch.randn(2, 8, n, 32, requires_grad=True) for _ in range(3))
@@ -74,11 +79,6 @@ def main():
     def attend(package, layout):
         result = package.sparse_scaled_dot_product_attention(q, k, v, layout, **options)
         return result[0] if isinstance(result, tuple) else result
-
-    if args.module:
-        time_module_steps(builds, args)
-        shutil.rmtree(workdir, ignore_errors=True)
-        return
 
     for pattern in args.patterns.split(","):
         layouts = {tag: p.build_layout(pattern, args.side, args.side) for tag, p in builds.items()}
@@ -99,23 +99,27 @@ def main():
                 for tag, package in builds.items():
                     outs[tag] = attend(package, layouts[tag])
             diff = (outs["old"] - outs["new"]).abs().max().item()
-            for tag in builds:
-                call(tag, backward)  # warm-up
-            ratios, times = [], {"old": [], "new": []}
-            for round_ in range(args.rounds):
-                order = ("old", "new") if round_ % 2 else ("new", "old")
-                took = {tag: call(tag, backward) for tag in order}
-                for tag in builds:
-                    times[tag].append(took[tag])
-                ratios.append(took["new"] / took["old"])
             what = "fwd+bwd" if backward else "fwd"
-            print(f"{pattern} {args.side}x{args.side} {what}: new/old {statistics.median(ratios):.3f} "
-                  f"(old {1e3 * statistics.median(times['old']):.1f} ms, "
-                  f"new {1e3 * statistics.median(times['new']):.1f} ms, "
-                  f"max |out diff| {diff:.1e})", flush=True)
+            alternate(f"{pattern} {args.side}x{args.side} {what}", lambda tag: call(tag, backward), args.rounds, diff)
             for q_ in (q, k, v):
                 q_.grad = None
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def alternate(label, timed, rounds, diff):
+    """timed(tag) -> seconds, for tag "old" and "new": a warm-up call of each,
+    then `rounds` rounds in alternating order; prints the median ratio."""
+    for tag in ("old", "new"):
+        timed(tag)
+    ratios, times = [], {"old": [], "new": []}
+    for round_ in range(rounds):
+        order = ("old", "new") if round_ % 2 else ("new", "old")
+        took = {tag: timed(tag) for tag in order}
+        for tag in took:
+            times[tag].append(took[tag])
+        ratios.append(took["new"] / took["old"])
+    print(f"{label}: new/old {statistics.median(ratios):.3f} (old {1e3 * statistics.median(times['old']):.1f} ms, "
+          f"new {1e3 * statistics.median(times['new']):.1f} ms, max |out diff| {diff:.1e})", flush=True)
 
 
 def time_module_steps(builds, args):
@@ -137,18 +141,7 @@ def time_module_steps(builds, args):
             first = modules["old"](x)
             torch.manual_seed(1)
             diff = (first - modules["new"](x)).abs().max().item()
-        for tag in builds:
-            step(tag)  # warm-up
-        ratios, times = [], {"old": [], "new": []}
-        for round_ in range(args.rounds):
-            order = ("old", "new") if round_ % 2 else ("new", "old")
-            took = {tag: step(tag) for tag in order}
-            for tag in builds:
-                times[tag].append(took[tag])
-            ratios.append(took["new"] / took["old"])
-        print(f"{pattern} {args.side}x{args.side} module training step: new/old {statistics.median(ratios):.3f} "
-              f"(old {1e3 * statistics.median(times['old']):.1f} ms, "
-              f"new {1e3 * statistics.median(times['new']):.1f} ms, max |out diff| {diff:.1e})", flush=True)
+        alternate(f"{pattern} {args.side}x{args.side} module training step", step, args.rounds, diff)
 
 
 if __name__ == "__main__":

@@ -349,8 +349,7 @@ static int panel_cache_find(panel_cache *cache, int64_t bh, const int32_t *chunk
  * Q x K^T and P x V at D = 32: 13.6% of RANDOM's forward with a bias. */
 __attribute__((target("avx2"))) static void fill_bias_row_avx2(const float *table, int32_t qy, int32_t qx,
                                                                const int32_t *key_y, const int32_t *key_x,
-                                                               int cols, int32_t max_rel, float *bias_row,
-                                                               int32_t *cells)
+                                                               int cols, int32_t max_rel, float *bias_row)
 {
     const __m256i zero = _mm256_setzero_si256(), last = _mm256_set1_epi32(2 * max_rel);
     const __m256i side = _mm256_set1_epi32(2 * max_rel + 1);
@@ -362,7 +361,6 @@ __attribute__((target("avx2"))) static void fill_bias_row_avx2(const float *tabl
         dy = _mm256_min_epi32(_mm256_max_epi32(dy, zero), last);
         dx = _mm256_min_epi32(_mm256_max_epi32(dx, zero), last);
         const __m256i cell = _mm256_add_epi32(_mm256_mullo_epi32(dy, side), dx);
-        _mm256_storeu_si256((__m256i *)(cells + c), cell);
         _mm256_store_ps(bias_row + c, _mm256_i32gather_ps(table, cell, 4));
     }
 }
@@ -438,35 +436,28 @@ SA_INLINE float raw_row_max(const float *row, int cols)
     return hmax8(SELECT(top1 > top0, top1, top0));
 }
 
-/* cells[c]: the bias table cell of query (qy, qx) and key (key_y[c],
- * key_x[c]), the offset clipped to [-max_rel, max_rel] as the table's border
- * buckets hold. */
-SA_INLINE void fill_cell_row(int32_t qy, int32_t qx, const int32_t *key_y, const int32_t *key_x, int cols,
-                             int32_t max_rel, int32_t *cells)
+/* An offset clipped to [-max_rel, max_rel], as the bias table's border
+ * cells hold every offset beyond them. */
+SA_INLINE int64_t clip_offset(int64_t d, int64_t max_rel)
 {
-    const int32_t side = 2 * max_rel + 1;
-    for (int c = 0; c < cols; c++) {
-        int32_t dy = qy - key_y[c], dx = qx - key_x[c];
-        dy = dy < -max_rel ? -max_rel : (dy > max_rel ? max_rel : dy);
-        dx = dx < -max_rel ? -max_rel : (dx > max_rel ? max_rel : dx);
-        cells[c] = (dy + max_rel) * side + dx + max_rel;
-    }
+    return d < -max_rel ? -max_rel : (d > max_rel ? max_rel : d);
 }
 
-/* bias_row[c]: the bias of query (qy, qx) and key (key_y[c], key_x[c]);
- * cells[c] its table cell (the backward adds dS there). */
+/* bias_row[c]: the bias of query (qy, qx) and key (key_y[c], key_x[c]). */
 SA_INLINE void fill_bias_row(const float *table, int32_t qy, int32_t qx, const int32_t *key_y, const int32_t *key_x,
-                             int cols, int32_t max_rel, float *bias_row, int32_t *cells, int gather)
+                             int cols, int32_t max_rel, float *bias_row, int gather)
 {
 #ifdef TILED_BIAS_GATHER
     if (gather) {
-        fill_bias_row_avx2(table, qy, qx, key_y, key_x, cols, max_rel, bias_row, cells);
+        fill_bias_row_avx2(table, qy, qx, key_y, key_x, cols, max_rel, bias_row);
         return;
     }
 #endif
     (void)gather;
-    fill_cell_row(qy, qx, key_y, key_x, cols, max_rel, cells);
-    for (int c = 0; c < cols; c++) bias_row[c] = table[cells[c]];
+    const int64_t side = 2 * (int64_t)max_rel + 1;
+    for (int c = 0; c < cols; c++)
+        bias_row[c] = table[(clip_offset(qy - key_y[c], max_rel) + max_rel) * side +
+                            clip_offset(qx - key_x[c], max_rel) + max_rel];
 }
 
 /* count vectors of a masked row (count a constant where this is inlined):
@@ -533,7 +524,6 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
     const int raw_shift = p->num_chunks >= 8 * p->num_tiles && p->bias_table == NULL && !want_stats &&
                           ctx->scale > 0.0f;
     int32_t queries[TILE], keys[TILE], key_y[TILE], key_x[TILE];
-    int32_t bias_cells[TILE]; /* bias_row's table cells (the backward adds dS there; unused here) */
     float bias_row[TILE] __attribute__((aligned(32))) = {0};
     /* rows whose length is a whole number of vectors are read where they lie */
     const int in_place = dim == dim_pad;
@@ -639,7 +629,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                     if (masked_here) {
                         if (bias_table != NULL)
                             fill_bias_row(bias_table, (int32_t)(queries[r] / p->width), (int32_t)(queries[r] % p->width),
-                                          key_y, key_x, cols, mi, bias_row, bias_cells, ctx->bias_gather);
+                                          key_y, key_x, cols, mi, bias_row, ctx->bias_gather);
                         chunk_max = mask_row(row, word, cols, scale, bias_row, &st->nan);
                         if (chunk_max == -INFINITY) {
                             memset(row, 0, (size_t)cols * sizeof(float));
@@ -896,11 +886,9 @@ static void fold_offset_grads(const float *offset_grads, int64_t height, int64_t
 {
     const int64_t side = 2 * (int64_t)max_rel + 1, row_len = 2 * width - 1;
     for (int64_t dy = 1 - height; dy < height; dy++) {
-        const int64_t cy = (dy < -max_rel ? -max_rel : (dy > max_rel ? max_rel : dy)) + max_rel;
         const float *src = offset_grads + (dy + height - 1) * row_len;
-        float *dst = cells + cy * side;
-        for (int64_t dx = 1 - width; dx < width; dx++)
-            dst[(dx < -max_rel ? -max_rel : (dx > max_rel ? max_rel : dx)) + max_rel] += src[dx + width - 1];
+        float *dst = cells + (clip_offset(dy, max_rel) + max_rel) * side;
+        for (int64_t dx = 1 - width; dx < width; dx++) dst[clip_offset(dx, max_rel) + max_rel] += src[dx + width - 1];
     }
 }
 
@@ -934,7 +922,7 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
         ctx->failed = 1;
         return;
     }
-    int32_t queries[TILE], keys[TILE], key_y[TILE] = {0}, key_x[TILE] = {0}, cells[TILE];
+    int32_t queries[TILE], keys[TILE], key_y[TILE] = {0}, key_x[TILE] = {0};
     int64_t key_offset[TILE] = {0}; /* a key's place in offset_grads, less the query's */
     const int64_t offset_row = 2 * p->width - 1;
     float row_lse[TILE], row_delta[TILE];
@@ -1057,7 +1045,7 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                                                              SPLAT(keep_scale), SPLAT(0.0f));
                         if (bias_table != NULL)
                             fill_bias_row(bias_table, (int32_t)(queries[r] / p->width), (int32_t)(queries[r] % p->width),
-                                          key_y, key_x, cols, max_rel, bias_row, cells, ctx->bias_gather);
+                                          key_y, key_x, cols, max_rel, bias_row, ctx->bias_gather);
                         const v8 top = SPLAT(row_lse[r]), row_d = SPLAT(row_delta[r]);
                         for (int g0 = 0; g0 < cols / 8; g0 += 4) {
                             v8 e[4];
