@@ -218,6 +218,16 @@ INLINE void union_row_dots(const v8 *restrict qt, int64_t dim, const float *rest
 {
     v8 acc[MAX_UNION_COLS], odd[4];
     for (int j = 0; j < cols; j++) acc[j] = SPLAT(0.0f);
+    if (cols == 1) {
+        /* an extra key (LONGFORMER's global token) in every block: four chains */
+        v8 part[4] = {acc[0], acc[0], acc[0], acc[0]};
+        int64_t d = 0;
+        for (; d + 4 <= dim; d += 4)
+            for (int i = 0; i < 4; i++) part[i] += qt[d + i] * keys[d + i];
+        for (; d < dim; d++) part[0] += qt[d] * keys[d];
+        out[0] = (part[0] + part[1]) + (part[2] + part[3]);
+        return;
+    }
     if (cols < 4) {
         for (int j = 0; j < cols; j++) odd[j] = SPLAT(0.0f);
         int64_t d = 0;
@@ -400,15 +410,22 @@ INLINE void mask_scores(const window_ctx *c, const window_work *w, int64_t b, in
     for (int64_t g = 0; g < p->stencil_num_keys; g++) {
         const int64_t j = p->stencil_keys[g], gy = j / W, gx = j % W;
         const int usable = sa_key_usable(p, b, j);
+        /* only a key inside the block's union box can be an offset of one of its lanes */
+        const int in_union = gy >= u->key_y0 && gy < u->key_y0 + c->union_rows && gx >= u->key_x0 &&
+                             gx < u->key_x0 + UC;
         i8v ok = {0};
         v8 bias = zero;
-        for (int l = 0; l < LANES; l++) {
-            const int64_t y = y0 + l / BLOCK_COLS, x = x0 + l % BLOCK_COLS;
-            if (!lane_ok[l] || !usable) continue;
-            /* a key an offset reaches already is not attended twice */
-            if (c->is_offset[(gy - y + H - 1) * (2 * W - 1) + gx - x + W - 1]) continue;
-            ok[l] = -1;
-            if (biased) bias[l] = sa_bias_of(p, h, y - gy, x - gx);
+        if (!in_union && !biased) {
+            if (usable) ok = lane_ok;
+        } else {
+            for (int l = 0; l < LANES; l++) {
+                const int64_t y = y0 + l / BLOCK_COLS, x = x0 + l % BLOCK_COLS;
+                if (!lane_ok[l] || !usable) continue;
+                /* a key an offset reaches already is not attended twice */
+                if (in_union && c->is_offset[(gy - y + H - 1) * (2 * W - 1) + gx - x + W - 1]) continue;
+                ok[l] = -1;
+                if (biased) bias[l] = sa_bias_of(p, h, y - gy, x - gx);
+            }
         }
         v8 score = scores[US + g] * c->scale + bias;
         score = SELECT(ok, score, neg_inf);
