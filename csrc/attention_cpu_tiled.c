@@ -79,8 +79,11 @@ static inline const float *row_of(const float *base, const int64_t *stride, int6
  * than the 8 that cover the FMA latency on two pipes). The 8-column step
  * serves the last keys of a lattice class (17 of them would take 32 columns). */
 SA_INLINE void scores_rows(const float *const *query_rows, const float *restrict key_t,
-                           float *restrict scores, int64_t dim_pad, int r0, const int R, int cols)
+                           float *restrict scores, int64_t dim_pad, int r0, const int R, int cols,
+                           v8 *restrict row_tops)
 {
+    v8 top[6];
+    for (int r = 0; r < R; r++) top[r] = SPLAT(-INFINITY);
     int c0 = 0;
     for (; c0 + 16 <= cols; c0 += 16) {
         v8 acc[6][2] = {{{0}}};
@@ -96,6 +99,7 @@ SA_INLINE void scores_rows(const float *const *query_rows, const float *restrict
         for (int r = 0; r < R; r++) {
             *(v8 *)&scores[(r0 + r) * TILE + c0] = acc[r][0];
             *(v8 *)&scores[(r0 + r) * TILE + c0 + 8] = acc[r][1];
+            if (row_tops) top[r] = lanes_max(lanes_max(top[r], acc[r][0]), acc[r][1]);
         }
     }
     if (c0 < cols) {
@@ -104,8 +108,13 @@ SA_INLINE void scores_rows(const float *const *query_rows, const float *restrict
             const v8 k0 = *(const v8 *)&key_t[d * TILE + c0];
             for (int r = 0; r < R; r++) acc[r] += k0 * query_rows[r0 + r][d];
         }
-        for (int r = 0; r < R; r++) *(v8 *)&scores[(r0 + r) * TILE + c0] = acc[r];
+        for (int r = 0; r < R; r++) {
+            *(v8 *)&scores[(r0 + r) * TILE + c0] = acc[r];
+            if (row_tops) top[r] = lanes_max(top[r], acc[r]);
+        }
     }
+    if (row_tops)
+        for (int r = 0; r < R; r++) row_tops[r0 + r] = top[r];
 }
 
 /* CALL with ROWS a constant equal to count (1 to 5; 0 does nothing), so that
@@ -125,13 +134,30 @@ SA_INLINE void scores_rows(const float *const *query_rows, const float *restrict
 /* The scores of the first rows queries of a tile against the first cols keys
  * of a chunk (cols a multiple of 8): blocks of six rows, then the rest.
  * Partial tiles (a residue class of a lattice, the last tile of a grid)
- * compute only what they hold. */
+ * compute only what they hold. With row_tops (else NULL), row_tops[r] gets
+ * the lane-wise maximum of row r's scores, taken from the accumulators: a
+ * pass over the stored rows and a horizontal maximum per row were 7% of the
+ * RANDOM forward in perf. */
 SA_INLINE void scores_kernel(const float *const *query_rows, const float *restrict key_t,
-                             float *restrict scores, int64_t dim_pad, int rows, int cols)
+                             float *restrict scores, int64_t dim_pad, int rows, int cols, v8 *restrict row_tops)
 {
     int r0 = 0;
-    for (; r0 + 6 <= rows; r0 += 6) scores_rows(query_rows, key_t, scores, dim_pad, r0, 6, cols);
-    WITH_CONSTANT_ROWS(rows - r0, scores_rows(query_rows, key_t, scores, dim_pad, r0, ROWS, cols));
+    for (; r0 + 6 <= rows; r0 += 6) scores_rows(query_rows, key_t, scores, dim_pad, r0, 6, cols, row_tops);
+    WITH_CONSTANT_ROWS(rows - r0, scores_rows(query_rows, key_t, scores, dim_pad, r0, ROWS, cols, row_tops));
+}
+
+/* maxima[r] = the largest lane of row_tops[r] for r < rows, eight rows at a
+ * time through a transpose instead of a chain of shuffles per row. */
+SA_INLINE void rows_maxima(const v8 *row_tops, int rows, float *maxima)
+{
+    for (int r0 = 0; r0 < rows; r0 += 8) {
+        v8 block[8];
+        for (int i = 0; i < 8; i++) block[i] = r0 + i < rows ? row_tops[r0 + i] : SPLAT(-INFINITY);
+        transpose8(block);
+        v8 top = block[0];
+        for (int i = 1; i < 8; i++) top = lanes_max(top, block[i]);
+        STOREU(maxima + r0, top);
+    }
 }
 
 /* out[r][d] += sum_c weights[r][c] * value_rows[c][d] for rows r0 .. r0 + R - 1
@@ -423,19 +449,6 @@ typedef struct {
     int nan;
 } row_state;
 
-/* The largest of a row's first cols scores (cols a multiple of 8). */
-SA_INLINE float raw_row_max(const float *row, int cols)
-{
-    v8 top0 = SPLAT(-INFINITY), top1 = SPLAT(-INFINITY);
-    int g = 0;
-    for (; g + 2 <= cols / 8; g += 2) {
-        top0 = SELECT(*(const v8 *)&row[8 * g] > top0, *(const v8 *)&row[8 * g], top0);
-        top1 = SELECT(*(const v8 *)&row[8 * g + 8] > top1, *(const v8 *)&row[8 * g + 8], top1);
-    }
-    if (g < cols / 8) top0 = SELECT(*(const v8 *)&row[8 * g] > top0, *(const v8 *)&row[8 * g], top0);
-    return hmax8(SELECT(top1 > top0, top1, top0));
-}
-
 /* An offset clipped to [-max_rel, max_rel], as the bias table's border
  * cells hold every offset beyond them. */
 SA_INLINE int64_t clip_offset(int64_t d, int64_t max_rel)
@@ -562,6 +575,8 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
         }
         const int rows = slots_used(queries, n);
         int ever_live[TILE] = {0};
+        v8 row_tops[TILE];      /* lane-wise maxima of each row's raw scores in a chunk */
+        float row_maxima[TILE]; /* and their largest lane */
         /* the first attempt takes the shift from the raw scores where raw_shift
          * allows; the second, only if the first lost a row to underflow, is exact */
         for (int attempt = raw_shift ? 0 : 1; attempt < 2; attempt++) {
@@ -608,7 +623,8 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                         for (int64_t i = 0; i < dim_pad * TILE; i += 16) __builtin_prefetch(next_panel + i, 0, 3);
                     prefetch_chunk(p, next_keys, b, h, next_panel == NULL);
                 }
-                scores_kernel(query_rows, key_t, s.scores, dim_pad, rows, cols);
+                scores_kernel(query_rows, key_t, s.scores, dim_pad, rows, cols, fast ? row_tops : NULL);
+                if (fast) rows_maxima(row_tops, rows, row_maxima);
 
                 for (int r = 0; r < rows; r++) {
                     float *row = s.scores + r * TILE;
@@ -624,7 +640,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                     /* the fast attempt takes the shift from every score of the row, kept or
                      * not: any shift at or above the kept maximum gives the same softmax, and
                      * it then needs no mask pass */
-                    if (fast) chunk_max = raw_row_max(row, cols) * scale;
+                    if (fast) chunk_max = row_maxima[r] * scale;
                     const int masked_here = !(fast && chunk_max > -INFINITY);
                     if (masked_here) {
                         if (bias_table != NULL)
@@ -1026,8 +1042,8 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                         pack_transposed64(value_rows, dim, w.value_t, cols);
                     }
                     if (chunk + 1 < chunk_end) prefetch_chunk(p, chunk_ids + (chunk + 1) * TILE, b, h, 1);
-                    scores_kernel(query_rows, w.s.key_t, w.s.scores, dim_pad, rows, cols);
-                    scores_kernel(grad_out_rows, w.value_t, w.grad_probs, dim_pad, rows, cols);
+                    scores_kernel(query_rows, w.s.key_t, w.s.scores, dim_pad, rows, cols, NULL);
+                    scores_kernel(grad_out_rows, w.value_t, w.grad_probs, dim_pad, rows, cols, NULL);
                     for (int r = 0; r < rows8; r++) {
                         float *score = w.s.scores + r * TILE, *grad_prob = w.grad_probs + r * TILE;
                         const uint64_t word = queries[r] >= 0 && row_lse[r] != -INFINITY

@@ -147,6 +147,13 @@ SA_INLINE float hsum8(v8 x)
     return x[0];
 }
 
+/* The larger of x and y lane by lane; y's NaN lanes are passed over (a NaN
+ * compares false), so a maximum started from -inf never holds a NaN. */
+SA_INLINE v8 lanes_max(v8 x, v8 y)
+{
+    return SELECT(y > x, y, x);
+}
+
 /* NaN lanes are passed over (a NaN compares false). */
 SA_INLINE float hmax8(v8 x)
 {

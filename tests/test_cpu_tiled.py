@@ -183,6 +183,32 @@ def test_shift_from_raw_scores_falls_back_when_a_masked_score_dominates(masked_b
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=1e-6)
 
 
+@pytest.mark.parametrize("size", [(33, 35), (23, 23), (19, 29)])
+def test_raw_shift_covers_every_column_of_a_chunk(size):
+    """The raw shift is each row's largest score over the whole chunk, taken
+    from the scores kernel's accumulators. Here every query's own key scores
+    about 3000 and every other key at least 300 less, so a shift that missed
+    the column holding a row's own key would overflow the exp. 529 and 551
+    tokens leave a last chunk of 24 and 40 columns, whose last 8 the kernel
+    takes in a step of their own (plans with 8 chunks a tile or more take the
+    raw shift)."""
+    layout = build_layout("random", *size, attention_ratio=0.4)
+    n = layout.num_tokens
+    (q, _, v), _ = make(1, 2, n, 16)
+    q = q.float()
+    q = q / q.norm(dim=-1, keepdim=True) * 3000 ** 0.5
+    k = q.clone()
+    v = v.float()
+    cosines = (q[0, 0] @ q[0, 0].T) / 3000
+    cosines.fill_diagonal_(0)
+    assert cosines.max() < 0.9  # the inputs keep their gap
+    out, lse = attention(q, k, v, layout, return_lse=True, scale=1.0)
+    ref_out, ref_lse, _ = reference_attention(q, k, v, layout, scale=1.0)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=0, rtol=1e-6)
+
+
 @pytest.mark.parametrize("scale", [-0.7, 0.0, 0.3])
 def test_raw_shift_plans_with_any_scale(scale):
     """A negative scale turns the largest raw score into the smallest scaled
