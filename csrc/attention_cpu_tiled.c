@@ -482,7 +482,7 @@ SA_INLINE void stats_numerators(float *row, const int count, v8 top, v8 *sum, v8
 {
     v8 shifted[4], e[4];
     for (int i = 0; i < count; i++) e[i] = shifted[i] = *(v8 *)&row[8 * i] - top;
-    exp_lanes(e, count);
+    exp_nonpositive_lanes(e, count); /* top is the row's running maximum */
     for (int i = 0; i < count; i++) {
         *sum += e[i];
         *sum_sq += e[i] * e[i];
@@ -689,7 +689,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                         for (; g + 4 <= cols / 8; g += 4) {
                             v8 e[4];
                             for (int i = 0; i < 4; i++) e[i] = *(v8 *)&row[8 * (g + i)] * raw_scale - top;
-                            exp_lanes(e, 4);
+                            exp_nonpositive_lanes(e, 4); /* top is at or above every score */
                             for (int i = 0; i < 4; i++) {
                                 if (!masked_here) e[i] = SELECT(lanes_of(word, g + i), e[i], SPLAT(0.0f));
                                 sum_lanes += e[i];
@@ -700,7 +700,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                         if (rest > 0) {
                             v8 e[3];
                             for (int i = 0; i < rest; i++) e[i] = *(v8 *)&row[8 * (g + i)] * raw_scale - top;
-                            exp_some_lanes(e, rest);
+                            exp_some_nonpositive_lanes(e, rest);
                             for (int i = 0; i < rest; i++) {
                                 if (!masked_here) e[i] = SELECT(lanes_of(word, g + i), e[i], SPLAT(0.0f));
                                 sum_lanes += e[i];

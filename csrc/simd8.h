@@ -102,6 +102,18 @@ SA_INLINE void exp_some_lanes(v8 *x, int count)
     }
 }
 
+/* exp_some_lanes for x <= 0 or NaN */
+SA_INLINE void exp_some_nonpositive_lanes(v8 *x, int count)
+{
+    switch (count) {
+    case 4: exp_nonpositive_lanes(x, 4); break;
+    case 3: exp_nonpositive_lanes(x, 3); break;
+    case 2: exp_nonpositive_lanes(x, 2); break;
+    case 1: exp_nonpositive_lanes(x, 1); break;
+    default: break;
+    }
+}
+
 SA_INLINE v8 exp_v8(v8 x)
 {
     exp_lanes(&x, 1);
