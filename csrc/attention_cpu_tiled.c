@@ -473,21 +473,51 @@ SA_INLINE void fill_bias_row(const float *table, int32_t qy, int32_t qx, const i
                             clip_offset(qx - key_x[c], max_rel) + max_rel];
 }
 
-/* count vectors of a masked row (count a constant where this is inlined):
- * row = exp(row - top), with their sums, sums of squares and sums of
- * e x (row - top) added; the vectors through each exp step together, as the
- * path without statistics takes them (one exp_v8 a vector left each waiting
- * on its own chain). */
-SA_INLINE void stats_numerators(float *row, const int count, v8 top, v8 *sum, v8 *sum_sq, v8 *sum_shifted)
+/* A row's running sums of numerators: the plain sums and, with statistics,
+ * the sums of squares and of e x (score - top). */
+typedef struct {
+    v8 sum, sq, shifted;
+} numerator_sums;
+
+/* count vectors of a row from vector g on (count, raw and stats constants
+ * where this is inlined): row = exp(row - top), with its sums. A raw row
+ * (the raw shift's) holds unscaled scores of every key of the chunk: scaled
+ * here, and its lanes outside word set to 0 after the exp. The vectors go
+ * through each exp step together (one exp_v8 a vector left each waiting on
+ * its own chain). top is at or above every score, so no clamp above. */
+SA_INLINE void row_numerators(float *row, int g, const int count, float scale, v8 top, uint64_t word, const int raw,
+                              const int stats, numerator_sums *sums)
 {
     v8 shifted[4], e[4];
-    for (int i = 0; i < count; i++) e[i] = shifted[i] = *(v8 *)&row[8 * i] - top;
-    exp_nonpositive_lanes(e, count); /* top is the row's running maximum */
     for (int i = 0; i < count; i++) {
-        *sum += e[i];
-        *sum_sq += e[i] * e[i];
-        *sum_shifted += SELECT(e[i] != SPLAT(0.0f), e[i] * shifted[i], SPLAT(0.0f));
-        *(v8 *)&row[8 * i] = e[i];
+        const v8 score = *(v8 *)&row[8 * (g + i)];
+        e[i] = shifted[i] = (raw ? score * scale : score) - top;
+    }
+    exp_nonpositive_lanes(e, count);
+    for (int i = 0; i < count; i++) {
+        if (raw) e[i] = SELECT(lanes_of(word, g + i), e[i], SPLAT(0.0f));
+        sums->sum += e[i];
+        if (stats) {
+            sums->sq += e[i] * e[i];
+            sums->shifted += SELECT(e[i] != SPLAT(0.0f), e[i] * shifted[i], SPLAT(0.0f));
+        }
+        *(v8 *)&row[8 * (g + i)] = e[i];
+    }
+}
+
+/* row_numerators over a row's cols scores (a multiple of 8): four vectors at
+ * a time, then the rest. */
+SA_INLINE void row_numerators_all(float *row, int cols, float scale, v8 top, uint64_t word, const int raw,
+                                  const int stats, numerator_sums *sums)
+{
+    const int groups = cols / 8;
+    int g = 0;
+    for (; g + 4 <= groups; g += 4) row_numerators(row, g, 4, scale, top, word, raw, stats, sums);
+    switch (groups - g) {
+    case 3: row_numerators(row, g, 3, scale, top, word, raw, stats, sums); break;
+    case 2: row_numerators(row, g, 2, scale, top, word, raw, stats, sums); break;
+    case 1: row_numerators(row, g, 1, scale, top, word, raw, stats, sums); break;
+    default: break;
     }
 }
 
@@ -531,11 +561,10 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
     panel_cache cache;
     panel_cache_init(&cache, p, dim_pad);
     /* RANDOM-like plans (8 or more chunks a tile), where the mask pass was a
-     * tenth of the forward; statistics, a bias and a scale that is not
-     * positive (the largest raw score would not give the largest scaled one)
-     * keep the exact path */
-    const int raw_shift = p->num_chunks >= 8 * p->num_tiles && p->bias_table == NULL && !want_stats &&
-                          ctx->scale > 0.0f;
+     * tenth of the forward; a bias and a scale that is not positive (the
+     * largest raw score would not give the largest scaled one) keep the exact
+     * path. The statistics do not depend on the shift. */
+    const int raw_shift = p->num_chunks >= 8 * p->num_tiles && p->bias_table == NULL && ctx->scale > 0.0f;
     int32_t queries[TILE], keys[TILE], key_y[TILE], key_x[TILE];
     float bias_row[TILE] __attribute__((aligned(32))) = {0};
     /* rows whose length is a whole number of vectors are read where they lie */
@@ -665,50 +694,17 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                         st->max = chunk_max;
                     }
                     const v8 top = SPLAT(st->max);
-                    v8 sum_lanes = SPLAT(0.0f);
                     /* exp_v8(-inf - top) is 0: masked entries need no test */
+                    numerator_sums sums = {SPLAT(0.0f), SPLAT(0.0f), SPLAT(0.0f)};
+                    if (want_stats && masked_here) row_numerators_all(row, cols, scale, top, word, 0, 1, &sums);
+                    else if (want_stats) row_numerators_all(row, cols, scale, top, word, 1, 1, &sums);
+                    else if (masked_here) row_numerators_all(row, cols, scale, top, word, 0, 0, &sums);
+                    else row_numerators_all(row, cols, scale, top, word, 1, 0, &sums);
+                    st->sum += sums.sum;
                     if (want_stats) {
-                        v8 sq_lanes = SPLAT(0.0f), shifted_lanes = SPLAT(0.0f);
-                        const int groups = cols / 8;
-                        int g = 0;
-                        for (; g + 4 <= groups; g += 4)
-                            stats_numerators(row + 8 * g, 4, top, &sum_lanes, &sq_lanes, &shifted_lanes);
-                        switch (groups - g) {
-                        case 3: stats_numerators(row + 8 * g, 3, top, &sum_lanes, &sq_lanes, &shifted_lanes); break;
-                        case 2: stats_numerators(row + 8 * g, 2, top, &sum_lanes, &sq_lanes, &shifted_lanes); break;
-                        case 1: stats_numerators(row + 8 * g, 1, top, &sum_lanes, &sq_lanes, &shifted_lanes); break;
-                        default: break;
-                        }
-                        st->sq += hsum8(sq_lanes);
-                        st->shifted += hsum8(shifted_lanes);
-                    } else {
-                        /* four vectors at a time, then the rest; unmasked scores are raw:
-                         * scaled here, and their lanes outside the layout dropped after the exp */
-                        const float raw_scale = masked_here ? 1.0f : scale;
-                        int g = 0;
-                        for (; g + 4 <= cols / 8; g += 4) {
-                            v8 e[4];
-                            for (int i = 0; i < 4; i++) e[i] = *(v8 *)&row[8 * (g + i)] * raw_scale - top;
-                            exp_nonpositive_lanes(e, 4); /* top is at or above every score */
-                            for (int i = 0; i < 4; i++) {
-                                if (!masked_here) e[i] = SELECT(lanes_of(word, g + i), e[i], SPLAT(0.0f));
-                                sum_lanes += e[i];
-                                *(v8 *)&row[8 * (g + i)] = e[i];
-                            }
-                        }
-                        const int rest = cols / 8 - g;
-                        if (rest > 0) {
-                            v8 e[3];
-                            for (int i = 0; i < rest; i++) e[i] = *(v8 *)&row[8 * (g + i)] * raw_scale - top;
-                            exp_some_nonpositive_lanes(e, rest);
-                            for (int i = 0; i < rest; i++) {
-                                if (!masked_here) e[i] = SELECT(lanes_of(word, g + i), e[i], SPLAT(0.0f));
-                                sum_lanes += e[i];
-                                *(v8 *)&row[8 * (g + i)] = e[i];
-                            }
-                        }
+                        st->sq += hsum8(sums.sq);
+                        st->shifted += hsum8(sums.shifted);
                     }
-                    st->sum += sum_lanes;
                     /* eight draws at once: a draw per pair took a third of RANDOM's module step */
                     if (threshold > 0)
                         for (int g = 0; g < cols / 8; g++)

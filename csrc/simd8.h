@@ -89,28 +89,17 @@ SA_INLINE void exp_nonpositive_lanes(v8 *x, const int count)
     exp_lanes_clamped(x, count, 0);
 }
 
-/* exp_lanes_clamped for a count of 1 to 4 known only at run time (the last
- * group of a row or union): each case gets its own constant count. */
-SA_INLINE void exp_some_lanes_clamped(v8 *x, int count, const int clamp_high)
-{
-    switch (count) {
-    case 4: exp_lanes_clamped(x, 4, clamp_high); break;
-    case 3: exp_lanes_clamped(x, 3, clamp_high); break;
-    case 2: exp_lanes_clamped(x, 2, clamp_high); break;
-    case 1: exp_lanes_clamped(x, 1, clamp_high); break;
-    default: break;
-    }
-}
-
+/* exp_lanes for a count of 1 to 4 known only at run time (the last group of
+ * a row or union): each case gets its own constant count. */
 SA_INLINE void exp_some_lanes(v8 *x, int count)
 {
-    exp_some_lanes_clamped(x, count, 1);
-}
-
-/* exp_some_lanes for x <= 0 or NaN */
-SA_INLINE void exp_some_nonpositive_lanes(v8 *x, int count)
-{
-    exp_some_lanes_clamped(x, count, 0);
+    switch (count) {
+    case 4: exp_lanes(x, 4); break;
+    case 3: exp_lanes(x, 3); break;
+    case 2: exp_lanes(x, 2); break;
+    case 1: exp_lanes(x, 1); break;
+    default: break;
+    }
 }
 
 SA_INLINE v8 exp_v8(v8 x)

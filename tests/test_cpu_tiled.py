@@ -209,6 +209,30 @@ def test_raw_shift_covers_every_column_of_a_chunk(size):
     torch.testing.assert_close(lse.double(), ref_lse, atol=0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dominant_masked_key", [False, True])
+@pytest.mark.parametrize("size", [(33, 35), (23, 23)])
+def test_raw_shift_statistics_match_the_reference(size, dominant_masked_key):
+    """RANDOM-like plans take the raw shift with statistics too: sum p^2 and
+    the entropy do not depend on the shift. Against the float64 reference,
+    with a key mask, and with a masked key whose scores are far above the
+    kept ones (the tiles then run again, exactly)."""
+    layout = build_layout("random", *size, attention_ratio=0.4)
+    n = layout.num_tokens
+    (q, k, v), _ = make(2, 2, n, 16)
+    q, k, v = q.float(), k.float(), v.float()
+    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(3)) > 0.2
+    if dominant_masked_key:
+        big = n // 2
+        key_mask[:, big] = False
+        q[..., 0] = 1 + q[..., 0].abs().clamp_max(2)
+        k[:, :, big] = 0
+        k[:, :, big, 0] = 500
+    out, lse, stats = attention(q, k, v, layout, key_mask=key_mask, return_lse=True, return_stats=True)
+    ref_out, ref_lse, probs = reference_attention(q, k, v, layout, key_mask=key_mask)
+    assert_forward_matches_reference(out, lse, ref_out, ref_lse, 2e-5)
+    torch.testing.assert_close(stats.double(), reference_statistics(probs), atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("scale", [-0.7, 0.0, 0.3])
 def test_raw_shift_plans_with_any_scale(scale):
     """A negative scale turns the largest raw score into the smallest scaled
