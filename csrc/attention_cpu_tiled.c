@@ -449,6 +449,14 @@ typedef struct {
     int nan;
 } row_state;
 
+/* The largest of count cells, NaN cells passed over (-inf if all are NaN). */
+static float table_max(const float *cells, int64_t count)
+{
+    float top = -INFINITY;
+    for (int64_t i = 0; i < count; i++) top = cells[i] > top ? cells[i] : top;
+    return top;
+}
+
 /* An offset clipped to [-max_rel, max_rel], as the bias table's border
  * cells hold every offset beyond them. */
 SA_INLINE int64_t clip_offset(int64_t d, int64_t max_rel)
@@ -479,19 +487,22 @@ typedef struct {
     v8 sum, sq, shifted;
 } numerator_sums;
 
-/* count vectors of a row from vector g on (count, raw and stats constants
- * where this is inlined): row = exp(row - top), with its sums. A raw row
- * (the raw shift's) holds unscaled scores of every key of the chunk: scaled
- * here, and its lanes outside word set to 0 after the exp. The vectors go
- * through each exp step together (one exp_v8 a vector left each waiting on
- * its own chain). top is at or above every score, so no clamp above. */
-SA_INLINE void row_numerators(float *row, int g, const int count, float scale, v8 top, uint64_t word, const int raw,
-                              const int stats, numerator_sums *sums)
+/* count vectors of a row from vector g on (count, raw, stats and biased
+ * constants where this is inlined): row = exp(row - top), with its sums. A
+ * raw row (the raw shift's) holds unscaled scores of every key of the chunk:
+ * scaled here (and biased, with bias_row), and its lanes outside word set to
+ * 0 after the exp. The vectors go through each exp step together (one exp_v8
+ * a vector left each waiting on its own chain). top is at or above every
+ * score, so no clamp above. */
+SA_INLINE void row_numerators(float *row, int g, const int count, float scale, const float *bias_row, v8 top,
+                              uint64_t word, const int raw, const int stats, const int biased, numerator_sums *sums)
 {
     v8 shifted[4], e[4];
     for (int i = 0; i < count; i++) {
-        const v8 score = *(v8 *)&row[8 * (g + i)];
-        e[i] = shifted[i] = (raw ? score * scale : score) - top;
+        v8 score = *(v8 *)&row[8 * (g + i)];
+        if (raw) score *= scale;
+        if (raw && biased) score += *(const v8 *)&bias_row[8 * (g + i)];
+        e[i] = shifted[i] = score - top;
     }
     exp_nonpositive_lanes(e, count);
     for (int i = 0; i < count; i++) {
@@ -507,16 +518,16 @@ SA_INLINE void row_numerators(float *row, int g, const int count, float scale, v
 
 /* row_numerators over a row's cols scores (a multiple of 8): four vectors at
  * a time, then the rest. */
-SA_INLINE void row_numerators_all(float *row, int cols, float scale, v8 top, uint64_t word, const int raw,
-                                  const int stats, numerator_sums *sums)
+SA_INLINE void row_numerators_all(float *row, int cols, float scale, const float *bias_row, v8 top, uint64_t word,
+                                  const int raw, const int stats, const int biased, numerator_sums *sums)
 {
     const int groups = cols / 8;
     int g = 0;
-    for (; g + 4 <= groups; g += 4) row_numerators(row, g, 4, scale, top, word, raw, stats, sums);
+    for (; g + 4 <= groups; g += 4) row_numerators(row, g, 4, scale, bias_row, top, word, raw, stats, biased, sums);
     switch (groups - g) {
-    case 3: row_numerators(row, g, 3, scale, top, word, raw, stats, sums); break;
-    case 2: row_numerators(row, g, 2, scale, top, word, raw, stats, sums); break;
-    case 1: row_numerators(row, g, 1, scale, top, word, raw, stats, sums); break;
+    case 3: row_numerators(row, g, 3, scale, bias_row, top, word, raw, stats, biased, sums); break;
+    case 2: row_numerators(row, g, 2, scale, bias_row, top, word, raw, stats, biased, sums); break;
+    case 1: row_numerators(row, g, 1, scale, bias_row, top, word, raw, stats, biased, sums); break;
     default: break;
     }
 }
@@ -561,10 +572,13 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
     panel_cache cache;
     panel_cache_init(&cache, p, dim_pad);
     /* RANDOM-like plans (8 or more chunks a tile), where the mask pass was a
-     * tenth of the forward; a bias and a scale that is not positive (the
-     * largest raw score would not give the largest scaled one) keep the exact
-     * path. The statistics do not depend on the shift. */
-    const int raw_shift = p->num_chunks >= 8 * p->num_tiles && p->bias_table == NULL && ctx->scale > 0.0f;
+     * tenth of the forward; a scale that is not positive (the largest raw
+     * score would not give the largest scaled one) keeps the exact path. The
+     * statistics do not depend on the shift. With a bias the shift is the
+     * largest raw score scaled plus the table's largest cell. */
+    const int raw_shift = p->num_chunks >= 8 * p->num_tiles && ctx->scale > 0.0f;
+    int64_t bias_top_head = -1;
+    float bias_top = 0.0f; /* with a bias, the largest cell of the head's table */
     int32_t queries[TILE], keys[TILE], key_y[TILE], key_x[TILE];
     float bias_row[TILE] __attribute__((aligned(32))) = {0};
     /* rows whose length is a whole number of vectors are read where they lie */
@@ -582,6 +596,12 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
         chunk_range(p->tile_chunk_ptr, tile, p->num_chunks, &chunk_begin, &chunk_end);
         const int runs = p->head_active == NULL || p->head_active[h] != 0;
         const float *bias_table = p->bias_table ? (const float *)p->bias_table + h * side * side : NULL;
+        if (raw_shift && bias_table != NULL && bias_top_head != h) {
+            bias_top = table_max(bias_table, side * side);
+            bias_top_head = h;
+        }
+        /* a table with an infinite cell (or only NaN) takes the exact path */
+        const int tile_raw_shift = raw_shift && isfinite(bias_top);
         if (p->merge_previous && (chunk_begin == chunk_end || !runs)) continue;
         for (int r = 0; r < TILE; r++) {
             const int32_t id = p->tile_queries[tile * TILE + r];
@@ -608,9 +628,9 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
         float row_maxima[TILE]; /* and their largest lane */
         /* the first attempt takes the shift from the raw scores where raw_shift
          * allows; the second, only if the first lost a row to underflow, is exact */
-        for (int attempt = raw_shift ? 0 : 1; attempt < 2; attempt++) {
+        for (int attempt = tile_raw_shift ? 0 : 1; attempt < 2; attempt++) {
             const int fast = attempt == 0;
-            if (attempt == 1 && raw_shift) {
+            if (attempt == 1 && tile_raw_shift) {
                 for (int r = 0; r < TILE; r++) {
                     memset(s.out + r * dim_pad, 0, (size_t)dim_pad * sizeof(float));
                     state[r] = (row_state){SPLAT(0.0f), -INFINITY, 0, 0, 0};
@@ -669,7 +689,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                     /* the fast attempt takes the shift from every score of the row, kept or
                      * not: any shift at or above the kept maximum gives the same softmax, and
                      * it then needs no mask pass */
-                    if (fast) chunk_max = row_maxima[r] * scale;
+                    if (fast) chunk_max = row_maxima[r] * scale + bias_top;
                     const int masked_here = !(fast && chunk_max > -INFINITY);
                     if (masked_here) {
                         if (bias_table != NULL)
@@ -696,10 +716,22 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                     const v8 top = SPLAT(st->max);
                     /* exp_v8(-inf - top) is 0: masked entries need no test */
                     numerator_sums sums = {SPLAT(0.0f), SPLAT(0.0f), SPLAT(0.0f)};
-                    if (want_stats && masked_here) row_numerators_all(row, cols, scale, top, word, 0, 1, &sums);
-                    else if (want_stats) row_numerators_all(row, cols, scale, top, word, 1, 1, &sums);
-                    else if (masked_here) row_numerators_all(row, cols, scale, top, word, 0, 0, &sums);
-                    else row_numerators_all(row, cols, scale, top, word, 1, 0, &sums);
+                    const int raw_biased = !masked_here && bias_table != NULL;
+                    if (raw_biased)
+                        fill_bias_row(bias_table, (int32_t)(queries[r] / p->width), (int32_t)(queries[r] % p->width),
+                                      key_y, key_x, cols, mi, bias_row, ctx->bias_gather);
+#define NUMERATORS(raw, stats, biased) row_numerators_all(row, cols, scale, bias_row, top, word, raw, stats, biased, &sums)
+                    if (masked_here) {
+                        if (want_stats) NUMERATORS(0, 1, 0);
+                        else NUMERATORS(0, 0, 0);
+                    } else if (want_stats) {
+                        if (raw_biased) NUMERATORS(1, 1, 1);
+                        else NUMERATORS(1, 1, 0);
+                    } else {
+                        if (raw_biased) NUMERATORS(1, 0, 1);
+                        else NUMERATORS(1, 0, 0);
+                    }
+#undef NUMERATORS
                     st->sum += sums.sum;
                     if (want_stats) {
                         st->sq += hsum8(sums.sq);

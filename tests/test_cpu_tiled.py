@@ -233,6 +233,33 @@ def test_raw_shift_statistics_match_the_reference(size, dominant_masked_key):
     torch.testing.assert_close(stats.double(), reference_statistics(probs), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("table", ["plain", "wide", "dominant_cell", "infinite_cell"])
+def test_raw_shift_with_a_bias_matches_the_reference(table):
+    """With a bias the raw shift adds the head's largest table cell to the
+    largest raw score. A table spread over about +-60 puts that shift far
+    above many rows' kept scores, which must then run again exactly; a cell
+    of 200 on the query's own offset would overflow the exp of a shift that
+    left the bias out; a table with a -inf cell (a pair ruled out) sends its
+    head to the exact path. Outputs, log-sum-exps and statistics against the float64
+    reference, with a key mask."""
+    layout = build_layout("random", 33, 35, attention_ratio=0.4)
+    n = layout.num_tokens
+    (q, k, v), bias = make(2, 3, n, 16, bias_side=9)
+    if table == "wide":
+        bias = bias * 20
+    if table == "dominant_cell":
+        bias[:, 4, 4] = 200.0
+    if table == "infinite_cell":
+        bias[1, 4, 5] = -float("inf")
+    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(4)) > 0.2
+    out, lse, stats = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(),
+                                key_mask=key_mask, return_lse=True, return_stats=True)
+    ref_out, ref_lse, probs = reference_attention(q.float(), k.float(), v.float(), layout, bias=bias.float(),
+                                                  key_mask=key_mask)
+    assert_forward_matches_reference(out, lse, ref_out, ref_lse, 1e-4)
+    torch.testing.assert_close(stats.double(), reference_statistics(probs), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("scale", [-0.7, 0.0, 0.3])
 def test_raw_shift_plans_with_any_scale(scale):
     """A negative scale turns the largest raw score into the smallest scaled
