@@ -464,6 +464,83 @@ SA_INLINE int64_t clip_offset(int64_t d, int64_t max_rel)
     return d < -max_rel ? -max_rel : (d > max_rel ? max_rel : d);
 }
 
+/* A head's bias table spread over every offset of the grid, the border cells
+ * repeated: spread[(dy + H - 1) * (2W - 1) + dx + W - 1] is the cell of
+ * (clip(dy), clip(dx)), so that the biases of a run of queries along an image
+ * row against one key are a contiguous piece of one spread row. Up to this
+ * many floats (4 MB) per thread; larger grids keep the gathers. */
+#define MAX_SPREAD_CELLS (1 << 20)
+
+static int64_t spread_cells(int64_t height, int64_t width)
+{
+    return (2 * height - 1) * (2 * width - 1) + 8; /* + 8: a run's last vector may read past the end */
+}
+
+static void spread_table(const float *table, int64_t max_rel, int64_t height, int64_t width, float *spread)
+{
+    const int64_t side = 2 * max_rel + 1, spread_w = 2 * width - 1;
+    for (int64_t dy = 1 - height; dy < height; dy++) {
+        const float *cells = table + (clip_offset(dy, max_rel) + max_rel) * side;
+        float *row = spread + (dy + height - 1) * spread_w;
+        for (int64_t dx = 1 - width; dx < width; dx++) row[dx + width - 1] = cells[clip_offset(dx, max_rel) + max_rel];
+    }
+    for (int i = 0; i < 8; i++) spread[(2 * height - 1) * spread_w + i] = 0.0f;
+}
+
+/* Whether each eight of the tile's first rows queries are a run along an
+ * image row (query 8 g + j at (run_y[g], run_x[g] + j)): the rows of a tile
+ * of 8 x 8 or 1 x 64 tokens. */
+static int eight_runs_of(const int32_t *queries, int rows, int64_t width, int32_t *run_y, int32_t *run_x)
+{
+    for (int g = 0; 8 * g < rows; g++) {
+        const int32_t first = queries[8 * g];
+        const int count = rows - 8 * g < 8 ? rows - 8 * g : 8;
+        if (first < 0) return 0;
+        for (int j = 1; j < count; j++)
+            if (queries[8 * g + j] != first + j) return 0;
+        run_y[g] = (int32_t)(first / width);
+        run_x[g] = (int32_t)(first % width);
+        if (run_x[g] + count > width) return 0;
+    }
+    return 1;
+}
+
+/* bias_tile[r][c] (rows of TILE floats) for a tile of eight-query runs and
+ * cols keys (a multiple of 8): a run's biases against a key are one load
+ * from the spread table, and eight keys' vectors are transposed into the
+ * run's eight rows. About a third of the operations of a gather per eight
+ * pairs. */
+SA_INLINE void fill_bias_tile(const float *spread, int64_t height, int64_t width, const int32_t *run_y,
+                              const int32_t *run_x, int rows, const int32_t *key_y, const int32_t *key_x, int cols,
+                              float *bias_tile)
+{
+    const int64_t spread_w = 2 * width - 1;
+    for (int r0 = 0; r0 < rows; r0 += 8) {
+        const float *run = spread + (run_y[r0 / 8] + height - 1) * spread_w + run_x[r0 / 8] + width - 1;
+        for (int c0 = 0; c0 < cols; c0 += 8) {
+            v8 block[8];
+            for (int i = 0; i < 8; i++) block[i] = LOADU(run - key_y[c0 + i] * spread_w - key_x[c0 + i]);
+            transpose8(block);
+            for (int j = 0; j < 8; j++) *(v8 *)&bias_tile[(r0 + j) * TILE + c0] = block[j];
+        }
+    }
+}
+
+/* A thread's spread table and bias tile; both NULL where the grid is too
+ * large or memory is short (the gathers then serve every tile). */
+static void bias_tiles_alloc(const sa_attention_params *p, float **spread, float **bias_tile)
+{
+    *spread = *bias_tile = NULL;
+    if (p->bias_table == NULL || spread_cells(p->height, p->width) > MAX_SPREAD_CELLS) return;
+    *spread = aligned_alloc(32, ((size_t)spread_cells(p->height, p->width) * sizeof(float) + 31) / 32 * 32);
+    *bias_tile = aligned_alloc(32, (size_t)TILE * TILE * sizeof(float));
+    if (*spread == NULL || *bias_tile == NULL) {
+        free(*spread);
+        free(*bias_tile);
+        *spread = *bias_tile = NULL;
+    }
+}
+
 /* bias_row[c]: the bias of query (qy, qx) and key (key_y[c], key_x[c]). */
 SA_INLINE void fill_bias_row(const float *table, int32_t qy, int32_t qx, const int32_t *key_y, const int32_t *key_x,
                              int cols, int32_t max_rel, float *bias_row, int gather)
@@ -571,6 +648,11 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
     }
     panel_cache cache;
     panel_cache_init(&cache, p, dim_pad);
+    /* biases of tiles that are runs along an image row from the spread table
+     * (without it, or for other tiles, a gather per eight pairs) */
+    float *spread, *bias_tile;
+    bias_tiles_alloc(p, &spread, &bias_tile);
+    int64_t spread_head = -1;
     /* RANDOM-like plans (8 or more chunks a tile), where the mask pass was a
      * tenth of the forward; a scale that is not positive (the largest raw
      * score would not give the largest scaled one) keeps the exact path. The
@@ -623,6 +705,12 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                 ? sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), queries[r]) : 0;
         }
         const int rows = slots_used(queries, n);
+        int32_t run_y[TILE / 8], run_x[TILE / 8];
+        const int bias_run = bias_table != NULL && spread != NULL && eight_runs_of(queries, rows, p->width, run_y, run_x);
+        if (bias_run && spread_head != h) {
+            spread_table(bias_table, m, p->height, p->width, spread);
+            spread_head = h;
+        }
         int ever_live[TILE] = {0};
         v8 row_tops[TILE];      /* lane-wise maxima of each row's raw scores in a chunk */
         float row_maxima[TILE]; /* and their largest lane */
@@ -664,6 +752,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                     value_rows[c] = row_for_kernels(v, s.value + c * dim_pad, dim, dim_pad, in_place);
                 }
                 if (in_place && !packed) pack_transposed64(key_rows, dim, key_t, cols);
+                if (bias_run) fill_bias_tile(spread, p->height, p->width, run_y, run_x, rows, key_y, key_x, cols, bias_tile);
                 if (chunk + 1 < chunk_end) {
                     /* the next chunk's key panel where the cache holds it, else its key rows */
                     const int32_t *next_keys = p->chunk_keys + (chunk + 1) * TILE;
@@ -685,6 +774,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                     }
                     ever_live[r] = 1;
                     row_state *st = &state[r];
+                    const float *row_bias = bias_run ? bias_tile + r * TILE : bias_row;
                     float chunk_max = -INFINITY;
                     /* the fast attempt takes the shift from every score of the row, kept or
                      * not: any shift at or above the kept maximum gives the same softmax, and
@@ -692,10 +782,10 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                     if (fast) chunk_max = row_maxima[r] * scale + bias_top;
                     const int masked_here = !(fast && chunk_max > -INFINITY);
                     if (masked_here) {
-                        if (bias_table != NULL)
+                        if (bias_table != NULL && !bias_run)
                             fill_bias_row(bias_table, (int32_t)(queries[r] / p->width), (int32_t)(queries[r] % p->width),
                                           key_y, key_x, cols, mi, bias_row, ctx->bias_gather);
-                        chunk_max = mask_row(row, word, cols, scale, bias_row, &st->nan);
+                        chunk_max = mask_row(row, word, cols, scale, row_bias, &st->nan);
                         if (chunk_max == -INFINITY) {
                             memset(row, 0, (size_t)cols * sizeof(float));
                             continue;
@@ -717,10 +807,10 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                     /* exp_v8(-inf - top) is 0: masked entries need no test */
                     numerator_sums sums = {SPLAT(0.0f), SPLAT(0.0f), SPLAT(0.0f)};
                     const int raw_biased = !masked_here && bias_table != NULL;
-                    if (raw_biased)
+                    if (raw_biased && !bias_run)
                         fill_bias_row(bias_table, (int32_t)(queries[r] / p->width), (int32_t)(queries[r] % p->width),
                                       key_y, key_x, cols, mi, bias_row, ctx->bias_gather);
-#define NUMERATORS(raw, stats, biased) row_numerators_all(row, cols, scale, bias_row, top, word, raw, stats, biased, &sums)
+#define NUMERATORS(raw, stats, biased) row_numerators_all(row, cols, scale, row_bias, top, word, raw, stats, biased, &sums)
                     if (masked_here) {
                         if (want_stats) NUMERATORS(0, 1, 0);
                         else NUMERATORS(0, 0, 0);
@@ -862,6 +952,8 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
             }
         }
     }
+    free(spread);
+    free(bias_tile);
     panels_free(&s);
     panel_cache_free(&cache);
 }
@@ -976,6 +1068,9 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
     const int in_place = dim == dim_pad;
     const float *query_rows[TILE], *grad_out_rows[TILE], *key_rows[TILE], *value_rows[TILE];
     uint32_t query_key[TILE];
+    float *spread, *bias_tile;
+    bias_tiles_alloc(p, &spread, &bias_tile);
+    int64_t spread_head = -1;
 
     for (int64_t bh = begin; bh < end; bh++) {
         const int64_t h = bh % p->heads, b = bh / p->heads;
@@ -1034,6 +1129,13 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                         ? sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), queries[r]) : 0;
                 }
                 const int rows = slots_used(queries, n), rows8 = (rows + 7) / 8 * 8;
+                int32_t run_y[TILE / 8], run_x[TILE / 8];
+                const int bias_run =
+                    bias_table != NULL && spread != NULL && eight_runs_of(queries, rows, p->width, run_y, run_x);
+                if (bias_run && spread_head != h) {
+                    spread_table(bias_table, max_rel, p->height, p->width, spread);
+                    spread_head = h;
+                }
                 for (int64_t chunk = chunk_begin; chunk < chunk_end; chunk++) {
                     const int used = slots_used(chunk_ids + chunk * TILE, n), cols = (used + 7) / 8 * 8;
                     if (cols == 0 || rows == 0) continue;
@@ -1070,6 +1172,8 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                         pack_transposed64(value_rows, dim, w.value_t, cols);
                     }
                     if (chunk + 1 < chunk_end) prefetch_chunk(p, chunk_ids + (chunk + 1) * TILE, b, h, 1);
+                    if (bias_run)
+                        fill_bias_tile(spread, p->height, p->width, run_y, run_x, rows, key_y, key_x, cols, bias_tile);
                     scores_kernel(query_rows, w.s.key_t, w.s.scores, dim_pad, rows, cols, NULL);
                     scores_kernel(grad_out_rows, w.value_t, w.grad_probs, dim_pad, rows, cols, NULL);
                     for (int r = 0; r < rows8; r++) {
@@ -1087,7 +1191,8 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                             for (int g = 0; g < cols / 8; g++)
                                 *(v8 *)&keep[8 * g] = SELECT(sa_keep_keys(threshold, query_key[r], keys + 8 * g),
                                                              SPLAT(keep_scale), SPLAT(0.0f));
-                        if (bias_table != NULL)
+                        const float *row_bias = bias_run ? bias_tile + r * TILE : bias_row;
+                        if (bias_table != NULL && !bias_run)
                             fill_bias_row(bias_table, (int32_t)(queries[r] / p->width), (int32_t)(queries[r] % p->width),
                                           key_y, key_x, cols, max_rel, bias_row, ctx->bias_gather);
                         const v8 top = SPLAT(row_lse[r]), row_d = SPLAT(row_delta[r]);
@@ -1096,7 +1201,7 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                             const int count = cols / 8 - g0 >= 4 ? 4 : cols / 8 - g0;
                             for (int i = 0; i < count; i++)
                                 e[i] = bias_table != NULL
-                                    ? *(v8 *)&score[8 * (g0 + i)] * scale + *(const v8 *)&bias_row[8 * (g0 + i)] - top
+                                    ? *(v8 *)&score[8 * (g0 + i)] * scale + *(const v8 *)&row_bias[8 * (g0 + i)] - top
                                     : *(v8 *)&score[8 * (g0 + i)] * scale - top;
                             exp_some_lanes(e, count);
                             for (int i = 0; i < count; i++) {
@@ -1149,6 +1254,8 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
         }
         if (bias_cells != NULL) fold_offset_grads(w.offset_grads, p->height, p->width, max_rel, bias_cells);
     }
+    free(spread);
+    free(bias_tile);
     backward_free(&w);
 }
 
