@@ -526,21 +526,6 @@ SA_INLINE void fill_bias_tile(const float *spread, int64_t height, int64_t width
     }
 }
 
-/* A thread's spread table and bias tile; both NULL where the grid is too
- * large or memory is short (the gathers then serve every tile). */
-static void bias_tiles_alloc(const sa_attention_params *p, float **spread, float **bias_tile)
-{
-    *spread = *bias_tile = NULL;
-    if (p->bias_table == NULL || spread_cells(p->height, p->width) > MAX_SPREAD_CELLS) return;
-    *spread = aligned_alloc(32, ((size_t)spread_cells(p->height, p->width) * sizeof(float) + 31) / 32 * 32);
-    *bias_tile = aligned_alloc(32, (size_t)TILE * TILE * sizeof(float));
-    if (*spread == NULL || *bias_tile == NULL) {
-        free(*spread);
-        free(*bias_tile);
-        *spread = *bias_tile = NULL;
-    }
-}
-
 /* bias_row[c]: the bias of query (qy, qx) and key (key_y[c], key_x[c]). */
 SA_INLINE void fill_bias_row(const float *table, int32_t qy, int32_t qx, const int32_t *key_y, const int32_t *key_x,
                              int cols, int32_t max_rel, float *bias_row, int gather)
@@ -556,6 +541,65 @@ SA_INLINE void fill_bias_row(const float *table, int32_t qy, int32_t qx, const i
     for (int c = 0; c < cols; c++)
         bias_row[c] = table[(clip_offset(qy - key_y[c], max_rel) + max_rel) * side +
                             clip_offset(qx - key_x[c], max_rel) + max_rel];
+}
+
+/* A thread's bias rows for the tiles: from the spread table where a tile's
+ * queries are runs of eight along image rows, else by fill_bias_row. */
+typedef struct {
+    float *spread, *tile; /* both NULL where the grid is too large or memory is short */
+    int64_t head;         /* whose table spread holds */
+    int runs;             /* the current tile's queries are eight-query runs */
+    int32_t run_y[TILE / 8], run_x[TILE / 8];
+} tile_bias;
+
+static void tile_bias_init(tile_bias *tb, const sa_attention_params *p)
+{
+    memset(tb, 0, sizeof(*tb));
+    tb->head = -1;
+    if (p->bias_table == NULL || spread_cells(p->height, p->width) > MAX_SPREAD_CELLS) return;
+    tb->spread = aligned_alloc(32, ((size_t)spread_cells(p->height, p->width) * sizeof(float) + 31) / 32 * 32);
+    tb->tile = aligned_alloc(32, (size_t)TILE * TILE * sizeof(float));
+    if (tb->spread == NULL || tb->tile == NULL) {
+        free(tb->spread);
+        free(tb->tile);
+        tb->spread = tb->tile = NULL;
+    }
+}
+
+static void tile_bias_free(tile_bias *tb)
+{
+    free(tb->spread);
+    free(tb->tile);
+}
+
+/* A new tile of head h (table: the head's bias table, NULL without a bias). */
+static void tile_bias_start(tile_bias *tb, const sa_attention_params *p, const float *table, int64_t h,
+                            const int32_t *queries, int rows)
+{
+    tb->runs = table != NULL && tb->spread != NULL && eight_runs_of(queries, rows, p->width, tb->run_y, tb->run_x);
+    if (tb->runs && tb->head != h) {
+        spread_table(table, p->max_relative, p->height, p->width, tb->spread);
+        tb->head = h;
+    }
+}
+
+/* A new chunk of cols keys (their grid rows and columns in key_y, key_x). */
+SA_INLINE void tile_bias_chunk(tile_bias *tb, const sa_attention_params *p, int rows, const int32_t *key_y,
+                               const int32_t *key_x, int cols)
+{
+    if (tb->runs) fill_bias_tile(tb->spread, p->height, p->width, tb->run_y, tb->run_x, rows, key_y, key_x, cols, tb->tile);
+}
+
+/* The biases of the chunk's keys for row r (query token `query`), in
+ * scratch where they are not in the bias tile. */
+SA_INLINE const float *tile_bias_row(const tile_bias *tb, const sa_attention_params *p, const float *table, int r,
+                                     int32_t query, const int32_t *key_y, const int32_t *key_x, int cols, int gather,
+                                     float *scratch)
+{
+    if (tb->runs) return tb->tile + r * TILE;
+    fill_bias_row(table, (int32_t)(query / p->width), (int32_t)(query % p->width), key_y, key_x, cols,
+                  (int32_t)p->max_relative, scratch, gather);
+    return scratch;
 }
 
 /* A row's running sums of numerators: the plain sums and, with statistics,
@@ -639,7 +683,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
     const float scale = ctx->scale, keep_scale = ctx->keep_scale;
     const uint32_t threshold = ctx->threshold;
     const int want_stats = p->row_stats != NULL;
-    const int64_t side = 2 * p->max_relative + 1, m = p->max_relative;
+    const int64_t side = 2 * p->max_relative + 1;
     panels s;
     if (panels_alloc(&s, dim_pad) < 0) {
         panels_free(&s);
@@ -650,9 +694,8 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
     panel_cache_init(&cache, p, dim_pad);
     /* biases of tiles that are runs along an image row from the spread table
      * (without it, or for other tiles, a gather per eight pairs) */
-    float *spread, *bias_tile;
-    bias_tiles_alloc(p, &spread, &bias_tile);
-    int64_t spread_head = -1;
+    tile_bias biases;
+    tile_bias_init(&biases, p);
     /* RANDOM-like plans (8 or more chunks a tile), where the mask pass was a
      * tenth of the forward; a scale that is not positive (the largest raw
      * score would not give the largest scaled one) keeps the exact path. The
@@ -667,7 +710,6 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
     const int in_place = dim == dim_pad;
     const float *query_rows[TILE], *value_rows[TILE], *key_rows[TILE];
     int live[TILE];
-    const int32_t mi = (int32_t)m;
     uint32_t query_key[TILE];
     row_state state[TILE];
 
@@ -705,12 +747,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                 ? sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), queries[r]) : 0;
         }
         const int rows = slots_used(queries, n);
-        int32_t run_y[TILE / 8], run_x[TILE / 8];
-        const int bias_run = bias_table != NULL && spread != NULL && eight_runs_of(queries, rows, p->width, run_y, run_x);
-        if (bias_run && spread_head != h) {
-            spread_table(bias_table, m, p->height, p->width, spread);
-            spread_head = h;
-        }
+        tile_bias_start(&biases, p, bias_table, h, queries, rows);
         int ever_live[TILE] = {0};
         v8 row_tops[TILE];      /* lane-wise maxima of each row's raw scores in a chunk */
         float row_maxima[TILE]; /* and their largest lane */
@@ -752,7 +789,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                     value_rows[c] = row_for_kernels(v, s.value + c * dim_pad, dim, dim_pad, in_place);
                 }
                 if (in_place && !packed) pack_transposed64(key_rows, dim, key_t, cols);
-                if (bias_run) fill_bias_tile(spread, p->height, p->width, run_y, run_x, rows, key_y, key_x, cols, bias_tile);
+                if (bias_table != NULL) tile_bias_chunk(&biases, p, rows, key_y, key_x, cols);
                 if (chunk + 1 < chunk_end) {
                     /* the next chunk's key panel where the cache holds it, else its key rows */
                     const int32_t *next_keys = p->chunk_keys + (chunk + 1) * TILE;
@@ -774,7 +811,10 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                     }
                     ever_live[r] = 1;
                     row_state *st = &state[r];
-                    const float *row_bias = bias_run ? bias_tile + r * TILE : bias_row;
+                    /* both paths below add the row's biases */
+                    const float *row_bias = bias_table == NULL ? bias_row
+                        : tile_bias_row(&biases, p, bias_table, r, queries[r], key_y, key_x, cols, ctx->bias_gather,
+                                        bias_row);
                     float chunk_max = -INFINITY;
                     /* the fast attempt takes the shift from every score of the row, kept or
                      * not: any shift at or above the kept maximum gives the same softmax, and
@@ -782,9 +822,6 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                     if (fast) chunk_max = row_maxima[r] * scale + bias_top;
                     const int masked_here = !(fast && chunk_max > -INFINITY);
                     if (masked_here) {
-                        if (bias_table != NULL && !bias_run)
-                            fill_bias_row(bias_table, (int32_t)(queries[r] / p->width), (int32_t)(queries[r] % p->width),
-                                          key_y, key_x, cols, mi, bias_row, ctx->bias_gather);
                         chunk_max = mask_row(row, word, cols, scale, row_bias, &st->nan);
                         if (chunk_max == -INFINITY) {
                             memset(row, 0, (size_t)cols * sizeof(float));
@@ -807,9 +844,6 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                     /* exp_v8(-inf - top) is 0: masked entries need no test */
                     numerator_sums sums = {SPLAT(0.0f), SPLAT(0.0f), SPLAT(0.0f)};
                     const int raw_biased = !masked_here && bias_table != NULL;
-                    if (raw_biased && !bias_run)
-                        fill_bias_row(bias_table, (int32_t)(queries[r] / p->width), (int32_t)(queries[r] % p->width),
-                                      key_y, key_x, cols, mi, bias_row, ctx->bias_gather);
 #define NUMERATORS(raw, stats, biased) row_numerators_all(row, cols, scale, row_bias, top, word, raw, stats, biased, &sums)
                     if (masked_here) {
                         if (want_stats) NUMERATORS(0, 1, 0);
@@ -952,8 +986,7 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
             }
         }
     }
-    free(spread);
-    free(bias_tile);
+    tile_bias_free(&biases);
     panels_free(&s);
     panel_cache_free(&cache);
 }
@@ -1068,9 +1101,8 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
     const int in_place = dim == dim_pad;
     const float *query_rows[TILE], *grad_out_rows[TILE], *key_rows[TILE], *value_rows[TILE];
     uint32_t query_key[TILE];
-    float *spread, *bias_tile;
-    bias_tiles_alloc(p, &spread, &bias_tile);
-    int64_t spread_head = -1;
+    tile_bias biases;
+    tile_bias_init(&biases, p);
 
     for (int64_t bh = begin; bh < end; bh++) {
         const int64_t h = bh % p->heads, b = bh / p->heads;
@@ -1129,13 +1161,7 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                         ? sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), queries[r]) : 0;
                 }
                 const int rows = slots_used(queries, n), rows8 = (rows + 7) / 8 * 8;
-                int32_t run_y[TILE / 8], run_x[TILE / 8];
-                const int bias_run =
-                    bias_table != NULL && spread != NULL && eight_runs_of(queries, rows, p->width, run_y, run_x);
-                if (bias_run && spread_head != h) {
-                    spread_table(bias_table, max_rel, p->height, p->width, spread);
-                    spread_head = h;
-                }
+                tile_bias_start(&biases, p, bias_table, h, queries, rows);
                 for (int64_t chunk = chunk_begin; chunk < chunk_end; chunk++) {
                     const int used = slots_used(chunk_ids + chunk * TILE, n), cols = (used + 7) / 8 * 8;
                     if (cols == 0 || rows == 0) continue;
@@ -1172,8 +1198,7 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                         pack_transposed64(value_rows, dim, w.value_t, cols);
                     }
                     if (chunk + 1 < chunk_end) prefetch_chunk(p, chunk_ids + (chunk + 1) * TILE, b, h, 1);
-                    if (bias_run)
-                        fill_bias_tile(spread, p->height, p->width, run_y, run_x, rows, key_y, key_x, cols, bias_tile);
+                    if (bias_table != NULL) tile_bias_chunk(&biases, p, rows, key_y, key_x, cols);
                     scores_kernel(query_rows, w.s.key_t, w.s.scores, dim_pad, rows, cols, NULL);
                     scores_kernel(grad_out_rows, w.value_t, w.grad_probs, dim_pad, rows, cols, NULL);
                     for (int r = 0; r < rows8; r++) {
@@ -1191,10 +1216,9 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
                             for (int g = 0; g < cols / 8; g++)
                                 *(v8 *)&keep[8 * g] = SELECT(sa_keep_keys(threshold, query_key[r], keys + 8 * g),
                                                              SPLAT(keep_scale), SPLAT(0.0f));
-                        const float *row_bias = bias_run ? bias_tile + r * TILE : bias_row;
-                        if (bias_table != NULL && !bias_run)
-                            fill_bias_row(bias_table, (int32_t)(queries[r] / p->width), (int32_t)(queries[r] % p->width),
-                                          key_y, key_x, cols, max_rel, bias_row, ctx->bias_gather);
+                        const float *row_bias = bias_table == NULL ? bias_row
+                            : tile_bias_row(&biases, p, bias_table, r, queries[r], key_y, key_x, cols,
+                                            ctx->bias_gather, bias_row);
                         const v8 top = SPLAT(row_lse[r]), row_d = SPLAT(row_delta[r]);
                         for (int g0 = 0; g0 < cols / 8; g0 += 4) {
                             v8 e[4];
@@ -1254,8 +1278,7 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
         }
         if (bias_cells != NULL) fold_offset_grads(w.offset_grads, p->height, p->width, max_rel, bias_cells);
     }
-    free(spread);
-    free(bias_tile);
+    tile_bias_free(&biases);
     backward_free(&w);
 }
 
