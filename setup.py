@@ -21,7 +21,7 @@ from setuptools.command.build_ext import build_ext
 HERE = os.path.dirname(os.path.abspath(__file__))
 C_SOURCES = ["csrc/module.c", "csrc/dlpack_bridge.c", "csrc/layout.c", "csrc/attention_cpu.c",
              "csrc/attention_cpu_tiled.c", "csrc/attention_cpu_stencil.c", "csrc/attention_cpu_window.c", "csrc/threads.c",
-             "csrc/tile_plan.c"]
+             "csrc/tile_plan.c", "csrc/host_pool.c"]
 CUDA_SOURCES = ["cuda/attention_cuda.cu", "cuda/attention_tiled.cu", "cuda/attention_tiled_lean.cu"]
 CUDA_ARCHS = os.environ.get("SPARSE_ATTENTION_CUDA_ARCHS", "80;90")
 
@@ -131,7 +131,7 @@ extra_compile_args = ["-std=c11", "-O3", "-fopenmp", "-fno-math-errno", "-fno-tr
                       "-Wno-cast-function-type"]
 if os.environ.get("SPARSE_ATTENTION_SANITIZE"):
     extra_compile_args += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1",
-                           "-DSA_NO_CLONES"]
+                           "-DSA_NO_CLONES", "-DSA_EXACT_HOST_BLOCKS"]
 
 extension = Extension(
     "sparse_attention._C",

@@ -17,6 +17,7 @@
 #include "attention.h"
 #include "attention_cpu_window.h"
 #include "dlpack_bridge.h"
+#include "host_pool.h"
 #include "layout.h"
 #include "tile_plan.h"
 
@@ -1221,6 +1222,69 @@ static PyObject *inspect_tensor(PyObject *self, PyObject *args, PyObject *kwargs
     return result;
 }
 
+/* pool_tensor(shape, code, bits): a capsule of a pooled, compact CPU tensor */
+static PyObject *pool_tensor(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *shape_obj;
+    int code, bits;
+    if (!PyArg_ParseTuple(args, "Oii", &shape_obj, &code, &bits)) return NULL;
+    PyObject *shape_seq = PySequence_Fast(shape_obj, "pool_tensor: shape must be a sequence of ints");
+    if (shape_seq == NULL) return NULL;
+    Py_ssize_t ndim = PySequence_Fast_GET_SIZE(shape_seq);
+    int64_t shape[8];
+    if (ndim > 8) {
+        Py_DECREF(shape_seq);
+        return PyErr_Format(PyExc_ValueError, "pool_tensor: shape has %zd dimensions, expected at most 8",
+                            ndim);
+    }
+    for (Py_ssize_t d = 0; d < ndim; d++) {
+        shape[d] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(shape_seq, d));
+        if (shape[d] == -1 && PyErr_Occurred()) {
+            Py_DECREF(shape_seq);
+            return NULL;
+        }
+    }
+    Py_DECREF(shape_seq);
+    if (code < 0 || code > 255 || bits <= 0 || bits > 255) {
+        return PyErr_Format(PyExc_ValueError, "pool_tensor: dtype code %d and bits %d, expected "
+                            "0..255 and 1..255", code, bits);
+    }
+    DLDataType dtype = {(uint8_t)code, (uint8_t)bits, 1};
+    return sa_pool_tensor(shape, (int)ndim, dtype);
+}
+
+static PyObject *pool_stats(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    sa_pool_stats st;
+    sa_pool_get_stats(&st);
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K}", "limit", (unsigned long long)st.limit,
+                         "idle_bytes", (unsigned long long)st.idle_bytes, "idle_blocks",
+                         (unsigned long long)st.idle_blocks, "lent_bytes",
+                         (unsigned long long)st.lent_bytes, "reused", (unsigned long long)st.reused,
+                         "fresh", (unsigned long long)st.fresh);
+}
+
+static PyObject *pool_set_limit(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    long long limit = PyLong_AsLongLong(arg);
+    if (limit == -1 && PyErr_Occurred()) return NULL;
+    if (limit < 0) return PyErr_Format(PyExc_ValueError, "limit is %lld bytes, expected >= 0", limit);
+    sa_pool_set_limit((size_t)limit);
+    Py_RETURN_NONE;
+}
+
+static PyObject *pool_release(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    sa_pool_release_idle();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
     {"attention_forward", (PyCFunction)(void (*)(void))attention_forward,
      METH_VARARGS | METH_KEYWORDS, "Forward kernel; writes out, lse and optional row_stats in place."},
@@ -1260,6 +1324,11 @@ static PyMethodDef module_methods[] = {
     {"cuda_tiled_grad_key_value_passes", cuda_tiled_grad_key_value_passes, METH_NOARGS,
      "Plan passes whose dK and dV ran on the tensor-core kernel so far (tests check the dispatch)."},
     {"dlpack_abi", dlpack_abi, METH_NOARGS, "Sizes and offsets of the DLPack structs."},
+    {"pool_tensor", pool_tensor, METH_VARARGS,
+     "A DLPack capsule of a compact CPU tensor (shape, dtype code, bits) on a reusable buffer."},
+    {"pool_stats", pool_stats, METH_NOARGS, "The host buffer cache's limit, idle and lent bytes, reuse counts."},
+    {"pool_set_limit", pool_set_limit, METH_O, "Sets how many idle bytes the host buffer cache keeps."},
+    {"pool_release", pool_release, METH_NOARGS, "Returns the host buffer cache's idle blocks to the system."},
     {"inspect_tensor", (PyCFunction)(void (*)(void))inspect_tensor, METH_VARARGS | METH_KEYWORDS,
      "What the DLPack bridge sees of a tensor."},
     {NULL, NULL, 0, NULL}};

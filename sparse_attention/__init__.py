@@ -4,13 +4,15 @@ C kernels on the CPU, CUDA kernels on NVIDIA GPUs, tensors exchanged with
 PyTorch and NumPy through DLPack without copies.
 """
 
-from .functional import get_num_threads, set_num_threads, sparse_scaled_dot_product_attention
+from .functional import (buffer_cache_info, empty_buffer_cache, get_num_threads, set_buffer_cache_limit,
+                         set_num_threads, sparse_scaled_dot_product_attention)
 from .patterns import Layout, SparsityPattern, build_layout
 
 __version__ = "0.1.0"
 
 __all__ = ["Layout", "SparsityPattern", "build_layout", "sparse_scaled_dot_product_attention",
-           "set_num_threads", "get_num_threads", "__version__"]
+           "set_num_threads", "get_num_threads", "set_buffer_cache_limit", "buffer_cache_info",
+           "empty_buffer_cache", "__version__"]
 
 try:  # the module needs torch; the op and layouts do not
     from .module import AttentionStats, EnhancedSparseAttention  # noqa: F401

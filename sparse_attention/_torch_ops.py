@@ -22,6 +22,21 @@ def _accum_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# DLPack (code, bits) of the dtypes the CPU kernels write
+_POOLED_DTYPES = {torch.float32: (2, 32), torch.float64: (2, 64)}
+
+
+def _kernel_output(shape, dtype, device):
+    """An uninitialised tensor for a kernel to fill. On the CPU its buffer
+    comes from the extension's cache and goes back there when the tensor is
+    freed: a training loop then writes to pages it already has instead of
+    faulting in fresh ones every step (csrc/host_pool.h)."""
+    code = _POOLED_DTYPES.get(dtype)
+    if device.type != "cpu" or code is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.from_dlpack(C.pool_tensor(shape, *code))
+
+
 def _stream_of(device):
     if device.type == "cuda":
         return torch.cuda.current_stream(device).cuda_stream
@@ -221,9 +236,9 @@ def _forward_impl(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_
                   long_row_splits, stencil, backward_plan=None, backward_passes=()):
     batch, heads, num_tokens, _ = query.shape
     accum = _accum_dtype(query.dtype)
-    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-    lse = torch.empty(batch, heads, num_tokens, dtype=accum, device=query.device)
-    stats = (torch.empty(batch, heads, num_tokens, 2, dtype=accum, device=query.device)
+    out = _kernel_output(query.shape, query.dtype, query.device)
+    lse = _kernel_output((batch, heads, num_tokens), accum, query.device)
+    stats = (_kernel_output((batch, heads, num_tokens, 2), accum, query.device)
              if want_stats else torch.empty(0, dtype=accum, device=query.device))
     d = _detached
     common = dict(height=height, width=width, scale=scale, rel_pos_bias=d(bias),
@@ -308,14 +323,14 @@ def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
     device = query.device
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    grads = [torch.empty(query.shape, dtype=query.dtype, device=device) for _ in range(3)]
-    delta = torch.empty(batch, heads, num_tokens, dtype=accum, device=device)
+    grads = [_kernel_output(query.shape, query.dtype, device) for _ in range(3)]
+    delta = _kernel_output((batch, heads, num_tokens), accum, device)
     plan = _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil,
                           backward_plan, backward_passes, query.shape[-1])
     grad_scores = bias_rows = None
     if bias is not None and device.type == "cpu" and plan:
         # the window and tile kernels sum the bias gradient per (batch, head) themselves
-        bias_rows = torch.empty(batch, heads, bucket_ptr.shape[0] - 1, dtype=accum, device=device)
+        bias_rows = _kernel_output((batch, heads, bucket_ptr.shape[0] - 1), accum, device)
         plan["grad_bias_rows"] = bias_rows
     elif bias is not None:
         grad_scores = torch.empty(batch, heads, col_idx.shape[0], dtype=accum, device=device)

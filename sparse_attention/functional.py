@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import numpy as np
 
@@ -211,3 +212,46 @@ def set_num_threads(num_threads: int) -> None:
 def get_num_threads() -> int:
     """Threads the CPU kernels use."""
     return C.get_num_threads()
+
+
+def set_buffer_cache_limit(num_bytes: int) -> None:
+    """How many bytes of idle host buffers the CPU op keeps for its next calls.
+
+    The op's outputs on the CPU (attention output, log-sum-exp, gradients)
+    live in buffers that go back to a cache when their tensors are freed, so a
+    training loop reuses pages it already touched instead of faulting in new
+    ones every step. 0 turns the cache off. The default is 512 MiB, or
+    ``SPARSE_ATTENTION_BUFFER_CACHE_MB`` when that is set at import."""
+    if isinstance(num_bytes, bool) or not isinstance(num_bytes, numbers.Integral):
+        raise TypeError(f"num_bytes: expected an int, got {type(num_bytes).__name__}")
+    if num_bytes < 0:
+        raise ValueError(f"num_bytes: expected >= 0, got {num_bytes}")
+    C.pool_set_limit(int(num_bytes))
+
+
+def buffer_cache_info() -> dict:
+    """The host buffer cache: limit, idle_bytes, idle_blocks, lent_bytes (under
+    live tensors), reused and fresh (requests served from the cache and from
+    new memory so far)."""
+    return C.pool_stats()
+
+
+def empty_buffer_cache() -> None:
+    """Returns the cache's idle buffers to the system (live tensors keep theirs)."""
+    C.pool_release()
+
+
+def _buffer_cache_limit_from_env():
+    value = os.environ.get("SPARSE_ATTENTION_BUFFER_CACHE_MB")
+    if value is None or value.strip() == "":
+        return
+    try:
+        megabytes = float(value)
+    except ValueError:
+        raise ValueError(f"SPARSE_ATTENTION_BUFFER_CACHE_MB: expected a number of MiB, got {value!r}") from None
+    if not megabytes >= 0:
+        raise ValueError(f"SPARSE_ATTENTION_BUFFER_CACHE_MB: expected >= 0, got {value!r}")
+    C.pool_set_limit(int(megabytes * 2**20))
+
+
+_buffer_cache_limit_from_env()

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITES = ["tests/test_layout.py", "tests/test_dlpack.py", "tests/test_op.py", "tests/test_hardening.py",
-          "tests/test_cpu_tiled.py", "tests/test_cpu_stencil.py"]
+          "tests/test_cpu_tiled.py", "tests/test_cpu_stencil.py", "tests/test_buffer_cache.py"]
 
 
 def runtime(name):
@@ -43,7 +43,9 @@ def test_suites_pass_under_address_and_undefined_behaviour_sanitizers(tmp_path):
     symbols = subprocess.run(["nm", "-D", next(str(p) for p in (copy / "sparse_attention").glob("_C*.so"))],
                              capture_output=True, text=True).stdout
     assert "__asan" in symbols and "__ubsan" in symbols, "the build is not instrumented"
-    env = dict(os.environ, PYTHONPATH=str(copy),
+    # the buffer cache off: every output is a fresh block of its exact size,
+    # so an overrun or a use after free reaches the sanitizer
+    env = dict(os.environ, PYTHONPATH=str(copy), SPARSE_ATTENTION_BUFFER_CACHE_MB="0",
                LD_PRELOAD=f"{runtime('libasan.so')} {runtime('libubsan.so')}",
                # The quarantine keeps freed blocks out of reuse to catch use after free; by default it
                # holds up to 256 MB, which the RSS test in test_hardening.py would read as a leak.
