@@ -167,7 +167,7 @@ def test_statistics_follow_their_definitions():
     module(x)
     stats = module.get_attention_stats()
     layout = module.layout_for(5, 6)
-    q, k, v = module._project(x)
+    _, q, k, v = module._project(x)
     _, _, probs = reference_attention(q, k, v, layout, bias=module.rel_pos_bias)
     allowed = torch.from_numpy(layout.to_dense()).expand_as(probs)
     values = probs[allowed]
@@ -284,8 +284,26 @@ def test_attention_weights_are_the_softmax_rows():
     x = torch.randn(1, 16, 7, 8, dtype=torch.float64)
     rows = module.attention_weights(x, [0, 27])
     layout = module.layout_for(7, 8)
-    q, k, v = module._project(x)
+    _, q, k, v = module._project(x)
     _, _, probs = reference_attention(q, k, v, layout, bias=module.rel_pos_bias)
     for token, (keys, weights) in zip([0, 27], rows):
         torch.testing.assert_close(weights, probs[:, :, token, keys])
         torch.testing.assert_close(weights.sum(-1), torch.ones(1, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("size", [(5, 7), (1, 9), (40, 3), (16, 16), (64, 64), (1, 1)])
+def test_position_embedding_resize_matches_bilinear_interpolate(size):
+    """The resize as two matrix products (module._position_tokens) against
+    F.interpolate(bilinear, align_corners=False): values and the embedding's gradient."""
+    module = EnhancedSparseAttention(6, 6, num_heads=2, pos_embedding_size=16).double()
+    height, width = size
+    weight = torch.randn(height * width, 6, dtype=torch.float64)
+    got = module._position_tokens(height, width, torch.float64)
+    (got * weight).sum().backward()
+    got_grad = module.pos_embedding.grad.clone()
+    module.pos_embedding.grad = None
+    expected = torch.nn.functional.interpolate(module.pos_embedding, size=size, mode="bilinear",
+                                               align_corners=False).flatten(2).transpose(1, 2)[0]
+    (expected * weight).sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_grad, module.pos_embedding.grad, rtol=1e-12, atol=1e-12)
