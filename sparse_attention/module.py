@@ -327,9 +327,12 @@ class EnhancedSparseAttention(nn.Module):
         attended, _lse, row_stats = result
         if want_stats and row_stats is not None:
             self._record_stats(row_stats, layout, key_mask, head_active)
-        gated = attended * self.head_importance.to(attended.dtype).view(1, -1, 1, 1)
-        merged = gated.transpose(1, 2).reshape(batch, height * width, self.out_channels)
-        out = self.proj(merged)
+        merged = attended.transpose(1, 2).reshape(batch, height * width, self.out_channels)
+        # the per-head gate scales the projection's input channels of its head:
+        # folded into the Cout x Cout weight, it costs a small product instead of
+        # a pass over [B, heads, N, D] forward and two more backward
+        gate = self.head_importance.to(merged.dtype).repeat_interleave(self.head_dim)
+        out = F.linear(merged, self.proj.weight * gate, self.proj.bias)
         if self.skip_connection:
             out = out + (self.residual(tokens) if self.residual is not None else tokens)
         out = self.norm(out)
