@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from . import _stencil, _tiles
+from . import functional as _functional
 from ._native import C
 from ._torch_impl import sparse_attention_torch
 from .functional import (_check_bias, _check_head_active, _check_key_mask, _validate_common)
@@ -32,7 +33,7 @@ def _kernel_output(shape, dtype, device):
     freed: a training loop then writes to pages it already has instead of
     faulting in fresh ones every step (csrc/host_pool.h)."""
     code = _POOLED_DTYPES.get(dtype)
-    if device.type != "cpu" or code is None:
+    if device.type != "cpu" or code is None or not _functional.buffer_cache_on:
         return torch.empty(shape, dtype=dtype, device=device)
     return torch.from_dlpack(C.pool_tensor(shape, *code))
 

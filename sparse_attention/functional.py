@@ -220,13 +220,25 @@ def set_buffer_cache_limit(num_bytes: int) -> None:
     The op's outputs on the CPU (attention output, log-sum-exp, gradients)
     live in buffers that go back to a cache when their tensors are freed, so a
     training loop reuses pages it already touched instead of faulting in new
-    ones every step. 0 turns the cache off. The default is 512 MiB, or
+    ones every step. 0 turns the cache off: outputs then come from
+    ``torch.empty``. The default is 512 MiB, or
     ``SPARSE_ATTENTION_BUFFER_CACHE_MB`` when that is set at import."""
     if isinstance(num_bytes, bool) or not isinstance(num_bytes, numbers.Integral):
         raise TypeError(f"num_bytes: expected an int, got {type(num_bytes).__name__}")
     if num_bytes < 0:
         raise ValueError(f"num_bytes: expected >= 0, got {num_bytes}")
-    C.pool_set_limit(int(num_bytes))
+    _set_buffer_cache_limit(int(num_bytes))
+
+
+# read by the op on every CPU call; off, outputs come from torch.empty as
+# any op's would (resizable storage)
+buffer_cache_on = True
+
+
+def _set_buffer_cache_limit(num_bytes):
+    global buffer_cache_on
+    C.pool_set_limit(num_bytes)
+    buffer_cache_on = num_bytes > 0
 
 
 def buffer_cache_info() -> dict:
@@ -251,7 +263,7 @@ def _buffer_cache_limit_from_env():
         raise ValueError(f"SPARSE_ATTENTION_BUFFER_CACHE_MB: expected a number of MiB, got {value!r}") from None
     if not megabytes >= 0:
         raise ValueError(f"SPARSE_ATTENTION_BUFFER_CACHE_MB: expected >= 0, got {value!r}")
-    C.pool_set_limit(int(megabytes * 2**20))
+    _set_buffer_cache_limit(int(megabytes * 2**20))
 
 
 _buffer_cache_limit_from_env()

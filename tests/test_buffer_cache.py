@@ -167,3 +167,19 @@ def test_the_environment_sets_the_limit():
     bad = _limit_seen_with_env("lots")
     assert bad.returncode != 0
     assert "SPARSE_ATTENTION_BUFFER_CACHE_MB" in bad.stderr
+
+
+def test_with_the_cache_off_outputs_are_ordinary_resizable_tensors():
+    q, k, v = _inputs()
+    layout = build_layout("axial", 9, 9)
+    with torch.no_grad():
+        cached = sparse_scaled_dot_product_attention(q, k, v, layout)
+        sa.set_buffer_cache_limit(0)
+        before = sa.buffer_cache_info()
+        plain = sparse_scaled_dot_product_attention(q, k, v, layout)
+        after = sa.buffer_cache_info()
+    assert (after["reused"], after["fresh"]) == (before["reused"], before["fresh"])
+    torch.testing.assert_close(plain, cached, rtol=0, atol=0)
+    plain.resize_(1000, 1000)
+    with pytest.raises(RuntimeError, match="not resizable"):
+        cached.resize_(1000, 1000)

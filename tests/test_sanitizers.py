@@ -43,8 +43,10 @@ def test_suites_pass_under_address_and_undefined_behaviour_sanitizers(tmp_path):
     symbols = subprocess.run(["nm", "-D", next(str(p) for p in (copy / "sparse_attention").glob("_C*.so"))],
                              capture_output=True, text=True).stdout
     assert "__asan" in symbols and "__ubsan" in symbols, "the build is not instrumented"
-    # the buffer cache off: every output is a fresh block of its exact size,
-    # so an overrun or a use after free reaches the sanitizer
+    # the buffer cache off: the op's outputs come from torch's allocator, one
+    # exact-size block each, so an overrun or a use after free reaches the
+    # sanitizer; test_buffer_cache.py turns the cache on, whose blocks are
+    # exact sizes in this build
     env = dict(os.environ, PYTHONPATH=str(copy), SPARSE_ATTENTION_BUFFER_CACHE_MB="0",
                LD_PRELOAD=f"{runtime('libasan.so')} {runtime('libubsan.so')}",
                # The quarantine keeps freed blocks out of reuse to catch use after free; by default it
