@@ -830,7 +830,22 @@ INLINE void forward_full_row(const window_ctx *c, window_work *w, int64_t b, int
     float top = -INFINITY;
     int saw_nan = 0;
     row_dots_all(q, kb, ks, dim, N, scores);
-    for (int64_t j = 0; j < N; j++) {
+    int64_t j_plain = 0;
+    if (p->bias_table == NULL && p->key_mask == NULL) {
+        /* no bias or mask to look up per key: eight scores a step */
+        const v8 scale = SPLAT(c->scale);
+        v8 tops = SPLAT(-INFINITY);
+        i8v nans = {0};
+        for (; j_plain + 8 <= N; j_plain += 8) {
+            const v8 s = LOADU(scores + j_plain) * scale;
+            nans |= s != s;
+            tops = lanes_max(tops, s);
+            STOREU(scores + j_plain, s);
+        }
+        top = hmax8(tops);
+        for (int l = 0; l < LANES; l++) saw_nan |= nans[l] != 0;
+    }
+    for (int64_t j = j_plain; j < N; j++) {
         float s = scores[j] * c->scale + sa_bias_of(p, h, iy - j / W, ix - j % W);
         if (!sa_key_usable(p, b, j)) s = -INFINITY;
         saw_nan |= s != s;
@@ -845,7 +860,10 @@ INLINE void forward_full_row(const window_ctx *c, window_work *w, int64_t b, int
     for (int64_t j0 = 0; j0 < N; j0 += 8) {
         const int n = N - j0 < 8 ? (int)(N - j0) : 8;
         v8 shifted = SPLAT(-INFINITY);
-        for (int k = 0; k < n; k++) shifted[k] = scores[j0 + k] - shift;
+        if (n == 8)
+            shifted = LOADU(scores + j0) - SPLAT(shift);
+        else
+            for (int k = 0; k < n; k++) shifted[k] = scores[j0 + k] - shift;
         const v8 prob = exp_v8(shifted);
         sum += prob;
         if (want_stats) {
@@ -855,7 +873,10 @@ INLINE void forward_full_row(const window_ctx *c, window_work *w, int64_t b, int
         v8 weight = prob * c->keep_scale;
         if (c->threshold > 0)
             weight = SELECT(sa_keep_lanes(c->threshold, (u8v){0} + query_key, (int32_t)j0, 1), weight, zero);
-        for (int k = 0; k < n; k++) scores[j0 + k] = weight[k];
+        if (n == 8)
+            STOREU(scores + j0, weight);
+        else
+            for (int k = 0; k < n; k++) scores[j0 + k] = weight[k];
     }
     const float total = hsum8(sum);
     const int live = total > 0.0f;

@@ -228,6 +228,25 @@ def test_results_are_bitwise_the_same_for_any_thread_count(pattern):
         assert all(torch.equal(a, b) for a, b in zip(grads[0], other_grads))
 
 
+def test_a_nan_key_reaches_exactly_the_rows_that_attend_it():
+    """A NaN in a key row: every row whose keys include it (its window's
+    queries and the global query, whose scores take the eight-at-a-time path
+    without bias or mask) turns NaN, as in the float64 reference; the rest
+    match the reference."""
+    poison = float("nan")
+    layout = build_layout("longformer", 16, 16, kernel_size=5)
+    (q, k, v), _ = make(1, 2, 256, 16)
+    k = k.clone()
+    k[0, 1, 37, 3] = poison
+    out = attention(q.float(), k.float(), v.float(), layout)
+    expected = reference_attention(q.double(), k.double(), v.double(), layout)[0]
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    attends = torch.from_numpy(layout.to_dense())[:, 37]
+    assert torch.isnan(out[0, 1]).any(-1).equal(attends)
+    finite = ~torch.isnan(expected)
+    torch.testing.assert_close(out[finite].double(), expected[finite], rtol=1e-4, atol=1e-5)
+
+
 def test_nan_query_row_stays_in_its_row():
     layout = build_layout("longformer", 16, 16, kernel_size=5)
     (q, k, v), _ = make(1, 2, 256, 16)
