@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define SA_POOL_MAX_DIMS 8
+#include "dlpack_bridge.h" /* SA_MAX_DIMS */
 #define SA_POOL_ALIGN 64
 #define SA_POOL_PAGE 4096
 
@@ -18,7 +18,7 @@ typedef struct idle_block {
 /* One tensor's DLPack record; the deleter finds the block through it. */
 typedef struct {
     DLManagedTensor managed;
-    int64_t shape[SA_POOL_MAX_DIMS];
+    int64_t shape[SA_MAX_DIMS];
     void *block;
     size_t bytes;
 } pool_lease;
@@ -130,9 +130,9 @@ static void capsule_destructor(PyObject *capsule)
 PyObject *sa_pool_tensor(const int64_t *shape, int ndim, DLDataType dtype)
 {
     pthread_once(&fork_handlers_once, register_fork_handlers);
-    if (ndim < 0 || ndim > SA_POOL_MAX_DIMS) {
+    if (ndim < 0 || ndim > SA_MAX_DIMS) {
         PyErr_Format(PyExc_ValueError, "pool_tensor: shape has %d dimensions, expected 0 to %d",
-                     ndim, SA_POOL_MAX_DIMS);
+                     ndim, SA_MAX_DIMS);
         return NULL;
     }
     if (dtype.lanes != 1 || dtype.bits == 0 || dtype.bits % 8 != 0) {

@@ -449,6 +449,34 @@ typedef struct {
     const int32_t *base;
 } tile_plan;
 
+
+/* Reads a Python sequence of at most `max` ints into values; -1 with a
+ * Python exception (naming `name`) when it is not one or is longer. */
+static int read_int_sequence(PyObject *obj, const char *name, int64_t *values, Py_ssize_t max,
+                             Py_ssize_t *length)
+{
+    PyObject *seq = PySequence_Fast(obj, "expected a sequence of integers");
+    if (!seq) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a sequence of integers", name);
+        return -1;
+    }
+    *length = PySequence_Fast_GET_SIZE(seq);
+    if (*length > max) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd integers, expected at most %zd", name, *length, max);
+        Py_DECREF(seq);
+        return -1;
+    }
+    for (Py_ssize_t t = 0; t < *length; t++) {
+        values[t] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, t));
+        if (values[t] == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return -1;
+        }
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
 static int take_tile_plan(view_set *set, PyObject *buffer_obj, PyObject *passes_obj,
                           const sa_view *q, tile_plan *plan)
 {
@@ -461,32 +489,24 @@ static int take_tile_plan(view_set *set, PyObject *buffer_obj, PyObject *passes_
     sa_view *buffer = take(set, buffer_obj, "tile_plan", 0);
     int64_t any[1] = {-1};
     if (!buffer || check_buffer(buffer, q, SA_DT_I32, any, 1) < 0) return -1;
-    PyObject *seq = PySequence_Fast(passes_obj, "tile_passes: expected a sequence of integers");
-    if (!seq) return -1;
-    Py_ssize_t length = PySequence_Fast_GET_SIZE(seq);
-    if (length == 0 || length % 6 != 0 || length / 6 > SA_MAX_PLAN_PASSES) {
+    int64_t values[6 * SA_MAX_PLAN_PASSES];
+    Py_ssize_t length;
+    if (read_int_sequence(passes_obj, "tile_passes", values, 6 * SA_MAX_PLAN_PASSES, &length) < 0) return -1;
+    if (length == 0 || length % 6 != 0) {
         PyErr_Format(PyExc_ValueError,
                      "tile_passes: expected 6 integers per pass and 1 to %d passes, got %zd integers",
                      SA_MAX_PLAN_PASSES, length);
-        Py_DECREF(seq);
         return -1;
     }
     const int64_t size = buffer->shape[0];
     for (Py_ssize_t t = 0; t < length; t++) {
-        long long value = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, t));
-        if (value == -1 && PyErr_Occurred()) {
-            Py_DECREF(seq);
-            return -1;
-        }
-        if (value < 0 || value > size) {
+        if (values[t] < 0 || values[t] > size) {
             PyErr_Format(PyExc_ValueError, "tile_passes: entry %zd is %lld, outside [0, %lld]", t,
-                         value, (long long)size);
-            Py_DECREF(seq);
+                         (long long)values[t], (long long)size);
             return -1;
         }
-        plan->fields[t / 6][t % 6] = value;
+        plan->fields[t / 6][t % 6] = values[t];
     }
-    Py_DECREF(seq);
     plan->count = length / 6;
     for (int64_t i = 0; i < plan->count; i++) {
         const int64_t *f = plan->fields[i];
@@ -1229,23 +1249,10 @@ static PyObject *pool_tensor(PyObject *self, PyObject *args)
     PyObject *shape_obj;
     int code, bits;
     if (!PyArg_ParseTuple(args, "Oii", &shape_obj, &code, &bits)) return NULL;
-    PyObject *shape_seq = PySequence_Fast(shape_obj, "pool_tensor: shape must be a sequence of ints");
-    if (shape_seq == NULL) return NULL;
-    Py_ssize_t ndim = PySequence_Fast_GET_SIZE(shape_seq);
-    int64_t shape[8];
-    if (ndim > 8) {
-        Py_DECREF(shape_seq);
-        return PyErr_Format(PyExc_ValueError, "pool_tensor: shape has %zd dimensions, expected at most 8",
-                            ndim);
-    }
-    for (Py_ssize_t d = 0; d < ndim; d++) {
-        shape[d] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(shape_seq, d));
-        if (shape[d] == -1 && PyErr_Occurred()) {
-            Py_DECREF(shape_seq);
-            return NULL;
-        }
-    }
-    Py_DECREF(shape_seq);
+    int64_t shape[SA_MAX_DIMS];
+    Py_ssize_t ndim;
+    if (read_int_sequence(shape_obj, "pool_tensor: shape (dimensions)", shape, SA_MAX_DIMS, &ndim) < 0)
+        return NULL;
     if (code < 0 || code > 255 || bits <= 0 || bits > 255) {
         return PyErr_Format(PyExc_ValueError, "pool_tensor: dtype code %d and bits %d, expected "
                             "0..255 and 1..255", code, bits);
