@@ -71,7 +71,7 @@ static void SA_FN(forward_rows)(void *ctx, int64_t begin, int64_t end)
         SA_T *stats = p->row_stats ? (SA_T *)p->row_stats + 2 * item : NULL;
         for (int64_t d = 0; d < dim; d++) acc[d] = 0;
         SA_T run_max = -INFINITY, run_sum = 0, run_sq = 0, run_shifted = 0;
-        int saw_nan = 0; /* a NaN score makes the row NaN, as in PyTorch */
+        int saw_nan = 0; /* a NaN score makes the row NaN, as in PyTorch; +inf too (see below) */
         if (head_runs(p, h)) {
             const SA_T *q = ROW((const SA_T *)p->q, p->q_stride, b, h, i);
             const uint32_t query_key =
@@ -121,7 +121,9 @@ static void SA_FN(forward_rows)(void *ctx, int64_t begin, int64_t end)
                 }
             }
         }
-        if (saw_nan) {
+        /* a +inf score leaves exp(inf - inf) in its softmax: the row is NaN, and so is its
+         * lse, which the backward then passes on as NaN rather than as a row without keys */
+        if (saw_nan || run_max == INFINITY) {
             for (int64_t d = 0; d < dim; d++) out[d] = NAN;
             *lse = NAN;
             if (stats) stats[0] = stats[1] = NAN;

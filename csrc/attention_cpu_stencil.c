@@ -504,7 +504,7 @@ INLINE void full_row_scores(const stencil_ctx *c, stencil_work *w, int64_t h, in
         m = best[l] > m ? best[l] : m;
         nan |= nan_lanes[l] != 0;
     }
-    *saw_nan = nan;
+    *saw_nan = nan || m == INFINITY; /* exp(inf - inf) in the softmax */
     *top = m;
 }
 
@@ -627,6 +627,7 @@ static void forward_heads(void *opaque, int64_t first, int64_t last)
                     w.scores[e] = s0;
                 }
                 top = SELECT(top_odd > top, top_odd, top);
+                nan_lanes |= top == SPLAT(INFINITY); /* exp(inf - inf) in the softmax */
                 const v8 shift = SELECT(top == neg_inf, SPLAT(0.0f), top);
                 const u8v query_keys = strip_query_keys(c, b, h, y, x0);
                 v8 sum = SPLAT(0.0f), sum_sq = SPLAT(0.0f), sum_shifted = SPLAT(0.0f);

@@ -655,7 +655,7 @@ SA_INLINE void row_numerators_all(float *row, int cols, float scale, const float
 
 /* A row's scores scaled and biased in place where word's bits are set, -inf
  * elsewhere (eight mask bits a vector); returns their maximum and sets *nan
- * where a kept score is NaN. */
+ * where a kept score is NaN or +inf. */
 SA_INLINE float mask_row(float *row, uint64_t word, int cols, float scale, const float *bias_row, int *nan)
 {
     v8 top_lanes = SPLAT(-INFINITY);
@@ -670,8 +670,10 @@ SA_INLINE float mask_row(float *row, uint64_t word, int cols, float scale, const
     }
     int any_nan = 0;
     for (int l = 0; l < 8; l++) any_nan |= nan_lanes[l];
-    *nan |= any_nan != 0;
-    return hmax8(top_lanes);
+    const float top = hmax8(top_lanes);
+    /* a kept +inf score makes the row NaN, as a NaN does */
+    *nan |= any_nan != 0 || top == INFINITY;
+    return top;
 }
 
 TILED_CLONES

@@ -436,8 +436,10 @@ INLINE void mask_scores(const window_ctx *c, const window_work *w, int64_t b, in
         scores[US + g] = score;
     }
     if (top_out) {
-        *top_out = SELECT(top_odd > top, top_odd, top);
-        *nan_out = nan_lanes;
+        top = SELECT(top_odd > top, top_odd, top);
+        *top_out = top;
+        /* a +inf score leaves exp(inf - inf) in the softmax: NaN, as a NaN score */
+        *nan_out = nan_lanes | (top == SPLAT(INFINITY));
     }
 }
 
@@ -852,6 +854,7 @@ INLINE void forward_full_row(const window_ctx *c, window_work *w, int64_t b, int
         top = s > top ? s : top;
         scores[j] = s;
     }
+    saw_nan |= top == INFINITY; /* exp(inf - inf) in the softmax */
     const float shift = top == -INFINITY ? 0.0f : top;
     const uint32_t query_key =
         c->threshold ? sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), i) : 0u;

@@ -65,7 +65,7 @@ forward_kernel(const sa_attention_params p) {
 #pragma unroll
                 for (int e = 0; e < VEC; e++) partial += q[e] * k[e];
                 const A s = scale * warp_sum(partial) + bias_at<T>(p, h, i, j);
-                saw_nan |= s != s;
+                saw_nan |= !(s < CUDART_INF_F);  // NaN or +inf: exp(inf - inf) in the softmax
                 if (s > run_max) {
                     if (run_sum > 0) {
                         const A r = exp_acc(run_max - s);
@@ -410,7 +410,7 @@ forward_fast_kernel(const sa_attention_params p, bool aligned) {
             if (allowed)
                 s = scale * dot_shared(row_of<T>(p.k, p.k_stride, b, h, j), q, dim, aligned) +
                     bias_at<T>(p, h, i, j);
-            saw_nan |= __any_sync(0xffffffffu, s != s);
+            saw_nan |= __any_sync(0xffffffffu, !(s < CUDART_INF_F));  // NaN or +inf
             const A chunk_max = warp_max(s);
             if (chunk_max == -CUDART_INF_F) continue;
             const A new_max = chunk_max > run_max ? chunk_max : run_max;

@@ -218,7 +218,7 @@ forward_tiled_kernel(const sa_attention_params p, bool aligned, bool async_copie
                             dx = dx < -m ? -m : (dx > m ? m : dx);
                             s += to_acc(static_cast<const T *>(p.bias_table)[(h * side + dy + m) * side + dx + m]);
                         }
-                        saw_nan[r] |= s != s;
+                        saw_nan[r] |= !(s < CUDART_INF_F);  // NaN or +inf: exp(inf - inf)
                     }
                     score[kg][e] = s;
                     chunk_max[r] = fmaxf(chunk_max[r], s);

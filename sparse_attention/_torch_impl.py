@@ -98,6 +98,8 @@ def sparse_attention_torch(query, key, value, layout, *, scale, rel_pos_bias=Non
     safe_sum = torch.where(nonempty, row_sum, torch.ones_like(row_sum))
     probs = weights / safe_sum[:, :, rows]
     lse = torch.where(nonempty, safe_max + torch.log(safe_sum), torch.full_like(row_sum, float("-inf")))
+    # a +inf score makes its row NaN (exp(inf - inf)); its lse is NaN too, as the kernels give
+    lse = torch.where(row_max == float("inf"), torch.full_like(lse, float("nan")), lse)
 
     mixed = probs
     if dropout_p > 0:
@@ -114,4 +116,5 @@ def sparse_attention_torch(query, key, value, layout, *, scale, rel_pos_bias=Non
                                 torch.zeros_like(probs))
             entropy = -torch.zeros_like(row_sum).index_add(2, rows, plogp)
             row_stats = torch.stack([sum_sq, entropy], dim=-1)
+            row_stats = torch.where(torch.isnan(lse).unsqueeze(-1), float("nan"), row_stats)
     return out.to(query.dtype), lse, row_stats

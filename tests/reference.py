@@ -42,7 +42,8 @@ def reference_attention(q, k, v, layout, *, scale=None, bias=None, key_mask=None
         allowed = allowed & head_active.view(1, heads, 1, 1)
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    # only a row without keys (lse -inf) shifts by 0; a +inf lse leaves exp(inf - inf), NaN, as softmax does
+    probs = torch.exp(scores - torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)[..., None])
     probs = torch.where(allowed, probs, torch.zeros_like(probs))
     mixed = probs
     if dropout_p > 0:

@@ -210,3 +210,32 @@ def test_nan_query_in_a_row_with_a_partial_chunk(pattern):
     assert nan_rows[0, 1, 150] and torch.isnan(lse[0, 1, 150])
     nan_rows[0, 1, 150] = False
     assert not nan_rows.any()
+
+
+@pytest.mark.parametrize("reference_kernels", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_a_plus_inf_score_makes_its_row_nan(pattern, dtype, reference_kernels):
+    """As tests/test_nonfinite.py on the CPU: a key with an infinite element
+    makes the rows that score it +inf NaN (output and lse), never the zeros
+    and -inf lse of a row without keys; the other rows match the reference."""
+    from sparse_attention import _torch_ops
+
+    layout = build_layout(pattern, 24, 20, kernel_size=5, num_global_tokens=1, attention_ratio=0.3)
+    n = layout.num_tokens
+    q, k, v, _ = inputs(1, 2, n, 64, torch.float64, seed=4)
+    k[0, 1, 5, 3] = float("inf")
+    k[0, 0, n // 2, 1] = float("-inf")
+    q, k, v = (t.to(dtype).double() for t in (q, k, v))
+    expected = reference_attention(q, k, v, layout)[0]
+    nan_rows = torch.isnan(expected).any(-1)
+    _torch_ops.use_reference_cuda_kernels = reference_kernels
+    try:
+        out, lse = attention(*(t.to("cuda", dtype) for t in (q, k, v)), layout, return_lse=True)
+        torch.cuda.synchronize()
+    finally:
+        _torch_ops.use_reference_cuda_kernels = False
+    out, lse = out.double().cpu(), lse.double().cpu()
+    assert torch.equal(torch.isnan(out).all(-1), nan_rows)
+    assert torch.equal(torch.isnan(lse), nan_rows)
+    assert (out[~nan_rows] - expected[~nan_rows]).abs().max() < TOL[dtype]
