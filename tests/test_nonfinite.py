@@ -75,3 +75,30 @@ def test_a_masked_infinite_key_leaves_every_row_finite(pattern, kernel):
     assert not torch.isnan(expected).any()
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse.double(), expected_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["rows", "tiles", "auto", "torch"])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_infinite_cells_of_the_bias_table(pattern, kernel):
+    """A +inf cell of the relative position table makes NaN exactly the rows
+    whose kept keys sit at its offset; -inf cells drop their offsets' keys
+    (the tiles' shift from raw scores must not take them for a bound)."""
+    layout = build_layout(pattern, 16, 16)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, layout.num_tokens, 16, generator=gen) for _ in range(3))
+    bias = torch.randn(2, 7, 7, generator=gen)
+    bias[1, 3, 4] = float("inf")
+    bias[0, 2, 3] = bias[1, 6, 6] = float("-inf")
+    expected, expected_lse, _ = reference_attention(q, k, v, layout, bias=bias)
+    nan_rows = torch.isnan(expected).any(-1)
+    assert nan_rows.any() and not nan_rows.all()
+    query = q.clone().requires_grad_(True)
+    out, lse = run(kernel, query, k, v, layout, rel_pos_bias=bias, return_lse=True)
+    assert torch.equal(torch.isnan(out).all(-1), nan_rows)
+    assert torch.equal(torch.isnan(out).any(-1), nan_rows)
+    assert torch.equal(torch.isnan(lse), nan_rows)
+    torch.testing.assert_close(out[~nan_rows].double(), expected[~nan_rows], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse[~nan_rows].double(), expected_lse[~nan_rows], rtol=1e-5, atol=1e-5)
+    out.backward(torch.ones_like(out))
+    assert torch.isnan(query.grad).any(-1)[nan_rows].all()
+    assert torch.isfinite(query.grad[~nan_rows]).all()
