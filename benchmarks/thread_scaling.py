@@ -2,9 +2,11 @@
 
     python benchmarks/thread_scaling.py block axial longformer strided
 
-B=2, 8 heads, D=32, fp32; forward and forward+backward; medians of 7 per
-thread count, the two thread counts alternating in every round (so that
-neither always runs with the inputs warm from the other). The
+B=2, 8 heads, D=32, fp32; forward and forward+backward. Each round times
+both thread counts back to back (median of 3 calls each, their order
+alternating from round to round, so that neither always runs with the
+inputs warm from the other) and takes their ratio; printed: the median of
+ROUNDS such ratios, and their quartiles in brackets. The
 forward+backward is the benchmark's training step
 (sparse_attention.bench): the output's backward with a gradient of ones,
 then the inputs' gradients dropped, as zero_grad() does. Left in place, each
@@ -18,6 +20,8 @@ import time
 import torch
 
 import sparse_attention as sa
+
+ROUNDS = 15
 
 
 def timed(fn):
@@ -44,16 +48,20 @@ def main(patterns):
 
         speedups = {}
         for name, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
-            times = {1: [], 2: []}
-            for round_ in range(7):
+            ratios = []
+            for round_ in range(ROUNDS):
+                times = {}
                 for threads in ((1, 2) if round_ % 2 else (2, 1)):
                     torch.set_num_threads(threads)
                     sa.set_num_threads(threads)
                     fn()  # warm-up at this thread count
-                    times[threads].append(timed(fn))
-            speedups[name] = statistics.median(times[1]) / statistics.median(times[2])
-        print(f"{pattern}: 2 threads vs 1: fwd {speedups['fwd']:.2f}x, fwd+bwd {speedups['fwd+bwd']:.2f}x",
-              flush=True)
+                    times[threads] = statistics.median(timed(fn) for _ in range(3))
+                # a ratio per round, both counts timed back to back, so that the
+                # machine's drift between rounds cancels
+                ratios.append(times[1] / times[2])
+            quartiles = statistics.quantiles(ratios, n=4)
+            speedups[name] = f"{statistics.median(ratios):.2f}x ({quartiles[0]:.2f}-{quartiles[2]:.2f})"
+        print(f"{pattern}: 2 threads vs 1: fwd {speedups['fwd']}, fwd+bwd {speedups['fwd+bwd']}", flush=True)
 
 
 if __name__ == "__main__":
