@@ -147,6 +147,7 @@ typedef struct {
     uint8_t *is_listed;   /* tokens: the row is in stencil_rows */
     uint8_t *listed_full; /* per listed row: it attends every token (done here) */
     int any_full;
+    float *full_parts; /* (forward) [batch x heads][listed row][band]: full_part_floats each */
     int wide; /* 32 vector registers: union rows' dots two rows a pass, P x V four lanes */
     int64_t bands, band_items;
     int64_t bias_cells; /* (2M+1)^2: one (batch, head)'s row of grad_bias_rows */
@@ -815,30 +816,47 @@ INLINE void row_dots_all(const float *restrict row, const float *restrict keys, 
 
 /* ---- listed rows that attend every token ---------------------------------- */
 
-/* A listed row that attends every token (LONGFORMER's global query): scores of
- * eight keys at a time as eight vectors over d, transposed and summed; P x V
- * with vectors over d. */
-INLINE void forward_full_row(const window_ctx *c, window_work *w, int64_t b, int64_t h, int64_t i)
+/* A listed row that attends every token (LONGFORMER's global query) is done
+ * in parts: each band item takes its share, the keys of its own image rows,
+ * right after its blocks, while those keys and values are still in its
+ * core's caches (as a separate item after the bands it read the whole 1 MB of
+ * K and V of a 64 x 64 head again, 5% of LONGFORMER's forward). A part is the
+ * share's softmax against its own maximum; full_row_finish merges them. */
+enum { PART_TOP, PART_SUM, PART_SUM_SQ, PART_SUM_SHIFTED, PART_NAN, PART_ACC };
+
+/* Floats a part takes: the five above, then the unnormalised output row. */
+static int64_t full_part_floats(const window_ctx *c) { return PART_ACC + c->dim; }
+
+/* Where the part of listed row t, (batch, head) bh, band `band` goes. */
+static float *full_part_at(const window_ctx *c, int64_t bh, int64_t t, int64_t band)
+{
+    return c->full_parts + ((bh * c->p->stencil_num_rows + t) * c->bands + band) * full_part_floats(c);
+}
+
+/* Row i's part over keys [first, end): scores of eight keys at a time as
+ * eight vectors over d, transposed and summed; P x V with vectors over d. */
+INLINE void full_row_part(const window_ctx *c, window_work *w, int64_t b, int64_t h, int64_t i, int64_t first,
+                          int64_t end, float *part)
 {
     const sa_attention_params *p = c->p;
-    const int64_t W = c->width, dim = c->dim, N = p->num_tokens;
+    const int64_t W = c->width, dim = c->dim, count = end - first;
     const int want_stats = p->row_stats != NULL;
-    const float *kb = (const float *)p->k + b * p->k_stride[0] + h * p->k_stride[1];
-    const float *vb = (const float *)p->v + b * p->v_stride[0] + h * p->v_stride[1];
     const int64_t ks = p->k_stride[2], vs = p->v_stride[2];
+    const float *kb = (const float *)p->k + b * p->k_stride[0] + h * p->k_stride[1] + first * ks;
+    const float *vb = (const float *)p->v + b * p->v_stride[0] + h * p->v_stride[1] + first * vs;
     const float *q = sa_row_of(p->q, p->q_stride, b, h, i);
     const int64_t iy = i / W, ix = i % W;
     float *scores = w->full;
     float top = -INFINITY;
     int saw_nan = 0;
-    row_dots_all(q, kb, ks, dim, N, scores);
+    row_dots_all(q, kb, ks, dim, count, scores);
     int64_t j_plain = 0;
     if (p->bias_table == NULL && p->key_mask == NULL) {
         /* no bias or mask to look up per key: eight scores a step */
         const v8 scale = SPLAT(c->scale);
         v8 tops = SPLAT(-INFINITY);
         i8v nans = {0};
-        for (; j_plain + 8 <= N; j_plain += 8) {
+        for (; j_plain + 8 <= count; j_plain += 8) {
             const v8 s = LOADU(scores + j_plain) * scale;
             nans |= s != s;
             tops = lanes_max(tops, s);
@@ -847,12 +865,13 @@ INLINE void forward_full_row(const window_ctx *c, window_work *w, int64_t b, int
         top = hmax8(tops);
         for (int l = 0; l < LANES; l++) saw_nan |= nans[l] != 0;
     }
-    for (int64_t j = j_plain; j < N; j++) {
-        float s = scores[j] * c->scale + sa_bias_of(p, h, iy - j / W, ix - j % W);
+    for (int64_t jj = j_plain; jj < count; jj++) {
+        const int64_t j = first + jj;
+        float s = scores[jj] * c->scale + sa_bias_of(p, h, iy - j / W, ix - j % W);
         if (!sa_key_usable(p, b, j)) s = -INFINITY;
         saw_nan |= s != s;
         top = s > top ? s : top;
-        scores[j] = s;
+        scores[jj] = s;
     }
     saw_nan |= top == INFINITY; /* exp(inf - inf) in the softmax */
     const float shift = top == -INFINITY ? 0.0f : top;
@@ -860,8 +879,8 @@ INLINE void forward_full_row(const window_ctx *c, window_work *w, int64_t b, int
         c->threshold ? sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), i) : 0u;
     const v8 zero = SPLAT(0.0f);
     v8 sum = zero, sum_sq = zero, sum_shifted = zero;
-    for (int64_t j0 = 0; j0 < N; j0 += 8) {
-        const int n = N - j0 < 8 ? (int)(N - j0) : 8;
+    for (int64_t j0 = 0; j0 < count; j0 += 8) {
+        const int n = count - j0 < 8 ? (int)(count - j0) : 8;
         v8 shifted = SPLAT(-INFINITY);
         if (n == 8)
             shifted = LOADU(scores + j0) - SPLAT(shift);
@@ -875,32 +894,29 @@ INLINE void forward_full_row(const window_ctx *c, window_work *w, int64_t b, int
         }
         v8 weight = prob * c->keep_scale;
         if (c->threshold > 0)
-            weight = SELECT(sa_keep_lanes(c->threshold, (u8v){0} + query_key, (int32_t)j0, 1), weight, zero);
+            weight = SELECT(sa_keep_lanes(c->threshold, (u8v){0} + query_key, (int32_t)(first + j0), 1), weight, zero);
         if (n == 8)
             STOREU(scores + j0, weight);
         else
             for (int k = 0; k < n; k++) scores[j0 + k] = weight[k];
     }
-    const float total = hsum8(sum);
-    const int live = total > 0.0f;
-    const float inv = live ? 1.0f / total : 0.0f;
-    float *out = (float *)p->out + b * p->out_stride[0] + h * p->out_stride[1] + i * p->out_stride[2];
+    float *acc_out = part + PART_ACC;
     /* keys outer, up to 32 of d inner: each value row is read once */
     int64_t d0 = 0;
     for (; d0 + 8 <= dim; d0 += 32) {
         const int vectors = dim - d0 >= 32 ? 4 : (int)((dim - d0) / 8);
         v8 acc[4] = {zero, zero, zero, zero}, acc_odd[4] = {zero, zero, zero, zero};
         int64_t j = 0;
-        for (; j + 2 <= N; j += 2) {
+        for (; j + 2 <= count; j += 2) {
             const float *v0 = vb + j * vs + d0, *v1 = v0 + vs;
             for (int k = 0; k < vectors; k++) {
                 acc[k] += scores[j] * LOADU(v0 + 8 * k);
                 acc_odd[k] += scores[j + 1] * LOADU(v1 + 8 * k);
             }
         }
-        for (; j < N; j++)
+        for (; j < count; j++)
             for (int k = 0; k < vectors; k++) acc[k] += scores[j] * LOADU(vb + j * vs + d0 + 8 * k);
-        for (int k = 0; k < vectors; k++) STOREU(out + d0 + 8 * k, saw_nan ? SPLAT(NAN) : (acc[k] + acc_odd[k]) * inv);
+        for (int k = 0; k < vectors; k++) STOREU(acc_out + d0 + 8 * k, acc[k] + acc_odd[k]);
         if (vectors < 4) {
             d0 += 8 * vectors;
             break;
@@ -908,18 +924,65 @@ INLINE void forward_full_row(const window_ctx *c, window_work *w, int64_t b, int
     }
     for (; d0 < dim; d0++) {
         float acc = 0.0f;
-        for (int64_t j = 0; j < N; j++) acc += scores[j] * vb[j * vs + d0];
-        out[d0] = saw_nan ? NAN : acc * inv;
+        for (int64_t j = 0; j < count; j++) acc += scores[j] * vb[j * vs + d0];
+        acc_out[d0] = acc;
     }
-    const int64_t row_item = (b * p->heads + h) * N + i;
-    float lse = live ? shift + logf(total) : -INFINITY;
+    part[PART_TOP] = top;
+    part[PART_SUM] = hsum8(sum);
+    part[PART_SUM_SQ] = hsum8(sum_sq);
+    part[PART_SUM_SHIFTED] = hsum8(sum_shifted);
+    part[PART_NAN] = saw_nan ? 1.0f : 0.0f;
+}
+
+/* Row i from its parts: each part's sums rescaled from its own maximum to
+ * the row's, as an online softmax merges its chunks. */
+static void full_row_finish(const window_ctx *c, int64_t b, int64_t h, int64_t i, const float *parts)
+{
+    const sa_attention_params *p = c->p;
+    const int64_t dim = c->dim, stride = full_part_floats(c);
+    float top = -INFINITY;
+    int saw_nan = 0;
+    for (int64_t band = 0; band < c->bands; band++) {
+        const float *part = parts + band * stride;
+        saw_nan |= part[PART_NAN] != 0.0f;
+        if (part[PART_SUM] > 0.0f && part[PART_TOP] > top) top = part[PART_TOP];
+    }
+    double total = 0.0, total_sq = 0.0, total_shifted = 0.0;
+    float *out = (float *)p->out + b * p->out_stride[0] + h * p->out_stride[1] + i * p->out_stride[2];
+    for (int64_t d = 0; d < dim; d++) out[d] = 0.0f;
+    for (int64_t band = 0; band < c->bands && !saw_nan; band++) {
+        const float *part = parts + band * stride;
+        if (!(part[PART_SUM] > 0.0f)) continue;
+        const float gap = part[PART_TOP] - top, r = expf(gap);
+        total += r * part[PART_SUM];
+        total_sq += (double)r * r * part[PART_SUM_SQ];
+        total_shifted += r * (part[PART_SUM_SHIFTED] + part[PART_SUM] * gap);
+        for (int64_t d = 0; d < dim; d++) out[d] += r * part[PART_ACC + d];
+    }
+    const int live = total > 0.0;
+    const float inv = live ? (float)(1.0 / total) : 0.0f;
+    for (int64_t d = 0; d < dim; d++) out[d] = saw_nan ? NAN : out[d] * inv;
+    const int64_t row_item = (b * p->heads + h) * p->num_tokens + i;
+    float lse = live ? top + (float)log(total) : -INFINITY;
     if (saw_nan) lse = NAN;
     ((float *)p->lse)[row_item] = lse;
-    if (want_stats) {
+    if (p->row_stats != NULL) {
         float *stats = (float *)p->row_stats + 2 * row_item;
-        stats[0] = live ? hsum8(sum_sq) * inv * inv : 0.0f;
-        stats[1] = live ? logf(total) - hsum8(sum_shifted) * inv : 0.0f;
+        stats[0] = live ? (float)(total_sq / (total * total)) : 0.0f;
+        stats[1] = live ? (float)(log(total) - total_shifted / total) : 0.0f;
         if (saw_nan) stats[0] = stats[1] = NAN;
+    }
+}
+
+/* Every full row of every (batch, head) that runs, from the bands' parts. */
+static void finish_full_rows(const window_ctx *c)
+{
+    const sa_attention_params *p = c->p;
+    for (int64_t bh = 0; bh < p->batch * p->heads; bh++) {
+        const int64_t b = bh / p->heads, h = bh % p->heads;
+        if (p->head_active != NULL && !p->head_active[h]) continue; /* zeroed with its bands */
+        for (int64_t t = 0; t < p->stencil_num_rows; t++)
+            if (c->listed_full[t]) full_row_finish(c, b, h, p->stencil_rows[t], full_part_at(c, bh, t, 0));
     }
 }
 
@@ -959,22 +1022,9 @@ static void forward_items(void *opaque, int64_t first, int64_t last)
         atomic_store(&c->failed, 1);
         return;
     }
-    const int64_t total = c->band_items + (c->any_full ? p->batch * p->heads : 0);
-    /* a (batch, head)'s full rows come right after its bands, while its keys
-     * and values may still be in the caches (all at the end: 1.01-1.03x the time) */
-    const int64_t per_bh = c->bands + (c->any_full ? 1 : 0);
     for (;;) {
-        const int64_t fetched = atomic_fetch_add(&c->next_item, 1);
-        if (fetched >= total) break;
-        const int64_t fetched_bh = fetched / per_bh, part = fetched % per_bh;
-        const int64_t item = part < c->bands ? fetched_bh * c->bands + part : c->band_items + fetched_bh;
-        if (item >= c->band_items) {
-            const int64_t bh = item - c->band_items, b = bh / p->heads, h = bh % p->heads;
-            if (p->head_active != NULL && !p->head_active[h]) continue; /* zeroed with its bands */
-            for (int64_t t = 0; t < p->stencil_num_rows; t++)
-                if (c->listed_full[t]) forward_full_row(c, &w, b, h, p->stencil_rows[t]);
-            continue;
-        }
+        const int64_t item = atomic_fetch_add(&c->next_item, 1);
+        if (item >= c->band_items) break;
         const int64_t bh = item / c->bands, band = item % c->bands, b = bh / p->heads, h = bh % p->heads;
         const int64_t y_first = band * BAND_ROWS, y_end = y_first + BAND_ROWS < H ? y_first + BAND_ROWS : H;
         if (p->head_active != NULL && !p->head_active[h]) {
@@ -986,6 +1036,9 @@ static void forward_items(void *opaque, int64_t first, int64_t last)
             for (int64_t x0 = 0; x0 < W; x0 += BLOCK_COLS) {
                 forward_block(c, &w, b, h, y0, x0);
             }
+        for (int64_t t = 0; t < p->stencil_num_rows; t++)
+            if (c->listed_full[t])
+                full_row_part(c, &w, b, h, p->stencil_rows[t], y_first * W, y_end * W, full_part_at(c, bh, t, band));
     }
 #ifdef WINDOW_STREAM_STORES
     _mm_sfence(); /* the streamed rows are seen by whoever reads them next */
@@ -1416,6 +1469,7 @@ static void ctx_free(window_ctx *c)
     free(c->is_offset);
     free(c->is_listed);
     free(c->listed_full);
+    free(c->full_parts);
 }
 
 static int ctx_init(window_ctx *c, const sa_attention_params *p, char *err, size_t len)
@@ -1476,9 +1530,17 @@ int sa_cpu_forward_window(const sa_attention_params *p, int num_threads, int32_t
     }
     window_ctx c;
     int status = ctx_init(&c, p, err, len);
+    if (status == SA_OK && c.any_full) {
+        const size_t parts = (size_t)(p->batch * p->heads * p->stencil_num_rows * c.bands);
+        c.full_parts = malloc(parts * (size_t)full_part_floats(&c) * sizeof(float));
+        if (c.full_parts == NULL) {
+            snprintf(err, len, "could not run the window CPU kernel (out of memory)");
+            status = SA_ERR_MEMORY;
+        }
+    }
     if (status == SA_OK)
-        status = sa_run_workers(c.band_items + (c.any_full ? p->batch * p->heads : 0), num_threads, forward_items, &c,
-                                &c.failed, "window CPU kernel", err, len);
+        status = sa_run_workers(c.band_items, num_threads, forward_items, &c, &c.failed, "window CPU kernel", err, len);
+    if (status == SA_OK && c.any_full) finish_full_rows(&c);
     if (status == SA_OK && rows_left != NULL) sa_rows_not_full(p, c.listed_full, rows_left, num_left);
     if (status == SA_OK) atomic_fetch_add(&window_forwards, 1);
     ctx_free(&c);
