@@ -51,17 +51,31 @@ static size_t rounded_bytes(size_t bytes)
     return (bytes + unit - 1) / unit * unit;
 }
 
-/* Under the lock: drops the oldest idle blocks until at most `limit` idle bytes remain. */
-static void trim_to(size_t limit)
+/* Under the lock: detaches the oldest idle blocks until at most `limit` idle
+ * bytes remain, and returns them as a list for free_blocks (outside the lock).
+ * The list is newest first, so what stays is its longest head within limit. */
+static idle_block *detach_past(size_t limit)
 {
-    while (pool.idle_bytes > limit) {
-        idle_block **link = &idle_head;
-        while ((*link)->next != NULL) link = &(*link)->next;
-        idle_block *oldest = *link;
-        *link = NULL;
-        pool.idle_bytes -= oldest->bytes;
-        pool.idle_blocks--;
-        free(oldest);
+    if (pool.idle_bytes <= limit) return NULL;
+    idle_block **link = &idle_head;
+    size_t kept = 0;
+    while (*link != NULL && kept + (*link)->bytes <= limit) {
+        kept += (*link)->bytes;
+        link = &(*link)->next;
+    }
+    idle_block *dropped = *link;
+    *link = NULL;
+    for (idle_block *b = dropped; b != NULL; b = b->next) pool.idle_blocks--;
+    pool.idle_bytes = kept;
+    return dropped;
+}
+
+static void free_blocks(idle_block *list)
+{
+    while (list != NULL) {
+        idle_block *next = list->next;
+        free(list);
+        list = next;
     }
 }
 
@@ -108,8 +122,9 @@ static void return_block(void *block, size_t bytes)
     idle_head = node;
     pool.idle_bytes += bytes;
     pool.idle_blocks++;
-    trim_to(pool.limit);
+    idle_block *dropped = detach_past(pool.limit);
     pthread_mutex_unlock(&pool_lock);
+    free_blocks(dropped);
 }
 
 static void lease_deleter(DLManagedTensor *managed)
@@ -189,13 +204,15 @@ void sa_pool_set_limit(size_t limit)
 {
     pthread_mutex_lock(&pool_lock);
     pool.limit = limit;
-    trim_to(limit);
+    idle_block *dropped = detach_past(limit);
     pthread_mutex_unlock(&pool_lock);
+    free_blocks(dropped);
 }
 
 void sa_pool_release_idle(void)
 {
     pthread_mutex_lock(&pool_lock);
-    trim_to(0);
+    idle_block *dropped = detach_past(0);
     pthread_mutex_unlock(&pool_lock);
+    free_blocks(dropped);
 }
