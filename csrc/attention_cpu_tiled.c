@@ -241,6 +241,30 @@ static inline int slots_used(const int32_t *ids, int64_t n)
     return used;
 }
 
+/* A chunk whose first 32 queries attend only its first 32 keys and the
+ * rest only the rest: AXIAL's passes on a grid 32 wide, where a 64-query tile
+ * spans two image rows (or columns) and each attends its own. Two 32 x 32
+ * blocks then hold every pair, and the products skip the other half. */
+static inline int chunk_in_halves(const uint64_t *masks, int rows, int used)
+{
+    if (rows <= 32 || used <= 32) return 0;
+    uint64_t stray = 0;
+    for (int r = 0; r < 32; r++) stray |= masks[r] >> 32;
+    for (int r = 32; r < rows; r++) stray |= masks[r] & 0xffffffffu;
+    return stray == 0;
+}
+
+/* The two off-diagonal 32 x 32 blocks of a halved chunk's scores: -inf, so
+ * that every later step reads them as pairs outside the layout. */
+static inline void scores_off_halves(float *scores, int rows)
+{
+    const v8 neg_inf = SPLAT(-INFINITY);
+    for (int r = 0; r < rows; r++) {
+        float *from = scores + r * TILE + (r < 32 ? 32 : 0);
+        for (int c = 0; c < 32; c += 8) *(v8 *)&from[c] = neg_inf;
+    }
+}
+
 /* Stands in for a missing row when rows are read in place. */
 static const float zero_row[1024] __attribute__((aligned(32)));
 
@@ -800,7 +824,15 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                         for (int64_t i = 0; i < dim_pad * TILE; i += 16) __builtin_prefetch(next_panel + i, 0, 3);
                     prefetch_chunk(p, next_keys, b, h, next_panel == NULL);
                 }
-                scores_kernel(query_rows, key_t, s.scores, dim_pad, rows, cols, fast ? row_tops : NULL);
+                const int halves = chunk_in_halves(p->chunk_masks + chunk * TILE, rows, used);
+                if (halves) {
+                    scores_kernel(query_rows, key_t, s.scores, dim_pad, 32, 32, fast ? row_tops : NULL);
+                    scores_kernel(query_rows + 32, key_t + 32, s.scores + 32 * TILE + 32, dim_pad, rows - 32,
+                                  cols - 32, fast ? row_tops + 32 : NULL);
+                    scores_off_halves(s.scores, rows);
+                } else {
+                    scores_kernel(query_rows, key_t, s.scores, dim_pad, rows, cols, fast ? row_tops : NULL);
+                }
                 if (fast) rows_maxima(row_tops, rows, row_maxima);
 
                 for (int r = 0; r < rows; r++) {
@@ -871,7 +903,13 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                                        SPLAT(0.0f));
                 }
                 /* the weights past the chunk's last key are 0 */
-                weighted_values_kernel(s.scores, value_rows, s.out, dim_pad, live, rows, used, ctx->wide_values);
+                if (halves) {
+                    weighted_values_kernel(s.scores, value_rows, s.out, dim_pad, live, 32, 32, ctx->wide_values);
+                    weighted_values_kernel(s.scores + 32 * TILE + 32, value_rows + 32, s.out + 32 * dim_pad, dim_pad,
+                                           live + 32, rows - 32, used - 32, ctx->wide_values);
+                } else {
+                    weighted_values_kernel(s.scores, value_rows, s.out, dim_pad, live, rows, used, ctx->wide_values);
+                }
             }
             if (!fast) break;
             /* a masked score far above the kept ones shifts the kept exps far below

@@ -462,3 +462,37 @@ def test_tiles_on_their_16_and_32_register_paths(monkeypatch, pattern, dim, narr
     assert_forward_matches_reference(out, lse, ref_out, ref_lse, 2e-5)
     grad_out = torch.randn(2, 3, n, dim, generator=torch.Generator().manual_seed(dim + 1))
     assert_backward_matches_reference(attention, layout, (q, k, v), grad_out, **args)
+
+
+def chunks_in_halves(plan):
+    """How many chunks of a plan hold their pairs in two diagonal 32 x 32 blocks."""
+    halved = 0
+    for one_pass in plan:
+        words = one_pass.masks.view(np.uint64).reshape(-1, 64)
+        low, high = words & np.uint64(0xFFFFFFFF), words >> np.uint64(32)
+        halved += int(((high[:, :32] == 0).all(1) & (low[:, 32:] == 0).all(1)).sum())
+    return halved
+
+
+@pytest.mark.parametrize("size", [(32, 32), (33, 32), (20, 32), (16, 32)])
+def test_chunks_in_halves_skip_the_empty_blocks(size):
+    """On a grid 32 wide (or high) AXIAL's 64-query tiles span two image rows
+    (columns), each attending its own 32 keys: the kernel computes only the
+    two diagonal 32 x 32 blocks of such a chunk. Its outputs, lse and
+    statistics must match the reference with bias, key mask, dropout and
+    pruned heads, forward and backward."""
+    layout = build_layout("axial", *size)
+    assert chunks_in_halves(_tiles.build_tile_plan(layout)) > 0
+    n = layout.num_tokens
+    (q, k, v), bias = make(2, 3, n, 24, bias_side=9)
+    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(4)) > 0.2
+    args = dict(key_mask=key_mask, head_active=torch.tensor([True, False, True]), dropout_p=0.15, dropout_seed=3)
+    out, lse, stats = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(), **args,
+                                return_lse=True, return_stats=True)
+    ref_out, ref_lse, probs = reference_attention(q.float(), k.float(), v.float(), layout, bias=bias.float(),
+                                                  **args)
+    assert_forward_matches_reference(out, lse, ref_out, ref_lse, 2e-5)
+    torch.testing.assert_close(stats.double(), reference_statistics(probs), atol=2e-5, rtol=2e-5)
+    grad_out = torch.randn(2, 3, n, 24, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    got = bias_gradients(attention, layout, q, k, v, bias, grad_out, **args)
+    assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args)
