@@ -71,7 +71,7 @@ static void SA_FN(forward_rows)(void *ctx, int64_t begin, int64_t end)
         SA_T *stats = p->row_stats ? (SA_T *)p->row_stats + 2 * item : NULL;
         for (int64_t d = 0; d < dim; d++) acc[d] = 0;
         SA_T run_max = -INFINITY, run_sum = 0, run_sq = 0, run_shifted = 0;
-        int saw_nan = 0; /* a NaN score makes the row NaN, as in PyTorch; +inf too (see below) */
+        int saw_nan = 0; /* a NaN score makes the row NaN, as in PyTorch */
         if (head_runs(p, h)) {
             const SA_T *q = ROW((const SA_T *)p->q, p->q_stride, b, h, i);
             const uint32_t query_key =

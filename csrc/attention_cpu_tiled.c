@@ -679,7 +679,7 @@ SA_INLINE void row_numerators_all(float *row, int cols, float scale, const float
 
 /* A row's scores scaled and biased in place where word's bits are set, -inf
  * elsewhere (eight mask bits a vector); returns their maximum and sets *nan
- * where a kept score is NaN or +inf. */
+ * where a kept score is NaN. */
 SA_INLINE float mask_row(float *row, uint64_t word, int cols, float scale, const float *bias_row, int *nan)
 {
     v8 top_lanes = SPLAT(-INFINITY);
@@ -694,10 +694,8 @@ SA_INLINE float mask_row(float *row, uint64_t word, int cols, float scale, const
     }
     int any_nan = 0;
     for (int l = 0; l < 8; l++) any_nan |= nan_lanes[l];
-    const float top = hmax8(top_lanes);
-    /* a kept +inf score makes the row NaN, as a NaN does */
-    *nan |= any_nan != 0 || top == INFINITY;
-    return top;
+    *nan |= any_nan != 0;
+    return hmax8(top_lanes);
 }
 
 TILED_CLONES
@@ -937,8 +935,11 @@ static void forward_tiles(void *opaque, int64_t begin, int64_t end)
                 const int r = r0 + l;
                 row_state *st = &state[r];
                 sum8[l] = hsum8(st->sum);
-                /* a NaN kept score makes its row's sum NaN (the raw shift skips the NaN lanes check) */
-                if (sum8[l] != sum8[l]) st->nan = 1;
+                /* a NaN kept score makes its row's sum NaN (the raw shift skips the NaN lanes
+                 * check); a kept +inf score leaves the row's maximum +inf and exp(inf - inf)
+                 * in its softmax, NaN as well (a raw shift that a masked +inf set is
+                 * replaced by the exact pass, its kept sums having underflowed) */
+                if (sum8[l] != sum8[l] || st->max == INFINITY) st->nan = 1;
                 top8[l] = st->max;
                 nan8[l] = st->nan ? -1 : 0;
                 old8[l] = -INFINITY;
