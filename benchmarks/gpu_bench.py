@@ -286,6 +286,15 @@ def main():
                 # forward+backward, eager: the tensor-core backward against the row and column kernels
                 switch_graphs["fwd+bwd (eager), use_tiled_cuda_backward flipped"] = eager_both_ways(
                     fwd_bwd(call), flip_module_switch("use_tiled_cuda_backward"), args.repeats)
+                # what EnhancedSparseAttention trains with by default: a learnable
+                # relative position bias (clamp 32) and dropout 0.1; the extras
+                # switch takes that backward to tensor cores too
+                table = torch.zeros(heads, 65, 65, device=device, dtype=dtype, requires_grad=True)
+                training = lambda: sparse_attention(q, k, v, layout, rel_pos_bias=table,  # noqa: E731
+                                                    dropout_p=0.1)
+                switch_graphs["fwd+bwd with bias and dropout (eager), use_tiled_cuda_backward_extras "
+                              "flipped"] = eager_both_ways(
+                    fwd_bwd(training), flip_module_switch("use_tiled_cuda_backward_extras"), args.repeats)
             if layout.tile_plan() is not None and len(layout.tile_plan()) > 1:
                 switch_graphs["overlap_passes flipped"] = graphs_both_ways(
                     call, flip_module_switch("overlap_passes"), args.repeats)
@@ -329,7 +338,9 @@ def main():
                           switch_defaults=dict(long_rows_beside=_torch_ops.long_rows_beside,
                                                overlap_passes=_torch_ops.overlap_passes,
                                                use_tiled_cuda_backward=_torch_ops.use_tiled_cuda_backward,
-                                               tiled_backward_long_rows=_torch_ops.tiled_backward_long_rows),
+                                               tiled_backward_long_rows=_torch_ops.tiled_backward_long_rows,
+                                               use_tiled_cuda_backward_extras=(
+                                                   _torch_ops.use_tiled_cuda_backward_extras)),
                           switch_graph_fwd_ms=switch_graphs, host_us_per_eager_call=host_us,
                           flex_fwd_bwd_ms=flex_fb, flex_note=flex_note, device=name)
             raw.append(record)
@@ -381,6 +392,8 @@ def write_tables(args, name, raw, kernel_rows):
                   "rows on a second stream beside the passes; overlap_passes: a merging pass starts while "
                   "the one before it drains; keys per long-row segment: the split of a global row; "
                   "use_tiled_cuda_backward: the backward on tensor cores (timed eager, forward+backward); "
+                  "use_tiled_cuda_backward_extras: that backward also for calls with a bias (clamp 32) and "
+                  "dropout 0.1, as the module trains; "
                   "Defaults: "
                   + ", ".join(f"{k} {v}" for k, v in switched[0]["switch_defaults"].items())
                   + f", {_torch_ops.split_segment_keys} keys per segment.",

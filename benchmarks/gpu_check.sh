@@ -33,6 +33,8 @@ for suite in ${SUITES:-tests/test_cuda.py tests/test_cuda_tiled.py}; do
 done
 stamp "benchmark"
 timeout ${BENCH_TIMEOUT:-300} $PY benchmarks/gpu_bench.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+stamp "module training step (bias, dropout, statistics), tensor-core backward extras on and off"
+timeout ${MODULE_TIMEOUT:-90} $PY benchmarks/gpu_module_step.py --out "$OUT" 2>&1 | tee "$OUT/module_step.log"
 stamp "kernel counters (ncu; fails where the runtime hides the counters)"
 if [ "${NCU:-0}" != "1" ]; then
   echo "ncu not run (NCU=1 runs it; about two minutes)"

@@ -69,7 +69,8 @@ typedef struct {
     int64_t grad_out_stride[3];
     void *grad_q, *grad_k, *grad_v;  /* contiguous batch x heads x tokens x head_dim */
     void *delta;        /* workspace: batch x heads x tokens, accumulation type */
-    void *grad_scores;  /* optional: batch x heads x nnz, accumulation type, for the bias gradient */
+    void *grad_scores;  /* optional: batch x heads x nnz, accumulation type, for the bias gradient
+                         * (plan order on the CUDA tensor-core backward: plan_scores_stride) */
     /* optional, CPU window and tiled backward only (instead of grad_scores):
      * the bias gradient of each (batch, head), batch x heads x (2M+1)^2, float32 */
     float *grad_bias_rows;
@@ -128,6 +129,16 @@ typedef struct {
      * it, so its blocks start while that pass drains (they wait for it before
      * reading its rows). */
     int overlap_passes;
+    /* CUDA backward over a plan: the tensor-core dQ and dK / dV kernels also
+     * take calls with a bias table or dropout (off by default until measured
+     * on a device; see use_tiled_cuda_backward_extras in _torch_ops.py). With
+     * plan_scores_stride > 0 the dQ kernel writes each pair's score gradient
+     * to grad_scores in plan order instead of CSR order: batch x heads x
+     * plan_scores_stride floats, slot (pass offset + chunk x 4096 + row x 64 +
+     * column), every slot zeroed first; plan_scores_offset is the pass's offset
+     * (set per pass by the host). */
+    int tiled_backward_extras;
+    int64_t plan_scores_stride, plan_scores_offset;
     /* CPU only, float32: a stencil layout (attention_cpu_stencil.c). Query
      * (y, x) attends key (y + dy, x + dx) for every (dy, dx) of
      * stencil_offsets (stencil_num_offsets x 2) that lands on the grid, and every
@@ -194,6 +205,9 @@ long long sa_cuda_lean_passes(void);
 long long sa_cuda_beside_forwards(void);
 /* Merging passes launched to overlap the pass before them so far (for tests). */
 long long sa_cuda_overlapped_passes(void);
+/* Whether the CUDA backward runs dQ on the tensor-core kernel over p's plan
+ * (and so writes grad_scores in plan order where plan_scores_stride > 0). */
+int sa_cuda_tiled_grad_query_applies(const sa_attention_params *p);
 /* Plan passes whose dQ ran on the tensor-core kernel so far (for tests). */
 long long sa_cuda_tiled_grad_query_passes(void);
 /* Plan passes whose dK and dV ran on the tensor-core kernel so far (for tests). */

@@ -643,7 +643,8 @@ static char *backward_kwlist[] = {"query", "key", "value", "out", "grad_out", "l
                                   "rel_pos_bias", "key_mask", "head_active", "dropout_p",
                                   "dropout_seed", "grad_scores", "stream", "long_rows",
                                   "long_cols", "long_threshold", "reference_kernel", "tile_plan",
-                                  "tile_passes", "stencil", "stencil_strips", "grad_bias_rows", NULL};
+                                  "tile_passes", "stencil", "stencil_strips", "grad_bias_rows",
+                                  "tiled_backward_extras", "plan_scores", NULL};
 
 static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kwargs)
 {
@@ -655,14 +656,14 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
     PyObject *stencil_obj = Py_None, *bias_rows_obj = Py_None;
     common_options o = {Py_None, Py_None, Py_None, 0, 0, NAN, 0.0, 0};
     long long stream = -1, long_threshold = INT64_MAX;
-    int reference_kernel = 0, stencil_strips = 0;
+    int reference_kernel = 0, stencil_strips = 0, tiled_extras = 0, plan_scores = 0;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "OOOOOOOOOOOOOO|$LLdOOOdKOLOOLpOOOpO", backward_kwlist, &q_obj, &k_obj,
+            args, kwargs, "OOOOOOOOOOOOOO|$LLdOOOdKOLOOLpOOOpOpp", backward_kwlist, &q_obj, &k_obj,
             &v_obj, &out_obj, &go_obj, &lse_obj, &delta_obj, &gq_obj, &gk_obj, &gv_obj, &ptr_obj,
             &idx_obj, &cptr_obj, &ridx_obj, &o.height, &o.width, &o.scale, &o.bias, &o.key_mask,
             &o.head_active, &o.dropout_p, &o.dropout_seed, &gs_obj, &stream, &long_rows_obj,
             &long_cols_obj, &long_threshold, &reference_kernel, &plan_obj, &passes_obj,
-            &stencil_obj, &stencil_strips, &bias_rows_obj))
+            &stencil_obj, &stencil_strips, &bias_rows_obj, &tiled_extras, &plan_scores))
         return NULL;
     view_set set = {.count = 0, .stream = stream};
     sa_attention_params p;
@@ -701,12 +702,27 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
                      (long long)idx->shape[0], (long long)ridx->shape[0]);
         goto fail;
     }
+    tile_plan plan;
+    if (take_tile_plan(&set, plan_obj, passes_obj, q, &plan) < 0) goto fail;
+    int64_t plan_slots = 0;
+    for (int64_t i = 0; i < plan.count; i++) plan_slots += plan.fields[i][1] * 64 * 64;
+    if (plan_scores && (!is_cuda(q) || plan.count == 0 || gs_obj == Py_None || !tiled_extras ||
+                        plan_slots < idx->shape[0])) {
+        PyErr_SetString(PyExc_ValueError,
+                        "plan_scores: takes a CUDA call with a tile_plan that holds every pair, "
+                        "grad_scores and tiled_backward_extras");
+        goto fail;
+    }
     if (gs_obj != Py_None) {
-        int64_t gs_shape[3] = {p.batch, p.heads, idx->shape[0]};
+        /* plan order: one slot per (pass, chunk, row, column) of the plan, which
+         * is at least nnz; the row kernels, should they run instead, use the
+         * first batch x heads x nnz entries */
+        int64_t gs_shape[3] = {p.batch, p.heads, plan_scores ? plan_slots : idx->shape[0]};
         sa_view *gs = take(&set, gs_obj, "grad_scores", 1);
         if (!gs || check_buffer(gs, q, accum_bit(p.dtype), gs_shape, 3) < 0) goto fail;
         p.grad_scores = gs->data;
     }
+    p.tiled_backward_extras = tiled_extras;
     if (take_long_list(&set, long_rows_obj, "long_rows", q, &p.long_rows, &p.num_long_rows) < 0 ||
         take_long_list(&set, long_cols_obj, "long_cols", q, &p.long_cols, &p.num_long_cols) < 0)
         goto fail;
@@ -732,15 +748,14 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
     p.col_ptr = (const int64_t *)cptr->data;
     p.row_idx = (const int32_t *)ridx->data;
     p.nnz = idx->shape[0];
-    tile_plan plan;
-    if (take_tile_plan(&set, plan_obj, passes_obj, q, &plan) < 0) goto fail;
     if (plan.count > 0) {
         const int cpu_ok = !is_cuda(q) && p.dtype == SA_F32 && p.num_long_rows == 0;
         const int cuda_ok = is_cuda(q) && (p.dtype == SA_F16 || p.dtype == SA_BF16);
-        if (p.grad_scores != NULL || !(cpu_ok || cuda_ok)) {
+        if ((p.grad_scores != NULL && !plan_scores) || !(cpu_ok || cuda_ok)) {
             PyErr_SetString(PyExc_ValueError,
                             "tile_plan: the tiled backward takes float32 on the CPU (without long "
-                            "rows) or float16/bfloat16 on CUDA, without a bias gradient");
+                            "rows) or float16/bfloat16 on CUDA, without a bias gradient in CSR "
+                            "order (grad_scores; plan_scores on CUDA)");
             goto fail;
         }
         p.plan_base = plan.base;
@@ -771,9 +786,19 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
         if (!bias_rows || check_buffer(bias_rows, q, accum_bit(p.dtype), shape, 3) < 0) goto fail;
         p.grad_bias_rows = (float *)bias_rows->data;
     }
+    /* whether grad_scores comes back in plan order: the tensor-core dQ runs
+     * (the same test the CUDA backward makes) */
+    int scores_in_plan = 0;
+#ifdef SA_WITH_CUDA
+    if (plan_scores) {
+        p.plan_scores_stride = plan_slots;
+        scores_in_plan = sa_cuda_tiled_grad_query_applies(&p);
+        if (!scores_in_plan) p.plan_scores_stride = 0;
+    }
+#endif
     if (run_kernel(is_cuda(q), 1, &p) < 0) goto fail;
     release_all(&set);
-    Py_RETURN_NONE;
+    return PyBool_FromLong(scores_in_plan);
 fail:
     release_all(&set);
     return NULL;
@@ -798,10 +823,17 @@ static PyObject *bias_grad(PyObject *self, PyObject *args, PyObject *kwargs)
     if (!table) goto fail;
     int64_t any3[3] = {-1, -1, -1};
     if (check_buffer(gs, gs, SA_DT_F32 | SA_DT_F64, any3, 3) < 0) goto fail;
-    int64_t perm_shape[1] = {gs->shape[2]}, any1[1] = {-1};
-    if (check_buffer(perm, gs, SA_DT_I64, perm_shape, 1) < 0 ||
-        check_buffer(bptr, gs, SA_DT_I64, any1, 1) < 0)
+    /* perm lists the entries that hold a pair: all of them in CSR order, only
+     * some of the slots in the CUDA backward's plan order */
+    int64_t any1[1] = {-1};
+    if (check_buffer(perm, gs, SA_DT_I64, any1, 1) < 0 || check_buffer(bptr, gs, SA_DT_I64, any1, 1) < 0)
         goto fail;
+    if (perm->shape[0] > gs->shape[2]) {
+        PyErr_Format(PyExc_ValueError,
+                     "bucket_perm: expected at most %lld entries (grad_scores' last dimension), got %lld",
+                     (long long)gs->shape[2], (long long)perm->shape[0]);
+        goto fail;
+    }
     int64_t buckets = bptr->shape[0] - 1;
     int64_t table_shape[2] = {gs->shape[1], buckets};
     if (buckets < 1 || check_buffer(table, gs, sa_view_dtype_bit(gs), table_shape, 2) < 0) {
@@ -811,8 +843,9 @@ static PyObject *bias_grad(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     if (!is_cuda(gs)) {
         const int64_t *bp = (const int64_t *)bptr->data, *pm = (const int64_t *)perm->data;
-        if (bp[0] != 0 || bp[buckets] != gs->shape[2]) {
-            PyErr_SetString(PyExc_ValueError, "bucket_ptr: expected offsets from 0 to nnz");
+        if (bp[0] != 0 || bp[buckets] != perm->shape[0]) {
+            PyErr_SetString(PyExc_ValueError,
+                            "bucket_ptr: expected offsets from 0 to the length of bucket_perm");
             goto fail;
         }
         for (int64_t t = 0; t < buckets; t++) {
@@ -821,9 +854,10 @@ static PyObject *bias_grad(PyObject *self, PyObject *args, PyObject *kwargs)
                 goto fail;
             }
         }
-        for (int64_t e = 0; e < gs->shape[2]; e++) {
+        for (int64_t e = 0; e < perm->shape[0]; e++) {
             if (pm[e] < 0 || pm[e] >= gs->shape[2]) {
-                PyErr_SetString(PyExc_ValueError, "bucket_perm: entry outside [0, nnz)");
+                PyErr_SetString(PyExc_ValueError,
+                                "bucket_perm: entry outside [0, grad_scores' last dimension)");
                 goto fail;
             }
         }

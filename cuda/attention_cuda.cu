@@ -1073,6 +1073,10 @@ static int forward_planned(const sa_attention_params *p, char *err, size_t len) 
 
 extern "C" long long sa_cuda_beside_forwards(void) { return beside_forwards.load(); }
 
+extern "C" int sa_cuda_tiled_grad_query_applies(const sa_attention_params *p) {
+    return p->plan_base != nullptr && !p->reference_kernel && sa_kernels::lean_backward_applies(*p);
+}
+
 namespace {
 std::atomic<long long> tiled_grad_query_passes{0}, tiled_grad_key_value_passes{0};
 
@@ -1083,7 +1087,7 @@ std::atomic<long long> tiled_grad_query_passes{0}, tiled_grad_key_value_passes{0
 // plan holds every pair of the layout (it leaves no row out).
 int grad_planned(const sa_attention_params *p, Pass pass, bool *ran, char *err, size_t len) {
     *ran = false;
-    if (p->reference_kernel || !sa_kernels::lean_backward_applies(*p)) return SA_OK;
+    if (!sa_cuda_tiled_grad_query_applies(p)) return SA_OK;
     // a symmetric layout's transpose comes as the same arrays (see Layout.torch_tensors)
     const bool symmetric = p->col_ptr == p->row_ptr && p->row_idx == p->col_idx;
     if (pass == Pass::GradKeyValue && !symmetric) return SA_OK;
@@ -1094,10 +1098,20 @@ int grad_planned(const sa_attention_params *p, Pass pass, bool *ran, char *err, 
     int status = SA_OK;
     for (int t = 0; t < (pass == Pass::GradQuery ? 1 : 2) && status == SA_OK; t++)
         status = report(cudaMemsetAsync(zeroed[t], 0, bytes, stream), "cudaMemsetAsync", err, len);
+    // plan-order score gradients: the slots of pairs that the kernel does not
+    // write (masked keys, pruned heads, warps without pairs) must read 0
+    const bool plan_scores = pass == Pass::GradQuery && p->grad_scores != nullptr;
+    if (plan_scores && status == SA_OK)
+        status = report(cudaMemsetAsync(p->grad_scores, 0,
+                                        (size_t)(p->batch * p->heads * p->plan_scores_stride) * sizeof(float), stream),
+                        "cudaMemsetAsync", err, len);
+    int64_t scores_offset = 0;
     for (int64_t i = 0; i < p->plan_num_passes && status == SA_OK; i++) {
         sa_attention_params one = *p;
         one.plan_base = nullptr;
         sa_select_pass(&one, fields[i], p->plan_base, i);
+        one.plan_scores_offset = scores_offset;
+        scores_offset += one.num_chunks * 64 * 64;
         if (pass == Pass::GradQuery) {
             status = report(sa_kernels::grad_query_tiled_lean(one), "the tensor-core dQ kernel", err, len);
             if (status == SA_OK) tiled_grad_query_passes.fetch_add(1, std::memory_order_relaxed);

@@ -25,6 +25,7 @@
 #include <cstdint>
 
 #include "attention.h"
+#include "dropout_hash.h"
 #include "kernel_common.cuh"
 #include "tensor_core.cuh"
 
@@ -416,6 +417,44 @@ __device__ __forceinline__ void add_staged_rows(const sa_attention_params &p, co
     }
 }
 
+// What the backward kernels add to a call without bias or dropout (their
+// EXTRAS instances): a pair's bias in base-2 units, and its dropout factor.
+struct PairExtras {
+    const void *table;     // this head's (2M+1) x (2M+1) bias, NULL for none
+    int32_t width, max_relative;
+    uint32_t threshold;    // dropout: a pair is kept when its draw is >= this (0: no dropout)
+    uint32_t row_key;      // dropout key of (seed, b, h)
+    float keep_scale;
+
+    __device__ __forceinline__ PairExtras(const sa_attention_params &p, int64_t b, int64_t h) {
+        const int64_t side = 2 * p.max_relative + 1;
+        table = p.bias_table;
+        if (table != nullptr) table = static_cast<const char *>(table) + h * side * side * 2;  // 16-bit types
+        width = int32_t(p.width);
+        max_relative = int32_t(p.max_relative);
+        threshold = sa_dropout_threshold(p.dropout_p);
+        row_key = sa_dropout_row_key(p.dropout_seed, b, h);
+        keep_scale = p.dropout_p > 0 ? float(1.0 / (1.0 - p.dropout_p)) : 1.f;
+    }
+
+    // the bias of query token i and key token j, times log2(e); 0 without a table
+    template <typename T> __device__ __forceinline__ float bias2(int32_t i, int32_t j) const {
+        if (table == nullptr) return 0.f;
+        const int32_t yi = i / width, yj = j / width, m = max_relative;
+        int32_t dy = yi - yj, dx = (i - yi * width) - (j - yj * width);
+        dy = dy < -m ? -m : (dy > m ? m : dy);
+        dx = dx < -m ? -m : (dx > m ? m : dx);
+        return to_acc(static_cast<const T *>(table)[(dy + m) * (2 * m + 1) + dx + m]) * kLog2e;
+    }
+
+    __device__ __forceinline__ uint32_t query_key(int32_t i) const { return sa_dropout_query_key(row_key, i); }
+
+    // the factor a kept pair's weight takes in the forward (keep_scale), or 0
+    __device__ __forceinline__ float kept(uint32_t query_key, int32_t j) const {
+        return threshold > 0 && !sa_dropout_keep(query_key, j, threshold) ? 0.f : keep_scale;
+    }
+};
+
 // dQ of one pass of a tile plan on tensor cores, for the calls the lean
 // forward takes (no bias, dropout or statistics). Per tile and chunk, as in
 // the forward: S = Q K^T; P = exp(S - lse) on the pairs of the layout (0
@@ -423,7 +462,10 @@ __device__ __forceinline__ void add_staged_rows(const sa_attention_params &p, co
 // transposed as V is in the forward's P x V. The tile's rows of dQ are added
 // to grad_q (zeroed before the first pass), so passes accumulate and a row in
 // no tile stays 0. No running maximum: lse is the forward's, final.
-template <typename T, int DPAD>
+// EXTRAS adds the relative position bias to the scores, the forward's
+// dropout factor to dP (dS = P (kept dP - delta)), and, with grad_scores,
+// writes each pair's dS in plan order for the bias gradient.
+template <typename T, int DPAD, bool EXTRAS>
 __global__ void __launch_bounds__(kThreads, 2) grad_query_lean_kernel(const sa_attention_params p) {
     using S = LeanShape<DPAD>;
     constexpr int kDimSteps = DPAD / 16;
@@ -455,6 +497,15 @@ __global__ void __launch_bounds__(kThreads, 2) grad_query_lean_kernel(const sa_a
     for (int64_t bh = blockIdx.y; bh < p.batch * p.heads; bh += gridDim.y) {
         const int64_t b = bh / p.heads, h = bh % p.heads;
         if (!head_runs(p, h)) continue;  // a pruned head's dQ stays 0
+        const PairExtras extras(p, b, h);
+        uint32_t query_key[2] = {0u, 0u};
+        float *scores = nullptr;  // this (b, h)'s plan-order dS, this pass's slots
+        if (EXTRAS) {
+#pragma unroll
+            for (int r = 0; r < 2; r++) query_key[r] = extras.query_key(query[r] >= 0 ? query[r] : 0);
+            if (p.grad_scores != nullptr)
+                scores = static_cast<float *>(p.grad_scores) + bh * p.plan_scores_stride + p.plan_scores_offset;
+        }
         // the tile's query and output-gradient rows come with the first chunk
         stage_row_pair<T, DPAD>(p, tile_ids, b, h, p.q, p.q_stride, query_rows, p.grad_out, p.grad_out_stride,
                                 grad_out_rows);
@@ -520,11 +571,19 @@ __global__ void __launch_bounds__(kThreads, 2) grad_query_lean_kernel(const sa_a
                     float grad_score[4];
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
-                        const int r = e / 2;
+                        const int r = e / 2, column = kg * 8 + 2 * pair + e % 2;
                         const bool allowed = (pair_bits[r] >> (kg * 8 + e % 2)) & 1ull;
+                        float logit = score[e] * scale_log2 - row_lse2[r], kept = 1.f;
+                        if (EXTRAS && allowed) {
+                            const int32_t j = p.chunk_keys[chunk * kTile + column];
+                            logit += extras.bias2<T>(query[r], j);
+                            kept = extras.kept(query_key[r], j);
+                        }
                         // an allowed pair's row has a finite lse (or NaN, which passes on)
-                        const float prob = allowed ? exp2f(score[e] * scale_log2 - row_lse2[r]) : 0.f;
-                        grad_score[e] = allowed ? prob * (grad_prob[e] - row_delta[r]) : 0.f;
+                        const float prob = allowed ? exp2f(logit) : 0.f;
+                        grad_score[e] = allowed ? prob * (kept * grad_prob[e] - row_delta[r]) : 0.f;
+                        if (EXTRAS && scores != nullptr && allowed)
+                            scores[chunk * (kTile * kTile) + slot[r] * kTile + column] = grad_score[e];
                     }
                     ds_frag[kg / 2][(kg % 2) * 2 + 0] = pack_floats<T>(grad_score[0], grad_score[1]);
                     ds_frag[kg / 2][(kg % 2) * 2 + 1] = pack_floats<T>(grad_score[2], grad_score[3]);
@@ -584,8 +643,9 @@ __device__ __forceinline__ void stage_query_chunk(const sa_attention_params &p, 
 // bits). Per tile and chunk: S^T = K Q^T and dP^T = V dO^T by mma; P^T =
 // exp(S^T - lse) on the pairs whose key is usable; dV += P^T dO; dS^T = P^T
 // (dP^T - delta); dK += dS^T Q, with Q and dO loaded transposed. grad_k and
-// grad_v are zeroed beforehand and each pass adds its tiles' rows.
-template <typename T, int DPAD>
+// grad_v are zeroed beforehand and each pass adds its tiles' rows. EXTRAS
+// adds the bias to the scores and the dropout factor to P^T (dV) and dP^T.
+template <typename T, int DPAD, bool EXTRAS>
 __global__ void __launch_bounds__(kThreads, 2) grad_key_value_lean_kernel(const sa_attention_params p) {
     using S = LeanShape<DPAD>;
     constexpr int kDimSteps = DPAD / 16;
@@ -618,6 +678,7 @@ __global__ void __launch_bounds__(kThreads, 2) grad_key_value_lean_kernel(const 
     for (int64_t bh = blockIdx.y; bh < p.batch * p.heads; bh += gridDim.y) {
         const int64_t b = bh / p.heads, h = bh % p.heads;
         if (!head_runs(p, h)) continue;  // a pruned head's dK and dV stay 0
+        const PairExtras extras(p, b, h);
         stage_row_pair<T, DPAD>(p, tile_ids, b, h, p.k, p.k_stride, key_rows, p.v, p.v_stride, value_rows);
         stage_query_chunk<T, DPAD>(p, chunk_begin, b, h, query_stages[0], grad_out_stages[0], mask_stages[0],
                                    lse_stages[0], delta_stages[0]);
@@ -673,13 +734,29 @@ __global__ void __launch_bounds__(kThreads, 2) grad_key_value_lean_kernel(const 
                         mma_16x8x16<T>(grad_prob, v_frag[step + 1], gf[2], gf[3]);
                     }
                     float prob[4], grad_score[4];
+                    uint32_t query_key[2] = {0u, 0u};
+                    int32_t query[2] = {0, 0};
+                    if (EXTRAS) {
+#pragma unroll
+                        for (int c = 0; c < 2; c++) {
+                            const int32_t i = p.chunk_keys[chunk * kTile + qg * 8 + 2 * pair + c];
+                            query[c] = i >= 0 ? i : 0;
+                            if (extras.threshold > 0) query_key[c] = extras.query_key(query[c]);
+                        }
+                    }
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
                         const int r = e / 2, column = qg * 8 + 2 * pair + e % 2;
                         const bool allowed = (pair_bits[r] >> (qg * 8 + e % 2)) & 1ull;
+                        float logit = score[e] * scale_log2 - lse[column] * kLog2e, kept = 1.f;
+                        if (EXTRAS && allowed) {
+                            logit += extras.bias2<T>(query[e % 2], key[r]);
+                            kept = extras.kept(query_key[e % 2], key[r]);
+                        }
                         // the query of an allowed pair attends this key, so its lse is finite (or NaN)
-                        prob[e] = allowed ? exp2f(score[e] * scale_log2 - lse[column] * kLog2e) : 0.f;
-                        grad_score[e] = allowed ? prob[e] * (grad_prob[e] - delta[column]) : 0.f;
+                        const float weight = allowed ? exp2f(logit) : 0.f;
+                        grad_score[e] = allowed ? weight * (kept * grad_prob[e] - delta[column]) : 0.f;
+                        prob[e] = weight * kept;  // as the forward weighed V
                     }
                     p_frag[qg / 2][(qg % 2) * 2 + 0] = pack_floats<T>(prob[0], prob[1]);
                     p_frag[qg / 2][(qg % 2) * 2 + 1] = pack_floats<T>(prob[2], prob[3]);
@@ -728,10 +805,20 @@ template <typename T> bool row_aligned16(const void *base, const int64_t *stride
     return true;
 }
 
+// The shapes and alignment the lean kernels need, forward and backward.
+template <typename T> bool lean_rows_fit(const sa_attention_params &p) {
+    return p.head_dim <= 64 && p.head_dim % 8 == 0 && row_aligned16<T>(p.q, p.q_stride) &&
+           row_aligned16<T>(p.k, p.k_stride) && row_aligned16<T>(p.v, p.v_stride) &&
+           row_aligned16<T>(p.out, p.out_stride);
+}
+
 template <typename T> bool lean_fits(const sa_attention_params &p) {
-    return p.head_dim <= 64 && p.head_dim % 8 == 0 && p.bias_table == nullptr && !(p.dropout_p > 0) &&
-           p.row_stats == nullptr && row_aligned16<T>(p.q, p.q_stride) && row_aligned16<T>(p.k, p.k_stride) &&
-           row_aligned16<T>(p.v, p.v_stride) && row_aligned16<T>(p.out, p.out_stride);
+    return lean_rows_fit<T>(p) && p.bias_table == nullptr && !(p.dropout_p > 0) && p.row_stats == nullptr;
+}
+
+// Whether a backward call needs the EXTRAS kernels.
+bool backward_extras(const sa_attention_params &p) {
+    return p.bias_table != nullptr || p.dropout_p > 0 || p.grad_scores != nullptr;
 }
 
 std::atomic<long long> overlapped_passes{0};
@@ -770,10 +857,15 @@ template <typename T> cudaError_t launch_grad_query_lean(const sa_attention_para
     if (p.num_tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
     const dim3 grid((unsigned)p.num_tiles, (unsigned)(items < 65535 ? items : 65535));
     cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
-    if (p.head_dim <= 32)
-        grad_query_lean_kernel<T, 32><<<grid, kThreads, 0, stream>>>(p);
+    const bool extras = backward_extras(p);
+    if (p.head_dim <= 32 && extras)
+        grad_query_lean_kernel<T, 32, true><<<grid, kThreads, 0, stream>>>(p);
+    else if (p.head_dim <= 32)
+        grad_query_lean_kernel<T, 32, false><<<grid, kThreads, 0, stream>>>(p);
+    else if (extras)
+        grad_query_lean_kernel<T, 64, true><<<grid, kThreads, 0, stream>>>(p);
     else
-        grad_query_lean_kernel<T, 64><<<grid, kThreads, 0, stream>>>(p);
+        grad_query_lean_kernel<T, 64, false><<<grid, kThreads, 0, stream>>>(p);
     return cudaGetLastError();
 }
 
@@ -785,10 +877,15 @@ template <typename T> cudaError_t launch_grad_key_value_lean(const sa_attention_
     if (p.num_tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
     const dim3 grid((unsigned)p.num_tiles, (unsigned)(items < 65535 ? items : 65535));
     cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
-    if (p.head_dim <= 32)
-        grad_key_value_lean_kernel<T, 32><<<grid, kThreads, 0, stream>>>(p);
+    const bool extras = backward_extras(p);
+    if (p.head_dim <= 32 && extras)
+        grad_key_value_lean_kernel<T, 32, true><<<grid, kThreads, 0, stream>>>(p);
+    else if (p.head_dim <= 32)
+        grad_key_value_lean_kernel<T, 32, false><<<grid, kThreads, 0, stream>>>(p);
+    else if (extras)
+        grad_key_value_lean_kernel<T, 64, true><<<grid, kThreads, 0, stream>>>(p);
     else
-        grad_key_value_lean_kernel<T, 64><<<grid, kThreads, 0, stream>>>(p);
+        grad_key_value_lean_kernel<T, 64, false><<<grid, kThreads, 0, stream>>>(p);
     return cudaGetLastError();
 }
 
@@ -806,7 +903,17 @@ bool lean_backward_applies(const sa_attention_params &p) {
     // the gradients' rows are contiguous: 16-byte pieces need their bases aligned
     const bool bases = (reinterpret_cast<uintptr_t>(p.grad_q) | reinterpret_cast<uintptr_t>(p.grad_k) |
                         reinterpret_cast<uintptr_t>(p.grad_v)) % 16 == 0;
-    return lean_tiled_applies(p) && rows && bases && p.grad_scores == nullptr;
+    bool shapes = false;
+    switch (p.dtype) {
+    case SA_F16: shapes = lean_rows_fit<__half>(p); break;
+    case SA_BF16: shapes = lean_rows_fit<__nv_bfloat16>(p); break;
+    default: return false;
+    }
+    // a bias or dropout only with the extras switched on; CSR-order score
+    // gradients (grad_scores without plan_scores_stride) only from the row kernels
+    const bool extras_ok = p.tiled_backward_extras || (p.bias_table == nullptr && !(p.dropout_p > 0));
+    const bool scores_ok = p.grad_scores == nullptr || (p.tiled_backward_extras && p.plan_scores_stride > 0);
+    return shapes && rows && bases && extras_ok && scores_ok;
 }
 
 cudaError_t grad_query_tiled_lean(const sa_attention_params &p) {

@@ -86,6 +86,49 @@ class TilePlan:
         return np.concatenate(parts), fields
 
 
+    @property
+    def num_slots(self) -> int:
+        """Slots of all passes' chunks (64 x 64 each): the length of a (batch,
+        head)'s plan-order score gradients."""
+        return sum(one.num_chunks for one in self.passes) * TILE * TILE
+
+    def score_buckets(self, width, max_relative):
+        """(perm, ptr), int64: the plan's pairs grouped by relative position
+        bucket, as Layout.bias_buckets groups the CSR entries, but naming each
+        pair by its slot in the CUDA backward's plan-order score gradients
+        (pass offset + (chunk x 64 + row) x 64 + column). Within a bucket the
+        slots ascend, so the bias gradient sums in a fixed order."""
+        m = int(max_relative)
+        side = 2 * m + 1
+        slots, buckets = [], []
+        offset = 0
+        for one in self.passes:
+            chunk_tile = np.repeat(np.arange(one.queries.shape[0]), np.diff(one.chunk_ptr))
+            # bounded pieces: a byte per slot while the bits are spread out
+            step = max(1, (1 << 24) // (TILE * TILE))
+            for first in range(0, one.num_chunks, step):
+                words = np.ascontiguousarray(one.masks[first:first + step]).view(np.uint8)
+                bits = np.unpackbits(words, axis=-1, bitorder="little").reshape(-1, TILE, TILE)
+                chunk, row, col = np.nonzero(bits)
+                chunk = chunk + first
+                queries = one.queries[chunk_tile[chunk], row].astype(np.int64)
+                keys = one.keys[chunk, col].astype(np.int64)
+                inside = (queries >= 0) & (keys >= 0)
+                chunk, row, col = chunk[inside], row[inside], col[inside]
+                queries, keys = queries[inside], keys[inside]
+                slots.append(offset + (chunk.astype(np.int64) * TILE + row) * TILE + col)
+                dy = np.clip(queries // width - keys // width, -m, m) + m
+                dx = np.clip(queries % width - keys % width, -m, m) + m
+                buckets.append(dy * side + dx)
+            offset += one.num_chunks * TILE * TILE
+        slots = np.concatenate(slots) if slots else np.zeros(0, dtype=np.int64)
+        buckets = np.concatenate(buckets) if buckets else np.zeros(0, dtype=np.int64)
+        order = np.argsort(buckets, kind="stable")  # slots ascend already
+        ptr = np.zeros(side * side + 1, dtype=np.int64)
+        np.cumsum(np.bincount(buckets, minlength=side * side), out=ptr[1:])
+        return slots[order].astype(np.int64), ptr
+
+
 class TilePass:
     """One kernel launch: ``queries`` [tiles, 64] (-1 pads), ``chunk_ptr``
     [tiles + 1], ``keys`` [chunks, 64] (-1 pads), ``masks`` [chunks, 64]

@@ -102,7 +102,7 @@ def _tensor_core_capable(device) -> bool:
     return capable
 
 
-_NO_PLAN = (None, [], None, 0, None, None, [])
+_NO_PLAN = (None, [], None, 0, None, None, [], None, None)
 # keys per block when a long row is split across blocks (tests set it lower)
 split_segment_keys = 512
 # CUDA forwards with a tile plan: run the rows the plan leaves out (LONGFORMER's
@@ -123,6 +123,12 @@ use_tiled_cuda_backward = os.environ.get("SPARSE_ATTENTION_TILED_BACKWARD", "1")
 # of the row and column kernels doing the whole backward.
 # SPARSE_ATTENTION_TILED_BACKWARD_LONG_ROWS=0 turns it off.
 tiled_backward_long_rows = os.environ.get("SPARSE_ATTENTION_TILED_BACKWARD_LONG_ROWS", "1") != "0"
+# The tensor-core backward for calls with a relative position bias or dropout
+# too (what EnhancedSparseAttention trains with by default): the bias and the
+# dropout factor enter its scores, and dQ writes each pair's score gradient in
+# plan order for the bias gradient (TilePlan.score_buckets). Off until its
+# tests have run on a device: SPARSE_ATTENTION_TILED_BACKWARD_EXTRAS=1 turns it on.
+use_tiled_cuda_backward_extras = os.environ.get("SPARSE_ATTENTION_TILED_BACKWARD_EXTRAS", "0") == "1"
 # CUDA forwards with a plan of several passes (AXIAL's rows, then columns): on
 # compute capability 9.0 each merging pass starts while the one before drains
 # (programmatic dependent launch). SPARSE_ATTENTION_OVERLAP_PASSES=0 turns it
@@ -144,40 +150,65 @@ def _cpu_tensors(layout, key, arrays):
                                                            for a in arrays), layout._device_cache)
 
 
-def _tile_plan_for(layout, device, dtype, head_dim, want_stats):
+def _tile_plan_for(layout, device, dtype, head_dim, want_stats, max_relative=None):
     """(buffer, passes, long_rows, long_row_splits, stencil, backward_buffer,
-    backward_passes) of the tile plan when a tiled forward (CUDA tensor cores,
-    CPU panels) applies to these arguments, else _NO_PLAN. On the CPU a stencil
-    layout gets its stencil: (None, [], None, 0, stencil, None, []), or
-    STRIDED's window stencil with its lattice plan: (buffer, passes, None, 0,
-    stencil, None, []). The backward's plan is the CUDA plan with its long rows
-    kept in (see tiled_backward_long_rows), where the plan leaves rows out."""
+    backward_passes, score_perm, score_ptr) of the tile plan when a tiled
+    forward (CUDA tensor cores, CPU panels) applies to these arguments, else
+    _NO_PLAN. On the CPU a stencil layout gets its stencil: (None, [], None, 0,
+    stencil, None, [], None, None), or STRIDED's window stencil with its
+    lattice plan: (buffer, passes, None, 0, stencil, None, [], None, None). The
+    backward's plan is the CUDA plan with its long rows kept in (see
+    tiled_backward_long_rows), where the plan leaves rows out. score_perm and
+    score_ptr group the backward plan's pairs by bias bucket, for a CUDA call
+    with a bias whose backward may run on tensor cores (see
+    use_tiled_cuda_backward_extras). A CUDA call with statistics over a plan
+    of several passes gets no forward plan but, with the extras on, the plan
+    as its backward's: (None, [], None, 0, None, buffer, passes, score_perm,
+    score_ptr)."""
     if device.type == "cpu":
         kind = _stencil.cpu_kernel_choice(layout) if dtype == torch.float32 else None
         if kind == "split":
             window, buffer, passes = layout.stencil_split()
             window, buffer = _cpu_tensors(layout, "split", (window, buffer))
-            return buffer, passes, None, 0, window, None, []
+            return buffer, passes, None, 0, window, None, [], None, None
         if kind == "stencil":
             (stencil,) = _cpu_tensors(layout, "stencil", (layout.stencil(),))
-            return None, [], None, 0, stencil, None, []
+            return None, [], None, 0, stencil, None, [], None, None
         if kind is None:
             return _NO_PLAN
         plan = layout.tile_plan_tensors(device)
-        return plan["buffer"], plan["passes"], plan["long_rows"], 0, None, None, []
+        return plan["buffer"], plan["passes"], plan["long_rows"], 0, None, None, [], None, None
     if not _tiled_applies(device, dtype, head_dim):
         return _NO_PLAN
     plan = layout.tile_plan_tensors(device)
-    if plan is None or (want_stats and plan["num_passes"] > 1):
-        return _NO_PLAN  # the CUDA passes do not merge statistics (the CPU's do)
+    if plan is None:
+        return _NO_PLAN
+    if want_stats and plan["num_passes"] > 1:
+        # the CUDA passes do not merge statistics (the CPU's do): the forward
+        # runs the row kernels, but with the extras on the backward, which
+        # needs only the forward's lse, still takes the plan (AXIAL in a
+        # module that tracks statistics, as it does by default)
+        if (not (use_tiled_cuda_backward and use_tiled_cuda_backward_extras)
+                or plan["long_rows"] is not None):
+            return _NO_PLAN
+        score_perm = score_ptr = None
+        if max_relative is not None:
+            score_perm, score_ptr = layout.plan_score_buckets_tensors(device, max_relative, full=False)
+        return (None, [], None, 0, None, plan["buffer"], plan["passes"], score_perm, score_ptr)
     splits = 0
     if plan["long_rows"] is not None and split_segment_keys > 0:
         splits = max(1, min(65536, -(-plan["long_row_max_keys"] // split_segment_keys)))
     backward_buffer, backward_passes = None, []
     if plan["long_rows"] is not None and use_tiled_cuda_backward and tiled_backward_long_rows:
         backward_buffer, backward_passes = layout.full_tile_plan_tensors(device)
+    score_perm = score_ptr = None
+    backward_planned = plan["long_rows"] is None or backward_buffer is not None
+    if (max_relative is not None and use_tiled_cuda_backward and use_tiled_cuda_backward_extras
+            and backward_planned):
+        score_perm, score_ptr = layout.plan_score_buckets_tensors(device, max_relative,
+                                                                  full=backward_buffer is not None)
     return (plan["buffer"], plan["passes"], plan["long_rows"], splits, None,
-            backward_buffer, backward_passes)
+            backward_buffer, backward_passes, score_perm, score_ptr)
 
 
 # Fewest blocks for the segments of the split long rows: below it, segments
@@ -199,7 +230,8 @@ def _kernel_switches():
     """The module switches that steer the choice of kernel and plan (tests flip them)."""
     return (_stencil.use_stencil_cpu_kernel, _stencil.use_lattice_split, _tiles.use_tiled_cpu_kernel,
             _tiles.CPU_MIN_FILL, use_tiled_cuda_kernel, use_reference_cuda_kernels,
-            split_segment_keys, use_tiled_cuda_backward, tiled_backward_long_rows)
+            split_segment_keys, use_tiled_cuda_backward, tiled_backward_long_rows,
+            use_tiled_cuda_backward_extras)
 
 
 def _layout_and_plan_eager(layout, device, dtype, head_dim, max_relative, want_stats):
@@ -210,7 +242,7 @@ def _layout_and_plan_eager(layout, device, dtype, head_dim, max_relative, want_s
     found = layout._device_cache.get(key)  # one dict read: atomic under the GIL
     if found is None:
         found = (layout.torch_tensors(device, max_relative),
-                 _tile_plan_for(layout, device, dtype, head_dim, want_stats))
+                 _tile_plan_for(layout, device, dtype, head_dim, want_stats, max_relative))
         with layout._lock:
             layout._device_cache[key] = found
     return found
@@ -234,7 +266,8 @@ def _cuda_extras(device, long_rows, long_cols, backward=False):
 def _forward_impl(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr,
                   long_rows, long_cols, height, width, scale, bias, key_mask, head_active,
                   dropout_p, seed, want_stats, tile_plan, tile_passes, plan_long_rows,
-                  long_row_splits, stencil, backward_plan=None, backward_passes=()):
+                  long_row_splits, stencil, backward_plan=None, backward_passes=(),
+                  score_perm=None, score_ptr=None):
     batch, heads, num_tokens, _ = query.shape
     accum = _accum_dtype(query.dtype)
     out = _kernel_output(query.shape, query.dtype, query.device)
@@ -290,7 +323,8 @@ def _forward_schema(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     want_stats: bool, tile_plan: Optional[torch.Tensor], tile_passes: list[int],
                     plan_long_rows: Optional[torch.Tensor], long_row_splits: int,
                     stencil: Optional[torch.Tensor], backward_plan: Optional[torch.Tensor],
-                    backward_passes: list[int]
+                    backward_passes: list[int], score_perm: Optional[torch.Tensor],
+                    score_ptr: Optional[torch.Tensor]
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward_impl(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm,
                          bucket_ptr, long_rows, long_cols, height, width, scale, bias, key_mask,
@@ -307,7 +341,8 @@ _forward = torch.library.custom_op("sparse_attention::forward", mutates_args=())
 def _forward_fake(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr,
                   long_rows, long_cols, height, width, scale, bias, key_mask,
                   head_active, dropout_p, seed, want_stats, tile_plan, tile_passes,
-                  plan_long_rows, long_row_splits, stencil, backward_plan, backward_passes):
+                  plan_long_rows, long_row_splits, stencil, backward_plan, backward_passes,
+                  score_perm, score_ptr):
     batch, heads, num_tokens, _ = query.shape
     accum = _accum_dtype(query.dtype)
     stats_shape = (batch, heads, num_tokens, 2) if want_stats else (0,)
@@ -318,7 +353,8 @@ def _forward_fake(query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_
 def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx,
                    bucket_perm, bucket_ptr, long_rows, long_cols, height, width, scale, bias,
                    key_mask, head_active, dropout_p, seed, tile_plan=None, tile_passes=(),
-                   plan_long_rows=None, stencil=None, backward_plan=None, backward_passes=()):
+                   plan_long_rows=None, stencil=None, backward_plan=None, backward_passes=(),
+                   score_perm=None, score_ptr=None):
     batch, heads, num_tokens, _ = query.shape
     accum = _accum_dtype(query.dtype)
     device = query.device
@@ -327,17 +363,25 @@ def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
     grads = [_kernel_output(query.shape, query.dtype, device) for _ in range(3)]
     delta = _kernel_output((batch, heads, num_tokens), accum, device)
     plan = _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil,
-                          backward_plan, backward_passes, query.shape[-1])
-    grad_scores = bias_rows = None
+                          backward_plan, backward_passes, query.shape[-1], score_perm)
+    grad_scores = bias_rows = scores_buffer = None
     if bias is not None and device.type == "cpu" and plan:
         # the window and tile kernels sum the bias gradient per (batch, head) themselves
         bias_rows = _kernel_output((batch, heads, bucket_ptr.shape[0] - 1), accum, device)
         plan["grad_bias_rows"] = bias_rows
+    elif bias is not None and plan:
+        # the tensor-core dQ writes the score gradients in plan order; should the
+        # row kernels run instead (the C side decides), they fill the first
+        # batch x heads x nnz entries in CSR order
+        slots = sum(plan["tile_passes"][1::6]) * _tiles.TILE * _tiles.TILE
+        scores_buffer = torch.empty(batch * heads * slots, dtype=accum, device=device)
+        grad_scores = scores_buffer.view(batch, heads, slots)
+        plan["plan_scores"] = True
     elif bias is not None:
         grad_scores = torch.empty(batch, heads, col_idx.shape[0], dtype=accum, device=device)
     stream = _stream_of(device)
     d = _detached
-    C.attention_backward(d(query), d(key), d(value), d(out), d(grad_out), d(lse), d(delta),
+    scores_in_plan = C.attention_backward(d(query), d(key), d(value), d(out), d(grad_out), d(lse), d(delta),
                          d(grads[0]), d(grads[1]), d(grads[2]), d(row_ptr), d(col_idx), d(col_ptr),
                          d(row_idx), height=height, width=width, scale=scale, rel_pos_bias=d(bias),
                          key_mask=d(key_mask), head_active=d(head_active), dropout_p=dropout_p,
@@ -350,7 +394,12 @@ def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
         grad_bias = grad_table.view(bias.shape).to(bias.dtype)
     elif bias is not None:
         grad_table = torch.empty(heads, bucket_ptr.shape[0] - 1, dtype=accum, device=device)
-        C.bias_grad(grad_scores, bucket_perm, bucket_ptr, grad_table, stream=stream)
+        if scores_in_plan:
+            C.bias_grad(grad_scores, score_perm, score_ptr, grad_table, stream=stream)
+        else:
+            if scores_buffer is not None:
+                grad_scores = scores_buffer[:batch * heads * col_idx.shape[0]].view(batch, heads, -1)
+            C.bias_grad(grad_scores, bucket_perm, bucket_ptr, grad_table, stream=stream)
         grad_bias = grad_table.view(bias.shape).to(bias.dtype)
     else:
         grad_bias = torch.empty(0, dtype=query.dtype, device=device)
@@ -358,7 +407,7 @@ def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
 
 
 def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil,
-                   backward_plan=None, backward_passes=(), head_dim=0):
+                   backward_plan=None, backward_passes=(), head_dim=0, score_perm=None):
     """The plan for the tiled or stencil CPU backward when it applies (float32
     plans only reach here), or for the CUDA backward's tensor-core gradients,
     else nothing: the row and column kernels run. With a bias, a stencil plan
@@ -368,17 +417,23 @@ def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil
         # every pair must be in the plan (no rows left out), which only this side
         # knows: the tiled kernels add only the plan's pairs, so a forward plan
         # that leaves long rows out hands over its full twin (backward_plan). A
-        # bias gradient with a plan is refused by the C entry point. The C side
-        # falls back to the row and column kernels where the lean kernel's own
-        # conditions (dropout, head dim, alignment) fail
+        # bias needs the plan's score buckets (score_perm, built where the
+        # extras are on). The C side falls back to the row and column kernels
+        # where the lean kernel's own conditions (head dim, alignment; a bias or
+        # dropout without tiled_backward_extras) fail
         # (C.cuda_tiled_grad_*_passes count what ran).
-        if not use_tiled_cuda_backward or tile_plan is None or bias is not None:
+        if not use_tiled_cuda_backward or (tile_plan is None and backward_plan is None):
             return {}
-        if plan_long_rows is not None:
-            if backward_plan is None or not tiled_backward_long_rows:
+        if bias is not None and (score_perm is None or not use_tiled_cuda_backward_extras):
+            return {}
+        extras = dict(tiled_backward_extras=True) if use_tiled_cuda_backward_extras else {}
+        if plan_long_rows is not None or tile_plan is None:
+            # the backward's own plan: the forward's with its long rows kept in,
+            # or the plan a forward with statistics could not take
+            if backward_plan is None or (plan_long_rows is not None and not tiled_backward_long_rows):
                 return {}
-            return dict(tile_plan=_detached(backward_plan), tile_passes=list(backward_passes))
-        return dict(tile_plan=_detached(tile_plan), tile_passes=tile_passes)
+            return dict(tile_plan=_detached(backward_plan), tile_passes=list(backward_passes), **extras)
+        return dict(tile_plan=_detached(tile_plan), tile_passes=tile_passes, **extras)
     if device.type == "cpu" and stencil is not None:
         if not _stencil.use_stencil_cpu_kernel:
             return {}
@@ -410,12 +465,14 @@ def _backward_schema(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Ten
                      head_active: Optional[torch.Tensor], dropout_p: float, seed: torch.Tensor,
                      tile_plan: Optional[torch.Tensor], tile_passes: list[int],
                      plan_long_rows: Optional[torch.Tensor], stencil: Optional[torch.Tensor],
-                     backward_plan: Optional[torch.Tensor], backward_passes: list[int]
+                     backward_plan: Optional[torch.Tensor], backward_passes: list[int],
+                     score_perm: Optional[torch.Tensor], score_ptr: Optional[torch.Tensor]
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_ptr,
                           row_idx, bucket_perm, bucket_ptr, long_rows, long_cols, height, width,
                           scale, bias, key_mask, head_active, dropout_p, seed, tile_plan,
-                          tile_passes, plan_long_rows, stencil, backward_plan, backward_passes)
+                          tile_passes, plan_long_rows, stencil, backward_plan, backward_passes,
+                          score_perm, score_ptr)
 
 
 _backward = torch.library.custom_op("sparse_attention::backward", mutates_args=())(_backward_schema)
@@ -425,7 +482,7 @@ _backward = torch.library.custom_op("sparse_attention::backward", mutates_args=(
 def _backward_fake(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx,
                    bucket_perm, bucket_ptr, long_rows, long_cols, height, width, scale, bias, key_mask, head_active,
                    dropout_p, seed, tile_plan, tile_passes, plan_long_rows, stencil,
-                   backward_plan, backward_passes):
+                   backward_plan, backward_passes, score_perm, score_ptr):
     grad_bias = bias.new_empty(bias.shape) if bias is not None else query.new_empty((0,))
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), grad_bias
 
@@ -434,25 +491,27 @@ def _setup_context(ctx, inputs, output):
     (query, key, value, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr, long_rows,
      long_cols, height, width, scale, bias, key_mask, head_active, dropout_p, seed, _stats,
      _plan, _passes, _plan_long_rows, _splits, _stencil_plan, _backward_plan_buffer,
-     _backward_passes) = inputs
+     _backward_passes, _score_perm, _score_ptr) = inputs
     out, lse, _stats = output
     ctx.save_for_backward(query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx,
                           bucket_perm, bucket_ptr, long_rows, long_cols, bias, key_mask, head_active,
-                          seed, _plan, _plan_long_rows, _stencil_plan, _backward_plan_buffer)
+                          seed, _plan, _plan_long_rows, _stencil_plan, _backward_plan_buffer,
+                          _score_perm, _score_ptr)
     ctx.args = (height, width, scale, dropout_p, list(_passes), list(_backward_passes))
 
 
 def _backward_rule(ctx, grad_out, _grad_lse, _grad_stats):
     (query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx, bucket_perm, bucket_ptr,
      long_rows, long_cols, bias, key_mask, head_active, seed, plan, plan_long_rows,
-     stencil, backward_plan) = ctx.saved_tensors
+     stencil, backward_plan, score_perm, score_ptr) = ctx.saved_tensors
     height, width, scale, dropout_p, passes, backward_passes = ctx.args
     grad_q, grad_k, grad_v, grad_bias = _backward(
         grad_out, query, key, value, out, lse, row_ptr, col_idx, col_ptr, row_idx, bucket_perm,
         bucket_ptr, long_rows, long_cols, height, width, scale, bias, key_mask, head_active,
-        dropout_p, seed, plan, passes, plan_long_rows, stencil, backward_plan, backward_passes)
+        dropout_p, seed, plan, passes, plan_long_rows, stencil, backward_plan, backward_passes,
+        score_perm, score_ptr)
     return (grad_q, grad_k, grad_v) + (None,) * 11 + (
-        grad_bias if bias is not None else None,) + (None,) * 12
+        grad_bias if bias is not None else None,) + (None,) * 14
 
 
 _forward.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -479,7 +538,7 @@ class _EagerAttention(torch.autograd.Function):
         query, key, value, out, lse, bias = ctx.saved_tensors
         a = ctx.args
         grad_q, grad_k, grad_v, grad_bias = _backward_impl(
-            grad_out, query, key, value, out, lse, *a[3:_BIAS], bias, *a[_BIAS + 1:19], *a[20:23], *a[24:27])
+            grad_out, query, key, value, out, lse, *a[3:_BIAS], bias, *a[_BIAS + 1:19], *a[20:23], *a[24:29])
         return grad_q, grad_k, grad_v, (grad_bias if bias is not None else None), None
 
 

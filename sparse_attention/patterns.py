@@ -318,6 +318,21 @@ class Layout:
 
         return self._built_once(("full_tiles", str(torch.device(device))), build, self._device_cache)
 
+    def plan_score_buckets_tensors(self, device, max_relative, full):
+        """TilePlan.score_buckets of tile_plan() (of full_tile_plan() with full)
+        as int64 tensors on ``device``, copied once; None without a plan."""
+        import torch
+
+        def build(layout):
+            plan = layout.full_tile_plan() if full else layout.tile_plan()
+            if plan is None:
+                return None
+            perm, ptr = plan.score_buckets(layout.width, max_relative)
+            return _tensor_of(perm, device), _tensor_of(ptr, device)
+
+        key = ("plan_scores", bool(full), int(max_relative), str(torch.device(device)))
+        return self._built_once(key, build, self._device_cache)
+
     def row_ids_tensor(self, device):
         """row_ids() on ``device`` (int64), cached; only the PyTorch path needs it."""
         import torch

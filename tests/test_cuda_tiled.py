@@ -437,6 +437,7 @@ def test_tiled_backward_agrees_with_the_row_kernels_and_falls_back(monkeypatch):
     planned again for the backward; calls they do not take (dropout, that row
     with tiled_backward_long_rows off, head dim 72) run the row and column
     kernels."""
+    monkeypatch.setattr(_torch_ops, "use_tiled_cuda_backward_extras", False)  # dropout falls back
     layout = build_layout("axial", 24, 40)
     (q, k, v), _ = make(2, 4, 960, 64, torch.bfloat16, seed=3)
     grad_out = torch.randn(2, 4, 960, 64).to(torch.bfloat16).cuda()
@@ -476,3 +477,116 @@ def test_tiled_backward_agrees_with_the_row_kernels_and_falls_back(monkeypatch):
     (q72, k72, v72), _ = make(2, 4, 960, 72, torch.bfloat16)
     grads(inputs=(q72, k72, v72))
     assert tiled_backward_passes() == before
+
+
+def backward_with_extras(layout, inputs, bias, grad_out, **args):
+    """q, k, v (and bias) gradients of one CUDA call, and the tiled passes it ran."""
+    leaves = [t.cuda().requires_grad_(True) for t in inputs]
+    table = bias.cuda().requires_grad_(True) if bias is not None else None
+    before = tiled_backward_passes()
+    out = run_tiled(*leaves, layout, rel_pos_bias=table, **args)
+    out.backward(grad_out.cuda())
+    ran = tuple(a - b for a, b in zip(tiled_backward_passes(), before))
+    grads = [leaf.grad for leaf in leaves] + ([table.grad] if table is not None else [])
+    return grads, ran
+
+
+@pytest.mark.parametrize("dtype, dim", [(torch.float16, 32), (torch.bfloat16, 64)])
+@pytest.mark.parametrize("size", [(1, 17), (9, 1), (7, 13), (33, 35)])
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("extras", ["bias", "dropout", "bias+dropout"])
+def test_tiled_backward_with_bias_and_dropout_against_reference(pattern, size, dim, dtype, extras,
+                                                                monkeypatch):
+    """use_tiled_cuda_backward_extras: the tensor-core backward with a relative
+    position bias (its gradient from the plan-order score gradients) and
+    dropout, with a key mask and a pruned head; every gradient, the bias's
+    included, against the float64 reference."""
+    monkeypatch.setattr(_torch_ops, "use_tiled_cuda_backward", True)
+    monkeypatch.setattr(_torch_ops, "tiled_backward_long_rows", True)
+    monkeypatch.setattr(_torch_ops, "use_tiled_cuda_backward_extras", True)
+    layout = build_layout(pattern, *size, kernel_size=5, block_size=4, attention_ratio=0.3)
+    n = layout.num_tokens
+    (q, k, v), bias = make(2, 3, n, dim, dtype, seed=dim + 5, bias_side=7)
+    bias = bias if "bias" in extras else None
+    dropout_p = 0.2 if "dropout" in extras else 0.0
+    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(9)) > 0.25
+    active = torch.tensor([True, False, True])
+    grad_out = torch.randn(2, 3, n, dim, generator=torch.Generator().manual_seed(10)).to(dtype)
+    args = dict(key_mask=key_mask.cuda(), head_active=active.cuda(), dropout_p=dropout_p, dropout_seed=11)
+    grads, ran = backward_with_extras(layout, (q, k, v), bias, grad_out, **args)
+    passes = len(layout.full_tile_plan())
+    assert ran == (passes, passes if layout.is_symmetric() else 0)
+    ref = [t.double().requires_grad_(True) for t in (q, k, v)]
+    ref_bias = bias.double().requires_grad_(True) if bias is not None else None
+    ref_out = reference_attention(*ref, layout, bias=ref_bias, key_mask=key_mask, head_active=active,
+                                  dropout_p=dropout_p, dropout_seed=11)[0]
+    ref_out.backward(grad_out.double())
+    expected = [t.grad for t in ref] + ([ref_bias.grad] if bias is not None else [])
+    for name, got, r in zip(["q", "k", "v", "bias"], grads, expected):
+        assert torch.isfinite(got).all(), f"grad {name}: NaN or Inf"
+        error = (got.double().cpu() - r).abs().max().item()
+        assert error < 4 * TOL[dtype] * max(1.0, r.abs().max().item()), f"grad {name}: {error}"
+    for got in grads[:3]:
+        assert (got[:, 1] == 0).all()
+
+
+@pytest.mark.parametrize("pattern, size", [("axial", (24, 40)), ("longformer", (48, 48)), ("random", (20, 20)),
+                                           ("strided", (30, 30))])
+def test_tiled_backward_extras_agree_with_the_row_kernels_and_repeat_exactly(pattern, size, monkeypatch):
+    """With a bias and dropout, the tensor-core backward against the row and
+    column kernels on the same call (bf16 rounding apart); its bias gradient
+    is the same bits run after run (fixed summation order, no atomics). Off
+    (the default until measured), the call runs the row and column kernels."""
+    monkeypatch.setattr(_torch_ops, "use_tiled_cuda_backward", True)
+    monkeypatch.setattr(_torch_ops, "tiled_backward_long_rows", True)
+    layout = build_layout(pattern, *size, num_global_tokens=1, attention_ratio=0.2)
+    n = layout.num_tokens
+    (q, k, v), bias = make(2, 4, n, 64, torch.bfloat16, seed=6, bias_side=9)
+    grad_out = torch.randn(2, 4, n, 64, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
+    args = dict(dropout_p=0.1, dropout_seed=5)
+    monkeypatch.setattr(_torch_ops, "use_tiled_cuda_backward_extras", False)
+    rows, ran = backward_with_extras(layout, (q, k, v), bias, grad_out, **args)
+    assert ran == (0, 0)
+    monkeypatch.setattr(_torch_ops, "use_tiled_cuda_backward_extras", True)
+    tiled, ran = backward_with_extras(layout, (q, k, v), bias, grad_out, **args)
+    assert ran[0] == len(layout.full_tile_plan())
+    again, _ = backward_with_extras(layout, (q, k, v), bias, grad_out, **args)
+    assert torch.equal(tiled[3], again[3]), "the bias gradient changed between two identical calls"
+    for name, a, b in zip("qkvb", tiled, rows):
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a.float() / scale, b.float() / scale, atol=3e-2, rtol=3e-2,
+                                   msg=lambda m: f"grad {name}: {m}")
+
+
+def test_statistics_leave_axial_forward_to_the_row_kernels_but_not_its_backward(monkeypatch):
+    """AXIAL's two passes do not merge statistics on CUDA, so a call with
+    them (as the module makes by default) runs the row kernels forward; with
+    the extras on its backward still takes the plan, and matches the row and
+    column kernels' gradients."""
+    monkeypatch.setattr(_torch_ops, "use_tiled_cuda_backward", True)
+    layout = build_layout("axial", 24, 40)
+    assert len(layout.tile_plan()) == 2
+    (q, k, v), bias = make(2, 4, 960, 32, torch.bfloat16, seed=13, bias_side=9)
+    grad_out = torch.randn(2, 4, 960, 32, generator=torch.Generator().manual_seed(14)).to(torch.bfloat16)
+
+    def grads():
+        leaves = [t.cuda().requires_grad_(True) for t in (q, k, v)]
+        table = bias.cuda().requires_grad_(True)
+        before_forward, before = _torch_ops.tiled_passes_run, tiled_backward_passes()
+        out, stats = attention(*leaves, layout, rel_pos_bias=table, dropout_p=0.1, dropout_seed=2,
+                               return_stats=True)
+        assert _torch_ops.tiled_passes_run == before_forward
+        out.backward(grad_out.cuda())
+        ran = tuple(a - b for a, b in zip(tiled_backward_passes(), before))
+        return [leaf.grad for leaf in leaves] + [table.grad], ran
+
+    monkeypatch.setattr(_torch_ops, "use_tiled_cuda_backward_extras", False)
+    rows, ran = grads()
+    assert ran == (0, 0)
+    monkeypatch.setattr(_torch_ops, "use_tiled_cuda_backward_extras", True)
+    tiled, ran = grads()
+    assert ran == (2, 2)
+    for name, a, b in zip("qkvb", tiled, rows):
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a.float() / scale, b.float() / scale, atol=3e-2, rtol=3e-2,
+                                   msg=lambda m: f"grad {name}: {m}")

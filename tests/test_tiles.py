@@ -266,3 +266,107 @@ def test_symmetric_layouts_share_their_transpose_tensors():
         assert (tensors["row_idx"] is tensors["col_idx"]) == symmetric
         np.testing.assert_array_equal(tensors["col_ptr"].numpy(), layout.col_ptr)
         np.testing.assert_array_equal(tensors["row_idx"].numpy(), layout.row_indices)
+
+
+def _bias_sums(scores, perm, ptr, heads=1):
+    """C.bias_grad of one (batch, head)'s scores over the given buckets."""
+    table = torch.empty(heads, ptr.shape[0] - 1, dtype=torch.float64)
+    C.bias_grad(torch.from_numpy(np.array(scores)).view(1, heads, -1), torch.from_numpy(np.array(perm)),
+                torch.from_numpy(np.array(ptr)), table)
+    return table[0].numpy()
+
+
+@pytest.mark.parametrize("max_relative", [0, 2, 9])
+@pytest.mark.parametrize("size", [(1, 17), (9, 1), (7, 13), (33, 35)])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_plan_score_buckets_sum_what_the_csr_buckets_sum(pattern, size, max_relative):
+    """The CUDA tensor-core backward writes each pair's score gradient at its
+    plan slot; TilePlan.score_buckets must group those slots as
+    Layout.bias_buckets groups the CSR entries. One value per pair, placed in
+    both orders (slots without a pair hold NaN, so reading one shows), summed
+    per bucket by C.bias_grad both ways."""
+    layout = build_layout(pattern, *size, kernel_size=5, block_size=4, num_global_tokens=1,
+                          attention_ratio=0.3)
+    plan = layout.full_tile_plan()  # the backward's plan: long rows kept in
+    n, width = layout.num_tokens, layout.width
+    perm, ptr = plan.score_buckets(width, max_relative)
+    assert perm.dtype == np.int64 and ptr.dtype == np.int64
+    assert perm.shape == (layout.nnz,) and ptr[-1] == layout.nnz
+    assert np.unique(perm).size == perm.size and perm.max() < plan.num_slots
+    values = np.random.default_rng(5).standard_normal(layout.nnz)
+    csr_keys = layout.row_ids() * n + layout.indices
+    slots = np.full(plan.num_slots, np.nan)
+    offset = 0
+    for one in plan:
+        queries, keys = one.pairs()
+        chunk_tile = np.repeat(np.arange(one.queries.shape[0]), np.diff(one.chunk_ptr))
+        bits = (one.masks.view(np.uint64)[:, :, None] >> np.arange(TILE, dtype=np.uint64)) & np.uint64(1)
+        chunk, row, col = np.nonzero(bits)
+        assert np.array_equal(one.queries[chunk_tile[chunk], row], queries)
+        at = np.searchsorted(csr_keys, queries.astype(np.int64) * n + keys)
+        slots[offset + (chunk * TILE + row) * TILE + col] = values[at]
+        offset += one.num_chunks * TILE * TILE
+    _, csr_perm, csr_ptr = layout.bias_buckets(max_relative)
+    np.testing.assert_array_equal(ptr, csr_ptr)  # the same pairs in every bucket
+    expected = _bias_sums(values, csr_perm, csr_ptr)
+    got = _bias_sums(slots, perm, ptr)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_bias_grad_takes_fewer_buckets_entries_than_scores_and_checks_them():
+    scores = torch.arange(10, dtype=torch.float64).view(1, 1, 10)
+    table = torch.empty(1, 2, dtype=torch.float64)
+    C.bias_grad(scores, torch.tensor([9, 1, 4]), torch.tensor([0, 2, 3]), table)
+    assert table.tolist() == [[10.0, 4.0]]
+    with pytest.raises(ValueError, match="bucket_perm: expected at most 10 entries"):
+        C.bias_grad(scores, torch.arange(11), torch.tensor([0, 11]), table[:, :1])
+    with pytest.raises(ValueError, match="bucket_perm: entry outside"):
+        C.bias_grad(scores, torch.tensor([10]), torch.tensor([0, 1]), table[:, :1])
+    with pytest.raises(ValueError, match="bucket_ptr: expected offsets from 0 to the length of bucket_perm"):
+        C.bias_grad(scores, torch.tensor([1, 2]), torch.tensor([0, 3]), table[:, :1])
+
+
+def test_plan_scores_take_a_cuda_call_with_a_plan():
+    """plan_scores (score gradients in plan order) is for the CUDA tensor-core
+    backward; a CPU call asking for it is refused, naming it."""
+    layout = build_layout("block", 8, 8, block_size=4)
+    t = layout.torch_tensors("cpu")
+    q = torch.randn(1, 1, 64, 8)
+    grads = [torch.empty_like(q) for _ in range(3)]
+    plan = layout.tile_plan_tensors("cpu")
+    with pytest.raises(ValueError, match="plan_scores"):
+        C.attention_backward(q, q, q, q, q, torch.zeros(1, 1, 64), torch.empty(1, 1, 64), *grads,
+                             t["row_ptr"], t["col_idx"], t["col_ptr"], t["row_idx"],
+                             height=8, width=8, scale=1.0, rel_pos_bias=torch.zeros(1, 1, 1),
+                             grad_scores=torch.empty(1, 1, layout.nnz), tile_plan=plan["buffer"],
+                             tile_passes=plan["passes"], tiled_backward_extras=True, plan_scores=True)
+
+
+def test_cuda_backward_plan_choices(monkeypatch):
+    """Which plan the CUDA backward gets (host logic, no GPU needed): a bias
+    needs the extras and the plan's score buckets; a call whose forward took
+    no plan (statistics over several passes) hands its backward the plan as
+    backward_plan; long rows need tiled_backward_long_rows."""
+    cuda = torch.device("cuda")
+    buffer, perm = torch.zeros(4, dtype=torch.int32), torch.zeros(2, dtype=torch.int64)
+    bias = torch.zeros(1, 3, 3)
+    passes = [1, 1, 0, 0, 0, 0]
+    choose = _torch_ops._backward_plan
+    monkeypatch.setattr(_torch_ops, "use_tiled_cuda_backward", True)
+    monkeypatch.setattr(_torch_ops, "tiled_backward_long_rows", True)
+    monkeypatch.setattr(_torch_ops, "use_tiled_cuda_backward_extras", False)
+    assert choose(cuda, None, buffer, passes, None, None)["tile_passes"] == passes
+    assert "tiled_backward_extras" not in choose(cuda, None, buffer, passes, None, None)
+    assert choose(cuda, bias, buffer, passes, None, None, score_perm=perm) == {}
+    monkeypatch.setattr(_torch_ops, "use_tiled_cuda_backward_extras", True)
+    assert choose(cuda, bias, buffer, passes, None, None) == {}  # no score buckets
+    chosen = choose(cuda, bias, buffer, passes, None, None, score_perm=perm)
+    assert chosen["tiled_backward_extras"] is True and chosen["tile_passes"] == passes
+    chosen = choose(cuda, bias, None, [], None, None, buffer, passes, score_perm=perm)
+    assert chosen["tile_passes"] == passes
+    long_rows = torch.zeros(1, dtype=torch.int32)
+    assert choose(cuda, None, buffer, [9] * 6, long_rows, None, buffer, passes)["tile_passes"] == passes
+    monkeypatch.setattr(_torch_ops, "tiled_backward_long_rows", False)
+    assert choose(cuda, None, buffer, [9] * 6, long_rows, None, buffer, passes) == {}
+    monkeypatch.setattr(_torch_ops, "use_tiled_cuda_backward", False)
+    assert choose(cuda, None, buffer, passes, None, None) == {}
