@@ -298,6 +298,11 @@ def main():
             if layout.tile_plan() is not None and len(layout.tile_plan()) > 1:
                 switch_graphs["overlap_passes flipped"] = graphs_both_ways(
                     call, flip_module_switch("overlap_passes"), args.repeats)
+                # with statistics (the module tracks them by default): the passes
+                # merging them on tensor cores, or the whole forward on the row kernels
+                stats_call = lambda: sparse_attention(q, k, v, layout, return_stats=True)  # noqa: E731
+                switch_graphs["forward with statistics, merge_stats_cuda_passes flipped"] = graphs_both_ways(
+                    stats_call, flip_module_switch("merge_stats_cuda_passes"), args.repeats)
             host_us = None
             if side in host_sides:
                 host_us = host_time_per_call(call, os.path.join(args.out, f"host_profile_{side}_{pattern}.txt"))
@@ -340,7 +345,8 @@ def main():
                                                use_tiled_cuda_backward=_torch_ops.use_tiled_cuda_backward,
                                                tiled_backward_long_rows=_torch_ops.tiled_backward_long_rows,
                                                use_tiled_cuda_backward_extras=(
-                                                   _torch_ops.use_tiled_cuda_backward_extras)),
+                                                   _torch_ops.use_tiled_cuda_backward_extras),
+                                               merge_stats_cuda_passes=_torch_ops.merge_stats_cuda_passes),
                           switch_graph_fwd_ms=switch_graphs, host_us_per_eager_call=host_us,
                           flex_fwd_bwd_ms=flex_fb, flex_note=flex_note, device=name)
             raw.append(record)
@@ -393,7 +399,8 @@ def write_tables(args, name, raw, kernel_rows):
                   "the one before it drains; keys per long-row segment: the split of a global row; "
                   "use_tiled_cuda_backward: the backward on tensor cores (timed eager, forward+backward); "
                   "use_tiled_cuda_backward_extras: that backward also for calls with a bias (clamp 32) and "
-                  "dropout 0.1, as the module trains; "
+                  "dropout 0.1, as the module trains; merge_stats_cuda_passes: statistics over AXIAL's "
+                  "two passes on tensor cores instead of the whole forward on the row kernels; "
                   "Defaults: "
                   + ", ".join(f"{k} {v}" for k, v in switched[0]["switch_defaults"].items())
                   + f", {_torch_ops.split_segment_keys} keys per segment.",

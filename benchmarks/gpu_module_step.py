@@ -4,10 +4,12 @@
     python benchmarks/gpu_module_step.py [--patterns axial,longformer] [--side 64]
         [--channels 256] [--batch 2] [--repeats 20] [--out DIR] [--device cuda]
 
-For each pattern, forward + backward of the module is timed with the
-tensor-core backward's extras on and off (use_tiled_cuda_backward_extras: the
-bias and dropout in that backward) in alternating rounds, CUDA events, median
-of the rounds' medians; writes module_step.md / .json under --out. With
+For each pattern, forward + backward of the module is timed with its
+tensor-core training path on and off, in alternating rounds, CUDA events,
+median of the rounds' medians: use_tiled_cuda_backward_extras (the bias and
+dropout in the tensor-core backward) and merge_stats_cuda_passes (AXIAL's
+statistics on the tensor-core forward), both not yet run on a device and so
+off by default. Writes module_step.md / .json under --out. With
 --device cpu it runs the same steps on the CPU (a smoke test of the script:
 the CPU kernels do not take bfloat16, so the PyTorch path runs)."""
 
@@ -47,14 +49,19 @@ def step_time(step, repeats, device):
     return statistics.median(times)
 
 
+SWITCHES = ("use_tiled_cuda_backward_extras", "merge_stats_cuda_passes")
+
+
 @contextlib.contextmanager
 def extras(on):
-    before = _torch_ops.use_tiled_cuda_backward_extras
-    _torch_ops.use_tiled_cuda_backward_extras = on
+    before = [getattr(_torch_ops, name) for name in SWITCHES]
+    for name in SWITCHES:
+        setattr(_torch_ops, name, on)
     try:
         yield
     finally:
-        _torch_ops.use_tiled_cuda_backward_extras = before
+        for name, value in zip(SWITCHES, before):
+            setattr(_torch_ops, name, value)
 
 
 def main():
@@ -98,7 +105,7 @@ def main():
               f"(without / with {off_ms / on_ms:.2f}x)", flush=True)
     lines = [f"EnhancedSparseAttention training step (defaults: bias, dropout 0.1, statistics), "
              f"bf16, x {tuple(x.shape)}, 8 heads, on {name}; median of {args.rounds} alternating "
-             f"rounds of {args.repeats} steps each.", "",
+             f"rounds of {args.repeats} steps each; on = {' and '.join(SWITCHES)}.", "",
              "| pattern | extras on ms | extras off ms | off / on |", "|---|---|---|---|"]
     for r in records:
         lines.append(f"| {r['pattern']} | {r['extras_on_ms']:.3f} | {r['extras_off_ms']:.3f} | "

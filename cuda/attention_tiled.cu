@@ -323,8 +323,11 @@ rescale_rows(out_acc, rescale);
                 if (want_stats) {
                     float *stats = static_cast<float *>(p.row_stats) + 2 * item;
                     const float inv = live ? 1.f / sum : 0.f;
-                    stats[0] = live ? run_sq[r] * inv * inv : 0.f;
-                    stats[1] = live ? __logf(sum) - run_shifted[r] * inv : 0.f;
+                    float square = live ? run_sq[r] * inv * inv : 0.f;
+                    float entropy = live ? __logf(sum) - run_shifted[r] * inv : 0.f;
+                    if (p.merge_previous) merge_stats(stats, old_weight, new_weight * sum, total_lse, square, entropy);
+                    stats[0] = square;
+                    stats[1] = entropy;
                 }
             }
         }

@@ -152,6 +152,28 @@ __device__ __forceinline__ float merge_lse(float old_lse, float pass_lse, float 
     return total;
 }
 
+// A row's statistics (sum p^2, entropy) over the pairs of two passes, from
+// each pass's own (over its pairs alone): previous (what the earlier pass
+// wrote) and square / entropy (this pass's, replaced by the merged ones).
+// Each pass's softmax is a share of the merged one (old_share, new_share, as
+// merge_lse weighs them): sum p^2 adds the parts' sums times their shares
+// squared, the entropy adds each share times (its entropy - log share).
+__device__ __forceinline__ void merge_stats(const float *previous, float old_share, float new_share,
+                                            float total_lse, float &square, float &entropy) {
+    if (total_lse != total_lse) {
+        square = entropy = NAN;
+        return;
+    }
+    float merged_square = new_share * new_share * square;
+    float merged_entropy = new_share > 0.f ? new_share * (entropy - __logf(new_share)) : 0.f;
+    if (old_share > 0.f) {
+        merged_square += old_share * old_share * previous[0];
+        merged_entropy += old_share * (previous[1] - __logf(old_share));
+    }
+    square = merged_square;
+    entropy = merged_entropy;
+}
+
 // Four 8 x 8 matrices of 16-bit elements from shared memory; lanes 8m .. 8m + 7
 // give the row addresses of matrix m. Without transposition lane 4g + t gets
 // row g, elements 2t and 2t + 1 of each matrix (an A or B fragment piece);

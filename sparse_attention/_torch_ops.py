@@ -129,6 +129,12 @@ tiled_backward_long_rows = os.environ.get("SPARSE_ATTENTION_TILED_BACKWARD_LONG_
 # plan order for the bias gradient (TilePlan.score_buckets). Off until its
 # tests have run on a device: SPARSE_ATTENTION_TILED_BACKWARD_EXTRAS=1 turns it on.
 use_tiled_cuda_backward_extras = os.environ.get("SPARSE_ATTENTION_TILED_BACKWARD_EXTRAS", "0") == "1"
+# Statistics over a plan of several passes (AXIAL) on the general tensor-core
+# forward, each merging pass folding its rows' statistics into the earlier
+# pass's by their shares of the merged softmax (cuda/tensor_core.cuh
+# merge_stats), instead of the whole forward on the row kernels. Off until run
+# on a device: SPARSE_ATTENTION_TILED_STATS_PASSES=1 turns it on.
+merge_stats_cuda_passes = os.environ.get("SPARSE_ATTENTION_TILED_STATS_PASSES", "0") == "1"
 # CUDA forwards with a plan of several passes (AXIAL's rows, then columns): on
 # compute capability 9.0 each merging pass starts while the one before drains
 # (programmatic dependent launch). SPARSE_ATTENTION_OVERLAP_PASSES=0 turns it
@@ -183,7 +189,7 @@ def _tile_plan_for(layout, device, dtype, head_dim, want_stats, max_relative=Non
     plan = layout.tile_plan_tensors(device)
     if plan is None:
         return _NO_PLAN
-    if want_stats and plan["num_passes"] > 1:
+    if want_stats and plan["num_passes"] > 1 and not merge_stats_cuda_passes:
         # the CUDA passes do not merge statistics (the CPU's do): the forward
         # runs the row kernels, but with the extras on the backward, which
         # needs only the forward's lse, still takes the plan (AXIAL in a
@@ -231,7 +237,7 @@ def _kernel_switches():
     return (_stencil.use_stencil_cpu_kernel, _stencil.use_lattice_split, _tiles.use_tiled_cpu_kernel,
             _tiles.CPU_MIN_FILL, use_tiled_cuda_kernel, use_reference_cuda_kernels,
             split_segment_keys, use_tiled_cuda_backward, tiled_backward_long_rows,
-            use_tiled_cuda_backward_extras)
+            use_tiled_cuda_backward_extras, merge_stats_cuda_passes)
 
 
 def _layout_and_plan_eager(layout, device, dtype, head_dim, max_relative, want_stats):

@@ -4,7 +4,7 @@ float64 reference and against the other CUDA kernels. Skipped without a GPU."""
 import pytest
 import torch
 
-from reference import assert_forward_matches_reference, reference_attention
+from reference import assert_forward_matches_reference, reference_attention, reference_statistics
 from sparse_attention import build_layout
 from sparse_attention import sparse_scaled_dot_product_attention as attention
 from sparse_attention import _torch_ops
@@ -98,7 +98,8 @@ def test_statistics_and_pruned_heads():
     assert (out[:, 1] == 0).all() and torch.isinf(lse[:, 1]).all()
 
 
-def test_statistics_with_a_two_pass_plan_use_the_other_kernels():
+def test_statistics_with_a_two_pass_plan_use_the_other_kernels(monkeypatch):
+    monkeypatch.setattr(_torch_ops, "merge_stats_cuda_passes", False)
     layout = build_layout("axial", 64, 64)
     assert len(layout.tile_plan()) == 2
     (q, k, v), _ = make(1, 2, 4096, 32, torch.bfloat16)
@@ -106,6 +107,35 @@ def test_statistics_with_a_two_pass_plan_use_the_other_kernels():
     out, stats = run_tiled(q, k, v, layout, return_stats=True, expect_tiled=False)
     plain = run_tiled(q, k, v, layout)
     torch.testing.assert_close(out, plain, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("size", [(7, 13), (33, 35), (24, 40)])
+@pytest.mark.parametrize("extras", ["plain", "bias+mask+pruned"])
+def test_statistics_merged_across_passes(size, extras, monkeypatch):
+    """merge_stats_cuda_passes: AXIAL's two passes on the general kernel with
+    statistics, the column pass folding its rows' sum p^2 and entropy into the
+    row pass's; against the CPU kernels (which merge the same way) and the
+    float64 reference's probabilities."""
+    monkeypatch.setattr(_torch_ops, "merge_stats_cuda_passes", True)
+    layout = build_layout("axial", *size)
+    n = layout.num_tokens
+    (q, k, v), bias = make(2, 3, n, 32, torch.bfloat16, seed=15, bias_side=9)
+    kwargs, ref_kwargs = {}, {}
+    if extras != "plain":
+        key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(16)) > 0.2
+        active = torch.tensor([True, False, True])
+        kwargs = dict(rel_pos_bias=bias.cuda(), key_mask=key_mask.cuda(), head_active=active.cuda())
+        ref_kwargs = dict(bias=bias, key_mask=key_mask, head_active=active)
+    passes = len(layout.tile_plan())
+    before = _torch_ops.tiled_passes_run
+    out, lse, stats = run_tiled(q.cuda(), k.cuda(), v.cuda(), layout, return_lse=True, return_stats=True,
+                                **kwargs)
+    assert _torch_ops.tiled_passes_run - before == passes
+    ref_out, ref_lse, probs = reference_attention(q, k, v, layout, **ref_kwargs)
+    assert_forward_matches_reference(out, lse, ref_out, ref_lse, TOL[torch.bfloat16])
+    expected = reference_statistics(probs)
+    torch.testing.assert_close(stats[..., 0].double().cpu(), expected[..., 0], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(stats[..., 1].double().cpu(), expected[..., 1], atol=5e-2, rtol=2e-2)
 
 
 def test_nan_query_row_is_nan_and_others_are_not():
