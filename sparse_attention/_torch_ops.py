@@ -199,7 +199,7 @@ def _tile_plan_for(layout, device, dtype, head_dim, want_stats, max_relative=Non
             return _NO_PLAN
         score_perm = score_ptr = None
         if max_relative is not None:
-            score_perm, score_ptr = layout.plan_score_buckets_tensors(device, max_relative, full=False)
+            score_perm, score_ptr = _score_buckets(layout, device, max_relative, full=False)
         return (None, [], None, 0, None, plan["buffer"], plan["passes"], score_perm, score_ptr)
     splits = 0
     if plan["long_rows"] is not None and split_segment_keys > 0:
@@ -211,10 +211,26 @@ def _tile_plan_for(layout, device, dtype, head_dim, want_stats, max_relative=Non
     backward_planned = plan["long_rows"] is None or backward_buffer is not None
     if (max_relative is not None and use_tiled_cuda_backward and use_tiled_cuda_backward_extras
             and backward_planned):
-        score_perm, score_ptr = layout.plan_score_buckets_tensors(device, max_relative,
-                                                                  full=backward_buffer is not None)
+        score_perm, score_ptr = _score_buckets(layout, device, max_relative, full=backward_buffer is not None)
     return (plan["buffer"], plan["passes"], plan["long_rows"], splits, None,
             backward_buffer, backward_passes, score_perm, score_ptr)
+
+
+def _score_buckets(layout, device, max_relative, full):
+    """(perm, ptr) of the plan's score buckets, or (None, None) where its
+    plan-order score gradients would take more than PLAN_SCORES_MAX_SLOTS_PER_PAIR
+    slots a pair (RANDOM at 10%: about 10): the bias gradient then comes from the
+    row kernels' CSR-order scores."""
+    plan = layout.full_tile_plan() if full else layout.tile_plan()
+    if plan is None or plan.num_slots > PLAN_SCORES_MAX_SLOTS_PER_PAIR * max(1, layout.nnz):
+        return None, None
+    return layout.plan_score_buckets_tensors(device, max_relative, full)
+
+
+# The plan-order score gradients take a float per slot of the plan (AXIAL and
+# BLOCK: one a pair; LONGFORMER's 7 x 7 windows about 5, STRIDED's about 7)
+# where the row kernels' take one a pair.
+PLAN_SCORES_MAX_SLOTS_PER_PAIR = 8
 
 
 # Fewest blocks for the segments of the split long rows: below it, segments

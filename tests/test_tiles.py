@@ -370,3 +370,15 @@ def test_cuda_backward_plan_choices(monkeypatch):
     assert choose(cuda, None, buffer, [9] * 6, long_rows, None, buffer, passes) == {}
     monkeypatch.setattr(_torch_ops, "use_tiled_cuda_backward", False)
     assert choose(cuda, None, buffer, passes, None, None) == {}
+
+
+def test_plan_score_buckets_only_for_plans_that_stay_near_one_slot_a_pair():
+    """The plan-order score gradients take a float per slot: RANDOM at 10%
+    (about 10 slots a pair) keeps the row kernels' CSR order instead."""
+    sparse = build_layout("random", 32, 32, attention_ratio=0.1)
+    assert sparse.full_tile_plan().num_slots > _torch_ops.PLAN_SCORES_MAX_SLOTS_PER_PAIR * sparse.nnz
+    assert _torch_ops._score_buckets(sparse, "cpu", 4, full=True) == (None, None)
+    for pattern in ("axial", "longformer", "strided"):
+        layout = build_layout(pattern, 32, 32)
+        perm, ptr = _torch_ops._score_buckets(layout, "cpu", 4, full=True)
+        assert perm.shape == (layout.nnz,) and ptr.shape == (82,)
