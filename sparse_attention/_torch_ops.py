@@ -38,8 +38,16 @@ def _kernel_output(shape, dtype, device):
     return torch.from_dlpack(C.pool_tensor(shape, *code))
 
 
+# torch's current CUDA stream as a raw handle: what torch.compile's generated
+# code reads. torch.cuda.current_stream() builds a Stream object for it, about
+# 15 us of an eager call's 60-80 us of host time (H200 host, profiled).
+_raw_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream_of(device):
     if device.type == "cuda":
+        if _raw_current_stream is not None and device.index is not None:
+            return _raw_current_stream(device.index)
         return torch.cuda.current_stream(device).cuda_stream
     return -1
 

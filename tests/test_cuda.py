@@ -140,6 +140,18 @@ def test_runs_on_a_side_stream_and_strided_views():
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
 
 
+def test_kernels_are_given_torchs_current_stream():
+    """The handle the entry points get is torch's current stream, on the
+    default stream and inside a side stream's context."""
+    from sparse_attention import _torch_ops
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    assert _torch_ops._stream_of(device) == torch.cuda.current_stream(device).cuda_stream
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        assert _torch_ops._stream_of(device) == stream.cuda_stream != 0
+
+
 def test_fully_masked_rows_give_zero_and_finite_grads():
     layout = build_layout("block", 4, 4, block_size=2)
     q, k, v, bias = inputs(1, 2, 16, 8, torch.float32, bias_side=3)
