@@ -27,25 +27,20 @@ import torch  # noqa: E402
 
 from sparse_attention import EnhancedSparseAttention, _torch_ops  # noqa: E402
 from sparse_attention._native import C  # noqa: E402
+from gpu_bench import time_cuda  # noqa: E402  (this folder)
 
 
 def step_time(step, repeats, device):
-    """Median ms of step(): CUDA events on a GPU, the wall clock elsewhere."""
-    for _ in range(2):
-        step()
+    """Median ms of step(): CUDA events on a GPU (gpu_bench.time_cuda), the
+    wall clock elsewhere."""
+    if device.type == "cuda":
+        return time_cuda(step, repeats, warmup=2)
+    step()
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 

@@ -851,43 +851,34 @@ template <typename T> cudaError_t launch_lean(const sa_attention_params &p) {
     return cudaLaunchKernelEx(&config, forward_lean_kernel<T, 64, 4>, p);
 }
 
-template <typename T> cudaError_t launch_grad_query_lean(const sa_attention_params &p) {
+using BackwardKernel = void (*)(const sa_attention_params);
+
+// One backward pass over the plan's tiles and all (batch, head) items, on the
+// instance for the head dim (up to 32 or 64) and for calls with or without a
+// bias, dropout or plan-order scores.
+cudaError_t launch_backward(const sa_attention_params &p, BackwardKernel narrow, BackwardKernel narrow_extras,
+                            BackwardKernel wide, BackwardKernel wide_extras) {
     const int64_t items = p.batch * p.heads;
     if (p.num_tiles == 0 || items == 0) return cudaSuccess;
     if (p.num_tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
     const dim3 grid((unsigned)p.num_tiles, (unsigned)(items < 65535 ? items : 65535));
-    cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
     const bool extras = backward_extras(p);
-    if (p.head_dim <= 32 && extras)
-        grad_query_lean_kernel<T, 32, true><<<grid, kThreads, 0, stream>>>(p);
-    else if (p.head_dim <= 32)
-        grad_query_lean_kernel<T, 32, false><<<grid, kThreads, 0, stream>>>(p);
-    else if (extras)
-        grad_query_lean_kernel<T, 64, true><<<grid, kThreads, 0, stream>>>(p);
-    else
-        grad_query_lean_kernel<T, 64, false><<<grid, kThreads, 0, stream>>>(p);
+    const BackwardKernel kernel = p.head_dim <= 32 ? (extras ? narrow_extras : narrow) : (extras ? wide_extras : wide);
+    kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(p.stream)>>>(p);
     return cudaGetLastError();
+}
+
+template <typename T> cudaError_t launch_grad_query_lean(const sa_attention_params &p) {
+    return launch_backward(p, grad_query_lean_kernel<T, 32, false>, grad_query_lean_kernel<T, 32, true>,
+                           grad_query_lean_kernel<T, 64, false>, grad_query_lean_kernel<T, 64, true>);
+}
+
+template <typename T> cudaError_t launch_grad_key_value_lean(const sa_attention_params &p) {
+    return launch_backward(p, grad_key_value_lean_kernel<T, 32, false>, grad_key_value_lean_kernel<T, 32, true>,
+                           grad_key_value_lean_kernel<T, 64, false>, grad_key_value_lean_kernel<T, 64, true>);
 }
 
 }  // namespace
-
-template <typename T> cudaError_t launch_grad_key_value_lean(const sa_attention_params &p) {
-    const int64_t items = p.batch * p.heads;
-    if (p.num_tiles == 0 || items == 0) return cudaSuccess;
-    if (p.num_tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
-    const dim3 grid((unsigned)p.num_tiles, (unsigned)(items < 65535 ? items : 65535));
-    cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
-    const bool extras = backward_extras(p);
-    if (p.head_dim <= 32 && extras)
-        grad_key_value_lean_kernel<T, 32, true><<<grid, kThreads, 0, stream>>>(p);
-    else if (p.head_dim <= 32)
-        grad_key_value_lean_kernel<T, 32, false><<<grid, kThreads, 0, stream>>>(p);
-    else if (extras)
-        grad_key_value_lean_kernel<T, 64, true><<<grid, kThreads, 0, stream>>>(p);
-    else
-        grad_key_value_lean_kernel<T, 64, false><<<grid, kThreads, 0, stream>>>(p);
-    return cudaGetLastError();
-}
 
 cudaError_t grad_key_value_tiled_lean(const sa_attention_params &p) {
     switch (p.dtype) {
