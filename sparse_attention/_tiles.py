@@ -100,29 +100,31 @@ class TilePlan:
         slots ascend, so the bias gradient sums in a fixed order."""
         m = int(max_relative)
         side = 2 * m + 1
+        last = max((int(max(one.queries.max(initial=0), one.keys.max(initial=0))) for one in self.passes),
+                   default=0)
+        tokens = np.arange(last + 1, dtype=np.int32)
+        ys, xs = tokens // width, tokens % width
+        bucket_type = np.uint16 if side * side <= 1 << 16 else np.int32  # uint16 sorts by radix
         slots, buckets = [], []
         offset = 0
         for one in self.passes:
             chunk_tile = np.repeat(np.arange(one.queries.shape[0]), np.diff(one.chunk_ptr))
-            # bounded pieces: a byte per slot while the bits are spread out
-            step = max(1, (1 << 24) // (TILE * TILE))
+            step = max(1, (1 << 22) // (TILE * TILE))  # chunks at a time: bounded scratch
             for first in range(0, one.num_chunks, step):
+                queries = one.queries[chunk_tile[first:first + step]]  # [chunks, 64], -1 pads
+                keys = one.keys[first:first + step]
                 words = np.ascontiguousarray(one.masks[first:first + step]).view(np.uint8)
-                bits = np.unpackbits(words, axis=-1, bitorder="little").reshape(-1, TILE, TILE)
-                chunk, row, col = np.nonzero(bits)
-                chunk = chunk + first
-                queries = one.queries[chunk_tile[chunk], row].astype(np.int64)
-                keys = one.keys[chunk, col].astype(np.int64)
-                inside = (queries >= 0) & (keys >= 0)
-                chunk, row, col = chunk[inside], row[inside], col[inside]
-                queries, keys = queries[inside], keys[inside]
-                slots.append(offset + (chunk.astype(np.int64) * TILE + row) * TILE + col)
-                dy = np.clip(queries // width - keys // width, -m, m) + m
-                dx = np.clip(queries % width - keys % width, -m, m) + m
-                buckets.append(dy * side + dx)
+                bits = np.unpackbits(words, axis=-1, bitorder="little").reshape(-1, TILE, TILE).astype(bool)
+                bits &= (queries >= 0)[:, :, None] & (keys >= 0)[:, None, :]
+                # the flat index of a set bit is its slot: (chunk x 64 + row) x 64 + column
+                at = np.flatnonzero(bits)
+                dy = np.clip(ys[queries][:, :, None] - ys[keys][:, None, :], -m, m) + m
+                dx = np.clip(xs[queries][:, :, None] - xs[keys][:, None, :], -m, m) + m
+                buckets.append((dy * side + dx).reshape(-1)[at].astype(bucket_type))
+                slots.append(at + (offset + first * TILE * TILE))
             offset += one.num_chunks * TILE * TILE
         slots = np.concatenate(slots) if slots else np.zeros(0, dtype=np.int64)
-        buckets = np.concatenate(buckets) if buckets else np.zeros(0, dtype=np.int64)
+        buckets = np.concatenate(buckets) if buckets else np.zeros(0, dtype=bucket_type)
         order = np.argsort(buckets, kind="stable")  # slots ascend already
         ptr = np.zeros(side * side + 1, dtype=np.int64)
         np.cumsum(np.bincount(buckets, minlength=side * side), out=ptr[1:])
