@@ -307,3 +307,28 @@ def test_position_embedding_resize_matches_bilinear_interpolate(size):
     (expected * weight).sum().backward()
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got_grad, module.pos_embedding.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_trains_under_cpu_autocast_on_the_native_kernels(pattern):
+    """Under torch.autocast("cpu", bfloat16) the projections hand the op
+    bfloat16 q, k, v: it runs the float32 kernels on widened copies. The
+    training step's output and gradients stay close to the float32 module's,
+    and the native and PyTorch paths agree under autocast too."""
+    x = torch.randn(2, 16, 6, 7, generator=torch.Generator().manual_seed(3))
+    results = {}
+    for name, autocast, native in (("fp32", False, True), ("bf16 native", True, True),
+                                   ("bf16 torch", True, False)):
+        module = make(pattern, use_cuda_kernel=native, dropout=0.0).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = module(x)
+        out.float().square().mean().backward()
+        results[name] = (out.float().detach(), module.rel_pos_bias.grad.clone(), module.qkv.weight.grad.clone())
+    for name in ("bf16 native", "bf16 torch"):
+        for got, expected in zip(results[name], results["fp32"]):
+            assert torch.isfinite(got).all()
+            scale = expected.abs().max().clamp_min(1e-3)
+            assert ((got - expected).abs().max() / scale) < 0.1, name
+    for got, expected in zip(results["bf16 native"], results["bf16 torch"]):
+        scale = expected.abs().max().clamp_min(1e-3)
+        assert ((got - expected).abs().max() / scale) < 0.05

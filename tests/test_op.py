@@ -308,3 +308,43 @@ def test_calls_without_gradients_skip_autograd_and_match():
     attention(q.clone().requires_grad_(True), k, v, layout,
                                         rel_pos_bias=both).sum().backward()
     torch.testing.assert_close(leaf.grad, both.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("extras", ["plain", "bias+mask+dropout+stats"])
+@pytest.mark.parametrize("size", [(1, 9), (9, 1), (7, 13), (16, 16)])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_half_precision_on_the_cpu_runs_the_kernels_in_float32(pattern, size, extras, dtype):
+    """float16 / bfloat16 CPU calls take the float32 kernels on widened copies
+    (the PyTorch path took 175x as long): output, statistics and every
+    gradient are the float32 call's on the same values, rounded to the input
+    dtype; gradients come back in that dtype."""
+    layout = make_layout(pattern, size)
+    n = layout.num_tokens
+    q, k, v, bias = make_inputs(2, 3, n, 8, dtype, seed=4, bias_side=5)
+    grad_out = torch.randn(2, 3, n, 8, generator=torch.Generator().manual_seed(5)).to(dtype)
+    args = {}
+    if extras != "plain":
+        key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(6)) > 0.3
+        args = dict(key_mask=key_mask, dropout_p=0.2, dropout_seed=9, return_stats=True)
+    else:
+        bias = None
+
+    def call(q, k, v, bias):
+        return attention(q, k, v, layout, rel_pos_bias=bias, backend="native", **args)
+
+    def grads_of(tensors, grad):
+        leaves = [t.detach().clone().requires_grad_(True) for t in tensors if t is not None]
+        result = call(*leaves, *([None] * (4 - len(leaves))))
+        out = result[0] if isinstance(result, tuple) else result
+        return result, torch.autograd.grad(out, leaves, grad)
+
+    half, half_grads = grads_of((q, k, v, bias), grad_out)
+    wide, wide_grads = grads_of([None if t is None else t.float() for t in (q, k, v, bias)], grad_out.float())
+    half_out = half[0] if isinstance(half, tuple) else half
+    wide_out = wide[0] if isinstance(wide, tuple) else wide
+    assert half_out.dtype == dtype and torch.equal(half_out, wide_out.to(dtype))
+    if extras != "plain":
+        assert half[1].dtype == torch.float32 and torch.equal(half[1], wide[1])
+    for got, expected in zip(half_grads, wide_grads):
+        assert got.dtype == dtype and torch.equal(got, expected.to(dtype))
