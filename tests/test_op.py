@@ -348,3 +348,36 @@ def test_half_precision_on_the_cpu_runs_the_kernels_in_float32(pattern, size, ex
         assert half[1].dtype == torch.float32 and torch.equal(half[1], wide[1])
     for got, expected in zip(half_grads, wide_grads):
         assert got.dtype == dtype and torch.equal(got, expected.to(dtype))
+
+
+@pytest.mark.parametrize("size", SIZES + [(33, 35)])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_torch_path_over_the_plan_matches_its_gather_form(pattern, size, monkeypatch):
+    """The PyTorch path computes over the tile plan (batched 64 x 64 blocks)
+    where the layout has one; its gather form (a key row per pair) computes
+    the same in float64: output, lse, statistics and the gradients of q, k, v
+    and the bias, with a key mask, a pruned head and dropout. LONGFORMER at
+    33 x 35 has a long row, which the full plan keeps."""
+    from sparse_attention import _torch_impl
+
+    layout = make_layout(pattern, size)
+    assert layout.full_tile_plan() is not None
+    n = layout.num_tokens
+    q, k, v, bias = make_inputs(2, 3, n, 8, torch.float64, seed=7, bias_side=5)
+    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(8)) > 0.3
+    active = torch.tensor([True, False, True])
+    grad_out = torch.randn(2, 3, n, 8, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    results = []
+    for over_plan in (True, False):
+        monkeypatch.setattr(_torch_impl, "use_tile_plan", over_plan)
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, bias)]
+        out, lse, stats = attention(*leaves[:3], layout, rel_pos_bias=leaves[3], key_mask=key_mask,
+                                    head_active=active, dropout_p=0.2, dropout_seed=4, return_lse=True,
+                                    return_stats=True, backend="torch")
+        grads = torch.autograd.grad(out, leaves, grad_out)
+        results.append([out, lse, stats, *grads])
+    for name, got, expected in zip(["out", "lse", "stats", "dq", "dk", "dv", "dbias"], *results):
+        assert torch.equal(torch.isnan(got), torch.isnan(expected)), name
+        assert torch.equal(torch.isinf(got), torch.isinf(expected)), name
+        finite = torch.isfinite(expected)
+        torch.testing.assert_close(got[finite], expected[finite], atol=1e-10, rtol=1e-9, msg=name)
