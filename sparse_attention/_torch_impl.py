@@ -76,8 +76,10 @@ use_tile_plan = True
 def _plan_tensors(layout, device):
     """The full tile plan's passes as torch tensors on ``device`` (cached on the
     layout): per pass the tiles' tokens [T, 64], each chunk's tile [C], the
-    chunks' tokens [C, 64] (-1 pads), and the pairs as a bool [C, 64, 64]
-    (query row, key column); None without a plan."""
+    chunks' tokens [C, 64] (-1 pads), the pairs as a bool [C, 64, 64] (query
+    row, key column), and the tile slots that hold a token with those tokens
+    (worked out here: a data-dependent shape would break torch.compile's
+    graph); None without a plan."""
     import numpy as np
 
     def build(layout):
@@ -92,8 +94,10 @@ def _plan_tensors(layout, device):
             queries = one.queries.astype(np.int64)
             keys = one.keys.astype(np.int64)
             bits &= (queries[chunk_tile] >= 0)[:, :, None] & (keys >= 0)[:, None, :]
+            real = np.flatnonzero(queries.reshape(-1) >= 0)
+            tokens = queries.reshape(-1)[real]
             passes.append(tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device)
-                                for a in (queries, chunk_tile, keys, bits)))
+                                for a in (queries, chunk_tile, keys, bits, real, tokens)))
         return passes
 
     return layout._built_once(("torch_plan", str(torch.device(device))), build, layout._device_cache)
@@ -114,7 +118,7 @@ def _attention_over_plan(q, k, v, passes, layout, scale, table, key_mask, head_a
     device, dtype = q.device, q.dtype
     neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=device)
     parts = []  # (out, lse, scores, allowed, pass tensors) per pass
-    for queries, chunk_tile, keys, bits in passes:
+    for queries, chunk_tile, keys, bits, real, tokens in passes:
         tiles, chunks = queries.shape[0], keys.shape[0]
         chunk_queries = queries[chunk_tile]  # [C, 64]
         qc = q[:, :, chunk_queries.clamp_min(0)]  # [B, H, C, 64, D]
@@ -160,9 +164,6 @@ def _attention_over_plan(q, k, v, passes, layout, scale, table, key_mask, head_a
         tile_out = torch.zeros(batch, heads, tiles, 64, dim, dtype=dtype, device=device)
         tile_out = tile_out.index_add(2, chunk_tile, torch.matmul(mixed, vc))
         # every token is a row of exactly one tile of the pass
-        slots = queries.reshape(-1)
-        real = torch.nonzero(slots >= 0).squeeze(1)
-        tokens = slots[real]
         out = torch.zeros(batch, heads, num_tokens, dim, dtype=dtype, device=device)
         out = out.index_copy(2, tokens, tile_out.reshape(batch, heads, -1, dim)[:, :, real])
         token_lse = torch.full((batch, heads, num_tokens), float("-inf"), dtype=dtype, device=device)

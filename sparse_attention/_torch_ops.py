@@ -623,7 +623,10 @@ def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropo
     if backend == "torch" or reason is not None:
         return sparse_attention_torch(query, key, value, layout, scale=scale, rel_pos_bias=bias,
                                       key_mask=key_mask, head_active=head_active,
-                                      dropout_p=dropout_p, dropout_seed=_seed_value(seed_tensor),
+                                      dropout_p=dropout_p,
+                                      # without dropout no seed is read (under torch.compile
+                                      # reading it is a graph break)
+                                      dropout_seed=_seed_value(seed_tensor) if dropout_p > 0 else 0,
                                       want_stats=want_stats)
 
     narrow = None

@@ -249,8 +249,9 @@ def test_bad_inputs_name_the_argument():
         module(torch.randn(1, 16, 4, 4), key_mask=torch.ones(1, 15, dtype=torch.bool))
 
 
-def test_torch_compile_runs_and_matches():
-    module = make(SparsityPattern.LONGFORMER).eval()
+@pytest.mark.parametrize("native", [True, False])
+def test_torch_compile_runs_and_matches(native):
+    module = make(SparsityPattern.LONGFORMER, use_cuda_kernel=native).eval()
     compiled = torch.compile(module)
     x = torch.randn(2, 16, 6, 6)
     torch.testing.assert_close(compiled(x), module(x), atol=1e-5, rtol=1e-5)
