@@ -146,8 +146,8 @@ def _attention_over_plan(q, k, v, passes, layout, scale, table, key_mask, head_a
         row_max = torch.full((batch, heads, tiles, 64), float("-inf"), dtype=dtype, device=device)
         row_max = row_max.scatter_reduce(2, index, chunk_max, "amax", include_self=True)
         safe_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
-        weights = torch.where(allowed, torch.exp(scores - safe_max[:, :, chunk_tile, :, None]),
-                              torch.zeros((), dtype=dtype, device=device))
+        # a pair outside the layout scores -inf and weighs exp(-inf) = 0: no mask pass
+        weights = torch.exp(scores - safe_max[:, :, chunk_tile, :, None])
         row_sum = torch.zeros_like(row_max).index_add(2, chunk_tile, weights.sum(-1))
         nonempty = row_sum > 0
         safe_sum = torch.where(nonempty, row_sum, torch.ones_like(row_sum))
