@@ -172,8 +172,13 @@ def _numpy_forward(query, key, value, layout, scale, bias, key_mask, dropout_p, 
     for name, x in (("key", key), ("value", value)):
         if x.dtype != query.dtype:
             raise TypeError(f"{name}: expected dtype {query.dtype} (the dtype of query), got {x.dtype}")
+    narrow = None
+    if query.dtype == np.float16:
+        # the float32 kernels on widened copies, as for torch's 16-bit CPU tensors
+        narrow = query.dtype
+        query, key, value = (x.astype(np.float32) for x in (query, key, value))
     if query.dtype not in (np.float32, np.float64):
-        raise TypeError(f"query: expected dtype float32 or float64 on the CPU, got {query.dtype}")
+        raise TypeError(f"query: expected dtype float16, float32 or float64 on the CPU, got {query.dtype}")
     _check_bias(bias, heads)
     if bias is not None:
         bias = np.ascontiguousarray(bias, dtype=query.dtype)
@@ -199,7 +204,7 @@ def _numpy_forward(query, key, value, layout, scale, bias, key_mask, dropout_p, 
                         height=layout.height, width=layout.width, scale=scale, rel_pos_bias=bias,
                         key_mask=key_mask, head_active=head_active, dropout_p=dropout_p,
                         dropout_seed=seed, row_stats=stats, **plan)
-    return out, lse, stats
+    return (out if narrow is None else out.astype(narrow)), lse, stats
 
 
 def set_num_threads(num_threads: int) -> None:

@@ -175,6 +175,21 @@ def test_gradcheck_torch_path():
         lambda q, k, v, b: attention(q, k, v, layout, rel_pos_bias=b, backend="torch"), leaves)
 
 
+@pytest.mark.parametrize("pattern", ["axial", "strided", "longformer"])
+def test_numpy_float16_equals_torch_float16(pattern):
+    """float16 arrays widen to float32 for the kernels as float16 tensors do:
+    the same output (float16) and lse and statistics (float32)."""
+    layout = make_layout(pattern, (7, 13))
+    q, k, v, bias = make_inputs(2, 2, layout.num_tokens, 8, torch.float16, bias_side=5)
+    expected = attention(q, k, v, layout, rel_pos_bias=bias, return_lse=True, return_stats=True,
+                         dropout_p=0.1, dropout_seed=2)
+    got = attention(q.numpy(), k.numpy(), v.numpy(), layout, rel_pos_bias=bias.numpy(), return_lse=True,
+                    return_stats=True, dropout_p=0.1, dropout_seed=2)
+    assert got[0].dtype == np.float16 and got[1].dtype == np.float32 and got[2].dtype == np.float32
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b.numpy())
+
+
 def test_numpy_path_equals_torch_path():
     layout = make_layout("strided", (7, 13))
     q, k, v, bias = make_inputs(2, 2, layout.num_tokens, 8, torch.float32, bias_side=5)
