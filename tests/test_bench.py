@@ -109,3 +109,24 @@ def test_ab_builds_times_two_copies_of_the_package_side_by_side():
         match = re.search(r"new/old (\d+\.\d+) .*max \|out diff\| (\S+)\)", line)
         assert match, line
         assert float(match.group(2)) == 0.0
+
+
+def test_gpu_module_step_script_runs_on_the_cpu(tmp_path):
+    """benchmarks/gpu_module_step.py waits for a GPU; its --device cpu smoke
+    run keeps it from rotting meanwhile: it writes both files, a row per
+    pattern."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "benchmarks", "gpu_module_step.py")
+    done = subprocess.run([sys.executable, script, "--device", "cpu", "--side", "6", "--channels", "16",
+                           "--batch", "1", "--repeats", "1", "--rounds", "1", "--patterns", "axial,block",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=root))
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = json.loads((tmp_path / "module_step.json").read_text())
+    assert [r["pattern"] for r in records] == ["axial", "block"]
+    assert all(r["extras_on_ms"] > 0 and r["extras_off_ms"] > 0 for r in records)
+    assert "| axial |" in (tmp_path / "module_step.md").read_text()
