@@ -54,9 +54,12 @@ def test_suites_pass_under_address_and_undefined_behaviour_sanitizers(tmp_path):
                ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:quarantine_size_mb=4",
                UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                             # the window kernels' two largest grids add minutes here and no code path
+                             # the window kernels' two largest grids add minutes here and no code path;
+                             # the PyTorch path's two forms run no C, and the 16-bit CPU calls run
+                             # the float32 kernels the other tests run
                              *SUITES, "-k", "not distributed and not dataloader and not fork"
-                             " and not (window and (size4 or size5))"],
+                             " and not (window and (size4 or size5))"
+                             " and not plan_matches_its_gather_form and not half_precision"],
                             cwd=copy, capture_output=True, text=True, env=env, timeout=900)
     report = result.stdout[-3000:] + result.stderr[-3000:]
     assert result.returncode == 0, report
