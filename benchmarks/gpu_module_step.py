@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from sparse_attention import EnhancedSparseAttention, _torch_ops  # noqa: E402
 from sparse_attention._native import C  # noqa: E402
-from gpu_bench import time_cuda  # noqa: E402  (this folder)
+from gpu_bench import set_module_value, time_cuda  # noqa: E402  (this folder)
 
 
 def step_time(step, repeats, device):
@@ -49,14 +49,10 @@ SWITCHES = ("use_tiled_cuda_backward_extras", "merge_stats_cuda_passes")
 
 @contextlib.contextmanager
 def extras(on):
-    before = [getattr(_torch_ops, name) for name in SWITCHES]
-    for name in SWITCHES:
-        setattr(_torch_ops, name, on)
-    try:
+    with contextlib.ExitStack() as stack:
+        for name in SWITCHES:
+            stack.enter_context(set_module_value(name, on)())
         yield
-    finally:
-        for name, value in zip(SWITCHES, before):
-            setattr(_torch_ops, name, value)
 
 
 def main():

@@ -569,15 +569,18 @@ __global__ void __launch_bounds__(kThreads, 2) grad_query_lean_kernel(const sa_a
                         mma_16x8x16<T>(grad_prob, go_frag[step + 1], vf[2], vf[3]);
                     }
                     float grad_score[4];
+                    int32_t key[2] = {0, 0};  // the two columns' tokens, shared by both rows
+                    if (EXTRAS)
+#pragma unroll
+                        for (int c = 0; c < 2; c++) key[c] = p.chunk_keys[chunk * kTile + kg * 8 + 2 * pair + c];
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
                         const int r = e / 2, column = kg * 8 + 2 * pair + e % 2;
                         const bool allowed = (pair_bits[r] >> (kg * 8 + e % 2)) & 1ull;
                         float logit = score[e] * scale_log2 - row_lse2[r], kept = 1.f;
                         if (EXTRAS && allowed) {
-                            const int32_t j = p.chunk_keys[chunk * kTile + column];
-                            logit += extras.bias2<T>(query[r], j);
-                            kept = extras.kept(query_key[r], j);
+                            logit += extras.bias2<T>(query[r], key[e % 2]);
+                            kept = extras.kept(query_key[r], key[e % 2]);
                         }
                         // an allowed pair's row has a finite lse (or NaN, which passes on)
                         const float prob = allowed ? exp2f(logit) : 0.f;

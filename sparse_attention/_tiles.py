@@ -100,27 +100,16 @@ class TilePlan:
         slots ascend, so the bias gradient sums in a fixed order."""
         m = int(max_relative)
         side = 2 * m + 1
-        last = max((int(max(one.queries.max(initial=0), one.keys.max(initial=0))) for one in self.passes),
-                   default=0)
-        tokens = np.arange(last + 1, dtype=np.int32)
-        ys, xs = tokens // width, tokens % width
         bucket_type = np.uint16 if side * side <= 1 << 16 else np.int32  # uint16 sorts by radix
         slots, buckets = [], []
         offset = 0
         for one in self.passes:
-            chunk_tile = np.repeat(np.arange(one.queries.shape[0]), np.diff(one.chunk_ptr))
             step = max(1, (1 << 22) // (TILE * TILE))  # chunks at a time: bounded scratch
             for first in range(0, one.num_chunks, step):
-                queries = one.queries[chunk_tile[first:first + step]]  # [chunks, 64], -1 pads
-                keys = one.keys[first:first + step]
-                words = np.ascontiguousarray(one.masks[first:first + step]).view(np.uint8)
-                bits = np.unpackbits(words, axis=-1, bitorder="little").reshape(-1, TILE, TILE).astype(bool)
-                bits &= (queries >= 0)[:, :, None] & (keys >= 0)[:, None, :]
+                queries, keys, bits = one.chunk_pairs(first, step)
                 # the flat index of a set bit is its slot: (chunk x 64 + row) x 64 + column
                 at = np.flatnonzero(bits)
-                dy = np.clip(ys[queries][:, :, None] - ys[keys][:, None, :], -m, m) + m
-                dx = np.clip(xs[queries][:, :, None] - xs[keys][:, None, :], -m, m) + m
-                buckets.append((dy * side + dx).reshape(-1)[at].astype(bucket_type))
+                buckets.append(slot_buckets(queries, keys, width, m).reshape(-1)[at].astype(bucket_type))
                 slots.append(at + (offset + first * TILE * TILE))
             offset += one.num_chunks * TILE * TILE
         slots = np.concatenate(slots) if slots else np.zeros(0, dtype=np.int64)
@@ -147,6 +136,19 @@ class TilePass:
     def num_chunks(self) -> int:
         return int(self.keys.shape[0])
 
+    def chunk_pairs(self, first=0, count=None):
+        """(queries, keys, bits) of chunks first .. first + count: each chunk's
+        tile tokens and key tokens [c, 64] (int64, -1 pads) and its pairs as
+        bool [c, 64, 64] (row, column), none on padding."""
+        end = self.num_chunks if count is None else min(self.num_chunks, first + count)
+        chunk_tile = np.repeat(np.arange(self.queries.shape[0]), np.diff(self.chunk_ptr))[first:end]
+        queries = self.queries[chunk_tile].astype(np.int64)
+        keys = self.keys[first:end].astype(np.int64)
+        words = np.ascontiguousarray(self.masks[first:end]).view(np.uint8)
+        bits = np.unpackbits(words, axis=-1, bitorder="little").reshape(-1, TILE, TILE).astype(bool)
+        bits &= (queries >= 0)[:, :, None] & (keys >= 0)[:, None, :]
+        return queries, keys, bits
+
     def pairs(self):
         """(query, key) of every set bit, for tests."""
         chunk_tile = np.repeat(np.arange(self.queries.shape[0]), np.diff(self.chunk_ptr))
@@ -154,6 +156,18 @@ class TilePass:
         bits = (words[:, :, None] >> np.arange(TILE, dtype=np.uint64)) & np.uint64(1)
         chunk, row, col = np.nonzero(bits)
         return self.queries[chunk_tile[chunk], row], self.keys[chunk, col]
+
+
+def slot_buckets(queries, keys, width, max_relative):
+    """[c, 64, 64] int64: the relative position bias bucket (flat index into
+    the (2M+1) x (2M+1) table, as Layout.bias_buckets) of every (row, column)
+    slot of chunks with tile tokens and key tokens ``queries``, ``keys`` [c, 64];
+    padding slots get some bucket, which their (unset) pair bits leave unread."""
+    m = int(max_relative)
+    queries, keys = np.maximum(queries, 0), np.maximum(keys, 0)
+    dy = np.clip(queries[:, :, None] // width - keys[:, None, :] // width, -m, m) + m
+    dx = np.clip(queries[:, :, None] % width - keys[:, None, :] % width, -m, m) + m
+    return dy * (2 * m + 1) + dx
 
 
 # the pairs a pass holds, as the C planner names them

@@ -89,11 +89,8 @@ def _plan_tensors(layout, device):
         passes = []
         for one in plan:
             chunk_tile = np.repeat(np.arange(one.queries.shape[0]), np.diff(one.chunk_ptr))
-            words = np.ascontiguousarray(one.masks).view(np.uint8)
-            bits = np.unpackbits(words, axis=-1, bitorder="little").reshape(-1, 64, 64).astype(bool)
+            _, keys, bits = one.chunk_pairs()
             queries = one.queries.astype(np.int64)
-            keys = one.keys.astype(np.int64)
-            bits &= (queries[chunk_tile] >= 0)[:, :, None] & (keys >= 0)[:, None, :]
             real = np.flatnonzero(queries.reshape(-1) >= 0)
             tokens = queries.reshape(-1)[real]
             passes.append(tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device)
@@ -103,12 +100,36 @@ def _plan_tensors(layout, device):
     return layout._built_once(("torch_plan", str(torch.device(device))), build, layout._device_cache)
 
 
+def _plan_buckets(layout, device, max_relative):
+    """Per pass of the full tile plan, every slot's relative position bucket
+    (_tiles.slot_buckets) as an int64 tensor [C, 64, 64] on ``device``, cached
+    on the layout per clamp."""
+    import numpy as np
+
+    from ._tiles import slot_buckets
+
+    def build(layout):
+        out = []
+        for one in layout.full_tile_plan():
+            chunk_tile = np.repeat(np.arange(one.queries.shape[0]), np.diff(one.chunk_ptr))
+            out.append(torch.from_numpy(slot_buckets(one.queries[chunk_tile].astype(np.int64),
+                                                     one.keys.astype(np.int64), layout.width,
+                                                     max_relative)).to(device))
+        return out
+
+    key = ("torch_plan_buckets", int(max_relative), str(torch.device(device)))
+    return layout._built_once(key, build, layout._device_cache)
+
+
 @torch.compiler.disable
-def _planned_layout(layout, device):
-    return _plan_tensors(layout, device)
+def _planned_layout(layout, device, max_relative=None):
+    passes = _plan_tensors(layout, device)
+    if passes is None or max_relative is None:
+        return passes, None
+    return passes, _plan_buckets(layout, device, max_relative)
 
 
-def _attention_over_plan(q, k, v, passes, layout, scale, table, key_mask, head_active, dropout_p,
+def _attention_over_plan(q, k, v, passes, buckets, scale, table, key_mask, head_active, dropout_p,
                          dropout_seed, want_stats):
     """The op over the tile plan's passes, in q's dtype (float32 or float64):
     per pass, each chunk's 64 x 64 scores as one batched product with its
@@ -118,7 +139,7 @@ def _attention_over_plan(q, k, v, passes, layout, scale, table, key_mask, head_a
     device, dtype = q.device, q.dtype
     neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=device)
     parts = []  # (out, lse, scores, allowed, pass tensors) per pass
-    for queries, chunk_tile, keys, bits, real, tokens in passes:
+    for index, (queries, chunk_tile, keys, bits, real, tokens) in enumerate(passes):
         tiles, chunks = queries.shape[0], keys.shape[0]
         chunk_queries = queries[chunk_tile]  # [C, 64]
         qc = q[:, :, chunk_queries.clamp_min(0)]  # [B, H, C, 64, D]
@@ -126,13 +147,7 @@ def _attention_over_plan(q, k, v, passes, layout, scale, table, key_mask, head_a
         vc = v[:, :, keys.clamp_min(0)]
         scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # [B, H, C, 64, 64]
         if table is not None:
-            width, m = layout.width, (table.shape[-1] - 1) // 2
-            qy, qx = chunk_queries.clamp_min(0) // width, chunk_queries.clamp_min(0) % width
-            ky, kx = keys.clamp_min(0) // width, keys.clamp_min(0) % width
-            dy = (qy[:, :, None] - ky[:, None, :]).clamp(-m, m) + m
-            dx = (qx[:, :, None] - kx[:, None, :]).clamp(-m, m) + m
-            bucket = dy * (2 * m + 1) + dx  # [C, 64, 64]
-            scores = scores + table.reshape(heads, -1)[:, bucket].unsqueeze(0)
+            scores = scores + table.reshape(heads, -1)[:, buckets[index]].unsqueeze(0)
         allowed = bits.view(1, 1, chunks, 64, 64)
         if key_mask is not None:
             usable = key_mask.to(torch.bool)[:, keys.clamp_min(0)]  # [B, C, 64]
@@ -201,18 +216,18 @@ def sparse_attention_torch(query, key, value, layout, *, scale, rel_pos_bias=Non
                            head_active=None, dropout_p=0.0, dropout_seed=0, want_stats=False):
     """Returns (out, lse, row_stats or None); differentiable in query, key, value, bias."""
     batch, heads, num_tokens, _ = query.shape
-    passes = _planned_layout(layout, query.device) if use_tile_plan else None
+    max_relative = None if rel_pos_bias is None else (rel_pos_bias.shape[-1] - 1) // 2
+    passes, buckets = _planned_layout(layout, query.device, max_relative) if use_tile_plan else (None, None)
     if passes is not None:
         compute_dtype = query.dtype if query.dtype == torch.float64 else torch.float32
         table = None if rel_pos_bias is None else rel_pos_bias.to(compute_dtype)
         # the products in compute_dtype, as the kernels' (autocast would make them 16-bit)
         with torch.autocast(device_type=query.device.type, enabled=False):
             out, lse, stats = _attention_over_plan(
-                query.to(compute_dtype), key.to(compute_dtype), value.to(compute_dtype), passes, layout,
+                query.to(compute_dtype), key.to(compute_dtype), value.to(compute_dtype), passes, buckets,
                 scale, table, key_mask, head_active, dropout_p, dropout_seed, want_stats)
         return out.to(query.dtype), lse, stats
     device = query.device
-    max_relative = None if rel_pos_bias is None else (rel_pos_bias.shape[-1] - 1) // 2
     tensors, rows = _layout_tensors(layout, device, max_relative)
     cols = tensors["col_idx"].long()
     compute_dtype = query.dtype if query.dtype == torch.float64 else torch.float32
