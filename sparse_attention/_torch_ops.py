@@ -560,10 +560,11 @@ class _EagerAttention(torch.autograd.Function):
     the time of a small attention on a GPU."""
 
     @staticmethod
-    def forward(ctx, query, key, value, bias, args):
+    def forward(ctx, query, key, value, bias, args, layout):
         out, lse, stats = _forward_impl(query, key, value, *args[3:_BIAS], bias, *args[_BIAS + 1:])
         ctx.save_for_backward(query, key, value, out, lse, bias)
         ctx.args = args
+        ctx.layout = layout
         ctx.mark_non_differentiable(lse, stats)
         return out, lse, stats
 
@@ -571,9 +572,33 @@ class _EagerAttention(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_lse, _grad_stats):
         query, key, value, out, lse, bias = ctx.saved_tensors
         a = ctx.args
+        if torch.is_grad_enabled():
+            # create_graph=True (gradient penalties, higher derivatives): the
+            # kernels' gradients carry no graph, so this backward runs the
+            # differentiable PyTorch path, same pairs and same dropout draw.
+            grads = _differentiable_backward(grad_out, query, key, value, bias, ctx.layout, a)
+            return grads + (None, None)
         grad_q, grad_k, grad_v, grad_bias = _backward_impl(
             grad_out, query, key, value, out, lse, *a[3:_BIAS], bias, *a[_BIAS + 1:19], *a[20:23], *a[24:29])
-        return grad_q, grad_k, grad_v, (grad_bias if bias is not None else None), None
+        return grad_q, grad_k, grad_v, (grad_bias if bias is not None else None), None, None
+
+
+def _differentiable_backward(grad_out, query, key, value, bias, layout, args):
+    """The gradients of the forward in args with respect to query, key, value
+    and bias, as tensors that can be differentiated again."""
+    scale, key_mask, head_active, dropout_p, seed = args[13], args[15], args[16], args[17], args[18]
+    out, _, _ = sparse_attention_torch(query, key, value, layout, scale=scale, rel_pos_bias=bias,
+                                       key_mask=key_mask, head_active=head_active, dropout_p=dropout_p,
+                                       dropout_seed=_seed_value(seed) if dropout_p > 0 else 0)
+    inputs = [x for x in (query, key, value, bias) if x is not None and x.requires_grad]
+    found = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True, allow_unused=True))
+    grads = []
+    for x in (query, key, value, bias):
+        grad = next(found) if x is not None and x.requires_grad else None
+        if grad is None and x is not None and x.requires_grad:
+            grad = torch.zeros_like(x)
+        grads.append(grad)
+    return tuple(grads)
 
 
 def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropout_seed,
@@ -648,7 +673,7 @@ def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropo
     if compiling:
         out, lse, stats = _forward(*args)
     elif torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (query, key, value, table)):
-        out, lse, stats = _EagerAttention.apply(query, key, value, table, args)
+        out, lse, stats = _EagerAttention.apply(query, key, value, table, args, layout)
     else:  # nothing to differentiate: no autograd node (its bookkeeping costs more than small calls)
         out, lse, stats = _forward_impl(query, key, value, *args[3:_BIAS], table, *args[_BIAS + 1:])
     if narrow is not None:

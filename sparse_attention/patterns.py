@@ -133,11 +133,34 @@ class Layout:
         self._validate()
         self.nnz = int(self.indices.shape[0])
         self.density = self.nnz / float(self.num_tokens) ** 2
+        self._reset_caches()
+
+    def _reset_caches(self):
         self._lock = threading.Lock()
         self._device_cache = {}
         self._buckets = {}
         self._plan_cache = {}
         self._row_ids = None
+
+    # Pickling (torch.save of a whole model, DataLoader workers) keeps the CSR
+    # and the knobs; the lock cannot travel and the caches hold device tensors
+    # and plans that are cheaper to rebuild than to store.
+    def __getstate__(self):
+        return {name: getattr(self, name) for name in
+                ("pattern", "height", "width", "params", "indptr", "indices", "col_ptr", "row_indices")}
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict):
+            raise TypeError(f"Layout state: expected a dict, got {type(state).__name__}")
+        self.__init__(**state)
+
+    # A layout never changes after it is built, so copies (copy.deepcopy of a
+    # model for an EMA or a checkpoint) share it and its caches.
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
 
     def _validate(self):
         n = self.num_tokens

@@ -251,3 +251,24 @@ def test_a_plus_inf_score_makes_its_row_nan(pattern, dtype, reference_kernels):
     assert torch.equal(torch.isnan(out).all(-1), nan_rows)
     assert torch.equal(torch.isnan(lse), nan_rows)
     assert (out[~nan_rows] - expected[~nan_rows]).abs().max() < TOL[dtype]
+
+
+@pytest.mark.parametrize("pattern", ["axial", "longformer", "random"])
+def test_second_derivatives_against_reference(pattern):
+    """create_graph=True on the GPU: the backward runs the differentiable
+    PyTorch path there too, with the kernels' dropout draw."""
+    layout = build_layout(pattern, 5, 7, kernel_size=3, num_global_tokens=1, attention_ratio=0.3)
+    n = layout.num_tokens
+    q, k, v, bias = inputs(2, 3, n, 8, torch.float64, bias_side=5, seed=4)
+    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(3)) > 0.25
+    args = dict(key_mask=key_mask, dropout_p=0.2, dropout_seed=9)
+    found = []
+    for device, fn in (("cuda", lambda *t: attention(*t[:3], layout, rel_pos_bias=t[3], backend="native",
+                                                     **{**args, "key_mask": key_mask.cuda()})),
+                       ("cpu", lambda *t: reference_attention(*t[:3], layout, bias=t[3], **args)[0])):
+        leaves = [t.to(device).requires_grad_(True) for t in (q, k, v, bias)]
+        first = torch.autograd.grad(fn(*leaves).square().sum(), leaves, create_graph=True)
+        second = torch.autograd.grad(sum(g.square().sum() for g in first), leaves)
+        found.append([g.cpu() for g in first + second])
+    for got, ref in zip(*found):
+        torch.testing.assert_close(got, ref, atol=1e-8, rtol=1e-7)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import PATTERNS, SIZES
-from sparse_attention import SparsityPattern, build_layout
+from sparse_attention import Layout, SparsityPattern, build_layout
 from sparse_attention.patterns import global_tokens
 
 MASK64 = (1 << 64) - 1
@@ -207,3 +207,50 @@ def test_cpu_tensors_are_views_of_the_layout_arrays():
     rows = layout.row_ids_tensor("cpu")
     assert rows.data_ptr() == layout.row_ids().ctypes.data
     np.testing.assert_array_equal(rows.numpy(), np.repeat(np.arange(256), layout.degrees()))
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_pickle_round_trip_rebuilds_caches(pattern):
+    import pickle
+
+    layout = build_layout(pattern, 7, 13, kernel_size=3, block_size=4, attention_ratio=0.3, seed=2)
+    layout.row_ids()
+    layout.bias_buckets(3)
+    plan = layout.tile_plan()
+    copy = pickle.loads(pickle.dumps(layout))
+    assert copy is not layout
+    assert (copy.pattern, copy.height, copy.width, copy.nnz, copy.params) == \
+        (layout.pattern, layout.height, layout.width, layout.nnz, layout.params)
+    for name in ("indptr", "indices", "col_ptr", "row_indices"):
+        assert np.array_equal(getattr(copy, name), getattr(layout, name))
+        assert not getattr(copy, name).flags.writeable
+    assert copy._row_ids is None and not copy._buckets and not copy._plan_cache
+    for a, b in zip(copy.bias_buckets(3), layout.bias_buckets(3)):
+        assert np.array_equal(a, b)
+    copied_plan = copy.tile_plan()
+    assert (plan is None) == (copied_plan is None)
+    if plan is not None:
+        assert all(np.array_equal(x, y) for x, y in zip(copy.packed_tile_plan()[:1], layout.packed_tile_plan()[:1]))
+
+
+def test_copies_share_the_immutable_layout():
+    import copy
+
+    layout = build_layout("axial", 4, 6)
+    assert copy.copy(layout) is layout
+    assert copy.deepcopy({"layout": layout})["layout"] is layout
+
+
+def test_unpickling_checks_the_arrays():
+    import pickle
+
+    layout = build_layout("block", 4, 4, block_size=2)
+    state = layout.__getstate__()
+    state["indices"] = state["indices"].copy()
+    state["indices"][0] = 99
+    forged = Layout.__new__(Layout)
+    with pytest.raises(ValueError, match="indices"):
+        forged.__setstate__(state)
+    with pytest.raises(TypeError, match="Layout state"):
+        forged.__setstate__(("not", "a", "dict"))
+    assert pickle.loads(pickle.dumps(layout)).nnz == layout.nnz

@@ -333,3 +333,28 @@ def test_trains_under_cpu_autocast_on_the_native_kernels(pattern):
     for got, expected in zip(results["bf16 native"], results["bf16 torch"]):
         scale = expected.abs().max().clamp_min(1e-3)
         assert ((got - expected).abs().max() / scale) < 0.05
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_whole_module_copies_and_saves_after_use(pattern):
+    """copy.deepcopy (EMA weights, checkpoints) and torch.save of the whole
+    module work after forwards have filled its layout caches."""
+    import copy
+
+    module = make(pattern).eval()
+    x = torch.randn(2, 16, 7, 9)
+    expected = module(x)
+    module.train()
+    module(x).sum().backward()
+    module.eval()
+    twin = copy.deepcopy(module)
+    assert twin.layout_for(7, 9) is module.layout_for(7, 9)
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (twin, loaded):
+        torch.testing.assert_close(other(x), expected, atol=0, rtol=0)
+    with torch.no_grad():
+        twin.qkv.weight.mul_(2)  # the copy's parameters are its own
+    torch.testing.assert_close(module(x), expected, atol=0, rtol=0)
