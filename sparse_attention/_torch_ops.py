@@ -68,6 +68,8 @@ def native_supports(device: torch.device, dtype: torch.dtype) -> Optional[str]:
         if dtype in _NATIVE_CUDA_DTYPES:
             return None
         return f"the CUDA kernels take float16, bfloat16, float32 or float64, not {dtype}"
+    if device.type == "meta":
+        return None  # shapes only, through the op's fake kernel (see attention)
     return f"no native kernels for device type {device.type!r}"
 
 
@@ -275,8 +277,9 @@ def _layout_and_plan_eager(layout, device, dtype, head_dim, max_relative, want_s
     key = ("host", device, dtype, head_dim, max_relative, want_stats, _kernel_switches())
     found = layout._device_cache.get(key)  # one dict read: atomic under the GIL
     if found is None:
-        found = (layout.torch_tensors(device, max_relative),
-                 _tile_plan_for(layout, device, dtype, head_dim, want_stats, max_relative))
+        with torch.inference_mode(False):  # cached: see Layout._built_once
+            found = (layout.torch_tensors(device, max_relative),
+                     _tile_plan_for(layout, device, dtype, head_dim, want_stats, max_relative))
         with layout._lock:
             layout._device_cache[key] = found
     return found
@@ -631,7 +634,9 @@ def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropo
     if head_active is not None:
         head_active = head_active.to(device).contiguous()
 
-    compiling = torch.compiler.is_compiling()
+    # Meta tensors (model summaries, deferred initialisation) take the custom
+    # op, whose fake kernel gives the shapes, as torch.compile's tracing does.
+    compiling = torch.compiler.is_compiling() or device.type == "meta"
     if dropout_p > 0 and dropout_seed is None:
         # a tensor, so that torch.compile keeps it in the graph (no .item() here)
         seed_tensor = torch.randint(0, 2**62, (1,), dtype=torch.int64)

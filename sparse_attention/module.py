@@ -141,7 +141,8 @@ class EnhancedSparseAttention(nn.Module):
 
     def _reset_running_stats(self):
         # per head: rows that attended, allowed pairs, sum of p^2, sum of row entropies
-        self._stats_totals = torch.zeros(4, self.num_heads, dtype=torch.float64)
+        # on the CPU always (not torch.device("meta") or any default device)
+        self._stats_totals = torch.zeros(4, self.num_heads, dtype=torch.float64, device="cpu")
         self._stats_passes = 0
         self._stats_pairs = 0.0
         self._stats_grid_pairs = 0.0
@@ -160,6 +161,8 @@ class EnhancedSparseAttention(nn.Module):
     def _record_stats(self, row_stats, layout: Layout, key_mask, head_active):
         # row_stats: [B, heads, N, 2] = (sum_j p_ij^2, entropy of row i), from the
         # kernel's own pass; only these O(B * heads * N) numbers are reduced here.
+        if row_stats.device.type == "meta":
+            return  # a pass that computes shapes only has no statistics to count
         with torch.no_grad():
             batch = row_stats.shape[0]
             if key_mask is None:
@@ -180,6 +183,9 @@ class EnhancedSparseAttention(nn.Module):
 
     def get_attention_stats(self) -> AttentionStats:
         """Statistics over the forward passes since construction or reset_stats()."""
+        if self.head_importance.device.type == "meta":
+            raise RuntimeError("get_attention_stats: the module's parameters are on the meta device "
+                               "and hold no values; move it with to_empty() and load weights first")
         rows, pairs, sum_p2, entropy = self._stats_totals
         sum_p = rows  # a row's weights sum to 1
         safe_pairs = pairs.clamp_min(1)
@@ -259,6 +265,10 @@ class EnhancedSparseAttention(nn.Module):
             raise ValueError(f"x: height and width must be >= 1, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+        weights = self.qkv.weight
+        if x.device != weights.device:
+            raise ValueError(f"x: expected a tensor on {weights.device} (where the module's parameters "
+                             f"are), got one on {x.device}; move one of them with .to()")
 
     def _project(self, x):
         """x [B, Cin, H, W] -> tokens [B, N, Cin] (compact), q, k, v [B, heads, N, D]
@@ -295,14 +305,18 @@ class EnhancedSparseAttention(nn.Module):
         key = (size_in, size_out, dtype, device)
         found = self._resize_maps.get(key)
         if found is None:
-            if size_in == size_out:
-                found = torch.eye(size_in, dtype=dtype, device=device)
-            else:
-                basis = torch.eye(size_in, dtype=torch.float64, device=device).unsqueeze(0)
-                found = F.interpolate(basis, size=size_out, mode="linear", align_corners=False)[0].t()
-                found = found.to(dtype).contiguous()
+            with torch.inference_mode(False):  # cached: a later training step saves it
+                found = self._build_resize_map(size_in, size_out, dtype, device)
             self._resize_maps[key] = found
         return found
+
+    @staticmethod
+    def _build_resize_map(size_in, size_out, dtype, device):
+        if size_in == size_out:
+            return torch.eye(size_in, dtype=dtype, device=device)
+        basis = torch.eye(size_in, dtype=torch.float64, device=device).unsqueeze(0)
+        resized = F.interpolate(basis, size=size_out, mode="linear", align_corners=False)[0].t()
+        return resized.to(dtype).contiguous()
 
     def _head_active(self, device):
         # always a tensor: deciding "all active" would need a host sync (and a

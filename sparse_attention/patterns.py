@@ -301,7 +301,15 @@ class Layout:
         with self._lock:
             if key in cache:
                 return cache[key]
-        value = build(self)
+        if cache is self._device_cache:
+            import torch
+
+            # built under torch.inference_mode they would be inference tensors,
+            # which a later training call could not save for its backward
+            with torch.inference_mode(False):
+                value = build(self)
+        else:
+            value = build(self)
         with self._lock:
             cache[key] = value
         return value

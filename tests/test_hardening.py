@@ -51,8 +51,6 @@ BAD_INPUTS = [
     ("dtype differs", lambda: op(key=Q.double()), TypeError, "key: expected dtype"),
     ("integer query", lambda: op(query=Q.long(), key=Q.long(), value=Q.long()), TypeError, "query"),
     ("device differs", lambda: op(key=Q.to("meta")), ValueError, "key: expected device"),
-    ("unsupported device", lambda: op(query=Q.to("meta"), key=Q.to("meta"), value=Q.to("meta"),
-                                      backend="native"), RuntimeError, "native"),
     ("layout not a Layout", lambda: op(layout=np.zeros((20, 20))), TypeError, "layout"),
     ("layout for another size", lambda: op(layout=build_layout("axial", 5, 5)), ValueError, "layout: built for"),
     ("bias wrong heads", lambda: op(rel_pos_bias=torch.zeros(2, 3, 3)), ValueError, "rel_pos_bias"),
@@ -298,3 +296,15 @@ def test_csr_index_out_of_range_is_reported_with_its_position(bad, where):
     indices[position] = bad
     with pytest.raises(ValueError, match=rf"index {bad} at position {position} is outside \[0, 48\)"):
         C.attention_forward(q, q, q, out, lse, indptr, indices, height=6, width=8, scale=0.5)
+
+
+def test_native_backend_names_a_device_without_kernels(monkeypatch):
+    from sparse_attention import _torch_ops
+
+    assert "no native kernels for device type 'mps'" in _torch_ops.native_supports(torch.device("mps"), torch.float32)
+    assert _torch_ops.native_supports(torch.device("meta"), torch.float32) is None  # shapes only
+    # the CPU standing in for a device without kernels
+    monkeypatch.setattr(_torch_ops, "native_supports", lambda device, dtype: "no kernels here")
+    with pytest.raises(RuntimeError, match="backend='native': no kernels here"):
+        op(backend="native")
+    assert op(backend="auto").shape == Q.shape  # auto falls back to the PyTorch path

@@ -358,3 +358,41 @@ def test_whole_module_copies_and_saves_after_use(pattern):
     with torch.no_grad():
         twin.qkv.weight.mul_(2)  # the copy's parameters are its own
     torch.testing.assert_close(module(x), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_training_after_a_first_forward_under_inference_mode(pattern, native):
+    """Caches filled under torch.inference_mode (a validation pass, a model
+    summary) must not hand inference tensors to later training steps."""
+    import copy
+
+    module = make(pattern, use_cuda_kernel=native)
+    fresh = copy.deepcopy(module)
+    x = torch.randn(2, 16, 6, 10)
+    with torch.inference_mode():
+        module(x)
+    grads = []
+    for m in (module, fresh):
+        torch.manual_seed(1)  # the same dropout seed for both
+        m(x).square().sum().backward()
+        grads.append([p.grad for p in m.parameters()])
+    for got, ref in zip(*grads):
+        torch.testing.assert_close(got, ref, atol=0, rtol=0)
+
+
+def test_meta_device_module_runs_for_shapes():
+    with torch.device("meta"):
+        module = make(SparsityPattern.LONGFORMER)
+        y = module(torch.randn(2, 16, 7, 9))
+    assert y.device.type == "meta" and y.shape == (2, 16, 7, 9)
+    y.sum().backward()
+    assert module.qkv.weight.grad.device.type == "meta"
+    with pytest.raises(RuntimeError, match="meta device"):
+        module.get_attention_stats()
+    with pytest.raises(ValueError, match="x: expected a tensor on meta"):
+        module(torch.randn(2, 16, 7, 9))
+    module.to_empty(device="cpu")
+    module.load_state_dict(make(SparsityPattern.LONGFORMER).state_dict())
+    assert torch.isfinite(module(torch.randn(2, 16, 7, 9))).all()
+    assert module.get_attention_stats().num_forward_passes == 1

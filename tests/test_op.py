@@ -396,3 +396,21 @@ def test_torch_path_over_the_plan_matches_its_gather_form(pattern, size, monkeyp
         assert torch.equal(torch.isinf(got), torch.isinf(expected)), name
         finite = torch.isfinite(expected)
         torch.testing.assert_close(got[finite], expected[finite], atol=1e-10, rtol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_meta_tensors_give_shapes(pattern):
+    """Meta tensors (model summaries, deferred initialisation) get outputs and
+    gradients of the right shapes and dtypes, without data."""
+    layout = make_layout(pattern, (7, 13))
+    n = layout.num_tokens
+    q, k, v = (torch.empty(2, 3, n, 8, device="meta", requires_grad=True) for _ in range(3))
+    bias = torch.empty(3, 5, 5, device="meta", requires_grad=True)
+    key_mask = torch.empty(2, n, dtype=torch.bool, device="meta")
+    out, lse, stats = attention(q, k, v, layout, rel_pos_bias=bias, key_mask=key_mask, dropout_p=0.1,
+                                return_lse=True, return_stats=True)
+    assert out.device.type == "meta" and out.shape == (2, 3, n, 8) and out.dtype == torch.float32
+    assert lse.shape == (2, 3, n) and stats.shape == (2, 3, n, 2)
+    out.sum().backward()
+    for x in (q, k, v, bias):
+        assert x.grad.device.type == "meta" and x.grad.shape == x.shape
