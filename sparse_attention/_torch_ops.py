@@ -7,6 +7,7 @@ import os
 from typing import Optional
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from . import _stencil, _tiles
 from . import functional as _functional
@@ -648,6 +649,12 @@ def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropo
         seed_tensor = torch.full((1,), seed, dtype=torch.int64) if compiling else seed
 
     reason = native_supports(device, query.dtype)
+    if reason is None and (torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0):
+        # torch.func.vmap / grad / jacrev wrap tensors the kernels cannot read,
+        # and forward-mode AD needs tangents they do not compute; the PyTorch
+        # path is made of operators that every transform knows
+        reason = ("torch.func transforms (vmap, grad, jacrev, ...) and forward-mode AD run the "
+                  "PyTorch path")
     if backend == "native" and reason is not None:
         raise RuntimeError(f"backend='native': {reason}")
     if backend == "torch" or reason is not None:

@@ -163,6 +163,8 @@ class EnhancedSparseAttention(nn.Module):
         # kernel's own pass; only these O(B * heads * N) numbers are reduced here.
         if row_stats.device.type == "meta":
             return  # a pass that computes shapes only has no statistics to count
+        if torch._C._are_functorch_transforms_active():
+            return  # torch.func transforms refuse side effects on captured tensors
         with torch.no_grad():
             batch = row_stats.shape[0]
             if key_mask is None:

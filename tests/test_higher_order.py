@@ -103,3 +103,77 @@ def test_module_gradient_penalty_matches_pytorch_path(pattern):
     assert any(g.abs().sum() > 0 for g in grads[0])
     for got, ref in zip(*grads):
         torch.testing.assert_close(got, ref, atol=1e-9, rtol=1e-8)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_torch_func_transforms(pattern):
+    """vmap, grad and jacrev (which wrap tensors the kernels cannot read) run
+    the PyTorch path and agree with the kernels' plain calls."""
+    from torch.func import grad, jacrev, vmap
+
+    layout = make_layout(pattern, 3, 5)
+    (q, k, v), bias = random_inputs(4, 2, layout.num_tokens, 3, seed=7, bias_side=3)
+    key_mask = torch.rand(4, layout.num_tokens, generator=torch.Generator().manual_seed(8)) > 0.2
+
+    def one(q, k, v, mask):  # one sample: [heads, N, D]
+        return attention(q[None], k[None], v[None], layout, rel_pos_bias=bias, key_mask=mask[None])[0]
+
+    mapped = vmap(one)(q, k, v, key_mask)
+    torch.testing.assert_close(mapped, attention(q, k, v, layout, rel_pos_bias=bias, key_mask=key_mask),
+                               atol=1e-12, rtol=1e-10)
+    per_sample = vmap(grad(lambda q, k, v, m: one(q, k, v, m).square().sum()))(q, k, v, key_mask)
+    for i in range(4):
+        leaf = q[i:i + 1].clone().requires_grad_(True)
+        out = attention(leaf, k[i:i + 1], v[i:i + 1], layout, rel_pos_bias=bias, key_mask=key_mask[i:i + 1])
+        expected, = torch.autograd.grad(out.square().sum(), leaf)
+        torch.testing.assert_close(per_sample[i], expected[0], atol=1e-12, rtol=1e-10)
+    jacobian = jacrev(one)(q[0], k[0], v[0], key_mask[0])
+    leaf = q[:1].clone().requires_grad_(True)
+    out = attention(leaf, k[:1], v[:1], layout, rel_pos_bias=bias, key_mask=key_mask[:1])
+    row, = torch.autograd.grad(out[0, 1, 2, 0], leaf)
+    torch.testing.assert_close(jacobian[1, 2, 0], row[0], atol=1e-12, rtol=1e-10)
+
+
+def test_native_backend_under_vmap_says_why():
+    from torch.func import vmap
+
+    layout = make_layout("axial", 3, 4)
+    (q, k, v), _ = random_inputs(2, 2, layout.num_tokens, 3)
+    with pytest.raises(RuntimeError, match="backend=.native.: torch.func transforms"):
+        vmap(lambda q: attention(q[None], k[:1], v[:1], layout, backend="native"))(q)
+
+
+def test_module_per_sample_gradients():
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    module = EnhancedSparseAttention(8, 8, num_heads=2, sparsity_pattern="longformer",
+                                     kernel_size=3).double().eval()
+    x = torch.randn(3, 8, 4, 5, dtype=torch.float64)
+    params = {name: p.detach() for name, p in module.named_parameters()}
+
+    def loss(params, sample):
+        return functional_call(module, params, (sample[None],)).square().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    passes = module.get_attention_stats().num_forward_passes
+    for i in range(3):
+        expected = torch.autograd.grad(module(x[i:i + 1]).square().sum(), list(module.parameters()))
+        for name, ref in zip(params, expected):
+            torch.testing.assert_close(per_sample[name][i], ref, atol=1e-11, rtol=1e-9)
+    # the transformed calls counted no statistics; the plain ones did
+    assert passes == 0 and module.get_attention_stats().num_forward_passes == 3
+
+
+def test_forward_mode_ad_gets_tangents():
+    import torch.autograd.forward_ad as fwAD
+
+    layout = make_layout("strided", 4, 5)
+    (q, k, v), bias = random_inputs(2, 2, layout.num_tokens, 3, seed=9, bias_side=3)
+    tangents = [torch.randn_like(t) for t in (q, k, v)]
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(t, d) for t, d in zip((q, k, v), tangents)]
+        tangent = fwAD.unpack_dual(attention(*duals, layout, rel_pos_bias=bias)).tangent
+    _, expected = torch.func.jvp(lambda q, k, v: reference_attention(q, k, v, layout, bias=bias)[0],
+                                 (q, k, v), tuple(tangents))
+    torch.testing.assert_close(tangent, expected, atol=1e-10, rtol=1e-9)
