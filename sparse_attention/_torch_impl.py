@@ -121,7 +121,84 @@ def _plan_buckets(layout, device, max_relative):
     return layout._built_once(key, build, layout._device_cache)
 
 
-@torch.compiler.disable
+def _strip_masks(layout, device, rows_per_strip):
+    """Per strip of query rows [start, stop): (start, stop, its pairs as a bool
+    [stop - start, N] on ``device``), from the CSR; built per call (all of
+    them together are N^2 bools)."""
+    import numpy as np
+
+    n = layout.num_tokens
+    strips = []
+    for start in range(0, n, rows_per_strip):
+        stop = min(n, start + rows_per_strip)
+        begin, end = int(layout.indptr[start]), int(layout.indptr[stop])
+        rows = np.repeat(np.arange(stop - start), np.diff(layout.indptr[start:stop + 1]))
+        mask = np.zeros((stop - start, n), dtype=bool)
+        mask[rows, layout.indices[begin:end]] = True
+        strips.append((start, stop, torch.from_numpy(mask).to(device)))
+    return strips
+
+
+def _attention_in_strips(q, k, v, layout, strips, scale, table, key_mask, head_active, dropout_p,
+                         dropout_seed, want_stats):
+    """The op as strips of query rows against all keys, masked to the layout:
+    each strip's scores [B, heads, rows, N] are one matrix product. Same
+    results as the other forms; returns (out, lse, stats)."""
+    batch, heads, num_tokens, dim = q.shape
+    device, dtype = q.device, q.dtype
+    zero = torch.zeros((), dtype=dtype, device=device)
+    usable = None
+    if key_mask is not None:
+        usable = key_mask.to(torch.bool).view(batch, 1, 1, num_tokens)
+    heads_on = None
+    if head_active is not None:
+        heads_on = head_active.to(device=device, dtype=torch.bool).view(1, heads, 1, 1)
+    width = layout.width
+    all_tokens = torch.arange(num_tokens, device=device)
+    outs, lses, stats = [], [], []
+    for start, stop, pairs in strips:
+        scores = torch.matmul(q[:, :, start:stop], k.transpose(-1, -2)) * scale  # [B, H, R, N]
+        if table is not None:
+            m = (table.shape[-1] - 1) // 2
+            strip_rows = all_tokens[start:stop, None]
+            dy = (strip_rows // width - all_tokens[None] // width).clamp(-m, m) + m
+            dx = (strip_rows % width - all_tokens[None] % width).clamp(-m, m) + m
+            scores = scores + table.reshape(heads, -1)[:, dy * (2 * m + 1) + dx].unsqueeze(0)
+        allowed = pairs.view(1, 1, stop - start, num_tokens)
+        if usable is not None:
+            allowed = allowed & usable
+        if heads_on is not None:
+            allowed = allowed & heads_on
+        scores = torch.where(allowed, scores, float("-inf"))
+        row_max = scores.detach().amax(-1)  # NaN and +inf pass on
+        safe_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+        weights = torch.exp(scores - safe_max.unsqueeze(-1))
+        row_sum = weights.sum(-1)
+        nonempty = row_sum > 0
+        safe_sum = torch.where(nonempty, row_sum, torch.ones_like(row_sum))
+        lse = torch.where(nonempty, safe_max + torch.log(safe_sum), torch.full_like(row_sum, float("-inf")))
+        lse = torch.where(row_max == float("inf"), torch.full_like(lse, float("nan")), lse)
+        # normalised after the product: a pass over [rows, D] instead of [rows, N]
+        denominator = safe_sum
+        if dropout_p > 0:
+            rows = all_tokens[start:stop, None].expand(stop - start, num_tokens).reshape(-1)
+            cols = all_tokens[None].expand(stop - start, num_tokens).reshape(-1)
+            keep = dropout_keep_mask(dropout_seed, batch, heads, rows, cols, dropout_p)
+            weights = torch.where(keep.view(batch, heads, stop - start, num_tokens), weights, zero)
+            denominator = safe_sum * (1.0 - dropout_p)
+        outs.append(torch.matmul(weights, v) / denominator.unsqueeze(-1))
+        lses.append(lse)
+        if want_stats:
+            with torch.no_grad():
+                log_p = scores - torch.where(lse == float("-inf"), zero, lse).unsqueeze(-1)
+                p = torch.where(allowed, torch.exp(log_p), zero)
+                plogp = torch.where(p > 0, p * log_p, zero)
+                row_stats = torch.stack([(p * p).sum(-1), -plogp.sum(-1)], dim=-1)
+                stats.append(torch.where(torch.isnan(lse).unsqueeze(-1), float("nan"), row_stats))
+    return (torch.cat(outs, dim=2), torch.cat(lses, dim=2),
+            torch.cat(stats, dim=2) if want_stats else None)
+
+
 def _planned_layout(layout, device, max_relative=None):
     passes = _plan_tensors(layout, device)
     if passes is None or max_relative is None:
@@ -212,15 +289,55 @@ def _attention_over_plan(q, k, v, passes, buckets, scale, table, key_mask, head_
     return out, lse, stats
 
 
+# Layouts whose tile plan has at least this many slots per grid pair (RANDOM
+# at 10% has about 1, DENSE 1, STRIDED 0.17) compute in strips of query rows
+# against all keys instead: as many scores, but plain matrix products without
+# a gather of query and key rows per chunk. Tests set it to compare the forms.
+strip_min_plan_fill = 0.5
+_STRIP_ELEMENTS = 1 << 22  # scores per strip, over batch and heads: 16 MiB in float32
+
+
+def _plan_fill(layout):
+    """The full tile plan's slots over N^2 (cached), None without a plan."""
+    def build(layout):
+        plan = layout.full_tile_plan()
+        if plan is None:
+            return None
+        slots = sum(int(one.keys.shape[0]) for one in plan) * 64 * 64
+        return slots / float(layout.num_tokens) ** 2
+
+    return layout._built_once("plan_fill", build)
+
+
+@torch.compiler.disable  # host work: one graph break under torch.compile
+def _layout_form(layout, device, max_relative, scores_per_row):
+    """How the PyTorch path computes this layout: ("strips", [(start, stop,
+    mask)]), ("plan", (passes, buckets)) or ("gather", (layout tensors, rows))."""
+    fill = _plan_fill(layout) if use_tile_plan else None
+    if fill is None:
+        return "gather", _layout_tensors(layout, device, max_relative)
+    if fill >= strip_min_plan_fill:
+        rows = max(1, min(layout.num_tokens, _STRIP_ELEMENTS // max(1, scores_per_row)))
+        return "strips", _strip_masks(layout, device, rows)
+    return "plan", _planned_layout(layout, device, max_relative)
+
+
 def sparse_attention_torch(query, key, value, layout, *, scale, rel_pos_bias=None, key_mask=None,
                            head_active=None, dropout_p=0.0, dropout_seed=0, want_stats=False):
     """Returns (out, lse, row_stats or None); differentiable in query, key, value, bias."""
     batch, heads, num_tokens, _ = query.shape
     max_relative = None if rel_pos_bias is None else (rel_pos_bias.shape[-1] - 1) // 2
-    passes, buckets = _planned_layout(layout, query.device, max_relative) if use_tile_plan else (None, None)
-    if passes is not None:
-        compute_dtype = query.dtype if query.dtype == torch.float64 else torch.float32
-        table = None if rel_pos_bias is None else rel_pos_bias.to(compute_dtype)
+    form, found = _layout_form(layout, query.device, max_relative, batch * heads * num_tokens)
+    compute_dtype = query.dtype if query.dtype == torch.float64 else torch.float32
+    table = None if rel_pos_bias is None else rel_pos_bias.to(compute_dtype)
+    if form == "strips":
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            out, lse, stats = _attention_in_strips(
+                query.to(compute_dtype), key.to(compute_dtype), value.to(compute_dtype), layout, found,
+                scale, table, key_mask, head_active, dropout_p, dropout_seed, want_stats)
+        return out.to(query.dtype), lse, stats
+    if form == "plan":
+        passes, buckets = found
         # the products in compute_dtype, as the kernels' (autocast would make them 16-bit)
         with torch.autocast(device_type=query.device.type, enabled=False):
             out, lse, stats = _attention_over_plan(
@@ -228,9 +345,8 @@ def sparse_attention_torch(query, key, value, layout, *, scale, rel_pos_bias=Non
                 scale, table, key_mask, head_active, dropout_p, dropout_seed, want_stats)
         return out.to(query.dtype), lse, stats
     device = query.device
-    tensors, rows = _layout_tensors(layout, device, max_relative)
+    tensors, rows = found
     cols = tensors["col_idx"].long()
-    compute_dtype = query.dtype if query.dtype == torch.float64 else torch.float32
     q = query.to(compute_dtype)
     k = key.to(compute_dtype)
     v = value.to(compute_dtype)

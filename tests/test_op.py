@@ -369,8 +369,9 @@ def test_half_precision_on_the_cpu_runs_the_kernels_in_float32(pattern, size, ex
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_torch_path_over_the_plan_matches_its_gather_form(pattern, size, monkeypatch):
     """The PyTorch path computes over the tile plan (batched 64 x 64 blocks)
-    where the layout has one; its gather form (a key row per pair) computes
-    the same in float64: output, lse, statistics and the gradients of q, k, v
+    where the layout has one, or in strips of query rows where that plan is
+    near dense; its gather form (a key row per pair) computes the same in
+    float64: output, lse, statistics and the gradients of q, k, v
     and the bias, with a key mask, a pruned head and dropout. LONGFORMER at
     33 x 35 has a long row, which the full plan keeps."""
     from sparse_attention import _torch_impl
@@ -383,19 +384,25 @@ def test_torch_path_over_the_plan_matches_its_gather_form(pattern, size, monkeyp
     active = torch.tensor([True, False, True])
     grad_out = torch.randn(2, 3, n, 8, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     results = []
-    for over_plan in (True, False):
+    # over the plan, in strips of rows (the form near-dense plans take), and the gather form
+    for over_plan, strip_fill in ((True, float("inf")), (True, 0.0), (False, float("inf"))):
         monkeypatch.setattr(_torch_impl, "use_tile_plan", over_plan)
+        monkeypatch.setattr(_torch_impl, "strip_min_plan_fill", strip_fill)
+        monkeypatch.setattr(_torch_impl, "_STRIP_ELEMENTS", 2 * 3 * n * 5)  # strips of 5 rows
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v, bias)]
         out, lse, stats = attention(*leaves[:3], layout, rel_pos_bias=leaves[3], key_mask=key_mask,
                                     head_active=active, dropout_p=0.2, dropout_seed=4, return_lse=True,
                                     return_stats=True, backend="torch")
         grads = torch.autograd.grad(out, leaves, grad_out)
         results.append([out, lse, stats, *grads])
-    for name, got, expected in zip(["out", "lse", "stats", "dq", "dk", "dv", "dbias"], *results):
-        assert torch.equal(torch.isnan(got), torch.isnan(expected)), name
-        assert torch.equal(torch.isinf(got), torch.isinf(expected)), name
-        finite = torch.isfinite(expected)
-        torch.testing.assert_close(got[finite], expected[finite], atol=1e-10, rtol=1e-9, msg=name)
+    names = ["out", "lse", "stats", "dq", "dk", "dv", "dbias"]
+    for form, found in zip(("plan", "strips"), results[:2]):
+        for name, got, expected in zip(names, found, results[2]):
+            assert torch.equal(torch.isnan(got), torch.isnan(expected)), (form, name)
+            assert torch.equal(torch.isinf(got), torch.isinf(expected)), (form, name)
+            finite = torch.isfinite(expected)
+            torch.testing.assert_close(got[finite], expected[finite], atol=1e-10, rtol=1e-9,
+                                       msg=f"{form} {name}")
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
@@ -414,3 +421,24 @@ def test_meta_tensors_give_shapes(pattern):
     out.sum().backward()
     for x in (q, k, v, bias):
         assert x.grad.device.type == "meta" and x.grad.shape == x.shape
+
+
+def test_torch_path_picks_its_form_by_plan_fill():
+    """Near-dense plans (RANDOM at 50%, DENSE) compute in strips of rows, sparse
+    ones over the plan; strips cover every row once and hold the layout's pairs."""
+    from sparse_attention import _torch_impl
+
+    # at 64 x 64 AXIAL's plan fills 3% of the grid's pairs, STRIDED's 23%, RANDOM's 100%
+    for pattern, side, expected in (("random", 64, "strips"), ("dense", 20, "strips"), ("axial", 64, "plan"),
+                                    ("longformer", 64, "plan"), ("strided", 64, "plan"),
+                                    ("axial", 16, "strips")):  # small grids: every tile sees every key
+        layout = build_layout(pattern, side, side, attention_ratio=0.5, seed=1)
+        n = layout.num_tokens
+        form, found = _torch_impl._layout_form(layout, torch.device("cpu"), None, n * 700)
+        assert form == expected, (pattern, side)
+        if form == "strips":
+            rows = _torch_impl._STRIP_ELEMENTS // (n * 700)
+            assert [(start, stop) for start, stop, _ in found] == [
+                (start, min(n, start + rows)) for start in range(0, n, rows)]
+            dense = torch.cat([mask for _, _, mask in found])
+            assert torch.equal(dense, torch.from_numpy(layout.to_dense()))
