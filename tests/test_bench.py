@@ -1,6 +1,7 @@
 """The CPU benchmark's bookkeeping: paired timing and the files it writes."""
 
 import json
+import re
 
 import pytest
 
@@ -90,7 +91,6 @@ def test_ab_builds_times_two_copies_of_the_package_side_by_side():
     times them against each other: an A/A call on the package as built runs
     and reports identical outputs for every pattern and direction."""
     import os
-    import re
     import subprocess
     import sys
 
@@ -130,3 +130,19 @@ def test_gpu_module_step_script_runs_on_the_cpu(tmp_path):
     assert [r["pattern"] for r in records] == ["axial", "block"]
     assert all(r["extras_on_ms"] > 0 and r["extras_off_ms"] > 0 for r in records)
     assert "| axial |" in (tmp_path / "module_step.md").read_text()
+
+
+def test_torch_path_forms_script_prints_a_row_per_pattern():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "benchmarks", "torch_path_forms.py")
+    done = subprocess.run([sys.executable, script, "--side", "6", "--rounds", "1", "--patterns", "random,axial"],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=root))
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| RANDOM") or line.startswith("| AXIAL")]
+    assert len(rows) == 2
+    for row in rows:
+        assert len(re.findall(r"\d+\.\d\dx", row)) == 4, row
