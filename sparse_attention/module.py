@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _torch_ops
-from .patterns import Layout, SparsityPattern, build_layout
+from .patterns import Layout, SparsityPattern, build_layout, tracing_with_fake_tensors
 
 
 @dataclasses.dataclass
@@ -309,7 +309,8 @@ class EnhancedSparseAttention(nn.Module):
         if found is None:
             with torch.inference_mode(False):  # cached: a later training step saves it
                 found = self._build_resize_map(size_in, size_out, dtype, device)
-            self._resize_maps[key] = found
+            if not tracing_with_fake_tensors():
+                self._resize_maps[key] = found
         return found
 
     @staticmethod

@@ -40,6 +40,15 @@ import numpy as np
 from ._native import C
 
 
+def tracing_with_fake_tensors() -> bool:
+    """Whether torch.export or a tracer is running this code with fake tensors
+    (shapes without data), whose tensors must not land in a cache that later
+    eager calls read."""
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode() is not None
+
+
 def _tensor_of(array, device):
     """``array`` as a torch tensor on ``device``: on the CPU a view of the same
     memory, elsewhere one copy. The layout's arrays are read-only and its
@@ -308,6 +317,8 @@ class Layout:
             # which a later training call could not save for its backward
             with torch.inference_mode(False):
                 value = build(self)
+            if tracing_with_fake_tensors():
+                return value  # fake tensors of an export's trace: no data for later calls
         else:
             value = build(self)
         with self._lock:

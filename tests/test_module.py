@@ -396,3 +396,19 @@ def test_meta_device_module_runs_for_shapes():
     module.load_state_dict(make(SparsityPattern.LONGFORMER).state_dict())
     assert torch.isfinite(module(torch.randn(2, 16, 7, 9))).all()
     assert module.get_attention_stats().num_forward_passes == 1
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("pattern", [SparsityPattern.AXIAL, SparsityPattern.RANDOM])
+def test_torch_export_then_eager_calls(pattern, native):
+    """torch.export traces with fake tensors: none of them may stay in the
+    caches that later eager calls read, and the exported program computes
+    what the module does."""
+    module = make(pattern, use_cuda_kernel=native).eval()
+    x = torch.randn(1, 16, 6, 7)
+    exported = torch.export.export(module, (x,))
+    expected = module(x)  # the first eager call comes after the export
+    torch.testing.assert_close(exported.module()(x), expected, atol=1e-6, rtol=1e-5)
+    module.train()
+    module(x).sum().backward()
+    assert module.qkv.weight.grad is not None
