@@ -165,6 +165,8 @@ class EnhancedSparseAttention(nn.Module):
             return  # a pass that computes shapes only has no statistics to count
         if torch._C._are_functorch_transforms_active():
             return  # torch.func transforms refuse side effects on captured tensors
+        if torch._C._current_graph_task_id() != -1:
+            return  # a forward rerun inside backward (activation checkpointing) counted when it ran first
         with torch.no_grad():
             batch = row_stats.shape[0]
             if key_mask is None:

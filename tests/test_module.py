@@ -412,3 +412,28 @@ def test_torch_export_then_eager_calls(pattern, native):
     module.train()
     module(x).sum().backward()
     assert module.qkv.weight.grad is not None
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_counts_each_forward_once(reentrant):
+    """torch.utils.checkpoint reruns the forward inside backward: the same
+    dropout draw (the seed comes from torch's generator, whose state the
+    checkpoint restores), the same gradients, and statistics counted once."""
+    import copy
+
+    from torch.utils.checkpoint import checkpoint
+
+    plain = make(SparsityPattern.AXIAL).train()
+    checkpointed = copy.deepcopy(plain)
+    x = torch.randn(2, 16, 6, 7)
+    for _ in range(2):
+        torch.manual_seed(5)
+        plain(x).square().sum().backward()
+        torch.manual_seed(5)
+        checkpoint(checkpointed, x.clone().requires_grad_(reentrant),
+                   use_reentrant=reentrant).square().sum().backward()
+    for p, q in zip(plain.parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=0, rtol=0)
+    ours, theirs = checkpointed.get_attention_stats(), plain.get_attention_stats()
+    assert ours.num_forward_passes == theirs.num_forward_passes == 2
+    assert ours.entropy == theirs.entropy and ours.mean_per_head == theirs.mean_per_head
