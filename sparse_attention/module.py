@@ -17,6 +17,7 @@ import math
 import numbers
 from typing import Dict, Iterable, List, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -167,22 +168,29 @@ class EnhancedSparseAttention(nn.Module):
             return  # torch.func transforms refuse side effects on captured tensors
         if torch._C._current_graph_task_id() != -1:
             return  # a forward rerun inside backward (activation checkpointing) counted when it ran first
+        # The totals stay on the device of the statistics: reading them back
+        # here would make every training step wait for the GPU.
+        device = row_stats.device
         with torch.no_grad():
             batch = row_stats.shape[0]
             if key_mask is None:
                 pairs = float(layout.nnz) * batch
             else:
-                in_degree = torch.from_numpy(layout.col_ptr[1:] - layout.col_ptr[:-1])
-                pairs = (key_mask.cpu().double() * in_degree.double()).sum().item()
+                in_degree = layout._built_once(
+                    ("in_degree", str(device)),
+                    lambda layout: torch.from_numpy(np.diff(layout.col_ptr)).to(device, torch.float64),
+                    layout._device_cache)
+                pairs = (key_mask.to(device, torch.float64) * in_degree).sum()
             per_row = row_stats.double().sum(0)  # [heads, N, 2]
-            rows = (row_stats[..., 0] > 0).double().sum((0, 2)).cpu()  # rows that attended
-            heads_on = torch.ones(self.num_heads, dtype=torch.float64) if head_active is None \
-                else head_active.cpu().double()
-            totals = torch.stack([rows, heads_on * pairs, per_row[..., 0].sum(-1).cpu(),
-                                  per_row[..., 1].sum(-1).cpu()])
+            rows = (row_stats[..., 0] > 0).double().sum((0, 2))  # rows that attended
+            heads_on = torch.ones(self.num_heads, dtype=torch.float64, device=device) if head_active is None \
+                else head_active.to(device, torch.float64)
+            totals = torch.stack([rows, heads_on * pairs, per_row[..., 0].sum(-1), per_row[..., 1].sum(-1)])
+            if self._stats_totals.device != device:
+                self._stats_totals = self._stats_totals.to(device)
             self._stats_totals += totals
             self._stats_passes += 1
-            self._stats_pairs += pairs
+            self._stats_pairs = self._stats_pairs + pairs  # a float, or a tensor with a key mask
             self._stats_grid_pairs += batch * float(layout.num_tokens) ** 2
 
     def get_attention_stats(self) -> AttentionStats:
@@ -190,7 +198,7 @@ class EnhancedSparseAttention(nn.Module):
         if self.head_importance.device.type == "meta":
             raise RuntimeError("get_attention_stats: the module's parameters are on the meta device "
                                "and hold no values; move it with to_empty() and load weights first")
-        rows, pairs, sum_p2, entropy = self._stats_totals
+        rows, pairs, sum_p2, entropy = self._stats_totals.cpu()
         sum_p = rows  # a row's weights sum to 1
         safe_pairs = pairs.clamp_min(1)
         mean = sum_p / safe_pairs
@@ -199,7 +207,7 @@ class EnhancedSparseAttention(nn.Module):
         total_pairs = pairs.sum().clamp_min(1)
         overall_mean = (sum_p.sum() / total_pairs).item()
         overall_var = max((sum_p2.sum() / total_pairs).item() - overall_mean ** 2, 0.0)
-        density = self._stats_pairs / self._stats_grid_pairs if self._stats_grid_pairs else 0.0
+        density = float(self._stats_pairs) / self._stats_grid_pairs if self._stats_grid_pairs else 0.0
         return AttentionStats(
             mean=overall_mean, std=math.sqrt(overall_var),
             sparsity=1.0 - density if self._stats_passes else 0.0,

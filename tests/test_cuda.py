@@ -272,3 +272,27 @@ def test_second_derivatives_against_reference(pattern):
         found.append([g.cpu() for g in first + second])
     for got, ref in zip(*found):
         torch.testing.assert_close(got, ref, atol=1e-8, rtol=1e-7)
+
+
+@pytest.mark.parametrize("pattern", ["axial", "longformer"])
+def test_module_training_step_does_not_synchronize(pattern):
+    """A training step of the module with its defaults (bias, dropout,
+    statistics) and a key mask queues its work without waiting for the GPU:
+    the statistics' totals stay on the device until get_attention_stats."""
+    from sparse_attention import EnhancedSparseAttention
+
+    torch.manual_seed(0)
+    module = EnhancedSparseAttention(64, 64, num_heads=4, sparsity_pattern=pattern).cuda().train()
+    x = torch.randn(2, 64, 12, 12, device="cuda")
+    key_mask = torch.rand(2, 144, device="cuda") > 0.1
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        module(x, key_mask=key_mask).float().square().mean().backward()  # builds and copies the layout
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            module(x, key_mask=key_mask).float().square().mean().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    stats = module.get_attention_stats()
+    assert stats.num_forward_passes == 2 and 0 < stats.density < 1
