@@ -642,13 +642,13 @@ def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropo
     compiling = torch.compiler.is_compiling() or device.type == "meta"
     if dropout_p > 0 and dropout_seed is None:
         # a tensor, so that torch.compile keeps it in the graph (no .item() here)
-        seed_tensor = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+        seed_tensor = torch.randint(0, 2**62, (1,), dtype=torch.int64, device="cpu")
     else:
         seed = int(dropout_seed or 0)
         if not 0 <= seed < 2**63:
             raise ValueError(f"dropout_seed: expected an integer in [0, 2**63), got {seed}")
         # eager calls take the integer as it is; the compiled op needs a tensor
-        seed_tensor = torch.full((1,), seed, dtype=torch.int64) if compiling else seed
+        seed_tensor = torch.full((1,), seed, dtype=torch.int64, device="cpu") if compiling else seed
 
     reason = native_supports(device, query.dtype)
     if reason is None and (torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0):
