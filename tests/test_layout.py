@@ -254,3 +254,23 @@ def test_unpickling_checks_the_arrays():
     with pytest.raises(TypeError, match="Layout state"):
         forged.__setstate__(("not", "a", "dict"))
     assert pickle.loads(pickle.dumps(layout)).nnz == layout.nnz
+
+
+@pytest.mark.parametrize("max_relative", [0, 1, 3, 127, 128])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_bias_buckets_follow_their_definition(pattern, max_relative):
+    """bucket = (clamped dy + M) * (2M+1) + (clamped dx + M) per CSR entry;
+    perm a stable sort of the entries by bucket (16-bit radix or not: M = 127
+    is the last clamp whose buckets fit 16 bits); ptr the bucket offsets."""
+    layout = build_layout(pattern, 7, 13, kernel_size=3, block_size=4, attention_ratio=0.4, seed=2)
+    rows = np.repeat(np.arange(layout.num_tokens), layout.degrees())
+    cols = layout.indices.astype(np.int64)
+    m = max_relative
+    dy = np.clip(rows // 13 - cols // 13, -m, m) + m
+    dx = np.clip(rows % 13 - cols % 13, -m, m) + m
+    expected = dy * (2 * m + 1) + dx
+    bucket, perm, ptr = layout.bias_buckets(m)
+    assert bucket.dtype == perm.dtype == ptr.dtype == np.int64
+    assert np.array_equal(bucket, expected)
+    assert np.array_equal(perm, np.argsort(expected, kind="stable"))
+    assert np.array_equal(ptr, np.concatenate([[0], np.cumsum(np.bincount(expected, minlength=(2 * m + 1) ** 2))]))
