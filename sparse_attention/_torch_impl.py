@@ -40,19 +40,30 @@ def _mix32_int(x: int) -> int:
     return x ^ (x >> 16)
 
 
-def dropout_keep_mask(seed: int, batch: int, heads: int, rows: torch.Tensor, cols: torch.Tensor,
+def dropout_keep_mask(seed, batch: int, heads: int, rows: torch.Tensor, cols: torch.Tensor,
                       dropout_p: float) -> torch.Tensor:
-    """Boolean [batch, heads, nnz]: True where pair (rows[e], cols[e]) survives dropout."""
+    """Boolean [batch, heads, nnz]: True where pair (rows[e], cols[e]) survives
+    dropout; ``seed`` an int or a one-element int64 tensor."""
     threshold = min(int(dropout_p * 4294967296.0), 4294967295)
     device = rows.device
-    row_keys = []
-    for b in range(batch):
-        for h in range(heads):
-            x = _mix32_int((seed & _MASK32) ^ 0x9E3779B9)
-            x = _mix32_int(x ^ ((seed >> 32) & _MASK32))
-            x = _mix32_int(x ^ (b & _MASK32))
-            row_keys.append(_mix32_int(x ^ (h & _MASK32)))
-    keys = torch.tensor(row_keys, dtype=torch.int64, device=device).view(batch, heads, 1)
+    if isinstance(seed, torch.Tensor):
+        # the same keys from a seed tensor: traced and compiled graphs then
+        # draw a new mask per call instead of keeping the traced seed's
+        seed = seed.to(device=device, dtype=torch.int64).reshape(1, 1)
+        x = mix32((seed & _MASK32) ^ 0x9E3779B9)
+        x = mix32(x ^ ((seed >> 32) & _MASK32))
+        x = mix32(x ^ torch.arange(batch, dtype=torch.int64, device=device).view(batch, 1))
+        keys = mix32(x ^ torch.arange(heads, dtype=torch.int64, device=device).view(1, heads))
+        keys = keys.view(batch, heads, 1)
+    else:
+        row_keys = []
+        for b in range(batch):
+            for h in range(heads):
+                x = _mix32_int((seed & _MASK32) ^ 0x9E3779B9)
+                x = _mix32_int(x ^ ((seed >> 32) & _MASK32))
+                x = _mix32_int(x ^ (b & _MASK32))
+                row_keys.append(_mix32_int(x ^ (h & _MASK32)))
+        keys = torch.tensor(row_keys, dtype=torch.int64, device=device).view(batch, heads, 1)
     query_keys = mix32(keys ^ (rows.to(torch.int64) & _MASK32))
     return mix32(query_keys ^ (cols.to(torch.int64) & _MASK32)) >= threshold
 

@@ -595,7 +595,7 @@ def _differentiable_backward(grad_out, query, key, value, bias, layout, args):
     scale, key_mask, head_active, dropout_p, seed = args[13], args[15], args[16], args[17], args[18]
     out, _, _ = sparse_attention_torch(query, key, value, layout, scale=scale, rel_pos_bias=bias,
                                        key_mask=key_mask, head_active=head_active, dropout_p=dropout_p,
-                                       dropout_seed=_seed_value(seed) if dropout_p > 0 else 0)
+                                       dropout_seed=seed if dropout_p > 0 else 0)
     inputs = [x for x in (query, key, value, bias) if x is not None and x.requires_grad]
     found = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True, allow_unused=True))
     grads = []
@@ -638,8 +638,10 @@ def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropo
         head_active = head_active.to(device).contiguous()
 
     # Meta tensors (model summaries, deferred initialisation) take the custom
-    # op, whose fake kernel gives the shapes, as torch.compile's tracing does.
-    compiling = torch.compiler.is_compiling() or device.type == "meta"
+    # op, whose fake kernel gives the shapes, as torch.compile's tracing does;
+    # torch.jit.trace records the custom op (our kernels' outputs would be
+    # constants of its graph).
+    compiling = torch.compiler.is_compiling() or device.type == "meta" or torch.jit.is_tracing()
     if dropout_p > 0 and dropout_seed is None:
         # a tensor, so that torch.compile keeps it in the graph (no .item() here)
         seed_tensor = torch.randint(0, 2**62, (1,), dtype=torch.int64, device="cpu")
@@ -663,9 +665,9 @@ def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropo
         return sparse_attention_torch(query, key, value, layout, scale=scale, rel_pos_bias=bias,
                                       key_mask=key_mask, head_active=head_active,
                                       dropout_p=dropout_p,
-                                      # without dropout no seed is read (under torch.compile
-                                      # reading it is a graph break)
-                                      dropout_seed=_seed_value(seed_tensor) if dropout_p > 0 else 0,
+                                      # a seed tensor stays in torch.compile's and
+                                      # torch.jit.trace's graphs (no host read)
+                                      dropout_seed=seed_tensor if dropout_p > 0 else 0,
                                       want_stats=want_stats)
 
     narrow = None

@@ -86,7 +86,7 @@ def _check_bias(bias, heads):
             or bias.shape[1] % 2 != 1:
         raise ValueError(f"rel_pos_bias: expected shape [heads={heads}, 2M+1, 2M+1], got "
                          f"{tuple(bias.shape)}")
-    return (bias.shape[1] - 1) // 2
+    return int(bias.shape[1] - 1) // 2  # int(): torch.jit.trace hands shapes over as tensors
 
 
 def _check_key_mask(key_mask, batch, num_tokens):

@@ -343,6 +343,7 @@ class EnhancedSparseAttention(nn.Module):
         """
         self._check_input(x)
         batch, _, height, width = x.shape
+        height, width = int(height), int(width)  # torch.jit.trace hands shapes over as tensors
         layout = self.layout_for(height, width)
         tokens, q, k, v = self._project(x)
         bias = self.rel_pos_bias.to(q.dtype) if self.rel_pos_bias is not None else None

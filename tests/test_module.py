@@ -437,3 +437,28 @@ def test_activation_checkpointing_counts_each_forward_once(reentrant):
     ours, theirs = checkpointed.get_attention_stats(), plain.get_attention_stats()
     assert ours.num_forward_passes == theirs.num_forward_passes == 2
     assert ours.entropy == theirs.entropy and ours.mean_per_head == theirs.mean_per_head
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_torch_jit_trace_of_the_module(native):
+    """torch.jit.trace records the custom op (native) or the PyTorch path's
+    operators, with the dropout seed drawn per call inside the graph."""
+    import warnings
+
+    module = make(SparsityPattern.LONGFORMER, use_cuda_kernel=native, dropout=0.5)
+    x = torch.randn(2, 16, 6, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings: the traced graph is specialised to 6 x 7
+        traced = torch.jit.trace(module.eval(), x, check_trace=False)
+        trained = torch.jit.trace(module.train(), x, check_trace=False)
+    other_batch = torch.randn(3, 16, 6, 7)
+    torch.testing.assert_close(traced(other_batch), module.eval()(other_batch), atol=1e-6, rtol=1e-5)
+    module.train()
+    assert not torch.equal(trained(x), trained(x))  # a new dropout mask per call
+    torch.manual_seed(3)
+    first = trained(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(first, module(x), atol=1e-6, rtol=1e-5)
+    leaf = x.clone().requires_grad_(True)
+    trained(leaf).sum().backward()
+    assert torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0

@@ -442,3 +442,15 @@ def test_torch_path_picks_its_form_by_plan_fill():
                 (start, min(n, start + rows)) for start in range(0, n, rows)]
             dense = torch.cat([mask for _, _, mask in found])
             assert torch.equal(dense, torch.from_numpy(layout.to_dense()))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7, 2**32 - 1, 2**32 + 5, 2**62 + 12345, 2**63 - 1])
+def test_dropout_mask_from_a_seed_tensor_equals_the_integer_seeds(seed):
+    from sparse_attention._torch_impl import dropout_keep_mask
+
+    rows = torch.randint(0, 500, (300,), generator=torch.Generator().manual_seed(1))
+    cols = torch.randint(0, 500, (300,), generator=torch.Generator().manual_seed(2))
+    expected = dropout_keep_mask(seed, 3, 4, rows, cols, 0.3)
+    got = dropout_keep_mask(torch.tensor([seed], dtype=torch.int64), 3, 4, rows, cols, 0.3)
+    assert torch.equal(got, expected)
+    assert 0.2 < 1 - expected.float().mean().item() < 0.4
