@@ -158,6 +158,7 @@ def _attention_in_strips(q, k, v, layout, strips, scale, table, key_mask, head_a
     batch, heads, num_tokens, dim = q.shape
     device, dtype = q.device, q.dtype
     zero = torch.zeros((), dtype=dtype, device=device)
+    lowest = torch.finfo(dtype).min
     usable = None
     if key_mask is not None:
         usable = key_mask.to(torch.bool).view(batch, 1, 1, num_tokens)
@@ -180,31 +181,37 @@ def _attention_in_strips(q, k, v, layout, strips, scale, table, key_mask, head_a
             allowed = allowed & usable
         if heads_on is not None:
             allowed = allowed & heads_on
-        scores = torch.where(allowed, scores, float("-inf"))
+        # Pairs outside the layout take the lowest finite score, not -inf: a
+        # row without pairs then gets a finite (uniform) softmax, zeroed
+        # below, instead of NaNs that its backward would spread through
+        # torch.softmax, whose fused kernel is several times faster than an
+        # exp pass here. The where also keeps a NaN key from rows that do not
+        # attend it, as the kernels do.
+        scores = torch.where(allowed, scores, lowest)
         row_max = scores.detach().amax(-1)  # NaN and +inf pass on
-        safe_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
-        weights = torch.exp(scores - safe_max.unsqueeze(-1))
-        row_sum = weights.sum(-1)
-        nonempty = row_sum > 0
-        safe_sum = torch.where(nonempty, row_sum, torch.ones_like(row_sum))
-        lse = torch.where(nonempty, safe_max + torch.log(safe_sum), torch.full_like(row_sum, float("-inf")))
-        lse = torch.where(row_max == float("inf"), torch.full_like(lse, float("nan")), lse)
-        # normalised after the product: a pass over [rows, D] instead of [rows, N]
-        denominator = safe_sum
+        empty = row_max <= lowest  # no pair, or only pairs scoring -inf
+        probs = torch.softmax(scores, -1)
+        # lse = max - log(the max's probability): no second pass of exp
+        lse = row_max - torch.log(probs.detach().amax(-1))
+        lse = torch.where(empty, float("-inf"), lse)
+        mixed = probs
         if dropout_p > 0:
             rows = all_tokens[start:stop, None].expand(stop - start, num_tokens).reshape(-1)
             cols = all_tokens[None].expand(stop - start, num_tokens).reshape(-1)
             keep = dropout_keep_mask(dropout_seed, batch, heads, rows, cols, dropout_p)
-            weights = torch.where(keep.view(batch, heads, stop - start, num_tokens), weights, zero)
-            denominator = safe_sum * (1.0 - dropout_p)
-        outs.append(torch.matmul(weights, v) / denominator.unsqueeze(-1))
+            mixed = torch.where(keep.view(batch, heads, stop - start, num_tokens), probs, zero)
+        out = torch.matmul(mixed, v)
+        if dropout_p > 0:
+            out = out / (1.0 - dropout_p)
+        outs.append(torch.where(empty.unsqueeze(-1), zero, out))
         lses.append(lse)
         if want_stats:
             with torch.no_grad():
-                log_p = scores - torch.where(lse == float("-inf"), zero, lse).unsqueeze(-1)
-                p = torch.where(allowed, torch.exp(log_p), zero)
+                p = probs.detach()
+                log_p = scores - torch.where(empty, zero, lse).unsqueeze(-1)
                 plogp = torch.where(p > 0, p * log_p, zero)
                 row_stats = torch.stack([(p * p).sum(-1), -plogp.sum(-1)], dim=-1)
+                row_stats = torch.where(empty.unsqueeze(-1), zero, row_stats)
                 stats.append(torch.where(torch.isnan(lse).unsqueeze(-1), float("nan"), row_stats))
     return (torch.cat(outs, dim=2), torch.cat(lses, dim=2),
             torch.cat(stats, dim=2) if want_stats else None)
