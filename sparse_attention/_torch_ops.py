@@ -14,7 +14,7 @@ from . import functional as _functional
 from ._native import C
 from ._torch_impl import sparse_attention_torch
 from .functional import (_check_bias, _check_head_active, _check_key_mask, _validate_common)
-from .patterns import LONG_ROW_THRESHOLD, _tensor_of, tracing_with_fake_tensors
+from .patterns import LONG_ROW_THRESHOLD, _tensor_of
 
 _NATIVE_CPU_DTYPES = (torch.float32, torch.float64)
 # taken by the CPU kernels through float32 copies (computed as the CUDA kernels
@@ -277,14 +277,10 @@ def _layout_and_plan_eager(layout, device, dtype, head_dim, max_relative, want_s
     of a small call's Python time."""
     key = ("host", device, dtype, head_dim, max_relative, want_stats, _kernel_switches())
     found = layout._device_cache.get(key)  # one dict read: atomic under the GIL
-    if found is None:
-        with torch.inference_mode(False):  # cached: see Layout._built_once
-            found = (layout.torch_tensors(device, max_relative),
-                     _tile_plan_for(layout, device, dtype, head_dim, want_stats, max_relative))
-        if tracing_with_fake_tensors():
-            return found
-        with layout._lock:
-            layout._device_cache[key] = found
+    if found is None:  # built and cached as the layout's device tensors are (inference mode, tracing)
+        found = layout._built_once(key, lambda layout: (
+            layout.torch_tensors(device, max_relative),
+            _tile_plan_for(layout, device, dtype, head_dim, want_stats, max_relative)), layout._device_cache)
     return found
 
 
