@@ -132,29 +132,39 @@ def _plan_buckets(layout, device, max_relative):
     return layout._built_once(key, build, layout._device_cache)
 
 
-def _strip_masks(layout, device, rows_per_strip):
-    """Per strip of query rows [start, stop): (start, stop, its pairs as a bool
-    [stop - start, N] on ``device``), from the CSR; built per call (all of
-    them together are N^2 bools)."""
-    import numpy as np
+def _strip_bounds(layout, rows_per_strip):
+    """Per strip of query rows: (start, stop, begin, end), its rows and the
+    span of its pairs in the CSR (cached per strip height)."""
+    def build(layout):
+        n = layout.num_tokens
+        return [(start, min(n, start + rows_per_strip), int(layout.indptr[start]),
+                 int(layout.indptr[min(n, start + rows_per_strip)]))
+                for start in range(0, n, rows_per_strip)]
 
-    n = layout.num_tokens
-    strips = []
-    for start in range(0, n, rows_per_strip):
-        stop = min(n, start + rows_per_strip)
-        begin, end = int(layout.indptr[start]), int(layout.indptr[stop])
-        rows = np.repeat(np.arange(stop - start), np.diff(layout.indptr[start:stop + 1]))
-        mask = np.zeros((stop - start, n), dtype=bool)
-        mask[rows, layout.indices[begin:end]] = True
-        strips.append((start, stop, torch.from_numpy(mask).to(device)))
-    return strips
+    return layout._built_once(("strip_bounds", int(rows_per_strip)), build)
 
 
-def _attention_in_strips(q, k, v, layout, strips, scale, table, key_mask, head_active, dropout_p,
+def _strip_pair_slots(bound, rows, cols, num_tokens):
+    """Each pair of the strip as a flat index into its [stop - start, N] scores."""
+    start, _stop, begin, end = bound
+    return (rows[begin:end] - start) * num_tokens + cols[begin:end].long()
+
+
+def _strip_mask(bound, rows, cols, num_tokens):
+    """The strip's pairs as a bool [stop - start, N], built on the device."""
+    start, stop, _begin, _end = bound
+    slots = _strip_pair_slots(bound, rows, cols, num_tokens)
+    mask = torch.zeros((stop - start) * num_tokens, dtype=torch.bool, device=rows.device)
+    return mask.index_fill(0, slots, 1).view(stop - start, num_tokens)  # 1, not True: jit.trace
+
+
+def _attention_in_strips(q, k, v, strips, scale, table, key_mask, head_active, dropout_p,
                          dropout_seed, want_stats):
     """The op as strips of query rows against all keys, masked to the layout:
-    each strip's scores [B, heads, rows, N] are one matrix product. Same
-    results as the other forms; returns (out, lse, stats)."""
+    each strip's scores [B, heads, rows, N] are one matrix product, its mask
+    and bias map built on the device from the layout's cached CSR tensors,
+    one strip at a time. Same results as the other forms; returns (out, lse,
+    stats)."""
     batch, heads, num_tokens, dim = q.shape
     device, dtype = q.device, q.dtype
     zero = torch.zeros((), dtype=dtype, device=device)
@@ -165,17 +175,22 @@ def _attention_in_strips(q, k, v, layout, strips, scale, table, key_mask, head_a
     heads_on = None
     if head_active is not None:
         heads_on = head_active.to(device=device, dtype=torch.bool).view(1, heads, 1, 1)
-    width = layout.width
+    bounds, tensors, pair_rows = strips
+    pair_cols = tensors["col_idx"]
     all_tokens = torch.arange(num_tokens, device=device)
     outs, lses, stats = [], [], []
-    for start, stop, pairs in strips:
+    for bound in bounds:
+        start, stop = bound[0], bound[1]
         scores = torch.matmul(q[:, :, start:stop], k.transpose(-1, -2)) * scale  # [B, H, R, N]
         if table is not None:
-            m = (table.shape[-1] - 1) // 2
-            strip_rows = all_tokens[start:stop, None]
-            dy = (strip_rows // width - all_tokens[None] // width).clamp(-m, m) + m
-            dx = (strip_rows % width - all_tokens[None] % width).clamp(-m, m) + m
-            scores = scores + table.reshape(heads, -1)[:, dy * (2 * m + 1) + dx].unsqueeze(0)
+            # each pair's bucket (Layout.bias_buckets) at its slot; the slots
+            # outside the layout read bucket 0 and are masked below
+            slots = _strip_pair_slots(bound, pair_rows, pair_cols, num_tokens)
+            bucket_map = torch.zeros((stop - start) * num_tokens, dtype=torch.int64, device=device)
+            bucket_map = bucket_map.index_copy(0, slots, tensors["bucket"][bound[2]:bound[3]].long())
+            bias = table.reshape(heads, -1)[:, bucket_map].view(heads, stop - start, num_tokens)
+            scores = scores + bias.unsqueeze(0)
+        pairs = _strip_mask(bound, pair_rows, pair_cols, num_tokens)
         allowed = pairs.view(1, 1, stop - start, num_tokens)
         if usable is not None:
             allowed = allowed & usable
@@ -329,14 +344,15 @@ def _plan_fill(layout):
 
 @torch.compiler.disable  # host work: one graph break under torch.compile
 def _layout_form(layout, device, max_relative, scores_per_row):
-    """How the PyTorch path computes this layout: ("strips", [(start, stop,
-    mask)]), ("plan", (passes, buckets)) or ("gather", (layout tensors, rows))."""
+    """How the PyTorch path computes this layout: ("strips", (strip bounds,
+    layout tensors, rows)), ("plan", (passes, buckets)) or ("gather", (layout
+    tensors, rows))."""
     fill = _plan_fill(layout) if use_tile_plan else None
     if fill is None:
         return "gather", _layout_tensors(layout, device, max_relative)
     if fill >= strip_min_plan_fill:
         rows = max(1, min(layout.num_tokens, _STRIP_ELEMENTS // max(1, scores_per_row)))
-        return "strips", _strip_masks(layout, device, rows)
+        return "strips", (_strip_bounds(layout, rows), *_layout_tensors(layout, device, max_relative))
     return "plan", _planned_layout(layout, device, max_relative)
 
 
@@ -344,14 +360,14 @@ def sparse_attention_torch(query, key, value, layout, *, scale, rel_pos_bias=Non
                            head_active=None, dropout_p=0.0, dropout_seed=0, want_stats=False):
     """Returns (out, lse, row_stats or None); differentiable in query, key, value, bias."""
     batch, heads, num_tokens, _ = query.shape
-    max_relative = None if rel_pos_bias is None else (rel_pos_bias.shape[-1] - 1) // 2
+    max_relative = None if rel_pos_bias is None else (int(rel_pos_bias.shape[-1]) - 1) // 2
     form, found = _layout_form(layout, query.device, max_relative, batch * heads * num_tokens)
     compute_dtype = query.dtype if query.dtype == torch.float64 else torch.float32
     table = None if rel_pos_bias is None else rel_pos_bias.to(compute_dtype)
     if form == "strips":
         with torch.autocast(device_type=query.device.type, enabled=False):
             out, lse, stats = _attention_in_strips(
-                query.to(compute_dtype), key.to(compute_dtype), value.to(compute_dtype), layout, found,
+                query.to(compute_dtype), key.to(compute_dtype), value.to(compute_dtype), found,
                 scale, table, key_mask, head_active, dropout_p, dropout_seed, want_stats)
         return out.to(query.dtype), lse, stats
     if form == "plan":

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _torch_ops
-from .patterns import Layout, SparsityPattern, build_layout, tracing_with_fake_tensors
+from .patterns import Layout, SparsityPattern, build_layout, building_cached_tensors, may_cache_tensors
 
 
 @dataclasses.dataclass
@@ -317,9 +317,9 @@ class EnhancedSparseAttention(nn.Module):
         key = (size_in, size_out, dtype, device)
         found = self._resize_maps.get(key)
         if found is None:
-            with torch.inference_mode(False):  # cached: a later training step saves it
+            with building_cached_tensors():  # cached: a later training step saves it
                 found = self._build_resize_map(size_in, size_out, dtype, device)
-            if not tracing_with_fake_tensors():
+            if may_cache_tensors():
                 self._resize_maps[key] = found
         return found
 

@@ -30,6 +30,7 @@ unless already taken, else token(t). The row is sorted ascending. C's round()
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import threading
@@ -47,6 +48,31 @@ def tracing_with_fake_tensors() -> bool:
     from torch._guards import detect_fake_mode
 
     return detect_fake_mode() is not None
+
+
+@contextlib.contextmanager
+def building_cached_tensors():
+    """Where tensors that later calls will read from a cache are made: outside
+    inference mode (inference tensors cannot be saved for a backward) and
+    outside torch.func's transforms (their wrappers die with the transform;
+    constants made here are plain tensors that the transforms read as
+    unbatched). Whether to keep the result: see tracing_with_fake_tensors."""
+    import torch
+
+    no_transforms = getattr(torch._C, "_DisableFuncTorch", None)
+    with torch.inference_mode(False), (no_transforms() if no_transforms else contextlib.nullcontext()):
+        yield
+
+
+def may_cache_tensors() -> bool:
+    """False while the tensors just built must not outlive this call: fake
+    tensors of a trace, or transform wrappers where torch cannot step outside
+    its transforms."""
+    import torch
+
+    if tracing_with_fake_tensors():
+        return False
+    return hasattr(torch._C, "_DisableFuncTorch") or not torch._C._are_functorch_transforms_active()
 
 
 def _tensor_of(array, device):
@@ -323,12 +349,10 @@ class Layout:
         if cache is self._device_cache:
             import torch
 
-            # built under torch.inference_mode they would be inference tensors,
-            # which a later training call could not save for its backward
-            with torch.inference_mode(False):
+            with building_cached_tensors():
                 value = build(self)
-            if tracing_with_fake_tensors():
-                return value  # fake tensors of an export's trace: no data for later calls
+            if not may_cache_tensors():
+                return value
         else:
             value = build(self)
         with self._lock:

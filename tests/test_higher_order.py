@@ -134,6 +134,44 @@ def test_torch_func_transforms(pattern):
     torch.testing.assert_close(jacobian[1, 2, 0], row[0], atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("form", ["gather", "strips", "plan"])
+def test_a_layouts_first_call_inside_a_transform_leaves_plain_caches(form, monkeypatch):
+    """The layout's device tensors and the module's resize maps, first built
+    inside torch.func.grad, are cached for later calls: they must be plain
+    tensors, not the transform's wrappers (which die with it: the native
+    call after failed with 'Cannot access data pointer')."""
+    import pickle
+
+    from torch.func import grad
+
+    from sparse_attention import _torch_impl
+
+    monkeypatch.setattr(_torch_impl, "use_tile_plan", form != "gather")
+    monkeypatch.setattr(_torch_impl, "strip_min_plan_fill", 0.0 if form == "strips" else float("inf"))
+    layout = pickle.loads(pickle.dumps(make_layout("longformer", 5, 6)))  # empty caches
+    (q, k, v), bias = random_inputs(2, 2, layout.num_tokens, 3, seed=3, bias_side=3)
+
+    def loss(q):
+        return attention(q, k, v, layout, rel_pos_bias=bias).square().sum()
+
+    inside = grad(loss)(q)
+    cached = layout.torch_tensors(q.device, 1)
+    assert not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in cached.values())
+    leaf = q.clone().requires_grad_(True)
+    out = attention(leaf, k, v, layout, rel_pos_bias=bias, backend="native")
+    expected, = torch.autograd.grad(out.square().sum(), leaf)
+    torch.testing.assert_close(inside, expected, atol=1e-12, rtol=1e-10)
+
+    module = EnhancedSparseAttention(4, 4, num_heads=2, sparsity_pattern="axial", kernel_size=3,
+                                     use_learnable_pos=True).double()
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    grad(lambda p: torch.func.functional_call(module, p, (x,)).sum())(params)
+    for found in module._resize_maps.values():
+        assert not torch._C._functorch.is_functorch_wrapped_tensor(found)
+    module(x).sum().backward()  # reads the maps cached inside the transform
+
+
 def test_native_backend_under_vmap_says_why():
     from torch.func import vmap
 

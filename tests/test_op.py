@@ -438,9 +438,11 @@ def test_torch_path_picks_its_form_by_plan_fill():
         assert form == expected, (pattern, side)
         if form == "strips":
             rows = _torch_impl._STRIP_ELEMENTS // (n * 700)
-            assert [(start, stop) for start, stop, _ in found] == [
+            bounds, tensors, pair_rows = found
+            assert [bound[:2] for bound in bounds] == [
                 (start, min(n, start + rows)) for start in range(0, n, rows)]
-            dense = torch.cat([mask for _, _, mask in found])
+            dense = torch.cat([_torch_impl._strip_mask(bound, pair_rows, tensors["col_idx"], n)
+                               for bound in bounds])
             assert torch.equal(dense, torch.from_numpy(layout.to_dense()))
 
 
