@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .patterns import layout_by_serial, static_int
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -342,18 +344,38 @@ def _plan_fill(layout):
     return layout._built_once("plan_fill", build)
 
 
-@torch.compiler.disable  # host work: one graph break under torch.compile
-def _layout_form(layout, device, max_relative, scores_per_row):
+def _layout_form_host(layout, device, max_relative, scores_per_row):
     """How the PyTorch path computes this layout: ("strips", (strip bounds,
     layout tensors, rows)), ("plan", (passes, buckets)) or ("gather", (layout
-    tensors, rows))."""
-    fill = _plan_fill(layout) if use_tile_plan else None
-    if fill is None:
-        return "gather", _layout_tensors(layout, device, max_relative)
-    if fill >= strip_min_plan_fill:
-        rows = max(1, min(layout.num_tokens, _STRIP_ELEMENTS // max(1, scores_per_row)))
-        return "strips", (_strip_bounds(layout, rows), *_layout_tensors(layout, device, max_relative))
-    return "plan", _planned_layout(layout, device, max_relative)
+    tensors, rows)); cached on the layout."""
+    rows_per_strip = max(1, min(layout.num_tokens, _STRIP_ELEMENTS // max(1, scores_per_row)))
+    # what the choice and its tensors depend on
+    key = ("torch_form", str(torch.device(device)), max_relative, rows_per_strip, use_tile_plan,
+           strip_min_plan_fill)
+
+    def build(layout):
+        fill = _plan_fill(layout) if use_tile_plan else None
+        if fill is None:
+            return "gather", _layout_tensors(layout, device, max_relative)
+        if fill >= strip_min_plan_fill:
+            return "strips", (_strip_bounds(layout, rows_per_strip),
+                              *_layout_tensors(layout, device, max_relative))
+        return "plan", _planned_layout(layout, device, max_relative)
+
+    return layout._built_once(key, build, layout._device_cache)
+
+
+@torch.compiler.assume_constant_result
+def _layout_form_while_tracing(layout_serial, device, max_relative, scores_per_row):
+    """_layout_form_host, run while torch.compile traces: host work kept out
+    of the graph without a graph break; its tensors stay graph inputs."""
+    return _layout_form_host(layout_by_serial(layout_serial), device, max_relative, scores_per_row)
+
+
+def _layout_form(layout, device, max_relative, scores_per_row):
+    if torch.compiler.is_compiling():
+        return _layout_form_while_tracing(layout._serial, device, max_relative, static_int(scores_per_row))
+    return _layout_form_host(layout, device, max_relative, scores_per_row)
 
 
 def sparse_attention_torch(query, key, value, layout, *, scale, rel_pos_bias=None, key_mask=None,

@@ -14,7 +14,7 @@ from . import functional as _functional
 from ._native import C
 from ._torch_impl import sparse_attention_torch
 from .functional import (_check_bias, _check_head_active, _check_key_mask, _validate_common)
-from .patterns import LONG_ROW_THRESHOLD, _tensor_of
+from .patterns import LONG_ROW_THRESHOLD, _tensor_of, layout_by_serial, static_int
 
 _NATIVE_CPU_DTYPES = (torch.float32, torch.float64)
 # taken by the CPU kernels through float32 copies (computed as the CUDA kernels
@@ -279,14 +279,24 @@ def _layout_and_plan_eager(layout, device, dtype, head_dim, max_relative, want_s
     found = layout._device_cache.get(key)  # one dict read: atomic under the GIL
     if found is None:  # built and cached as the layout's device tensors are (inference mode, tracing)
         found = layout._built_once(key, lambda layout: (
-            layout.torch_tensors(device, max_relative),
+            _op_layout_tensors(layout.torch_tensors(device, max_relative)),
             _tile_plan_for(layout, device, dtype, head_dim, want_stats, max_relative)), layout._device_cache)
     return found
 
 
-# under torch.compile the host work is one graph break; eager calls skip the
-# wrapper that makes it one (several microseconds a call)
-_layout_and_plan = torch.compiler.disable(_layout_and_plan_eager)
+def _op_layout_tensors(tensors):
+    """The layout's tensors in the order the op takes them (None where a
+    layout has none): a tuple, which torch.compile reads without guards."""
+    return tuple(tensors.get(name) for name in ("row_ptr", "col_idx", "col_ptr", "row_idx", "bucket_perm",
+                                                "bucket_ptr", "long_rows", "long_cols"))
+
+
+@torch.compiler.assume_constant_result
+def _layout_and_plan_while_tracing(layout_serial, device, dtype, head_dim, max_relative, want_stats):
+    """_layout_and_plan_eager, run while torch.compile traces: host work kept
+    out of the graph without a graph break; its tensors stay graph inputs."""
+    return _layout_and_plan_eager(layout_by_serial(layout_serial), device, dtype, head_dim, max_relative,
+                                  want_stats)
 
 
 def _cuda_extras(device, long_rows, long_cols, backward=False):
@@ -671,16 +681,17 @@ def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropo
         # differentiable casts: the gradients come back in the caller's dtype
         narrow = query.dtype
         query, key, value = query.float(), key.float(), value.float()
-    tensors, plan = (_layout_and_plan if compiling else _layout_and_plan_eager)(
-        layout, device, query.dtype, query.shape[-1], max_relative, want_stats)
+    host_args = (device, query.dtype, static_int(query.shape[-1]), max_relative, want_stats)
+    if torch.compiler.is_compiling():
+        tensors, plan = _layout_and_plan_while_tracing(layout._serial, *host_args)
+    else:
+        tensors, plan = _layout_and_plan_eager(layout, *host_args)
     table = None
     if bias is not None:
         table = bias if bias.dtype == query.dtype else bias.to(query.dtype)
         table = table.contiguous()
     # The transpose and the bias buckets ride along as inputs: only backward reads them.
-    args = (query, key, value, tensors["row_ptr"], tensors["col_idx"], tensors["col_ptr"],
-            tensors["row_idx"], tensors.get("bucket_perm"), tensors.get("bucket_ptr"),
-            tensors.get("long_rows"), tensors.get("long_cols"), layout.height, layout.width, scale,
+    args = (query, key, value, *tensors, layout.height, layout.width, scale,
             table, key_mask, head_active, dropout_p, seed_tensor, want_stats, *plan)
     if compiling:
         out, lse, stats = _forward(*args)

@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _torch_ops
-from .patterns import Layout, SparsityPattern, build_layout, building_cached_tensors, may_cache_tensors
+from .patterns import (Layout, SparsityPattern, build_layout, building_cached_tensors, layout_by_serial,
+                       may_cache_tensors, static_int)
 
 
 @dataclasses.dataclass
@@ -54,6 +55,28 @@ def _positive_int(value, name):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
     return int(value)
+
+
+def _in_degree(layout, device):
+    """Each token's in-degree in the layout as float64 on ``device`` (cached)."""
+    return layout._built_once(
+        ("in_degree", str(device)),
+        lambda layout: torch.from_numpy(np.diff(layout.col_ptr)).to(device, torch.float64),
+        layout._device_cache)
+
+
+# Host work under torch.compile: these run while it traces and their results
+# are constants of the graph (tensors among them stay inputs, read live). As
+# compiler.disable'd functions they were a graph break each, and
+# fullgraph=True failed.
+@torch.compiler.assume_constant_result
+def _in_degree_while_tracing(layout_serial, device):
+    return _in_degree(layout_by_serial(layout_serial), device)
+
+
+@torch.compiler.assume_constant_result
+def _layout_while_tracing(pattern, height, width, knobs):
+    return build_layout(pattern, height, width, **dict(knobs))
 
 
 class EnhancedSparseAttention(nn.Module):
@@ -144,9 +167,9 @@ class EnhancedSparseAttention(nn.Module):
         # per head: rows that attended, allowed pairs, sum of p^2, sum of row entropies
         # on the CPU always (not torch.device("meta") or any default device)
         self._stats_totals = torch.zeros(4, self.num_heads, dtype=torch.float64, device="cpu")
-        self._stats_passes = 0
-        self._stats_pairs = 0.0
-        self._stats_grid_pairs = 0.0
+        # forward passes, allowed pairs, grid pairs (B * N^2): a tensor, not
+        # Python numbers, which torch.compile would guard on (a recompile per step)
+        self._stats_counts = torch.zeros(3, dtype=torch.float64, device="cpu")
 
     def reset_stats(self):
         """Forget the running attention statistics."""
@@ -158,16 +181,18 @@ class EnhancedSparseAttention(nn.Module):
             self.importance_steps += 1
         return grad
 
-    @torch.compiler.disable
     def _record_stats(self, row_stats, layout: Layout, key_mask, head_active):
         # row_stats: [B, heads, N, 2] = (sum_j p_ij^2, entropy of row i), from the
         # kernel's own pass; only these O(B * heads * N) numbers are reduced here.
+        # torch.compile traces it (a graph break here kept fullgraph=True from
+        # compiling the module); the checks it cannot trace are eager-only.
         if row_stats.device.type == "meta":
             return  # a pass that computes shapes only has no statistics to count
-        if torch._C._are_functorch_transforms_active():
-            return  # torch.func transforms refuse side effects on captured tensors
-        if torch._C._current_graph_task_id() != -1:
-            return  # a forward rerun inside backward (activation checkpointing) counted when it ran first
+        if not torch.compiler.is_compiling():
+            if torch._C._are_functorch_transforms_active():
+                return  # torch.func transforms refuse side effects on captured tensors
+            if torch._C._current_graph_task_id() != -1:
+                return  # a forward rerun inside backward (activation checkpointing) counted when it ran first
         # The totals stay on the device of the statistics: reading them back
         # here would make every training step wait for the GPU.
         device = row_stats.device
@@ -176,22 +201,23 @@ class EnhancedSparseAttention(nn.Module):
             if key_mask is None:
                 pairs = float(layout.nnz) * batch
             else:
-                in_degree = layout._built_once(
-                    ("in_degree", str(device)),
-                    lambda layout: torch.from_numpy(np.diff(layout.col_ptr)).to(device, torch.float64),
-                    layout._device_cache)
+                if torch.compiler.is_compiling():
+                    in_degree = _in_degree_while_tracing(layout._serial, device)
+                else:
+                    in_degree = _in_degree(layout, device)
                 pairs = (key_mask.to(device, torch.float64) * in_degree).sum()
             per_row = row_stats.double().sum(0)  # [heads, N, 2]
             rows = (row_stats[..., 0] > 0).double().sum((0, 2))  # rows that attended
             heads_on = torch.ones(self.num_heads, dtype=torch.float64, device=device) if head_active is None \
                 else head_active.to(device, torch.float64)
             totals = torch.stack([rows, heads_on * pairs, per_row[..., 0].sum(-1), per_row[..., 1].sum(-1)])
+            one = torch.ones((), dtype=torch.float64, device=device)
+            counts = torch.stack([one, one * pairs, one * (batch * float(layout.num_tokens) ** 2)])
             if self._stats_totals.device != device:
                 self._stats_totals = self._stats_totals.to(device)
+                self._stats_counts = self._stats_counts.to(device)
             self._stats_totals += totals
-            self._stats_passes += 1
-            self._stats_pairs = self._stats_pairs + pairs  # a float, or a tensor with a key mask
-            self._stats_grid_pairs += batch * float(layout.num_tokens) ** 2
+            self._stats_counts += counts
 
     def get_attention_stats(self) -> AttentionStats:
         """Statistics over the forward passes since construction or reset_stats()."""
@@ -199,6 +225,7 @@ class EnhancedSparseAttention(nn.Module):
             raise RuntimeError("get_attention_stats: the module's parameters are on the meta device "
                                "and hold no values; move it with to_empty() and load weights first")
         rows, pairs, sum_p2, entropy = self._stats_totals.cpu()
+        passes, layout_pairs, grid_pairs = self._stats_counts.cpu().tolist()
         sum_p = rows  # a row's weights sum to 1
         safe_pairs = pairs.clamp_min(1)
         mean = sum_p / safe_pairs
@@ -207,15 +234,15 @@ class EnhancedSparseAttention(nn.Module):
         total_pairs = pairs.sum().clamp_min(1)
         overall_mean = (sum_p.sum() / total_pairs).item()
         overall_var = max((sum_p2.sum() / total_pairs).item() - overall_mean ** 2, 0.0)
-        density = float(self._stats_pairs) / self._stats_grid_pairs if self._stats_grid_pairs else 0.0
+        density = layout_pairs / grid_pairs if grid_pairs else 0.0
         return AttentionStats(
             mean=overall_mean, std=math.sqrt(overall_var),
-            sparsity=1.0 - density if self._stats_passes else 0.0,
+            sparsity=1.0 - density if passes else 0.0,
             entropy=(entropy.sum() / rows.sum().clamp_min(1)).item(),
             pattern_type=self.sparsity_pattern.name,
             head_importance=self.head_importance.detach().cpu().tolist(),
             mean_per_head=mean.tolist(), std_per_head=var.sqrt().tolist(),
-            entropy_per_head=ent.tolist(), num_forward_passes=self._stats_passes, density=density)
+            entropy_per_head=ent.tolist(), num_forward_passes=int(passes), density=density)
 
     # -- heads ---------------------------------------------------------------
 
@@ -256,9 +283,13 @@ class EnhancedSparseAttention(nn.Module):
 
     # -- forward -------------------------------------------------------------
 
-    @torch.compiler.disable
     def layout_for(self, height: int, width: int) -> Layout:
         """The (cached) layout of this module's pattern for an H x W map."""
+        if torch.compiler.is_compiling():
+            # worked out while torch.compile traces (a constant of the graph,
+            # guarded by the map's size): no graph break
+            return _layout_while_tracing(self.sparsity_pattern, static_int(height), static_int(width),
+                                         tuple(self.layout_knobs.items()))
         layout = self._layouts.get((height, width))
         if layout is None:  # build_layout validates every knob; do that once per size
             layout = build_layout(self.sparsity_pattern, height, width, **self.layout_knobs)
@@ -316,6 +347,8 @@ class EnhancedSparseAttention(nn.Module):
         """[size_out, size_in]: F.interpolate's linear weights along one axis."""
         key = (size_in, size_out, dtype, device)
         found = self._resize_maps.get(key)
+        if found is None and torch.compiler.is_compiling():
+            return self._build_resize_map(size_in, size_out, dtype, device)  # ops of the graph
         if found is None:
             with building_cached_tensors():  # cached: a later training step saves it
                 found = self._build_resize_map(size_in, size_out, dtype, device)

@@ -33,8 +33,10 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import itertools
 import threading
 import warnings
+import weakref
 
 import numpy as np
 
@@ -42,12 +44,13 @@ from ._native import C
 
 
 def tracing_with_fake_tensors() -> bool:
-    """Whether torch.export or a tracer is running this code with fake tensors
-    (shapes without data), whose tensors must not land in a cache that later
-    eager calls read."""
-    from torch._guards import detect_fake_mode
+    """Whether tensors made here would be fake (shapes without data), as while
+    torch.export traces: such tensors must not land in a cache that later
+    eager calls read. (torch.compile runs our host work on real tensors.)"""
+    import torch
+    from torch._subclasses.fake_tensor import is_fake
 
-    return detect_fake_mode() is not None
+    return is_fake(torch.empty(()))
 
 
 @contextlib.contextmanager
@@ -62,6 +65,15 @@ def building_cached_tensors():
     no_transforms = getattr(torch._C, "_DisableFuncTorch", None)
     with torch.inference_mode(False), (no_transforms() if no_transforms else contextlib.nullcontext()):
         yield
+
+
+def static_int(value) -> int:
+    """``value`` as a plain int; under torch.compile with dynamic shapes, one
+    the graph specialises on (a guard per value, a recompile per new value).
+    Layouts and tile plans are host structures per size: a symbolic size
+    cannot pick one. (int() keeps a symbolic int symbolic; range() needs a
+    concrete length.)"""
+    return len(range(value))
 
 
 def may_cache_tensors() -> bool:
@@ -140,6 +152,18 @@ def _as_int(value, name):
     return int(value)
 
 
+_LAYOUT_SERIALS = itertools.count()
+_LAYOUTS_BY_SERIAL: "weakref.WeakValueDictionary[int, Layout]" = weakref.WeakValueDictionary()
+
+
+def layout_by_serial(serial: int) -> "Layout":
+    """The live layout whose ``_serial`` is ``serial``. Functions that
+    torch.compile runs while it traces (torch.compiler.assume_constant_result)
+    take the layout's serial: handed the object itself, torch 2.13 fails to
+    guard on it where it came out of another such function."""
+    return _LAYOUTS_BY_SERIAL[serial]
+
+
 class Layout:
     """An immutable sparsity layout over an H x W grid (CSR plus transpose).
 
@@ -171,6 +195,11 @@ class Layout:
         self._reset_caches()
 
     def _reset_caches(self):
+        # a number that names this layout to host work run while torch.compile
+        # traces (an int crosses into it where the object cannot: see
+        # layout_by_serial)
+        self._serial = next(_LAYOUT_SERIALS)
+        _LAYOUTS_BY_SERIAL[self._serial] = self
         self._lock = threading.Lock()
         self._device_cache = {}
         self._buckets = {}
