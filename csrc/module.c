@@ -17,6 +17,8 @@
 #include "attention.h"
 #include "attention_cpu_window.h"
 #include "dlpack_bridge.h"
+#include "dropout_hash.h"
+#include "dropout_mask.h"
 #include "host_pool.h"
 #include "layout.h"
 #include "tile_plan.h"
@@ -891,6 +893,73 @@ fail:
     return NULL;
 }
 
+static char *dropout_mask_kwlist[] = {"seed", "dropout_p", "rows", "cols", "keep", NULL};
+
+static PyObject *dropout_mask(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    PyObject *seed_obj, *rows_obj, *cols_obj, *keep_obj;
+    double dropout_p;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OdOOO", dropout_mask_kwlist, &seed_obj, &dropout_p,
+                                     &rows_obj, &cols_obj, &keep_obj))
+        return NULL;
+    if (!PyLong_Check(seed_obj)) {
+        PyErr_Format(PyExc_TypeError, "seed: expected an int, got %s", Py_TYPE(seed_obj)->tp_name);
+        return NULL;
+    }
+    unsigned long long seed = PyLong_AsUnsignedLongLong(seed_obj);
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_ValueError, "seed: expected an integer in [0, 2**64)");
+        return NULL;
+    }
+    if (!(dropout_p >= 0.0 && dropout_p < 1.0)) {
+        PyErr_Format(PyExc_ValueError, "dropout_p: expected a probability in [0, 1), got %g", dropout_p);
+        return NULL;
+    }
+    view_set set = {.count = 0, .stream = -1};
+    sa_view *rows = take(&set, rows_obj, "rows", 0);
+    sa_view *cols = rows ? take(&set, cols_obj, "cols", 0) : NULL;
+    sa_view *keep = cols ? take(&set, keep_obj, "keep", 1) : NULL;
+    if (!keep) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "rows, cols and keep: expected tensors, got None");
+        goto fail;
+    }
+    if (rows->device.device_type != kDLCPU) {
+        PyErr_SetString(PyExc_ValueError, "rows: expected a CPU tensor (the mask is drawn on the CPU)");
+        goto fail;
+    }
+    int64_t any1[1] = {-1};
+    if (check_buffer(rows, rows, SA_DT_I64, any1, 1) < 0 || check_buffer(cols, rows, SA_DT_I64, any1, 1) < 0)
+        goto fail;
+    int outer = keep->ndim == 4;
+    int64_t shape[4] = {-1, -1, rows->shape[0], cols->shape[0]};
+    if (!outer && rows->shape[0] != cols->shape[0]) {
+        PyErr_Format(PyExc_ValueError,
+                     "cols: expected %lld entries (as rows) for a [batch, heads, pairs] mask, got %lld",
+                     (long long)rows->shape[0], (long long)cols->shape[0]);
+        goto fail;
+    }
+    if (check_buffer(keep, rows, SA_DT_BOOL, shape, outer ? 4 : 3) < 0) goto fail;
+    sa_dropout_mask_params p = {(uint64_t)seed, sa_dropout_threshold(dropout_p), keep->shape[0],
+                                keep->shape[1], (const int64_t *)rows->data, (const int64_t *)cols->data,
+                                rows->shape[0], cols->shape[0], outer, (uint8_t *)keep->data};
+    char err[ERR_LEN] = "";
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = sa_cpu_dropout_mask(&p, sa_cpu_get_num_threads(), err, sizeof(err));
+    Py_END_ALLOW_THREADS
+    if (status != 0) {
+        PyErr_SetString(PyExc_RuntimeError, err);
+        goto fail;
+    }
+    release_all(&set);
+    Py_RETURN_NONE;
+fail:
+    release_all(&set);
+    return NULL;
+}
+
 static PyObject *new_array(int64_t length, int typenum)
 {
     npy_intp dims[1] = {(npy_intp)length};
@@ -1333,6 +1402,8 @@ static PyMethodDef module_methods[] = {
      METH_VARARGS | METH_KEYWORDS, "Backward kernel; writes grad_query, grad_key, grad_value in place."},
     {"bias_grad", (PyCFunction)(void (*)(void))bias_grad, METH_VARARGS | METH_KEYWORDS,
      "Reduces per-pair score gradients into the relative position bias gradient."},
+    {"dropout_mask", (PyCFunction)(void (*)(void))dropout_mask, METH_VARARGS | METH_KEYWORDS,
+     "Writes the dropout generator's keep mask for (rows[e], cols[e]) or every (rows[i], cols[j])."},
     {"build_layout", (PyCFunction)(void (*)(void))build_layout, METH_VARARGS | METH_KEYWORDS,
      "Builds a layout; returns (row_ptr, col_idx, col_ptr, row_idx) NumPy arrays."},
     {"plan_union_sizes", (PyCFunction)(void (*)(void))plan_union_sizes, METH_VARARGS | METH_KEYWORDS,

@@ -42,12 +42,8 @@ def _mix32_int(x: int) -> int:
     return x ^ (x >> 16)
 
 
-def dropout_keep_mask(seed, batch: int, heads: int, rows: torch.Tensor, cols: torch.Tensor,
-                      dropout_p: float) -> torch.Tensor:
-    """Boolean [batch, heads, nnz]: True where pair (rows[e], cols[e]) survives
-    dropout; ``seed`` an int or a one-element int64 tensor."""
-    threshold = min(int(dropout_p * 4294967296.0), 4294967295)
-    device = rows.device
+def _row_keys(seed, batch: int, heads: int, device) -> torch.Tensor:
+    """int64 [batch, heads]: sa_dropout_row_key of csrc/dropout_hash.h."""
     if isinstance(seed, torch.Tensor):
         # the same keys from a seed tensor: traced and compiled graphs then
         # draw a new mask per call instead of keeping the traced seed's
@@ -55,19 +51,51 @@ def dropout_keep_mask(seed, batch: int, heads: int, rows: torch.Tensor, cols: to
         x = mix32((seed & _MASK32) ^ 0x9E3779B9)
         x = mix32(x ^ ((seed >> 32) & _MASK32))
         x = mix32(x ^ torch.arange(batch, dtype=torch.int64, device=device).view(batch, 1))
-        keys = mix32(x ^ torch.arange(heads, dtype=torch.int64, device=device).view(1, heads))
-        keys = keys.view(batch, heads, 1)
-    else:
-        row_keys = []
-        for b in range(batch):
-            for h in range(heads):
-                x = _mix32_int((seed & _MASK32) ^ 0x9E3779B9)
-                x = _mix32_int(x ^ ((seed >> 32) & _MASK32))
-                x = _mix32_int(x ^ (b & _MASK32))
-                row_keys.append(_mix32_int(x ^ (h & _MASK32)))
-        keys = torch.tensor(row_keys, dtype=torch.int64, device=device).view(batch, heads, 1)
+        return mix32(x ^ torch.arange(heads, dtype=torch.int64, device=device).view(1, heads))
+    row_keys = []
+    for b in range(batch):
+        for h in range(heads):
+            x = _mix32_int((seed & _MASK32) ^ 0x9E3779B9)
+            x = _mix32_int(x ^ ((seed >> 32) & _MASK32))
+            x = _mix32_int(x ^ (b & _MASK32))
+            row_keys.append(_mix32_int(x ^ (h & _MASK32)))
+    return torch.tensor(row_keys, dtype=torch.int64, device=device).view(batch, heads)
+
+
+def dropout_keep_mask_torch(seed, batch: int, heads: int, rows: torch.Tensor, cols: torch.Tensor,
+                            dropout_p: float) -> torch.Tensor:
+    """Boolean [batch, heads, *shape]: True where pair (rows, cols) survives
+    dropout, for ``rows`` and ``cols`` broadcast to ``shape``; ``seed`` an int
+    or a one-element int64 tensor. Plain tensor arithmetic (any device, any
+    tracer), about 65 ns a pair on two CPU cores where rows and cols are
+    outer (the query keys hashed once per row)."""
+    threshold = min(int(dropout_p * 4294967296.0), 4294967295)
+    ndim = max(rows.dim(), cols.dim())
+    keys = _row_keys(seed, batch, heads, rows.device).view(batch, heads, *([1] * ndim))
     query_keys = mix32(keys ^ (rows.to(torch.int64) & _MASK32))
     return mix32(query_keys ^ (cols.to(torch.int64) & _MASK32)) >= threshold
+
+
+def dropout_keep_mask(seed, batch: int, heads: int, rows: torch.Tensor, cols: torch.Tensor,
+                      dropout_p: float) -> torch.Tensor:
+    """dropout_keep_mask_torch's mask; on the CPU with an integer seed (eager
+    calls) drawn by the extension's C loop, about 100 times faster."""
+    if (not isinstance(seed, int) or rows.device.type != "cpu" or cols.device.type != "cpu"
+            or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
+        return dropout_keep_mask_torch(seed, batch, heads, rows, cols, dropout_p)
+    from ._native import C
+
+    shape = torch.broadcast_shapes(rows.shape, cols.shape)
+    if rows.dim() == 2 and cols.dim() == 2 and rows.shape[1] == 1 and cols.shape[0] == 1:
+        # every (row, col): the C loop hashes a row's key once
+        keep = torch.empty(batch, heads, *shape, dtype=torch.bool)
+        C.dropout_mask(seed, dropout_p, rows.reshape(-1).to(torch.int64).contiguous(),
+                       cols.reshape(-1).to(torch.int64).contiguous(), keep)
+        return keep
+    keep = torch.empty(batch, heads, shape.numel(), dtype=torch.bool)
+    C.dropout_mask(seed, dropout_p, rows.expand(shape).reshape(-1).to(torch.int64).contiguous(),
+                   cols.expand(shape).reshape(-1).to(torch.int64).contiguous(), keep)
+    return keep.view(batch, heads, *shape)
 
 
 @torch.compiler.disable
@@ -213,10 +241,9 @@ def _attention_in_strips(q, k, v, strips, scale, table, key_mask, head_active, d
         lse = torch.where(empty, float("-inf"), lse)
         mixed = probs
         if dropout_p > 0:
-            rows = all_tokens[start:stop, None].expand(stop - start, num_tokens).reshape(-1)
-            cols = all_tokens[None].expand(stop - start, num_tokens).reshape(-1)
-            keep = dropout_keep_mask(dropout_seed, batch, heads, rows, cols, dropout_p)
-            mixed = torch.where(keep.view(batch, heads, stop - start, num_tokens), probs, zero)
+            keep = dropout_keep_mask(dropout_seed, batch, heads, all_tokens[start:stop, None],
+                                     all_tokens[None], dropout_p)  # [B, H, R, N]
+            mixed = torch.where(keep, probs, zero)
         out = torch.matmul(mixed, v)
         if dropout_p > 0:
             out = out / (1.0 - dropout_p)
@@ -283,10 +310,9 @@ def _attention_over_plan(q, k, v, passes, buckets, scale, table, key_mask, head_
         lse = torch.where(row_max == float("inf"), torch.full_like(lse, float("nan")), lse)
         mixed = probs
         if dropout_p > 0:
-            rows = chunk_queries.clamp_min(0)[:, :, None].expand(chunks, 64, 64).reshape(-1)
-            cols = keys.clamp_min(0)[:, None, :].expand(chunks, 64, 64).reshape(-1)
-            keep = dropout_keep_mask(dropout_seed, batch, heads, rows, cols, dropout_p)
-            mixed = torch.where(keep.view(batch, heads, chunks, 64, 64), probs / (1.0 - dropout_p),
+            keep = dropout_keep_mask(dropout_seed, batch, heads, chunk_queries.clamp_min(0)[:, :, None],
+                                     keys.clamp_min(0)[:, None, :], dropout_p)  # [B, H, C, 64, 64]
+            mixed = torch.where(keep, probs / (1.0 - dropout_p),
                                 torch.zeros((), dtype=dtype, device=device))
         tile_out = torch.zeros(batch, heads, tiles, 64, dim, dtype=dtype, device=device)
         tile_out = tile_out.index_add(2, chunk_tile, torch.matmul(mixed, vc))

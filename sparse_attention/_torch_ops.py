@@ -651,6 +651,10 @@ def attention(query, key, value, layout, scale, bias, key_mask, dropout_p, dropo
     if dropout_p > 0 and dropout_seed is None:
         # a tensor, so that torch.compile keeps it in the graph (no .item() here)
         seed_tensor = torch.randint(0, 2**62, (1,), dtype=torch.int64, device="cpu")
+        if not compiling and not torch._C._are_functorch_transforms_active():
+            # eager: the host integer (a CPU tensor, no device sync), which the
+            # PyTorch path's C mask loop takes and its tensor arithmetic does not need
+            seed_tensor = int(seed_tensor)
     else:
         seed = int(dropout_seed or 0)
         if not 0 <= seed < 2**63:

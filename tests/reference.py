@@ -5,7 +5,7 @@ and the definitions of DESIGN.md. Only for tests."""
 
 import torch
 
-from sparse_attention._torch_impl import dropout_keep_mask
+from sparse_attention._torch_impl import dropout_keep_mask_torch
 
 
 def random_inputs(batch, heads, n, dim, seed=0, bias_side=7):
@@ -47,9 +47,9 @@ def reference_attention(q, k, v, layout, *, scale=None, bias=None, key_mask=None
     probs = torch.where(allowed, probs, torch.zeros_like(probs))
     mixed = probs
     if dropout_p > 0:
-        rows = torch.arange(n).repeat_interleave(n)
-        cols = torch.arange(n).repeat(n)
-        keep = dropout_keep_mask(dropout_seed, batch, heads, rows, cols, dropout_p).view(batch, heads, n, n)
+        # the generator in tensor arithmetic, not the extension's C loop
+        keep = dropout_keep_mask_torch(dropout_seed, batch, heads, torch.arange(n)[:, None],
+                                       torch.arange(n)[None], dropout_p)  # [B, H, n, n]
         mixed = torch.where(keep, probs / (1 - dropout_p), torch.zeros_like(probs))
     return mixed @ v, lse, probs
 

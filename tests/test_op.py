@@ -447,6 +447,56 @@ def test_torch_path_picks_its_form_by_plan_fill():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7, 2**32 - 1, 2**32 + 5, 2**62 + 12345, 2**63 - 1])
+@pytest.mark.parametrize("dropout_p", [1e-9, 0.1, 0.5, 0.999, 1 - 2**-40])
+def test_dropout_mask_c_loop_equals_tensor_arithmetic(seed, dropout_p):
+    """The extension's C loop (eager CPU calls) draws the mask of the tensor
+    arithmetic (every other device, tracers, the reference), for pairs, every
+    (row, col), and the tile plan's broadcast chunks."""
+    from sparse_attention._torch_impl import dropout_keep_mask, dropout_keep_mask_torch
+
+    gen = torch.Generator().manual_seed(seed % 1000)
+    rows = torch.randint(0, 5000, (333,), generator=gen)
+    cols = torch.randint(0, 5000, (333,), generator=gen)
+    shapes = [(rows, cols), (rows[:37, None], cols[None]), (rows[:1, None], cols[None, :1]),
+              (rows[:30].view(3, 10, 1), cols[:30].view(3, 1, 10)), (rows[:0], cols[:0])]
+    for r, c in shapes:
+        got = dropout_keep_mask(seed, 3, 2, r, c, dropout_p)
+        expected = dropout_keep_mask_torch(seed, 3, 2, r, c, dropout_p)
+        assert got.dtype == torch.bool and got.shape == expected.shape
+        assert torch.equal(got, expected), (r.shape, c.shape)
+
+
+def test_dropout_mask_c_entry_point_rejects_bad_arguments():
+    from sparse_attention._native import C
+
+    rows, cols = torch.arange(4), torch.arange(4)
+    keep = torch.empty(1, 2, 4, dtype=torch.bool)
+    C.dropout_mask(3, 0.5, rows, cols, keep)
+    with pytest.raises(ValueError, match="seed"):
+        C.dropout_mask(-1, 0.5, rows, cols, keep)
+    with pytest.raises(TypeError, match="seed: expected an int"):
+        C.dropout_mask(1.5, 0.5, rows, cols, keep)
+    with pytest.raises(ValueError, match="dropout_p"):
+        C.dropout_mask(3, 1.0, rows, cols, keep)
+    with pytest.raises(ValueError, match="dropout_p"):
+        C.dropout_mask(3, float("nan"), rows, cols, keep)
+    with pytest.raises(TypeError, match="rows"):
+        C.dropout_mask(3, 0.5, rows.int(), cols, keep)
+    with pytest.raises(ValueError, match="cols: expected 4 entries"):
+        C.dropout_mask(3, 0.5, rows, torch.arange(5), keep)
+    with pytest.raises(TypeError, match="keep"):
+        C.dropout_mask(3, 0.5, rows, cols, torch.empty(1, 2, 4))
+    with pytest.raises(ValueError, match="keep: expected shape"):
+        C.dropout_mask(3, 0.5, rows, cols, torch.empty(1, 2, 4, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="keep"):
+        C.dropout_mask(3, 0.5, rows, cols, torch.empty(1, 4, 2, dtype=torch.bool).transpose(1, 2))
+    with pytest.raises(ValueError, match="rows"):
+        C.dropout_mask(3, 0.5, torch.arange(8)[::2], cols, keep)
+    with pytest.raises(TypeError):
+        C.dropout_mask(3, 0.5, None, cols, keep)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7, 2**32 - 1, 2**32 + 5, 2**62 + 12345, 2**63 - 1])
 def test_dropout_mask_from_a_seed_tensor_equals_the_integer_seeds(seed):
     from sparse_attention._torch_impl import dropout_keep_mask
 
