@@ -188,6 +188,13 @@ def _strip_mask(bound, rows, cols, num_tokens):
     return mask.index_fill(0, slots, 1).view(stop - start, num_tokens)  # 1, not True: jit.trace
 
 
+# Whether training calls recompute each strip's scores in backward
+# (torch.utils.checkpoint) instead of keeping them: the strips' saved
+# probabilities are B x heads x N^2 floats, an N x N matrix per head. Tests
+# flip it; torch.func transforms, tracers and torch.compile keep the scores.
+strip_recompute = True
+
+
 def _attention_in_strips(q, k, v, strips, scale, table, key_mask, head_active, dropout_p,
                          dropout_seed, want_stats):
     """The op as strips of query rows against all keys, masked to the layout:
@@ -196,69 +203,92 @@ def _attention_in_strips(q, k, v, strips, scale, table, key_mask, head_active, d
     one strip at a time. Same results as the other forms; returns (out, lse,
     stats)."""
     batch, heads, num_tokens, dim = q.shape
-    device, dtype = q.device, q.dtype
-    zero = torch.zeros((), dtype=dtype, device=device)
-    lowest = torch.finfo(dtype).min
     usable = None
     if key_mask is not None:
         usable = key_mask.to(torch.bool).view(batch, 1, 1, num_tokens)
     heads_on = None
     if head_active is not None:
-        heads_on = head_active.to(device=device, dtype=torch.bool).view(1, heads, 1, 1)
+        heads_on = head_active.to(device=q.device, dtype=torch.bool).view(1, heads, 1, 1)
     bounds, tensors, pair_rows = strips
-    pair_cols = tensors["col_idx"]
-    all_tokens = torch.arange(num_tokens, device=device)
+    context = dict(tensors=tensors, pair_rows=pair_rows, scale=scale, usable=usable, heads_on=heads_on,
+                   dropout_p=dropout_p, dropout_seed=dropout_seed, want_stats=want_stats)
+    recompute = (strip_recompute and torch.is_grad_enabled()
+                 and any(x is not None and x.requires_grad for x in (q, k, v, table))
+                 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+                 and not torch._C._are_functorch_transforms_active())
     outs, lses, stats = [], [], []
     for bound in bounds:
-        start, stop = bound[0], bound[1]
-        scores = torch.matmul(q[:, :, start:stop], k.transpose(-1, -2)) * scale  # [B, H, R, N]
-        if table is not None:
-            # each pair's bucket (Layout.bias_buckets) at its slot; the slots
-            # outside the layout read bucket 0 and are masked below
-            slots = _strip_pair_slots(bound, pair_rows, pair_cols, num_tokens)
-            bucket_map = torch.zeros((stop - start) * num_tokens, dtype=torch.int64, device=device)
-            bucket_map = bucket_map.index_copy(0, slots, tensors["bucket"][bound[2]:bound[3]].long())
-            bias = table.reshape(heads, -1)[:, bucket_map].view(heads, stop - start, num_tokens)
-            scores = scores + bias.unsqueeze(0)
-        pairs = _strip_mask(bound, pair_rows, pair_cols, num_tokens)
-        allowed = pairs.view(1, 1, stop - start, num_tokens)
-        if usable is not None:
-            allowed = allowed & usable
-        if heads_on is not None:
-            allowed = allowed & heads_on
-        # Pairs outside the layout take the lowest finite score, not -inf: a
-        # row without pairs then gets a finite (uniform) softmax, zeroed
-        # below, instead of NaNs that its backward would spread through
-        # torch.softmax, whose fused kernel is several times faster than an
-        # exp pass here. The where also keeps a NaN key from rows that do not
-        # attend it, as the kernels do.
-        scores = torch.where(allowed, scores, lowest)
-        row_max = scores.detach().amax(-1)  # NaN and +inf pass on
-        empty = row_max <= lowest  # no pair, or only pairs scoring -inf
-        probs = torch.softmax(scores, -1)
-        # lse = max - log(the max's probability): no second pass of exp
-        lse = row_max - torch.log(probs.detach().amax(-1))
-        lse = torch.where(empty, float("-inf"), lse)
-        mixed = probs
-        if dropout_p > 0:
-            keep = dropout_keep_mask(dropout_seed, batch, heads, all_tokens[start:stop, None],
-                                     all_tokens[None], dropout_p)  # [B, H, R, N]
-            mixed = torch.where(keep, probs, zero)
-        out = torch.matmul(mixed, v)
-        if dropout_p > 0:
-            out = out / (1.0 - dropout_p)
-        outs.append(torch.where(empty.unsqueeze(-1), zero, out))
+        args = (q[:, :, bound[0]:bound[1]], k, v, table, bound)
+        if recompute:
+            from torch.utils.checkpoint import checkpoint
+
+            out, lse, row_stats = checkpoint(_one_strip, *args, use_reentrant=False, **context)
+        else:
+            out, lse, row_stats = _one_strip(*args, **context)
+        outs.append(out)
         lses.append(lse)
-        if want_stats:
-            with torch.no_grad():
-                p = probs.detach()
-                log_p = scores - torch.where(empty, zero, lse).unsqueeze(-1)
-                plogp = torch.where(p > 0, p * log_p, zero)
-                row_stats = torch.stack([(p * p).sum(-1), -plogp.sum(-1)], dim=-1)
-                row_stats = torch.where(empty.unsqueeze(-1), zero, row_stats)
-                stats.append(torch.where(torch.isnan(lse).unsqueeze(-1), float("nan"), row_stats))
+        stats.append(row_stats)
     return (torch.cat(outs, dim=2), torch.cat(lses, dim=2),
             torch.cat(stats, dim=2) if want_stats else None)
+
+
+def _one_strip(q_rows, k, v, table, bound, *, tensors, pair_rows, scale, usable, heads_on, dropout_p,
+               dropout_seed, want_stats):
+    """One strip of _attention_in_strips: rows [bound[0], bound[1]) of the
+    output, log-sum-exp and statistics (None without)."""
+    batch, heads, rows, _ = q_rows.shape
+    num_tokens = k.shape[2]
+    device, dtype = q_rows.device, q_rows.dtype
+    start, stop = bound[0], bound[1]
+    zero = torch.zeros((), dtype=dtype, device=device)
+    lowest = torch.finfo(dtype).min
+    scores = torch.matmul(q_rows, k.transpose(-1, -2)) * scale  # [B, H, R, N]
+    if table is not None:
+        # each pair's bucket (Layout.bias_buckets) at its slot; the slots
+        # outside the layout read bucket 0 and are masked below
+        slots = _strip_pair_slots(bound, pair_rows, tensors["col_idx"], num_tokens)
+        bucket_map = torch.zeros(rows * num_tokens, dtype=torch.int64, device=device)
+        bucket_map = bucket_map.index_copy(0, slots, tensors["bucket"][bound[2]:bound[3]].long())
+        bias = table.reshape(heads, -1)[:, bucket_map].view(heads, rows, num_tokens)
+        scores = scores + bias.unsqueeze(0)
+    allowed = _strip_mask(bound, pair_rows, tensors["col_idx"], num_tokens).view(1, 1, rows, num_tokens)
+    if usable is not None:
+        allowed = allowed & usable
+    if heads_on is not None:
+        allowed = allowed & heads_on
+    # Pairs outside the layout take the lowest finite score, not -inf: a row
+    # without pairs then gets a finite (uniform) softmax, zeroed below,
+    # instead of NaNs that its backward would spread through torch.softmax,
+    # whose fused kernel is several times faster than an exp pass here. The
+    # where also keeps a NaN key from rows that do not attend it, as the
+    # kernels do.
+    scores = torch.where(allowed, scores, lowest)
+    row_max = scores.detach().amax(-1)  # NaN and +inf pass on
+    empty = row_max <= lowest  # no pair, or only pairs scoring -inf
+    probs = torch.softmax(scores, -1)
+    # lse = max - log(the max's probability): no second pass of exp
+    lse = row_max - torch.log(probs.detach().amax(-1))
+    lse = torch.where(empty, float("-inf"), lse)
+    mixed = probs
+    if dropout_p > 0:
+        tokens = torch.arange(num_tokens, device=device)
+        keep = dropout_keep_mask(dropout_seed, batch, heads, tokens[start:stop, None], tokens[None],
+                                 dropout_p)  # [B, H, R, N]
+        mixed = torch.where(keep, probs, zero)
+    out = torch.matmul(mixed, v)
+    if dropout_p > 0:
+        out = out / (1.0 - dropout_p)
+    out = torch.where(empty.unsqueeze(-1), zero, out)
+    row_stats = None
+    if want_stats:
+        with torch.no_grad():
+            p = probs.detach()
+            log_p = scores.detach() - torch.where(empty, zero, lse.detach()).unsqueeze(-1)
+            plogp = torch.where(p > 0, p * log_p, zero)
+            row_stats = torch.stack([(p * p).sum(-1), -plogp.sum(-1)], dim=-1)
+            row_stats = torch.where(empty.unsqueeze(-1), zero, row_stats)
+            row_stats = torch.where(torch.isnan(lse).unsqueeze(-1), float("nan"), row_stats)
+    return out, lse, row_stats
 
 
 def _planned_layout(layout, device, max_relative=None):

@@ -405,6 +405,43 @@ def test_torch_path_over_the_plan_matches_its_gather_form(pattern, size, monkeyp
                                        msg=f"{form} {name}")
 
 
+@pytest.mark.parametrize("extras", [False, True])
+def test_torch_path_strips_recompute_instead_of_keeping_scores(extras, monkeypatch):
+    """Training calls of the strips form keep q, k, v and the strips' small
+    outputs for backward, not their B x heads x rows x N scores (recomputed
+    in backward): a fraction of B x heads x N^2 floats saved, and the same
+    output and gradients, bit for bit, as keeping them."""
+    from sparse_attention import _torch_impl
+
+    layout = build_layout("random", 16, 16, attention_ratio=0.5, seed=3)
+    n = layout.num_tokens
+    q, k, v, bias = make_inputs(2, 3, n, 8, torch.float32, seed=2, bias_side=5)
+    args = {}
+    if extras:
+        key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(4)) > 0.2
+        args = dict(rel_pos_bias=bias, key_mask=key_mask, dropout_p=0.2, dropout_seed=9, return_stats=True)
+    monkeypatch.setattr(_torch_impl, "_STRIP_ELEMENTS", 2 * 3 * n * 32)  # strips of 32 rows
+    results = []
+    for recompute in (True, False):
+        monkeypatch.setattr(_torch_impl, "strip_recompute", recompute)
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        saved = {}
+
+        def keep(t):  # memory held, whatever the views: per storage
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            found = attention(*leaves, layout, backend="torch", **args)
+        out = found[0] if extras else found
+        grads = torch.autograd.grad(out.square().sum(), leaves)
+        results.append((sum(saved.values()), [out, *grads] + ([found[1]] if extras else [])))
+    scores_bytes = 2 * 3 * n * n * 4
+    assert results[0][0] < scores_bytes / 4 <= scores_bytes <= results[1][0]
+    for got, expected in zip(results[0][1], results[1][1]):
+        assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_meta_tensors_give_shapes(pattern):
     """Meta tensors (model summaries, deferred initialisation) get outputs and
