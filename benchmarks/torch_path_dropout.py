@@ -12,7 +12,7 @@ process's peak resident memory over where it stood after a warm-up call
 reused) and, in training, the bytes autograd keeps for backward (exact, per
 storage). Run it once per process: the peak only grows.
 ``keep``: the strips form keeps its scores for backward instead of
-recomputing them (``_torch_impl.strip_recompute = False``)."""
+recomputing them (``_torch_impl.recompute_in_backward = False``)."""
 
 import gc
 import os
@@ -32,7 +32,7 @@ def main():
     if len(sys.argv) not in (4, 5) or sys.argv[3] not in ("infer", "train") or sys.argv[4:] not in ([], ["keep"]):
         sys.exit(__doc__)
     pattern, side, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    _torch_impl.strip_recompute = sys.argv[4:] != ["keep"]
+    _torch_impl.recompute_in_backward = sys.argv[4:] != ["keep"]
     layout = build_layout(pattern, side, side, attention_ratio=0.5, seed=1, kernel_size=7)
     n = layout.num_tokens
     q, k, v = (torch.randn(2, 8, n, 32, requires_grad=True) for _ in range(3))

@@ -188,11 +188,12 @@ def _strip_mask(bound, rows, cols, num_tokens):
     return mask.index_fill(0, slots, 1).view(stop - start, num_tokens)  # 1, not True: jit.trace
 
 
-# Whether training calls recompute each strip's scores in backward
-# (torch.utils.checkpoint) instead of keeping them: the strips' saved
-# probabilities are B x heads x N^2 floats, an N x N matrix per head. Tests
-# flip it; torch.func transforms, tracers and torch.compile keep the scores.
-strip_recompute = True
+# Whether training calls recompute the scores of each strip (or plan pass) in
+# backward (torch.utils.checkpoint) instead of keeping them: the strips' saved
+# probabilities are B x heads x N^2 floats, an N x N matrix per head, and a
+# pass keeps its scores and gathered rows. Tests flip it; torch.func
+# transforms, tracers and torch.compile keep the scores.
+recompute_in_backward = True
 
 
 def _attention_in_strips(q, k, v, strips, scale, table, key_mask, head_active, dropout_p,
@@ -212,10 +213,7 @@ def _attention_in_strips(q, k, v, strips, scale, table, key_mask, head_active, d
     bounds, tensors, pair_rows = strips
     context = dict(tensors=tensors, pair_rows=pair_rows, scale=scale, usable=usable, heads_on=heads_on,
                    dropout_p=dropout_p, dropout_seed=dropout_seed, want_stats=want_stats)
-    recompute = (strip_recompute and torch.is_grad_enabled()
-                 and any(x is not None and x.requires_grad for x in (q, k, v, table))
-                 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-                 and not torch._C._are_functorch_transforms_active())
+    recompute = _recompute_in_backward(q, k, v, table)
     outs, lses, stats = [], [], []
     for bound in bounds:
         args = (q[:, :, bound[0]:bound[1]], k, v, table, bound)
@@ -298,60 +296,91 @@ def _planned_layout(layout, device, max_relative=None):
     return passes, _plan_buckets(layout, device, max_relative)
 
 
+def _one_pass(q, k, v, table, pass_tensors, buckets, *, scale, key_mask, head_active, dropout_p, dropout_seed,
+              want_stats):
+    """One pass of _attention_over_plan: its output and log-sum-exp per token,
+    and (with statistics) its scores, pairs and chunks' query rows, detached."""
+    batch, heads, num_tokens, dim = q.shape
+    device, dtype = q.device, q.dtype
+    queries, chunk_tile, keys, bits, real, tokens = pass_tensors
+    neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=device)
+    tiles, chunks = queries.shape[0], keys.shape[0]
+    chunk_queries = queries[chunk_tile]  # [C, 64]
+    qc = q[:, :, chunk_queries.clamp_min(0)]  # [B, H, C, 64, D]
+    kc = k[:, :, keys.clamp_min(0)]
+    vc = v[:, :, keys.clamp_min(0)]
+    scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # [B, H, C, 64, 64]
+    if table is not None:
+        scores = scores + table.reshape(heads, -1)[:, buckets].unsqueeze(0)
+    allowed = bits.view(1, 1, chunks, 64, 64)
+    if key_mask is not None:
+        usable = key_mask.to(torch.bool)[:, keys.clamp_min(0)]  # [B, C, 64]
+        allowed = allowed & usable[:, None, :, None, :]
+    if head_active is not None:
+        allowed = allowed & head_active.to(device=device, dtype=torch.bool).view(1, heads, 1, 1, 1)
+    scores = torch.where(allowed, scores, neg_inf)
+    # per query row of each tile: the maximum and sum over the tile's chunks
+    chunk_max = scores.detach().amax(-1)  # [B, H, C, 64]; NaN and +inf pass on
+    index = chunk_tile.view(1, 1, -1, 1).expand_as(chunk_max)
+    row_max = torch.full((batch, heads, tiles, 64), float("-inf"), dtype=dtype, device=device)
+    row_max = row_max.scatter_reduce(2, index, chunk_max, "amax", include_self=True)
+    safe_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    # a pair outside the layout scores -inf and weighs exp(-inf) = 0: no mask pass
+    weights = torch.exp(scores - safe_max[:, :, chunk_tile, :, None])
+    row_sum = torch.zeros_like(row_max).index_add(2, chunk_tile, weights.sum(-1))
+    nonempty = row_sum > 0
+    safe_sum = torch.where(nonempty, row_sum, torch.ones_like(row_sum))
+    probs = weights / safe_sum[:, :, chunk_tile, :, None]
+    lse = torch.where(nonempty, safe_max + torch.log(safe_sum), torch.full_like(row_sum, float("-inf")))
+    lse = torch.where(row_max == float("inf"), torch.full_like(lse, float("nan")), lse)
+    mixed = probs
+    if dropout_p > 0:
+        keep = dropout_keep_mask(dropout_seed, batch, heads, chunk_queries.clamp_min(0)[:, :, None],
+                                 keys.clamp_min(0)[:, None, :], dropout_p)  # [B, H, C, 64, 64]
+        mixed = torch.where(keep, probs / (1.0 - dropout_p), torch.zeros((), dtype=dtype, device=device))
+    tile_out = torch.zeros(batch, heads, tiles, 64, dim, dtype=dtype, device=device)
+    tile_out = tile_out.index_add(2, chunk_tile, torch.matmul(mixed, vc))
+    # every token is a row of exactly one tile of the pass
+    out = torch.zeros(batch, heads, num_tokens, dim, dtype=dtype, device=device)
+    out = out.index_copy(2, tokens, tile_out.reshape(batch, heads, -1, dim)[:, :, real])
+    token_lse = torch.full((batch, heads, num_tokens), float("-inf"), dtype=dtype, device=device)
+    token_lse = token_lse.index_copy(2, tokens, lse.reshape(batch, heads, -1)[:, :, real])
+    if not want_stats:
+        return out, token_lse, None, None, None
+    return out, token_lse, scores.detach(), allowed, chunk_queries
+
+
+def _recompute_in_backward(q, k, v, table):
+    """Whether this call recomputes its scores in backward rather than keep
+    them (see recompute_in_backward)."""
+    return (recompute_in_backward and torch.is_grad_enabled()
+            and any(x is not None and x.requires_grad for x in (q, k, v, table))
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not torch._C._are_functorch_transforms_active())
+
+
 def _attention_over_plan(q, k, v, passes, buckets, scale, table, key_mask, head_active, dropout_p,
                          dropout_seed, want_stats):
     """The op over the tile plan's passes, in q's dtype (float32 or float64):
     per pass, each chunk's 64 x 64 scores as one batched product with its
     tile's queries, a softmax per query row across its tile's chunks, and the
-    passes merged through their log-sum-exp. Returns (out, lse, stats)."""
+    passes merged through their log-sum-exp. Training calls recompute each
+    pass in backward (as the strips do) rather than keep its scores and
+    gathered rows. Returns (out, lse, stats)."""
     batch, heads, num_tokens, dim = q.shape
     device, dtype = q.device, q.dtype
-    neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=device)
-    parts = []  # (out, lse, scores, allowed, pass tensors) per pass
-    for index, (queries, chunk_tile, keys, bits, real, tokens) in enumerate(passes):
-        tiles, chunks = queries.shape[0], keys.shape[0]
-        chunk_queries = queries[chunk_tile]  # [C, 64]
-        qc = q[:, :, chunk_queries.clamp_min(0)]  # [B, H, C, 64, D]
-        kc = k[:, :, keys.clamp_min(0)]
-        vc = v[:, :, keys.clamp_min(0)]
-        scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # [B, H, C, 64, 64]
-        if table is not None:
-            scores = scores + table.reshape(heads, -1)[:, buckets[index]].unsqueeze(0)
-        allowed = bits.view(1, 1, chunks, 64, 64)
-        if key_mask is not None:
-            usable = key_mask.to(torch.bool)[:, keys.clamp_min(0)]  # [B, C, 64]
-            allowed = allowed & usable[:, None, :, None, :]
-        if head_active is not None:
-            allowed = allowed & head_active.to(device=device, dtype=torch.bool).view(1, heads, 1, 1, 1)
-        scores = torch.where(allowed, scores, neg_inf)
-        # per query row of each tile: the maximum and sum over the tile's chunks
-        chunk_max = scores.detach().amax(-1)  # [B, H, C, 64]; NaN and +inf pass on
-        index = chunk_tile.view(1, 1, -1, 1).expand_as(chunk_max)
-        row_max = torch.full((batch, heads, tiles, 64), float("-inf"), dtype=dtype, device=device)
-        row_max = row_max.scatter_reduce(2, index, chunk_max, "amax", include_self=True)
-        safe_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
-        # a pair outside the layout scores -inf and weighs exp(-inf) = 0: no mask pass
-        weights = torch.exp(scores - safe_max[:, :, chunk_tile, :, None])
-        row_sum = torch.zeros_like(row_max).index_add(2, chunk_tile, weights.sum(-1))
-        nonempty = row_sum > 0
-        safe_sum = torch.where(nonempty, row_sum, torch.ones_like(row_sum))
-        probs = weights / safe_sum[:, :, chunk_tile, :, None]
-        lse = torch.where(nonempty, safe_max + torch.log(safe_sum), torch.full_like(row_sum, float("-inf")))
-        lse = torch.where(row_max == float("inf"), torch.full_like(lse, float("nan")), lse)
-        mixed = probs
-        if dropout_p > 0:
-            keep = dropout_keep_mask(dropout_seed, batch, heads, chunk_queries.clamp_min(0)[:, :, None],
-                                     keys.clamp_min(0)[:, None, :], dropout_p)  # [B, H, C, 64, 64]
-            mixed = torch.where(keep, probs / (1.0 - dropout_p),
-                                torch.zeros((), dtype=dtype, device=device))
-        tile_out = torch.zeros(batch, heads, tiles, 64, dim, dtype=dtype, device=device)
-        tile_out = tile_out.index_add(2, chunk_tile, torch.matmul(mixed, vc))
-        # every token is a row of exactly one tile of the pass
-        out = torch.zeros(batch, heads, num_tokens, dim, dtype=dtype, device=device)
-        out = out.index_copy(2, tokens, tile_out.reshape(batch, heads, -1, dim)[:, :, real])
-        token_lse = torch.full((batch, heads, num_tokens), float("-inf"), dtype=dtype, device=device)
-        token_lse = token_lse.index_copy(2, tokens, lse.reshape(batch, heads, -1)[:, :, real])
-        parts.append((out, token_lse, scores, allowed, chunk_queries))
+    context = dict(scale=scale, key_mask=key_mask, head_active=head_active, dropout_p=dropout_p,
+                   dropout_seed=dropout_seed, want_stats=want_stats)
+    recompute = _recompute_in_backward(q, k, v, table)
+    parts = []  # (out, lse, scores, allowed, chunk_queries) per pass; the last three for statistics
+    for index, pass_tensors in enumerate(passes):
+        args = (q, k, v, table, pass_tensors, None if buckets is None else buckets[index])
+        if recompute:
+            from torch.utils.checkpoint import checkpoint
+
+            parts.append(checkpoint(_one_pass, *args, use_reentrant=False, **context))
+        else:
+            parts.append(_one_pass(*args, **context))
     out, lse = parts[0][0], parts[0][1]
     for part_out, part_lse, *_ in parts[1:]:
         total = torch.logaddexp(lse, part_lse)

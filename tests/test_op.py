@@ -405,15 +405,37 @@ def test_torch_path_over_the_plan_matches_its_gather_form(pattern, size, monkeyp
                                        msg=f"{form} {name}")
 
 
+def cached_storages(layout):
+    """Storages of the tensors in the layout's device cache."""
+    found = set()
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            found.add(x.untyped_storage().data_ptr())
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                walk(y)
+        elif isinstance(x, dict):
+            for y in x.values():
+                walk(y)
+
+    walk(list(layout._device_cache.values()))
+    return found
+
+
+@pytest.mark.parametrize("form", ["strips", "plan"])
 @pytest.mark.parametrize("extras", [False, True])
-def test_torch_path_strips_recompute_instead_of_keeping_scores(extras, monkeypatch):
-    """Training calls of the strips form keep q, k, v and the strips' small
-    outputs for backward, not their B x heads x rows x N scores (recomputed
-    in backward): a fraction of B x heads x N^2 floats saved, and the same
-    output and gradients, bit for bit, as keeping them."""
+def test_torch_path_recomputes_scores_instead_of_keeping_them(form, extras, monkeypatch):
+    """Training calls of the PyTorch path keep q, k, v and small outputs for
+    backward, not their scores (the strips' B x heads x rows x N, the plan
+    passes' per slot, with their gathered rows), which backward recomputes:
+    a fraction of the bytes kept otherwise, and the same output, statistics
+    and gradients, bit for bit."""
     from sparse_attention import _torch_impl
 
-    layout = build_layout("random", 16, 16, attention_ratio=0.5, seed=3)
+    layout = build_layout("random" if form == "strips" else "strided", 16, 16, attention_ratio=0.5, seed=3,
+                          kernel_size=3)
+    monkeypatch.setattr(_torch_impl, "strip_min_plan_fill", 0.0 if form == "strips" else float("inf"))
     n = layout.num_tokens
     q, k, v, bias = make_inputs(2, 3, n, 8, torch.float32, seed=2, bias_side=5)
     args = {}
@@ -423,7 +445,7 @@ def test_torch_path_strips_recompute_instead_of_keeping_scores(extras, monkeypat
     monkeypatch.setattr(_torch_impl, "_STRIP_ELEMENTS", 2 * 3 * n * 32)  # strips of 32 rows
     results = []
     for recompute in (True, False):
-        monkeypatch.setattr(_torch_impl, "strip_recompute", recompute)
+        monkeypatch.setattr(_torch_impl, "recompute_in_backward", recompute)
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
         saved = {}
 
@@ -435,9 +457,13 @@ def test_torch_path_strips_recompute_instead_of_keeping_scores(extras, monkeypat
             found = attention(*leaves, layout, backend="torch", **args)
         out = found[0] if extras else found
         grads = torch.autograd.grad(out.square().sum(), leaves)
-        results.append((sum(saved.values()), [out, *grads] + ([found[1]] if extras else [])))
-    scores_bytes = 2 * 3 * n * n * 4
-    assert results[0][0] < scores_bytes / 4 <= scores_bytes <= results[1][0]
+        # the layout's cached tensors (bias buckets) live on anyway: not counted
+        held = sum(size for ptr, size in saved.items() if ptr not in cached_storages(layout))
+        results.append((held, [out, *grads] + ([found[1]] if extras else [])))
+    inputs_bytes = 3 * q.numel() * 4 + (bias.numel() * 4 if extras else 0)  # q, k, v and the table
+    assert results[0][0] <= inputs_bytes and 4 * results[0][0] < results[1][0]
+    if form == "strips":
+        assert results[1][0] >= 2 * 3 * n * n * 4  # kept: the scores of every pair of the grid
     for got, expected in zip(results[0][1], results[1][1]):
         assert torch.equal(got, expected)
 
