@@ -1,6 +1,6 @@
 """A training step of the module, eager against torch.compile, on the same tensors.
 
-    python benchmarks/compile_step.py [--cases 16:axial,64:longformer] [--rounds 15]
+    python benchmarks/compile_step.py [--cases 16:axial,64:longformer] [--rounds 15] [--backend inductor]
 
 Times forward + backward of ``EnhancedSparseAttention(64, 64, num_heads=4)``
 (B=2, float32, default options: statistics, dropout, bias), alternating eager
@@ -26,12 +26,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="16:axial,64:longformer", help="side:pattern, comma separated")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--backend", default="inductor", help="torch.compile's backend")
     args = parser.parse_args()
     for case in args.cases.split(","):
         side, pattern = case.split(":")
         torch.manual_seed(0)
         module = EnhancedSparseAttention(64, 64, num_heads=4, sparsity_pattern=pattern, kernel_size=7)
-        compiled = torch.compile(module)
+        compiled = torch.compile(module, backend=args.backend)
         x = torch.randn(2, 64, int(side), int(side))
 
         def step(fn):

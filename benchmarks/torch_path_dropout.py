@@ -56,7 +56,7 @@ def main():
             attention(q, k, v, layout, backend="torch", dropout_p=0.1)
     seconds = time.time() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kept = f", saved for backward {sum(saved.values()) / 2**20:.0f} MiB" if mode == "train" else ""
+    kept = f", saved for backward {sum(saved.values()) / 2**20:.1f} MiB" if mode == "train" else ""
     print(f"{pattern} {side} {mode}{' keep' if sys.argv[4:] else ''}: peak RSS growth {(peak - base) / 1024:.0f} MiB"
           f"{kept}, {seconds:.2f} s; B*H*N^2 floats would be {2 * 8 * n * n * 4 / 2**20:.0f} MiB")
 

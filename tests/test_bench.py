@@ -146,3 +146,30 @@ def test_torch_path_forms_script_prints_a_row_per_pattern():
     assert len(rows) == 2
     for row in rows:
         assert len(re.findall(r"\d+\.\d\dx", row)) == 4, row
+
+
+def run_script(name, *args):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(root, "benchmarks", name), *args], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=root))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_compile_step_script_reports_a_whole_graph():
+    out = run_script("compile_step.py", "--cases", "5:axial", "--rounds", "1", "--backend", "aot_eager")
+    assert re.search(r"axial 5x5: eager [\d.]+ ms, compiled [\d.]+ ms, eager/compiled [\d.]+, graph breaks 0",
+                     out), out
+
+
+def test_torch_path_dropout_script_counts_what_backward_keeps():
+    recompute = run_script("torch_path_dropout.py", "random", "16", "train")
+    keep = run_script("torch_path_dropout.py", "random", "16", "train", "keep")
+    kept = [float(re.search(r"saved for backward ([\d.]+) MiB", out).group(1)) for out in (recompute, keep)]
+    # q, k, v: 1.5 MiB; the scores of every pair of the 16 x 16 grid: 4 MiB
+    assert kept[0] <= 1.6 and kept[1] >= 4.0, kept
+    assert "random 16 infer" in run_script("torch_path_dropout.py", "random", "16", "infer")
