@@ -98,10 +98,8 @@ def dropout_keep_mask(seed, batch: int, heads: int, rows: torch.Tensor, cols: to
     return keep.view(batch, heads, *shape)
 
 
-@torch.compiler.disable
 def _layout_tensors(layout, device, max_relative):
-    """The layout's device tensors and each pair's row (NumPy work, kept out of
-    torch.compile's graphs)."""
+    """The layout's device tensors and each pair's row (cached on the layout)."""
     return layout.torch_tensors(device, max_relative), layout.row_ids_tensor(device)
 
 
@@ -180,10 +178,12 @@ def _strip_pair_slots(bound, rows, cols, num_tokens):
     return (rows[begin:end] - start) * num_tokens + cols[begin:end].long()
 
 
-def _strip_mask(bound, rows, cols, num_tokens):
-    """The strip's pairs as a bool [stop - start, N], built on the device."""
+def _strip_mask(bound, rows, cols, num_tokens, slots=None):
+    """The strip's pairs as a bool [stop - start, N], built on the device
+    (``slots``: _strip_pair_slots, where the caller has them)."""
     start, stop, _begin, _end = bound
-    slots = _strip_pair_slots(bound, rows, cols, num_tokens)
+    if slots is None:
+        slots = _strip_pair_slots(bound, rows, cols, num_tokens)
     mask = torch.zeros((stop - start) * num_tokens, dtype=torch.bool, device=rows.device)
     return mask.index_fill(0, slots, 1).view(stop - start, num_tokens)  # 1, not True: jit.trace
 
@@ -241,15 +241,15 @@ def _one_strip(q_rows, k, v, table, bound, *, tensors, pair_rows, scale, usable,
     zero = torch.zeros((), dtype=dtype, device=device)
     lowest = torch.finfo(dtype).min
     scores = torch.matmul(q_rows, k.transpose(-1, -2)) * scale  # [B, H, R, N]
+    slots = _strip_pair_slots(bound, pair_rows, tensors["col_idx"], num_tokens)
     if table is not None:
         # each pair's bucket (Layout.bias_buckets) at its slot; the slots
         # outside the layout read bucket 0 and are masked below
-        slots = _strip_pair_slots(bound, pair_rows, tensors["col_idx"], num_tokens)
         bucket_map = torch.zeros(rows * num_tokens, dtype=torch.int64, device=device)
         bucket_map = bucket_map.index_copy(0, slots, tensors["bucket"][bound[2]:bound[3]].long())
         bias = table.reshape(heads, -1)[:, bucket_map].view(heads, rows, num_tokens)
         scores = scores + bias.unsqueeze(0)
-    allowed = _strip_mask(bound, pair_rows, tensors["col_idx"], num_tokens).view(1, 1, rows, num_tokens)
+    allowed = _strip_mask(bound, pair_rows, tensors["col_idx"], num_tokens, slots).view(1, 1, rows, num_tokens)
     if usable is not None:
         allowed = allowed & usable
     if heads_on is not None:
@@ -429,38 +429,55 @@ def _plan_fill(layout):
     return layout._built_once("plan_fill", build)
 
 
-def _layout_form_host(layout, device, max_relative, scores_per_row):
-    """How the PyTorch path computes this layout: ("strips", (strip bounds,
-    layout tensors, rows)), ("plan", (passes, buckets)) or ("gather", (layout
-    tensors, rows)); cached on the layout."""
-    rows_per_strip = max(1, min(layout.num_tokens, _STRIP_ELEMENTS // max(1, scores_per_row)))
-    # what the choice and its tensors depend on
-    key = ("torch_form", str(torch.device(device)), max_relative, rows_per_strip, use_tile_plan,
-           strip_min_plan_fill)
+def _rows_per_strip(layout, scores_per_row):
+    return max(1, min(layout.num_tokens, _STRIP_ELEMENTS // max(1, scores_per_row)))
+
+
+def _layout_form_host(layout, device, max_relative):
+    """How the PyTorch path computes this layout: ("strips", (layout tensors,
+    rows)), ("plan", (passes, buckets)) or ("gather", (layout tensors,
+    rows)); cached on the layout. Strips also need _strip_bounds, which
+    depend on the batch: kept apart, so that the other forms do not."""
+    key = ("torch_form", str(torch.device(device)), max_relative, use_tile_plan, strip_min_plan_fill)
 
     def build(layout):
         fill = _plan_fill(layout) if use_tile_plan else None
         if fill is None:
             return "gather", _layout_tensors(layout, device, max_relative)
         if fill >= strip_min_plan_fill:
-            return "strips", (_strip_bounds(layout, rows_per_strip),
-                              *_layout_tensors(layout, device, max_relative))
+            return "strips", _layout_tensors(layout, device, max_relative)
         return "plan", _planned_layout(layout, device, max_relative)
 
     return layout._built_once(key, build, layout._device_cache)
 
 
+# torch.compile runs these while it traces and keeps their results as
+# constants of the graph (tensors stay graph inputs): host work without a
+# graph break. Only strips read the batch (their bounds), so only layouts
+# in strips specialise the graph on it.
 @torch.compiler.assume_constant_result
-def _layout_form_while_tracing(layout_serial, device, max_relative, scores_per_row):
-    """_layout_form_host, run while torch.compile traces: host work kept out
-    of the graph without a graph break; its tensors stay graph inputs."""
-    return _layout_form_host(layout_by_serial(layout_serial), device, max_relative, scores_per_row)
+def _layout_form_while_tracing(layout_serial, device, max_relative):
+    return _layout_form_host(layout_by_serial(layout_serial), device, max_relative)
+
+
+@torch.compiler.assume_constant_result
+def _strip_bounds_while_tracing(layout_serial, rows_per_strip):
+    return _strip_bounds(layout_by_serial(layout_serial), rows_per_strip)
 
 
 def _layout_form(layout, device, max_relative, scores_per_row):
+    """("strips", (strip bounds, layout tensors, rows)), ("plan", ...) or
+    ("gather", ...): see _layout_form_host."""
     if torch.compiler.is_compiling():
-        return _layout_form_while_tracing(layout._serial, device, max_relative, static_int(scores_per_row))
-    return _layout_form_host(layout, device, max_relative, scores_per_row)
+        form, found = _layout_form_while_tracing(layout._serial, device, max_relative)
+        if form == "strips":
+            rows = _rows_per_strip(layout, static_int(scores_per_row))
+            return form, (_strip_bounds_while_tracing(layout._serial, rows), *found)
+        return form, found
+    form, found = _layout_form_host(layout, device, max_relative)
+    if form == "strips":
+        return form, (_strip_bounds(layout, _rows_per_strip(layout, scores_per_row)), *found)
+    return form, found
 
 
 def sparse_attention_torch(query, key, value, layout, *, scale, rel_pos_bias=None, key_mask=None,
