@@ -193,6 +193,6 @@ def cpu_kernel_choice(layout: Layout):
     if _tiles.use_tiled_cpu_kernel:
         plan = layout.tile_plan()
         # sparse chunks lose to the rows (statistics merge across passes on the CPU)
-        if plan is not None and plan.fill >= _tiles.CPU_MIN_FILL:
+        if plan is not None and plan.cpu_fill >= _tiles.CPU_MIN_FILL:
             return "tiles"
     return None

@@ -30,10 +30,12 @@ TILE = 64  # queries per tile and keys per chunk; fixed by the kernels
 # it off to compare it with the row-by-row kernel.
 use_tiled_cpu_kernel = True
 # On the CPU a masked-out slot of a chunk costs as much as a used one, so the
-# tiled kernel only pays when chunks are this full (measured at 64x64 tokens:
-# AXIAL and BLOCK, fill 1.0, and RANDOM 50%, fill 0.5, gain; LONGFORMER, fill
-# 0.19, and STRIDED, fill 0.14, lose to the row kernel).
-CPU_MIN_FILL = 0.3
+# tiled kernel only pays when the slots it computes are this full (its
+# cpu_fill). Rows against tiles, float32, 12 heads, D=64, stencils off
+# (benchmarks/NOTES.md): tiles lost at cpu_fill 0.10 (1.2-1.7x slower) and
+# 0.14 (even to 1.3x slower), and won from 0.165 on (0.85-0.93x) to 0.44-0.5
+# (0.4-0.6x: AXIAL and RANDOM 50% at 14 x 14).
+CPU_MIN_FILL = 0.15
 # tile shapes (rows x columns of the grid) tried for every pass
 _SHAPES = ((8, 8), (4, 16), (16, 4), (2, 32), (32, 2), (1, 64), (64, 1))
 # plans of layouts with more pairs than this are not built: the C planner
@@ -55,8 +57,26 @@ class TilePlan:
     def __init__(self, passes, long_rows, planned_pairs):
         self.passes = passes
         self.long_rows = long_rows  # int32, ascending
+        self.planned_pairs = planned_pairs
         slots = sum(one.num_chunks for one in passes) * TILE * TILE
         self.fill = planned_pairs / slots if slots else 1.0  # used share of the chunks' slots
+        self._cpu_fill = None
+
+    @property
+    def cpu_fill(self) -> float:
+        """The used share of the slots the CPU kernels compute: they stop at a
+        tile's last query and a chunk's last key (rounded up to 8), so small
+        grids, whose tiles are mostly padding, fill more than ``fill`` says."""
+        if self._cpu_fill is None:
+            computed = 0
+            for one in self.passes:
+                rows = _slots_in_use(one.queries)
+                cols = (_slots_in_use(one.keys) + 7) // 8 * 8
+                ends = np.concatenate([[0], np.cumsum(cols, dtype=np.int64)])
+                per_tile = ends[one.chunk_ptr[1:]] - ends[one.chunk_ptr[:-1]]
+                computed += int(np.dot(rows.astype(np.int64), per_tile))
+            self._cpu_fill = self.planned_pairs / computed if computed else 1.0
+        return self._cpu_fill
 
     def __len__(self):
         return len(self.passes)
@@ -156,6 +176,14 @@ class TilePass:
         bits = (words[:, :, None] >> np.arange(TILE, dtype=np.uint64)) & np.uint64(1)
         chunk, row, col = np.nonzero(bits)
         return self.queries[chunk_tile[chunk], row], self.keys[chunk, col]
+
+
+def _slots_in_use(ids):
+    """Per row of ``ids`` [r, 64] (-1 pads): 1 + its last slot that holds a
+    token, 0 for none, as the CPU kernels count the rows and keys they compute."""
+    present = np.asarray(ids) >= 0
+    last = TILE - np.argmax(present[:, ::-1], axis=1)
+    return np.where(present.any(axis=1), last, 0).astype(np.int64)
 
 
 def slot_buckets(queries, keys, width, max_relative):

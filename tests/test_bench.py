@@ -173,3 +173,12 @@ def test_torch_path_dropout_script_counts_what_backward_keeps():
     # q, k, v: 1.5 MiB; the scores of every pair of the 16 x 16 grid: 4 MiB
     assert kept[0] <= 1.6 and kept[1] >= 4.0, kept
     assert "random 16 infer" in run_script("torch_path_dropout.py", "random", "16", "infer")
+
+
+def test_cpu_kernel_choice_script_writes_a_row_per_layout(tmp_path):
+    out = run_script("cpu_kernel_choice.py", "--rounds", "1", "--out", str(tmp_path), "axial:4",
+                     "random:12:attention_ratio=0.02")
+    table = (tmp_path / "cpu_kernel_choice.md").read_text()
+    for spec, fill, taken in (("axial:4", "0.438", "tiles"), ("random:12:attention_ratio=0.02", r"0\.\d+", "rows")):
+        row = rf"\| {re.escape(spec)} \| \d+ \| [\d.]+ \| {fill} \| [\d.]+ \| [\d.]+ \| [\d.]+ \| {taken}( \(slower\))? \|"
+        assert re.search(row, out) and re.search(row, table), (row, out)

@@ -43,6 +43,38 @@ def test_plan_covers_every_pair_once(pattern, size):
                 assert not np.any(words >> np.uint64(real.size))
 
 
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_cpu_fill_counts_the_slots_the_cpu_kernels_compute(pattern, size):
+    """The CPU kernels stop at a tile's last query and a chunk's last key
+    (rounded up to 8 columns); cpu_fill is the planned pairs' share of that."""
+    layout = build_layout(pattern, *size, kernel_size=5, block_size=4, num_global_tokens=2,
+                          attention_ratio=0.3)
+    plan = build_tile_plan(layout)
+    computed = planned = 0
+    for one in plan:
+        for tile in range(one.queries.shape[0]):
+            present = np.flatnonzero(one.queries[tile] >= 0)
+            rows = int(present[-1]) + 1 if present.size else 0
+            for chunk in range(one.chunk_ptr[tile], one.chunk_ptr[tile + 1]):
+                keys = np.flatnonzero(one.keys[chunk] >= 0)
+                computed += rows * (-(-(int(keys[-1]) + 1) // 8) * 8 if keys.size else 0)
+        planned += one.pairs()[0].size
+    assert plan.cpu_fill == pytest.approx(planned / computed)
+    assert plan.fill <= plan.cpu_fill <= 1.0
+
+
+def test_the_cpu_takes_the_tiles_by_the_slots_it_computes():
+    from sparse_attention import _stencil
+
+    small = build_layout("axial", 4, 4)  # a 64 x 64 chunk of 16 x 16 tokens
+    assert small.tile_plan().fill < _tiles.CPU_MIN_FILL <= small.tile_plan().cpu_fill
+    assert _stencil.cpu_kernel_choice(small) == "tiles"
+    scattered = build_layout("random", 64, 64, attention_ratio=0.02)
+    assert scattered.tile_plan().cpu_fill < _tiles.CPU_MIN_FILL
+    assert _stencil.cpu_kernel_choice(scattered) is None
+
+
 _SELECTIONS = {
     _tiles.PAIRS_ALL: lambda i, j, w: True,
     _tiles.PAIRS_SAME_ROW: lambda i, j, w: i // w == j // w,
