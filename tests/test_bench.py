@@ -182,3 +182,10 @@ def test_cpu_kernel_choice_script_writes_a_row_per_layout(tmp_path):
     for spec, fill, taken in (("axial:4", "0.438", "tiles"), ("random:12:attention_ratio=0.02", r"0\.\d+", "rows")):
         row = rf"\| {re.escape(spec)} \| \d+ \| [\d.]+ \| {fill} \| [\d.]+ \| [\d.]+ \| [\d.]+ \| {taken}( \(slower\))? \|"
         assert re.search(row, out) and re.search(row, table), (row, out)
+
+
+def test_small_maps_script_compares_every_pattern_with_dense():
+    out = run_script("small_maps.py", "--side", "5", "--batch", "1", "--rounds", "1", "--patterns", "axial,random")
+    for pattern in ("axial", "random"):
+        assert re.search(rf"\| {pattern} \| [\d.]+ \| (tiles|rows|stencil|split) \| [\d.]+x \| [\d.]+ "
+                         rf"\| [\d.]+x \| [\d.]+ \|", out), out
