@@ -176,7 +176,8 @@ def _tile_plan_for(layout, device, dtype, head_dim, want_stats, max_relative=Non
     backward_passes, score_perm, score_ptr) of the tile plan when a tiled
     forward (CUDA tensor cores, CPU panels) applies to these arguments, else
     _NO_PLAN. On the CPU a stencil layout gets its stencil: (None, [], None, 0,
-    stencil, None, [], None, None), or STRIDED's window stencil with its
+    stencil, None, [], None, None), with the layout's tile plan as the
+    backward's where a bias needs it (_cpu_bias_backward_plan), or STRIDED's window stencil with its
     lattice plan: (buffer, passes, None, 0, stencil, None, [], None, None). The
     backward's plan is the CUDA plan with its long rows kept in (see
     tiled_backward_long_rows), where the plan leaves rows out. score_perm and
@@ -194,7 +195,8 @@ def _tile_plan_for(layout, device, dtype, head_dim, want_stats, max_relative=Non
             return buffer, passes, None, 0, window, None, [], None, None
         if kind == "stencil":
             (stencil,) = _cpu_tensors(layout, "stencil", (layout.stencil(),))
-            return None, [], None, 0, stencil, None, [], None, None
+            backward_buffer, backward_passes = _cpu_bias_backward_plan(layout, stencil, head_dim, max_relative)
+            return None, [], None, 0, stencil, backward_buffer, backward_passes, None, None
         if kind is None:
             return _NO_PLAN
         plan = layout.tile_plan_tensors(device)
@@ -229,6 +231,24 @@ def _tile_plan_for(layout, device, dtype, head_dim, want_stats, max_relative=Non
         score_perm, score_ptr = _score_buckets(layout, device, max_relative, full=backward_buffer is not None)
     return (plan["buffer"], plan["passes"], plan["long_rows"], splits, None,
             backward_buffer, backward_passes, score_perm, score_ptr)
+
+
+def _cpu_bias_backward_plan(layout, stencil, head_dim, max_relative):
+    """(buffer, passes) of the layout's tile plan for the backward of a CPU
+    stencil call with a bias that the window kernel does not run (STRIDED on
+    grids of 8 to 19 tokens a side, whose lattice offsets leave the window's
+    box; LONGFORMER with kernel_size over 13): of the stencil kernels only
+    the window backward gives the bias gradient, and the tile backward gives
+    it at about the stencil's cost where the row kernels took over twice as
+    long. (None, []) where that does not apply."""
+    if (max_relative is None or not _tiles.use_tiled_cpu_kernel
+            or (_stencil.use_window_kernel and _stencil.window_takes(stencil, head_dim))):
+        return None, []
+    plan = layout.tile_plan()
+    if plan is None or plan.long_rows.size or plan.cpu_fill < _tiles.CPU_MIN_FILL:
+        return None, []
+    tensors = layout.tile_plan_tensors(torch.device("cpu"))
+    return tensors["buffer"], tensors["passes"]
 
 
 def _score_buckets(layout, device, max_relative, full):
@@ -458,7 +478,10 @@ def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil
     plans only reach here), or for the CUDA backward's tensor-core gradients,
     else nothing: the row and column kernels run. With a bias, a stencil plan
     comes back only where the window kernel runs it (the window and tile
-    kernels give the bias gradient on the CPU; the strips do not)."""
+    kernels give the bias gradient on the CPU; the strips do not); elsewhere
+    the layout's tile plan (backward_plan, from _cpu_bias_backward_plan)
+    runs the backward if the forward planned one."""
+    global stencil_backwards_run, tiled_backwards_run
     if device.type == "cuda":
         # every pair must be in the plan (no rows left out), which only this side
         # knows: the tiled kernels add only the plan's pairs, so a forward plan
@@ -484,8 +507,11 @@ def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil
         if not _stencil.use_stencil_cpu_kernel:
             return {}
         if bias is not None and not (_stencil.use_window_kernel and _stencil.window_takes(stencil, head_dim)):
-            return {}  # the bias gradient comes from the row kernels
-        global stencil_backwards_run
+            if backward_plan is None or tile_plan is not None:
+                return {}  # the bias gradient comes from the row kernels
+            # the tile kernels give it (_cpu_bias_backward_plan)
+            tiled_backwards_run += 1
+            return dict(tile_plan=_detached(backward_plan), tile_passes=list(backward_passes))
         stencil_backwards_run += 1
         plan = dict(stencil=_detached(stencil))
         if not _stencil.use_window_kernel:
@@ -496,7 +522,6 @@ def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil
     if (device.type != "cpu" or tile_plan is None or plan_long_rows is not None
             or not _tiles.use_tiled_cpu_kernel):
         return {}
-    global tiled_backwards_run
     tiled_backwards_run += 1
     return dict(tile_plan=_detached(tile_plan), tile_passes=tile_passes)
 

@@ -135,17 +135,33 @@ def test_window_backward_gives_the_bias_gradient(knobs, size, bias_side):
         assert (mine - theirs).abs().max() < 5e-5 * max(1.0, theirs.abs().max().item())
 
 
-def test_a_bias_gradient_the_window_cannot_give_comes_from_the_row_kernels():
-    """A 15 x 15 window (past the window kernel's box; the strips give no bias
-    gradient) leaves the backward with a bias to the row kernels."""
-    layout = build_layout("longformer", 20, 21, kernel_size=15, num_global_tokens=1)
-    n = layout.num_tokens
-    (q, k, v), bias = make(1, 2, n, 16, bias_side=5)
-    grad_out = torch.randn(1, 2, n, 16, generator=torch.Generator().manual_seed(4))
-    before = _torch_ops.stencil_backwards_run
-    got = bias_gradients(attention, layout, q, k, v, bias, grad_out)
-    assert _torch_ops.stencil_backwards_run == before
-    assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out)
+@pytest.mark.parametrize("pattern, size, knobs, planned", [
+    ("longformer", (20, 21), dict(kernel_size=15, num_global_tokens=1), True),  # a 15 x 15 window
+    ("strided", (14, 14), dict(kernel_size=7), True),  # lattice offsets of +-7 leave the window's box
+    ("strided", (8, 19), dict(kernel_size=7), True),
+    ("strided", (8, 19), dict(kernel_size=3, stride=5), False),  # a plan too sparse for the tiles
+])
+@pytest.mark.parametrize("tiles", [True, False])
+def test_a_bias_gradient_the_window_cannot_give_comes_from_the_tiles_or_the_rows(pattern, size, knobs, planned,
+                                                                                tiles):
+    """A stencil past the window kernel's box (the strips give no bias
+    gradient) runs its backward with a bias on the layout's tile plan where
+    the tiles would take the layout, else on the row kernels; a training
+    call's key mask, pruned head and dropout included."""
+    layout = build_layout(pattern, *size, **knobs)
+    assert layout.stencil() is not None and layout.stencil_split() is None
+    assert (layout.tile_plan().cpu_fill >= _tiles.CPU_MIN_FILL) == planned
+    q, k, v, bias, grad_out, args = bias_training_inputs(layout, 5)
+    before = _torch_ops.stencil_backwards_run, _torch_ops.tiled_backwards_run
+    got = call_with(_tiles, "use_tiled_cpu_kernel", tiles, bias_gradients, attention, layout, q, k, v, bias,
+                    grad_out, **args)
+    assert _torch_ops.stencil_backwards_run == before[0]
+    assert _torch_ops.tiled_backwards_run == before[1] + (tiles and planned)
+    assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args)
+    # without a bias the stencil backward runs as before
+    leaves = [t.float().requires_grad_(True) for t in (q, k, v)]
+    attention(*leaves, layout, **args).backward(grad_out.float())
+    assert _torch_ops.stencil_backwards_run == before[0] + 1
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
