@@ -44,6 +44,13 @@
 #endif
 #define INLINE SA_INLINE
 
+/* count floats of zeros; a head dim of 0 leaves buffers without storage
+ * (NULL), which memset may not take even for 0 bytes */
+static inline void zero_floats(float *to, int64_t count)
+{
+    if (count > 0) memset(to, 0, (size_t)count * sizeof(float));
+}
+
 /* What one call shares across its threads. */
 typedef struct {
     const sa_attention_params *p;
@@ -809,17 +816,17 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
         float *grad_k = (float *)p->grad_k + bh * n * dim;
         float *grad_v = (float *)p->grad_v + bh * n * dim;
         if (p->head_active != NULL && !p->head_active[h]) {
-            memset(grad_q, 0, (size_t)(n * dim) * sizeof(float));
-            memset(grad_k, 0, (size_t)(n * dim) * sizeof(float));
-            memset(grad_v, 0, (size_t)(n * dim) * sizeof(float));
+            zero_floats(grad_q, n * dim);
+            zero_floats(grad_k, n * dim);
+            zero_floats(grad_v, n * dim);
             continue;
         }
         build_key_panels(c, &w, b, h);
         transpose_in(p->q, p->q_stride, b, h, c, w.qt, kw, c->row_floats, c->pad, 0, H);
         transpose_in(p->grad_out, p->grad_out_stride, b, h, c, w.got, kw, c->row_floats, c->pad, 0, H);
-        memset(w.dqt, 0, (size_t)(H * dim * qw) * sizeof(float));
-        memset(w.dkt, 0, (size_t)(c->panel_rows * c->row_floats) * sizeof(float));
-        memset(w.dvt, 0, (size_t)(c->panel_rows * c->row_floats) * sizeof(float));
+        zero_floats(w.dqt, H * dim * qw);
+        zero_floats(w.dkt, c->panel_rows * c->row_floats);
+        zero_floats(w.dvt, c->panel_rows * c->row_floats);
         const float *lse = (const float *)p->lse + bh * n, *delta = (const float *)p->delta + bh * n;
         for (int64_t y = 0; y < H; y++) {
             for (int64_t x = 0; x < qw; x++) {

@@ -1152,12 +1152,14 @@ static void backward_heads(void *opaque, int64_t begin, int64_t end)
         float *grad_v = (float *)p->grad_v + bh * n * dim;
         float *bias_cells = p->grad_bias_rows != NULL ? p->grad_bias_rows + bh * side * side : NULL;
         const float *bias_table = p->bias_table != NULL ? (const float *)p->bias_table + h * side * side : NULL;
-        if (!p->merge_previous) { /* else an earlier kernel wrote them and this plan adds to them */
+        /* else an earlier kernel wrote them and this plan adds to them; a head dim
+         * of 0 leaves the gradients without storage (NULL is no memset target) */
+        if (!p->merge_previous && n * dim > 0) {
             memset(grad_q, 0, (size_t)(n * dim) * sizeof(float));
             memset(grad_k, 0, (size_t)(n * dim) * sizeof(float));
             memset(grad_v, 0, (size_t)(n * dim) * sizeof(float));
-            if (bias_cells != NULL) memset(bias_cells, 0, (size_t)(side * side) * sizeof(float));
         }
+        if (!p->merge_previous && bias_cells != NULL) memset(bias_cells, 0, (size_t)(side * side) * sizeof(float));
         if (p->head_active != NULL && !p->head_active[h]) continue;
         const float *lse = (const float *)p->lse + bh * n;
         const float *delta = (const float *)p->delta + bh * n;

@@ -422,6 +422,9 @@ def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
                    plan_long_rows=None, stencil=None, backward_plan=None, backward_passes=(),
                    score_perm=None, score_ptr=None):
     batch, heads, num_tokens, _ = query.shape
+    if batch * heads == 0:  # nothing attended (an empty bias table reads to the C side as none)
+        grad_bias = torch.zeros_like(bias) if bias is not None else query.new_empty(0)
+        return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value), grad_bias
     accum = _accum_dtype(query.dtype)
     device = query.device
     if grad_out.stride(-1) != 1:

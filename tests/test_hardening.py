@@ -106,13 +106,24 @@ def test_bad_input_raises_a_named_error(description, call, exception, message):
         call()
 
 
-def test_zero_size_tensors():
-    layout = build_layout("axial", 2, 2)
-    for shape in [(0, 2, 4, 8), (2, 0, 4, 8), (2, 2, 4, 0)]:
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("pattern, size", [("axial", (2, 2)), ("axial", (14, 14)), ("longformer", (5, 7)),
+                                           ("longformer", (20, 21)), ("strided", (14, 14)),
+                                           ("strided", (24, 24)), ("block", (6, 6)), ("random", (14, 14))])
+def test_zero_size_tensors(pattern, size, with_bias):
+    """Empty batches, heads and head dims on every CPU kernel family (tiles,
+    stencils, windows, the lattice split, rows), forward and backward."""
+    layout = build_layout(pattern, *size, kernel_size=15 if size == (20, 21) else 7)
+    n = layout.num_tokens
+    for shape in [(0, 2, n, 8), (2, 0, n, 8), (2, 2, n, 0)]:
         q = torch.randn(*shape, requires_grad=True)
-        out = attention(q, q, q, layout)
+        bias = torch.randn(shape[1], 5, 5, requires_grad=True) if with_bias else None
+        out = attention(q, q, q, layout, rel_pos_bias=bias)
         assert out.shape == shape
         out.sum().backward()
+        assert q.grad.shape == shape
+        if with_bias:
+            assert torch.equal(bias.grad, torch.zeros_like(bias))
 
 
 def _math_sdpa(q, k, v):
