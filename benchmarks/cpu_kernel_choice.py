@@ -7,8 +7,8 @@ For every layout this times the float32 CPU op (12 heads, D=64, a batch that
 makes about 1568 query rows per head, as 8 images of 14 x 14) on the row
 kernels and on the tile kernels, stencils off, forward under no_grad and
 forward+backward, alternating within each round, and prints the median over
-rounds of (tiles / rows) next to the plan's ``fill`` (share of its 64 x 64
-slots) and ``cpu_fill`` (share of the slots the CPU kernels compute). The
+rounds of (tiles / rows) next to the CPU plan's ``fill`` (share of its
+64 x 64 slots) and ``cpu_fill`` (share of the slots the CPU kernels compute). The
 last column says which kernels ``_stencil.cpu_kernel_choice`` takes for the
 layout with stencils off (rule: tiles from ``_tiles.CPU_MIN_FILL``), marked
 "(slower)" where the other kernels were more than 5% faster forward+backward.
@@ -67,7 +67,7 @@ def run_on(kernels, fn):
 def measure(spec, rounds):
     pattern, side, knobs = parse_spec(spec)
     layout = build_layout(pattern, side, side, **knobs)
-    plan = layout.tile_plan()
+    plan = layout.cpu_tile_plan()
     batch = max(1, ROWS_PER_HEAD // layout.num_tokens)
     q, k, v = (torch.randn(batch, HEADS, layout.num_tokens, HEAD_DIM) for _ in range(3))
 

@@ -191,7 +191,7 @@ def cpu_kernel_choice(layout: Layout):
         if layout.stencil() is not None:
             return "stencil"
     if _tiles.use_tiled_cpu_kernel:
-        plan = layout.tile_plan()
+        plan = layout.cpu_tile_plan()
         # sparse chunks lose to the rows (statistics merge across passes on the CPU)
         if plan is not None and plan.cpu_fill >= _tiles.CPU_MIN_FILL:
             return "tiles"

@@ -49,6 +49,9 @@ LONG_ROW_FACTOR = 8  # times the median row
 # a second pass costs about this many chunks per tile (the merge reads and
 # rewrites the output)
 _PASS_COST_PER_TILE = 0.5
+# what a CPU tile costs beyond its slots (packing its queries, its row
+# state), in chunks; a guess that keeps a tile of one query from looking free
+_CPU_COST_PER_TILE = 0.02
 
 
 class TilePlan:
@@ -231,18 +234,28 @@ def _build_pass(layout, shape, pairs, left_out):
     return TilePass(shape, queries, chunk_ptr, keys, masks)
 
 
-def _estimate_chunks(layout, shape, pairs, left_out, samples=12):
-    """Chunks a tiling of ``shape`` needs for the selected pairs, estimated
-    from evenly spaced tiles."""
+def _estimate_cost(layout, shape, pairs, left_out, for_cpu, samples=12):
+    """(cost, merge cost) of a tiling of ``shape`` for the selected pairs,
+    estimated from evenly spaced tiles, in 64 x 64 chunks. On the GPU a chunk
+    costs the same however full, so the cost is the chunks, and a second
+    pass's merge costs per tile. The CPU kernels compute only a tile's rows
+    that hold a query and a chunk's columns up to its last key (rounded up to
+    8), so there the cost is those slots (plus a little per tile), and a merge
+    costs per query row: on a grid 14 wide, AXIAL's row pass as one image row
+    a tile computes a quarter of the slots of four rows a tile."""
     num_tiles = _num_tiles(layout.height, layout.width, shape)
     picked = np.unique(np.linspace(0, num_tiles - 1, min(samples, num_tiles)).astype(np.int64))
-    sizes = C.plan_union_sizes(*_csr(layout, shape, pairs, left_out), tiles=picked)
-    per_tile = (-(-sizes // TILE)).mean()
-    return per_tile * num_tiles, num_tiles
+    sizes = C.plan_union_sizes(*_csr(layout, shape, pairs, left_out), tiles=picked).astype(np.int64)
+    if not for_cpu:
+        return (-(-sizes // TILE)).mean() * num_tiles, _PASS_COST_PER_TILE * num_tiles
+    queries = (layout.num_tokens - (0 if left_out is None else int(left_out.sum()))) / num_tiles
+    columns = sizes // TILE * TILE + -(-(sizes % TILE) // 8) * 8
+    per_tile = (queries * columns).mean() / (TILE * TILE) + _CPU_COST_PER_TILE
+    return per_tile * num_tiles, _PASS_COST_PER_TILE * num_tiles * queries / TILE
 
 
-def _best_shape(layout, pairs, left_out):
-    """The tile shape with the fewest (estimated) chunks for the selected pairs."""
+def _best_shape(layout, pairs, left_out, for_cpu):
+    """(shape, cost, merge cost) of the tile shape that costs least for the selected pairs."""
     best = None
     seen = set()
     for shape in _SHAPES:
@@ -250,43 +263,61 @@ def _best_shape(layout, pairs, left_out):
         if shape in seen:
             continue
         seen.add(shape)
-        chunks, tiles = _estimate_chunks(layout, shape, pairs, left_out)
-        if best is None or chunks < best[1]:
-            best = (shape, chunks, tiles)
+        cost, merge = _estimate_cost(layout, shape, pairs, left_out, for_cpu)
+        if best is None or cost < best[1]:
+            best = (shape, cost, merge)
     return best
 
 
-def build_tile_plan(layout, keep_long_rows=False):
-    """``layout``'s TilePlan, or None when the layout is too large to plan (see
-    MAX_PAIRS). With keep_long_rows the long rows stay in the plan, which then
-    holds every pair: the CUDA tensor-core backward takes such a plan, where
-    one block walking a long row's many chunks costs less than the row and
-    column kernels doing the whole backward."""
+def _planned_rows(layout, keep_long_rows):
+    """(long rows, left_out mask or None, pairs planned)."""
     n = layout.num_tokens
-    if n == 0 or layout.nnz > MAX_PAIRS:
-        return None
     long_rows = np.zeros(0, dtype=np.int32) if keep_long_rows else _long_rows(layout)
     left_out = None
     if long_rows.size:
         left_out = np.zeros(n, dtype=bool)
         left_out[long_rows] = True
-    planned = layout.nnz - int(layout.degrees()[long_rows].sum())
-    shape, chunks, _ = _best_shape(layout, PAIRS_ALL, left_out)
-    options = [(chunks, [(shape, PAIRS_ALL)])]
+    return long_rows, left_out, layout.nnz - int(layout.degrees()[long_rows].sum())
+
+
+def choose_passes(layout, keep_long_rows=False, for_cpu=False):
+    """The passes of the plan as [(shape, pairs)]: one tiling of every pair, or
+    two (same row and other rows, or same column and other columns) where
+    that costs less (see _estimate_cost); None when the layout is too large
+    to plan (see MAX_PAIRS)."""
+    if layout.num_tokens == 0 or layout.nnz > MAX_PAIRS:
+        return None
+    _, left_out, planned = _planned_rows(layout, keep_long_rows)
+    shape, cost, _ = _best_shape(layout, PAIRS_ALL, left_out, for_cpu)
+    options = [(cost, [(shape, PAIRS_ALL)])]
     # a split can only win where one pass leaves chunks well short of full
     splits, counts = (), None
-    if chunks * TILE * TILE > 1.25 * max(1, planned):
+    whole_chunks, _ = _estimate_cost(layout, shape, PAIRS_ALL, left_out, False)
+    if whole_chunks * TILE * TILE > 1.25 * max(1, planned):
         splits = ((PAIRS_SAME_ROW, PAIRS_OTHER_ROWS), (PAIRS_SAME_COLUMN, PAIRS_OTHER_COLUMNS))
         counts = C.plan_pair_counts(layout.indptr, layout.indices, layout.height, layout.width,
                                     left_out=left_out)
     for first_pairs, second_pairs in splits:
         if counts[first_pairs] == 0 or counts[second_pairs] == 0:
             continue
-        first = _best_shape(layout, first_pairs, left_out)
-        second = _best_shape(layout, second_pairs, left_out)
-        cost = first[1] + second[1] + _PASS_COST_PER_TILE * second[2]
-        options.append((cost, [(first[0], first_pairs), (second[0], second_pairs)]))
-    _, passes = min(options, key=lambda option: option[0])
+        first = _best_shape(layout, first_pairs, left_out, for_cpu)
+        second = _best_shape(layout, second_pairs, left_out, for_cpu)
+        options.append((first[1] + second[1] + second[2], [(first[0], first_pairs), (second[0], second_pairs)]))
+    return min(options, key=lambda option: option[0])[1]
+
+
+def build_tile_plan(layout, keep_long_rows=False, passes=None):
+    """``layout``'s TilePlan (of ``passes`` from choose_passes, by default the
+    GPU's choice), or None when the layout is too large to plan (see
+    MAX_PAIRS). With keep_long_rows the long rows stay in the plan, which then
+    holds every pair: the CUDA tensor-core backward takes such a plan, where
+    one block walking a long row's many chunks costs less than the row and
+    column kernels doing the whole backward."""
+    if passes is None:
+        passes = choose_passes(layout, keep_long_rows)
+    if passes is None:
+        return None
+    long_rows, left_out, planned = _planned_rows(layout, keep_long_rows)
     plan = [_build_pass(layout, shape, pairs, left_out) for shape, pairs in passes]
     return TilePlan(plan, long_rows, planned)
 

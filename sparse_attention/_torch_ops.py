@@ -244,7 +244,7 @@ def _cpu_bias_backward_plan(layout, stencil, head_dim, max_relative):
     if (max_relative is None or not _tiles.use_tiled_cpu_kernel
             or (_stencil.use_window_kernel and _stencil.window_takes(stencil, head_dim))):
         return None, []
-    plan = layout.tile_plan()
+    plan = layout.cpu_tile_plan()
     if plan is None or plan.long_rows.size or plan.cpu_fill < _tiles.CPU_MIN_FILL:
         return None, []
     tensors = layout.tile_plan_tensors(torch.device("cpu"))

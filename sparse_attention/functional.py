@@ -198,7 +198,7 @@ def _numpy_forward(query, key, value, layout, scale, bias, key_mask, dropout_p, 
     elif kind == "stencil":
         plan = dict(stencil=layout.stencil())
     elif kind == "tiles":
-        buffer, passes, long_rows = layout.packed_tile_plan()
+        buffer, passes, long_rows = layout.packed_tile_plan(cpu=True)
         plan = dict(tile_plan=buffer, tile_passes=passes, long_rows=long_rows)
     C.attention_forward(query, key, value, out, lse, layout.indptr, layout.indices,
                         height=layout.height, width=layout.width, scale=scale, rel_pos_bias=bias,

@@ -324,6 +324,20 @@ class Layout:
 
         return self._built_once("plan", build_tile_plan)
 
+    def cpu_tile_plan(self):
+        """The plan the CPU tile kernels run, built once: its tile shapes are
+        chosen by the slots the CPU computes (see _tiles._estimate_cost); the
+        same object as tile_plan() where that chooses the same passes."""
+        from ._tiles import build_tile_plan, choose_passes
+
+        def build(layout):
+            passes = choose_passes(layout, for_cpu=True)
+            if passes is None or passes == choose_passes(layout):
+                return layout.tile_plan()
+            return build_tile_plan(layout, passes=passes)
+
+        return self._built_once("cpu_plan", build)
+
     def full_tile_plan(self):
         """The tile plan with the long rows kept in it (every pair planned), for
         the CUDA tensor-core backward; the same object as tile_plan() when that
@@ -354,19 +368,19 @@ class Layout:
 
         return self._built_once("split", lattice_split)
 
-    def packed_tile_plan(self, full=False):
+    def packed_tile_plan(self, full=False, cpu=False):
         """(buffer, passes, long_rows) of the tile plan (of full_tile_plan() with
-        full) as the C entry point takes it (NumPy arrays, built once), or None
-        without a plan."""
+        full, of cpu_tile_plan() with cpu) as the C entry point takes it (NumPy
+        arrays, built once), or None without a plan."""
         def pack(layout):
-            plan = layout.full_tile_plan() if full else layout.tile_plan()
+            plan = layout.full_tile_plan() if full else layout.cpu_tile_plan() if cpu else layout.tile_plan()
             if plan is None:
                 return None
             buffer, passes = plan.packed()
             buffer.setflags(write=False)
             return buffer, [int(x) for x in passes], plan.long_rows if plan.long_rows.size else None
 
-        return self._built_once("packed_full" if full else "packed", pack)
+        return self._built_once("packed_full" if full else "packed_cpu" if cpu else "packed", pack)
 
     def _built_once(self, key, build, cache=None):
         """build(self), cached under key (None results too) in cache: the plan
@@ -392,14 +406,16 @@ class Layout:
         """The tile plan on ``device`` as the C entry point takes it: a dict with
         ``buffer`` (one int32 tensor), ``passes`` (six ints per pass), ``num_passes``,
         ``long_rows`` (int32 tensor or None) and ``long_row_max_keys``; copied once.
-        None without a plan."""
+        On the CPU, of cpu_tile_plan(). None without a plan."""
         import torch
 
+        on_cpu = torch.device(device).type == "cpu"
+
         def build(layout):
-            plan = layout.tile_plan()
+            plan = layout.cpu_tile_plan() if on_cpu else layout.tile_plan()
             if plan is None:
                 return None
-            buffer, passes, _ = layout.packed_tile_plan()
+            buffer, passes, _ = layout.packed_tile_plan(cpu=on_cpu)
             return {
                 "buffer": _tensor_of(buffer, device),
                 "passes": passes,

@@ -79,7 +79,7 @@ def test_key_panels_kept_across_tiles(pattern, dim):
 @pytest.mark.parametrize("pattern", ["block", "longformer"])
 def test_statistics_match_the_row_kernel(pattern):
     layout = build_layout(pattern, 16, 24, block_size=8, kernel_size=5)
-    assert len(layout.tile_plan()) == 1
+    assert len(layout.cpu_tile_plan()) == 1
     (q, k, v), bias = make(2, 4, 384, 32, bias_side=5)
     args = dict(rel_pos_bias=bias.float(), return_lse=True, return_stats=True)
     got = attention(q.float(), k.float(), v.float(), layout, **args)
@@ -98,7 +98,7 @@ def test_statistics_merge_across_axial_passes(size):
     (q, k, v), bias = make(2, 3, n, 16, bias_side=5)
     key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(8)) > 0.3
     args = dict(key_mask=key_mask, head_active=torch.tensor([True, False, True]))
-    passes = len(layout.tile_plan())
+    passes = len(layout.cpu_tile_plan())
     before = _torch_ops.tiled_passes_run
     out, stats = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(),
                            return_stats=True, **args)
@@ -142,7 +142,7 @@ def test_nan_key_poisons_exactly_its_rows_across_merged_passes(token):
     log-sum-exp into the first's eight rows at a time: a NaN key seen by only
     one of the passes must still make exactly the rows that attend it NaN."""
     layout = build_layout("axial", 12, 20)
-    assert len(layout.tile_plan()) == 2
+    assert len(layout.cpu_tile_plan()) == 2
     (q, k, v), _ = make(1, 2, 240, 16)
     q, k, v = q.float(), k.float(), v.float()
     k[0, 1, token, 3] = float("nan")
@@ -343,7 +343,7 @@ def test_passes_head_by_head_match_passes_over_all_heads():
     # with enough (batch, head) pairs per thread the CPU runs every pass of one
     # pair after another; otherwise each pass over all pairs: the same sums
     layout = build_layout("axial", 18, 22)
-    assert len(layout.tile_plan()) == 2
+    assert len(layout.cpu_tile_plan()) == 2
     (q, k, v), bias = make(2, 2, 18 * 22, 16, bias_side=7)
     args = dict(rel_pos_bias=bias.float(), dropout_p=0.1, dropout_seed=5, return_lse=True)
     before = get_num_threads()
@@ -496,3 +496,25 @@ def test_chunks_in_halves_skip_the_empty_blocks(size):
     grad_out = torch.randn(2, 3, n, 24, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     got = bias_gradients(attention, layout, q, k, v, bias, grad_out, **args)
     assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args)
+
+
+@pytest.mark.parametrize("size", [(14, 14), (12, 23), (24, 5)])
+def test_axial_on_the_cpu_plan_against_the_reference(size):
+    """AXIAL on a small grid runs on its CPU plan (one image row or column a
+    tile): forward with statistics and backward with a bias, key mask, pruned
+    head and dropout against the float64 reference."""
+    layout = build_layout("axial", *size)
+    assert layout.cpu_tile_plan() is not layout.tile_plan()
+    q, k, v, bias, grad_out, args = bias_training_inputs(layout, 5)
+    before = _torch_ops.tiled_passes_run, _torch_ops.tiled_backwards_run
+    got = bias_gradients(attention, layout, q, k, v, bias, grad_out, **args)
+    assert _torch_ops.tiled_passes_run == before[0] + len(layout.cpu_tile_plan())
+    assert _torch_ops.tiled_backwards_run == before[1] + 1
+    assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args)
+    out, stats = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(), return_stats=True,
+                           key_mask=args["key_mask"], head_active=args["head_active"])
+    ref_out, _, probs = reference_attention(q.float(), k.float(), v.float(), layout, bias=bias.float(),
+                                            key_mask=args["key_mask"], head_active=args["head_active"])
+    assert (out.double() - ref_out).abs().max() < 2e-5
+    expected = reference_statistics(probs)
+    assert (stats.double() - expected).abs().max() < 2e-5 * max(1.0, expected.abs().max().item())

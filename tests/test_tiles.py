@@ -7,7 +7,7 @@ import torch
 
 from sparse_attention import _tiles, _torch_ops, build_layout
 from sparse_attention._native import C
-from sparse_attention._tiles import TILE, build_tile_plan
+from sparse_attention._tiles import TILE, build_tile_plan, choose_passes
 
 from reference import reference_tile_pass
 
@@ -15,12 +15,13 @@ PATTERNS = ["dense", "axial", "block", "longformer", "strided", "random"]
 SIZES = [(1, 1), (1, 17), (9, 1), (7, 13), (33, 35), (20, 70), (64, 64)]
 
 
+@pytest.mark.parametrize("for_cpu", [False, True])
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_plan_covers_every_pair_once(pattern, size):
+def test_plan_covers_every_pair_once(pattern, size, for_cpu):
     layout = build_layout(pattern, *size, kernel_size=5, block_size=4, num_global_tokens=2,
                           attention_ratio=0.3)
-    plan = build_tile_plan(layout)
+    plan = build_tile_plan(layout, passes=choose_passes(layout, for_cpu=for_cpu))
     n = layout.num_tokens
     queries, keys = zip(*(one.pairs() for one in plan))
     got = np.sort(np.concatenate(queries).astype(np.int64) * n + np.concatenate(keys))
@@ -64,14 +65,31 @@ def test_cpu_fill_counts_the_slots_the_cpu_kernels_compute(pattern, size):
     assert plan.fill <= plan.cpu_fill <= 1.0
 
 
+def test_the_cpu_plan_picks_tiles_by_the_slots_the_cpu_computes():
+    """On a grid 14 wide AXIAL's GPU plan tiles four image rows at a time (4
+    chunks a pass); the CPU computes only the used slots, so its plan takes
+    one row (column) a tile, a quarter of the slots. The GPU plan stays as it
+    was; where both choose alike they are one object."""
+    layout = build_layout("axial", 14, 14)
+    shared, cpu = layout.tile_plan(), layout.cpu_tile_plan()
+    assert [one.shape for one in shared] == [(4, 14), (14, 4)]
+    assert [one.shape for one in cpu] == [(1, 14), (14, 1)]
+    assert cpu.cpu_fill > 3 * shared.cpu_fill
+    for other in (build_layout("axial", 64, 64), build_layout("block", 16, 16), build_layout("random", 14, 14)):
+        assert other.cpu_tile_plan() is other.tile_plan()
+    buffer, passes, _ = layout.packed_tile_plan(cpu=True)
+    np.testing.assert_array_equal(buffer, cpu.packed()[0])
+    assert layout.tile_plan_tensors("cpu")["num_passes"] == len(cpu)
+
+
 def test_the_cpu_takes_the_tiles_by_the_slots_it_computes():
     from sparse_attention import _stencil
 
     small = build_layout("axial", 4, 4)  # a 64 x 64 chunk of 16 x 16 tokens
-    assert small.tile_plan().fill < _tiles.CPU_MIN_FILL <= small.tile_plan().cpu_fill
+    assert small.cpu_tile_plan().fill < _tiles.CPU_MIN_FILL <= small.cpu_tile_plan().cpu_fill
     assert _stencil.cpu_kernel_choice(small) == "tiles"
     scattered = build_layout("random", 64, 64, attention_ratio=0.02)
-    assert scattered.tile_plan().cpu_fill < _tiles.CPU_MIN_FILL
+    assert scattered.cpu_tile_plan().cpu_fill < _tiles.CPU_MIN_FILL
     assert _stencil.cpu_kernel_choice(scattered) is None
 
 
