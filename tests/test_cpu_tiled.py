@@ -360,9 +360,11 @@ def test_passes_head_by_head_match_passes_over_all_heads():
     torch.testing.assert_close(by_head[0].double(), expected[0], atol=2e-5, rtol=2e-5)
 
 
-def test_numpy_arrays_take_the_tiled_path_too():
-    layout = build_layout("axial", 20, 30)
-    (q, k, v), _ = make(1, 2, 600, 16)
+@pytest.mark.parametrize("size", [(20, 30), (14, 14)])
+def test_numpy_arrays_take_the_tiled_path_too(size):
+    layout = build_layout("axial", *size)
+    assert layout.cpu_tile_plan() is not layout.tile_plan()  # both take the CPU's own plan
+    (q, k, v), _ = make(1, 2, layout.num_tokens, 16)
     arrays = [t.float().numpy() for t in (q, k, v)]
     got = attention(*arrays, layout)
     expected = attention(q.float(), k.float(), v.float(), layout)
