@@ -32,9 +32,10 @@ use_tiled_cpu_kernel = True
 # On the CPU a masked-out slot of a chunk costs as much as a used one, so the
 # tiled kernel only pays when the slots it computes are this full (its
 # cpu_fill). Rows against tiles, float32, 12 heads, D=64, stencils off
-# (benchmarks/NOTES.md): tiles lost at cpu_fill 0.10 (1.2-1.7x slower) and
-# 0.14 (even to 1.3x slower), and won from 0.165 on (0.85-0.93x) to 0.44-0.5
-# (0.4-0.6x: AXIAL and RANDOM 50% at 14 x 14).
+# (benchmarks/NOTES.md, on the shared and on the CPU plans): tiles lost at
+# cpu_fill 0.03-0.11 (1.1-5x slower), tied forward+backward around 0.14-0.15
+# (forward 1.04-1.3x slower) and won forward+backward from 0.158 on (0.86x
+# and less; RANDOM 50% at 14 x 14, cpu_fill 0.44: 0.37x).
 CPU_MIN_FILL = 0.15
 # tile shapes (rows x columns of the grid) tried for every pass
 _SHAPES = ((8, 8), (4, 16), (16, 4), (2, 32), (32, 2), (1, 64), (64, 1))

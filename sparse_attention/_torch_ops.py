@@ -177,8 +177,9 @@ def _tile_plan_for(layout, device, dtype, head_dim, want_stats, max_relative=Non
     forward (CUDA tensor cores, CPU panels) applies to these arguments, else
     _NO_PLAN. On the CPU a stencil layout gets its stencil: (None, [], None, 0,
     stencil, None, [], None, None), with the layout's tile plan as the
-    backward's where a bias needs it (_cpu_bias_backward_plan), or STRIDED's window stencil with its
-    lattice plan: (buffer, passes, None, 0, stencil, None, [], None, None). The
+    backward's where a bias needs it (_cpu_bias_backward_plan); or STRIDED's
+    window stencil with its lattice plan: (buffer, passes, None, 0, stencil,
+    None, [], None, None). The
     backward's plan is the CUDA plan with its long rows kept in (see
     tiled_backward_long_rows), where the plan leaves rows out. score_perm and
     score_ptr group the backward plan's pairs by bias bucket, for a CUDA call
