@@ -293,7 +293,7 @@ def choose_passes(layout, keep_long_rows=False, for_cpu=False):
     options = [(cost, [(shape, PAIRS_ALL)])]
     # a split can only win where one pass leaves chunks well short of full
     splits, counts = (), None
-    whole_chunks, _ = _estimate_cost(layout, shape, PAIRS_ALL, left_out, False)
+    whole_chunks = _estimate_cost(layout, shape, PAIRS_ALL, left_out, False)[0] if for_cpu else cost
     if whole_chunks * TILE * TILE > 1.25 * max(1, planned):
         splits = ((PAIRS_SAME_ROW, PAIRS_OTHER_ROWS), (PAIRS_SAME_COLUMN, PAIRS_OTHER_COLUMNS))
         counts = C.plan_pair_counts(layout.indptr, layout.indices, layout.height, layout.width,

@@ -322,7 +322,14 @@ class Layout:
         None when the layout is too large to plan."""
         from ._tiles import build_tile_plan
 
-        return self._built_once("plan", build_tile_plan)
+        return self._built_once("plan", lambda layout: build_tile_plan(layout, passes=layout._gpu_passes()))
+
+    def _gpu_passes(self):
+        """tile_plan()'s choice of passes, worked out once (cpu_tile_plan()
+        compares its own with it)."""
+        from ._tiles import choose_passes
+
+        return self._built_once("gpu_passes", choose_passes)
 
     def cpu_tile_plan(self):
         """The plan the CPU tile kernels run, built once: its tile shapes are
@@ -332,7 +339,7 @@ class Layout:
 
         def build(layout):
             passes = choose_passes(layout, for_cpu=True)
-            if passes is None or passes == choose_passes(layout):
+            if passes is None or passes == layout._gpu_passes():
                 return layout.tile_plan()
             return build_tile_plan(layout, passes=passes)
 
