@@ -407,3 +407,36 @@ int sa_layout_transpose(int64_t num_tokens, const int64_t *row_ptr, const int32_
     free(cursor);
     return status < 0 ? -1 : 0;
 }
+
+int sa_layout_check_csr(int64_t num_tokens, const int64_t *row_ptr, const int32_t *col_idx, int64_t nnz,
+                        char *err, size_t n)
+{
+    if (row_ptr[0] != 0 || row_ptr[num_tokens] != nnz) {
+        snprintf(err, n, "indptr: expected offsets from 0 to %lld (the length of indices), got %lld to %lld",
+                 (long long)nnz, (long long)row_ptr[0], (long long)row_ptr[num_tokens]);
+        return -1;
+    }
+    for (int64_t i = 0; i < num_tokens; i++) {
+        const int64_t begin = row_ptr[i], end = row_ptr[i + 1];
+        if (end < begin) {
+            snprintf(err, n, "indptr: offsets decrease at row %lld (%lld, then %lld)", (long long)i,
+                     (long long)begin, (long long)end);
+            return -1;
+        }
+        /* the offsets so far rose to here, so begin..end lies inside indices */
+        for (int64_t p = begin; p < end; p++) {
+            const int32_t key = col_idx[p];
+            if (key < 0 || key >= num_tokens) {
+                snprintf(err, n, "indices: row %lld holds key %d, outside [0, %lld)", (long long)i, key,
+                         (long long)num_tokens);
+                return -1;
+            }
+            if (p > begin && key <= col_idx[p - 1]) {
+                snprintf(err, n, "indices: the keys of row %lld must rise strictly (no repeats), got %d after %d",
+                         (long long)i, key, col_idx[p - 1]);
+                return -1;
+            }
+        }
+    }
+    return 0;
+}

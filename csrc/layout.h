@@ -47,4 +47,10 @@ int sa_layout_fill(const sa_layout_spec *spec, const int64_t *row_ptr, int32_t *
 int sa_layout_transpose(int64_t num_tokens, const int64_t *row_ptr, const int32_t *col_idx,
                         int64_t *col_ptr, int32_t *row_idx, int num_threads);
 
+/* Checks a CSR that came from outside (a custom layout): offsets from 0 to nnz
+ * that never decrease, and every row's keys in [0, N) and strictly ascending.
+ * Returns 0, or -1 with a message naming the first bad row. */
+int sa_layout_check_csr(int64_t num_tokens, const int64_t *row_ptr, const int32_t *col_idx, int64_t nnz,
+                        char *err, size_t err_len);
+
 #endif /* SA_LAYOUT_H */

@@ -1030,6 +1030,68 @@ fail:
     return NULL;
 }
 
+static char *transpose_kwlist[] = {"indptr", "indices", "num_tokens", NULL};
+
+/* A custom layout's CSR (NumPy arrays, any DLPack CPU buffers), checked in full,
+ * and its transpose as (col_ptr, row_idx): what build_layout returns beside
+ * the CSR of a built-in pattern. */
+static PyObject *layout_transpose(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    PyObject *indptr_obj, *indices_obj, *col_ptr = NULL, *row_idx = NULL;
+    long long num_tokens;
+    view_set set = {.count = 0, .stream = -1};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOL", transpose_kwlist, &indptr_obj, &indices_obj,
+                                     &num_tokens))
+        return NULL;
+    if (num_tokens < 1 || num_tokens >= INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "num_tokens: expected 1 to 2**31 - 2, got %lld", num_tokens);
+        return NULL;
+    }
+    sa_view *rp = take(&set, indptr_obj, "indptr", 0);
+    sa_view *ci = rp ? take(&set, indices_obj, "indices", 0) : NULL;
+    if (!ci) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "indptr, indices: expected arrays, got None");
+        goto fail;
+    }
+    if (rp->device.device_type != kDLCPU || ci->device.device_type != kDLCPU) {
+        PyErr_SetString(PyExc_ValueError, "indptr, indices: expected CPU arrays");
+        goto fail;
+    }
+    int64_t tokens[1] = {num_tokens + 1}, any1[1] = {-1};
+    if (check_buffer(rp, rp, SA_DT_I64, tokens, 1) < 0 || check_buffer(ci, rp, SA_DT_I32, any1, 1) < 0) goto fail;
+    const int64_t *row_ptr = (const int64_t *)rp->data, nnz = ci->shape[0];
+    const int32_t *col_idx = (const int32_t *)ci->data;
+    char err[ERR_LEN] = "";
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = sa_layout_check_csr(num_tokens, row_ptr, col_idx, nnz, err, sizeof(err));
+    Py_END_ALLOW_THREADS
+    if (status < 0) {
+        PyErr_SetString(PyExc_ValueError, err);
+        goto fail;
+    }
+    col_ptr = new_array(num_tokens + 1, NPY_INT64);
+    row_idx = new_array(nnz, NPY_INT32);
+    if (!col_ptr || !row_idx) goto fail;
+    const int threads = sa_cpu_get_num_threads();
+    Py_BEGIN_ALLOW_THREADS
+    status = sa_layout_transpose(num_tokens, row_ptr, col_idx, PyArray_DATA((PyArrayObject *)col_ptr),
+                                 PyArray_DATA((PyArrayObject *)row_idx), threads);
+    Py_END_ALLOW_THREADS
+    if (status < 0) {
+        PyErr_SetString(PyExc_MemoryError, "out of memory while transposing a layout");
+        goto fail;
+    }
+    release_all(&set);
+    return Py_BuildValue("(NN)", col_ptr, row_idx);
+fail:
+    release_all(&set);
+    Py_XDECREF(col_ptr);
+    Py_XDECREF(row_idx);
+    return NULL;
+}
+
 /* ---- tile plans ----------------------------------------------------------- */
 
 static char *plan_kwlist[] = {"row_ptr", "col_idx", "height", "width", "tile_h", "tile_w", "pairs", "left_out",
@@ -1406,6 +1468,8 @@ static PyMethodDef module_methods[] = {
      "Writes the dropout generator's keep mask for (rows[e], cols[e]) or every (rows[i], cols[j])."},
     {"build_layout", (PyCFunction)(void (*)(void))build_layout, METH_VARARGS | METH_KEYWORDS,
      "Builds a layout; returns (row_ptr, col_idx, col_ptr, row_idx) NumPy arrays."},
+    {"layout_transpose", (PyCFunction)(void (*)(void))layout_transpose, METH_VARARGS | METH_KEYWORDS,
+     "Checks a custom layout's CSR (indptr, indices, num_tokens) and returns its transpose (col_ptr, row_idx)."},
     {"plan_union_sizes", (PyCFunction)(void (*)(void))plan_union_sizes, METH_VARARGS | METH_KEYWORDS,
      "Distinct keys of each tile of a tile-plan pass (every tile, or the listed ones)."},
     {"plan_pair_counts", (PyCFunction)(void (*)(void))plan_pair_counts, METH_VARARGS | METH_KEYWORDS,

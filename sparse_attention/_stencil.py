@@ -77,7 +77,27 @@ def _describe(layout: Layout):
             return None
         offsets.update((a, b) for a in lattice_y for b in lattice_x)
         return sorted(offsets), empty, empty
+    if layout.pattern is None:
+        return _offsets_of_custom(layout), empty, empty
     return None
+
+
+def _offsets_of_custom(layout: Layout):
+    """Every (dy, dx) that some pair of a custom layout spans: the stencil the
+    layout is, if it is one (_matches then checks every row against it), or
+    None where there are too many to be worth one."""
+    h, w = layout.height, layout.width
+    if layout.nnz == 0:
+        return None
+    queries = layout.row_ids()
+    keys = layout.indices.astype(np.int64)
+    codes = (keys // w - queries // w + h - 1) * (2 * w - 1) + (keys % w - queries % w + w - 1)
+    present = np.zeros((2 * h - 1) * (2 * w - 1), dtype=bool)
+    present[codes] = True
+    if int(present.sum()) > MAX_OFFSETS:
+        return None
+    dy, dx = np.divmod(np.flatnonzero(present), 2 * w - 1)
+    return [(int(a) - (h - 1), int(b) - (w - 1)) for a, b in zip(dy, dx)]
 
 
 def _matches(layout: Layout, offsets, keys, rows) -> bool:
@@ -124,7 +144,7 @@ def stencil_of(layout: Layout):
     if described is None:
         return None
     offsets, keys, rows = described
-    if not offsets or len(offsets) > MAX_OFFSETS or not _matches(layout, offsets, keys, rows):
+    if offsets is None or not offsets or len(offsets) > MAX_OFFSETS or not _matches(layout, offsets, keys, rows):
         return None
     return _pack(offsets, keys, rows)
 

@@ -79,6 +79,23 @@ def _layout_while_tracing(pattern, height, width, knobs):
     return build_layout(pattern, height, width, **dict(knobs))
 
 
+def _custom_layout(builder, height, width):
+    """The layout a custom pattern (a callable (height, width) -> Layout) gives, checked."""
+    layout = builder(height, width)
+    if not isinstance(layout, Layout):
+        raise TypeError(f"sparsity_pattern: the custom pattern returned {type(layout).__name__} for a "
+                        f"{height} x {width} map, expected a sparse_attention.Layout")
+    if (layout.height, layout.width) != (height, width):
+        raise ValueError(f"sparsity_pattern: the custom pattern returned a {layout.height} x {layout.width} "
+                         f"layout for a {height} x {width} map")
+    return layout
+
+
+@torch.compiler.assume_constant_result
+def _custom_layout_while_tracing(builder, height, width):
+    return _custom_layout(builder, height, width)
+
+
 class EnhancedSparseAttention(nn.Module):
     """Sparse multi-head self-attention for ``[B, C, H, W]`` feature maps.
 
@@ -90,7 +107,10 @@ class EnhancedSparseAttention(nn.Module):
         dropout: attention-weight dropout in training (0.1); none in eval.
         use_bias: biases in the projections (True).
         skip_connection: add the input (projected when Cin != Cout) (True).
-        sparsity_pattern: a :class:`SparsityPattern` or its name (RANDOM).
+        sparsity_pattern: a :class:`SparsityPattern` or its name (RANDOM), or
+            a pattern of your own: a callable ``(height, width) -> Layout``
+            such as ``CustomPattern(rule)`` (see custom_layouts.py), called
+            once per map size.
         use_relative_pos: learnable relative position bias table
             ``[heads, 2M+1, 2M+1]`` applied inside the kernels (True).
         max_relative_positions: M, offsets are clamped to [-M, M] (32).
@@ -123,11 +143,18 @@ class EnhancedSparseAttention(nn.Module):
         if isinstance(max_relative_positions, bool) or not isinstance(max_relative_positions, numbers.Integral) \
                 or max_relative_positions < 0:
             raise ValueError(f"max_relative_positions: expected an int >= 0, got {max_relative_positions!r}")
-        self.sparsity_pattern = SparsityPattern.parse(sparsity_pattern)
+        if callable(sparsity_pattern) and not isinstance(sparsity_pattern, (str, SparsityPattern)):
+            self.sparsity_pattern = sparsity_pattern  # the user's own: (height, width) -> Layout
+            self.pattern_name = str(getattr(sparsity_pattern, "name", None)
+                                    or getattr(sparsity_pattern, "__name__", "custom"))
+        else:
+            self.sparsity_pattern = SparsityPattern.parse(sparsity_pattern)
+            self.pattern_name = self.sparsity_pattern.name
         self.layout_knobs = dict(kernel_size=kernel_size, block_size=block_size, stride=stride,
                                  num_global_tokens=num_global_tokens,
                                  attention_ratio=attention_ratio, seed=seed)
-        build_layout(self.sparsity_pattern, 1, 1, **self.layout_knobs)  # checks every knob now
+        # checks every knob now (a custom pattern ignores them, but a bad one is still a mistake)
+        build_layout(self._built_in_pattern or SparsityPattern.DENSE, 1, 1, **self.layout_knobs)
         self.attention_ratio = float(attention_ratio)
         self.kernel_size = kernel_size
         self.dropout = float(dropout)
@@ -239,7 +266,7 @@ class EnhancedSparseAttention(nn.Module):
             mean=overall_mean, std=math.sqrt(overall_var),
             sparsity=1.0 - density if passes else 0.0,
             entropy=(entropy.sum() / rows.sum().clamp_min(1)).item(),
-            pattern_type=self.sparsity_pattern.name,
+            pattern_type=self.pattern_name,
             head_importance=self.head_importance.detach().cpu().tolist(),
             mean_per_head=mean.tolist(), std_per_head=var.sqrt().tolist(),
             entropy_per_head=ent.tolist(), num_forward_passes=int(passes), density=density)
@@ -283,16 +310,27 @@ class EnhancedSparseAttention(nn.Module):
 
     # -- forward -------------------------------------------------------------
 
+    @property
+    def _built_in_pattern(self):
+        """The SparsityPattern, or None for a custom pattern."""
+        return self.sparsity_pattern if isinstance(self.sparsity_pattern, SparsityPattern) else None
+
     def layout_for(self, height: int, width: int) -> Layout:
         """The (cached) layout of this module's pattern for an H x W map."""
+        built_in = self._built_in_pattern
         if torch.compiler.is_compiling():
             # worked out while torch.compile traces (a constant of the graph,
             # guarded by the map's size): no graph break
-            return _layout_while_tracing(self.sparsity_pattern, static_int(height), static_int(width),
+            if built_in is None:
+                return _custom_layout_while_tracing(self.sparsity_pattern, static_int(height), static_int(width))
+            return _layout_while_tracing(built_in, static_int(height), static_int(width),
                                          tuple(self.layout_knobs.items()))
         layout = self._layouts.get((height, width))
         if layout is None:  # build_layout validates every knob; do that once per size
-            layout = build_layout(self.sparsity_pattern, height, width, **self.layout_knobs)
+            if built_in is None:
+                layout = _custom_layout(self.sparsity_pattern, height, width)
+            else:
+                layout = build_layout(built_in, height, width, **self.layout_knobs)
             self._layouts[(height, width)] = layout
         return layout
 
@@ -433,7 +471,7 @@ class EnhancedSparseAttention(nn.Module):
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, num_heads={self.num_heads}, "
-                f"pattern={self.sparsity_pattern.name}, dropout={self.dropout}, "
+                f"pattern={self.pattern_name}, dropout={self.dropout}, "
                 f"relative_pos={self.use_relative_pos}, learnable_pos={self.use_learnable_pos}, "
                 f"native={self.use_cuda_kernel}")
 

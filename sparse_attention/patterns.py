@@ -167,13 +167,27 @@ def layout_by_serial(serial: int) -> "Layout":
 class Layout:
     """An immutable sparsity layout over an H x W grid (CSR plus transpose).
 
-    Attributes: ``pattern``, ``height``, ``width``, ``num_tokens``, ``nnz``,
-    ``density``, ``indptr`` (int64, N+1), ``indices`` (int32, nnz, ascending per
-    row), ``col_ptr`` / ``row_indices`` (the transpose), ``params`` (the knobs).
+    Attributes: ``pattern`` (a SparsityPattern, or None for a custom layout),
+    ``name`` (the pattern's name, or the custom layout's), ``height``,
+    ``width``, ``num_tokens``, ``nnz``, ``density``, ``indptr`` (int64, N+1),
+    ``indices`` (int32, nnz, ascending per row), ``col_ptr`` / ``row_indices``
+    (the transpose), ``params`` (the knobs). Custom layouts come from
+    sparse_attention.layout_from_rule, layout_from_mask and layout_from_csr,
+    which check the CSR in full.
     """
 
-    def __init__(self, pattern, height, width, indptr, indices, col_ptr, row_indices, params=None):
-        self.pattern = SparsityPattern.parse(pattern, "pattern")
+    def __init__(self, pattern, height, width, indptr, indices, col_ptr, row_indices, params=None, name=None):
+        if pattern is None:
+            if name is None:
+                name = "custom"
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"name: expected a non-empty str, got {name!r}")
+            self.pattern, self.name = None, name
+        else:
+            self.pattern = SparsityPattern.parse(pattern, "pattern")
+            if name is not None and name != self.pattern.name:
+                raise ValueError(f"name: a {self.pattern.name} layout is named {self.pattern.name}, got {name!r}")
+            self.name = self.pattern.name
         self.height = _as_int(height, "height")
         self.width = _as_int(width, "width")
         self.num_tokens = self.height * self.width
@@ -211,7 +225,8 @@ class Layout:
     # and plans that are cheaper to rebuild than to store.
     def __getstate__(self):
         return {name: getattr(self, name) for name in
-                ("pattern", "height", "width", "params", "indptr", "indices", "col_ptr", "row_indices")}
+                ("pattern", "name", "height", "width", "params", "indptr", "indices", "col_ptr",
+                 "row_indices")}
 
     def __setstate__(self, state):
         if not isinstance(state, dict):
@@ -245,7 +260,7 @@ class Layout:
 
     def __repr__(self):
         knobs = ", ".join(f"{k}={v}" for k, v in self.params.items())
-        return (f"Layout({self.pattern.name}, {self.height}x{self.width}, nnz={self.nnz}, "
+        return (f"Layout({self.name}, {self.height}x{self.width}, nnz={self.nnz}, "
                 f"density={self.density:.4f}{', ' + knobs if knobs else ''})")
 
     def neighbors(self, i: int) -> np.ndarray:

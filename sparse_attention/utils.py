@@ -73,7 +73,7 @@ def draw_layout(layout: Layout, query_points=None, ax=None, title: Optional[str]
         ax.plot([x], [y], marker="x", color="black", markersize=6)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title or f"{layout.pattern.name}: density {layout.density:.3f}", fontsize=9)
+    ax.set_title(title or f"{layout.name}: density {layout.density:.3f}", fontsize=9)
     return fig
 
 
@@ -147,7 +147,7 @@ def visualize_attention_patterns(module, input_tensor, query_points=None, heads=
             ax.set_yticks([])
             ax.set_title(f"head {h}: max {np.nanmax(grid):.2f}", fontsize=8)
             fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
-    fig.suptitle(f"{layout.pattern.name} ({height}x{width}, density {layout.density:.3f}); "
+    fig.suptitle(f"{layout.name} ({height}x{width}, density {layout.density:.3f}); "
                  f"mean {stats.mean:.3g}, entropy {stats.entropy:.3g} nats", fontsize=9)
     fig.tight_layout()
     if save_path:

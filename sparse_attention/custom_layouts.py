@@ -1,0 +1,177 @@
+"""Layouts of the user's own patterns.
+
+Three ways in, from the most convenient to the most direct:
+
+- ``layout_from_rule(rule, height, width)``: a function of grid coordinates,
+  ``rule(yi, xi, yj, xj) -> bool array``, evaluated on NumPy integer arrays
+  (the query's row and column as a column vector, the key's as a row vector)
+  a block of query rows at a time, so no N x N array is ever held;
+- ``layout_from_mask(mask, height, width)``: an N x N boolean mask (NumPy or
+  torch), for small grids and for layouts that already exist as a mask;
+- ``layout_from_csr(height, width, indptr, indices)``: the CSR itself.
+
+``CustomPattern(rule)`` wraps a rule so that ``EnhancedSparseAttention`` can
+build its layout for every map size it meets
+(``sparsity_pattern=CustomPattern(rule)``).
+
+Every path ends in C, which checks the CSR in full (offsets from 0 to nnz that
+never decrease, keys in range and strictly ascending per row) and builds the
+transpose. A custom layout runs on every kernel: the tile kernels plan it like
+any other, and one whose rows are the same offsets from every query, clipped
+at the grid (a dilated or one-sided window), runs on the CPU stencil kernels.
+Rows may be empty: such a query gets output 0, gradient 0 and lse -inf, as a
+row that a key mask empties.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._native import C
+from .patterns import Layout, _as_int
+
+# query rows of the grid evaluated per call of a rule: about this many pairs
+_RULE_BLOCK_PAIRS = 1 << 22
+
+
+def _grid(height, width):
+    height = _as_int(height, "height")
+    width = _as_int(width, "width")
+    if height < 1:
+        raise ValueError(f"height: expected >= 1, got {height}")
+    if width < 1:
+        raise ValueError(f"width: expected >= 1, got {width}")
+    if height * width >= (1 << 31) - 1:
+        raise ValueError(f"height, width: expected fewer than 2**31 - 1 tokens, got {height} x {width}")
+    return height, width
+
+
+def _name(name, default):
+    name = default if name is None else name
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name: expected a non-empty str, got {name!r}")
+    return name
+
+
+def layout_from_csr(height, width, indptr, indices, *, name="custom") -> Layout:
+    """A layout from its CSR on a height x width grid (token t = y * width + x):
+    ``indptr`` (N + 1 offsets, any integer dtype) and ``indices`` (the keys of
+    every row, strictly ascending, any integer dtype). Raises ValueError naming
+    the first bad row."""
+    height, width = _grid(height, width)
+    n = height * width
+    arrays = []
+    for label, array, dtype in (("indptr", indptr, np.int64), ("indices", indices, np.int32)):
+        if hasattr(array, "detach"):  # a torch tensor
+            array = array.detach().cpu().numpy()
+        array = np.asarray(array)
+        if array.ndim != 1:
+            raise ValueError(f"{label}: expected a 1-D array, got shape {array.shape}")
+        if array.size and not np.issubdtype(array.dtype, np.integer):
+            raise TypeError(f"{label}: expected integers, got dtype {array.dtype}")
+        if label == "indices" and array.size and (array.min() < 0 or array.max() >= n):
+            raise ValueError(f"indices: keys must lie in [0, {n}) for a {height} x {width} grid, got "
+                             f"[{array.min()}, {array.max()}]")
+        arrays.append(np.ascontiguousarray(array, dtype=dtype))
+    indptr, indices = arrays
+    if indptr.shape != (n + 1,):
+        raise ValueError(f"indptr: expected shape ({n + 1},) for a {height} x {width} grid, got {indptr.shape}")
+    col_ptr, row_indices = C.layout_transpose(indptr, indices, n)
+    return Layout(None, height, width, indptr, indices, col_ptr, row_indices, name=_name(name, "custom"))
+
+
+def layout_from_mask(mask, height, width, *, name="custom") -> Layout:
+    """A layout from an N x N boolean mask (N = height * width; NumPy array or
+    torch tensor), True where query i may attend key j. O(N^2) to read: for
+    small grids, and for layouts that exist as masks already."""
+    height, width = _grid(height, width)
+    n = height * width
+    if hasattr(mask, "detach"):
+        mask = mask.detach().cpu().numpy()
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        raise TypeError(f"mask: expected a bool array, got dtype {mask.dtype}")
+    if mask.shape != (n, n):
+        raise ValueError(f"mask: expected shape ({n}, {n}) for a {height} x {width} grid, got {mask.shape}")
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(mask.sum(axis=1), out=indptr[1:])
+    indices = np.nonzero(mask)[1]  # row-major: ascending within each row
+    return layout_from_csr(height, width, indptr, indices, name=name)
+
+
+def layout_from_rule(rule, height, width, *, name=None) -> Layout:
+    """A layout from ``rule(yi, xi, yj, xj)``: called with int64 arrays, the
+    query's row and column of shape [r, 1] and the key's of shape [1, N], it
+    returns a bool array that broadcasts to [r, N], True where the query may
+    attend the key. It is called on blocks of query rows (about 4 M pairs a
+    call), so it must be elementwise. ``name`` defaults to the rule's
+    ``__name__`` (``"custom"`` for a lambda).
+
+    Example, a 7 x 7 window dilated by 2 (every other row and column)::
+
+        def dilated(yi, xi, yj, xj):
+            dy, dx = yi - yj, xi - xj
+            return (abs(dy) <= 6) & (abs(dx) <= 6) & (dy % 2 == 0) & (dx % 2 == 0)
+    """
+    if not callable(rule):
+        raise TypeError(f"rule: expected a callable rule(yi, xi, yj, xj), got {type(rule).__name__}")
+    height, width = _grid(height, width)
+    default = getattr(rule, "__name__", "custom")
+    name = _name(name, "custom" if default == "<lambda>" else default)
+    n = height * width
+    tokens = np.arange(n, dtype=np.int64)
+    key_y, key_x = (tokens // width)[None, :], (tokens % width)[None, :]
+    step = max(1, _RULE_BLOCK_PAIRS // n)
+    counts = np.zeros(n, dtype=np.int64)
+    pieces = []
+    for start in range(0, n, step):
+        rows = tokens[start:start + step, None]
+        allowed = rule(rows // width, rows % width, key_y, key_x)
+        allowed = np.asarray(allowed.detach().cpu().numpy() if hasattr(allowed, "detach") else allowed)
+        if allowed.dtype != np.bool_:
+            raise TypeError(f"rule: expected it to return a bool array, got dtype {allowed.dtype} "
+                            f"(compare, and combine with & and |)")
+        try:
+            allowed = np.broadcast_to(allowed, (rows.shape[0], n))
+        except ValueError:
+            raise ValueError(f"rule: expected a result that broadcasts to ({rows.shape[0]}, {n}) "
+                             f"(query rows, keys), got shape {allowed.shape}") from None
+        counts[start:start + rows.shape[0]] = allowed.sum(axis=1)
+        pieces.append(np.nonzero(allowed)[1].astype(np.int32))
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return layout_from_csr(height, width, indptr, np.concatenate(pieces), name=name)
+
+
+class CustomPattern:
+    """A rule (see layout_from_rule) as a pattern: ``pattern(height, width)``
+    builds its layout for that grid once and keeps it. Give it to
+    ``EnhancedSparseAttention(..., sparsity_pattern=CustomPattern(rule))``.
+    A module that holds one pickles when the rule does (a function defined at
+    the top level of a module, not a lambda)."""
+
+    def __init__(self, rule, name=None):
+        if not callable(rule):
+            raise TypeError(f"rule: expected a callable rule(yi, xi, yj, xj), got {type(rule).__name__}")
+        default = getattr(rule, "__name__", "custom")
+        self.rule = rule
+        self.name = _name(name, "custom" if default == "<lambda>" else default)
+        self._layouts = {}
+
+    def __call__(self, height, width) -> Layout:
+        key = (_as_int(height, "height"), _as_int(width, "width"))
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = layout_from_rule(self.rule, *key, name=self.name)
+            self._layouts[key] = layout
+        return layout
+
+    # the built layouts are a cache: cheaper to rebuild than to store
+    def __getstate__(self):
+        return {"rule": self.rule, "name": self.name}
+
+    def __setstate__(self, state):
+        self.__init__(state["rule"], state["name"])
+
+    def __repr__(self):
+        return f"CustomPattern({self.name})"
