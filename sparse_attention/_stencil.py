@@ -43,6 +43,15 @@ use_lattice_split = True
 # the window kernel (csrc/attention_cpu_window.c), the others on the strip
 # kernel; tests turn this off to compare the two.
 use_window_kernel = True
+# A custom layout that is a stencil runs on the stencil kernels only while its
+# CPU tile plan is sparser than this (cpu_fill): the strip kernel's cost per
+# pair grows with the image rows its offsets reach, and layouts whose tiles
+# fill well (AXIAL's rule, a 15 x 15 window) ran faster on the tiles
+# (benchmarks/custom_layouts.py; results/custom_layouts/, two runs): the
+# stencils won at cpu_fill 0.13-0.39, the tiles at 0.48-0.99 (0.5: 1.3-1.4x
+# dense SDPA against the stencil's 2.0-2.1x), except a short cross at
+# 16 x 16 (0.54), 14-18% faster on the stencil.
+CUSTOM_STENCIL_MAX_FILL = 0.45
 
 
 def _window(radius, height, width):
@@ -198,6 +207,17 @@ def lattice_split(layout: Layout):
     return _pack(window, empty, empty), buffer, [int(x) for x in passes]
 
 
+def _custom_stencil_pays(layout: Layout) -> bool:
+    plan = layout.cpu_tile_plan() if _tiles_enabled() else None
+    return plan is None or plan.cpu_fill < CUSTOM_STENCIL_MAX_FILL
+
+
+def _tiles_enabled() -> bool:
+    from . import _tiles
+
+    return _tiles.use_tiled_cpu_kernel
+
+
 def cpu_kernel_choice(layout: Layout):
     """Which float32 CPU kernels take ``layout``: "split" (STRIDED's window on the
     stencil, its lattice on the tiles), "stencil", "tiles" or None (the row
@@ -208,7 +228,7 @@ def cpu_kernel_choice(layout: Layout):
     if use_stencil_cpu_kernel:
         if use_lattice_split and layout.stencil_split() is not None:
             return "split"
-        if layout.stencil() is not None:
+        if layout.stencil() is not None and (layout.pattern is not None or _custom_stencil_pays(layout)):
             return "stencil"
     if _tiles.use_tiled_cpu_kernel:
         plan = layout.cpu_tile_plan()

@@ -189,3 +189,15 @@ def test_small_maps_script_compares_every_pattern_with_dense():
     for pattern in ("axial", "random"):
         assert re.search(rf"\| {pattern} \| [\d.]+ \| (tiles|rows|stencil|split) \| [\d.]+x \| [\d.]+ "
                          rf"\| [\d.]+x \| [\d.]+ \|", out), out
+
+
+def test_custom_layouts_script_times_every_family_against_dense(tmp_path):
+    out = run_script("custom_layouts.py", "--sides", "8", "--rounds", "1", "--rules",
+                     "dilated_7_by_2,checkerboard_16", "--out", str(tmp_path))
+    ratio = r"[\d.]+ / [\d.]+"
+    # the dilated window is a stencil: all three families; the checkerboard's
+    # blocks shift no offsets at 16 a side, but on an 8 x 8 grid it is one block, a stencil too
+    for rule in ("dilated_7_by_2", "checkerboard_16"):
+        assert re.search(rf"\| {rule} \| 8x8 \| [\d.]+ \| {ratio} \| {ratio} \| {ratio} \| "
+                         rf"(stencil \((window|strip)\)|tiles|rows) \| (stencil|tiles|rows) \|", out), out
+    assert (tmp_path / "custom_layouts.md").read_text().count("| 8x8 |") == 2

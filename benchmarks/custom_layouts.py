@@ -1,0 +1,159 @@
+"""Custom layouts on the CPU: each kernel family against dense SDPA.
+
+    python benchmarks/custom_layouts.py [--sides 32,64] [--rounds 5] [--out DIR]
+
+For a few patterns of one's own (built with ``layout_from_rule``), this times
+the float32 CPU op forward (no_grad) and forward+backward on every kernel
+family that can take the layout: the stencil kernels (the window kernel where
+C takes the offsets, else the strip kernel), the tile kernels and the row
+kernels, each forced in turn, alternating with dense
+``scaled_dot_product_attention`` on the same tensors within every round. It
+prints the median over rounds of (ours / dense) per family and the family
+``_stencil.cpu_kernel_choice`` takes. B = max(1, 8192 // N), 8 heads, D=32.
+With ``--out`` it writes ``custom_layouts.md`` there."""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from sparse_attention import _stencil, _tiles, layout_from_rule  # noqa: E402
+from sparse_attention import sparse_scaled_dot_product_attention as attention  # noqa: E402
+
+HEADS, HEAD_DIM, ROWS = 8, 32, 8192
+
+
+def neighborhood_7(yi, xi, yj, xj):
+    """A 7 x 7 window clipped at the borders (LONGFORMER without a global token)."""
+    return (abs(yi - yj) <= 3) & (abs(xi - xj) <= 3)
+
+
+def dilated_7_by_2(yi, xi, yj, xj):
+    """A 7 x 7 window over every other row and column (a 13 x 13 reach)."""
+    dy, dx = yi - yj, xi - xj
+    return (abs(dy) <= 6) & (abs(dx) <= 6) & (dy % 2 == 0) & (dx % 2 == 0)
+
+
+def causal_window_7(yi, xi, yj, xj):
+    """The rows above and the query's own row of a 7 x 7 window."""
+    return (yj <= yi) & (abs(yi - yj) <= 3) & (abs(xi - xj) <= 3)
+
+
+def cross_11(yi, xi, yj, xj):
+    """The query's row and column, 5 tokens either way."""
+    return ((yi == yj) & (abs(xi - xj) <= 5)) | ((xi == xj) & (abs(yi - yj) <= 5))
+
+
+def axial_rule(yi, xi, yj, xj):
+    """AXIAL's rule, as a custom pattern (a stencil of 2H + 2W - 3 offsets)."""
+    return (yi == yj) | (xi == xj)
+
+
+def window_15(yi, xi, yj, xj):
+    """A 15 x 15 window, past the window kernel's 13 x 13 box."""
+    return (abs(yi - yj) <= 7) & (abs(xi - xj) <= 7)
+
+
+def checkerboard_16(yi, xi, yj, xj):
+    """Keys of the query's colour in its 16 x 16 block (not a stencil: blocks do not shift)."""
+    return (yi // 16 == yj // 16) & (xi // 16 == xj // 16) & ((yi + xi) % 2 == (yj + xj) % 2)
+
+
+RULES = [neighborhood_7, dilated_7_by_2, causal_window_7, cross_11, axial_rule, window_15, checkerboard_16]
+
+
+def forced(family, fn):
+    """fn() with the CPU's kernels forced to ``family`` (stencil, tiles or rows)."""
+    saved = _stencil.use_stencil_cpu_kernel, _tiles.CPU_MIN_FILL, _stencil.CUSTOM_STENCIL_MAX_FILL
+    _stencil.use_stencil_cpu_kernel = family == "stencil"
+    _stencil.CUSTOM_STENCIL_MAX_FILL = float("inf")
+    _tiles.CPU_MIN_FILL = 0.0 if family in ("tiles", "stencil") else float("inf")
+    try:
+        return fn()
+    finally:
+        _stencil.use_stencil_cpu_kernel, _tiles.CPU_MIN_FILL, _stencil.CUSTOM_STENCIL_MAX_FILL = saved
+
+
+def seconds(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(rule, side, rounds):
+    layout = layout_from_rule(rule, side, side)
+    n = layout.num_tokens
+    batch = max(1, ROWS // n)
+    q, k, v = (torch.randn(batch, HEADS, n, HEAD_DIM) for _ in range(3))
+    families = (["stencil"] if layout.stencil() is not None else []) + ["tiles", "rows"]
+
+    def step(run):
+        def forward():
+            with torch.no_grad():
+                run(q, k, v)
+
+        def training():
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            run(*leaves).sum().backward()
+        return forward, training
+
+    ours = step(lambda *t: attention(*t, layout))
+    dense = step(lambda *t: F.scaled_dot_product_attention(*t))
+    for family in families:  # warm: plans and caches
+        forced(family, ours[1])
+    dense[1]()
+    ratios = {(family, s): [] for family in families for s in (0, 1)}
+    for _ in range(rounds):
+        for s in (0, 1):
+            base = seconds(dense[s])
+            for family in families:
+                ratios[family, s].append(forced(family, lambda: seconds(ours[s])) / base)
+    chosen = _stencil.cpu_kernel_choice(layout) or "rows"
+    chosen = "stencil" if chosen in ("stencil", "split") else chosen
+    window = ""
+    if layout.stencil() is not None:
+        window = " (window)" if _stencil.window_takes(layout.stencil(), HEAD_DIM) else " (strip)"
+    cells = []
+    for family in ("stencil", "tiles", "rows"):
+        if family in families:
+            cells.append(f"{statistics.median(ratios[family, 0]):.2f} / {statistics.median(ratios[family, 1]):.2f}")
+        else:
+            cells.append("-")
+    best = min(families, key=lambda f: statistics.median(ratios[f, 1]))
+    return (f"| {rule.__name__} | {side}x{side} | {layout.density:.4f} | {' | '.join(cells)} "
+            f"| {chosen}{window if chosen == 'stencil' else ''} | {best} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sides", default="32,64")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rules", default=",".join(r.__name__ for r in RULES))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    by_name = {r.__name__: r for r in RULES}
+    rules = [by_name[name] for name in args.rules.split(",")]
+    lines = [f"ours / dense SDPA, forward / forward+backward, median of {args.rounds} rounds; B = max(1, {ROWS} // N), "
+             f"{HEADS} heads, D={HEAD_DIM}, float32, torch {torch.__version__}, {torch.get_num_threads()} threads",
+             "",
+             "| rule | grid | density | stencil | tiles | rows | rule takes | fastest f+b |",
+             "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for side in (int(s) for s in args.sides.split(",")):
+        for rule in rules:
+            lines.append(measure(rule, side, args.rounds))
+            print(lines[-1], flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "custom_layouts.md"), "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+"""Custom layouts: built from rules, masks and CSR arrays, checked in C, and run
+by every kernel family, the PyTorch path, NumPy and the module."""
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from reference import reference_attention
+from sparse_attention import (CustomPattern, EnhancedSparseAttention, Layout, _stencil, _tiles, build_layout,
+                              layout_from_csr, layout_from_mask, layout_from_rule)
+from sparse_attention import sparse_scaled_dot_product_attention as attention
+
+TOL = {torch.float64: dict(atol=1e-10, rtol=1e-9), torch.float32: dict(atol=3e-5, rtol=3e-4)}
+
+
+# rules at the top level of the module, so that modules holding them pickle
+def dilated(yi, xi, yj, xj):
+    dy, dx = yi - yj, xi - xj
+    return (abs(dy) <= 4) & (abs(dx) <= 4) & (dy % 2 == 0) & (dx % 2 == 0)
+
+
+def causal_window(yi, xi, yj, xj):
+    return (yj <= yi) & (abs(yi - yj) <= 2) & (abs(xi - xj) <= 2)
+
+
+def earlier_neighbours(yi, xi, yj, xj):
+    """Strictly earlier tokens of a 5 x 5 window: token 0 has no key at all."""
+    return (yj * 100000 + xj < yi * 100000 + xi) & (abs(yi - yj) <= 2) & (abs(xi - xj) <= 2)
+
+
+def top_rows_only(yi, xi, yj, xj):
+    """Only the queries of the first image row attend (the rest are empty rows),
+    and only keys of even columns are ever attended (empty columns)."""
+    return (yi == 0) & (xj % 2 == 0) & (yj == 0) | ((yi == 0) & (yj == 1) & (xj == xi))
+
+
+def cross(yi, xi, yj, xj):
+    return ((yi == yj) & (abs(xi - xj) <= 3)) | ((xi == xj) & (abs(yi - yj) <= 3))
+
+
+def checkerboard(yi, xi, yj, xj):
+    return (yi // 4 == yj // 4) & (xi // 4 == xj // 4) & ((yi + xi) % 2 == (yj + xj) % 2)
+
+
+RULES = [dilated, causal_window, earlier_neighbours, top_rows_only, cross, checkerboard]
+SIZES = [(1, 9), (8, 1), (7, 13), (16, 16)]
+
+
+def dense_mask(rule, height, width):
+    """The rule's N x N mask by brute force, pair by pair."""
+    n = height * width
+    mask = np.zeros((n, n), dtype=bool)
+    for i in range(n):
+        for j in range(n):
+            mask[i, j] = bool(rule(i // width, i % width, j // width, j % width))
+    return mask
+
+
+def transpose_by_numpy(layout):
+    rows = np.repeat(np.arange(layout.num_tokens), layout.degrees())
+    order = np.lexsort((rows, layout.indices))
+    col_ptr = np.zeros(layout.num_tokens + 1, dtype=np.int64)
+    np.cumsum(np.bincount(layout.indices, minlength=layout.num_tokens), out=col_ptr[1:])
+    return col_ptr, rows[order]
+
+
+# -- building ------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 9), (8, 1), (7, 13)])
+@pytest.mark.parametrize("rule", RULES)
+def test_rule_mask_and_csr_give_the_same_layout(rule, size):
+    layout = layout_from_rule(rule, *size)
+    mask = dense_mask(rule, *size)
+    np.testing.assert_array_equal(layout.to_dense(), mask)
+    from_mask = layout_from_mask(mask, *size)
+    from_csr = layout_from_csr(*size, layout.indptr, layout.indices)
+    for other in (from_mask, from_csr):
+        for name in ("indptr", "indices", "col_ptr", "row_indices"):
+            np.testing.assert_array_equal(getattr(other, name), getattr(layout, name))
+    col_ptr, row_indices = transpose_by_numpy(layout)
+    np.testing.assert_array_equal(layout.col_ptr, col_ptr)
+    np.testing.assert_array_equal(layout.row_indices, row_indices)
+    assert layout.pattern is None and layout.name == rule.__name__
+    assert from_mask.name == "custom"
+
+
+def test_rules_for_built_in_patterns_give_their_layouts():
+    rules = {
+        "axial": lambda yi, xi, yj, xj: (yi == yj) | (xi == xj),
+        "block": lambda yi, xi, yj, xj: (yi // 4 == yj // 4) & (xi // 4 == xj // 4),
+        "dense": lambda yi, xi, yj, xj: np.ones(np.broadcast(yi, yj).shape, dtype=bool),
+    }
+    for pattern, rule in rules.items():
+        for size in [(1, 1), (5, 9), (13, 7), (24, 20)]:
+            built = build_layout(pattern, *size, block_size=4)
+            custom = layout_from_rule(rule, *size)
+            for name in ("indptr", "indices", "col_ptr", "row_indices"):
+                np.testing.assert_array_equal(getattr(custom, name), getattr(built, name))
+
+
+def test_rule_is_evaluated_in_blocks_of_rows(monkeypatch):
+    from sparse_attention import custom_layouts
+
+    monkeypatch.setattr(custom_layouts, "_RULE_BLOCK_PAIRS", 3 * 91)
+    calls = []
+
+    def counting(yi, xi, yj, xj):
+        calls.append(yi.shape[0])
+        return dilated(yi, xi, yj, xj)
+
+    layout = layout_from_rule(counting, 7, 13)
+    assert calls == [3] * 30 + [1]
+    np.testing.assert_array_equal(layout.to_dense(), dense_mask(dilated, 7, 13))
+
+
+def test_torch_masks_and_arrays_of_any_integer_dtype():
+    mask = dense_mask(cross, 5, 6)
+    layout = layout_from_mask(torch.from_numpy(mask), 5, 6)
+    again = layout_from_csr(5, 6, torch.from_numpy(layout.indptr.astype(np.int32)),
+                            layout.indices.astype(np.uint16))
+    np.testing.assert_array_equal(again.indices, layout.indices)
+    torch_rule = layout_from_rule(lambda yi, xi, yj, xj: torch.from_numpy(cross(yi, xi, yj, xj)), 5, 6)
+    np.testing.assert_array_equal(torch_rule.indices, layout.indices)
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda: layout_from_csr(2, 2, [0, 2, 2, 3, 4], [1, 0, 1, 1]), ValueError, "row 0 must rise strictly"),
+    (lambda: layout_from_csr(2, 2, [0, 2, 2, 3, 4], [0, 0, 1, 1]), ValueError, "no repeats"),
+    (lambda: layout_from_csr(2, 2, [0, 2, 1, 3, 4], [0, 1, 1, 1]), ValueError, "offsets decrease at row 1"),
+    (lambda: layout_from_csr(2, 2, [1, 2, 2, 3, 4], [0, 1, 1, 1]), ValueError, "expected offsets from 0 to 4"),
+    (lambda: layout_from_csr(2, 2, [0, 1, 2, 3, 5], [0, 1, 1, 1]), ValueError, "expected offsets from 0 to 4"),
+    (lambda: layout_from_csr(2, 2, [0, 1, 2, 3], [0, 0, 1]), ValueError, "indptr: expected shape (5,)"),
+    (lambda: layout_from_csr(2, 2, [0, 1, 2, 3, 4], [0, 4, 1, 1]), ValueError, "indices: keys must lie in [0, 4)"),
+    (lambda: layout_from_csr(2, 2, [0, 1, 2, 3, 4], [0, -1, 1, 1]), ValueError, "indices: keys must lie"),
+    (lambda: layout_from_csr(2, 2, [0, 1, 2, 3, 4], [0.0, 1, 1, 1]), TypeError, "indices: expected integers"),
+    (lambda: layout_from_csr(2, 2, [[0, 1, 2, 3, 4]], [0, 1, 1, 1]), ValueError, "indptr: expected a 1-D"),
+    (lambda: layout_from_csr(0, 2, [0], []), ValueError, "height: expected >= 1"),
+    (lambda: layout_from_csr(2, 2.0, [0], []), TypeError, "width: expected an int"),
+    (lambda: layout_from_csr(2, 2, [0, 1, 2, 3, 4], [0, 1, 1, 1], name=""), TypeError, "name"),
+    (lambda: layout_from_mask(np.ones((4, 4)), 2, 2), TypeError, "mask: expected a bool array"),
+    (lambda: layout_from_mask(np.ones((4, 3), dtype=bool), 2, 2), ValueError, "mask: expected shape (4, 4)"),
+    (lambda: layout_from_rule(lambda yi, xi, yj, xj: yi - yj, 3, 3), TypeError, "rule: expected it to return a bool"),
+    (lambda: layout_from_rule(lambda yi, xi, yj, xj: np.ones((2, 2), bool), 3, 3), ValueError, "broadcasts to (9, 9)"),
+    (lambda: layout_from_rule("axial", 3, 3), TypeError, "rule: expected a callable"),
+    (lambda: CustomPattern(3), TypeError, "rule: expected a callable"),
+])
+def test_bad_input_raises_a_clear_error(call, error, words):
+    with pytest.raises(error, match=None) as info:
+        call()
+    assert words in str(info.value)
+
+
+def test_the_c_check_sees_what_python_does_not():
+    from sparse_attention._native import C
+
+    indptr = np.array([0, 2, 1, 4], dtype=np.int64)
+    with pytest.raises(ValueError, match="offsets decrease at row 1"):
+        C.layout_transpose(indptr, np.array([0, 1, 2, 2], dtype=np.int32), 3)
+    with pytest.raises(ValueError, match="holds key 7, outside"):
+        C.layout_transpose(np.array([0, 1, 2, 3]), np.array([0, 7, 1], dtype=np.int32), 3)
+    with pytest.raises(ValueError, match="indptr"):
+        C.layout_transpose(np.array([0, 1, 2], dtype=np.int64), np.array([0, 1], dtype=np.int32), 3)
+    with pytest.raises(ValueError, match="num_tokens"):
+        C.layout_transpose(np.array([0], dtype=np.int64), np.array([], dtype=np.int32), 0)
+    with pytest.raises(TypeError):
+        C.layout_transpose(np.array([0, 1, 2, 3], dtype=np.int32), np.array([0, 1, 2], dtype=np.int32), 3)
+
+
+def test_custom_layouts_pickle_and_repr():
+    layout = layout_from_rule(dilated, 6, 7)
+    copy_ = pickle.loads(pickle.dumps(layout))
+    assert copy_.pattern is None and copy_.name == "dilated"
+    np.testing.assert_array_equal(copy_.indices, layout.indices)
+    assert repr(layout).startswith("Layout(dilated, 6x7, nnz=")
+    with pytest.raises(ValueError, match="name"):
+        Layout("axial", 1, 1, [0, 1], [0], [0, 1], [0], name="mine")
+
+
+# -- which kernels take them ---------------------------------------------------
+
+def test_stencils_are_found_in_custom_layouts():
+    window = build_layout("longformer", 20, 24, kernel_size=5, num_global_tokens=0)
+    custom = layout_from_csr(20, 24, window.indptr, window.indices)
+    np.testing.assert_array_equal(custom.stencil(), window.stencil())
+    assert _stencil.cpu_kernel_choice(custom) == "stencil"
+    assert _stencil.cpu_kernel_choice(layout_from_rule(dilated, 20, 24)) == "stencil"
+    # AXIAL's rule is a stencil, but its tiles fill well: tiles
+    axial = layout_from_rule(lambda yi, xi, yj, xj: (yi == yj) | (xi == xj), 20, 24)
+    assert axial.stencil() is not None and axial.cpu_tile_plan().cpu_fill > _stencil.CUSTOM_STENCIL_MAX_FILL
+    assert _stencil.cpu_kernel_choice(axial) == "tiles"
+    # one row more than the offsets promise: no stencil
+    mask = window.to_dense()
+    mask[5, 400] = True
+    assert layout_from_mask(mask, 20, 24).stencil() is None
+    # a built-in pattern's layout is never rediscovered as a stencil
+    assert build_layout("axial", 20, 24).stencil() is None
+
+
+# -- kernels against the reference ---------------------------------------------
+
+FAMILIES = {
+    "auto": {},
+    "rows": dict(use_stencil_cpu_kernel=False, CPU_MIN_FILL=float("inf")),
+    "tiles": dict(use_stencil_cpu_kernel=False, CPU_MIN_FILL=0.0),
+    "strip": dict(use_window_kernel=False, CUSTOM_STENCIL_MAX_FILL=2.0),
+    "window": dict(CUSTOM_STENCIL_MAX_FILL=2.0),
+}
+
+
+def force(monkeypatch, family):
+    for name, value in FAMILIES[family].items():
+        monkeypatch.setattr(_tiles if name == "CPU_MIN_FILL" else _stencil, name, value)
+
+
+def kernels_run(call):
+    """call(), and which CPU forward kernels it ran: window, strip, tiles or rows."""
+    from sparse_attention import _torch_ops
+    from sparse_attention._native import C
+
+    before = _torch_ops.stencil_forwards_run, C.cpu_window_forwards(), _torch_ops.tiled_passes_run
+    call()
+    after = _torch_ops.stencil_forwards_run, C.cpu_window_forwards(), _torch_ops.tiled_passes_run
+    if after[1] > before[1]:
+        return "window"
+    if after[0] > before[0]:
+        return "strip"
+    return "tiles" if after[2] > before[2] else "rows"
+
+
+def expected_kernels(layout):
+    """The forward kernels a float32 call on ``layout`` should run, by the rules."""
+    choice = _stencil.cpu_kernel_choice(layout)
+    if choice == "stencil":
+        return "window" if _stencil.use_window_kernel and _stencil.window_takes(layout.stencil(), 12) else "strip"
+    return "tiles" if choice == "tiles" else "rows"
+
+
+def gradients(fn, tensors, grad_out):
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("rule", RULES)
+def test_every_kernel_family_matches_the_reference(rule, size, family, monkeypatch):
+    force(monkeypatch, family)
+    layout = layout_from_rule(rule, *size)
+    if family in ("strip", "window"):
+        assert (expected_kernels(layout) in ("strip", "window")) == (layout.stencil() is not None)
+    elif family != "auto":
+        assert expected_kernels(layout) == family
+    n = layout.num_tokens
+    gen = torch.Generator().manual_seed(hash((rule.__name__, size)) % 1000)
+    key_mask = torch.rand(2, n, generator=gen) > 0.25
+    for dtype, with_bias, mask in ((torch.float32, True, key_mask), (torch.float32, False, None),
+                                   (torch.float64, True, None)):
+        q, k, v = (torch.randn(2, 3, n, 12, generator=gen, dtype=torch.float64) for _ in range(3))
+        bias = torch.randn(3, 9, 9, generator=gen, dtype=torch.float64) if with_bias else None
+        grad_out = torch.randn(2, 3, n, 12, generator=gen, dtype=torch.float64)
+
+        def ours(q, k, v, bias):
+            return attention(q, k, v, layout, rel_pos_bias=bias, key_mask=mask, backend="native")
+
+        def ref(q, k, v, bias):
+            return reference_attention(q, k, v, layout, bias=bias, key_mask=mask)[0]
+
+        cast = [None if t is None else t.to(dtype) for t in (q, k, v, bias)]
+        ran = kernels_run(lambda: gradients(ours, cast, grad_out.to(dtype)))
+        out, grads = gradients(ours, cast, grad_out.to(dtype))
+        assert ran == (expected_kernels(layout) if dtype == torch.float32 else "rows")
+        ref_out, ref_grads = gradients(ref, (q, k, v, bias), grad_out)
+        torch.testing.assert_close(out.double(), ref_out, **TOL[dtype])
+        for got, expected in zip(grads, ref_grads):
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got.double(), expected, **TOL[dtype])
+
+
+def test_empty_rows_give_zero_output_and_minus_infinity_lse():
+    layout = layout_from_rule(top_rows_only, 4, 6)
+    assert (layout.degrees()[6:] == 0).all() and (np.diff(layout.col_ptr)[1:6:2] == 0).all()
+    q, k, v = (torch.randn(1, 2, 24, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out, lse = attention(q, k, v, layout, return_lse=True)
+    assert (out[:, :, 6:] == 0).all() and (lse[:, :, 6:] == float("-inf")).all()
+    assert torch.isfinite(lse[:, :, :6]).all()
+    out.sum().backward()
+    assert (q.grad[:, :, 6:] == 0).all()
+    assert (k.grad[:, :, 1:6:2] == 0).all() and (v.grad[:, :, 1:6:2] == 0).all()
+
+
+def test_a_layout_without_pairs():
+    layout = layout_from_csr(3, 4, np.zeros(13, dtype=np.int64), np.zeros(0, dtype=np.int32))
+    q, k, v = (torch.randn(2, 2, 12, 4, requires_grad=True) for _ in range(3))
+    for backend in ("native", "torch"):
+        out, lse = attention(q, k, v, layout, return_lse=True, backend=backend)
+        assert (out == 0).all() and (lse == float("-inf")).all()
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        assert all((g == 0).all() for g in grads)
+
+
+@pytest.mark.parametrize("rule", [dilated, earlier_neighbours, checkerboard])
+def test_dropout_torch_path_and_numpy_agree_with_the_native_kernels(rule):
+    layout = layout_from_rule(rule, 7, 13)
+    n = layout.num_tokens
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, n, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(2, 7, 7, generator=gen, dtype=torch.float64)
+    key_mask = torch.rand(2, n, generator=gen) > 0.2
+    grad_out = torch.randn_like(q)
+    results = []
+    for backend in ("native", "torch"):
+        def fn(q, k, v, bias):
+            return attention(q, k, v, layout, rel_pos_bias=bias, key_mask=key_mask, dropout_p=0.3,
+                             dropout_seed=17, backend=backend)
+        results.append(gradients(fn, (q, k, v, bias), grad_out))
+    ref_out = reference_attention(q, k, v, layout, bias=bias, key_mask=key_mask, dropout_p=0.3,
+                                  dropout_seed=17)[0]
+    torch.testing.assert_close(results[0][0], ref_out, **TOL[torch.float64])
+    torch.testing.assert_close(results[1][0], results[0][0], **TOL[torch.float64])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    as_float = [t.float() for t in (q, k, v, bias)]
+    expected = attention(*as_float[:3], layout, rel_pos_bias=as_float[3], key_mask=key_mask)
+    got = attention(*(t.numpy() for t in as_float[:3]), layout, rel_pos_bias=as_float[3].numpy(),
+                    key_mask=key_mask.numpy())
+    np.testing.assert_array_equal(got, expected.numpy())
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_gradcheck_with_empty_rows(backend):
+    layout = layout_from_rule(earlier_neighbours, 3, 4)
+    assert layout.degrees()[0] == 0
+    gen = torch.Generator().manual_seed(2)
+    leaves = tuple(torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+                   for shape in ((1, 2, 12, 4),) * 3 + ((2, 5, 5),))
+    key_mask = torch.ones(1, 12, dtype=torch.bool)
+    key_mask[0, 5] = False
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, b: attention(q, k, v, layout, rel_pos_bias=b, key_mask=key_mask, dropout_p=0.2,
+                                     dropout_seed=3, backend=backend), leaves, eps=1e-6, atol=1e-6)
+
+
+# -- the module ----------------------------------------------------------------
+
+def test_module_with_a_custom_pattern():
+    torch.manual_seed(0)
+    pattern = CustomPattern(dilated)
+    module = EnhancedSparseAttention(16, 16, num_heads=2, sparsity_pattern=pattern)
+    assert "pattern=dilated" in repr(module)
+    x = torch.randn(2, 16, 9, 11)
+    module(x).sum().backward()
+    stats = module.get_attention_stats()
+    layout = module.layout_for(9, 11)
+    assert layout is pattern(9, 11) and layout.name == "dilated"
+    assert stats.pattern_type == "dilated" and stats.density == pytest.approx(layout.density)
+    module.eval()
+    native = module(x)
+    module.use_cuda_kernel = False
+    torch.testing.assert_close(module(x), native, atol=2e-5, rtol=1e-4)
+    clone = pickle.loads(pickle.dumps(module))
+    clone.use_cuda_kernel = True
+    torch.testing.assert_close(clone(x), native)
+    assert clone.sparsity_pattern.name == "dilated"
+
+
+def test_module_takes_any_layout_builder_and_checks_what_it_returns():
+    layout = layout_from_rule(cross, 5, 5)
+
+    def builder(height, width):
+        return layout if (height, width) == (5, 5) else "not a layout"
+
+    module = EnhancedSparseAttention(8, 8, num_heads=2, sparsity_pattern=builder)
+    assert module.pattern_name == "builder"
+    assert module(torch.randn(1, 8, 5, 5)).shape == (1, 8, 5, 5)
+    with pytest.raises(TypeError, match="returned str for a 4 x 4 map"):
+        module(torch.randn(1, 8, 4, 4))
+    wrong_size = EnhancedSparseAttention(8, 8, num_heads=2, sparsity_pattern=lambda h, w: layout)
+    with pytest.raises(ValueError, match="returned a 5 x 5 layout for a 4 x 6 map"):
+        wrong_size(torch.randn(1, 8, 4, 6))
+    # a lambda rule deep-copies (an EMA copy) though it cannot pickle
+    lam = EnhancedSparseAttention(8, 8, num_heads=2, sparsity_pattern=CustomPattern(lambda a, b, c, d: a == c))
+    assert lam.pattern_name == "custom"
+    copy.deepcopy(lam)(torch.randn(1, 8, 3, 3))
+
+
+def test_module_with_a_custom_pattern_compiles_to_one_graph():
+    torch._dynamo.reset()
+    module = EnhancedSparseAttention(16, 16, num_heads=2, sparsity_pattern=CustomPattern(causal_window)).eval()
+    x = torch.randn(1, 16, 6, 7)
+    compiled = torch.compile(module, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), module(x))
