@@ -81,6 +81,7 @@ typedef struct {
     int32_t *row_by_dy;   /* per row, its table entries ordered by (dy, dx) */
     uint8_t *listed_full; /* per listed row: it attends every token (done here, not by the row kernel) */
     int64_t max_row_entries;
+    int64_t bias_cells;   /* (2M+1)^2: one (batch, head)'s row of grad_bias_rows */
     atomic_llong next_item;
     atomic_int failed;
 } stencil_ctx;
@@ -99,6 +100,9 @@ typedef struct {
     /* backward: query and output-gradient panels padded as the key panels are,
      * and one query row's dS and weights per offset, [entry][pad + x] */
     float *got, *dqt, *dkt, *dvt, *row_lse, *row_delta, *row_grads, *row_weights;
+    /* backward with grad_bias_rows: dS summed per offset, [offset][LANES]; an
+     * offset's pairs all take one cell of the bias table */
+    float *offset_bias_grads;
     void *block;        /* everything above lives in it */
     size_t block_bytes;
 } stencil_work;
@@ -178,14 +182,15 @@ static int work_alloc(stencil_work *w, const stencil_ctx *c, int backward)
                        &w->offset_bias, &scores, &weights, &grads, &w->strip_out, &w->full_row,
                        &w->full_grads, &w->full_dq,
                        &w->got, &w->dqt, &w->dkt, &w->dvt, &w->row_lse, &w->row_delta,
-                       &w->row_grads, &w->row_weights};
+                       &w->row_grads, &w->row_weights, &w->offset_bias_grads};
     const int64_t floats[] = {query_panel, key_panel, key_panel, c->panel_rows * c->key_width,
                               extra * LANES, extra * LANES, offsets * LANES, entries * LANES,
                               entries * LANES, entries * LANES, c->dim * LANES + LANES, rows_q,
                               backward ? rows_q : 0, backward ? (c->p->stencil_num_rows + 1) * c->dim : 0,
                               backward ? query_panel : 0, backward ? c->height * c->dim * c->query_width : 0,
                               backward ? key_panel : 0, backward ? key_panel : 0, backward ? rows_q : 0,
-                              backward ? rows_q : 0, backward ? row_buffer : 0, backward ? row_buffer : 0};
+                              backward ? rows_q : 0, backward ? row_buffer : 0, backward ? row_buffer : 0,
+                              backward && c->p->grad_bias_rows != NULL ? offsets * LANES : 0};
     const int count = (int)(sizeof(floats) / sizeof(floats[0]));
     size_t bytes = 0;
     for (int i = 0; i < count; i++) bytes += ((size_t)floats[i] * sizeof(float) + 63) / 64 * 64;
@@ -815,6 +820,11 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
         float *grad_q = (float *)p->grad_q + bh * n * dim;
         float *grad_k = (float *)p->grad_k + bh * n * dim;
         float *grad_v = (float *)p->grad_v + bh * n * dim;
+        float *bias_cells = p->grad_bias_rows != NULL ? p->grad_bias_rows + bh * c->bias_cells : NULL;
+        if (bias_cells != NULL) {
+            zero_floats(bias_cells, c->bias_cells);
+            zero_floats(w.offset_bias_grads, p->stencil_num_offsets * LANES);
+        }
         if (p->head_active != NULL && !p->head_active[h]) {
             zero_floats(grad_q, n * dim);
             zero_floats(grad_k, n * dim);
@@ -866,8 +876,14 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
                     const v8 prob = SELECT(live, exp_v8(s - row_lse), zero);
                     v8 keep = SPLAT(c->keep_scale);
                     if (c->threshold > 0) keep = SELECT(entry_keep_lanes(c, sp, e, query_keys), keep, zero);
-                    w.weights[e] = prob * keep;                                   /* of dO in dV */
-                    w.grads[e] = prob * (w.grads[e] * keep - row_delta) * c->scale; /* dS */
+                    const v8 score_grad = prob * (w.grads[e] * keep - row_delta);
+                    w.weights[e] = prob * keep;           /* of dO in dV */
+                    w.grads[e] = score_grad * c->scale;   /* dS, scaled for dQ and dK */
+                    /* lanes off the grid or masked have prob 0, so they add nothing */
+                    if (bias_cells != NULL) {
+                        float *sum = w.offset_bias_grads + (int64_t)c->row_offset[sp.first + e] * LANES;
+                        STOREU(sum, LOADU(sum) + score_grad);
+                    }
                 }
                 float *dq = w.dqt + y * dim * qw + x0;
                 strip_weighted(w.grads, kt, kw, at, sp.count, dim, dq, qw, 1);
@@ -925,6 +941,14 @@ static void backward_heads(void *opaque, int64_t first, int64_t last)
             else
                 backward_listed_row(c, b, h, i, grad_q, grad_k, grad_v);
         }
+        if (bias_cells != NULL) {
+            /* offsets in their order, lanes in theirs: the same sum on any thread count */
+            for (int64_t o = 0; o < p->stencil_num_offsets; o++) {
+                float sum = 0.0f;
+                for (int l = 0; l < LANES; l++) sum += w.offset_bias_grads[o * LANES + l];
+                bias_cells[sa_bias_cell(p, -p->stencil_offsets[2 * o], -p->stencil_offsets[2 * o + 1])] += sum;
+            }
+        }
     }
     work_free(&w);
 }
@@ -961,6 +985,7 @@ static int stencil_ctx_init(stencil_ctx *c, const sa_attention_params *p, char *
     c->panel_rows = c->height + p->stencil_num_keys;
     c->max_entries = p->stencil_num_offsets + p->stencil_num_keys;
     c->scale = (float)p->scale;
+    c->bias_cells = (2 * p->max_relative + 1) * (2 * p->max_relative + 1);
     c->keep_scale = p->dropout_p > 0 ? (float)(1.0 / (1.0 - p->dropout_p)) : 1.0f;
     c->threshold = sa_dropout_threshold(p->dropout_p);
     c->is_offset = calloc((size_t)((2 * c->height - 1) * (2 * c->width - 1)), 1);
@@ -1077,10 +1102,16 @@ int sa_cpu_forward_stencil(const sa_attention_params *p, int num_threads, int32_
     return stencil_run(p, num_threads, forward_heads, rows_left, num_left, err, len);
 }
 
+int sa_cpu_stencil_sums_bias_grad(const sa_attention_params *p)
+{
+    return p->bias_table != NULL && p->stencil_num_keys == 0 && p->stencil_num_rows == 0;
+}
+
 int sa_cpu_backward_stencil(const sa_attention_params *p, int num_threads, char *err, size_t len)
 {
-    if (p->grad_scores != NULL) {
-        snprintf(err, len, "the stencil CPU backward does not give a bias gradient");
+    if (p->grad_scores != NULL || (p->grad_bias_rows != NULL && !sa_cpu_stencil_sums_bias_grad(p))) {
+        snprintf(err, len, "the stencil CPU backward gives a bias gradient only in grad_bias_rows, with a "
+                           "bias table, for stencils of offsets alone (no extra keys or listed rows)");
         return SA_ERR_UNSUPPORTED;
     }
     return stencil_run(p, num_threads, backward_heads, NULL, NULL, err, len);

@@ -11,8 +11,13 @@
 int sa_cpu_forward_stencil(const sa_attention_params *p, int num_threads, int32_t *rows_left,
                            int64_t *num_left, char *err, size_t len);
 
-/* The whole backward, stencil_rows included (float32, no bias gradient).
- * p->delta must hold delta already. */
+/* The whole backward, stencil_rows included (float32). p->delta must hold
+ * delta already. The bias gradient comes in grad_bias_rows (written, not
+ * added to), and only where sa_cpu_stencil_sums_bias_grad says so. */
 int sa_cpu_backward_stencil(const sa_attention_params *p, int num_threads, char *err, size_t len);
+
+/* Whether the stencil backward sums the bias gradient of p (a bias table, and
+ * offsets alone: every pair of an offset takes the same cell of the table). */
+int sa_cpu_stencil_sums_bias_grad(const sa_attention_params *p);
 
 #endif /* SA_ATTENTION_CPU_STENCIL_H */

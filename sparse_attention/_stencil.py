@@ -43,6 +43,11 @@ use_lattice_split = True
 # the window kernel (csrc/attention_cpu_window.c), the others on the strip
 # kernel; tests turn this off to compare the two.
 use_window_kernel = True
+# The strip backward sums the bias gradient per offset for stencils of
+# offsets alone (custom windows past the window kernel's box, a dilated
+# window; STRIDED on grids of 8 to 19 a side), which otherwise ran on the
+# tiles or the rows; tests turn it off to compare.
+use_strip_bias_backward = True
 # A custom layout that is a stencil runs on the stencil kernels only while its
 # CPU tile plan is sparser than this (cpu_fill): the strip kernel's cost per
 # pair grows with the image rows its offsets reach, and layouts whose tiles
@@ -165,6 +170,13 @@ def window_takes(stencil, head_dim: int) -> bool:
     the window backward gives the bias gradient (per batch and head), so the
     backward asks here first."""
     return C.cpu_window_takes(stencil, head_dim)
+
+
+def sums_bias_grad(stencil) -> bool:
+    """Whether the strip backward gives this packed stencil's bias gradient
+    itself: offsets alone (no extra keys, no listed rows), whose pairs each
+    take one cell of the bias table per offset; with use_strip_bias_backward."""
+    return use_strip_bias_backward and int(stencil[1]) == 0 and int(stencil[2]) == 0
 
 
 def _pack(offsets, keys, rows):

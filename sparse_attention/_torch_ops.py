@@ -236,14 +236,16 @@ def _tile_plan_for(layout, device, dtype, head_dim, want_stats, max_relative=Non
 
 def _cpu_bias_backward_plan(layout, stencil, head_dim, max_relative):
     """(buffer, passes) of the layout's tile plan for the backward of a CPU
-    stencil call with a bias that the window kernel does not run (STRIDED on
-    grids of 8 to 19 tokens a side, whose lattice offsets leave the window's
-    box; LONGFORMER with kernel_size over 13): of the stencil kernels only
-    the window backward gives the bias gradient, and the tile backward gives
-    it at about the stencil's cost where the row kernels took over twice as
-    long. (None, []) where that does not apply."""
+    stencil call with a bias that neither the window kernel nor the strips
+    sum (LONGFORMER with kernel_size over 13: its global token is a listed
+    row): the tile backward gives it at about the stencil's cost where the
+    row kernels took over twice as long. (None, []) where that does not
+    apply. Stencils of offsets alone (STRIDED on grids of 8 to 19 a side,
+    whose lattice offsets leave the window's box; custom windows) sum it on
+    the strips."""
     if (max_relative is None or not _tiles.use_tiled_cpu_kernel
-            or (_stencil.use_window_kernel and _stencil.window_takes(stencil, head_dim))):
+            or (_stencil.use_window_kernel and _stencil.window_takes(stencil, head_dim))
+            or _stencil.sums_bias_grad(stencil)):
         return None, []
     plan = layout.cpu_tile_plan()
     if plan is None or plan.long_rows.size or plan.cpu_fill < _tiles.CPU_MIN_FILL:
@@ -286,7 +288,8 @@ def segments_for_grid(splits: int, rows: int) -> int:
 
 def _kernel_switches():
     """The module switches that steer the choice of kernel and plan (tests flip them)."""
-    return (_stencil.use_stencil_cpu_kernel, _stencil.use_lattice_split, _tiles.use_tiled_cpu_kernel,
+    return (_stencil.use_stencil_cpu_kernel, _stencil.use_lattice_split, _stencil.use_window_kernel,
+            _stencil.use_strip_bias_backward, _stencil.CUSTOM_STENCIL_MAX_FILL, _tiles.use_tiled_cpu_kernel,
             _tiles.CPU_MIN_FILL, use_tiled_cuda_kernel, use_reference_cuda_kernels,
             split_segment_keys, use_tiled_cuda_backward, tiled_backward_long_rows,
             use_tiled_cuda_backward_extras, merge_stats_cuda_passes)
@@ -481,10 +484,11 @@ def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil
     """The plan for the tiled or stencil CPU backward when it applies (float32
     plans only reach here), or for the CUDA backward's tensor-core gradients,
     else nothing: the row and column kernels run. With a bias, a stencil plan
-    comes back only where the window kernel runs it (the window and tile
-    kernels give the bias gradient on the CPU; the strips do not); elsewhere
-    the layout's tile plan (backward_plan, from _cpu_bias_backward_plan)
-    runs the backward if the forward planned one."""
+    comes back where the window kernel runs it or the stencil is offsets
+    alone (the window, strip and tile kernels give the bias gradient on the
+    CPU; the strips not for extra keys or listed rows); elsewhere the
+    layout's tile plan (backward_plan, from _cpu_bias_backward_plan) runs the
+    backward if the forward planned one."""
     global stencil_backwards_run, tiled_backwards_run
     if device.type == "cuda":
         # every pair must be in the plan (no rows left out), which only this side
@@ -510,7 +514,8 @@ def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil
     if device.type == "cpu" and stencil is not None:
         if not _stencil.use_stencil_cpu_kernel:
             return {}
-        if bias is not None and not (_stencil.use_window_kernel and _stencil.window_takes(stencil, head_dim)):
+        if (bias is not None and not (_stencil.use_window_kernel and _stencil.window_takes(stencil, head_dim))
+                and not _stencil.sums_bias_grad(stencil)):
             if backward_plan is None or tile_plan is not None:
                 return {}  # the bias gradient comes from the row kernels
             # the tile kernels give it (_cpu_bias_backward_plan)

@@ -201,3 +201,9 @@ def test_custom_layouts_script_times_every_family_against_dense(tmp_path):
         assert re.search(rf"\| {rule} \| 8x8 \| [\d.]+ \| {ratio} \| {ratio} \| {ratio} \| "
                          rf"(stencil \((window|strip)\)|tiles|rows) \| (stencil|tiles|rows) \|", out), out
     assert (tmp_path / "custom_layouts.md").read_text().count("| 8x8 |") == 2
+
+
+def test_strip_bias_backward_script_compares_with_what_ran_before():
+    out = run_script("strip_bias_backward.py", "--rounds", "1", "--sides", "10")
+    assert re.search(r"\| strided 10x10 \| (tiles|rows) \| [\d.]+ \| [\d.]+-[\d.]+ \|", out), out
+    assert re.search(r"\| dilated_7_by_2 64x64 \| rows \| [\d.]+ \|", out), out

@@ -142,26 +142,71 @@ def test_window_backward_gives_the_bias_gradient(knobs, size, bias_side):
     ("strided", (19, 19), dict(kernel_size=1, stride=9), False),  # a plan too sparse for the tiles
 ])
 @pytest.mark.parametrize("tiles", [True, False])
-def test_a_bias_gradient_the_window_cannot_give_comes_from_the_tiles_or_the_rows(pattern, size, knobs, planned,
-                                                                                tiles):
-    """A stencil past the window kernel's box (the strips give no bias
-    gradient) runs its backward with a bias on the layout's tile plan where
-    the tiles would take the layout, else on the row kernels; a training
-    call's key mask, pruned head and dropout included."""
+@pytest.mark.parametrize("strips", [True, False])
+def test_a_bias_gradient_the_window_cannot_give_comes_from_the_strips_tiles_or_rows(pattern, size, knobs, planned,
+                                                                                   tiles, strips, monkeypatch):
+    """A stencil past the window kernel's box runs its backward with a bias on
+    the strips where the stencil is offsets alone (they sum the gradient per
+    offset), else on the layout's tile plan where the tiles would take the
+    layout, else on the row kernels; a training call's key mask, pruned head
+    and dropout included."""
+    monkeypatch.setattr(_stencil, "use_strip_bias_backward", strips)
     layout = build_layout(pattern, *size, **knobs)
     assert layout.stencil() is not None and layout.stencil_split() is None
     assert (layout.cpu_tile_plan().cpu_fill >= _tiles.CPU_MIN_FILL) == planned
+    on_strips = strips and _stencil.sums_bias_grad(layout.stencil())
+    assert on_strips == (strips and pattern == "strided")  # LONGFORMER's global token is a listed row
     q, k, v, bias, grad_out, args = bias_training_inputs(layout, 5)
     before = _torch_ops.stencil_backwards_run, _torch_ops.tiled_backwards_run
     got = call_with(_tiles, "use_tiled_cpu_kernel", tiles, bias_gradients, attention, layout, q, k, v, bias,
                     grad_out, **args)
-    assert _torch_ops.stencil_backwards_run == before[0]
-    assert _torch_ops.tiled_backwards_run == before[1] + (tiles and planned)
+    assert _torch_ops.stencil_backwards_run == before[0] + on_strips
+    assert _torch_ops.tiled_backwards_run == before[1] + (tiles and planned and not on_strips)
     assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args)
     # without a bias the stencil backward runs as before
     leaves = [t.float().requires_grad_(True) for t in (q, k, v)]
     attention(*leaves, layout, **args).backward(grad_out.float())
-    assert _torch_ops.stencil_backwards_run == before[0] + 1
+    assert _torch_ops.stencil_backwards_run == before[0] + on_strips + 1
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_strips_bias_gradient_is_the_same_for_any_thread_count(threads):
+    layout = build_layout("strided", 17, 13, kernel_size=5)  # lattice offsets past the window's box
+    assert not _stencil.window_takes(layout.stencil(), 16) and _stencil.sums_bias_grad(layout.stencil())
+    (q, k, v), bias = make(3, 2, layout.num_tokens, 16, bias_side=9)
+    grad_out = torch.randn(3, 2, layout.num_tokens, 16, generator=torch.Generator().manual_seed(5))
+    before = get_num_threads()
+    try:
+        set_num_threads(1)
+        expected = bias_gradients(attention, layout, q, k, v, bias, grad_out)
+        set_num_threads(threads)
+        strip_runs = _torch_ops.stencil_backwards_run
+        got = bias_gradients(attention, layout, q, k, v, bias, grad_out)
+        assert _torch_ops.stencil_backwards_run == strip_runs + 1
+    finally:
+        set_num_threads(before)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+def test_the_strips_refuse_a_bias_gradient_they_cannot_sum():
+    """grad_bias_rows on the strips: only stencils of offsets alone (a listed
+    row's pairs are not one offset each)."""
+    layout = build_layout("longformer", 12, 12, kernel_size=15, num_global_tokens=1)
+    stencil = torch.from_numpy(layout.stencil().copy())
+    assert not _stencil.sums_bias_grad(stencil)
+    (q, k, v), bias = make(1, 2, layout.num_tokens, 8, bias_side=5)
+    q, k, v, bias = (t.float() for t in (q, k, v, bias))
+    tensors = layout.torch_tensors("cpu")
+    out, lse = torch.empty_like(q), torch.empty(1, 2, layout.num_tokens)
+    C.attention_forward(q, k, v, out, lse, tensors["row_ptr"], tensors["col_idx"], height=12, width=12,
+                        scale=0.25, rel_pos_bias=bias, stencil=stencil)
+    grads = [torch.empty_like(q) for _ in range(3)]
+    with pytest.raises(ValueError, match="grad_bias_rows: takes"):
+        C.attention_backward(q, k, v, out, torch.randn_like(q), lse, torch.empty(1, 2, layout.num_tokens), *grads,
+                             tensors["row_ptr"], tensors["col_idx"], tensors["col_ptr"], tensors["row_idx"],
+                             height=12, width=12, scale=0.25, rel_pos_bias=bias, stencil=stencil,
+                             grad_bias_rows=torch.empty(1, 2, 25))
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
