@@ -13,7 +13,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITES = ["tests/test_layout.py", "tests/test_dlpack.py", "tests/test_op.py", "tests/test_hardening.py",
-          "tests/test_cpu_tiled.py", "tests/test_cpu_stencil.py", "tests/test_buffer_cache.py"]
+          "tests/test_cpu_tiled.py", "tests/test_cpu_stencil.py", "tests/test_buffer_cache.py",
+          "tests/test_custom_layouts.py"]
 
 
 def runtime(name):
