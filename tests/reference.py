@@ -162,3 +162,12 @@ def reference_tile_pass(layout, shape, select, left_out):
         chunk_ptr.append(chunk_ptr[-1] + chunks)
     return (queries, np.array(chunk_ptr, dtype=np.int32), np.concatenate(all_keys).reshape(-1, 64),
             np.concatenate(all_masks).reshape(-1, 64).view(np.int64))
+
+
+def step_matches_eager(compiled, twin, x, key_mask, tol):
+    """One step of a compiled module and its eager twin (same weights): equal
+    outputs within tol, and the backward of the same loss run on both."""
+    got, expected = compiled(x, key_mask=key_mask), twin(x, key_mask=key_mask)
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+    got.square().sum().backward()
+    expected.square().sum().backward()
