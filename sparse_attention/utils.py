@@ -147,8 +147,10 @@ def visualize_attention_patterns(module, input_tensor, query_points=None, heads=
             ax.set_yticks([])
             ax.set_title(f"head {h}: max {np.nanmax(grid):.2f}", fontsize=8)
             fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
-    fig.suptitle(f"{layout.name} ({height}x{width}, density {layout.density:.3f}); "
-                 f"mean {stats.mean:.3g}, entropy {stats.entropy:.3g} nats", fontsize=9)
+    # the module's running statistics, from its forward passes so far (this picture's pass is not one)
+    summary = (f"mean {stats.mean:.3g}, entropy {stats.entropy:.3g} nats over {stats.num_forward_passes} "
+               f"forward passes" if stats.num_forward_passes else "no statistics recorded yet")
+    fig.suptitle(f"{layout.name} ({height}x{width}, density {layout.density:.3f}); {summary}", fontsize=9)
     fig.tight_layout()
     if save_path:
         fig.savefig(save_path, dpi=110)

@@ -314,7 +314,9 @@ def test_visualization_renders_a_png():
     data = buffer.getvalue()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert len(fig.axes) >= 9  # 3 query points x (layout + 2 heads), plus colour bars
-    assert "LONGFORMER" in fig._suptitle.get_text()
+    assert "LONGFORMER" in fig._suptitle.get_text() and "over 1 forward passes" in fig._suptitle.get_text()
+    fresh = make(SparsityPattern.LONGFORMER)
+    assert "no statistics recorded yet" in visualize_attention_patterns(fresh, x)._suptitle.get_text()
     fig = draw_patterns(10, 10)
     assert len(fig.axes) == 5
     with pytest.raises(ValueError, match="query_points"):
