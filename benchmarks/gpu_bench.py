@@ -20,12 +20,24 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sparse_attention import build_layout  # noqa: E402
+from sparse_attention import build_layout, layout_from_rule  # noqa: E402
 from sparse_attention import sparse_scaled_dot_product_attention as sparse_attention  # noqa: E402
 from sparse_attention import _torch_ops  # noqa: E402
 from sparse_attention.patterns import global_tokens  # noqa: E402
 
 PATTERNS = ["axial", "block", "longformer", "strided", "random"]
+# patterns of one's own that --patterns may also name (not run by default)
+CUSTOM = {"dilated": "dilated_7_by_2", "causal": "causal_window_7", "cross": "cross_11"}
+
+
+def layout_of(pattern, side):
+    """The built-in pattern's layout, or a custom rule's from custom_layouts.py."""
+    if pattern in CUSTOM:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import custom_layouts
+
+        return layout_from_rule(getattr(custom_layouts, CUSTOM[pattern]), side, side)
+    return build_layout(pattern, side, side, attention_ratio=0.1 if pattern == "random" else 0.5)
 
 
 def time_cuda(fn, repeats, warmup=3):
@@ -191,6 +203,12 @@ def mask_mod_for(pattern, layout, device):
         is_global = torch.zeros(layout.num_tokens, dtype=torch.bool, device=device)
         is_global[torch.from_numpy(global_tokens(layout.num_tokens, layout.params["num_global_tokens"]))] = True
         return lambda b, h, qi, kj: window(qi, kj) | is_global[qi] | is_global[kj]
+    if pattern == "dilated":  # custom_layouts.dilated_7_by_2
+        def dilated(b, h, qi, kj):
+            dy, dx = qi // w - kj // w, qi % w - kj % w
+            return (dy.abs() <= 6) & (dx.abs() <= 6) & (dy % 2 == 0) & (dx % 2 == 0)
+
+        return dilated
     dense = torch.from_numpy(layout.to_dense()).to(device)
     return lambda b, h, qi, kj: dense[qi, kj]
 
@@ -255,7 +273,7 @@ def main():
         print(f"{side}x{side} dense SDPA: fwd {sdpa_fwd:.3f} ms, fwd+bwd {sdpa_fb:.3f} ms", flush=True)
         for pattern in args.patterns.split(","):
             t0 = time.time()
-            layout = build_layout(pattern, side, side, attention_ratio=0.1 if pattern == "random" else 0.5)
+            layout = layout_of(pattern, side)
             t_plan = time.perf_counter()
             plan = layout.tile_plan()
             plan_s = time.perf_counter() - t_plan

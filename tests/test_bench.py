@@ -207,3 +207,22 @@ def test_strip_bias_backward_script_compares_with_what_ran_before():
     out = run_script("strip_bias_backward.py", "--rounds", "1", "--sides", "10")
     assert re.search(r"\| strided 10x10 \| (tiles|rows) \| [\d.]+ \| [\d.]+-[\d.]+ \|", out), out
     assert re.search(r"\| dilated_7_by_2 64x64 \| rows \| [\d.]+ \|", out), out
+
+
+@pytest.mark.parametrize("pattern", ["axial", "block", "longformer", "strided", "random", "dilated", "cross"])
+def test_gpu_bench_mask_mods_equal_the_layouts(pattern):
+    """FlexAttention gets the same mask as our op in the GPU benchmark: its
+    mask_mod, evaluated on every pair of a small grid on the CPU, is the layout."""
+    import importlib
+    import os
+    import sys
+
+    import torch
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    gpu_bench = importlib.import_module("gpu_bench")
+    layout = gpu_bench.layout_of(pattern, 13)
+    n = layout.num_tokens
+    queries, keys = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    mask = gpu_bench.mask_mod_for(pattern, layout, "cpu")(None, None, queries, keys)
+    assert torch.equal(mask.expand(n, n), torch.from_numpy(layout.to_dense()))
