@@ -99,79 +99,128 @@ def layout_from_mask(mask, height, width, *, name="custom") -> Layout:
     return layout_from_csr(height, width, indptr, indices, name=name)
 
 
-def layout_from_rule(rule, height, width, *, name=None) -> Layout:
+def _max_offset(value, height, width):
+    """(rows, columns) of a rule's reach, clipped to the grid, or None."""
+    if value is None:
+        return None
+    pair = (value, value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else value
+    try:
+        rows, cols = (_as_int(v, "max_offset") for v in pair)
+    except (TypeError, ValueError):
+        raise TypeError(f"max_offset: expected an int or a pair of ints (rows, columns), got {value!r}") from None
+    if rows < 0 or cols < 0:
+        raise ValueError(f"max_offset: expected offsets >= 0, got {value!r}")
+    return min(rows, height - 1), min(cols, width - 1)
+
+
+def _checked(allowed, shape):
+    allowed = np.asarray(allowed.detach().cpu().numpy() if hasattr(allowed, "detach") else allowed)
+    if allowed.dtype != np.bool_:
+        raise TypeError(f"rule: expected it to return a bool array, got dtype {allowed.dtype} "
+                        f"(compare, and combine with & and |)")
+    try:
+        return np.broadcast_to(allowed, shape)
+    except ValueError:
+        raise ValueError(f"rule: expected a result that broadcasts to {shape} (query rows, keys), "
+                         f"got shape {allowed.shape}") from None
+
+
+def layout_from_rule(rule, height, width, *, name=None, max_offset=None) -> Layout:
     """A layout from ``rule(yi, xi, yj, xj)``: called with int64 arrays, the
-    query's row and column of shape [r, 1] and the key's of shape [1, N], it
-    returns a bool array that broadcasts to [r, N], True where the query may
-    attend the key. It is called on blocks of query rows (about 4 M pairs a
-    call), so it must be elementwise. ``name`` defaults to the rule's
-    ``__name__`` (``"custom"`` for a lambda).
+    query's row and column of shape [r, 1] and the keys' (of shape [1, N], or
+    [r, K] with ``max_offset``), it returns a bool array that broadcasts to
+    their shape, True where the query may attend the key. It is called on
+    blocks of query rows (about 4 M pairs a call), so it must be elementwise.
+    ``name`` defaults to the rule's ``__name__`` (``"custom"`` for a lambda).
+
+    ``max_offset`` (an int, or (rows, columns)) promises that the rule is
+    False for keys more than that many image rows or columns from the query:
+    only the keys of that box around each query are asked about, so a local
+    pattern costs O(N x box) instead of O(N^2) to build (the dilated window
+    below at 128 x 128: 0.1 s instead of 4.7 s). Keys outside the box are
+    left out whatever the rule would say.
 
     Example, a 7 x 7 window dilated by 2 (every other row and column)::
 
         def dilated(yi, xi, yj, xj):
             dy, dx = yi - yj, xi - xj
             return (abs(dy) <= 6) & (abs(dx) <= 6) & (dy % 2 == 0) & (dx % 2 == 0)
+
+        layout = layout_from_rule(dilated, 128, 128, max_offset=6)
     """
     if not callable(rule):
         raise TypeError(f"rule: expected a callable rule(yi, xi, yj, xj), got {type(rule).__name__}")
     height, width = _grid(height, width)
     default = getattr(rule, "__name__", "custom")
     name = _name(name, "custom" if default == "<lambda>" else default)
+    reach = _max_offset(max_offset, height, width)
     n = height * width
     tokens = np.arange(n, dtype=np.int64)
-    key_y, key_x = (tokens // width)[None, :], (tokens % width)[None, :]
-    step = max(1, _RULE_BLOCK_PAIRS // n)
+    if reach is None:
+        key_y, key_x = (tokens // width)[None, :], (tokens % width)[None, :]
+        box = n
+    else:
+        # the box's offsets row by row: for each query its keys come out ascending
+        dy, dx = np.meshgrid(np.arange(-reach[0], reach[0] + 1), np.arange(-reach[1], reach[1] + 1),
+                             indexing="ij")
+        dy, dx = dy.reshape(1, -1), dx.reshape(1, -1)
+        box = dy.size
+    step = max(1, _RULE_BLOCK_PAIRS // box)
     counts = np.zeros(n, dtype=np.int64)
     pieces = []
     for start in range(0, n, step):
         rows = tokens[start:start + step, None]
-        allowed = rule(rows // width, rows % width, key_y, key_x)
-        allowed = np.asarray(allowed.detach().cpu().numpy() if hasattr(allowed, "detach") else allowed)
-        if allowed.dtype != np.bool_:
-            raise TypeError(f"rule: expected it to return a bool array, got dtype {allowed.dtype} "
-                            f"(compare, and combine with & and |)")
-        try:
-            allowed = np.broadcast_to(allowed, (rows.shape[0], n))
-        except ValueError:
-            raise ValueError(f"rule: expected a result that broadcasts to ({rows.shape[0]}, {n}) "
-                             f"(query rows, keys), got shape {allowed.shape}") from None
+        query_y, query_x = rows // width, rows % width
+        if reach is None:
+            allowed = _checked(rule(query_y, query_x, key_y, key_x), (rows.shape[0], n))
+            keys = None
+        else:
+            ys, xs = query_y + dy, query_x + dx
+            on_grid = (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
+            ys, xs = np.where(on_grid, ys, query_y), np.where(on_grid, xs, query_x)  # the rule sees grid tokens
+            allowed = _checked(rule(query_y, query_x, ys, xs), (rows.shape[0], box)) & on_grid
+            keys = ys * width + xs
         counts[start:start + rows.shape[0]] = allowed.sum(axis=1)
-        pieces.append(np.nonzero(allowed)[1].astype(np.int32))
+        if keys is None:
+            pieces.append(np.nonzero(allowed)[1].astype(np.int32))
+        else:
+            pieces.append(keys[allowed].astype(np.int32))  # row-major: per row, ascending
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
     return layout_from_csr(height, width, indptr, np.concatenate(pieces), name=name)
 
 
 class CustomPattern:
-    """A rule (see layout_from_rule) as a pattern: ``pattern(height, width)``
-    builds its layout for that grid once and keeps it. Give it to
+    """A rule (see layout_from_rule; ``max_offset`` as there) as a pattern:
+    ``pattern(height, width)`` builds its layout for that grid once and keeps it. Give it to
     ``EnhancedSparseAttention(..., sparsity_pattern=CustomPattern(rule))``.
     A module that holds one pickles when the rule does (a function defined at
     the top level of a module, not a lambda)."""
 
-    def __init__(self, rule, name=None):
+    def __init__(self, rule, name=None, max_offset=None):
         if not callable(rule):
             raise TypeError(f"rule: expected a callable rule(yi, xi, yj, xj), got {type(rule).__name__}")
         default = getattr(rule, "__name__", "custom")
         self.rule = rule
         self.name = _name(name, "custom" if default == "<lambda>" else default)
+        _max_offset(max_offset, 1, 1)  # checked now, not at the first map
+        self.max_offset = max_offset
         self._layouts = {}
 
     def __call__(self, height, width) -> Layout:
         key = (_as_int(height, "height"), _as_int(width, "width"))
         layout = self._layouts.get(key)
         if layout is None:
-            layout = layout_from_rule(self.rule, *key, name=self.name)
+            layout = layout_from_rule(self.rule, *key, name=self.name, max_offset=self.max_offset)
             self._layouts[key] = layout
         return layout
 
     # the built layouts are a cache: cheaper to rebuild than to store
     def __getstate__(self):
-        return {"rule": self.rule, "name": self.name}
+        return {"rule": self.rule, "name": self.name, "max_offset": self.max_offset}
 
     def __setstate__(self, state):
-        self.__init__(state["rule"], state["name"])
+        self.__init__(state["rule"], state["name"], state.get("max_offset"))
 
     def __repr__(self):
         return f"CustomPattern({self.name})"

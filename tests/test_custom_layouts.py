@@ -116,6 +116,45 @@ def test_rule_is_evaluated_in_blocks_of_rows(monkeypatch):
     np.testing.assert_array_equal(layout.to_dense(), dense_mask(dilated, 7, 13))
 
 
+REACH = {dilated: 4, causal_window: 2, earlier_neighbours: 2, cross: 3, checkerboard: (3, 3)}
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 9), (8, 1), (7, 13), (16, 16)])
+@pytest.mark.parametrize("rule", list(REACH))
+def test_max_offset_asks_only_the_box_and_builds_the_same_layout(rule, size):
+    shapes = []
+
+    def watched(yi, xi, yj, xj):
+        shapes.append(np.broadcast(yi, xi, yj, xj).shape)
+        return rule(yi, xi, yj, xj)
+
+    everything = layout_from_rule(rule, *size)
+    boxed = layout_from_rule(watched, *size, max_offset=REACH[rule], name=rule.__name__)
+    for name in ("indptr", "indices", "col_ptr", "row_indices"):
+        np.testing.assert_array_equal(getattr(boxed, name), getattr(everything, name))
+    reach = REACH[rule] if isinstance(REACH[rule], tuple) else (REACH[rule],) * 2
+    box = (2 * min(reach[0], size[0] - 1) + 1) * (2 * min(reach[1], size[1] - 1) + 1)
+    assert all(shape[1] == box for shape in shapes) and sum(s[0] for s in shapes) == size[0] * size[1]
+
+
+def test_max_offset_leaves_out_what_lies_beyond_it():
+    everything = layout_from_rule(cross, 9, 9)
+    near = layout_from_rule(cross, 9, 9, max_offset=(1, 2))
+    expected = everything.to_dense() & layout_from_rule(
+        lambda yi, xi, yj, xj: (abs(yi - yj) <= 1) & (abs(xi - xj) <= 2), 9, 9).to_dense()
+    np.testing.assert_array_equal(near.to_dense(), expected)
+    pattern = CustomPattern(cross, max_offset=3)
+    np.testing.assert_array_equal(pattern(9, 9).indices, everything.indices)
+    again = pickle.loads(pickle.dumps(pattern))
+    assert again.max_offset == 3 and again(9, 9).nnz == everything.nnz
+    for bad, error in ((-1, ValueError), ((1, -2), ValueError), ("3", TypeError), ((1, 2, 3), TypeError),
+                       (True, TypeError), (1.5, TypeError)):
+        with pytest.raises(error, match="max_offset"):
+            layout_from_rule(cross, 9, 9, max_offset=bad)
+    with pytest.raises(ValueError, match="max_offset"):
+        CustomPattern(cross, max_offset=-1)
+
+
 def test_torch_masks_and_arrays_of_any_integer_dtype():
     mask = dense_mask(cross, 5, 6)
     layout = layout_from_mask(torch.from_numpy(mask), 5, 6)
