@@ -20,6 +20,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -65,7 +66,23 @@ def checkerboard_16(yi, xi, yj, xj):
     return (yi // 16 == yj // 16) & (xi // 16 == xj // 16) & ((yi + xi) % 2 == (yj + xj) % 2)
 
 
-RULES = [neighborhood_7, dilated_7_by_2, causal_window_7, cross_11, axial_rule, window_15, checkerboard_16]
+def shifted_window_7(height, width):
+    """A 7 x 7 window shifted inward at the borders, so that every query has 49
+    keys (NATTEN's neighbourhood): not a stencil, since the offsets change
+    near the borders. A builder (height, width) -> Layout, the rule needs the grid."""
+    size_y, size_x = min(7, height), min(7, width)
+
+    def rule(yi, xi, yj, xj):
+        y0 = np.clip(yi - 3, 0, height - size_y)
+        x0 = np.clip(xi - 3, 0, width - size_x)
+        return (yj >= y0) & (yj < y0 + size_y) & (xj >= x0) & (xj < x0 + size_x)
+
+    return layout_from_rule(rule, height, width, max_offset=6, name="shifted_window_7")
+
+
+shifted_window_7.builds_layouts = True
+RULES = [neighborhood_7, dilated_7_by_2, causal_window_7, cross_11, axial_rule, window_15, checkerboard_16,
+         shifted_window_7]
 
 
 def forced(family, fn):
@@ -87,7 +104,7 @@ def seconds(fn):
 
 
 def measure(rule, side, rounds):
-    layout = layout_from_rule(rule, side, side)
+    layout = rule(side, side) if getattr(rule, "builds_layouts", False) else layout_from_rule(rule, side, side)
     n = layout.num_tokens
     batch = max(1, ROWS // n)
     q, k, v = (torch.randn(batch, HEADS, n, HEAD_DIM) for _ in range(3))
