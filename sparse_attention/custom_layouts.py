@@ -8,7 +8,9 @@ Three ways in, from the most convenient to the most direct:
   a block of query rows at a time, so no N x N array is ever held;
 - ``layout_from_mask(mask, height, width)``: an N x N boolean mask (NumPy or
   torch), for small grids and for layouts that already exist as a mask;
-- ``layout_from_csr(height, width, indptr, indices)``: the CSR itself.
+- ``layout_from_csr(height, width, indptr, indices)``: the CSR itself;
+- ``layout_from_mask_mod(mask_mod, height, width)``: a FlexAttention
+  ``mask_mod(b, h, q_idx, kv_idx)`` over flat token indices, as it is.
 
 ``CustomPattern(rule)`` wraps a rule so that ``EnhancedSparseAttention`` can
 build its layout for every map size it meets
@@ -188,6 +190,34 @@ def layout_from_rule(rule, height, width, *, name=None, max_offset=None) -> Layo
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
     return layout_from_csr(height, width, indptr, np.concatenate(pieces), name=name)
+
+
+def layout_from_mask_mod(mask_mod, height, width, *, name=None, max_offset=None) -> Layout:
+    """A layout from a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)``: the
+    same function, over flat token indices (t = y * width + x), gives the
+    same pairs here. It is called with torch int64 tensors that broadcast
+    (queries [r, 1], keys [1, N], or [r, K] with ``max_offset``; see
+    layout_from_rule) and b = h = 0: a layout is shared by every batch and
+    head, so a mask that depends on them has no layout. Needs torch."""
+    import torch
+
+    if not callable(mask_mod):
+        raise TypeError(f"mask_mod: expected a callable mask_mod(b, h, q_idx, kv_idx), "
+                        f"got {type(mask_mod).__name__}")
+    width_ = _grid(height, width)[1]
+    zero = torch.zeros((), dtype=torch.int64)
+
+    def rule(yi, xi, yj, xj):
+        queries = torch.from_numpy(np.ascontiguousarray(yi * width_ + xi))
+        keys = torch.from_numpy(np.ascontiguousarray(yj * width_ + xj))
+        allowed = mask_mod(zero, zero, queries, keys)
+        if not isinstance(allowed, torch.Tensor):
+            raise TypeError(f"mask_mod: expected it to return a bool tensor, got {type(allowed).__name__}")
+        return allowed
+
+    default = getattr(mask_mod, "__name__", "custom")
+    name = _name(name, "custom" if default == "<lambda>" else default)
+    return layout_from_rule(rule, height, width, name=name, max_offset=max_offset)
 
 
 class CustomPattern:

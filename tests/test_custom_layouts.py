@@ -10,7 +10,7 @@ import torch
 
 from reference import reference_attention
 from sparse_attention import (CustomPattern, EnhancedSparseAttention, Layout, _stencil, _tiles, build_layout,
-                              layout_from_csr, layout_from_mask, layout_from_rule)
+                              layout_from_csr, layout_from_mask, layout_from_mask_mod, layout_from_rule)
 from sparse_attention import sparse_scaled_dot_product_attention as attention
 
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-9), torch.float32: dict(atol=3e-5, rtol=3e-4)}
@@ -153,6 +153,43 @@ def test_max_offset_leaves_out_what_lies_beyond_it():
             layout_from_rule(cross, 9, 9, max_offset=bad)
     with pytest.raises(ValueError, match="max_offset"):
         CustomPattern(cross, max_offset=-1)
+
+
+@pytest.mark.parametrize("pattern", ["axial", "block", "longformer", "strided", "random"])
+def test_flex_attention_mask_mods_give_the_same_layout(pattern):
+    """The GPU benchmark's mask_mods (FlexAttention's form, over flat token
+    indices) give back the layouts they were written for."""
+    import importlib
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    gpu_bench = importlib.import_module("gpu_bench")
+    layout = gpu_bench.layout_of(pattern, 11)
+    mask_mod = gpu_bench.mask_mod_for(pattern, layout, "cpu")
+    got = layout_from_mask_mod(mask_mod, 11, 11, name="flex")
+    for name in ("indptr", "indices", "col_ptr", "row_indices"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(layout, name))
+    assert got.name == "flex"
+
+
+def test_mask_mod_sees_flat_indices_and_batch_and_head_zero():
+    seen = []
+
+    def sliding_window(b, h, q_idx, kv_idx):
+        seen.append((int(b), int(h), q_idx.dtype, kv_idx.shape))
+        return (q_idx - kv_idx).abs() <= 2
+
+    layout = layout_from_mask_mod(sliding_window, 3, 5, max_offset=(1, 2))
+    assert layout.name == "sliding_window" and all(s[:3] == (0, 0, torch.int64) for s in seen)
+    expected = np.abs(np.arange(15)[:, None] - np.arange(15)[None, :]) <= 2
+    ys, xs = np.divmod(np.arange(15), 5)
+    expected &= (np.abs(ys[:, None] - ys[None, :]) <= 1) & (np.abs(xs[:, None] - xs[None, :]) <= 2)  # the box
+    np.testing.assert_array_equal(layout.to_dense(), expected)
+    with pytest.raises(TypeError, match="mask_mod: expected it to return a bool tensor"):
+        layout_from_mask_mod(lambda b, h, q, k: True, 2, 2)
+    with pytest.raises(TypeError, match="mask_mod: expected a callable"):
+        layout_from_mask_mod(None, 2, 2)
 
 
 def test_torch_masks_and_arrays_of_any_integer_dtype():
