@@ -12,7 +12,8 @@ Three ways in, from the most convenient to the most direct:
 - ``layout_from_mask_mod(mask_mod, height, width)``: a FlexAttention
   ``mask_mod(b, h, q_idx, kv_idx)`` over flat token indices, as it is.
 
-``CustomPattern(rule)`` wraps a rule so that ``EnhancedSparseAttention`` can
+Layouts of one grid combine as sets of pairs (``a | b``, ``a & b``,
+``a - b``: combine_layouts). ``CustomPattern(rule)`` wraps a rule so that ``EnhancedSparseAttention`` can
 build its layout for every map size it meets
 (``sparsity_pattern=CustomPattern(rule)``).
 
@@ -218,6 +219,37 @@ def layout_from_mask_mod(mask_mod, height, width, *, name=None, max_offset=None)
     default = getattr(mask_mod, "__name__", "custom")
     name = _name(name, "custom" if default == "<lambda>" else default)
     return layout_from_rule(rule, height, width, name=name, max_offset=max_offset)
+
+
+def _pair_codes(layout):
+    """Every pair of ``layout`` as query * N + key, ascending (CSR order)."""
+    return layout.row_ids() * layout.num_tokens + layout.indices
+
+
+def combine_layouts(first, second, how) -> Layout:
+    """The pairs of two layouts of one grid, combined: ``how`` is "union",
+    "intersection" or "difference" (``first | second``, ``first & second``,
+    ``first - second`` on Layout objects). The result is a custom layout
+    named after both."""
+    if not isinstance(first, Layout) or not isinstance(second, Layout):
+        raise TypeError(f"combine_layouts: expected two Layouts, got {type(first).__name__} and "
+                        f"{type(second).__name__}")
+    if (first.height, first.width) != (second.height, second.width):
+        raise ValueError(f"combine_layouts: the layouts cover different grids, {first.height} x {first.width} "
+                         f"and {second.height} x {second.width}")
+    operations = {"union": (np.union1d, "|"), "intersection": (np.intersect1d, "&"),
+                  "difference": (np.setdiff1d, "-")}
+    if how not in operations:
+        raise ValueError(f"how: expected one of {sorted(operations)}, got {how!r}")
+    combine, symbol = operations[how]
+    n = first.num_tokens
+    # both code lists are sorted and unique already (CSR order, keys strictly rising)
+    codes = combine(_pair_codes(first), _pair_codes(second), assume_unique=True) if how != "union" \
+        else combine(_pair_codes(first), _pair_codes(second))
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(codes // n, minlength=n), out=indptr[1:])
+    return layout_from_csr(first.height, first.width, indptr, codes % n,
+                           name=f"({first.name} {symbol} {second.name})")
 
 
 class CustomPattern:

@@ -263,6 +263,23 @@ class Layout:
         return (f"Layout({self.name}, {self.height}x{self.width}, nnz={self.nnz}, "
                 f"density={self.density:.4f}{', ' + knobs if knobs else ''})")
 
+    # pairs of two layouts of one grid combined, as custom layouts (custom_layouts.combine_layouts)
+    def __or__(self, other):
+        return self._combined(other, "union")
+
+    def __and__(self, other):
+        return self._combined(other, "intersection")
+
+    def __sub__(self, other):
+        return self._combined(other, "difference")
+
+    def _combined(self, other, how):
+        if not isinstance(other, Layout):
+            return NotImplemented
+        from .custom_layouts import combine_layouts
+
+        return combine_layouts(self, other, how)
+
     def neighbors(self, i: int) -> np.ndarray:
         """The keys query token ``i`` may attend, ascending."""
         i = _as_int(i, "i")

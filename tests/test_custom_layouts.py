@@ -192,6 +192,49 @@ def test_mask_mod_sees_flat_indices_and_batch_and_head_zero():
         layout_from_mask_mod(None, 2, 2)
 
 
+@pytest.mark.parametrize("size", [(1, 1), (1, 9), (8, 1), (7, 13)])
+def test_layouts_combine_as_sets_of_pairs(size):
+    layouts = [build_layout("longformer", *size, kernel_size=3, num_global_tokens=1),
+               build_layout("axial", *size), build_layout("random", *size, attention_ratio=0.3, seed=2),
+               layout_from_rule(earlier_neighbours, *size), layout_from_rule(top_rows_only, *size)]
+    for first in layouts:
+        for second in layouts:
+            a, b = first.to_dense(), second.to_dense()
+            for combined, expected in ((first | second, a | b), (first & second, a & b), (first - second, a & ~b)):
+                np.testing.assert_array_equal(combined.to_dense(), expected)
+                assert combined.pattern is None
+                col_ptr, row_indices = transpose_by_numpy(combined)
+                np.testing.assert_array_equal(combined.col_ptr, col_ptr)
+                np.testing.assert_array_equal(combined.row_indices, row_indices)
+    assert (layouts[0] | layouts[1]).name == "(LONGFORMER | AXIAL)"
+    assert (layouts[3] - layouts[0]).name == "(earlier_neighbours - LONGFORMER)"
+
+
+def test_combining_layouts_checks_its_arguments():
+    from sparse_attention.custom_layouts import combine_layouts
+
+    small, large = build_layout("axial", 3, 4), build_layout("axial", 4, 3)
+    with pytest.raises(ValueError, match="different grids, 3 x 4 and 4 x 3"):
+        small | large
+    with pytest.raises(TypeError):
+        small | 3
+    with pytest.raises(TypeError, match="expected two Layouts"):
+        combine_layouts(small, "axial", "union")
+    with pytest.raises(ValueError, match="how: expected one of"):
+        combine_layouts(small, small, "xor")
+
+
+def test_a_union_of_stencils_runs_on_the_stencil_kernels():
+    window = layout_from_rule(causal_window, 16, 16)
+    cross_ = layout_from_rule(cross, 16, 16)
+    both = window | cross_
+    assert both.stencil() is not None
+    q, k, v = (torch.randn(1, 2, 256, 8, dtype=torch.float64) for _ in range(3))
+    expected = reference_attention(q, k, v, both)[0]
+    torch.testing.assert_close(attention(q.float(), k.float(), v.float(), both).double(), expected,
+                               **TOL[torch.float32])
+
+
 def test_torch_masks_and_arrays_of_any_integer_dtype():
     mask = dense_mask(cross, 5, 6)
     layout = layout_from_mask(torch.from_numpy(mask), 5, 6)
