@@ -5,8 +5,9 @@
 For a few patterns of one's own (built with ``layout_from_rule``), this times
 the float32 CPU op forward (no_grad) and forward+backward on every kernel
 family that can take the layout: the stencil kernels (the window kernel where
-C takes the offsets, else the strip kernel), the tile kernels and the row
-kernels, each forced in turn, alternating with dense
+C takes the offsets, else the strip kernel; for a window with more pairs in
+some rows, the window kernel and then the tiles for the rest), the tile
+kernels and the row kernels, each forced in turn, alternating with dense
 ``scaled_dot_product_attention`` on the same tensors within every round. It
 prints the median over rounds of (ours / dense) per family and the family
 ``_stencil.cpu_kernel_choice`` takes. B = max(1, 8192 // N), 8 heads, D=32.
@@ -108,7 +109,9 @@ def measure(rule, side, rounds):
     n = layout.num_tokens
     batch = max(1, ROWS // n)
     q, k, v = (torch.randn(batch, HEADS, n, HEAD_DIM) for _ in range(3))
-    families = (["stencil"] if layout.stencil() is not None else []) + ["tiles", "rows"]
+    # a window plus more pairs in some rows runs as a split (window kernel, then tiles)
+    split = layout.stencil() is None and layout.stencil_split() is not None
+    families = (["stencil"] if layout.stencil() is not None or split else []) + ["tiles", "rows"]
 
     def step(run):
         def forward():
@@ -134,7 +137,9 @@ def measure(rule, side, rounds):
     chosen = _stencil.cpu_kernel_choice(layout) or "rows"
     chosen = "stencil" if chosen in ("stencil", "split") else chosen
     window = ""
-    if layout.stencil() is not None:
+    if split:
+        window = " (window + tiles)"
+    elif layout.stencil() is not None:
         window = " (window)" if _stencil.window_takes(layout.stencil(), HEAD_DIM) else " (strip)"
     cells = []
     for family in ("stencil", "tiles", "rows"):

@@ -48,6 +48,10 @@ use_window_kernel = True
 # window; STRIDED on grids of 8 to 19 a side), which otherwise ran on the
 # tiles or the rows; tests turn it off to compare.
 use_strip_bias_backward = True
+# A custom layout that is a window plus pairs beyond it in some rows (NATTEN's
+# shifted window) runs the window on the window kernel and the rest on the
+# tiles while the rest is at most this share of its pairs (_custom_split).
+CUSTOM_SPLIT_MAX_REST = 0.5
 # A custom layout that is a stencil runs on the stencil kernels only while its
 # CPU tile plan is sparser than this (cpu_fill): the strip kernel's cost per
 # pair grows with the image rows its offsets reach, and layouts whose tiles
@@ -200,6 +204,8 @@ def lattice_split(layout: Layout):
     stays on the stencil kernel and the lattice's passes merge into its
     result. The full stencil is checked against the CSR rows first; the split
     is exact by construction (an offset is in the lattice or it is not)."""
+    if layout.pattern is None:
+        return _custom_split(layout)
     if layout.pattern is not SparsityPattern.STRIDED:
         return None
     from ._tiles import build_lattice_plan
@@ -228,6 +234,55 @@ def _tiles_enabled() -> bool:
     from . import _tiles
 
     return _tiles.use_tiled_cpu_kernel
+
+
+def _custom_split(layout: Layout):
+    """A custom layout that is a window the window kernel runs plus more
+    pairs in some rows, as lattice_split's (stencil, plan buffer, passes):
+    NATTEN's neighbourhood, a window shifted inward at the borders, holds the
+    clipped window in every row and reaches further in the border rows. The
+    window is the centre token's offsets; every row must hold all of them
+    that land on the grid, and the rest of the pairs (at most
+    CUSTOM_SPLIT_MAX_REST of them) take a tile plan of their own, which
+    merges into the window's result as STRIDED's lattice does. None where
+    that does not hold."""
+    from .custom_layouts import layout_from_csr
+
+    h, w, n = layout.height, layout.width, layout.num_tokens
+    if layout.nnz == 0 or layout.stencil() is not None:
+        return None
+    centre = (h // 2) * w + w // 2
+    keys = layout.neighbors(centre).astype(np.int64)
+    if keys.size == 0:
+        return None
+    offsets = list(zip((keys // w - centre // w).tolist(), (keys % w - centre % w).tolist()))
+    window = _pack(offsets, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    if not window_takes(window, 64):  # the box rule; any head dim the kernel takes reads it alike
+        return None
+    present = np.zeros((2 * h - 1, 2 * w - 1), dtype=bool)
+    dy = np.array([o[0] for o in offsets], dtype=np.int64)
+    dx = np.array([o[1] for o in offsets], dtype=np.int64)
+    present[dy + h - 1, dx + w - 1] = True
+    queries, keys = layout.row_ids(), layout.indices.astype(np.int64)
+    in_window = present[keys // w - queries // w + h - 1, keys % w - queries % w + w - 1]
+    rest = int((~in_window).sum())
+    if rest > CUSTOM_SPLIT_MAX_REST * layout.nnz:
+        return None
+    ys, xs = np.divmod(np.arange(n, dtype=np.int64), w)
+    expected = np.zeros(n, dtype=np.int64)
+    for a, b in offsets:
+        expected += (ys + a >= 0) & (ys + a < h) & (xs + b >= 0) & (xs + b < w)
+    # pairs are unique, so a row holding as many window pairs as land on the grid holds them all
+    if not np.array_equal(np.bincount(queries[in_window], minlength=n), expected):
+        return None
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(queries[~in_window], minlength=n), out=indptr[1:])
+    plan = layout_from_csr(h, w, indptr, keys[~in_window], name=f"{layout.name}, past the window").cpu_tile_plan()
+    if plan is None or plan.long_rows.size:
+        return None
+    buffer, passes = plan.packed()
+    buffer.setflags(write=False)
+    return window, buffer, [int(x) for x in passes]
 
 
 def cpu_kernel_choice(layout: Layout):

@@ -400,6 +400,58 @@ def test_every_kernel_family_matches_the_reference(rule, size, family, monkeypat
             torch.testing.assert_close(got.double(), expected, **TOL[dtype])
 
 
+def shifted_window(height, width, size=5):
+    """NATTEN's neighbourhood: a size x size window shifted inward at the
+    borders, so that every query keeps size^2 keys (fewer on a smaller grid)."""
+    size_y, size_x = min(size, height), min(size, width)
+
+    def rule(yi, xi, yj, xj):
+        y0, x0 = np.clip(yi - size // 2, 0, height - size_y), np.clip(xi - size // 2, 0, width - size_x)
+        return (yj >= y0) & (yj < y0 + size_y) & (xj >= x0) & (xj < x0 + size_x)
+
+    return layout_from_rule(rule, height, width, name="shifted_window")
+
+
+@pytest.mark.parametrize("size, split", [((1, 9), True), ((8, 1), True), ((5, 5), False), ((7, 13), True),
+                                         ((16, 16), True), ((12, 20), True)])
+def test_a_window_with_more_pairs_in_some_rows_runs_as_a_split(size, split):
+    """The shifted window: its clipped window on the window kernel, the pairs
+    beyond it (border rows) on a tile pass merged into it; against the
+    reference with a bias, a key mask, a pruned head and dropout."""
+    from sparse_attention import _torch_ops
+
+    layout = shifted_window(*size)
+    assert (layout.stencil() is None) == split  # on 5 x 5 the window is the whole grid: a stencil
+    assert (_stencil.cpu_kernel_choice(layout) == "split") == split
+    if split:
+        window, _, passes = layout.stencil_split()
+        assert int(window[0]) == min(5, size[0]) * min(5, size[1]) and len(passes) >= 6
+    n = layout.num_tokens
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(3, 7, 7, generator=gen, dtype=torch.float64)
+    args = dict(key_mask=torch.rand(2, n, generator=gen) > 0.2, head_active=torch.tensor([True, False, True]),
+                dropout_p=0.2, dropout_seed=5)
+    grad_out = torch.randn(2, 3, n, 16, generator=gen, dtype=torch.float64)
+    runs = _torch_ops.stencil_forwards_run
+    out, grads = gradients(lambda q, k, v, b: attention(q, k, v, layout, rel_pos_bias=b, **args),
+                           [t.float() for t in (q, k, v, bias)], grad_out.float())
+    assert _torch_ops.stencil_forwards_run == runs + (_stencil.cpu_kernel_choice(layout) in ("split", "stencil"))
+    ref_out, ref_grads = gradients(lambda q, k, v, b: reference_attention(q, k, v, layout, bias=b, **args)[0],
+                                   (q, k, v, bias), grad_out)
+    torch.testing.assert_close(out.double(), ref_out, **TOL[torch.float32])
+    for got, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_split_needs_every_row_to_hold_the_window():
+    window = build_layout("longformer", 12, 12, kernel_size=5, num_global_tokens=0)
+    mask = window.to_dense() | shifted_window(12, 12, 7).to_dense()
+    assert _stencil.cpu_kernel_choice(layout_from_mask(mask, 12, 12)) == "split"
+    mask[70, 71] = False  # token 70's right neighbour: its row no longer holds the whole window
+    assert layout_from_mask(mask, 12, 12).stencil_split() is None
+
+
 def test_empty_rows_give_zero_output_and_minus_infinity_lse():
     layout = layout_from_rule(top_rows_only, 4, 6)
     assert (layout.degrees()[6:] == 0).all() and (np.diff(layout.col_ptr)[1:6:2] == 0).all()
