@@ -539,6 +539,24 @@ def test_module_with_a_custom_pattern():
     assert clone.sparsity_pattern.name == "dilated"
 
 
+def test_module_statistics_over_a_split_equal_the_pytorch_paths():
+    torch.manual_seed(3)
+    module = EnhancedSparseAttention(16, 16, num_heads=2, sparsity_pattern=shifted_window).eval()
+    x = torch.randn(2, 16, 11, 13)
+    assert _stencil.cpu_kernel_choice(module.layout_for(11, 13)) == "split"
+    native = module(x)
+    native_stats = module.get_attention_stats()
+    module.reset_stats()
+    module.use_cuda_kernel = False
+    torch.testing.assert_close(module(x), native, atol=2e-5, rtol=1e-4)
+    torch_stats = module.get_attention_stats()
+    assert native_stats.pattern_type == "shifted_window"
+    for name in ("mean", "std", "entropy", "density"):
+        assert getattr(native_stats, name) == pytest.approx(getattr(torch_stats, name), rel=1e-4), name
+    for a, b in zip(native_stats.entropy_per_head, torch_stats.entropy_per_head):
+        assert a == pytest.approx(b, rel=1e-4)
+
+
 def test_module_takes_any_layout_builder_and_checks_what_it_returns():
     layout = layout_from_rule(cross, 5, 5)
 
