@@ -50,12 +50,20 @@ use_window_kernel = True
 use_strip_bias_backward = True
 # A custom layout that is a window plus pairs beyond it in some rows (NATTEN's
 # shifted window) runs the window on the window kernel and the rest on the
-# tiles while the rest is at most this share of its pairs (_custom_split).
-CUSTOM_SPLIT_MAX_REST = 0.5
-# A custom layout that is a stencil runs on the stencil kernels only while its
-# CPU tile plan is sparser than this (cpu_fill): the strip kernel's cost per
-# pair grows with the image rows its offsets reach, and layouts whose tiles
-# fill well (AXIAL's rule, a 15 x 15 window) ran faster on the tiles
+# tiles while the rest is at most this share of its pairs (_custom_split):
+# against the tiles, forward+backward, the shifted 7 x 7 window took 1.04x
+# the time with a share of 0.27 (12 x 12), 1.14x at 0.23 (14 x 14), 0.94-0.96x
+# at 0.20 (16 x 16), 0.81x at 0.16 (20 x 20), 0.77x at 0.13 (24 x 24), 0.77x
+# at 0.10 (32 x 32), 0.67x at 0.05 (64 x 64) (benchmarks/results/custom_layouts/
+# shifted_window/, two runs each).
+CUSTOM_SPLIT_MAX_REST = 0.21
+# A custom layout that is a stencil runs on the window kernel where that takes
+# it (it won at every size measured, up to a tile plan's cpu_fill of 0.48 at
+# 12 x 12: 0.49-0.55x dense SDPA against the tiles' 0.81-0.88x), else on the
+# strips only while its CPU tile plan is sparser than this (cpu_fill): the
+# strip kernel's cost per pair grows with the image rows its offsets reach,
+# and layouts whose tiles fill well (AXIAL's rule, a 15 x 15 window) ran
+# faster on the tiles
 # (benchmarks/custom_layouts.py; results/custom_layouts/, two runs): the
 # stencils won at cpu_fill 0.13-0.39, the tiles at 0.48-0.99 (0.5: 1.3-1.4x
 # dense SDPA against the stencil's 2.0-2.1x), except a short cross at
@@ -226,6 +234,8 @@ def lattice_split(layout: Layout):
 
 
 def _custom_stencil_pays(layout: Layout) -> bool:
+    if use_window_kernel and window_takes(layout.stencil(), 64):  # the box rule; head dims alike
+        return True
     plan = layout.cpu_tile_plan() if _tiles_enabled() else None
     return plan is None or plan.cpu_fill < CUSTOM_STENCIL_MAX_FILL
 
