@@ -294,6 +294,12 @@ def test_numpy_only_use_without_torch():
         q = np.random.default_rng(0).standard_normal((1, 2, 30, 4)).astype(np.float32)
         out = sa.sparse_scaled_dot_product_attention(q, q, q, layout, dropout_p=0.1, dropout_seed=3)
         assert out.shape == q.shape and np.isfinite(out).all()
+        # layouts of one's own too, and a stencil among them on the NumPy path
+        ring = sa.layout_from_rule(lambda yi, xi, yj, xj: abs(yi - yj) + abs(xi - xj) <= 2, 5, 6, max_offset=2)
+        both = ring | layout
+        assert ring.stencil() is not None and both.pattern is None
+        for custom in (ring, both, sa.layout_from_mask(both.to_dense(), 5, 6)):
+            assert np.isfinite(sa.sparse_scaled_dot_product_attention(q, q, q, custom)).all()
         print("ok")
     """)
     import os
