@@ -180,7 +180,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m sparse_attention bench",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--sides", default="32,64,128", help="map sides (tokens = side^2)")
-    parser.add_argument("--patterns", default=",".join(PATTERNS))
+    parser.add_argument("--patterns", default=",".join(PATTERNS),
+                        help="comma-separated built-in names, or module:name for a pattern of your own "
+                             "(a rule, a builder or a CustomPattern, importable from here)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dim", type=int, default=32)
@@ -198,9 +200,10 @@ def main(argv=None):
     import torch
     import torch.nn.functional as F
 
-    from . import EnhancedSparseAttention, build_layout, set_num_threads, get_num_threads
+    from . import EnhancedSparseAttention, set_num_threads, get_num_threads
     from . import sparse_scaled_dot_product_attention as sparse_attention
     from . import _torch_impl
+    from .custom_layouts import layout_of, pattern_from_spec
 
     set_num_threads(args.threads)
     threads = get_num_threads()
@@ -234,8 +237,10 @@ def main(argv=None):
         base = measure(lambda: F.scaled_dot_product_attention(q, k, v), [q, k, v], args.repeats)
         print(f"\n{side}x{side} ({n} tokens): dense SDPA fwd {base[0] * 1e3:.1f} ms, "
               f"fwd+bwd {base[1] * 1e3:.1f} ms", flush=True)
-        for pattern in args.patterns.split(","):
-            layout = build_layout(pattern, side, side)
+        for spec in args.patterns.split(","):
+            chosen = pattern_from_spec(spec)
+            pattern = spec if ":" not in spec else chosen.name
+            layout = layout_of(chosen, side, side)
             row = dict(side=side, tokens=n, pattern=pattern, density=layout.density, nnz=layout.nnz,
                        level="op", dense=base)
             if dense_fits:
@@ -300,7 +305,7 @@ def main(argv=None):
                   f"f+b {row['flop_bound_fraction_both']:.2f}", flush=True)
             if not args.no_module and side <= 64:
                 torch.manual_seed(0)
-                module = EnhancedSparseAttention(h * d, h * d, num_heads=h, sparsity_pattern=pattern,
+                module = EnhancedSparseAttention(h * d, h * d, num_heads=h, sparsity_pattern=chosen,
                                                  dropout=0.0)
                 dense_module = EnhancedSparseAttention(h * d, h * d, num_heads=h,
                                                        sparsity_pattern="dense", dropout=0.0)

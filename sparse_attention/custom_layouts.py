@@ -28,6 +28,9 @@ row that a key mask empties.
 
 from __future__ import annotations
 
+import importlib
+import inspect
+
 import numpy as np
 
 from ._native import C
@@ -286,3 +289,58 @@ class CustomPattern:
 
     def __repr__(self):
         return f"CustomPattern({self.name})"
+
+
+class _NamedBuilder:
+    """A builder (height, width) -> Layout named on a command line, with the
+    ``name`` the command lines print."""
+
+    def __init__(self, builder):
+        self.builder = builder
+        self.name = getattr(builder, "__name__", "custom")
+
+    def __call__(self, height, width) -> Layout:
+        return self.builder(height, width)
+
+
+def pattern_from_spec(spec, argument="--patterns"):
+    """A pattern named on a command line (``demo``, ``bench``): a built-in
+    name, or ``module:name`` for a pattern of one's own, importable from the
+    current directory: a CustomPattern, a rule (yi, xi, yj, xj) (made a
+    CustomPattern) or a builder (height, width) -> Layout. The result has a
+    ``name``; layout_of() gives its layout for a grid."""
+    from .patterns import SparsityPattern
+
+    if ":" not in spec:
+        return SparsityPattern.parse(spec, argument)
+    module_name, _, attribute = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"{argument}: cannot import {module_name!r} (for {spec!r}): {error}") from None
+    target = getattr(module, attribute, None)
+    if target is None:
+        raise ValueError(f"{argument}: module {module_name!r} has no {attribute!r} (for {spec!r})")
+    if isinstance(target, CustomPattern):
+        return target
+    if not callable(target):
+        raise TypeError(f"{argument}: {spec!r} is a {type(target).__name__}, expected a rule, a builder "
+                        f"or a CustomPattern")
+    required = [p for p in inspect.signature(target).parameters.values()
+                if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(required) == 4:
+        return CustomPattern(target)
+    if len(required) == 2:
+        return _NamedBuilder(target)
+    raise TypeError(f"{argument}: {spec!r} takes {len(required)} arguments; expected a rule (yi, xi, yj, xj) "
+                    f"or a builder (height, width)")
+
+
+def layout_of(pattern, height, width) -> Layout:
+    """The layout of a built-in pattern (its default knobs) or of a pattern of
+    one's own (a callable (height, width) -> Layout) on a grid."""
+    from .patterns import SparsityPattern, build_layout
+
+    if isinstance(pattern, SparsityPattern):
+        return build_layout(pattern, height, width)
+    return pattern(height, width)

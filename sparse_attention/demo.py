@@ -116,7 +116,9 @@ def main(argv=None):
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a seconds-long run on a subset")
     parser.add_argument("--patterns", default=",".join(PATTERN_NAMES),
-                        help="comma-separated patterns (default: all five and dense)")
+                        help="comma-separated patterns (default: all five and dense); module:name "
+                             "names one of your own (a rule, a builder or a CustomPattern, importable "
+                             "from here)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per pattern (default 3)")
     parser.add_argument("--out", default="demo_output", help="folder for the pictures")
     parser.add_argument("--seed", type=int, default=0)
@@ -128,10 +130,13 @@ def main(argv=None):
     import torch
 
     from . import get_num_threads
-    from .patterns import SparsityPattern
+    from .custom_layouts import pattern_from_spec
     from .utils import draw_patterns, visualize_attention_patterns
 
-    patterns = [SparsityPattern.parse(p.strip(), "--patterns") for p in args.patterns.split(",") if p.strip()]
+    try:
+        patterns = [pattern_from_spec(p.strip(), "--patterns") for p in args.patterns.split(",") if p.strip()]
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
     if not patterns:
         parser.error("--patterns: name at least one pattern")
     epochs = args.epochs if args.epochs is not None else (1 if args.quick else 3)

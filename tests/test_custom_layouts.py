@@ -597,3 +597,46 @@ def test_module_with_a_custom_pattern_compiles_to_one_graph():
     x = torch.randn(1, 16, 6, 7)
     compiled = torch.compile(module, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), module(x))
+
+
+# -- the command lines ---------------------------------------------------------
+
+DILATED = CustomPattern(dilated, max_offset=4)
+NOT_A_PATTERN = 3
+
+
+def test_command_lines_name_patterns_of_ones_own():
+    from sparse_attention import SparsityPattern
+    from sparse_attention.custom_layouts import layout_of, pattern_from_spec
+
+    assert pattern_from_spec("axial") is SparsityPattern.AXIAL
+    rule = pattern_from_spec("test_custom_layouts:cross")
+    assert isinstance(rule, CustomPattern) and rule.name == "cross"
+    assert pattern_from_spec("test_custom_layouts:DILATED") is DILATED
+    builder = pattern_from_spec("test_custom_layouts:shifted_window")  # (height, width, size=5)
+    assert builder.name == "shifted_window"
+    np.testing.assert_array_equal(layout_of(builder, 9, 9).indices, shifted_window(9, 9).indices)
+    np.testing.assert_array_equal(layout_of(SparsityPattern.AXIAL, 4, 5).indices, build_layout("axial", 4, 5).indices)
+    for spec, error, words in (("no_such_module_here:rule", ValueError, "cannot import 'no_such_module_here'"),
+                               ("test_custom_layouts:missing", ValueError, "has no 'missing'"),
+                               ("test_custom_layouts:NOT_A_PATTERN", TypeError, "is a int"),
+                               ("test_custom_layouts:gradients", TypeError, "takes 3 arguments"),
+                               ("diagonal", ValueError, "--patterns")):
+        with pytest.raises(error) as info:
+            pattern_from_spec(spec)
+        assert words in str(info.value)
+
+
+def test_bench_takes_a_pattern_of_ones_own(tmp_path, monkeypatch):
+    import json
+
+    from sparse_attention import bench
+
+    monkeypatch.setattr(bench, "fma_peak", lambda threads: None)
+    bench.main(["--sides", "8", "--patterns", "test_custom_layouts:cross,block", "--repeats", "1", "--no-flex",
+                "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "cpu_bench.json").read_text())["records"]
+    assert {(r["pattern"], r["level"]) for r in rows} == {("cross", "op"), ("block", "op"), ("cross", "module"),
+                                                           ("block", "module")}
+    cross_row = next(r for r in rows if r["pattern"] == "cross")
+    assert cross_row["density"] == pytest.approx(layout_from_rule(cross, 8, 8).density)
