@@ -1,6 +1,6 @@
 """Layouts of the user's own patterns.
 
-Three ways in, from the most convenient to the most direct:
+Four ways in, from the most convenient to the most direct:
 
 - ``layout_from_rule(rule, height, width)``: a function of grid coordinates,
   ``rule(yi, xi, yj, xj) -> bool array``, evaluated on NumPy integer arrays
@@ -13,17 +13,20 @@ Three ways in, from the most convenient to the most direct:
   ``mask_mod(b, h, q_idx, kv_idx)`` over flat token indices, as it is.
 
 Layouts of one grid combine as sets of pairs (``a | b``, ``a & b``,
-``a - b``: combine_layouts). ``CustomPattern(rule)`` wraps a rule so that ``EnhancedSparseAttention`` can
-build its layout for every map size it meets
-(``sparsity_pattern=CustomPattern(rule)``).
+``a - b``: combine_layouts). ``CustomPattern(rule)`` wraps a rule so that
+``EnhancedSparseAttention`` can build its layout for every map size it meets
+(``sparsity_pattern=CustomPattern(rule)``), and pattern_from_spec reads
+``module:name`` on the command lines.
 
 Every path ends in C, which checks the CSR in full (offsets from 0 to nnz that
 never decrease, keys in range and strictly ascending per row) and builds the
 transpose. A custom layout runs on every kernel: the tile kernels plan it like
-any other, and one whose rows are the same offsets from every query, clipped
-at the grid (a dilated or one-sided window), runs on the CPU stencil kernels.
-Rows may be empty: such a query gets output 0, gradient 0 and lse -inf, as a
-row that a key mask empties.
+any other; one whose rows are the same offsets from every query, clipped at
+the grid (a dilated or one-sided window), runs on the CPU stencil kernels;
+one that holds a window in every row and more pairs in some (NATTEN's
+shifted window) runs the window there and the rest on the tiles (see
+_stencil.py). Rows may be empty: such a query gets output 0, gradient 0 and
+lse -inf, as a row that a key mask empties.
 """
 
 from __future__ import annotations
