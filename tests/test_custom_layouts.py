@@ -640,3 +640,15 @@ def test_bench_takes_a_pattern_of_ones_own(tmp_path, monkeypatch):
                                                            ("block", "module")}
     cross_row = next(r for r in rows if r["pattern"] == "cross")
     assert cross_row["density"] == pytest.approx(layout_from_rule(cross, 8, 8).density)
+
+
+@pytest.mark.parametrize("rule", [earlier_neighbours, top_rows_only])
+def test_gradgradcheck_with_empty_rows_and_columns(rule):
+    """Second derivatives (the PyTorch path over the same pairs) where rows
+    have no key and keys no query."""
+    layout = layout_from_rule(rule, 3, 4)
+    gen = torch.Generator().manual_seed(0)
+    leaves = tuple(torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+                   for shape in ((1, 2, 12, 4),) * 3 + ((2, 5, 5),))
+    assert torch.autograd.gradgradcheck(lambda q, k, v, b: attention(q, k, v, layout, rel_pos_bias=b), leaves,
+                                        eps=1e-6, atol=1e-5)
