@@ -196,7 +196,7 @@ def _tile_plan_for(layout, device, dtype, head_dim, want_stats, max_relative=Non
             return buffer, passes, None, 0, window, None, [], None, None
         if kind == "stencil":
             (stencil,) = _cpu_tensors(layout, "stencil", (layout.stencil(),))
-            backward_buffer, backward_passes = _cpu_bias_backward_plan(layout, stencil, head_dim, max_relative)
+            backward_buffer, backward_passes = _cpu_bias_backward_plan(layout, head_dim, max_relative)
             return None, [], None, 0, stencil, backward_buffer, backward_passes, None, None
         if kind is None:
             return _NO_PLAN
@@ -234,7 +234,7 @@ def _tile_plan_for(layout, device, dtype, head_dim, want_stats, max_relative=Non
             backward_buffer, backward_passes, score_perm, score_ptr)
 
 
-def _cpu_bias_backward_plan(layout, stencil, head_dim, max_relative):
+def _cpu_bias_backward_plan(layout, head_dim, max_relative):
     """(buffer, passes) of the layout's tile plan for the backward of a CPU
     stencil call with a bias that neither the window kernel nor the strips
     sum (LONGFORMER with kernel_size over 13: its global token is a listed
@@ -243,6 +243,9 @@ def _cpu_bias_backward_plan(layout, stencil, head_dim, max_relative):
     apply. Stencils of offsets alone (STRIDED on grids of 8 to 19 a side,
     whose lattice offsets leave the window's box; custom windows) sum it on
     the strips."""
+    # the layout's own NumPy stencil, not its tensor: under torch.export that
+    # tensor may be a tracer's, whose data C cannot read
+    stencil = layout.stencil()
     if (max_relative is None or not _tiles.use_tiled_cpu_kernel
             or (_stencil.use_window_kernel and _stencil.window_takes(stencil, head_dim))
             or _stencil.sums_bias_grad(stencil)):

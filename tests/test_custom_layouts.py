@@ -652,3 +652,13 @@ def test_gradgradcheck_with_empty_rows_and_columns(rule):
                    for shape in ((1, 2, 12, 4),) * 3 + ((2, 5, 5),))
     assert torch.autograd.gradgradcheck(lambda q, k, v, b: attention(q, k, v, layout, rel_pos_bias=b), leaves,
                                         eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("pattern", [CustomPattern(dilated), shifted_window])
+def test_module_with_a_custom_pattern_exports(pattern):
+    """torch.export from a cold module: a strip stencil with a bias (dilated)
+    and a split (the shifted window on 17 x 19), then eager calls."""
+    module = EnhancedSparseAttention(16, 16, num_heads=2, sparsity_pattern=pattern).eval()
+    x = torch.randn(1, 16, 17, 19)
+    exported = torch.export.export(module, (x,))
+    torch.testing.assert_close(exported.module()(x), module(x), atol=1e-5, rtol=1e-5)

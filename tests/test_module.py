@@ -442,7 +442,8 @@ def test_meta_device_module_runs_for_shapes():
 
 
 @pytest.mark.parametrize("native", [True, False])
-@pytest.mark.parametrize("pattern", [SparsityPattern.AXIAL, SparsityPattern.RANDOM])
+@pytest.mark.parametrize("pattern", [SparsityPattern.AXIAL, SparsityPattern.RANDOM, SparsityPattern.LONGFORMER,
+                                     SparsityPattern.STRIDED])
 def test_torch_export_then_eager_calls(pattern, native):
     """torch.export traces with fake tensors: none of them may stay in the
     caches that later eager calls read, and the exported program computes
