@@ -408,22 +408,30 @@ int sa_layout_transpose(int64_t num_tokens, const int64_t *row_ptr, const int32_
     return status < 0 ? -1 : 0;
 }
 
-int sa_layout_check_csr(int64_t num_tokens, const int64_t *row_ptr, const int32_t *col_idx, int64_t nnz,
-                        char *err, size_t n)
+int sa_layout_check_offsets(int64_t num_tokens, const int64_t *row_ptr, int64_t nnz, const char *ptr_name,
+                            const char *idx_name, char *err, size_t n)
 {
     if (row_ptr[0] != 0 || row_ptr[num_tokens] != nnz) {
-        snprintf(err, n, "indptr: expected offsets from 0 to %lld (the length of indices), got %lld to %lld",
-                 (long long)nnz, (long long)row_ptr[0], (long long)row_ptr[num_tokens]);
+        snprintf(err, n, "%s: expected offsets from 0 to %lld (the length of %s), got %lld to %lld", ptr_name,
+                 (long long)nnz, idx_name, (long long)row_ptr[0], (long long)row_ptr[num_tokens]);
         return -1;
     }
     for (int64_t i = 0; i < num_tokens; i++) {
-        const int64_t begin = row_ptr[i], end = row_ptr[i + 1];
-        if (end < begin) {
-            snprintf(err, n, "indptr: offsets decrease at row %lld (%lld, then %lld)", (long long)i,
-                     (long long)begin, (long long)end);
+        if (row_ptr[i + 1] < row_ptr[i]) {
+            snprintf(err, n, "%s: offsets decrease at row %lld (%lld, then %lld)", ptr_name, (long long)i,
+                     (long long)row_ptr[i], (long long)row_ptr[i + 1]);
             return -1;
         }
-        /* the offsets so far rose to here, so begin..end lies inside indices */
+    }
+    return 0;
+}
+
+int sa_layout_check_csr(int64_t num_tokens, const int64_t *row_ptr, const int32_t *col_idx, int64_t nnz,
+                        char *err, size_t n)
+{
+    if (sa_layout_check_offsets(num_tokens, row_ptr, nnz, "indptr", "indices", err, n) < 0) return -1;
+    for (int64_t i = 0; i < num_tokens; i++) {
+        const int64_t begin = row_ptr[i], end = row_ptr[i + 1];
         for (int64_t p = begin; p < end; p++) {
             const int32_t key = col_idx[p];
             if (key < 0 || key >= num_tokens) {

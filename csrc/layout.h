@@ -47,6 +47,11 @@ int sa_layout_fill(const sa_layout_spec *spec, const int64_t *row_ptr, int32_t *
 int sa_layout_transpose(int64_t num_tokens, const int64_t *row_ptr, const int32_t *col_idx,
                         int64_t *col_ptr, int32_t *row_idx, int num_threads);
 
+/* Checks CSR offsets: row_ptr[0..N] from 0 to nnz, never decreasing. Returns 0,
+ * or -1 with a message naming ptr_name (and idx_name, the array they index). */
+int sa_layout_check_offsets(int64_t num_tokens, const int64_t *row_ptr, int64_t nnz, const char *ptr_name,
+                            const char *idx_name, char *err, size_t err_len);
+
 /* Checks a CSR that came from outside (a custom layout): offsets from 0 to nnz
  * that never decrease, and every row's keys in [0, N) and strictly ascending.
  * Returns 0, or -1 with a message naming the first bad row. */

@@ -8,6 +8,8 @@
  * bit. Time O(pairs + tiles x min(tokens, keys log keys)). */
 #include "tile_plan.h"
 
+#include "layout.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,19 +41,8 @@ int sa_plan_check(const sa_plan_spec *s, int64_t nnz, char *err, size_t err_len)
         snprintf(err, err_len, "pairs: expected 0 to %d, got %d", SA_PLAN_PAIRS_COUNT - 1, s->pairs);
         return -1;
     }
-    const int64_t n = s->height * s->width;
-    if (s->row_ptr[0] != 0 || s->row_ptr[n] != nnz) {
-        snprintf(err, err_len, "row_ptr: expected offsets from 0 to %lld (the length of col_idx), got %lld to %lld",
-                 (long long)nnz, (long long)s->row_ptr[0], (long long)s->row_ptr[n]);
-        return -1;
-    }
-    for (int64_t i = 0; i < n; i++) {
-        if (s->row_ptr[i + 1] < s->row_ptr[i]) {
-            snprintf(err, err_len, "row_ptr: offsets decrease at row %lld", (long long)i);
-            return -1;
-        }
-    }
-    return 0; /* keys are checked where they are read */
+    /* keys are checked where they are read */
+    return sa_layout_check_offsets(s->height * s->width, s->row_ptr, nnz, "row_ptr", "col_idx", err, err_len);
 }
 
 static int pair_selected(int pairs, int64_t query, int64_t key, int64_t width)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _tiles
 from ._native import C
 from .patterns import Layout, SparsityPattern, global_tokens
 
@@ -126,13 +127,36 @@ def _offsets_of_custom(layout: Layout):
     return [(int(a) - (h - 1), int(b) - (w - 1)) for a, b in zip(dy, dx)]
 
 
+def _offset_table(offsets, height, width):
+    """[2H - 1, 2W - 1] bool: which (dy, dx) are among ``offsets``, indexed by
+    (dy + H - 1, dx + W - 1)."""
+    present = np.zeros((2 * height - 1, 2 * width - 1), dtype=bool)
+    dy = np.array([o[0] for o in offsets], dtype=np.int64)
+    dx = np.array([o[1] for o in offsets], dtype=np.int64)
+    present[dy + height - 1, dx + width - 1] = True
+    return present
+
+
+def _pairs_by_offset(layout: Layout, present, queries, keys):
+    """For pairs (queries, keys), whether their offset is in the table ``present``."""
+    h, w = layout.height, layout.width
+    return present[keys // w - queries // w + h - 1, keys % w - queries % w + w - 1]
+
+
+def _clipped_counts(offsets, height, width):
+    """Per token, how many of ``offsets`` land on the grid from it: the pairs a
+    clipped stencil gives its row."""
+    ys, xs = np.divmod(np.arange(height * width, dtype=np.int64), width)
+    counts = np.zeros(height * width, dtype=np.int64)
+    for a, b in offsets:
+        counts += (ys + a >= 0) & (ys + a < height) & (xs + b >= 0) & (xs + b < width)
+    return counts
+
+
 def _matches(layout: Layout, offsets, keys, rows) -> bool:
     """Whether the CSR rows outside ``rows`` are exactly the stencil's pairs."""
     h, w, n = layout.height, layout.width, layout.num_tokens
-    dy = np.array([o[0] for o in offsets], dtype=np.int64)
-    dx = np.array([o[1] for o in offsets], dtype=np.int64)
-    present = np.zeros((2 * h - 1, 2 * w - 1), dtype=bool)
-    present[dy + h - 1, dx + w - 1] = True
+    present = _offset_table(offsets, h, w)
     if present.sum() != len(offsets):
         return False  # repeated offsets would count pairs twice
     listed = np.zeros(n, dtype=bool)
@@ -146,15 +170,13 @@ def _matches(layout: Layout, offsets, keys, rows) -> bool:
     qi, kj = row_of_pair[keep], layout.indices[keep].astype(np.int64)
     if qi.size and np.any((qi[1:] == qi[:-1]) & (kj[1:] <= kj[:-1])):
         return False  # a repeated or unsorted key in a row
-    by_offset = present[kj // w - qi // w + h - 1, kj % w - qi % w + w - 1]
+    by_offset = _pairs_by_offset(layout, present, qi, kj)
     is_key = np.zeros(n, dtype=bool)
     is_key[keys] = True
     if not np.all(by_offset | is_key[kj]):
         return False
     # ... and every row must hold as many pairs as the stencil gives it
-    expected = np.zeros(n, dtype=np.int64)
-    for a, b in zip(dy, dx):
-        expected += ((ys + a >= 0) & (ys + a < h) & (xs + b >= 0) & (xs + b < w))
+    expected = _clipped_counts(offsets, h, w)
     for j in keys:
         reached = present[j // w - ys + h - 1, j % w - xs + w - 1]
         expected += ~reached
@@ -216,8 +238,6 @@ def lattice_split(layout: Layout):
         return _custom_split(layout)
     if layout.pattern is not SparsityPattern.STRIDED:
         return None
-    from ._tiles import build_lattice_plan
-
     h, w, n = layout.height, layout.width, layout.num_tokens
     kernel = int(layout.params.get("kernel_size", 7))
     stride = int(layout.params.get("stride", kernel))
@@ -228,7 +248,7 @@ def lattice_split(layout: Layout):
     if not window:
         return None
     empty = np.zeros(0, dtype=np.int64)
-    buffer, passes = build_lattice_plan(h, w, stride).packed()
+    buffer, passes = _tiles.build_lattice_plan(h, w, stride).packed()
     buffer.setflags(write=False)
     return _pack(window, empty, empty), buffer, [int(x) for x in passes]
 
@@ -236,14 +256,8 @@ def lattice_split(layout: Layout):
 def _custom_stencil_pays(layout: Layout) -> bool:
     if use_window_kernel and window_takes(layout.stencil(), 64):  # the box rule; head dims alike
         return True
-    plan = layout.cpu_tile_plan() if _tiles_enabled() else None
+    plan = layout.cpu_tile_plan() if _tiles.use_tiled_cpu_kernel else None
     return plan is None or plan.cpu_fill < CUSTOM_STENCIL_MAX_FILL
-
-
-def _tiles_enabled() -> bool:
-    from . import _tiles
-
-    return _tiles.use_tiled_cpu_kernel
 
 
 def _custom_split(layout: Layout):
@@ -269,21 +283,12 @@ def _custom_split(layout: Layout):
     window = _pack(offsets, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
     if not window_takes(window, 64):  # the box rule; any head dim the kernel takes reads it alike
         return None
-    present = np.zeros((2 * h - 1, 2 * w - 1), dtype=bool)
-    dy = np.array([o[0] for o in offsets], dtype=np.int64)
-    dx = np.array([o[1] for o in offsets], dtype=np.int64)
-    present[dy + h - 1, dx + w - 1] = True
     queries, keys = layout.row_ids(), layout.indices.astype(np.int64)
-    in_window = present[keys // w - queries // w + h - 1, keys % w - queries % w + w - 1]
-    rest = int((~in_window).sum())
-    if rest > CUSTOM_SPLIT_MAX_REST * layout.nnz:
+    in_window = _pairs_by_offset(layout, _offset_table(offsets, h, w), queries, keys)
+    if int((~in_window).sum()) > CUSTOM_SPLIT_MAX_REST * layout.nnz:
         return None
-    ys, xs = np.divmod(np.arange(n, dtype=np.int64), w)
-    expected = np.zeros(n, dtype=np.int64)
-    for a, b in offsets:
-        expected += (ys + a >= 0) & (ys + a < h) & (xs + b >= 0) & (xs + b < w)
     # pairs are unique, so a row holding as many window pairs as land on the grid holds them all
-    if not np.array_equal(np.bincount(queries[in_window], minlength=n), expected):
+    if not np.array_equal(np.bincount(queries[in_window], minlength=n), _clipped_counts(offsets, h, w)):
         return None
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(queries[~in_window], minlength=n), out=indptr[1:])
@@ -300,8 +305,6 @@ def cpu_kernel_choice(layout: Layout):
     stencil, its lattice on the tiles), "stencil", "tiles" or None (the row
     kernels). The torch and NumPy paths both ask here, so both run the same
     kernels and give the same bits."""
-    from . import _tiles
-
     if use_stencil_cpu_kernel:
         if use_lattice_split and layout.stencil_split() is not None:
             return "split"

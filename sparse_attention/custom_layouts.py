@@ -243,15 +243,15 @@ def combine_layouts(first, second, how) -> Layout:
     if (first.height, first.width) != (second.height, second.width):
         raise ValueError(f"combine_layouts: the layouts cover different grids, {first.height} x {first.width} "
                          f"and {second.height} x {second.width}")
-    operations = {"union": (np.union1d, "|"), "intersection": (np.intersect1d, "&"),
-                  "difference": (np.setdiff1d, "-")}
+    # both code lists are sorted and unique (CSR order, keys strictly rising); each result is too
+    operations = {"union": (np.union1d, "|"),
+                  "intersection": (lambda a, b: np.intersect1d(a, b, assume_unique=True), "&"),
+                  "difference": (lambda a, b: np.setdiff1d(a, b, assume_unique=True), "-")}
     if how not in operations:
         raise ValueError(f"how: expected one of {sorted(operations)}, got {how!r}")
     combine, symbol = operations[how]
     n = first.num_tokens
-    # both code lists are sorted and unique already (CSR order, keys strictly rising)
-    codes = combine(_pair_codes(first), _pair_codes(second), assume_unique=True) if how != "union" \
-        else combine(_pair_codes(first), _pair_codes(second))
+    codes = combine(_pair_codes(first), _pair_codes(second))
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(codes // n, minlength=n), out=indptr[1:])
     return layout_from_csr(first.height, first.width, indptr, codes % n,

@@ -145,11 +145,8 @@ class EnhancedSparseAttention(nn.Module):
             raise ValueError(f"max_relative_positions: expected an int >= 0, got {max_relative_positions!r}")
         if callable(sparsity_pattern) and not isinstance(sparsity_pattern, (str, SparsityPattern)):
             self.sparsity_pattern = sparsity_pattern  # the user's own: (height, width) -> Layout
-            self.pattern_name = str(getattr(sparsity_pattern, "name", None)
-                                    or getattr(sparsity_pattern, "__name__", "custom"))
         else:
             self.sparsity_pattern = SparsityPattern.parse(sparsity_pattern)
-            self.pattern_name = self.sparsity_pattern.name
         self.layout_knobs = dict(kernel_size=kernel_size, block_size=block_size, stride=stride,
                                  num_global_tokens=num_global_tokens,
                                  attention_ratio=attention_ratio, seed=seed)
@@ -309,6 +306,13 @@ class EnhancedSparseAttention(nn.Module):
         return [h for h, a in enumerate(active.tolist()) if a]
 
     # -- forward -------------------------------------------------------------
+
+    @property
+    def pattern_name(self) -> str:
+        """The pattern's name: a SparsityPattern's, or a custom pattern's ``name``
+        (``__name__`` for a plain function)."""
+        pattern = self.sparsity_pattern
+        return str(getattr(pattern, "name", None) or getattr(pattern, "__name__", "custom"))
 
     @property
     def _built_in_pattern(self):
