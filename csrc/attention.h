@@ -151,6 +151,14 @@ typedef struct {
     /* CPU forward: run the stencil on the strip kernel even where the window
      * kernel (attention_cpu_window.c) suits its offsets */
     int stencil_strips;
+    /* CPU, float32: the offsets fill a box (dy_lo..dy_hi, dx_lo..dx_hi) that
+     * is shifted per query to stay on the grid (NATTEN's neighbourhood
+     * attention): query (y, x) attends keys (sy + a, sx + b), a < box height,
+     * b < box width, from sy = max(0, min(y + dy_lo, height - box height)),
+     * sx likewise. No extra keys, listed rows or plan. Only the window kernel
+     * runs it; where that kernel does not take the call, the row kernels run
+     * the CSR layout. */
+    int stencil_clamped;
 } sa_attention_params;
 
 /* The bias gradient: grad_table[h, t] = sum over b and over the CSR positions p of

@@ -137,11 +137,32 @@ static int forward_rows_left_by_plan(const sa_attention_params *p, char *err, si
     return sa_cpu_forward(&rows, err, len);
 }
 
+/* A window clamped to the grid runs on the window kernel alone; where that
+ * does not take the call (head dim, the strips asked for, a bias gradient in
+ * CSR order), the row kernels run its CSR layout. */
+static int clamped_on_window(const sa_attention_params *p, int backward)
+{
+    return !p->stencil_strips && sa_cpu_window_fits(p) && !(backward && p->grad_scores != NULL);
+}
+
+static sa_attention_params without_stencil(const sa_attention_params *p)
+{
+    sa_attention_params rows = *p;
+    rows.stencil_offsets = NULL;
+    rows.stencil_num_offsets = 0;
+    rows.stencil_clamped = 0;
+    return rows;
+}
+
 int sa_cpu_forward(const sa_attention_params *p, char *err, size_t len)
 {
     int status = check_cpu_params(p, err, len);
     if (status != SA_OK) return status;
     void *ctx = (void *)p;
+    if (p->stencil_offsets != NULL && p->stencil_clamped && !clamped_on_window(p, 0)) {
+        const sa_attention_params rows = without_stencil(p);
+        return sa_cpu_forward(&rows, err, len);
+    }
     if (p->stencil_offsets != NULL) {
         /* the listed rows the stencil kernel leaves to the row kernel */
         int32_t *left = malloc((size_t)(p->stencil_num_rows > 0 ? p->stencil_num_rows : 1) * sizeof(int32_t));
@@ -183,6 +204,14 @@ int sa_cpu_backward(const sa_attention_params *p, char *err, size_t len)
 {
     int status = check_cpu_params(p, err, len);
     if (status != SA_OK) return status;
+    if (p->stencil_offsets != NULL && p->stencil_clamped && !clamped_on_window(p, 1)) {
+        if (p->grad_bias_rows != NULL) {
+            snprintf(err, len, "grad_bias_rows: a window clamped to the grid gives it on the window kernel only");
+            return SA_ERR_UNSUPPORTED;
+        }
+        const sa_attention_params rows = without_stencil(p);
+        return sa_cpu_backward(&rows, err, len);
+    }
     int64_t rows = p->batch * p->heads * p->num_tokens;
     void *ctx = (void *)p;
     int f32 = p->dtype == SA_F32;

@@ -1099,16 +1099,24 @@ static int stencil_run(const sa_attention_params *p, int num_threads, sa_range_f
 int sa_cpu_forward_stencil(const sa_attention_params *p, int num_threads, int32_t *rows_left,
                            int64_t *num_left, char *err, size_t len)
 {
+    if (p->stencil_clamped) {
+        snprintf(err, len, "stencil: the strip CPU kernel does not shift windows at the grid's edges");
+        return SA_ERR_UNSUPPORTED;
+    }
     return stencil_run(p, num_threads, forward_heads, rows_left, num_left, err, len);
 }
 
 int sa_cpu_stencil_sums_bias_grad(const sa_attention_params *p)
 {
-    return p->bias_table != NULL && p->stencil_num_keys == 0 && p->stencil_num_rows == 0;
+    return p->bias_table != NULL && p->stencil_num_keys == 0 && p->stencil_num_rows == 0 && !p->stencil_clamped;
 }
 
 int sa_cpu_backward_stencil(const sa_attention_params *p, int num_threads, char *err, size_t len)
 {
+    if (p->stencil_clamped) {
+        snprintf(err, len, "stencil: the strip CPU kernel does not shift windows at the grid's edges");
+        return SA_ERR_UNSUPPORTED;
+    }
     if (p->grad_scores != NULL || (p->grad_bias_rows != NULL && !sa_cpu_stencil_sums_bias_grad(p))) {
         snprintf(err, len, "the stencil CPU backward gives a bias gradient only in grad_bias_rows, with a "
                            "bias table, for stencils of offsets alone (no extra keys or listed rows)");

@@ -130,6 +130,13 @@ int sa_cpu_window_offsets_fit(const int32_t *offsets, int64_t num_offsets, int64
 int sa_cpu_window_fits(const sa_attention_params *p)
 {
     if (p->dtype != SA_F32 || p->height * p->width != p->num_tokens) return 0;
+    if (p->stencil_clamped) {
+        /* a whole box within the grid, nothing else (the binding checks it; the kernel relies on it) */
+        const offset_box box = box_of(p);
+        if (p->stencil_num_keys != 0 || p->stencil_num_rows != 0 || box.box_h > p->height ||
+            box.box_w > p->width || (int64_t)box.box_h * box.box_w != p->stencil_num_offsets)
+            return 0;
+    }
     return sa_cpu_window_offsets_fit(p->stencil_offsets, p->stencil_num_offsets, p->head_dim);
 }
 
@@ -151,6 +158,12 @@ typedef struct {
     int wide; /* 32 vector registers: union rows' dots two rows a pass, P x V four lanes */
     int64_t bands, band_items;
     int64_t bias_cells; /* (2M+1)^2: one (batch, head)'s row of grad_bias_rows */
+    /* a window clamped to the grid (p->stencil_clamped): a block whose windows
+     * the edges shift has its union moved by (ay, ax) from the usual corner,
+     * ay in [shift_lo_y, shift_lo_y + shift_rows), ax likewise; each such
+     * anchor has a bias table (and bias gradient sums) of its own */
+    int clamped;
+    int shift_lo_y, shift_lo_x, shift_rows, shift_cols;
     atomic_llong next_item;
     atomic_int failed;
 } window_ctx;
@@ -165,6 +178,13 @@ typedef struct {
     float *full_grads; /* [tokens] (backward): its dO . V, then dS */
     v8 *slot_bias_grads; /* [union slot] (backward with grad_bias_rows): dS summed over blocks */
     int64_t bias_head;
+    /* clamped windows: the lane masks of the block at hand, and per anchor
+     * shift its bias table (filled for head anchor_head[a]) and its summed dS */
+    i8v *block_lanes;      /* [union slot] */
+    v8 *anchor_bias;       /* [anchor][union slot] */
+    int64_t *anchor_head;  /* [anchor]: -1 until filled */
+    v8 *anchor_bias_grads; /* [anchor][union slot] */
+    uint8_t *anchor_used;  /* [anchor]: its dS sums hold this item's blocks */
 } window_work;
 
 /* aligned_alloc wants a size that is a multiple of the alignment */
@@ -183,6 +203,11 @@ static void work_free(window_work *w)
     free(w->full);
     free(w->full_grads);
     free(w->slot_bias_grads);
+    free(w->block_lanes);
+    free(w->anchor_bias);
+    free(w->anchor_head);
+    free(w->anchor_bias_grads);
+    free(w->anchor_used);
 }
 
 static int work_alloc(window_work *w, const window_ctx *c, int backward)
@@ -204,6 +229,23 @@ static int work_alloc(window_work *w, const window_ctx *c, int backward)
         if (c->p->grad_bias_rows != NULL) {
             w->slot_bias_grads = alloc64((size_t)c->union_slots * sizeof(v8));
             ok = ok && w->slot_bias_grads;
+        }
+    }
+    if (c->clamped) {
+        const size_t anchors = (size_t)c->shift_rows * (size_t)c->shift_cols;
+        w->block_lanes = alloc64((size_t)c->union_slots * sizeof(i8v));
+        ok = ok && w->block_lanes;
+        if (c->p->bias_table != NULL) {
+            /* pages of anchors no block takes are never touched */
+            w->anchor_bias = alloc64(anchors * (size_t)c->union_slots * sizeof(v8));
+            w->anchor_head = malloc(anchors * sizeof(int64_t));
+            ok = ok && w->anchor_bias && w->anchor_head;
+            for (size_t a = 0; w->anchor_head && a < anchors; a++) w->anchor_head[a] = -1;
+        }
+        if (backward && c->p->grad_bias_rows != NULL) {
+            w->anchor_bias_grads = alloc64(anchors * (size_t)c->union_slots * sizeof(v8));
+            w->anchor_used = calloc(anchors, 1);
+            ok = ok && w->anchor_bias_grads && w->anchor_used;
         }
     }
     return ok ? 0 : -1;
@@ -333,18 +375,38 @@ INLINE void store_out(float *at, v8 value)
     STOREU(at, value);
 }
 
-/* The rows and columns of a block's union on the grid: [r_lo, r_hi) x [c_lo, c_hi). */
+/* The rows and columns of a block's union on the grid: [r_lo, r_hi) x [c_lo,
+ * c_hi); which lanes reach each union slot, and (with a bias) the slots'
+ * bias and dS sums: the call's own, or for a block whose windows a clamped
+ * window's edges shift (`shifted`), the block's. */
 typedef struct {
     int64_t key_y0, key_x0;
     int r_lo, r_hi, c_lo, c_hi;
+    int shifted;
+    const i8v *lanes;
+    const v8 *bias;
+    v8 *bias_grads;
 } union_span;
+
+/* The first row (column) of a clamped window: the box [lo, lo + box) from
+ * coordinate y, moved back onto an axis of `size` tokens. */
+INLINE int64_t clamped_start(int64_t y, int lo, int box, int64_t size)
+{
+    int64_t start = y + lo;
+    if (start > size - box) start = size - box;
+    return start < 0 ? 0 : start;
+}
 
 INLINE union_span union_of(const window_ctx *c, int64_t y0, int64_t x0)
 {
     union_span u;
     const int64_t H = c->height, W = c->width;
-    u.key_y0 = y0 + c->box.dy_lo;
-    u.key_x0 = x0 + c->box.dx_lo;
+    u.key_y0 = c->clamped ? clamped_start(y0, c->box.dy_lo, c->box.box_h, H) : y0 + c->box.dy_lo;
+    u.key_x0 = c->clamped ? clamped_start(x0, c->box.dx_lo, c->box.box_w, W) : x0 + c->box.dx_lo;
+    u.shifted = 0;
+    u.lanes = c->slot_lanes;
+    u.bias = NULL;
+    u.bias_grads = NULL;
     u.r_lo = u.key_y0 < 0 ? (int)-u.key_y0 : 0;
     u.r_hi = u.key_y0 + c->union_rows > H ? (int)(H - u.key_y0) : c->union_rows;
     u.c_lo = u.key_x0 < 0 ? (int)-u.key_x0 : 0;
@@ -395,10 +457,10 @@ INLINE void mask_scores(const window_ctx *c, const window_work *w, int64_t b, in
         const int64_t key_row = (u->key_y0 + r) * W + u->key_x0;
         for (int col = u->c_lo; col < u->c_hi; col++) {
             const int s = r * UC + col;
-            i8v ok = c->slot_lanes[s] & lane_ok;
+            i8v ok = u->lanes[s] & lane_ok;
             if (!sa_key_usable(p, b, key_row + col)) ok = (i8v){0};
             v8 score = scores[s] * c->scale;
-            if (biased) score += w->slot_bias[s];
+            if (biased) score += u->bias[s];
             score = SELECT(ok, score, neg_inf);
             if (top_out) {
                 nan_lanes |= score != score;
@@ -458,7 +520,8 @@ INLINE void lanes_weighted(const window_ctx *c, const union_span *u, const float
     const int64_t num_extra = p->stencil_num_keys;
     const v8 zero = SPLAT(0.0f);
     const int ly = l / BLOCK_COLS;
-    const int r_first = ly > u->r_lo ? ly : u->r_lo;
+    /* a lane's window starts at its image row in the union, or above it where the edges shift it */
+    const int r_first = ly > u->r_lo && !u->shifted ? ly : u->r_lo;
     const int r_last = ly + c->box.box_h < u->r_hi ? ly + c->box.box_h : u->r_hi;
     const int cols = u->c_hi - u->c_lo;
     int64_t d0 = d_first;
@@ -548,7 +611,7 @@ INLINE void quad_lanes_weighted(const window_ctx *c, const union_span *u, const 
     const int64_t W = c->width, dim = c->dim, dim32 = dim / 32 * 32;
     const int UC = c->union_cols, US = c->union_slots;
     const int ly = l / BLOCK_COLS, box_h = c->box.box_h;
-    const int r_first = ly > u->r_lo ? ly : u->r_lo;
+    const int r_first = ly > u->r_lo && !u->shifted ? ly : u->r_lo;
     const int r_last = ly + 1 + box_h < u->r_hi ? ly + 1 + box_h : u->r_hi;
     const int cols = u->c_hi - u->c_lo;
     for (int64_t d0 = 0; d0 < dim32; d0 += 32) {
@@ -558,7 +621,7 @@ INLINE void quad_lanes_weighted(const window_ctx *c, const union_span *u, const 
         for (int r = r_first; r < r_last && cols > 0; r++) {
             const float *wrow = weights + (r * UC + u->c_lo) * LANES;
             const float *row = base + ((u->key_y0 + r) * W + u->key_x0 + u->c_lo) * row_stride;
-            const int upper = r < ly + box_h, lower = r > ly;
+            const int upper = r < ly + box_h, lower = r > ly || u->shifted;
             if (upper && lower) {
                 switch (cols) {
                 case 8: quad_weighted(wrow, l, row, row_stride, 8, d0, acc); break;
@@ -703,6 +766,87 @@ WINDOW_CLONES __attribute__((noinline)) static void block_numerators(const windo
         numerators_of(c, u, scores, slots, *shift, *query_keys, 0, 0, out);
 }
 
+/* Query minus key from lane l to union slot s, the same in every block: query
+ * (l / 2, l % 2) of the block, key (dy_lo + r, dx_lo + col) from its corner.
+ * A union moved by the anchor shift (ay, ax) (clamped windows) takes that
+ * off both. */
+static inline void lane_to_slot(const window_ctx *c, int s, int l, int64_t *dy, int64_t *dx)
+{
+    *dy = l / BLOCK_COLS - (c->box.dy_lo + s / c->union_cols);
+    *dx = l % BLOCK_COLS - (c->box.dx_lo + s % c->union_cols);
+}
+
+/* The bias of head h for every union slot and lane of a union moved by (ay, ax). */
+static void fill_bias_table(const window_ctx *c, v8 *table, int64_t h, int64_t ay, int64_t ax)
+{
+    for (int s = 0; s < c->union_slots; s++)
+        for (int l = 0; l < LANES; l++) {
+            int64_t dy, dx;
+            lane_to_slot(c, s, l, &dy, &dx);
+            table[s][l] = sa_bias_of(c->p, h, dy - ay, dx - ax);
+        }
+}
+
+static void fill_slot_bias(const window_ctx *c, window_work *w, int64_t h)
+{
+    fill_bias_table(c, w->slot_bias, h, 0, 0);
+    w->bias_head = h;
+}
+
+/* A block's union with its masks, bias and dS sums. A clamped window whose
+ * edges shift some of the block's windows (or move its union off the usual
+ * corner) gets lane masks of its own and the tables of its anchor shift;
+ * every other block those of the call. */
+INLINE union_span block_union(const window_ctx *c, window_work *w, int64_t h, int64_t y0, int64_t x0)
+{
+    union_span u = union_of(c, y0, x0);
+    u.bias = w->slot_bias;
+    u.bias_grads = w->slot_bias_grads;
+    if (!c->clamped) return u;
+    const int64_t H = c->height, W = c->width;
+    const int64_t ay = u.key_y0 - (y0 + c->box.dy_lo), ax = u.key_x0 - (x0 + c->box.dx_lo);
+    int lane_row[LANES], lane_col[LANES];
+    int shifted = ay != 0 || ax != 0;
+    for (int l = 0; l < LANES; l++) {
+        const int64_t y = y0 + l / BLOCK_COLS, x = x0 + l % BLOCK_COLS;
+        lane_row[l] = l / BLOCK_COLS;
+        lane_col[l] = l % BLOCK_COLS;
+        if (y >= H || x >= W) continue; /* off the grid: masked in every slot */
+        lane_row[l] = (int)(clamped_start(y, c->box.dy_lo, c->box.box_h, H) - u.key_y0);
+        lane_col[l] = (int)(clamped_start(x, c->box.dx_lo, c->box.box_w, W) - u.key_x0);
+        shifted |= lane_row[l] != l / BLOCK_COLS || lane_col[l] != l % BLOCK_COLS;
+    }
+    if (!shifted) return u;
+    u.shifted = 1;
+    i8v row_in[MAX_BOX + BLOCK_ROWS], col_in[MAX_UNION_COLS];
+    for (int r = 0; r < c->union_rows; r++)
+        for (int l = 0; l < LANES; l++) row_in[r][l] = r >= lane_row[l] && r < lane_row[l] + c->box.box_h ? -1 : 0;
+    for (int col = 0; col < c->union_cols; col++)
+        for (int l = 0; l < LANES; l++)
+            col_in[col][l] = col >= lane_col[l] && col < lane_col[l] + c->box.box_w ? -1 : 0;
+    for (int r = 0; r < c->union_rows; r++)
+        for (int col = 0; col < c->union_cols; col++) w->block_lanes[r * c->union_cols + col] = row_in[r] & col_in[col];
+    u.lanes = w->block_lanes;
+    const int64_t anchor = (ay - c->shift_lo_y) * c->shift_cols + (ax - c->shift_lo_x);
+    if (w->anchor_bias != NULL) {
+        v8 *table = w->anchor_bias + anchor * c->union_slots;
+        if (w->anchor_head[anchor] != h) {
+            fill_bias_table(c, table, h, ay, ax);
+            w->anchor_head[anchor] = h;
+        }
+        u.bias = table;
+    }
+    if (w->anchor_bias_grads != NULL) {
+        v8 *sums = w->anchor_bias_grads + anchor * c->union_slots;
+        if (!w->anchor_used[anchor]) {
+            memset(sums, 0, (size_t)c->union_slots * sizeof(v8));
+            w->anchor_used[anchor] = 1;
+        }
+        u.bias_grads = sums;
+    }
+    return u;
+}
+
 /* One block's forward: outputs, log-sum-exps and statistics of its lanes. */
 INLINE void forward_block(const window_ctx *c, window_work *w, int64_t b, int64_t h, int64_t y0, int64_t x0)
 {
@@ -727,7 +871,7 @@ INLINE void forward_block(const window_ctx *c, window_work *w, int64_t b, int64_
     }
     transpose_lanes(q_rows, dim, w->qt);
 
-    const union_span u = union_of(c, y0, x0);
+    const union_span u = block_union(c, w, h, y0, x0);
     prefetch_next_block(c, &u, b, h, y0, x0, kb, ks, vb, vs);
     v8 *scores = w->scores;
     if (!(u.r_lo == 0 && u.r_hi == UR && u.c_lo == 0 && u.c_hi == UC))
@@ -988,26 +1132,6 @@ static void finish_full_rows(const window_ctx *c)
 
 /* ---- work items ------------------------------------------------------------- */
 
-/* Query minus key from lane l to union slot s, the same in every block: query
- * (l / 2, l % 2) of the block, key (dy_lo + r, dx_lo + col) from its corner. */
-static inline void lane_to_slot(const window_ctx *c, int s, int l, int64_t *dy, int64_t *dx)
-{
-    *dy = l / BLOCK_COLS - (c->box.dy_lo + s / c->union_cols);
-    *dx = l % BLOCK_COLS - (c->box.dx_lo + s % c->union_cols);
-}
-
-/* The bias of head h for every union slot and lane. */
-static void fill_slot_bias(const window_ctx *c, window_work *w, int64_t h)
-{
-    for (int s = 0; s < c->union_slots; s++)
-        for (int l = 0; l < LANES; l++) {
-            int64_t dy, dx;
-            lane_to_slot(c, s, l, &dy, &dx);
-            w->slot_bias[s][l] = sa_bias_of(c->p, h, dy, dx);
-        }
-    w->bias_head = h;
-}
-
 WINDOW_CLONES
 static void forward_items(void *opaque, int64_t first, int64_t last)
 {
@@ -1114,7 +1238,7 @@ INLINE void score_grad_group(const window_ctx *c, const union_span *u, const blo
          * key's offset differs from block to block. Only the layout's pairs
          * add (a NaN value row gives 0 x NaN in the union's other lanes). */
         if (s < US) {
-            lanes->bias_grads[s] += SELECT(c->slot_lanes[s] & lanes->live, score_grad, zero);
+            lanes->bias_grads[s] += SELECT(u->lanes[s] & lanes->live, score_grad, zero);
             continue;
         }
         const int64_t key = p->stencil_keys[s - US];
@@ -1201,7 +1325,7 @@ INLINE void backward_block(const window_ctx *c, window_work *w, int64_t b, int64
     transpose_lanes(q_rows, dim, w->qt);
     transpose_lanes(go_rows, dim, w->got);
 
-    const union_span u = union_of(c, y0, x0);
+    const union_span u = block_union(c, w, h, y0, x0);
     v8 *scores = w->scores, *grads = w->grads;
     const int whole = u.r_lo == 0 && u.r_hi == UR && u.c_lo == 0 && u.c_hi == UC;
     if (!whole)
@@ -1242,7 +1366,7 @@ INLINE void backward_block(const window_ctx *c, window_work *w, int64_t b, int64
         for (int l = 0; l < LANES; l++) query_keys[l] = sa_dropout_query_key(row_key, token[l] >= 0 ? token[l] : 0);
     }
     const int64_t slots = US + num_extra;
-    v8 *bias_grads = w->slot_bias_grads; /* NULL without a bias gradient */
+    v8 *bias_grads = u.bias_grads; /* NULL without a bias gradient */
     float *bias_cells = bias_grads ? p->grad_bias_rows + bh * c->bias_cells : NULL;
     const block_lanes lanes = {row_lse, row_delta, live, query_keys, token, bias_grads, bias_cells};
     block_score_grads(c, &u, &lanes, scores, grads, slots);
@@ -1261,9 +1385,10 @@ INLINE void backward_block(const window_ctx *c, window_work *w, int64_t b, int64
         /* whole vectors here; head dims past the last multiple of 8 below */
         const int vectors = dim - d0 >= 32 ? 4 : (int)((dim - d0) / 8);
         for (int r = u.r_lo; r < u.r_hi; r++) {
-            /* lanes of query rows ly with r - (box_h - 1) <= ly <= r */
-            const int ly_first = r - (c->box.box_h - 1) > 0 ? r - (c->box.box_h - 1) : 0;
-            const int ly_last = r < BLOCK_ROWS - 1 ? r : BLOCK_ROWS - 1;
+            /* lanes of query rows ly with r - (box_h - 1) <= ly <= r; any
+             * lane where the edges shift the block's windows */
+            const int ly_first = r - (c->box.box_h - 1) > 0 && !u.shifted ? r - (c->box.box_h - 1) : 0;
+            const int ly_last = r < BLOCK_ROWS - 1 && !u.shifted ? r : BLOCK_ROWS - 1;
             const int lane_first = ly_first * BLOCK_COLS, lane_end = (ly_last + 1) * BLOCK_COLS;
             for (int col = u.c_lo; col < u.c_hi; col += 2) {
                 const int two = col + 1 < u.c_hi;
@@ -1408,15 +1533,28 @@ INLINE void backward_full_row(const window_ctx *c, window_work *w, int64_t b, in
     }
 }
 
-/* The union slots' summed dS into one (batch, head)'s bias cells, lane by lane. */
-static void flush_slot_bias_grads(const window_ctx *c, const window_work *w, float *cells)
+/* Union slots' summed dS (of blocks whose union is moved by (ay, ax)) into
+ * one (batch, head)'s bias cells, lane by lane. */
+static void flush_bias_sums(const window_ctx *c, const v8 *sums, int64_t ay, int64_t ax, float *cells)
 {
     for (int s = 0; s < c->union_slots; s++)
         for (int l = 0; l < LANES; l++) {
             int64_t dy, dx;
             lane_to_slot(c, s, l, &dy, &dx);
-            cells[sa_bias_cell(c->p, dy, dx)] += w->slot_bias_grads[s][l];
+            cells[sa_bias_cell(c->p, dy - ay, dx - ax)] += sums[s][l];
         }
+}
+
+static void flush_slot_bias_grads(const window_ctx *c, window_work *w, float *cells)
+{
+    flush_bias_sums(c, w->slot_bias_grads, 0, 0, cells);
+    if (w->anchor_used == NULL) return;
+    for (int64_t a = 0; a < (int64_t)c->shift_rows * c->shift_cols; a++) {
+        if (!w->anchor_used[a]) continue;
+        flush_bias_sums(c, w->anchor_bias_grads + a * c->union_slots, a / c->shift_cols + c->shift_lo_y,
+                        a % c->shift_cols + c->shift_lo_x, cells);
+        w->anchor_used[a] = 0;
+    }
 }
 
 WINDOW_CLONES
@@ -1480,6 +1618,14 @@ static int ctx_init(window_ctx *c, const sa_attention_params *p, char *err, size
     c->width = p->width;
     c->dim = p->head_dim;
     c->box = box_of(p);
+    c->clamped = p->stencil_clamped;
+    if (c->clamped) {
+        /* anchor shifts: down to 1 - box - lo at the far edge, up to -lo at the near one */
+        c->shift_lo_y = 1 - c->box.box_h - c->box.dy_lo < 0 ? 1 - c->box.box_h - c->box.dy_lo : 0;
+        c->shift_lo_x = 1 - c->box.box_w - c->box.dx_lo < 0 ? 1 - c->box.box_w - c->box.dx_lo : 0;
+        c->shift_rows = (-c->box.dy_lo > 0 ? -c->box.dy_lo : 0) - c->shift_lo_y + 1;
+        c->shift_cols = (-c->box.dx_lo > 0 ? -c->box.dx_lo : 0) - c->shift_lo_x + 1;
+    }
     c->union_rows = BLOCK_ROWS - 1 + c->box.box_h;
     c->union_cols = BLOCK_COLS - 1 + c->box.box_w;
     c->union_slots = c->union_rows * c->union_cols;

@@ -26,6 +26,8 @@
 
 #define MAX_VIEWS 24
 #define ERR_LEN 512
+/* bit of a packed stencil's flags word: a window clamped to the grid (sa_attention_params.stencil_clamped) */
+#define STENCIL_FLAG_CLAMPED 1
 
 /* The views one call holds; all released together on every path. */
 typedef struct {
@@ -329,10 +331,12 @@ static int take_long_list(view_set *set, PyObject *obj, const char *name, const 
     return 0;
 }
 
-/* A packed stencil's numbers (E, G, L, then 2E + G + L more), int32 and
- * one-dimensional, on the device of `device_of` (NULL: on the CPU); NULL with
- * an exception set when they are not. Only their count is checked here. */
-static const int32_t *take_packed_stencil(view_set *set, PyObject *obj, const sa_view *device_of)
+/* A packed stencil's numbers (E, G, L, then 2E + G + L more, then
+ * optionally one word of flags), int32 and one-dimensional, on the device of
+ * `device_of` (NULL: on the CPU); NULL with an exception set when they are
+ * not. Only their count is checked here. */
+static const int32_t *take_packed_stencil(view_set *set, PyObject *obj, const sa_view *device_of,
+                                          int64_t *length_out)
 {
     sa_view *packed = take(set, obj, "stencil", 0);
     int64_t any[1] = {-1};
@@ -347,12 +351,75 @@ static const int32_t *take_packed_stencil(view_set *set, PyObject *obj, const sa
     if (check_buffer(packed, device_of ? device_of : packed, SA_DT_I32, any, 1) < 0) return NULL;
     const int32_t *at = (const int32_t *)packed->data;
     const int64_t length = packed->shape[0];
-    if (length < 3 || at[0] < 0 || at[1] < 0 || at[2] < 0 || 3 + 2 * (int64_t)at[0] + at[1] + at[2] != length) {
-        PyErr_Format(PyExc_ValueError, "stencil: expected E, G, L and then 2E + G + L numbers, got %lld numbers",
-                     (long long)length);
+    const int64_t body = length < 3 || at[0] < 0 || at[1] < 0 || at[2] < 0
+                             ? -1 : 3 + 2 * (int64_t)at[0] + at[1] + at[2];
+    if (body < 0 || (length != body && length != body + 1)) {
+        PyErr_Format(PyExc_ValueError,
+                     "stencil: expected E, G, L, then 2E + G + L numbers and optionally a flags word, got %lld "
+                     "numbers", (long long)length);
         return NULL;
     }
+    const int32_t flags = length > body ? at[body] : 0;
+    if (flags & ~STENCIL_FLAG_CLAMPED) {
+        PyErr_Format(PyExc_ValueError, "stencil: unknown flags %d (known: %d, a window clamped to the grid)",
+                     (int)flags, STENCIL_FLAG_CLAMPED);
+        return NULL;
+    }
+    *length_out = length;
     return at;
+}
+
+/* The flags word of a packed stencil (0 where it has none). */
+static int32_t stencil_flags(const int32_t *at, int64_t length)
+{
+    const int64_t body = 3 + 2 * (int64_t)at[0] + at[1] + at[2];
+    return length > body ? at[body] : 0;
+}
+
+/* A window clamped to the grid must be a whole box of offsets (each once),
+ * no taller or wider than the grid, with nothing else: 0, or -1 with an
+ * exception set. */
+static int check_clamped_window(const int32_t *at, int64_t height, int64_t width)
+{
+    const int64_t offsets = at[0];
+    const int32_t *pairs = at + 3;
+    if (at[1] != 0 || at[2] != 0 || offsets == 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "stencil: a window clamped to the grid takes offsets alone (no extra keys or listed rows)");
+        return -1;
+    }
+    int64_t lo[2] = {pairs[0], pairs[1]}, hi[2] = {pairs[0], pairs[1]};
+    for (int64_t o = 1; o < offsets; o++)
+        for (int axis = 0; axis < 2; axis++) {
+            const int64_t at_axis = pairs[2 * o + axis];
+            lo[axis] = at_axis < lo[axis] ? at_axis : lo[axis];
+            hi[axis] = at_axis > hi[axis] ? at_axis : hi[axis];
+        }
+    const int64_t box_h = hi[0] - lo[0] + 1, box_w = hi[1] - lo[1] + 1;
+    if (box_h > height || box_w > width || box_h * box_w != offsets) {
+        PyErr_Format(PyExc_ValueError,
+                     "stencil: a window clamped to the grid must be a whole box of offsets within the %lld x %lld "
+                     "grid; got %lld offsets in a %lld x %lld box",
+                     (long long)height, (long long)width, (long long)offsets, (long long)box_h, (long long)box_w);
+        return -1;
+    }
+    uint8_t *seen = calloc((size_t)offsets, 1);
+    if (!seen) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (int64_t o = 0; o < offsets; o++) {
+        const int64_t cell = (pairs[2 * o] - lo[0]) * box_w + pairs[2 * o + 1] - lo[1];
+        if (seen[cell]) {
+            free(seen);
+            PyErr_Format(PyExc_ValueError, "stencil: offset (%d, %d) is given twice", pairs[2 * o],
+                         pairs[2 * o + 1]);
+            return -1;
+        }
+        seen[cell] = 1;
+    }
+    free(seen);
+    return 0;
 }
 
 /* A stencil layout for the CPU stencil kernels (csrc/attention_cpu_stencil.c),
@@ -366,9 +433,11 @@ static int take_stencil(view_set *set, PyObject *obj, const sa_view *q, sa_atten
         PyErr_SetString(PyExc_ValueError, "stencil: the stencil kernels run on the CPU, in float32");
         return -1;
     }
-    const int32_t *at = take_packed_stencil(set, obj, q);
+    int64_t length = 0;
+    const int32_t *at = take_packed_stencil(set, obj, q, &length);
     if (!at) return -1;
     const int64_t offsets = at[0], keys = at[1], rows = at[2], n = p->num_tokens;
+    const int clamped = (stencil_flags(at, length) & STENCIL_FLAG_CLAMPED) != 0;
     const int32_t *pairs = at + 3, *listed = pairs + 2 * offsets;
     for (int64_t o = 0; o < offsets; o++) {
         if (pairs[2 * o] <= -p->height || pairs[2 * o] >= p->height ||
@@ -387,6 +456,8 @@ static int take_stencil(view_set *set, PyObject *obj, const sa_view *q, sa_atten
             return -1;
         }
     }
+    if (clamped && check_clamped_window(at, p->height, p->width) < 0) return -1;
+    p->stencil_clamped = clamped;
     p->stencil_offsets = pairs;
     p->stencil_num_offsets = offsets;
     p->stencil_keys = listed;
@@ -407,7 +478,8 @@ static PyObject *cpu_window_takes(PyObject *self, PyObject *args, PyObject *kwar
     long long head_dim;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OL", window_takes_kwlist, &stencil_obj, &head_dim)) return NULL;
     view_set set = {.count = 0, .stream = -1};
-    const int32_t *at = take_packed_stencil(&set, stencil_obj, NULL);
+    int64_t length = 0;
+    const int32_t *at = take_packed_stencil(&set, stencil_obj, NULL, &length);
     if (!at) goto fail;
     const int fits = sa_cpu_window_offsets_fit(at + 3, at[0], head_dim);
     release_all(&set);
@@ -587,6 +659,10 @@ static PyObject *attention_forward(PyObject *self, PyObject *args, PyObject *kwa
     if (take_tile_plan(&set, plan_obj, passes_obj, q, &plan) < 0) goto fail;
     if (take_stencil(&set, stencil_obj, q, &p) < 0) goto fail;
     p.stencil_strips = stencil_strips;
+    if (p.stencil_clamped && plan.count > 0) {
+        PyErr_SetString(PyExc_ValueError, "stencil: a window clamped to the grid runs without a tile_plan");
+        goto fail;
+    }
     if (is_cuda(q) && p.stencil_offsets != NULL && plan.count > 0 && p.row_stats != NULL) {
         PyErr_SetString(PyExc_ValueError,
                         "row_stats: statistics need a single kernel on CUDA (a stencil with a "
@@ -767,6 +843,10 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
     }
     p.stencil_strips = stencil_strips;
     if (take_stencil(&set, stencil_obj, q, &p) < 0) goto fail;
+    if (p.stencil_clamped && plan.count > 0) {
+        PyErr_SetString(PyExc_ValueError, "stencil: a window clamped to the grid runs without a tile_plan");
+        goto fail;
+    }
     if (p.stencil_offsets != NULL && p.grad_scores != NULL) {
         PyErr_SetString(PyExc_ValueError,
                         "stencil: the stencil backward gives no bias gradient (grad_scores; "

@@ -16,6 +16,14 @@ A stencil is derived from the pattern's knobs and then checked pair for pair
 against the layout's CSR rows, so a layout that is not what its pattern says
 never reaches the stencil kernels.
 
+A window clamped to the grid (NATTEN's neighbourhood attention: every query
+attends a whole k_h x k_w box of keys, moved inward at the grid's edges
+rather than cut off) is not a stencil, since the edges shift its offsets; the
+window kernel takes it as one with a flag (the packed stencil's trailing
+word), moving the union of a block whose windows the edges shift and giving
+such a block lane masks and bias tables of its own (_clamped_window finds it
+in a custom layout).
+
 AXIAL is a stencil too (offsets (0, dx) and (dy, 0)), but its column offsets
 read every image row of the key panels for every strip of queries, and the
 tile kernels, whose AXIAL chunks are full, were twice as fast at 64 x 64
@@ -58,6 +66,11 @@ use_strip_bias_backward = True
 # at 0.10 (32 x 32), 0.67x at 0.05 (64 x 64) (benchmarks/results/custom_layouts/
 # shifted_window/, two runs each).
 CUSTOM_SPLIT_MAX_REST = 0.21
+# A custom layout that is a window clamped to the grid (NATTEN's neighbourhood)
+# runs on the window kernel as a clamped stencil; read when a layout's
+# stencil is first built (tests and benchmarks turn it off to compare with
+# the split or the tiles that ran it before).
+use_clamped_window = True
 # A custom layout that is a stencil runs on the window kernel where that takes
 # it (it won at every size measured, up to a tile plan's cpu_fill of 0.48 at
 # 12 x 12: 0.49-0.55x dense SDPA against the tiles' 0.81-0.88x), else on the
@@ -186,15 +199,61 @@ def _matches(layout: Layout, offsets, keys, rows) -> bool:
 
 def stencil_of(layout: Layout):
     """The layout as the stencil kernels take it (one int32 array: E, G, L, the E
-    offsets as (dy, dx), the G extra keys, the L listed rows), or None when the
-    layout is not a stencil layout. Checked against the CSR rows."""
+    offsets as (dy, dx), the G extra keys, the L listed rows, and for a window
+    clamped to the grid a last word CLAMPED), or None when the layout is
+    neither. Checked against the CSR rows."""
     described = _describe(layout)
     if described is None:
         return None
     offsets, keys, rows = described
     if offsets is None or not offsets or len(offsets) > MAX_OFFSETS or not _matches(layout, offsets, keys, rows):
+        if layout.pattern is None and use_clamped_window:
+            box = _clamped_window(layout)
+            if box is not None:
+                return _pack(box, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), clamped=True)
         return None
     return _pack(offsets, keys, rows)
+
+
+def clamped_starts(coords, lo: int, box: int, size: int):
+    """First row (column) of a clamped window's box [lo, lo + box) from each
+    coordinate, moved back onto an axis of ``size`` tokens (the C kernel's
+    clamped_start)."""
+    return np.clip(np.asarray(coords, dtype=np.int64) + lo, 0, max(size - box, 0))
+
+
+def _clamped_window(layout: Layout):
+    """The offsets of the box a custom layout is, clamped to the grid (every
+    query attends the whole box, moved inward at the edges; NATTEN's
+    neighbourhood attention), or None. The box is read off the centre
+    query's keys and then every row is checked against it."""
+    h, w, n = layout.height, layout.width, layout.num_tokens
+    if layout.nnz == 0:
+        return None
+    centre = (h // 2) * w + w // 2
+    keys = layout.neighbors(centre).astype(np.int64)
+    if keys.size == 0:
+        return None
+    ky, kx = np.divmod(keys, w)
+    box_h, box_w = int(ky.max() - ky.min()) + 1, int(kx.max() - kx.min()) + 1
+    if keys.size != box_h * box_w or layout.nnz != n * keys.size:
+        return None  # not a whole box, or some row holds another count
+    if not np.array_equal(layout.degrees(), np.full(n, keys.size)):
+        return None
+    lo_y, lo_x = int(ky.min()) - h // 2, int(kx.min()) - w // 2
+    ys, xs = np.divmod(np.arange(n, dtype=np.int64), w)
+    start_y, start_x = clamped_starts(ys, lo_y, box_h, h), clamped_starts(xs, lo_x, box_w, w)
+    box = (np.arange(box_h)[:, None] * w + np.arange(box_w)[None, :]).reshape(-1)
+    expected = ((start_y * w + start_x)[:, None] + box[None, :]).reshape(-1)
+    if not np.array_equal(layout.indices, expected):
+        return None
+    return [(lo_y + a, lo_x + b) for a in range(box_h) for b in range(box_w)]
+
+
+def is_clamped(stencil) -> bool:
+    """Whether a packed stencil is a window clamped to the grid."""
+    body = 3 + 2 * int(stencil[0]) + int(stencil[1]) + int(stencil[2])
+    return len(stencil) > body and bool(int(stencil[body]) & CLAMPED)
 
 
 def window_takes(stencil, head_dim: int) -> bool:
@@ -209,13 +268,20 @@ def window_takes(stencil, head_dim: int) -> bool:
 def sums_bias_grad(stencil) -> bool:
     """Whether the strip backward gives this packed stencil's bias gradient
     itself: offsets alone (no extra keys, no listed rows), whose pairs each
-    take one cell of the bias table per offset; with use_strip_bias_backward."""
-    return use_strip_bias_backward and int(stencil[1]) == 0 and int(stencil[2]) == 0
+    take one cell of the bias table per offset; with use_strip_bias_backward.
+    Never a clamped window, which the strips do not run."""
+    return (use_strip_bias_backward and int(stencil[1]) == 0 and int(stencil[2]) == 0
+            and not is_clamped(stencil))
 
 
-def _pack(offsets, keys, rows):
+# bit of a packed stencil's flags word (its last, where present): a window clamped to the grid
+CLAMPED = 1
+
+
+def _pack(offsets, keys, rows, clamped=False):
+    flags = np.array([CLAMPED] if clamped else [], dtype=np.int64)
     packed = np.concatenate([np.array([len(offsets), keys.size, rows.size], dtype=np.int64),
-                             np.array(offsets, dtype=np.int64).reshape(-1), keys, rows])
+                             np.array(offsets, dtype=np.int64).reshape(-1), keys, rows, flags])
     packed = packed.astype(np.int32)
     packed.setflags(write=False)
     return packed
@@ -256,6 +322,8 @@ def lattice_split(layout: Layout):
 def _custom_stencil_pays(layout: Layout) -> bool:
     if use_window_kernel and window_takes(layout.stencil(), 64):  # the box rule; head dims alike
         return True
+    if is_clamped(layout.stencil()):
+        return False  # only the window kernel runs it; the rows would run it in C
     plan = layout.cpu_tile_plan() if _tiles.use_tiled_cpu_kernel else None
     return plan is None or plan.cpu_fill < CUSTOM_STENCIL_MAX_FILL
 

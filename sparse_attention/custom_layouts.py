@@ -10,7 +10,9 @@ Four ways in, from the most convenient to the most direct:
   torch), for small grids and for layouts that already exist as a mask;
 - ``layout_from_csr(height, width, indptr, indices)``: the CSR itself;
 - ``layout_from_mask_mod(mask_mod, height, width)``: a FlexAttention
-  ``mask_mod(b, h, q_idx, kv_idx)`` over flat token indices, as it is.
+  ``mask_mod(b, h, q_idx, kv_idx)`` over flat token indices, as it is;
+- ``neighborhood_layout(height, width, kernel_size, dilation=1)``: NATTEN's
+  neighbourhood attention, built straight into the CSR.
 
 Layouts of one grid combine as sets of pairs (``a | b``, ``a & b``,
 ``a - b``: combine_layouts). ``CustomPattern(rule)`` wraps a rule so that
@@ -23,8 +25,9 @@ never decrease, keys in range and strictly ascending per row) and builds the
 transpose. A custom layout runs on every kernel: the tile kernels plan it like
 any other; one whose rows are the same offsets from every query, clipped at
 the grid (a dilated or one-sided window), runs on the CPU stencil kernels;
-one that holds a window in every row and more pairs in some (NATTEN's
-shifted window) runs the window there and the rest on the tiles (see
+NATTEN's neighbourhood (a whole box clamped to the grid) runs on the window
+kernel as a clamped stencil; one that holds a window in every row and more
+pairs in some runs the window there and the rest on the tiles (see
 _stencil.py). Rows may be empty: such a query gets output 0, gradient 0 and
 lse -inf, as a row that a key mask empties.
 """
@@ -87,6 +90,58 @@ def layout_from_csr(height, width, indptr, indices, *, name="custom") -> Layout:
         raise ValueError(f"indptr: expected shape ({n + 1},) for a {height} x {width} grid, got {indptr.shape}")
     col_ptr, row_indices = C.layout_transpose(indptr, indices, n)
     return Layout(None, height, width, indptr, indices, col_ptr, row_indices, name=_name(name, "custom"))
+
+
+def _axis_pair(value, label):
+    """(rows, cols) from an int or a pair of ints, each >= 1."""
+    pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
+    if len(pair) != 2:
+        raise ValueError(f"{label}: expected an int or (rows, cols), got {value!r}")
+    pair = tuple(_as_int(x, label) for x in pair)
+    if min(pair) < 1:
+        raise ValueError(f"{label}: expected >= 1, got {value!r}")
+    return pair
+
+
+def _neighborhood_axis(size, kernel, dilation):
+    """Per coordinate of an axis of ``size`` tokens, its keys on that axis as
+    (size, count) int64 and the count: the ``kernel`` tokens of its own
+    residue class modulo ``dilation`` nearest to it, the window moved inward
+    at the ends. Where a class holds fewer than ``kernel`` tokens, every
+    class takes as many as the smallest holds, so that rows stay equal."""
+    coords = np.arange(size, dtype=np.int64)
+    residue, position = coords % dilation, coords // dilation
+    class_size = (size - residue + dilation - 1) // dilation
+    count = min(kernel, int(class_size.min()))
+    # every class holds at least `count` tokens, so the window fits in each
+    start = np.clip(position - kernel // 2, 0, class_size - count)
+    keys = residue[:, None] + dilation * (start[:, None] + np.arange(count)[None, :])
+    return keys, count
+
+
+def neighborhood_layout(height, width, kernel_size=7, *, dilation=1, name=None) -> Layout:
+    """NATTEN's neighbourhood attention: query (y, x) attends the kernel_size
+    tokens of each axis nearest to it, a window moved inward at the grid's
+    edges rather than cut off, so every query has the same number of keys
+    (kernel_size[0] x kernel_size[1]; on an axis shorter than the kernel,
+    all of it). With ``dilation`` d, tokens attend within their residue class
+    modulo d (DiNAT): every d-th token, the window clamped in that class.
+    ``kernel_size`` and ``dilation`` take an int or (rows, cols); an even
+    kernel reaches one token further before the query than after it.
+
+    Built straight into the CSR (O(nnz)). Undilated, it runs on the CPU
+    window kernel as a clamped stencil up to 13 x 13."""
+    height, width = _grid(height, width)
+    kernel = _axis_pair(kernel_size, "kernel_size")
+    dilation = _axis_pair(dilation, "dilation")
+    row_keys, rows = _neighborhood_axis(height, kernel[0], dilation[0])
+    col_keys, cols = _neighborhood_axis(width, kernel[1], dilation[1])
+    # keys ascend along each axis, so row-major products ascend per query
+    indices = (row_keys[:, None, :, None] * width + col_keys[None, :, None, :]).reshape(-1)
+    indptr = np.arange(height * width + 1, dtype=np.int64) * (rows * cols)
+    default = f"neighborhood {kernel[0]}x{kernel[1]}" + (f" dilated {dilation[0]}x{dilation[1]}"
+                                                          if dilation != (1, 1) else "")
+    return layout_from_csr(height, width, indptr, indices, name=_name(name, default))
 
 
 def layout_from_mask(mask, height, width, *, name="custom") -> Layout:
