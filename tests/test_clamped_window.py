@@ -1,0 +1,250 @@
+"""NATTEN's neighbourhood attention: a whole box of keys clamped to the grid,
+built by neighborhood_layout (or found in any custom layout) and run on the
+CPU window kernel as a clamped stencil. Everything against the float64
+reference."""
+
+import functools
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from reference import (assert_backward_matches_reference, assert_bias_gradients_match_reference,
+                       assert_forward_matches_reference, bias_gradients, bias_training_inputs, random_inputs,
+                       reference_attention, reference_statistics)
+from sparse_attention import (EnhancedSparseAttention, _stencil, build_layout, layout_from_rule,
+                              neighborhood_layout, set_num_threads, get_num_threads)
+from sparse_attention import sparse_scaled_dot_product_attention as attention
+from sparse_attention._native import C
+
+
+def natten_axis(size, kernel, dilation):
+    """Per coordinate, its keys on one axis, straight from the definition: the
+    ``kernel`` tokens of its residue class nearest to it, the window slid
+    inward at the ends; every class takes as many as the smallest holds."""
+    classes = [list(range(r, size, dilation)) for r in range(min(dilation, size))]
+    count = min(kernel, min(len(c) for c in classes))
+    keys = []
+    for i in range(size):
+        members = classes[i % dilation]
+        start = max(0, min(i // dilation - kernel // 2, len(members) - count))
+        keys.append(members[start:start + count])
+    return keys
+
+
+def clamped_rule(height, width, box, corner):
+    """A box of box[0] x box[1] keys whose top-left is corner = (dy, dx) from the
+    query, slid back onto the grid: the same layout as neighborhood_layout for
+    a centred box, and off-centre ones too."""
+    def rule(yi, xi, yj, xj):
+        y0 = np.clip(yi + corner[0], 0, height - box[0])
+        x0 = np.clip(xi + corner[1], 0, width - box[1])
+        return (yj >= y0) & (yj < y0 + box[0]) & (xj >= x0) & (xj < x0 + box[1])
+    return layout_from_rule(rule, height, width, name="clamped box")
+
+
+@pytest.mark.parametrize("height, width", [(1, 1), (1, 9), (9, 1), (7, 13), (10, 10), (16, 5)])
+@pytest.mark.parametrize("kernel, dilation", [(1, 1), (3, 1), (4, 1), (7, 1), ((3, 5), 1), (3, 2), (3, (1, 3))])
+def test_neighborhood_layout_matches_its_definition(height, width, kernel, dilation):
+    layout = neighborhood_layout(height, width, kernel, dilation=dilation)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
+    rows, cols = natten_axis(height, kh, dh), natten_axis(width, kw, dw)
+    for token in range(height * width):
+        y, x = divmod(token, width)
+        expected = [a * width + b for a in rows[y] for b in cols[x]]
+        assert layout.neighbors(token).tolist() == expected
+    assert layout.pattern is None and layout.name.startswith("neighborhood")
+
+
+def test_neighborhood_layout_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="kernel_size: expected >= 1"):
+        neighborhood_layout(8, 8, 0)
+    with pytest.raises(ValueError, match=r"dilation: expected an int or \(rows, cols\)"):
+        neighborhood_layout(8, 8, 3, dilation=(1, 2, 3))
+    with pytest.raises(TypeError, match="kernel_size"):
+        neighborhood_layout(8, 8, 2.5)
+    with pytest.raises(ValueError, match="height: expected >= 1"):
+        neighborhood_layout(0, 8, 3)
+
+
+@pytest.mark.parametrize("layout_args, clamped, choice", [
+    ((16, 16, 7), True, "stencil"), ((12, 12, 7), True, "stencil"), ((7, 13, 5), True, "stencil"),
+    ((1, 9, 3), True, "stencil"), ((10, 10, 4), True, "stencil"), ((14, 14, 13), True, "stencil"),
+    ((16, 16, 15), True, "tiles"),  # past the window kernel's 13 x 13 box, which alone runs it
+    ((7, 7, 7), False, "stencil"),  # the box is the whole grid: every row attends everything, a plain stencil
+])
+def test_a_neighbourhood_is_found_as_a_clamped_window(layout_args, clamped, choice):
+    layout = neighborhood_layout(*layout_args)
+    stencil = layout.stencil()
+    assert (stencil is not None and _stencil.is_clamped(stencil)) == clamped
+    assert _stencil.cpu_kernel_choice(layout) == choice
+    if clamped:
+        assert not _stencil.sums_bias_grad(stencil)  # the strips never run it
+        box = stencil[3:3 + 2 * int(stencil[0])].reshape(-1, 2)
+        assert box[:, 0].max() - box[:, 0].min() + 1 == min(layout_args[2], layout_args[0])
+
+
+def test_what_is_not_a_whole_clamped_box_is_not_taken_for_one():
+    full = neighborhood_layout(12, 12, 5)
+    mask = full.to_dense()
+    mask[0, 0] = False  # one row a key short
+    from sparse_attention import layout_from_mask
+    assert layout_from_mask(mask, 12, 12).stencil() is None or \
+        not _stencil.is_clamped(layout_from_mask(mask, 12, 12).stencil())
+    dilated = neighborhood_layout(12, 12, 3, dilation=2)  # not a box: the tiles or a split
+    assert dilated.stencil() is None or not _stencil.is_clamped(dilated.stencil())
+    _stencil.use_clamped_window = False
+    try:
+        assert neighborhood_layout(12, 12, 5).stencil() is None
+    finally:
+        _stencil.use_clamped_window = True
+
+
+CASES = [((16, 16), (7, 7), (-3, -3)), ((12, 12), (7, 7), (-3, -3)), ((7, 13), (5, 5), (-2, -2)),
+         ((1, 9), (1, 3), (0, -1)), ((9, 1), (3, 1), (-1, 0)), ((10, 10), (4, 4), (-2, -2)),
+         ((20, 11), (5, 5), (-4, -4)), ((10, 12), (3, 3), (0, 0)), ((14, 14), (13, 13), (-6, -6)),
+         ((30, 17), (9, 3), (-4, -1)), ((6, 18), (2, 13), (-1, -6))]
+
+
+@pytest.mark.parametrize("narrow", [False, True])
+@pytest.mark.parametrize("grid, box, corner", CASES)
+def test_clamped_window_matches_the_reference(grid, box, corner, narrow, monkeypatch):
+    """Forward and backward on the window kernel (counted), centred and
+    off-centre boxes, against the reference with a bias, a key mask, a pruned
+    head and dropout; on the 32- and 16-register paths."""
+    if narrow:
+        monkeypatch.setenv("SPARSE_ATTENTION_NARROW_KERNELS", "1")
+    layout = clamped_rule(*grid, box, corner)
+    assert _stencil.is_clamped(layout.stencil())
+    n = layout.num_tokens
+    q, k, v, bias, grad_out, args = bias_training_inputs(layout, bias_side=9, dim=20)
+    forwards, backwards = C.cpu_window_forwards(), C.cpu_window_backwards()
+    out, lse = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(), return_lse=True,
+                         **args)
+    ref_out, ref_lse, _ = reference_attention(q.float(), k.float(), v.float(), layout, bias=bias.float(), **args)
+    assert_forward_matches_reference(out, lse, ref_out, ref_lse, 2e-5)
+    got = bias_gradients(attention, layout, q, k, v, bias, grad_out, **args)
+    assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args)
+    assert_backward_matches_reference(attention, layout, (q, k, v), grad_out)
+    assert (C.cpu_window_forwards(), C.cpu_window_backwards()) == (forwards + 3, backwards + 2)
+    assert n == grid[0] * grid[1]
+
+
+@pytest.mark.parametrize("dim", [8, 33, 64])
+def test_clamped_window_statistics_match_the_reference(dim):
+    layout = neighborhood_layout(11, 14, 5)
+    (q, k, v), bias = random_inputs(2, 3, layout.num_tokens, dim, seed=dim, bias_side=9)
+    key_mask = torch.rand(2, layout.num_tokens, generator=torch.Generator().manual_seed(1)) > 0.3
+    out, stats = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(), key_mask=key_mask,
+                           return_stats=True)
+    _, _, probs = reference_attention(q.float(), k.float(), v.float(), layout, bias=bias.float(), key_mask=key_mask)
+    expected = reference_statistics(probs)
+    assert (stats.double() - expected).abs().max() < 2e-5 * max(1.0, expected.abs().max().item())
+
+
+def test_a_row_whose_keys_are_all_masked_gives_zero_and_minus_infinity():
+    layout = neighborhood_layout(9, 9, 3)
+    (q, k, v), _ = random_inputs(1, 2, 81, 16)
+    key_mask = torch.ones(1, 81, dtype=torch.bool)
+    key_mask[0, [0, 1, 2, 9, 10, 11, 18, 19, 20]] = False  # the corner's box, which four queries share
+    out, lse = attention(q.float(), k.float(), v.float(), layout, key_mask=key_mask, return_lse=True)
+    empty = torch.zeros(81, dtype=torch.bool)
+    empty[[0, 1, 9, 10]] = True
+    assert torch.equal(out[0][:, empty], torch.zeros_like(out[0][:, empty]))
+    assert torch.isinf(lse[0][:, empty]).all() and torch.isfinite(lse[0][:, ~empty]).all()
+    ref_out, ref_lse, _ = reference_attention(q.float(), k.float(), v.float(), layout, key_mask=key_mask)
+    assert_forward_matches_reference(out, lse, ref_out, ref_lse, 2e-5)
+
+
+def test_clamped_window_bits_do_not_depend_on_threads():
+    layout = neighborhood_layout(20, 20, 7)
+    q, k, v, bias, grad_out, args = bias_training_inputs(layout, bias_side=11, batch=2, heads=4, dim=24)
+    threads = get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            set_num_threads(count)
+            results.append(bias_gradients(attention, layout, q, k, v, bias, grad_out, **args))
+    finally:
+        set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_past_the_window_kernel_the_rows_run_it():
+    """Head dims over 256 and float64 are not the window kernel's: the row
+    kernels run the same CSR (the C side steps aside for a clamped stencil)."""
+    layout = neighborhood_layout(6, 7, 3)
+    (q, k, v), _ = random_inputs(1, 2, 42, 300)
+    before = C.cpu_window_forwards()
+    out = attention(q.float(), k.float(), v.float(), layout)
+    assert C.cpu_window_forwards() == before
+    ref_out, _, _ = reference_attention(q.float(), k.float(), v.float(), layout)
+    assert (out.double() - ref_out).abs().max() < 2e-5
+    assert_backward_matches_reference(attention, layout, (q, k, v), torch.randn(1, 2, 42, 300))
+    torch.autograd.gradcheck(lambda a, b, c: attention(a, b, c, neighborhood_layout(4, 5, 3)),
+                             [t[..., :20, :6].clone().requires_grad_() for t in random_inputs(1, 2, 20, 6)[0]])
+
+
+def test_the_binding_checks_a_clamped_stencil():
+    layout = neighborhood_layout(8, 8, 3)
+    tensors = {name: torch.from_numpy(getattr(layout, name).copy()) for name in ("indptr", "indices")}
+    q = torch.randn(1, 1, 64, 8)
+    out, lse = torch.empty_like(q), torch.empty(1, 1, 64)
+
+    def refused(stencil, message, **extra):
+        with pytest.raises(ValueError, match=message):
+            C.attention_forward(q, q, q, out, lse, tensors["indptr"], tensors["indices"], height=8, width=8,
+                                scale=0.3, stencil=torch.tensor(stencil, dtype=torch.int32), **extra)
+
+    box = [a for dy in (-1, 0, 1) for dx in (-1, 0, 1) for a in (dy, dx)]
+    refused([9, 0, 0] + box + [2], "unknown flags 2")
+    refused([9, 1, 0] + box + [5, 1], "offsets alone")
+    refused([8, 0, 0] + box[:16] + [1], "whole box")
+    refused([9, 0, 0] + box[:16] + [0, 0, 1], "given twice|whole box")
+    wide = [a for dx in range(-4, 5) for a in (0, dx)]
+    refused([9, 0, 0] + wide + [1], "within the 8 x 8 grid")
+    refused([9, 0, 0] + box + [0, 0], "optionally a flags word")
+    C.attention_forward(q, q, q, out, lse, tensors["indptr"], tensors["indices"], height=8, width=8, scale=0.3,
+                        stencil=torch.tensor([9, 0, 0] + box + [1], dtype=torch.int32))
+    ref_out, _, _ = reference_attention(q, q, q, layout, scale=0.3)
+    assert (out.double() - ref_out).abs().max() < 2e-5
+
+
+def test_module_trains_on_a_neighbourhood_and_pickles():
+    torch.manual_seed(0)
+    pattern = functools.partial(neighborhood_layout, kernel_size=5)
+    module = EnhancedSparseAttention(16, 16, num_heads=2, sparsity_pattern=pattern)
+    x = torch.randn(2, 16, 9, 11, requires_grad=True)
+    before = C.cpu_window_backwards()
+    module(x).sum().backward()
+    assert C.cpu_window_backwards() == before + 1
+    assert module.get_attention_stats().pattern_type == "custom"  # a partial has no name of its own
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    copy = pickle.loads(pickle.dumps(module))
+    module.eval(), copy.eval()
+    x = torch.randn(1, 16, 9, 11)
+    torch.testing.assert_close(copy(x), module(x))
+    module.use_cuda_kernel = False  # the PyTorch path over the same pairs
+    torch.testing.assert_close(module(x), copy(x), atol=2e-5, rtol=1e-4)
+
+
+def test_numpy_inputs_take_the_clamped_window():
+    layout = neighborhood_layout(10, 9, 5)
+    (q, k, v), _ = random_inputs(1, 2, 90, 16)
+    arrays = [t.float().numpy() for t in (q, k, v)]
+    before = C.cpu_window_forwards()
+    out = attention(*arrays, layout)
+    assert C.cpu_window_forwards() == before + 1
+    assert np.array_equal(out, attention(q.float(), k.float(), v.float(), layout).numpy())
+
+
+def test_the_layout_builders_agree():
+    assert np.array_equal(neighborhood_layout(13, 17, 7).indices, clamped_rule(13, 17, (7, 7), (-3, -3)).indices)
+    assert np.array_equal(neighborhood_layout(13, 17, (3, 5)).indices,
+                          clamped_rule(13, 17, (3, 5), (-1, -2)).indices)
+    assert build_layout("longformer", 13, 17, kernel_size=7, num_global_tokens=0).nnz < \
+        neighborhood_layout(13, 17, 7).nnz == 13 * 17 * 49
