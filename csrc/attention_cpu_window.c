@@ -61,6 +61,7 @@
 #define MAX_UNION_COLS (BLOCK_COLS - 1 + MAX_BOX)
 #define MAX_DIM 256
 #define BAND_ROWS 16
+#define MAX_BIAS_TABLE_BYTES ((int64_t)64 << 20) /* per thread, mostly never touched */
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SA_NO_CLONES)
 #define WINDOW_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -161,9 +162,15 @@ typedef struct {
     /* a window clamped to the grid (p->stencil_clamped): a block whose windows
      * the edges shift has its union moved by (ay, ax) from the usual corner,
      * ay in [shift_lo_y, shift_lo_y + shift_rows), ax likewise; each such
-     * anchor has a bias table (and bias gradient sums) of its own */
+     * anchor has a bias table (and bias gradient sums) of its own. Without
+     * clamping the only anchor is (0, 0). */
     int clamped;
     int shift_lo_y, shift_lo_x, shift_rows, shift_cols;
+    /* heads whose bias tables a thread keeps at once: all of them where
+     * that takes at most MAX_BIAS_TABLE_BYTES (work items go head by head,
+     * and a table took as long to fill as the blocks of a small map's item
+     * took to run), else one */
+    int64_t table_heads;
     atomic_llong next_item;
     atomic_int failed;
 } window_ctx;
@@ -172,17 +179,18 @@ typedef struct {
 typedef struct {
     v8 *scores;        /* [max_slots]: scores, then weights, [slot][lane] */
     v8 *grads;         /* [max_slots] (backward): dO . V, then dS */
-    v8 *slot_bias;     /* [union slot]: the bias of head bias_head */
+    v8 *slot_bias;     /* [union slot]: the bias of the item's head, anchor (0, 0) (in bias_tables) */
     v8 *qt, *got;      /* [dim]: the block's queries (output gradients) transposed */
     float *full;       /* [tokens]: a full row's scores, then weights */
     float *full_grads; /* [tokens] (backward): its dO . V, then dS */
     v8 *slot_bias_grads; /* [union slot] (backward with grad_bias_rows): dS summed over blocks */
-    int64_t bias_head;
+    /* the bias of every union slot and lane: [table_heads][anchor][union
+     * slot], filled on first use; table_head: the head each holds, -1 none */
+    v8 *bias_tables;
+    int64_t *table_head;
     /* clamped windows: the lane masks of the block at hand, and per anchor
-     * shift its bias table (filled for head anchor_head[a]) and its summed dS */
+     * shift its summed dS */
     i8v *block_lanes;      /* [union slot] */
-    v8 *anchor_bias;       /* [anchor][union slot] */
-    int64_t *anchor_head;  /* [anchor]: -1 until filled */
     v8 *anchor_bias_grads; /* [anchor][union slot] */
     uint8_t *anchor_used;  /* [anchor]: its dS sums hold this item's blocks */
 } window_work;
@@ -197,15 +205,14 @@ static void work_free(window_work *w)
 {
     free(w->scores);
     free(w->grads);
-    free(w->slot_bias);
+    free(w->bias_tables);
+    free(w->table_head);
     free(w->qt);
     free(w->got);
     free(w->full);
     free(w->full_grads);
     free(w->slot_bias_grads);
     free(w->block_lanes);
-    free(w->anchor_bias);
-    free(w->anchor_head);
     free(w->anchor_bias_grads);
     free(w->anchor_used);
 }
@@ -213,14 +220,20 @@ static void work_free(window_work *w)
 static int work_alloc(window_work *w, const window_ctx *c, int backward)
 {
     memset(w, 0, sizeof(*w));
-    w->bias_head = -1;
     const size_t slot_bytes = (size_t)c->max_slots * sizeof(v8), dim_bytes = (size_t)c->dim * sizeof(v8);
     const size_t row_bytes = ((size_t)c->p->num_tokens * sizeof(float) + 63) / 64 * 64;
     w->scores = alloc64(slot_bytes);
-    w->slot_bias = alloc64((size_t)c->union_slots * sizeof(v8));
+    if (c->p->bias_table != NULL) {
+        /* pages of tables no block takes are never touched */
+        const size_t tables = (size_t)c->table_heads * (size_t)c->shift_rows * (size_t)c->shift_cols;
+        w->bias_tables = alloc64(tables * (size_t)c->union_slots * sizeof(v8));
+        w->table_head = malloc(tables * sizeof(int64_t));
+        if (w->bias_tables == NULL || w->table_head == NULL) return -1;
+        for (size_t t = 0; t < tables; t++) w->table_head[t] = -1;
+    }
     w->qt = alloc64(dim_bytes);
     if (c->any_full) w->full = alloc64(row_bytes);
-    int ok = w->scores && w->slot_bias && w->qt && (w->full || !c->any_full);
+    int ok = w->scores && w->qt && (w->full || !c->any_full);
     if (backward) {
         w->grads = alloc64(slot_bytes);
         w->got = alloc64(dim_bytes);
@@ -235,13 +248,6 @@ static int work_alloc(window_work *w, const window_ctx *c, int backward)
         const size_t anchors = (size_t)c->shift_rows * (size_t)c->shift_cols;
         w->block_lanes = alloc64((size_t)c->union_slots * sizeof(i8v));
         ok = ok && w->block_lanes;
-        if (c->p->bias_table != NULL) {
-            /* pages of anchors no block takes are never touched */
-            w->anchor_bias = alloc64(anchors * (size_t)c->union_slots * sizeof(v8));
-            w->anchor_head = malloc(anchors * sizeof(int64_t));
-            ok = ok && w->anchor_bias && w->anchor_head;
-            for (size_t a = 0; w->anchor_head && a < anchors; a++) w->anchor_head[a] = -1;
-        }
         if (backward && c->p->grad_bias_rows != NULL) {
             w->anchor_bias_grads = alloc64(anchors * (size_t)c->union_slots * sizeof(v8));
             w->anchor_used = calloc(anchors, 1);
@@ -787,10 +793,18 @@ static void fill_bias_table(const window_ctx *c, v8 *table, int64_t h, int64_t a
         }
 }
 
-static void fill_slot_bias(const window_ctx *c, window_work *w, int64_t h)
+/* Head h's bias table for a union moved by (ay, ax), filled on first use. */
+static v8 *bias_table_for(const window_ctx *c, window_work *w, int64_t h, int64_t ay, int64_t ax)
 {
-    fill_bias_table(c, w->slot_bias, h, 0, 0);
-    w->bias_head = h;
+    const int64_t anchors = (int64_t)c->shift_rows * c->shift_cols;
+    const int64_t anchor = (ay - c->shift_lo_y) * c->shift_cols + (ax - c->shift_lo_x);
+    const int64_t slot = (c->table_heads > 1 ? h * anchors : 0) + anchor;
+    v8 *table = w->bias_tables + slot * c->union_slots;
+    if (w->table_head[slot] != h) {
+        fill_bias_table(c, table, h, ay, ax);
+        w->table_head[slot] = h;
+    }
+    return table;
 }
 
 /* A block's union with its masks, bias and dS sums. A clamped window whose
@@ -827,16 +841,9 @@ INLINE union_span block_union(const window_ctx *c, window_work *w, int64_t h, in
     for (int r = 0; r < c->union_rows; r++)
         for (int col = 0; col < c->union_cols; col++) w->block_lanes[r * c->union_cols + col] = row_in[r] & col_in[col];
     u.lanes = w->block_lanes;
-    const int64_t anchor = (ay - c->shift_lo_y) * c->shift_cols + (ax - c->shift_lo_x);
-    if (w->anchor_bias != NULL) {
-        v8 *table = w->anchor_bias + anchor * c->union_slots;
-        if (w->anchor_head[anchor] != h) {
-            fill_bias_table(c, table, h, ay, ax);
-            w->anchor_head[anchor] = h;
-        }
-        u.bias = table;
-    }
+    if (w->bias_tables != NULL) u.bias = bias_table_for(c, w, h, ay, ax);
     if (w->anchor_bias_grads != NULL) {
+        const int64_t anchor = (ay - c->shift_lo_y) * c->shift_cols + (ax - c->shift_lo_x);
         v8 *sums = w->anchor_bias_grads + anchor * c->union_slots;
         if (!w->anchor_used[anchor]) {
             memset(sums, 0, (size_t)c->union_slots * sizeof(v8));
@@ -1155,7 +1162,7 @@ static void forward_items(void *opaque, int64_t first, int64_t last)
             sa_write_pruned_rows(p, b, h, y_first * W, y_end * W);
             continue;
         }
-        if (p->bias_table != NULL && w.bias_head != h) fill_slot_bias(c, &w, h);
+        if (p->bias_table != NULL) w.slot_bias = bias_table_for(c, &w, h, 0, 0);
         for (int64_t y0 = y_first; y0 < y_end; y0 += BLOCK_ROWS)
             for (int64_t x0 = 0; x0 < W; x0 += BLOCK_COLS) {
                 forward_block(c, &w, b, h, y0, x0);
@@ -1589,7 +1596,7 @@ static void backward_items(void *opaque, int64_t first, int64_t last)
             memset(grad_q, 0, (size_t)(n * dim) * sizeof(float));
             continue;
         }
-        if (p->bias_table != NULL && w.bias_head != h) fill_slot_bias(c, &w, h);
+        if (p->bias_table != NULL) w.slot_bias = bias_table_for(c, &w, h, 0, 0);
         for (int64_t y0 = 0; y0 < H; y0 += BLOCK_ROWS)
             for (int64_t x0 = 0; x0 < W; x0 += BLOCK_COLS) backward_block(c, &w, b, h, y0, x0, grad_q, grad_k, grad_v);
         if (bias_cells != NULL) flush_slot_bias_grads(c, &w, bias_cells);
@@ -1619,6 +1626,7 @@ static int ctx_init(window_ctx *c, const sa_attention_params *p, char *err, size
     c->dim = p->head_dim;
     c->box = box_of(p);
     c->clamped = p->stencil_clamped;
+    c->shift_rows = c->shift_cols = 1;
     if (c->clamped) {
         /* anchor shifts: down to 1 - box - lo at the far edge, up to -lo at the near one */
         c->shift_lo_y = 1 - c->box.box_h - c->box.dy_lo < 0 ? 1 - c->box.box_h - c->box.dy_lo : 0;
@@ -1629,6 +1637,8 @@ static int ctx_init(window_ctx *c, const sa_attention_params *p, char *err, size
     c->union_rows = BLOCK_ROWS - 1 + c->box.box_h;
     c->union_cols = BLOCK_COLS - 1 + c->box.box_w;
     c->union_slots = c->union_rows * c->union_cols;
+    const int64_t table_bytes = (int64_t)c->shift_rows * c->shift_cols * c->union_slots * (int64_t)sizeof(v8);
+    c->table_heads = p->heads * table_bytes <= MAX_BIAS_TABLE_BYTES ? p->heads : 1;
     c->max_slots = c->union_slots + p->stencil_num_keys + 4; /* + 4: the softmax reads whole groups */
     c->scale = (float)p->scale;
     c->keep_scale = p->dropout_p > 0 ? (float)(1.0 / (1.0 - p->dropout_p)) : 1.0f;

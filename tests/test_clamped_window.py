@@ -248,3 +248,14 @@ def test_the_layout_builders_agree():
                           clamped_rule(13, 17, (3, 5), (-1, -2)).indices)
     assert build_layout("longformer", 13, 17, kernel_size=7, num_global_tokens=0).nnz < \
         neighborhood_layout(13, 17, 7).nnz == 13 * 17 * 49
+
+
+def test_many_heads_share_one_bias_table_per_thread():
+    """A thread keeps every head's bias tables while they take at most 64 MiB
+    (a 13 x 13 clamped box: 169 anchors of 224 union slots, 1.2 MB a head);
+    past that, one head's at a time. Both against the reference."""
+    layout = neighborhood_layout(14, 14, 13)
+    for heads in (2, 60):
+        q, k, v, bias, grad_out, args = bias_training_inputs(layout, bias_side=15, batch=1, heads=heads, dim=8)
+        got = bias_gradients(attention, layout, q, k, v, bias, grad_out, **args)
+        assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args)
