@@ -88,14 +88,16 @@ RULES = [neighborhood_7, dilated_7_by_2, causal_window_7, cross_11, axial_rule, 
 
 def forced(family, fn):
     """fn() with the CPU's kernels forced to ``family`` (stencil, tiles or rows)."""
-    saved = _stencil.use_stencil_cpu_kernel, _tiles.CPU_MIN_FILL, _stencil.CUSTOM_STENCIL_MAX_FILL
+    saved = (_stencil.use_stencil_cpu_kernel, _tiles.CPU_MIN_FILL, _stencil.CUSTOM_STENCIL_MAX_FILL,
+             _stencil.CUSTOM_WINDOW_MAX_FILL)
     _stencil.use_stencil_cpu_kernel = family == "stencil"
-    _stencil.CUSTOM_STENCIL_MAX_FILL = float("inf")
+    _stencil.CUSTOM_STENCIL_MAX_FILL = _stencil.CUSTOM_WINDOW_MAX_FILL = float("inf")
     _tiles.CPU_MIN_FILL = 0.0 if family in ("tiles", "stencil") else float("inf")
     try:
         return fn()
     finally:
-        _stencil.use_stencil_cpu_kernel, _tiles.CPU_MIN_FILL, _stencil.CUSTOM_STENCIL_MAX_FILL = saved
+        (_stencil.use_stencil_cpu_kernel, _tiles.CPU_MIN_FILL, _stencil.CUSTOM_STENCIL_MAX_FILL,
+         _stencil.CUSTOM_WINDOW_MAX_FILL) = saved
 
 
 def seconds(fn):

@@ -83,6 +83,16 @@ use_clamped_window = True
 # dense SDPA against the stencil's 2.0-2.1x), except a short cross at
 # 16 x 16 (0.54), 14-18% faster on the stencil.
 CUSTOM_STENCIL_MAX_FILL = 0.45
+# ... and a custom stencil the window kernel takes runs there while its CPU
+# tile plan fills less than this (cpu_fill): a neighbourhood covering most of
+# a small grid (NAT's last stage, 7 x 7 tokens and a 7 x 7 kernel) ran faster
+# on the tiles. Forward+backward, window kernel against tiles (ours / dense,
+# benchmarks/window_or_tiles.py, results/clamped_window/window_or_tiles*/):
+# the window won at cpu_fill 0.53-0.69 (11 x 11 kernel 9: 1.06 against 1.17;
+# 12 x 12 kernel 11: 1.27 against 1.35; 3 x 3 dense at 0.56), the tiles from
+# 0.73 (9 x 9 kernel 7: 0.90 against 1.06; 7 x 7 dense at 0.88: 0.86-0.93
+# against 1.17-1.26; 13 x 13 kernel 11 at 0.83: 1.04 against 1.23).
+CUSTOM_WINDOW_MAX_FILL = 0.71
 
 
 def _window(radius, height, width):
@@ -320,11 +330,11 @@ def lattice_split(layout: Layout):
 
 
 def _custom_stencil_pays(layout: Layout) -> bool:
+    plan = layout.cpu_tile_plan() if _tiles.use_tiled_cpu_kernel else None
     if use_window_kernel and window_takes(layout.stencil(), 64):  # the box rule; head dims alike
-        return True
+        return plan is None or plan.cpu_fill < CUSTOM_WINDOW_MAX_FILL
     if is_clamped(layout.stencil()):
         return False  # only the window kernel runs it; the rows would run it in C
-    plan = layout.cpu_tile_plan() if _tiles.use_tiled_cpu_kernel else None
     return plan is None or plan.cpu_fill < CUSTOM_STENCIL_MAX_FILL
 
 

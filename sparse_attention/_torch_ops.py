@@ -292,7 +292,8 @@ def segments_for_grid(splits: int, rows: int) -> int:
 def _kernel_switches():
     """The module switches that steer the choice of kernel and plan (tests flip them)."""
     return (_stencil.use_stencil_cpu_kernel, _stencil.use_lattice_split, _stencil.use_window_kernel,
-            _stencil.use_strip_bias_backward, _stencil.CUSTOM_STENCIL_MAX_FILL, _tiles.use_tiled_cpu_kernel,
+            _stencil.use_strip_bias_backward, _stencil.CUSTOM_STENCIL_MAX_FILL,
+            _stencil.CUSTOM_WINDOW_MAX_FILL, _tiles.use_tiled_cpu_kernel,
             _tiles.CPU_MIN_FILL, use_tiled_cuda_kernel, use_reference_cuda_kernels,
             split_segment_keys, use_tiled_cuda_backward, tiled_backward_long_rows,
             use_tiled_cuda_backward_extras, merge_stats_cuda_passes)

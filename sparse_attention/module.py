@@ -310,9 +310,11 @@ class EnhancedSparseAttention(nn.Module):
     @property
     def pattern_name(self) -> str:
         """The pattern's name: a SparsityPattern's, or a custom pattern's ``name``
-        (``__name__`` for a plain function)."""
+        (``__name__`` for a plain function, its function's for a
+        functools.partial)."""
         pattern = self.sparsity_pattern
-        return str(getattr(pattern, "name", None) or getattr(pattern, "__name__", "custom"))
+        named = getattr(pattern, "func", pattern)  # functools.partial(neighborhood_layout, ...)
+        return str(getattr(pattern, "name", None) or getattr(named, "__name__", "custom"))
 
     @property
     def _built_in_pattern(self):

@@ -71,9 +71,10 @@ def test_neighborhood_layout_refuses_bad_arguments():
 
 @pytest.mark.parametrize("layout_args, clamped, choice", [
     ((16, 16, 7), True, "stencil"), ((12, 12, 7), True, "stencil"), ((7, 13, 5), True, "stencil"),
-    ((1, 9, 3), True, "stencil"), ((10, 10, 4), True, "stencil"), ((14, 14, 13), True, "stencil"),
+    ((1, 9, 3), True, "stencil"), ((10, 10, 4), True, "stencil"), ((20, 20, 13), True, "stencil"),
     ((16, 16, 15), True, "tiles"),  # past the window kernel's 13 x 13 box, which alone runs it
-    ((7, 7, 7), False, "stencil"),  # the box is the whole grid: every row attends everything, a plain stencil
+    ((14, 14, 13), True, "tiles"),  # its tiles fill 0.81 of their slots: faster there (CUSTOM_WINDOW_MAX_FILL)
+    ((7, 7, 7), False, "tiles"),  # the whole grid: a plain stencil, but the tiles fill well
 ])
 def test_a_neighbourhood_is_found_as_a_clamped_window(layout_args, clamped, choice):
     layout = neighborhood_layout(*layout_args)
@@ -116,6 +117,7 @@ def test_clamped_window_matches_the_reference(grid, box, corner, narrow, monkeyp
     head and dropout; on the 32- and 16-register paths."""
     if narrow:
         monkeypatch.setenv("SPARSE_ATTENTION_NARROW_KERNELS", "1")
+    monkeypatch.setattr(_stencil, "CUSTOM_WINDOW_MAX_FILL", float("inf"))  # the window kernel, however full
     layout = clamped_rule(*grid, box, corner)
     assert _stencil.is_clamped(layout.stencil())
     n = layout.num_tokens
@@ -222,7 +224,7 @@ def test_module_trains_on_a_neighbourhood_and_pickles():
     before = C.cpu_window_backwards()
     module(x).sum().backward()
     assert C.cpu_window_backwards() == before + 1
-    assert module.get_attention_stats().pattern_type == "custom"  # a partial has no name of its own
+    assert module.get_attention_stats().pattern_type == "neighborhood_layout"  # the partial's function
     assert x.grad is not None and torch.isfinite(x.grad).all()
     copy = pickle.loads(pickle.dumps(module))
     module.eval(), copy.eval()
@@ -254,8 +256,18 @@ def test_many_heads_share_one_bias_table_per_thread():
     """A thread keeps every head's bias tables while they take at most 64 MiB
     (a 13 x 13 clamped box: 169 anchors of 224 union slots, 1.2 MB a head);
     past that, one head's at a time. Both against the reference."""
-    layout = neighborhood_layout(14, 14, 13)
+    layout = neighborhood_layout(20, 20, 13)
     for heads in (2, 60):
         q, k, v, bias, grad_out, args = bias_training_inputs(layout, bias_side=15, batch=1, heads=heads, dim=8)
+        before = C.cpu_window_backwards()
         got = bias_gradients(attention, layout, q, k, v, bias, grad_out, **args)
+        assert C.cpu_window_backwards() == before + 1
         assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args)
+
+
+def test_command_lines_name_the_neighbourhood():
+    from sparse_attention.custom_layouts import layout_of, pattern_from_spec
+
+    pattern = pattern_from_spec("sparse_attention:neighborhood_layout")
+    assert pattern.name == "neighborhood_layout"
+    assert np.array_equal(layout_of(pattern, 9, 10).indices, neighborhood_layout(9, 10, 7).indices)

@@ -604,9 +604,10 @@ def test_module_takes_any_layout_builder_and_checks_what_it_returns():
     copy.deepcopy(lam)(torch.randn(1, 8, 3, 3))
 
 
-def test_module_with_a_custom_pattern_compiles_to_one_graph():
+@pytest.mark.parametrize("pattern", [CustomPattern(causal_window), shifted_window])
+def test_module_with_a_custom_pattern_compiles_to_one_graph(pattern):
     torch._dynamo.reset()
-    module = EnhancedSparseAttention(16, 16, num_heads=2, sparsity_pattern=CustomPattern(causal_window)).eval()
+    module = EnhancedSparseAttention(16, 16, num_heads=2, sparsity_pattern=pattern).eval()
     x = torch.randn(1, 16, 6, 7)
     compiled = torch.compile(module, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), module(x))
@@ -667,10 +668,11 @@ def test_gradgradcheck_with_empty_rows_and_columns(rule):
                                         eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("pattern", [CustomPattern(dilated), shifted_window])
+@pytest.mark.parametrize("pattern", [CustomPattern(dilated), shifted_window, shifted_window_and_corners])
 def test_module_with_a_custom_pattern_exports(pattern):
-    """torch.export from a cold module: a strip stencil with a bias (dilated)
-    and a split (the shifted window on 17 x 19), then eager calls."""
+    """torch.export from a cold module: a strip stencil with a bias (dilated),
+    a clamped window (the shifted window on 17 x 19) and a split (the same
+    with one more pair), then eager calls."""
     module = EnhancedSparseAttention(16, 16, num_heads=2, sparsity_pattern=pattern).eval()
     x = torch.randn(1, 16, 17, 19)
     exported = torch.export.export(module, (x,))
