@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
@@ -28,6 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from sparse_attention import _stencil, build_layout, neighborhood_layout  # noqa: E402
 from sparse_attention import sparse_scaled_dot_product_attention as attention  # noqa: E402
+from markdown_table import MarkdownTable  # noqa: E402
 
 HEADS, HEAD_DIM, ROWS, BIAS_SIDE = 8, 32, 8192, 15
 
@@ -113,17 +115,13 @@ def main():
              "",
              "| grid | k | density | clamped window | before | clipped window (floor) | speedup | before ran |",
              "|---|---|---|---|---|---|---|---|"]
-    print("\n".join(lines), flush=True)
+    table = MarkdownTable(lines, args.out, "clamped_window.md")
     for kernel in (int(x) for x in args.kernels.split(",")):
         for side in (int(x) for x in args.sides.split(",")):
             if side < kernel:
                 continue
-            lines.append(measure(side, kernel, args.rounds))
-            print(lines[-1], flush=True)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "clamped_window.md"), "w") as handle:
-            handle.write("\n".join(lines) + "\n")
+            table.add(measure(side, kernel, args.rounds))
+    table.write()
 
 
 if __name__ == "__main__":

@@ -20,12 +20,14 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
 
 from sparse_attention import _stencil, _tiles, build_layout  # noqa: E402
 from sparse_attention import sparse_scaled_dot_product_attention as attention  # noqa: E402
+from markdown_table import MarkdownTable  # noqa: E402
 
 DEFAULT_SPECS = [
     "axial:4", "axial:8", "axial:14", "axial:24", "axial:32",
@@ -112,14 +114,10 @@ def main():
              "",
              "| layout | batch | fill | cpu_fill | tiles/rows forward | tiles/rows fwd+bwd | rows fwd+bwd ms | rule takes |",
              "|---|---|---|---|---|---|---|---|"]
-    print("\n".join(lines), flush=True)
+    table = MarkdownTable(lines, args.out, "cpu_kernel_choice.md")
     for spec in args.specs:
-        lines.append(measure(spec, args.rounds))
-        print(lines[-1], flush=True)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "cpu_kernel_choice.md"), "w") as handle:
-            handle.write("\n".join(lines) + "\n")
+        table.add(measure(spec, args.rounds))
+    table.write()
 
 
 if __name__ == "__main__":

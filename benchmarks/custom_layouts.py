@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import numpy as np  # noqa: E402
@@ -27,6 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from sparse_attention import _stencil, _tiles, layout_from_rule  # noqa: E402
 from sparse_attention import sparse_scaled_dot_product_attention as attention  # noqa: E402
+from markdown_table import MarkdownTable  # noqa: E402
 
 HEADS, HEAD_DIM, ROWS = 8, 32, 8192
 
@@ -168,15 +170,11 @@ def main():
              "",
              "| rule | grid | density | stencil | tiles | rows | rule takes | fastest f+b |",
              "|---|---|---|---|---|---|---|---|"]
-    print("\n".join(lines), flush=True)
+    table = MarkdownTable(lines, args.out, "custom_layouts.md")
     for side in (int(s) for s in args.sides.split(",")):
         for rule in rules:
-            lines.append(measure(rule, side, args.rounds))
-            print(lines[-1], flush=True)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "custom_layouts.md"), "w") as handle:
-            handle.write("\n".join(lines) + "\n")
+            table.add(measure(rule, side, args.rounds))
+    table.write()
 
 
 if __name__ == "__main__":

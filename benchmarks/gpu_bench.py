@@ -5,6 +5,11 @@ forward+backward; median of repeats timed with CUDA events. Writes
 gpu_bench.md and gpu_bench.json into --out.
 
     python benchmarks/gpu_bench.py --out results/
+
+Patterns of one's own, not run by default, by name in --patterns (and
+--flex-patterns for FlexAttention): dilated, causal, cross (rules from
+custom_layouts.py) and neighborhood (NATTEN's 7 x 7 neighbourhood, against
+FlexAttention with the same clamped window as a mask_mod).
 """
 
 import argparse
@@ -20,18 +25,23 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sparse_attention import build_layout, layout_from_rule  # noqa: E402
+from sparse_attention import build_layout, layout_from_rule, neighborhood_layout  # noqa: E402
 from sparse_attention import sparse_scaled_dot_product_attention as sparse_attention  # noqa: E402
 from sparse_attention import _torch_ops  # noqa: E402
 from sparse_attention.patterns import global_tokens  # noqa: E402
 
 PATTERNS = ["axial", "block", "longformer", "strided", "random"]
 # patterns of one's own that --patterns may also name (not run by default)
-CUSTOM = {"dilated": "dilated_7_by_2", "causal": "causal_window_7", "cross": "cross_11"}
+CUSTOM = {"dilated": "dilated_7_by_2", "causal": "causal_window_7", "cross": "cross_11",
+          "neighborhood": "NATTEN's 7 x 7 neighbourhood"}
+NEIGHBORHOOD = 7
 
 
 def layout_of(pattern, side):
-    """The built-in pattern's layout, or a custom rule's from custom_layouts.py."""
+    """The built-in pattern's layout, a custom rule's from custom_layouts.py, or
+    NATTEN's neighbourhood."""
+    if pattern == "neighborhood":
+        return neighborhood_layout(side, side, NEIGHBORHOOD)
     if pattern in CUSTOM:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import custom_layouts
@@ -209,6 +219,16 @@ def mask_mod_for(pattern, layout, device):
             return (dy.abs() <= 6) & (dx.abs() <= 6) & (dy % 2 == 0) & (dx % 2 == 0)
 
         return dilated
+    if pattern == "neighborhood":  # NATTEN's window, slid inward at the edges
+        k, height = NEIGHBORHOOD, layout.height
+
+        def neighborhood(b, h, qi, kj):
+            top = (qi // w - k // 2).clamp(0, height - k)
+            left = (qi % w - k // 2).clamp(0, w - k)
+            dy, dx = kj // w - top, kj % w - left
+            return (dy >= 0) & (dy < k) & (dx >= 0) & (dx < k)
+
+        return neighborhood
     dense = torch.from_numpy(layout.to_dense()).to(device)
     return lambda b, h, qi, kj: dense[qi, kj]
 

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from custom_layouts import cross_11, dilated_7_by_2  # noqa: E402
 from sparse_attention import _stencil, _torch_ops, build_layout, layout_from_rule  # noqa: E402
 from sparse_attention import sparse_scaled_dot_product_attention as attention  # noqa: E402
+from markdown_table import MarkdownTable  # noqa: E402
 
 
 def cases(sides):
@@ -70,15 +71,11 @@ def main():
     lines = [f"strips with the bias gradient / before, float32 forward+backward with a bias, median of "
              f"{args.rounds} rounds (min-max); torch {torch.__version__}, {torch.get_num_threads()} threads", "",
              "| layout | before | strips / before | range |", "|---|---|---|---|"]
-    print("\n".join(lines), flush=True)
+    table = MarkdownTable(lines, args.out, "strip_bias_backward.md")
     for name, build in cases(int(s) for s in args.sides.split(",")):
         other, ratios = measure(build(), args.rounds)
-        lines.append(f"| {name} | {other} | {statistics.median(ratios):.2f} | {min(ratios):.2f}-{max(ratios):.2f} |")
-        print(lines[-1], flush=True)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "strip_bias_backward.md"), "w") as handle:
-            handle.write("\n".join(lines) + "\n")
+        table.add(f"| {name} | {other} | {statistics.median(ratios):.2f} | {min(ratios):.2f}-{max(ratios):.2f} |")
+    table.write()
 
 
 if __name__ == "__main__":

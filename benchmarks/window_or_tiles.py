@@ -27,6 +27,7 @@ from custom_layouts import forced, seconds  # noqa: E402
 
 from sparse_attention import _stencil, neighborhood_layout  # noqa: E402
 from sparse_attention import sparse_scaled_dot_product_attention as attention  # noqa: E402
+from markdown_table import MarkdownTable  # noqa: E402
 
 FAMILIES = ("stencil", "tiles", "rows")
 CASES = "3:3,5:5,6:5,7:7,8:7,9:7,10:7,11:9,12:11,13:11,14:13"
@@ -70,15 +71,11 @@ def main():
              "",
              "| grid | k | density | cpu_fill | as | stencil | tiles | rows | rule takes |",
              "|---|---|---|---|---|---|---|---|---|"]
-    print("\n".join(lines), flush=True)
+    table = MarkdownTable(lines, args.out, "window_or_tiles.md")
     for case in args.cases.split(","):
         side, kernel = (int(x) for x in case.split(":"))
-        lines.append(measure(side, kernel, args.rounds))
-        print(lines[-1], flush=True)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "window_or_tiles.md"), "w") as handle:
-            handle.write("\n".join(lines) + "\n")
+        table.add(measure(side, kernel, args.rounds))
+    table.write()
 
 
 if __name__ == "__main__":

@@ -209,7 +209,25 @@ def test_strip_bias_backward_script_compares_with_what_ran_before():
     assert re.search(r"\| dilated_7_by_2 64x64 \| rows \| [\d.]+ \|", out), out
 
 
-@pytest.mark.parametrize("pattern", ["axial", "block", "longformer", "strided", "random", "dilated", "cross"])
+def test_clamped_window_script_compares_with_what_ran_before(tmp_path):
+    out = run_script("clamped_window.py", "--sides", "9,16", "--kernels", "5", "--rounds", "1", "--out",
+                     str(tmp_path))
+    three = r"[\d.]+ / [\d.]+ / [\d.]+"
+    for side, before in (("9", "tiles"), ("16", "window \\+ tiles")):
+        row = rf"\| {side}x{side} \| 5 \| [\d.]+ \| {three} \| {three} \| {three} \| {three} \| {before} \|"
+        assert re.search(row, out), (row, out)
+    assert (tmp_path / "clamped_window.md").read_text().count("| 5 |") == 2
+
+
+def test_window_or_tiles_script_times_the_three_families(tmp_path):
+    out = run_script("window_or_tiles.py", "--cases", "7:7,10:7", "--rounds", "1", "--out", str(tmp_path))
+    assert re.search(r"\| 7x7 \| 7 \| 1\.00 \| 0\.88 \| stencil( \| [\d.]+){3} \| tiles \|", out), out
+    assert re.search(r"\| 10x10 \| 7 \| 0\.49 \| 0\.67 \| clamped( \| [\d.]+){3} \| stencil \|", out), out
+    assert (tmp_path / "window_or_tiles.md").read_text().count("| 7 |") == 2
+
+
+@pytest.mark.parametrize("pattern", ["axial", "block", "longformer", "strided", "random", "dilated", "cross",
+                                     "neighborhood"])
 def test_gpu_bench_mask_mods_equal_the_layouts(pattern):
     """FlexAttention gets the same mask as our op in the GPU benchmark: its
     mask_mod, evaluated on every pair of a small grid on the CPU, is the layout."""
