@@ -82,21 +82,50 @@ long long sa_cpu_window_backwards(void)
     return atomic_load(&window_backwards);
 }
 
+/* A stencil's box in units of its steps: offsets (dy, dx) are
+ * (step_y x (dy_lo + a), step_x x (dx_lo + b)), a < box_h, b < box_w. */
 typedef struct {
     int dy_lo, dx_lo, box_h, box_w;
+    int step_y, step_x;
 } offset_box;
 
-/* The smallest box around num_offsets (dy, dx) pairs: lo[0..1] its top-left
- * offset, size[0..1] its height and width (int64: offsets Python hands to
- * sa_cpu_window_offsets_fit are not bounded by a grid). */
-static void offset_bounds(const int32_t *offsets, int64_t num_offsets, int64_t lo[2], int64_t size[2])
+static int64_t common_divisor(int64_t a, int64_t b)
 {
-    int64_t hi[2] = {offsets[0], offsets[1]};
+    a = a < 0 ? -a : a;
+    b = b < 0 ? -b : b;
+    while (b != 0) {
+        const int64_t rest = a % b;
+        a = b;
+        b = rest;
+    }
+    return a;
+}
+
+/* The steps every offset shares on each axis (1 where all are 0). Extra
+ * keys or listed rows tie a stencil to the whole grid: steps 1 there
+ * (lattice_ok 0). */
+static void offset_steps(const int32_t *offsets, int64_t num_offsets, int lattice_ok, int64_t steps[2])
+{
+    steps[0] = steps[1] = 0;
+    for (int64_t o = 0; lattice_ok && o < num_offsets; o++)
+        for (int axis = 0; axis < 2; axis++) steps[axis] = common_divisor(steps[axis], offsets[2 * o + axis]);
+    for (int axis = 0; axis < 2; axis++)
+        if (steps[axis] == 0) steps[axis] = 1;
+}
+
+/* The smallest box around num_offsets (dy, dx) pairs in units of `steps`:
+ * lo[0..1] its top-left offset, size[0..1] its height and width (int64:
+ * offsets Python hands to sa_cpu_window_offsets_fit are not bounded by a
+ * grid). */
+static void offset_bounds(const int32_t *offsets, int64_t num_offsets, const int64_t steps[2], int64_t lo[2],
+                          int64_t size[2])
+{
+    int64_t hi[2] = {offsets[0] / steps[0], offsets[1] / steps[1]};
     lo[0] = hi[0];
     lo[1] = hi[1];
     for (int64_t o = 1; o < num_offsets; o++)
         for (int axis = 0; axis < 2; axis++) {
-            const int64_t at = offsets[2 * o + axis];
+            const int64_t at = offsets[2 * o + axis] / steps[axis];
             lo[axis] = at < lo[axis] ? at : lo[axis];
             hi[axis] = at > hi[axis] ? at : hi[axis];
         }
@@ -104,25 +133,34 @@ static void offset_bounds(const int32_t *offsets, int64_t num_offsets, int64_t l
     size[1] = hi[1] - lo[1] + 1;
 }
 
+static int lattice_ok(const sa_attention_params *p)
+{
+    return p->stencil_num_keys == 0 && p->stencil_num_rows == 0;
+}
+
 /* p's box (its offsets lie within the grid, so the values fit int) */
 static offset_box box_of(const sa_attention_params *p)
 {
-    offset_box box = {0, 0, 0, 0};
+    offset_box box = {0, 0, 0, 0, 1, 1};
     if (p->stencil_num_offsets <= 0) return box;
-    int64_t lo[2], size[2];
-    offset_bounds(p->stencil_offsets, p->stencil_num_offsets, lo, size);
+    int64_t steps[2], lo[2], size[2];
+    offset_steps(p->stencil_offsets, p->stencil_num_offsets, lattice_ok(p), steps);
+    offset_bounds(p->stencil_offsets, p->stencil_num_offsets, steps, lo, size);
     box.dy_lo = (int)lo[0];
     box.dx_lo = (int)lo[1];
     box.box_h = (int)size[0];
     box.box_w = (int)size[1];
+    box.step_y = (int)steps[0];
+    box.step_x = (int)steps[1];
     return box;
 }
 
-int sa_cpu_window_offsets_fit(const int32_t *offsets, int64_t num_offsets, int64_t head_dim)
+int sa_cpu_window_offsets_fit(const int32_t *offsets, int64_t num_offsets, int64_t head_dim, int lattice)
 {
     if (head_dim < 1 || head_dim > MAX_DIM || num_offsets <= 0) return 0;
-    int64_t lo[2], size[2];
-    offset_bounds(offsets, num_offsets, lo, size);
+    int64_t steps[2], lo[2], size[2];
+    offset_steps(offsets, num_offsets, lattice, steps);
+    offset_bounds(offsets, num_offsets, steps, lo, size);
     if (size[0] > MAX_BOX || size[1] > MAX_BOX) return 0;
     /* a sparse set of offsets in its box would waste most of the union */
     return 2 * num_offsets >= size[0] * size[1];
@@ -132,13 +170,14 @@ int sa_cpu_window_fits(const sa_attention_params *p)
 {
     if (p->dtype != SA_F32 || p->height * p->width != p->num_tokens) return 0;
     if (p->stencil_clamped) {
-        /* a whole box within the grid, nothing else (the binding checks it; the kernel relies on it) */
+        /* a whole box within every class of the grid, nothing else (the
+         * binding checks it; the kernel relies on it) */
         const offset_box box = box_of(p);
-        if (p->stencil_num_keys != 0 || p->stencil_num_rows != 0 || box.box_h > p->height ||
-            box.box_w > p->width || (int64_t)box.box_h * box.box_w != p->stencil_num_offsets)
+        if (!lattice_ok(p) || box.box_h > p->height / box.step_y || box.box_w > p->width / box.step_x ||
+            (int64_t)box.box_h * box.box_w != p->stencil_num_offsets)
             return 0;
     }
-    return sa_cpu_window_offsets_fit(p->stencil_offsets, p->stencil_num_offsets, p->head_dim);
+    return sa_cpu_window_offsets_fit(p->stencil_offsets, p->stencil_num_offsets, p->head_dim, lattice_ok(p));
 }
 
 /* What one call shares across its threads. */
@@ -157,6 +196,7 @@ typedef struct {
     int any_full;
     float *full_parts; /* (forward) [batch x heads][listed row][band]: full_part_floats each */
     int wide; /* 32 vector registers: union rows' dots two rows a pass, P x V four lanes */
+    int64_t classes;     /* step_y x step_x classes of tokens, one grid each (lattice_view) */
     int64_t bands, band_items;
     int64_t bias_cells; /* (2M+1)^2: one (batch, head)'s row of grad_bias_rows */
     /* a window clamped to the grid (p->stencil_clamped): a block whose windows
@@ -381,11 +421,21 @@ INLINE void store_out(float *at, v8 value)
     STOREU(at, value);
 }
 
+/* The tokens one work item's blocks run over: the whole grid, or for a
+ * stencil whose offsets share divisors (step_y, step_x) (a dilated window)
+ * one class of tokens with the same row and column modulo the steps, which
+ * attend only each other: a grid of its own, `height` x `width`, its
+ * neighbouring rows (columns) row_step (col_step) tokens apart. */
+typedef struct {
+    int64_t origin, row_step, col_step, height, width;
+} lattice_view;
+
 /* The rows and columns of a block's union on the grid: [r_lo, r_hi) x [c_lo,
  * c_hi); which lanes reach each union slot, and (with a bias) the slots'
  * bias and dS sums: the call's own, or for a block whose windows a clamped
  * window's edges shift (`shifted`), the block's. */
 typedef struct {
+    const lattice_view *view;
     int64_t key_y0, key_x0;
     int r_lo, r_hi, c_lo, c_hi;
     int shifted;
@@ -393,6 +443,18 @@ typedef struct {
     const v8 *bias;
     v8 *bias_grads;
 } union_span;
+
+/* The token at (y, x) of a view's grid. */
+INLINE int64_t view_token(const lattice_view *view, int64_t y, int64_t x)
+{
+    return view->origin + y * view->row_step + x * view->col_step;
+}
+
+/* The token of union slot (r, col). */
+INLINE int64_t union_token(const union_span *u, int64_t r, int64_t col)
+{
+    return view_token(u->view, u->key_y0 + r, u->key_x0 + col);
+}
 
 /* The first row (column) of a clamped window: the box [lo, lo + box) from
  * coordinate y, moved back onto an axis of `size` tokens. */
@@ -403,10 +465,11 @@ INLINE int64_t clamped_start(int64_t y, int lo, int box, int64_t size)
     return start < 0 ? 0 : start;
 }
 
-INLINE union_span union_of(const window_ctx *c, int64_t y0, int64_t x0)
+INLINE union_span union_of(const window_ctx *c, const lattice_view *view, int64_t y0, int64_t x0)
 {
     union_span u;
-    const int64_t H = c->height, W = c->width;
+    const int64_t H = view->height, W = view->width;
+    u.view = view;
     u.key_y0 = c->clamped ? clamped_start(y0, c->box.dy_lo, c->box.box_h, H) : y0 + c->box.dy_lo;
     u.key_x0 = c->clamped ? clamped_start(x0, c->box.dx_lo, c->box.box_w, W) : x0 + c->box.dx_lo;
     u.shifted = 0;
@@ -426,7 +489,7 @@ INLINE union_span union_of(const window_ctx *c, int64_t y0, int64_t x0)
 INLINE int32_t slot_key(const window_ctx *c, const union_span *u, int64_t s)
 {
     if (s < c->union_slots)
-        return (int32_t)((u->key_y0 + s / c->union_cols) * c->width + u->key_x0 + s % c->union_cols);
+        return (int32_t)union_token(u, s / c->union_cols, s % c->union_cols);
     return c->p->stencil_keys[s - c->union_slots];
 }
 
@@ -460,11 +523,10 @@ INLINE void mask_scores(const window_ctx *c, const window_work *w, int64_t b, in
     i8v nan_lanes = {0};
     const int biased = p->bias_table != NULL;
     for (int r = u->r_lo; r < u->r_hi; r++) {
-        const int64_t key_row = (u->key_y0 + r) * W + u->key_x0;
         for (int col = u->c_lo; col < u->c_hi; col++) {
             const int s = r * UC + col;
             i8v ok = u->lanes[s] & lane_ok;
-            if (!sa_key_usable(p, b, key_row + col)) ok = (i8v){0};
+            if (!sa_key_usable(p, b, union_token(u, r, col))) ok = (i8v){0};
             v8 score = scores[s] * c->scale;
             if (biased) score += u->bias[s];
             score = SELECT(ok, score, neg_inf);
@@ -521,7 +583,7 @@ INLINE void lanes_weighted(const window_ctx *c, const union_span *u, const float
                            float factor1, int64_t d_first)
 {
     const sa_attention_params *p = c->p;
-    const int64_t W = c->width, dim = c->dim;
+    const int64_t dim = c->dim, col_stride = row_stride * u->view->col_step;
     const int UC = c->union_cols, US = c->union_slots;
     const int64_t num_extra = p->stencil_num_keys;
     const v8 zero = SPLAT(0.0f);
@@ -536,19 +598,19 @@ INLINE void lanes_weighted(const window_ctx *c, const union_span *u, const float
         v8 a0[4] = {zero, zero, zero, zero}, a1[4] = {zero, zero, zero, zero};
         for (int r = r_first; r < r_last && cols > 0; r++) {
             const float *wrow = weights + (r * UC + u->c_lo) * LANES;
-            const float *row = base + ((u->key_y0 + r) * W + u->key_x0 + u->c_lo) * row_stride;
+            const float *row = base + union_token(u, r, u->c_lo) * row_stride;
             switch (vectors == 4 ? cols : 0) {
             /* whole union rows of 5 x 5, 7 x 7 and 9 x 9 windows, unrolled */
-            case 6: pair_weighted(wrow, l, row, row_stride, 6, d0, 4, a0, a1); continue;
-            case 8: pair_weighted(wrow, l, row, row_stride, 8, d0, 4, a0, a1); continue;
-            case 10: pair_weighted(wrow, l, row, row_stride, 10, d0, 4, a0, a1); continue;
+            case 6: pair_weighted(wrow, l, row, col_stride, 6, d0, 4, a0, a1); continue;
+            case 8: pair_weighted(wrow, l, row, col_stride, 8, d0, 4, a0, a1); continue;
+            case 10: pair_weighted(wrow, l, row, col_stride, 10, d0, 4, a0, a1); continue;
             default: break;
             }
             switch (vectors) {
-            case 4: pair_weighted(wrow, l, row, row_stride, cols, d0, 4, a0, a1); break;
-            case 3: pair_weighted(wrow, l, row, row_stride, cols, d0, 3, a0, a1); break;
-            case 2: pair_weighted(wrow, l, row, row_stride, cols, d0, 2, a0, a1); break;
-            default: pair_weighted(wrow, l, row, row_stride, cols, d0, 1, a0, a1); break;
+            case 4: pair_weighted(wrow, l, row, col_stride, cols, d0, 4, a0, a1); break;
+            case 3: pair_weighted(wrow, l, row, col_stride, cols, d0, 3, a0, a1); break;
+            case 2: pair_weighted(wrow, l, row, col_stride, cols, d0, 2, a0, a1); break;
+            default: pair_weighted(wrow, l, row, col_stride, cols, d0, 1, a0, a1); break;
             }
         }
         for (int64_t g = 0; g < num_extra; g++) {
@@ -575,7 +637,7 @@ INLINE void lanes_weighted(const window_ctx *c, const union_span *u, const float
         float s0 = 0.0f, s1 = 0.0f;
         for (int r = r_first; r < r_last; r++)
             for (int col = u->c_lo; col < u->c_hi; col++) {
-                const float value = base[((u->key_y0 + r) * W + u->key_x0 + col) * row_stride + d0];
+                const float value = base[union_token(u, r, col) * row_stride + d0];
                 s0 += weights[(r * UC + col) * LANES + l] * value;
                 s1 += weights[(r * UC + col) * LANES + l + 1] * value;
             }
@@ -614,7 +676,7 @@ INLINE void quad_lanes_weighted(const window_ctx *c, const union_span *u, const 
                                 const float *base, int64_t row_stride, float *const *out, const float *factor)
 {
     const sa_attention_params *p = c->p;
-    const int64_t W = c->width, dim = c->dim, dim32 = dim / 32 * 32;
+    const int64_t dim = c->dim, dim32 = dim / 32 * 32, col_stride = row_stride * u->view->col_step;
     const int UC = c->union_cols, US = c->union_slots;
     const int ly = l / BLOCK_COLS, box_h = c->box.box_h;
     const int r_first = ly > u->r_lo && !u->shifted ? ly : u->r_lo;
@@ -626,17 +688,17 @@ INLINE void quad_lanes_weighted(const window_ctx *c, const union_span *u, const 
             for (int i = 0; i < 4; i++) acc[k][i] = SPLAT(0.0f);
         for (int r = r_first; r < r_last && cols > 0; r++) {
             const float *wrow = weights + (r * UC + u->c_lo) * LANES;
-            const float *row = base + ((u->key_y0 + r) * W + u->key_x0 + u->c_lo) * row_stride;
+            const float *row = base + union_token(u, r, u->c_lo) * row_stride;
             const int upper = r < ly + box_h, lower = r > ly || u->shifted;
             if (upper && lower) {
                 switch (cols) {
-                case 8: quad_weighted(wrow, l, row, row_stride, 8, d0, acc); break;
-                default: quad_weighted(wrow, l, row, row_stride, cols, d0, acc); break;
+                case 8: quad_weighted(wrow, l, row, col_stride, 8, d0, acc); break;
+                default: quad_weighted(wrow, l, row, col_stride, cols, d0, acc); break;
                 }
             } else if (upper) {
-                pair_weighted(wrow, l, row, row_stride, cols, d0, 4, acc[0], acc[1]);
+                pair_weighted(wrow, l, row, col_stride, cols, d0, 4, acc[0], acc[1]);
             } else {
-                pair_weighted(wrow, l + 2, row, row_stride, cols, d0, 4, acc[2], acc[3]);
+                pair_weighted(wrow, l + 2, row, col_stride, cols, d0, 4, acc[2], acc[3]);
             }
         }
         for (int64_t g = 0; g < p->stencil_num_keys; g++)
@@ -661,11 +723,12 @@ INLINE void prefetch_next_block(const window_ctx *c, const union_span *u, int64_
                                 int64_t x0, const float *kb, int64_t ks, const float *vb, int64_t vs)
 {
     const sa_attention_params *p = c->p;
-    const int64_t H = c->height, W = c->width, bytes = c->dim * (int64_t)sizeof(float);
+    const lattice_view *view = u->view;
+    const int64_t H = view->height, W = view->width, bytes = c->dim * (int64_t)sizeof(float);
     const int64_t first_col = u->key_x0 + c->union_cols, next_x0 = x0 + BLOCK_COLS;
     for (int r = u->r_lo; r < u->r_hi; r++)
         for (int64_t col = first_col; col < first_col + BLOCK_COLS && col < W; col++) {
-            const int64_t key = (u->key_y0 + r) * W + col;
+            const int64_t key = view_token(view, u->key_y0 + r, col);
             for (int64_t byte = 0; byte < bytes; byte += 64) {
                 __builtin_prefetch((const char *)(kb + key * ks) + byte, 0, 3);
                 __builtin_prefetch((const char *)(vb + key * vs) + byte, 0, 3);
@@ -674,7 +737,7 @@ INLINE void prefetch_next_block(const window_ctx *c, const union_span *u, int64_
     for (int l = 0; l < LANES && next_x0 < W; l++) {
         const int64_t y = y0 + l / BLOCK_COLS, x = next_x0 + l % BLOCK_COLS;
         if (y >= H || x >= W) continue;
-        const char *row = (const char *)sa_row_of(p->q, p->q_stride, b, h, y * W + x);
+        const char *row = (const char *)sa_row_of(p->q, p->q_stride, b, h, view_token(view, y, x));
         for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(row + byte, 0, 3);
     }
 }
@@ -789,7 +852,7 @@ static void fill_bias_table(const window_ctx *c, v8 *table, int64_t h, int64_t a
         for (int l = 0; l < LANES; l++) {
             int64_t dy, dx;
             lane_to_slot(c, s, l, &dy, &dx);
-            table[s][l] = sa_bias_of(c->p, h, dy - ay, dx - ax);
+            table[s][l] = sa_bias_of(c->p, h, (dy - ay) * c->box.step_y, (dx - ax) * c->box.step_x);
         }
 }
 
@@ -811,13 +874,14 @@ static v8 *bias_table_for(const window_ctx *c, window_work *w, int64_t h, int64_
  * edges shift some of the block's windows (or move its union off the usual
  * corner) gets lane masks of its own and the tables of its anchor shift;
  * every other block those of the call. */
-INLINE union_span block_union(const window_ctx *c, window_work *w, int64_t h, int64_t y0, int64_t x0)
+INLINE union_span block_union(const window_ctx *c, window_work *w, int64_t h, const lattice_view *view,
+                              int64_t y0, int64_t x0)
 {
-    union_span u = union_of(c, y0, x0);
+    union_span u = union_of(c, view, y0, x0);
     u.bias = w->slot_bias;
     u.bias_grads = w->slot_bias_grads;
     if (!c->clamped) return u;
-    const int64_t H = c->height, W = c->width;
+    const int64_t H = view->height, W = view->width;
     const int64_t ay = u.key_y0 - (y0 + c->box.dy_lo), ax = u.key_x0 - (x0 + c->box.dx_lo);
     int lane_row[LANES], lane_col[LANES];
     int shifted = ay != 0 || ax != 0;
@@ -855,30 +919,31 @@ INLINE union_span block_union(const window_ctx *c, window_work *w, int64_t h, in
 }
 
 /* One block's forward: outputs, log-sum-exps and statistics of its lanes. */
-INLINE void forward_block(const window_ctx *c, window_work *w, int64_t b, int64_t h, int64_t y0, int64_t x0)
+INLINE void forward_block(const window_ctx *c, window_work *w, int64_t b, int64_t h, const lattice_view *view,
+                          int64_t y0, int64_t x0)
 {
     const sa_attention_params *p = c->p;
-    const int64_t H = c->height, W = c->width, dim = c->dim, N = p->num_tokens;
+    const int64_t H = view->height, W = view->width, dim = c->dim, N = p->num_tokens;
     const int UR = c->union_rows, UC = c->union_cols, US = c->union_slots;
     const int64_t num_extra = p->stencil_num_keys;
     const int want_stats = p->row_stats != NULL;
     const v8 neg_inf = SPLAT(-INFINITY), zero = SPLAT(0.0f);
     const float *kb = (const float *)p->k + b * p->k_stride[0] + h * p->k_stride[1];
     const float *vb = (const float *)p->v + b * p->v_stride[0] + h * p->v_stride[1];
-    const int64_t ks = p->k_stride[2], vs = p->v_stride[2];
+    const int64_t ks = p->k_stride[2], vs = p->v_stride[2], key_step = ks * view->col_step;
 
     int64_t token[LANES];
     i8v on_grid = {0};
     const float *q_rows[LANES];
     for (int l = 0; l < LANES; l++) {
         const int64_t y = y0 + l / BLOCK_COLS, x = x0 + l % BLOCK_COLS;
-        token[l] = y < H && x < W ? y * W + x : -1;
+        token[l] = y < H && x < W ? view_token(view, y, x) : -1;
         on_grid[l] = token[l] >= 0 ? -1 : 0;
         q_rows[l] = token[l] >= 0 ? sa_row_of(p->q, p->q_stride, b, h, token[l]) : NULL;
     }
     transpose_lanes(q_rows, dim, w->qt);
 
-    const union_span u = block_union(c, w, h, y0, x0);
+    const union_span u = block_union(c, w, h, view, y0, x0);
     prefetch_next_block(c, &u, b, h, y0, x0, kb, ks, vb, vs);
     v8 *scores = w->scores;
     if (!(u.r_lo == 0 && u.r_hi == UR && u.c_lo == 0 && u.c_hi == UC))
@@ -888,12 +953,12 @@ INLINE void forward_block(const window_ctx *c, window_work *w, int64_t b, int64_
     const int cols = u.c_hi - u.c_lo;
     int r = u.r_lo;
     for (; c->wide && r + 2 <= u.r_hi && cols > 0; r += 2) {
-        const float *keys = kb + ((u.key_y0 + r) * W + u.key_x0 + u.c_lo) * ks;
-        two_rows_dots(w->qt, keys, ks, scores + r * UC + u.c_lo, w->qt, keys + W * ks, ks,
+        const float *keys = kb + union_token(&u, r, u.c_lo) * ks;
+        two_rows_dots(w->qt, keys, key_step, scores + r * UC + u.c_lo, w->qt, keys + view->row_step * ks, key_step,
                       scores + (r + 1) * UC + u.c_lo, dim, cols);
     }
     for (; r < u.r_hi && cols > 0; r++)
-        row_dots(w->qt, dim, kb + ((u.key_y0 + r) * W + u.key_x0 + u.c_lo) * ks, ks, cols, scores + r * UC + u.c_lo);
+        row_dots(w->qt, dim, kb + union_token(&u, r, u.c_lo) * ks, key_step, cols, scores + r * UC + u.c_lo);
     for (int64_t g = 0; g < num_extra; g++)
         row_dots(w->qt, dim, kb + (int64_t)p->stencil_keys[g] * ks, ks, 1, scores + US + g);
     v8 top;
@@ -1139,6 +1204,34 @@ static void finish_full_rows(const window_ctx *c)
 
 /* ---- work items ------------------------------------------------------------- */
 
+/* Class `cls` of the grid (see lattice_view): the tokens whose row and
+ * column are (cls / step_x, cls % step_x) modulo the steps. */
+static lattice_view class_view(const window_ctx *c, int64_t cls)
+{
+    const int64_t sy = c->box.step_y, sx = c->box.step_x, ry = cls / sx, rx = cls % sx;
+    lattice_view view = {ry * c->width + rx, sy * c->width, sx, (c->height - ry + sy - 1) / sy,
+                         (c->width - rx + sx - 1) / sx};
+    return view;
+}
+
+/* Zero outputs and -inf log-sum-exps for the rows [y_first, y_end) of a view
+ * (a pruned head). */
+static void write_pruned_view_rows(const sa_attention_params *p, const lattice_view *view, int64_t b, int64_t h,
+                                   int64_t y_first, int64_t y_end)
+{
+    for (int64_t y = y_first; y < y_end; y++) {
+        if (view->col_step == 1) {
+            const int64_t first = view_token(view, y, 0);
+            sa_write_pruned_rows(p, b, h, first, first + view->width);
+            continue;
+        }
+        for (int64_t x = 0; x < view->width; x++) {
+            const int64_t token = view_token(view, y, x);
+            sa_write_pruned_rows(p, b, h, token, token + 1);
+        }
+    }
+}
+
 WINDOW_CLONES
 static void forward_items(void *opaque, int64_t first, int64_t last)
 {
@@ -1146,7 +1239,7 @@ static void forward_items(void *opaque, int64_t first, int64_t last)
     (void)last;
     window_ctx *c = opaque;
     const sa_attention_params *p = c->p;
-    const int64_t W = c->width, H = c->height;
+    const int64_t W = c->width;
     window_work w;
     if (work_alloc(&w, c, 0) < 0) {
         work_free(&w);
@@ -1156,16 +1249,20 @@ static void forward_items(void *opaque, int64_t first, int64_t last)
     for (;;) {
         const int64_t item = atomic_fetch_add(&c->next_item, 1);
         if (item >= c->band_items) break;
-        const int64_t bh = item / c->bands, band = item % c->bands, b = bh / p->heads, h = bh % p->heads;
-        const int64_t y_first = band * BAND_ROWS, y_end = y_first + BAND_ROWS < H ? y_first + BAND_ROWS : H;
+        const int64_t band = item % c->bands, cls = item / c->bands % c->classes, bh = item / c->bands / c->classes;
+        const int64_t b = bh / p->heads, h = bh % p->heads;
+        const lattice_view view = class_view(c, cls);
+        const int64_t y_first = band * BAND_ROWS;
+        const int64_t y_end = y_first + BAND_ROWS < view.height ? y_first + BAND_ROWS : view.height;
+        if (y_first >= y_end) continue; /* bands run to the tallest class */
         if (p->head_active != NULL && !p->head_active[h]) {
-            sa_write_pruned_rows(p, b, h, y_first * W, y_end * W);
+            write_pruned_view_rows(p, &view, b, h, y_first, y_end);
             continue;
         }
         if (p->bias_table != NULL) w.slot_bias = bias_table_for(c, &w, h, 0, 0);
         for (int64_t y0 = y_first; y0 < y_end; y0 += BLOCK_ROWS)
-            for (int64_t x0 = 0; x0 < W; x0 += BLOCK_COLS) {
-                forward_block(c, &w, b, h, y0, x0);
+            for (int64_t x0 = 0; x0 < view.width; x0 += BLOCK_COLS) {
+                forward_block(c, &w, b, h, &view, y0, x0);
             }
         for (int64_t t = 0; t < p->stencil_num_rows; t++)
             if (c->listed_full[t])
@@ -1291,17 +1388,18 @@ WINDOW_CLONES __attribute__((noinline)) static void block_score_grads(const wind
 
 /* One block's share of the gradients: dQ of its lanes (written), dK and dV of
  * its union's keys (added). */
-INLINE void backward_block(const window_ctx *c, window_work *w, int64_t b, int64_t h, int64_t y0, int64_t x0,
-                           float *grad_q, float *grad_k, float *grad_v)
+INLINE void backward_block(const window_ctx *c, window_work *w, int64_t b, int64_t h, const lattice_view *view,
+                           int64_t y0, int64_t x0, float *grad_q, float *grad_k, float *grad_v)
 {
     const sa_attention_params *p = c->p;
-    const int64_t H = c->height, W = c->width, dim = c->dim, N = p->num_tokens;
+    const int64_t H = view->height, W = view->width, dim = c->dim, N = p->num_tokens;
     const int UR = c->union_rows, UC = c->union_cols, US = c->union_slots;
     const int64_t num_extra = p->stencil_num_keys;
     const v8 neg_inf = SPLAT(-INFINITY), zero = SPLAT(0.0f);
     const float *kb = (const float *)p->k + b * p->k_stride[0] + h * p->k_stride[1];
     const float *vb = (const float *)p->v + b * p->v_stride[0] + h * p->v_stride[1];
     const int64_t ks = p->k_stride[2], vs = p->v_stride[2];
+    const int64_t key_step = ks * view->col_step, value_step = vs * view->col_step;
     const int64_t bh = b * p->heads + h;
     const float *lse = (const float *)p->lse + bh * N, *delta = (const float *)p->delta + bh * N;
 
@@ -1311,7 +1409,7 @@ INLINE void backward_block(const window_ctx *c, window_work *w, int64_t b, int64
     const float *q_rows[LANES], *go_rows[LANES];
     for (int l = 0; l < LANES; l++) {
         const int64_t y = y0 + l / BLOCK_COLS, x = x0 + l % BLOCK_COLS;
-        token[l] = y < H && x < W ? y * W + x : -1;
+        token[l] = y < H && x < W ? view_token(view, y, x) : -1;
         q_rows[l] = go_rows[l] = NULL;
         if (token[l] < 0) continue;
         q_rows[l] = sa_row_of(p->q, p->q_stride, b, h, token[l]);
@@ -1332,7 +1430,7 @@ INLINE void backward_block(const window_ctx *c, window_work *w, int64_t b, int64
     transpose_lanes(q_rows, dim, w->qt);
     transpose_lanes(go_rows, dim, w->got);
 
-    const union_span u = block_union(c, w, h, y0, x0);
+    const union_span u = block_union(c, w, h, view, y0, x0);
     v8 *scores = w->scores, *grads = w->grads;
     const int whole = u.r_lo == 0 && u.r_hi == UR && u.c_lo == 0 && u.c_hi == UC;
     if (!whole)
@@ -1347,17 +1445,17 @@ INLINE void backward_block(const window_ctx *c, window_work *w, int64_t b, int64
     const int cols = u.c_hi - u.c_lo;
     int r = u.r_lo;
     for (; c->wide && r + 2 <= u.r_hi && cols > 0; r += 2) {
-        const int64_t first_key = (u.key_y0 + r) * W + u.key_x0 + u.c_lo;
+        const int64_t first_key = union_token(&u, r, u.c_lo), next_row = first_key + view->row_step;
         v8 *const score_row = scores + r * UC + u.c_lo, *const grad_row = grads + r * UC + u.c_lo;
-        two_rows_dots(w->qt, kb + first_key * ks, ks, score_row, w->qt, kb + (first_key + W) * ks, ks,
+        two_rows_dots(w->qt, kb + first_key * ks, key_step, score_row, w->qt, kb + next_row * ks, key_step,
                       score_row + UC, dim, cols);
-        two_rows_dots(w->got, vb + first_key * vs, vs, grad_row, w->got, vb + (first_key + W) * vs, vs,
+        two_rows_dots(w->got, vb + first_key * vs, value_step, grad_row, w->got, vb + next_row * vs, value_step,
                       grad_row + UC, dim, cols);
     }
     for (; r < u.r_hi && cols > 0; r++) {
-        const int64_t first_key = (u.key_y0 + r) * W + u.key_x0 + u.c_lo;
-        row_dots(w->qt, dim, kb + first_key * ks, ks, cols, scores + r * UC + u.c_lo);
-        row_dots(w->got, dim, vb + first_key * vs, vs, cols, grads + r * UC + u.c_lo);
+        const int64_t first_key = union_token(&u, r, u.c_lo);
+        row_dots(w->qt, dim, kb + first_key * ks, key_step, cols, scores + r * UC + u.c_lo);
+        row_dots(w->got, dim, vb + first_key * vs, value_step, cols, grads + r * UC + u.c_lo);
     }
     for (int64_t g = 0; g < num_extra; g++) {
         row_dots(w->qt, dim, kb + (int64_t)p->stencil_keys[g] * ks, ks, 1, scores + US + g);
@@ -1400,9 +1498,9 @@ INLINE void backward_block(const window_ctx *c, window_work *w, int64_t b, int64
             for (int col = u.c_lo; col < u.c_hi; col += 2) {
                 const int two = col + 1 < u.c_hi;
                 const int s = r * UC + col;
-                const int64_t key = (u.key_y0 + r) * W + u.key_x0 + col;
-                float *gk0 = grad_k + key * dim, *gk1 = two ? gk0 + dim : NULL;
-                float *gv0 = grad_v + key * dim, *gv1 = two ? gv0 + dim : NULL;
+                const int64_t key = union_token(&u, r, col), next = view->col_step * dim;
+                float *gk0 = grad_k + key * dim, *gk1 = two ? gk0 + next : NULL;
+                float *gv0 = grad_v + key * dim, *gv1 = two ? gv0 + next : NULL;
                 const float *gs0 = grad_weights + s * LANES, *gs1 = gs0 + LANES;
                 const float *pw0 = prob_weights + s * LANES, *pw1 = pw0 + LANES;
                 switch (vectors) {
@@ -1438,7 +1536,7 @@ INLINE void backward_block(const window_ctx *c, window_work *w, int64_t b, int64
             if (s < US) {
                 const int r = (int)(s / UC), col = (int)(s % UC);
                 if (r < u.r_lo || r >= u.r_hi || col < u.c_lo || col >= u.c_hi) continue;
-                key = (u.key_y0 + r) * W + u.key_x0 + col;
+                key = union_token(&u, r, col);
             } else {
                 key = p->stencil_keys[s - US];
             }
@@ -1548,7 +1646,7 @@ static void flush_bias_sums(const window_ctx *c, const v8 *sums, int64_t ay, int
         for (int l = 0; l < LANES; l++) {
             int64_t dy, dx;
             lane_to_slot(c, s, l, &dy, &dx);
-            cells[sa_bias_cell(c->p, dy - ay, dx - ax)] += sums[s][l];
+            cells[sa_bias_cell(c->p, (dy - ay) * c->box.step_y, (dx - ax) * c->box.step_x)] += sums[s][l];
         }
 }
 
@@ -1571,7 +1669,7 @@ static void backward_items(void *opaque, int64_t first, int64_t last)
     (void)last;
     window_ctx *c = opaque;
     const sa_attention_params *p = c->p;
-    const int64_t W = c->width, H = c->height, dim = c->dim, n = p->num_tokens;
+    const int64_t dim = c->dim, n = p->num_tokens;
     window_work w;
     if (work_alloc(&w, c, 1) < 0) {
         work_free(&w);
@@ -1597,8 +1695,12 @@ static void backward_items(void *opaque, int64_t first, int64_t last)
             continue;
         }
         if (p->bias_table != NULL) w.slot_bias = bias_table_for(c, &w, h, 0, 0);
-        for (int64_t y0 = 0; y0 < H; y0 += BLOCK_ROWS)
-            for (int64_t x0 = 0; x0 < W; x0 += BLOCK_COLS) backward_block(c, &w, b, h, y0, x0, grad_q, grad_k, grad_v);
+        for (int64_t cls = 0; cls < c->classes; cls++) {
+            const lattice_view view = class_view(c, cls);
+            for (int64_t y0 = 0; y0 < view.height; y0 += BLOCK_ROWS)
+                for (int64_t x0 = 0; x0 < view.width; x0 += BLOCK_COLS)
+                    backward_block(c, &w, b, h, &view, y0, x0, grad_q, grad_k, grad_v);
+        }
         if (bias_cells != NULL) flush_slot_bias_grads(c, &w, bias_cells);
         for (int64_t t = 0; t < p->stencil_num_rows; t++)
             backward_full_row(c, &w, b, h, p->stencil_rows[t], grad_q, grad_k, grad_v);
@@ -1657,11 +1759,11 @@ static int ctx_init(window_ctx *c, const sa_attention_params *p, char *err, size
         c->is_offset[(p->stencil_offsets[2 * o] + H - 1) * (2 * W - 1) + p->stencil_offsets[2 * o + 1] + W - 1] = 1;
     for (int s = 0; s < c->union_slots; s++) {
         for (int l = 0; l < LANES; l++) {
-            /* key minus query: the offset that would reach the slot from lane l */
+            /* key minus query: the offset that would reach the slot from lane l (on the grid, not in steps) */
             int64_t dy, dx;
             lane_to_slot(c, s, l, &dy, &dx);
-            dy = -dy;
-            dx = -dx;
+            dy = -dy * c->box.step_y;
+            dx = -dx * c->box.step_x;
             const int inside = dy > -H && dy < H && dx > -W && dx < W;
             c->slot_lanes[s][l] = inside && c->is_offset[(dy + H - 1) * (2 * W - 1) + dx + W - 1] ? -1 : 0;
         }
@@ -1671,8 +1773,9 @@ static int ctx_init(window_ctx *c, const sa_attention_params *p, char *err, size
         c->listed_full[t] = (uint8_t)sa_row_attends_every_token(p, p->stencil_rows[t]);
         c->any_full |= c->listed_full[t];
     }
-    c->bands = (H + BAND_ROWS - 1) / BAND_ROWS;
-    c->band_items = p->batch * p->heads * c->bands;
+    c->classes = (int64_t)c->box.step_y * c->box.step_x;
+    c->bands = ((H + c->box.step_y - 1) / c->box.step_y + BAND_ROWS - 1) / BAND_ROWS;
+    c->band_items = p->batch * p->heads * c->classes * c->bands;
     c->bias_cells = (2 * p->max_relative + 1) * (2 * p->max_relative + 1);
     return SA_OK;
 }

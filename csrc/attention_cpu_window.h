@@ -6,13 +6,17 @@
 #include "attention.h"
 
 /* Whether p's stencil suits the window kernel: float32, head dim at most 256,
- * offsets within a 13 x 13 box that they fill at least half of. */
+ * offsets within a 13 x 13 box (in units of the divisors they share, for a
+ * stencil of offsets alone) that they fill at least half of. */
 int sa_cpu_window_fits(const sa_attention_params *p);
 
 /* The same rule on a stencil's offsets ((dy, dx) pairs) and a head dim alone:
  * Python asks it before a backward with a bias, which only the window kernel
- * (and the row kernels) can give. */
-int sa_cpu_window_offsets_fit(const int32_t *offsets, int64_t num_offsets, int64_t head_dim);
+ * (and the row kernels) can give. With `lattice` (no extra keys or listed
+ * rows) offsets that share divisors (a dilated window) are measured in
+ * units of them: the kernel runs each class of tokens they link as a grid of
+ * its own. */
+int sa_cpu_window_offsets_fit(const int32_t *offsets, int64_t num_offsets, int64_t head_dim, int lattice);
 
 /* As sa_cpu_forward_stencil (attention_cpu_stencil.h), for a stencil that fits. */
 int sa_cpu_forward_window(const sa_attention_params *p, int num_threads, int32_t *rows_left, int64_t *num_left,

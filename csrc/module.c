@@ -376,9 +376,10 @@ static int32_t stencil_flags(const int32_t *at, int64_t length)
     return length > body ? at[body] : 0;
 }
 
-/* A window clamped to the grid must be a whole box of offsets (each once),
- * no taller or wider than the grid, with nothing else: 0, or -1 with an
- * exception set. */
+/* A window clamped to the grid must be a whole box of offsets (each once;
+ * in units of the divisors they share, for a dilated one), no taller or
+ * wider than the smallest class of tokens they link, with nothing else: 0,
+ * or -1 with an exception set. */
 static int check_clamped_window(const int32_t *at, int64_t height, int64_t width)
 {
     const int64_t offsets = at[0];
@@ -388,19 +389,33 @@ static int check_clamped_window(const int32_t *at, int64_t height, int64_t width
                         "stencil: a window clamped to the grid takes offsets alone (no extra keys or listed rows)");
         return -1;
     }
-    int64_t lo[2] = {pairs[0], pairs[1]}, hi[2] = {pairs[0], pairs[1]};
+    int64_t step[2] = {0, 0};
+    for (int64_t o = 0; o < offsets; o++)
+        for (int axis = 0; axis < 2; axis++) {
+            int64_t a = step[axis], b = pairs[2 * o + axis] < 0 ? -(int64_t)pairs[2 * o + axis] : pairs[2 * o + axis];
+            while (b != 0) {
+                const int64_t rest = a % b;
+                a = b;
+                b = rest;
+            }
+            step[axis] = a;
+        }
+    for (int axis = 0; axis < 2; axis++)
+        if (step[axis] == 0) step[axis] = 1;
+    int64_t lo[2] = {pairs[0] / step[0], pairs[1] / step[1]}, hi[2] = {lo[0], lo[1]};
     for (int64_t o = 1; o < offsets; o++)
         for (int axis = 0; axis < 2; axis++) {
-            const int64_t at_axis = pairs[2 * o + axis];
+            const int64_t at_axis = pairs[2 * o + axis] / step[axis];
             lo[axis] = at_axis < lo[axis] ? at_axis : lo[axis];
             hi[axis] = at_axis > hi[axis] ? at_axis : hi[axis];
         }
     const int64_t box_h = hi[0] - lo[0] + 1, box_w = hi[1] - lo[1] + 1;
-    if (box_h > height || box_w > width || box_h * box_w != offsets) {
+    if (box_h > height / step[0] || box_w > width / step[1] || box_h * box_w != offsets) {
         PyErr_Format(PyExc_ValueError,
-                     "stencil: a window clamped to the grid must be a whole box of offsets within the %lld x %lld "
-                     "grid; got %lld offsets in a %lld x %lld box",
-                     (long long)height, (long long)width, (long long)offsets, (long long)box_h, (long long)box_w);
+                     "stencil: a window clamped to the grid must be a whole box of offsets (in steps of %lld x %lld) "
+                     "within the %lld x %lld grid's every class of tokens; got %lld offsets in a %lld x %lld box",
+                     (long long)step[0], (long long)step[1], (long long)height, (long long)width,
+                     (long long)offsets, (long long)box_h, (long long)box_w);
         return -1;
     }
     uint8_t *seen = calloc((size_t)offsets, 1);
@@ -409,7 +424,7 @@ static int check_clamped_window(const int32_t *at, int64_t height, int64_t width
         return -1;
     }
     for (int64_t o = 0; o < offsets; o++) {
-        const int64_t cell = (pairs[2 * o] - lo[0]) * box_w + pairs[2 * o + 1] - lo[1];
+        const int64_t cell = (pairs[2 * o] / step[0] - lo[0]) * box_w + pairs[2 * o + 1] / step[1] - lo[1];
         if (seen[cell]) {
             free(seen);
             PyErr_Format(PyExc_ValueError, "stencil: offset (%d, %d) is given twice", pairs[2 * o],
@@ -481,7 +496,7 @@ static PyObject *cpu_window_takes(PyObject *self, PyObject *args, PyObject *kwar
     int64_t length = 0;
     const int32_t *at = take_packed_stencil(&set, stencil_obj, NULL, &length);
     if (!at) goto fail;
-    const int fits = sa_cpu_window_offsets_fit(at + 3, at[0], head_dim);
+    const int fits = sa_cpu_window_offsets_fit(at + 3, at[0], head_dim, at[1] == 0 && at[2] == 0);
     release_all(&set);
     return PyBool_FromLong(fits);
 fail:

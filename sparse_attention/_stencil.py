@@ -225,39 +225,52 @@ def stencil_of(layout: Layout):
     return _pack(offsets, keys, rows)
 
 
-def clamped_starts(coords, lo: int, box: int, size: int):
-    """First row (column) of a clamped window's box [lo, lo + box) from each
-    coordinate, moved back onto an axis of ``size`` tokens (the C kernel's
-    clamped_start)."""
-    return np.clip(np.asarray(coords, dtype=np.int64) + lo, 0, max(size - box, 0))
+def clamped_axis_keys(size: int, lo: int, box: int, step: int = 1):
+    """Per coordinate of an axis of ``size`` tokens, the ``box`` keys a
+    clamped window gives it on that axis, as a (size, box) int64 array: in
+    its class of coordinates modulo ``step`` (a grid of its own, as the C
+    kernel runs it), the box [pos + lo, pos + lo + box) moved back inside
+    the class. Every class must hold ``box`` tokens."""
+    coords = np.arange(size, dtype=np.int64)
+    residue, position = coords % step, coords // step
+    class_size = (size - residue + step - 1) // step
+    start = np.clip(position + lo, 0, class_size - box)
+    return residue[:, None] + step * (start[:, None] + np.arange(box)[None, :])
+
+
+def _axis_step(offsets):
+    """The divisor all of one axis's offsets share, as C takes it (1 where all are 0)."""
+    step = int(np.gcd.reduce(np.abs(offsets))) if offsets.size else 0
+    return step or 1
 
 
 def _clamped_window(layout: Layout):
     """The offsets of the box a custom layout is, clamped to the grid (every
     query attends the whole box, moved inward at the edges; NATTEN's
-    neighbourhood attention), or None. The box is read off the centre
-    query's keys and then every row is checked against it."""
+    neighbourhood attention), dilated or not, or None. The box is read off
+    the centre query's keys; every row is then checked against the CSR the
+    C kernel's rule gives that box (the steps the offsets share split the
+    grid into classes of tokens, each clamped as a grid of its own)."""
     h, w, n = layout.height, layout.width, layout.num_tokens
     if layout.nnz == 0:
         return None
     centre = (h // 2) * w + w // 2
     keys = layout.neighbors(centre).astype(np.int64)
-    if keys.size == 0:
+    if keys.size == 0 or layout.nnz != n * keys.size:
         return None
-    ky, kx = np.divmod(keys, w)
-    box_h, box_w = int(ky.max() - ky.min()) + 1, int(kx.max() - kx.min()) + 1
-    if keys.size != box_h * box_w or layout.nnz != n * keys.size:
-        return None  # not a whole box, or some row holds another count
+    dy, dx = keys // w - h // 2, keys % w - w // 2
+    step_y, step_x = _axis_step(dy), _axis_step(dx)
+    lo_y, lo_x = int(dy.min()) // step_y, int(dx.min()) // step_x
+    box_h, box_w = int(dy.max()) // step_y - lo_y + 1, int(dx.max()) // step_x - lo_x + 1
+    if keys.size != box_h * box_w or box_h > h // step_y or box_w > w // step_x:
+        return None  # not a whole box, or a class too short for it
     if not np.array_equal(layout.degrees(), np.full(n, keys.size)):
         return None
-    lo_y, lo_x = int(ky.min()) - h // 2, int(kx.min()) - w // 2
-    ys, xs = np.divmod(np.arange(n, dtype=np.int64), w)
-    start_y, start_x = clamped_starts(ys, lo_y, box_h, h), clamped_starts(xs, lo_x, box_w, w)
-    box = (np.arange(box_h)[:, None] * w + np.arange(box_w)[None, :]).reshape(-1)
-    expected = ((start_y * w + start_x)[:, None] + box[None, :]).reshape(-1)
+    rows, cols = clamped_axis_keys(h, lo_y, box_h, step_y), clamped_axis_keys(w, lo_x, box_w, step_x)
+    expected = (rows[:, None, :, None] * w + cols[None, :, None, :]).reshape(-1)
     if not np.array_equal(layout.indices, expected):
         return None
-    return [(lo_y + a, lo_x + b) for a in range(box_h) for b in range(box_w)]
+    return [((lo_y + a) * step_y, (lo_x + b) * step_x) for a in range(box_h) for b in range(box_w)]
 
 
 def is_clamped(stencil) -> bool:

@@ -40,6 +40,7 @@ import inspect
 import numpy as np
 
 from ._native import C
+from ._stencil import clamped_axis_keys
 from .patterns import Layout, _as_int
 
 # query rows of the grid evaluated per call of a rule: about this many pairs
@@ -107,16 +108,12 @@ def _neighborhood_axis(size, kernel, dilation):
     """Per coordinate of an axis of ``size`` tokens, its keys on that axis as
     (size, count) int64 and the count: the ``kernel`` tokens of its own
     residue class modulo ``dilation`` nearest to it, the window moved inward
-    at the ends. Where a class holds fewer than ``kernel`` tokens, every
-    class takes as many as the smallest holds, so that rows stay equal."""
-    coords = np.arange(size, dtype=np.int64)
-    residue, position = coords % dilation, coords // dilation
-    class_size = (size - residue + dilation - 1) // dilation
-    count = min(kernel, int(class_size.min()))
-    # every class holds at least `count` tokens, so the window fits in each
-    start = np.clip(position - kernel // 2, 0, class_size - count)
-    keys = residue[:, None] + dilation * (start[:, None] + np.arange(count)[None, :])
-    return keys, count
+    at the ends (the clamped window of _stencil.clamped_axis_keys). Where a
+    class holds fewer than ``kernel`` tokens, every class takes as many as
+    the smallest holds, so that rows stay equal."""
+    smallest = len(range(dilation - 1, size, dilation)) if dilation <= size else 1
+    count = min(kernel, smallest)
+    return clamped_axis_keys(size, -(kernel // 2), count, min(dilation, size)), count
 
 
 def neighborhood_layout(height, width, kernel_size=7, *, dilation=1, name=None) -> Layout:

@@ -94,13 +94,34 @@ def test_what_is_not_a_whole_clamped_box_is_not_taken_for_one():
     from sparse_attention import layout_from_mask
     assert layout_from_mask(mask, 12, 12).stencil() is None or \
         not _stencil.is_clamped(layout_from_mask(mask, 12, 12).stencil())
-    dilated = neighborhood_layout(12, 12, 3, dilation=2)  # not a box: the tiles or a split
-    assert dilated.stencil() is None or not _stencil.is_clamped(dilated.stencil())
     _stencil.use_clamped_window = False
     try:
         assert neighborhood_layout(12, 12, 5).stencil() is None
     finally:
         _stencil.use_clamped_window = True
+
+
+@pytest.mark.parametrize("narrow", [False, True])
+@pytest.mark.parametrize("grid, kernel, dilation", [((12, 12), 3, 2), ((13, 17), 5, 3), ((17, 9), (3, 5), (2, 1)),
+                                                    ((16, 16), 7, 2), ((7, 20), (1, 3), (1, 4)), ((11, 11), 3, 3)])
+def test_dilated_neighbourhoods_run_on_the_window_kernel(grid, kernel, dilation, narrow, monkeypatch):
+    """DiNAT's dilated neighbourhood: every class of tokens modulo the
+    dilation is a clamped window of its own, which the window kernel runs as
+    a grid of its own (its rows and columns `dilation` tokens apart)."""
+    if narrow:
+        monkeypatch.setenv("SPARSE_ATTENTION_NARROW_KERNELS", "1")
+    monkeypatch.setattr(_stencil, "CUSTOM_WINDOW_MAX_FILL", float("inf"))
+    layout = neighborhood_layout(*grid, kernel, dilation=dilation)
+    assert _stencil.is_clamped(layout.stencil()) and _stencil.cpu_kernel_choice(layout) == "stencil"
+    q, k, v, bias, grad_out, args = bias_training_inputs(layout, bias_side=11, dim=20)
+    forwards, backwards = C.cpu_window_forwards(), C.cpu_window_backwards()
+    out, lse = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(), return_lse=True,
+                         **args)
+    ref_out, ref_lse, _ = reference_attention(q.float(), k.float(), v.float(), layout, bias=bias.float(), **args)
+    assert_forward_matches_reference(out, lse, ref_out, ref_lse, 2e-5)
+    got = bias_gradients(attention, layout, q, k, v, bias, grad_out, **args)
+    assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args)
+    assert (C.cpu_window_forwards(), C.cpu_window_backwards()) == (forwards + 2, backwards + 1)
 
 
 CASES = [((16, 16), (7, 7), (-3, -3)), ((12, 12), (7, 7), (-3, -3)), ((7, 13), (5, 5), (-2, -2)),
@@ -271,3 +292,18 @@ def test_command_lines_name_the_neighbourhood():
     pattern = pattern_from_spec("sparse_attention:neighborhood_layout")
     assert pattern.name == "neighborhood_layout"
     assert np.array_equal(layout_of(pattern, 9, 10).indices, neighborhood_layout(9, 10, 7).indices)
+
+
+@pytest.mark.parametrize("pattern, knobs", [("strided", dict(kernel_size=1, stride=9)),
+                                            ("strided", dict(kernel_size=1, stride=4))])
+def test_offsets_that_share_a_divisor_run_on_the_window_kernel(pattern, knobs):
+    """A stencil whose offsets are all multiples of (s_y, s_x) links only tokens
+    of the same class modulo the steps (STRIDED without its window: the lattice
+    alone): the window kernel runs each class as a grid of its own."""
+    layout = build_layout(pattern, 19, 21, **knobs)
+    assert layout.stencil() is not None and _stencil.window_takes(layout.stencil(), 16)
+    q, k, v, bias, grad_out, args = bias_training_inputs(layout, bias_side=41, dim=16)
+    forwards, backwards = C.cpu_window_forwards(), C.cpu_window_backwards()
+    got = bias_gradients(attention, layout, q, k, v, bias, grad_out, **args)
+    assert (C.cpu_window_forwards(), C.cpu_window_backwards()) == (forwards + 1, backwards + 1)
+    assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args)
