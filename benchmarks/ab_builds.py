@@ -4,6 +4,8 @@
         [--side 64] [--rounds 15] [--threads 2] [--backward] [--stats] [--dropout P] [--bias] [--module]
 
 Each directory is a built copy of sparse_attention/ (with its _C extension).
+Patterns are built-in names or ``module:name`` for a rule or a builder
+(``custom_layouts:dilated_7_by_2``).
 They are copied under two other package names, with the custom operators'
 namespace renamed so that each copy keeps its own operators (eager calls,
 which this times, do not go through them). Every round times one call of
@@ -81,7 +83,7 @@ def main():
         return result[0] if isinstance(result, tuple) else result
 
     for pattern in args.patterns.split(","):
-        layouts = {tag: p.build_layout(pattern, args.side, args.side) for tag, p in builds.items()}
+        layouts = {tag: layout_in(p, pattern, args.side) for tag, p in builds.items()}
 
         def call(tag, backward):
             package, layout = builds[tag], layouts[tag]
@@ -104,6 +106,16 @@ def main():
             for q_ in (q, k, v):
                 q_.grad = None
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def layout_in(package, pattern, side):
+    """A build's layout of a built-in pattern, or of ``module:name`` (a rule or
+    a builder importable from here, e.g. custom_layouts:dilated_7_by_2),
+    read by that build's own pattern_from_spec."""
+    if ":" not in pattern:
+        return package.build_layout(pattern, side, side)
+    custom = importlib.import_module(package.__name__ + ".custom_layouts")
+    return custom.layout_of(custom.pattern_from_spec(pattern), side, side)
 
 
 def alternate(label, timed, rounds, diff):

@@ -84,8 +84,29 @@ def shifted_window_7(height, width):
 
 
 shifted_window_7.builds_layouts = True
+
+
+def dilated_neighborhood_7_by_2(height, width):
+    """DiNAT's dilated neighbourhood: within each class of tokens modulo 2 (a
+    grid of every other row and column), the 7 x 7 neighbourhood slid
+    inward at the class's edges (neighborhood_layout(..., 7, dilation=2),
+    written as a rule so that earlier builds can time it too). Needs 14
+    tokens a side."""
+    def starts(coords, size):
+        residue, position = coords % 2, coords // 2
+        return np.clip(position - 3, 0, (size - residue + 1) // 2 - 7)
+
+    def rule(yi, xi, yj, xj):
+        top, left = starts(yi, height), starts(xi, width)
+        same_class = (yi % 2 == yj % 2) & (xi % 2 == xj % 2)
+        return same_class & (yj // 2 >= top) & (yj // 2 < top + 7) & (xj // 2 >= left) & (xj // 2 < left + 7)
+
+    return layout_from_rule(rule, height, width, max_offset=12, name="dilated_neighborhood_7_by_2")
+
+
+dilated_neighborhood_7_by_2.builds_layouts = True
 RULES = [neighborhood_7, dilated_7_by_2, causal_window_7, cross_11, axial_rule, window_15, checkerboard_16,
-         shifted_window_7]
+         shifted_window_7, dilated_neighborhood_7_by_2]
 
 
 def forced(family, fn):

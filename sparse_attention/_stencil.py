@@ -16,6 +16,12 @@ A stencil is derived from the pattern's knobs and then checked pair for pair
 against the layout's CSR rows, so a layout that is not what its pattern says
 never reaches the stencil kernels.
 
+Offsets that share divisors (s_y, s_x) (a dilated window, STRIDED's lattice
+alone) link only tokens of the same class of rows and columns modulo the
+steps; the window kernel runs each class as a grid of its own, its rows
+s_y x W tokens apart, so a dilated window takes the box of its steps
+(C: offset_steps in attention_cpu_window.c).
+
 A window clamped to the grid (NATTEN's neighbourhood attention: every query
 attends a whole k_h x k_w box of keys, moved inward at the grid's edges
 rather than cut off) is not a stencil, since the edges shift its offsets; the

@@ -244,3 +244,22 @@ def test_gpu_bench_mask_mods_equal_the_layouts(pattern):
     queries, keys = torch.arange(n)[:, None], torch.arange(n)[None, :]
     mask = gpu_bench.mask_mod_for(pattern, layout, "cpu")(None, None, queries, keys)
     assert torch.equal(mask.expand(n, n), torch.from_numpy(layout.to_dense()))
+
+
+@pytest.mark.parametrize("side", [14, 15, 23])
+def test_the_benchmarks_dilated_neighbourhood_rule_is_neighborhood_layout(side):
+    """benchmarks/custom_layouts.py writes DiNAT's layout as a rule (so that
+    ab_builds.py can time earlier builds on it): the same pairs."""
+    import os
+    import sys
+
+    import numpy as np
+
+    from sparse_attention import neighborhood_layout
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from custom_layouts import dilated_neighborhood_7_by_2
+
+    built = dilated_neighborhood_7_by_2(side, side)
+    assert np.array_equal(built.indptr, neighborhood_layout(side, side, 7, dilation=2).indptr)
+    assert np.array_equal(built.indices, neighborhood_layout(side, side, 7, dilation=2).indices)
