@@ -115,7 +115,10 @@ def layout_in(package, pattern, side):
     if ":" not in pattern:
         return package.build_layout(pattern, side, side)
     custom = importlib.import_module(package.__name__ + ".custom_layouts")
-    return custom.layout_of(custom.pattern_from_spec(pattern), side, side)
+    layout = custom.layout_of(custom.pattern_from_spec(pattern), side, side)
+    if not isinstance(layout, package.Layout):  # a builder makes its layouts with the package it imports
+        layout = custom.layout_from_csr(side, side, layout.indptr, layout.indices, name=layout.name)
+    return layout
 
 
 def alternate(label, timed, rounds, diff):
