@@ -126,8 +126,10 @@ def neighborhood_layout(height, width, kernel_size=7, *, dilation=1, name=None) 
     ``kernel_size`` and ``dilation`` take an int or (rows, cols); an even
     kernel reaches one token further before the query than after it.
 
-    Built straight into the CSR (O(nnz)). Undilated, it runs on the CPU
-    window kernel as a clamped stencil up to 13 x 13."""
+    Built straight into the CSR (O(nnz)). It runs on the CPU window kernel
+    as a clamped stencil up to a 13 x 13 kernel (dilated: each class of
+    tokens as a grid of its own), unless it covers so much of a small grid
+    that the tiles run it faster (_stencil.CUSTOM_WINDOW_MAX_FILL)."""
     height, width = _grid(height, width)
     kernel = _axis_pair(kernel_size, "kernel_size")
     dilation = _axis_pair(dilation, "dilation")

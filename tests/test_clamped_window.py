@@ -101,6 +101,21 @@ def test_what_is_not_a_whole_clamped_box_is_not_taken_for_one():
         _stencil.use_clamped_window = True
 
 
+def assert_window_kernel_matches_reference(layout, bias_side):
+    """A training call (bias, key mask, pruned head, dropout) on the window
+    kernel, forward and backward (counted), against the reference."""
+    q, k, v, bias, grad_out, args = bias_training_inputs(layout, bias_side=bias_side, dim=20)
+    forwards, backwards = C.cpu_window_forwards(), C.cpu_window_backwards()
+    out, lse = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(), return_lse=True,
+                         **args)
+    ref_out, ref_lse, _ = reference_attention(q.float(), k.float(), v.float(), layout, bias=bias.float(), **args)
+    assert_forward_matches_reference(out, lse, ref_out, ref_lse, 2e-5)
+    got = bias_gradients(attention, layout, q, k, v, bias, grad_out, **args)
+    assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args)
+    assert (C.cpu_window_forwards(), C.cpu_window_backwards()) == (forwards + 2, backwards + 1)
+    return q, k, v, grad_out
+
+
 @pytest.mark.parametrize("narrow", [False, True])
 @pytest.mark.parametrize("grid, kernel, dilation", [((12, 12), 3, 2), ((13, 17), 5, 3), ((17, 9), (3, 5), (2, 1)),
                                                     ((16, 16), 7, 2), ((7, 20), (1, 3), (1, 4)), ((11, 11), 3, 3)])
@@ -113,15 +128,7 @@ def test_dilated_neighbourhoods_run_on_the_window_kernel(grid, kernel, dilation,
     monkeypatch.setattr(_stencil, "CUSTOM_WINDOW_MAX_FILL", float("inf"))
     layout = neighborhood_layout(*grid, kernel, dilation=dilation)
     assert _stencil.is_clamped(layout.stencil()) and _stencil.cpu_kernel_choice(layout) == "stencil"
-    q, k, v, bias, grad_out, args = bias_training_inputs(layout, bias_side=11, dim=20)
-    forwards, backwards = C.cpu_window_forwards(), C.cpu_window_backwards()
-    out, lse = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(), return_lse=True,
-                         **args)
-    ref_out, ref_lse, _ = reference_attention(q.float(), k.float(), v.float(), layout, bias=bias.float(), **args)
-    assert_forward_matches_reference(out, lse, ref_out, ref_lse, 2e-5)
-    got = bias_gradients(attention, layout, q, k, v, bias, grad_out, **args)
-    assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args)
-    assert (C.cpu_window_forwards(), C.cpu_window_backwards()) == (forwards + 2, backwards + 1)
+    assert_window_kernel_matches_reference(layout, bias_side=11)
 
 
 CASES = [((16, 16), (7, 7), (-3, -3)), ((12, 12), (7, 7), (-3, -3)), ((7, 13), (5, 5), (-2, -2)),
@@ -141,18 +148,10 @@ def test_clamped_window_matches_the_reference(grid, box, corner, narrow, monkeyp
     monkeypatch.setattr(_stencil, "CUSTOM_WINDOW_MAX_FILL", float("inf"))  # the window kernel, however full
     layout = clamped_rule(*grid, box, corner)
     assert _stencil.is_clamped(layout.stencil())
-    n = layout.num_tokens
-    q, k, v, bias, grad_out, args = bias_training_inputs(layout, bias_side=9, dim=20)
-    forwards, backwards = C.cpu_window_forwards(), C.cpu_window_backwards()
-    out, lse = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(), return_lse=True,
-                         **args)
-    ref_out, ref_lse, _ = reference_attention(q.float(), k.float(), v.float(), layout, bias=bias.float(), **args)
-    assert_forward_matches_reference(out, lse, ref_out, ref_lse, 2e-5)
-    got = bias_gradients(attention, layout, q, k, v, bias, grad_out, **args)
-    assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args)
-    assert_backward_matches_reference(attention, layout, (q, k, v), grad_out)
-    assert (C.cpu_window_forwards(), C.cpu_window_backwards()) == (forwards + 3, backwards + 2)
-    assert n == grid[0] * grid[1]
+    q, k, v, grad_out = assert_window_kernel_matches_reference(layout, bias_side=9)
+    backwards = C.cpu_window_backwards()
+    assert_backward_matches_reference(attention, layout, (q, k, v), grad_out)  # no bias, no mask
+    assert C.cpu_window_backwards() == backwards + 1
 
 
 @pytest.mark.parametrize("dim", [8, 33, 64])
