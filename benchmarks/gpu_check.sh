@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check: build with CUDA, run the CUDA tests, run the GPU
 # benchmark, and with NCU=1 read the tensor-core kernels' counters with Nsight
-# Compute where it works; everything lands in $OUT (default
+# Compute where it works, and with NEIGHBORHOOD=1 time NATTEN's 7 x 7
+# neighbourhood against FlexAttention; everything lands in $OUT (default
 # benchmarks/gpu_results).
 # Needs an NVIDIA GPU, nvcc and a CUDA build of torch; downloads nothing.
 # CUDA objects already in build/temp.*/cuda/ and newer than every source are
@@ -33,6 +34,11 @@ for suite in ${SUITES:-tests/test_cuda.py tests/test_cuda_tiled.py}; do
 done
 stamp "benchmark"
 timeout ${BENCH_TIMEOUT:-300} $PY benchmarks/gpu_bench.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+if [ "${NEIGHBORHOOD:-0}" = "1" ]; then
+  stamp "NATTEN's neighbourhood against FlexAttention (NEIGHBORHOOD=1; about a minute)"
+  timeout ${NEIGHBORHOOD_TIMEOUT:-120} $PY benchmarks/gpu_bench.py --out "$OUT/neighborhood" --patterns neighborhood \
+    --flex-patterns neighborhood --host-sides "" --profile-sides "" --segment-keys "" 2>&1 | tee "$OUT/neighborhood.log"
+fi
 stamp "module training step (bias, dropout, statistics), tensor-core backward extras on and off"
 timeout ${MODULE_TIMEOUT:-90} $PY benchmarks/gpu_module_step.py --out "$OUT" 2>&1 | tee "$OUT/module_step.log"
 stamp "kernel counters (ncu; fails where the runtime hides the counters)"

@@ -334,14 +334,18 @@ def test_torch_path_dropout_mask_on_cuda_equals_the_cpu_loop():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("size", [(1, 17), (9, 1), (7, 13), (33, 35)])
-@pytest.mark.parametrize("rule", ["dilated", "earlier_neighbours", "top_rows_only", "checkerboard"])
+@pytest.mark.parametrize("rule", ["dilated", "earlier_neighbours", "top_rows_only", "checkerboard", "neighborhood"])
 def test_custom_layouts_against_reference(rule, size, dtype):
-    """Layouts of one's own, empty rows and empty columns among them, on every
-    CUDA kernel the dtype reaches (bfloat16: the tensor-core tiles)."""
+    """Layouts of one's own, empty rows and empty columns among them, and
+    DiNAT's dilated neighbourhood, on every CUDA kernel the dtype reaches
+    (bfloat16: the tensor-core tiles)."""
     import test_custom_layouts
-    from sparse_attention import layout_from_rule
+    from sparse_attention import layout_from_rule, neighborhood_layout
 
-    layout = layout_from_rule(getattr(test_custom_layouts, rule), *size)
+    if rule == "neighborhood":
+        layout = neighborhood_layout(*size, 5, dilation=2)
+    else:
+        layout = layout_from_rule(getattr(test_custom_layouts, rule), *size)
     n = layout.num_tokens
     q, k, v, bias = inputs(2, 3, n, 32, dtype, bias_side=9, seed=4)
     key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(5)) > 0.25
