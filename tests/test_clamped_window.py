@@ -306,3 +306,79 @@ def test_offsets_that_share_a_divisor_run_on_the_window_kernel(pattern, knobs):
     got = bias_gradients(attention, layout, q, k, v, bias, grad_out, **args)
     assert (C.cpu_window_forwards(), C.cpu_window_backwards()) == (forwards + 1, backwards + 1)
     assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args)
+
+
+def random_stencil_case(rng):
+    """A random grid and a stencil of offsets alone on it (a plain one, or a
+    clamped box), dilated by random steps, with the CSR it stands for."""
+    from sparse_attention._stencil import _pack, clamped_axis_keys
+
+    height, width = (int(x) for x in rng.integers(1, 21, size=2))
+    step_y = int(rng.integers(1, 4)) if height > 3 else 1
+    step_x = int(rng.integers(1, 4)) if width > 3 else 1
+    n = height * width
+    if rng.random() < 0.5:  # clamped: a whole box, clamped within each class
+        box_h = int(rng.integers(1, min(13, height // step_y) + 1))
+        box_w = int(rng.integers(1, min(13, width // step_x) + 1))
+        lo_y, lo_x = int(rng.integers(-box_h + 1, 1)), int(rng.integers(-box_w + 1, 1))
+        offsets = [((lo_y + a) * step_y, (lo_x + b) * step_x) for a in range(box_h) for b in range(box_w)]
+        rows = clamped_axis_keys(height, lo_y, box_h, step_y)
+        cols = clamped_axis_keys(width, lo_x, box_w, step_x)
+        indices = (rows[:, None, :, None] * width + cols[None, :, None, :]).reshape(-1)
+        indptr = np.arange(n + 1, dtype=np.int64) * (box_h * box_w)
+        clamped = True
+    else:  # plain: some offsets of a box, clipped at the grid
+        reach_y, reach_x = min(6, (height - 1) // step_y), min(6, (width - 1) // step_x)
+        cells = [(a * step_y, b * step_x) for a in range(-reach_y, reach_y + 1) for b in range(-reach_x, reach_x + 1)]
+        keep = rng.random(len(cells)) < rng.uniform(0.3, 1.0)
+        offsets = [cell for cell, kept in zip(cells, keep) if kept] or [(0, 0)]
+        ys, xs = np.divmod(np.arange(n), width)
+        pairs = []
+        for dy, dx in offsets:
+            ok = (ys + dy >= 0) & (ys + dy < height) & (xs + dx >= 0) & (xs + dx < width)
+            pairs.append(np.stack([np.arange(n)[ok], ((ys + dy) * width + xs + dx)[ok]], 1))
+        pairs = np.concatenate(pairs)
+        pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(pairs[:, 0], minlength=n), out=indptr[1:])
+        indices = pairs[:, 1]
+        clamped = False
+    empty = np.zeros(0, dtype=np.int64)
+    from sparse_attention import layout_from_csr
+    return layout_from_csr(height, width, indptr, indices), _pack(offsets, empty, empty, clamped=clamped)
+
+
+def test_random_stencils_give_what_their_csr_gives():
+    """Random grids, steps, plain and clamped stencils straight into C: the
+    window (or strip) kernels with the stencil against the row kernels on
+    the CSR it stands for, forward and backward with a bias, a key mask and
+    dropout. Run under the sanitizers too (test_sanitizers.py)."""
+    rng = np.random.default_rng(7)
+    window_runs = 0
+    for case in range(40):
+        layout, packed = random_stencil_case(rng)
+        n = layout.num_tokens
+        (q, k, v), bias = random_inputs(2, 2, n, 12, seed=case, bias_side=9)
+        q, k, v, bias = (t.float().contiguous() for t in (q, k, v, bias))
+        grad_out = torch.randn_like(q)
+        tensors = {name: torch.from_numpy(getattr(layout, name).copy())
+                   for name in ("indptr", "indices", "col_ptr", "row_indices")}
+        common = dict(height=layout.height, width=layout.width, scale=0.3, dropout_p=0.2, dropout_seed=case,
+                      key_mask=torch.rand(2, n, generator=torch.Generator().manual_seed(case)) > 0.2,
+                      rel_pos_bias=bias)
+        results = []
+        before = C.cpu_window_forwards()
+        for stencil in (torch.from_numpy(packed.copy()), None):
+            out, lse = torch.empty_like(q), torch.empty(q.shape[:3])
+            C.attention_forward(q, k, v, out, lse, tensors["indptr"], tensors["indices"], stencil=stencil,
+                                **common)
+            grads = [torch.empty_like(q) for _ in range(3)]
+            scores = torch.empty(2, 2, layout.nnz) if stencil is None else None
+            C.attention_backward(q, k, v, out, grad_out, lse, torch.empty(q.shape[:3]), *grads,
+                                 tensors["indptr"], tensors["indices"], tensors["col_ptr"], tensors["row_indices"],
+                                 stencil=stencil, grad_scores=scores, **common)
+            results.append([out, lse] + grads)
+        window_runs += C.cpu_window_forwards() - before
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, atol=3e-5, rtol=3e-5, msg=lambda m: f"case {case}: {m}")
+    assert window_runs >= 20  # most of them fit the window kernel
