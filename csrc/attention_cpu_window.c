@@ -133,6 +133,13 @@ static void offset_bounds(const int32_t *offsets, int64_t num_offsets, const int
     size[1] = hi[1] - lo[1] + 1;
 }
 
+void sa_cpu_window_box(const int32_t *offsets, int64_t num_offsets, int lattice, int64_t steps[2], int64_t lo[2],
+                       int64_t size[2])
+{
+    offset_steps(offsets, num_offsets, lattice, steps);
+    offset_bounds(offsets, num_offsets, steps, lo, size);
+}
+
 static int lattice_ok(const sa_attention_params *p)
 {
     return p->stencil_num_keys == 0 && p->stencil_num_rows == 0;

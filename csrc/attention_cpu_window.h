@@ -18,6 +18,12 @@ int sa_cpu_window_fits(const sa_attention_params *p);
  * its own. */
 int sa_cpu_window_offsets_fit(const int32_t *offsets, int64_t num_offsets, int64_t head_dim, int lattice);
 
+/* The box of num_offsets (dy, dx) pairs (at least one) in units of the
+ * steps they share (with `lattice`; else steps 1): steps[0..1], the box's
+ * top-left lo[0..1] and its height and width size[0..1], in steps. */
+void sa_cpu_window_box(const int32_t *offsets, int64_t num_offsets, int lattice, int64_t steps[2], int64_t lo[2],
+                       int64_t size[2]);
+
 /* As sa_cpu_forward_stencil (attention_cpu_stencil.h), for a stencil that fits. */
 int sa_cpu_forward_window(const sa_attention_params *p, int num_threads, int32_t *rows_left, int64_t *num_left,
                           char *err, size_t len);

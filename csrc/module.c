@@ -389,27 +389,9 @@ static int check_clamped_window(const int32_t *at, int64_t height, int64_t width
                         "stencil: a window clamped to the grid takes offsets alone (no extra keys or listed rows)");
         return -1;
     }
-    int64_t step[2] = {0, 0};
-    for (int64_t o = 0; o < offsets; o++)
-        for (int axis = 0; axis < 2; axis++) {
-            int64_t a = step[axis], b = pairs[2 * o + axis] < 0 ? -(int64_t)pairs[2 * o + axis] : pairs[2 * o + axis];
-            while (b != 0) {
-                const int64_t rest = a % b;
-                a = b;
-                b = rest;
-            }
-            step[axis] = a;
-        }
-    for (int axis = 0; axis < 2; axis++)
-        if (step[axis] == 0) step[axis] = 1;
-    int64_t lo[2] = {pairs[0] / step[0], pairs[1] / step[1]}, hi[2] = {lo[0], lo[1]};
-    for (int64_t o = 1; o < offsets; o++)
-        for (int axis = 0; axis < 2; axis++) {
-            const int64_t at_axis = pairs[2 * o + axis] / step[axis];
-            lo[axis] = at_axis < lo[axis] ? at_axis : lo[axis];
-            hi[axis] = at_axis > hi[axis] ? at_axis : hi[axis];
-        }
-    const int64_t box_h = hi[0] - lo[0] + 1, box_w = hi[1] - lo[1] + 1;
+    int64_t step[2], lo[2], size[2];
+    sa_cpu_window_box(pairs, offsets, 1, step, lo, size);
+    const int64_t box_h = size[0], box_w = size[1];
     if (box_h > height / step[0] || box_w > width / step[1] || box_h * box_w != offsets) {
         PyErr_Format(PyExc_ValueError,
                      "stencil: a window clamped to the grid must be a whole box of offsets (in steps of %lld x %lld) "
