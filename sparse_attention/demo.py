@@ -131,6 +131,7 @@ def main(argv=None):
 
     from . import get_num_threads
     from .custom_layouts import pattern_from_spec
+    from .patterns import SparsityPattern
     from .utils import draw_patterns, visualize_attention_patterns
 
     try:
@@ -169,7 +170,8 @@ def main(argv=None):
 
     written = []
     path = os.path.join(args.out, "layouts.png")
-    draw_patterns(24, 24, save_path=path)
+    drawn = [p for p in patterns if p is not SparsityPattern.DENSE]  # the patterns trained, yours included
+    draw_patterns(24, 24, patterns=drawn or None, save_path=path)
     written.append(path)
     photo = photograph(32 if args.quick else 64)
     for pattern, model in models.items():

@@ -78,14 +78,23 @@ def draw_layout(layout: Layout, query_points=None, ax=None, title: Optional[str]
 
 
 def draw_patterns(height=24, width=24, patterns: Optional[Sequence] = None, save_path=None, **knobs):
-    """One panel per pattern (the README's pictures). Returns the Figure."""
+    """One panel per pattern (the README's pictures): built-in patterns (a
+    name or a SparsityPattern, built with ``knobs``) and patterns of one's
+    own (a CustomPattern or a builder (height, width) -> Layout, such as
+    ``functools.partial(neighborhood_layout, kernel_size=7)``); by default
+    the five built-in ones. Returns the Figure."""
+    from .custom_layouts import layout_of
+
     plt = _pyplot()
-    patterns = [SparsityPattern.parse(p, "patterns") for p in (patterns or
-                [p for p in SparsityPattern if p is not SparsityPattern.DENSE])]
+    patterns = [SparsityPattern.parse(p, "patterns") if isinstance(p, (str, SparsityPattern)) else p
+                for p in (patterns or [p for p in SparsityPattern if p is not SparsityPattern.DENSE])]
     fig, axes = plt.subplots(1, len(patterns), figsize=(3.2 * len(patterns), 3.6))
     axes = np.atleast_1d(axes)
     for ax, pattern in zip(axes, patterns):
-        layout = build_layout(pattern, height, width, **knobs)
+        if isinstance(pattern, SparsityPattern):
+            layout = build_layout(pattern, height, width, **knobs)
+        else:
+            layout = layout_of(pattern, height, width)
         draw_layout(layout, ax=ax)
     fig.tight_layout()
     if save_path:

@@ -382,3 +382,22 @@ def test_random_stencils_give_what_their_csr_gives():
         for a, b in zip(*results):
             torch.testing.assert_close(a, b, atol=3e-5, rtol=3e-5, msg=lambda m: f"case {case}: {m}")
     assert window_runs >= 20  # most of them fit the window kernel
+
+
+def test_demo_trains_and_draws_a_neighbourhood(tmp_path, capsys):
+    """The demo with a pattern of one's own: trained, tabled, and drawn in
+    layouts.png beside the built-in ones asked for (needs the demo's
+    scikit-learn and scikit-image)."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("skimage")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from sparse_attention import demo
+
+    records = demo.main(["--quick", "--patterns", "axial,sparse_attention:neighborhood_layout",
+                         "--out", str(tmp_path)])
+    assert [r["pattern"].name for r in records] == ["AXIAL", "neighborhood_layout"]
+    assert "| neighborhood_layout | 0.191 |" in capsys.readouterr().out
+    assert (tmp_path / "layouts.png").stat().st_size > 5000
+    assert (tmp_path / "attention_neighborhood_layout.png").stat().st_size > 5000

@@ -319,6 +319,11 @@ def test_visualization_renders_a_png():
     assert "no statistics recorded yet" in visualize_attention_patterns(fresh, x)._suptitle.get_text()
     fig = draw_patterns(10, 10)
     assert len(fig.axes) == 5
+    from functools import partial
+
+    from sparse_attention import neighborhood_layout
+    fig = draw_patterns(10, 10, patterns=["axial", partial(neighborhood_layout, kernel_size=5)])
+    assert [ax.get_title().split(":")[0] for ax in fig.axes] == ["AXIAL", "neighborhood 5x5"]
     with pytest.raises(ValueError, match="query_points"):
         visualize_attention_patterns(module, x, query_points=[(20, 0)])
 
