@@ -32,8 +32,8 @@ from sparse_attention.patterns import global_tokens  # noqa: E402
 
 PATTERNS = ["axial", "block", "longformer", "strided", "random"]
 # patterns of one's own that --patterns may also name (not run by default)
-CUSTOM = {"dilated": "dilated_7_by_2", "causal": "causal_window_7", "cross": "cross_11",
-          "neighborhood": "NATTEN's 7 x 7 neighbourhood"}
+CUSTOM = {"dilated": "dilated_7_by_2", "causal": "causal_window_7", "cross": "cross_11"}
+# NATTEN's neighbourhood (neighborhood_layout), kernel size
 NEIGHBORHOOD = 7
 
 

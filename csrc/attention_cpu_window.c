@@ -863,12 +863,17 @@ static void fill_bias_table(const window_ctx *c, v8 *table, int64_t h, int64_t a
         }
 }
 
+/* The index of anchor shift (ay, ax) among the call's shift_rows x shift_cols. */
+static inline int64_t anchor_of(const window_ctx *c, int64_t ay, int64_t ax)
+{
+    return (ay - c->shift_lo_y) * c->shift_cols + (ax - c->shift_lo_x);
+}
+
 /* Head h's bias table for a union moved by (ay, ax), filled on first use. */
 static v8 *bias_table_for(const window_ctx *c, window_work *w, int64_t h, int64_t ay, int64_t ax)
 {
     const int64_t anchors = (int64_t)c->shift_rows * c->shift_cols;
-    const int64_t anchor = (ay - c->shift_lo_y) * c->shift_cols + (ax - c->shift_lo_x);
-    const int64_t slot = (c->table_heads > 1 ? h * anchors : 0) + anchor;
+    const int64_t slot = (c->table_heads > 1 ? h * anchors : 0) + anchor_of(c, ay, ax);
     v8 *table = w->bias_tables + slot * c->union_slots;
     if (w->table_head[slot] != h) {
         fill_bias_table(c, table, h, ay, ax);
@@ -914,7 +919,7 @@ INLINE union_span block_union(const window_ctx *c, window_work *w, int64_t h, co
     u.lanes = w->block_lanes;
     if (w->bias_tables != NULL) u.bias = bias_table_for(c, w, h, ay, ax);
     if (w->anchor_bias_grads != NULL) {
-        const int64_t anchor = (ay - c->shift_lo_y) * c->shift_cols + (ax - c->shift_lo_x);
+        const int64_t anchor = anchor_of(c, ay, ax);
         v8 *sums = w->anchor_bias_grads + anchor * c->union_slots;
         if (!w->anchor_used[anchor]) {
             memset(sums, 0, (size_t)c->union_slots * sizeof(v8));

@@ -59,6 +59,15 @@ def _grid(height, width):
     return height, width
 
 
+def name_of(function) -> str:
+    """The name a rule, mask_mod or builder goes by: its ``__name__`` (its
+    function's, for a functools.partial), "custom" for a lambda or where it
+    has none."""
+    named = getattr(function, "func", function)
+    name = getattr(named, "__name__", "custom")
+    return "custom" if name == "<lambda>" else str(name)
+
+
 def _name(name, default):
     name = default if name is None else name
     if not isinstance(name, str) or not name:
@@ -214,8 +223,7 @@ def layout_from_rule(rule, height, width, *, name=None, max_offset=None) -> Layo
     if not callable(rule):
         raise TypeError(f"rule: expected a callable rule(yi, xi, yj, xj), got {type(rule).__name__}")
     height, width = _grid(height, width)
-    default = getattr(rule, "__name__", "custom")
-    name = _name(name, "custom" if default == "<lambda>" else default)
+    name = _name(name, name_of(rule))
     reach = _max_offset(max_offset, height, width)
     n = height * width
     tokens = np.arange(n, dtype=np.int64)
@@ -276,9 +284,7 @@ def layout_from_mask_mod(mask_mod, height, width, *, name=None, max_offset=None)
             raise TypeError(f"mask_mod: expected it to return a bool tensor, got {type(allowed).__name__}")
         return allowed
 
-    default = getattr(mask_mod, "__name__", "custom")
-    name = _name(name, "custom" if default == "<lambda>" else default)
-    return layout_from_rule(rule, height, width, name=name, max_offset=max_offset)
+    return layout_from_rule(rule, height, width, name=_name(name, name_of(mask_mod)), max_offset=max_offset)
 
 
 def _pair_codes(layout):
@@ -322,9 +328,8 @@ class CustomPattern:
     def __init__(self, rule, name=None, max_offset=None):
         if not callable(rule):
             raise TypeError(f"rule: expected a callable rule(yi, xi, yj, xj), got {type(rule).__name__}")
-        default = getattr(rule, "__name__", "custom")
         self.rule = rule
-        self.name = _name(name, "custom" if default == "<lambda>" else default)
+        self.name = _name(name, name_of(rule))
         _max_offset(max_offset, 1, 1)  # checked now, not at the first map
         self.max_offset = max_offset
         self._layouts = {}
@@ -354,7 +359,7 @@ class _NamedBuilder:
 
     def __init__(self, builder):
         self.builder = builder
-        self.name = getattr(builder, "__name__", "custom")
+        self.name = name_of(builder)
 
     def __call__(self, height, width) -> Layout:
         return self.builder(height, width)

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _torch_ops
+from .custom_layouts import name_of
 from .patterns import (Layout, SparsityPattern, build_layout, building_cached_tensors, layout_by_serial,
                        may_cache_tensors, static_int)
 
@@ -313,8 +314,7 @@ class EnhancedSparseAttention(nn.Module):
         (``__name__`` for a plain function, its function's for a
         functools.partial)."""
         pattern = self.sparsity_pattern
-        named = getattr(pattern, "func", pattern)  # functools.partial(neighborhood_layout, ...)
-        return str(getattr(pattern, "name", None) or getattr(named, "__name__", "custom"))
+        return str(getattr(pattern, "name", None) or name_of(pattern))
 
     @property
     def _built_in_pattern(self):
