@@ -5,6 +5,7 @@ reference."""
 
 import functools
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -56,6 +57,26 @@ def test_neighborhood_layout_matches_its_definition(height, width, kernel, dilat
         expected = [a * width + b for a in rows[y] for b in cols[x]]
         assert layout.neighbors(token).tolist() == expected
     assert layout.pattern is None and layout.name.startswith("neighborhood")
+
+
+@pytest.mark.parametrize("height, width, kernel, dilation", [
+    (7, 13, 7, 1), (14, 14, 7, 1), (16, 16, 7, 2), (9, 20, 3, 3), (12, 12, 5, (1, 2)), (7, 13, (3, 5), 1),
+    (10, 10, 4, 1)])
+def test_natten_gives_what_our_neighbourhood_gives(height, width, kernel, dilation):
+    """NATTEN itself (when installed) as a second definition: its na2d on the CPU against the op."""
+    natten = pytest.importorskip("natten")
+    gen = torch.Generator().manual_seed(height * width)
+    batch, heads, dim = 2, 3, 16
+    q, k, v = (torch.randn(batch, height, width, heads, dim, generator=gen) for _ in range(3))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its CPU path warns that Flex Attention runs uncompiled
+        theirs = natten.na2d(q, k, v, kernel_size=kernel, dilation=dilation)
+
+    def heads_first(t):
+        return t.reshape(batch, height * width, heads, dim).transpose(1, 2)
+    ours = attention(*(heads_first(t) for t in (q, k, v)), neighborhood_layout(height, width, kernel,
+                                                                                dilation=dilation))
+    torch.testing.assert_close(ours, heads_first(theirs), rtol=1e-5, atol=1e-5)
 
 
 def test_neighborhood_layout_refuses_bad_arguments():
