@@ -2,8 +2,9 @@
 
     python benchmarks/natten_cpu.py [--cases 56:2:1,56:2:8,28:4:1,...] [--batch 4] [--rounds 5] [--out DIR]
 
-A case is SIDE:HEADS:DILATION (a SIDE x SIDE feature map, a 7 x 7 kernel,
-D=32). The defaults are the stages of NAT-Mini and DiNAT-Mini at 224 x 224
+A case is SIDE:HEADS:DILATION[:STRIDE] (a SIDE x SIDE feature map, a 7 x 7
+kernel, D=32; STRIDE, 1 unless given, is NATTEN's generalised
+neighbourhood: runs of STRIDE queries share one window). The defaults are the stages of NAT-Mini and DiNAT-Mini at 224 x 224
 input: 56x56 with 2 heads, 28x28 with 4, 14x14 with 8, 7x7 with 16, each
 undilated and with DiNAT's dilation for that stage.
 
@@ -34,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from sparse_attention import neighborhood_layout  # noqa: E402
+from sparse_attention import _stencil, neighborhood_layout  # noqa: E402
 from sparse_attention import sparse_scaled_dot_product_attention as attention  # noqa: E402
 from markdown_table import MarkdownTable  # noqa: E402
 
@@ -46,13 +47,21 @@ def parse_cases(text):
     cases = []
     for item in text.split(","):
         try:
-            side, heads, dilation = (int(part) for part in item.split(":"))
+            side, heads, dilation, *stride = (int(part) for part in item.split(":"))
+            (stride,) = stride or [1]
         except ValueError:
-            raise SystemExit(f"--cases: expected SIDE:HEADS:DILATION items, got {item!r}")
+            raise SystemExit(f"--cases: expected SIDE:HEADS:DILATION[:STRIDE] items, got {item!r}")
         if side < KERNEL * dilation:
             raise SystemExit(f"--cases: {item!r} needs SIDE >= {KERNEL} * DILATION (NATTEN's rule)")
-        cases.append((side, heads, dilation))
+        if not 1 <= stride <= KERNEL:
+            raise SystemExit(f"--cases: {item!r} needs 1 <= STRIDE <= {KERNEL}")
+        cases.append((side, heads, dilation, stride))
     return cases
+
+
+def kernel_route(layout):
+    kind = _stencil.cpu_kernel_choice(layout) or "rows"
+    return {"split": "window + tiles", "stencil": "window"}.get(kind, kind)
 
 
 def seconds(fn):
@@ -77,22 +86,23 @@ def steps(run, tensors):
     return forward, training
 
 
-def measure(natten, side, heads, dilation, batch, rounds):
+def measure(natten, side, heads, dilation, stride, batch, rounds):
     gen = torch.Generator().manual_seed(side * 100 + dilation)
     natten_qkv = [torch.randn(batch, side, side, heads, HEAD_DIM, generator=gen) for _ in range(3)]
     ours_qkv = [heads_first(t) for t in natten_qkv]
-    layout = neighborhood_layout(side, side, KERNEL, dilation=dilation)
+    layout = neighborhood_layout(side, side, KERNEL, dilation=dilation, stride=stride)
 
     def run_ours(q, k, v):
         return attention(q, k, v, layout)
 
     def run_natten(q, k, v):
-        return natten.na2d(q, k, v, kernel_size=KERNEL, dilation=dilation)
+        return natten.na2d(q, k, v, kernel_size=KERNEL, dilation=dilation, stride=stride)
 
     with torch.no_grad():
         difference = (run_ours(*ours_qkv) - heads_first(run_natten(*natten_qkv))).abs().max().item()
     if not difference <= AGREEMENT:
-        raise SystemExit(f"{side}x{side} dilation {dilation}: ours and NATTEN differ by {difference:.3g}")
+        raise SystemExit(f"{side}x{side} dilation {dilation} stride {stride}: ours and NATTEN differ by "
+                         f"{difference:.3g}")
     ways = {"ours": steps(run_ours, ours_qkv), "natten": steps(run_natten, natten_qkv),
             "dense": steps(F.scaled_dot_product_attention, ours_qkv)}
     refusals = {}
@@ -121,7 +131,7 @@ def measure(natten, side, heads, dilation, batch, rounds):
 
     cells = [" / ".join(median_ms(name, s) for s in range(2)) for name in ways]
     ratios = [" / ".join(ratio(other, s) for s in range(2)) for other in ("natten", "dense")]
-    row = (f"| {side}x{side} | {heads} | {dilation} | {difference:.1e} | {' | '.join(cells)} "
+    row = (f"| {side}x{side} | {heads} | {dilation} | {stride} | {kernel_route(layout)} | {difference:.1e} | {' | '.join(cells)} "
            f"| {' | '.join(ratios)} |")
     return row, set(refusals.values())
 
@@ -146,13 +156,13 @@ def main():
              f"rounds; torch {torch.__version__}, NATTEN {natten.__version__}, {torch.get_num_threads()} threads; "
              "times in ms, forward / forward+backward; ratios are medians of per-round ratios",
              "",
-             "| grid | heads | dilation | max diff | ours (ms) | NATTEN (ms) | dense SDPA (ms) | ours / NATTEN "
+             "| grid | heads | dilation | stride | our kernels | max diff | ours (ms) | NATTEN (ms) | dense SDPA (ms) | ours / NATTEN "
              "| ours / dense |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     table = MarkdownTable(lines, args.out, "natten_cpu.md")
     refusals = set()
-    for side, heads, dilation in cases:
-        row, refused = measure(natten, side, heads, dilation, args.batch, args.rounds)
+    for side, heads, dilation, stride in cases:
+        row, refused = measure(natten, side, heads, dilation, stride, args.batch, args.rounds)
         table.add(row)
         refusals |= refused
     if refusals:

@@ -40,7 +40,6 @@ import inspect
 import numpy as np
 
 from ._native import C
-from ._stencil import clamped_axis_keys
 from .patterns import Layout, _as_int
 
 # query rows of the grid evaluated per call of a rule: about this many pairs
@@ -113,43 +112,97 @@ def _axis_pair(value, label):
     return pair
 
 
-def _neighborhood_axis(size, kernel, dilation):
+def _neighborhood_axis(size, kernel, dilation, stride, causal):
     """Per coordinate of an axis of ``size`` tokens, its keys on that axis as
-    (size, count) int64 and the count: the ``kernel`` tokens of its own
-    residue class modulo ``dilation`` nearest to it, the window moved inward
-    at the ends (the clamped window of _stencil.clamped_axis_keys). Where a
+    a run: (first, count) int64 arrays, the keys being first, first +
+    dilation, ... (its own residue class modulo ``dilation``, indexed within
+    the class below).
+
+    Not causal: the ``kernel`` keys centred on the query's stride group
+    leader (the group's middle member, the right one of two; the class's
+    last where the group is cut short), the window moved inward at the ends
+    (with stride 1, _stencil.clamped_axis_keys's clamped window). Where a
     class holds fewer than ``kernel`` tokens, every class takes as many as
-    the smallest holds, so that rows stay equal."""
-    smallest = len(range(dilation - 1, size, dilation)) if dilation <= size else 1
-    count = min(kernel, smallest)
-    return clamped_axis_keys(size, -(kernel // 2), count, min(dilation, size)), count
+    the smallest holds, so that rows stay equal.
+
+    Causal: the keys up to the query itself, reaching back ``kernel`` - 1
+    before the group's last member (cut at the class's start)."""
+    coords = np.arange(size, dtype=np.int64)
+    step = min(dilation, size)
+    residue, index = coords % step, coords // step
+    class_size = (size - residue + step - 1) // step
+    group_start = index // stride * stride
+    if causal:
+        leader = np.minimum(group_start + stride - 1, class_size - 1)
+        first = np.maximum(0, leader - kernel + 1)
+        count = index - first + 1
+    else:
+        count = np.full(size, min(kernel, int(class_size.min())), dtype=np.int64)
+        leader = np.minimum(group_start + stride // 2, class_size - 1)
+        first = np.clip(leader - kernel // 2, 0, class_size - count)
+    return residue + step * first, count
 
 
-def neighborhood_layout(height, width, kernel_size=7, *, dilation=1, name=None) -> Layout:
+def neighborhood_layout(height, width, kernel_size=7, *, dilation=1, stride=1, is_causal=False,
+                        name=None) -> Layout:
     """NATTEN's neighbourhood attention: query (y, x) attends the kernel_size
     tokens of each axis nearest to it, a window moved inward at the grid's
     edges rather than cut off, so every query has the same number of keys
     (kernel_size[0] x kernel_size[1]; on an axis shorter than the kernel,
     all of it). With ``dilation`` d, tokens attend within their residue class
     modulo d (DiNAT): every d-th token, the window clamped in that class.
-    ``kernel_size`` and ``dilation`` take an int or (rows, cols); an even
-    kernel reaches one token further before the query than after it.
+    With ``stride`` s (NATTEN's generalised neighbourhood attention), the
+    queries of each run of s along an axis share one window, their middle
+    member's (stride == kernel_size is blocked window attention);
+    ``is_causal`` keeps, on that axis, the keys at or before the query,
+    reaching back kernel_size - 1 from the last member of its stride group.
+    ``kernel_size``, ``dilation``, ``stride`` and ``is_causal`` take a value
+    or (rows, cols); an even kernel reaches one token further before the
+    query than after it. The same keys as NATTEN's ``na2d`` with the same
+    arguments (tested against it where it is installed).
 
-    Built straight into the CSR (O(nnz)). It runs on the CPU window kernel
-    as a clamped stencil up to a 13 x 13 kernel (dilated: each class of
-    tokens as a grid of its own), unless it covers so much of a small grid
-    that the tiles run it faster (_stencil.CUSTOM_WINDOW_MAX_FILL)."""
+    Built straight into the CSR (O(nnz)). Plain and dilated, it runs on the
+    CPU window kernel as a clamped stencil up to a 13 x 13 kernel (dilated:
+    each class of tokens as a grid of its own), unless it covers so much of
+    a small grid that the tiles run it faster (_stencil.CUSTOM_WINDOW_MAX_FILL);
+    causal with stride 1 it is a clipped stencil; with a stride above 1 it
+    goes where its tile plan sends it, as any custom layout."""
     height, width = _grid(height, width)
     kernel = _axis_pair(kernel_size, "kernel_size")
     dilation = _axis_pair(dilation, "dilation")
-    row_keys, rows = _neighborhood_axis(height, kernel[0], dilation[0])
-    col_keys, cols = _neighborhood_axis(width, kernel[1], dilation[1])
+    stride = _axis_pair(stride, "stride")
+    causal = _flag_pair(is_causal, "is_causal")
+    for axis in range(2):
+        if stride[axis] > kernel[axis]:
+            raise ValueError(f"stride: expected <= kernel_size on each axis (NATTEN's rule), got stride "
+                             f"{stride} for kernel_size {kernel}")
+    row_first, row_count = _neighborhood_axis(height, kernel[0], dilation[0], stride[0], causal[0])
+    col_first, col_count = _neighborhood_axis(width, kernel[1], dilation[1], stride[1], causal[1])
+    counts = (row_count[:, None] * col_count[None, :]).reshape(-1)
+    indptr = np.zeros(height * width + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    query = np.repeat(np.arange(height * width, dtype=np.int64), counts)
+    local = np.arange(indptr[-1], dtype=np.int64) - indptr[query]
+    y, x = query // width, query % width
+    across = col_count[x]
     # keys ascend along each axis, so row-major products ascend per query
-    indices = (row_keys[:, None, :, None] * width + col_keys[None, :, None, :]).reshape(-1)
-    indptr = np.arange(height * width + 1, dtype=np.int64) * (rows * cols)
-    default = f"neighborhood {kernel[0]}x{kernel[1]}" + (f" dilated {dilation[0]}x{dilation[1]}"
-                                                          if dilation != (1, 1) else "")
+    indices = ((row_first[y] + dilation[0] * (local // across)) * width
+               + col_first[x] + dilation[1] * (local % across))
+    default = f"neighborhood {kernel[0]}x{kernel[1]}"
+    for label, value, plain in (("dilated", dilation, (1, 1)), ("stride", stride, (1, 1))):
+        if value != plain:
+            default += f" {label} {value[0]}x{value[1]}"
+    if any(causal):
+        default += " causal " + "x".join("yes" if c else "no" for c in causal)
     return layout_from_csr(height, width, indptr, indices, name=_name(name, default))
+
+
+def _flag_pair(value, label):
+    """(rows, cols) booleans from a bool or a pair of bools."""
+    pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(x, (bool, np.bool_)) for x in pair):
+        raise ValueError(f"{label}: expected a bool or (rows, cols) of bools, got {value!r}")
+    return tuple(bool(x) for x in pair)
 
 
 def layout_from_mask(mask, height, width, *, name="custom") -> Layout:

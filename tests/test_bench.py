@@ -228,14 +228,15 @@ def test_window_or_tiles_script_times_the_three_families(tmp_path):
 
 def test_natten_script_checks_agreement_and_says_what_natten_refuses(tmp_path):
     pytest.importorskip("natten")
-    out = run_script("natten_cpu.py", "--cases", "7:2:1,14:2:2", "--batch", "1", "--rounds", "1", "--out",
+    out = run_script("natten_cpu.py", "--cases", "7:2:1,14:2:2,16:2:1:3", "--batch", "1", "--rounds", "1", "--out",
                      str(tmp_path))
-    for grid, dilation in (("7x7", 1), ("14x14", 2)):
+    for grid, dilation, stride, route in (("7x7", 1, 1, "tiles"), ("14x14", 2, 1, "window"),
+                                          ("16x16", 1, 3, "tiles")):
         # agreement under 1e-4, times for each op, ratios; NATTEN's backward may be refused ("-")
-        row = (rf"\| {grid} \| 2 \| {dilation} \| [\d.]+e-\d\d \| [\d.]+ / [\d.]+ \| [\d.]+ / ([\d.]+|-) "
+        row = (rf"\| {grid} \| 2 \| {dilation} \| {stride} \| {route} \| [\d.]+e-\d\d \| [\d.]+ / [\d.]+ \| [\d.]+ / ([\d.]+|-) "
                rf"\| [\d.]+ / [\d.]+ \| [\d.]+ / ([\d.]+|-) \| [\d.]+ / [\d.]+ \|")
         assert re.search(row, out), (row, out)
-    assert (tmp_path / "natten_cpu.md").read_text().count("x") >= 2
+    assert (tmp_path / "natten_cpu.md").read_text().count("x") >= 3
 
 
 def test_natten_script_refuses_bad_cases():
@@ -244,7 +245,8 @@ def test_natten_script_refuses_bad_cases():
     import sys
 
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "natten_cpu.py")
-    for cases, message in (("7:2", "SIDE:HEADS:DILATION"), ("13:2:2", "SIDE >= 7 * DILATION")):
+    for cases, message in (("7:2", "SIDE:HEADS:DILATION"), ("13:2:2", "SIDE >= 7 * DILATION"),
+                           ("14:2:1:8", "1 <= STRIDE <= 7")):
         done = subprocess.run([sys.executable, script, "--cases", cases], capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and message in done.stderr, done.stderr
 

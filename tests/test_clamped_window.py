@@ -20,16 +20,24 @@ from sparse_attention import sparse_scaled_dot_product_attention as attention
 from sparse_attention._native import C
 
 
-def natten_axis(size, kernel, dilation):
-    """Per coordinate, its keys on one axis, straight from the definition: the
-    ``kernel`` tokens of its residue class nearest to it, the window slid
-    inward at the ends; every class takes as many as the smallest holds."""
+def natten_axis(size, kernel, dilation, stride=1, causal=False):
+    """Per coordinate, its keys on one axis, straight from the definition: in
+    its residue class, the ``kernel`` tokens nearest to its stride group's
+    middle member, the window slid inward at the ends (every class takes as
+    many as the smallest holds); causal: the tokens at or before it, back to
+    ``kernel`` - 1 before its group's last member."""
     classes = [list(range(r, size, dilation)) for r in range(min(dilation, size))]
     count = min(kernel, min(len(c) for c in classes))
     keys = []
     for i in range(size):
         members = classes[i % dilation]
-        start = max(0, min(i // dilation - kernel // 2, len(members) - count))
+        index = i // dilation
+        group = list(range(index - index % stride, min(index - index % stride + stride, len(members))))
+        if causal:
+            keys.append(members[max(0, group[-1] - kernel + 1):index + 1])
+            continue
+        leader = group[min(stride // 2, len(group) - 1)]
+        start = max(0, min(leader - kernel // 2, len(members) - count))
         keys.append(members[start:start + count])
     return keys
 
@@ -46,12 +54,17 @@ def clamped_rule(height, width, box, corner):
 
 
 @pytest.mark.parametrize("height, width", [(1, 1), (1, 9), (9, 1), (7, 13), (10, 10), (16, 5)])
-@pytest.mark.parametrize("kernel, dilation", [(1, 1), (3, 1), (4, 1), (7, 1), ((3, 5), 1), (3, 2), (3, (1, 3))])
-def test_neighborhood_layout_matches_its_definition(height, width, kernel, dilation):
-    layout = neighborhood_layout(height, width, kernel, dilation=dilation)
+@pytest.mark.parametrize("kernel, dilation, stride, causal", [
+    (1, 1, 1, False), (3, 1, 1, False), (4, 1, 1, False), (7, 1, 1, False), ((3, 5), 1, 1, False), (3, 2, 1, False),
+    (3, (1, 3), 1, False), (3, 1, 2, False), (5, 2, 3, False), (4, 1, 4, False), ((3, 5), 1, (1, 2), False),
+    (3, 1, 1, True), (5, 2, 2, True), (4, 1, 3, (True, False)), ((3, 5), (2, 1), (1, 5), (False, True))])
+def test_neighborhood_layout_matches_its_definition(height, width, kernel, dilation, stride, causal):
+    layout = neighborhood_layout(height, width, kernel, dilation=dilation, stride=stride, is_causal=causal)
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
-    rows, cols = natten_axis(height, kh, dh), natten_axis(width, kw, dw)
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    ch, cw = (causal, causal) if isinstance(causal, bool) else causal
+    rows, cols = natten_axis(height, kh, dh, sh, ch), natten_axis(width, kw, dw, sw, cw)
     for token in range(height * width):
         y, x = divmod(token, width)
         expected = [a * width + b for a in rows[y] for b in cols[x]]
@@ -59,10 +72,27 @@ def test_neighborhood_layout_matches_its_definition(height, width, kernel, dilat
     assert layout.pattern is None and layout.name.startswith("neighborhood")
 
 
-@pytest.mark.parametrize("height, width, kernel, dilation", [
-    (7, 13, 7, 1), (14, 14, 7, 1), (16, 16, 7, 2), (9, 20, 3, 3), (12, 12, 5, (1, 2)), (7, 13, (3, 5), 1),
-    (10, 10, 4, 1)])
-def test_natten_gives_what_our_neighbourhood_gives(height, width, kernel, dilation):
+@pytest.mark.parametrize("stride, causal", [(2, False), (3, True), ((1, 7), (False, True))])
+def test_strided_and_causal_neighbourhoods_match_the_reference(stride, causal):
+    """Generalised (strided) and causal neighbourhoods go wherever their
+    plans send them; forward and backward with a bias, key mask, pruned head
+    and dropout against the reference."""
+    layout = neighborhood_layout(13, 11, 7, stride=stride, is_causal=causal)
+    q, k, v, bias, grad_out, args = bias_training_inputs(layout, bias_side=13, dim=20)
+    out, lse = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(), return_lse=True,
+                         **args)
+    ref_out, ref_lse, _ = reference_attention(q.float(), k.float(), v.float(), layout, bias=bias.float(), **args)
+    assert_forward_matches_reference(out, lse, ref_out, ref_lse, 2e-5)
+    got = bias_gradients(attention, layout, q, k, v, bias, grad_out, **args)
+    assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args)
+
+
+@pytest.mark.parametrize("height, width, kernel, dilation, stride, causal", [
+    (7, 13, 7, 1, 1, False), (14, 14, 7, 1, 1, False), (16, 16, 7, 2, 1, False), (9, 20, 3, 3, 1, False),
+    (12, 12, 5, (1, 2), 1, False), (7, 13, (3, 5), 1, 1, False), (10, 10, 4, 1, 1, False),
+    (16, 11, 5, 1, 2, False), (14, 14, 7, 2, (3, 7), False), (13, 9, 4, 1, 1, True), (16, 16, 5, 2, 2, True),
+    (11, 14, (3, 7), 1, (2, 3), (True, False))])
+def test_natten_gives_what_our_neighbourhood_gives(height, width, kernel, dilation, stride, causal):
     """NATTEN itself (when installed) as a second definition: its na2d on the CPU against the op."""
     natten = pytest.importorskip("natten")
     gen = torch.Generator().manual_seed(height * width)
@@ -70,12 +100,12 @@ def test_natten_gives_what_our_neighbourhood_gives(height, width, kernel, dilati
     q, k, v = (torch.randn(batch, height, width, heads, dim, generator=gen) for _ in range(3))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its CPU path warns that Flex Attention runs uncompiled
-        theirs = natten.na2d(q, k, v, kernel_size=kernel, dilation=dilation)
+        theirs = natten.na2d(q, k, v, kernel_size=kernel, dilation=dilation, stride=stride, is_causal=causal)
 
     def heads_first(t):
         return t.reshape(batch, height * width, heads, dim).transpose(1, 2)
-    ours = attention(*(heads_first(t) for t in (q, k, v)), neighborhood_layout(height, width, kernel,
-                                                                                dilation=dilation))
+    layout = neighborhood_layout(height, width, kernel, dilation=dilation, stride=stride, is_causal=causal)
+    ours = attention(*(heads_first(t) for t in (q, k, v)), layout)
     torch.testing.assert_close(ours, heads_first(theirs), rtol=1e-5, atol=1e-5)
 
 
@@ -88,6 +118,13 @@ def test_neighborhood_layout_refuses_bad_arguments():
         neighborhood_layout(8, 8, 2.5)
     with pytest.raises(ValueError, match="height: expected >= 1"):
         neighborhood_layout(0, 8, 3)
+    with pytest.raises(ValueError, match=r"stride: expected <= kernel_size on each axis .* \(3, 4\) for kernel_size "
+                                         r"\(3, 3\)"):
+        neighborhood_layout(8, 8, 3, stride=(3, 4))
+    with pytest.raises(ValueError, match="stride: expected >= 1"):
+        neighborhood_layout(8, 8, 3, stride=0)
+    with pytest.raises(ValueError, match=r"is_causal: expected a bool or \(rows, cols\) of bools, got 1"):
+        neighborhood_layout(8, 8, 3, is_causal=1)
 
 
 @pytest.mark.parametrize("layout_args, clamped, choice", [
