@@ -69,6 +69,13 @@ def checkerboard_16(yi, xi, yj, xj):
     return (yi // 16 == yj // 16) & (xi // 16 == xj // 16) & ((yi + xi) % 2 == (yj + xj) % 2)
 
 
+def swin_window_7(yi, xi, yj, xj):
+    """Swin's non-overlapping 7 x 7 windows (BLOCK with block_size 7, as a
+    rule so that earlier builds can time it too; not in RULES): they
+    straddle 8 x 8 tiles."""
+    return (yi // 7 == yj // 7) & (xi // 7 == xj // 7)
+
+
 def shifted_window_7(height, width):
     """A 7 x 7 window shifted inward at the borders, so that every query has 49
     keys (NATTEN's neighbourhood): not a stencil, since the offsets change

@@ -39,6 +39,16 @@ use_tiled_cpu_kernel = True
 CPU_MIN_FILL = 0.15
 # tile shapes (rows x columns of the grid) tried for every pass
 _SHAPES = ((8, 8), (4, 16), (16, 4), (2, 32), (32, 2), (1, 64), (64, 1))
+# The CPU kernels also try tiles of 36 to 64 tokens whose sides are not
+# powers of two: a layout whose blocks are 7 x 7 (Swin's windows) or 12 x 12
+# straddles every 8 x 8 tile, so each tile's queries reach up to four blocks'
+# keys (BLOCK with block_size 7 at 56 x 56: a cpu_fill of 0.245 on 8 x 8
+# tiles, 2.4x the time forward+backward of 7 x 7 ones). Such a shape is taken
+# only where its estimate is well below the best of _SHAPES, since its rows
+# are not the eight-token runs the bias tiles are filled fastest from.
+_CPU_EXTRA_SHAPES = tuple((rows, cols) for rows in range(3, 17) for cols in range(3, 17)
+                          if 36 <= rows * cols <= 64 and (rows, cols) not in _SHAPES)
+_CPU_EXTRA_SHAPE_GAIN = 0.85
 # plans of layouts with more pairs than this are not built: the C planner
 # takes about a second per 100 M pairs, once per layout. A plan holds 12
 # bytes a slot (a key and a mask word), and a chunk's 64 keys each belong to
@@ -255,19 +265,35 @@ def _estimate_cost(layout, shape, pairs, left_out, for_cpu, samples=12):
     return per_tile * num_tiles, _PASS_COST_PER_TILE * num_tiles * queries / TILE
 
 
-def _best_shape(layout, pairs, left_out, for_cpu):
-    """(shape, cost, merge cost) of the tile shape that costs least for the selected pairs."""
-    best = None
+def _best_shape(layout, pairs, left_out, for_cpu, pair_count=None):
+    """(shape, cost, merge cost) of the tile shape that costs least for the
+    selected pairs: on the CPU, of _SHAPES and, for a pass of all pairs where
+    one wins clearly, _CPU_EXTRA_SHAPES (a same-row or same-column pass has
+    its natural shape among _SHAPES). Those are not tried where the shape hardly matters
+    (all of _SHAPES within 10% of each other: keys far from the queries, as
+    RANDOM's, whose planning they would slow five-fold) or where the best of
+    _SHAPES is already so full, given the ``pair_count`` selected pairs, that
+    none could win."""
     seen = set()
-    for shape in _SHAPES:
-        shape = (min(shape[0], layout.height), min(shape[1], layout.width))
-        if shape in seen:
-            continue
-        seen.add(shape)
-        cost, merge = _estimate_cost(layout, shape, pairs, left_out, for_cpu)
-        if best is None or cost < best[1]:
-            best = (shape, cost, merge)
-    return best
+
+    def estimates(shapes):
+        found = []
+        for shape in shapes:
+            shape = (min(shape[0], layout.height), min(shape[1], layout.width))
+            if shape in seen:
+                continue
+            seen.add(shape)
+            found.append((shape, *_estimate_cost(layout, shape, pairs, left_out, for_cpu)))
+        return found
+
+    standard = estimates(_SHAPES)
+    best = min(standard, key=lambda found: found[1])
+    if not for_cpu or pairs != PAIRS_ALL or max(found[1] for found in standard) < 1.1 * best[1]:
+        return best
+    if pair_count is not None and pair_count / (TILE * TILE) >= _CPU_EXTRA_SHAPE_GAIN * best[1]:
+        return best
+    extra = min(estimates(_CPU_EXTRA_SHAPES), key=lambda found: found[1], default=None)
+    return extra if extra is not None and extra[1] < _CPU_EXTRA_SHAPE_GAIN * best[1] else best
 
 
 def _planned_rows(layout, keep_long_rows):
@@ -289,7 +315,7 @@ def choose_passes(layout, keep_long_rows=False, for_cpu=False):
     if layout.num_tokens == 0 or layout.nnz > MAX_PAIRS:
         return None
     _, left_out, planned = _planned_rows(layout, keep_long_rows)
-    shape, cost, _ = _best_shape(layout, PAIRS_ALL, left_out, for_cpu)
+    shape, cost, _ = _best_shape(layout, PAIRS_ALL, left_out, for_cpu, planned)
     options = [(cost, [(shape, PAIRS_ALL)])]
     # a split can only win where one pass leaves chunks well short of full
     splits, counts = (), None
@@ -301,8 +327,8 @@ def choose_passes(layout, keep_long_rows=False, for_cpu=False):
     for first_pairs, second_pairs in splits:
         if counts[first_pairs] == 0 or counts[second_pairs] == 0:
             continue
-        first = _best_shape(layout, first_pairs, left_out, for_cpu)
-        second = _best_shape(layout, second_pairs, left_out, for_cpu)
+        first = _best_shape(layout, first_pairs, left_out, for_cpu, counts[first_pairs])
+        second = _best_shape(layout, second_pairs, left_out, for_cpu, counts[second_pairs])
         options.append((first[1] + second[1] + second[2], [(first[0], first_pairs), (second[0], second_pairs)]))
     return min(options, key=lambda option: option[0])[1]
 

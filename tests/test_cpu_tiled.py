@@ -520,3 +520,49 @@ def test_axial_on_the_cpu_plan_against_the_reference(size):
     assert (out.double() - ref_out).abs().max() < 2e-5
     expected = reference_statistics(probs)
     assert (stats.double() - expected).abs().max() < 2e-5 * max(1.0, expected.abs().max().item())
+
+
+@pytest.mark.parametrize("grid, block_size, shape", [((21, 14), 7, (7, 7)), ((24, 36), 12, (4, 12)),
+                                                     ((14, 23), 7, (7, 7))])
+def test_blocks_that_straddle_eight_by_eight_tiles_get_tiles_of_their_own(grid, block_size, shape):
+    """Swin-sized windows (7 x 7, 12 x 12) straddle every 8 x 8 tile; the CPU
+    plan takes a tile shape aligned with them (two to four times fewer slots),
+    and forward with statistics and backward with a bias, key mask, pruned
+    head and dropout still match the float64 reference."""
+    layout = build_layout("block", *grid, block_size=block_size)
+    plan = layout.cpu_tile_plan()
+    assert [tile_pass.shape for tile_pass in plan] == [shape]
+    aligned = plan.cpu_fill
+    standard = _tiles.TilePlan([_tiles._build_pass(layout, (8, 8), _tiles.PAIRS_ALL, None)], plan.long_rows,
+                               layout.nnz).cpu_fill
+    assert aligned > 1.5 * standard
+    q, k, v, bias, grad_out, args = bias_training_inputs(layout, 9)
+    before = _torch_ops.tiled_passes_run, _torch_ops.tiled_backwards_run
+    got = bias_gradients(attention, layout, q, k, v, bias, grad_out, **args)
+    assert (_torch_ops.tiled_passes_run, _torch_ops.tiled_backwards_run) == (before[0] + 1, before[1] + 1)
+    assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args)
+    out, stats = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(), return_stats=True,
+                           key_mask=args["key_mask"], head_active=args["head_active"])
+    ref_out, _, probs = reference_attention(q.float(), k.float(), v.float(), layout, bias=bias.float(),
+                                            key_mask=args["key_mask"], head_active=args["head_active"])
+    assert (out.double() - ref_out).abs().max() < 2e-5
+    expected = reference_statistics(probs)
+    assert (stats.double() - expected).abs().max() < 2e-5 * max(1.0, expected.abs().max().item())
+
+
+def test_non_local_layouts_keep_the_standard_tile_shapes():
+    """Where every standard shape costs alike (RANDOM's far keys), the extra
+    shapes are not even estimated: they could not win, and would slow planning."""
+    layout = build_layout("random", 24, 24, attention_ratio=0.3)
+    tried = []
+    original = _tiles._estimate_cost
+
+    def counting(layout, shape, *args, **kwargs):
+        tried.append(shape)
+        return original(layout, shape, *args, **kwargs)
+    try:
+        _tiles._estimate_cost = counting
+        _tiles.choose_passes(layout, for_cpu=True)
+    finally:
+        _tiles._estimate_cost = original
+    assert not set(tried) & set(_tiles._CPU_EXTRA_SHAPES)
