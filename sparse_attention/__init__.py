@@ -19,8 +19,9 @@ __all__ = ["Layout", "SparsityPattern", "build_layout", "layout_from_rule", "lay
 
 try:  # the module needs torch; the op and layouts do not
     from .module import AttentionStats, EnhancedSparseAttention  # noqa: F401
+    from .neighborhood import NeighborhoodAttention1D, NeighborhoodAttention2D  # noqa: F401
 
-    __all__ += ["EnhancedSparseAttention", "AttentionStats"]
+    __all__ += ["EnhancedSparseAttention", "AttentionStats", "NeighborhoodAttention1D", "NeighborhoodAttention2D"]
 except ImportError as _error:  # pragma: no cover - NumPy-only installs
     if "torch" not in str(_error):
         raise

@@ -500,6 +500,17 @@ def test_chunks_in_halves_skip_the_empty_blocks(size):
     assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args)
 
 
+def assert_output_and_statistics_match_reference(layout, q, k, v, bias, args):
+    """The forward with statistics (no dropout) against the float64 reference."""
+    out, stats = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(), return_stats=True,
+                           key_mask=args["key_mask"], head_active=args["head_active"])
+    ref_out, _, probs = reference_attention(q.float(), k.float(), v.float(), layout, bias=bias.float(),
+                                            key_mask=args["key_mask"], head_active=args["head_active"])
+    assert (out.double() - ref_out).abs().max() < 2e-5
+    expected = reference_statistics(probs)
+    assert (stats.double() - expected).abs().max() < 2e-5 * max(1.0, expected.abs().max().item())
+
+
 @pytest.mark.parametrize("size", [(14, 14), (12, 23), (24, 5)])
 def test_axial_on_the_cpu_plan_against_the_reference(size):
     """AXIAL on a small grid runs on its CPU plan (one image row or column a
@@ -513,13 +524,7 @@ def test_axial_on_the_cpu_plan_against_the_reference(size):
     assert _torch_ops.tiled_passes_run == before[0] + len(layout.cpu_tile_plan())
     assert _torch_ops.tiled_backwards_run == before[1] + 1
     assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args)
-    out, stats = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(), return_stats=True,
-                           key_mask=args["key_mask"], head_active=args["head_active"])
-    ref_out, _, probs = reference_attention(q.float(), k.float(), v.float(), layout, bias=bias.float(),
-                                            key_mask=args["key_mask"], head_active=args["head_active"])
-    assert (out.double() - ref_out).abs().max() < 2e-5
-    expected = reference_statistics(probs)
-    assert (stats.double() - expected).abs().max() < 2e-5 * max(1.0, expected.abs().max().item())
+    assert_output_and_statistics_match_reference(layout, q, k, v, bias, args)
 
 
 @pytest.mark.parametrize("grid, block_size, shape", [((21, 14), 7, (7, 7)), ((24, 36), 12, (4, 12)),
@@ -541,13 +546,7 @@ def test_blocks_that_straddle_eight_by_eight_tiles_get_tiles_of_their_own(grid, 
     got = bias_gradients(attention, layout, q, k, v, bias, grad_out, **args)
     assert (_torch_ops.tiled_passes_run, _torch_ops.tiled_backwards_run) == (before[0] + 1, before[1] + 1)
     assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args)
-    out, stats = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(), return_stats=True,
-                           key_mask=args["key_mask"], head_active=args["head_active"])
-    ref_out, _, probs = reference_attention(q.float(), k.float(), v.float(), layout, bias=bias.float(),
-                                            key_mask=args["key_mask"], head_active=args["head_active"])
-    assert (out.double() - ref_out).abs().max() < 2e-5
-    expected = reference_statistics(probs)
-    assert (stats.double() - expected).abs().max() < 2e-5 * max(1.0, expected.abs().max().item())
+    assert_output_and_statistics_match_reference(layout, q, k, v, bias, args)
 
 
 def test_non_local_layouts_keep_the_standard_tile_shapes():

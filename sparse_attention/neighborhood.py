@@ -1,0 +1,142 @@
+"""Neighbourhood attention modules with NATTEN's interface, on our kernels.
+
+``NeighborhoodAttention2D`` and ``NeighborhoodAttention1D`` take NATTEN's
+constructor arguments and its channels-last inputs (``[B, H, W, C]``,
+``[B, L, C]``), and hold the same parameters under the same names (``qkv``,
+``proj``), so a NAT or DiNAT model built on NATTEN's modules takes these in
+their place and loads its state dict unchanged. What differs: they train on
+the CPU too (NATTEN's CPU path has no backward), take any grid (NATTEN asks
+for kernel_size x dilation <= the grid), and offer attention dropout and a
+relative position bias table.
+"""
+
+import functools
+
+import torch
+from torch import nn
+
+from .custom_layouts import _axis_pair, _flag_pair, neighborhood_layout
+from .functional import sparse_scaled_dot_product_attention
+from .module import _custom_layout, _custom_layout_while_tracing
+from .patterns import _as_int
+
+
+def _probability(value, label):
+    value = float(value)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{label}: expected a probability in [0, 1), got {value}")
+    return value
+
+
+class _NeighborhoodAttention(nn.Module):
+    """What the 1-D and 2-D modules share; ``axes`` says which of the grid's
+    axes the token axes of the input are (1-D: a 1 x L grid)."""
+
+    def __init__(self, axes, embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias, qk_scale,
+                 proj_drop, attn_drop, rel_pos_bias):
+        super().__init__()
+        embed_dim, num_heads = _as_int(embed_dim, "embed_dim"), _as_int(num_heads, "num_heads")
+        if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
+            raise ValueError(f"embed_dim, num_heads: expected positive, embed_dim a multiple of num_heads, "
+                             f"got embed_dim={embed_dim}, num_heads={num_heads}")
+        self.axes = axes
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.head_dim = embed_dim // num_heads
+        self.scale = float(qk_scale) if qk_scale is not None else self.head_dim ** -0.5
+        self.kernel_size = self._grid_pair(kernel_size, "kernel_size", _axis_pair, 1)
+        self.stride = self._grid_pair(stride, "stride", _axis_pair, 1)
+        self.dilation = self._grid_pair(dilation, "dilation", _axis_pair, 1)
+        self.is_causal = self._grid_pair(is_causal, "is_causal", _flag_pair, False)
+        neighborhood_layout(1, 1, self.kernel_size, stride=self.stride, dilation=self.dilation,
+                            is_causal=self.is_causal)  # the builder's own checks, now rather than at forward
+        self.attn_drop = _probability(attn_drop, "attn_drop")
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bool(qkv_bias))
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.proj_drop = nn.Dropout(_probability(proj_drop, "proj_drop"))
+        if rel_pos_bias:
+            # offsets reach (kernel - 1) x dilation at the grid's edges, where the window is moved inward
+            reach = max((k - 1) * d for k, d in zip(self.kernel_size, self.dilation))
+            self.rel_pos_bias = nn.Parameter(torch.randn(num_heads, 2 * reach + 1, 2 * reach + 1) * 0.02)
+        else:
+            self.register_parameter("rel_pos_bias", None)
+        self._builder = functools.partial(neighborhood_layout, kernel_size=self.kernel_size, stride=self.stride,
+                                          dilation=self.dilation, is_causal=self.is_causal)
+        self._layouts = {}
+
+    def _grid_pair(self, value, label, check, filler):
+        """A 1-D module's value for its one axis becomes (filler, value): the grid is 1 x L."""
+        if len(self.axes) == 2:
+            return check(value, label)
+        if isinstance(value, (tuple, list)):
+            if len(value) != 1:
+                raise ValueError(f"{label}: expected a value or a 1-tuple for a 1-D module, got {value!r}")
+            (value,) = value
+        return (check(filler, label)[0], check(value, label)[0])
+
+    def _layout(self, height, width):
+        if torch.compiler.is_compiling():
+            return _custom_layout_while_tracing(self._builder, height, width)
+        layout = self._layouts.get((height, width))
+        if layout is None:
+            layout = self._layouts[(height, width)] = _custom_layout(self._builder, height, width)
+        return layout
+
+    def forward(self, x):
+        rank = len(self.axes) + 2
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != rank or x.shape[-1] != self.embed_dim:
+            expected = "[B, H, W, C]" if rank == 4 else "[B, L, C]"
+            raise ValueError(f"x: expected {expected} with C = embed_dim = {self.embed_dim}, got shape "
+                             f"{tuple(x.shape)}")
+        batch, *token_shape, channels = x.shape
+        height, width = token_shape if rank == 4 else (1, token_shape[0])
+        qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, self.head_dim)
+        # [B, heads, N, head_dim] views: the op takes any strides but the last
+        query, key, value = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        out = sparse_scaled_dot_product_attention(query, key, value, self._layout(height, width), scale=self.scale,
+                                                  rel_pos_bias=self.rel_pos_bias,
+                                                  dropout_p=self.attn_drop if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(batch, *token_shape, channels)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self):
+        pick = (lambda pair: pair) if len(self.axes) == 2 else (lambda pair: pair[1:])
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kernel_size={pick(self.kernel_size)}, "
+                f"stride={pick(self.stride)}, dilation={pick(self.dilation)}, is_causal={pick(self.is_causal)}, "
+                f"attn_drop={self.attn_drop}, rel_pos_bias={self.rel_pos_bias is not None}")
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_layouts"] = {}  # rebuilt on first use; layouts hold native buffers
+        return state
+
+
+class NeighborhoodAttention2D(_NeighborhoodAttention):
+    """Neighbourhood attention over a 2-D feature map ``[B, H, W, C]``:
+    the ``qkv`` projection, :func:`neighborhood_layout` attention on our
+    kernels, the ``proj`` projection and its dropout, as NATTEN's module of
+    the same name (same arguments, parameters and parameter names).
+
+    ``kernel_size``, ``stride``, ``dilation`` and ``is_causal`` take a value
+    or (rows, cols), as in :func:`neighborhood_layout`. Beyond NATTEN's:
+    ``attn_drop`` (dropout on the attention weights, in training) and
+    ``rel_pos_bias=True`` (a learnable table ``[heads, 2M+1, 2M+1]`` indexed
+    by the offset (dy, dx), M = (kernel_size - 1) x dilation, the farthest
+    offset a window moved inward at the edges reaches)."""
+
+    def __init__(self, embed_dim, num_heads, kernel_size, stride=1, dilation=1, is_causal=False, qkv_bias=True,
+                 qk_scale=None, proj_drop=0.0, *, attn_drop=0.0, rel_pos_bias=False):
+        super().__init__((0, 1), embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias,
+                         qk_scale, proj_drop, attn_drop, rel_pos_bias)
+
+
+class NeighborhoodAttention1D(_NeighborhoodAttention):
+    """Neighbourhood attention over a sequence ``[B, L, C]`` (a 1 x L grid),
+    as NATTEN's module of the same name; the arguments as
+    :class:`NeighborhoodAttention2D`'s, each a single value."""
+
+    def __init__(self, embed_dim, num_heads, kernel_size, stride=1, dilation=1, is_causal=False, qkv_bias=True,
+                 qk_scale=None, proj_drop=0.0, *, attn_drop=0.0, rel_pos_bias=False):
+        super().__init__((1,), embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias,
+                         qk_scale, proj_drop, attn_drop, rel_pos_bias)
