@@ -76,6 +76,28 @@ def swin_window_7(yi, xi, yj, xj):
     return (yi // 7 == yj // 7) & (xi // 7 == xj // 7)
 
 
+def _strided_neighborhood(stride):
+    """NATTEN's 7 x 7 neighbourhood with ``stride`` (runs of ``stride``
+    queries share their middle member's window) as a builder over a rule, so
+    that earlier builds can time it too; not in RULES."""
+    def build(height, width):
+        def starts(coords, size):
+            leader = np.minimum(coords // stride * stride + stride // 2, size - 1)
+            return np.clip(leader - 3, 0, size - 7)
+
+        def rule(yi, xi, yj, xj):
+            top, left = starts(yi, height), starts(xi, width)
+            return (yj >= top) & (yj < top + 7) & (xj >= left) & (xj < left + 7)
+        return layout_from_rule(rule, height, width, max_offset=6 + stride, name=f"neighborhood_7_stride_{stride}")
+    build.builds_layouts = True
+    build.__name__ = f"neighborhood_7_stride_{stride}"
+    return build
+
+
+neighborhood_7_stride_2 = _strided_neighborhood(2)
+neighborhood_7_stride_4 = _strided_neighborhood(4)
+
+
 def shifted_window_7(height, width):
     """A 7 x 7 window shifted inward at the borders, so that every query has 49
     keys (NATTEN's neighbourhood): not a stencil, since the offsets change
