@@ -159,6 +159,11 @@ typedef struct {
      * runs it; where that kernel does not take the call, the row kernels run
      * the CSR layout. */
     int stencil_clamped;
+    /* a clamped window's query strides (NATTEN's generalised neighbourhood;
+     * 1, or 0 where unset, for none): the queries of each run of
+     * stencil_stride_y rows (in the class grid) share the window of the
+     * run's middle row, and of stencil_stride_x columns likewise */
+    int stencil_stride_y, stencil_stride_x;
 } sa_attention_params;
 
 /* The bias gradient: grad_table[h, t] = sum over b and over the CSR positions p of

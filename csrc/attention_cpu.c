@@ -151,6 +151,7 @@ static sa_attention_params without_stencil(const sa_attention_params *p)
     rows.stencil_offsets = NULL;
     rows.stencil_num_offsets = 0;
     rows.stencil_clamped = 0;
+    rows.stencil_stride_y = rows.stencil_stride_x = 1;
     return rows;
 }
 

@@ -55,8 +55,8 @@
 #include "threads.h"
 
 #define LANES 8
-#define BLOCK_ROWS 4
-#define BLOCK_COLS 2
+#define BLOCK_ROWS SA_WINDOW_BLOCK_ROWS
+#define BLOCK_COLS SA_WINDOW_BLOCK_COLS
 #define MAX_BOX 13 /* offsets within 13 x 13: a union row is at most 14 keys, one register each */
 #define MAX_UNION_COLS (BLOCK_COLS - 1 + MAX_BOX)
 #define MAX_DIM 256
@@ -173,6 +173,20 @@ int sa_cpu_window_offsets_fit(const int32_t *offsets, int64_t num_offsets, int64
     return 2 * num_offsets >= size[0] * size[1];
 }
 
+/* A query stride of 1, 0 where unset. */
+static inline int stride_or_one(int stride)
+{
+    return stride > 1 ? stride : 1;
+}
+
+int sa_cpu_window_stride_fits(int64_t stride, int64_t block)
+{
+    /* blocks start at multiples of `block`: a stride dividing it or a
+     * multiple of it moves the windows of a block's rows (columns) by at
+     * most the block's own extent, which the union holds */
+    return stride >= 1 && (block % stride == 0 || stride % block == 0);
+}
+
 int sa_cpu_window_fits(const sa_attention_params *p)
 {
     if (p->dtype != SA_F32 || p->height * p->width != p->num_tokens) return 0;
@@ -181,8 +195,12 @@ int sa_cpu_window_fits(const sa_attention_params *p)
          * binding checks it; the kernel relies on it) */
         const offset_box box = box_of(p);
         if (!lattice_ok(p) || box.box_h > p->height / box.step_y || box.box_w > p->width / box.step_x ||
-            (int64_t)box.box_h * box.box_w != p->stencil_num_offsets)
+            (int64_t)box.box_h * box.box_w != p->stencil_num_offsets ||
+            !sa_cpu_window_stride_fits(stride_or_one(p->stencil_stride_y), BLOCK_ROWS) ||
+            !sa_cpu_window_stride_fits(stride_or_one(p->stencil_stride_x), BLOCK_COLS))
             return 0;
+    } else if (stride_or_one(p->stencil_stride_y) != 1 || stride_or_one(p->stencil_stride_x) != 1) {
+        return 0;
     }
     return sa_cpu_window_offsets_fit(p->stencil_offsets, p->stencil_num_offsets, p->head_dim, lattice_ok(p));
 }
@@ -212,6 +230,7 @@ typedef struct {
      * anchor has a bias table (and bias gradient sums) of its own. Without
      * clamping the only anchor is (0, 0). */
     int clamped;
+    int stride_y, stride_x; /* query strides of a clamped window: 1 for none */
     int shift_lo_y, shift_lo_x, shift_rows, shift_cols;
     /* heads whose bias tables a thread keeps at once: all of them where
      * that takes at most MAX_BIAS_TABLE_BYTES (work items go head by head,
@@ -446,6 +465,10 @@ typedef struct {
     int64_t key_y0, key_x0;
     int r_lo, r_hi, c_lo, c_hi;
     int shifted;
+    /* the union row each of the block's query rows' windows starts at: the
+     * query row itself but where a clamped window's edges or its stride
+     * move the windows (then its lanes' own) */
+    int row_first[BLOCK_ROWS];
     const i8v *lanes;
     const v8 *bias;
     v8 *bias_grads;
@@ -464,9 +487,15 @@ INLINE int64_t union_token(const union_span *u, int64_t r, int64_t col)
 }
 
 /* The first row (column) of a clamped window: the box [lo, lo + box) from
- * coordinate y, moved back onto an axis of `size` tokens. */
-INLINE int64_t clamped_start(int64_t y, int lo, int box, int64_t size)
+ * coordinate y, or with a query stride from the middle member of y's run of
+ * `stride` (the right one of two; the axis's last where the run is cut
+ * short), moved back onto an axis of `size` tokens. */
+INLINE int64_t clamped_start(int64_t y, int lo, int box, int64_t size, int stride)
 {
+    if (stride > 1) {
+        y = y - y % stride + stride / 2;
+        if (y > size - 1) y = size - 1;
+    }
     int64_t start = y + lo;
     if (start > size - box) start = size - box;
     return start < 0 ? 0 : start;
@@ -477,9 +506,10 @@ INLINE union_span union_of(const window_ctx *c, const lattice_view *view, int64_
     union_span u;
     const int64_t H = view->height, W = view->width;
     u.view = view;
-    u.key_y0 = c->clamped ? clamped_start(y0, c->box.dy_lo, c->box.box_h, H) : y0 + c->box.dy_lo;
-    u.key_x0 = c->clamped ? clamped_start(x0, c->box.dx_lo, c->box.box_w, W) : x0 + c->box.dx_lo;
+    u.key_y0 = c->clamped ? clamped_start(y0, c->box.dy_lo, c->box.box_h, H, c->stride_y) : y0 + c->box.dy_lo;
+    u.key_x0 = c->clamped ? clamped_start(x0, c->box.dx_lo, c->box.box_w, W, c->stride_x) : x0 + c->box.dx_lo;
     u.shifted = 0;
+    for (int r = 0; r < BLOCK_ROWS; r++) u.row_first[r] = r;
     u.lanes = c->slot_lanes;
     u.bias = NULL;
     u.bias_grads = NULL;
@@ -595,9 +625,9 @@ INLINE void lanes_weighted(const window_ctx *c, const union_span *u, const float
     const int64_t num_extra = p->stencil_num_keys;
     const v8 zero = SPLAT(0.0f);
     const int ly = l / BLOCK_COLS;
-    /* a lane's window starts at its image row in the union, or above it where the edges shift it */
-    const int r_first = ly > u->r_lo && !u->shifted ? ly : u->r_lo;
-    const int r_last = ly + c->box.box_h < u->r_hi ? ly + c->box.box_h : u->r_hi;
+    /* the union rows of the lanes' window (the weights are 0 elsewhere) */
+    const int r_first = u->row_first[ly] > u->r_lo ? u->row_first[ly] : u->r_lo;
+    const int r_last = u->row_first[ly] + c->box.box_h < u->r_hi ? u->row_first[ly] + c->box.box_h : u->r_hi;
     const int cols = u->c_hi - u->c_lo;
     int64_t d0 = d_first;
     for (; d0 + 8 <= dim; d0 += 32) {
@@ -686,8 +716,13 @@ INLINE void quad_lanes_weighted(const window_ctx *c, const union_span *u, const 
     const int64_t dim = c->dim, dim32 = dim / 32 * 32, col_stride = row_stride * u->view->col_step;
     const int UC = c->union_cols, US = c->union_slots;
     const int ly = l / BLOCK_COLS, box_h = c->box.box_h;
-    const int r_first = ly > u->r_lo && !u->shifted ? ly : u->r_lo;
-    const int r_last = ly + 1 + box_h < u->r_hi ? ly + 1 + box_h : u->r_hi;
+    /* the union rows of either image row's windows: [top, top + box_h) and
+     * [bottom, bottom + box_h) (off the grid a lane keeps its default, so
+     * take the least and the most) */
+    const int top = u->row_first[ly], bottom = u->row_first[ly + 1];
+    const int least = top < bottom ? top : bottom, most = top > bottom ? top : bottom;
+    const int r_first = least > u->r_lo ? least : u->r_lo;
+    const int r_last = most + box_h < u->r_hi ? most + box_h : u->r_hi;
     const int cols = u->c_hi - u->c_lo;
     for (int64_t d0 = 0; d0 < dim32; d0 += 32) {
         v8 acc[4][4];
@@ -696,7 +731,7 @@ INLINE void quad_lanes_weighted(const window_ctx *c, const union_span *u, const 
         for (int r = r_first; r < r_last && cols > 0; r++) {
             const float *wrow = weights + (r * UC + u->c_lo) * LANES;
             const float *row = base + union_token(u, r, u->c_lo) * row_stride;
-            const int upper = r < ly + box_h, lower = r > ly || u->shifted;
+            const int upper = r >= top && r < top + box_h, lower = r >= bottom && r < bottom + box_h;
             if (upper && lower) {
                 switch (cols) {
                 case 8: quad_weighted(wrow, l, row, col_stride, 8, d0, acc); break;
@@ -902,12 +937,13 @@ INLINE union_span block_union(const window_ctx *c, window_work *w, int64_t h, co
         lane_row[l] = l / BLOCK_COLS;
         lane_col[l] = l % BLOCK_COLS;
         if (y >= H || x >= W) continue; /* off the grid: masked in every slot */
-        lane_row[l] = (int)(clamped_start(y, c->box.dy_lo, c->box.box_h, H) - u.key_y0);
-        lane_col[l] = (int)(clamped_start(x, c->box.dx_lo, c->box.box_w, W) - u.key_x0);
+        lane_row[l] = (int)(clamped_start(y, c->box.dy_lo, c->box.box_h, H, c->stride_y) - u.key_y0);
+        lane_col[l] = (int)(clamped_start(x, c->box.dx_lo, c->box.box_w, W, c->stride_x) - u.key_x0);
         shifted |= lane_row[l] != l / BLOCK_COLS || lane_col[l] != l % BLOCK_COLS;
     }
     if (!shifted) return u;
     u.shifted = 1;
+    for (int r = 0; r < BLOCK_ROWS; r++) u.row_first[r] = lane_row[r * BLOCK_COLS];
     i8v row_in[MAX_BOX + BLOCK_ROWS], col_in[MAX_UNION_COLS];
     for (int r = 0; r < c->union_rows; r++)
         for (int l = 0; l < LANES; l++) row_in[r][l] = r >= lane_row[l] && r < lane_row[l] + c->box.box_h ? -1 : 0;
@@ -1502,10 +1538,22 @@ INLINE void backward_block(const window_ctx *c, window_work *w, int64_t b, int64
         /* whole vectors here; head dims past the last multiple of 8 below */
         const int vectors = dim - d0 >= 32 ? 4 : (int)((dim - d0) / 8);
         for (int r = u.r_lo; r < u.r_hi; r++) {
-            /* lanes of query rows ly with r - (box_h - 1) <= ly <= r; any
-             * lane where the edges shift the block's windows */
-            const int ly_first = r - (c->box.box_h - 1) > 0 && !u.shifted ? r - (c->box.box_h - 1) : 0;
-            const int ly_last = r < BLOCK_ROWS - 1 && !u.shifted ? r : BLOCK_ROWS - 1;
+            /* lanes of the query rows whose windows reach union row r:
+             * r - (box_h - 1) <= ly <= r, or where the windows are moved,
+             * from the first to the last such row (rows off the grid keep
+             * their defaults, so the span is taken over all four) */
+            int ly_first = r - (c->box.box_h - 1) > 0 ? r - (c->box.box_h - 1) : 0;
+            int ly_last = r < BLOCK_ROWS - 1 ? r : BLOCK_ROWS - 1;
+            if (u.shifted) {
+                ly_first = BLOCK_ROWS;
+                ly_last = -1;
+                for (int ly = 0; ly < BLOCK_ROWS; ly++)
+                    if (r >= u.row_first[ly] && r < u.row_first[ly] + c->box.box_h) {
+                        ly_first = ly < ly_first ? ly : ly_first;
+                        ly_last = ly;
+                    }
+                if (ly_last < 0) continue;
+            }
             const int lane_first = ly_first * BLOCK_COLS, lane_end = (ly_last + 1) * BLOCK_COLS;
             for (int col = u.c_lo; col < u.c_hi; col += 2) {
                 const int two = col + 1 < u.c_hi;
@@ -1740,13 +1788,19 @@ static int ctx_init(window_ctx *c, const sa_attention_params *p, char *err, size
     c->dim = p->head_dim;
     c->box = box_of(p);
     c->clamped = p->stencil_clamped;
+    c->stride_y = stride_or_one(p->stencil_stride_y);
+    c->stride_x = stride_or_one(p->stencil_stride_x);
     c->shift_rows = c->shift_cols = 1;
     if (c->clamped) {
-        /* anchor shifts: down to 1 - box - lo at the far edge, up to -lo at the near one */
-        c->shift_lo_y = 1 - c->box.box_h - c->box.dy_lo < 0 ? 1 - c->box.box_h - c->box.dy_lo : 0;
-        c->shift_lo_x = 1 - c->box.box_w - c->box.dx_lo < 0 ? 1 - c->box.box_w - c->box.dx_lo : 0;
-        c->shift_rows = (-c->box.dy_lo > 0 ? -c->box.dy_lo : 0) - c->shift_lo_y + 1;
-        c->shift_cols = (-c->box.dx_lo > 0 ? -c->box.dx_lo : 0) - c->shift_lo_x + 1;
+        /* anchor shifts: down to 1 - box - lo at the far edge, up to -lo at
+         * the near one; a stride adds its leader's distance from the
+         * block's first row, from stride / 2 - (stride - 1) to stride / 2 */
+        const int down_y = c->stride_y / 2 - (c->stride_y - 1), up_y = c->stride_y / 2;
+        const int down_x = c->stride_x / 2 - (c->stride_x - 1), up_x = c->stride_x / 2;
+        c->shift_lo_y = (1 - c->box.box_h - c->box.dy_lo < 0 ? 1 - c->box.box_h - c->box.dy_lo : 0) + down_y;
+        c->shift_lo_x = (1 - c->box.box_w - c->box.dx_lo < 0 ? 1 - c->box.box_w - c->box.dx_lo : 0) + down_x;
+        c->shift_rows = (-c->box.dy_lo > 0 ? -c->box.dy_lo : 0) + up_y - c->shift_lo_y + 1;
+        c->shift_cols = (-c->box.dx_lo > 0 ? -c->box.dx_lo : 0) + up_x - c->shift_lo_x + 1;
     }
     c->union_rows = BLOCK_ROWS - 1 + c->box.box_h;
     c->union_cols = BLOCK_COLS - 1 + c->box.box_w;

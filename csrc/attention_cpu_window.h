@@ -10,6 +10,15 @@
  * stencil of offsets alone) that they fill at least half of. */
 int sa_cpu_window_fits(const sa_attention_params *p);
 
+/* Whether a clamped window's query stride along an axis suits the kernel's
+ * blocks of `block` rows (columns): it divides the block or the block
+ * divides it. */
+int sa_cpu_window_stride_fits(int64_t stride, int64_t block);
+
+/* The kernel's blocks: rows and columns of queries. */
+#define SA_WINDOW_BLOCK_ROWS 4
+#define SA_WINDOW_BLOCK_COLS 2
+
 /* The same rule on a stencil's offsets ((dy, dx) pairs) and a head dim alone:
  * Python asks it before a backward with a bias, which only the window kernel
  * (and the row kernels) can give. With `lattice` (no extra keys or listed

@@ -28,6 +28,11 @@
 #define ERR_LEN 512
 /* bit of a packed stencil's flags word: a window clamped to the grid (sa_attention_params.stencil_clamped) */
 #define STENCIL_FLAG_CLAMPED 1
+/* bits 8-15 and 16-23 of the flags word: a clamped window's query strides
+ * (rows, columns) minus one (sa_attention_params.stencil_stride_y, _x) */
+#define STENCIL_STRIDE_Y_SHIFT 8
+#define STENCIL_STRIDE_X_SHIFT 16
+#define STENCIL_STRIDE_BITS ((0xFF << STENCIL_STRIDE_Y_SHIFT) | (0xFF << STENCIL_STRIDE_X_SHIFT))
 
 /* The views one call holds; all released together on every path. */
 typedef struct {
@@ -360,9 +365,14 @@ static const int32_t *take_packed_stencil(view_set *set, PyObject *obj, const sa
         return NULL;
     }
     const int32_t flags = length > body ? at[body] : 0;
-    if (flags & ~STENCIL_FLAG_CLAMPED) {
-        PyErr_Format(PyExc_ValueError, "stencil: unknown flags %d (known: %d, a window clamped to the grid)",
-                     (int)flags, STENCIL_FLAG_CLAMPED);
+    if (flags & ~(STENCIL_FLAG_CLAMPED | STENCIL_STRIDE_BITS)) {
+        PyErr_Format(PyExc_ValueError,
+                     "stencil: unknown flags %d (known: %d, a window clamped to the grid, and its query strides "
+                     "minus one in bits 8-15 and 16-23)", (int)flags, STENCIL_FLAG_CLAMPED);
+        return NULL;
+    }
+    if ((flags & STENCIL_STRIDE_BITS) && !(flags & STENCIL_FLAG_CLAMPED)) {
+        PyErr_SetString(PyExc_ValueError, "stencil: query strides are for a window clamped to the grid (flag 1)");
         return NULL;
     }
     *length_out = length;
@@ -380,7 +390,7 @@ static int32_t stencil_flags(const int32_t *at, int64_t length)
  * in units of the divisors they share, for a dilated one), no taller or
  * wider than the smallest class of tokens they link, with nothing else: 0,
  * or -1 with an exception set. */
-static int check_clamped_window(const int32_t *at, int64_t height, int64_t width)
+static int check_clamped_window(const int32_t *at, int64_t height, int64_t width, int stride_y, int stride_x)
 {
     const int64_t offsets = at[0];
     const int32_t *pairs = at + 3;
@@ -398,6 +408,15 @@ static int check_clamped_window(const int32_t *at, int64_t height, int64_t width
                      "within the %lld x %lld grid's every class of tokens; got %lld offsets in a %lld x %lld box",
                      (long long)step[0], (long long)step[1], (long long)height, (long long)width,
                      (long long)offsets, (long long)box_h, (long long)box_w);
+        return -1;
+    }
+    if (stride_y > box_h || stride_x > box_w || !sa_cpu_window_stride_fits(stride_y, SA_WINDOW_BLOCK_ROWS) ||
+        !sa_cpu_window_stride_fits(stride_x, SA_WINDOW_BLOCK_COLS)) {
+        PyErr_Format(PyExc_ValueError,
+                     "stencil: query strides %d x %d do not suit a %lld x %lld clamped window: each must be at most "
+                     "the box, and divide or be a multiple of the window kernel's %d x %d blocks",
+                     stride_y, stride_x, (long long)box_h, (long long)box_w, SA_WINDOW_BLOCK_ROWS,
+                     SA_WINDOW_BLOCK_COLS);
         return -1;
     }
     uint8_t *seen = calloc((size_t)offsets, 1);
@@ -434,7 +453,10 @@ static int take_stencil(view_set *set, PyObject *obj, const sa_view *q, sa_atten
     const int32_t *at = take_packed_stencil(set, obj, q, &length);
     if (!at) return -1;
     const int64_t offsets = at[0], keys = at[1], rows = at[2], n = p->num_tokens;
-    const int clamped = (stencil_flags(at, length) & STENCIL_FLAG_CLAMPED) != 0;
+    const int32_t flags = stencil_flags(at, length);
+    const int clamped = (flags & STENCIL_FLAG_CLAMPED) != 0;
+    const int stride_y = ((flags >> STENCIL_STRIDE_Y_SHIFT) & 0xFF) + 1;
+    const int stride_x = ((flags >> STENCIL_STRIDE_X_SHIFT) & 0xFF) + 1;
     const int32_t *pairs = at + 3, *listed = pairs + 2 * offsets;
     for (int64_t o = 0; o < offsets; o++) {
         if (pairs[2 * o] <= -p->height || pairs[2 * o] >= p->height ||
@@ -453,8 +475,10 @@ static int take_stencil(view_set *set, PyObject *obj, const sa_view *q, sa_atten
             return -1;
         }
     }
-    if (clamped && check_clamped_window(at, p->height, p->width) < 0) return -1;
+    if (clamped && check_clamped_window(at, p->height, p->width, stride_y, stride_x) < 0) return -1;
     p->stencil_clamped = clamped;
+    p->stencil_stride_y = stride_y;
+    p->stencil_stride_x = stride_x;
     p->stencil_offsets = pairs;
     p->stencil_num_offsets = offsets;
     p->stencil_keys = listed;

@@ -224,24 +224,65 @@ def stencil_of(layout: Layout):
     offsets, keys, rows = described
     if offsets is None or not offsets or len(offsets) > MAX_OFFSETS or not _matches(layout, offsets, keys, rows):
         if layout.pattern is None and use_clamped_window:
-            box = _clamped_window(layout)
-            if box is not None:
-                return _pack(box, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), clamped=True)
+            found = _clamped_window(layout)
+            if found is not None:
+                box, strides = found
+                return _pack(box, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), clamped=True,
+                             strides=strides)
         return None
     return _pack(offsets, keys, rows)
 
 
-def clamped_axis_keys(size: int, lo: int, box: int, step: int = 1):
+def _leaders(position, stride, class_size):
+    """Per class position, the one whose window it takes: itself, or with a
+    query stride the middle member of its run of ``stride`` (the right one
+    of two; the class's last where the run is cut short)."""
+    if stride == 1:
+        return position
+    return np.minimum(position - position % stride + stride // 2, class_size - 1)
+
+
+def clamped_axis_keys(size: int, lo: int, box: int, step: int = 1, stride: int = 1):
     """Per coordinate of an axis of ``size`` tokens, the ``box`` keys a
     clamped window gives it on that axis, as a (size, box) int64 array: in
     its class of coordinates modulo ``step`` (a grid of its own, as the C
-    kernel runs it), the box [pos + lo, pos + lo + box) moved back inside
-    the class. Every class must hold ``box`` tokens."""
+    kernel runs it), the box [leader + lo, leader + lo + box) moved back
+    inside the class, the leader being the coordinate itself or, with a
+    query ``stride``, the middle member of its run (see _leaders). Every
+    class must hold ``box`` tokens."""
     coords = np.arange(size, dtype=np.int64)
     residue, position = coords % step, coords // step
     class_size = (size - residue + step - 1) // step
-    start = np.clip(position + lo, 0, class_size - box)
+    start = np.clip(_leaders(position, stride, class_size) + lo, 0, class_size - box)
     return residue[:, None] + step * (start[:, None] + np.arange(box)[None, :])
+
+
+# the window kernel's blocks of queries (rows, columns): a clamped window's
+# query stride along an axis must divide the block's extent or be a multiple
+# of it (C's sa_cpu_window_stride_fits; its binding refuses other strides)
+WINDOW_BLOCK = (4, 2)
+
+
+def _stride_fits(stride, block):
+    return block % stride == 0 or stride % block == 0
+
+
+def _axis_stride(observed, centre, lo_at_centre, box, step, size, block):
+    """The smallest query stride that, with the box's top ``lo`` measured at
+    the centre coordinate, gives every coordinate of the axis its observed
+    window start (class positions), among those the window kernel's blocks
+    take; None when none does."""
+    coords = np.arange(size, dtype=np.int64)
+    residue, position = coords % step, coords // step
+    class_size = (size - residue + step - 1) // step
+    for stride in range(1, box + 1):
+        if not _stride_fits(stride, block):
+            continue
+        lo = lo_at_centre - int(_leaders(position[centre:centre + 1], stride, class_size[centre:centre + 1])[0])
+        predicted = np.clip(_leaders(position, stride, class_size) + lo, 0, class_size - box)
+        if np.array_equal(predicted, observed):
+            return stride, lo
+    return None
 
 
 def _axis_step(offsets):
@@ -251,32 +292,45 @@ def _axis_step(offsets):
 
 
 def _clamped_window(layout: Layout):
-    """The offsets of the box a custom layout is, clamped to the grid (every
-    query attends the whole box, moved inward at the edges; NATTEN's
-    neighbourhood attention), dilated or not, or None. The box is read off
-    the centre query's keys; every row is then checked against the CSR the
-    C kernel's rule gives that box (the steps the offsets share split the
-    grid into classes of tokens, each clamped as a grid of its own)."""
+    """(offsets, query strides) of the box a custom layout is, clamped to the
+    grid (every query attends the whole box, moved inward at the edges;
+    NATTEN's neighbourhood attention), dilated or not, with or without query
+    strides (its generalised form: runs of queries share one window), or
+    None. The box's size is read off the centre query's keys, the strides
+    and the box's place from every row's and column's first key; every row
+    is then checked against the CSR the C kernel's rule gives (the steps the
+    offsets share split the grid into classes of tokens, each clamped as a
+    grid of its own)."""
     h, w, n = layout.height, layout.width, layout.num_tokens
     if layout.nnz == 0:
         return None
-    centre = (h // 2) * w + w // 2
-    keys = layout.neighbors(centre).astype(np.int64)
+    centre_y, centre_x = h // 2, w // 2
+    keys = layout.neighbors(centre_y * w + centre_x).astype(np.int64)
     if keys.size == 0 or layout.nnz != n * keys.size:
         return None
-    dy, dx = keys // w - h // 2, keys % w - w // 2
+    dy, dx = keys // w - centre_y, keys % w - centre_x
     step_y, step_x = _axis_step(dy), _axis_step(dx)
-    lo_y, lo_x = int(dy.min()) // step_y, int(dx.min()) // step_x
-    box_h, box_w = int(dy.max()) // step_y - lo_y + 1, int(dx.max()) // step_x - lo_x + 1
+    box_h, box_w = (int(dy.max()) - int(dy.min())) // step_y + 1, (int(dx.max()) - int(dx.min())) // step_x + 1
     if keys.size != box_h * box_w or box_h > h // step_y or box_w > w // step_x:
         return None  # not a whole box, or a class too short for it
     if not np.array_equal(layout.degrees(), np.full(n, keys.size)):
         return None
-    rows, cols = clamped_axis_keys(h, lo_y, box_h, step_y), clamped_axis_keys(w, lo_x, box_w, step_x)
+    # first keys of the centre column's and centre row's queries, as class positions
+    first = layout.indices[layout.indptr[:-1]].astype(np.int64)
+    rows_first = first[np.arange(h) * w + centre_x] // w // step_y
+    cols_first = first[centre_y * w + np.arange(w)] % w // step_x
+    found_y = _axis_stride(rows_first, centre_y, int(rows_first[centre_y]), box_h, step_y, h, WINDOW_BLOCK[0])
+    found_x = _axis_stride(cols_first, centre_x, int(cols_first[centre_x]), box_w, step_x, w, WINDOW_BLOCK[1])
+    if found_y is None or found_x is None:
+        return None
+    (stride_y, lo_y), (stride_x, lo_x) = found_y, found_x
+    rows = clamped_axis_keys(h, lo_y, box_h, step_y, stride_y)
+    cols = clamped_axis_keys(w, lo_x, box_w, step_x, stride_x)
     expected = (rows[:, None, :, None] * w + cols[None, :, None, :]).reshape(-1)
     if not np.array_equal(layout.indices, expected):
         return None
-    return [((lo_y + a) * step_y, (lo_x + b) * step_x) for a in range(box_h) for b in range(box_w)]
+    offsets = [((lo_y + a) * step_y, (lo_x + b) * step_x) for a in range(box_h) for b in range(box_w)]
+    return offsets, (stride_y, stride_x)
 
 
 def is_clamped(stencil) -> bool:
@@ -305,10 +359,21 @@ def sums_bias_grad(stencil) -> bool:
 
 # bit of a packed stencil's flags word (its last, where present): a window clamped to the grid
 CLAMPED = 1
+# bits 8-15 and 16-23 of the flags word: a clamped window's query strides (rows, columns) minus one
+_STRIDE_SHIFTS = (8, 16)
 
 
-def _pack(offsets, keys, rows, clamped=False):
-    flags = np.array([CLAMPED] if clamped else [], dtype=np.int64)
+def query_strides(stencil):
+    """A packed stencil's query strides (rows, columns): (1, 1) but for a
+    clamped window in NATTEN's generalised form."""
+    body = 3 + 2 * int(stencil[0]) + int(stencil[1]) + int(stencil[2])
+    flags = int(stencil[body]) if len(stencil) > body else 0
+    return tuple(((flags >> shift) & 0xFF) + 1 for shift in _STRIDE_SHIFTS)
+
+
+def _pack(offsets, keys, rows, clamped=False, strides=(1, 1)):
+    word = CLAMPED | sum((stride - 1) << shift for stride, shift in zip(strides, _STRIDE_SHIFTS))
+    flags = np.array([word] if clamped else [], dtype=np.int64)
     packed = np.concatenate([np.array([len(offsets), keys.size, rows.size], dtype=np.int64),
                              np.array(offsets, dtype=np.int64).reshape(-1), keys, rows, flags])
     packed = packed.astype(np.int32)

@@ -189,6 +189,30 @@ def test_dilated_neighbourhoods_run_on_the_window_kernel(grid, kernel, dilation,
     assert_window_kernel_matches_reference(layout, bias_side=11)
 
 
+@pytest.mark.parametrize("narrow", [False, True])
+@pytest.mark.parametrize("grid, kernel, dilation, stride", [
+    ((13, 17), 7, 1, 2), ((16, 16), 5, 1, 4), ((23, 14), (7, 5), 1, (2, 4)), ((20, 21), 3, 2, 2),
+    ((9, 30), (3, 7), (1, 2), (1, 2)), ((12, 12), 7, 1, (4, 1)), ((24, 26), 9, 1, 8), ((11, 10), 5, 1, (1, 4))])
+def test_strided_neighbourhoods_run_on_the_window_kernel(grid, kernel, dilation, stride, narrow, monkeypatch):
+    """NATTEN's generalised neighbourhood (runs of queries share their middle
+    member's window) with strides that divide the kernel's 4 x 2 blocks or
+    are multiples of them: the blocks' lanes take their leaders' windows."""
+    if narrow:
+        monkeypatch.setenv("SPARSE_ATTENTION_NARROW_KERNELS", "1")
+    monkeypatch.setattr(_stencil, "CUSTOM_WINDOW_MAX_FILL", float("inf"))
+    layout = neighborhood_layout(*grid, kernel, dilation=dilation, stride=stride)
+    stencil = layout.stencil()
+    assert _stencil.is_clamped(stencil) and _stencil.cpu_kernel_choice(layout) == "stencil"
+    assert _stencil.query_strides(stencil) == ((stride, stride) if isinstance(stride, int) else stride)
+    assert_window_kernel_matches_reference(layout, bias_side=13)
+
+
+def test_strides_the_blocks_do_not_take_go_to_the_tiles():
+    layout = neighborhood_layout(20, 20, 7, stride=3)
+    assert layout.stencil() is None and _stencil.cpu_kernel_choice(layout) == "tiles"
+    assert _stencil.query_strides(neighborhood_layout(20, 20, 7).stencil()) == (1, 1)
+
+
 CASES = [((16, 16), (7, 7), (-3, -3)), ((12, 12), (7, 7), (-3, -3)), ((7, 13), (5, 5), (-2, -2)),
          ((1, 9), (1, 3), (0, -1)), ((9, 1), (3, 1), (-1, 0)), ((10, 10), (4, 4), (-2, -2)),
          ((20, 11), (5, 5), (-4, -4)), ((10, 12), (3, 3), (0, 0)), ((14, 14), (13, 13), (-6, -6)),
@@ -288,6 +312,10 @@ def test_the_binding_checks_a_clamped_stencil():
     wide = [a for dx in range(-4, 5) for a in (0, dx)]
     refused([9, 0, 0] + wide + [1], "within the 8 x 8 grid")
     refused([9, 0, 0] + box + [0, 0], "optionally a flags word")
+    refused([9, 0, 0] + box + [1 << 8], r"query strides are for a window clamped to the grid")
+    refused([9, 0, 0] + box + [1 | (2 << 8)], r"query strides 3 x 1 do not suit a 3 x 3 clamped window")
+    refused([9, 0, 0] + box + [1 | (3 << 16)], r"query strides 1 x 4 do not suit a 3 x 3 clamped window")
+    refused([9, 0, 0] + box + [1 | (1 << 24)], "unknown flags")
     C.attention_forward(q, q, q, out, lse, tensors["indptr"], tensors["indices"], height=8, width=8, scale=0.3,
                         stencil=torch.tensor([9, 0, 0] + box + [1], dtype=torch.int32))
     ref_out, _, _ = reference_attention(q, q, q, layout, scale=0.3)
