@@ -165,8 +165,10 @@ def neighborhood_layout(height, width, kernel_size=7, *, dilation=1, stride=1, i
     CPU window kernel as a clamped stencil up to a 13 x 13 kernel (dilated:
     each class of tokens as a grid of its own), unless it covers so much of
     a small grid that the tiles run it faster (_stencil.CUSTOM_WINDOW_MAX_FILL);
-    causal with stride 1 it is a clipped stencil; with a stride above 1 it
-    goes where its tile plan sends it, as any custom layout."""
+    with query strides of 2, 4 or 8 (those that divide the window kernel's
+    4 x 2 blocks of queries or are multiples of them) it runs there too;
+    causal with stride 1 it is a clipped stencil; other strides go where
+    their tile plans send them, as any custom layout."""
     height, width = _grid(height, width)
     kernel = _axis_pair(kernel_size, "kernel_size")
     dilation = _axis_pair(dilation, "dilation")
