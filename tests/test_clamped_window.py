@@ -396,7 +396,8 @@ def test_offsets_that_share_a_divisor_run_on_the_window_kernel(pattern, knobs):
 
 def random_stencil_case(rng):
     """A random grid and a stencil of offsets alone on it (a plain one, or a
-    clamped box), dilated by random steps, with the CSR it stands for."""
+    clamped box, with or without query strides), dilated by random steps,
+    with the CSR it stands for."""
     from sparse_attention._stencil import _pack, clamped_axis_keys
 
     height, width = (int(x) for x in rng.integers(1, 21, size=2))
@@ -408,8 +409,11 @@ def random_stencil_case(rng):
         box_w = int(rng.integers(1, min(13, width // step_x) + 1))
         lo_y, lo_x = int(rng.integers(-box_h + 1, 1)), int(rng.integers(-box_w + 1, 1))
         offsets = [((lo_y + a) * step_y, (lo_x + b) * step_x) for a in range(box_h) for b in range(box_w)]
-        rows = clamped_axis_keys(height, lo_y, box_h, step_y)
-        cols = clamped_axis_keys(width, lo_x, box_w, step_x)
+        # query strides the window kernel's 4 x 2 blocks take, up to the box
+        stride_y = int(rng.choice([s for s in (1, 1, 2, 4, 8) if s <= box_h]))
+        stride_x = int(rng.choice([s for s in (1, 1, 2, 4, 6) if s <= box_w]))
+        rows = clamped_axis_keys(height, lo_y, box_h, step_y, stride_y)
+        cols = clamped_axis_keys(width, lo_x, box_w, step_x, stride_x)
         indices = (rows[:, None, :, None] * width + cols[None, :, None, :]).reshape(-1)
         indptr = np.arange(n + 1, dtype=np.int64) * (box_h * box_w)
         clamped = True
@@ -428,10 +432,11 @@ def random_stencil_case(rng):
         indptr = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.bincount(pairs[:, 0], minlength=n), out=indptr[1:])
         indices = pairs[:, 1]
-        clamped = False
+        clamped, stride_y, stride_x = False, 1, 1
     empty = np.zeros(0, dtype=np.int64)
     from sparse_attention import layout_from_csr
-    return layout_from_csr(height, width, indptr, indices), _pack(offsets, empty, empty, clamped=clamped)
+    return layout_from_csr(height, width, indptr, indices), _pack(offsets, empty, empty, clamped=clamped,
+                                                                  strides=(stride_y, stride_x))
 
 
 def test_random_stencils_give_what_their_csr_gives():
