@@ -7,7 +7,9 @@ constructor arguments and its channels-last inputs (``[B, H, W, C]``,
 their place and loads its state dict unchanged. What differs: they train on
 the CPU too (NATTEN's CPU path has no backward), take any grid (NATTEN asks
 for kernel_size x dilation <= the grid), and offer attention dropout and a
-relative position bias table.
+relative position bias: our own table, or ``rpb``, the bias of NAT's and
+DiNAT's published checkpoints (NATTEN before 0.20; later versions dropped it),
+so those load and run too.
 """
 
 import functools
@@ -33,7 +35,7 @@ class _NeighborhoodAttention(nn.Module):
     axes the token axes of the input are (1-D: a 1 x L grid)."""
 
     def __init__(self, axes, embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias, qk_scale,
-                 proj_drop, attn_drop, rel_pos_bias):
+                 proj_drop, attn_drop, rel_pos_bias, rpb):
         super().__init__()
         embed_dim, num_heads = _as_int(embed_dim, "embed_dim"), _as_int(num_heads, "num_heads")
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
@@ -53,12 +55,23 @@ class _NeighborhoodAttention(nn.Module):
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bool(qkv_bias))
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.proj_drop = nn.Dropout(_probability(proj_drop, "proj_drop"))
+        if rel_pos_bias and rpb:
+            raise ValueError("rel_pos_bias, rpb: expected at most one of the two biases")
+        if rpb and self.stride != (1, 1):
+            raise ValueError(f"rpb: NAT's bias is defined for stride 1 (offsets within the kernel), got stride "
+                             f"{self.stride}")
+        # offsets reach (kernel - 1) x dilation at the grid's edges, where the window is moved inward
+        self._reach = max((k - 1) * d for k, d in zip(self.kernel_size, self.dilation))
         if rel_pos_bias:
-            # offsets reach (kernel - 1) x dilation at the grid's edges, where the window is moved inward
-            reach = max((k - 1) * d for k, d in zip(self.kernel_size, self.dilation))
-            self.rel_pos_bias = nn.Parameter(torch.randn(num_heads, 2 * reach + 1, 2 * reach + 1) * 0.02)
+            self.rel_pos_bias = nn.Parameter(torch.randn(num_heads, 2 * self._reach + 1, 2 * self._reach + 1) * 0.02)
         else:
             self.register_parameter("rel_pos_bias", None)
+        if rpb:
+            # as NATTEN's 1-D and 2-D modules held it: one axis of cells per axis of tokens
+            shape = [2 * self.kernel_size[axis] - 1 for axis in range(2 - len(axes), 2)]
+            self.rpb = nn.Parameter(torch.randn(num_heads, *shape) * 0.02)
+        else:
+            self.register_parameter("rpb", None)
         self._builder = functools.partial(neighborhood_layout, kernel_size=self.kernel_size, stride=self.stride,
                                           dilation=self.dilation, is_causal=self.is_causal)
         self._layouts = {}
@@ -72,6 +85,22 @@ class _NeighborhoodAttention(nn.Module):
                 raise ValueError(f"{label}: expected a value or a 1-tuple for a 1-D module, got {value!r}")
             (value,) = value
         return (check(filler, label)[0], check(value, label)[0])
+
+    def _bias_table(self):
+        """The op's bias table: rel_pos_bias, or NAT's rpb spread into one.
+        rpb[h, u + k - 1, v + k - 1] is the bias of a key u rows and v
+        columns (in steps of the dilation) after the query; the op's table
+        is indexed by query minus key, clamped to M, so rpb's cell (u, v)
+        goes to (M - u x dilation, M - v x dilation) and the cells between
+        the dilation's steps, which no pair reaches, stay 0."""
+        if self.rpb is None:
+            return self.rel_pos_bias
+        side = 2 * self._reach + 1
+        rows, cols = (self._reach - d * (torch.arange(2 * k - 1, device=self.rpb.device) - (k - 1))
+                      for k, d in zip(self.kernel_size, self.dilation))
+        table = self.rpb.new_zeros(self.num_heads, side, side)
+        table[:, rows[:, None], cols[None, :]] = self.rpb.view(self.num_heads, rows.numel(), cols.numel())
+        return table
 
     def _layout(self, height, width):
         if torch.compiler.is_compiling():
@@ -95,7 +124,7 @@ class _NeighborhoodAttention(nn.Module):
         # [B, heads, N, head_dim] views: the op takes any strides but the last
         query, key, value = (qkv[:, :, i].transpose(1, 2) for i in range(3))
         out = sparse_scaled_dot_product_attention(query, key, value, self._layout(height, width), scale=self.scale,
-                                                  rel_pos_bias=self.rel_pos_bias,
+                                                  rel_pos_bias=self._bias_table(),
                                                   dropout_p=self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(batch, *token_shape, channels)
         return self.proj_drop(self.proj(out))
@@ -104,7 +133,8 @@ class _NeighborhoodAttention(nn.Module):
         pick = (lambda pair: pair) if len(self.axes) == 2 else (lambda pair: pair[1:])
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kernel_size={pick(self.kernel_size)}, "
                 f"stride={pick(self.stride)}, dilation={pick(self.dilation)}, is_causal={pick(self.is_causal)}, "
-                f"attn_drop={self.attn_drop}, rel_pos_bias={self.rel_pos_bias is not None}")
+                f"attn_drop={self.attn_drop}, rel_pos_bias={self.rel_pos_bias is not None}, "
+                f"rpb={self.rpb is not None}")
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -123,20 +153,26 @@ class NeighborhoodAttention2D(_NeighborhoodAttention):
     ``attn_drop`` (dropout on the attention weights, in training) and
     ``rel_pos_bias=True`` (a learnable table ``[heads, 2M+1, 2M+1]`` indexed
     by the offset (dy, dx), M = (kernel_size - 1) x dilation, the farthest
-    offset a window moved inward at the edges reaches)."""
+    offset a window moved inward at the edges reaches), or ``rpb=True``: the
+    parameter ``rpb`` ``[heads, 2 kernel_size - 1, 2 kernel_size - 1]`` of NAT's
+    and DiNAT's checkpoints (NATTEN before 0.20), indexed by key minus query
+    in steps of the dilation plus kernel_size - 1 (NATTEN's get_pb_start rule
+    for its odd kernels), so their state dicts load (stride 1 only; those versions padded maps smaller than kernel_size x
+    dilation with zero tokens, where this attends the whole smaller map)."""
 
     def __init__(self, embed_dim, num_heads, kernel_size, stride=1, dilation=1, is_causal=False, qkv_bias=True,
-                 qk_scale=None, proj_drop=0.0, *, attn_drop=0.0, rel_pos_bias=False):
+                 qk_scale=None, proj_drop=0.0, *, attn_drop=0.0, rel_pos_bias=False, rpb=False):
         super().__init__((0, 1), embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias,
-                         qk_scale, proj_drop, attn_drop, rel_pos_bias)
+                         qk_scale, proj_drop, attn_drop, rel_pos_bias, rpb)
 
 
 class NeighborhoodAttention1D(_NeighborhoodAttention):
     """Neighbourhood attention over a sequence ``[B, L, C]`` (a 1 x L grid),
     as NATTEN's module of the same name; the arguments as
-    :class:`NeighborhoodAttention2D`'s, each a single value."""
+    :class:`NeighborhoodAttention2D`'s, each a single value (``rpb``:
+    ``[heads, 2 kernel_size - 1]``)."""
 
     def __init__(self, embed_dim, num_heads, kernel_size, stride=1, dilation=1, is_causal=False, qkv_bias=True,
-                 qk_scale=None, proj_drop=0.0, *, attn_drop=0.0, rel_pos_bias=False):
+                 qk_scale=None, proj_drop=0.0, *, attn_drop=0.0, rel_pos_bias=False, rpb=False):
         super().__init__((1,), embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias,
-                         qk_scale, proj_drop, attn_drop, rel_pos_bias)
+                         qk_scale, proj_drop, attn_drop, rel_pos_bias, rpb)

@@ -14,6 +14,24 @@ CONFIGS = [dict(kernel_size=7), dict(kernel_size=5, dilation=2), dict(kernel_siz
            dict(kernel_size=4, is_causal=(True, False)), dict(kernel_size=5, stride=5)]
 
 
+def attention_with_nat_bias(q, k, v, layout, module):
+    """Dense masked attention in float64 with NAT's rpb as its checkpoints
+    define it: the bias of key j for query i is rpb[h, (yj - yi) / dy + ky - 1,
+    (xj - xi) / dx + kx - 1] (offsets in steps of the dilation)."""
+    n = layout.num_tokens
+    (ky, kx), (dy, dx) = module.kernel_size, module.dilation
+    rpb = module.rpb.double().view(module.num_heads, 2 * ky - 1, 2 * kx - 1)
+    bias = torch.zeros(module.num_heads, n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in layout.neighbors(i).tolist():
+            (yi, xi), (yj, xj) = divmod(i, layout.width), divmod(j, layout.width)
+            bias[:, i, j] = rpb[:, (yj - yi) // dy + ky - 1, (xj - xi) // dx + kx - 1]
+    scores = torch.einsum("bhid,bhjd->bhij", q, k) * module.scale + bias
+    allowed = torch.from_numpy(layout.to_dense())
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return probs @ v
+
+
 def module_reference(module, x):
     """The module's forward in float64 with the dense masked reference for
     the attention: projections by hand from its parameters, no dropout."""
@@ -27,7 +45,10 @@ def module_reference(module, x):
     layout = neighborhood_layout(height, width, module.kernel_size, stride=module.stride,
                                  dilation=module.dilation, is_causal=module.is_causal)
     table = None if module.rel_pos_bias is None else module.rel_pos_bias.double()
-    out, _, _ = reference_attention(*qkv, layout, scale=module.scale, bias=table)
+    if module.rpb is None:
+        out, _, _ = reference_attention(*qkv, layout, scale=module.scale, bias=table)
+    else:
+        out = attention_with_nat_bias(*qkv, layout, module)
     out = out.transpose(1, 2).reshape(batch, *token_shape, channels)
     return torch.nn.functional.linear(out, module.proj.weight.double(), module.proj.bias.double())
 
@@ -70,6 +91,40 @@ def test_natten_modules_state_dicts_load_and_give_the_same_outputs(config):
     ours_1d = NeighborhoodAttention1D(16, 2, kernel_size=5, dilation=2).eval()
     ours_1d.load_state_dict(theirs_1d.state_dict())
     torch.testing.assert_close(ours_1d(sequence), expected_1d, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [dict(kernel_size=7), dict(kernel_size=5, dilation=2), dict(kernel_size=(3, 5)),
+                                    dict(kernel_size=3, dilation=(2, 3))])
+def test_nat_checkpoint_bias_matches_its_definition(config):
+    torch.manual_seed(7)
+    module = NeighborhoodAttention2D(12, 3, rpb=True, **config).eval()
+    with torch.no_grad():
+        module.rpb.normal_()  # large enough to matter
+    x = torch.randn(2, 11, 13, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x).double(), module_reference(module, x), rtol=1e-5, atol=2e-6)
+
+
+def test_nat_checkpoint_bias_in_1d_and_its_gradient():
+    torch.manual_seed(8)
+    module = NeighborhoodAttention1D(8, 2, 5, dilation=2, rpb=True).double().eval()
+    assert module.rpb.shape == (2, 9)
+    x = torch.randn(2, 17, 8, dtype=torch.float64)
+    torch.testing.assert_close(module(x), module_reference(module, x), rtol=1e-9, atol=1e-9)
+    assert torch.autograd.gradcheck(lambda rpb: torch.func.functional_call(module, {"rpb": rpb}, x[:1, :9]),
+                                    (module.rpb.detach().clone().requires_grad_(),))
+
+
+def test_a_nat_state_dict_loads():
+    """The keys and shapes a NAT / DiNAT checkpoint's attention holds
+    (NATTEN before 0.20): qkv, rpb, proj."""
+    heads, kernel, dim = 4, 7, 64
+    state = {"qkv.weight": torch.randn(3 * dim, dim), "qkv.bias": torch.randn(3 * dim),
+             "rpb": torch.randn(heads, 2 * kernel - 1, 2 * kernel - 1), "proj.weight": torch.randn(dim, dim),
+             "proj.bias": torch.randn(dim)}
+    module = NeighborhoodAttention2D(dim, heads, kernel, dilation=2, rpb=True)
+    module.load_state_dict(state)  # strict
+    assert torch.isfinite(module(torch.randn(1, 14, 14, dim))).all()
 
 
 def test_parameter_names_are_natten_s():
@@ -161,6 +216,10 @@ def test_bad_arguments_and_inputs_are_refused():
         NeighborhoodAttention2D(8, 2, 3, attn_drop=1.0)
     with pytest.raises(ValueError, match="kernel_size: expected a value or a 1-tuple for a 1-D module"):
         NeighborhoodAttention1D(8, 2, (3, 3))
+    with pytest.raises(ValueError, match="rel_pos_bias, rpb: expected at most one"):
+        NeighborhoodAttention2D(8, 2, 3, rel_pos_bias=True, rpb=True)
+    with pytest.raises(ValueError, match=r"rpb: NAT's bias is defined for stride 1 .* got stride \(2, 2\)"):
+        NeighborhoodAttention2D(8, 2, 3, stride=2, rpb=True)
     module = NeighborhoodAttention2D(8, 2, 3)
     with pytest.raises(ValueError, match=r"x: expected \[B, H, W, C\] with C = embed_dim = 8, got shape \(1, 8, 5, 5\)"):
         module(torch.randn(1, 8, 5, 5))  # channels first, as EnhancedSparseAttention takes it
