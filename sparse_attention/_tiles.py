@@ -49,6 +49,7 @@ _SHAPES = ((8, 8), (4, 16), (16, 4), (2, 32), (32, 2), (1, 64), (64, 1))
 _CPU_EXTRA_SHAPES = tuple((rows, cols) for rows in range(3, 17) for cols in range(3, 17)
                           if 36 <= rows * cols <= 64 and (rows, cols) not in _SHAPES)
 _CPU_EXTRA_SHAPE_GAIN = 0.85
+_CPU_EXTRA_CANDIDATES = 4  # the extra shapes with the best sampled estimates, then counted tile by tile
 # plans of layouts with more pairs than this are not built: the C planner
 # takes about a second per 100 M pairs, once per layout. A plan holds 12
 # bytes a slot (a key and a mask word), and a chunk's 64 keys each belong to
@@ -247,7 +248,8 @@ def _build_pass(layout, shape, pairs, left_out):
 
 def _estimate_cost(layout, shape, pairs, left_out, for_cpu, samples=12):
     """(cost, merge cost) of a tiling of ``shape`` for the selected pairs,
-    estimated from evenly spaced tiles, in 64 x 64 chunks. On the GPU a chunk
+    estimated from evenly spaced tiles (``samples`` None: all of them), in
+    64 x 64 chunks. On the GPU a chunk
     costs the same however full, so the cost is the chunks, and a second
     pass's merge costs per tile. The CPU kernels compute only a tile's rows
     that hold a query and a chunk's columns up to its last key (rounded up to
@@ -255,14 +257,24 @@ def _estimate_cost(layout, shape, pairs, left_out, for_cpu, samples=12):
     costs per query row: on a grid 14 wide, AXIAL's row pass as one image row
     a tile computes a quarter of the slots of four rows a tile."""
     num_tiles = _num_tiles(layout.height, layout.width, shape)
-    picked = np.unique(np.linspace(0, num_tiles - 1, min(samples, num_tiles)).astype(np.int64))
+    if samples is None:  # every tile, each with its own number of queries
+        picked = np.arange(num_tiles, dtype=np.int64)
+    else:
+        picked = np.unique(np.linspace(0, num_tiles - 1, min(samples, num_tiles)).astype(np.int64))
     sizes = C.plan_union_sizes(*_csr(layout, shape, pairs, left_out), tiles=picked).astype(np.int64)
     if not for_cpu:
         return (-(-sizes // TILE)).mean() * num_tiles, _PASS_COST_PER_TILE * num_tiles
-    queries = (layout.num_tokens - (0 if left_out is None else int(left_out.sum()))) / num_tiles
+    kept = (layout.num_tokens - (0 if left_out is None else int(left_out.sum()))) / max(1, layout.num_tokens)
+    queries = layout.num_tokens * kept / num_tiles
+    if samples is None:
+        # tiles at the grid's far edges are cut short: their queries, scaled by the rows left in the plan
+        across = -(-layout.width // shape[1])
+        tile_rows = np.minimum(shape[0], layout.height - picked // across * shape[0])
+        tile_cols = np.minimum(shape[1], layout.width - picked % across * shape[1])
+        queries = tile_rows * tile_cols * kept
     columns = sizes // TILE * TILE + -(-(sizes % TILE) // 8) * 8
     per_tile = (queries * columns).mean() / (TILE * TILE) + _CPU_COST_PER_TILE
-    return per_tile * num_tiles, _PASS_COST_PER_TILE * num_tiles * queries / TILE
+    return per_tile * num_tiles, _PASS_COST_PER_TILE * num_tiles * np.mean(queries) / TILE
 
 
 def _best_shape(layout, pairs, left_out, for_cpu, pair_count=None):
@@ -276,14 +288,14 @@ def _best_shape(layout, pairs, left_out, for_cpu, pair_count=None):
     none could win."""
     seen = set()
 
-    def estimates(shapes):
+    def estimates(shapes, samples=12):
         found = []
         for shape in shapes:
             shape = (min(shape[0], layout.height), min(shape[1], layout.width))
             if shape in seen:
                 continue
             seen.add(shape)
-            found.append((shape, *_estimate_cost(layout, shape, pairs, left_out, for_cpu)))
+            found.append((shape, *_estimate_cost(layout, shape, pairs, left_out, for_cpu, samples)))
         return found
 
     standard = estimates(_SHAPES)
@@ -292,8 +304,18 @@ def _best_shape(layout, pairs, left_out, for_cpu, pair_count=None):
         return best
     if pair_count is not None and pair_count / (TILE * TILE) >= _CPU_EXTRA_SHAPE_GAIN * best[1]:
         return best
-    extra = min(estimates(_CPU_EXTRA_SHAPES), key=lambda found: found[1], default=None)
-    return extra if extra is not None and extra[1] < _CPU_EXTRA_SHAPE_GAIN * best[1] else best
+    # Sampled tiles of a shape that does not divide the grid over- or
+    # under-count its cut-short edge tiles (a cross on a 32 x 32 grid took a
+    # 3 x 14 plan filling 0.096 of its slots, for 0.299 on 8 x 8): the
+    # samples pick a few candidates, and every tile is counted for those and
+    # for the best standard shape they must beat (all 51 counted in full
+    # took AXIAL's planning at 128 x 128 from 51 ms to 736)
+    sampled = sorted(estimates(_CPU_EXTRA_SHAPES), key=lambda found: found[1])[:_CPU_EXTRA_CANDIDATES]
+    counted = [(shape, *_estimate_cost(layout, shape, pairs, left_out, for_cpu, samples=None))
+               for shape, _, _ in sampled]
+    extra = min(counted, key=lambda found: found[1], default=None)
+    exact = _estimate_cost(layout, best[0], pairs, left_out, for_cpu, samples=None)
+    return extra if extra is not None and extra[1] < _CPU_EXTRA_SHAPE_GAIN * exact[0] else best
 
 
 def _planned_rows(layout, keep_long_rows):
