@@ -137,6 +137,21 @@ def test_parameter_names_are_natten_s():
     assert NeighborhoodAttention2D(8, 2, (3, 5), dilation=2, rel_pos_bias=True).rel_pos_bias.shape == (2, 17, 17)
 
 
+def test_the_bias_table_reaches_every_offset_of_a_strided_window():
+    """The table holds every offset the layout has, none clamped to its
+    edge, and no more: (kernel - 1) x dilation is reached at the grid's
+    edges, and a stride (at most the kernel) moves no query's keys further,
+    since its group's shared window stays within kernel - 1 of each member."""
+    for kernel, stride, dilation in ((5, 4, 1), ((3, 7), (2, 5), (2, 1)), (4, 3, 3), (5, 1, 2), (7, 7, 1)):
+        module = NeighborhoodAttention2D(8, 2, kernel, stride=stride, dilation=dilation, rel_pos_bias=True)
+        reach = (module.rel_pos_bias.shape[-1] - 1) // 2
+        layout = neighborhood_layout(23, 19, kernel, stride=stride, dilation=dilation)
+        queries = torch.repeat_interleave(torch.arange(layout.num_tokens), torch.from_numpy(layout.degrees()))
+        keys = torch.from_numpy(layout.indices).long()
+        far = max((queries // 19 - keys // 19).abs().max().item(), (queries % 19 - keys % 19).abs().max().item())
+        assert far == reach
+
+
 def test_gradients_through_the_module_pass_gradcheck():
     torch.manual_seed(3)
     module = NeighborhoodAttention2D(4, 2, 3, stride=(1, 2), rel_pos_bias=True).double()
