@@ -233,7 +233,16 @@ def stencil_of(layout: Layout):
     return _pack(offsets, keys, rows)
 
 
-def _leaders(position, stride, class_size):
+def class_positions(size: int, step: int):
+    """Per coordinate of an axis of ``size`` tokens split into classes
+    modulo ``step``: its class (residue), its position in the class, and
+    the class's size, as int64 arrays."""
+    coords = np.arange(size, dtype=np.int64)
+    residue = coords % step
+    return residue, coords // step, (size - residue + step - 1) // step
+
+
+def stride_leaders(position, stride, class_size):
     """Per class position, the one whose window it takes: itself, or with a
     query stride the middle member of its run of ``stride`` (the right one
     of two; the class's last where the run is cut short)."""
@@ -248,12 +257,10 @@ def clamped_axis_keys(size: int, lo: int, box: int, step: int = 1, stride: int =
     its class of coordinates modulo ``step`` (a grid of its own, as the C
     kernel runs it), the box [leader + lo, leader + lo + box) moved back
     inside the class, the leader being the coordinate itself or, with a
-    query ``stride``, the middle member of its run (see _leaders). Every
+    query ``stride``, the middle member of its run (see stride_leaders). Every
     class must hold ``box`` tokens."""
-    coords = np.arange(size, dtype=np.int64)
-    residue, position = coords % step, coords // step
-    class_size = (size - residue + step - 1) // step
-    start = np.clip(_leaders(position, stride, class_size) + lo, 0, class_size - box)
+    residue, position, class_size = class_positions(size, step)
+    start = np.clip(stride_leaders(position, stride, class_size) + lo, 0, class_size - box)
     return residue[:, None] + step * (start[:, None] + np.arange(box)[None, :])
 
 
@@ -272,14 +279,13 @@ def _axis_stride(observed, centre, lo_at_centre, box, step, size, block):
     the centre coordinate, gives every coordinate of the axis its observed
     window start (class positions), among those the window kernel's blocks
     take; None when none does."""
-    coords = np.arange(size, dtype=np.int64)
-    residue, position = coords % step, coords // step
-    class_size = (size - residue + step - 1) // step
+    _, position, class_size = class_positions(size, step)
     for stride in range(1, box + 1):
         if not _stride_fits(stride, block):
             continue
-        lo = lo_at_centre - int(_leaders(position[centre:centre + 1], stride, class_size[centre:centre + 1])[0])
-        predicted = np.clip(_leaders(position, stride, class_size) + lo, 0, class_size - box)
+        leaders = stride_leaders(position, stride, class_size)
+        lo = lo_at_centre - int(leaders[centre])
+        predicted = np.clip(leaders + lo, 0, class_size - box)
         if np.array_equal(predicted, observed):
             return stride, lo
     return None

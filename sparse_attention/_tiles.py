@@ -349,8 +349,8 @@ def choose_passes(layout, keep_long_rows=False, for_cpu=False):
     for first_pairs, second_pairs in splits:
         if counts[first_pairs] == 0 or counts[second_pairs] == 0:
             continue
-        first = _best_shape(layout, first_pairs, left_out, for_cpu, counts[first_pairs])
-        second = _best_shape(layout, second_pairs, left_out, for_cpu, counts[second_pairs])
+        first = _best_shape(layout, first_pairs, left_out, for_cpu)
+        second = _best_shape(layout, second_pairs, left_out, for_cpu)
         options.append((first[1] + second[1] + second[2], [(first[0], first_pairs), (second[0], second_pairs)]))
     return min(options, key=lambda option: option[0])[1]
 

@@ -40,6 +40,7 @@ import inspect
 import numpy as np
 
 from ._native import C
+from ._stencil import class_positions, stride_leaders
 from .patterns import Layout, _as_int
 
 # query rows of the grid evaluated per call of a rule: about this many pairs
@@ -127,19 +128,15 @@ def _neighborhood_axis(size, kernel, dilation, stride, causal):
 
     Causal: the keys up to the query itself, reaching back ``kernel`` - 1
     before the group's last member (cut at the class's start)."""
-    coords = np.arange(size, dtype=np.int64)
     step = min(dilation, size)
-    residue, index = coords % step, coords // step
-    class_size = (size - residue + step - 1) // step
-    group_start = index // stride * stride
+    residue, index, class_size = class_positions(size, step)
     if causal:
-        leader = np.minimum(group_start + stride - 1, class_size - 1)
-        first = np.maximum(0, leader - kernel + 1)
+        last = np.minimum(index - index % stride + stride - 1, class_size - 1)
+        first = np.maximum(0, last - kernel + 1)
         count = index - first + 1
     else:
         count = np.full(size, min(kernel, int(class_size.min())), dtype=np.int64)
-        leader = np.minimum(group_start + stride // 2, class_size - 1)
-        first = np.clip(leader - kernel // 2, 0, class_size - count)
+        first = np.clip(stride_leaders(index, stride, class_size) - kernel // 2, 0, class_size - count)
     return residue + step * first, count
 
 

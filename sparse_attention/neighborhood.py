@@ -70,6 +70,12 @@ class _NeighborhoodAttention(nn.Module):
             # as NATTEN's 1-D and 2-D modules held it: one axis of cells per axis of tokens
             shape = [2 * self.kernel_size[axis] - 1 for axis in range(2 - len(axes), 2)]
             self.rpb = nn.Parameter(torch.randn(num_heads, *shape) * 0.02)
+            # where each of rpb's rows and columns lands in the op's table (see _bias_table); not
+            # in the state dict, which keeps a checkpoint's keys
+            rows, cols = (self._reach - d * (torch.arange(2 * k - 1) - (k - 1))
+                          for k, d in zip(self.kernel_size, self.dilation))
+            self.register_buffer("_rpb_rows", rows[:, None], persistent=False)
+            self.register_buffer("_rpb_cols", cols[None, :], persistent=False)
         else:
             self.register_parameter("rpb", None)
         self._builder = functools.partial(neighborhood_layout, kernel_size=self.kernel_size, stride=self.stride,
@@ -96,10 +102,9 @@ class _NeighborhoodAttention(nn.Module):
         if self.rpb is None:
             return self.rel_pos_bias
         side = 2 * self._reach + 1
-        rows, cols = (self._reach - d * (torch.arange(2 * k - 1, device=self.rpb.device) - (k - 1))
-                      for k, d in zip(self.kernel_size, self.dilation))
         table = self.rpb.new_zeros(self.num_heads, side, side)
-        table[:, rows[:, None], cols[None, :]] = self.rpb.view(self.num_heads, rows.numel(), cols.numel())
+        table[:, self._rpb_rows, self._rpb_cols] = self.rpb.view(self.num_heads, self._rpb_rows.numel(),
+                                                                 self._rpb_cols.numel())
         return table
 
     def _layout(self, height, width):
