@@ -52,13 +52,6 @@ def layouts(side, kernel):
     return {"clamped": clamped, "before": before, "clipped": clipped}
 
 
-def route(layout):
-    kind = _stencil.cpu_kernel_choice(layout) or "rows"
-    if kind == "stencil" and _stencil.is_clamped(layout.stencil()):
-        return "window (clamped)"
-    return {"split": "window + tiles", "stencil": "window"}.get(kind, kind)
-
-
 def measure(side, kernel, rounds):
     ways = layouts(side, kernel)
     n = side * side
@@ -99,7 +92,7 @@ def measure(side, kernel, rounds):
     speedup = " / ".join(f"{statistics.median(b / a for a, b in zip(ratios['clamped', s], ratios['before', s])):.2f}"
                          for s in range(3))
     return (f"| {side}x{side} | {kernel} | {ways['clamped'].density:.4f} | {' | '.join(cells)} | {speedup} "
-            f"| {route(ways['before'])} |")
+            f"| {_stencil.cpu_route_name(ways['before'])} |")
 
 
 def main():

@@ -2,11 +2,14 @@
 
     python benchmarks/natten_cpu.py [--cases 56:2:1,56:2:8,28:4:1,...] [--batch 4] [--rounds 5] [--out DIR]
 
-A case is SIDE:HEADS:DILATION[:STRIDE] (a SIDE x SIDE feature map, a 7 x 7
-kernel, D=32; STRIDE, 1 unless given, is NATTEN's generalised
-neighbourhood: runs of STRIDE queries share one window). The defaults are the stages of NAT-Mini and DiNAT-Mini at 224 x 224
-input: 56x56 with 2 heads, 28x28 with 4, 14x14 with 8, 7x7 with 16, each
-undilated and with DiNAT's dilation for that stage.
+A case is GRID:HEADS:DILATION[:STRIDE]: GRID is SIDE (a SIDE x SIDE feature
+map, a 7 x 7 kernel) or DEPTHxSIDE (a DEPTH x SIDE x SIDE video or volume,
+a 3 x 7 x 7 kernel, NATTEN's ``na3d`` against neighborhood_layout_3d);
+D=32; DILATION and STRIDE (1 unless given: NATTEN's generalised
+neighbourhood, runs of STRIDE queries share one window) act on the two
+spatial axes. The defaults are the stages of NAT-Mini and DiNAT-Mini at
+224 x 224 input: 56x56 with 2 heads, 28x28 with 4, 14x14 with 8, 7x7 with
+16, each undilated and with DiNAT's dilation for that stage.
 
 NATTEN (``pip install natten``; without its CUDA library it runs Flex
 Attention) takes ``[B, H, W, heads, D]``; ours takes ``[B, heads, H*W, D]``.
@@ -35,33 +38,34 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from sparse_attention import _stencil, neighborhood_layout  # noqa: E402
+from sparse_attention import _stencil, neighborhood_layout, neighborhood_layout_3d  # noqa: E402
 from sparse_attention import sparse_scaled_dot_product_attention as attention  # noqa: E402
 from markdown_table import MarkdownTable  # noqa: E402
 
-KERNEL, HEAD_DIM, AGREEMENT = 7, 32, 1e-4
+KERNEL, DEPTH_KERNEL, HEAD_DIM, AGREEMENT = 7, 3, 32, 1e-4
 DEFAULT_CASES = "56:2:1,56:2:8,28:4:1,28:4:4,14:8:1,14:8:2,7:16:1"
 
 
 def parse_cases(text):
+    """(grid, heads, dilation, stride) per case; grid is (side, side) or (depth, side, side)."""
     cases = []
     for item in text.split(","):
         try:
-            side, heads, dilation, *stride = (int(part) for part in item.split(":"))
+            grid, *numbers = item.split(":")
+            *depth, side = (int(part) for part in grid.split("x"))
+            heads, dilation, *stride = (int(part) for part in numbers)
             (stride,) = stride or [1]
+            if len(depth) > 1:
+                raise ValueError
         except ValueError:
-            raise SystemExit(f"--cases: expected SIDE:HEADS:DILATION[:STRIDE] items, got {item!r}")
-        if side < KERNEL * dilation:
-            raise SystemExit(f"--cases: {item!r} needs SIDE >= {KERNEL} * DILATION (NATTEN's rule)")
+            raise SystemExit(f"--cases: expected [DEPTHx]SIDE:HEADS:DILATION[:STRIDE] items, got {item!r}")
+        if side < KERNEL * dilation or (depth and depth[0] < DEPTH_KERNEL):
+            raise SystemExit(f"--cases: {item!r} needs SIDE >= {KERNEL} * DILATION and DEPTH >= {DEPTH_KERNEL} "
+                             f"(NATTEN's rule)")
         if not 1 <= stride <= KERNEL:
             raise SystemExit(f"--cases: {item!r} needs 1 <= STRIDE <= {KERNEL}")
-        cases.append((side, heads, dilation, stride))
+        cases.append(((*depth, side, side), heads, dilation, stride))
     return cases
-
-
-def kernel_route(layout):
-    kind = _stencil.cpu_kernel_choice(layout) or "rows"
-    return {"split": "window + tiles", "stencil": "window"}.get(kind, kind)
 
 
 def seconds(fn):
@@ -71,8 +75,8 @@ def seconds(fn):
 
 
 def heads_first(t):
-    batch, height, width, heads, dim = t.shape
-    return t.reshape(batch, height * width, heads, dim).transpose(1, 2).contiguous()
+    batch, *grid, heads, dim = t.shape
+    return t.reshape(batch, -1, heads, dim).transpose(1, 2).contiguous()
 
 
 def steps(run, tensors):
@@ -86,22 +90,29 @@ def steps(run, tensors):
     return forward, training
 
 
-def measure(natten, side, heads, dilation, stride, batch, rounds):
-    gen = torch.Generator().manual_seed(side * 100 + dilation)
-    natten_qkv = [torch.randn(batch, side, side, heads, HEAD_DIM, generator=gen) for _ in range(3)]
+def measure(natten, grid, heads, dilation, stride, batch, rounds):
+    gen = torch.Generator().manual_seed(grid[-1] * 100 + dilation)
+    natten_qkv = [torch.randn(batch, *grid, heads, HEAD_DIM, generator=gen) for _ in range(3)]
     ours_qkv = [heads_first(t) for t in natten_qkv]
-    layout = neighborhood_layout(side, side, KERNEL, dilation=dilation, stride=stride)
+    if len(grid) == 3:
+        settings = dict(kernel_size=(DEPTH_KERNEL, KERNEL, KERNEL), dilation=(1, dilation, dilation),
+                        stride=(1, stride, stride))
+        layout, natten_op = neighborhood_layout_3d(*grid, **settings), natten.na3d
+    else:
+        settings = dict(kernel_size=KERNEL, dilation=dilation, stride=stride)
+        layout, natten_op = neighborhood_layout(*grid, **settings), natten.na2d
+    name = "x".join(map(str, grid))
 
     def run_ours(q, k, v):
         return attention(q, k, v, layout)
 
     def run_natten(q, k, v):
-        return natten.na2d(q, k, v, kernel_size=KERNEL, dilation=dilation, stride=stride)
+        return natten_op(q, k, v, **settings)
 
     with torch.no_grad():
         difference = (run_ours(*ours_qkv) - heads_first(run_natten(*natten_qkv))).abs().max().item()
     if not difference <= AGREEMENT:
-        raise SystemExit(f"{side}x{side} dilation {dilation} stride {stride}: ours and NATTEN differ by "
+        raise SystemExit(f"{name} dilation {dilation} stride {stride}: ours and NATTEN differ by "
                          f"{difference:.3g}")
     ways = {"ours": steps(run_ours, ours_qkv), "natten": steps(run_natten, natten_qkv),
             "dense": steps(F.scaled_dot_product_attention, ours_qkv)}
@@ -131,8 +142,8 @@ def measure(natten, side, heads, dilation, stride, batch, rounds):
 
     cells = [" / ".join(median_ms(name, s) for s in range(2)) for name in ways]
     ratios = [" / ".join(ratio(other, s) for s in range(2)) for other in ("natten", "dense")]
-    row = (f"| {side}x{side} | {heads} | {dilation} | {stride} | {kernel_route(layout)} | {difference:.1e} | {' | '.join(cells)} "
-           f"| {' | '.join(ratios)} |")
+    row = (f"| {name} | {heads} | {dilation} | {stride} | {_stencil.cpu_route_name(layout)} | {difference:.1e} "
+           f"| {' | '.join(cells)} | {' | '.join(ratios)} |")
     return row, set(refusals.values())
 
 
@@ -152,7 +163,7 @@ def main():
         import natten
     except ImportError:
         raise SystemExit("NATTEN is not installed: pip install natten (its CPU path needs no CUDA build)")
-    lines = [f"{KERNEL} x {KERNEL} neighbourhood, B={args.batch}, D={HEAD_DIM}, float32, median of {args.rounds} "
+    lines = [f"{KERNEL} x {KERNEL} neighbourhood ({DEPTH_KERNEL} x {KERNEL} x {KERNEL} on 3-D grids), B={args.batch}, D={HEAD_DIM}, float32, median of {args.rounds} "
              f"rounds; torch {torch.__version__}, NATTEN {natten.__version__}, {torch.get_num_threads()} threads; "
              "times in ms, forward / forward+backward; ratios are medians of per-round ratios",
              "",
@@ -161,8 +172,8 @@ def main():
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     table = MarkdownTable(lines, args.out, "natten_cpu.md")
     refusals = set()
-    for side, heads, dilation, stride in cases:
-        row, refused = measure(natten, side, heads, dilation, stride, args.batch, args.rounds)
+    for grid, heads, dilation, stride in cases:
+        row, refused = measure(natten, grid, heads, dilation, stride, args.batch, args.rounds)
         table.add(row)
         refusals |= refused
     if refusals:

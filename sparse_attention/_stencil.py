@@ -484,3 +484,11 @@ def cpu_kernel_choice(layout: Layout):
         if plan is not None and plan.cpu_fill >= _tiles.CPU_MIN_FILL:
             return "tiles"
     return None
+
+
+def cpu_route_name(layout: Layout) -> str:
+    """cpu_kernel_choice in the words the benchmarks' tables use."""
+    kind = cpu_kernel_choice(layout) or "rows"
+    if kind == "stencil" and is_clamped(layout.stencil()):
+        return "window (clamped)"
+    return {"split": "window + tiles", "stencil": "window"}.get(kind, kind)

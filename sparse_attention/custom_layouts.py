@@ -102,15 +102,18 @@ def layout_from_csr(height, width, indptr, indices, *, name="custom") -> Layout:
     return Layout(None, height, width, indptr, indices, col_ptr, row_indices, name=_name(name, "custom"))
 
 
-def _axis_pair(value, label):
-    """(rows, cols) from an int or a pair of ints, each >= 1."""
-    pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
-    if len(pair) != 2:
-        raise ValueError(f"{label}: expected an int or (rows, cols), got {value!r}")
-    pair = tuple(_as_int(x, label) for x in pair)
-    if min(pair) < 1:
+_AXIS_NAMES = {1: "a 1-tuple", 2: "(rows, cols)", 3: "(depth, rows, cols)"}
+
+
+def _axis_values(value, label, count=2):
+    """One int >= 1 per axis, from an int or a tuple of ``count``."""
+    values = (value,) * count if not isinstance(value, (tuple, list)) else tuple(value)
+    if len(values) != count:
+        raise ValueError(f"{label}: expected an int or {_AXIS_NAMES[count]}, got {value!r}")
+    values = tuple(_as_int(x, label) for x in values)
+    if min(values) < 1:
         raise ValueError(f"{label}: expected >= 1, got {value!r}")
-    return pair
+    return values
 
 
 def _neighborhood_axis(size, kernel, dilation, stride, causal):
@@ -167,41 +170,89 @@ def neighborhood_layout(height, width, kernel_size=7, *, dilation=1, stride=1, i
     causal with stride 1 it is a clipped stencil; other strides go where
     their tile plans send them, as any custom layout."""
     height, width = _grid(height, width)
-    kernel = _axis_pair(kernel_size, "kernel_size")
-    dilation = _axis_pair(dilation, "dilation")
-    stride = _axis_pair(stride, "stride")
-    causal = _flag_pair(is_causal, "is_causal")
-    for axis in range(2):
-        if stride[axis] > kernel[axis]:
-            raise ValueError(f"stride: expected <= kernel_size on each axis (NATTEN's rule), got stride "
-                             f"{stride} for kernel_size {kernel}")
-    row_first, row_count = _neighborhood_axis(height, kernel[0], dilation[0], stride[0], causal[0])
-    col_first, col_count = _neighborhood_axis(width, kernel[1], dilation[1], stride[1], causal[1])
-    counts = (row_count[:, None] * col_count[None, :]).reshape(-1)
-    indptr = np.zeros(height * width + 1, dtype=np.int64)
-    np.cumsum(counts, out=indptr[1:])
-    query = np.repeat(np.arange(height * width, dtype=np.int64), counts)
-    local = np.arange(indptr[-1], dtype=np.int64) - indptr[query]
-    y, x = query // width, query % width
-    across = col_count[x]
-    # keys ascend along each axis, so row-major products ascend per query
-    indices = ((row_first[y] + dilation[0] * (local // across)) * width
-               + col_first[x] + dilation[1] * (local % across))
-    default = f"neighborhood {kernel[0]}x{kernel[1]}"
-    for label, value, plain in (("dilated", dilation, (1, 1)), ("stride", stride, (1, 1))):
+    settings = _neighborhood_settings(2, kernel_size, dilation, stride, is_causal)
+    indptr, indices = _neighborhood_csr((height, width), *settings)
+    return layout_from_csr(height, width, indptr, indices, name=_name(name, _neighborhood_name(*settings)))
+
+
+def neighborhood_layout_3d(depth, height, width, kernel_size=7, *, dilation=1, stride=1, is_causal=False,
+                           name=None) -> Layout:
+    """NATTEN's 3-D neighbourhood attention (``na3d``: video, volumes) over a
+    depth x height x width map, the rule of :func:`neighborhood_layout` on
+    each of the three axes; ``kernel_size``, ``dilation``, ``stride`` and
+    ``is_causal`` take a value or (depth, rows, cols). The layout lies on the
+    (depth x height) x width grid, whose token order (z x height + y) x width
+    + x is that of a ``[D, H, W]`` map flattened, so the op takes it for
+    ``[B, heads, D*H*W, head_dim]`` tensors as they are; a relative position
+    bias given with it is indexed on that flat grid, not by (dz, dy, dx).
+    It runs on the tile kernels (the window kernels know 2-D windows only)."""
+    depth = _as_int(depth, "depth")
+    if depth < 1:
+        raise ValueError(f"depth: expected >= 1, got {depth}")
+    height, width = _grid(height, width)
+    flat_height, width = _grid(depth * height, width)
+    settings = _neighborhood_settings(3, kernel_size, dilation, stride, is_causal)
+    indptr, indices = _neighborhood_csr((depth, height, width), *settings)
+    return layout_from_csr(flat_height, width, indptr, indices, name=_name(name, _neighborhood_name(*settings)))
+
+
+def _neighborhood_settings(count, kernel_size, dilation, stride, is_causal):
+    """(kernel, dilation, stride, causal) per axis, checked."""
+    kernel = _axis_values(kernel_size, "kernel_size", count)
+    dilation = _axis_values(dilation, "dilation", count)
+    stride = _axis_values(stride, "stride", count)
+    causal = _axis_flags(is_causal, "is_causal", count)
+    if any(s > k for s, k in zip(stride, kernel)):
+        raise ValueError(f"stride: expected <= kernel_size on each axis (NATTEN's rule), got stride "
+                         f"{stride} for kernel_size {kernel}")
+    return kernel, dilation, stride, causal
+
+
+def _neighborhood_name(kernel, dilation, stride, causal):
+    name = "neighborhood " + "x".join(map(str, kernel))
+    plain = (1,) * len(kernel)
+    for label, value in (("dilated", dilation), ("stride", stride)):
         if value != plain:
-            default += f" {label} {value[0]}x{value[1]}"
+            name += f" {label} " + "x".join(map(str, value))
     if any(causal):
-        default += " causal " + "x".join("yes" if c else "no" for c in causal)
-    return layout_from_csr(height, width, indptr, indices, name=_name(name, default))
+        name += " causal " + "x".join("yes" if c else "no" for c in causal)
+    return name
 
 
-def _flag_pair(value, label):
-    """(rows, cols) booleans from a bool or a pair of bools."""
-    pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(x, (bool, np.bool_)) for x in pair):
-        raise ValueError(f"{label}: expected a bool or (rows, cols) of bools, got {value!r}")
-    return tuple(bool(x) for x in pair)
+def _neighborhood_csr(shape, kernel, dilation, stride, causal):
+    """The CSR of a neighbourhood on a map of ``shape`` (any number of axes,
+    tokens in row-major order): every query's keys are the product of its
+    runs on each axis (_neighborhood_axis). O(nnz)."""
+    runs = [_neighborhood_axis(*args) for args in zip(shape, kernel, dilation, stride, causal)]
+    num_tokens = int(np.prod(shape))
+    coords = np.unravel_index(np.arange(num_tokens, dtype=np.int64), shape)
+    counts = np.ones(num_tokens, dtype=np.int64)
+    for (_, count), coord in zip(runs, coords):
+        counts *= count[coord]
+    indptr = np.zeros(num_tokens + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    query = np.repeat(np.arange(num_tokens, dtype=np.int64), counts)
+    # the key's place in its query's row, read as mixed-radix digits, last axis fastest: keys ascend along
+    # each axis, so row-major products ascend within every row
+    local = np.arange(indptr[-1], dtype=np.int64) - indptr[query]
+    indices = np.zeros_like(local)
+    place = 1
+    for axis in reversed(range(len(shape))):
+        first, count = runs[axis]
+        coord = coords[axis][query]
+        radix = count[coord]
+        indices += (first[coord] + dilation[axis] * (local % radix)) * place
+        local //= radix
+        place *= shape[axis]
+    return indptr, indices
+
+
+def _axis_flags(value, label, count=2):
+    """One bool per axis, from a bool or a tuple of ``count`` bools."""
+    values = (value,) * count if not isinstance(value, (tuple, list)) else tuple(value)
+    if len(values) != count or not all(isinstance(x, (bool, np.bool_)) for x in values):
+        raise ValueError(f"{label}: expected a bool or {_AXIS_NAMES[count]} of bools, got {value!r}")
+    return tuple(bool(x) for x in values)
 
 
 def layout_from_mask(mask, height, width, *, name="custom") -> Layout:

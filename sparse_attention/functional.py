@@ -72,7 +72,9 @@ def _validate_common(query, key, value, layout, scale, dropout_p):
     head_dim = query.shape[3]
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    # finite as comparisons, not math.isfinite: torch.compile makes a module's float attribute
+    # symbolic once it has met two values, and traces comparisons of it but not math.isfinite
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not -math.inf < scale < math.inf:
         raise ValueError(f"scale: expected a finite real number, got {scale!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a number in [0, 1), got {dropout_p!r}")

@@ -1,26 +1,28 @@
 """Neighbourhood attention modules with NATTEN's interface, on our kernels.
 
-``NeighborhoodAttention2D`` and ``NeighborhoodAttention1D`` take NATTEN's
-constructor arguments and its channels-last inputs (``[B, H, W, C]``,
-``[B, L, C]``), and hold the same parameters under the same names (``qkv``,
-``proj``), so a NAT or DiNAT model built on NATTEN's modules takes these in
-their place and loads its state dict unchanged. What differs: they train on
-the CPU too (NATTEN's CPU path has no backward), take any grid (NATTEN asks
-for kernel_size x dilation <= the grid), and offer attention dropout and a
-relative position bias: our own table, or ``rpb``, the bias of NAT's and
+``NeighborhoodAttention1D``, ``2D`` and ``3D`` take NATTEN's constructor
+arguments and its channels-last inputs (``[B, L, C]``, ``[B, H, W, C]``,
+``[B, D, H, W, C]``), and hold the same parameters under the same names
+(``qkv``, ``proj``), so a NAT or DiNAT model built on NATTEN's modules takes
+these in their place and loads its state dict unchanged. What differs: they
+train on the CPU too (NATTEN's CPU path has no backward), take any grid
+(NATTEN asks for kernel_size x dilation <= the grid), and offer attention
+dropout and (1-D and 2-D) a relative position bias: our own table, or ``rpb``, the bias of NAT's and
 DiNAT's published checkpoints (NATTEN before 0.20; later versions dropped it),
 so those load and run too.
 """
 
 import functools
+import math
 
 import torch
 from torch import nn
 
-from .custom_layouts import _axis_pair, _flag_pair, neighborhood_layout
+from .custom_layouts import (_axis_flags, _axis_values, _neighborhood_settings, neighborhood_layout,
+                             neighborhood_layout_3d)
 from .functional import sparse_scaled_dot_product_attention
 from .module import _custom_layout, _custom_layout_while_tracing
-from .patterns import _as_int
+from .patterns import _as_int, static_int
 
 
 def _probability(value, label):
@@ -30,27 +32,32 @@ def _probability(value, label):
     return value
 
 
-class _NeighborhoodAttention(nn.Module):
-    """What the 1-D and 2-D modules share; ``axes`` says which of the grid's
-    axes the token axes of the input are (1-D: a 1 x L grid)."""
+def _flat_3d_layout(depth, builder, flat_height, width):
+    """builder's layout of a depth x (flat_height / depth) x width map, on its flat grid."""
+    return builder(depth, flat_height // depth, width)
 
-    def __init__(self, axes, embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias, qk_scale,
+
+class _NeighborhoodAttention(nn.Module):
+    """What the modules share; ``rank`` is the number of token axes of the
+    input (1-D runs on a 1 x L grid, 3-D on a (D x H) x W one)."""
+
+    def __init__(self, rank, embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias, qk_scale,
                  proj_drop, attn_drop, rel_pos_bias, rpb):
         super().__init__()
         embed_dim, num_heads = _as_int(embed_dim, "embed_dim"), _as_int(num_heads, "num_heads")
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
             raise ValueError(f"embed_dim, num_heads: expected positive, embed_dim a multiple of num_heads, "
                              f"got embed_dim={embed_dim}, num_heads={num_heads}")
-        self.axes = axes
+        self.rank = rank
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.head_dim = embed_dim // num_heads
         self.scale = float(qk_scale) if qk_scale is not None else self.head_dim ** -0.5
-        self.kernel_size = self._grid_pair(kernel_size, "kernel_size", _axis_pair, 1)
-        self.stride = self._grid_pair(stride, "stride", _axis_pair, 1)
-        self.dilation = self._grid_pair(dilation, "dilation", _axis_pair, 1)
-        self.is_causal = self._grid_pair(is_causal, "is_causal", _flag_pair, False)
-        neighborhood_layout(1, 1, self.kernel_size, stride=self.stride, dilation=self.dilation,
-                            is_causal=self.is_causal)  # the builder's own checks, now rather than at forward
+        self.kernel_size = self._per_axis(kernel_size, "kernel_size", _axis_values, 1)
+        self.stride = self._per_axis(stride, "stride", _axis_values, 1)
+        self.dilation = self._per_axis(dilation, "dilation", _axis_values, 1)
+        self.is_causal = self._per_axis(is_causal, "is_causal", _axis_flags, False)
+        # the builder's own checks, now rather than at forward
+        _neighborhood_settings(len(self.kernel_size), self.kernel_size, self.dilation, self.stride, self.is_causal)
         self.attn_drop = _probability(attn_drop, "attn_drop")
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bool(qkv_bias))
         self.proj = nn.Linear(embed_dim, embed_dim)
@@ -68,7 +75,7 @@ class _NeighborhoodAttention(nn.Module):
             self.register_parameter("rel_pos_bias", None)
         if rpb:
             # as NATTEN's 1-D and 2-D modules held it: one axis of cells per axis of tokens
-            shape = [2 * self.kernel_size[axis] - 1 for axis in range(2 - len(axes), 2)]
+            shape = [2 * k - 1 for k in self.kernel_size[2 - rank:]]
             self.rpb = nn.Parameter(torch.randn(num_heads, *shape) * 0.02)
             # where each of rpb's rows and columns lands in the op's table (see _bias_table); not
             # in the state dict, which keeps a checkpoint's keys
@@ -78,19 +85,17 @@ class _NeighborhoodAttention(nn.Module):
             self.register_buffer("_rpb_cols", cols[None, :], persistent=False)
         else:
             self.register_parameter("rpb", None)
-        self._builder = functools.partial(neighborhood_layout, kernel_size=self.kernel_size, stride=self.stride,
+        self._builder = functools.partial(neighborhood_layout_3d if rank == 3 else neighborhood_layout,
+                                          kernel_size=self.kernel_size, stride=self.stride,
                                           dilation=self.dilation, is_causal=self.is_causal)
         self._layouts = {}
 
-    def _grid_pair(self, value, label, check, filler):
-        """A 1-D module's value for its one axis becomes (filler, value): the grid is 1 x L."""
-        if len(self.axes) == 2:
-            return check(value, label)
-        if isinstance(value, (tuple, list)):
-            if len(value) != 1:
-                raise ValueError(f"{label}: expected a value or a 1-tuple for a 1-D module, got {value!r}")
-            (value,) = value
-        return (check(filler, label)[0], check(value, label)[0])
+    def _per_axis(self, value, label, check, filler):
+        """A value per axis of the grid the op runs on: a 1-D module's value
+        for its one axis becomes (filler, value), as the grid is 1 x L."""
+        if self.rank > 1:
+            return check(value, label, self.rank)
+        return (filler,) + check(value, label, 1)
 
     def _bias_table(self):
         """The op's bias table: rel_pos_bias, or NAT's rpb spread into one.
@@ -107,35 +112,43 @@ class _NeighborhoodAttention(nn.Module):
                                                                  self._rpb_cols.numel())
         return table
 
-    def _layout(self, height, width):
-        if torch.compiler.is_compiling():
-            return _custom_layout_while_tracing(self._builder, height, width)
-        layout = self._layouts.get((height, width))
+    def _layout(self, token_shape):
+        compiling = torch.compiler.is_compiling()
+        if compiling:  # a size torch.compile made symbolic after a recompile: the graph specialises on it
+            token_shape = tuple(static_int(size) for size in token_shape)
+        if self.rank == 3:
+            depth, height, width = token_shape
+            builder, grid = functools.partial(_flat_3d_layout, depth, self._builder), (depth * height, width)
+        else:
+            builder, grid = self._builder, (token_shape if self.rank == 2 else (1, token_shape[0]))
+        if compiling:
+            return _custom_layout_while_tracing(builder, *grid)
+        layout = self._layouts.get(token_shape)
         if layout is None:
-            layout = self._layouts[(height, width)] = _custom_layout(self._builder, height, width)
+            layout = self._layouts[token_shape] = _custom_layout(builder, *grid)
         return layout
 
     def forward(self, x):
-        rank = len(self.axes) + 2
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != rank or x.shape[-1] != self.embed_dim:
-            expected = "[B, H, W, C]" if rank == 4 else "[B, L, C]"
+        if x.dim() != self.rank + 2 or x.shape[-1] != self.embed_dim:
+            expected = {1: "[B, L, C]", 2: "[B, H, W, C]", 3: "[B, D, H, W, C]"}[self.rank]
             raise ValueError(f"x: expected {expected} with C = embed_dim = {self.embed_dim}, got shape "
                              f"{tuple(x.shape)}")
         batch, *token_shape, channels = x.shape
-        height, width = token_shape if rank == 4 else (1, token_shape[0])
-        qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, self.head_dim)
+        token_shape = tuple(token_shape)
+        num_tokens = math.prod(token_shape)
+        qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim)
         # [B, heads, N, head_dim] views: the op takes any strides but the last
         query, key, value = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-        out = sparse_scaled_dot_product_attention(query, key, value, self._layout(height, width), scale=self.scale,
+        out = sparse_scaled_dot_product_attention(query, key, value, self._layout(token_shape), scale=self.scale,
                                                   rel_pos_bias=self._bias_table(),
                                                   dropout_p=self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(batch, *token_shape, channels)
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self):
-        pick = (lambda pair: pair) if len(self.axes) == 2 else (lambda pair: pair[1:])
+        pick = (lambda values: values) if self.rank > 1 else (lambda values: values[1:])
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kernel_size={pick(self.kernel_size)}, "
                 f"stride={pick(self.stride)}, dilation={pick(self.dilation)}, is_causal={pick(self.is_causal)}, "
                 f"attn_drop={self.attn_drop}, rel_pos_bias={self.rel_pos_bias is not None}, "
@@ -167,7 +180,7 @@ class NeighborhoodAttention2D(_NeighborhoodAttention):
 
     def __init__(self, embed_dim, num_heads, kernel_size, stride=1, dilation=1, is_causal=False, qkv_bias=True,
                  qk_scale=None, proj_drop=0.0, *, attn_drop=0.0, rel_pos_bias=False, rpb=False):
-        super().__init__((0, 1), embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias,
+        super().__init__(2, embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias,
                          qk_scale, proj_drop, attn_drop, rel_pos_bias, rpb)
 
 
@@ -179,5 +192,21 @@ class NeighborhoodAttention1D(_NeighborhoodAttention):
 
     def __init__(self, embed_dim, num_heads, kernel_size, stride=1, dilation=1, is_causal=False, qkv_bias=True,
                  qk_scale=None, proj_drop=0.0, *, attn_drop=0.0, rel_pos_bias=False, rpb=False):
-        super().__init__((1,), embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias,
+        super().__init__(1, embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias,
                          qk_scale, proj_drop, attn_drop, rel_pos_bias, rpb)
+
+
+class NeighborhoodAttention3D(_NeighborhoodAttention):
+    """Neighbourhood attention over a video or volume ``[B, D, H, W, C]``, as
+    NATTEN's module of the same name (arguments, parameters and their
+    names): the ``qkv`` projection, :func:`neighborhood_layout_3d` attention
+    on our kernels, ``proj`` and its dropout. ``kernel_size``, ``stride``,
+    ``dilation`` and ``is_causal`` take a value or (depth, rows, cols)
+    (``is_causal=(True, False, False)``: causal in time, as video models
+    ask). ``attn_drop`` as the 2-D module's. No relative position bias: the
+    op's table is indexed by 2-D offsets (NATTEN's has had none since 0.20)."""
+
+    def __init__(self, embed_dim, num_heads, kernel_size, stride=1, dilation=1, is_causal=False, qkv_bias=True,
+                 qk_scale=None, proj_drop=0.0, *, attn_drop=0.0):
+        super().__init__(3, embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias,
+                         qk_scale, proj_drop, attn_drop, False, False)

@@ -229,7 +229,7 @@ def test_bad_arguments_and_inputs_are_refused():
         NeighborhoodAttention2D(8, 2, 3, stride=4)
     with pytest.raises(ValueError, match="attn_drop: expected a probability in"):
         NeighborhoodAttention2D(8, 2, 3, attn_drop=1.0)
-    with pytest.raises(ValueError, match="kernel_size: expected a value or a 1-tuple for a 1-D module"):
+    with pytest.raises(ValueError, match=r"kernel_size: expected an int or a 1-tuple, got \(3, 3\)"):
         NeighborhoodAttention1D(8, 2, (3, 3))
     with pytest.raises(ValueError, match="rel_pos_bias, rpb: expected at most one"):
         NeighborhoodAttention2D(8, 2, 3, rel_pos_bias=True, rpb=True)
@@ -244,3 +244,20 @@ def test_bad_arguments_and_inputs_are_refused():
         module([[1.0]])
     with pytest.raises(ValueError, match=r"x: expected \[B, L, C\]"):
         NeighborhoodAttention1D(8, 2, 3)(torch.randn(1, 4, 4, 8))
+
+
+def test_compiled_modules_of_other_sizes_and_scales_stay_one_graph():
+    """torch.compile recompiles the shared forward for a second module and
+    then makes the sizes and float attributes that changed symbolic: layouts
+    are still built for concrete sizes, the scale still checked, and the
+    outputs are the eager ones."""
+    torch._dynamo.reset()
+    torch.manual_seed(9)
+    cases = [(NeighborhoodAttention2D(8, 2, 3, rel_pos_bias=True), torch.randn(2, 5, 6, 8)),
+             (NeighborhoodAttention2D(12, 2, 5, qk_scale=0.3), torch.randn(1, 7, 9, 12)),
+             (NeighborhoodAttention2D(12, 4, 3, dilation=2), torch.randn(1, 8, 6, 12)),
+             (NeighborhoodAttention1D(8, 2, 5), torch.randn(2, 11, 8))]
+    for module, x in cases:
+        module.eval()
+        compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), module(x))
