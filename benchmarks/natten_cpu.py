@@ -101,7 +101,7 @@ def measure(natten, grid, heads, dilation, stride, batch, rounds):
     else:
         settings = dict(kernel_size=KERNEL, dilation=dilation, stride=stride)
         layout, natten_op = neighborhood_layout(*grid, **settings), natten.na2d
-    name = "x".join(map(str, grid))
+    grid_name = "x".join(map(str, grid))
 
     def run_ours(q, k, v):
         return attention(q, k, v, layout)
@@ -112,7 +112,7 @@ def measure(natten, grid, heads, dilation, stride, batch, rounds):
     with torch.no_grad():
         difference = (run_ours(*ours_qkv) - heads_first(run_natten(*natten_qkv))).abs().max().item()
     if not difference <= AGREEMENT:
-        raise SystemExit(f"{name} dilation {dilation} stride {stride}: ours and NATTEN differ by "
+        raise SystemExit(f"{grid_name} dilation {dilation} stride {stride}: ours and NATTEN differ by "
                          f"{difference:.3g}")
     ways = {"ours": steps(run_ours, ours_qkv), "natten": steps(run_natten, natten_qkv),
             "dense": steps(F.scaled_dot_product_attention, ours_qkv)}
@@ -142,7 +142,7 @@ def measure(natten, grid, heads, dilation, stride, batch, rounds):
 
     cells = [" / ".join(median_ms(name, s) for s in range(2)) for name in ways]
     ratios = [" / ".join(ratio(other, s) for s in range(2)) for other in ("natten", "dense")]
-    row = (f"| {name} | {heads} | {dilation} | {stride} | {_stencil.cpu_route_name(layout)} | {difference:.1e} "
+    row = (f"| {grid_name} | {heads} | {dilation} | {stride} | {_stencil.cpu_route_name(layout)} | {difference:.1e} "
            f"| {' | '.join(cells)} | {' | '.join(ratios)} |")
     return row, set(refusals.values())
 

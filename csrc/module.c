@@ -1302,7 +1302,7 @@ static PyObject *plan_union_sizes(PyObject *self, PyObject *args, PyObject *kwar
     int status;
     int64_t *out = PyArray_DATA((PyArrayObject *)sizes);
     Py_BEGIN_ALLOW_THREADS
-    status = sa_plan_union_sizes(&spec, tiles, count, out, err, sizeof(err));
+    status = sa_plan_union_sizes(&spec, tiles, count, out, sa_cpu_get_num_threads(), err, sizeof(err));
     Py_END_ALLOW_THREADS
     if (status < 0) {
         raise_plan_error(err);
@@ -1331,7 +1331,7 @@ static PyObject *plan_pair_counts(PyObject *self, PyObject *args, PyObject *kwar
     if (!counts) goto fail;
     int64_t *out = PyArray_DATA((PyArrayObject *)counts);
     Py_BEGIN_ALLOW_THREADS
-    sa_plan_pair_counts(&call.spec, out);
+    sa_plan_pair_counts(&call.spec, sa_cpu_get_num_threads(), out);
     Py_END_ALLOW_THREADS
     release_all(&set);
     return counts;
@@ -1378,7 +1378,7 @@ static PyObject *plan_fill(PyObject *self, PyObject *args, PyObject *kwargs)
     int32_t *q = PyArray_DATA((PyArrayObject *)queries), *k = PyArray_DATA((PyArrayObject *)keys);
     uint64_t *m = PyArray_DATA((PyArrayObject *)masks);
     Py_BEGIN_ALLOW_THREADS
-    status = sa_plan_fill(&spec, chunk_ptr, q, k, m, err, sizeof(err));
+    status = sa_plan_fill(&spec, chunk_ptr, q, k, m, sa_cpu_get_num_threads(), err, sizeof(err));
     Py_END_ALLOW_THREADS
     if (status < 0) {
         raise_plan_error(err);

@@ -5,11 +5,16 @@
  * tiles) and listed once each, then put in ascending order, by a scan of the
  * stamps where the tile reaches many of the tokens and by sorting the short
  * list otherwise. The rank of each key in that order gives its chunk and its
- * bit. Time O(pairs + tiles x min(tokens, keys log keys)). */
+ * bit. Time O(pairs + tiles x min(tokens, keys log keys)).
+ *
+ * Tiles are independent, so threads take runs of them, each run with
+ * scratch of its own: a plan is the same whatever the thread count. */
 #include "tile_plan.h"
 
 #include "layout.h"
+#include "threads.h"
 
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -56,11 +61,18 @@ static int pair_selected(int pairs, int64_t query, int64_t key, int64_t width)
     }
 }
 
-void sa_plan_pair_counts(const sa_plan_spec *s, int64_t counts[SA_PLAN_PAIRS_COUNT])
+typedef struct {
+    const sa_plan_spec *spec;
+    atomic_llong all, same_row, same_column;
+} pair_count_job;
+
+static void count_pairs_of_rows(void *ctx, int64_t begin, int64_t end)
 {
-    const int64_t n = s->height * s->width, width = s->width;
+    pair_count_job *job = ctx;
+    const sa_plan_spec *s = job->spec;
+    const int64_t width = s->width;
     int64_t all = 0, same_row = 0, same_column = 0;
-    for (int64_t i = 0; i < n; i++) {
+    for (int64_t i = begin; i < end; i++) {
         if (s->left_out != NULL && s->left_out[i]) continue;
         const int64_t row_start = i / width * width, column = i % width;
         all += s->row_ptr[i + 1] - s->row_ptr[i];
@@ -70,6 +82,21 @@ void sa_plan_pair_counts(const sa_plan_spec *s, int64_t counts[SA_PLAN_PAIRS_COU
             same_column += j % width == column;
         }
     }
+    atomic_fetch_add(&job->all, all);
+    atomic_fetch_add(&job->same_row, same_row);
+    atomic_fetch_add(&job->same_column, same_column);
+}
+
+void sa_plan_pair_counts(const sa_plan_spec *s, int num_threads, int64_t counts[SA_PLAN_PAIRS_COUNT])
+{
+    const int64_t n = s->height * s->width;
+    pair_count_job job = {.spec = s};
+    atomic_init(&job.all, 0);
+    atomic_init(&job.same_row, 0);
+    atomic_init(&job.same_column, 0);
+    sa_parallel_for(n, (n + 4 * num_threads - 1) / (4 * num_threads), num_threads, count_pairs_of_rows, &job);
+    const int64_t all = atomic_load(&job.all), same_row = atomic_load(&job.same_row);
+    const int64_t same_column = atomic_load(&job.same_column);
     counts[SA_PLAN_PAIRS_ALL] = all;
     counts[SA_PLAN_PAIRS_SAME_ROW] = same_row;
     counts[SA_PLAN_PAIRS_OTHER_ROWS] = all - same_row;
@@ -99,18 +126,20 @@ static int ascending(const void *a, const void *b)
 typedef struct {
     int32_t *stamp; /* [N]: the stamp of the last tile that listed the token */
     int32_t *keys;  /* [N]: the current tile's keys */
+    int32_t *rank;  /* [N] or NULL: a key's place in its tile's order (plan_fill only) */
     int32_t next_stamp;
 } plan_scratch;
 
-static int scratch_alloc(plan_scratch *w, int64_t n, char *err, size_t err_len)
+static int scratch_alloc(plan_scratch *w, int64_t n, int with_rank)
 {
     w->stamp = calloc((size_t)n, sizeof(int32_t));
     w->keys = malloc((size_t)n * sizeof(int32_t));
+    w->rank = with_rank ? malloc((size_t)n * sizeof(int32_t)) : NULL;
     w->next_stamp = 0;
-    if (w->stamp && w->keys) return 0;
+    if (w->stamp && w->keys && (w->rank || !with_rank)) return 0;
     free(w->stamp);
     free(w->keys);
-    snprintf(err, err_len, "out of memory for the tile planner's scratch (%lld tokens)", (long long)n);
+    free(w->rank);
     return -1;
 }
 
@@ -118,6 +147,7 @@ static void scratch_free(plan_scratch *w)
 {
     free(w->stamp);
     free(w->keys);
+    free(w->rank);
 }
 
 /* Lists the tile's distinct keys in w->keys, ascending; returns their count,
@@ -156,59 +186,113 @@ static int64_t tile_union(const sa_plan_spec *s, const int32_t *queries, plan_sc
     return count;
 }
 
-int sa_plan_union_sizes(const sa_plan_spec *s, const int64_t *tiles, int64_t count, int64_t *sizes, char *err,
-                        size_t err_len)
+/* What a parallel planner call shares: its inputs and outputs, and the
+ * first failure (a key off the grid, or scratch that could not be had),
+ * after which every thread stops at its next tile. */
+typedef struct {
+    const sa_plan_spec *spec;
+    const int64_t *tiles; /* union sizes: the tiles asked for, or NULL for all */
+    int64_t *sizes;
+    const int32_t *chunk_ptr; /* fill */
+    int32_t *queries, *keys;
+    uint64_t *masks;
+    atomic_int failed;
+    char err[256];
+} plan_job;
+
+static void fail_job(plan_job *job, const char *message)
 {
-    plan_scratch w;
-    if (scratch_alloc(&w, s->height * s->width, err, err_len) < 0) return -1;
-    int32_t queries[SA_PLAN_TILE];
-    int status = 0;
-    for (int64_t t = 0; t < count && status == 0; t++) {
-        tile_queries(s, tiles ? tiles[t] : t, queries);
-        sizes[t] = tile_union(s, queries, &w, err, err_len);
-        if (sizes[t] < 0) status = -1;
-    }
-    scratch_free(&w);
-    return status;
+    int expected = 0;
+    if (atomic_compare_exchange_strong(&job->failed, &expected, 1))
+        snprintf(job->err, sizeof(job->err), "%s", message);
 }
 
-int sa_plan_fill(const sa_plan_spec *s, const int32_t *chunk_ptr, int32_t *queries, int32_t *keys, uint64_t *masks,
-                 char *err, size_t err_len)
+/* Threads for n tokens' scratch (three int32 arrays each): up to num_threads,
+ * while all of it stays within 1 GiB. */
+static int planner_threads(int64_t n, int num_threads)
 {
-    const int64_t num_tiles = sa_plan_num_tiles(s);
-    const int64_t num_chunks = chunk_ptr[num_tiles];
-    for (int64_t c = 0; c < num_chunks * SA_PLAN_TILE; c++) {
-        keys[c] = -1;
-        masks[c] = 0;
-    }
+    const int64_t fits = ((int64_t)1 << 30) / (12 * (n > 0 ? n : 1));
+    if (num_threads < 1) num_threads = 1;
+    return fits < 1 ? 1 : (fits < num_threads ? (int)fits : num_threads);
+}
+
+/* Runs of tiles, about four per thread, so that tiles of unequal cost even out. */
+static int64_t tile_grain(int64_t count, int threads)
+{
+    return (count + 4 * (int64_t)threads - 1) / (4 * (int64_t)threads);
+}
+
+static void union_sizes_of_run(void *ctx, int64_t begin, int64_t end)
+{
+    plan_job *job = ctx;
+    const sa_plan_spec *s = job->spec;
     plan_scratch w;
-    if (scratch_alloc(&w, s->height * s->width, err, err_len) < 0) return -1;
-    /* the key's rank in its tile's order, reusing the stamps' companion array */
-    int32_t *rank = malloc((size_t)(s->height * s->width) * sizeof(int32_t));
-    if (rank == NULL) {
-        scratch_free(&w);
-        snprintf(err, err_len, "out of memory for the tile planner's ranks");
-        return -1;
+    if (scratch_alloc(&w, s->height * s->width, 0) < 0) {
+        fail_job(job, "out of memory for the tile planner's scratch");
+        return;
     }
-    int status = 0;
-    for (int64_t t = 0; t < num_tiles && status == 0; t++) {
-        int32_t *tile = queries + t * SA_PLAN_TILE;
+    int32_t queries[SA_PLAN_TILE];
+    char err[256];
+    for (int64_t t = begin; t < end && !atomic_load(&job->failed); t++) {
+        tile_queries(s, job->tiles ? job->tiles[t] : t, queries);
+        job->sizes[t] = tile_union(s, queries, &w, err, sizeof(err));
+        if (job->sizes[t] < 0) fail_job(job, err);
+    }
+    scratch_free(&w);
+}
+
+static int finish_job(plan_job *job, int status, char *err, size_t err_len)
+{
+    if (status < 0) fail_job(job, "could not start the tile planner's threads");
+    if (!atomic_load(&job->failed)) return 0;
+    snprintf(err, err_len, "%s", job->err);
+    return -1;
+}
+
+int sa_plan_union_sizes(const sa_plan_spec *s, const int64_t *tiles, int64_t count, int64_t *sizes, int num_threads,
+                        char *err, size_t err_len)
+{
+    plan_job job = {.spec = s, .tiles = tiles, .sizes = sizes};
+    atomic_init(&job.failed, 0);
+    const int threads = planner_threads(s->height * s->width, num_threads);
+    const int status = sa_parallel_for(count, tile_grain(count, threads), threads, union_sizes_of_run, &job);
+    return finish_job(&job, status, err, err_len);
+}
+
+static void fill_run(void *ctx, int64_t begin, int64_t end)
+{
+    plan_job *job = ctx;
+    const sa_plan_spec *s = job->spec;
+    plan_scratch w;
+    if (scratch_alloc(&w, s->height * s->width, 1) < 0) {
+        fail_job(job, "out of memory for the tile planner's scratch");
+        return;
+    }
+    char err[256];
+    for (int64_t t = begin; t < end && !atomic_load(&job->failed); t++) {
+        int32_t *tile = job->queries + t * SA_PLAN_TILE;
         tile_queries(s, t, tile);
-        const int64_t count = tile_union(s, tile, &w, err, err_len);
+        const int64_t count = tile_union(s, tile, &w, err, sizeof(err));
         if (count < 0) {
-            status = -1;
+            fail_job(job, err);
             break;
         }
-        const int64_t first = chunk_ptr[t], chunks = (count + SA_PLAN_TILE - 1) / SA_PLAN_TILE;
-        if (chunk_ptr[t + 1] - first != chunks) {
-            snprintf(err, err_len, "chunk_ptr: tile %lld has %lld keys, %lld chunks, but chunk_ptr gives it %lld",
-                     (long long)t, (long long)count, (long long)chunks, (long long)(chunk_ptr[t + 1] - first));
-            status = -1;
+        const int64_t first = job->chunk_ptr[t], chunks = (count + SA_PLAN_TILE - 1) / SA_PLAN_TILE;
+        if (job->chunk_ptr[t + 1] - first != chunks) {
+            snprintf(err, sizeof(err), "chunk_ptr: tile %lld has %lld keys, %lld chunks, but chunk_ptr gives it %lld",
+                     (long long)t, (long long)count, (long long)chunks, (long long)(job->chunk_ptr[t + 1] - first));
+            fail_job(job, err);
             break;
+        }
+        int32_t *keys = job->keys + first * SA_PLAN_TILE;
+        uint64_t *masks = job->masks + first * SA_PLAN_TILE;
+        for (int64_t c = 0; c < chunks * SA_PLAN_TILE; c++) {
+            keys[c] = -1;
+            masks[c] = 0;
         }
         for (int64_t r = 0; r < count; r++) {
-            rank[w.keys[r]] = (int32_t)r;
-            keys[first * SA_PLAN_TILE + r] = w.keys[r];
+            w.rank[w.keys[r]] = (int32_t)r;
+            keys[r] = w.keys[r];
         }
         for (int slot = 0; slot < SA_PLAN_TILE; slot++) {
             const int64_t i = tile[slot];
@@ -216,12 +300,21 @@ int sa_plan_fill(const sa_plan_spec *s, const int32_t *chunk_ptr, int32_t *queri
             for (int64_t e = s->row_ptr[i]; e < s->row_ptr[i + 1]; e++) {
                 const int32_t j = s->col_idx[e];
                 if (!pair_selected(s->pairs, i, j, s->width)) continue;
-                const int32_t r = rank[j];
-                masks[(first + r / SA_PLAN_TILE) * SA_PLAN_TILE + slot] |= (uint64_t)1 << (r % SA_PLAN_TILE);
+                const int32_t r = w.rank[j];
+                masks[r / SA_PLAN_TILE * SA_PLAN_TILE + slot] |= (uint64_t)1 << (r % SA_PLAN_TILE);
             }
         }
     }
-    free(rank);
     scratch_free(&w);
-    return status;
+}
+
+int sa_plan_fill(const sa_plan_spec *s, const int32_t *chunk_ptr, int32_t *queries, int32_t *keys, uint64_t *masks,
+                 int num_threads, char *err, size_t err_len)
+{
+    const int64_t num_tiles = sa_plan_num_tiles(s);
+    plan_job job = {.spec = s, .chunk_ptr = chunk_ptr, .queries = queries, .keys = keys, .masks = masks};
+    atomic_init(&job.failed, 0);
+    const int threads = planner_threads(s->height * s->width, num_threads);
+    const int status = sa_parallel_for(num_tiles, tile_grain(num_tiles, threads), threads, fill_run, &job);
+    return finish_job(&job, status, err, err_len);
 }

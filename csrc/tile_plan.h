@@ -1,7 +1,8 @@
 /* Tile plans built in C from a layout's CSR (see sparse_attention/_tiles.py
  * for what a plan is). The NumPy planner this replaces grew with the pairs in
  * time and memory (44 s and 13 GB for RANDOM 50% at 128 x 128); here scratch
- * is two int32 arrays of one entry per token and the plan itself.
+ * is three int32 arrays of one entry per token for each thread, and the plan
+ * itself.
  *
  * A pass tiles the grid into tile_h x tile_w patches (tile_h * tile_w <= 64),
  * row-major; query (y, x) sits at slot (y % tile_h) * tile_w + x % tile_w of
@@ -42,18 +43,20 @@ int64_t sa_plan_num_tiles(const sa_plan_spec *spec);
 
 /* counts[k] = the pairs selection k holds (rows left out not counted), for
  * every sa_plan_pairs k. Keys are not checked here. */
-void sa_plan_pair_counts(const sa_plan_spec *spec, int64_t counts[SA_PLAN_PAIRS_COUNT]);
+void sa_plan_pair_counts(const sa_plan_spec *spec, int num_threads, int64_t counts[SA_PLAN_PAIRS_COUNT]);
 
 /* sizes[i] = the number of distinct keys of tile tiles[i] (every tile, in
- * order, when tiles is NULL). Returns 0, or -1 when scratch could not be had. */
+ * order, when tiles is NULL). Returns 0, or -1 when scratch could not be had
+ * or a key lies off the grid. num_threads: at most that many threads (fewer
+ * where their scratch, 12 bytes a token each, would pass 1 GiB). */
 int sa_plan_union_sizes(const sa_plan_spec *spec, const int64_t *tiles, int64_t count, int64_t *sizes,
-                        char *err, size_t err_len);
+                        int num_threads, char *err, size_t err_len);
 
 /* Writes queries [tiles, 64] (-1 pads), keys [chunks, 64] (-1 pads) and
  * masks [chunks, 64] (bit c of word r: slot r attends key c of the chunk),
  * given chunk_ptr [tiles + 1] from the union sizes. Returns 0, or -1 when
  * scratch could not be had or chunk_ptr disagrees with the layout. */
 int sa_plan_fill(const sa_plan_spec *spec, const int32_t *chunk_ptr, int32_t *queries, int32_t *keys,
-                 uint64_t *masks, char *err, size_t err_len);
+                 uint64_t *masks, int num_threads, char *err, size_t err_len);
 
 #endif /* SA_TILE_PLAN_H */

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparse_attention import _tiles, _torch_ops, build_layout
+from sparse_attention import _tiles, _torch_ops, build_layout, get_num_threads, set_num_threads
 from sparse_attention._native import C
 from sparse_attention._tiles import TILE, build_tile_plan, choose_passes
 
@@ -162,6 +162,40 @@ def test_c_planner_refuses_bad_arguments():
         C.plan_fill(rp, ci, 4, 4, 2, 2, 0, chunk_ptr=good[:-1])
     queries, keys, masks = C.plan_fill(rp, ci, 4, 4, 2, 2, 0, chunk_ptr=good)
     assert queries.shape == (4, 64) and keys.shape == (4, 64) and np.all(masks[:, :4] == 15)
+
+
+@pytest.mark.parametrize("pattern, size, shape, pairs", [("random", (33, 35), (8, 8), _tiles.PAIRS_ALL),
+                                                        ("axial", (40, 24), (1, 24), _tiles.PAIRS_SAME_ROW),
+                                                        ("strided", (29, 31), (4, 16), _tiles.PAIRS_OTHER_COLUMNS)])
+def test_the_c_planner_gives_the_same_plan_on_any_number_of_threads(pattern, size, shape, pairs):
+    """Threads take runs of tiles, each with scratch of its own; the plan,
+    the union sizes of sampled tiles and the pair counts do not depend on
+    how many there are."""
+    layout = build_layout(pattern, *size, attention_ratio=0.3)
+    left_out = np.zeros(layout.num_tokens, dtype=bool)
+    left_out[::5] = True
+    args = (layout.indptr, layout.indices, *size, *shape, pairs)
+    picked = np.array([0, 3, 4, 9, 2], dtype=np.int64)
+    results = []
+    before = get_num_threads()
+    try:
+        for threads in (1, 2, 3, 7):
+            set_num_threads(threads)
+            sizes = C.plan_union_sizes(*args, left_out=left_out)
+            chunk_ptr = np.zeros(sizes.size + 1, dtype=np.int32)
+            np.cumsum(-(-sizes // TILE), out=chunk_ptr[1:])
+            results.append((sizes, C.plan_union_sizes(*args, left_out=left_out, tiles=picked),
+                            *C.plan_fill(*args, left_out=left_out, chunk_ptr=chunk_ptr),
+                            C.plan_pair_counts(layout.indptr, layout.indices, *size, left_out=left_out)))
+        bad_keys = layout.indices.copy()
+        bad_keys[layout.nnz // 2] = layout.num_tokens
+        with pytest.raises(ValueError, match=f"col_idx: entry {layout.nnz // 2} is {layout.num_tokens}"):
+            C.plan_union_sizes(layout.indptr, bad_keys, *size, *shape, pairs)
+    finally:
+        set_num_threads(before)
+    for other in results[1:]:
+        for mine, theirs in zip(results[0], other):
+            np.testing.assert_array_equal(mine, theirs)
 
 
 def test_axial_splits_into_row_and_column_passes_without_waste():
