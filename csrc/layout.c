@@ -448,3 +448,74 @@ int sa_layout_check_csr(int64_t num_tokens, const int64_t *row_ptr, const int32_
     }
     return 0;
 }
+
+typedef struct {
+    int64_t height, width, stride, num_offsets;
+    const int64_t *row_ptr;
+    const int32_t *col_idx;
+    const int32_t *offsets;    /* (dy, dx) pairs */
+    const uint8_t *in_window; /* [(2H - 1) x (2W - 1)]: offset (dy, dx) at (dy + H - 1, dx + W - 1) */
+    const int32_t *residue;   /* [H + W]: each row's, then each column's, coordinate modulo stride */
+    atomic_int mismatch;
+} window_lattice_job;
+
+/* How many of a coordinate's class modulo stride lie on an axis of size tokens. */
+static int64_t class_count(int64_t coord, int64_t size, int64_t stride)
+{
+    return (size - 1 - coord % stride) / stride + 1;
+}
+
+static void check_window_lattice_rows(void *opaque, int64_t begin, int64_t end)
+{
+    window_lattice_job *job = opaque;
+    const int64_t h = job->height, w = job->width, s = job->stride, n = h * w;
+    for (int64_t i = begin; i < end && !atomic_load(&job->mismatch); i++) {
+        const int64_t y = i / w, x = i % w;
+        int64_t expected = class_count(y, h, s) * class_count(x, w, s);
+        for (int64_t o = 0; o < job->num_offsets; o++) {
+            const int64_t ky = y + job->offsets[2 * o], kx = x + job->offsets[2 * o + 1];
+            expected += ky >= 0 && ky < h && kx >= 0 && kx < w;
+        }
+        int ok = job->row_ptr[i + 1] - job->row_ptr[i] == expected;
+        int64_t previous = -1;
+        const int32_t *row_residue = job->residue, *col_residue = job->residue + h;
+        for (int64_t e = job->row_ptr[i]; ok && e < job->row_ptr[i + 1]; e++) {
+            const int64_t j = job->col_idx[e];
+            if (j <= previous || j >= n) {
+                ok = 0;
+                break;
+            }
+            previous = j;
+            const int64_t ky = j / w, kx = j - ky * w;
+            ok = (row_residue[ky] == row_residue[y] && col_residue[kx] == col_residue[x]) ||
+                 job->in_window[(ky - y + h - 1) * (2 * w - 1) + kx - x + w - 1];
+        }
+        if (!ok) atomic_store(&job->mismatch, 1);
+    }
+}
+
+int sa_layout_matches_window_lattice(int64_t height, int64_t width, const int64_t *row_ptr, const int32_t *col_idx,
+                                     const int32_t *offsets, int64_t num_offsets, int64_t stride, int num_threads)
+{
+    const int64_t span = (2 * height - 1) * (2 * width - 1);
+    uint8_t *in_window = calloc((size_t)span, 1);
+    int32_t *residue = malloc((size_t)(height + width) * sizeof(int32_t));
+    if (in_window == NULL || residue == NULL) {
+        free(in_window);
+        free(residue);
+        return -1;
+    }
+    for (int64_t o = 0; o < num_offsets; o++)
+        in_window[(offsets[2 * o] + height - 1) * (2 * width - 1) + offsets[2 * o + 1] + width - 1] = 1;
+    for (int64_t c = 0; c < height + width; c++) residue[c] = (int32_t)((c < height ? c : c - height) % stride);
+    window_lattice_job job = {.height = height, .width = width, .stride = stride, .num_offsets = num_offsets,
+                              .row_ptr = row_ptr, .col_idx = col_idx, .offsets = offsets, .in_window = in_window,
+                              .residue = residue};
+    atomic_init(&job.mismatch, 0);
+    const int64_t n = height * width;
+    sa_parallel_for(n, (n + 8 * (int64_t)num_threads - 1) / (8 * (int64_t)num_threads), num_threads,
+                    check_window_lattice_rows, &job);
+    free(in_window);
+    free(residue);
+    return !atomic_load(&job.mismatch);
+}

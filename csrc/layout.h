@@ -58,4 +58,15 @@ int sa_layout_check_offsets(int64_t num_tokens, const int64_t *row_ptr, int64_t 
 int sa_layout_check_csr(int64_t num_tokens, const int64_t *row_ptr, const int32_t *col_idx, int64_t nnz,
                         char *err, size_t err_len);
 
+/* Whether every row of the CSR holds exactly, in strictly ascending order,
+ * the keys a window and a lattice give it on the height x width grid: the
+ * window's offsets (dy, dx) (num_offsets pairs, each within the grid's span
+ * and none a multiple of stride on both axes), clipped at the grid, and
+ * every key whose offsets are both multiples of stride (>= 1). STRIDED's
+ * split, checked where its lattice has too many offsets for a stencil.
+ * Returns 1 or 0, or -1 when scratch memory could not be had. The caller
+ * has checked the offsets of row_ptr. */
+int sa_layout_matches_window_lattice(int64_t height, int64_t width, const int64_t *row_ptr, const int32_t *col_idx,
+                                     const int32_t *offsets, int64_t num_offsets, int64_t stride, int num_threads);
+
 #endif /* SA_LAYOUT_H */

@@ -1133,6 +1133,79 @@ fail:
     return NULL;
 }
 
+static char *window_lattice_kwlist[] = {"indptr", "indices", "height", "width", "offsets", "stride", NULL};
+
+/* sa_layout_matches_window_lattice on a layout's CSR: True or False. */
+static PyObject *window_lattice_matches(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    PyObject *indptr_obj, *indices_obj, *offsets_obj, *result = NULL;
+    long long height, width, stride;
+    view_set set = {.count = 0, .stream = -1};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOLLOL", window_lattice_kwlist, &indptr_obj, &indices_obj,
+                                     &height, &width, &offsets_obj, &stride))
+        return NULL;
+    if (height < 1 || width < 1 || height >= INT32_MAX || width >= INT32_MAX || height * width >= INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "height, width: expected a grid of 1 to 2**31 - 2 tokens, got %lld x %lld",
+                     height, width);
+        return NULL;
+    }
+    if (stride < 1) {
+        PyErr_Format(PyExc_ValueError, "stride: expected >= 1, got %lld", stride);
+        return NULL;
+    }
+    sa_view *rp = take(&set, indptr_obj, "indptr", 0);
+    sa_view *ci = rp ? take(&set, indices_obj, "indices", 0) : NULL;
+    sa_view *ov = ci ? take(&set, offsets_obj, "offsets", 0) : NULL;
+    if (!ov) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "indptr, indices, offsets: expected arrays, got None");
+        goto done;
+    }
+    if (rp->device.device_type != kDLCPU || ci->device.device_type != kDLCPU || ov->device.device_type != kDLCPU) {
+        PyErr_SetString(PyExc_ValueError, "indptr, indices, offsets: expected CPU arrays");
+        goto done;
+    }
+    int64_t tokens[1] = {height * width + 1}, any1[1] = {-1};
+    if (check_buffer(rp, rp, SA_DT_I64, tokens, 1) < 0 || check_buffer(ci, rp, SA_DT_I32, any1, 1) < 0 ||
+        check_buffer(ov, rp, SA_DT_I32, any1, 1) < 0)
+        goto done;
+    if (ov->shape[0] % 2) {
+        PyErr_Format(PyExc_ValueError, "offsets: expected (dy, dx) pairs, got %lld numbers", (long long)ov->shape[0]);
+        goto done;
+    }
+    const int32_t *offsets = (const int32_t *)ov->data;
+    const int64_t num_offsets = ov->shape[0] / 2;
+    for (int64_t o = 0; o < num_offsets; o++) {
+        const int64_t dy = offsets[2 * o], dx = offsets[2 * o + 1];
+        if (dy <= -height || dy >= height || dx <= -width || dx >= width || (dy % stride == 0 && dx % stride == 0)) {
+            PyErr_Format(PyExc_ValueError,
+                         "offsets: (%lld, %lld) is off the %lld x %lld grid's span or on the lattice of stride %lld",
+                         (long long)dy, (long long)dx, height, width, stride);
+            goto done;
+        }
+    }
+    char err[ERR_LEN] = "";
+    const int64_t *row_ptr = (const int64_t *)rp->data;
+    if (sa_layout_check_offsets(height * width, row_ptr, ci->shape[0], "indptr", "indices", err, sizeof(err)) < 0) {
+        PyErr_SetString(PyExc_ValueError, err);
+        goto done;
+    }
+    int status;
+    const int threads = sa_cpu_get_num_threads();
+    Py_BEGIN_ALLOW_THREADS
+    status = sa_layout_matches_window_lattice(height, width, row_ptr, (const int32_t *)ci->data, offsets,
+                                              num_offsets, stride, threads);
+    Py_END_ALLOW_THREADS
+    if (status < 0) {
+        PyErr_SetString(PyExc_MemoryError, "out of memory for the window and lattice check's offset table");
+        goto done;
+    }
+    result = PyBool_FromLong(status);
+done:
+    release_all(&set);
+    return result;
+}
+
 static char *transpose_kwlist[] = {"indptr", "indices", "num_tokens", NULL};
 
 /* A custom layout's CSR (NumPy arrays, any DLPack CPU buffers), checked in full,
@@ -1573,6 +1646,8 @@ static PyMethodDef module_methods[] = {
      "Builds a layout; returns (row_ptr, col_idx, col_ptr, row_idx) NumPy arrays."},
     {"layout_transpose", (PyCFunction)(void (*)(void))layout_transpose, METH_VARARGS | METH_KEYWORDS,
      "Checks a custom layout's CSR (indptr, indices, num_tokens) and returns its transpose (col_ptr, row_idx)."},
+    {"window_lattice_matches", (PyCFunction)(void (*)(void))window_lattice_matches, METH_VARARGS | METH_KEYWORDS,
+     "Whether a layout's CSR is exactly a clipped window's offsets plus a lattice of the given stride."},
     {"plan_union_sizes", (PyCFunction)(void (*)(void))plan_union_sizes, METH_VARARGS | METH_KEYWORDS,
      "Distinct keys of each tile of a tile-plan pass (every tile, or the listed ones)."},
     {"plan_pair_counts", (PyCFunction)(void (*)(void))plan_pair_counts, METH_VARARGS | METH_KEYWORDS,

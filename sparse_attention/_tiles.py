@@ -387,22 +387,24 @@ def build_lattice_plan(height, width, stride):
     tile_queries, chunk_keys, chunk_masks, chunks_per_tile = [], [], [], []
     start = 0
     for count in counts[counts > 0]:
-        members = order[start:start + count]
+        pieces = -(-int(count) // TILE)
+        # the class's tokens, 64 to a row, the last row padded with -1: its tiles' queries, and the
+        # keys of each of its tiles' chunks
+        members = np.full(pieces * TILE, -1, dtype=np.int32)
+        members[:count] = order[start:start + count]
         start += count
-        pieces = [members[i:i + TILE] for i in range(0, count, TILE)]
-        for queries in pieces:
-            tile_queries.append(np.pad(queries, (0, TILE - queries.size), constant_values=-1))
-            chunks_per_tile.append(len(pieces))
-            for keys in pieces:
-                chunk_keys.append(np.pad(keys, (0, TILE - keys.size), constant_values=-1))
-                word = np.uint64((1 << keys.size) - 1) if keys.size < TILE else ~np.uint64(0)
-                mask = np.zeros(TILE, dtype=np.uint64)
-                mask[:queries.size] = word
-                chunk_masks.append(mask)
+        members = members.reshape(pieces, TILE)
+        present = members >= 0
+        sizes = present.sum(axis=1)
+        words = np.where(sizes < TILE, (np.uint64(1) << sizes.astype(np.uint64)) - np.uint64(1), ~np.uint64(0))
+        tile_queries.append(members)
+        chunk_keys.append(np.tile(members, (pieces, 1)))
+        # [tile, chunk, slot]: every key of the chunk for each slot that holds a query
+        chunk_masks.append(np.where(present[:, None, :], words[None, :, None], np.uint64(0)).reshape(-1, TILE))
+        chunks_per_tile.extend([pieces] * pieces)
     chunk_ptr = np.zeros(len(chunks_per_tile) + 1, dtype=np.int32)
     np.cumsum(chunks_per_tile, out=chunk_ptr[1:])
-    one = TilePass(None, np.stack(tile_queries).astype(np.int32), chunk_ptr,
-                   np.stack(chunk_keys).astype(np.int32),
-                   np.stack(chunk_masks).view(np.int64))
+    one = TilePass(None, np.concatenate(tile_queries), chunk_ptr, np.concatenate(chunk_keys),
+                   np.concatenate(chunk_masks).view(np.int64))
     pairs = int((counts.astype(np.int64) ** 2).sum())
     return TilePlan([one], np.zeros(0, dtype=np.int32), pairs)

@@ -786,3 +786,55 @@ def test_window_backward_with_a_wide_head_dim():
     before = C.cpu_window_backwards()
     assert_backward_matches_reference(attention, layout, (q, k, v), grad_out)
     assert C.cpu_window_backwards() == before + 1
+
+
+def test_the_split_needs_no_whole_stencil(monkeypatch):
+    """Past MAX_OFFSETS lattice offsets (sides over 225 at stride 7) STRIDED
+    is no stencil, but the split still runs, its rows checked in C against
+    the window and the lattice: here with the limit lowered to 40."""
+    monkeypatch.setattr(_stencil, "MAX_OFFSETS", 40)
+    layout = build_layout("strided", 41, 37, kernel_size=5, stride=3)
+    assert layout.stencil() is None and layout.stencil_split() is not None
+    assert _stencil.cpu_route_name(layout) == "window + tiles"
+    n = layout.num_tokens
+    (q, k, v), bias = make(2, 3, n, 20)
+    key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(5)) > 0.3
+    args = dict(key_mask=key_mask, head_active=torch.tensor([True, False, True]), dropout_p=0.2, dropout_seed=11)
+    before = C.cpu_window_forwards()
+    out, lse = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(), return_lse=True,
+                         **args)
+    assert C.cpu_window_forwards() == before + 1
+    ref_out, ref_lse, _ = reference_attention(q.float(), k.float(), v.float(), layout, bias=bias.float(), **args)
+    assert_forward_matches_reference(out, lse, ref_out, ref_lse, 2e-5)
+    grad_out = torch.randn(2, 3, n, 20, generator=torch.Generator().manual_seed(6))
+    assert_backward_matches_reference(attention, layout, (q, k, v), grad_out, **args)
+
+
+def test_the_window_and_lattice_check_finds_any_pair_amiss():
+    layout = build_layout("strided", 23, 19, kernel_size=5, stride=4)
+    window = np.array([(a, b) for a in range(-2, 3) for b in range(-2, 3) if a % 4 or b % 4], dtype=np.int32)
+    indptr, indices = layout.indptr, layout.indices
+
+    def matches(indptr, indices, offsets=window, stride=4):
+        return C.window_lattice_matches(indptr, indices, 23, 19, offsets.reshape(-1), stride)
+    assert matches(indptr, indices)
+    assert not matches(indptr, indices, window[1:])  # a window offset the rows hold
+    assert not matches(indptr, indices, stride=3)
+    row = 200
+    dropped = np.delete(indices, indptr[row] + 3)
+    fewer = indptr.copy()
+    fewer[row + 1:] -= 1
+    assert not matches(fewer, dropped)
+    swapped = indices.copy()
+    swapped[indptr[row]], swapped[indptr[row] + 1] = swapped[indptr[row] + 1], swapped[indptr[row]]
+    assert not matches(indptr, swapped)  # keys must ascend
+    with pytest.raises(ValueError, match=r"offsets: \(4, 0\) is off the 23 x 19 grid's span or on the lattice"):
+        matches(indptr, indices, np.array([(4, 0)], dtype=np.int32))
+    with pytest.raises(ValueError, match=r"offsets: \(0, 19\) is off"):
+        matches(indptr, indices, np.array([(0, 19)], dtype=np.int32))
+    with pytest.raises(ValueError, match="offsets: expected \\(dy, dx\\) pairs, got 3 numbers"):
+        C.window_lattice_matches(indptr, indices, 23, 19, np.array([1, 2, 3], dtype=np.int32), 4)
+    with pytest.raises(ValueError, match="indptr"):
+        C.window_lattice_matches(indptr[:-1], indices, 23, 19, window.reshape(-1), 4)
+    with pytest.raises(ValueError, match="stride: expected >= 1, got 0"):
+        C.window_lattice_matches(indptr, indices, 23, 19, window.reshape(-1), 0)
