@@ -171,3 +171,20 @@ def step_matches_eager(compiled, twin, x, key_mask, tol):
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
     got.square().sum().backward()
     expected.square().sum().backward()
+
+
+def assert_learns_the_teacher(module, teacher, x, steps):
+    """``steps`` of Adam on the MSE to ``teacher(x)`` (a module of the same
+    shape) give every parameter a finite gradient and at least halve the loss."""
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-2)
+    with torch.no_grad():
+        target = teacher(x)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(module(x), target)
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
