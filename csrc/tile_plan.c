@@ -50,13 +50,27 @@ int sa_plan_check(const sa_plan_spec *s, int64_t nnz, char *err, size_t err_len)
     return sa_layout_check_offsets(s->height * s->width, s->row_ptr, nnz, "row_ptr", "col_idx", err, err_len);
 }
 
-static int pair_selected(int pairs, int64_t query, int64_t key, int64_t width)
+/* A query's image row as a range of tokens, and its column: what the pair
+ * selections compare keys with, so that a pair costs at most one (32-bit)
+ * division. */
+typedef struct {
+    int64_t row_start, row_end;
+    int32_t column, width;
+} query_place;
+
+static query_place place_of(int64_t query, int64_t width)
+{
+    const int64_t row_start = query / width * width;
+    return (query_place){row_start, row_start + width, (int32_t)(query - row_start), (int32_t)width};
+}
+
+static int pair_selected(int pairs, const query_place *q, int32_t key)
 {
     switch (pairs) {
-    case SA_PLAN_PAIRS_SAME_ROW: return query / width == key / width;
-    case SA_PLAN_PAIRS_OTHER_ROWS: return query / width != key / width;
-    case SA_PLAN_PAIRS_SAME_COLUMN: return query % width == key % width;
-    case SA_PLAN_PAIRS_OTHER_COLUMNS: return query % width != key % width;
+    case SA_PLAN_PAIRS_SAME_ROW: return key >= q->row_start && key < q->row_end;
+    case SA_PLAN_PAIRS_OTHER_ROWS: return key < q->row_start || key >= q->row_end;
+    case SA_PLAN_PAIRS_SAME_COLUMN: return key % q->width == q->column;
+    case SA_PLAN_PAIRS_OTHER_COLUMNS: return key % q->width != q->column;
     default: return 1;
     }
 }
@@ -74,12 +88,12 @@ static void count_pairs_of_rows(void *ctx, int64_t begin, int64_t end)
     int64_t all = 0, same_row = 0, same_column = 0;
     for (int64_t i = begin; i < end; i++) {
         if (s->left_out != NULL && s->left_out[i]) continue;
-        const int64_t row_start = i / width * width, column = i % width;
+        const query_place place = place_of(i, width);
         all += s->row_ptr[i + 1] - s->row_ptr[i];
         for (int64_t e = s->row_ptr[i]; e < s->row_ptr[i + 1]; e++) {
-            const int64_t j = s->col_idx[e];
-            same_row += j >= row_start && j < row_start + width;
-            same_column += j % width == column;
+            const int32_t j = s->col_idx[e];
+            same_row += pair_selected(SA_PLAN_PAIRS_SAME_ROW, &place, j);
+            same_column += pair_selected(SA_PLAN_PAIRS_SAME_COLUMN, &place, j);
         }
     }
     atomic_fetch_add(&job->all, all);
@@ -150,9 +164,11 @@ static void scratch_free(plan_scratch *w)
     free(w->rank);
 }
 
-/* Lists the tile's distinct keys in w->keys, ascending; returns their count,
- * or -1 (with a message) for a key outside the grid. */
-static int64_t tile_union(const sa_plan_spec *s, const int32_t *queries, plan_scratch *w, char *err, size_t err_len)
+/* Lists the tile's distinct keys in w->keys, ascending where `ordered` (a
+ * count alone needs no order); returns their count, or -1 (with a message)
+ * for a key outside the grid. */
+static int64_t tile_union(const sa_plan_spec *s, const int32_t *queries, plan_scratch *w, int ordered, char *err,
+                          size_t err_len)
 {
     const int64_t n = s->height * s->width;
     if (w->next_stamp == INT32_MAX) {
@@ -164,17 +180,19 @@ static int64_t tile_union(const sa_plan_spec *s, const int32_t *queries, plan_sc
     for (int slot = 0; slot < SA_PLAN_TILE; slot++) {
         const int64_t i = queries[slot];
         if (i < 0) continue;
+        const query_place place = place_of(i, s->width);
         for (int64_t e = s->row_ptr[i]; e < s->row_ptr[i + 1]; e++) {
             const int32_t j = s->col_idx[e];
             if (j < 0 || j >= n) {
                 snprintf(err, err_len, "col_idx: entry %lld is %d, outside [0, %lld)", (long long)e, j, (long long)n);
                 return -1;
             }
-            if (w->stamp[j] == stamp || !pair_selected(s->pairs, i, j, s->width)) continue;
+            if (w->stamp[j] == stamp || !pair_selected(s->pairs, &place, j)) continue;
             w->stamp[j] = stamp;
             w->keys[count++] = j;
         }
     }
+    if (!ordered) return count;
     if (count * 16 > n) {
         /* most tokens: the scan is cheaper than the sort */
         int64_t at = 0;
@@ -235,7 +253,7 @@ static void union_sizes_of_run(void *ctx, int64_t begin, int64_t end)
     char err[256];
     for (int64_t t = begin; t < end && !atomic_load(&job->failed); t++) {
         tile_queries(s, job->tiles ? job->tiles[t] : t, queries);
-        job->sizes[t] = tile_union(s, queries, &w, err, sizeof(err));
+        job->sizes[t] = tile_union(s, queries, &w, 0, err, sizeof(err));
         if (job->sizes[t] < 0) fail_job(job, err);
     }
     scratch_free(&w);
@@ -272,7 +290,7 @@ static void fill_run(void *ctx, int64_t begin, int64_t end)
     for (int64_t t = begin; t < end && !atomic_load(&job->failed); t++) {
         int32_t *tile = job->queries + t * SA_PLAN_TILE;
         tile_queries(s, t, tile);
-        const int64_t count = tile_union(s, tile, &w, err, sizeof(err));
+        const int64_t count = tile_union(s, tile, &w, 1, err, sizeof(err));
         if (count < 0) {
             fail_job(job, err);
             break;
@@ -297,9 +315,10 @@ static void fill_run(void *ctx, int64_t begin, int64_t end)
         for (int slot = 0; slot < SA_PLAN_TILE; slot++) {
             const int64_t i = tile[slot];
             if (i < 0) continue;
+            const query_place place = place_of(i, s->width);
             for (int64_t e = s->row_ptr[i]; e < s->row_ptr[i + 1]; e++) {
                 const int32_t j = s->col_idx[e];
-                if (!pair_selected(s->pairs, i, j, s->width)) continue;
+                if (!pair_selected(s->pairs, &place, j)) continue;
                 const int32_t r = w.rank[j];
                 masks[r / SA_PLAN_TILE * SA_PLAN_TILE + slot] |= (uint64_t)1 << (r % SA_PLAN_TILE);
             }
