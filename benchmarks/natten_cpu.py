@@ -163,12 +163,12 @@ def main():
         import natten
     except ImportError:
         raise SystemExit("NATTEN is not installed: pip install natten (its CPU path needs no CUDA build)")
-    lines = [f"{KERNEL} x {KERNEL} neighbourhood ({DEPTH_KERNEL} x {KERNEL} x {KERNEL} on 3-D grids), B={args.batch}, D={HEAD_DIM}, float32, median of {args.rounds} "
-             f"rounds; torch {torch.__version__}, NATTEN {natten.__version__}, {torch.get_num_threads()} threads; "
+    lines = [f"{KERNEL} x {KERNEL} neighbourhood ({DEPTH_KERNEL} x {KERNEL} x {KERNEL} on 3-D grids), "
+             f"B={args.batch}, D={HEAD_DIM}, float32, median of {args.rounds} rounds; torch {torch.__version__}, NATTEN {natten.__version__}, {torch.get_num_threads()} threads; "
              "times in ms, forward / forward+backward; ratios are medians of per-round ratios",
              "",
-             "| grid | heads | dilation | stride | our kernels | max diff | ours (ms) | NATTEN (ms) | dense SDPA (ms) | ours / NATTEN "
-             "| ours / dense |",
+             "| grid | heads | dilation | stride | our kernels | max diff | ours (ms) | NATTEN (ms) | dense SDPA (ms) "
+             "| ours / NATTEN | ours / dense |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     table = MarkdownTable(lines, args.out, "natten_cpu.md")
     refusals = set()

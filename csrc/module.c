@@ -1133,6 +1133,40 @@ fail:
     return NULL;
 }
 
+/* A height x width grid's size: 0, or -1 with a ValueError set. */
+static int check_grid(long long height, long long width)
+{
+    if (height < 1 || width < 1 || height >= INT32_MAX || width >= INT32_MAX || height * width >= INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "height, width: expected a grid of 1 to 2**31 - 2 tokens, got %lld x %lld",
+                     height, width);
+        return -1;
+    }
+    return 0;
+}
+
+/* A layout's CSR as CPU views: offsets int64 [num_tokens + 1] and keys int32
+ * [nnz], named ptr_name and idx_name in errors; views go in set. Only their
+ * types, devices and shapes are checked here. 0, or -1 with the error set. */
+static int take_cpu_csr(view_set *set, PyObject *ptr_obj, PyObject *idx_obj, int64_t num_tokens,
+                        const char *ptr_name, const char *idx_name, sa_view **ptr, sa_view **idx)
+{
+    sa_view *rp = take(set, ptr_obj, ptr_name, 0);
+    sa_view *ci = rp ? take(set, idx_obj, idx_name, 0) : NULL;
+    if (!ci) {
+        if (!PyErr_Occurred()) PyErr_Format(PyExc_TypeError, "%s, %s: expected arrays, got None", ptr_name, idx_name);
+        return -1;
+    }
+    if (rp->device.device_type != kDLCPU || ci->device.device_type != kDLCPU) {
+        PyErr_Format(PyExc_ValueError, "%s, %s: expected CPU arrays", ptr_name, idx_name);
+        return -1;
+    }
+    int64_t tokens[1] = {num_tokens + 1}, any1[1] = {-1};
+    if (check_buffer(rp, rp, SA_DT_I64, tokens, 1) < 0 || check_buffer(ci, rp, SA_DT_I32, any1, 1) < 0) return -1;
+    *ptr = rp;
+    *idx = ci;
+    return 0;
+}
+
 static char *window_lattice_kwlist[] = {"indptr", "indices", "height", "width", "offsets", "stride", NULL};
 
 /* sa_layout_matches_window_lattice on a layout's CSR: True or False. */
@@ -1145,30 +1179,24 @@ static PyObject *window_lattice_matches(PyObject *self, PyObject *args, PyObject
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOLLOL", window_lattice_kwlist, &indptr_obj, &indices_obj,
                                      &height, &width, &offsets_obj, &stride))
         return NULL;
-    if (height < 1 || width < 1 || height >= INT32_MAX || width >= INT32_MAX || height * width >= INT32_MAX) {
-        PyErr_Format(PyExc_ValueError, "height, width: expected a grid of 1 to 2**31 - 2 tokens, got %lld x %lld",
-                     height, width);
-        return NULL;
-    }
+    if (check_grid(height, width) < 0) return NULL;
     if (stride < 1) {
         PyErr_Format(PyExc_ValueError, "stride: expected >= 1, got %lld", stride);
         return NULL;
     }
-    sa_view *rp = take(&set, indptr_obj, "indptr", 0);
-    sa_view *ci = rp ? take(&set, indices_obj, "indices", 0) : NULL;
-    sa_view *ov = ci ? take(&set, offsets_obj, "offsets", 0) : NULL;
+    sa_view *rp, *ci, *ov;
+    int64_t any1[1] = {-1};
+    if (take_cpu_csr(&set, indptr_obj, indices_obj, height * width, "indptr", "indices", &rp, &ci) < 0) goto done;
+    ov = take(&set, offsets_obj, "offsets", 0);
     if (!ov) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "indptr, indices, offsets: expected arrays, got None");
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "offsets: expected an array, got None");
         goto done;
     }
-    if (rp->device.device_type != kDLCPU || ci->device.device_type != kDLCPU || ov->device.device_type != kDLCPU) {
-        PyErr_SetString(PyExc_ValueError, "indptr, indices, offsets: expected CPU arrays");
+    if (ov->device.device_type != kDLCPU) {
+        PyErr_SetString(PyExc_ValueError, "offsets: expected a CPU array");
         goto done;
     }
-    int64_t tokens[1] = {height * width + 1}, any1[1] = {-1};
-    if (check_buffer(rp, rp, SA_DT_I64, tokens, 1) < 0 || check_buffer(ci, rp, SA_DT_I32, any1, 1) < 0 ||
-        check_buffer(ov, rp, SA_DT_I32, any1, 1) < 0)
-        goto done;
+    if (check_buffer(ov, rp, SA_DT_I32, any1, 1) < 0) goto done;
     if (ov->shape[0] % 2) {
         PyErr_Format(PyExc_ValueError, "offsets: expected (dy, dx) pairs, got %lld numbers", (long long)ov->shape[0]);
         goto done;
@@ -1224,18 +1252,8 @@ static PyObject *layout_transpose(PyObject *self, PyObject *args, PyObject *kwar
         PyErr_Format(PyExc_ValueError, "num_tokens: expected 1 to 2**31 - 2, got %lld", num_tokens);
         return NULL;
     }
-    sa_view *rp = take(&set, indptr_obj, "indptr", 0);
-    sa_view *ci = rp ? take(&set, indices_obj, "indices", 0) : NULL;
-    if (!ci) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "indptr, indices: expected arrays, got None");
-        goto fail;
-    }
-    if (rp->device.device_type != kDLCPU || ci->device.device_type != kDLCPU) {
-        PyErr_SetString(PyExc_ValueError, "indptr, indices: expected CPU arrays");
-        goto fail;
-    }
-    int64_t tokens[1] = {num_tokens + 1}, any1[1] = {-1};
-    if (check_buffer(rp, rp, SA_DT_I64, tokens, 1) < 0 || check_buffer(ci, rp, SA_DT_I32, any1, 1) < 0) goto fail;
+    sa_view *rp, *ci;
+    if (take_cpu_csr(&set, indptr_obj, indices_obj, num_tokens, "indptr", "indices", &rp, &ci) < 0) goto fail;
     const int64_t *row_ptr = (const int64_t *)rp->data, nnz = ci->shape[0];
     const int32_t *col_idx = (const int32_t *)ci->data;
     char err[ERR_LEN] = "";
@@ -1277,24 +1295,10 @@ static char *plan_kwlist[] = {"row_ptr", "col_idx", "height", "width", "tile_h",
 static int take_plan_spec(view_set *set, PyObject *row_ptr_obj, PyObject *col_idx_obj, PyObject *left_out_obj,
                           sa_plan_spec *spec, int64_t *nnz)
 {
-    sa_view *rp = take(set, row_ptr_obj, "row_ptr", 0);
-    sa_view *ci = rp ? take(set, col_idx_obj, "col_idx", 0) : NULL;
-    if (!ci) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "row_ptr, col_idx: expected arrays, got None");
+    sa_view *rp, *ci;
+    if (check_grid(spec->height, spec->width) < 0 ||
+        take_cpu_csr(set, row_ptr_obj, col_idx_obj, spec->height * spec->width, "row_ptr", "col_idx", &rp, &ci) < 0)
         return -1;
-    }
-    if (rp->device.device_type != kDLCPU || ci->device.device_type != kDLCPU) {
-        PyErr_SetString(PyExc_ValueError, "row_ptr, col_idx: expected CPU arrays");
-        return -1;
-    }
-    if (spec->height < 1 || spec->width < 1 || spec->height >= INT32_MAX || spec->width >= INT32_MAX ||
-        spec->height * spec->width >= INT32_MAX) {
-        PyErr_Format(PyExc_ValueError, "height, width: expected a grid of 1 to 2**31 - 2 tokens, got %lld x %lld",
-                     (long long)spec->height, (long long)spec->width);
-        return -1;
-    }
-    int64_t grid[1] = {spec->height * spec->width + 1}, any1[1] = {-1};
-    if (check_buffer(rp, rp, SA_DT_I64, grid, 1) < 0 || check_buffer(ci, rp, SA_DT_I32, any1, 1) < 0) return -1;
     spec->row_ptr = (const int64_t *)rp->data;
     spec->col_idx = (const int32_t *)ci->data;
     spec->left_out = NULL;

@@ -7,9 +7,9 @@ arguments and its channels-last inputs (``[B, L, C]``, ``[B, H, W, C]``,
 these in their place and loads its state dict unchanged. What differs: they
 train on the CPU too (NATTEN's CPU path has no backward), take any grid
 (NATTEN asks for kernel_size x dilation <= the grid), and offer attention
-dropout and (1-D and 2-D) a relative position bias: our own table, or ``rpb``, the bias of NAT's and
-DiNAT's published checkpoints (NATTEN before 0.20; later versions dropped it),
-so those load and run too.
+dropout and (1-D and 2-D) a relative position bias: our own table, or
+``rpb``, the bias of NAT's and DiNAT's published checkpoints (NATTEN before
+0.20; later versions dropped it), so those load and run too.
 """
 
 import functools
@@ -112,20 +112,22 @@ class _NeighborhoodAttention(nn.Module):
                                                                  self._rpb_cols.numel())
         return table
 
-    def _layout(self, token_shape):
-        compiling = torch.compiler.is_compiling()
-        if compiling:  # a size torch.compile made symbolic after a recompile: the graph specialises on it
-            token_shape = tuple(static_int(size) for size in token_shape)
+    def _builder_and_grid(self, token_shape):
+        """(builder of (height, width) -> Layout, height, width) for the grid
+        the op runs on: 1 x L, H x W, or (D x H) x W."""
         if self.rank == 3:
             depth, height, width = token_shape
-            builder, grid = functools.partial(_flat_3d_layout, depth, self._builder), (depth * height, width)
-        else:
-            builder, grid = self._builder, (token_shape if self.rank == 2 else (1, token_shape[0]))
-        if compiling:
-            return _custom_layout_while_tracing(builder, *grid)
+            return functools.partial(_flat_3d_layout, depth, self._builder), depth * height, width
+        return (self._builder, *token_shape) if self.rank == 2 else (self._builder, 1, token_shape[0])
+
+    def _layout(self, token_shape):
+        if torch.compiler.is_compiling():
+            # a size torch.compile made symbolic after a recompile: the graph specialises on it
+            token_shape = tuple(static_int(size) for size in token_shape)
+            return _custom_layout_while_tracing(*self._builder_and_grid(token_shape))
         layout = self._layouts.get(token_shape)
         if layout is None:
-            layout = self._layouts[token_shape] = _custom_layout(builder, *grid)
+            layout = self._layouts[token_shape] = _custom_layout(*self._builder_and_grid(token_shape))
         return layout
 
     def forward(self, x):
@@ -175,8 +177,9 @@ class NeighborhoodAttention2D(_NeighborhoodAttention):
     parameter ``rpb`` ``[heads, 2 kernel_size - 1, 2 kernel_size - 1]`` of NAT's
     and DiNAT's checkpoints (NATTEN before 0.20), indexed by key minus query
     in steps of the dilation plus kernel_size - 1 (NATTEN's get_pb_start rule
-    for its odd kernels), so their state dicts load (stride 1 only; those versions padded maps smaller than kernel_size x
-    dilation with zero tokens, where this attends the whole smaller map)."""
+    for its odd kernels), so their state dicts load (stride 1 only; those
+    versions padded maps smaller than kernel_size x dilation with zero
+    tokens, where this attends the whole smaller map)."""
 
     def __init__(self, embed_dim, num_heads, kernel_size, stride=1, dilation=1, is_causal=False, qkv_bias=True,
                  qk_scale=None, proj_drop=0.0, *, attn_drop=0.0, rel_pos_bias=False, rpb=False):
