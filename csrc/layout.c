@@ -450,14 +450,17 @@ int sa_layout_check_csr(int64_t num_tokens, const int64_t *row_ptr, const int32_
 }
 
 typedef struct {
-    int64_t height, width, stride, num_offsets;
+    int64_t height, width, lattice_stride, num_keys;
     const int64_t *row_ptr;
     const int32_t *col_idx;
-    const int32_t *offsets;    /* (dy, dx) pairs */
+    const int32_t *keys;
     const uint8_t *in_window; /* [(2H - 1) x (2W - 1)]: offset (dy, dx) at (dy + H - 1, dx + W - 1) */
-    const int32_t *residue;   /* [H + W]: each row's, then each column's, coordinate modulo stride */
+    const int32_t *window_sums; /* [2H x 2W]: offsets with table row < r and column < c, at (r, c) */
+    const uint8_t *is_key;    /* [N] */
+    const uint8_t *listed;    /* [N] */
+    const int32_t *residue;   /* [H + W]: each row's, then each column's, coordinate modulo the lattice's stride */
     atomic_int mismatch;
-} window_lattice_job;
+} stencil_job;
 
 /* How many of a coordinate's class modulo stride lie on an axis of size tokens. */
 static int64_t class_count(int64_t coord, int64_t size, int64_t stride)
@@ -465,57 +468,80 @@ static int64_t class_count(int64_t coord, int64_t size, int64_t stride)
     return (size - 1 - coord % stride) / stride + 1;
 }
 
-static void check_window_lattice_rows(void *opaque, int64_t begin, int64_t end)
+/* Whether query (y, x) reaches key (ky, kx) through the window or the lattice. */
+static int stencil_reaches(const stencil_job *job, int64_t y, int64_t x, int64_t ky, int64_t kx)
 {
-    window_lattice_job *job = opaque;
-    const int64_t h = job->height, w = job->width, s = job->stride, n = h * w;
+    const int64_t h = job->height, w = job->width;
+    if (job->in_window[(ky - y + h - 1) * (2 * w - 1) + kx - x + w - 1]) return 1;
+    return job->lattice_stride && job->residue[ky] == job->residue[y] && job->residue[h + kx] == job->residue[h + x];
+}
+
+static void check_stencil_rows(void *opaque, int64_t begin, int64_t end)
+{
+    stencil_job *job = opaque;
+    const int64_t h = job->height, w = job->width, s = job->lattice_stride, n = h * w;
+    const int64_t span_w = 2 * w;
     for (int64_t i = begin; i < end && !atomic_load(&job->mismatch); i++) {
+        if (job->listed[i]) continue;
         const int64_t y = i / w, x = i % w;
-        int64_t expected = class_count(y, h, s) * class_count(x, w, s);
-        for (int64_t o = 0; o < job->num_offsets; o++) {
-            const int64_t ky = y + job->offsets[2 * o], kx = x + job->offsets[2 * o + 1];
-            expected += ky >= 0 && ky < h && kx >= 0 && kx < w;
+        /* the window's offsets that land on the grid: dy in [-y, H - y), dx in [-x, W - x), a box of the table */
+        const int64_t r0 = h - 1 - y, r1 = 2 * h - 1 - y, c0 = w - 1 - x, c1 = 2 * w - 1 - x;
+        const int32_t *sums = job->window_sums;
+        int64_t expected = (int64_t)sums[r1 * span_w + c1] - sums[r0 * span_w + c1] - sums[r1 * span_w + c0] +
+                           sums[r0 * span_w + c0];
+        if (s) expected += class_count(y, h, s) * class_count(x, w, s);
+        for (int64_t g = 0; g < job->num_keys; g++) {
+            const int64_t j = job->keys[g];
+            expected += !stencil_reaches(job, y, x, j / w, j % w);
         }
         int ok = job->row_ptr[i + 1] - job->row_ptr[i] == expected;
         int64_t previous = -1;
-        const int32_t *row_residue = job->residue, *col_residue = job->residue + h;
         for (int64_t e = job->row_ptr[i]; ok && e < job->row_ptr[i + 1]; e++) {
             const int64_t j = job->col_idx[e];
-            if (j <= previous || j >= n) {
-                ok = 0;
-                break;
-            }
+            ok = j > previous && j < n;
+            if (!ok) break;
             previous = j;
-            const int64_t ky = j / w, kx = j - ky * w;
-            ok = (row_residue[ky] == row_residue[y] && col_residue[kx] == col_residue[x]) ||
-                 job->in_window[(ky - y + h - 1) * (2 * w - 1) + kx - x + w - 1];
+            ok = job->is_key[j] || stencil_reaches(job, y, x, j / w, j % w);
         }
         if (!ok) atomic_store(&job->mismatch, 1);
     }
 }
 
-int sa_layout_matches_window_lattice(int64_t height, int64_t width, const int64_t *row_ptr, const int32_t *col_idx,
-                                     const int32_t *offsets, int64_t num_offsets, int64_t stride, int num_threads)
+int sa_layout_matches_stencil(int64_t height, int64_t width, const int64_t *row_ptr, const int32_t *col_idx,
+                              const sa_stencil_rule *rule, int num_threads)
 {
-    const int64_t span = (2 * height - 1) * (2 * width - 1);
-    uint8_t *in_window = calloc((size_t)span, 1);
+    const int64_t n = height * width, table_h = 2 * height - 1, table_w = 2 * width - 1;
+    uint8_t *in_window = calloc((size_t)(table_h * table_w), 1);
+    int32_t *window_sums = calloc((size_t)((table_h + 1) * (table_w + 1)), sizeof(int32_t));
+    uint8_t *flags = calloc((size_t)(2 * n), 1);
     int32_t *residue = malloc((size_t)(height + width) * sizeof(int32_t));
-    if (in_window == NULL || residue == NULL) {
-        free(in_window);
-        free(residue);
-        return -1;
+    int status = -1;
+    if (in_window == NULL || window_sums == NULL || flags == NULL || residue == NULL) goto done;
+    for (int64_t o = 0; o < rule->num_offsets; o++)
+        in_window[(rule->offsets[2 * o] + height - 1) * table_w + rule->offsets[2 * o + 1] + width - 1] = 1;
+    /* a summed-area table, so that each row's clipped window count costs four reads, not one per offset */
+    for (int64_t r = 0; r < table_h; r++) {
+        int32_t row_total = 0;
+        for (int64_t c = 0; c < table_w; c++) {
+            row_total += in_window[r * table_w + c];
+            window_sums[(r + 1) * (table_w + 1) + c + 1] = window_sums[r * (table_w + 1) + c + 1] + row_total;
+        }
     }
-    for (int64_t o = 0; o < num_offsets; o++)
-        in_window[(offsets[2 * o] + height - 1) * (2 * width - 1) + offsets[2 * o + 1] + width - 1] = 1;
-    for (int64_t c = 0; c < height + width; c++) residue[c] = (int32_t)((c < height ? c : c - height) % stride);
-    window_lattice_job job = {.height = height, .width = width, .stride = stride, .num_offsets = num_offsets,
-                              .row_ptr = row_ptr, .col_idx = col_idx, .offsets = offsets, .in_window = in_window,
-                              .residue = residue};
+    for (int64_t g = 0; g < rule->num_keys; g++) flags[rule->keys[g]] = 1;
+    for (int64_t l = 0; l < rule->num_rows; l++) flags[n + rule->rows[l]] = 1;
+    const int64_t s = rule->lattice_stride;
+    for (int64_t c = 0; c < height + width; c++) residue[c] = s ? (int32_t)((c < height ? c : c - height) % s) : 0;
+    stencil_job job = {.height = height, .width = width, .lattice_stride = s, .num_keys = rule->num_keys,
+                       .row_ptr = row_ptr, .col_idx = col_idx, .keys = rule->keys, .in_window = in_window,
+                       .window_sums = window_sums, .is_key = flags, .listed = flags + n, .residue = residue};
     atomic_init(&job.mismatch, 0);
-    const int64_t n = height * width;
     sa_parallel_for(n, (n + 8 * (int64_t)num_threads - 1) / (8 * (int64_t)num_threads), num_threads,
-                    check_window_lattice_rows, &job);
+                    check_stencil_rows, &job);
+    status = !atomic_load(&job.mismatch);
+done:
     free(in_window);
+    free(window_sums);
+    free(flags);
     free(residue);
-    return !atomic_load(&job.mismatch);
+    return status;
 }

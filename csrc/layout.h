@@ -58,15 +58,25 @@ int sa_layout_check_offsets(int64_t num_tokens, const int64_t *row_ptr, int64_t 
 int sa_layout_check_csr(int64_t num_tokens, const int64_t *row_ptr, const int32_t *col_idx, int64_t nnz,
                         char *err, size_t err_len);
 
-/* Whether every row of the CSR holds exactly, in strictly ascending order,
- * the keys a window and a lattice give it on the height x width grid: the
- * window's offsets (dy, dx) (num_offsets pairs, each within the grid's span
- * and none a multiple of stride on both axes), clipped at the grid, and
- * every key whose offsets are both multiples of stride (>= 1). STRIDED's
- * split, checked where its lattice has too many offsets for a stencil.
- * Returns 1 or 0, or -1 when scratch memory could not be had. The caller
- * has checked the offsets of row_ptr. */
-int sa_layout_matches_window_lattice(int64_t height, int64_t width, const int64_t *row_ptr, const int32_t *col_idx,
-                                     const int32_t *offsets, int64_t num_offsets, int64_t stride, int num_threads);
+/* A stencil as a rule for CSR rows: query (y, x) attends key (y + dy, x + dx)
+ * for each of the window's offsets that lands on the grid; with a lattice
+ * (stride >= 1; 0: none) also every key whose offsets are both multiples of
+ * the stride; and every extra key. Listed rows may hold anything. */
+typedef struct {
+    const int32_t *offsets; /* num_offsets (dy, dx) pairs, distinct, within the grid's span, none on the lattice */
+    int64_t num_offsets;
+    int64_t lattice_stride;
+    const int32_t *keys; /* distinct tokens */
+    int64_t num_keys;
+    const int32_t *rows; /* tokens */
+    int64_t num_rows;
+} sa_stencil_rule;
+
+/* Whether every row of the CSR outside the listed ones holds exactly, in
+ * strictly ascending order, the keys the rule gives it on the height x width
+ * grid. The caller has checked the rule and the offsets of row_ptr. Returns
+ * 1 or 0, or -1 when scratch memory could not be had. */
+int sa_layout_matches_stencil(int64_t height, int64_t width, const int64_t *row_ptr, const int32_t *col_idx,
+                              const sa_stencil_rule *rule, int num_threads);
 
 #endif /* SA_LAYOUT_H */

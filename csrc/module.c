@@ -1167,65 +1167,134 @@ static int take_cpu_csr(view_set *set, PyObject *ptr_obj, PyObject *idx_obj, int
     return 0;
 }
 
-static char *window_lattice_kwlist[] = {"indptr", "indices", "height", "width", "offsets", "stride", NULL};
-
-/* sa_layout_matches_window_lattice on a layout's CSR: True or False. */
-static PyObject *window_lattice_matches(PyObject *self, PyObject *args, PyObject *kwargs)
+/* An optional int32 CPU list for a check on layouts: None is empty. 0, or -1 with the error set. */
+static int take_cpu_int32_list(view_set *set, PyObject *obj, const char *name, const sa_view *device_of,
+                               const int32_t **list, int64_t *count)
 {
-    (void)self;
-    PyObject *indptr_obj, *indices_obj, *offsets_obj, *result = NULL;
-    long long height, width, stride;
-    view_set set = {.count = 0, .stream = -1};
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOLLOL", window_lattice_kwlist, &indptr_obj, &indices_obj,
-                                     &height, &width, &offsets_obj, &stride))
-        return NULL;
-    if (check_grid(height, width) < 0) return NULL;
-    if (stride < 1) {
-        PyErr_Format(PyExc_ValueError, "stride: expected >= 1, got %lld", stride);
-        return NULL;
-    }
-    sa_view *rp, *ci, *ov;
+    *list = NULL;
+    *count = 0;
+    if (obj == NULL || obj == Py_None) return 0;
+    sa_view *v = take(set, obj, name, 0);
     int64_t any1[1] = {-1};
-    if (take_cpu_csr(&set, indptr_obj, indices_obj, height * width, "indptr", "indices", &rp, &ci) < 0) goto done;
-    ov = take(&set, offsets_obj, "offsets", 0);
-    if (!ov) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "offsets: expected an array, got None");
-        goto done;
+    if (!v) return -1;
+    if (v->device.device_type != kDLCPU) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a CPU array", name);
+        return -1;
     }
-    if (ov->device.device_type != kDLCPU) {
-        PyErr_SetString(PyExc_ValueError, "offsets: expected a CPU array");
-        goto done;
+    if (check_buffer(v, device_of, SA_DT_I32, any1, 1) < 0) return -1;
+    *list = (const int32_t *)v->data;
+    *count = v->shape[0];
+    return 0;
+}
+
+/* The stencil rule's offsets: pairs within the grid's span, distinct, none
+ * on the lattice. 0, or -1 with a ValueError set. */
+static int check_stencil_offsets(const int32_t *offsets, int64_t count, long long height, long long width,
+                                 long long lattice_stride)
+{
+    if (count % 2) {
+        PyErr_Format(PyExc_ValueError, "offsets: expected (dy, dx) pairs, got %lld numbers", (long long)count);
+        return -1;
     }
-    if (check_buffer(ov, rp, SA_DT_I32, any1, 1) < 0) goto done;
-    if (ov->shape[0] % 2) {
-        PyErr_Format(PyExc_ValueError, "offsets: expected (dy, dx) pairs, got %lld numbers", (long long)ov->shape[0]);
-        goto done;
+    const int64_t table_w = 2 * width - 1;
+    uint8_t *seen = calloc((size_t)((2 * height - 1) * table_w), 1);
+    if (!seen) {
+        PyErr_NoMemory();
+        return -1;
     }
-    const int32_t *offsets = (const int32_t *)ov->data;
-    const int64_t num_offsets = ov->shape[0] / 2;
-    for (int64_t o = 0; o < num_offsets; o++) {
-        const int64_t dy = offsets[2 * o], dx = offsets[2 * o + 1];
-        if (dy <= -height || dy >= height || dx <= -width || dx >= width || (dy % stride == 0 && dx % stride == 0)) {
-            PyErr_Format(PyExc_ValueError,
-                         "offsets: (%lld, %lld) is off the %lld x %lld grid's span or on the lattice of stride %lld",
-                         (long long)dy, (long long)dx, height, width, stride);
-            goto done;
+    int status = 0;
+    for (int64_t o = 0; o < count / 2 && status == 0; o++) {
+        const long long dy = offsets[2 * o], dx = offsets[2 * o + 1];
+        if (dy <= -height || dy >= height || dx <= -width || dx >= width) {
+            PyErr_Format(PyExc_ValueError, "offsets: (%lld, %lld) is off the %lld x %lld grid's span", dy, dx,
+                         height, width);
+            status = -1;
+        } else if (lattice_stride && dy % lattice_stride == 0 && dx % lattice_stride == 0) {
+            PyErr_Format(PyExc_ValueError, "offsets: (%lld, %lld) is on the lattice of stride %lld", dy, dx,
+                         lattice_stride);
+            status = -1;
+        } else if (seen[(dy + height - 1) * table_w + dx + width - 1]++) {
+            PyErr_Format(PyExc_ValueError, "offsets: (%lld, %lld) is given twice", dy, dx);
+            status = -1;
         }
     }
+    free(seen);
+    return status;
+}
+
+/* Tokens of a list in [0, N), distinct where `distinct`. 0, or -1 with a ValueError set. */
+static int check_token_list(const int32_t *list, int64_t count, int64_t num_tokens, int distinct, const char *name)
+{
+    uint8_t *seen = distinct ? calloc((size_t)num_tokens, 1) : NULL;
+    if (distinct && !seen) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    int status = 0;
+    for (int64_t t = 0; t < count && status == 0; t++) {
+        if (list[t] < 0 || list[t] >= num_tokens) {
+            PyErr_Format(PyExc_ValueError, "%s: entry %lld is %d, outside [0, %lld)", name, (long long)t, list[t],
+                         (long long)num_tokens);
+            status = -1;
+        } else if (distinct && seen[list[t]]++) {
+            PyErr_Format(PyExc_ValueError, "%s: token %d is given twice", name, list[t]);
+            status = -1;
+        }
+    }
+    free(seen);
+    return status;
+}
+
+static char *stencil_matches_kwlist[] = {"indptr", "indices", "height", "width", "offsets", "keys", "rows",
+                                         "lattice_stride", NULL};
+
+/* sa_layout_matches_stencil on a layout's CSR: True or False. */
+static PyObject *stencil_matches(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    PyObject *indptr_obj, *indices_obj, *offsets_obj, *keys_obj = Py_None, *rows_obj = Py_None, *result = NULL;
+    long long height, width, lattice_stride = 0;
+    view_set set = {.count = 0, .stream = -1};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOLLO|OOL", stencil_matches_kwlist, &indptr_obj, &indices_obj,
+                                     &height, &width, &offsets_obj, &keys_obj, &rows_obj, &lattice_stride))
+        return NULL;
+    if (check_grid(height, width) < 0) return NULL;
+    if (lattice_stride < 0) {
+        PyErr_Format(PyExc_ValueError, "lattice_stride: expected >= 1, or 0 for no lattice, got %lld",
+                     lattice_stride);
+        return NULL;
+    }
+    sa_view *rp, *ci;
+    const int64_t n = height * width;
+    sa_stencil_rule rule = {.lattice_stride = lattice_stride};
+    int64_t offset_numbers;
+    if (take_cpu_csr(&set, indptr_obj, indices_obj, n, "indptr", "indices", &rp, &ci) < 0) goto done;
+    if (offsets_obj == Py_None) {
+        PyErr_SetString(PyExc_TypeError, "offsets: expected an array, got None");
+        goto done;
+    }
+    if (take_cpu_int32_list(&set, offsets_obj, "offsets", rp, &rule.offsets, &offset_numbers) < 0 ||
+        take_cpu_int32_list(&set, keys_obj, "keys", rp, &rule.keys, &rule.num_keys) < 0 ||
+        take_cpu_int32_list(&set, rows_obj, "rows", rp, &rule.rows, &rule.num_rows) < 0)
+        goto done;
+    if (check_stencil_offsets(rule.offsets, offset_numbers, height, width, lattice_stride) < 0 ||
+        check_token_list(rule.keys, rule.num_keys, n, 1, "keys") < 0 ||
+        check_token_list(rule.rows, rule.num_rows, n, 0, "rows") < 0)
+        goto done;
+    rule.num_offsets = offset_numbers / 2;
     char err[ERR_LEN] = "";
     const int64_t *row_ptr = (const int64_t *)rp->data;
-    if (sa_layout_check_offsets(height * width, row_ptr, ci->shape[0], "indptr", "indices", err, sizeof(err)) < 0) {
+    if (sa_layout_check_offsets(n, row_ptr, ci->shape[0], "indptr", "indices", err, sizeof(err)) < 0) {
         PyErr_SetString(PyExc_ValueError, err);
         goto done;
     }
     int status;
     const int threads = sa_cpu_get_num_threads();
     Py_BEGIN_ALLOW_THREADS
-    status = sa_layout_matches_window_lattice(height, width, row_ptr, (const int32_t *)ci->data, offsets,
-                                              num_offsets, stride, threads);
+    status = sa_layout_matches_stencil(height, width, row_ptr, (const int32_t *)ci->data, &rule, threads);
     Py_END_ALLOW_THREADS
     if (status < 0) {
-        PyErr_SetString(PyExc_MemoryError, "out of memory for the window and lattice check's offset table");
+        PyErr_SetString(PyExc_MemoryError, "out of memory for the stencil check's tables");
         goto done;
     }
     result = PyBool_FromLong(status);
@@ -1650,8 +1719,9 @@ static PyMethodDef module_methods[] = {
      "Builds a layout; returns (row_ptr, col_idx, col_ptr, row_idx) NumPy arrays."},
     {"layout_transpose", (PyCFunction)(void (*)(void))layout_transpose, METH_VARARGS | METH_KEYWORDS,
      "Checks a custom layout's CSR (indptr, indices, num_tokens) and returns its transpose (col_ptr, row_idx)."},
-    {"window_lattice_matches", (PyCFunction)(void (*)(void))window_lattice_matches, METH_VARARGS | METH_KEYWORDS,
-     "Whether a layout's CSR is exactly a clipped window's offsets plus a lattice of the given stride."},
+    {"stencil_matches", (PyCFunction)(void (*)(void))stencil_matches, METH_VARARGS | METH_KEYWORDS,
+     "Whether a layout's CSR rows, the listed ones aside, are exactly a stencil's: its window's offsets clipped "
+     "at the grid, a lattice of the given stride (0: none) and the extra keys."},
     {"plan_union_sizes", (PyCFunction)(void (*)(void))plan_union_sizes, METH_VARARGS | METH_KEYWORDS,
      "Distinct keys of each tile of a tile-plan pass (every tile, or the listed ones)."},
     {"plan_pair_counts", (PyCFunction)(void (*)(void))plan_pair_counts, METH_VARARGS | METH_KEYWORDS,

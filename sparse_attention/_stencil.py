@@ -182,35 +182,18 @@ def _clipped_counts(offsets, height, width):
     return counts
 
 
-def _matches(layout: Layout, offsets, keys, rows) -> bool:
-    """Whether the CSR rows outside ``rows`` are exactly the stencil's pairs."""
-    h, w, n = layout.height, layout.width, layout.num_tokens
-    present = _offset_table(offsets, h, w)
-    if present.sum() != len(offsets):
-        return False  # repeated offsets would count pairs twice
-    listed = np.zeros(n, dtype=bool)
-    listed[rows] = True
-    if np.unique(keys).size != keys.size:
-        return False
-    ys, xs = np.divmod(np.arange(n, dtype=np.int64), w)
-    # every CSR pair of an unlisted row must be an offset or an extra key ...
-    row_of_pair = layout.row_ids()
-    keep = ~listed[row_of_pair]
-    qi, kj = row_of_pair[keep], layout.indices[keep].astype(np.int64)
-    if qi.size and np.any((qi[1:] == qi[:-1]) & (kj[1:] <= kj[:-1])):
-        return False  # a repeated or unsorted key in a row
-    by_offset = _pairs_by_offset(layout, present, qi, kj)
-    is_key = np.zeros(n, dtype=bool)
-    is_key[keys] = True
-    if not np.all(by_offset | is_key[kj]):
-        return False
-    # ... and every row must hold as many pairs as the stencil gives it
-    expected = _clipped_counts(offsets, h, w)
-    for j in keys:
-        reached = present[j // w - ys + h - 1, j % w - xs + w - 1]
-        expected += ~reached
-    degrees = layout.degrees()
-    return bool(np.array_equal(degrees[~listed], expected[~listed]))
+def _matches(layout: Layout, offsets, keys=None, rows=None, lattice_stride=0) -> bool:
+    """Whether the CSR rows outside ``rows`` are exactly the stencil's pairs:
+    ``offsets`` clipped at the grid, the lattice of ``lattice_stride`` (0:
+    none) and the extra ``keys``. Checked in C, row by row (the whole
+    stencil in NumPy took 10 s for STRIDED at 224 x 224, O(offsets x N))."""
+    def int32s(values):
+        return None if values is None else np.ascontiguousarray(values, dtype=np.int32).reshape(-1)
+
+    if len(set(map(tuple, offsets))) != len(offsets) or (keys is not None and np.unique(keys).size != keys.size):
+        return False  # repeated offsets or keys would count pairs twice
+    return C.stencil_matches(layout.indptr, layout.indices, layout.height, layout.width, int32s(offsets),
+                             int32s(keys), int32s(rows), lattice_stride)
 
 
 def stencil_of(layout: Layout):
@@ -414,11 +397,10 @@ def lattice_split(layout: Layout):
     window = [(a, b) for a, b in _window(kernel // 2, h, w) if a % stride or b % stride]
     if not window:
         return None
-    # checked in C, row by row, against this window and lattice rather than as the whole stencil in
-    # NumPy (10.7 s at 224 x 224, O(offsets x N)); past MAX_OFFSETS lattice offsets (sides over 225 at
-    # stride 7) the whole is no stencil, but the split still is, and ran 4.5x faster than the rows
-    offsets = np.asarray(window, dtype=np.int32).reshape(-1)
-    if not C.window_lattice_matches(layout.indptr, layout.indices, h, w, offsets, stride):
+    # checked against this window and lattice, not as the whole stencil: past MAX_OFFSETS lattice
+    # offsets (sides over 225 at stride 7) the whole is no stencil, but the split still is, and ran
+    # 4.5x faster than the rows
+    if not _matches(layout, window, lattice_stride=stride):
         return None
     empty = np.zeros(0, dtype=np.int64)
     buffer, passes = _tiles.build_lattice_plan(h, w, stride).packed()

@@ -816,7 +816,7 @@ def test_the_window_and_lattice_check_finds_any_pair_amiss():
     indptr, indices = layout.indptr, layout.indices
 
     def matches(indptr, indices, offsets=window, stride=4):
-        return C.window_lattice_matches(indptr, indices, 23, 19, offsets.reshape(-1), stride)
+        return C.stencil_matches(indptr, indices, 23, 19, offsets.reshape(-1), lattice_stride=stride)
     assert matches(indptr, indices)
     assert not matches(indptr, indices, window[1:])  # a window offset the rows hold
     assert not matches(indptr, indices, stride=3)
@@ -828,13 +828,75 @@ def test_the_window_and_lattice_check_finds_any_pair_amiss():
     swapped = indices.copy()
     swapped[indptr[row]], swapped[indptr[row] + 1] = swapped[indptr[row] + 1], swapped[indptr[row]]
     assert not matches(indptr, swapped)  # keys must ascend
-    with pytest.raises(ValueError, match=r"offsets: \(4, 0\) is off the 23 x 19 grid's span or on the lattice"):
+    with pytest.raises(ValueError, match=r"offsets: \(4, 0\) is on the lattice of stride 4"):
         matches(indptr, indices, np.array([(4, 0)], dtype=np.int32))
-    with pytest.raises(ValueError, match=r"offsets: \(0, 19\) is off"):
+    with pytest.raises(ValueError, match=r"offsets: \(0, 19\) is off the 23 x 19 grid's span"):
         matches(indptr, indices, np.array([(0, 19)], dtype=np.int32))
+    with pytest.raises(ValueError, match=r"offsets: \(1, 1\) is given twice"):
+        matches(indptr, indices, np.array([(1, 1), (1, 1)], dtype=np.int32))
     with pytest.raises(ValueError, match="offsets: expected \\(dy, dx\\) pairs, got 3 numbers"):
-        C.window_lattice_matches(indptr, indices, 23, 19, np.array([1, 2, 3], dtype=np.int32), 4)
+        C.stencil_matches(indptr, indices, 23, 19, np.array([1, 2, 3], dtype=np.int32))
     with pytest.raises(ValueError, match="indptr"):
-        C.window_lattice_matches(indptr[:-1], indices, 23, 19, window.reshape(-1), 4)
-    with pytest.raises(ValueError, match="stride: expected >= 1, got 0"):
-        C.window_lattice_matches(indptr, indices, 23, 19, window.reshape(-1), 0)
+        C.stencil_matches(indptr[:-1], indices, 23, 19, window.reshape(-1))
+    with pytest.raises(ValueError, match="lattice_stride: expected >= 1, or 0 for no lattice, got -1"):
+        matches(indptr, indices, stride=-1)
+    with pytest.raises(ValueError, match=r"keys: entry 1 is 437, outside \[0, 437\)"):
+        C.stencil_matches(indptr, indices, 23, 19, window.reshape(-1), np.array([0, 437], dtype=np.int32))
+    with pytest.raises(ValueError, match="keys: token 5 is given twice"):
+        C.stencil_matches(indptr, indices, 23, 19, window.reshape(-1), np.array([5, 5], dtype=np.int32))
+    with pytest.raises(ValueError, match=r"rows: entry 0 is -1"):
+        C.stencil_matches(indptr, indices, 23, 19, window.reshape(-1), None, np.array([-1], dtype=np.int32))
+    with pytest.raises(TypeError, match="offsets: expected an array, got None"):
+        C.stencil_matches(indptr, indices, 23, 19, None)
+    with pytest.raises(TypeError, match="offsets: expected dtype int32, got int64"):
+        C.stencil_matches(indptr, indices, 23, 19, window.reshape(-1).astype(np.int64))
+
+
+def rule_mask(height, width, offsets, keys, lattice_stride):
+    """[N, N] bool: the pairs a stencil rule gives every row, straight from its definition."""
+    ys, xs = np.divmod(np.arange(height * width), width)
+    mask = np.zeros((height * width,) * 2, dtype=bool)
+    for dy, dx in offsets:
+        mask |= (ys[None, :] == ys[:, None] + dy) & (xs[None, :] == xs[:, None] + dx)
+    if lattice_stride:
+        mask |= ((ys[None, :] - ys[:, None]) % lattice_stride == 0) & \
+                ((xs[None, :] - xs[:, None]) % lattice_stride == 0)
+    mask[:, keys] = True
+    return mask
+
+
+def csr_of(mask):
+    rows, cols = np.nonzero(mask)
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=mask.shape[0]))]).astype(np.int64)
+    return indptr, cols.astype(np.int32)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_stencil_check_agrees_with_its_definition(seed):
+    """C.stencil_matches on random rules and on CSRs that are the rule, the rule
+    with one pair added or taken away, or anything in the listed rows."""
+    rng = np.random.default_rng(seed)
+    height, width = (int(v) for v in rng.integers(1, 9, size=2))
+    n = height * width
+    stride = int(rng.choice([0, 0, 2, 3]))
+    span = [(a, b) for a in range(1 - height, height) for b in range(1 - width, width)
+            if not (stride and a % stride == 0 and b % stride == 0)]
+    offsets = [span[i] for i in rng.permutation(len(span))[:int(rng.integers(0, len(span) + 1))]]
+    keys = rng.permutation(n)[:int(rng.integers(0, 3))].astype(np.int32)
+    rows = rng.permutation(n)[:int(rng.integers(0, 3))].astype(np.int32)
+    mask = rule_mask(height, width, offsets, keys, stride)
+    packed = np.array(offsets, dtype=np.int32).reshape(-1)
+
+    def check(candidate):
+        return C.stencil_matches(*csr_of(candidate), height, width, packed, keys, rows, lattice_stride=stride)
+    assert check(mask)
+    listed = np.zeros(n, dtype=bool)
+    listed[rows] = True
+    for _ in range(4):
+        query, key = (int(v) for v in rng.integers(0, n, size=2))
+        changed = mask.copy()
+        changed[query, key] = not changed[query, key]
+        assert check(changed) == bool(listed[query])
+    anything = mask.copy()
+    anything[rows] = rng.random((rows.size, n)) < 0.5
+    assert check(anything)
