@@ -467,11 +467,9 @@ def cpu_kernel_choice(layout: Layout):
             return "split"
         if layout.stencil() is not None and (layout.pattern is not None or _custom_stencil_pays(layout)):
             return "stencil"
-    if _tiles.use_tiled_cpu_kernel:
-        plan = layout.cpu_tile_plan()
-        # sparse chunks lose to the rows (statistics merge across passes on the CPU)
-        if plan is not None and plan.cpu_fill >= _tiles.CPU_MIN_FILL:
-            return "tiles"
+    # sparse chunks lose to the rows (statistics merge across passes on the CPU)
+    if _tiles.use_tiled_cpu_kernel and _tiles.cpu_plan_pays(layout):
+        return "tiles"
     return None
 
 

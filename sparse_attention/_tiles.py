@@ -264,17 +264,77 @@ def _estimate_cost(layout, shape, pairs, left_out, for_cpu, samples=12):
     sizes = C.plan_union_sizes(*_csr(layout, shape, pairs, left_out), tiles=picked).astype(np.int64)
     if not for_cpu:
         return (-(-sizes // TILE)).mean() * num_tiles, _PASS_COST_PER_TILE * num_tiles
-    kept = (layout.num_tokens - (0 if left_out is None else int(left_out.sum()))) / max(1, layout.num_tokens)
-    queries = layout.num_tokens * kept / num_tiles
-    if samples is None:
-        # tiles at the grid's far edges are cut short: their queries, scaled by the rows left in the plan
-        across = -(-layout.width // shape[1])
-        tile_rows = np.minimum(shape[0], layout.height - picked // across * shape[0])
-        tile_cols = np.minimum(shape[1], layout.width - picked % across * shape[1])
-        queries = tile_rows * tile_cols * kept
-    columns = sizes // TILE * TILE + -(-(sizes % TILE) // 8) * 8
-    per_tile = (queries * columns).mean() / (TILE * TILE) + _CPU_COST_PER_TILE
+    queries = _tile_queries(layout, shape, left_out, picked if samples is None else None)
+    per_tile = (queries * _computed_columns(sizes)).mean() / (TILE * TILE) + _CPU_COST_PER_TILE
     return per_tile * num_tiles, _PASS_COST_PER_TILE * num_tiles * np.mean(queries) / TILE
+
+
+def _tile_queries(layout, shape, left_out, tiles=None):
+    """Queries per tile of ``shape`` in the plan: of each of ``tiles`` (tiles at
+    the grid's far edges are cut short), or None: the mean; either scaled by
+    the share of rows left in the plan."""
+    kept = (layout.num_tokens - (0 if left_out is None else int(left_out.sum()))) / max(1, layout.num_tokens)
+    if tiles is None:
+        return layout.num_tokens * kept / _num_tiles(layout.height, layout.width, shape)
+    across = -(-layout.width // shape[1])
+    tile_rows = np.minimum(shape[0], layout.height - tiles // across * shape[0])
+    tile_cols = np.minimum(shape[1], layout.width - tiles % across * shape[1])
+    return tile_rows * tile_cols * kept
+
+
+def _computed_columns(sizes):
+    """The key columns the CPU kernels compute for tiles of ``sizes`` distinct
+    keys: whole chunks, and the last one's keys rounded up to 8."""
+    return sizes // TILE * TILE + -(-(sizes % TILE) // 8) * 8
+
+
+def counted_cpu_fill(layout, passes):
+    """The cpu_fill a plan of ``passes`` (choose_passes) would have, from every
+    tile's count of distinct keys and its last query slot, without building
+    it: the planner's first step alone (no keys, no masks)."""
+    long_rows, left_out, planned = _planned_rows(layout, False)
+    ys, xs = np.divmod(np.arange(layout.num_tokens, dtype=np.int64), layout.width)
+    in_plan = np.ones(layout.num_tokens, dtype=bool)
+    in_plan[long_rows] = False
+    computed = 0
+    for shape, pairs in passes:
+        num_tiles = _num_tiles(layout.height, layout.width, shape)
+        tile_of = (ys // shape[0] * -(-layout.width // shape[1]) + xs // shape[1])[in_plan]
+        # as the planner places them: query (dy, dx) of a tile in slot dy x columns + dx, and the
+        # kernels compute the rows up to the last slot that holds one
+        slot = ((ys % shape[0]) * shape[1] + xs % shape[1])[in_plan]
+        rows = np.zeros(num_tiles, dtype=np.int64)
+        np.maximum.at(rows, tile_of, slot + 1)
+        tiles = np.arange(num_tiles, dtype=np.int64)
+        sizes = C.plan_union_sizes(*_csr(layout, shape, pairs, left_out), tiles=tiles).astype(np.int64)
+        computed += int(np.dot(rows, _computed_columns(sizes)))
+    return planned / computed if computed else 1.0
+
+
+# Whether the CPU tile kernels take a layout is decided by its built plan's
+# cpu_fill, but where the sampled estimate of the chosen passes is low a
+# count of every tile's keys comes first, and a count this far short of
+# CPU_MIN_FILL leaves the layout to the rows unplanned: RANDOM at 1% on
+# 256 x 256 counts in 0.1 s a plan that takes 1.4 s to build (and 0.26 s to
+# measure) only to be thrown away. The count is the built plan's cpu_fill
+# (tests/test_tiles.py); the margin only spares a plan when floats round.
+_COUNTED_FILL_MARGIN = 0.99
+# sampled estimates from this multiple of CPU_MIN_FILL on build the plan uncounted
+_SAMPLED_FILL_SURE = 2.0
+
+
+def cpu_plan_pays(layout) -> bool:
+    """Whether the CPU tile kernels take ``layout``: its cpu_tile_plan() exists
+    and fills at least CPU_MIN_FILL of the slots they compute. Not cached:
+    tests and benchmarks move CPU_MIN_FILL."""
+    passes, sampled = layout._cpu_choice()
+    if passes is None:
+        return False
+    if not layout._is_built("cpu_plan") and sampled < _SAMPLED_FILL_SURE * CPU_MIN_FILL:
+        if layout.counted_cpu_fill() < _COUNTED_FILL_MARGIN * CPU_MIN_FILL:
+            return False
+    plan = layout.cpu_tile_plan()
+    return plan is not None and plan.cpu_fill >= CPU_MIN_FILL
 
 
 def _best_shape(layout, pairs, left_out, for_cpu, pair_count=None):
@@ -329,13 +389,16 @@ def _planned_rows(layout, keep_long_rows):
     return long_rows, left_out, layout.nnz - int(layout.degrees()[long_rows].sum())
 
 
-def choose_passes(layout, keep_long_rows=False, for_cpu=False):
+def choose_passes(layout, keep_long_rows=False, for_cpu=False, with_estimate=False):
     """The passes of the plan as [(shape, pairs)]: one tiling of every pair, or
     two (same row and other rows, or same column and other columns) where
     that costs less (see _estimate_cost); None when the layout is too large
-    to plan (see MAX_PAIRS)."""
+    to plan (see MAX_PAIRS). With ``with_estimate``, (passes, estimated fill):
+    the planned pairs over the slots of the sampled estimate (on the CPU, of
+    the slots the kernels compute), which the per-tile and merge costs in the
+    estimate put below the plan's; (None, 0.0) for no plan."""
     if layout.num_tokens == 0 or layout.nnz > MAX_PAIRS:
-        return None
+        return (None, 0.0) if with_estimate else None
     _, left_out, planned = _planned_rows(layout, keep_long_rows)
     shape, cost, _ = _best_shape(layout, PAIRS_ALL, left_out, for_cpu, planned)
     options = [(cost, [(shape, PAIRS_ALL)])]
@@ -344,15 +407,17 @@ def choose_passes(layout, keep_long_rows=False, for_cpu=False):
     whole_chunks = _estimate_cost(layout, shape, PAIRS_ALL, left_out, False)[0] if for_cpu else cost
     if whole_chunks * TILE * TILE > 1.25 * max(1, planned):
         splits = ((PAIRS_SAME_ROW, PAIRS_OTHER_ROWS), (PAIRS_SAME_COLUMN, PAIRS_OTHER_COLUMNS))
-        counts = C.plan_pair_counts(layout.indptr, layout.indices, layout.height, layout.width,
-                                    left_out=left_out)
+        # the GPU's and the CPU's choice count the same pairs (0.13 s each for RANDOM at 256 x 256)
+        counts = layout._built_once(f"pair_counts_{keep_long_rows}", lambda layout: C.plan_pair_counts(
+            layout.indptr, layout.indices, layout.height, layout.width, left_out=left_out))
     for first_pairs, second_pairs in splits:
         if counts[first_pairs] == 0 or counts[second_pairs] == 0:
             continue
         first = _best_shape(layout, first_pairs, left_out, for_cpu)
         second = _best_shape(layout, second_pairs, left_out, for_cpu)
         options.append((first[1] + second[1] + second[2], [(first[0], first_pairs), (second[0], second_pairs)]))
-    return min(options, key=lambda option: option[0])[1]
+    cost, passes = min(options, key=lambda option: option[0])
+    return (passes, planned / max(cost * TILE * TILE, 1.0)) if with_estimate else passes
 
 
 def build_tile_plan(layout, keep_long_rows=False, passes=None):

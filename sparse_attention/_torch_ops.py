@@ -250,8 +250,7 @@ def _cpu_bias_backward_plan(layout, head_dim, max_relative):
             or (_stencil.use_window_kernel and _stencil.window_takes(stencil, head_dim))
             or _stencil.sums_bias_grad(stencil)):
         return None, []
-    plan = layout.cpu_tile_plan()
-    if plan is None or plan.long_rows.size or plan.cpu_fill < _tiles.CPU_MIN_FILL:
+    if not _tiles.cpu_plan_pays(layout) or layout.cpu_tile_plan().long_rows.size:
         return None, []
     tensors = layout.tile_plan_tensors(torch.device("cpu"))
     return tensors["buffer"], tensors["passes"]

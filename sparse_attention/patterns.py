@@ -354,28 +354,76 @@ class Layout:
         None when the layout is too large to plan."""
         from ._tiles import build_tile_plan
 
-        return self._built_once("plan", lambda layout: build_tile_plan(layout, passes=layout._gpu_passes()))
+        def build(layout):
+            passes = layout._gpu_passes()
+            shared = layout._cached_plan("cpu_passes", "cpu_plan", passes)
+            return shared if shared is not None else build_tile_plan(layout, passes=passes)
+
+        return self._built_once("plan", build)
 
     def _gpu_passes(self):
-        """tile_plan()'s choice of passes, worked out once (cpu_tile_plan()
-        compares its own with it)."""
+        """tile_plan()'s choice of passes, worked out once."""
         from ._tiles import choose_passes
 
         return self._built_once("gpu_passes", choose_passes)
 
+    def _cpu_passes(self):
+        """cpu_tile_plan()'s choice of passes, worked out once."""
+        return self._cpu_choice()[0]
+
+    def _cpu_choice(self):
+        """(cpu_tile_plan()'s passes, their sampled fill estimate), worked out once."""
+        from ._tiles import choose_passes
+
+        def choose(layout):
+            choice = choose_passes(layout, for_cpu=True, with_estimate=True)
+            with layout._lock:
+                layout._plan_cache["cpu_passes"] = choice[0]
+            return choice
+
+        return self._built_once("cpu_choice", choose)
+
+    def _is_built(self, key) -> bool:
+        with self._lock:
+            return key in self._plan_cache
+
+    def _cached_plan(self, passes_key, plan_key, passes):
+        """The plan already built under plan_key when its passes (cached under
+        passes_key) are ``passes``, else None: where the CPU and the GPU choose
+        alike they share one plan, but neither works out the other's choice
+        only to compare (the GPU's cost RANDOM at 256 x 256 0.4 s on the CPU)."""
+        with self._lock:
+            if passes is None or self._plan_cache.get(passes_key) != passes:
+                return None
+            return self._plan_cache.get(plan_key)
+
     def cpu_tile_plan(self):
         """The plan the CPU tile kernels run, built once: its tile shapes are
         chosen by the slots the CPU computes (see _tiles._estimate_cost); the
-        same object as tile_plan() where that chooses the same passes."""
-        from ._tiles import build_tile_plan, choose_passes
+        same object as tile_plan() where that is built and chose the same
+        passes."""
+        from ._tiles import build_tile_plan
 
         def build(layout):
-            passes = choose_passes(layout, for_cpu=True)
-            if passes is None or passes == layout._gpu_passes():
-                return layout.tile_plan()
-            return build_tile_plan(layout, passes=passes)
+            passes = layout._cpu_passes()
+            if passes is None:
+                return None
+            shared = layout._cached_plan("gpu_passes", "plan", passes)
+            return shared if shared is not None else build_tile_plan(layout, passes=passes)
 
         return self._built_once("cpu_plan", build)
+
+    def counted_cpu_fill(self):
+        """cpu_tile_plan()'s cpu_fill as counted from every tile's distinct keys
+        without building the plan (_tiles.counted_cpu_fill), worked out once;
+        None without a plan."""
+        from ._tiles import counted_cpu_fill
+
+        def count(layout):
+            passes = layout._cpu_passes()
+            return None if passes is None else counted_cpu_fill(layout, passes)
+
+        return self._built_once("counted_cpu_fill", count)
 
     def full_tile_plan(self):
         """The tile plan with the long rows kept in it (every pair planned), for

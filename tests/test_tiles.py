@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from sparse_attention import _tiles, _torch_ops, build_layout, get_num_threads, set_num_threads
+from sparse_attention import _stencil, _tiles, _torch_ops, build_layout, get_num_threads, set_num_threads
 from sparse_attention._native import C
+from sparse_attention.custom_layouts import layout_from_csr
 from sparse_attention._tiles import TILE, build_tile_plan, choose_passes
 
 from reference import reference_tile_pass
@@ -83,7 +84,6 @@ def test_the_cpu_plan_picks_tiles_by_the_slots_the_cpu_computes():
 
 
 def test_the_cpu_takes_the_tiles_by_the_slots_it_computes():
-    from sparse_attention import _stencil
 
     small = build_layout("axial", 4, 4)  # a 64 x 64 chunk of 16 x 16 tokens
     assert small.cpu_tile_plan().fill < _tiles.CPU_MIN_FILL <= small.cpu_tile_plan().cpu_fill
@@ -91,6 +91,51 @@ def test_the_cpu_takes_the_tiles_by_the_slots_it_computes():
     scattered = build_layout("random", 64, 64, attention_ratio=0.02)
     assert scattered.cpu_tile_plan().cpu_fill < _tiles.CPU_MIN_FILL
     assert _stencil.cpu_kernel_choice(scattered) is None
+
+
+def fresh(layout):
+    """The layout's pairs as a new custom layout: build_layout's are cached, plans and all."""
+    return layout_from_csr(layout.height, layout.width, layout.indptr, layout.indices)
+
+
+@pytest.mark.parametrize("size", [(7, 13), (33, 35), (64, 64)])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_the_counted_fill_is_the_built_plans(pattern, size):
+    """Counting every tile's keys and last query slot (no plan built) gives
+    the built CPU plan's cpu_fill, long rows (LONGFORMER's global tokens) and
+    cut-short edge tiles included."""
+    built = build_layout(pattern, *size, kernel_size=5, block_size=4, num_global_tokens=2, attention_ratio=0.1)
+    layout = fresh(built)
+    counted = layout.counted_cpu_fill()
+    assert not layout._is_built("cpu_plan")
+    assert counted == pytest.approx(layout.cpu_tile_plan().cpu_fill, rel=1e-12)
+
+
+def test_a_sparse_plan_is_counted_and_left_unbuilt():
+    """RANDOM at 2% on 64 x 64 fills about 0.02 of the slots: the count says
+    so and the plan is never built; a layout the tiles take is built once,
+    and the CPU's choice never works out the GPU's."""
+    scattered = fresh(build_layout("random", 64, 64, attention_ratio=0.02))
+    assert _stencil.cpu_kernel_choice(scattered) is None
+    assert scattered.counted_cpu_fill() < _tiles.CPU_MIN_FILL
+    assert not scattered._is_built("cpu_plan") and not scattered._is_built("gpu_passes")
+    dense = fresh(build_layout("block", 32, 32, block_size=8))
+    assert _stencil.cpu_kernel_choice(dense) == "tiles"
+    assert dense._is_built("cpu_plan") and not dense._is_built("gpu_passes")
+    # the GPU's plan, built later, is the CPU's where the passes agree, and the other way round
+    assert dense.tile_plan() is dense.cpu_tile_plan()
+    other = fresh(dense)
+    assert other.tile_plan() is other.cpu_tile_plan()
+
+
+def test_a_count_near_the_limit_leaves_the_choice_to_the_built_plan(monkeypatch):
+    """Counts within the margin below CPU_MIN_FILL do not decide: the plan is
+    built and its own cpu_fill does; further below, nothing is built."""
+    layout = fresh(build_layout("random", 32, 32, attention_ratio=0.3))
+    monkeypatch.setattr(_tiles, "CPU_MIN_FILL", layout.counted_cpu_fill() * 1.02)
+    assert not _tiles.cpu_plan_pays(layout) and not layout._is_built("cpu_plan")
+    monkeypatch.setattr(_tiles, "CPU_MIN_FILL", layout.counted_cpu_fill() * 1.005)
+    assert not _tiles.cpu_plan_pays(layout) and layout._is_built("cpu_plan")
 
 
 _SELECTIONS = {
