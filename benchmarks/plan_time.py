@@ -2,11 +2,13 @@
 its kernels (stencil checks, tile plans), at each thread count.
 
     python benchmarks/plan_time.py [--sides 128,256] [--patterns axial,strided,random]
-                                   [--threads 1,2] [--repeats 3] [--out DIR]
+                                   [--threads 1,2] [--repeats 3] [--trees DIR,DIR] [--out DIR]
 
 Layouts and plans are cached per process, so every measurement runs in a
 fresh interpreter: one per (side, thread count, repeat), building each
-pattern in turn. RANDOM uses attention_ratio 0.01. Prints the median seconds
+pattern in turn. RANDOM uses attention_ratio 0.01. ``--trees`` compares
+checkouts (each a directory holding a built ``sparse_attention``; by default
+this one), measured in alternation. Prints the median seconds
 of the build and of the choice, and the route taken; with ``--out`` writes
 ``plan_time.md``."""
 
@@ -40,8 +42,14 @@ print(json.dumps(found))
 """
 
 
-def measure(side, threads, patterns):
-    result = subprocess.run([sys.executable, "-c", CHILD, ROOT, str(threads), str(side), ",".join(patterns)],
+def describe(tree):
+    """A checkout by its commit (and whether it has changes), not by where it lies."""
+    found = subprocess.run(["git", "-C", tree, "describe", "--always", "--dirty"], capture_output=True, text=True)
+    return found.stdout.strip() or "(not a git checkout)"
+
+
+def measure(side, threads, patterns, root=ROOT):
+    result = subprocess.run([sys.executable, "-c", CHILD, root, str(threads), str(side), ",".join(patterns)],
                             capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -52,6 +60,7 @@ def main():
     parser.add_argument("--patterns", default="axial,strided,random")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--trees", default=None, help="checkouts to compare, comma-separated (default: this one)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     sides = [int(s) for s in args.sides.split(",")]
@@ -59,22 +68,29 @@ def main():
     patterns = args.patterns.split(",")
     if args.repeats < 1 or min(sides) < 1 or min(threads) < 1:
         raise SystemExit("--repeats, --sides and --threads must be at least 1")
-    lines = [f"seconds, median of {args.repeats} fresh processes; RANDOM at attention_ratio 0.01", "",
-             "| grid | pattern | threads | build (s) | kernel choice (s) | route |", "|---|---|---|---|---|---|"]
+    trees = args.trees.split(",") if args.trees else [ROOT]
+    named = len(trees) > 1
+    lines = [f"seconds, median of {args.repeats} fresh processes; RANDOM at attention_ratio 0.01", ""]
+    if named:
+        lines += [f"tree {k}: {describe(tree)}" for k, tree in enumerate(trees)] + [""]
+    lines += ["| grid | pattern | threads |" + (" tree |" if named else "") + " build (s) | kernel choice (s) | route |",
+              "|---|---|---|" + ("---|" if named else "") + "---|---|---|"]
     table = MarkdownTable(lines, args.out, "plan_time.md")
     for side in sides:
-        runs = {t: [] for t in threads}
+        runs = {(t, k): [] for t in threads for k in range(len(trees))}
         for repeat in range(args.repeats):
-            for t in threads:  # alternating, so drift falls on every thread count alike
-                runs[t].append(measure(side, t, patterns))
+            for t in threads:  # alternating, so drift falls on every thread count and tree alike
+                for k, tree in enumerate(trees):
+                    runs[t, k].append(measure(side, t, patterns, tree))
                 print(f"# {side}x{side}, {t} threads, repeat {repeat + 1}/{args.repeats}", file=sys.stderr,
                       flush=True)
         for pattern in patterns:
             for t in threads:
-                build = statistics.median(run[pattern][0] for run in runs[t])
-                choice = statistics.median(run[pattern][1] for run in runs[t])
-                table.add(f"| {side}x{side} | {pattern} | {t} | {build:.3f} | {choice:.3f} | "
-                          f"{runs[t][0][pattern][2]} |")
+                for k in range(len(trees)):
+                    build = statistics.median(run[pattern][0] for run in runs[t, k])
+                    choice = statistics.median(run[pattern][1] for run in runs[t, k])
+                    table.add(f"| {side}x{side} | {pattern} | {t} |" + (f" {k} |" if named else "") +
+                              f" {build:.3f} | {choice:.3f} | {runs[t, k][0][pattern][2]} |")
     table.write()
 
 
