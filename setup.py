@@ -20,7 +20,8 @@ from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 C_SOURCES = ["csrc/module.c", "csrc/dlpack_bridge.c", "csrc/layout.c", "csrc/attention_cpu.c",
-             "csrc/attention_cpu_tiled.c", "csrc/attention_cpu_stencil.c", "csrc/attention_cpu_window.c", "csrc/threads.c",
+             "csrc/attention_cpu_tiled.c", "csrc/attention_cpu_stencil.c", "csrc/attention_cpu_window.c",
+             "csrc/attention_cpu_gather.c", "csrc/threads.c",
              "csrc/tile_plan.c", "csrc/host_pool.c", "csrc/dropout_mask.c"]
 CUDA_SOURCES = ["cuda/attention_cuda.cu", "cuda/attention_tiled.cu", "cuda/attention_tiled_lean.cu"]
 CUDA_ARCHS = os.environ.get("SPARSE_ATTENTION_CUDA_ARCHS", "80;90")

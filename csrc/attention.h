@@ -202,6 +202,14 @@ static inline void sa_select_pass(sa_attention_params *p, const int64_t *fields,
 void sa_cpu_set_num_threads(int n);
 int sa_cpu_get_num_threads(void);
 
+/* Whether float32 rows and columns with head dims that are multiples of 8 up
+ * to 64 run on the gather kernels (attention_cpu_gather.h; on by default;
+ * tests turn them off to compare), and calls that ran them so far. */
+void sa_cpu_set_gather_kernels(int on);
+int sa_cpu_get_gather_kernels(void);
+long long sa_cpu_gather_forwards(void);
+long long sa_cpu_gather_backwards(void);
+
 /* 1 where the CPU kernels take their 32-register paths (see
  * sa_has_32_vector_registers in simd8.h), else 0. */
 long long sa_cpu_wide_kernels(void);

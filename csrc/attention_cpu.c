@@ -8,10 +8,12 @@
 #include "attention.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 
+#include "attention_cpu_gather.h"
 #include "attention_cpu_stencil.h"
 #include "attention_cpu_window.h"
 #include "attention_cpu_tiled.h"
@@ -55,6 +57,17 @@ static inline int head_runs(const sa_attention_params *p, int64_t h)
 #undef SA_LOG
 
 static int num_threads_setting = 0; /* 0: the cores this process may use */
+static int use_gather_kernels = 1;  /* tests turn them off to compare with the generic kernels */
+
+void sa_cpu_set_gather_kernels(int on) { use_gather_kernels = on != 0; }
+
+int sa_cpu_get_gather_kernels(void) { return use_gather_kernels; }
+
+static atomic_llong gather_forwards, gather_backwards;
+
+long long sa_cpu_gather_forwards(void) { return atomic_load(&gather_forwards); }
+
+long long sa_cpu_gather_backwards(void) { return atomic_load(&gather_backwards); }
 
 void sa_cpu_set_num_threads(int n) { num_threads_setting = n < 0 ? 0 : n; }
 
@@ -98,13 +111,34 @@ static int run(sa_range_fn fn, int64_t items, void *ctx, char *err, size_t len)
     return SA_OK;
 }
 
+/* The row and column kernels for p: the gather kernels where they take it
+ * (float32, head dims that are multiples of 8 up to 64), else the generic ones. */
+static sa_range_fn forward_rows_for(const sa_attention_params *p)
+{
+    if (sa_cpu_gather_fits(p) && use_gather_kernels) return sa_gather_forward_rows;
+    return p->dtype == SA_F32 ? forward_rows_f32 : forward_rows_f64;
+}
+
+static sa_range_fn grad_query_rows_for(const sa_attention_params *p)
+{
+    if (sa_cpu_gather_fits(p) && use_gather_kernels) return sa_gather_grad_query_rows;
+    return p->dtype == SA_F32 ? grad_query_rows_f32 : grad_query_rows_f64;
+}
+
+static sa_range_fn grad_key_value_columns_for(const sa_attention_params *p)
+{
+    if (sa_cpu_gather_fits(p) && use_gather_kernels) return sa_gather_grad_key_value_columns;
+    return p->dtype == SA_F32 ? grad_key_value_columns_f32 : grad_key_value_columns_f64;
+}
+
 /* The rows a tile plan leaves out (listed in long_rows), by the row kernel. */
 static void forward_listed_rows_f32(void *ctx, int64_t begin, int64_t end)
 {
     const sa_attention_params *p = ctx;
+    const sa_range_fn rows = forward_rows_for(p);
     for (int64_t item = begin; item < end; item++) {
         const int64_t bh = item / p->num_long_rows, row = p->long_rows[item % p->num_long_rows];
-        forward_rows_f32(ctx, bh * p->num_tokens + row, bh * p->num_tokens + row + 1);
+        rows(ctx, bh * p->num_tokens + row, bh * p->num_tokens + row + 1);
     }
 }
 
@@ -195,10 +229,12 @@ int sa_cpu_forward(const sa_attention_params *p, char *err, size_t len)
             snprintf(err, len, "long_rows: the tiled CPU path takes float32");
             return SA_ERR_UNSUPPORTED;
         }
+        if (forward_rows_for(p) == sa_gather_forward_rows) atomic_fetch_add(&gather_forwards, 1);
         return run(forward_listed_rows_f32, p->batch * p->heads * p->num_long_rows, ctx, err, len);
     }
     int64_t rows = p->batch * p->heads * p->num_tokens;
-    return run(p->dtype == SA_F32 ? forward_rows_f32 : forward_rows_f64, rows, ctx, err, len);
+    if (forward_rows_for(p) == sa_gather_forward_rows) atomic_fetch_add(&gather_forwards, 1);
+    return run(forward_rows_for(p), rows, ctx, err, len);
 }
 
 int sa_cpu_backward(const sa_attention_params *p, char *err, size_t len)
@@ -226,10 +262,9 @@ int sa_cpu_backward(const sa_attention_params *p, char *err, size_t len)
     }
     if (status == SA_OK && p->plan_base != NULL) return run_plan(p, 1, 0, err, len);
     if (status == SA_OK)
-        status = run(f32 ? grad_query_rows_f32 : grad_query_rows_f64, rows, ctx, err, len);
-    if (status == SA_OK)
-        status = run(f32 ? grad_key_value_columns_f32 : grad_key_value_columns_f64, rows, ctx,
-                     err, len);
+        status = run(grad_query_rows_for(p), rows, ctx, err, len);
+    if (status == SA_OK && grad_query_rows_for(p) == sa_gather_grad_query_rows) atomic_fetch_add(&gather_backwards, 1);
+    if (status == SA_OK) status = run(grad_key_value_columns_for(p), rows, ctx, err, len);
     return status;
 }
 

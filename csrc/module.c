@@ -1553,6 +1553,17 @@ static PyObject *set_num_threads(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* Turns the gather kernels on or off; returns whether they were on. */
+static PyObject *set_gather_kernels(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    const int on = PyObject_IsTrue(arg);
+    if (on < 0) return NULL;
+    const int before = sa_cpu_get_gather_kernels();
+    sa_cpu_set_gather_kernels(on);
+    return PyBool_FromLong(before);
+}
+
 static PyObject *get_num_threads(PyObject *self, PyObject *unused)
 {
     (void)self;
@@ -1590,6 +1601,8 @@ static long long sa_no_cuda_counter(void) { return 0; }
 #endif
 
 COUNTER(cpu_window_forwards, sa_cpu_window_forwards)
+COUNTER(cpu_gather_forwards, sa_cpu_gather_forwards)
+COUNTER(cpu_gather_backwards, sa_cpu_gather_backwards)
 COUNTER(cpu_window_backwards, sa_cpu_window_backwards)
 COUNTER(cpu_wide_kernels, sa_cpu_wide_kernels)
 CUDA_COUNTER(cuda_lean_passes, sa_cuda_lean_passes)
@@ -1729,6 +1742,10 @@ static PyMethodDef module_methods[] = {
     {"plan_fill", (PyCFunction)(void (*)(void))plan_fill, METH_VARARGS | METH_KEYWORDS,
      "A tile-plan pass from a layout's CSR: returns (queries, keys, masks) NumPy arrays."},
     {"set_num_threads", set_num_threads, METH_O, "Sets the CPU kernels' thread count (0: all cores)."},
+    {"set_gather_kernels", set_gather_kernels, METH_O,
+     "Turns the float32 gather row kernels on or off (for comparisons); returns whether they were on."},
+    {"cpu_gather_forwards", cpu_gather_forwards, METH_NOARGS, "Forward calls that ran the gather row kernels."},
+    {"cpu_gather_backwards", cpu_gather_backwards, METH_NOARGS, "Backward calls that ran the gather row kernels."},
     {"get_num_threads", get_num_threads, METH_NOARGS, "The CPU kernels' thread count."},
     {"cuda_device_count", cuda_device_count, METH_NOARGS,
      "Visible CUDA devices (0 without CUDA support or driver)."},

@@ -1,0 +1,188 @@
+"""The float32 gather row kernels (csrc/attention_cpu_gather.c) against the
+float64 reference and against the generic row kernels they replace, on the
+layouts that reach the rows: scattered keys (RANDOM at low ratios, custom
+masks), head dims 8 to 64 in steps of 8, odd grids, bias, key mask, dropout,
+pruned heads, statistics, rows without keys and non-finite inputs."""
+
+import numpy as np
+import pytest
+import torch
+
+from reference import (assert_backward_matches_reference, assert_bias_gradients_match_reference,
+                       assert_forward_matches_reference, bias_gradients, bias_training_inputs, random_inputs,
+                       reference_attention, reference_statistics)
+from sparse_attention import _stencil, _tiles, build_layout
+from sparse_attention import sparse_scaled_dot_product_attention as attention
+from sparse_attention._native import C
+from sparse_attention.custom_layouts import layout_from_mask
+
+SIZES = [(1, 1), (1, 17), (9, 1), (7, 13), (20, 24)]
+GATHER_DIMS = [8, 16, 24, 40, 64]
+
+
+@pytest.fixture(autouse=True)
+def rows_only(monkeypatch):
+    """Every layout on the row kernels: no stencils, no tiles."""
+    monkeypatch.setattr(_stencil, "use_stencil_cpu_kernel", False)
+    monkeypatch.setattr(_tiles, "CPU_MIN_FILL", float("inf"))
+    yield
+    C.set_gather_kernels(True)
+
+
+def scattered(height, width, ratio=0.3, seed=0):
+    return build_layout("random", height, width, attention_ratio=ratio, seed=seed)
+
+
+def run_both(fn):
+    """fn() on the gather kernels, then on the generic ones: (gather's, generic's)."""
+    C.set_gather_kernels(True)
+    before = C.cpu_gather_forwards()
+    fast = fn()
+    assert C.cpu_gather_forwards() > before
+    C.set_gather_kernels(False)
+    before = C.cpu_gather_forwards()
+    slow = fn()
+    assert C.cpu_gather_forwards() == before
+    C.set_gather_kernels(True)
+    return fast, slow
+
+
+@pytest.mark.parametrize("dim", GATHER_DIMS)
+@pytest.mark.parametrize("size", SIZES)
+def test_forward_matches_the_reference(size, dim):
+    layout = scattered(*size)
+    (q, k, v), bias = random_inputs(2, 3, layout.num_tokens, dim, seed=dim, bias_side=9)
+    key_mask = torch.rand(2, layout.num_tokens, generator=torch.Generator().manual_seed(1)) > 0.25
+    args = dict(key_mask=key_mask, head_active=torch.tensor([True, False, True]))
+    before = C.cpu_gather_forwards()
+    out, lse = attention(q.float(), k.float(), v.float(), layout, rel_pos_bias=bias.float(), return_lse=True,
+                         **args)
+    assert C.cpu_gather_forwards() == before + 1
+    ref_out, ref_lse, _ = reference_attention(q, k, v, layout, bias=bias, **args)
+    assert_forward_matches_reference(out, lse, ref_out, ref_lse, 2e-5)
+
+
+@pytest.mark.parametrize("dim", [8, 24, 64])
+@pytest.mark.parametrize("size", [(1, 17), (7, 13), (20, 24)])
+def test_backward_matches_the_reference(size, dim):
+    layout = scattered(*size, ratio=0.2)
+    (q, k, v), _ = random_inputs(2, 3, layout.num_tokens, dim, seed=3)
+    grad_out = torch.randn(2, 3, layout.num_tokens, dim, generator=torch.Generator().manual_seed(4))
+    key_mask = torch.rand(2, layout.num_tokens, generator=torch.Generator().manual_seed(5)) > 0.3
+    args = dict(key_mask=key_mask, head_active=torch.tensor([True, True, False]), dropout_p=0.25,
+                dropout_seed=9)
+    before = C.cpu_gather_backwards()
+    assert_backward_matches_reference(attention, layout, (q, k, v), grad_out, **args)
+    assert C.cpu_gather_backwards() == before + 1
+
+
+@pytest.mark.parametrize("dim", [16, 40])
+def test_bias_gradients_match_the_reference(dim):
+    layout = scattered(13, 11, ratio=0.25)
+    q, k, v, bias, grad_out, args = bias_training_inputs(layout, 7, dim=dim)
+    got = bias_gradients(attention, layout, q, k, v, bias, grad_out, **args)
+    assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args)
+
+
+@pytest.mark.parametrize("dim", GATHER_DIMS)
+def test_the_gather_and_generic_kernels_agree(dim):
+    """Outputs, statistics and all four gradients within float32 rounding of
+    each other, with every option on; dropout keeps the same pairs."""
+    layout = layout_from_mask(np.random.default_rng(dim).random((15 * 9, 15 * 9)) < 0.15, 15, 9)
+    q, k, v, bias, grad_out, args = bias_training_inputs(layout, 5, dim=dim)
+
+    def step():
+        leaves = [t.float().requires_grad_(True) for t in (q, k, v, bias)]
+        out, lse, stats = attention(*leaves[:3], layout, rel_pos_bias=leaves[3], return_lse=True,
+                                    return_stats=True, **args)
+        out.backward(grad_out.float())
+        return [out, lse, stats] + [leaf.grad for leaf in leaves]
+    fast, slow = run_both(step)
+    for name, a, b in zip(("out", "lse", "stats", "q", "k", "v", "bias"), fast, slow):
+        finite = torch.isfinite(b)
+        assert torch.equal(finite, torch.isfinite(a)), name
+        assert (a[finite] - b[finite]).abs().max() <= 2e-5 * max(1.0, b[finite].abs().max().item()), name
+    assert torch.equal(fast[0] == 0, slow[0] == 0)
+
+
+def test_statistics_match_the_reference():
+    layout = scattered(10, 10, ratio=0.2)
+    (q, k, v), _ = random_inputs(1, 2, 100, 32, seed=8)
+    _, _, stats = attention(q.float(), k.float(), v.float(), layout, return_lse=True, return_stats=True)
+    _, _, probs = reference_attention(q, k, v, layout)
+    assert (stats.double() - reference_statistics(probs)).abs().max() < 2e-5
+
+
+@pytest.mark.parametrize("dim", [5, 12, 72])
+def test_other_head_dims_run_on_the_generic_kernels(dim):
+    layout = scattered(7, 13)
+    (q, k, v), _ = random_inputs(1, 2, layout.num_tokens, dim)
+    before = C.cpu_gather_forwards(), C.cpu_gather_backwards()
+    assert_backward_matches_reference(attention, layout, (q, k, v), torch.randn(1, 2, layout.num_tokens, dim))
+    assert (C.cpu_gather_forwards(), C.cpu_gather_backwards()) == before
+
+
+def test_float64_runs_on_the_generic_kernels():
+    layout = scattered(7, 13)
+    (q, k, v), _ = random_inputs(1, 2, layout.num_tokens, 16)
+    before = C.cpu_gather_forwards()
+    out = attention(q, k, v, layout)
+    assert C.cpu_gather_forwards() == before
+    torch.testing.assert_close(out, reference_attention(q, k, v, layout)[0])
+
+
+def test_rows_without_keys_give_zeros_and_no_gradient():
+    """A key mask that leaves some rows no key: zero output, lse -inf, zero
+    gradients there, and rows of 1 to 70 keys (chunks of 64, groups of 8)
+    around them."""
+    rng = np.random.default_rng(4)
+    mask = np.zeros((80, 80), dtype=bool)
+    for row in range(80):
+        mask[row, rng.choice(80, size=row % 71, replace=False)] = True
+    layout = layout_from_mask(mask, 8, 10)
+    (q, k, v), _ = random_inputs(2, 2, 80, 16, seed=6)
+    key_mask = torch.ones(2, 80, dtype=torch.bool)
+    key_mask[1, ::2] = False
+    leaves = [t.float().requires_grad_(True) for t in (q, k, v)]
+    out, lse = attention(*leaves, layout, key_mask=key_mask, return_lse=True)
+    ref_out, ref_lse, _ = reference_attention(q, k, v, layout, key_mask=key_mask)
+    assert_forward_matches_reference(out, lse, ref_out, ref_lse, 2e-5)
+    empty = torch.isinf(ref_lse)
+    assert empty.any() and torch.all(out[empty] == 0)
+    out.sum().backward()
+    assert torch.all(leaves[0].grad[empty] == 0)
+    assert_backward_matches_reference(attention, layout, (q, k, v), torch.randn(2, 2, 80, 16),
+                                      key_mask=key_mask)
+
+
+def test_non_finite_inputs_give_what_the_generic_kernels_give():
+    layout = scattered(9, 9, ratio=0.4)
+    (q, k, v), _ = random_inputs(1, 2, 81, 16, seed=2)
+    q, k, v = q.float(), k.float(), v.float()
+    q[0, 0, 3] = float("nan")
+    k[0, 1, 7] = float("inf")
+    fast, slow = run_both(lambda: attention(q, k, v, layout, return_lse=True))
+    for a, b in zip(fast, slow):
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+        finite = torch.isfinite(b)
+        assert (a[finite] - b[finite]).abs().max() < 2e-5
+    assert torch.isnan(fast[0][0, 0, 3]).all()
+
+
+def test_long_rows_left_by_a_plan_run_on_the_gather_kernels(monkeypatch):
+    """LONGFORMER's global row, which its tile plan leaves out, goes through
+    the gather forward beside the tiles."""
+    monkeypatch.setattr(_tiles, "CPU_MIN_FILL", 0.0)
+    layout = build_layout("longformer", 40, 40, kernel_size=5, num_global_tokens=1)
+    assert _stencil.cpu_kernel_choice(layout) == "tiles" and layout.cpu_tile_plan().long_rows.size
+    (q, k, v), _ = random_inputs(1, 2, 1600, 32, seed=1)
+    before = C.cpu_gather_forwards()
+    out, lse = attention(q.float(), k.float(), v.float(), layout, return_lse=True)
+    assert C.cpu_gather_forwards() == before + 1
+    ref_out, ref_lse, _ = reference_attention(q, k, v, layout)
+    assert_forward_matches_reference(out, lse, ref_out, ref_lse, 2e-5)
+
+
+def test_the_switch_says_what_it_was():
+    assert C.set_gather_kernels(False) is True
+    assert C.set_gather_kernels(True) is False
