@@ -50,17 +50,38 @@ static inline int runs_head(const sa_attention_params *p, int64_t h)
     return p->head_active == NULL || p->head_active[h] != 0;
 }
 
-/* Lane r: the dot product of x (vecs vectors) with rows[r]. */
+/* Sums of neighbouring lanes of a and b, interleaved: lane 2t of a's lanes
+ * 2t and 2t + 1 summed, lane 2t + 1 of b's. */
+SA_INLINE v8 pair_sums(v8 a, v8 b)
+{
+    const i8v even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
+    return __builtin_shuffle(a, b, even) + __builtin_shuffle(a, b, odd);
+}
+
+SA_INLINE v8 row_dot_lanes(const v8 *x, const float *row, const int vecs)
+{
+    v8 sum = x[0] * LOADU(row);
+    for (int v = 1; v < vecs; v++) sum += x[v] * LOADU(row + 8 * v);
+    return sum;
+}
+
+/* Lane r: the dot product of x (vecs vectors) with rows[r]. Each pair of
+ * rows' lanes is folded as soon as it is made, so that at D = 64 x's eight
+ * vectors and the partial sums fit the sixteen registers of AVX2 (a full
+ * 8 x 8 transpose at the end kept eight more and spilled). */
 SA_INLINE v8 dots8(const v8 *x, const float *const *rows, const int vecs)
 {
-    v8 part[8];
-    for (int r = 0; r < 8; r++) {
-        v8 sum = x[0] * LOADU(rows[r]);
-        for (int v = 1; v < vecs; v++) sum += x[v] * LOADU(rows[r] + 8 * v);
-        part[r] = sum;
+    const i8v pairs_lo = {0, 1, 8, 9, 4, 5, 12, 13}, pairs_hi = {2, 3, 10, 11, 6, 7, 14, 15};
+    const i8v halves_lo = {0, 1, 2, 3, 8, 9, 10, 11}, halves_hi = {4, 5, 6, 7, 12, 13, 14, 15};
+    v8 quads[2];
+    for (int half = 0; half < 2; half++) {
+        const float *const *four = rows + 4 * half;
+        const v8 first = pair_sums(row_dot_lanes(x, four[0], vecs), row_dot_lanes(x, four[1], vecs));
+        const v8 second = pair_sums(row_dot_lanes(x, four[2], vecs), row_dot_lanes(x, four[3], vecs));
+        /* lane 4h + r: row r's lanes 4h .. 4h + 3 summed */
+        quads[half] = __builtin_shuffle(first, second, pairs_lo) + __builtin_shuffle(first, second, pairs_hi);
     }
-    transpose8(part);
-    return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    return __builtin_shuffle(quads[0], quads[1], halves_lo) + __builtin_shuffle(quads[0], quads[1], halves_hi);
 }
 
 /* Grid rows and columns of eight tokens below SA_GATHER_MAX_TOKENS: the float
@@ -92,6 +113,47 @@ SA_INLINE v8 bias8(const float *table, i8v dy, i8v dx, int32_t m)
     v8 out;
     for (int r = 0; r < 8; r++) out[r] = table[index[r]];
     return out;
+}
+
+/* Asks for a row the loop reads later (V after the scores): scattered rows
+ * otherwise wait on memory one after another. */
+SA_INLINE void prefetch_row(const float *row, const int vecs)
+{
+    for (int v = 0; v < vecs; v += 2) __builtin_prefetch(row + 8 * v);
+}
+
+/* acc += weights[e] x row of tokens[e] (rows `stride` apart from head) over
+ * e < count, passing over zero weights (a dropped or masked pair adds
+ * nothing, not even a NaN of its row). At four vectors or fewer a second set
+ * of accumulators takes every other row: one set's chain of additions,
+ * four cycles each, held D = 16 to a quarter of the FMA rate. */
+SA_INLINE void add_weighted_rows(v8 *acc, const float *weights, const int32_t *tokens, int count, const float *head,
+                                 int64_t stride, const int vecs)
+{
+    int e = 0;
+    if (vecs <= 4) {
+        v8 other[4];
+        for (int v = 0; v < vecs; v++) other[v] = SPLAT(0.0f);
+        for (; e + 1 < count; e += 2) {
+            if (weights[e] != 0) {
+                const v8 weight = SPLAT(weights[e]);
+                const float *row = head + tokens[e] * stride;
+                for (int v = 0; v < vecs; v++) acc[v] += weight * LOADU(row + 8 * v);
+            }
+            if (weights[e + 1] != 0) {
+                const v8 weight = SPLAT(weights[e + 1]);
+                const float *row = head + tokens[e + 1] * stride;
+                for (int v = 0; v < vecs; v++) other[v] += weight * LOADU(row + 8 * v);
+            }
+        }
+        for (int v = 0; v < vecs; v++) acc[v] += other[v];
+    }
+    for (; e < count; e++) {
+        if (weights[e] == 0) continue;
+        const v8 weight = SPLAT(weights[e]);
+        const float *row = head + tokens[e] * stride;
+        for (int v = 0; v < vecs; v++) acc[v] += weight * LOADU(row + 8 * v);
+    }
 }
 
 static const i8v lane_index = {0, 1, 2, 3, 4, 5, 6, 7};
@@ -149,7 +211,11 @@ SA_INLINE void forward_row(const sa_attention_params *p, const call_constants *c
             v8 max_lanes = SPLAT(-INFINITY);
             for (int g = 0; g < padded; g += 8) {
                 const float *rows[8];
-                for (int r = 0; r < 8; r++) rows[r] = k_head + keys[g + r] * p->k_stride[2];
+                for (int r = 0; r < 8; r++) {
+                    rows[r] = k_head + keys[g + r] * p->k_stride[2];
+                    prefetch_row(v_head + keys[g + r] * p->v_stride[2], vecs);
+                    if (g + 8 < padded) prefetch_row(k_head + keys[g + 8 + r] * p->k_stride[2], vecs);
+                }
                 v8 s = dots8(qv, rows, vecs) * c->scale;
                 if (table) {
                     i8v key_row, key_col;
@@ -187,12 +253,11 @@ SA_INLINE void forward_row(const sa_attention_params *p, const call_constants *c
             run_sum += hsum8(sum);
             run_sq += hsum8(sq);
             run_shifted += hsum8(shifted_sum);
-            for (int e = 0; e < count; e++) {
-                if (c->threshold > 0 && !sa_dropout_keep(query_key, keys[e], c->threshold)) continue;
-                const v8 weight = SPLAT(weights[e]);
-                const float *value = v_head + keys[e] * p->v_stride[2];
-                for (int v = 0; v < vecs; v++) acc[v] += weight * LOADU(value + 8 * v);
+            if (c->threshold > 0) {
+                for (int e = 0; e < count; e++)
+                    if (!sa_dropout_keep(query_key, keys[e], c->threshold)) weights[e] = 0;
             }
+            add_weighted_rows(acc, weights, keys, count, v_head, p->v_stride[2], vecs);
         }
     }
     float *lse = (float *)p->lse + item;
@@ -272,6 +337,10 @@ SA_INLINE void grad_query_row(const sa_attention_params *p, const call_constants
             for (int r = 0; r < 8; r++) {
                 k_rows[r] = k_head + keys[g + r] * p->k_stride[2];
                 v_rows[r] = v_head + keys[g + r] * p->v_stride[2];
+                if (g + 8 < padded) {
+                    prefetch_row(k_head + keys[g + 8 + r] * p->k_stride[2], vecs);
+                    prefetch_row(v_head + keys[g + 8 + r] * p->v_stride[2], vecs);
+                }
             }
             v8 s = dots8(qv, k_rows, vecs) * c->scale;
             if (table) {
@@ -286,12 +355,7 @@ SA_INLINE void grad_query_row(const sa_attention_params *p, const call_constants
             const v8 grad_probs = dots8(gv, v_rows, vecs) * SELECT(absent, SPLAT(0.0f), keep);
             STOREU(score_grads + g, s * (grad_probs - delta));
         }
-        for (int e = 0; e < count; e++) {
-            if (score_grads[e] == 0) continue;
-            const v8 weight = SPLAT(score_grads[e]);
-            const float *key = k_head + keys[e] * p->k_stride[2];
-            for (int v = 0; v < vecs; v++) acc[v] += weight * LOADU(key + 8 * v);
-        }
+        add_weighted_rows(acc, score_grads, keys, count, k_head, p->k_stride[2], vecs);
         if (grad_scores) memcpy(grad_scores + pos, score_grads, sizeof(float) * (size_t)count);
     }
     for (int v = 0; v < vecs; v++) STOREU(grad_q + 8 * v, acc[v] * c->scale);
@@ -347,6 +411,10 @@ SA_INLINE void grad_key_value_column(const sa_attention_params *p, const call_co
                 for (int r = 0; r < 8; r++) {
                     q_rows[r] = q_head + queries[g + r] * p->q_stride[2];
                     grad_rows[r] = grad_out_head + queries[g + r] * p->grad_out_stride[2];
+                    if (g + 8 < padded) {
+                        prefetch_row(q_head + queries[g + 8 + r] * p->q_stride[2], vecs);
+                        prefetch_row(grad_out_head + queries[g + 8 + r] * p->grad_out_stride[2], vecs);
+                    }
                 }
                 v8 s = dots8(kv, q_rows, vecs) * c->scale;
                 if (table) {
@@ -361,18 +429,8 @@ SA_INLINE void grad_key_value_column(const sa_attention_params *p, const call_co
                 STOREU(score_grads + g, s * (grad_probs - LOADU(deltas + g)));
                 STOREU(dropped_probs + g, s * keep);
             }
-            for (int e = 0; e < count; e++) {
-                const float *query = q_head + queries[e] * p->q_stride[2];
-                const float *grad_row = grad_out_head + queries[e] * p->grad_out_stride[2];
-                if (score_grads[e] != 0) {
-                    const v8 weight = SPLAT(score_grads[e]);
-                    for (int v = 0; v < vecs; v++) acc_k[v] += weight * LOADU(query + 8 * v);
-                }
-                if (dropped_probs[e] != 0) {
-                    const v8 weight = SPLAT(dropped_probs[e]);
-                    for (int v = 0; v < vecs; v++) acc_v[v] += weight * LOADU(grad_row + 8 * v);
-                }
-            }
+            add_weighted_rows(acc_k, score_grads, queries, count, q_head, p->q_stride[2], vecs);
+            add_weighted_rows(acc_v, dropped_probs, queries, count, grad_out_head, p->grad_out_stride[2], vecs);
         }
     }
     float *grad_k = (float *)p->grad_k + item * 8 * vecs, *grad_v = (float *)p->grad_v + item * 8 * vecs;
