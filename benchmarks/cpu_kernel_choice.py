@@ -1,16 +1,17 @@
 """Row kernels against tile kernels on the CPU, per layout, with each plan's fill.
 
-    python benchmarks/cpu_kernel_choice.py [--rounds 5] [--out DIR] [SPEC ...]
+    python benchmarks/cpu_kernel_choice.py [--rounds 5] [--head-dim 64] [--out DIR] [SPEC ...]
 
 SPEC is PATTERN:SIDE[:knob=value...], e.g. ``random:32:attention_ratio=0.1``.
-For every layout this times the float32 CPU op (12 heads, D=64, a batch that
+For every layout this times the float32 CPU op (12 heads, D=64 unless
+``--head-dim`` says otherwise, a batch that
 makes about 1568 query rows per head, as 8 images of 14 x 14) on the row
 kernels and on the tile kernels, stencils off, forward under no_grad and
 forward+backward, alternating within each round, and prints the median over
 rounds of (tiles / rows) next to the CPU plan's ``fill`` (share of its
 64 x 64 slots) and ``cpu_fill`` (share of the slots the CPU kernels compute). The
 last column says which kernels ``_stencil.cpu_kernel_choice`` takes for the
-layout with stencils off (rule: tiles from ``_tiles.CPU_MIN_FILL``), marked
+layout with stencils off (rule: tiles from ``_tiles.cpu_min_fill``), marked
 "(slower)" where the other kernels were more than 5% faster forward+backward.
 With ``--out`` it writes ``cpu_kernel_choice.md`` there."""
 
@@ -66,12 +67,12 @@ def run_on(kernels, fn):
         _tiles.CPU_MIN_FILL, _stencil.use_stencil_cpu_kernel = saved
 
 
-def measure(spec, rounds):
+def measure(spec, rounds, head_dim=HEAD_DIM):
     pattern, side, knobs = parse_spec(spec)
     layout = build_layout(pattern, side, side, **knobs)
     plan = layout.cpu_tile_plan()
     batch = max(1, ROWS_PER_HEAD // layout.num_tokens)
-    q, k, v = (torch.randn(batch, HEADS, layout.num_tokens, HEAD_DIM) for _ in range(3))
+    q, k, v = (torch.randn(batch, HEADS, layout.num_tokens, head_dim) for _ in range(3))
 
     def forward():
         with torch.no_grad():
@@ -93,7 +94,7 @@ def measure(spec, rounds):
     saved = _stencil.use_stencil_cpu_kernel
     _stencil.use_stencil_cpu_kernel = False
     try:
-        chosen = "tiles" if _stencil.cpu_kernel_choice(layout) == "tiles" else "rows"
+        chosen = "tiles" if _stencil.cpu_kernel_choice(layout, head_dim) == "tiles" else "rows"
     finally:
         _stencil.use_stencil_cpu_kernel = saved
     # within 5% either way is a tie
@@ -107,16 +108,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("specs", nargs="*", default=DEFAULT_SPECS)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--head-dim", type=int, default=HEAD_DIM)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    lines = [f"CPU_MIN_FILL = {_tiles.CPU_MIN_FILL}; {HEADS} heads, D={HEAD_DIM}, float32, "
+    lines = [f"CPU_MIN_FILL = {_tiles.CPU_MIN_FILL} (x {_tiles.GATHER_FILL_FACTOR} on the gather kernels); "
+             f"{HEADS} heads, D={args.head_dim}, float32, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.rounds} rounds",
              "",
              "| layout | batch | fill | cpu_fill | tiles/rows forward | tiles/rows fwd+bwd | rows fwd+bwd ms | rule takes |",
              "|---|---|---|---|---|---|---|---|"]
     table = MarkdownTable(lines, args.out, "cpu_kernel_choice.md")
     for spec in args.specs:
-        table.add(measure(spec, args.rounds))
+        table.add(measure(spec, args.rounds, args.head_dim))
     table.write()
 
 

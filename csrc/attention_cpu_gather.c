@@ -207,14 +207,15 @@ SA_INLINE void forward_row(const sa_attention_params *p, const call_constants *c
             }
             if (count == 0) continue;
             const int padded = (count + 7) & ~7;
-            for (int e = count; e < padded; e++) keys[e] = keys[0]; /* a row to read; its lanes are masked */
+            /* rows to read (their lanes are masked) and, past them, to prefetch for a next group */
+            for (int e = count; e < padded + 8; e++) keys[e] = keys[0];
             v8 max_lanes = SPLAT(-INFINITY);
             for (int g = 0; g < padded; g += 8) {
                 const float *rows[8];
                 for (int r = 0; r < 8; r++) {
                     rows[r] = k_head + keys[g + r] * p->k_stride[2];
                     prefetch_row(v_head + keys[g + r] * p->v_stride[2], vecs);
-                    if (g + 8 < padded) prefetch_row(k_head + keys[g + 8 + r] * p->k_stride[2], vecs);
+                    prefetch_row(k_head + keys[g + 8 + r] * p->k_stride[2], vecs);
                 }
                 v8 s = dots8(qv, rows, vecs) * c->scale;
                 if (table) {
@@ -328,8 +329,8 @@ SA_INLINE void grad_query_row(const sa_attention_params *p, const call_constants
             else
                 kept[e] = c->threshold > 0 && !sa_dropout_keep(query_key, j, c->threshold) ? 0.0f : c->keep_scale;
         }
-        for (int e = count; e < padded; e++) {
-            keys[e] = keys[0];
+        for (int e = count; e < padded + 8; e++) {
+            keys[e] = keys[0]; /* rows to read, masked, and past them rows to prefetch */
             kept[e] = NAN;
         }
         for (int g = 0; g < padded; g += 8) {
@@ -337,10 +338,8 @@ SA_INLINE void grad_query_row(const sa_attention_params *p, const call_constants
             for (int r = 0; r < 8; r++) {
                 k_rows[r] = k_head + keys[g + r] * p->k_stride[2];
                 v_rows[r] = v_head + keys[g + r] * p->v_stride[2];
-                if (g + 8 < padded) {
-                    prefetch_row(k_head + keys[g + 8 + r] * p->k_stride[2], vecs);
-                    prefetch_row(v_head + keys[g + 8 + r] * p->v_stride[2], vecs);
-                }
+                prefetch_row(k_head + keys[g + 8 + r] * p->k_stride[2], vecs);
+                prefetch_row(v_head + keys[g + 8 + r] * p->v_stride[2], vecs);
             }
             v8 s = dots8(qv, k_rows, vecs) * c->scale;
             if (table) {
@@ -401,9 +400,9 @@ SA_INLINE void grad_key_value_column(const sa_attention_params *p, const call_co
                               ? 0.0f
                               : c->keep_scale;
             }
-            for (int e = count; e < padded; e++) {
-                queries[e] = queries[0];
-                lses[e] = -INFINITY; /* as a row without keys: no term */
+            for (int e = count; e < padded + 8; e++) {
+                queries[e] = queries[0]; /* rows to read and to prefetch; no term (as a row without keys) */
+                lses[e] = -INFINITY;
                 deltas[e] = kept[e] = 0;
             }
             for (int g = 0; g < padded; g += 8) {
@@ -411,10 +410,8 @@ SA_INLINE void grad_key_value_column(const sa_attention_params *p, const call_co
                 for (int r = 0; r < 8; r++) {
                     q_rows[r] = q_head + queries[g + r] * p->q_stride[2];
                     grad_rows[r] = grad_out_head + queries[g + r] * p->grad_out_stride[2];
-                    if (g + 8 < padded) {
-                        prefetch_row(q_head + queries[g + 8 + r] * p->q_stride[2], vecs);
-                        prefetch_row(grad_out_head + queries[g + 8 + r] * p->grad_out_stride[2], vecs);
-                    }
+                    prefetch_row(q_head + queries[g + 8 + r] * p->q_stride[2], vecs);
+                    prefetch_row(grad_out_head + queries[g + 8 + r] * p->grad_out_stride[2], vecs);
                 }
                 v8 s = dots8(kv, q_rows, vecs) * c->scale;
                 if (table) {

@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "attention.h"
+#include "attention_cpu_gather.h"
 #include "attention_cpu_stencil.h"
 #include "attention_cpu_window.h"
 #include "dlpack_bridge.h"
@@ -1564,6 +1565,24 @@ static PyObject *set_gather_kernels(PyObject *self, PyObject *arg)
     return PyBool_FromLong(before);
 }
 
+static char *gather_takes_kwlist[] = {"head_dim", "num_tokens", NULL};
+
+/* Whether float32 calls of this head dim and token count run their rows on
+ * the gather kernels (switch included): Python's choice between the rows and
+ * the tiles asks, rather than restating the rule. */
+static PyObject *gather_takes(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    long long head_dim, num_tokens;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LL", gather_takes_kwlist, &head_dim, &num_tokens)) return NULL;
+    sa_attention_params p;
+    memset(&p, 0, sizeof(p));
+    p.dtype = SA_F32;
+    p.head_dim = head_dim;
+    p.num_tokens = num_tokens;
+    return PyBool_FromLong(sa_cpu_get_gather_kernels() && sa_cpu_gather_fits(&p));
+}
+
 static PyObject *get_num_threads(PyObject *self, PyObject *unused)
 {
     (void)self;
@@ -1744,6 +1763,8 @@ static PyMethodDef module_methods[] = {
     {"set_num_threads", set_num_threads, METH_O, "Sets the CPU kernels' thread count (0: all cores)."},
     {"set_gather_kernels", set_gather_kernels, METH_O,
      "Turns the float32 gather row kernels on or off (for comparisons); returns whether they were on."},
+    {"gather_takes", (PyCFunction)(void (*)(void))gather_takes, METH_VARARGS | METH_KEYWORDS,
+     "Whether float32 rows of this head dim and token count run on the gather kernels."},
     {"cpu_gather_forwards", cpu_gather_forwards, METH_NOARGS, "Forward calls that ran the gather row kernels."},
     {"cpu_gather_backwards", cpu_gather_backwards, METH_NOARGS, "Backward calls that ran the gather row kernels."},
     {"get_num_threads", get_num_threads, METH_NOARGS, "The CPU kernels' thread count."},

@@ -457,25 +457,27 @@ def _custom_split(layout: Layout):
     return window, buffer, [int(x) for x in passes]
 
 
-def cpu_kernel_choice(layout: Layout):
+def cpu_kernel_choice(layout: Layout, head_dim=None):
     """Which float32 CPU kernels take ``layout``: "split" (STRIDED's window on the
     stencil, its lattice on the tiles), "stencil", "tiles" or None (the row
-    kernels). The torch and NumPy paths both ask here, so both run the same
-    kernels and give the same bits."""
+    kernels). ``head_dim`` (None: unknown) says whether the rows would run on
+    the gather kernels, which move the line between the tiles and the rows
+    (_tiles.cpu_min_fill). The torch and NumPy paths both ask here, so both
+    run the same kernels and give the same bits."""
     if use_stencil_cpu_kernel:
         if use_lattice_split and layout.stencil_split() is not None:
             return "split"
         if layout.stencil() is not None and (layout.pattern is not None or _custom_stencil_pays(layout)):
             return "stencil"
     # sparse chunks lose to the rows (statistics merge across passes on the CPU)
-    if _tiles.use_tiled_cpu_kernel and _tiles.cpu_plan_pays(layout):
+    if _tiles.use_tiled_cpu_kernel and _tiles.cpu_plan_pays(layout, head_dim):
         return "tiles"
     return None
 
 
-def cpu_route_name(layout: Layout) -> str:
+def cpu_route_name(layout: Layout, head_dim=None) -> str:
     """cpu_kernel_choice in the words the benchmarks' tables use."""
-    kind = cpu_kernel_choice(layout) or "rows"
+    kind = cpu_kernel_choice(layout, head_dim) or "rows"
     if kind == "stencil" and is_clamped(layout.stencil()):
         return "window (clamped)"
     return {"split": "window + tiles", "stencil": "window"}.get(kind, kind)

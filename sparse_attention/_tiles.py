@@ -37,6 +37,15 @@ use_tiled_cpu_kernel = True
 # (forward 1.04-1.3x slower) and won forward+backward from 0.158 on (0.86x
 # and less; RANDOM 50% at 14 x 14, cpu_fill 0.44: 0.37x).
 CPU_MIN_FILL = 0.15
+# Where the rows run on the gather kernels (float32, head dims 8 to 64 in
+# steps of 8; csrc/attention_cpu_gather.c), they are 2-3x faster and the
+# tiles must fill this many times as much to win. Forward+backward, tiles /
+# rows (12 heads, benchmarks/results/gather_rows/choice_*): RANDOM at
+# cpu_fill 0.2 1.55-1.82, 0.3 1.09-1.31, 0.4 0.84-1.00 (D=16, 32), 0.5 0.71-0.82
+# (D=16 to 64); BLOCK 5 x 5 at 0.42 0.74-0.92. Forward alone the tiles win only
+# from about 0.5. A factor, not a second limit, so that tests moving
+# CPU_MIN_FILL to 0 or inf still force the tiles or the rows.
+GATHER_FILL_FACTOR = 2.6
 # tile shapes (rows x columns of the grid) tried for every pass
 _SHAPES = ((8, 8), (4, 16), (16, 4), (2, 32), (32, 2), (1, 64), (64, 1))
 # The CPU kernels also try tiles of 36 to 64 tokens whose sides are not
@@ -323,18 +332,28 @@ _COUNTED_FILL_MARGIN = 0.99
 _SAMPLED_FILL_SURE = 2.0
 
 
-def cpu_plan_pays(layout) -> bool:
+def cpu_min_fill(layout, head_dim=None) -> float:
+    """The cpu_fill from which the CPU tile kernels take ``layout`` in float32
+    rather than the rows: CPU_MIN_FILL, times GATHER_FILL_FACTOR where the
+    rows of ``head_dim`` (None: unknown) run on the gather kernels."""
+    if head_dim is not None and C.gather_takes(int(head_dim), layout.num_tokens):
+        return CPU_MIN_FILL * GATHER_FILL_FACTOR
+    return CPU_MIN_FILL
+
+
+def cpu_plan_pays(layout, head_dim=None) -> bool:
     """Whether the CPU tile kernels take ``layout``: its cpu_tile_plan() exists
-    and fills at least CPU_MIN_FILL of the slots they compute. Not cached:
+    and fills at least cpu_min_fill() of the slots they compute. Not cached:
     tests and benchmarks move CPU_MIN_FILL."""
+    min_fill = cpu_min_fill(layout, head_dim)
     passes, sampled = layout._cpu_choice()
     if passes is None:
         return False
-    if not layout._is_built("cpu_plan") and sampled < _SAMPLED_FILL_SURE * CPU_MIN_FILL:
-        if layout.counted_cpu_fill() < _COUNTED_FILL_MARGIN * CPU_MIN_FILL:
+    if not layout._is_built("cpu_plan") and sampled < _SAMPLED_FILL_SURE * min_fill:
+        if layout.counted_cpu_fill() < _COUNTED_FILL_MARGIN * min_fill:
             return False
     plan = layout.cpu_tile_plan()
-    return plan is not None and plan.cpu_fill >= CPU_MIN_FILL
+    return plan is not None and plan.cpu_fill >= min_fill
 
 
 def _best_shape(layout, pairs, left_out, for_cpu, pair_count=None):

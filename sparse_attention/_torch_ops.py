@@ -189,7 +189,7 @@ def _tile_plan_for(layout, device, dtype, head_dim, want_stats, max_relative=Non
     as its backward's: (None, [], None, 0, None, buffer, passes, score_perm,
     score_ptr)."""
     if device.type == "cpu":
-        kind = _stencil.cpu_kernel_choice(layout) if dtype == torch.float32 else None
+        kind = _stencil.cpu_kernel_choice(layout, head_dim) if dtype == torch.float32 else None
         if kind == "split":
             window, buffer, passes = layout.stencil_split()
             window, buffer = _cpu_tensors(layout, "split", (window, buffer))
@@ -250,7 +250,7 @@ def _cpu_bias_backward_plan(layout, head_dim, max_relative):
             or (_stencil.use_window_kernel and _stencil.window_takes(stencil, head_dim))
             or _stencil.sums_bias_grad(stencil)):
         return None, []
-    if not _tiles.cpu_plan_pays(layout) or layout.cpu_tile_plan().long_rows.size:
+    if not _tiles.cpu_plan_pays(layout, head_dim) or layout.cpu_tile_plan().long_rows.size:
         return None, []
     tensors = layout.tile_plan_tensors(torch.device("cpu"))
     return tensors["buffer"], tensors["passes"]
@@ -293,7 +293,9 @@ def _kernel_switches():
     return (_stencil.use_stencil_cpu_kernel, _stencil.use_lattice_split, _stencil.use_window_kernel,
             _stencil.use_strip_bias_backward, _stencil.CUSTOM_STENCIL_MAX_FILL,
             _stencil.CUSTOM_WINDOW_MAX_FILL, _tiles.use_tiled_cpu_kernel,
-            _tiles.CPU_MIN_FILL, use_tiled_cuda_kernel, use_reference_cuda_kernels,
+            _tiles.CPU_MIN_FILL, _tiles.GATHER_FILL_FACTOR,
+            C.gather_takes(8, 1),  # whether the gather kernels are switched on
+            use_tiled_cuda_kernel, use_reference_cuda_kernels,
             split_segment_keys, use_tiled_cuda_backward, tiled_backward_long_rows,
             use_tiled_cuda_backward_extras, merge_stats_cuda_passes)
 

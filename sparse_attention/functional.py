@@ -193,7 +193,7 @@ def _numpy_forward(query, key, value, layout, scale, bias, key_mask, dropout_p, 
     lse = np.empty((batch, heads, num_tokens), dtype=query.dtype)
     stats = np.empty((batch, heads, num_tokens, 2), dtype=query.dtype) if want_stats else None
     plan = {}
-    kind = _stencil.cpu_kernel_choice(layout) if query.dtype == np.float32 else None
+    kind = _stencil.cpu_kernel_choice(layout, query.shape[-1]) if query.dtype == np.float32 else None
     if kind == "split":
         window, buffer, passes = layout.stencil_split()
         plan = dict(stencil=window, tile_plan=buffer, tile_passes=passes)
