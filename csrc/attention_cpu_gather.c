@@ -176,6 +176,42 @@ SA_INLINE call_constants constants_of(const sa_attention_params *p)
     return c;
 }
 
+/* Head h's (2m + 1)^2 bias table, or NULL without a bias. */
+SA_INLINE const float *head_bias_table(const sa_attention_params *p, const call_constants *c, int64_t h)
+{
+    const int64_t side = 2 * (int64_t)c->max_relative + 1;
+    return p->bias_table ? (const float *)p->bias_table + h * side * side : NULL;
+}
+
+/* Scores of eight pairs between a fixed token and eight gathered ones:
+ * scale x . rows[r], plus the bias of the pair where there is a table;
+ * the fixed token is the query where the eight are keys, else the key. */
+SA_INLINE v8 scaled_scores(const v8 *x, const float *const *rows, const int32_t *tokens, const float *table,
+                           i8v fixed_row, i8v fixed_col, int tokens_are_keys, const call_constants *c, const int vecs)
+{
+    v8 s = dots8(x, rows, vecs) * c->scale;
+    if (table) {
+        i8v row, col;
+        coords8(LOADU_I(tokens), c->width, c->inv_width, &row, &col);
+        s += tokens_are_keys ? bias8(table, fixed_row - row, fixed_col - col, c->max_relative)
+                             : bias8(table, row - fixed_row, col - fixed_col, c->max_relative);
+    }
+    return s;
+}
+
+/* rows_a[r] and rows_b[r]: the rows of tokens[r] in two tensors (rows
+ * stride_* apart from head_*); the next eight tokens' rows are asked for. */
+SA_INLINE void gather_two(const int32_t *tokens, const float *head_a, int64_t stride_a, const float *head_b,
+                          int64_t stride_b, const float **rows_a, const float **rows_b, const int vecs)
+{
+    for (int r = 0; r < 8; r++) {
+        rows_a[r] = head_a + tokens[r] * stride_a;
+        rows_b[r] = head_b + tokens[r] * stride_b;
+        prefetch_row(head_a + tokens[8 + r] * stride_a, vecs);
+        prefetch_row(head_b + tokens[8 + r] * stride_b, vecs);
+    }
+}
+
 SA_INLINE void forward_row(const sa_attention_params *p, const call_constants *c, int64_t item, const int vecs)
 {
     const int64_t n = p->num_tokens, i = item % n, bh = item / n, h = bh % p->heads, b = bh / p->heads;
@@ -189,9 +225,7 @@ SA_INLINE void forward_row(const sa_attention_params *p, const call_constants *c
         const float *q = ROW_OF((const float *)p->q, p->q_stride, b, h, i);
         const float *k_head = ROW_OF((const float *)p->k, p->k_stride, b, h, 0);
         const float *v_head = ROW_OF((const float *)p->v, p->v_stride, b, h, 0);
-        const float *table = p->bias_table ? (const float *)p->bias_table + h * (2 * c->max_relative + 1) *
-                                                                                (2 * c->max_relative + 1)
-                                           : NULL;
+        const float *table = head_bias_table(p, c, h);
         const i8v query_row = (i8v){0} + (int32_t)(i / c->width), query_col = (i8v){0} + (int32_t)(i % c->width);
         const uint32_t query_key = sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), i);
         v8 qv[MAX_VECS];
@@ -217,12 +251,7 @@ SA_INLINE void forward_row(const sa_attention_params *p, const call_constants *c
                     prefetch_row(v_head + keys[g + r] * p->v_stride[2], vecs);
                     prefetch_row(k_head + keys[g + 8 + r] * p->k_stride[2], vecs);
                 }
-                v8 s = dots8(qv, rows, vecs) * c->scale;
-                if (table) {
-                    i8v key_row, key_col;
-                    coords8(LOADU_I(keys + g), c->width, c->inv_width, &key_row, &key_col);
-                    s += bias8(table, query_row - key_row, query_col - key_col, c->max_relative);
-                }
+                v8 s = scaled_scores(qv, rows, keys + g, table, query_row, query_col, 1, c, vecs);
                 s = SELECT(lane_index < count - g, s, SPLAT(-INFINITY));
                 saw_nan |= s != s;
                 max_lanes = lanes_max(max_lanes, s);
@@ -303,9 +332,7 @@ SA_INLINE void grad_query_row(const sa_attention_params *p, const call_constants
     const float *grad_out = ROW_OF((const float *)p->grad_out, p->grad_out_stride, b, h, i);
     const float *k_head = ROW_OF((const float *)p->k, p->k_stride, b, h, 0);
     const float *v_head = ROW_OF((const float *)p->v, p->v_stride, b, h, 0);
-    const float *table = p->bias_table ? (const float *)p->bias_table + h * (2 * c->max_relative + 1) *
-                                                                            (2 * c->max_relative + 1)
-                                       : NULL;
+    const float *table = head_bias_table(p, c, h);
     const i8v query_row = (i8v){0} + (int32_t)(i / c->width), query_col = (i8v){0} + (int32_t)(i % c->width);
     const float delta = ((const float *)p->delta)[item];
     const uint32_t query_key = sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), i);
@@ -335,18 +362,8 @@ SA_INLINE void grad_query_row(const sa_attention_params *p, const call_constants
         }
         for (int g = 0; g < padded; g += 8) {
             const float *k_rows[8], *v_rows[8];
-            for (int r = 0; r < 8; r++) {
-                k_rows[r] = k_head + keys[g + r] * p->k_stride[2];
-                v_rows[r] = v_head + keys[g + r] * p->v_stride[2];
-                prefetch_row(k_head + keys[g + 8 + r] * p->k_stride[2], vecs);
-                prefetch_row(v_head + keys[g + 8 + r] * p->v_stride[2], vecs);
-            }
-            v8 s = dots8(qv, k_rows, vecs) * c->scale;
-            if (table) {
-                i8v key_row, key_col;
-                coords8(LOADU_I(keys + g), c->width, c->inv_width, &key_row, &key_col);
-                s += bias8(table, query_row - key_row, query_col - key_col, c->max_relative);
-            }
+            gather_two(keys + g, k_head, p->k_stride[2], v_head, p->v_stride[2], k_rows, v_rows, vecs);
+            v8 s = scaled_scores(qv, k_rows, keys + g, table, query_row, query_col, 1, c, vecs);
             const v8 keep = LOADU(kept + g);
             const i8v absent = keep != keep;
             s = SELECT(absent, SPLAT(-INFINITY), s - lse);
@@ -373,9 +390,7 @@ SA_INLINE void grad_key_value_column(const sa_attention_params *p, const call_co
         const float *v_row = ROW_OF((const float *)p->v, p->v_stride, b, h, j);
         const float *q_head = ROW_OF((const float *)p->q, p->q_stride, b, h, 0);
         const float *grad_out_head = ROW_OF((const float *)p->grad_out, p->grad_out_stride, b, h, 0);
-        const float *table = p->bias_table ? (const float *)p->bias_table + h * (2 * c->max_relative + 1) *
-                                                                                (2 * c->max_relative + 1)
-                                           : NULL;
+        const float *table = head_bias_table(p, c, h);
         const i8v key_row = (i8v){0} + (int32_t)(j / c->width), key_col = (i8v){0} + (int32_t)(j % c->width);
         const uint32_t row_key = sa_dropout_row_key(p->dropout_seed, b, h);
         const float *lse_row = (const float *)p->lse + bh * n, *delta_row = (const float *)p->delta + bh * n;
@@ -407,18 +422,9 @@ SA_INLINE void grad_key_value_column(const sa_attention_params *p, const call_co
             }
             for (int g = 0; g < padded; g += 8) {
                 const float *q_rows[8], *grad_rows[8];
-                for (int r = 0; r < 8; r++) {
-                    q_rows[r] = q_head + queries[g + r] * p->q_stride[2];
-                    grad_rows[r] = grad_out_head + queries[g + r] * p->grad_out_stride[2];
-                    prefetch_row(q_head + queries[g + 8 + r] * p->q_stride[2], vecs);
-                    prefetch_row(grad_out_head + queries[g + 8 + r] * p->grad_out_stride[2], vecs);
-                }
-                v8 s = dots8(kv, q_rows, vecs) * c->scale;
-                if (table) {
-                    i8v query_row, query_col;
-                    coords8(LOADU_I(queries + g), c->width, c->inv_width, &query_row, &query_col);
-                    s += bias8(table, query_row - key_row, query_col - key_col, c->max_relative);
-                }
+                gather_two(queries + g, q_head, p->q_stride[2], grad_out_head, p->grad_out_stride[2], q_rows,
+                           grad_rows, vecs);
+                v8 s = scaled_scores(kv, q_rows, queries + g, table, key_row, key_col, 0, c, vecs);
                 const v8 lse = LOADU(lses + g), keep = LOADU(kept + g);
                 s = SELECT(lse == SPLAT(-INFINITY), SPLAT(-INFINITY), s - lse);
                 exp_lanes(&s, 1);
