@@ -368,7 +368,8 @@ SA_INLINE void grad_query_row(const sa_attention_params *p, const call_constants
             const i8v absent = keep != keep;
             s = SELECT(absent, SPLAT(-INFINITY), s - lse);
             exp_lanes(&s, 1);
-            const v8 grad_probs = dots8(gv, v_rows, vecs) * SELECT(absent, SPLAT(0.0f), keep);
+            /* a masked key's row (NaN or inf in it, say) adds nothing, as in the generic kernel */
+            const v8 grad_probs = SELECT(absent, SPLAT(0.0f), dots8(gv, v_rows, vecs) * keep);
             STOREU(score_grads + g, s * (grad_probs - delta));
         }
         add_weighted_rows(acc, score_grads, keys, count, k_head, p->k_stride[2], vecs);
@@ -426,9 +427,10 @@ SA_INLINE void grad_key_value_column(const sa_attention_params *p, const call_co
                            grad_rows, vecs);
                 v8 s = scaled_scores(kv, q_rows, queries + g, table, key_row, key_col, 0, c, vecs);
                 const v8 lse = LOADU(lses + g), keep = LOADU(kept + g);
-                s = SELECT(lse == SPLAT(-INFINITY), SPLAT(-INFINITY), s - lse);
+                const i8v no_keys = lse == SPLAT(-INFINITY); /* a row without keys (or padding) adds nothing */
+                s = SELECT(no_keys, SPLAT(-INFINITY), s - lse);
                 exp_lanes(&s, 1);
-                const v8 grad_probs = dots8(vv, grad_rows, vecs) * keep;
+                const v8 grad_probs = SELECT(no_keys, SPLAT(0.0f), dots8(vv, grad_rows, vecs) * keep);
                 STOREU(score_grads + g, s * (grad_probs - LOADU(deltas + g)));
                 STOREU(dropped_probs + g, s * keep);
             }

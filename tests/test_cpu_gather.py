@@ -186,3 +186,27 @@ def test_long_rows_left_by_a_plan_run_on_the_gather_kernels(monkeypatch):
 def test_the_switch_says_what_it_was():
     assert C.set_gather_kernels(False) is True
     assert C.set_gather_kernels(True) is False
+
+
+def test_masked_keys_with_non_finite_rows_add_nothing_to_the_gradients():
+    """NaN and inf in the K and V rows of masked keys, and in the dO rows of
+    queries whose keys are all masked: the gradients stay finite and are the
+    generic kernels' (which pass such pairs over)."""
+    layout = scattered(9, 9, ratio=0.4, seed=3)
+    (q, k, v), _ = random_inputs(2, 2, 81, 24, seed=7)
+    q, k, v = q.float(), k.float(), v.float()
+    key_mask = torch.rand(2, 81, generator=torch.Generator().manual_seed(8)) > 0.3
+    k[~key_mask[:, None, :, None].expand_as(k)] = float("nan")
+    v[~key_mask[:, None, :, None].expand_as(v)] = float("inf")
+    grad_out = torch.randn(2, 2, 81, 24, generator=torch.Generator().manual_seed(9))
+
+    def gradients():
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out, lse = attention(*leaves, layout, key_mask=key_mask, return_lse=True)
+        empty = torch.isinf(lse)  # rows with no allowed key: their dO may be anything
+        out.backward(torch.where(empty[..., None], torch.full_like(grad_out, float("nan")), grad_out))
+        return [leaf.grad for leaf in leaves]
+    fast, slow = run_both(gradients)
+    for a, b in zip(fast, slow):
+        assert torch.isfinite(a).all() and torch.isfinite(b).all()
+        assert (a - b).abs().max() <= 2e-5 * max(1.0, b.abs().max().item())
