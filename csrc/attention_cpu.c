@@ -232,9 +232,10 @@ int sa_cpu_forward(const sa_attention_params *p, char *err, size_t len)
         if (forward_rows_for(p) == sa_gather_forward_rows) atomic_fetch_add(&gather_forwards, 1);
         return run(forward_listed_rows_f32, p->batch * p->heads * p->num_long_rows, ctx, err, len);
     }
-    int64_t rows = p->batch * p->heads * p->num_tokens;
-    if (forward_rows_for(p) == sa_gather_forward_rows) atomic_fetch_add(&gather_forwards, 1);
-    return run(forward_rows_for(p), rows, ctx, err, len);
+    const int64_t rows = p->batch * p->heads * p->num_tokens;
+    const sa_range_fn row_kernel = forward_rows_for(p);
+    if (row_kernel == sa_gather_forward_rows) atomic_fetch_add(&gather_forwards, 1);
+    return run(row_kernel, rows, ctx, err, len);
 }
 
 int sa_cpu_backward(const sa_attention_params *p, char *err, size_t len)
@@ -261,9 +262,9 @@ int sa_cpu_backward(const sa_attention_params *p, char *err, size_t len)
         return status == SA_OK ? run_plan(p, 1, 1, err, len) : status;
     }
     if (status == SA_OK && p->plan_base != NULL) return run_plan(p, 1, 0, err, len);
-    if (status == SA_OK)
-        status = run(grad_query_rows_for(p), rows, ctx, err, len);
-    if (status == SA_OK && grad_query_rows_for(p) == sa_gather_grad_query_rows) atomic_fetch_add(&gather_backwards, 1);
+    const sa_range_fn row_kernel = grad_query_rows_for(p);
+    if (status == SA_OK) status = run(row_kernel, rows, ctx, err, len);
+    if (status == SA_OK && row_kernel == sa_gather_grad_query_rows) atomic_fetch_add(&gather_backwards, 1);
     if (status == SA_OK) status = run(grad_key_value_columns_for(p), rows, ctx, err, len);
     return status;
 }

@@ -183,18 +183,41 @@ SA_INLINE const float *head_bias_table(const sa_attention_params *p, const call_
     return p->bias_table ? (const float *)p->bias_table + h * side * side : NULL;
 }
 
-/* Scores of eight pairs between a fixed token and eight gathered ones:
+/* A work item: one token (a query row or a key column) of one batch and
+ * head, with what every kernel reads of it before gathering the others. */
+typedef struct {
+    int64_t token, bh, b, h;
+    const float *table;      /* the head's bias table, or NULL */
+    i8v token_row, token_col; /* its grid coordinates in every lane */
+    uint32_t dropout_row_key;
+} work_item;
+
+SA_INLINE work_item work_item_of(const sa_attention_params *p, const call_constants *c, int64_t item)
+{
+    const int64_t n = p->num_tokens, bh = item / n;
+    work_item it = {.token = item % n, .bh = bh, .h = bh % p->heads, .b = bh / p->heads};
+    it.table = head_bias_table(p, c, it.h);
+    it.token_row = (i8v){0} + (int32_t)(it.token / c->width);
+    it.token_col = (i8v){0} + (int32_t)(it.token % c->width);
+    it.dropout_row_key = sa_dropout_row_key(p->dropout_seed, it.b, it.h);
+    return it;
+}
+
+/* The first row of a tensor's head for the item's batch and head. */
+#define HEAD_OF(it, ptr, stride) ROW_OF((const float *)(ptr), stride, (it).b, (it).h, 0)
+
+/* Scores of eight pairs between the item's token and eight gathered ones:
  * scale x . rows[r], plus the bias of the pair where there is a table;
- * the fixed token is the query where the eight are keys, else the key. */
-SA_INLINE v8 scaled_scores(const v8 *x, const float *const *rows, const int32_t *tokens, const float *table,
-                           i8v fixed_row, i8v fixed_col, int tokens_are_keys, const call_constants *c, const int vecs)
+ * the item's token is the query where the eight are keys, else the key. */
+SA_INLINE v8 scaled_scores(const v8 *x, const float *const *rows, const int32_t *tokens, const work_item *it,
+                           int tokens_are_keys, const call_constants *c, const int vecs)
 {
     v8 s = dots8(x, rows, vecs) * c->scale;
-    if (table) {
+    if (it->table) {
         i8v row, col;
         coords8(LOADU_I(tokens), c->width, c->inv_width, &row, &col);
-        s += tokens_are_keys ? bias8(table, fixed_row - row, fixed_col - col, c->max_relative)
-                             : bias8(table, row - fixed_row, col - fixed_col, c->max_relative);
+        s += tokens_are_keys ? bias8(it->table, it->token_row - row, it->token_col - col, c->max_relative)
+                             : bias8(it->table, row - it->token_row, col - it->token_col, c->max_relative);
     }
     return s;
 }
@@ -214,20 +237,18 @@ SA_INLINE void gather_two(const int32_t *tokens, const float *head_a, int64_t st
 
 SA_INLINE void forward_row(const sa_attention_params *p, const call_constants *c, int64_t item, const int vecs)
 {
-    const int64_t n = p->num_tokens, i = item % n, bh = item / n, h = bh % p->heads, b = bh / p->heads;
-    float *out = ROW_OF((float *)p->out, p->out_stride, b, h, i);
+    const work_item it = work_item_of(p, c, item);
+    const int64_t i = it.token, b = it.b;
+    float *out = ROW_OF((float *)p->out, p->out_stride, b, it.h, i);
     float *stats = p->row_stats ? (float *)p->row_stats + 2 * item : NULL;
     v8 acc[MAX_VECS];
     for (int v = 0; v < vecs; v++) acc[v] = SPLAT(0.0f);
     float run_max = -INFINITY, run_sum = 0, run_sq = 0, run_shifted = 0;
     i8v saw_nan = {0};
-    if (runs_head(p, h)) {
-        const float *q = ROW_OF((const float *)p->q, p->q_stride, b, h, i);
-        const float *k_head = ROW_OF((const float *)p->k, p->k_stride, b, h, 0);
-        const float *v_head = ROW_OF((const float *)p->v, p->v_stride, b, h, 0);
-        const float *table = head_bias_table(p, c, h);
-        const i8v query_row = (i8v){0} + (int32_t)(i / c->width), query_col = (i8v){0} + (int32_t)(i % c->width);
-        const uint32_t query_key = sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), i);
+    if (runs_head(p, it.h)) {
+        const float *q = HEAD_OF(it, p->q, p->q_stride) + i * p->q_stride[2];
+        const float *k_head = HEAD_OF(it, p->k, p->k_stride), *v_head = HEAD_OF(it, p->v, p->v_stride);
+        const uint32_t query_key = sa_dropout_query_key(it.dropout_row_key, i);
         v8 qv[MAX_VECS];
         for (int v = 0; v < vecs; v++) qv[v] = LOADU(q + 8 * v);
         int32_t keys[GATHER_CHUNK + 8];
@@ -251,7 +272,7 @@ SA_INLINE void forward_row(const sa_attention_params *p, const call_constants *c
                     prefetch_row(v_head + keys[g + r] * p->v_stride[2], vecs);
                     prefetch_row(k_head + keys[g + 8 + r] * p->k_stride[2], vecs);
                 }
-                v8 s = scaled_scores(qv, rows, keys + g, table, query_row, query_col, 1, c, vecs);
+                v8 s = scaled_scores(qv, rows, keys + g, &it, 1, c, vecs);
                 s = SELECT(lane_index < count - g, s, SPLAT(-INFINITY));
                 saw_nan |= s != s;
                 max_lanes = lanes_max(max_lanes, s);
@@ -317,25 +338,23 @@ SA_INLINE void forward_row(const sa_attention_params *p, const call_constants *c
  * mask's keep scale; dQ_i = scale sum_j dS_ij K_j. */
 SA_INLINE void grad_query_row(const sa_attention_params *p, const call_constants *c, int64_t item, const int vecs)
 {
-    const int64_t n = p->num_tokens, i = item % n, bh = item / n, h = bh % p->heads, b = bh / p->heads;
+    const work_item it = work_item_of(p, c, item);
+    const int64_t i = it.token, b = it.b;
     float *grad_q = (float *)p->grad_q + item * 8 * vecs;
-    float *grad_scores = p->grad_scores ? (float *)p->grad_scores + bh * p->nnz : NULL;
+    float *grad_scores = p->grad_scores ? (float *)p->grad_scores + it.bh * p->nnz : NULL;
     const float lse = ((const float *)p->lse)[item];
-    if (!runs_head(p, h) || lse == -INFINITY) {
+    if (!runs_head(p, it.h) || lse == -INFINITY) {
         if (grad_scores) {
             for (int64_t pos = p->row_ptr[i]; pos < p->row_ptr[i + 1]; pos++) grad_scores[pos] = 0;
         }
         memset(grad_q, 0, sizeof(float) * 8 * (size_t)vecs);
         return;
     }
-    const float *q = ROW_OF((const float *)p->q, p->q_stride, b, h, i);
-    const float *grad_out = ROW_OF((const float *)p->grad_out, p->grad_out_stride, b, h, i);
-    const float *k_head = ROW_OF((const float *)p->k, p->k_stride, b, h, 0);
-    const float *v_head = ROW_OF((const float *)p->v, p->v_stride, b, h, 0);
-    const float *table = head_bias_table(p, c, h);
-    const i8v query_row = (i8v){0} + (int32_t)(i / c->width), query_col = (i8v){0} + (int32_t)(i % c->width);
+    const float *q = HEAD_OF(it, p->q, p->q_stride) + i * p->q_stride[2];
+    const float *grad_out = HEAD_OF(it, p->grad_out, p->grad_out_stride) + i * p->grad_out_stride[2];
+    const float *k_head = HEAD_OF(it, p->k, p->k_stride), *v_head = HEAD_OF(it, p->v, p->v_stride);
     const float delta = ((const float *)p->delta)[item];
-    const uint32_t query_key = sa_dropout_query_key(sa_dropout_row_key(p->dropout_seed, b, h), i);
+    const uint32_t query_key = sa_dropout_query_key(it.dropout_row_key, i);
     v8 qv[MAX_VECS], gv[MAX_VECS], acc[MAX_VECS];
     for (int v = 0; v < vecs; v++) {
         qv[v] = LOADU(q + 8 * v);
@@ -363,7 +382,7 @@ SA_INLINE void grad_query_row(const sa_attention_params *p, const call_constants
         for (int g = 0; g < padded; g += 8) {
             const float *k_rows[8], *v_rows[8];
             gather_two(keys + g, k_head, p->k_stride[2], v_head, p->v_stride[2], k_rows, v_rows, vecs);
-            v8 s = scaled_scores(qv, k_rows, keys + g, table, query_row, query_col, 1, c, vecs);
+            v8 s = scaled_scores(qv, k_rows, keys + g, &it, 1, c, vecs);
             const v8 keep = LOADU(kept + g);
             const i8v absent = keep != keep;
             s = SELECT(absent, SPLAT(-INFINITY), s - lse);
@@ -383,18 +402,17 @@ SA_INLINE void grad_query_row(const sa_attention_params *p, const call_constants
 SA_INLINE void grad_key_value_column(const sa_attention_params *p, const call_constants *c, int64_t item,
                                      const int vecs)
 {
-    const int64_t n = p->num_tokens, j = item % n, bh = item / n, h = bh % p->heads, b = bh / p->heads;
+    const work_item it = work_item_of(p, c, item);
+    const int64_t j = it.token;
     v8 acc_k[MAX_VECS], acc_v[MAX_VECS];
     for (int v = 0; v < vecs; v++) acc_k[v] = acc_v[v] = SPLAT(0.0f);
-    if (runs_head(p, h) && allowed_key(p, b, j)) {
-        const float *k = ROW_OF((const float *)p->k, p->k_stride, b, h, j);
-        const float *v_row = ROW_OF((const float *)p->v, p->v_stride, b, h, j);
-        const float *q_head = ROW_OF((const float *)p->q, p->q_stride, b, h, 0);
-        const float *grad_out_head = ROW_OF((const float *)p->grad_out, p->grad_out_stride, b, h, 0);
-        const float *table = head_bias_table(p, c, h);
-        const i8v key_row = (i8v){0} + (int32_t)(j / c->width), key_col = (i8v){0} + (int32_t)(j % c->width);
-        const uint32_t row_key = sa_dropout_row_key(p->dropout_seed, b, h);
-        const float *lse_row = (const float *)p->lse + bh * n, *delta_row = (const float *)p->delta + bh * n;
+    if (runs_head(p, it.h) && allowed_key(p, it.b, j)) {
+        const float *k = HEAD_OF(it, p->k, p->k_stride) + j * p->k_stride[2];
+        const float *v_row = HEAD_OF(it, p->v, p->v_stride) + j * p->v_stride[2];
+        const float *q_head = HEAD_OF(it, p->q, p->q_stride);
+        const float *grad_out_head = HEAD_OF(it, p->grad_out, p->grad_out_stride);
+        const int64_t n = p->num_tokens;
+        const float *lse_row = (const float *)p->lse + it.bh * n, *delta_row = (const float *)p->delta + it.bh * n;
         v8 kv[MAX_VECS], vv[MAX_VECS];
         for (int v = 0; v < vecs; v++) {
             kv[v] = LOADU(k + 8 * v);
@@ -412,7 +430,7 @@ SA_INLINE void grad_key_value_column(const sa_attention_params *p, const call_co
                 lses[e] = lse_row[i];
                 deltas[e] = delta_row[i];
                 kept[e] = c->threshold > 0 &&
-                                  !sa_dropout_keep(sa_dropout_query_key(row_key, i), j, c->threshold)
+                                  !sa_dropout_keep(sa_dropout_query_key(it.dropout_row_key, i), j, c->threshold)
                               ? 0.0f
                               : c->keep_scale;
             }
@@ -425,7 +443,7 @@ SA_INLINE void grad_key_value_column(const sa_attention_params *p, const call_co
                 const float *q_rows[8], *grad_rows[8];
                 gather_two(queries + g, q_head, p->q_stride[2], grad_out_head, p->grad_out_stride[2], q_rows,
                            grad_rows, vecs);
-                v8 s = scaled_scores(kv, q_rows, queries + g, table, key_row, key_col, 0, c, vecs);
+                v8 s = scaled_scores(kv, q_rows, queries + g, &it, 0, c, vecs);
                 const v8 lse = LOADU(lses + g), keep = LOADU(kept + g);
                 const i8v no_keys = lse == SPLAT(-INFINITY); /* a row without keys (or padding) adds nothing */
                 s = SELECT(no_keys, SPLAT(-INFINITY), s - lse);

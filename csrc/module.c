@@ -1190,6 +1190,9 @@ static int take_cpu_int32_list(view_set *set, PyObject *obj, const char *name, c
 
 /* The stencil rule's offsets: pairs within the grid's span, distinct, none
  * on the lattice. 0, or -1 with a ValueError set. */
+/* Offsets as (dy, dx) pairs within the grid's span. 0; 1 where the rule names a pair twice (an offset
+ * repeated, or one on the lattice), which no layout matches since its kernels would count that pair twice;
+ * -1 with a ValueError set. */
 static int check_stencil_offsets(const int32_t *offsets, int64_t count, long long height, long long width,
                                  long long lattice_stride)
 {
@@ -1204,26 +1207,22 @@ static int check_stencil_offsets(const int32_t *offsets, int64_t count, long lon
         return -1;
     }
     int status = 0;
-    for (int64_t o = 0; o < count / 2 && status == 0; o++) {
+    for (int64_t o = 0; o < count / 2 && status >= 0; o++) {
         const long long dy = offsets[2 * o], dx = offsets[2 * o + 1];
         if (dy <= -height || dy >= height || dx <= -width || dx >= width) {
             PyErr_Format(PyExc_ValueError, "offsets: (%lld, %lld) is off the %lld x %lld grid's span", dy, dx,
                          height, width);
             status = -1;
-        } else if (lattice_stride && dy % lattice_stride == 0 && dx % lattice_stride == 0) {
-            PyErr_Format(PyExc_ValueError, "offsets: (%lld, %lld) is on the lattice of stride %lld", dy, dx,
-                         lattice_stride);
-            status = -1;
-        } else if (seen[(dy + height - 1) * table_w + dx + width - 1]++) {
-            PyErr_Format(PyExc_ValueError, "offsets: (%lld, %lld) is given twice", dy, dx);
-            status = -1;
+        } else if ((lattice_stride && dy % lattice_stride == 0 && dx % lattice_stride == 0) ||
+                   seen[(dy + height - 1) * table_w + dx + width - 1]++) {
+            status = 1;
         }
     }
     free(seen);
     return status;
 }
 
-/* Tokens of a list in [0, N), distinct where `distinct`. 0, or -1 with a ValueError set. */
+/* Tokens of a list in [0, N). 0; 1 where `distinct` and a token repeats; -1 with a ValueError set. */
 static int check_token_list(const int32_t *list, int64_t count, int64_t num_tokens, int distinct, const char *name)
 {
     uint8_t *seen = distinct ? calloc((size_t)num_tokens, 1) : NULL;
@@ -1232,14 +1231,13 @@ static int check_token_list(const int32_t *list, int64_t count, int64_t num_toke
         return -1;
     }
     int status = 0;
-    for (int64_t t = 0; t < count && status == 0; t++) {
+    for (int64_t t = 0; t < count && status >= 0; t++) {
         if (list[t] < 0 || list[t] >= num_tokens) {
             PyErr_Format(PyExc_ValueError, "%s: entry %lld is %d, outside [0, %lld)", name, (long long)t, list[t],
                          (long long)num_tokens);
             status = -1;
         } else if (distinct && seen[list[t]]++) {
-            PyErr_Format(PyExc_ValueError, "%s: token %d is given twice", name, list[t]);
-            status = -1;
+            status = 1;
         }
     }
     free(seen);
@@ -1278,15 +1276,19 @@ static PyObject *stencil_matches(PyObject *self, PyObject *args, PyObject *kwarg
         take_cpu_int32_list(&set, keys_obj, "keys", rp, &rule.keys, &rule.num_keys) < 0 ||
         take_cpu_int32_list(&set, rows_obj, "rows", rp, &rule.rows, &rule.num_rows) < 0)
         goto done;
-    if (check_stencil_offsets(rule.offsets, offset_numbers, height, width, lattice_stride) < 0 ||
-        check_token_list(rule.keys, rule.num_keys, n, 1, "keys") < 0 ||
-        check_token_list(rule.rows, rule.num_rows, n, 0, "rows") < 0)
-        goto done;
+    const int offsets_repeat = check_stencil_offsets(rule.offsets, offset_numbers, height, width, lattice_stride);
+    const int keys_repeat = offsets_repeat < 0 ? -1 : check_token_list(rule.keys, rule.num_keys, n, 1, "keys");
+    if (keys_repeat < 0 || check_token_list(rule.rows, rule.num_rows, n, 0, "rows") < 0) goto done;
     rule.num_offsets = offset_numbers / 2;
     char err[ERR_LEN] = "";
     const int64_t *row_ptr = (const int64_t *)rp->data;
     if (sa_layout_check_offsets(n, row_ptr, ci->shape[0], "indptr", "indices", err, sizeof(err)) < 0) {
         PyErr_SetString(PyExc_ValueError, err);
+        goto done;
+    }
+    if (offsets_repeat || keys_repeat) {
+        Py_INCREF(Py_False);
+        result = Py_False;
         goto done;
     }
     int status;
@@ -1565,6 +1567,13 @@ static PyObject *set_gather_kernels(PyObject *self, PyObject *arg)
     return PyBool_FromLong(before);
 }
 
+static PyObject *gather_kernels_on(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyBool_FromLong(sa_cpu_get_gather_kernels());
+}
+
 static char *gather_takes_kwlist[] = {"head_dim", "num_tokens", NULL};
 
 /* Whether float32 calls of this head dim and token count run their rows on
@@ -1753,7 +1762,8 @@ static PyMethodDef module_methods[] = {
      "Checks a custom layout's CSR (indptr, indices, num_tokens) and returns its transpose (col_ptr, row_idx)."},
     {"stencil_matches", (PyCFunction)(void (*)(void))stencil_matches, METH_VARARGS | METH_KEYWORDS,
      "Whether a layout's CSR rows, the listed ones aside, are exactly a stencil's: its window's offsets clipped "
-     "at the grid, a lattice of the given stride (0: none) and the extra keys."},
+     "at the grid, a lattice of the given stride (0: none) and the extra keys. False for a rule that names a pair "
+     "twice (a repeated offset or key, an offset on the lattice)."},
     {"plan_union_sizes", (PyCFunction)(void (*)(void))plan_union_sizes, METH_VARARGS | METH_KEYWORDS,
      "Distinct keys of each tile of a tile-plan pass (every tile, or the listed ones)."},
     {"plan_pair_counts", (PyCFunction)(void (*)(void))plan_pair_counts, METH_VARARGS | METH_KEYWORDS,
@@ -1763,6 +1773,7 @@ static PyMethodDef module_methods[] = {
     {"set_num_threads", set_num_threads, METH_O, "Sets the CPU kernels' thread count (0: all cores)."},
     {"set_gather_kernels", set_gather_kernels, METH_O,
      "Turns the float32 gather row kernels on or off (for comparisons); returns whether they were on."},
+    {"gather_kernels_on", gather_kernels_on, METH_NOARGS, "Whether the float32 gather row kernels are switched on."},
     {"gather_takes", (PyCFunction)(void (*)(void))gather_takes, METH_VARARGS | METH_KEYWORDS,
      "Whether float32 rows of this head dim and token count run on the gather kernels."},
     {"cpu_gather_forwards", cpu_gather_forwards, METH_NOARGS, "Forward calls that ran the gather row kernels."},

@@ -294,7 +294,7 @@ def _kernel_switches():
             _stencil.use_strip_bias_backward, _stencil.CUSTOM_STENCIL_MAX_FILL,
             _stencil.CUSTOM_WINDOW_MAX_FILL, _tiles.use_tiled_cpu_kernel,
             _tiles.CPU_MIN_FILL, _tiles.GATHER_FILL_FACTOR,
-            C.gather_takes(8, 1),  # whether the gather kernels are switched on
+            C.gather_kernels_on(),
             use_tiled_cuda_kernel, use_reference_cuda_kernels,
             split_segment_keys, use_tiled_cuda_backward, tiled_backward_long_rows,
             use_tiled_cuda_backward_extras, merge_stats_cuda_passes)

@@ -356,7 +356,7 @@ class Layout:
 
         def build(layout):
             passes = layout._gpu_passes()
-            shared = layout._cached_plan("cpu_passes", "cpu_plan", passes)
+            shared = layout._cached_plan("cpu", passes)
             return shared if shared is not None else build_tile_plan(layout, passes=passes)
 
         return self._built_once("plan", build)
@@ -375,25 +375,24 @@ class Layout:
         """(cpu_tile_plan()'s passes, their sampled fill estimate), worked out once."""
         from ._tiles import choose_passes
 
-        def choose(layout):
-            choice = choose_passes(layout, for_cpu=True, with_estimate=True)
-            with layout._lock:
-                layout._plan_cache["cpu_passes"] = choice[0]
-            return choice
-
-        return self._built_once("cpu_choice", choose)
+        return self._built_once("cpu_choice", lambda layout: choose_passes(layout, for_cpu=True, with_estimate=True))
 
     def _is_built(self, key) -> bool:
         with self._lock:
             return key in self._plan_cache
 
-    def _cached_plan(self, passes_key, plan_key, passes):
-        """The plan already built under plan_key when its passes (cached under
-        passes_key) are ``passes``, else None: where the CPU and the GPU choose
+    def _cached_plan(self, device, passes):
+        """The plan the other device ("cpu" or "gpu") has already built when it
+        chose the same ``passes``, else None: where the CPU and the GPU choose
         alike they share one plan, but neither works out the other's choice
         only to compare (the GPU's cost RANDOM at 256 x 256 0.4 s on the CPU)."""
         with self._lock:
-            if passes is None or self._plan_cache.get(passes_key) != passes:
+            if device == "cpu":
+                choice = self._plan_cache.get("cpu_choice")
+                chosen, plan_key = (None if choice is None else choice[0]), "cpu_plan"
+            else:
+                chosen, plan_key = self._plan_cache.get("gpu_passes"), "plan"
+            if passes is None or chosen != passes:
                 return None
             return self._plan_cache.get(plan_key)
 
@@ -408,7 +407,7 @@ class Layout:
             passes = layout._cpu_passes()
             if passes is None:
                 return None
-            shared = layout._cached_plan("gpu_passes", "plan", passes)
+            shared = layout._cached_plan("gpu", passes)
             return shared if shared is not None else build_tile_plan(layout, passes=passes)
 
         return self._built_once("cpu_plan", build)

@@ -828,12 +828,11 @@ def test_the_window_and_lattice_check_finds_any_pair_amiss():
     swapped = indices.copy()
     swapped[indptr[row]], swapped[indptr[row] + 1] = swapped[indptr[row] + 1], swapped[indptr[row]]
     assert not matches(indptr, swapped)  # keys must ascend
-    with pytest.raises(ValueError, match=r"offsets: \(4, 0\) is on the lattice of stride 4"):
-        matches(indptr, indices, np.array([(4, 0)], dtype=np.int32))
+    # a rule naming a pair twice matches no layout: its kernels would count the pair twice
+    assert not matches(indptr, indices, np.concatenate([window, [(4, 0)]]).astype(np.int32))
+    assert matches(indptr, indices, np.concatenate([window, window[:1]])) is False
     with pytest.raises(ValueError, match=r"offsets: \(0, 19\) is off the 23 x 19 grid's span"):
         matches(indptr, indices, np.array([(0, 19)], dtype=np.int32))
-    with pytest.raises(ValueError, match=r"offsets: \(1, 1\) is given twice"):
-        matches(indptr, indices, np.array([(1, 1), (1, 1)], dtype=np.int32))
     with pytest.raises(ValueError, match="offsets: expected \\(dy, dx\\) pairs, got 3 numbers"):
         C.stencil_matches(indptr, indices, 23, 19, np.array([1, 2, 3], dtype=np.int32))
     with pytest.raises(ValueError, match="indptr"):
@@ -842,8 +841,7 @@ def test_the_window_and_lattice_check_finds_any_pair_amiss():
         matches(indptr, indices, stride=-1)
     with pytest.raises(ValueError, match=r"keys: entry 1 is 437, outside \[0, 437\)"):
         C.stencil_matches(indptr, indices, 23, 19, window.reshape(-1), np.array([0, 437], dtype=np.int32))
-    with pytest.raises(ValueError, match="keys: token 5 is given twice"):
-        C.stencil_matches(indptr, indices, 23, 19, window.reshape(-1), np.array([5, 5], dtype=np.int32))
+    assert C.stencil_matches(indptr, indices, 23, 19, window.reshape(-1), np.array([5, 5], dtype=np.int32)) is False
     with pytest.raises(ValueError, match=r"rows: entry 0 is -1"):
         C.stencil_matches(indptr, indices, 23, 19, window.reshape(-1), None, np.array([-1], dtype=np.int32))
     with pytest.raises(TypeError, match="offsets: expected an array, got None"):
