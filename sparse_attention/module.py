@@ -97,6 +97,17 @@ def _custom_layout_while_tracing(builder, height, width):
     return _custom_layout(builder, height, width)
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for the device type (its linear layers then
+    take inputs of another dtype than their weights)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has one flag per device type
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return device_type == "cuda" and torch.is_autocast_enabled()
+
+
 class EnhancedSparseAttention(nn.Module):
     """Sparse multi-head self-attention for ``[B, C, H, W]`` feature maps.
 
@@ -356,6 +367,9 @@ class EnhancedSparseAttention(nn.Module):
         if x.device != weights.device:
             raise ValueError(f"x: expected a tensor on {weights.device} (where the module's parameters "
                              f"are), got one on {x.device}; move one of them with .to()")
+        if x.dtype != weights.dtype and not _autocast_enabled(x.device.type):
+            raise TypeError(f"x: expected dtype {weights.dtype} (the module's parameters), got {x.dtype}; "
+                            f"convert one of them with .to(), or run under torch.autocast")
 
     def _project(self, x):
         """x [B, Cin, H, W] -> tokens [B, N, Cin] (compact), q, k, v [B, heads, N, D]

@@ -429,6 +429,18 @@ def test_training_after_a_first_forward_under_inference_mode(pattern, native):
         torch.testing.assert_close(got, ref, atol=0, rtol=0)
 
 
+def test_input_of_another_dtype_than_the_parameters_is_refused_outside_autocast():
+    module = make(SparsityPattern.AXIAL).eval()
+    x = torch.randn(2, 16, 7, 9)
+    with pytest.raises(TypeError, match=r"x: expected dtype torch.float32 \(the module's parameters\), "
+                                        r"got torch.float64"):
+        module(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert module.double()(x.double()).dtype == torch.float64
+
+
 def test_meta_device_module_runs_for_shapes():
     with torch.device("meta"):
         module = make(SparsityPattern.LONGFORMER)
