@@ -14,7 +14,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITES = ["tests/test_layout.py", "tests/test_dlpack.py", "tests/test_op.py", "tests/test_hardening.py",
           "tests/test_cpu_tiled.py", "tests/test_cpu_stencil.py", "tests/test_buffer_cache.py",
-          "tests/test_custom_layouts.py", "tests/test_clamped_window.py"]
+          "tests/test_custom_layouts.py", "tests/test_clamped_window.py", "tests/test_cpu_gather.py"]
 
 
 def runtime(name):
