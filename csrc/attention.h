@@ -209,6 +209,7 @@ void sa_cpu_set_gather_kernels(int on);
 int sa_cpu_get_gather_kernels(void);
 long long sa_cpu_gather_forwards(void);
 long long sa_cpu_gather_backwards(void);
+long long sa_cpu_gather_blocked_calls(void); /* forward and backward calls that ran them in key blocks */
 
 /* 1 where the CPU kernels take their 32-register paths (see
  * sa_has_32_vector_registers in simd8.h), else 0. */

@@ -69,6 +69,10 @@ long long sa_cpu_gather_forwards(void) { return atomic_load(&gather_forwards); }
 
 long long sa_cpu_gather_backwards(void) { return atomic_load(&gather_backwards); }
 
+static atomic_llong gather_blocked_calls;
+
+long long sa_cpu_gather_blocked_calls(void) { return atomic_load(&gather_blocked_calls); }
+
 void sa_cpu_set_num_threads(int n) { num_threads_setting = n < 0 ? 0 : n; }
 
 int sa_cpu_get_num_threads(void)
@@ -235,6 +239,11 @@ int sa_cpu_forward(const sa_attention_params *p, char *err, size_t len)
     const int64_t rows = p->batch * p->heads * p->num_tokens;
     const sa_range_fn row_kernel = forward_rows_for(p);
     if (row_kernel == sa_gather_forward_rows) atomic_fetch_add(&gather_forwards, 1);
+    sa_gather_blocking blocks;
+    if (row_kernel == sa_gather_forward_rows && sa_gather_blocking_for(p, &blocks)) {
+        atomic_fetch_add(&gather_blocked_calls, 1);
+        return run(sa_gather_forward_ranges, p->batch * p->heads * blocks.num_ranges, &blocks, err, len);
+    }
     return run(row_kernel, rows, ctx, err, len);
 }
 
@@ -263,6 +272,17 @@ int sa_cpu_backward(const sa_attention_params *p, char *err, size_t len)
     }
     if (status == SA_OK && p->plan_base != NULL) return run_plan(p, 1, 0, err, len);
     const sa_range_fn row_kernel = grad_query_rows_for(p);
+    sa_gather_blocking blocks;
+    if (status == SA_OK && row_kernel == sa_gather_grad_query_rows && sa_gather_blocking_for(p, &blocks)) {
+        const int64_t ranges = p->batch * p->heads * blocks.num_ranges;
+        status = run(sa_gather_grad_query_ranges, ranges, &blocks, err, len);
+        if (status == SA_OK) status = run(sa_gather_grad_key_value_ranges, ranges, &blocks, err, len);
+        if (status == SA_OK) {
+            atomic_fetch_add(&gather_backwards, 1);
+            atomic_fetch_add(&gather_blocked_calls, 1);
+        }
+        return status;
+    }
     if (status == SA_OK) status = run(row_kernel, rows, ctx, err, len);
     if (status == SA_OK && row_kernel == sa_gather_grad_query_rows) atomic_fetch_add(&gather_backwards, 1);
     if (status == SA_OK) status = run(grad_key_value_columns_for(p), rows, ctx, err, len);

@@ -14,7 +14,9 @@
 #include "attention_cpu_gather.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "dropout_hash.h"
 #include "simd8.h"
@@ -235,97 +237,122 @@ SA_INLINE void gather_two(const int32_t *tokens, const float *head_a, int64_t st
     }
 }
 
-SA_INLINE void forward_row(const sa_attention_params *p, const call_constants *c, int64_t item, const int vecs)
+/* A row's online softmax between groups of its keys. */
+typedef struct {
+    float max, sum, sq, shifted; /* running maximum, sum of exp, of exp^2 and of exp x (score - max) */
+    int saw_nan;
+} softmax_state;
+
+static const softmax_state fresh_softmax = {-INFINITY, 0, 0, 0, 0};
+
+/* What the forward of one query reads besides its pairs. */
+typedef struct {
+    v8 q[MAX_VECS];
+    const float *k_head, *v_head;
+    uint32_t query_key; /* the dropout hash's key of the query */
+} query_inputs;
+
+SA_INLINE void load_query(const sa_attention_params *p, const work_item *it, query_inputs *in, const int vecs)
 {
-    const work_item it = work_item_of(p, c, item);
-    const int64_t i = it.token, b = it.b;
-    float *out = ROW_OF((float *)p->out, p->out_stride, b, it.h, i);
-    float *stats = p->row_stats ? (float *)p->row_stats + 2 * item : NULL;
-    v8 acc[MAX_VECS];
-    for (int v = 0; v < vecs; v++) acc[v] = SPLAT(0.0f);
-    float run_max = -INFINITY, run_sum = 0, run_sq = 0, run_shifted = 0;
+    const float *q = HEAD_OF(*it, p->q, p->q_stride) + it->token * p->q_stride[2];
+    for (int v = 0; v < vecs; v++) in->q[v] = LOADU(q + 8 * v);
+    in->k_head = HEAD_OF(*it, p->k, p->k_stride);
+    in->v_head = HEAD_OF(*it, p->v, p->v_stride);
+    in->query_key = sa_dropout_query_key(it->dropout_row_key, it->token);
+}
+
+/* Adds the pairs at CSR positions [begin, end) of the item's row to acc
+ * (the unnormalised output) and st. */
+SA_INLINE void forward_pairs(const sa_attention_params *p, const call_constants *c, const work_item *it,
+                             const query_inputs *in, int64_t begin, int64_t end, v8 *acc, softmax_state *st,
+                             const int vecs)
+{
+    float run_max = st->max, run_sum = st->sum, run_sq = st->sq, run_shifted = st->shifted;
     i8v saw_nan = {0};
-    if (runs_head(p, it.h)) {
-        const float *q = HEAD_OF(it, p->q, p->q_stride) + i * p->q_stride[2];
-        const float *k_head = HEAD_OF(it, p->k, p->k_stride), *v_head = HEAD_OF(it, p->v, p->v_stride);
-        const uint32_t query_key = sa_dropout_query_key(it.dropout_row_key, i);
-        v8 qv[MAX_VECS];
-        for (int v = 0; v < vecs; v++) qv[v] = LOADU(q + 8 * v);
-        int32_t keys[GATHER_CHUNK + 8];
-        float scores[GATHER_CHUNK], weights[GATHER_CHUNK];
-        for (int64_t pos = p->row_ptr[i]; pos < p->row_ptr[i + 1]; pos += GATHER_CHUNK) {
-            const int64_t stop = pos + GATHER_CHUNK < p->row_ptr[i + 1] ? pos + GATHER_CHUNK : p->row_ptr[i + 1];
-            int count = 0;
-            for (int64_t e = pos; e < stop; e++) {
-                const int32_t j = p->col_idx[e];
-                if (allowed_key(p, b, j)) keys[count++] = j;
-            }
-            if (count == 0) continue;
-            const int padded = (count + 7) & ~7;
-            /* rows to read (their lanes are masked) and, past them, to prefetch for a next group */
-            for (int e = count; e < padded + 8; e++) keys[e] = keys[0];
-            v8 max_lanes = SPLAT(-INFINITY);
-            for (int g = 0; g < padded; g += 8) {
-                const float *rows[8];
-                for (int r = 0; r < 8; r++) {
-                    rows[r] = k_head + keys[g + r] * p->k_stride[2];
-                    prefetch_row(v_head + keys[g + r] * p->v_stride[2], vecs);
-                    prefetch_row(k_head + keys[g + 8 + r] * p->k_stride[2], vecs);
-                }
-                v8 s = scaled_scores(qv, rows, keys + g, &it, 1, c, vecs);
-                s = SELECT(lane_index < count - g, s, SPLAT(-INFINITY));
-                saw_nan |= s != s;
-                max_lanes = lanes_max(max_lanes, s);
-                STOREU(scores + g, s);
-            }
-            const float chunk_max = hmax8(max_lanes);
-            if (chunk_max == -INFINITY) continue; /* NaN scores only: the row is NaN */
-            if (chunk_max > run_max) {
-                if (run_sum > 0) {
-                    /* rescale what was summed against the old maximum */
-                    const float r = expf(run_max - chunk_max);
-                    run_shifted = r * (run_shifted + run_sum * (run_max - chunk_max));
-                    run_sum *= r;
-                    run_sq *= r * r;
-                    for (int v = 0; v < vecs; v++) acc[v] *= r;
-                }
-                run_max = chunk_max;
-            }
-            v8 sum = SPLAT(0.0f), sq = SPLAT(0.0f), shifted_sum = SPLAT(0.0f);
-            for (int g = 0; g < padded; g += 8) {
-                const v8 shifted = LOADU(scores + g) - run_max;
-                v8 e = shifted;
-                exp_lanes(&e, 1);
-                sum += e;
-                sq += e * e;
-                shifted_sum += SELECT(e > SPLAT(0.0f), e * shifted, SPLAT(0.0f)); /* 0 x -inf is no term */
-                STOREU(weights + g, e * c->keep_scale);
-            }
-            run_sum += hsum8(sum);
-            run_sq += hsum8(sq);
-            run_shifted += hsum8(shifted_sum);
-            if (c->threshold > 0) {
-                for (int e = 0; e < count; e++)
-                    if (!sa_dropout_keep(query_key, keys[e], c->threshold)) weights[e] = 0;
-            }
-            add_weighted_rows(acc, weights, keys, count, v_head, p->v_stride[2], vecs);
+    int32_t keys[GATHER_CHUNK + 8];
+    float scores[GATHER_CHUNK], weights[GATHER_CHUNK];
+    for (int64_t pos = begin; pos < end; pos += GATHER_CHUNK) {
+        const int64_t stop = pos + GATHER_CHUNK < end ? pos + GATHER_CHUNK : end;
+        int count = 0;
+        for (int64_t e = pos; e < stop; e++) {
+            const int32_t j = p->col_idx[e];
+            if (allowed_key(p, it->b, j)) keys[count++] = j;
         }
+        if (count == 0) continue;
+        const int padded = (count + 7) & ~7;
+        /* rows to read (their lanes are masked) and, past them, to prefetch for a next group */
+        for (int e = count; e < padded + 8; e++) keys[e] = keys[0];
+        v8 max_lanes = SPLAT(-INFINITY);
+        for (int g = 0; g < padded; g += 8) {
+            const float *rows[8];
+            for (int r = 0; r < 8; r++) {
+                rows[r] = in->k_head + keys[g + r] * p->k_stride[2];
+                prefetch_row(in->v_head + keys[g + r] * p->v_stride[2], vecs);
+                prefetch_row(in->k_head + keys[g + 8 + r] * p->k_stride[2], vecs);
+            }
+            v8 s = scaled_scores(in->q, rows, keys + g, it, 1, c, vecs);
+            s = SELECT(lane_index < count - g, s, SPLAT(-INFINITY));
+            saw_nan |= s != s;
+            max_lanes = lanes_max(max_lanes, s);
+            STOREU(scores + g, s);
+        }
+        const float chunk_max = hmax8(max_lanes);
+        if (chunk_max == -INFINITY) continue; /* NaN scores only: the row is NaN */
+        if (chunk_max > run_max) {
+            if (run_sum > 0) {
+                /* rescale what was summed against the old maximum */
+                const float r = expf(run_max - chunk_max);
+                run_shifted = r * (run_shifted + run_sum * (run_max - chunk_max));
+                run_sum *= r;
+                run_sq *= r * r;
+                for (int v = 0; v < vecs; v++) acc[v] *= r;
+            }
+            run_max = chunk_max;
+        }
+        v8 sum = SPLAT(0.0f), sq = SPLAT(0.0f), shifted_sum = SPLAT(0.0f);
+        for (int g = 0; g < padded; g += 8) {
+            const v8 shifted = LOADU(scores + g) - run_max;
+            v8 e = shifted;
+            exp_lanes(&e, 1);
+            sum += e;
+            sq += e * e;
+            shifted_sum += SELECT(e > SPLAT(0.0f), e * shifted, SPLAT(0.0f)); /* 0 x -inf is no term */
+            STOREU(weights + g, e * c->keep_scale);
+        }
+        run_sum += hsum8(sum);
+        run_sq += hsum8(sq);
+        run_shifted += hsum8(shifted_sum);
+        if (c->threshold > 0) {
+            for (int e = 0; e < count; e++)
+                if (!sa_dropout_keep(in->query_key, keys[e], c->threshold)) weights[e] = 0;
+        }
+        add_weighted_rows(acc, weights, keys, count, in->v_head, p->v_stride[2], vecs);
     }
+    for (int r = 0; r < 8; r++) st->saw_nan |= saw_nan[r];
+    st->max = run_max;
+    st->sum = run_sum;
+    st->sq = run_sq;
+    st->shifted = run_shifted;
+}
+
+/* The row's output, log-sum-exp and statistics from its accumulator and softmax. */
+SA_INLINE void forward_finish(const sa_attention_params *p, int64_t item, float *out, const v8 *acc,
+                              const softmax_state *st, const int vecs)
+{
     float *lse = (float *)p->lse + item;
-    int nan_row = 0;
-    for (int r = 0; r < 8; r++) nan_row |= saw_nan[r];
+    float *stats = p->row_stats ? (float *)p->row_stats + 2 * item : NULL;
     /* a +inf score leaves exp(inf - inf) in its softmax: the row is NaN, as in the generic kernel */
-    if (nan_row || run_max == INFINITY) {
+    if (st->saw_nan || st->max == INFINITY) {
         for (int64_t d = 0; d < 8 * vecs; d++) out[d] = NAN;
         *lse = NAN;
         if (stats) stats[0] = stats[1] = NAN;
-    } else if (run_sum > 0) {
-        const float inv = 1 / run_sum;
+    } else if (st->sum > 0) {
+        const float inv = 1 / st->sum;
         for (int v = 0; v < vecs; v++) STOREU(out + 8 * v, acc[v] * inv);
-        *lse = run_max + logf(run_sum);
+        *lse = st->max + logf(st->sum);
         if (stats) {
-            stats[0] = run_sq * inv * inv;
-            stats[1] = logf(run_sum) - run_shifted * inv;
+            stats[0] = st->sq * inv * inv;
+            stats[1] = logf(st->sum) - st->shifted * inv;
         }
     } else {
         for (int64_t d = 0; d < 8 * vecs; d++) out[d] = 0;
@@ -334,46 +361,75 @@ SA_INLINE void forward_row(const sa_attention_params *p, const call_constants *c
     }
 }
 
-/* dS_ij = P_ij (dP_ij - delta_i), dP_ij = <dO_i, V_j> times the dropout
- * mask's keep scale; dQ_i = scale sum_j dS_ij K_j. */
-SA_INLINE void grad_query_row(const sa_attention_params *p, const call_constants *c, int64_t item, const int vecs)
+SA_INLINE float *out_row(const sa_attention_params *p, const work_item *it)
+{
+    return ROW_OF((float *)p->out, p->out_stride, it->b, it->h, it->token);
+}
+
+SA_INLINE void forward_row(const sa_attention_params *p, const call_constants *c, int64_t item, const int vecs)
 {
     const work_item it = work_item_of(p, c, item);
-    const int64_t i = it.token, b = it.b;
-    float *grad_q = (float *)p->grad_q + item * 8 * vecs;
-    float *grad_scores = p->grad_scores ? (float *)p->grad_scores + it.bh * p->nnz : NULL;
-    const float lse = ((const float *)p->lse)[item];
-    if (!runs_head(p, it.h) || lse == -INFINITY) {
-        if (grad_scores) {
-            for (int64_t pos = p->row_ptr[i]; pos < p->row_ptr[i + 1]; pos++) grad_scores[pos] = 0;
-        }
-        memset(grad_q, 0, sizeof(float) * 8 * (size_t)vecs);
-        return;
+    v8 acc[MAX_VECS];
+    for (int v = 0; v < vecs; v++) acc[v] = SPLAT(0.0f);
+    softmax_state st = fresh_softmax;
+    if (runs_head(p, it.h)) {
+        query_inputs in;
+        load_query(p, &it, &in, vecs);
+        forward_pairs(p, c, &it, &in, p->row_ptr[it.token], p->row_ptr[it.token + 1], acc, &st, vecs);
     }
-    const float *q = HEAD_OF(it, p->q, p->q_stride) + i * p->q_stride[2];
-    const float *grad_out = HEAD_OF(it, p->grad_out, p->grad_out_stride) + i * p->grad_out_stride[2];
-    const float *k_head = HEAD_OF(it, p->k, p->k_stride), *v_head = HEAD_OF(it, p->v, p->v_stride);
-    const float delta = ((const float *)p->delta)[item];
-    const uint32_t query_key = sa_dropout_query_key(it.dropout_row_key, i);
-    v8 qv[MAX_VECS], gv[MAX_VECS], acc[MAX_VECS];
+    forward_finish(p, item, out_row(p, &it), acc, &st, vecs);
+}
+
+/* What the dQ pass of one query reads besides its pairs. */
+typedef struct {
+    v8 q[MAX_VECS], grad_out[MAX_VECS];
+    const float *k_head, *v_head;
+    float lse, delta;
+    uint32_t query_key;
+    float *grad_scores; /* the (b, h)'s CSR-order score gradients, or NULL */
+} grad_query_inputs;
+
+/* Whether the row has pairs to differentiate: its head runs and it had keys. */
+SA_INLINE int load_grad_query(const sa_attention_params *p, const work_item *it, int64_t item,
+                              grad_query_inputs *in, const int vecs)
+{
+    in->grad_scores = p->grad_scores ? (float *)p->grad_scores + it->bh * p->nnz : NULL;
+    in->lse = ((const float *)p->lse)[item];
+    if (!runs_head(p, it->h) || in->lse == -INFINITY) return 0;
+    const float *q = HEAD_OF(*it, p->q, p->q_stride) + it->token * p->q_stride[2];
+    const float *grad_out = HEAD_OF(*it, p->grad_out, p->grad_out_stride) + it->token * p->grad_out_stride[2];
     for (int v = 0; v < vecs; v++) {
-        qv[v] = LOADU(q + 8 * v);
-        gv[v] = LOADU(grad_out + 8 * v);
-        acc[v] = SPLAT(0.0f);
+        in->q[v] = LOADU(q + 8 * v);
+        in->grad_out[v] = LOADU(grad_out + 8 * v);
     }
+    in->k_head = HEAD_OF(*it, p->k, p->k_stride);
+    in->v_head = HEAD_OF(*it, p->v, p->v_stride);
+    in->delta = ((const float *)p->delta)[item];
+    in->query_key = sa_dropout_query_key(it->dropout_row_key, it->token);
+    return 1;
+}
+
+/* dS_ij = P_ij (dP_ij - delta_i), dP_ij = <dO_i, V_j> times the dropout
+ * mask's keep scale; acc += sum_j dS_ij K_j over the CSR positions
+ * [begin, end) of the item's row (dQ_i is scale x acc). */
+SA_INLINE void grad_query_pairs(const sa_attention_params *p, const call_constants *c, const work_item *it,
+                                const grad_query_inputs *in, int64_t begin, int64_t end, v8 *acc,
+                                const int vecs)
+{
     int32_t keys[GATHER_CHUNK + 8];
     float kept[GATHER_CHUNK + 8], score_grads[GATHER_CHUNK];
-    for (int64_t pos = p->row_ptr[i]; pos < p->row_ptr[i + 1]; pos += GATHER_CHUNK) {
-        const int64_t stop = pos + GATHER_CHUNK < p->row_ptr[i + 1] ? pos + GATHER_CHUNK : p->row_ptr[i + 1];
+    for (int64_t pos = begin; pos < end; pos += GATHER_CHUNK) {
+        const int64_t stop = pos + GATHER_CHUNK < end ? pos + GATHER_CHUNK : end;
         const int count = (int)(stop - pos), padded = (count + 7) & ~7;
         for (int e = 0; e < count; e++) {
             const int32_t j = p->col_idx[pos + e];
             keys[e] = j;
             /* NaN marks a masked key (no probability); 0 a dropped one (no dP) */
-            if (!allowed_key(p, b, j))
+            if (!allowed_key(p, it->b, j))
                 kept[e] = NAN;
             else
-                kept[e] = c->threshold > 0 && !sa_dropout_keep(query_key, j, c->threshold) ? 0.0f : c->keep_scale;
+                kept[e] = c->threshold > 0 && !sa_dropout_keep(in->query_key, j, c->threshold) ? 0.0f
+                                                                                                 : c->keep_scale;
         }
         for (int e = count; e < padded + 8; e++) {
             keys[e] = keys[0]; /* rows to read, masked, and past them rows to prefetch */
@@ -381,81 +437,121 @@ SA_INLINE void grad_query_row(const sa_attention_params *p, const call_constants
         }
         for (int g = 0; g < padded; g += 8) {
             const float *k_rows[8], *v_rows[8];
-            gather_two(keys + g, k_head, p->k_stride[2], v_head, p->v_stride[2], k_rows, v_rows, vecs);
-            v8 s = scaled_scores(qv, k_rows, keys + g, &it, 1, c, vecs);
+            gather_two(keys + g, in->k_head, p->k_stride[2], in->v_head, p->v_stride[2], k_rows, v_rows, vecs);
+            v8 s = scaled_scores(in->q, k_rows, keys + g, it, 1, c, vecs);
             const v8 keep = LOADU(kept + g);
             const i8v absent = keep != keep;
-            s = SELECT(absent, SPLAT(-INFINITY), s - lse);
+            s = SELECT(absent, SPLAT(-INFINITY), s - in->lse);
             exp_lanes(&s, 1);
             /* a masked key's row (NaN or inf in it, say) adds nothing, as in the generic kernel */
-            const v8 grad_probs = SELECT(absent, SPLAT(0.0f), dots8(gv, v_rows, vecs) * keep);
-            STOREU(score_grads + g, s * (grad_probs - delta));
+            const v8 grad_probs = SELECT(absent, SPLAT(0.0f), dots8(in->grad_out, v_rows, vecs) * keep);
+            STOREU(score_grads + g, s * (grad_probs - in->delta));
         }
-        add_weighted_rows(acc, score_grads, keys, count, k_head, p->k_stride[2], vecs);
-        if (grad_scores) memcpy(grad_scores + pos, score_grads, sizeof(float) * (size_t)count);
+        add_weighted_rows(acc, score_grads, keys, count, in->k_head, p->k_stride[2], vecs);
+        if (in->grad_scores) memcpy(in->grad_scores + pos, score_grads, sizeof(float) * (size_t)count);
     }
+}
+
+SA_INLINE void zero_score_grads(const sa_attention_params *p, const grad_query_inputs *in, int64_t row)
+{
+    if (in->grad_scores)
+        memset(in->grad_scores + p->row_ptr[row], 0, sizeof(float) * (size_t)(p->row_ptr[row + 1] - p->row_ptr[row]));
+}
+
+SA_INLINE void grad_query_row(const sa_attention_params *p, const call_constants *c, int64_t item, const int vecs)
+{
+    const work_item it = work_item_of(p, c, item);
+    float *grad_q = (float *)p->grad_q + item * 8 * vecs;
+    grad_query_inputs in;
+    if (!load_grad_query(p, &it, item, &in, vecs)) {
+        zero_score_grads(p, &in, it.token);
+        memset(grad_q, 0, sizeof(float) * 8 * (size_t)vecs);
+        return;
+    }
+    v8 acc[MAX_VECS];
+    for (int v = 0; v < vecs; v++) acc[v] = SPLAT(0.0f);
+    grad_query_pairs(p, c, &it, &in, p->row_ptr[it.token], p->row_ptr[it.token + 1], acc, vecs);
     for (int v = 0; v < vecs; v++) STOREU(grad_q + 8 * v, acc[v] * c->scale);
 }
 
-/* dK_j = scale sum_i dS_ij Q_i, dV_j = sum_i P_ij kept_ij dO_i, over the
- * transpose's queries of key j. */
+/* What the dK/dV pass of one key reads besides its pairs. */
+typedef struct {
+    v8 k[MAX_VECS], v[MAX_VECS];
+    const float *q_head, *grad_out_head, *lse_row, *delta_row;
+} key_inputs;
+
+/* Whether the column has pairs to differentiate: its head runs and the key is not masked. */
+SA_INLINE int load_key(const sa_attention_params *p, const work_item *it, key_inputs *in, const int vecs)
+{
+    if (!runs_head(p, it->h) || !allowed_key(p, it->b, it->token)) return 0;
+    const float *k = HEAD_OF(*it, p->k, p->k_stride) + it->token * p->k_stride[2];
+    const float *v_row = HEAD_OF(*it, p->v, p->v_stride) + it->token * p->v_stride[2];
+    for (int v = 0; v < vecs; v++) {
+        in->k[v] = LOADU(k + 8 * v);
+        in->v[v] = LOADU(v_row + 8 * v);
+    }
+    in->q_head = HEAD_OF(*it, p->q, p->q_stride);
+    in->grad_out_head = HEAD_OF(*it, p->grad_out, p->grad_out_stride);
+    in->lse_row = (const float *)p->lse + it->bh * p->num_tokens;
+    in->delta_row = (const float *)p->delta + it->bh * p->num_tokens;
+    return 1;
+}
+
+/* acc_k += sum_i dS_ij Q_i (dK_j is scale x acc_k), acc_v += sum_i P_ij
+ * kept_ij dO_i, over the transpose's positions [begin, end) of key j. */
+SA_INLINE void grad_key_value_pairs(const sa_attention_params *p, const call_constants *c, const work_item *it,
+                                    const key_inputs *in, int64_t begin, int64_t end, v8 *acc_k, v8 *acc_v,
+                                    const int vecs)
+{
+    const int64_t j = it->token;
+    int32_t queries[GATHER_CHUNK + 8];
+    float lses[GATHER_CHUNK + 8], deltas[GATHER_CHUNK + 8], kept[GATHER_CHUNK + 8];
+    float score_grads[GATHER_CHUNK], dropped_probs[GATHER_CHUNK];
+    for (int64_t pos = begin; pos < end; pos += GATHER_CHUNK) {
+        const int64_t stop = pos + GATHER_CHUNK < end ? pos + GATHER_CHUNK : end;
+        const int count = (int)(stop - pos), padded = (count + 7) & ~7;
+        for (int e = 0; e < count; e++) {
+            const int32_t i = p->row_idx[pos + e];
+            queries[e] = i;
+            lses[e] = in->lse_row[i];
+            deltas[e] = in->delta_row[i];
+            kept[e] = c->threshold > 0 &&
+                              !sa_dropout_keep(sa_dropout_query_key(it->dropout_row_key, i), j, c->threshold)
+                          ? 0.0f
+                          : c->keep_scale;
+        }
+        for (int e = count; e < padded + 8; e++) {
+            queries[e] = queries[0]; /* rows to read and to prefetch; no term (as a row without keys) */
+            lses[e] = -INFINITY;
+            deltas[e] = kept[e] = 0;
+        }
+        for (int g = 0; g < padded; g += 8) {
+            const float *q_rows[8], *grad_rows[8];
+            gather_two(queries + g, in->q_head, p->q_stride[2], in->grad_out_head, p->grad_out_stride[2], q_rows,
+                       grad_rows, vecs);
+            v8 s = scaled_scores(in->k, q_rows, queries + g, it, 0, c, vecs);
+            const v8 lse = LOADU(lses + g), keep = LOADU(kept + g);
+            const i8v no_keys = lse == SPLAT(-INFINITY); /* a row without keys (or padding) adds nothing */
+            s = SELECT(no_keys, SPLAT(-INFINITY), s - lse);
+            exp_lanes(&s, 1);
+            const v8 grad_probs = SELECT(no_keys, SPLAT(0.0f), dots8(in->v, grad_rows, vecs) * keep);
+            STOREU(score_grads + g, s * (grad_probs - LOADU(deltas + g)));
+            STOREU(dropped_probs + g, s * keep);
+        }
+        add_weighted_rows(acc_k, score_grads, queries, count, in->q_head, p->q_stride[2], vecs);
+        add_weighted_rows(acc_v, dropped_probs, queries, count, in->grad_out_head, p->grad_out_stride[2], vecs);
+    }
+}
+
 SA_INLINE void grad_key_value_column(const sa_attention_params *p, const call_constants *c, int64_t item,
                                      const int vecs)
 {
     const work_item it = work_item_of(p, c, item);
-    const int64_t j = it.token;
     v8 acc_k[MAX_VECS], acc_v[MAX_VECS];
     for (int v = 0; v < vecs; v++) acc_k[v] = acc_v[v] = SPLAT(0.0f);
-    if (runs_head(p, it.h) && allowed_key(p, it.b, j)) {
-        const float *k = HEAD_OF(it, p->k, p->k_stride) + j * p->k_stride[2];
-        const float *v_row = HEAD_OF(it, p->v, p->v_stride) + j * p->v_stride[2];
-        const float *q_head = HEAD_OF(it, p->q, p->q_stride);
-        const float *grad_out_head = HEAD_OF(it, p->grad_out, p->grad_out_stride);
-        const int64_t n = p->num_tokens;
-        const float *lse_row = (const float *)p->lse + it.bh * n, *delta_row = (const float *)p->delta + it.bh * n;
-        v8 kv[MAX_VECS], vv[MAX_VECS];
-        for (int v = 0; v < vecs; v++) {
-            kv[v] = LOADU(k + 8 * v);
-            vv[v] = LOADU(v_row + 8 * v);
-        }
-        int32_t queries[GATHER_CHUNK + 8];
-        float lses[GATHER_CHUNK + 8], deltas[GATHER_CHUNK + 8], kept[GATHER_CHUNK + 8];
-        float score_grads[GATHER_CHUNK], dropped_probs[GATHER_CHUNK];
-        for (int64_t pos = p->col_ptr[j]; pos < p->col_ptr[j + 1]; pos += GATHER_CHUNK) {
-            const int64_t stop = pos + GATHER_CHUNK < p->col_ptr[j + 1] ? pos + GATHER_CHUNK : p->col_ptr[j + 1];
-            const int count = (int)(stop - pos), padded = (count + 7) & ~7;
-            for (int e = 0; e < count; e++) {
-                const int32_t i = p->row_idx[pos + e];
-                queries[e] = i;
-                lses[e] = lse_row[i];
-                deltas[e] = delta_row[i];
-                kept[e] = c->threshold > 0 &&
-                                  !sa_dropout_keep(sa_dropout_query_key(it.dropout_row_key, i), j, c->threshold)
-                              ? 0.0f
-                              : c->keep_scale;
-            }
-            for (int e = count; e < padded + 8; e++) {
-                queries[e] = queries[0]; /* rows to read and to prefetch; no term (as a row without keys) */
-                lses[e] = -INFINITY;
-                deltas[e] = kept[e] = 0;
-            }
-            for (int g = 0; g < padded; g += 8) {
-                const float *q_rows[8], *grad_rows[8];
-                gather_two(queries + g, q_head, p->q_stride[2], grad_out_head, p->grad_out_stride[2], q_rows,
-                           grad_rows, vecs);
-                v8 s = scaled_scores(kv, q_rows, queries + g, &it, 0, c, vecs);
-                const v8 lse = LOADU(lses + g), keep = LOADU(kept + g);
-                const i8v no_keys = lse == SPLAT(-INFINITY); /* a row without keys (or padding) adds nothing */
-                s = SELECT(no_keys, SPLAT(-INFINITY), s - lse);
-                exp_lanes(&s, 1);
-                const v8 grad_probs = SELECT(no_keys, SPLAT(0.0f), dots8(vv, grad_rows, vecs) * keep);
-                STOREU(score_grads + g, s * (grad_probs - LOADU(deltas + g)));
-                STOREU(dropped_probs + g, s * keep);
-            }
-            add_weighted_rows(acc_k, score_grads, queries, count, q_head, p->q_stride[2], vecs);
-            add_weighted_rows(acc_v, dropped_probs, queries, count, grad_out_head, p->grad_out_stride[2], vecs);
-        }
-    }
+    key_inputs in;
+    if (load_key(p, &it, &in, vecs))
+        grad_key_value_pairs(p, c, &it, &in, p->col_ptr[it.token], p->col_ptr[it.token + 1], acc_k, acc_v, vecs);
     float *grad_k = (float *)p->grad_k + item * 8 * vecs, *grad_v = (float *)p->grad_v + item * 8 * vecs;
     for (int v = 0; v < vecs; v++) {
         STOREU(grad_k + 8 * v, acc_k[v] * c->scale);
@@ -463,32 +559,255 @@ SA_INLINE void grad_key_value_column(const sa_attention_params *p, const call_co
     }
 }
 
-/* One clone set per kernel and head dim: the vector count is a constant in each. */
-#define GATHER_KERNEL(kernel, vecs)                                                        \
+/* Key blocks: where a head's K and V rows outrun L2, a row's scattered keys
+ * come from memory one miss after another (RANDOM 10% at 128 x 128, D=64,
+ * took as long as dense SDPA; the same pairs with every row's keys inside
+ * 2048 tokens took a third of that). The blocked forms take a range of rows
+ * of one (batch, head) at a time and walk the keys block by block, each
+ * row's pairs in the block in turn, so that the block's rows are read from
+ * L2 by every row of the range; a row's softmax state and accumulator wait
+ * between blocks (the accumulator in its output row). The columns' pass
+ * does the same with blocks of queries. */
+
+static atomic_llong block_tokens_setting = 0, range_rows_setting = 0;
+
+void sa_cpu_set_gather_blocking(int64_t block_tokens, int64_t range_rows)
+{
+    atomic_store(&block_tokens_setting, block_tokens);
+    atomic_store(&range_rows_setting, range_rows);
+}
+
+void sa_cpu_get_gather_blocking(int64_t *block_tokens, int64_t *range_rows)
+{
+    *block_tokens = atomic_load(&block_tokens_setting);
+    *range_rows = atomic_load(&range_rows_setting);
+}
+
+/* Half a core's L2 (1 MB where the system does not say): the block's rows
+ * share it with the range's rows and the CSR. */
+static int64_t block_budget_bytes(void)
+{
+    static atomic_llong cached = 0;
+    long long bytes = atomic_load(&cached);
+    if (bytes == 0) {
+        long l2 = -1;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+        l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+        bytes = l2 >= (1 << 18) ? l2 / 2 : (1 << 20);
+        atomic_store(&cached, bytes);
+    }
+    return bytes;
+}
+
+int sa_gather_blocking_for(const sa_attention_params *p, sa_gather_blocking *g)
+{
+    const int64_t block_setting = atomic_load(&block_tokens_setting);
+    const int64_t range_setting = atomic_load(&range_rows_setting);
+    if (!sa_cpu_gather_fits(p) || block_setting < 0) return 0;
+    const int64_t n = p->num_tokens, row_bytes = 2 * p->head_dim * (int64_t)sizeof(float);
+    int64_t block = block_setting;
+    if (block == 0) {
+        const int64_t budget = block_budget_bytes();
+        if (n * row_bytes <= budget) return 0; /* a head's rows stay in L2 as they are */
+        block = (budget / row_bytes) & ~(int64_t)63;
+        if (block < 64) block = 64;
+    }
+    if (block >= n) return 0;
+    int64_t range = range_setting > 0 ? range_setting : SA_GATHER_RANGE_ROWS;
+    if (range > SA_GATHER_RANGE_ROWS) range = SA_GATHER_RANGE_ROWS;
+    g->p = p;
+    g->block_tokens = block;
+    g->range_rows = range;
+    g->num_ranges = (n + range - 1) / range;
+    return 1;
+}
+
+/* The range of rows (or columns) of a blocked work item: its first token and count. */
+SA_INLINE int64_t range_of(const sa_gather_blocking *g, int64_t item, int64_t *first)
+{
+    const int64_t n = g->p->num_tokens;
+    *first = (item % g->num_ranges) * g->range_rows;
+    return *first + g->range_rows < n ? g->range_rows : n - *first;
+}
+
+/* The end of a row's (or column's) positions in the block ending at
+ * block_end: every position left in the last block, so that each pair is
+ * taken once whatever the order of a row's keys. */
+SA_INLINE int64_t block_stop(const int32_t *tokens, int64_t pos, int64_t end, int64_t block_end, int64_t n)
+{
+    if (block_end >= n) return end;
+    while (pos < end && tokens[pos] < block_end) pos++;
+    return pos;
+}
+
+SA_INLINE void load_acc(v8 *acc, const float *row, const int vecs)
+{
+    for (int v = 0; v < vecs; v++) acc[v] = LOADU(row + 8 * v);
+}
+
+SA_INLINE void store_acc(float *row, const v8 *acc, const int vecs)
+{
+    for (int v = 0; v < vecs; v++) STOREU(row + 8 * v, acc[v]);
+}
+
+SA_INLINE void forward_range(const sa_gather_blocking *g, const call_constants *c, int64_t item, const int vecs)
+{
+    const sa_attention_params *p = g->p;
+    const int64_t n = p->num_tokens, base = (item / g->num_ranges) * n;
+    int64_t first;
+    const int64_t rows = range_of(g, item, &first);
+    softmax_state states[SA_GATHER_RANGE_ROWS];
+    int64_t cursors[SA_GATHER_RANGE_ROWS];
+    v8 acc[MAX_VECS];
+    const int live = runs_head(p, (base / n) % p->heads);
+    for (int64_t r = 0; r < rows; r++) {
+        states[r] = fresh_softmax;
+        cursors[r] = p->row_ptr[first + r];
+        const work_item it = work_item_of(p, c, base + first + r);
+        memset(out_row(p, &it), 0, sizeof(float) * 8 * (size_t)vecs);
+    }
+    for (int64_t block_end = g->block_tokens; live; block_end += g->block_tokens) {
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t i = first + r, pos = cursors[r];
+            const int64_t stop = block_stop(p->col_idx, pos, p->row_ptr[i + 1], block_end, n);
+            if (stop == pos) continue;
+            cursors[r] = stop;
+            const work_item it = work_item_of(p, c, base + i);
+            query_inputs in;
+            load_query(p, &it, &in, vecs);
+            float *out = out_row(p, &it);
+            load_acc(acc, out, vecs);
+            forward_pairs(p, c, &it, &in, pos, stop, acc, &states[r], vecs);
+            store_acc(out, acc, vecs);
+        }
+        if (block_end >= n) break;
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        const work_item it = work_item_of(p, c, base + first + r);
+        float *out = out_row(p, &it);
+        load_acc(acc, out, vecs);
+        forward_finish(p, base + first + r, out, acc, &states[r], vecs);
+    }
+}
+
+SA_INLINE void grad_query_range(const sa_gather_blocking *g, const call_constants *c, int64_t item,
+                                const int vecs)
+{
+    const sa_attention_params *p = g->p;
+    const int64_t n = p->num_tokens, base = (item / g->num_ranges) * n;
+    int64_t first;
+    const int64_t rows = range_of(g, item, &first);
+    int64_t cursors[SA_GATHER_RANGE_ROWS]; /* -1: a row without pairs to differentiate */
+    grad_query_inputs in;
+    v8 acc[MAX_VECS];
+    for (int64_t r = 0; r < rows; r++) {
+        const work_item it = work_item_of(p, c, base + first + r);
+        memset((float *)p->grad_q + (base + first + r) * 8 * vecs, 0, sizeof(float) * 8 * (size_t)vecs);
+        cursors[r] = load_grad_query(p, &it, base + first + r, &in, vecs) ? p->row_ptr[first + r] : -1;
+        if (cursors[r] < 0) zero_score_grads(p, &in, first + r);
+    }
+    for (int64_t block_end = g->block_tokens;; block_end += g->block_tokens) {
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t i = first + r, pos = cursors[r];
+            if (pos < 0) continue;
+            const int64_t stop = block_stop(p->col_idx, pos, p->row_ptr[i + 1], block_end, n);
+            if (stop == pos) continue;
+            cursors[r] = stop;
+            const work_item it = work_item_of(p, c, base + i);
+            if (!load_grad_query(p, &it, base + i, &in, vecs)) continue; /* live rows load; said for the compiler */
+            float *grad_q = (float *)p->grad_q + (base + i) * 8 * vecs;
+            load_acc(acc, grad_q, vecs);
+            grad_query_pairs(p, c, &it, &in, pos, stop, acc, vecs);
+            store_acc(grad_q, acc, vecs);
+        }
+        if (block_end >= n) break;
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        float *grad_q = (float *)p->grad_q + (base + first + r) * 8 * vecs;
+        load_acc(acc, grad_q, vecs);
+        for (int v = 0; v < vecs; v++) acc[v] *= c->scale;
+        store_acc(grad_q, acc, vecs);
+    }
+}
+
+SA_INLINE void grad_key_value_range(const sa_gather_blocking *g, const call_constants *c, int64_t item,
+                                    const int vecs)
+{
+    const sa_attention_params *p = g->p;
+    const int64_t n = p->num_tokens, base = (item / g->num_ranges) * n;
+    int64_t first;
+    const int64_t columns = range_of(g, item, &first);
+    int64_t cursors[SA_GATHER_RANGE_ROWS]; /* -1: a column without pairs to differentiate */
+    key_inputs in;
+    v8 acc_k[MAX_VECS], acc_v[MAX_VECS];
+    for (int64_t r = 0; r < columns; r++) {
+        const work_item it = work_item_of(p, c, base + first + r);
+        memset((float *)p->grad_k + (base + first + r) * 8 * vecs, 0, sizeof(float) * 8 * (size_t)vecs);
+        memset((float *)p->grad_v + (base + first + r) * 8 * vecs, 0, sizeof(float) * 8 * (size_t)vecs);
+        cursors[r] = load_key(p, &it, &in, vecs) ? p->col_ptr[first + r] : -1;
+    }
+    for (int64_t block_end = g->block_tokens;; block_end += g->block_tokens) {
+        for (int64_t r = 0; r < columns; r++) {
+            const int64_t j = first + r, pos = cursors[r];
+            if (pos < 0) continue;
+            const int64_t stop = block_stop(p->row_idx, pos, p->col_ptr[j + 1], block_end, n);
+            if (stop == pos) continue;
+            cursors[r] = stop;
+            const work_item it = work_item_of(p, c, base + j);
+            if (!load_key(p, &it, &in, vecs)) continue; /* live columns load; said for the compiler */
+            float *grad_k = (float *)p->grad_k + (base + j) * 8 * vecs;
+            float *grad_v = (float *)p->grad_v + (base + j) * 8 * vecs;
+            load_acc(acc_k, grad_k, vecs);
+            load_acc(acc_v, grad_v, vecs);
+            grad_key_value_pairs(p, c, &it, &in, pos, stop, acc_k, acc_v, vecs);
+            store_acc(grad_k, acc_k, vecs);
+            store_acc(grad_v, acc_v, vecs);
+        }
+        if (block_end >= n) break;
+    }
+    for (int64_t r = 0; r < columns; r++) {
+        float *grad_k = (float *)p->grad_k + (base + first + r) * 8 * vecs;
+        load_acc(acc_k, grad_k, vecs);
+        for (int v = 0; v < vecs; v++) acc_k[v] *= c->scale;
+        store_acc(grad_k, acc_k, vecs);
+    }
+}
+
+/* One clone set per kernel and head dim: the vector count is a constant in
+ * each. ctx is the call's params for the row kernels, an sa_gather_blocking
+ * for the blocked ones. */
+#define ROW_PARAMS(ctx) ((const sa_attention_params *)(ctx))
+#define RANGE_PARAMS(ctx) (((const sa_gather_blocking *)(ctx))->p)
+
+#define GATHER_KERNEL(kernel, ctx_type, params, vecs)                                      \
     GATHER_CLONES static void kernel##_##vecs(void *ctx, int64_t begin, int64_t end)       \
     {                                                                                      \
-        const sa_attention_params *p = ctx;                                                \
-        const call_constants c = constants_of(p);                                          \
-        for (int64_t item = begin; item < end; item++) kernel(p, &c, item, vecs);          \
+        const call_constants c = constants_of(params(ctx));                                \
+        for (int64_t item = begin; item < end; item++)                                     \
+            kernel((const ctx_type *)ctx, &c, item, vecs);                                 \
     }
 
-#define GATHER_KERNELS(kernel)                                                             \
-    GATHER_KERNEL(kernel, 1)                                                               \
-    GATHER_KERNEL(kernel, 2)                                                               \
-    GATHER_KERNEL(kernel, 3)                                                               \
-    GATHER_KERNEL(kernel, 4)                                                               \
-    GATHER_KERNEL(kernel, 5)                                                               \
-    GATHER_KERNEL(kernel, 6)                                                               \
-    GATHER_KERNEL(kernel, 7)                                                               \
-    GATHER_KERNEL(kernel, 8)                                                               \
-    void sa_gather_##kernel##s(void *ctx, int64_t begin, int64_t end)                      \
+#define GATHER_KERNELS(kernel, ctx_type, params, name)                                     \
+    GATHER_KERNEL(kernel, ctx_type, params, 1)                                             \
+    GATHER_KERNEL(kernel, ctx_type, params, 2)                                             \
+    GATHER_KERNEL(kernel, ctx_type, params, 3)                                             \
+    GATHER_KERNEL(kernel, ctx_type, params, 4)                                             \
+    GATHER_KERNEL(kernel, ctx_type, params, 5)                                             \
+    GATHER_KERNEL(kernel, ctx_type, params, 6)                                             \
+    GATHER_KERNEL(kernel, ctx_type, params, 7)                                             \
+    GATHER_KERNEL(kernel, ctx_type, params, 8)                                             \
+    void name(void *ctx, int64_t begin, int64_t end)                                       \
     {                                                                                      \
         static const sa_range_fn by_vecs[MAX_VECS] = {kernel##_1, kernel##_2, kernel##_3,  \
                                                        kernel##_4, kernel##_5, kernel##_6, \
                                                        kernel##_7, kernel##_8};            \
-        by_vecs[((const sa_attention_params *)ctx)->head_dim / 8 - 1](ctx, begin, end);    \
+        by_vecs[params(ctx)->head_dim / 8 - 1](ctx, begin, end);                           \
     }
 
-GATHER_KERNELS(forward_row)
-GATHER_KERNELS(grad_query_row)
-GATHER_KERNELS(grad_key_value_column)
+GATHER_KERNELS(forward_row, sa_attention_params, ROW_PARAMS, sa_gather_forward_rows)
+GATHER_KERNELS(grad_query_row, sa_attention_params, ROW_PARAMS, sa_gather_grad_query_rows)
+GATHER_KERNELS(grad_key_value_column, sa_attention_params, ROW_PARAMS, sa_gather_grad_key_value_columns)
+GATHER_KERNELS(forward_range, sa_gather_blocking, RANGE_PARAMS, sa_gather_forward_ranges)
+GATHER_KERNELS(grad_query_range, sa_gather_blocking, RANGE_PARAMS, sa_gather_grad_query_ranges)
+GATHER_KERNELS(grad_key_value_range, sa_gather_blocking, RANGE_PARAMS, sa_gather_grad_key_value_ranges)

@@ -22,4 +22,31 @@ void sa_gather_forward_rows(void *ctx, int64_t begin, int64_t end);
 void sa_gather_grad_query_rows(void *ctx, int64_t begin, int64_t end);
 void sa_gather_grad_key_value_columns(void *ctx, int64_t begin, int64_t end);
 
+/* The blocked forms, for heads whose K and V rows (Q and dO rows for the
+ * columns) outrun L2: work items are ranges of SA_GATHER_RANGE_ROWS rows
+ * (columns) of one (batch, head), which walk the keys (queries) in blocks of
+ * block_tokens. Same results as the row forms up to the order of the sums. */
+#define SA_GATHER_RANGE_ROWS 1024
+
+typedef struct {
+    const sa_attention_params *p;
+    int64_t block_tokens, range_rows, num_ranges; /* num_ranges per (batch, head) */
+} sa_gather_blocking;
+
+/* 1 and g filled where p runs blocked (the gather kernels take it and a
+ * head's rows outrun half an L2, or the setting forces blocks), else 0. */
+int sa_gather_blocking_for(const sa_attention_params *p, sa_gather_blocking *g);
+
+/* sa_range_fn over batch x heads x g->num_ranges items, ctx an sa_gather_blocking. */
+void sa_gather_forward_ranges(void *ctx, int64_t begin, int64_t end);
+void sa_gather_grad_query_ranges(void *ctx, int64_t begin, int64_t end);
+void sa_gather_grad_key_value_ranges(void *ctx, int64_t begin, int64_t end);
+
+/* block_tokens: 0 picks blocks by the L2 size, > 0 blocks every call the
+ * gather kernels take with blocks that size (tests), < 0 never blocks;
+ * range_rows: 0 the default, > 0 that many rows a range (up to
+ * SA_GATHER_RANGE_ROWS). */
+void sa_cpu_set_gather_blocking(int64_t block_tokens, int64_t range_rows);
+void sa_cpu_get_gather_blocking(int64_t *block_tokens, int64_t *range_rows);
+
 #endif /* SA_ATTENTION_CPU_GATHER_H */

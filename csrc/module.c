@@ -1574,6 +1574,28 @@ static PyObject *gather_kernels_on(PyObject *self, PyObject *unused)
     return PyBool_FromLong(sa_cpu_get_gather_kernels());
 }
 
+static char *gather_blocking_kwlist[] = {"block_tokens", "range_rows", NULL};
+
+/* Sets the gather kernels' key blocks (block_tokens 0: by the L2 size, > 0:
+ * always, that size, < 0: never; range_rows 0: the default) and returns the
+ * settings before, as (block_tokens, range_rows). */
+static PyObject *set_gather_blocking(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    long long block_tokens, range_rows = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "L|L", gather_blocking_kwlist, &block_tokens, &range_rows))
+        return NULL;
+    if (range_rows < 0 || range_rows > SA_GATHER_RANGE_ROWS) {
+        PyErr_Format(PyExc_ValueError, "range_rows: expected 0 (the default) to %d, got %lld", SA_GATHER_RANGE_ROWS,
+                     range_rows);
+        return NULL;
+    }
+    int64_t before_block, before_range;
+    sa_cpu_get_gather_blocking(&before_block, &before_range);
+    sa_cpu_set_gather_blocking(block_tokens, range_rows);
+    return Py_BuildValue("(LL)", (long long)before_block, (long long)before_range);
+}
+
 static char *gather_takes_kwlist[] = {"head_dim", "num_tokens", NULL};
 
 /* Whether float32 calls of this head dim and token count run their rows on
@@ -1631,6 +1653,7 @@ static long long sa_no_cuda_counter(void) { return 0; }
 COUNTER(cpu_window_forwards, sa_cpu_window_forwards)
 COUNTER(cpu_gather_forwards, sa_cpu_gather_forwards)
 COUNTER(cpu_gather_backwards, sa_cpu_gather_backwards)
+COUNTER(cpu_gather_blocked_calls, sa_cpu_gather_blocked_calls)
 COUNTER(cpu_window_backwards, sa_cpu_window_backwards)
 COUNTER(cpu_wide_kernels, sa_cpu_wide_kernels)
 CUDA_COUNTER(cuda_lean_passes, sa_cuda_lean_passes)
@@ -1773,6 +1796,11 @@ static PyMethodDef module_methods[] = {
     {"set_num_threads", set_num_threads, METH_O, "Sets the CPU kernels' thread count (0: all cores)."},
     {"set_gather_kernels", set_gather_kernels, METH_O,
      "Turns the float32 gather row kernels on or off (for comparisons); returns whether they were on."},
+    {"set_gather_blocking", (PyCFunction)(void (*)(void))set_gather_blocking, METH_VARARGS | METH_KEYWORDS,
+     "Sets the gather kernels' key blocks: block_tokens 0 by the L2 size, > 0 always that size, < 0 never; "
+     "range_rows 0 the default. Returns the settings before."},
+    {"cpu_gather_blocked_calls", cpu_gather_blocked_calls, METH_NOARGS,
+     "Forward and backward calls that ran the gather kernels in key blocks."},
     {"gather_kernels_on", gather_kernels_on, METH_NOARGS, "Whether the float32 gather row kernels are switched on."},
     {"gather_takes", (PyCFunction)(void (*)(void))gather_takes, METH_VARARGS | METH_KEYWORDS,
      "Whether float32 rows of this head dim and token count run on the gather kernels."},

@@ -4,6 +4,8 @@ layouts that reach the rows: scattered keys (RANDOM at low ratios, custom
 masks), head dims 8 to 64 in steps of 8, odd grids, bias, key mask, dropout,
 pruned heads, statistics, rows without keys and non-finite inputs."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -20,13 +22,19 @@ SIZES = [(1, 1), (1, 17), (9, 1), (7, 13), (20, 24)]
 GATHER_DIMS = [8, 16, 24, 40, 64]
 
 
-@pytest.fixture(autouse=True)
-def rows_only(monkeypatch):
-    """Every layout on the row kernels: no stencils, no tiles."""
+@pytest.fixture(autouse=True, params=["whole rows", "key blocks"])
+def rows_only(monkeypatch, request):
+    """Every layout on the row kernels: no stencils, no tiles. Each test runs
+    twice: as the kernels choose (whole rows on these small grids), and with
+    the blocked forms forced, in blocks of 16 keys (queries) and ranges of 8
+    rows (columns), so that the odd sizes cut rows and ranges anywhere."""
     monkeypatch.setattr(_stencil, "use_stencil_cpu_kernel", False)
     monkeypatch.setattr(_tiles, "CPU_MIN_FILL", float("inf"))
-    yield
+    if request.param == "key blocks":
+        C.set_gather_blocking(16, 8)
+    yield request.param
     C.set_gather_kernels(True)
+    C.set_gather_blocking(0, 0)
 
 
 def scattered(height, width, ratio=0.3, seed=0):
@@ -210,3 +218,60 @@ def test_masked_keys_with_non_finite_rows_add_nothing_to_the_gradients():
     for a, b in zip(fast, slow):
         assert torch.isfinite(a).all() and torch.isfinite(b).all()
         assert (a - b).abs().max() <= 2e-5 * max(1.0, b.abs().max().item())
+
+
+def test_key_blocks_run_where_forced_and_agree_with_whole_rows(rows_only):
+    """Forward and backward in blocks against whole rows, every option on;
+    the blocked forms ran (their counter) exactly where forced."""
+    layout = scattered(20, 24, ratio=0.2, seed=5)
+    q, k, v, bias, grad_out, args = bias_training_inputs(layout, 3, dim=32)
+
+    def step():
+        leaves = [t.float().requires_grad_(True) for t in (q, k, v, bias)]
+        out, lse, stats = attention(*leaves[:3], layout, rel_pos_bias=leaves[3], return_lse=True,
+                                    return_stats=True, **args)
+        out.backward(grad_out.float())
+        return [out, lse, stats] + [leaf.grad for leaf in leaves]
+    before = C.cpu_gather_blocked_calls()
+    got = step()
+    assert C.cpu_gather_blocked_calls() == before + (2 if rows_only == "key blocks" else 0)
+    settings = C.set_gather_blocking(-1)
+    whole = step()
+    C.set_gather_blocking(*settings)
+    for name, a, b in zip(("out", "lse", "stats", "q", "k", "v", "bias"), got, whole):
+        finite = torch.isfinite(b)
+        assert torch.equal(finite, torch.isfinite(a)), name
+        assert (a[finite] - b[finite]).abs().max() <= 2e-5 * max(1.0, b[finite].abs().max().item()), name
+
+
+def test_heads_past_l2_run_in_key_blocks_by_themselves(rows_only):
+    """128 x 128 tokens at D=64: a head's K and V take 8 MB, past half of any
+    L2 this runs on, so the kernels choose blocks; every 37th row is checked
+    against its softmax over its own keys in float64 (a dense reference
+    would take N x N)."""
+    if rows_only == "key blocks":
+        pytest.skip("the kernels' own choice")
+    l2 = os.sysconf("SC_LEVEL2_CACHE_SIZE") if "SC_LEVEL2_CACHE_SIZE" in os.sysconf_names else 0
+    if l2 >= 16 << 20:
+        pytest.skip(f"an L2 of {l2} bytes holds a head's rows")
+    layout = build_layout("random", 128, 128, attention_ratio=0.01, seed=2)
+    (q, k, v), _ = random_inputs(1, 1, layout.num_tokens, 64, seed=4)
+    before = C.cpu_gather_blocked_calls()
+    out, lse = attention(q.float(), k.float(), v.float(), layout, return_lse=True)
+    assert C.cpu_gather_blocked_calls() == before + 1
+    for row in range(0, layout.num_tokens, 37):
+        keys = torch.from_numpy(layout.neighbors(row).astype(np.int64))
+        scores = k[0, 0, keys] @ q[0, 0, row] / 8.0
+        ref_lse = torch.logsumexp(scores, 0)
+        ref_out = torch.softmax(scores, 0) @ v[0, 0, keys]
+        assert abs(lse[0, 0, row].item() - ref_lse.item()) < 2e-5
+        assert (out[0, 0, row].double() - ref_out).abs().max() < 2e-5
+
+
+def test_the_blocking_setting_says_what_it_was_and_checks_its_range():
+    assert C.set_gather_blocking(256, 64) in ((0, 0), (16, 8))
+    assert C.set_gather_blocking(0) == (256, 64)
+    with pytest.raises(ValueError, match=r"range_rows: expected 0 \(the default\) to 1024, got 2000"):
+        C.set_gather_blocking(64, 2000)
+    with pytest.raises(ValueError, match="range_rows: expected 0 .* got -1"):
+        C.set_gather_blocking(64, -1)
