@@ -184,6 +184,13 @@ def test_cpu_kernel_choice_script_writes_a_row_per_layout(tmp_path):
         assert re.search(row, out) and re.search(row, table), (row, out)
 
 
+def test_gather_rows_script_compares_blocks_whole_rows_generic_and_dense(tmp_path):
+    out = run_script("gather_rows.py", "--sides", "12", "--ratios", "0.1", "--dims", "8", "--heads", "1",
+                     "--rounds", "1", "--out", str(tmp_path))
+    row = r"\| 12x12 \| 0\.1 \| 8 \| rows \| no( \| [\d.]+){8} \|"
+    assert re.search(row, out) and re.search(row, (tmp_path / "gather_rows.md").read_text()), out
+
+
 def test_small_maps_script_compares_every_pattern_with_dense():
     out = run_script("small_maps.py", "--side", "5", "--batch", "1", "--rounds", "1", "--patterns", "axial,random")
     for pattern in ("axial", "random"):
