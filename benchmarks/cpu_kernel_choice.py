@@ -1,10 +1,10 @@
 """Row kernels against tile kernels on the CPU, per layout, with each plan's fill.
 
-    python benchmarks/cpu_kernel_choice.py [--rounds 5] [--head-dim 64] [--out DIR] [SPEC ...]
+    python benchmarks/cpu_kernel_choice.py [--rounds 5] [--head-dim 64] [--heads 12] [--out DIR] [SPEC ...]
 
 SPEC is PATTERN:SIDE[:knob=value...], e.g. ``random:32:attention_ratio=0.1``.
 For every layout this times the float32 CPU op (12 heads, D=64 unless
-``--head-dim`` says otherwise, a batch that
+``--heads`` and ``--head-dim`` say otherwise, a batch that
 makes about 1568 query rows per head, as 8 images of 14 x 14) on the row
 kernels and on the tile kernels, stencils off, forward under no_grad and
 forward+backward, alternating within each round, and prints the median over
@@ -67,12 +67,12 @@ def run_on(kernels, fn):
         _tiles.CPU_MIN_FILL, _stencil.use_stencil_cpu_kernel = saved
 
 
-def measure(spec, rounds, head_dim=HEAD_DIM):
+def measure(spec, rounds, head_dim=HEAD_DIM, heads=HEADS):
     pattern, side, knobs = parse_spec(spec)
     layout = build_layout(pattern, side, side, **knobs)
     plan = layout.cpu_tile_plan()
     batch = max(1, ROWS_PER_HEAD // layout.num_tokens)
-    q, k, v = (torch.randn(batch, HEADS, layout.num_tokens, head_dim) for _ in range(3))
+    q, k, v = (torch.randn(batch, heads, layout.num_tokens, head_dim) for _ in range(3))
 
     def forward():
         with torch.no_grad():
@@ -109,17 +109,18 @@ def main():
     parser.add_argument("specs", nargs="*", default=DEFAULT_SPECS)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--head-dim", type=int, default=HEAD_DIM)
+    parser.add_argument("--heads", type=int, default=HEADS)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     lines = [f"CPU_MIN_FILL = {_tiles.CPU_MIN_FILL} (x {_tiles.GATHER_FILL_FACTOR} on the gather kernels); "
-             f"{HEADS} heads, D={args.head_dim}, float32, "
+             f"{args.heads} heads, D={args.head_dim}, float32, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.rounds} rounds",
              "",
              "| layout | batch | fill | cpu_fill | tiles/rows forward | tiles/rows fwd+bwd | rows fwd+bwd ms | rule takes |",
              "|---|---|---|---|---|---|---|---|"]
     table = MarkdownTable(lines, args.out, "cpu_kernel_choice.md")
     for spec in args.specs:
-        table.add(measure(spec, args.rounds, args.head_dim))
+        table.add(measure(spec, args.rounds, args.head_dim, args.heads))
     table.write()
 
 
