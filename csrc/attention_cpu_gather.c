@@ -107,11 +107,17 @@ SA_INLINE i8v clamp_lanes(i8v x, int32_t limit)
     return (x & ~(low | high)) | (-limit & low) | (limit & high);
 }
 
-/* Lane r: the bias of query offset (dy[r], dx[r]) from its key, clamped to
- * the table's +-m, from head h's (2m + 1)^2 table. */
+/* Lane r: the entry of a (2m + 1)^2 bias table for query offset (dy[r],
+ * dx[r]) from its key, clamped to the table's +-m. */
+SA_INLINE i8v bias_index8(i8v dy, i8v dx, int32_t m)
+{
+    return (clamp_lanes(dy, m) + m) * (2 * m + 1) + clamp_lanes(dx, m) + m;
+}
+
+/* Lane r: the bias of query offset (dy[r], dx[r]) from its key, from head h's table. */
 SA_INLINE v8 bias8(const float *table, i8v dy, i8v dx, int32_t m)
 {
-    const i8v index = (clamp_lanes(dy, m) + m) * (2 * m + 1) + clamp_lanes(dx, m) + m;
+    const i8v index = bias_index8(dy, dx, m);
     v8 out;
     for (int r = 0; r < 8; r++) out[r] = table[index[r]];
     return out;
@@ -387,6 +393,7 @@ typedef struct {
     float lse, delta;
     uint32_t query_key;
     float *grad_scores; /* the (b, h)'s CSR-order score gradients, or NULL */
+    float *bias_grad;   /* a (2m + 1)^2 table the score gradients are summed into by offset, or NULL */
 } grad_query_inputs;
 
 /* Whether the row has pairs to differentiate: its head runs and it had keys. */
@@ -394,6 +401,7 @@ SA_INLINE int load_grad_query(const sa_attention_params *p, const work_item *it,
                               grad_query_inputs *in, const int vecs)
 {
     in->grad_scores = p->grad_scores ? (float *)p->grad_scores + it->bh * p->nnz : NULL;
+    in->bias_grad = NULL;
     in->lse = ((const float *)p->lse)[item];
     if (!runs_head(p, it->h) || in->lse == -INFINITY) return 0;
     const float *q = HEAD_OF(*it, p->q, p->q_stride) + it->token * p->q_stride[2];
@@ -445,7 +453,15 @@ SA_INLINE void grad_query_pairs(const sa_attention_params *p, const call_constan
             exp_lanes(&s, 1);
             /* a masked key's row (NaN or inf in it, say) adds nothing, as in the generic kernel */
             const v8 grad_probs = SELECT(absent, SPLAT(0.0f), dots8(in->grad_out, v_rows, vecs) * keep);
-            STOREU(score_grads + g, s * (grad_probs - in->delta));
+            const v8 grads = s * (grad_probs - in->delta);
+            STOREU(score_grads + g, grads);
+            if (in->bias_grad) {
+                i8v row, col;
+                coords8(LOADU_I(keys + g), c->width, c->inv_width, &row, &col);
+                const i8v index = bias_index8(it->token_row - row, it->token_col - col, c->max_relative);
+                const int lanes = count - g < 8 ? count - g : 8;
+                for (int r = 0; r < lanes; r++) in->bias_grad[index[r]] += grads[r];
+            }
         }
         add_weighted_rows(acc, score_grads, keys, count, in->k_head, p->k_stride[2], vecs);
         if (in->grad_scores) memcpy(in->grad_scores + pos, score_grads, sizeof(float) * (size_t)count);
@@ -620,7 +636,33 @@ int sa_gather_blocking_for(const sa_attention_params *p, sa_gather_blocking *g)
     g->block_tokens = block;
     g->range_rows = range;
     g->num_ranges = (n + range - 1) / range;
+    g->bias_partials = NULL;
     return 1;
+}
+
+void sa_gather_ranges_for(const sa_attention_params *p, sa_gather_blocking *g)
+{
+    if (sa_gather_blocking_for(p, g)) return;
+    const int64_t range_setting = atomic_load(&range_rows_setting);
+    const int64_t n = p->num_tokens;
+    g->p = p;
+    g->block_tokens = n; /* one block: whole rows */
+    g->range_rows = range_setting > 0 ? range_setting : SA_GATHER_RANGE_ROWS;
+    g->num_ranges = (n + g->range_rows - 1) / g->range_rows;
+    g->bias_partials = NULL;
+}
+
+void sa_gather_sum_bias_partials(const sa_gather_blocking *g, float *grad_bias_rows)
+{
+    const sa_attention_params *p = g->p;
+    const int64_t side = 2 * p->max_relative + 1, entries = side * side;
+    for (int64_t bh = 0; bh < p->batch * p->heads; bh++) {
+        float *out = grad_bias_rows + bh * entries;
+        const float *partial = g->bias_partials + bh * g->num_ranges * entries;
+        memcpy(out, partial, sizeof(float) * (size_t)entries);
+        for (int64_t r = 1; r < g->num_ranges; r++) /* in range order: the same sum on any thread count */
+            for (int64_t t = 0; t < entries; t++) out[t] += partial[r * entries + t];
+    }
 }
 
 /* The range of rows (or columns) of a blocked work item: its first token and count. */
@@ -701,6 +743,9 @@ SA_INLINE void grad_query_range(const sa_gather_blocking *g, const call_constant
     int64_t cursors[SA_GATHER_RANGE_ROWS]; /* -1: a row without pairs to differentiate */
     grad_query_inputs in;
     v8 acc[MAX_VECS];
+    const int64_t side = 2 * (int64_t)c->max_relative + 1;
+    float *bias_grad = g->bias_partials ? g->bias_partials + item * side * side : NULL;
+    if (bias_grad) memset(bias_grad, 0, sizeof(float) * (size_t)(side * side));
     for (int64_t r = 0; r < rows; r++) {
         const work_item it = work_item_of(p, c, base + first + r);
         memset((float *)p->grad_q + (base + first + r) * 8 * vecs, 0, sizeof(float) * 8 * (size_t)vecs);
@@ -716,6 +761,7 @@ SA_INLINE void grad_query_range(const sa_gather_blocking *g, const call_constant
             cursors[r] = stop;
             const work_item it = work_item_of(p, c, base + i);
             if (!load_grad_query(p, &it, base + i, &in, vecs)) continue; /* live rows load; said for the compiler */
+            in.bias_grad = bias_grad;
             float *grad_q = (float *)p->grad_q + (base + i) * 8 * vecs;
             load_acc(acc, grad_q, vecs);
             grad_query_pairs(p, c, &it, &in, pos, stop, acc, vecs);

@@ -31,11 +31,22 @@ void sa_gather_grad_key_value_columns(void *ctx, int64_t begin, int64_t end);
 typedef struct {
     const sa_attention_params *p;
     int64_t block_tokens, range_rows, num_ranges; /* num_ranges per (batch, head) */
+    /* dQ pass: NULL, or batch x heads x num_ranges bias tables ((2M + 1)^2
+     * floats) that each range fills with its rows' score gradients by offset */
+    float *bias_partials;
 } sa_gather_blocking;
 
 /* 1 and g filled where p runs blocked (the gather kernels take it and a
  * head's rows outrun half an L2, or the setting forces blocks), else 0. */
 int sa_gather_blocking_for(const sa_attention_params *p, sa_gather_blocking *g);
+
+/* As sa_gather_blocking_for, but always filled: one block of every key
+ * (whole rows, in ranges) where p does not block. */
+void sa_gather_ranges_for(const sa_attention_params *p, sa_gather_blocking *g);
+
+/* grad_bias_rows (batch x heads x (2M + 1)^2) from g's bias partials,
+ * summed in range order. */
+void sa_gather_sum_bias_partials(const sa_gather_blocking *g, float *grad_bias_rows);
 
 /* sa_range_fn over batch x heads x g->num_ranges items, ctx an sa_gather_blocking. */
 void sa_gather_forward_ranges(void *ctx, int64_t begin, int64_t end);

@@ -876,14 +876,17 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
         goto fail;
     }
     if (bias_rows_obj != Py_None) {
-        /* only the window, strip and tile backwards fill it; the row kernels would leave it unwritten */
+        /* only the window, strip, tile and gather backwards fill it; the generic row kernels would
+         * leave it unwritten */
         const int window_ok = p.stencil_offsets != NULL && !p.stencil_strips && sa_cpu_window_fits(&p);
         const int strips_ok = p.stencil_offsets != NULL && sa_cpu_stencil_sums_bias_grad(&p);
+        const int gather_ok = sa_cpu_gather_fits(&p) && sa_cpu_get_gather_kernels() && p.grad_scores == NULL;
         if (is_cuda(q) || p.dtype != SA_F32 || p.bias_table == NULL ||
-            (p.stencil_offsets != NULL ? !(window_ok || strips_ok) : plan.count == 0)) {
+            (p.stencil_offsets != NULL ? !(window_ok || strips_ok) : (plan.count == 0 && !gather_ok))) {
             PyErr_SetString(PyExc_ValueError,
                             "grad_bias_rows: takes a float32 CPU call with rel_pos_bias and a tile_plan, "
-                            "a stencil that the window kernel runs, a stencil of offsets alone, or both");
+                            "a stencil that the window kernel runs, a stencil of offsets alone, or both, "
+                            "or rows that the gather kernels run (head dims 8 to 64 in steps of 8)");
             goto fail;
         }
         const int64_t side = 2 * p.max_relative + 1;

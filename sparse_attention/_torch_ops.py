@@ -443,8 +443,10 @@ def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
     plan = _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil,
                           backward_plan, backward_passes, query.shape[-1], score_perm)
     grad_scores = bias_rows = scores_buffer = None
-    if bias is not None and device.type == "cpu" and plan:
-        # the window and tile kernels sum the bias gradient per (batch, head) themselves
+    if bias is not None and device.type == "cpu" and (plan or (
+            query.dtype == torch.float32 and C.gather_takes(query.shape[-1], num_tokens))):
+        # the window, tile and gather kernels sum the bias gradient per (batch, head)
+        # themselves, with no score gradient per pair
         bias_rows = _kernel_output((batch, heads, bucket_ptr.shape[0] - 1), accum, device)
         plan["grad_bias_rows"] = bias_rows
     elif bias is not None and plan:

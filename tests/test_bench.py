@@ -191,6 +191,13 @@ def test_gather_rows_script_compares_blocks_whole_rows_generic_and_dense(tmp_pat
     assert re.search(row, out) and re.search(row, (tmp_path / "gather_rows.md").read_text()), out
 
 
+def test_gather_bias_script_times_the_step_with_and_without_a_bias():
+    out = run_script("gather_bias.py", "--side", "12", "--ratio", "0.2", "--dim", "8", "--heads", "1",
+                     "--rounds", "1")
+    assert re.search(r"RANDOM 0\.2 at 12x12, D=8, 1 heads, nnz \d+: forward\+backward \d+ ms without a bias, "
+                     r"\d+ ms with one; peak RSS \d+ MB", out), out
+
+
 def test_small_maps_script_compares_every_pattern_with_dense():
     out = run_script("small_maps.py", "--side", "5", "--batch", "1", "--rounds", "1", "--patterns", "axial,random")
     for pattern in ("axial", "random"):

@@ -279,3 +279,55 @@ def test_the_blocking_setting_says_what_it_was_and_checks_its_range():
         C.set_gather_blocking(64, 2000)
     with pytest.raises(ValueError, match="range_rows: expected 0 .* got -1"):
         C.set_gather_blocking(64, -1)
+
+
+def test_the_bias_gradient_comes_per_head_without_score_gradients(rows_only):
+    """On the gather kernels the bias gradient is summed by offset per (batch,
+    head) in the kernel (grad_bias_rows), not written per pair and summed
+    after (grad_scores): the C entry point takes either, and both give the
+    same table; other calls refuse grad_bias_rows."""
+    layout = scattered(11, 13, ratio=0.3, seed=4)
+    n = layout.num_tokens
+    q, k, v, bias, grad_out, args = bias_training_inputs(layout, 5, heads=2, dim=16)
+    q, k, v, bias, grad_out = (t.float().contiguous() for t in (q, k, v, bias, grad_out))
+    out, lse = attention(q, k, v, layout, rel_pos_bias=bias, return_lse=True, **args)
+    csr = [torch.from_numpy(a.copy()) for a in (layout.indptr, layout.indices, layout.col_ptr,
+                                                 layout.row_indices)]
+    knobs = dict(height=11, width=13, scale=0.25, rel_pos_bias=bias, key_mask=args["key_mask"],
+                 head_active=args["head_active"], dropout_p=0.2, dropout_seed=7)
+
+    def backward(dtype=torch.float32, **extra):
+        tensors = [t.to(dtype) for t in (q, k, v, out, grad_out, lse)]
+        grads = [torch.empty_like(tensors[0]) for _ in range(3)]
+        delta = torch.empty(2, 2, n, dtype=dtype)
+        C.attention_backward(*tensors, delta, *grads, *csr, **{**knobs, **extra})
+        return grads
+
+    rows = torch.empty(2, 2, 25)
+    before = C.cpu_gather_backwards()
+    by_rows = backward(grad_bias_rows=rows)
+    assert C.cpu_gather_backwards() == before + 1
+    scores = torch.empty(2, 2, layout.nnz)
+    by_scores = backward(grad_scores=scores)
+    for a, b in zip(by_rows, by_scores):
+        assert (a - b).abs().max() <= 1e-6 * max(1.0, b.abs().max().item())
+    # the per-pair score gradients summed by offset, batch by batch
+    table = torch.zeros(2, 25, dtype=torch.float64)
+    ys, xs = np.divmod(np.arange(n), 13)
+    queries = np.repeat(np.arange(n), np.diff(layout.indptr))
+    dy = np.clip(ys[queries] - ys[layout.indices], -2, 2) + 2
+    dx = np.clip(xs[queries] - xs[layout.indices], -2, 2) + 2
+    bucket = torch.from_numpy(dy * 5 + dx)
+    for b in range(2):
+        for h in range(2):
+            table[h].index_add_(0, bucket, scores[b, h].double())
+    assert (rows.sum(0).double() - table).abs().max() < 1e-5 * max(1.0, table.abs().max().item())
+    assert rows[:, 1].abs().max() == 0  # the pruned head
+    with pytest.raises(ValueError, match="grad_bias_rows: takes"):
+        backward(torch.float64, grad_bias_rows=rows.double(), rel_pos_bias=bias.double())
+    C.set_gather_kernels(False)
+    with pytest.raises(ValueError, match="grad_bias_rows: takes"):
+        backward(grad_bias_rows=rows)
+    C.set_gather_kernels(True)
+    with pytest.raises(ValueError, match="grad_bias_rows: takes"):
+        backward(grad_bias_rows=rows, grad_scores=scores)
