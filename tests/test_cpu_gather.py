@@ -56,6 +56,15 @@ def run_both(fn):
     return fast, slow
 
 
+def training_step(layout, q, k, v, bias, grad_out, args):
+    """Output, lse, statistics and the four gradients of a float32 call with every option on."""
+    leaves = [t.float().requires_grad_(True) for t in (q, k, v, bias)]
+    out, lse, stats = attention(*leaves[:3], layout, rel_pos_bias=leaves[3], return_lse=True,
+                                return_stats=True, **args)
+    out.backward(grad_out.float())
+    return [out, lse, stats] + [leaf.grad for leaf in leaves]
+
+
 @pytest.mark.parametrize("dim", GATHER_DIMS)
 @pytest.mark.parametrize("size", SIZES)
 def test_forward_matches_the_reference(size, dim):
@@ -98,15 +107,8 @@ def test_the_gather_and_generic_kernels_agree(dim):
     """Outputs, statistics and all four gradients within float32 rounding of
     each other, with every option on; dropout keeps the same pairs."""
     layout = layout_from_mask(np.random.default_rng(dim).random((15 * 9, 15 * 9)) < 0.15, 15, 9)
-    q, k, v, bias, grad_out, args = bias_training_inputs(layout, 5, dim=dim)
-
-    def step():
-        leaves = [t.float().requires_grad_(True) for t in (q, k, v, bias)]
-        out, lse, stats = attention(*leaves[:3], layout, rel_pos_bias=leaves[3], return_lse=True,
-                                    return_stats=True, **args)
-        out.backward(grad_out.float())
-        return [out, lse, stats] + [leaf.grad for leaf in leaves]
-    fast, slow = run_both(step)
+    inputs = bias_training_inputs(layout, 5, dim=dim)
+    fast, slow = run_both(lambda: training_step(layout, *inputs))
     for name, a, b in zip(("out", "lse", "stats", "q", "k", "v", "bias"), fast, slow):
         finite = torch.isfinite(b)
         assert torch.equal(finite, torch.isfinite(a)), name
@@ -225,19 +227,12 @@ def test_key_blocks_run_where_forced_and_agree_with_whole_rows(rows_only):
     """Forward and backward in blocks against whole rows, every option on;
     the blocked forms ran (their counter) exactly where forced."""
     layout = scattered(20, 24, ratio=0.2, seed=5)
-    q, k, v, bias, grad_out, args = bias_training_inputs(layout, 3, dim=32)
-
-    def step():
-        leaves = [t.float().requires_grad_(True) for t in (q, k, v, bias)]
-        out, lse, stats = attention(*leaves[:3], layout, rel_pos_bias=leaves[3], return_lse=True,
-                                    return_stats=True, **args)
-        out.backward(grad_out.float())
-        return [out, lse, stats] + [leaf.grad for leaf in leaves]
+    inputs = bias_training_inputs(layout, 3, dim=32)
     before = C.cpu_gather_blocked_calls()
-    got = step()
+    got = training_step(layout, *inputs)
     assert C.cpu_gather_blocked_calls() == before + (2 if rows_only == "key blocks" else 0)
     settings = C.set_gather_blocking(-1)
-    whole = step()
+    whole = training_step(layout, *inputs)
     C.set_gather_blocking(*settings)
     for name, a, b in zip(("out", "lse", "stats", "q", "k", "v", "bias"), got, whole):
         finite = torch.isfinite(b)
