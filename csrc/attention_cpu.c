@@ -247,28 +247,29 @@ int sa_cpu_forward(const sa_attention_params *p, char *err, size_t len)
     return run(row_kernel, rows, ctx, err, len);
 }
 
-/* dQ and dK/dV on the gather kernels in ranges (in key blocks where they
- * pay), the bias gradient summed per range by offset and then per (batch,
- * head) into p->grad_bias_rows: no score gradient per pair (a batch x heads
- * x nnz buffer, 215 MB for RANDOM 5% at 128 x 128 and 4 heads). */
-static int gather_backward_with_bias_rows(const sa_attention_params *p, char *err, size_t len)
+/* dQ and dK/dV on the gather kernels in ranges. With p->grad_bias_rows
+ * each range sums its score gradients by offset, and the ranges' tables go
+ * per (batch, head) into it: no score gradient per pair (a batch x heads x
+ * nnz buffer, 215 MB for RANDOM 5% at 128 x 128 and 4 heads). */
+static int gather_backward_in_ranges(const sa_attention_params *p, sa_gather_blocking *blocks, char *err,
+                                     size_t len)
 {
-    sa_gather_blocking blocks;
-    sa_gather_ranges_for(p, &blocks);
-    const int64_t side = 2 * p->max_relative + 1, ranges = p->batch * p->heads * blocks.num_ranges;
-    blocks.bias_partials = malloc(sizeof(float) * (size_t)(ranges * side * side));
-    if (blocks.bias_partials == NULL) {
-        snprintf(err, len, "out of memory for the bias gradient's %lld partial tables", (long long)ranges);
-        return SA_ERR_MEMORY;
+    const int64_t side = 2 * p->max_relative + 1, ranges = p->batch * p->heads * blocks->num_ranges;
+    if (p->grad_bias_rows != NULL) {
+        blocks->bias_partials = malloc(sizeof(float) * (size_t)(ranges * side * side));
+        if (blocks->bias_partials == NULL) {
+            snprintf(err, len, "out of memory for the bias gradient's %lld partial tables", (long long)ranges);
+            return SA_ERR_MEMORY;
+        }
     }
-    int status = run(sa_gather_grad_query_ranges, ranges, &blocks, err, len);
-    if (status == SA_OK) sa_gather_sum_bias_partials(&blocks, p->grad_bias_rows);
-    free(blocks.bias_partials);
-    blocks.bias_partials = NULL;
-    if (status == SA_OK) status = run(sa_gather_grad_key_value_ranges, ranges, &blocks, err, len);
+    int status = run(sa_gather_grad_query_ranges, ranges, blocks, err, len);
+    if (status == SA_OK && blocks->bias_partials != NULL) sa_gather_sum_bias_partials(blocks, p->grad_bias_rows);
+    free(blocks->bias_partials);
+    blocks->bias_partials = NULL;
+    if (status == SA_OK) status = run(sa_gather_grad_key_value_ranges, ranges, blocks, err, len);
     if (status == SA_OK) {
         atomic_fetch_add(&gather_backwards, 1);
-        if (blocks.block_tokens < p->num_tokens) atomic_fetch_add(&gather_blocked_calls, 1);
+        if (blocks->block_tokens < p->num_tokens) atomic_fetch_add(&gather_blocked_calls, 1);
     }
     return status;
 }
@@ -299,22 +300,17 @@ int sa_cpu_backward(const sa_attention_params *p, char *err, size_t len)
     if (status == SA_OK && p->plan_base != NULL) return run_plan(p, 1, 0, err, len);
     const sa_range_fn row_kernel = grad_query_rows_for(p);
     sa_gather_blocking blocks;
-    if (status == SA_OK && p->grad_bias_rows != NULL) {
-        if (row_kernel != sa_gather_grad_query_rows) {
-            snprintf(err, len, "grad_bias_rows: the row kernels give it on the gather kernels only");
-            return SA_ERR_UNSUPPORTED;
-        }
-        return gather_backward_with_bias_rows(p, err, len);
+    if (status == SA_OK && row_kernel == sa_gather_grad_query_rows) {
+        /* the bias gradient per head needs the ranges even where whole rows would do */
+        if (p->grad_bias_rows != NULL)
+            sa_gather_ranges_for(p, &blocks);
+        else if (!sa_gather_blocking_for(p, &blocks))
+            blocks.num_ranges = 0;
+        if (blocks.num_ranges > 0) return gather_backward_in_ranges(p, &blocks, err, len);
     }
-    if (status == SA_OK && row_kernel == sa_gather_grad_query_rows && sa_gather_blocking_for(p, &blocks)) {
-        const int64_t ranges = p->batch * p->heads * blocks.num_ranges;
-        status = run(sa_gather_grad_query_ranges, ranges, &blocks, err, len);
-        if (status == SA_OK) status = run(sa_gather_grad_key_value_ranges, ranges, &blocks, err, len);
-        if (status == SA_OK) {
-            atomic_fetch_add(&gather_backwards, 1);
-            atomic_fetch_add(&gather_blocked_calls, 1);
-        }
-        return status;
+    if (status == SA_OK && p->grad_bias_rows != NULL) {
+        snprintf(err, len, "grad_bias_rows: the row kernels give it on the gather kernels only");
+        return SA_ERR_UNSUPPORTED;
     }
     if (status == SA_OK) status = run(row_kernel, rows, ctx, err, len);
     if (status == SA_OK && row_kernel == sa_gather_grad_query_rows) atomic_fetch_add(&gather_backwards, 1);

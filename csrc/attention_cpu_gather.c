@@ -616,10 +616,22 @@ static int64_t block_budget_bytes(void)
     return bytes;
 }
 
+/* g for blocks of block_tokens over p, in ranges as set (or the default). */
+static void fill_blocking(const sa_attention_params *p, int64_t block, sa_gather_blocking *g)
+{
+    const int64_t range_setting = atomic_load(&range_rows_setting);
+    int64_t range = range_setting > 0 ? range_setting : SA_GATHER_RANGE_ROWS;
+    if (range > SA_GATHER_RANGE_ROWS) range = SA_GATHER_RANGE_ROWS;
+    g->p = p;
+    g->block_tokens = block;
+    g->range_rows = range;
+    g->num_ranges = (p->num_tokens + range - 1) / range;
+    g->bias_partials = NULL;
+}
+
 int sa_gather_blocking_for(const sa_attention_params *p, sa_gather_blocking *g)
 {
     const int64_t block_setting = atomic_load(&block_tokens_setting);
-    const int64_t range_setting = atomic_load(&range_rows_setting);
     if (!sa_cpu_gather_fits(p) || block_setting < 0) return 0;
     const int64_t n = p->num_tokens, row_bytes = 2 * p->head_dim * (int64_t)sizeof(float);
     int64_t block = block_setting;
@@ -630,26 +642,13 @@ int sa_gather_blocking_for(const sa_attention_params *p, sa_gather_blocking *g)
         if (block < 64) block = 64;
     }
     if (block >= n) return 0;
-    int64_t range = range_setting > 0 ? range_setting : SA_GATHER_RANGE_ROWS;
-    if (range > SA_GATHER_RANGE_ROWS) range = SA_GATHER_RANGE_ROWS;
-    g->p = p;
-    g->block_tokens = block;
-    g->range_rows = range;
-    g->num_ranges = (n + range - 1) / range;
-    g->bias_partials = NULL;
+    fill_blocking(p, block, g);
     return 1;
 }
 
 void sa_gather_ranges_for(const sa_attention_params *p, sa_gather_blocking *g)
 {
-    if (sa_gather_blocking_for(p, g)) return;
-    const int64_t range_setting = atomic_load(&range_rows_setting);
-    const int64_t n = p->num_tokens;
-    g->p = p;
-    g->block_tokens = n; /* one block: whole rows */
-    g->range_rows = range_setting > 0 ? range_setting : SA_GATHER_RANGE_ROWS;
-    g->num_ranges = (n + g->range_rows - 1) / g->range_rows;
-    g->bias_partials = NULL;
+    if (!sa_gather_blocking_for(p, g)) fill_blocking(p, p->num_tokens, g); /* one block: whole rows */
 }
 
 void sa_gather_sum_bias_partials(const sa_gather_blocking *g, float *grad_bias_rows)
