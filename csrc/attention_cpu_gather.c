@@ -616,12 +616,22 @@ static int64_t block_budget_bytes(void)
     return bytes;
 }
 
+static int64_t range_rows_now(void)
+{
+    const int64_t range_setting = atomic_load(&range_rows_setting);
+    return range_setting > 0 && range_setting < SA_GATHER_RANGE_ROWS ? range_setting : SA_GATHER_RANGE_ROWS;
+}
+
+int64_t sa_gather_ranges_per_head(int64_t num_tokens)
+{
+    const int64_t range = range_rows_now();
+    return (num_tokens + range - 1) / range;
+}
+
 /* g for blocks of block_tokens over p, in ranges as set (or the default). */
 static void fill_blocking(const sa_attention_params *p, int64_t block, sa_gather_blocking *g)
 {
-    const int64_t range_setting = atomic_load(&range_rows_setting);
-    int64_t range = range_setting > 0 ? range_setting : SA_GATHER_RANGE_ROWS;
-    if (range > SA_GATHER_RANGE_ROWS) range = SA_GATHER_RANGE_ROWS;
+    const int64_t range = range_rows_now();
     g->p = p;
     g->block_tokens = block;
     g->range_rows = range;

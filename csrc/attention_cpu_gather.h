@@ -44,6 +44,11 @@ int sa_gather_blocking_for(const sa_attention_params *p, sa_gather_blocking *g);
  * (whole rows, in ranges) where p does not block. */
 void sa_gather_ranges_for(const sa_attention_params *p, sa_gather_blocking *g);
 
+/* The ranges per (batch, head) that a dQ pass over num_tokens rows takes as
+ * set now: each holds a bias table of its own when the bias gradient is
+ * summed per head. */
+int64_t sa_gather_ranges_per_head(int64_t num_tokens);
+
 /* grad_bias_rows (batch x heads x (2M + 1)^2) from g's bias partials,
  * summed in range order. */
 void sa_gather_sum_bias_partials(const sa_gather_blocking *g, float *grad_bias_rows);

@@ -443,8 +443,8 @@ def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
     plan = _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil,
                           backward_plan, backward_passes, query.shape[-1], score_perm)
     grad_scores = bias_rows = scores_buffer = None
-    if bias is not None and device.type == "cpu" and (plan or (
-            query.dtype == torch.float32 and C.gather_takes(query.shape[-1], num_tokens))):
+    if bias is not None and device.type == "cpu" and (plan or _gather_sums_bias_per_head(
+            query, bucket_ptr.shape[0] - 1, col_idx.shape[0])):
         # the window, tile and gather kernels sum the bias gradient per (batch, head)
         # themselves, with no score gradient per pair
         bias_rows = _kernel_output((batch, heads, bucket_ptr.shape[0] - 1), accum, device)
@@ -484,6 +484,17 @@ def _backward_impl(grad_out, query, key, value, out, lse, row_ptr, col_idx, col_
     else:
         grad_bias = torch.empty(0, dtype=query.dtype, device=device)
     return grads[0], grads[1], grads[2], grad_bias
+
+
+def _gather_sums_bias_per_head(query, bias_entries, pairs):
+    """Whether the gather kernels' dQ pass sums the bias gradient per (batch,
+    head): float32 rows they take, where their per-range bias tables take no
+    more room than the score gradient per pair they save (a wide bias over a
+    very sparse layout is cheaper per pair)."""
+    num_tokens = query.shape[2]
+    if query.dtype != torch.float32 or not C.gather_takes(query.shape[-1], num_tokens):
+        return False
+    return C.gather_ranges_per_head(num_tokens) * bias_entries <= pairs
 
 
 def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil,

@@ -14,7 +14,7 @@ import torch
 from reference import (assert_backward_matches_reference, assert_bias_gradients_match_reference,
                        assert_forward_matches_reference, bias_gradients, bias_training_inputs, random_inputs,
                        reference_attention, reference_statistics)
-from sparse_attention import _stencil, _tiles, build_layout
+from sparse_attention import _stencil, _tiles, _torch_ops, build_layout
 from sparse_attention import sparse_scaled_dot_product_attention as attention
 from sparse_attention._native import C
 from sparse_attention.custom_layouts import layout_from_mask
@@ -326,3 +326,32 @@ def test_the_bias_gradient_comes_per_head_without_score_gradients(rows_only):
     C.set_gather_kernels(True)
     with pytest.raises(ValueError, match="grad_bias_rows: takes"):
         backward(grad_bias_rows=rows, grad_scores=scores)
+
+
+@pytest.mark.parametrize("bias_side, per_head", [(3, True), (41, False)])
+def test_a_wide_bias_over_few_pairs_keeps_its_gradient_per_pair(monkeypatch, rows_only, bias_side, per_head):
+    """Each range of the dQ pass holds a bias table of its own; where those
+    tables outgrow one score gradient per pair (a 41 x 41 table, about five
+    keys a row), the op takes the per-pair buffer instead. Either way the
+    gradients match the reference."""
+    layout = scattered(7, 13, ratio=0.05, seed=3)
+    chosen = []
+    choose = _torch_ops._gather_sums_bias_per_head
+    monkeypatch.setattr(_torch_ops, "_gather_sums_bias_per_head",
+                        lambda *a: chosen.append(choose(*a)) or chosen[-1])
+    q, k, v, bias, grad_out, args = bias_training_inputs(layout, bias_side, dim=16)
+    got = bias_gradients(attention, layout, q, k, v, bias, grad_out, **args)
+    assert chosen == [per_head]
+    assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args)
+
+
+def test_the_ranges_per_head_follow_the_setting():
+    settings = C.set_gather_blocking(0, 0)
+    assert C.gather_ranges_per_head(0) == 0
+    assert C.gather_ranges_per_head(1024) == 1
+    assert C.gather_ranges_per_head(1025) == 2
+    C.set_gather_blocking(64, 100)
+    assert C.gather_ranges_per_head(1025) == 11
+    C.set_gather_blocking(*settings)
+    with pytest.raises(ValueError, match="num_tokens: expected 0 or more, got -3"):
+        C.gather_ranges_per_head(-3)
