@@ -203,7 +203,7 @@ void sa_cpu_set_num_threads(int n);
 int sa_cpu_get_num_threads(void);
 
 /* Whether float32 rows and columns with head dims that are multiples of 8 up
- * to 64 run on the gather kernels (attention_cpu_gather.h; on by default;
+ * to 128 run on the gather kernels (attention_cpu_gather.h; on by default;
  * tests turn them off to compare), and calls that ran them so far. */
 void sa_cpu_set_gather_kernels(int on);
 int sa_cpu_get_gather_kernels(void);

@@ -116,7 +116,7 @@ static int run(sa_range_fn fn, int64_t items, void *ctx, char *err, size_t len)
 }
 
 /* The row and column kernels for p: the gather kernels where they take it
- * (float32, head dims that are multiples of 8 up to 64), else the generic ones. */
+ * (float32, head dims that are multiples of 8 up to 128), else the generic ones. */
 static sa_range_fn forward_rows_for(const sa_attention_params *p)
 {
     if (sa_cpu_gather_fits(p) && use_gather_kernels) return sa_gather_forward_rows;

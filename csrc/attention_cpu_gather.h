@@ -12,7 +12,7 @@
  * (the bias's grid coordinates are worked out in float lanes). */
 int sa_cpu_gather_fits(const sa_attention_params *p);
 
-#define SA_GATHER_MAX_DIM 64
+#define SA_GATHER_MAX_DIM 128
 #define SA_GATHER_MAX_TOKENS (1 << 22)
 
 /* sa_range_fn work items as the generic row kernels count them

@@ -886,7 +886,7 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
             PyErr_SetString(PyExc_ValueError,
                             "grad_bias_rows: takes a float32 CPU call with rel_pos_bias and a tile_plan, "
                             "a stencil that the window kernel runs, a stencil of offsets alone, or both, "
-                            "or rows that the gather kernels run (head dims 8 to 64 in steps of 8)");
+                            "or rows that the gather kernels run (head dims 8 to 128 in steps of 8)");
             goto fail;
         }
         const int64_t side = 2 * p.max_relative + 1;

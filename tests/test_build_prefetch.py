@@ -5,8 +5,8 @@ calls has no side effects and delete every call to it (the tiled kernels
 lost their gathered-row prefetches that way, silently, for a long while:
 BLOCK's forward ran 1.25x slower than with them). Each C source that asks
 for prefetches is compiled to assembly with the extension's flags twice,
-with and without the dead-code pass; both must hold the same number of
-prefetch instructions."""
+with and without the dead-code pass; the first must hold no fewer prefetch
+instructions than the second."""
 
 import ast
 import concurrent.futures
@@ -65,7 +65,9 @@ def test_no_prefetch_is_removed_as_dead_code(name):
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         kept, without_dce = pool.map(lambda extra: prefetch_count(compiler, source, extra), ([], ["-fno-tree-dce"]))
     assert without_dce > 0
-    assert kept == without_dce, (f"{name}: {without_dce - kept} of {without_dce} prefetch instructions "
+    # more may survive with the pass than without: other passes then copy a
+    # loop a different number of times (unswitching, peeling)
+    assert kept >= without_dce, (f"{name}: {without_dce - kept} of {without_dce} prefetch instructions "
                                  f"were removed as dead code; call __builtin_prefetch directly or "
                                  f"from an always-inline helper (SA_INLINE)")
 

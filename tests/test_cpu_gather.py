@@ -1,7 +1,7 @@
 """The float32 gather row kernels (csrc/attention_cpu_gather.c) against the
 float64 reference and against the generic row kernels they replace, on the
 layouts that reach the rows: scattered keys (RANDOM at low ratios, custom
-masks), head dims 8 to 64 in steps of 8, odd grids, bias, key mask, dropout,
+masks), head dims 8 to 128 in steps of 8, odd grids, bias, key mask, dropout,
 pruned heads, statistics, rows without keys and non-finite inputs."""
 
 import shutil
@@ -20,7 +20,7 @@ from sparse_attention._native import C
 from sparse_attention.custom_layouts import layout_from_mask
 
 SIZES = [(1, 1), (1, 17), (9, 1), (7, 13), (20, 24)]
-GATHER_DIMS = [8, 16, 24, 40, 64]
+GATHER_DIMS = [8, 16, 24, 40, 64, 72, 80, 96, 128]
 
 
 @pytest.fixture(autouse=True, params=["whole rows", "key blocks"])
@@ -80,7 +80,7 @@ def test_forward_matches_the_reference(size, dim):
     assert_forward_matches_reference(out, lse, ref_out, ref_lse, 2e-5)
 
 
-@pytest.mark.parametrize("dim", [8, 24, 64])
+@pytest.mark.parametrize("dim", [8, 24, 64, 96])
 @pytest.mark.parametrize("size", [(1, 17), (7, 13), (20, 24)])
 def test_backward_matches_the_reference(size, dim):
     layout = scattered(*size, ratio=0.2)
@@ -124,7 +124,7 @@ def test_statistics_match_the_reference():
     assert (stats.double() - reference_statistics(probs)).abs().max() < 2e-5
 
 
-@pytest.mark.parametrize("dim", [5, 12, 72])
+@pytest.mark.parametrize("dim", [5, 12, 136])
 def test_other_head_dims_run_on_the_generic_kernels(dim):
     layout = scattered(7, 13)
     (q, k, v), _ = random_inputs(1, 2, layout.num_tokens, dim)
