@@ -620,22 +620,33 @@ static int64_t block_budget_bytes(void)
     return bytes;
 }
 
-static int64_t range_rows_now(void)
+/* Rows per range: as set, else SA_GATHER_RANGE_ROWS halved (down to
+ * SA_GATHER_MIN_RANGE_ROWS) until the call has SA_GATHER_MIN_RANGES of
+ * them: one (batch, head) of 32 x 32 tokens would otherwise be one work
+ * item, and its dQ one thread's. A count of the call's, not of the
+ * threads, so that the bias tables add up the same on any thread count.
+ * Smaller ranges read a head's keys more times. */
+static int64_t range_rows_for(int64_t batch_heads, int64_t num_tokens)
 {
-    const int64_t range_setting = atomic_load(&range_rows_setting);
-    return range_setting > 0 && range_setting < SA_GATHER_RANGE_ROWS ? range_setting : SA_GATHER_RANGE_ROWS;
+    const int64_t setting = atomic_load(&range_rows_setting);
+    if (setting > 0) return setting < SA_GATHER_RANGE_ROWS ? setting : SA_GATHER_RANGE_ROWS;
+    int64_t range = SA_GATHER_RANGE_ROWS;
+    while (range > SA_GATHER_MIN_RANGE_ROWS &&
+           batch_heads * ((num_tokens + range - 1) / range) < SA_GATHER_MIN_RANGES)
+        range /= 2;
+    return range;
 }
 
-int64_t sa_gather_ranges_per_head(int64_t num_tokens)
+int64_t sa_gather_ranges_per_head(int64_t batch_heads, int64_t num_tokens)
 {
-    const int64_t range = range_rows_now();
+    const int64_t range = range_rows_for(batch_heads, num_tokens);
     return (num_tokens + range - 1) / range;
 }
 
 /* g for blocks of block_tokens over p, in ranges as set (or the default). */
 static void fill_blocking(const sa_attention_params *p, int64_t block, sa_gather_blocking *g)
 {
-    const int64_t range = range_rows_now();
+    const int64_t range = range_rows_for(p->batch * p->heads, p->num_tokens);
     g->p = p;
     g->block_tokens = block;
     g->range_rows = range;

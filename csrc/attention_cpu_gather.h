@@ -27,6 +27,8 @@ void sa_gather_grad_key_value_columns(void *ctx, int64_t begin, int64_t end);
  * (columns) of one (batch, head), which walk the keys (queries) in blocks of
  * block_tokens. Same results as the row forms up to the order of the sums. */
 #define SA_GATHER_RANGE_ROWS 1024
+#define SA_GATHER_MIN_RANGE_ROWS 64
+#define SA_GATHER_MIN_RANGES 32
 
 typedef struct {
     const sa_attention_params *p;
@@ -44,10 +46,10 @@ int sa_gather_blocking_for(const sa_attention_params *p, sa_gather_blocking *g);
  * (whole rows, in ranges) where p does not block. */
 void sa_gather_ranges_for(const sa_attention_params *p, sa_gather_blocking *g);
 
-/* The ranges per (batch, head) that a dQ pass over num_tokens rows takes as
- * set now: each holds a bias table of its own when the bias gradient is
- * summed per head. */
-int64_t sa_gather_ranges_per_head(int64_t num_tokens);
+/* The ranges per (batch, head) that a dQ pass over batch_heads x num_tokens
+ * rows takes as set now: each holds a bias table of its own when the bias
+ * gradient is summed per head. */
+int64_t sa_gather_ranges_per_head(int64_t batch_heads, int64_t num_tokens);
 
 /* grad_bias_rows (batch x heads x (2M + 1)^2) from g's bias partials,
  * summed in range order. */

@@ -1617,20 +1617,26 @@ static PyObject *gather_takes(PyObject *self, PyObject *args, PyObject *kwargs)
     return PyBool_FromLong(sa_cpu_get_gather_kernels() && sa_cpu_gather_fits(&p));
 }
 
-static char *gather_ranges_kwlist[] = {"num_tokens", NULL};
+static char *gather_ranges_kwlist[] = {"batch_heads", "num_tokens", NULL};
 
-/* Ranges per (batch, head) of a gather dQ pass over num_tokens rows, as set
- * now: Python weighs their bias tables against a score gradient per pair. */
+/* Ranges per (batch, head) of a gather dQ pass over batch_heads x num_tokens
+ * rows, as set now: Python weighs their bias tables against a score
+ * gradient per pair. */
 static PyObject *gather_ranges_per_head(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     (void)self;
-    long long num_tokens;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "L", gather_ranges_kwlist, &num_tokens)) return NULL;
+    long long batch_heads, num_tokens;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LL", gather_ranges_kwlist, &batch_heads, &num_tokens))
+        return NULL;
+    if (batch_heads < 1) {
+        PyErr_Format(PyExc_ValueError, "batch_heads: expected 1 or more, got %lld", batch_heads);
+        return NULL;
+    }
     if (num_tokens < 0) {
         PyErr_Format(PyExc_ValueError, "num_tokens: expected 0 or more, got %lld", num_tokens);
         return NULL;
     }
-    return PyLong_FromLongLong(sa_gather_ranges_per_head(num_tokens));
+    return PyLong_FromLongLong(sa_gather_ranges_per_head(batch_heads, num_tokens));
 }
 
 static PyObject *get_num_threads(PyObject *self, PyObject *unused)
@@ -1824,7 +1830,7 @@ static PyMethodDef module_methods[] = {
     {"gather_takes", (PyCFunction)(void (*)(void))gather_takes, METH_VARARGS | METH_KEYWORDS,
      "Whether float32 rows of this head dim and token count run on the gather kernels."},
     {"gather_ranges_per_head", (PyCFunction)(void (*)(void))gather_ranges_per_head, METH_VARARGS | METH_KEYWORDS,
-     "Ranges per (batch, head) of a gather dQ pass over num_tokens rows, each with its own bias table."},
+     "Ranges per (batch, head) of a gather dQ pass over batch_heads x num_tokens rows, each with its own bias table."},
     {"cpu_gather_forwards", cpu_gather_forwards, METH_NOARGS, "Forward calls that ran the gather row kernels."},
     {"cpu_gather_backwards", cpu_gather_backwards, METH_NOARGS, "Backward calls that ran the gather row kernels."},
     {"get_num_threads", get_num_threads, METH_NOARGS, "The CPU kernels' thread count."},

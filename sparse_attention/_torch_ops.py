@@ -491,10 +491,10 @@ def _gather_sums_bias_per_head(query, bias_entries, pairs):
     head): float32 rows they take, where their per-range bias tables take no
     more room than the score gradient per pair they save (a wide bias over a
     very sparse layout is cheaper per pair)."""
-    num_tokens = query.shape[2]
+    batch, heads, num_tokens = query.shape[:3]
     if query.dtype != torch.float32 or not C.gather_takes(query.shape[-1], num_tokens):
         return False
-    return C.gather_ranges_per_head(num_tokens) * bias_entries <= pairs
+    return C.gather_ranges_per_head(batch * heads, num_tokens) * bias_entries <= pairs
 
 
 def _backward_plan(device, bias, tile_plan, tile_passes, plan_long_rows, stencil,

@@ -198,6 +198,13 @@ def test_gather_bias_script_times_the_step_with_and_without_a_bias():
                      r"\d+ ms with one; peak RSS \d+ MB", out), out
 
 
+def test_gather_ranges_script_compares_sized_ranges_with_1024_rows():
+    out = run_script("gather_ranges.py", "--cases", "1x1x12,2x1x9", "--ratio", "0.3", "--dim", "8",
+                     "--rounds", "1")
+    assert "| 1x1x12 | 3 / 1 |" in out and "| 2x1x9 | 2 / 1 |" in out, out
+    assert len(re.findall(r"\| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", out, flags=re.MULTILINE)) == 2, out
+
+
 def test_small_maps_script_compares_every_pattern_with_dense():
     out = run_script("small_maps.py", "--side", "5", "--batch", "1", "--rounds", "1", "--patterns", "axial,random")
     for pattern in ("axial", "random"):

@@ -14,7 +14,7 @@ import torch
 from reference import (assert_backward_matches_reference, assert_bias_gradients_match_reference,
                        assert_forward_matches_reference, bias_gradients, bias_training_inputs, random_inputs,
                        reference_attention, reference_statistics)
-from sparse_attention import _stencil, _tiles, _torch_ops, build_layout
+from sparse_attention import _stencil, _tiles, _torch_ops, build_layout, get_num_threads, set_num_threads
 from sparse_attention import sparse_scaled_dot_product_attention as attention
 from sparse_attention._native import C
 from sparse_attention.custom_layouts import layout_from_mask
@@ -345,13 +345,45 @@ def test_a_wide_bias_over_few_pairs_keeps_its_gradient_per_pair(monkeypatch, row
     assert_bias_gradients_match_reference(got, layout, q, k, v, bias, grad_out, **args)
 
 
-def test_the_ranges_per_head_follow_the_setting():
-    settings = C.set_gather_blocking(0, 0)
-    assert C.gather_ranges_per_head(0) == 0
-    assert C.gather_ranges_per_head(1024) == 1
-    assert C.gather_ranges_per_head(1025) == 2
-    C.set_gather_blocking(64, 100)
-    assert C.gather_ranges_per_head(1025) == 11
-    C.set_gather_blocking(*settings)
+def test_the_ranges_per_head_follow_the_call_and_the_setting():
+    """1024 rows a range, halved down to 64 until the call has 32 ranges,
+    on any thread count; a setting fixes the size."""
+    settings, threads = C.set_gather_blocking(0, 0), get_num_threads()
+    try:
+        for count in (1, 2):
+            set_num_threads(count)
+            assert C.gather_ranges_per_head(100, 0) == 0
+            assert C.gather_ranges_per_head(32, 1024) == 1
+            assert C.gather_ranges_per_head(32, 1025) == 2
+            assert C.gather_ranges_per_head(8, 1024) == 4  # 256 rows
+            assert C.gather_ranges_per_head(1, 1024) == 16  # 64 rows at the least
+            assert C.gather_ranges_per_head(1, 16384) == 32  # 512 rows
+        C.set_gather_blocking(64, 100)
+        assert C.gather_ranges_per_head(1, 1025) == 11
+    finally:
+        C.set_gather_blocking(*settings)
+        set_num_threads(threads)
     with pytest.raises(ValueError, match="num_tokens: expected 0 or more, got -3"):
-        C.gather_ranges_per_head(-3)
+        C.gather_ranges_per_head(1, -3)
+    with pytest.raises(ValueError, match="batch_heads: expected 1 or more, got 0"):
+        C.gather_ranges_per_head(0, 10)
+
+
+def test_one_head_of_32_x_32_with_a_bias_adds_up_the_same_on_one_thread_and_two(rows_only):
+    """B=1, one head, 1024 tokens: the dQ pass runs in 16 ranges of 64 rows
+    (not one of 1024, one thread's work), whose bias tables add up in range
+    order: the same bits on one thread and on two, and the reference's
+    gradients."""
+    layout = scattered(32, 32, ratio=0.05, seed=6)
+    q, k, v, bias, grad_out, args = bias_training_inputs(layout, 5, batch=1, heads=1, dim=16)
+    threads = get_num_threads()
+    try:
+        set_num_threads(2)
+        two = bias_gradients(attention, layout, q, k, v, bias, grad_out, **args)
+        set_num_threads(1)
+        one = bias_gradients(attention, layout, q, k, v, bias, grad_out, **args)
+    finally:
+        set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+    assert_bias_gradients_match_reference(two, layout, q, k, v, bias, grad_out, **args)
