@@ -453,7 +453,9 @@ def test_tiles_on_their_16_and_32_register_paths(monkeypatch, pattern, dim, narr
     if narrow:
         monkeypatch.setenv("SPARSE_ATTENTION_NARROW_KERNELS", "1")
         assert C.cpu_wide_kernels() == 0
-    layout = build_layout(pattern, 19, 23, attention_ratio=0.4)
+    # RANDOM dense enough for the tiles where the rows would run on the gather kernels
+    layout = build_layout(pattern, 19, 23, attention_ratio=0.55)
+    assert _stencil.cpu_kernel_choice(layout, dim) == "tiles"
     n = layout.num_tokens
     (q, k, v), bias = make(2, 3, n, dim, seed=dim)
     key_mask = torch.rand(2, n, generator=torch.Generator().manual_seed(4)) > 0.25
