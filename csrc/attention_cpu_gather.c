@@ -861,8 +861,8 @@ SA_INLINE void grad_key_value_range(const sa_gather_blocking *g, const call_cons
 /* Past eight vectors a row no longer fits the registers beside its
  * accumulators, but a constant count still unrolls the loops over it: D=80,
  * 96 and 128 have clones of their own (at D=96 the variable count took
- * 1.3x their time forward, 1.2x forward+backward), and one clone with the count in a variable takes the
- * other multiples of 8 up to 128. */
+ * 1.3x their time forward, 1.2x forward+backward), and one clone with the
+ * count in a variable takes the other multiples of 8 up to 128. */
 #define GATHER_KERNEL_WIDE(kernel, ctx_type, params)                                       \
     GATHER_CLONES static void kernel##_wide(void *ctx, int64_t begin, int64_t end)         \
     {                                                                                      \

@@ -23,8 +23,8 @@ void sa_gather_grad_query_rows(void *ctx, int64_t begin, int64_t end);
 void sa_gather_grad_key_value_columns(void *ctx, int64_t begin, int64_t end);
 
 /* The blocked forms, for heads whose K and V rows (Q and dO rows for the
- * columns) outrun L2: work items are ranges of SA_GATHER_RANGE_ROWS rows
- * (columns) of one (batch, head), which walk the keys (queries) in blocks of
+ * columns) outrun L2: work items are ranges of up to SA_GATHER_RANGE_ROWS
+ * rows (columns; fewer where the call has few) of one (batch, head), which walk the keys (queries) in blocks of
  * block_tokens. Same results as the row forms up to the order of the sums. */
 #define SA_GATHER_RANGE_ROWS 1024
 #define SA_GATHER_MIN_RANGE_ROWS 64
