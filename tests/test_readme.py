@@ -1,4 +1,4 @@
-"""Every Python code block of README.md runs as written."""
+"""Every Python code block of README.md runs as written, and its links lead somewhere."""
 
 import os
 import re
@@ -35,3 +35,22 @@ def test_readme_block_runs(index):
     matplotlib.use("Agg")
     namespace = {}
     exec(compile(python_blocks()[index], f"README.md block {index}", "exec"), namespace)
+
+
+def relative_links(path):
+    """Targets of the Markdown links and images in ``path`` that name files in the repository."""
+    with open(path) as fh:
+        text = fh.read()
+    targets = re.findall(r"\]\(([^)\s]+)\)", text)
+    return [t.split("#", 1)[0] for t in targets if not re.match(r"[a-z]+:", t) and not t.startswith("#")]
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/cpu_benchmark_records.md", "CHANGELOG.md"])
+def test_relative_links_point_at_files(document):
+    root = os.path.dirname(README)
+    path = os.path.join(root, document)
+    links = relative_links(path)
+    missing = [t for t in links if not os.path.exists(os.path.join(os.path.dirname(path), t))]
+    assert missing == []
+    if document != "CHANGELOG.md":
+        assert links, f"{document}: expected links to check"
