@@ -1,9 +1,12 @@
 /* The host buffer cache behind sa_pool_tensor(); see host_pool.h for why. */
 #include "host_pool.h"
 
+#include <inttypes.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "dlpack_bridge.h" /* SA_MAX_DIMS */
 #define SA_POOL_ALIGN 64
@@ -215,4 +218,31 @@ void sa_pool_release_idle(void)
     idle_block *dropped = detach_past(0);
     pthread_mutex_unlock(&pool_lock);
     free_blocks(dropped);
+}
+
+/* A control group file holding one byte count; 0 for "max", absent or unreadable. */
+static uint64_t cgroup_limit(const char *path)
+{
+    FILE *fh = fopen(path, "r");
+    if (!fh) return 0;
+    uint64_t value = 0;
+    if (fscanf(fh, "%" SCNu64, &value) != 1) value = 0;
+    fclose(fh);
+    return value;
+}
+
+uint64_t sa_host_memory_limit(void)
+{
+    uint64_t limit = 0;
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGESIZE)
+    const long pages = sysconf(_SC_PHYS_PAGES), page_size = sysconf(_SC_PAGESIZE);
+    if (pages > 0 && page_size > 0) limit = (uint64_t)pages * (uint64_t)page_size;
+#endif
+    /* cgroup v2, then v1 (whose "no limit" is a huge number, above the machine's memory) */
+    const char *paths[] = {"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"};
+    for (size_t i = 0; i < sizeof(paths) / sizeof(paths[0]); i++) {
+        const uint64_t group = cgroup_limit(paths[i]);
+        if (group > 0 && (limit == 0 || group < limit)) limit = group;
+    }
+    return limit;
 }

@@ -38,4 +38,9 @@ void sa_pool_set_limit(size_t limit);
 /* Returns every idle block to the system. */
 void sa_pool_release_idle(void);
 
+/* The most memory this process can hope to have, in bytes: the machine's
+ * physical memory, or the control group's limit where that is lower (Linux).
+ * 0 where neither can be read. */
+uint64_t sa_host_memory_limit(void);
+
 #endif /* SA_HOST_POOL_H */

@@ -86,8 +86,10 @@ static uint64_t uniform_below(uint64_t *state, uint64_t bound)
     return (uint64_t)(((unsigned __int128)splitmix64_next(state) * bound) >> 64);
 }
 
+/* Appends first..last to out at count; with out NULL (counting) only the count moves. */
 static int64_t emit_range(int32_t *out, int64_t count, int64_t first, int64_t last)
 {
+    if (!out) return last >= first ? count + (last - first + 1) : count;
     for (int64_t t = first; t <= last; t++) {
         if (out) out[count] = (int32_t)t;
         count++;
@@ -295,28 +297,17 @@ static void rows_range(void *opaque, int64_t begin, int64_t end)
         return;
     }
     row_fn fn = pick_row_fn(job->spec->pattern);
-    int32_t *scratch = NULL;
-    if (job->col_idx == NULL && job->spec->pattern != SA_PATTERN_RANDOM) {
-        scratch = malloc(sizeof(int32_t) * (size_t)b.num_tokens);
-        if (!scratch) {
-            atomic_store(&job->out_of_memory, 1);
-            builder_free(&b);
-            return;
-        }
-    }
     for (int64_t i = begin; i < end; i++) {
         if (job->col_idx)
             fn(&b, i, job->col_idx + job->row_ptr[i]);
         else
-            job->degrees[i + 1] = fn(&b, i, scratch);
+            job->degrees[i + 1] = fn(&b, i, NULL); /* counting: O(H) a row, no keys written */
     }
-    free(scratch);
     builder_free(&b);
 }
 
 /* Ranges of at least 256 rows and at most 64 ranges: each range pays for a
- * builder, and counting gives each one scratch of N keys. Grids under 4096
- * tokens take one range. */
+ * builder. Grids under 4096 tokens take one range. */
 static int64_t rows_grain(const sa_layout_spec *spec)
 {
     int64_t n = spec->height * spec->width;

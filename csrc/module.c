@@ -1076,6 +1076,29 @@ static PyObject *new_array(int64_t length, int typenum)
 static char *layout_kwlist[] = {"pattern", "height", "width", "kernel_size", "block_size",
                                 "stride", "num_global_tokens", "attention_ratio", "seed", NULL};
 
+/* Allocations succeed far past the memory there is (the system overcommits), so
+ * a layout too large to hold would end with the process killed while the
+ * indices are written, not with an exception. 0, or -1 with a MemoryError set. */
+static int check_layout_fits(const sa_layout_spec *spec, int64_t nnz)
+{
+    static const char *const names[SA_PATTERN_COUNT] = {"DENSE", "AXIAL", "BLOCK", "LONGFORMER", "STRIDED",
+                                                        "RANDOM"};
+    const uint64_t tokens = (uint64_t)(spec->height * spec->width);
+    const uint64_t needed = (uint64_t)nnz * 2 * sizeof(int32_t) + 2 * (tokens + 1) * sizeof(int64_t);
+    const uint64_t available = sa_host_memory_limit();
+    if (available == 0 || needed <= available) return 0;
+    const char *name = spec->pattern >= 0 && spec->pattern < SA_PATTERN_COUNT ? names[spec->pattern] : "?";
+    char message[ERR_LEN];
+    snprintf(message, sizeof(message),
+             "build_layout: the %s layout of a %lld x %lld grid holds %lld pairs; its key indices and their "
+             "transpose need %.1f GB, more than the %.1f GB of memory this process can have (a structured "
+             "pattern, a lower attention_ratio or a smaller map would fit)",
+             name, (long long)spec->height, (long long)spec->width, (long long)nnz, (double)needed / 1e9,
+             (double)available / 1e9);
+    PyErr_SetString(PyExc_MemoryError, message);
+    return -1;
+}
+
 static PyObject *build_layout(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     (void)self;
@@ -1113,6 +1136,7 @@ static PyObject *build_layout(PyObject *self, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_ValueError, err);
         goto fail;
     }
+    if (check_layout_fits(&spec, rp[n]) < 0) goto fail;
     col_idx = new_array(rp[n], NPY_INT32);
     col_ptr = new_array(n + 1, NPY_INT64);
     row_idx = new_array(rp[n], NPY_INT32);

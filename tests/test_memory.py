@@ -33,3 +33,23 @@ def test_axial_128x128_forward_backward_far_below_n_squared():
     # the op's own peak: outputs, gradients, lse, and the per-pair score
     # gradients of the bias (B * heads * nnz floats, 33 MiB here)
     assert report["peak_increase_kib"] < n_by_n_fp32_kib / 10, report
+
+
+def test_a_layout_larger_than_the_machine_raises_before_it_is_written():
+    """RANDOM and DENSE on a million tokens hold about 10**12 pairs (8 TB of
+    indices): a MemoryError naming the pattern and sizes, not a process that
+    the system kills while it fills the arrays."""
+    import pytest
+    import torch
+
+    from sparse_attention import EnhancedSparseAttention, SparsityPattern, build_layout
+
+    with pytest.raises(MemoryError, match=r"RANDOM layout of a 1000 x 1000 grid holds 500000000000 pairs"):
+        build_layout("random", 1000, 1000, attention_ratio=0.5)
+    with pytest.raises(MemoryError, match=r"DENSE layout .* 1000000000000 pairs; .* need 8000\.0 GB"):
+        build_layout("dense", 1000, 1000)
+    module = EnhancedSparseAttention(8, 8, num_heads=2, sparsity_pattern=SparsityPattern.RANDOM)
+    with pytest.raises(MemoryError, match="lower attention_ratio"):
+        module(torch.randn(1, 8, 1000, 1000))
+    # a layout that fits still builds after the refusal
+    assert build_layout("random", 8, 8, attention_ratio=0.5).nnz == 64 * 32
