@@ -210,6 +210,10 @@ int sa_cpu_get_gather_kernels(void);
 long long sa_cpu_gather_forwards(void);
 long long sa_cpu_gather_backwards(void);
 long long sa_cpu_gather_blocked_calls(void); /* forward and backward calls that ran them in key blocks */
+/* Whether float32 row calls of this head dim and token count run on the gather
+ * kernels: head dims that are multiples of 8 directly, the others up to 128
+ * on copies padded with zero columns (switch included). */
+int sa_cpu_rows_on_gather(int64_t head_dim, int64_t num_tokens);
 
 /* 1 where the CPU kernels take their 32-register paths (see
  * sa_has_32_vector_registers in simd8.h), else 0. */

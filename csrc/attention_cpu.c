@@ -19,6 +19,7 @@
 #include "attention_cpu_tiled.h"
 #include "dropout_hash.h"
 #include "fast_expf.h"
+#include "host_scratch.h"
 #include "simd8.h"
 #include "threads.h"
 
@@ -135,6 +136,168 @@ static sa_range_fn grad_key_value_columns_for(const sa_attention_params *p)
     return p->dtype == SA_F32 ? grad_key_value_columns_f32 : grad_key_value_columns_f64;
 }
 
+/* Head dims that are not multiples of 8 run the gather kernels on copies of
+ * q, k, v (and the backward's tensors) padded with zero columns to the next
+ * multiple: a zero column adds nothing to a score and gives a zero output
+ * and gradient column, which the copy back drops. The copies cost
+ * O(B x heads x N x D) time and memory against the generic row kernels'
+ * 3-6x the time per pair (RANDOM 10% at 64 x 64: D=12 took 5.9x the time of
+ * the gather kernels at D=16). Only calls that are rows alone: a stencil's or
+ * a plan's left-over rows keep the generic kernels. */
+static int rows_on_padded_gather(const sa_attention_params *p)
+{
+    if (!use_gather_kernels || p->head_dim % 8 == 0 || p->stencil_offsets != NULL || p->plan_base != NULL ||
+        p->long_rows_only)
+        return 0;
+    sa_attention_params padded = *p;
+    padded.head_dim = (p->head_dim + 7) / 8 * 8;
+    return sa_cpu_gather_fits(&padded);
+}
+
+int sa_cpu_rows_on_gather(int64_t head_dim, int64_t num_tokens)
+{
+    sa_attention_params p;
+    memset(&p, 0, sizeof(p));
+    p.dtype = SA_F32;
+    p.head_dim = head_dim;
+    p.num_tokens = num_tokens;
+    return use_gather_kernels && (sa_cpu_gather_fits(&p) || rows_on_padded_gather(&p));
+}
+
+/* One tensor's rows between the caller's layout (strided, dim columns) and a
+ * compact padded copy (dim_pad columns; a copy in zeroes the pad). */
+typedef struct {
+    float *strided;
+    const int64_t *stride;
+    float *compact;
+    int64_t heads, tokens, dim, dim_pad;
+    int to_compact;
+} pad_job;
+
+static void copy_padded_rows(void *ctx, int64_t begin, int64_t end)
+{
+    const pad_job *job = ctx;
+    for (int64_t row = begin; row < end; row++) {
+        const int64_t b = row / (job->heads * job->tokens), h = row / job->tokens % job->heads,
+                      i = row % job->tokens;
+        float *outer = job->strided + b * job->stride[0] + h * job->stride[1] + i * job->stride[2];
+        float *inner = job->compact + row * job->dim_pad;
+        if (job->to_compact) {
+            memcpy(inner, outer, sizeof(float) * (size_t)job->dim);
+            memset(inner + job->dim, 0, sizeof(float) * (size_t)(job->dim_pad - job->dim));
+        } else {
+            memcpy(outer, inner, sizeof(float) * (size_t)job->dim);
+        }
+    }
+}
+
+/* Padded copies of a call's tensors, their blocks from the host pool (a
+ * training loop asks for the same sizes every step). The kernels write every
+ * row and column of the outputs, pruned heads' and pad included. */
+enum { PADDED_MAX = 8 };
+typedef struct {
+    const sa_attention_params *call;
+    int64_t dim_pad, rows;
+    int64_t stride[3];
+    float *tensor[PADDED_MAX];
+    size_t block_bytes[PADDED_MAX];
+    int count;
+} padded_set;
+
+static int padded_set_init(padded_set *set, const sa_attention_params *p, int count, char *err, size_t len)
+{
+    memset(set, 0, sizeof(*set));
+    set->call = p;
+    set->dim_pad = (p->head_dim + 7) / 8 * 8;
+    set->rows = p->batch * p->heads * p->num_tokens;
+    set->stride[0] = p->heads * p->num_tokens * set->dim_pad;
+    set->stride[1] = p->num_tokens * set->dim_pad;
+    set->stride[2] = set->dim_pad;
+    for (; set->count < count; set->count++) {
+        set->tensor[set->count] = sa_pool_take(sizeof(float) * (size_t)(set->rows * set->dim_pad),
+                                               &set->block_bytes[set->count]);
+        if (set->tensor[set->count] == NULL) {
+            snprintf(err, len, "out of memory for padded copies of q, k and v (head dim %lld to %lld)",
+                     (long long)p->head_dim, (long long)set->dim_pad);
+            return SA_ERR_MEMORY;
+        }
+    }
+    return SA_OK;
+}
+
+static void padded_set_free(padded_set *set)
+{
+    for (int t = 0; t < set->count; t++) sa_pool_give(set->tensor[t], set->block_bytes[t]);
+}
+
+/* Copies the caller's tensor into padded tensor `index` (to_compact) or back out of it. */
+static int copy_rows(const padded_set *set, int index, const void *strided, const int64_t *stride, int to_compact,
+                     char *err, size_t len)
+{
+    const sa_attention_params *p = set->call;
+    const pad_job job = {(float *)strided, stride, set->tensor[index], p->heads, p->num_tokens, p->head_dim,
+                         set->dim_pad, to_compact};
+    const int threads = sa_cpu_get_num_threads();
+    if (sa_parallel_for(set->rows, set->rows / (4 * (int64_t)threads) + 1, threads, copy_padded_rows,
+                        (void *)&job) != 0) {
+        snprintf(err, len, "could not run the CPU kernel");
+        return SA_ERR_MEMORY;
+    }
+    return SA_OK;
+}
+
+/* Points a padded call's operand at padded tensor `index`. */
+static const void *padded_operand(const padded_set *set, int index, int64_t *stride)
+{
+    memcpy(stride, set->stride, sizeof(set->stride));
+    return set->tensor[index];
+}
+
+static int forward_on_padded_copies(const sa_attention_params *p, char *err, size_t len)
+{
+    padded_set set;
+    int status = padded_set_init(&set, p, 4, err, len);
+    sa_attention_params padded = *p;
+    padded.head_dim = set.dim_pad;
+    padded.q = padded_operand(&set, 0, padded.q_stride);
+    padded.k = padded_operand(&set, 1, padded.k_stride);
+    padded.v = padded_operand(&set, 2, padded.v_stride);
+    padded.out = (void *)padded_operand(&set, 3, padded.out_stride);
+    const void *inputs[3] = {p->q, p->k, p->v};
+    const int64_t *strides[3] = {p->q_stride, p->k_stride, p->v_stride};
+    for (int t = 0; t < 3 && status == SA_OK; t++) status = copy_rows(&set, t, inputs[t], strides[t], 1, err, len);
+    if (status == SA_OK) status = sa_cpu_forward(&padded, err, len);
+    if (status == SA_OK) status = copy_rows(&set, 3, p->out, p->out_stride, 0, err, len);
+    padded_set_free(&set);
+    return status;
+}
+
+static int backward_on_padded_copies(const sa_attention_params *p, char *err, size_t len)
+{
+    padded_set set;
+    int status = padded_set_init(&set, p, 8, err, len);
+    sa_attention_params padded = *p;
+    padded.head_dim = set.dim_pad;
+    padded.q = padded_operand(&set, 0, padded.q_stride);
+    padded.k = padded_operand(&set, 1, padded.k_stride);
+    padded.v = padded_operand(&set, 2, padded.v_stride);
+    padded.out = (void *)padded_operand(&set, 3, padded.out_stride);
+    padded.grad_out = padded_operand(&set, 4, padded.grad_out_stride);
+    padded.grad_q = set.tensor[5];
+    padded.grad_k = set.tensor[6];
+    padded.grad_v = set.tensor[7];
+    const void *inputs[5] = {p->q, p->k, p->v, p->out, p->grad_out};
+    const int64_t *strides[5] = {p->q_stride, p->k_stride, p->v_stride, p->out_stride, p->grad_out_stride};
+    for (int t = 0; t < 5 && status == SA_OK; t++) status = copy_rows(&set, t, inputs[t], strides[t], 1, err, len);
+    if (status == SA_OK) status = sa_cpu_backward(&padded, err, len);
+    /* the gradients are compact: batch x heads x tokens x head_dim */
+    const int64_t compact[3] = {p->heads * p->num_tokens * p->head_dim, p->num_tokens * p->head_dim, p->head_dim};
+    void *grads[3] = {p->grad_q, p->grad_k, p->grad_v};
+    for (int t = 0; t < 3 && status == SA_OK; t++) status = copy_rows(&set, 5 + t, grads[t], compact, 0, err, len);
+    padded_set_free(&set);
+    return status;
+}
+
 /* The rows a tile plan leaves out (listed in long_rows), by the row kernel. */
 static void forward_listed_rows_f32(void *ctx, int64_t begin, int64_t end)
 {
@@ -202,6 +365,7 @@ int sa_cpu_forward(const sa_attention_params *p, char *err, size_t len)
         const sa_attention_params rows = without_stencil(p);
         return sa_cpu_forward(&rows, err, len);
     }
+    if (rows_on_padded_gather(p)) return forward_on_padded_copies(p, err, len);
     if (p->stencil_offsets != NULL) {
         /* the listed rows the stencil kernel leaves to the row kernel */
         int32_t *left = malloc((size_t)(p->stencil_num_rows > 0 ? p->stencil_num_rows : 1) * sizeof(int32_t));
@@ -286,6 +450,7 @@ int sa_cpu_backward(const sa_attention_params *p, char *err, size_t len)
         const sa_attention_params rows = without_stencil(p);
         return sa_cpu_backward(&rows, err, len);
     }
+    if (rows_on_padded_gather(p)) return backward_on_padded_copies(p, err, len);
     int64_t rows = p->batch * p->heads * p->num_tokens;
     void *ctx = (void *)p;
     int f32 = p->dtype == SA_F32;

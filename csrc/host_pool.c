@@ -220,6 +220,17 @@ void sa_pool_release_idle(void)
     free_blocks(dropped);
 }
 
+void *sa_pool_take(size_t bytes, size_t *block_bytes)
+{
+    *block_bytes = rounded_bytes(bytes);
+    return take_block(*block_bytes);
+}
+
+void sa_pool_give(void *block, size_t block_bytes)
+{
+    if (block != NULL) return_block(block, block_bytes);
+}
+
 /* A control group file holding one byte count; 0 for "max", absent or unreadable. */
 static uint64_t cgroup_limit(const char *path)
 {

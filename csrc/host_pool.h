@@ -17,6 +17,7 @@
 #include <stdint.h>
 
 #include "dlpack_abi.h"
+#include "host_scratch.h"
 
 /* A legacy DLPack capsule ("dltensor") of a compact CPU tensor of this shape
  * and dtype, its buffer from the pool (contents undefined). NULL with a Python

@@ -880,13 +880,13 @@ static PyObject *attention_backward(PyObject *self, PyObject *args, PyObject *kw
          * leave it unwritten */
         const int window_ok = p.stencil_offsets != NULL && !p.stencil_strips && sa_cpu_window_fits(&p);
         const int strips_ok = p.stencil_offsets != NULL && sa_cpu_stencil_sums_bias_grad(&p);
-        const int gather_ok = sa_cpu_gather_fits(&p) && sa_cpu_get_gather_kernels() && p.grad_scores == NULL;
+        const int gather_ok = sa_cpu_rows_on_gather(p.head_dim, p.num_tokens) && p.grad_scores == NULL;
         if (is_cuda(q) || p.dtype != SA_F32 || p.bias_table == NULL ||
             (p.stencil_offsets != NULL ? !(window_ok || strips_ok) : (plan.count == 0 && !gather_ok))) {
             PyErr_SetString(PyExc_ValueError,
                             "grad_bias_rows: takes a float32 CPU call with rel_pos_bias and a tile_plan, "
                             "a stencil that the window kernel runs, a stencil of offsets alone, or both, "
-                            "or rows that the gather kernels run (head dims 8 to 128 in steps of 8)");
+                            "or rows that the gather kernels run (head dims up to 128)");
             goto fail;
         }
         const int64_t side = 2 * p.max_relative + 1;
@@ -1633,12 +1633,7 @@ static PyObject *gather_takes(PyObject *self, PyObject *args, PyObject *kwargs)
     (void)self;
     long long head_dim, num_tokens;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LL", gather_takes_kwlist, &head_dim, &num_tokens)) return NULL;
-    sa_attention_params p;
-    memset(&p, 0, sizeof(p));
-    p.dtype = SA_F32;
-    p.head_dim = head_dim;
-    p.num_tokens = num_tokens;
-    return PyBool_FromLong(sa_cpu_get_gather_kernels() && sa_cpu_gather_fits(&p));
+    return PyBool_FromLong(sa_cpu_rows_on_gather(head_dim, num_tokens));
 }
 
 static char *gather_ranges_kwlist[] = {"batch_heads", "num_tokens", NULL};

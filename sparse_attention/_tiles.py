@@ -37,8 +37,9 @@ use_tiled_cpu_kernel = True
 # (forward 1.04-1.3x slower) and won forward+backward from 0.158 on (0.86x
 # and less; RANDOM 50% at 14 x 14, cpu_fill 0.44: 0.37x).
 CPU_MIN_FILL = 0.15
-# Where the rows run on the gather kernels (float32, head dims 8 to 128 in
-# steps of 8; csrc/attention_cpu_gather.c), they are 2-3x faster and the
+# Where the rows run on the gather kernels (float32, head dims up to 128, those
+# that are not multiples of 8 on padded copies; csrc/attention_cpu_gather.c,
+# attention_cpu.c), they are 2-3x faster and the
 # tiles must fill this many times as much to win. Forward+backward, tiles /
 # rows (12 heads, benchmarks/results/gather_rows/choice_*): RANDOM at
 # cpu_fill 0.2 1.55-1.82, 0.3 1.09-1.31, 0.4 0.84-1.00 (D=16, 32), 0.5 0.71-0.82

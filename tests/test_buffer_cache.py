@@ -109,6 +109,29 @@ def test_lent_bytes_follow_live_tensors():
     assert sa.buffer_cache_info()["lent_bytes"] == before
 
 
+def test_padded_head_dims_return_their_scratch_and_reuse_it():
+    """A head dim of 12 runs the gather kernels on copies padded to 16 whose
+    blocks come from the cache: none is still lent after the step, and a
+    second step takes no fresh memory."""
+    layout = build_layout("random", 16, 16, attention_ratio=0.2)
+    q, k, v = (t.detach()[..., :12].contiguous().requires_grad_() for t in _inputs(side=16, dim=16))
+    before = C.cpu_gather_forwards(), C.cpu_gather_backwards()
+
+    def step():
+        out = sparse_scaled_dot_product_attention(q, k, v, layout)
+        out.backward(torch.ones_like(out))
+        for t in (q, k, v):
+            t.grad = None
+
+    step()
+    assert (C.cpu_gather_forwards(), C.cpu_gather_backwards()) == (before[0] + 1, before[1] + 1)
+    info = sa.buffer_cache_info()
+    step()
+    after = sa.buffer_cache_info()
+    assert after["lent_bytes"] == info["lent_bytes"] == 0
+    assert after["fresh"] == info["fresh"] and after["reused"] > info["reused"]
+
+
 def test_tensors_freed_on_other_threads_return_safely():
     before = sa.buffer_cache_info()["lent_bytes"]
     tensors = [torch.from_dlpack(C.pool_tensor((257 + i % 5, 33), 2, 32)) for i in range(400)]

@@ -514,15 +514,18 @@ def test_plan_score_buckets_only_for_plans_that_stay_near_one_slot_a_pair():
 
 
 def test_the_gather_kernels_move_the_line_between_rows_and_tiles():
-    """Where the rows run on the gather kernels (float32, head dims 8 to 128 in
-    steps of 8) the tiles need GATHER_FILL_FACTOR times the fill; RANDOM at
+    """Where the rows run on the gather kernels (float32, head dims up to 128;
+    those that are not multiples of 8 on padded copies) the tiles need GATHER_FILL_FACTOR times the fill; RANDOM at
     30% (cpu_fill 0.3) stays on the rows there and takes the tiles otherwise."""
     layout = build_layout("random", 32, 32, attention_ratio=0.3)
     fill = layout.counted_cpu_fill()
     assert _tiles.CPU_MIN_FILL < fill < _tiles.CPU_MIN_FILL * _tiles.GATHER_FILL_FACTOR
-    assert [C.gather_takes(d, 1024) for d in (8, 16, 24, 64, 72, 128, 136, 12, 0)] == [True] * 6 + [False] * 3
+    # other head dims up to 128 run on copies padded to a multiple of 8
+    assert [C.gather_takes(d, 1024) for d in (8, 16, 24, 64, 72, 128, 12, 1, 127, 136, 129, 0)] == \
+        [True] * 9 + [False] * 3
     assert not C.gather_takes(16, 1 << 22)  # bias coordinates in float lanes: fewer tokens only
-    assert _stencil.cpu_kernel_choice(layout, 64) is None and _stencil.cpu_kernel_choice(layout, 20) == "tiles"
+    assert _stencil.cpu_kernel_choice(layout, 64) is None and _stencil.cpu_kernel_choice(layout, 20) is None
+    assert _stencil.cpu_kernel_choice(layout, 136) == "tiles"
     assert _stencil.cpu_kernel_choice(layout) == "tiles"  # head dim unknown: the generic rows' line
     try:
         C.set_gather_kernels(False)
