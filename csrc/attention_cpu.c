@@ -253,19 +253,38 @@ static const void *padded_operand(const padded_set *set, int index, int64_t *str
     return set->tensor[index];
 }
 
+/* p on set's padded tensors (0-2 q, k, v; 3 out; in a backward 4 dO and 5-7
+ * dQ, dK, dV), with the caller's inputs copied in. */
+static int padded_call(const padded_set *set, const sa_attention_params *p, int backward,
+                       sa_attention_params *padded, char *err, size_t len)
+{
+    *padded = *p;
+    padded->head_dim = set->dim_pad;
+    padded->q = padded_operand(set, 0, padded->q_stride);
+    padded->k = padded_operand(set, 1, padded->k_stride);
+    padded->v = padded_operand(set, 2, padded->v_stride);
+    padded->out = (void *)padded_operand(set, 3, padded->out_stride);
+    if (backward) {
+        padded->grad_out = padded_operand(set, 4, padded->grad_out_stride);
+        padded->grad_q = set->tensor[5];
+        padded->grad_k = set->tensor[6];
+        padded->grad_v = set->tensor[7];
+    }
+    /* a backward reads the forward's output too */
+    const void *inputs[5] = {p->q, p->k, p->v, p->out, p->grad_out};
+    const int64_t *strides[5] = {p->q_stride, p->k_stride, p->v_stride, p->out_stride, p->grad_out_stride};
+    int status = SA_OK;
+    for (int t = 0; t < (backward ? 5 : 3) && status == SA_OK; t++)
+        status = copy_rows(set, t, inputs[t], strides[t], 1, err, len);
+    return status;
+}
+
 static int forward_on_padded_copies(const sa_attention_params *p, char *err, size_t len)
 {
     padded_set set;
+    sa_attention_params padded;
     int status = padded_set_init(&set, p, 4, err, len);
-    sa_attention_params padded = *p;
-    padded.head_dim = set.dim_pad;
-    padded.q = padded_operand(&set, 0, padded.q_stride);
-    padded.k = padded_operand(&set, 1, padded.k_stride);
-    padded.v = padded_operand(&set, 2, padded.v_stride);
-    padded.out = (void *)padded_operand(&set, 3, padded.out_stride);
-    const void *inputs[3] = {p->q, p->k, p->v};
-    const int64_t *strides[3] = {p->q_stride, p->k_stride, p->v_stride};
-    for (int t = 0; t < 3 && status == SA_OK; t++) status = copy_rows(&set, t, inputs[t], strides[t], 1, err, len);
+    if (status == SA_OK) status = padded_call(&set, p, 0, &padded, err, len);
     if (status == SA_OK) status = sa_cpu_forward(&padded, err, len);
     if (status == SA_OK) status = copy_rows(&set, 3, p->out, p->out_stride, 0, err, len);
     padded_set_free(&set);
@@ -275,20 +294,9 @@ static int forward_on_padded_copies(const sa_attention_params *p, char *err, siz
 static int backward_on_padded_copies(const sa_attention_params *p, char *err, size_t len)
 {
     padded_set set;
+    sa_attention_params padded;
     int status = padded_set_init(&set, p, 8, err, len);
-    sa_attention_params padded = *p;
-    padded.head_dim = set.dim_pad;
-    padded.q = padded_operand(&set, 0, padded.q_stride);
-    padded.k = padded_operand(&set, 1, padded.k_stride);
-    padded.v = padded_operand(&set, 2, padded.v_stride);
-    padded.out = (void *)padded_operand(&set, 3, padded.out_stride);
-    padded.grad_out = padded_operand(&set, 4, padded.grad_out_stride);
-    padded.grad_q = set.tensor[5];
-    padded.grad_k = set.tensor[6];
-    padded.grad_v = set.tensor[7];
-    const void *inputs[5] = {p->q, p->k, p->v, p->out, p->grad_out};
-    const int64_t *strides[5] = {p->q_stride, p->k_stride, p->v_stride, p->out_stride, p->grad_out_stride};
-    for (int t = 0; t < 5 && status == SA_OK; t++) status = copy_rows(&set, t, inputs[t], strides[t], 1, err, len);
+    if (status == SA_OK) status = padded_call(&set, p, 1, &padded, err, len);
     if (status == SA_OK) status = sa_cpu_backward(&padded, err, len);
     /* the gradients are compact: batch x heads x tokens x head_dim */
     const int64_t compact[3] = {p->heads * p->num_tokens * p->head_dim, p->num_tokens * p->head_dim, p->head_dim};
