@@ -39,7 +39,8 @@ typedef struct {
 } sa_gather_blocking;
 
 /* 1 and g filled where p runs blocked (the gather kernels take it and a
- * head's rows outrun half an L2, or the setting forces blocks), else 0. */
+ * head's K and V outrun three quarters of L2, or the setting forces blocks),
+ * else 0. */
 int sa_gather_blocking_for(const sa_attention_params *p, sa_gather_blocking *g);
 
 /* As sa_gather_blocking_for, but always filled: one block of every key

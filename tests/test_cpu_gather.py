@@ -242,18 +242,22 @@ def test_key_blocks_run_where_forced_and_agree_with_whole_rows(rows_only):
         assert (a[finite] - b[finite]).abs().max() <= 2e-5 * max(1.0, b[finite].abs().max().item()), name
 
 
-def test_heads_past_l2_run_in_key_blocks_by_themselves(rows_only):
-    """128 x 128 tokens at D=64: a head's K and V take 8 MB, past half of any
-    L2 this runs on, so the kernels choose blocks; every 37th row is checked
-    against its softmax over its own keys in float64 (a dense reference
-    would take N x N)."""
-    if rows_only == "key blocks":
-        pytest.skip("the kernels' own choice")
-    # glibc's figure, which the kernels read through sysconf (Python's os.sysconf does not name it)
+def l2_bytes():
+    """glibc's figure, which the kernels read through sysconf (Python's os.sysconf does not name it); 0 if unknown."""
     found = subprocess.run(["getconf", "LEVEL2_CACHE_SIZE"], capture_output=True, text=True) \
         if shutil.which("getconf") else None
-    l2 = int(found.stdout.strip()) if found is not None and found.stdout.strip().isdigit() else 0
-    if l2 >= 16 << 20:
+    return int(found.stdout.strip()) if found is not None and found.stdout.strip().isdigit() else 0
+
+
+def test_heads_past_l2_run_in_key_blocks_by_themselves(rows_only):
+    """128 x 128 tokens at D=64: a head's K and V take 8 MB, past three
+    quarters of any L2 this runs on, so the kernels choose blocks; every 37th
+    row is checked against its softmax over its own keys in float64 (a dense
+    reference would take N x N)."""
+    if rows_only == "key blocks":
+        pytest.skip("the kernels' own choice")
+    l2 = l2_bytes()
+    if l2 * 3 // 4 >= 8 << 20:
         pytest.skip(f"an L2 of {l2} bytes holds a head's rows")
     layout = build_layout("random", 128, 128, attention_ratio=0.01, seed=2)
     (q, k, v), _ = random_inputs(1, 1, layout.num_tokens, 64, seed=4)
@@ -389,3 +393,22 @@ def test_one_head_of_32_x_32_with_a_bias_adds_up_the_same_on_one_thread_and_two(
     for a, b in zip(one, two):
         assert torch.equal(a, b)
     assert_bias_gradients_match_reference(two, layout, q, k, v, bias, grad_out, **args)
+
+
+def test_heads_within_three_quarters_of_l2_run_whole_rows(rows_only):
+    """K and V of 0.6 L2 run whole rows (blocks cost more there than they
+    save), of 0.9 L2 in key blocks; both match the generic kernels."""
+    if rows_only == "key blocks":
+        pytest.skip("the kernels' own choice")
+    l2 = l2_bytes()
+    if l2 < 1 << 18:
+        pytest.skip("the L2 size is unknown: the kernels assume 2 MB")
+    row_bytes = 2 * 64 * 4
+    for share, blocked in ((0.6, 0), (0.9, 1)):
+        tokens = int(share * l2 / row_bytes)
+        layout = build_layout("random", 1, tokens, attention_ratio=0.02, seed=1)
+        (q, k, v), _ = random_inputs(1, 1, tokens, 64, seed=2)
+        before = C.cpu_gather_blocked_calls()
+        fast, slow = run_both(lambda: attention(q.float(), k.float(), v.float(), layout))
+        assert C.cpu_gather_blocked_calls() == before + blocked, share
+        assert (fast - slow).abs().max() < 2e-5
