@@ -140,10 +140,10 @@ static sa_range_fn grad_key_value_columns_for(const sa_attention_params *p)
  * q, k, v (and the backward's tensors) padded with zero columns to the next
  * multiple: a zero column adds nothing to a score and gives a zero output
  * and gradient column, which the copy back drops. The copies cost
- * O(B x heads x N x D) time and memory against the generic row kernels'
- * 3-6x the time per pair (RANDOM 10% at 64 x 64: D=12 took 5.9x the time of
- * the gather kernels at D=16). Only calls that are rows alone: a stencil's or
- * a plan's left-over rows keep the generic kernels. */
+ * O(B x heads x N x D) time and memory; the generic row kernels took 1.4-5.3x
+ * the time of the padded gather (RANDOM 2-10% at 64 x 64, D=12 to 100). Only
+ * calls that are rows alone: a stencil's or a plan's left-over rows keep the
+ * generic kernels. */
 static int rows_on_padded_gather(const sa_attention_params *p)
 {
     if (!use_gather_kernels || p->head_dim % 8 == 0 || p->stencil_offsets != NULL || p->plan_base != NULL ||
