@@ -22,7 +22,7 @@ from sparse_attention.custom_layouts import layout_from_mask
 
 SIZES = [(1, 1), (1, 17), (9, 1), (7, 13), (20, 24)]
 GATHER_DIMS = [8, 16, 24, 40, 64, 72, 80, 96, 128]
-PADDED_DIMS = [1, 5, 12, 36, 100, 127]  # run on copies padded with zero columns
+PADDED_DIMS = [1, 12, 100, 127]  # run on copies padded with zero columns
 
 
 @pytest.fixture(autouse=True, params=["whole rows", "key blocks"])
