@@ -279,29 +279,20 @@ static int padded_call(const padded_set *set, const sa_attention_params *p, int 
     return status;
 }
 
-static int forward_on_padded_copies(const sa_attention_params *p, char *err, size_t len)
+/* The forward (backward) of p on padded copies; the output (the three
+ * gradients, compact batch x heads x tokens x head_dim) copied back. */
+static int run_on_padded_copies(const sa_attention_params *p, int backward, char *err, size_t len)
 {
     padded_set set;
     sa_attention_params padded;
-    int status = padded_set_init(&set, p, 4, err, len);
-    if (status == SA_OK) status = padded_call(&set, p, 0, &padded, err, len);
-    if (status == SA_OK) status = sa_cpu_forward(&padded, err, len);
-    if (status == SA_OK) status = copy_rows(&set, 3, p->out, p->out_stride, 0, err, len);
-    padded_set_free(&set);
-    return status;
-}
-
-static int backward_on_padded_copies(const sa_attention_params *p, char *err, size_t len)
-{
-    padded_set set;
-    sa_attention_params padded;
-    int status = padded_set_init(&set, p, 8, err, len);
-    if (status == SA_OK) status = padded_call(&set, p, 1, &padded, err, len);
-    if (status == SA_OK) status = sa_cpu_backward(&padded, err, len);
-    /* the gradients are compact: batch x heads x tokens x head_dim */
+    int status = padded_set_init(&set, p, backward ? 8 : 4, err, len);
+    if (status == SA_OK) status = padded_call(&set, p, backward, &padded, err, len);
+    if (status == SA_OK) status = backward ? sa_cpu_backward(&padded, err, len) : sa_cpu_forward(&padded, err, len);
     const int64_t compact[3] = {p->heads * p->num_tokens * p->head_dim, p->num_tokens * p->head_dim, p->head_dim};
-    void *grads[3] = {p->grad_q, p->grad_k, p->grad_v};
-    for (int t = 0; t < 3 && status == SA_OK; t++) status = copy_rows(&set, 5 + t, grads[t], compact, 0, err, len);
+    void *results[3] = {backward ? p->grad_q : p->out, p->grad_k, p->grad_v};
+    const int64_t *strides = backward ? compact : p->out_stride;
+    for (int t = 0; t < (backward ? 3 : 1) && status == SA_OK; t++)
+        status = copy_rows(&set, (backward ? 5 : 3) + t, results[t], strides, 0, err, len);
     padded_set_free(&set);
     return status;
 }
@@ -373,7 +364,7 @@ int sa_cpu_forward(const sa_attention_params *p, char *err, size_t len)
         const sa_attention_params rows = without_stencil(p);
         return sa_cpu_forward(&rows, err, len);
     }
-    if (rows_on_padded_gather(p)) return forward_on_padded_copies(p, err, len);
+    if (rows_on_padded_gather(p)) return run_on_padded_copies(p, 0, err, len);
     if (p->stencil_offsets != NULL) {
         /* the listed rows the stencil kernel leaves to the row kernel */
         int32_t *left = malloc((size_t)(p->stencil_num_rows > 0 ? p->stencil_num_rows : 1) * sizeof(int32_t));
@@ -458,7 +449,7 @@ int sa_cpu_backward(const sa_attention_params *p, char *err, size_t len)
         const sa_attention_params rows = without_stencil(p);
         return sa_cpu_backward(&rows, err, len);
     }
-    if (rows_on_padded_gather(p)) return backward_on_padded_copies(p, err, len);
+    if (rows_on_padded_gather(p)) return run_on_padded_copies(p, 1, err, len);
     int64_t rows = p->batch * p->heads * p->num_tokens;
     void *ctx = (void *)p;
     int f32 = p->dtype == SA_F32;

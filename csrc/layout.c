@@ -90,10 +90,7 @@ static uint64_t uniform_below(uint64_t *state, uint64_t bound)
 static int64_t emit_range(int32_t *out, int64_t count, int64_t first, int64_t last)
 {
     if (!out) return last >= first ? count + (last - first + 1) : count;
-    for (int64_t t = first; t <= last; t++) {
-        if (out) out[count] = (int32_t)t;
-        count++;
-    }
+    for (int64_t t = first; t <= last; t++) out[count++] = (int32_t)t;
     return count;
 }
 
@@ -301,7 +298,7 @@ static void rows_range(void *opaque, int64_t begin, int64_t end)
         if (job->col_idx)
             fn(&b, i, job->col_idx + job->row_ptr[i]);
         else
-            job->degrees[i + 1] = fn(&b, i, NULL); /* counting: O(H) a row, no keys written */
+            job->degrees[i + 1] = fn(&b, i, NULL); /* counting: no keys written */
     }
     builder_free(&b);
 }
